@@ -1,0 +1,58 @@
+"""The command line (CLI layer): one module per subcommand, errors without tracebacks.
+
+Every command turns a :class:`~cachefs.errors.CachefsError` into one line on
+stderr (what went wrong, where, what to do) and the error's exit code; see
+``cachefs.errors`` for the table of exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from cachefs import __version__
+from cachefs.cli import cat, fsck, gc, init, put, stats
+from cachefs.errors import CachefsError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CachefsError as exc:
+            click.echo(f"cachefs: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except BrokenPipeError:
+            # The reader went away (`cachefs cat ... | head`): not our error.
+            sys.stderr.close()
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cachefs")
+@click.option("-v", "--verbose", count=True, help="Say more (repeat for debug output).")
+def cli(verbose: int) -> None:
+    """cachefs: a content-addressed build cache.
+
+    Files put into a STORE are cut into content-defined chunks, deduplicated
+    against everything already stored, compressed with zstd and checksummed.
+    A STORE is a directory; commands that write create it when missing.
+
+    \b
+    Exit codes: 0 ok, 1 damage found (fsck) or failure, 2 usage or
+    configuration, 3 not found, 4 corrupt data, 5 store locked by another
+    writer, 6 store format too new, 7 no space left.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="cachefs: %(message)s", stream=sys.stderr)
+
+
+for _module in (init, put, cat, stats, fsck, gc):
+    cli.add_command(_module.command)
+
+
+def main() -> None:
+    cli(prog_name="cachefs")

@@ -1,0 +1,46 @@
+"""``cachefs gc``: reclaim unreferenced chunks and compact segments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cachefs import gc
+from cachefs.store import Store
+
+from .common import ProgressBar, human_bytes, json_option, store_argument
+
+
+@click.command("gc")
+@store_argument
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Compact segments whose live fraction is below this (default 0.5).",
+)
+@json_option
+def command(store: Path, threshold: float | None, as_json: bool) -> None:
+    """Remove chunks nothing refers to and compact sparse segments.
+
+    Safe to interrupt at any point: a crash leaves the store consistent.
+    """
+    bar = ProgressBar("compacting")
+    with Store.open(store) as opened:
+        try:
+            report = gc.collect_garbage(opened, threshold=threshold, progress=bar)
+        finally:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    click.echo(
+        f"removed {report.chunks_removed} unreferenced chunks, compacted "
+        f"{report.segments_compacted} segments ({report.records_moved} records moved), "
+        f"deleted {report.segments_deleted} empty segments; "
+        f"reclaimed {human_bytes(report.bytes_reclaimed)}"
+    )
+    for reason in report.skipped:
+        click.echo(f"skipped {reason}", err=True)

@@ -1,0 +1,67 @@
+"""``cachefs put``: ingest files and print their digests."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from cachefs.errors import CachefsError, from_oserror
+from cachefs.store import Store
+
+from .common import store_argument
+
+log = logging.getLogger(__name__)
+
+
+def _walk(paths: tuple[Path, ...], errors: list[CachefsError]) -> Iterator[Path]:
+    """Regular files named or found (recursively, sorted) under the paths given."""
+    for path in paths:
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            err = from_oserror(exc, f"reading {path}")
+            click.echo(f"cachefs: error: {err}", err=True)
+            errors.append(err)
+            continue
+        if stat.S_ISREG(mode):
+            yield path
+        elif stat.S_ISDIR(mode):
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    child = Path(dirpath) / name
+                    if child.is_symlink() or not child.is_file():
+                        log.info("skipping %s: not a regular file", child)
+                        continue
+                    yield child
+        else:
+            log.warning("skipping %s: not a regular file or directory", path)
+
+
+@click.command("put")
+@store_argument
+@click.argument(
+    "paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="PATH..."
+)
+def command(store: Path, paths: tuple[Path, ...]) -> None:
+    """Store files (directories recursively) and print `DIGEST  PATH` for each.
+
+    DIGEST is the REAPI form `<hex>/<size>`.  A line is printed once the file
+    is durably stored.  Creates STORE with default parameters if missing (see
+    `cachefs init`).  Each put adds a reference to the object.
+    """
+    errors: list[CachefsError] = []
+    with Store.open(store, create=True) as opened:
+        for path, result in opened.put_files(_walk(paths, errors)):
+            if isinstance(result, CachefsError):
+                click.echo(f"cachefs: error: {result}", err=True)
+                errors.append(result)
+            else:
+                click.echo(f"{result}  {path}")
+    if errors:
+        raise click.exceptions.Exit(errors[0].exit_code)

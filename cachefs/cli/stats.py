@@ -1,0 +1,51 @@
+"""``cachefs stats``: what the store holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cachefs.store import Store
+
+from .common import human_bytes, json_option, store_argument
+
+
+@click.command("stats")
+@store_argument
+@json_option
+def command(store: Path, as_json: bool) -> None:
+    """Show objects, logical and stored bytes, chunks, dedup and compression ratios.
+
+    \b
+    --json keys (stable): files, objects, logical_bytes, stored_bytes, chunks,
+    chunk_bytes, dedup_ratio, compression_ratio, segments, segment_bytes,
+    live_ratio, segments_below_gc_threshold, segment_live_histogram, store.
+    Works beside a running writer.
+    """
+    with Store.open(store, readonly=True) as opened:
+        stats = opened.stats()
+        doc = stats.as_dict() | {"store": str(opened.path)}
+        config = opened.config
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    rows = [
+        ("store", str(doc["store"])),
+        ("digest function", config.digest_function),
+        ("objects", f"{stats.objects}"),
+        ("files (references)", f"{stats.files}"),
+        ("logical bytes", f"{human_bytes(stats.logical_bytes)} ({stats.logical_bytes})"),
+        ("unique chunk bytes", f"{human_bytes(stats.chunk_bytes)} ({stats.chunk_bytes})"),
+        ("stored bytes", f"{human_bytes(stats.stored_bytes)} ({stats.stored_bytes})"),
+        ("chunks", f"{stats.chunks}"),
+        ("dedup ratio", f"{stats.dedup_ratio:.2f}x"),
+        ("compression ratio", f"{stats.compression_ratio:.2f}x"),
+        ("segments", f"{stats.segments} ({human_bytes(stats.segment_bytes)})"),
+        ("live ratio", f"{stats.live_ratio:.1%}"),
+        ("segments below gc threshold", f"{stats.segments_below_threshold}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")

@@ -1,0 +1,155 @@
+"""The one error hierarchy of cachefs (every layer).
+
+Every error a user can meet is a :class:`CachefsError`.  Each class carries
+
+* ``errno`` -- what the mount will answer (``FUSEError(err.errno)``),
+* ``exit_code`` -- what the CLI exits with,
+* a message that says what went wrong and where, and a ``hint`` that says what
+  to do about it.
+
+Anything that is not a ``CachefsError`` escaping the engine is a bug.
+
+Exit codes (stable, documented in the README):
+
+== =====================================================================
+0  success
+1  ``fsck`` found damage (or another command failed in an unclassified way)
+2  bad usage or bad configuration
+3  not found (object, store)
+4  corrupt data
+5  store locked by another process
+6  store format version not supported
+7  store full (no space left on the device)
+== =====================================================================
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class CachefsError(Exception):
+    """Base class: a user-facing error with a remedy."""
+
+    errno: int = _errno.EIO
+    exit_code: int = 1
+    default_hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = self.default_hint if hint is None else hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} ({self.hint})"
+        return self.message
+
+
+class ConfigError(CachefsError):
+    """A bad parameter, option or configuration value."""
+
+    errno = _errno.EINVAL
+    exit_code = 2
+
+
+class BadDigestError(ConfigError):
+    """A digest string that is not of the form ``<hex>/<size>``."""
+
+    default_hint = "a digest looks like '<64 hex digits>/<size in bytes>', as `cachefs put` prints"
+
+
+class NotFoundError(CachefsError):
+    """Something asked for is not there."""
+
+    errno = _errno.ENOENT
+    exit_code = 3
+
+
+class ObjectNotFoundError(NotFoundError):
+    """No object with that digest in the store."""
+
+    default_hint = "check the digest, or store the object with `cachefs put`"
+
+
+class StoreNotFoundError(NotFoundError):
+    """The path is not a cachefs store."""
+
+    default_hint = "check the path; `cachefs put STORE FILE` creates a new store"
+
+
+class CorruptDataError(CachefsError):
+    """Stored bytes fail their checksum or do not parse.
+
+    Wrong bytes are never returned: the read fails instead.
+    """
+
+    errno = _errno.EIO
+    exit_code = 4
+    default_hint = "run `cachefs fsck STORE` to find all damage, `--repair` to drop it"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        offset: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        where = ""
+        if path is not None:
+            where = f" in {path}" + (f" at offset {offset}" if offset is not None else "")
+        super().__init__(message + where, hint=hint)
+        self.path = path
+        self.offset = offset
+
+
+class StoreLockedError(CachefsError):
+    """Another process has the store open for writing."""
+
+    errno = _errno.EBUSY
+    exit_code = 5
+    default_hint = (
+        "only one process may write to a store at a time; stop the other writer "
+        "(a mount or another cachefs command), or use a read-only command"
+    )
+
+
+class FormatVersionError(CachefsError):
+    """The store (or a file in it) was written by a newer or unknown version."""
+
+    errno = _errno.EPROTONOSUPPORT
+    exit_code = 6
+    default_hint = "upgrade cachefs to open this store; nothing was modified"
+
+
+class StoreFullError(CachefsError):
+    """The device holding the store has no space left."""
+
+    errno = _errno.ENOSPC
+    exit_code = 7
+    default_hint = "free space on the device or run `cachefs gc STORE`; nothing stored was lost"
+
+
+class ReadOnlyError(CachefsError):
+    """A write was attempted on a store opened read-only."""
+
+    errno = _errno.EROFS
+    exit_code = 2
+    default_hint = "open the store for writing (no other writer may be running)"
+
+
+def from_oserror(exc: OSError, what: str) -> CachefsError:
+    """Translate an ``OSError`` met while doing ``what`` into a ``CachefsError``."""
+    if exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
+        return StoreFullError(f"no space left on device while {what}")
+    if exc.errno == _errno.ENOENT:
+        return NotFoundError(f"{what}: {exc.strerror} ({exc.filename})")
+    if exc.errno in (_errno.EACCES, _errno.EPERM):
+        return CachefsError(
+            f"{what}: permission denied ({exc.filename})",
+            hint="run as a user that may read and write the store directory",
+        )
+    err = CachefsError(f"{what}: {exc.strerror or exc}")
+    err.errno = exc.errno or _errno.EIO
+    return err

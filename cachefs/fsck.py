@@ -1,0 +1,298 @@
+"""Consistency check and repair (storage engine layer).
+
+``check`` verifies, in order:
+
+1. every segment the index knows exists, and every record in it up to its
+   published length passes its checksum (a full scan; damage is listed with
+   segment and offset);
+2. every chunk index entry points at an intact record holding that chunk:
+   same digest and lengths, decompresses to the raw length, and hashes to the
+   digest (so a record that is intact but misplaced is caught too);
+3. every object's recipe adds up to its size and names only indexed, intact
+   chunks;
+4. every chunk's reference count equals the number of recipe references, every
+   segment's live bytes and records match the index, and the store counters
+   match a recount.
+
+Without ``repair`` the store is only read (it may be open for writing by
+another process meanwhile: only published bytes are looked at).  With
+``repair`` (needs the writer lock) one transaction drops every index entry
+whose chunk is damaged or missing, drops every object that needed one of them
+(these are listed: their data is lost), and rewrites reference counts, segment
+statistics and counters from the recount.  Damaged records stay in their
+segment files as unreferenced bytes until ``gc`` compacts them away.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import lmdb
+import zstandard
+
+from cachefs.digest import Digest
+from cachefs.errors import CorruptDataError
+from cachefs.index import COUNTER_NAMES, SEGMENT_KEY, ChunkEntry, SegmentEntry, lmdb_error
+from cachefs.segment import (
+    COMPRESSION_NONE,
+    COMPRESSION_ZSTD,
+    RECORD_HEADER,
+    TAG_ANCILLARY_MIN,
+    TAG_CHUNK,
+    list_segment_files,
+    scan_segment,
+    segment_path,
+    shard_of,
+)
+from cachefs.store import Store
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Problem:
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+@dataclass
+class FsckReport:
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    segments_checked: int = 0
+    records_checked: int = 0
+    chunks_checked: int = 0
+    objects_checked: int = 0
+    lost_objects: list[Digest] = field(default_factory=list)
+    repaired: bool = False
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+    def add(self, kind: str, message: str) -> None:
+        self.problems.append(Problem(kind, message))
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "clean": self.clean,
+            "repaired": self.repaired,
+            "segments_checked": self.segments_checked,
+            "records_checked": self.records_checked,
+            "chunks_checked": self.chunks_checked,
+            "objects_checked": self.objects_checked,
+            "problems": [{"kind": p.kind, "message": p.message} for p in self.problems],
+            "notes": self.notes,
+            "lost_objects": [str(d) for d in self.lost_objects],
+        }
+
+
+def check(store: Store, *, repair: bool = False, progress: Progress | None = None) -> FsckReport:
+    """Verify the whole store; with ``repair``, drop what cannot be recovered."""
+    if repair:
+        store._check_writable()
+        with store._maintenance.exclusive(), store._commit_lock:
+            report, recount = _check(store, progress)
+            if not report.clean:
+                try:
+                    _repair(store, report, recount)
+                except lmdb.Error as exc:
+                    raise lmdb_error(exc, "repairing the index") from None
+            if store.options.fsync:
+                store.index.sync()
+        store.needs_fsck = False
+        return report
+    return _check(store, progress)[0]
+
+
+@dataclass
+class _Recount:
+    bad_chunks: set[bytes] = field(default_factory=set)
+    refs: Counter[bytes] = field(default_factory=Counter)
+    segments: dict[int, SegmentEntry] = field(default_factory=dict)
+    lost: list[Digest] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    missing_segments: set[int] = field(default_factory=set)
+
+
+def _check(store: Store, progress: Progress | None) -> tuple[FsckReport, _Recount]:
+    report = FsckReport()
+    recount = _Recount()
+    index = store.index
+    params = store.config.segments
+    with index.read() as txn:
+        published = dict(index.iter_segments(txn))
+        chunk_count = index.counter(txn, "chunks")
+    total = sum(e.length for e in published.values()) + chunk_count
+    done = 0
+
+    # 1. Segments: presence and a full checksum scan.
+    on_disk = dict(list_segment_files(store.segments_root))
+    for segment_id, path in sorted(on_disk.items()):
+        if segment_id not in published:
+            report.notes.append(f"unpublished segment {path} (removed by the next writer)")
+    for segment_id, seg_entry in sorted(published.items()):
+        path = segment_path(store.segments_root, seg_entry.shard, segment_id, params)
+        if segment_id not in on_disk:
+            report.add("missing-segment", f"segment {segment_id} ({path}) is missing")
+            recount.missing_segments.add(segment_id)
+            continue
+        report.segments_checked += 1
+        for item in scan_segment(path, limit=seg_entry.length):
+            if isinstance(item, CorruptDataError):
+                report.add("damaged-record", item.message)
+                continue
+            report.records_checked += 1
+            if item.tag != TAG_CHUNK and item.tag < TAG_ANCILLARY_MIN:
+                report.notes.append(f"{path}: record of unknown tag {item.tag} at {item.offset}")
+        done += seg_entry.length
+        if progress is not None:
+            progress(done, total)
+        recount.segments[segment_id] = SegmentEntry(seg_entry.shard, seg_entry.length, 0, 0)
+
+    # 2. Every chunk index chunk against its record.
+    decompressor = zstandard.ZstdDecompressor()
+    counters = dict.fromkeys(COUNTER_NAMES, 0)
+    with index.read() as txn:
+        for chunk_digest, chunk in index.iter_chunks(txn):
+            report.chunks_checked += 1
+            done += 1
+            if progress is not None and report.chunks_checked % 1024 == 0:
+                progress(done, total)
+            where = f"chunk {chunk_digest.hex()} (segment {chunk.segment_id} offset {chunk.offset})"
+            seg = published.get(chunk.segment_id)
+            if seg is None or chunk.segment_id in recount.missing_segments:
+                report.add("missing-chunk", f"{where}: its segment is gone")
+                recount.bad_chunks.add(chunk_digest)
+                continue
+            problem = _verify_chunk(store, seg, chunk_digest, chunk, decompressor)
+            if problem is None and shard_of(chunk_digest, params) != seg.shard:
+                problem = "stored in the wrong shard"
+            if problem is not None:
+                report.add("damaged-chunk", f"{where}: {problem}")
+                recount.bad_chunks.add(chunk_digest)
+                continue
+            record_size = RECORD_HEADER.size + chunk.stored_len
+            live = recount.segments[chunk.segment_id]
+            live.live_bytes += record_size
+            live.live_records += 1
+            counters["chunks"] += 1
+            counters["chunk_bytes"] += chunk.raw_len
+            counters["stored_bytes"] += record_size
+
+        # 3. Objects and their recipes.
+        for key, obj in index.iter_objects(txn):
+            report.objects_checked += 1
+            obj_digest = Digest(key, obj.size)
+            lost = False
+            if sum(n for _, n in obj.chunks) != obj.size:
+                report.add("bad-recipe", f"object {obj_digest}: chunk lengths do not add up")
+                lost = True
+            for part, _n in obj.chunks:
+                if part in recount.bad_chunks or index.get_chunk(txn, part) is None:
+                    lost = True
+            if lost:
+                report.add("lost-object", f"object {obj_digest} needs damaged or missing chunks")
+                recount.lost.append(obj_digest)
+                continue
+            for part, count in Counter(d for d, _ in obj.chunks).items():
+                recount.refs[part] += count
+            counters["objects"] += 1
+            counters["files"] += obj.refcount
+            counters["logical_bytes"] += obj.size * obj.refcount
+
+        # 4. Reference counts, segment statistics, counters.
+        for chunk_digest, chunk in index.iter_chunks(txn):
+            if chunk_digest in recount.bad_chunks:
+                continue
+            if chunk.refcount != recount.refs.get(chunk_digest, 0):
+                report.add(
+                    "refcount",
+                    f"chunk {chunk_digest.hex()}: reference count {chunk.refcount}, "
+                    f"but {recount.refs.get(chunk_digest, 0)} references",
+                )
+        for segment_id, live in recount.segments.items():
+            entry = published[segment_id]
+            if (entry.live_bytes, entry.live_records) != (live.live_bytes, live.live_records):
+                report.add(
+                    "segment-stats",
+                    f"segment {segment_id}: live {entry.live_bytes} bytes / "
+                    f"{entry.live_records} records, recount {live.live_bytes} / "
+                    f"{live.live_records}",
+                )
+        stored = index.counters_dict(txn)
+        counters["next_segment_id"] = stored["next_segment_id"]
+        for name in COUNTER_NAMES:
+            if stored[name] != counters[name] and not (recount.lost or recount.bad_chunks):
+                report.add("counter", f"counter {name} is {stored[name]}, recount {counters[name]}")
+        recount.counters = counters
+    report.lost_objects = list(recount.lost)
+    if progress is not None:
+        progress(total, total)
+    return report, recount
+
+
+def _verify_chunk(
+    store: Store,
+    segment: SegmentEntry,
+    digest: bytes,
+    entry: ChunkEntry,
+    decompressor: zstandard.ZstdDecompressor,
+) -> str | None:
+    """None if the chunk's record is intact and holds the chunk, else what is wrong."""
+    segment_id = entry.segment_id
+    path = segment_path(store.segments_root, segment.shard, segment_id, store.config.segments)
+    raw_len = entry.raw_len
+    if entry.offset + RECORD_HEADER.size + entry.stored_len > segment.length:
+        return "lies past the published end of its segment"
+    try:
+        record = store.maps.read(segment_id, path, entry.offset, entry.stored_len)
+    except CorruptDataError as exc:
+        return exc.message
+    if record.tag != TAG_CHUNK or record.digest != digest or record.raw_len != raw_len:
+        return "the record there holds something else"
+    if record.compression == COMPRESSION_NONE:
+        data: bytes | memoryview = record.payload
+    elif record.compression == COMPRESSION_ZSTD:
+        try:
+            data = decompressor.decompress(record.payload, max_output_size=raw_len)
+        except zstandard.ZstdError as exc:
+            return f"does not decompress: {exc}"
+    else:
+        return f"unknown compression {record.compression}"
+    if len(data) != raw_len:
+        return f"holds {len(data)} bytes, not {raw_len}"
+    if store.digest_function.hash(data) != digest:
+        return "content does not match its digest"
+    return None
+
+
+def _repair(store: Store, report: FsckReport, recount: _Recount) -> None:
+    index = store.index
+    with index.write() as txn:
+        for digest in recount.bad_chunks:
+            txn.delete(digest, db=index.chunks)
+        for lost in recount.lost:
+            txn.delete(lost.hash, db=index.objects)
+            log.error("fsck: object %s lost data and was removed", lost)
+        for digest, entry in index.iter_chunks(txn):
+            refs = recount.refs.get(digest, 0)
+            if entry.refcount != refs:
+                entry.refcount = refs
+                index.put_chunk(txn, digest, entry)
+        for segment_id in recount.missing_segments:
+            txn.delete(SEGMENT_KEY.pack(segment_id), db=index.segments)
+        for segment_id, live in recount.segments.items():
+            index.put_segment(txn, segment_id, live)
+        for name, value in recount.counters.items():
+            index.set_counter(txn, name, value)
+    report.repaired = True
+    store.cache.clear()

@@ -1,0 +1,196 @@
+"""The store directory and its header file (on-disk format layer).
+
+A store is a directory::
+
+    STORE/
+      cachefs-store.json   the header (this module), written once at creation
+      lock                 flock()ed exclusively by the one writing process
+      index.lmdb           metadata: chunk index, objects, counters (see index.py)
+      index.lmdb-lock      LMDB's reader table
+      segments/            chunk data in append-only segment files (see segment.py)
+      wal/wal.log          the write-ahead log (see wal.py)
+      tmp/                 spool files of staged objects; emptied when a writer opens
+
+The header is a small JSON document, so that a person can read it with ``cat``::
+
+    {
+      "format": "cachefs-store",
+      "format_version": 1,
+      "digest_function": "sha256",            # or "blake3"
+      "chunking": {"algorithm": "fastcdc2020", "min_size": 16384,
+                   "avg_size": 65536, "max_size": 262144},
+      "compression": {"algorithm": "zstd", "level": 3, "min_saving": 0.05},
+      "segments": {"max_size": 268435456, "shard_levels": 1, "shard_width": 1},
+      "created": "2026-11-24T08:00:00+00:00",
+      "created_by": "cachefs 0.1.0"
+    }
+
+``format_version`` is the version of the whole store layout (header, LMDB
+schema, segment and WAL formats).  Bump it whenever a change would make an
+older cachefs misread the store.  A store with a newer or unknown
+``format_version`` is refused before anything is modified.  Chunking and digest
+parameters are fixed at creation: changing them would break deduplication
+against what is already stored.  Compression parameters are also fixed here so
+that every writer produces the same records, but readers honour the per-record
+flags and do not depend on them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cachefs import __version__
+from cachefs.digest import DIGEST_FUNCTIONS, DigestFunction, digest_function
+from cachefs.errors import ConfigError, CorruptDataError, FormatVersionError, StoreNotFoundError
+from cachefs.fsutil import atomic_write
+
+#: Version of the store layout.  1: first release.
+STORE_FORMAT_VERSION = 1
+HEADER_NAME = "cachefs-store.json"
+FORMAT_NAME = "cachefs-store"
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ChunkingParams:
+    min_size: int = 16 * 1024
+    avg_size: int = 64 * 1024
+    max_size: int = 256 * 1024
+    algorithm: str = "fastcdc2020"
+
+    def validate(self) -> None:
+        if self.algorithm != "fastcdc2020":
+            raise ConfigError(f"unknown chunking algorithm {self.algorithm!r}")
+        if not 64 <= self.min_size < self.avg_size < self.max_size <= 16 * MiB:
+            raise ConfigError(
+                f"bad chunk sizes min={self.min_size} avg={self.avg_size} max={self.max_size}",
+                hint="need 64 <= min < avg < max <= 16 MiB",
+            )
+        if self.avg_size - self.min_size < 256:
+            raise ConfigError("avg_size must exceed min_size by at least 256 bytes")
+
+
+@dataclass(frozen=True)
+class CompressionParams:
+    level: int = 3
+    #: A chunk is stored raw unless compression saves at least this fraction.
+    min_saving: float = 0.05
+    algorithm: str = "zstd"
+
+    def validate(self) -> None:
+        if self.algorithm != "zstd":
+            raise ConfigError(f"unknown compression algorithm {self.algorithm!r}")
+        if not -7 <= self.level <= 22:
+            raise ConfigError(f"bad zstd level {self.level}", hint="choose a level from -7 to 22")
+        if not 0.0 <= self.min_saving < 1.0:
+            raise ConfigError(f"bad min_saving {self.min_saving}", hint="a fraction in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    max_size: int = 256 * MiB
+    #: Shard directories: ``shard_levels`` nested levels, each named by the next
+    #: ``shard_width`` hex digits of the chunk digest (16**width entries a level).
+    shard_levels: int = 1
+    shard_width: int = 1
+
+    def validate(self) -> None:
+        if not 1 * MiB <= self.max_size <= 4096 * MiB:
+            raise ConfigError(f"bad segment max_size {self.max_size}", hint="choose 1 MiB to 4 GiB")
+        if not (0 <= self.shard_levels <= 4 and 1 <= self.shard_width <= 3):
+            raise ConfigError(
+                f"bad sharding levels={self.shard_levels} width={self.shard_width}",
+                hint="levels 0..4, width 1..3 hex digits",
+            )
+
+    @property
+    def shard_count(self) -> int:
+        return int(16 ** (self.shard_width * self.shard_levels))
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Everything fixed when a store is created."""
+
+    digest_function: str = "sha256"
+    chunking: ChunkingParams = field(default_factory=ChunkingParams)
+    compression: CompressionParams = field(default_factory=CompressionParams)
+    segments: SegmentParams = field(default_factory=SegmentParams)
+
+    def validate(self) -> None:
+        digest_function(self.digest_function)
+        self.chunking.validate()
+        self.compression.validate()
+        self.segments.validate()
+
+    @property
+    def digest(self) -> DigestFunction:
+        return DIGEST_FUNCTIONS[self.digest_function]
+
+
+def write_header(store: Path, config: StoreConfig) -> None:
+    config.validate()
+    doc: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": STORE_FORMAT_VERSION,
+        "digest_function": config.digest_function,
+        "chunking": asdict(config.chunking),
+        "compression": asdict(config.compression),
+        "segments": asdict(config.segments),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "created_by": f"cachefs {__version__}",
+    }
+    atomic_write(store / HEADER_NAME, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def read_header(store: Path) -> StoreConfig:
+    """Read and check the header of ``store``; refuse newer or unknown formats."""
+    path = store / HEADER_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if not store.exists():
+            raise StoreNotFoundError(f"no store at {store}") from None
+        raise StoreNotFoundError(
+            f"{store} is not a cachefs store (it has no {HEADER_NAME})"
+        ) from None
+    except NotADirectoryError:
+        raise StoreNotFoundError(f"{store} is not a directory") from None
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise TypeError("header is not a JSON object")
+    except (ValueError, TypeError) as exc:
+        raise CorruptDataError(
+            f"unreadable store header ({exc})",
+            path=str(path),
+            hint="restore the header from a backup; the data itself is intact",
+        ) from None
+    if doc.get("format") != FORMAT_NAME:
+        raise StoreNotFoundError(f"{path} is not a cachefs store header")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or version > STORE_FORMAT_VERSION or version < 1:
+        raise FormatVersionError(
+            f"store {store} has format version {version!r}; this cachefs "
+            f"({__version__}) reads version {STORE_FORMAT_VERSION}"
+        )
+    try:
+        config = StoreConfig(
+            digest_function=doc["digest_function"],
+            chunking=ChunkingParams(**doc["chunking"]),
+            compression=CompressionParams(**doc["compression"]),
+            segments=SegmentParams(**doc["segments"]),
+        )
+        config.validate()
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise CorruptDataError(
+            f"store header has bad or missing fields ({exc})",
+            path=str(path),
+            hint="restore the header from a backup; the data itself is intact",
+        ) from None
+    return config

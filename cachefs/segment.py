@@ -1,0 +1,404 @@
+"""Segment files: where chunk bytes live (on-disk format layer).
+
+Chunk data is appended to segment files.  A segment is never modified in place:
+records are only appended, and a whole segment is deleted once ``gc`` has copied
+its live records elsewhere.  Segments are grouped into *shards* by the leading
+hex digits of the chunk digest, and within a shard into groups of
+``SEGMENTS_PER_GROUP`` by segment id, so that no directory holds more than a few
+thousand entries however large the store grows::
+
+    segments/<shard path>/<group>/<segment id>.seg
+    e.g. segments/a/000000/0000000042.seg      (shard_levels=1, shard_width=1)
+         segments/ab/cd/000001/0000001234.seg  (shard_levels=2, shard_width=2)
+
+At 100 million chunks of 64 KiB in 256 MiB segments (~25 million segments) over
+16 shards, a shard holds ~1.5 million segments in ~1,500 groups of 1,024.
+
+Segment layout (all integers little-endian)::
+
+    segment header, 48 bytes (SEGMENT_HEADER):
+      0  8s  magic  b"CFSSEG\\r\\n"
+      8  H   format version (SEGMENT_FORMAT_VERSION)
+     10  H   header size (48; readers skip to it, so it may grow)
+     12  I   shard number
+     16  Q   segment id
+     24  Q   creation time, ns since the epoch
+     32  Q   reserved, zero
+     40  Q   xxh3_64 of bytes 0..40
+    records, back to back:
+      record header, 56 bytes (RECORD_HEADER):
+        0  B    tag (TAG_CHUNK = 1)
+        1  B    flags: bits 0-1 compression (0 raw, 1 zstd),
+                       bits 4-6 digest function id (1 sha256, 2 blake3)
+        2  H    record header size (56)
+        4  I    raw length (bytes of the chunk before compression)
+        8  I    stored length (bytes of payload that follow the header)
+       12  I    reserved, zero
+       16  32s  digest of the raw chunk
+       48  Q    xxh3_64 over header bytes 0..48, then any header bytes past 56
+               (none in version 1), then the payload
+      payload: stored length bytes (a zstd frame, or the raw chunk)
+
+Forward compatibility: every record says how long it is, so a reader can step
+over a record whose tag it does not know after checking its checksum.  Tags
+0x80-0xFF are *ancillary*: an older reader ignores them and ``gc`` may drop them
+when compacting.  Unknown tags below 0x80 are *critical*: an older reader keeps
+them and never compacts a segment holding one, and ``fsck`` reports them.  A
+segment whose header carries a newer format version is refused.
+
+Bump SEGMENT_FORMAT_VERSION (and the store format version) for any change to
+these layouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from cachefs.digest import DIGEST_SIZE
+from cachefs.errors import CorruptDataError, FormatVersionError, from_oserror
+from cachefs.header import SegmentParams
+
+SEGMENT_MAGIC = b"CFSSEG\r\n"
+SEGMENT_FORMAT_VERSION = 1
+SEGMENT_HEADER = struct.Struct("<8sHHIQQQQ")
+assert SEGMENT_HEADER.size == 48
+RECORD_HEADER = struct.Struct("<BBHIII32sQ")
+assert RECORD_HEADER.size == 56
+RECORD_CHECKED = 48  # the header bytes covered by the record checksum
+
+TAG_CHUNK = 1
+TAG_ANCILLARY_MIN = 0x80
+
+COMPRESSION_MASK = 0x03
+COMPRESSION_NONE = 0
+COMPRESSION_ZSTD = 1
+DIGEST_SHIFT = 4
+DIGEST_MASK = 0x70
+
+SEGMENTS_PER_GROUP = 1024
+SEGMENT_SUFFIX = ".seg"
+
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+def record_flags(compression: int, digest_id: int) -> int:
+    return (compression & COMPRESSION_MASK) | ((digest_id << DIGEST_SHIFT) & DIGEST_MASK)
+
+
+def record_checksum(head: bytes | memoryview, payload: bytes | memoryview) -> int:
+    hasher = xxhash.xxh3_64(head)
+    hasher.update(payload)
+    return hasher.intdigest()
+
+
+def encode_record_header(
+    tag: int, flags: int, raw_len: int, digest: bytes, payload: bytes | memoryview
+) -> bytes:
+    """The 56-byte header that precedes ``payload`` in a segment."""
+    head = RECORD_HEADER.pack(tag, flags, RECORD_HEADER.size, raw_len, len(payload), 0, digest, 0)[
+        :RECORD_CHECKED
+    ]
+    return head + struct.pack("<Q", record_checksum(head, payload))
+
+
+def encode_segment_header(shard: int, segment_id: int) -> bytes:
+    head = SEGMENT_HEADER.pack(
+        SEGMENT_MAGIC,
+        SEGMENT_FORMAT_VERSION,
+        SEGMENT_HEADER.size,
+        shard,
+        segment_id,
+        time.time_ns(),
+        0,
+        0,
+    )[:40]
+    return head + struct.pack("<Q", _xxh3(head))
+
+
+@dataclass(frozen=True)
+class SegmentHeader:
+    version: int
+    header_size: int
+    shard: int
+    segment_id: int
+
+
+def parse_segment_header(buf: bytes | memoryview | mmap.mmap, path: str) -> SegmentHeader:
+    if len(buf) < SEGMENT_HEADER.size:
+        raise CorruptDataError("segment is shorter than its header", path=path, offset=0)
+    magic, version, size, shard, seg_id, _created, _res, checksum = SEGMENT_HEADER.unpack_from(
+        buf, 0
+    )
+    if magic != SEGMENT_MAGIC:
+        raise CorruptDataError("not a segment file (bad magic)", path=path, offset=0)
+    if _xxh3(bytes(buf[:40])) != checksum:
+        raise CorruptDataError("segment header checksum mismatch", path=path, offset=0)
+    if version > SEGMENT_FORMAT_VERSION:
+        raise FormatVersionError(f"segment {path} has format version {version}")
+    if size < SEGMENT_HEADER.size:
+        raise CorruptDataError(f"segment header size {size} too small", path=path, offset=0)
+    return SegmentHeader(version, size, shard, seg_id)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A parsed, checksum-verified record inside a mapping."""
+
+    offset: int
+    tag: int
+    flags: int
+    raw_len: int
+    digest: bytes
+    payload: memoryview
+    #: The whole record as stored (header and payload), e.g. to copy it verbatim.
+    raw: memoryview
+
+    @property
+    def size(self) -> int:
+        """Bytes the whole record occupies in the segment."""
+        return len(self.raw)
+
+    @property
+    def compression(self) -> int:
+        return self.flags & COMPRESSION_MASK
+
+    @property
+    def digest_id(self) -> int:
+        return (self.flags & DIGEST_MASK) >> DIGEST_SHIFT
+
+
+def parse_record(buf: mmap.mmap | memoryview, offset: int, limit: int, path: str) -> Record:
+    """Parse and verify the record at ``offset``; never returns unverified bytes."""
+    if offset + RECORD_HEADER.size > limit:
+        raise CorruptDataError("record runs past the end of the segment", path=path, offset=offset)
+    tag, flags, hsize, raw_len, stored_len, _res, digest, checksum = RECORD_HEADER.unpack_from(
+        buf, offset
+    )
+    if hsize < RECORD_HEADER.size or offset + hsize + stored_len > limit:
+        raise CorruptDataError("record runs past the end of the segment", path=path, offset=offset)
+    view = memoryview(buf)
+    start = offset + hsize
+    payload = view[start : start + stored_len]
+    hasher = xxhash.xxh3_64(view[offset : offset + RECORD_CHECKED])
+    if hsize > RECORD_HEADER.size:  # a longer header from a later version: its extension
+        hasher.update(view[offset + RECORD_HEADER.size : start])
+    hasher.update(payload)
+    if hasher.intdigest() != checksum:
+        raise CorruptDataError("record checksum mismatch", path=path, offset=offset)
+    return Record(offset, tag, flags, raw_len, digest, payload, view[offset : start + stored_len])
+
+
+def shard_of(digest: bytes, params: SegmentParams) -> int:
+    """The shard number of a chunk: its leading ``levels * width`` hex digits."""
+    digits = params.shard_levels * params.shard_width
+    if digits == 0:
+        return 0
+    return int.from_bytes(digest[:8], "big") >> (64 - 4 * digits)
+
+
+def shard_dir(root: Path, shard: int, params: SegmentParams) -> Path:
+    digits = params.shard_levels * params.shard_width
+    if digits == 0:
+        return root
+    text = f"{shard:0{digits}x}"
+    parts = [text[i : i + params.shard_width] for i in range(0, digits, params.shard_width)]
+    return root.joinpath(*parts)
+
+
+def segment_path(root: Path, shard: int, segment_id: int, params: SegmentParams) -> Path:
+    group = f"{segment_id // SEGMENTS_PER_GROUP:06d}"
+    return shard_dir(root, shard, params) / group / f"{segment_id:010d}{SEGMENT_SUFFIX}"
+
+
+def list_segment_files(root: Path) -> Iterator[tuple[int, Path]]:
+    """Every ``(segment id, path)`` under ``root``."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.endswith(SEGMENT_SUFFIX) and name[: -len(SEGMENT_SUFFIX)].isdigit():
+                yield int(name[: -len(SEGMENT_SUFFIX)]), Path(dirpath) / name
+
+
+class SegmentWriter:
+    """Appends records to one segment file.  Callers serialise appends (shard lock)."""
+
+    def __init__(self, path: Path, shard: int, segment_id: int, *, create: bool) -> None:
+        self.path = path
+        self.shard = shard
+        self.segment_id = segment_id
+        try:
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                head = encode_segment_header(shard, segment_id)
+                os.pwrite(self.fd, head, 0)
+                self.length = len(head)
+            else:
+                self.fd = os.open(path, os.O_RDWR)
+                self.length = os.fstat(self.fd).st_size
+        except OSError as exc:
+            raise from_oserror(exc, f"opening segment {path}") from None
+        self.synced_length = 0 if create else self.length
+
+    def append(self, head: bytes, payload: bytes | memoryview) -> int:
+        """Write one record; return its offset.  On error nothing is left behind."""
+        offset = self.length
+        want = len(head) + len(payload)
+        try:
+            written = os.pwritev(self.fd, [head, payload], offset)
+            while written < want:  # short write: finish it
+                rest = (head + bytes(payload))[written:]
+                written += os.pwrite(self.fd, rest, offset + written)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, offset)
+            raise from_oserror(exc, f"appending to segment {self.path}") from None
+        self.length = offset + want
+        return offset
+
+    def sync(self) -> int:
+        """fdatasync; returns the length that is now durable."""
+        length = self.length
+        if self.synced_length < length:
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise from_oserror(exc, f"syncing segment {self.path}") from None
+            self.synced_length = length
+        return length
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class SegmentMaps:
+    """Read access to segments through memory maps, shared by all reader threads.
+
+    A mapping covers the file as it was when mapped; a read past its end maps
+    the segment again (appends happen while readers read).  Old mappings stay
+    valid for as long as a returned view points into them.  At most
+    ``max_maps`` mappings are kept (each holds a file descriptor).
+    """
+
+    def __init__(self, max_maps: int = 256) -> None:
+        self._lock = threading.Lock()
+        self._maps: OrderedDict[int, tuple[mmap.mmap, str]] = OrderedDict()
+        self._max_maps = max_maps
+
+    def _map(self, segment_id: int, path: Path, need: int) -> tuple[mmap.mmap, str]:
+        with self._lock:
+            entry = self._maps.get(segment_id)
+            if entry is not None and len(entry[0]) >= need:
+                self._maps.move_to_end(segment_id)
+                return entry
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < need:
+                    raise CorruptDataError(
+                        f"segment is truncated (size {size}, need {need})", path=str(path)
+                    )
+                mapping = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+        except FileNotFoundError:
+            raise CorruptDataError("segment file is missing", path=str(path)) from None
+        except OSError as exc:
+            raise from_oserror(exc, f"mapping segment {path}") from None
+        entry = (mapping, str(path))
+        with self._lock:
+            self._maps[segment_id] = entry
+            self._maps.move_to_end(segment_id)
+            while len(self._maps) > self._max_maps:
+                self._maps.popitem(last=False)  # closed when its last view dies
+        return entry
+
+    def read(self, segment_id: int, path: Path, offset: int, stored_len: int) -> Record:
+        """The verified record at ``offset`` of a segment."""
+        need = offset + RECORD_HEADER.size + stored_len
+        mapping, name = self._map(segment_id, path, need)
+        return parse_record(mapping, offset, need, name)
+
+    def forget(self, segment_id: int) -> None:
+        with self._lock:
+            self._maps.pop(segment_id, None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._maps.clear()
+
+
+def scan_segment(path: Path, limit: int | None = None) -> Iterator[Record | CorruptDataError]:
+    """Yield every record of a segment in order, or an error where one is damaged.
+
+    After damage the scan resumes at the next offset where a record with a valid
+    checksum starts, so one bad record does not hide the ones behind it.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                yield CorruptDataError("segment is empty", path=str(path), offset=0)
+                return
+            mapping = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+    except OSError as exc:
+        yield CorruptDataError(f"cannot read segment: {exc.strerror}", path=str(path))
+        return
+    end = size if limit is None else min(limit, size)
+    if limit is not None and size < limit:
+        yield CorruptDataError(
+            f"segment is shorter ({size}) than its published length ({limit})",
+            path=str(path),
+            offset=size,
+        )
+    try:
+        header = parse_segment_header(mapping, str(path))
+    except CorruptDataError as exc:
+        yield exc
+        return
+    offset = header.header_size
+    while offset < end:
+        try:
+            record = parse_record(mapping, offset, end, str(path))
+        except CorruptDataError as exc:
+            yield exc
+            offset = _resync(mapping, offset + 1, end, str(path))
+            continue
+        yield record
+        offset += record.size
+
+
+def _resync(mapping: mmap.mmap, start: int, end: int, path: str) -> int:
+    """The next offset at or after ``start`` where a valid record begins, else ``end``."""
+    offset = start
+    while offset + RECORD_HEADER.size <= end:
+        tag = mapping[offset]
+        if tag != 0 and mapping[offset + 2] == RECORD_HEADER.size and mapping[offset + 3] == 0:
+            try:
+                parse_record(mapping, offset, end, path)
+                return offset
+            except CorruptDataError:
+                pass
+        offset += 1
+    return end
+
+
+__all__ = [
+    "DIGEST_SIZE",
+    "RECORD_HEADER",
+    "SEGMENT_HEADER",
+    "Record",
+    "SegmentMaps",
+    "SegmentWriter",
+    "scan_segment",
+]

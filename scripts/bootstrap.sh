@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Set up everything cachefs needs on a Debian (bookworm) machine, idempotently:
+#   system packages (FUSE 3 + headers, pkg-config, a C compiler, a Python >= 3.11
+#   able to make venvs and build C extensions), then .venv/ at the repository root
+#   with `pip install -e '.[test]'`.
+# Safe to re-run: each step is skipped when already done.
+# Environment: PYTHON=/path/to/python3 picks the interpreter (default: python3).
+set -euo pipefail
+
+ROOT="$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+VENV="$ROOT/.venv"
+STAMP="$VENV/.cachefs-installed"
+MIN_PY="3.11"
+
+say() { printf 'cachefs bootstrap: %s\n' "$*"; }
+die() { printf 'cachefs bootstrap: error: %s\n' "$*" >&2; exit 1; }
+
+# --- helpers -----------------------------------------------------------------
+
+# Is the Debian package installed? Without dpkg, fall back to a capability check.
+have_pkg() {
+    local pkg="$1"
+    if command -v dpkg >/dev/null 2>&1; then
+        dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed' && return 0
+    fi
+    case "$pkg" in
+        fuse3)        command -v fusermount3 >/dev/null 2>&1 ;;
+        libfuse3-dev) command -v pkg-config >/dev/null 2>&1 && pkg-config --exists fuse3 ;;
+        pkg-config)   command -v pkg-config >/dev/null 2>&1 ;;
+        *)            return 1 ;;
+    esac
+}
+
+# pip on some machines warns once per package about configured index locations that do
+# not exist ("Location 'file:///...' is ignored: it is neither a file nor a directory").
+# Drop just those lines from stderr; keep everything else and pip's exit status.
+pip_quiet() {
+    { "$@" 2>&1 1>&3 3>&- | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2; } 3>&1
+}
+
+have_cc() { command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; }
+
+# Prints the interpreter to use (absolute path), or nothing if it is not found.
+# Resolves wrappers such as pyenv shims to the real executable (faster, stable venv home).
+find_python() {
+    local py
+    py="$(command -v "${PYTHON:-python3}" 2>/dev/null)" || return 0
+    "$py" -c 'import sys; print(sys.executable or "")' 2>/dev/null | grep . || printf '%s\n' "$py"
+}
+
+py_version_ok() {
+    "$1" -c "import sys; sys.exit(0 if sys.version_info >= (${MIN_PY/./, }) else 1)" 2>/dev/null
+}
+
+# Debian strips ensurepip out of python3 into python3-venv; `venv` needs it.
+py_has_venv() { "$1" -c 'import ensurepip, venv' >/dev/null 2>&1; }
+
+# Python.h is needed to build pyfuse3 (sdist only).
+py_has_headers() {
+    "$1" -c 'import os, sys, sysconfig
+sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)' \
+        >/dev/null 2>&1
+}
+
+check_python_version() {
+    local py="$1" ver
+    ver="$("$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null)" \
+        || die "cannot run Python interpreter '$py'"
+    py_version_ok "$py" || die "Python >= $MIN_PY is required, but '$py' is $ver (set PYTHON=/path/to/python3.11+)"
+}
+
+# --- 1. system packages ------------------------------------------------------
+
+PY="$(find_python)"
+if [ -n "${PYTHON:-}" ] && [ -z "$PY" ]; then
+    die "PYTHON='$PYTHON' was not found"
+fi
+[ -n "$PY" ] && check_python_version "$PY"
+
+missing=()
+for pkg in fuse3 libfuse3-dev pkg-config; do
+    have_pkg "$pkg" || missing+=("$pkg")
+done
+have_cc || missing+=(gcc)
+if [ -z "$PY" ]; then
+    missing+=(python3 python3-venv python3-dev)
+else
+    py_has_venv "$PY" || missing+=(python3-venv)
+    py_has_headers "$PY" || missing+=(python3-dev)
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    command -v apt-get >/dev/null 2>&1 \
+        || die "missing system packages (${missing[*]}) and no apt-get to install them; install them by hand"
+    [ "$(id -u)" -eq 0 ] || die "missing system packages (${missing[*]}); run as root to install them"
+    say "installing system packages: ${missing[*]} ..."
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    for pkg in fuse3 libfuse3-dev pkg-config; do
+        have_pkg "$pkg" || die "apt-get install finished but $pkg is still missing"
+    done
+    have_cc || die "apt-get install finished but there is still no C compiler (cc/gcc)"
+else
+    say "system packages present, skipping apt"
+fi
+
+# --- 2. Python ---------------------------------------------------------------
+
+PY="$(find_python)"
+[ -n "$PY" ] || die "no '${PYTHON:-python3}' found on PATH"
+check_python_version "$PY"
+py_has_venv "$PY" || die "'$PY' cannot create venvs (needs the venv/ensurepip modules: python3-venv on Debian)"
+py_has_headers "$PY" || die "'$PY' has no C headers (Python.h: python3-dev on Debian)"
+say "using $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"
+
+# --- 3. virtualenv -----------------------------------------------------------
+
+venv_ok() {
+    [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/pip" ] && py_version_ok "$VENV/bin/python"
+}
+
+if ! venv_ok; then
+    if [ -e "$VENV" ]; then
+        say "removing broken .venv ..."
+        rm -rf -- "$VENV"
+    fi
+    say "creating .venv ..."
+    "$PY" -m venv "$VENV"
+    venv_ok || die "created $VENV but it does not work"
+else
+    say ".venv present"
+fi
+
+# --- 4. project + test dependencies ------------------------------------------
+
+if [ -x "$VENV/bin/cachefs" ] && [ -f "$STAMP" ] && ! [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+    say "cachefs already installed, skipping pip (delete $STAMP to force)"
+else
+    rm -f -- "$STAMP"
+    say "upgrading pip ..."
+    pip_quiet "$VENV/bin/python" -m pip install -q --upgrade pip
+    say "installing cachefs (editable) with test dependencies ..."
+    pip_quiet "$VENV/bin/pip" install -q -e '.[test]'
+    [ -x "$VENV/bin/cachefs" ] || die "pip install finished but $VENV/bin/cachefs is missing"
+    touch -- "$STAMP"
+fi
+
+say "done"

@@ -1,0 +1,63 @@
+"""Shared fixtures: a store per test in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from cachefs.header import ChunkingParams, SegmentParams, StoreConfig
+from cachefs.store import Store, StoreOptions
+
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=30, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+#: Small chunks and segments so that tests exercise many chunks, shards and
+#: segment rotations with little data.
+SMALL_CONFIG = StoreConfig(
+    chunking=ChunkingParams(min_size=1024, avg_size=4096, max_size=16384),
+    segments=SegmentParams(max_size=1 << 20),
+)
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(store_path: Path) -> Iterator[Store]:
+    """A writable store with small chunks (see SMALL_CONFIG)."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as opened:
+        yield opened
+
+
+@pytest.fixture
+def default_store(store_path: Path) -> Iterator[Store]:
+    """A writable store with the default configuration."""
+    with Store.open(store_path, create=True) as opened:
+        yield opened
+
+
+def compressible(size: int, seed: int = 0) -> bytes:
+    """Deterministic bytes that zstd compresses well but that do not repeat exactly."""
+    rng = random.Random(seed)
+    words = [
+        bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(500)
+    ]
+    out = bytearray()
+    while len(out) < size:
+        out += rng.choice(words) + b" "
+    return bytes(out[:size])
+
+
+@pytest.fixture
+def options() -> StoreOptions:
+    return StoreOptions()
