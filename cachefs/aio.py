@@ -80,7 +80,11 @@ class AsyncStore:
     async def get(
         self, digest: Digest, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[bytes | memoryview]:
-        """Stream an object (or a range) chunk by chunk; memory stays bounded."""
+        """Stream an object (or a range) chunk by chunk; memory stays bounded.
+
+        A caller that may stop early should wrap the iteration in
+        ``contextlib.aclosing`` (trio warns about async generators left open).
+        """
         pieces = await self._run(self.store.iter_object, digest, offset, length)
         sentinel = object()
 

@@ -61,13 +61,15 @@ DIGEST_FUNCTIONS_BY_ID = {f.ident: f for f in (SHA256, BLAKE3)}
 
 
 def digest_function(name: str) -> DigestFunction:
-    try:
-        return DIGEST_FUNCTIONS[name.lower()]
-    except KeyError:
+    """The digest function called ``name`` (any case); ConfigError if there is none."""
+    # Not only str: the name may come from a damaged store header.
+    found = DIGEST_FUNCTIONS.get(name.lower()) if isinstance(name, str) else None
+    if found is None:
         raise ConfigError(
             f"unknown digest function {name!r}",
             hint=f"choose one of {', '.join(DIGEST_FUNCTIONS)}",
-        ) from None
+        )
+    return found
 
 
 _DIGEST_RE = re.compile(r"^([0-9a-fA-F]{64})/([0-9]{1,20})$")

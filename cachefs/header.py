@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from cachefs import __version__
-from cachefs.digest import DIGEST_FUNCTIONS, DigestFunction, digest_function
+from cachefs.digest import DigestFunction, digest_function
 from cachefs.errors import ConfigError, CorruptDataError, FormatVersionError, StoreNotFoundError
 from cachefs.fsutil import atomic_write
 
@@ -122,6 +122,12 @@ class StoreConfig:
     compression: CompressionParams = field(default_factory=CompressionParams)
     segments: SegmentParams = field(default_factory=SegmentParams)
 
+    def __post_init__(self) -> None:
+        # digest_function() accepts any case; keep the canonical lower-case name so
+        # that ``digest``, the header and comparisons agree ("BLAKE3" == "blake3").
+        if isinstance(self.digest_function, str):
+            object.__setattr__(self, "digest_function", self.digest_function.lower())
+
     def validate(self) -> None:
         digest_function(self.digest_function)
         self.chunking.validate()
@@ -130,7 +136,7 @@ class StoreConfig:
 
     @property
     def digest(self) -> DigestFunction:
-        return DIGEST_FUNCTIONS[self.digest_function]
+        return digest_function(self.digest_function)
 
 
 def write_header(store: Path, config: StoreConfig) -> None:
@@ -174,7 +180,12 @@ def read_header(store: Path) -> StoreConfig:
     if doc.get("format") != FORMAT_NAME:
         raise StoreNotFoundError(f"{path} is not a cachefs store header")
     version = doc.get("format_version")
-    if not isinstance(version, int) or version > STORE_FORMAT_VERSION or version < 1:
+    # bool is an int to Python, but `true` is no version number.
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or not 1 <= version <= STORE_FORMAT_VERSION
+    ):
         raise FormatVersionError(
             f"store {store} has format version {version!r}; this cachefs "
             f"({__version__}) reads version {STORE_FORMAT_VERSION}"

@@ -157,6 +157,11 @@ class Index:
             self.counters = self.env.open_db(b"counters", create=not readonly)
             self.wal_applied = self.env.open_db(b"wal_applied", create=not readonly)
         except lmdb.Error as exc:
+            if "already open" in str(exc):
+                raise CachefsError(
+                    f"the index {path} is already open in this process",
+                    hint="use the Store object that is already open",
+                ) from None
             raise lmdb_error(exc, f"opening the index {path}") from None
 
     def close(self) -> None:

@@ -368,18 +368,18 @@ class Store:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise from_oserror(exc, f"creating store directory {path}") from None
-        elif not (path / HEADER_NAME).exists():
-            read_header(path)  # raises the precise "not found" error
+        # Refuse what must be refused before the lock file is created, so that a
+        # refused store or directory is left exactly as it was.
+        if (path / HEADER_NAME).exists() or not create:
+            read_header(path)  # raises the precise "not found" / "too new" error
+        else:
+            _check_empty(path)
         lock_fd = _lock_store(path)
         try:
             if not (path / HEADER_NAME).exists():
                 if not create:
                     raise StoreNotFoundError(f"no store at {path}")
-                if any(p.name != "lock" for p in path.iterdir()):
-                    raise ConfigError(
-                        f"{path} is not empty and not a cachefs store",
-                        hint="choose an empty or new directory for a new store",
-                    )
+                _check_empty(path)
                 write_header(path, config or StoreConfig())
             found = read_header(path)
             if config is not None and create and config != found:
@@ -398,7 +398,11 @@ class Store:
             if not self.readonly:
                 if self._pool is not None:
                     self._pool.shutdown(wait=True)
-                self._maybe_checkpoint(force=not self._open_staged)
+                try:
+                    self._maybe_checkpoint(force=not self._open_staged)
+                except CachefsError as exc:
+                    # Keeping the log is safe: replay skips what was published.
+                    log.warning("could not checkpoint the write-ahead log: %s", exc)
                 if self.options.fsync:
                     self.index.sync()
                 for shard in self._shards:
@@ -437,12 +441,15 @@ class Store:
             published = dict(self.index.iter_segments(txn))
             next_id = self.index.counter(txn, "next_segment_id")
         highest = max(published, default=0)
+        present = set()
         for segment_id, path in list_segment_files(self.segments_root):
             highest = max(highest, segment_id)
+            present.add(segment_id)
             entry = published.get(segment_id)
             if entry is None:
                 log.info("removing unpublished segment %s", path)
                 path.unlink()
+                present.discard(segment_id)
                 continue
             size = path.stat().st_size
             if size > entry.length:
@@ -458,8 +465,11 @@ class Store:
                     entry.length,
                 )
                 self.needs_fsck = True
+        for segment_id in published.keys() - present:
+            log.error("segment %d is missing: its chunks are lost (run `cachefs fsck`)", segment_id)
+            self.needs_fsck = True
         for segment_id, entry in published.items():
-            if entry.length < self.config.segments.max_size:
+            if segment_id in present and entry.length < self.config.segments.max_size:
                 shard = self._shards[entry.shard]
                 if shard.reopen is None or segment_id > shard.reopen:
                     shard.reopen = segment_id
@@ -1027,8 +1037,10 @@ class Store:
         """Begin an object written piecewise; see :class:`StagedObject`."""
         self._check_writable()
         assert self.wal is not None
-        handle = self.wal.append(WAL_BEGIN, b"")
+        # Under the lock, so that no checkpoint can drop the BEGIN record before
+        # the handle counts as open.
         with self._staged_lock:
+            handle = self.wal.append(WAL_BEGIN, b"")
             self._open_staged.add(handle)
         return StagedObject(self, handle)
 
@@ -1091,8 +1103,13 @@ class Store:
             if wal.size <= 32 and wal.next_seq == wal.base_seq:
                 return
             wal.checkpoint()
+            base = wal.base_seq
+        # Only markers of handles the checkpoint dropped: a staged object
+        # published since then still needs its marker until the next one.
         with self._commit_lock, self._write_txn("checkpointing the WAL") as txn:
-            txn.drop(self.index.wal_applied, delete=False)
+            cursor = txn.cursor(db=self.index.wal_applied)
+            while cursor.first() and _HANDLE_KEY.unpack(cursor.key())[0] < base:
+                cursor.delete()
 
     # --- statistics -------------------------------------------------------------------
 
@@ -1207,6 +1224,14 @@ class StagedObject:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if not self._done:
             self.abort()
+
+
+def _check_empty(path: Path) -> None:
+    if any(p.name != "lock" for p in path.iterdir()):
+        raise ConfigError(
+            f"{path} is not empty and not a cachefs store",
+            hint="choose an empty or new directory for a new store",
+        )
 
 
 def _lock_store(path: Path) -> int:

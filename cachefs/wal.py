@@ -52,7 +52,7 @@ from pathlib import Path
 import xxhash
 
 from cachefs.errors import CorruptDataError, FormatVersionError, from_oserror
-from cachefs.fsutil import atomic_write, fsync_dir
+from cachefs.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +100,23 @@ class WriteAheadLog:
             self._fd = os.open(self.path, os.O_RDWR)
         except OSError as exc:
             raise from_oserror(exc, f"opening the write-ahead log {self.path}") from None
-        self.base_seq, self._records, end = self._scan()
-        size = os.fstat(self._fd).st_size
-        if end < size:
-            log.warning(
-                "write-ahead log %s: cut off a torn or damaged tail of %d bytes at offset %d",
-                self.path,
-                size - end,
-                end,
-            )
-            os.ftruncate(self._fd, end)
-            os.fsync(self._fd)
+        try:
+            self.base_seq, self._records, end = self._scan()
+            size = os.fstat(self._fd).st_size
+            if end < size:
+                log.warning(
+                    "write-ahead log %s: cut off a torn or damaged tail of %d bytes at offset %d",
+                    self.path,
+                    size - end,
+                    end,
+                )
+                os.ftruncate(self._fd, end)
+                os.fsync(self._fd)
+        except BaseException as exc:
+            os.close(self._fd)  # a refused log must not leak its descriptor
+            if isinstance(exc, OSError):
+                raise from_oserror(exc, f"reading the write-ahead log {self.path}") from None
+            raise
         self.truncated_bytes = size - end
         self._end = end
         self.next_seq = self.base_seq + len(self._records)
@@ -193,16 +199,23 @@ class WriteAheadLog:
         return self._end
 
     def checkpoint(self) -> None:
-        """Start an empty log: every record so far has been applied elsewhere."""
+        """Start an empty log: every record so far has been applied elsewhere.
+
+        Raises StoreFullError (or another CachefsError) when the new log cannot
+        be written; the old log then stays in place, whole.
+        """
         with self._lock, self._sync_lock:
-            atomic_write(self.path, _encode_header(self.next_seq))
+            try:
+                atomic_write(self.path, _encode_header(self.next_seq))
+                fd = os.open(self.path, os.O_RDWR)
+            except OSError as exc:
+                raise from_oserror(exc, f"checkpointing the write-ahead log {self.path}") from None
             os.close(self._fd)
-            self._fd = os.open(self.path, os.O_RDWR)
+            self._fd = fd
             self.base_seq = self.next_seq
             self._end = WAL_HEADER.size
             self._records = []
             self.synced_seq = self.next_seq - 1
-            fsync_dir(self.directory)
 
     def close(self) -> None:
         if self._fd >= 0:

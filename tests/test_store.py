@@ -1,0 +1,1286 @@
+"""The storage engine: ingest, dedup, compression, reads, references, damage, locking,
+concurrency, a full disk and staged objects."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import mmap
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+from conftest import SMALL_CONFIG, compressible
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cachefs import errors
+from cachefs.chunker import Chunker, reader_for
+from cachefs.digest import Digest
+from cachefs.errors import (
+    CachefsError,
+    ConfigError,
+    CorruptDataError,
+    NotFoundError,
+    ObjectNotFoundError,
+    ReadOnlyError,
+    StoreFullError,
+    StoreLockedError,
+    from_oserror,
+)
+from cachefs.gc import collect_garbage
+from cachefs.header import SegmentParams, StoreConfig
+from cachefs.index import ChunkEntry
+from cachefs.segment import (
+    COMPRESSION_MASK,
+    COMPRESSION_NONE,
+    COMPRESSION_ZSTD,
+    RECORD_HEADER,
+    segment_path,
+    shard_of,
+)
+from cachefs.store import Store, StoreOptions
+from cachefs.wal import WriteAheadLog
+
+MIN_CHUNK = SMALL_CONFIG.chunking.min_size
+MAX_CHUNK = SMALL_CONFIG.chunking.max_size
+
+
+def rand(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def sha256_digest(data: bytes) -> str:
+    return f"{hashlib.sha256(data).hexdigest()}/{len(data)}"
+
+
+def chunk_entries(store: Store, digest: Digest) -> list[tuple[bytes, ChunkEntry]]:
+    """The chunk index entries of an object's chunks, in recipe order."""
+    recipe = store.recipe(digest)
+    with store.index.read() as txn:
+        found = [(d, store.index.get_chunk(txn, d)) for d, _ in recipe]
+    assert all(entry is not None for _, entry in found)
+    return [(d, e) for d, e in found if e is not None]
+
+
+def chunk_file(store: Store, chunk: bytes, entry: ChunkEntry) -> Path:
+    shard = shard_of(chunk, store.config.segments)
+    return segment_path(store.segments_root, shard, entry.segment_id, store.config.segments)
+
+
+def check_invariants(store: Store) -> None:
+    """What fsck checks of the index, recounted from scratch (the store must be idle)."""
+    index = store.index
+    with index.read() as txn:
+        chunks = dict(index.iter_chunks(txn))
+        objects = dict(index.iter_objects(txn))
+        segments = dict(index.iter_segments(txn))
+        counters = index.counters_dict(txn)
+    refs: Counter[bytes] = Counter()
+    for obj in objects.values():
+        assert obj.refcount >= 1
+        assert sum(n for _, n in obj.chunks) == obj.size
+        for chunk, raw_len in obj.chunks:
+            assert chunk in chunks, "recipe names a chunk missing from the index"
+            assert chunks[chunk].raw_len == raw_len
+        refs.update(d for d, _ in obj.chunks)
+    live: dict[int, list[int]] = {}
+    for chunk, entry in chunks.items():
+        assert entry.refcount == refs[chunk], f"refcount of {chunk.hex()}"
+        seg = live.setdefault(entry.segment_id, [0, 0])
+        seg[0] += RECORD_HEADER.size + entry.stored_len
+        seg[1] += 1
+        assert entry.segment_id in segments
+        assert entry.offset + RECORD_HEADER.size + entry.stored_len <= (
+            segments[entry.segment_id].length
+        )
+    for segment_id, seg_entry in segments.items():
+        assert [seg_entry.live_bytes, seg_entry.live_records] == live.get(segment_id, [0, 0])
+        path = segment_path(store.segments_root, seg_entry.shard, segment_id, store.config.segments)
+        assert path.stat().st_size == seg_entry.length
+    assert counters["objects"] == len(objects)
+    assert counters["files"] == sum(o.refcount for o in objects.values())
+    assert counters["logical_bytes"] == sum(o.size * o.refcount for o in objects.values())
+    assert counters["chunks"] == len(chunks)
+    assert counters["chunk_bytes"] == sum(e.raw_len for e in chunks.values())
+    assert counters["stored_bytes"] == sum(
+        RECORD_HEADER.size + e.stored_len for e in chunks.values()
+    )
+
+
+# --- round trips ------------------------------------------------------------------------
+
+
+class ReadOnlyStream:
+    """A source with only ``read`` (no ``readinto``), returning short reads."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        size = min(size, 777) if size >= 0 else len(self._data)
+        out = self._data[self._pos : self._pos + size]
+        self._pos += len(out)
+        return out
+
+
+def pieces(data: bytes) -> Iterator[bytes]:
+    """Irregular pieces, with empty ones among them."""
+    rng = random.Random(len(data))
+    pos = 0
+    while pos < len(data):
+        n = rng.choice([0, 1, 100, 5000, 70000])
+        yield data[pos : pos + n]
+        pos += n
+    yield b""
+
+
+def as_source(kind: str, data: bytes, tmp_path: Path) -> object:
+    if kind == "bytes":
+        return data
+    if kind == "bytearray":
+        return bytearray(data)
+    if kind == "memoryview":
+        return memoryview(data)
+    if kind == "bytesio":
+        return io.BytesIO(data)
+    if kind == "file":
+        path = tmp_path / "source"
+        path.write_bytes(data)
+        return open(path, "rb")
+    if kind == "read-only":
+        return ReadOnlyStream(data)
+    assert kind == "iterator"
+    return pieces(data)
+
+
+SIZES = {
+    "empty": 0,
+    "one-byte": 1,
+    "min-chunk": MIN_CHUNK,
+    "min-chunk+1": MIN_CHUNK + 1,
+    "max-chunk": MAX_CHUNK,
+    "many-chunks": 300_000,
+}
+
+
+@pytest.mark.parametrize(
+    "kind", ["bytes", "bytearray", "memoryview", "bytesio", "file", "read-only", "iterator"]
+)
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+def test_put_read_round_trip(store: Store, tmp_path: Path, kind: str, size: int) -> None:
+    data = rand(size // 2, seed=size) + compressible(size - size // 2, seed=size)
+    source = as_source(kind, data, tmp_path)
+    try:
+        digest = store.put(source)  # type: ignore[arg-type]
+    finally:
+        if isinstance(source, io.IOBase):
+            source.close()
+    assert str(digest) == sha256_digest(data)
+    assert digest.hex == hashlib.sha256(data).hexdigest()
+    assert digest.size == size
+    assert Digest.parse(str(digest)) == digest
+    assert store.read(digest) == data
+    assert b"".join(store.iter_object(digest)) == data
+    assert store.contains(digest)
+    recipe = store.recipe(digest)
+    assert sum(n for _, n in recipe) == size
+    assert all(n <= MAX_CHUNK for _, n in recipe)
+    if size <= MIN_CHUNK:
+        assert len(recipe) == 1  # an object below the minimum is one chunk
+    if size > 200_000:
+        assert len(recipe) > 10
+    check_invariants(store)
+
+
+def test_empty_object(store: Store) -> None:
+    digest = store.put(b"")
+    assert str(digest) == sha256_digest(b"")
+    assert store.read(digest) == b""
+    assert list(store.iter_object(digest)) in ([], [b""], [memoryview(b"")])
+    assert store.stats().files == 1
+    assert store.put(iter([])) == digest  # an empty iterator is the same object
+    assert store.stats().objects == 1
+
+
+def test_object_larger_than_the_ingest_buffer(tmp_path: Path) -> None:
+    data = rand(600_000, seed=1) + compressible(600_000, seed=2)
+    recipes = []
+    for name, buffer_size in [("small", 1), ("large", 64 << 20)]:
+        options = StoreOptions(buffer_size=buffer_size)
+        with Store.open(tmp_path / name, create=True, config=SMALL_CONFIG, options=options) as s:
+            assert s.chunker.buffer_size == (2 * MAX_CHUNK if name == "small" else 64 << 20)
+            digest = s.put(io.BytesIO(data))
+            assert str(digest) == sha256_digest(data)
+            assert s.read(digest) == data
+            recipes.append(s.recipe(digest))
+            check_invariants(s)
+    # Cutting in buffers gives the same chunks as cutting the whole object at once.
+    assert recipes[0] == recipes[1]
+    assert all(MIN_CHUNK <= n <= MAX_CHUNK for _, n in recipes[0][:-1])
+
+
+@given(
+    parts=st.lists(
+        st.tuples(st.sampled_from(["random", "zeros", "pattern"]), st.integers(0, 50_000)),
+        min_size=1,
+        max_size=8,
+    ),
+    seed=st.integers(0, 2**32),
+    buffer_size=st.sampled_from([1, 40_000, 100_000]),
+)
+def test_chunks_do_not_depend_on_the_buffer_size(
+    parts: list[tuple[str, int]], seed: int, buffer_size: int
+) -> None:
+    rng = random.Random(seed)
+    data = b"".join(
+        rng.randbytes(n) if kind == "random" else bytes(n) if kind == "zeros" else b"ab3" * (n // 3)
+        for kind, n in parts
+    )
+    whole = Chunker(SMALL_CONFIG.chunking, 1 << 30).cut(memoryview(data))
+    chunker = Chunker(SMALL_CONFIG.chunking, buffer_size)
+    batches = list(chunker.batches(reader_for(io.BytesIO(data))))
+    assert all(batches)
+    assert [bytes(c) for batch in batches for c in batch] == [bytes(c) for c in whole]
+
+
+def test_twenty_mib_object_with_the_default_buffer(default_store: Store) -> None:
+    data = rand(20 << 20, seed=3)
+    digest = default_store.put(pieces(data))
+    assert str(digest) == sha256_digest(data)
+    assert default_store.read(digest) == data
+    assert default_store.read(digest, (4 << 20) - 10, 20) == data[(4 << 20) - 10 : (4 << 20) + 10]
+    check_invariants(default_store)
+
+
+@pytest.mark.parametrize("size", [0, 100, 300_000])
+def test_blake3_store(tmp_path: Path, size: int) -> None:
+    config = StoreConfig(
+        digest_function="blake3", chunking=SMALL_CONFIG.chunking, segments=SMALL_CONFIG.segments
+    )
+    data = compressible(size, seed=size)
+    with Store.open(tmp_path / "b3", create=True, config=config) as store:
+        digest = store.put(data)
+        assert str(digest) == f"{blake3.blake3(data).hexdigest()}/{size}"
+        assert store.read(digest) == data
+        for chunk, entry in chunk_entries(store, digest):
+            raw = store.read_chunk(chunk)
+            assert blake3.blake3(raw).digest() == chunk
+            assert (entry.flags >> 4) & 7 == 2  # the blake3 id in the record flags
+    with Store.open(tmp_path / "b3") as store:  # the header keeps the choice
+        assert store.config.digest_function == "blake3"
+        assert store.read(digest) == data
+
+
+@pytest.mark.parametrize(("levels", "width"), [(0, 1), (1, 1), (1, 2)])
+def test_segment_rotation_sharding_and_reopen(tmp_path: Path, levels: int, width: int) -> None:
+    max_size = 1 << 20
+    config = StoreConfig(
+        chunking=SMALL_CONFIG.chunking,
+        segments=SegmentParams(max_size=max_size, shard_levels=levels, shard_width=width),
+    )
+    path = tmp_path / "store"
+    objects: list[tuple[Digest, bytes]] = []
+    for round_ in range(3):
+        with Store.open(path, create=True, config=config) as store:
+            for i in range(2):
+                data = rand(700_000, seed=900 + 10 * round_ + i)
+                objects.append((store.put(data), data))
+            for digest, data in objects:
+                assert store.read(digest) == data
+            check_invariants(store)
+            stats = store.stats()
+    files = list((path / "segments").rglob("*.seg"))
+    assert len(files) == stats.segments
+    assert all(f.stat().st_size <= max_size for f in files)  # rotated before overflowing
+    for f in files:  # <shard dirs>/<group>/<id>.seg
+        parts = f.relative_to(path / "segments").parts
+        assert len(parts) == levels + 2
+        assert all(len(part) == width for part in parts[:levels])
+        assert parts[levels] == "000000"
+    with Store.open(path, readonly=True) as store, store.index.read() as txn:
+        for chunk, entry in store.index.iter_chunks(txn):
+            assert chunk_file(store, chunk, entry).exists()
+    if levels == 0:
+        assert stats.segments >= 4  # 4.2 MB in segments of 1 MiB
+    else:
+        # A reopened writer continues each shard's last segment instead of starting anew.
+        assert stats.segments <= config.segments.shard_count
+
+
+# --- dedup and compression --------------------------------------------------------------
+
+
+def test_dedup_across_objects(store: Store) -> None:
+    middle = rand(1 << 20, seed=10)
+    first = rand(65536, seed=11) + middle + rand(65536, seed=12)
+    second = rand(65536, seed=13) + middle + rand(65536, seed=14)
+    d1 = store.put(first)
+    before = store.stats()
+    d2 = store.put(second)
+    after = store.stats()
+    assert after.chunk_bytes - before.chunk_bytes < 0.3 * len(second)
+    assert after.chunks - before.chunks < 0.3 * len(store.recipe(d2))
+    shared = {c for c, _ in store.recipe(d1)} & {c for c, _ in store.recipe(d2)}
+    assert sum(n for c, n in store.recipe(d2) if c in shared) > 0.7 * len(middle)
+    assert store.read(d1) == first
+    assert store.read(d2) == second
+    assert after.logical_bytes == len(first) + len(second)
+    check_invariants(store)
+
+
+def test_dedup_within_an_object(store: Store) -> None:
+    block = rand(256 << 10, seed=20)
+    data = block * 4
+    digest = store.put(data)
+    stats = store.stats()
+    assert stats.logical_bytes == len(data)
+    assert stats.chunk_bytes < 0.3 * len(data)
+    assert stats.dedup_ratio > 3
+    recipe = store.recipe(digest)
+    assert len(set(recipe)) < 0.35 * len(recipe)
+    assert store.read(digest) == data
+    check_invariants(store)  # refcounts count repeats within one recipe
+
+
+def test_same_object_twice(store: Store) -> None:
+    data = compressible(100_000) + rand(100_000)
+    first = store.put(data)
+    before = store.stats()
+    sizes = {p: p.stat().st_size for p in store.segments_root.rglob("*.seg")}
+    second = store.put(io.BytesIO(data))
+    after = store.stats()
+    assert first == second
+    assert (after.files, after.objects) == (2, 1)
+    assert after.logical_bytes == 2 * len(data)
+    assert (after.chunks, after.chunk_bytes, after.stored_bytes) == (
+        before.chunks,
+        before.chunk_bytes,
+        before.stored_bytes,
+    )
+    assert {p: p.stat().st_size for p in store.segments_root.rglob("*.seg")} == sizes
+    assert after.dedup_ratio == pytest.approx(2 * before.dedup_ratio)
+    check_invariants(store)
+
+
+def compressions(store: Store, digest: Digest) -> set[int]:
+    return {entry.flags & COMPRESSION_MASK for _, entry in chunk_entries(store, digest)}
+
+
+@pytest.mark.parametrize("size", [1000, 300_000], ids=["below-probe", "many-chunks"])
+def test_random_data_is_stored_raw(store: Store, size: int) -> None:
+    data = os.urandom(size)
+    digest = store.put(data)
+    assert compressions(store, digest) == {COMPRESSION_NONE}
+    stats = store.stats()
+    assert stats.stored_bytes == stats.chunk_bytes + RECORD_HEADER.size * stats.chunks
+    assert store.read(digest) == data
+
+
+def test_compressible_data_is_stored_zstd(default_store: Store) -> None:
+    data = compressible(2 << 20)
+    digest = default_store.put(data)
+    assert compressions(default_store, digest) == {COMPRESSION_ZSTD}
+    stats = default_store.stats()
+    assert stats.compression_ratio > 2
+    assert default_store.read(digest) == data
+    for chunk, _ in chunk_entries(default_store, digest):
+        assert isinstance(default_store.read_chunk(chunk), bytes)
+
+
+# --- zero-copy reads --------------------------------------------------------------------
+
+
+def test_raw_chunks_are_views_on_the_segment_mapping(store: Store) -> None:
+    data = os.urandom(100_000)
+    digest = store.put(data)
+    entries = chunk_entries(store, digest)
+    assert len(entries) > 1
+    chunk, entry = entries[0]
+    view = store.read_chunk(chunk)
+    assert isinstance(view, memoryview)
+    assert isinstance(view.obj, mmap.mmap)
+    assert view.readonly
+    assert len(view) == entry.raw_len
+    assert bytes(view) == data[: entry.raw_len]
+
+    whole = list(store.iter_object(digest))
+    assert len(whole) == len(entries)
+    assert all(isinstance(p, memoryview) and isinstance(p.obj, mmap.mmap) for p in whole)
+    part = list(store.iter_object(digest, 10, entry.raw_len))  # spans two chunks, partly
+    assert len(part) == 2
+    assert all(isinstance(p, memoryview) and isinstance(p.obj, mmap.mmap) for p in part)
+    assert b"".join(part) == data[10 : 10 + entry.raw_len]
+
+
+# --- ranged reads -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ranged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, bytes, Digest]]:
+    data = compressible(60_000, seed=5) + rand(60_000, seed=6) + compressible(30_000, seed=7)
+    path = tmp_path_factory.mktemp("ranged") / "store"
+    with Store.open(path, create=True, config=SMALL_CONFIG) as store:
+        digest = store.put(data)
+        assert compressions(store, digest) == {COMPRESSION_NONE, COMPRESSION_ZSTD}
+        yield store, data, digest
+
+
+@given(
+    offset=st.integers(0, 160_000),
+    length=st.none() | st.integers(0, 170_000),
+)
+def test_ranged_read_matches_slicing(
+    ranged: tuple[Store, bytes, Digest], offset: int, length: int | None
+) -> None:
+    store, data, digest = ranged
+    expected = data[offset:] if length is None else data[offset : offset + length]
+    assert store.read(digest, offset, length) == expected
+    assert b"".join(store.iter_object(digest, offset, length)) == expected
+
+
+def test_ranged_read_edges(ranged: tuple[Store, bytes, Digest]) -> None:
+    store, data, digest = ranged
+    size = len(data)
+    assert store.read(digest, size) == b""
+    assert store.read(digest, size + 1, 10) == b""
+    assert store.read(digest, size - 1) == data[-1:]
+    assert store.read(digest, 0, 0) == b""
+    assert store.read(digest, 0, size * 2) == data
+    boundary = store.recipe(digest)[0][1]
+    assert store.read(digest, boundary - 1, 2) == data[boundary - 1 : boundary + 1]
+    with pytest.raises(ConfigError):
+        store.read(digest, -1)
+    with pytest.raises(ConfigError):
+        store.read(digest, 0, -1)
+
+
+def test_streaming_pieces_are_bounded_by_the_chunk_size(store: Store) -> None:
+    data = rand(2 << 20, seed=8)
+    digest = store.put(data)
+    total = 0
+    for piece in store.iter_object(digest):
+        assert 0 < len(piece) <= MAX_CHUNK
+        assert piece == data[total : total + len(piece)]
+        total += len(piece)
+    assert total == len(data)
+
+
+def test_reading_a_missing_object(store: Store) -> None:
+    digest = store.put(b"present")
+    with pytest.raises(ObjectNotFoundError, match="not in the store") as info:
+        store.read(Digest(b"\1" * 32, 7))
+    assert info.value.exit_code == 3
+    with pytest.raises(ObjectNotFoundError):
+        store.read(Digest(digest.hash, digest.size + 1))  # right hash, wrong size
+    assert not store.contains(Digest(digest.hash, digest.size + 1))
+
+
+# --- references and counters ------------------------------------------------------------
+
+
+def test_ref_and_unref(store: Store) -> None:
+    shared = rand(100_000, seed=30)
+    a = store.put(shared + rand(50_000, seed=31))
+    b = store.put(shared + rand(50_000, seed=32))
+    a_chunks = {c for c, _ in store.recipe(a)}
+    b_chunks = {c for c, _ in store.recipe(b)}
+    assert a_chunks & b_chunks
+
+    store.ref(a)
+    stats = store.stats()
+    assert (stats.files, stats.objects) == (3, 2)
+    assert stats.logical_bytes == 2 * a.size + b.size
+    check_invariants(store)
+
+    assert store.unref(a) is False  # one reference left
+    assert store.contains(a)
+    assert store.unref(a) is True
+    assert not store.contains(a)
+    with pytest.raises(ObjectNotFoundError):
+        store.read(a)
+    with pytest.raises(ObjectNotFoundError):
+        store.unref(a)
+    with pytest.raises(ObjectNotFoundError):
+        store.ref(a)
+    stats = store.stats()
+    assert (stats.files, stats.objects, stats.logical_bytes) == (1, 1, b.size)
+    with store.index.read() as txn:
+        for chunk in a_chunks:
+            entry = store.index.get_chunk(txn, chunk)
+            assert entry is not None  # garbage until gc
+            assert entry.refcount == (1 if chunk in b_chunks else 0)
+    assert store.read(b) == shared + rand(50_000, seed=32)
+    check_invariants(store)
+
+    # Putting the object again revives its chunks.
+    assert store.put(shared + rand(50_000, seed=31)) == a
+    assert store.read(a) == shared + rand(50_000, seed=31)
+    check_invariants(store)
+
+
+def test_counters_stay_consistent(store: Store) -> None:
+    rng = random.Random(40)
+    blocks = [rand(20_000, seed=100 + i) for i in range(6)]
+    live: Counter[Digest] = Counter()
+    contents: dict[Digest, bytes] = {}
+    for _ in range(40):
+        action = rng.choice(["put", "put", "ref", "unref"])
+        if action == "put" or not live:
+            data = b"".join(rng.choices(blocks, k=rng.randint(0, 4)))
+            digest = store.put(data)
+            contents[digest] = data
+            live[digest] += 1
+        elif action == "ref":
+            digest = rng.choice(sorted(live))
+            store.ref(digest)
+            live[digest] += 1
+        else:
+            digest = rng.choice(sorted(live))
+            assert store.unref(digest) is (live[digest] == 1)
+            live[digest] -= 1
+            if not live[digest]:
+                del live[digest]
+    stats = store.stats()
+    assert stats.files == sum(live.values())
+    assert stats.objects == len(live)
+    assert stats.logical_bytes == sum(d.size * n for d, n in live.items())
+    for digest in live:
+        assert store.read(digest) == contents[digest]
+    check_invariants(store)
+
+
+# --- damage -----------------------------------------------------------------------------
+
+
+def corrupt_payload(store: Store, chunk: bytes, entry: ChunkEntry, at: int = 0) -> Path:
+    path = chunk_file(store, chunk, entry)
+    with open(path, "r+b") as f:
+        f.seek(entry.offset + RECORD_HEADER.size + at)
+        byte = f.read(1)[0]
+        f.seek(entry.offset + RECORD_HEADER.size + at)
+        f.write(bytes([byte ^ 0x01]))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["raw", "zstd"])
+def test_corrupt_chunk_fails_the_read_loudly(store_path: Path, kind: str) -> None:
+    data = os.urandom(60_000) if kind == "raw" else compressible(60_000)
+    other = rand(40_000, seed=50)
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digest = store.put(data)
+        safe = store.put(other)
+        chunk, entry = chunk_entries(store, digest)[1]
+        expected = COMPRESSION_NONE if kind == "raw" else COMPRESSION_ZSTD
+        assert entry.flags & COMPRESSION_MASK == expected
+    path = corrupt_payload(store, chunk, entry, at=entry.stored_len // 2)
+
+    with Store.open(store_path) as store:
+        assert not store.needs_fsck
+        with pytest.raises(CorruptDataError) as info:
+            store.read(digest)
+        message = str(info.value)
+        assert str(path) in message
+        assert f"offset {entry.offset}" in message
+        assert info.value.path == str(path)
+        assert info.value.offset == entry.offset
+        assert info.value.exit_code == 4
+        assert "fsck" in info.value.hint
+        assert store.needs_fsck
+        assert store.corruptions == 1
+        with pytest.raises(CorruptDataError):
+            store.read_chunk(chunk)
+        with pytest.raises(CorruptDataError):
+            b"".join(store.iter_object(digest))
+        # The ranges that do not touch the damaged chunk still read.
+        first_len = store.recipe(digest)[0][1]
+        assert store.read(digest, 0, first_len) == data[:first_len]
+        assert store.read(safe) == other
+
+
+def test_damage_is_seen_through_a_warm_store(store: Store) -> None:
+    raw = os.urandom(30_000)
+    packed = compressible(30_000, seed=9)
+    d_raw, d_packed = store.put(raw), store.put(packed)
+    assert store.read(d_raw) == raw  # maps the segment, fills the chunk cache
+    assert store.read(d_packed) == packed
+    for digest in (d_raw, d_packed):
+        chunk, entry = chunk_entries(store, digest)[0]
+        corrupt_payload(store, chunk, entry)
+        with pytest.raises(CorruptDataError):
+            store.read(digest)
+    assert store.needs_fsck
+    assert store.corruptions == 2
+
+
+def test_damaged_record_header_is_corrupt(store: Store) -> None:
+    data = os.urandom(10_000)
+    digest = store.put(data)
+    chunk, entry = chunk_entries(store, digest)[0]
+    path = chunk_file(store, chunk, entry)
+    with open(path, "r+b") as f:  # a bit of the digest in the record header
+        f.seek(entry.offset + 20)
+        byte = f.read(1)[0]
+        f.seek(entry.offset + 20)
+        f.write(bytes([byte ^ 0x40]))
+    with pytest.raises(CorruptDataError, match="checksum mismatch"):
+        store.read(digest)
+    assert store.needs_fsck
+
+
+# --- locking and read-only stores -------------------------------------------------------
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_second_writer_is_refused(store: Store, store_path: Path) -> None:
+    # flock() locks belong to an open file description, so a second open in the
+    # same process conflicts just like one in another process.
+    with pytest.raises(StoreLockedError, match="open for writing by another process") as info:
+        Store.open(store_path)
+    assert info.value.exit_code == 5
+    assert info.value.errno == errno.EBUSY
+
+    result = run_python(
+        """
+        import sys
+        from cachefs.errors import StoreLockedError
+        from cachefs.store import Store
+        try:
+            Store.open(sys.argv[1])
+        except StoreLockedError as exc:
+            print("locked", exc.exit_code)
+        else:
+            print("opened")
+        """,
+        str(store_path),
+    )
+    assert result.stdout.split() == ["locked", "5"], result.stderr
+    # The refused openers did not disturb the writer.
+    digest = store.put(b"still writable")
+    assert store.read(digest) == b"still writable"
+
+
+def test_lock_is_released_on_close(store_path: Path) -> None:
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digest = store.put(b"abc")
+    with Store.open(store_path) as store:
+        assert store.read(digest) == b"abc"
+
+
+READER = """
+import hashlib, sys
+from cachefs.digest import Digest
+from cachefs.errors import ReadOnlyError
+from cachefs.store import Store
+with Store.open(sys.argv[1], readonly=True) as store:
+    try:
+        store.put(b"x")
+    except ReadOnlyError as exc:
+        print("readonly", exc.exit_code, flush=True)
+    # Answer each digest line with: contained? sha256 of the bytes, files.
+    for line in sys.stdin:
+        digest = Digest.parse(line)
+        found = store.contains(digest)
+        data = store.read(digest) if found else b""
+        print(found, hashlib.sha256(data).hexdigest(), store.stats().files, flush=True)
+"""
+
+
+def test_reader_process_beside_the_writer(store: Store, store_path: Path) -> None:
+    data = compressible(50_000) + os.urandom(50_000)
+    digest = store.put(data)
+    later_data = os.urandom(60_000) + compressible(60_000, seed=3)
+    later = Digest(hashlib.sha256(later_data).digest(), len(later_data))
+    with subprocess.Popen(
+        [sys.executable, "-c", READER, str(store_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as reader:
+        assert reader.stdin is not None
+        assert reader.stdout is not None
+
+        def ask(digest: Digest) -> list[str]:
+            assert reader.stdin is not None
+            assert reader.stdout is not None
+            reader.stdin.write(f"{digest}\n")
+            reader.stdin.flush()
+            return reader.stdout.readline().split()
+
+        try:
+            assert reader.stdout.readline().split() == ["readonly", "2"]
+            assert ask(digest) == ["True", digest.hex, "1"]
+            assert ask(later) == ["False", hashlib.sha256(b"").hexdigest(), "1"]
+            # Published while the reader has the store (and its segments) open.
+            assert store.put(later_data) == later
+            assert ask(later) == ["True", later.hex, "2"]
+            assert ask(digest) == ["True", digest.hex, "2"]
+        finally:
+            reader.stdin.close()
+            stderr = reader.stderr.read() if reader.stderr else ""
+            assert reader.wait(timeout=60) == 0, stderr
+    # The writer carries on.
+    assert store.read(store.put(b"after the reader")) == b"after the reader"
+
+
+def test_read_only_store_refuses_writes(store_path: Path) -> None:
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digest = store.put(b"kept")
+    before = {p: p.read_bytes() for p in store_path.rglob("*") if p.is_file()}
+    with Store.open(store_path, readonly=True) as store:
+        assert store.read(digest) == b"kept"
+        for attempt in (
+            lambda: store.put(b"new"),
+            lambda: store.ref(digest),
+            lambda: store.unref(digest),
+            store.stage,
+            lambda: list(store.put_files([store_path / "lock"])),
+        ):
+            with pytest.raises(ReadOnlyError) as info:
+                attempt()
+            assert info.value.errno == errno.EROFS
+        assert store.stats().files == 1
+    after = {p: p.read_bytes() for p in store_path.rglob("*") if p.is_file()}
+    assert after.keys() == before.keys()
+    assert {p: b for p, b in after.items() if "index.lmdb" not in p.name} == {
+        p: b for p, b in before.items() if "index.lmdb" not in p.name
+    }
+    with pytest.raises(ConfigError):
+        Store.open(store_path, readonly=True, create=True)
+
+
+# --- concurrency ------------------------------------------------------------------------
+
+
+def test_readers_while_a_writer_ingests(store: Store) -> None:
+    base = [rand(30_000, seed=200 + i) + compressible(20_000, seed=i) for i in range(8)]
+    published: list[tuple[Digest, bytes]] = [(store.put(d), d) for d in base]
+    lock = threading.Lock()
+    done = threading.Event()
+    failures: list[BaseException] = []
+    reads = [0]
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while not done.is_set() or reads[0] < 50:
+                with lock:
+                    digest, data = rng.choice(published)
+                offset = rng.randrange(len(data))
+                assert store.read(digest) == data
+                assert store.read(digest, offset, 5000) == data[offset : offset + 5000]
+                with lock:
+                    reads[0] += 1
+        except BaseException as exc:
+            failures.append(exc)
+            done.set()
+
+    def writer() -> None:
+        try:
+            for i in range(25):
+                # New objects share blocks with the published ones.
+                data = base[i % 8][:25_000] + rand(15_000, seed=300 + i) + base[(i + 3) % 8]
+                digest = store.put(data)
+                with lock:
+                    published.append((digest, data))
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            done.set()
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(3)]
+    threads.append(threading.Thread(target=writer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failures, failures
+    assert len(published) == 33
+    for digest, data in published:
+        assert store.read(digest) == data
+    check_invariants(store)
+
+
+def test_parallel_puts_of_overlapping_data(store: Store) -> None:
+    blocks = [rand(12_000, seed=400 + i) for i in range(10)]
+    start = threading.Barrier(4)
+    results: list[list[tuple[Digest, bytes]]] = [[] for _ in range(4)]
+    failures: list[BaseException] = []
+
+    def putter(n: int) -> None:
+        rng = random.Random(n)
+        try:
+            start.wait()
+            for i in range(12):
+                data = b"".join(rng.choices(blocks, k=4)) + bytes([n, i]) * 500
+                results[n].append((store.put(data), data))
+            # Every thread also puts the very same new object.
+            common = b"".join(blocks[::-1]) + b"common tail"
+            results[n].append((store.put(common), common))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=putter, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failures, failures
+    everything = [r for rs in results for r in rs]
+    for digest, data in everything:
+        assert str(digest) == sha256_digest(data)
+        assert store.read(digest) == data
+    stats = store.stats()
+    assert stats.files == len(everything) == 52
+    assert stats.objects == len({d for d, _ in everything})
+    assert stats.chunk_bytes < 0.5 * stats.logical_bytes
+    common = results[0][-1][0]
+    with store.index.read() as txn:
+        entry = store.index.get_object(txn, common.hash)
+    assert entry is not None
+    assert entry.refcount == 4
+    check_invariants(store)
+
+
+def test_put_files(store: Store, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    contents = [rand(i * 7000, seed=i) + compressible(i * 3000, seed=i) for i in range(12)]
+    contents[5] = contents[2]  # a duplicate file
+    paths = []
+    for i, data in enumerate(contents):
+        path = tree / f"f{i:02d}"
+        path.write_bytes(data)
+        paths.append(path)
+    missing = tree / "does-not-exist"
+    paths.insert(4, missing)
+    paths.insert(8, tree)  # a directory cannot be read as a file
+
+    results = list(store.put_files(paths))
+    assert [p for p, _ in results] == paths
+    by_path = dict(results)
+    error = by_path[missing]
+    assert isinstance(error, NotFoundError)
+    assert error.exit_code == 3
+    assert "does-not-exist" in str(error)
+    assert isinstance(by_path[tree], CachefsError)
+    for i, data in enumerate(contents):
+        digest = by_path[tree / f"f{i:02d}"]
+        assert isinstance(digest, Digest)
+        assert str(digest) == sha256_digest(data)
+        assert store.read(digest) == data
+    stats = store.stats()
+    assert stats.files == 12
+    assert stats.objects == 11
+    check_invariants(store)
+
+
+def test_put_files_publishes_in_several_groups(store: Store, tmp_path: Path) -> None:
+    paths = []
+    for i in range(20):
+        path = tmp_path / f"g{i}"
+        path.write_bytes(rand(5000, seed=600 + i))
+        paths.append(path)
+    results = list(store.put_files(paths, batch_bytes=12_000))
+    assert [p for p, _ in results] == paths
+    assert all(isinstance(d, Digest) and store.read(d) == p.read_bytes() for p, d in results)
+    check_invariants(store)
+
+
+# --- a full disk ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        reason = f"cannot mount a tmpfs (needs root): {result.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def test_full_disk_fails_the_writer_and_loses_nothing(tiny_fs: Path) -> None:
+    path = tiny_fs / "store"
+    acknowledged: list[tuple[Digest, bytes]] = []
+    with Store.open(path, create=True, config=SMALL_CONFIG) as store:
+        with pytest.raises(StoreFullError) as info:
+            for i in range(1000):
+                data = rand(150_000 + i, seed=700 + i)
+                acknowledged.append((store.put(data), data))
+        assert 5 < len(acknowledged) < 1000
+        assert info.value.errno == errno.ENOSPC
+        assert info.value.exit_code == 7
+        assert "no space left" in str(info.value)
+        # Nothing else broke: what was stored still reads, and a retry fails cleanly.
+        for digest, data in acknowledged:
+            assert store.read(digest) == data
+        with pytest.raises(StoreFullError):
+            store.put(rand(300_000, seed=1))
+        assert store.stats().files == len(acknowledged)
+    with Store.open(path) as store:
+        assert store.stats().files == len(acknowledged)
+        for digest, data in acknowledged:
+            assert store.read(digest) == data
+        check_invariants(store)
+        # Space freed on the device makes the store writable again.
+        store.unref(acknowledged[-1][0])
+        collect_garbage(store)
+        digest = store.put(b"small after gc")
+        assert store.read(digest) == b"small after gc"
+        check_invariants(store)
+
+
+def fill_up(directory: Path) -> Path:
+    """Take every byte left on the device of ``directory``."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_wal_checkpoint_on_a_full_disk(tiny_fs: Path) -> None:
+    wal = WriteAheadLog(tiny_fs / "wal", fsync=True)
+    try:
+        assert wal.append(1, b"logged") == 1
+        filler = fill_up(tiny_fs)
+        with pytest.raises(StoreFullError):
+            wal.checkpoint()
+        # The old log is still in place and in use.
+        assert wal.append(1, b"after") == 2
+        wal.commit()
+        filler.unlink()
+    finally:
+        wal.close()
+    wal = WriteAheadLog(tiny_fs / "wal", fsync=True)
+    try:
+        assert [r.payload for r in wal.replay()] == [b"logged", b"after"]
+        assert not [p for p in (tiny_fs / "wal").iterdir() if p.name != "wal.log"]
+    finally:
+        wal.close()
+
+
+def test_close_on_a_full_disk(tiny_fs: Path) -> None:
+    path = tiny_fs / "store"
+    store = Store.open(path, create=True, config=SMALL_CONFIG)
+    try:
+        staged = store.stage()
+        staged.write(b"staged before the disk filled up")
+        staged_digest = staged.commit()
+        acknowledged = [staged_digest]
+        with pytest.raises(StoreFullError):
+            for i in range(1000):
+                acknowledged.append(store.put(rand(100_000, seed=800 + i)))
+        filler = fill_up(tiny_fs)
+    except BaseException:
+        store.close()
+        raise
+    # Closing publishes nothing new; a full disk must not make it fail.
+    store.close()
+    filler.unlink()
+    with Store.open(path) as store:
+        assert store.stats().files == len(acknowledged)
+        assert store.read(staged_digest) == b"staged before the disk filled up"
+        assert all(store.contains(d) for d in acknowledged)
+        assert store.replayed == []
+        check_invariants(store)
+
+
+# --- staged objects ---------------------------------------------------------------------
+
+
+def test_staged_object_with_out_of_order_and_overlapping_writes(store: Store) -> None:
+    expected = bytearray(100_000)
+    staged = store.stage()
+    writes = [
+        (50_000, rand(30_000, seed=1)),
+        (0, compressible(20_000)),
+        (10_000, rand(45_000, seed=2)),  # overlaps both
+        (95_000, b"t" * 5000),
+        (60_000, b""),
+    ]
+    for offset, data in writes:
+        assert staged.write(data, offset) == len(data)
+        expected[offset : offset + len(data)] = data
+    # Without an offset, a write continues after the previous one.
+    staged.write(b"tail", 99_996)
+    staged.write(b"more")
+    expected[99_996:] = b"tail"
+    expected += b"more"
+    staged.sync()
+    digest = staged.commit()
+    assert str(digest) == sha256_digest(bytes(expected))
+    assert store.read(digest) == expected
+    assert store.stats().files == 1
+    assert list(store.tmp_root.iterdir()) == []  # the spool file is gone
+    with pytest.raises(CachefsError):
+        staged.write(b"late")
+    with pytest.raises(CachefsError):
+        staged.commit()
+    check_invariants(store)
+
+
+def test_staged_object_with_a_hole(store: Store) -> None:
+    with store.stage() as staged:
+        staged.write(b"end", 10_000)
+        digest = staged.commit()
+    assert store.read(digest) == b"\0" * 10_000 + b"end"
+
+
+def test_staged_commit_survives_reopen(store_path: Path) -> None:
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        staged = store.stage()
+        staged.write(b"durable " * 1000)
+        digest = staged.commit()
+    with Store.open(store_path) as store:
+        assert store.replayed == []  # already published, not published twice
+        assert store.read(digest) == b"durable " * 1000
+        assert store.stats().files == 1
+        check_invariants(store)
+
+
+def test_aborted_staged_object_publishes_nothing(store: Store) -> None:
+    store.put(b"existing")
+    before = store.stats()
+    staged = store.stage()
+    staged.write(b"never published" * 100)
+    staged.abort()
+    staged.abort()  # idempotent
+    with pytest.raises(CachefsError):
+        staged.write(b"x")
+
+    with pytest.raises(RuntimeError), store.stage() as other:
+        other.write(b"also never published")
+        raise RuntimeError("the writer gave up")
+
+    after = store.stats()
+    assert (after.files, after.objects, after.chunks, after.stored_bytes) == (
+        before.files,
+        before.objects,
+        before.chunks,
+        before.stored_bytes,
+    )
+    assert not store.contains(Digest(hashlib.sha256(b"never published" * 100).digest(), 1500))
+    assert list(store.tmp_root.iterdir()) == []
+
+
+def test_two_staged_objects_at_once(store: Store) -> None:
+    first, second = store.stage(), store.stage()
+    first.write(b"A" * 5000)
+    second.write(b"B" * 7000)
+    first.write(b"a", 0)
+    d2 = second.commit()
+    d1 = first.commit()
+    assert store.read(d1) == b"a" + b"A" * 4999
+    assert store.read(d2) == b"B" * 7000
+
+
+# The two tests below replay, deterministically, an interleaving of two threads of
+# one writer: a staged commit's WAL checkpoint (StoreOptions.wal_checkpoint_bytes)
+# racing another staged object, then a crash (os._exit) before the next checkpoint.
+
+
+@pytest.mark.parametrize("race", [False, True], ids=["alone", "racing-a-checkpoint"])
+def test_staged_object_begun_during_a_checkpoint_survives_a_crash(
+    store_path: Path, race: bool
+) -> None:
+    data = b"committed before the crash " * 100
+    result = run_python(
+        """
+        import os, sys
+        from cachefs.store import WAL_BEGIN, Store, StoreOptions
+        store = Store.open(sys.argv[1], create=True, options=StoreOptions(wal_checkpoint_bytes=0))
+        append = store.wal.append
+        def racing_append(kind, payload):
+            seq = append(kind, payload)
+            # Another thread's commit checkpoints the log right after this BEGIN
+            # record -- whenever nothing in stage() prevents it at this point.
+            if kind == WAL_BEGIN and not store._staged_lock.locked():
+                store._maybe_checkpoint()
+            return seq
+        if sys.argv[2] == "race":
+            store.wal.append = racing_append
+        staged = store.stage()
+        staged.write(bytes.fromhex(sys.argv[3]))
+        store._ingest = lambda *args: os._exit(0)  # crash once the commit is logged
+        staged.commit()
+        """,
+        str(store_path),
+        "race" if race else "alone",
+        data.hex(),
+    )
+    assert result.returncode == 0, result.stderr
+    with Store.open(store_path) as store:
+        digest = Digest(hashlib.sha256(data).digest(), len(data))
+        assert store.replayed == [digest], "a committed staged object was lost"
+        assert store.read(digest) == data
+
+
+@pytest.mark.parametrize("race", [False, True], ids=["alone", "racing-a-checkpoint"])
+def test_staged_object_published_during_a_checkpoint_is_not_replayed(
+    store_path: Path, race: bool
+) -> None:
+    result = run_python(
+        """
+        import os, sys
+        from cachefs.store import Store, StoreOptions
+        store = Store.open(
+            sys.argv[1], create=True, options=StoreOptions(wal_checkpoint_bytes=50_000)
+        )
+
+        class RacingLock:
+            # The commit lock, with another staged object committed by "another
+            # thread" just before the first acquisition after a WAL checkpoint.
+            def __init__(self, lock):
+                self.lock = lock
+                self.armed = False
+            def __enter__(self):
+                if self.armed:
+                    self.armed = False
+                    other = store.stage()
+                    other.write(b"B" * 10)
+                    other.commit()
+                return self.lock.__enter__()
+            def __exit__(self, *exc):
+                return self.lock.__exit__(*exc)
+
+        racing = RacingLock(store._commit_lock)
+        checkpoint = store.wal.checkpoint
+        def checkpoint_then_race():
+            checkpoint()
+            racing.armed = sys.argv[2] == "race"
+        store._commit_lock = racing
+        store.wal.checkpoint = checkpoint_then_race
+        first = store.stage()
+        first.write(b"A" * 100_000)  # enough to trigger the checkpoint on commit
+        first.commit()
+        os._exit(0)  # crash before close() would checkpoint again
+        """,
+        str(store_path),
+        "race" if race else "alone",
+    )
+    assert result.returncode == 0, result.stderr
+    with Store.open(store_path) as store:
+        expected = 2 if race else 1
+        assert store.stats().files == expected, "a published staged object was published again"
+        assert store.replayed == []
+        check_invariants(store)
+
+
+# --- errors -----------------------------------------------------------------------------
+
+#: class: (errno, exit code, has a default hint)
+ERROR_TABLE: dict[type[CachefsError], tuple[int, int, bool]] = {
+    errors.CachefsError: (errno.EIO, 1, False),
+    errors.ConfigError: (errno.EINVAL, 2, False),
+    errors.BadDigestError: (errno.EINVAL, 2, True),
+    errors.NotFoundError: (errno.ENOENT, 3, False),
+    errors.ObjectNotFoundError: (errno.ENOENT, 3, True),
+    errors.StoreNotFoundError: (errno.ENOENT, 3, True),
+    errors.CorruptDataError: (errno.EIO, 4, True),
+    errors.StoreLockedError: (errno.EBUSY, 5, True),
+    errors.FormatVersionError: (errno.EPROTONOSUPPORT, 6, True),
+    errors.StoreFullError: (errno.ENOSPC, 7, True),
+    errors.ReadOnlyError: (errno.EROFS, 2, True),
+}
+
+
+def test_error_table_covers_every_class() -> None:
+    classes = {
+        obj
+        for obj in vars(errors).values()
+        if isinstance(obj, type) and issubclass(obj, CachefsError)
+    }
+    assert classes == set(ERROR_TABLE)
+
+
+@pytest.mark.parametrize("cls", ERROR_TABLE, ids=lambda c: c.__name__)
+def test_errors_carry_errno_exit_code_and_hint(cls: type[CachefsError]) -> None:
+    code, exit_code, has_hint = ERROR_TABLE[cls]
+    err = cls("something went wrong")
+    assert isinstance(err, CachefsError)
+    assert err.errno == code
+    assert err.exit_code == exit_code
+    assert err.message == "something went wrong"
+    if has_hint:
+        assert err.hint
+        assert str(err) == f"something went wrong ({err.hint})"
+    else:
+        assert str(err) == "something went wrong"
+    custom = cls("oops", hint="do this")
+    assert custom.hint == "do this"
+    assert str(custom) == "oops (do this)"
+    assert cls("quiet", hint="").hint == ""
+    assert str(cls("quiet", hint="")) == "quiet"
+
+
+def test_corrupt_data_error_says_where() -> None:
+    err = CorruptDataError("bad record", path="/s/seg", offset=96)
+    assert err.message == "bad record in /s/seg at offset 96"
+    assert (err.path, err.offset) == ("/s/seg", 96)
+    assert CorruptDataError("bad", path="/s/seg").message == "bad in /s/seg"
+    assert CorruptDataError("bad").message == "bad"
+
+
+@pytest.mark.parametrize(
+    ("code", "cls", "errno_", "exit_code"),
+    [
+        (errno.ENOSPC, StoreFullError, errno.ENOSPC, 7),
+        (errno.EDQUOT, StoreFullError, errno.ENOSPC, 7),
+        (errno.ENOENT, NotFoundError, errno.ENOENT, 3),
+        (errno.EACCES, CachefsError, None, 1),
+        (errno.EIO, CachefsError, errno.EIO, 1),
+        (errno.EISDIR, CachefsError, errno.EISDIR, 1),
+    ],
+)
+def test_from_oserror(
+    code: int, cls: type[CachefsError], errno_: int | None, exit_code: int
+) -> None:
+    err = from_oserror(OSError(code, os.strerror(code), "/some/file"), "doing a thing")
+    assert type(err) is cls
+    if errno_ is not None:
+        assert err.errno == errno_
+    assert err.exit_code == exit_code
+    assert "doing a thing" in str(err)
+    if code in (errno.EACCES, errno.ENOENT):
+        assert "/some/file" in str(err)
+    if code == errno.EACCES:
+        assert "permission denied" in str(err)
+        assert err.hint
