@@ -15,8 +15,10 @@ chunks are the same as if the whole stream had been cut at once.
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 import pyfastcdc
 
@@ -79,12 +81,20 @@ def reader_for(source: Source) -> ReadInto:
     return read_iter
 
 
+class Batch(NamedTuple):
+    """Consecutive chunks of a stream and the one view that spans them all."""
+
+    span: memoryview
+    chunks: list[memoryview]
+
+
 class Chunker:
     """Cuts streams into content-defined chunks; safe to share between threads."""
 
     def __init__(self, params: ChunkingParams, buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
         self.params = params
         self.buffer_size = max(buffer_size, 2 * params.max_size)
+        self._local = threading.local()
         self._cdc = pyfastcdc.FastCDC(
             params.avg_size, min_size=params.min_size, max_size=params.max_size
         )
@@ -95,22 +105,50 @@ class Chunker:
             return [data]
         return [data[c.offset : c.offset + c.length] for c in self._cdc.cut_buf(data)]
 
-    def batches(self, readinto: ReadInto) -> Iterator[list[memoryview]]:
-        """Chunks of a stream, one list per buffer read.
+    def batches(self, readinto: ReadInto, size_hint: int | None = None) -> Iterator[Batch]:
+        """Chunks of a stream, one batch per buffer read.
 
-        Every yielded view points into a buffer of its own batch that is never
-        reused, so batches may be processed while the next is read.  An empty
-        stream yields one batch holding one empty chunk.
+        Two buffers take turns, so the views of a batch stay valid while the
+        next batch is read and cut -- but the caller must be done with batch
+        *k* before it asks for batch *k + 2*.  ``size_hint`` (the expected
+        length, e.g. a file's size) sizes the first buffer, so a small file
+        does not cost a full buffer.  An empty stream yields one batch holding
+        one empty chunk.
         """
+        full = self.params.max_size + self.buffer_size
+        if size_hint is not None and size_hint + 1 < full:
+            # One read of size_hint + 1 bytes meets the end of the stream.
+            buffers = [bytearray(size_hint + 1)]
+        else:
+            buffers = self._spare_buffers(full)
+        try:
+            yield from self._fill_and_cut(readinto, buffers, full)
+        finally:
+            if all(len(b) == full for b in buffers):
+                self._local.spare = buffers  # reuse in this thread's next ingest
+
+    def _spare_buffers(self, size: int) -> list[bytearray]:
+        spare: list[bytearray] | None = getattr(self._local, "spare", None)
+        self._local.spare = None
+        if spare is not None and len(spare[0]) == size:
+            return spare
+        return [bytearray(size)]
+
+    def _fill_and_cut(
+        self, readinto: ReadInto, buffers: list[bytearray], full: int
+    ) -> Iterator[Batch]:
         carry = memoryview(b"")
-        first = True
-        while True:
-            buf = bytearray(len(carry) + self.buffer_size)
-            view = memoryview(buf)
+        for iteration in itertools.count():
+            slot = iteration % 2
+            if slot >= len(buffers):
+                buffers.append(bytearray(full))
+            elif iteration > 0 and len(buffers[slot]) < full:
+                buffers[slot] = bytearray(full)  # the size hint was too small
+            view = memoryview(buffers[slot])
             view[: len(carry)] = carry
             filled = len(carry)
             eof = False
-            while filled < len(buf):
+            while filled < len(view):
                 n = readinto(view[filled:])
                 if not n:
                     eof = True
@@ -118,11 +156,20 @@ class Chunker:
                 filled += n
             data = view[:filled]
             if eof:
-                if filled or first:
-                    yield self.cut(data)
+                if filled or iteration == 0:
+                    yield Batch(data, self.cut(data))
                 return
             chunks = self.cut(data)
             carry = chunks.pop()
-            first = False
             if chunks:
-                yield chunks
+                yield Batch(data[: len(data) - len(carry)], chunks)
+
+    def view_batches(self, data: memoryview, batch: int = 64) -> Iterator[Batch]:
+        """Chunks of bytes already in memory, cut in place (no copy), in batches."""
+        chunks = self.cut(data)
+        offset = 0
+        for start in range(0, len(chunks), batch):
+            group = chunks[start : start + batch]
+            length = sum(len(c) for c in group)
+            yield Batch(data[offset : offset + length], group)
+            offset += length

@@ -9,18 +9,23 @@
    same digest and lengths, decompresses to the raw length, and hashes to the
    digest (so a record that is intact but misplaced is caught too);
 3. every object's recipe adds up to its size and names only indexed, intact
-   chunks;
+   chunks, each with its true length;
 4. every chunk's reference count equals the number of recipe references, every
    segment's live bytes and records match the index, and the store counters
    match a recount.
 
 Without ``repair`` the store is only read (it may be open for writing by
-another process meanwhile: only published bytes are looked at).  With
-``repair`` (needs the writer lock) one transaction drops every index entry
+another process meanwhile: only published bytes are looked at).  The check
+reads one snapshot of the index (one read transaction), so that publications
+made meanwhile are not mistaken for damage.  Steps 3 and 4 compare the index
+with its own invariants as it stands (a lost object's references still count).
+
+With ``repair`` (needs the writer lock) one transaction drops every index entry
 whose chunk is damaged or missing, drops every object that needed one of them
 (these are listed: their data is lost), and rewrites reference counts, segment
-statistics and counters from the recount.  Damaged records stay in their
-segment files as unreferenced bytes until ``gc`` compacts them away.
+statistics and counters from the recount without them.  Then every segment
+holding a damaged record is rewritten without it (as ``gc`` compacts), so a
+second check is clean.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 import lmdb
 import zstandard
 
+from cachefs import gc
 from cachefs.digest import Digest
 from cachefs.errors import CorruptDataError
 from cachefs.index import COUNTER_NAMES, SEGMENT_KEY, ChunkEntry, SegmentEntry, lmdb_error
@@ -115,22 +121,41 @@ def check(store: Store, *, repair: bool = False, progress: Progress | None = Non
 
 @dataclass
 class _Recount:
+    """What the index should hold once the damage is dropped (what repair writes)."""
+
     bad_chunks: set[bytes] = field(default_factory=set)
     refs: Counter[bytes] = field(default_factory=Counter)
     segments: dict[int, SegmentEntry] = field(default_factory=dict)
     lost: list[Digest] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     missing_segments: set[int] = field(default_factory=set)
+    #: Segments holding damaged records: repair rewrites them without those records.
+    damaged_segments: set[int] = field(default_factory=set)
 
 
 def _check(store: Store, progress: Progress | None) -> tuple[FsckReport, _Recount]:
     report = FsckReport()
     recount = _Recount()
     index = store.index
-    params = store.config.segments
+    # One read transaction for the whole check: a writer may publish meanwhile,
+    # and everything must be compared against one snapshot of the index.
     with index.read() as txn:
-        published = dict(index.iter_segments(txn))
-        chunk_count = index.counter(txn, "chunks")
+        _check_snapshot(store, txn, report, recount, progress)
+    report.lost_objects = list(recount.lost)
+    return report, recount
+
+
+def _check_snapshot(
+    store: Store,
+    txn: lmdb.Transaction,
+    report: FsckReport,
+    recount: _Recount,
+    progress: Progress | None,
+) -> None:
+    index = store.index
+    params = store.config.segments
+    published = dict(index.iter_segments(txn))
+    chunk_count = index.counter(txn, "chunks")
     total = sum(e.length for e in published.values()) + chunk_count
     done = 0
 
@@ -139,6 +164,8 @@ def _check(store: Store, progress: Progress | None) -> tuple[FsckReport, _Recoun
     for segment_id, path in sorted(on_disk.items()):
         if segment_id not in published:
             report.notes.append(f"unpublished segment {path} (removed by the next writer)")
+    # Live bytes and records as the index has them (the invariant checked) ...
+    indexed: dict[int, SegmentEntry] = {}
     for segment_id, seg_entry in sorted(published.items()):
         path = segment_path(store.segments_root, seg_entry.shard, segment_id, params)
         if segment_id not in on_disk:
@@ -149,6 +176,7 @@ def _check(store: Store, progress: Progress | None) -> tuple[FsckReport, _Recoun
         for item in scan_segment(path, limit=seg_entry.length):
             if isinstance(item, CorruptDataError):
                 report.add("damaged-record", item.message)
+                recount.damaged_segments.add(segment_id)
                 continue
             report.records_checked += 1
             if item.tag != TAG_CHUNK and item.tag < TAG_ANCILLARY_MIN:
@@ -156,88 +184,106 @@ def _check(store: Store, progress: Progress | None) -> tuple[FsckReport, _Recoun
         done += seg_entry.length
         if progress is not None:
             progress(done, total)
+        indexed[segment_id] = SegmentEntry(seg_entry.shard, seg_entry.length, 0, 0)
+        # ... and as they will be once damaged chunks are dropped.
         recount.segments[segment_id] = SegmentEntry(seg_entry.shard, seg_entry.length, 0, 0)
 
-    # 2. Every chunk index chunk against its record.
+    # 2. Every chunk index entry against its record.
     decompressor = zstandard.ZstdDecompressor()
-    counters = dict.fromkeys(COUNTER_NAMES, 0)
-    with index.read() as txn:
-        for chunk_digest, chunk in index.iter_chunks(txn):
-            report.chunks_checked += 1
-            done += 1
-            if progress is not None and report.chunks_checked % 1024 == 0:
-                progress(done, total)
-            where = f"chunk {chunk_digest.hex()} (segment {chunk.segment_id} offset {chunk.offset})"
-            seg = published.get(chunk.segment_id)
-            if seg is None or chunk.segment_id in recount.missing_segments:
-                report.add("missing-chunk", f"{where}: its segment is gone")
-                recount.bad_chunks.add(chunk_digest)
-                continue
-            problem = _verify_chunk(store, seg, chunk_digest, chunk, decompressor)
-            if problem is None and shard_of(chunk_digest, params) != seg.shard:
-                problem = "stored in the wrong shard"
-            if problem is not None:
-                report.add("damaged-chunk", f"{where}: {problem}")
-                recount.bad_chunks.add(chunk_digest)
-                continue
-            record_size = RECORD_HEADER.size + chunk.stored_len
-            live = recount.segments[chunk.segment_id]
-            live.live_bytes += record_size
-            live.live_records += 1
-            counters["chunks"] += 1
-            counters["chunk_bytes"] += chunk.raw_len
-            counters["stored_bytes"] += record_size
+    counters = dict.fromkeys(COUNTER_NAMES, 0)  # recount of the index as it is
+    kept = dict.fromkeys(COUNTER_NAMES, 0)  # recount after repair
+    for chunk_digest, chunk in index.iter_chunks(txn):
+        report.chunks_checked += 1
+        done += 1
+        if progress is not None and report.chunks_checked % 1024 == 0:
+            progress(done, total)
+        record_size = RECORD_HEADER.size + chunk.stored_len
+        counters["chunks"] += 1
+        counters["chunk_bytes"] += chunk.raw_len
+        counters["stored_bytes"] += record_size
+        where = f"chunk {chunk_digest.hex()} (segment {chunk.segment_id} offset {chunk.offset})"
+        seg = published.get(chunk.segment_id)
+        if seg is None or chunk.segment_id in recount.missing_segments:
+            report.add("missing-chunk", f"{where}: its segment is gone")
+            recount.bad_chunks.add(chunk_digest)
+            continue
+        live = indexed[chunk.segment_id]
+        live.live_bytes += record_size
+        live.live_records += 1
+        problem = _verify_chunk(store, seg, chunk_digest, chunk, decompressor)
+        if problem is None and shard_of(chunk_digest, params) != seg.shard:
+            problem = "stored in the wrong shard"
+        if problem is not None:
+            report.add("damaged-chunk", f"{where}: {problem}")
+            recount.bad_chunks.add(chunk_digest)
+            continue
+        live = recount.segments[chunk.segment_id]
+        live.live_bytes += record_size
+        live.live_records += 1
+        kept["chunks"] += 1
+        kept["chunk_bytes"] += chunk.raw_len
+        kept["stored_bytes"] += record_size
 
-        # 3. Objects and their recipes.
-        for key, obj in index.iter_objects(txn):
-            report.objects_checked += 1
-            obj_digest = Digest(key, obj.size)
-            lost = False
-            if sum(n for _, n in obj.chunks) != obj.size:
-                report.add("bad-recipe", f"object {obj_digest}: chunk lengths do not add up")
+    # 3. Objects and their recipes.
+    refs: Counter[bytes] = Counter()  # references in the index as it is
+    for key, obj in index.iter_objects(txn):
+        report.objects_checked += 1
+        obj_digest = Digest(key, obj.size)
+        uses = Counter(d for d, _ in obj.chunks)
+        refs.update(uses)
+        counters["objects"] += 1
+        counters["files"] += obj.refcount
+        counters["logical_bytes"] += obj.size * obj.refcount
+        lost = False
+        if sum(n for _, n in obj.chunks) != obj.size:
+            report.add("bad-recipe", f"object {obj_digest}: chunk lengths do not add up")
+            lost = True
+        for part, n in obj.chunks:
+            part_entry = index.get_chunk(txn, part)
+            if part in recount.bad_chunks or part_entry is None:
                 lost = True
-            for part, _n in obj.chunks:
-                if part in recount.bad_chunks or index.get_chunk(txn, part) is None:
-                    lost = True
-            if lost:
-                report.add("lost-object", f"object {obj_digest} needs damaged or missing chunks")
-                recount.lost.append(obj_digest)
-                continue
-            for part, count in Counter(d for d, _ in obj.chunks).items():
-                recount.refs[part] += count
-            counters["objects"] += 1
-            counters["files"] += obj.refcount
-            counters["logical_bytes"] += obj.size * obj.refcount
+            elif part_entry.raw_len != n:
+                report.add(
+                    "bad-recipe",
+                    f"object {obj_digest}: chunk {part.hex()} has {part_entry.raw_len} bytes, "
+                    f"the recipe says {n}",
+                )
+                lost = True
+                break
+        if lost:
+            report.add("lost-object", f"object {obj_digest} needs damaged or missing chunks")
+            recount.lost.append(obj_digest)
+            continue
+        recount.refs.update(uses)
+        kept["objects"] += 1
+        kept["files"] += obj.refcount
+        kept["logical_bytes"] += obj.size * obj.refcount
 
-        # 4. Reference counts, segment statistics, counters.
-        for chunk_digest, chunk in index.iter_chunks(txn):
-            if chunk_digest in recount.bad_chunks:
-                continue
-            if chunk.refcount != recount.refs.get(chunk_digest, 0):
-                report.add(
-                    "refcount",
-                    f"chunk {chunk_digest.hex()}: reference count {chunk.refcount}, "
-                    f"but {recount.refs.get(chunk_digest, 0)} references",
-                )
-        for segment_id, live in recount.segments.items():
-            entry = published[segment_id]
-            if (entry.live_bytes, entry.live_records) != (live.live_bytes, live.live_records):
-                report.add(
-                    "segment-stats",
-                    f"segment {segment_id}: live {entry.live_bytes} bytes / "
-                    f"{entry.live_records} records, recount {live.live_bytes} / "
-                    f"{live.live_records}",
-                )
-        stored = index.counters_dict(txn)
-        counters["next_segment_id"] = stored["next_segment_id"]
-        for name in COUNTER_NAMES:
-            if stored[name] != counters[name] and not (recount.lost or recount.bad_chunks):
-                report.add("counter", f"counter {name} is {stored[name]}, recount {counters[name]}")
-        recount.counters = counters
-    report.lost_objects = list(recount.lost)
+    # 4. Reference counts, segment statistics, counters (against the index as it is).
+    for chunk_digest, chunk in index.iter_chunks(txn):
+        if chunk.refcount != refs.get(chunk_digest, 0):
+            report.add(
+                "refcount",
+                f"chunk {chunk_digest.hex()}: reference count {chunk.refcount}, "
+                f"but {refs.get(chunk_digest, 0)} references",
+            )
+    for segment_id, live in indexed.items():
+        seg_entry = published[segment_id]
+        if (seg_entry.live_bytes, seg_entry.live_records) != (live.live_bytes, live.live_records):
+            report.add(
+                "segment-stats",
+                f"segment {segment_id}: live {seg_entry.live_bytes} bytes / "
+                f"{seg_entry.live_records} records, recount {live.live_bytes} / "
+                f"{live.live_records}",
+            )
+    stored = index.counters_dict(txn)
+    for name in COUNTER_NAMES:
+        if name != "next_segment_id" and stored[name] != counters[name]:
+            report.add("counter", f"counter {name} is {stored[name]}, recount {counters[name]}")
+    kept["next_segment_id"] = stored["next_segment_id"]
+    recount.counters = kept
     if progress is not None:
         progress(total, total)
-    return report, recount
 
 
 def _verify_chunk(
@@ -294,5 +340,31 @@ def _repair(store: Store, report: FsckReport, recount: _Recount) -> None:
             index.put_segment(txn, segment_id, live)
         for name, value in recount.counters.items():
             index.set_counter(txn, name, value)
+    # Stop appending to segments that are gone or damaged (a shard may have
+    # been about to continue one of them).
+    store._seal_segments(recount.missing_segments | recount.damaged_segments)
+    if store.options.fsync:
+        index.sync()
+    # Copy the intact records of damaged segments elsewhere and delete them,
+    # so that no damaged bytes stay published and a second check is clean.  The
+    # records to keep are found through the index (all verified above), not by
+    # a scan, which a damaged segment header would stop.
+    moved = gc.GcReport()
+    damaged = recount.damaged_segments - recount.missing_segments
+    keep: dict[int, list[ChunkEntry]] = {segment_id: [] for segment_id in damaged}
+    with index.read() as txn:
+        for _, chunk in index.iter_chunks(txn):
+            if chunk.segment_id in keep:
+                keep[chunk.segment_id].append(chunk)
+        found = {segment_id: index.get_segment(txn, segment_id) for segment_id in damaged}
+    for segment_id in sorted(damaged):
+        seg = found[segment_id]
+        if seg is None:
+            continue
+        path = segment_path(store.segments_root, seg.shard, segment_id, store.config.segments)
+        records = [
+            store.maps.read(segment_id, path, c.offset, c.stored_len) for c in keep[segment_id]
+        ]
+        gc.move_records(store, segment_id, seg.shard, path, records, moved)
     report.repaired = True
     store.cache.clear()

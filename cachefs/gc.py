@@ -16,7 +16,8 @@ held off (``Store._maintenance`` exclusively):
 Crash safety at every step: before the transaction, the copies are unpublished
 bytes that the next writer cuts off; after it, the old file is an unpublished
 segment that the next writer deletes.  Neither state loses or duplicates a
-published chunk.
+published chunk.  The index is synced between the transaction and the
+deletion, so a machine crash cannot undo a transaction whose old file is gone.
 
 Segments that hold a record gc must not lose -- one with an unknown critical
 tag, or a live record that fails its checksum -- are left in place (the latter
@@ -153,6 +154,7 @@ def _compact(store: Store, threshold: float, report: GcReport, progress: Progres
         if entry.live_records == 0:
             with index.write() as txn:
                 txn.delete(_segment_key(segment_id), db=index.segments)
+            _sync_index(store)
             _unlink(store, segment_id, path, report)
             report.segments_deleted += 1
         else:
@@ -200,10 +202,22 @@ def _live_records(
 def _compact_one(
     store: Store, segment_id: int, entry: SegmentEntry, path: Path, report: GcReport
 ) -> None:
-    shard_number, length = entry.shard, entry.length
-    live = _live_records(store, segment_id, path, length, report)
-    if live is None:
-        return
+    live = _live_records(store, segment_id, path, entry.length, report)
+    if live is not None:
+        move_records(store, segment_id, entry.shard, path, live, report)
+
+
+def move_records(
+    store: Store,
+    segment_id: int,
+    shard_number: int,
+    path: Path,
+    live: list[Record],
+    report: GcReport,
+) -> None:
+    """Copy ``live`` (the records of a sealed segment that the index points to)
+    to the shard's active segment, repoint the index in one transaction, then
+    delete the old segment.  Also used by ``fsck --repair``."""
     index = store.index
     shard = store._shards[shard_number]
     moved: dict[bytes, Location] = {}
@@ -237,8 +251,17 @@ def _compact_one(
             index.put_segment(txn, seg_id, seg_entry)
         txn.delete(_segment_key(segment_id), db=index.segments)
     store._published(dirty)
+    _sync_index(store)
     _unlink(store, segment_id, path, report)
     report.segments_compacted += 1
+
+
+def _sync_index(store: Store) -> None:
+    """Make the last transaction durable before deleting a file it stopped using:
+    the index commits without syncing its meta page, so a machine crash could
+    otherwise undo the transaction after the file is gone."""
+    if store.options.fsync:
+        store.index.sync()
 
 
 def _unlink(store: Store, segment_id: int, path: Path, report: GcReport) -> None:

@@ -59,7 +59,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,12 +297,15 @@ class SegmentMaps:
         self._maps: OrderedDict[int, tuple[mmap.mmap, str]] = OrderedDict()
         self._max_maps = max_maps
 
-    def _map(self, segment_id: int, path: Path, need: int) -> tuple[mmap.mmap, str]:
+    def _map(
+        self, segment_id: int, locate: Path | Callable[[], Path], need: int
+    ) -> tuple[mmap.mmap, str]:
         with self._lock:
             entry = self._maps.get(segment_id)
             if entry is not None and len(entry[0]) >= need:
                 self._maps.move_to_end(segment_id)
                 return entry
+        path = locate() if callable(locate) else locate
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -323,10 +326,16 @@ class SegmentMaps:
                 self._maps.popitem(last=False)  # closed when its last view dies
         return entry
 
-    def read(self, segment_id: int, path: Path, offset: int, stored_len: int) -> Record:
-        """The verified record at ``offset`` of a segment."""
+    def read(
+        self, segment_id: int, locate: Path | Callable[[], Path], offset: int, stored_len: int
+    ) -> Record:
+        """The verified record at ``offset`` of a segment.
+
+        ``locate`` is the segment's path, or a function returning it (called
+        only when the segment is not mapped yet).
+        """
         need = offset + RECORD_HEADER.size + stored_len
-        mapping, name = self._map(segment_id, path, need)
+        mapping, name = self._map(segment_id, locate, need)
         return parse_record(mapping, offset, need, name)
 
     def forget(self, segment_id: int) -> None:

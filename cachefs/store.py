@@ -39,22 +39,26 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
+import itertools
 import logging
 import os
 import shutil
+import stat
 import struct
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import zstandard
 
-from cachefs.chunker import Chunker, ReadInto, Source, reader_for
+from cachefs.chunker import Batch, Chunker, Source, reader_for
 from cachefs.digest import Digest
 from cachefs.errors import (
     CachefsError,
@@ -102,6 +106,11 @@ _INLINE_LIMIT = 1 << 20
 #: Compression is tried on a sample first for chunks of at least this size.
 _PROBE_MIN = 16 * 1024
 _PROBE_SLICE = 2048
+_PROBE_LEVEL = 1
+#: Chunks stored by one worker task (fewer, longer tasks: less GIL traffic).
+_TASK_CHUNKS = 8
+#: Chunks verified and decompressed ahead of a reader.
+_READ_AHEAD = 8
 
 
 @dataclass(frozen=True)
@@ -395,9 +404,9 @@ class Store:
             return
         self._closed = True
         try:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
             if not self.readonly:
-                if self._pool is not None:
-                    self._pool.shutdown(wait=True)
                 try:
                     self._maybe_checkpoint(force=not self._open_staged)
                 except CachefsError as exc:
@@ -488,6 +497,13 @@ class Store:
             self._local.comp = comp
         return comp
 
+    def _probe_compressor(self) -> zstandard.ZstdCompressor:
+        comp: zstandard.ZstdCompressor | None = getattr(self._local, "probe", None)
+        if comp is None:
+            comp = zstandard.ZstdCompressor(level=_PROBE_LEVEL, write_checksum=False)
+            self._local.probe = comp
+        return comp
+
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         dec: zstandard.ZstdDecompressor | None = getattr(self._local, "dec", None)
         if dec is None:
@@ -505,7 +521,7 @@ class Store:
             # compressed, random) is stored raw without compressing it all.
             step = (n - _PROBE_SLICE) // 2
             sample = b"".join(view[i : i + _PROBE_SLICE] for i in (0, step, n - _PROBE_SLICE))
-            if len(comp.compress(sample)) > len(sample) * 0.98:
+            if len(self._probe_compressor().compress(sample)) > len(sample) * 0.98:
                 return COMPRESSION_NONE, view
         packed = comp.compress(view)
         if len(packed) <= n * keep:
@@ -589,62 +605,84 @@ class Store:
                     )
         return self._pool
 
-    def _ingest(self, readinto: ReadInto) -> PendingObject:
-        """Chunk, digest and store every chunk of a stream; nothing is published yet."""
-        chunks: list[tuple[bytes, int]] = []
-        locations: dict[bytes, Location] = {}
-        whole = self.digest_function.new()
-        size = 0
-        batches = self.chunker.batches(readinto)
+    def _batches(self, source: Source) -> Iterator[Batch]:
+        """The chunks of any source, in batches (see ``Chunker.batches``)."""
+        if isinstance(source, bytes | bytearray | memoryview):
+            return self.chunker.view_batches(memoryview(source).cast("B"))
+        size_hint = None
+        fileno = getattr(source, "fileno", None)
+        if fileno is not None:
+            with suppress(OSError, ValueError, AttributeError):
+                st = os.fstat(fileno())
+                if stat.S_ISREG(st.st_mode):
+                    size_hint = max(0, st.st_size - source.tell())  # type: ignore[union-attr]
+        return self.chunker.batches(reader_for(source), size_hint)
+
+    def _store_chunks(self, views: list[memoryview]) -> list[tuple[bytes, int, Location | None]]:
+        return [self._store_chunk(view) for view in views]
+
+    def _ingest(self, source: Source) -> PendingObject:
+        """Chunk, digest and store every chunk of a source; nothing is published yet.
+
+        The calling thread reads and cuts; a lane of its own computes the
+        whole-object digest (one hash call per buffer, in order); worker
+        threads store the chunks, several per task.  Few, long GIL-free calls
+        keep every core busy: many short ones would queue for the GIL.
+        """
+        batches = self._batches(source)
         first = next(batches)
         second = next(batches, None)
-        if second is None and len(first) == 1:
+        if second is None and len(first.chunks) == 1:
             # One chunk: its digest is the object's digest; no second hash.
-            digest, raw_len, location = self._store_chunk(first[0])
-            if location is not None:
-                locations[digest] = location
+            digest, raw_len, location = self._store_chunk(first.chunks[0])
+            locations = {} if location is None else {digest: location}
             return PendingObject(Digest(digest, raw_len), [(digest, raw_len)], locations)
-        small = second is None and sum(len(c) for c in first) <= _INLINE_LIMIT
+        inline = second is None and len(first.span) <= _INLINE_LIMIT
+        whole = self.digest_function.new()
+        size = 0
+        results: list[tuple[bytes, int, Location | None]] = []
+        in_flight: deque[Future[list[tuple[bytes, int, Location | None]]]] = deque()
+        hashed: deque[Future[object]] = deque()
+        # The whole-object hash is sequential: its own lane, a thread that takes
+        # the buffers in order, so that the reading thread only reads and cuts.
+        lane = None if inline else ThreadPoolExecutor(1, thread_name_prefix="cachefs-hash")
 
-        def all_batches() -> Iterator[list[memoryview]]:
-            yield first
-            if second is not None:
-                yield second
-                yield from batches
-
-        in_flight: list[Future[tuple[bytes, int, Location | None]]] = []
-
-        def drain(keep: int) -> None:
+        def drain(keep: int, keep_hashed: int) -> None:
             while len(in_flight) > keep:
-                digest, raw_len, location = in_flight.pop(0).result()
-                chunks.append((digest, raw_len))
-                if location is not None:
-                    locations[digest] = location
+                results.extend(in_flight.popleft().result())
+            while len(hashed) > keep_hashed:
+                hashed.popleft().result()
 
         try:
-            for batch in all_batches():
-                if small:
-                    for view in batch:
-                        digest, raw_len, location = self._store_chunk(view)
-                        chunks.append((digest, raw_len))
-                        if location is not None:
-                            locations[digest] = location
-                else:
-                    pool = self._pool_get()
-                    in_flight.extend(pool.submit(self._store_chunk, view) for view in batch)
-                for view in batch:
-                    whole.update(view)
-                    size += len(view)
-                # Keep at most about two buffers' worth of chunks in flight.
-                drain(len(batch))
-            drain(0)
+            for batch in itertools.chain([first], [] if second is None else [second], batches):
+                size += len(batch.span)
+                if lane is None:
+                    results.extend(self._store_chunks(batch.chunks))
+                    whole.update(batch.span)
+                    continue
+                pool = self._pool_get()
+                hashed.append(lane.submit(whole.update, batch.span))
+                tasks = 0
+                for i in range(0, len(batch.chunks), _TASK_CHUNKS):
+                    group = batch.chunks[i : i + _TASK_CHUNKS]
+                    in_flight.append(pool.submit(self._store_chunks, group))
+                    tasks += 1
+                # Finish the previous batch: its buffer is reused for the next but one.
+                drain(tasks, 1)
+            drain(0, 0)
         except BaseException:
-            for fut in in_flight:
+            outstanding: list[Future[Any]] = [*in_flight, *hashed]
+            for fut in outstanding:
                 fut.cancel()
-            for fut in in_flight:
+            for fut in outstanding:
                 with suppress(BaseException):
                     fut.result()
             raise
+        finally:
+            if lane is not None:
+                lane.shutdown(wait=True)
+        chunks = [(digest, raw_len) for digest, raw_len, _ in results]
+        locations = {digest: loc for digest, _, loc in results if loc is not None}
         return PendingObject(Digest(whole.digest(), size), chunks, locations)
 
     # --- publishing -----------------------------------------------------------
@@ -724,8 +762,11 @@ class Store:
             with self.index.write() as txn:
                 segments: dict[int, SegmentEntry] = {}
                 segment = self._publish_lengths(txn, dirty, segments)
+                deltas: Counter[str] = Counter()
                 for obj in objects:
-                    self._publish_one(txn, obj, segment)
+                    self._publish_one(txn, obj, segment, deltas)
+                for name, delta in deltas.items():
+                    self.index.add(txn, name, delta)
                 for segment_id, entry in segments.items():
                     self.index.put_segment(txn, segment_id, entry)
         except lmdb.Error as exc:
@@ -744,7 +785,9 @@ class Store:
         txn: lmdb.Transaction,
         obj: PendingObject,
         segment: Callable[[int, int], SegmentEntry],
+        deltas: Counter[str],
     ) -> None:
+        """Publish one object in ``txn``; counter changes are added to ``deltas``."""
         index = self.index
         key = obj.digest.hash
         existing = index.get_object(txn, key)
@@ -757,6 +800,7 @@ class Store:
                     f"object {obj.digest.hex} is indexed with size {existing.size}, "
                     f"not {obj.digest.size}"
                 )
+            lengths = dict(obj.chunks)
             for digest, count in Counter(d for d, _ in obj.chunks).items():
                 entry = index.get_chunk(txn, digest)
                 if entry is not None:
@@ -769,7 +813,7 @@ class Store:
                         f"chunk {digest.hex()} vanished before its object was published",
                         hint="this is a bug in cachefs; please report it",
                     )
-                raw_len = next(n for d, n in obj.chunks if d == digest)
+                raw_len = lengths[digest]
                 record_size = RECORD_HEADER.size + location.stored_len
                 index.put_chunk(
                     txn,
@@ -786,13 +830,13 @@ class Store:
                 seg = segment(location.segment_id, shard_of(digest, self.config.segments))
                 seg.live_bytes += record_size
                 seg.live_records += 1
-                index.add(txn, "chunks", 1)
-                index.add(txn, "chunk_bytes", raw_len)
-                index.add(txn, "stored_bytes", record_size)
+                deltas["chunks"] += 1
+                deltas["chunk_bytes"] += raw_len
+                deltas["stored_bytes"] += record_size
             index.put_object(txn, key, ObjectEntry(obj.digest.size, 1, obj.chunks))
-            index.add(txn, "objects", 1)
-        index.add(txn, "files", 1)
-        index.add(txn, "logical_bytes", obj.digest.size)
+            deltas["objects"] += 1
+        deltas["files"] += 1
+        deltas["logical_bytes"] += obj.digest.size
         if obj.wal_handle is not None:
             txn.put(
                 _HANDLE_KEY.pack(obj.wal_handle),
@@ -811,7 +855,7 @@ class Store:
         """
         self._check_writable()
         with self._maintenance.shared():
-            pending = self._ingest(reader_for(source))
+            pending = self._ingest(source)
             self._publish([pending], durable=durable)
         return pending.digest
 
@@ -829,7 +873,7 @@ class Store:
         def ingest(path: Path) -> PendingObject | CachefsError:
             try:
                 with open(path, "rb", buffering=0) as f:
-                    return self._ingest(reader_for(f))
+                    return self._ingest(f)
             except OSError as exc:
                 return from_oserror(exc, f"reading {path}")
 
@@ -938,11 +982,15 @@ class Store:
         with self.index.read() as txn:
             return self._object_entry(txn, digest).chunks
 
-    def read_chunk(self, digest: bytes) -> memoryview | bytes:
-        """A chunk's bytes, verified.  A raw chunk is a view on the segment mapping."""
+    def read_chunk(self, digest: bytes, entry: ChunkEntry | None = None) -> memoryview | bytes:
+        """A chunk's bytes, verified.  A raw chunk is a view on the segment mapping.
+
+        ``entry`` is the chunk's index entry when the caller has just looked it up.
+        """
         for attempt in (0, 1):
-            with self.index.read() as txn:
-                entry = self.index.get_chunk(txn, digest)
+            if entry is None or attempt:
+                with self.index.read() as txn:
+                    entry = self.index.get_chunk(txn, digest)
             if entry is None:
                 raise CorruptDataError(
                     f"chunk {digest.hex()} is referenced but missing from the index",
@@ -963,23 +1011,34 @@ class Store:
         shard = shard_of(digest, self.config.segments)
         return segment_path(self.segments_root, shard, entry.segment_id, self.config.segments)
 
+    def _where(self, digest: bytes, entry: ChunkEntry) -> str:
+        return str(self._segment_file(digest, entry))
+
     def _read_entry(self, digest: bytes, entry: ChunkEntry) -> memoryview | bytes:
-        path = self._segment_file(digest, entry)
-        record = self.maps.read(entry.segment_id, path, entry.offset, entry.stored_len)
+        record = self.maps.read(
+            entry.segment_id,
+            functools.partial(self._segment_file, digest, entry),
+            entry.offset,
+            entry.stored_len,
+        )
         if record.digest != digest or record.raw_len != entry.raw_len or record.tag != TAG_CHUNK:
             raise CorruptDataError(
-                f"record does not hold chunk {digest.hex()}", path=str(path), offset=entry.offset
+                f"record does not hold chunk {digest.hex()}",
+                path=self._where(digest, entry),
+                offset=entry.offset,
             )
         if record.compression == COMPRESSION_NONE:
             if len(record.payload) != entry.raw_len:
                 raise CorruptDataError(
-                    "raw record has the wrong length", path=str(path), offset=entry.offset
+                    "raw record has the wrong length",
+                    path=self._where(digest, entry),
+                    offset=entry.offset,
                 )
             return record.payload
         if record.compression != COMPRESSION_ZSTD:
             raise CorruptDataError(
                 f"record uses unknown compression {record.compression}",
-                path=str(path),
+                path=self._where(digest, entry),
                 offset=entry.offset,
             )
         cached = self.cache.get(digest)
@@ -990,13 +1049,13 @@ class Store:
         except zstandard.ZstdError as exc:
             raise CorruptDataError(
                 f"cannot decompress chunk {digest.hex()}: {exc}",
-                path=str(path),
+                path=self._where(digest, entry),
                 offset=entry.offset,
             ) from None
         if len(data) != entry.raw_len:
             raise CorruptDataError(
                 f"chunk {digest.hex()} decompressed to {len(data)} bytes, not {entry.raw_len}",
-                path=str(path),
+                path=self._where(digest, entry),
                 offset=entry.offset,
             )
         self.cache.put(digest, data)
@@ -1008,22 +1067,45 @@ class Store:
         """The bytes of an object (or of a range of it) as a sequence of pieces.
 
         Pieces are views on segment mappings where chunks are stored raw: no copy
-        is made in Python.  Memory use is bounded by one chunk, whatever the size.
+        is made in Python.  Chunks ahead of the reader are verified and
+        decompressed in worker threads (a window of a few chunks), so a large
+        read uses every core; memory stays bounded whatever the object's size.
         """
         if offset < 0 or (length is not None and length < 0):
             raise ConfigError("offset and length must not be negative")
-        chunks = self.recipe(digest)
         end = digest.size if length is None else min(digest.size, offset + length)
+        wanted = []  # (chunk digest, start, stop) of the chunks that overlap the range
         position = 0
-        for chunk, size in chunks:
-            if position >= end:
-                break
-            if position + size > offset:
-                data = self.read_chunk(chunk)
-                start = max(0, offset - position)
-                stop = min(size, end - position)
+        with self.index.read() as txn:
+            for chunk, size in self._object_entry(txn, digest).chunks:
+                if position >= end:
+                    break
+                if position + size > offset:
+                    start, stop = max(0, offset - position), min(size, end - position)
+                    wanted.append((chunk, start, stop, size))
+                position += size
+            # A small object is read right here; look its chunks up in this transaction.
+            entries = [self.index.get_chunk(txn, c) for c, *_ in wanted] if len(wanted) <= 2 else []
+        if len(wanted) <= 2:
+            for (chunk, start, stop, size), entry in zip(wanted, entries, strict=True):
+                data = self.read_chunk(chunk, entry)
                 yield data if (start, stop) == (0, size) else memoryview(data)[start:stop]
-            position += size
+            return
+        pool = self._pool_get()
+        window: deque[Future[memoryview | bytes]] = deque()
+        ahead = iter(wanted)
+        for chunk, *_ in itertools.islice(ahead, _READ_AHEAD):
+            window.append(pool.submit(self.read_chunk, chunk))
+        try:
+            for _chunk, start, stop, size in wanted:
+                data = window.popleft().result()
+                following = next(ahead, None)
+                if following is not None:
+                    window.append(pool.submit(self.read_chunk, following[0]))
+                yield data if (start, stop) == (0, size) else memoryview(data)[start:stop]
+        finally:
+            for fut in window:
+                fut.cancel()
 
     def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> bytes:
         """An object's bytes (or a range of them) as one ``bytes``."""
@@ -1078,7 +1160,7 @@ class Store:
                     f.write(data)
                 f.flush()
                 f.seek(0)
-                pending = self._ingest(reader_for(f))
+                pending = self._ingest(f)
             spool.unlink()
             pending.wal_handle = handle
             self._publish([pending], durable=True)
@@ -1195,7 +1277,7 @@ class StagedObject:
         try:
             with store._maintenance.shared():
                 with open(self._fd, "rb", buffering=0, closefd=False) as f:
-                    pending = store._ingest(reader_for(f))
+                    pending = store._ingest(f)
                 pending.wal_handle = self.handle
                 store._publish([pending], durable=durable)
         finally:
