@@ -367,4 +367,5 @@ def _repair(store: Store, report: FsckReport, recount: _Recount) -> None:
         ]
         gc.move_records(store, segment_id, seg.shard, path, records, moved)
     report.repaired = True
+    store._damaged.clear()  # every chunk the index still names is intact now
     store.cache.clear()

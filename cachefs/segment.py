@@ -67,6 +67,7 @@ import xxhash
 
 from cachefs.digest import DIGEST_SIZE
 from cachefs.errors import CorruptDataError, FormatVersionError, from_oserror
+from cachefs.fsutil import fsync_dir
 from cachefs.header import SegmentParams
 
 SEGMENT_MAGIC = b"CFSSEG\r\n"
@@ -232,17 +233,26 @@ def list_segment_files(root: Path) -> Iterator[tuple[int, Path]]:
 class SegmentWriter:
     """Appends records to one segment file.  Callers serialise appends (shard lock)."""
 
-    def __init__(self, path: Path, shard: int, segment_id: int, *, create: bool) -> None:
+    def __init__(
+        self, path: Path, shard: int, segment_id: int, *, create: bool, sync_dirs: bool = True
+    ) -> None:
         self.path = path
         self.shard = shard
         self.segment_id = segment_id
         try:
             if create:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                # Create missing directories top-down; with sync_dirs, make every new
+                # directory entry durable so a published segment cannot vanish.
+                missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+                for directory in reversed(missing):
+                    directory.mkdir(exist_ok=True)
                 self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
                 head = encode_segment_header(shard, segment_id)
                 os.pwrite(self.fd, head, 0)
                 self.length = len(head)
+                if sync_dirs:
+                    for directory in {path.parent, *(d.parent for d in missing)}:
+                        fsync_dir(directory)
             else:
                 self.fd = os.open(path, os.O_RDWR)
                 self.length = os.fstat(self.fd).st_size

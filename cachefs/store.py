@@ -73,6 +73,7 @@ from cachefs.errors import (
 from cachefs.header import HEADER_NAME, StoreConfig, read_header, write_header
 from cachefs.index import INDEX_NAME, ChunkEntry, Index, ObjectEntry, SegmentEntry, lmdb_error
 from cachefs.segment import (
+    COMPRESSION_MASK,
     COMPRESSION_NONE,
     COMPRESSION_ZSTD,
     RECORD_HEADER,
@@ -109,8 +110,9 @@ _PROBE_SLICE = 2048
 _PROBE_LEVEL = 1
 #: Chunks stored by one worker task (fewer, longer tasks: less GIL traffic).
 _TASK_CHUNKS = 8
-#: Chunks verified and decompressed ahead of a reader.
-_READ_AHEAD = 8
+#: Chunks looked up together when reading; compressed ones among them are
+#: decompressed ahead of the reader, in the worker pool.
+_READ_WINDOW = 16
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,10 @@ class Store:
         self._open_staged: set[int] = set()
         self._staged_lock = threading.Lock()
         self.wal: WriteAheadLog | None = None
+        #: Segments found missing or cut short when opening: segment id -> bytes
+        #: left.  Chunks whose records lie beyond are not deduplicated against
+        #: (a put stores them again) until fsck --repair settles the index.
+        self._damaged: dict[int, int] = {}
         self._closed = False
         if not readonly:
             try:
@@ -474,10 +480,14 @@ class Store:
                     entry.length,
                 )
                 self.needs_fsck = True
+                self._damaged[segment_id] = size
         for segment_id in published.keys() - present:
             log.error("segment %d is missing: its chunks are lost (run `cachefs fsck`)", segment_id)
             self.needs_fsck = True
+            self._damaged[segment_id] = 0
         for segment_id, entry in published.items():
+            if segment_id in self._damaged:
+                continue  # never append inside a damaged segment's published range
             if segment_id in present and entry.length < self.config.segments.max_size:
                 shard = self._shards[entry.shard]
                 if shard.reopen is None or segment_id > shard.reopen:
@@ -511,12 +521,16 @@ class Store:
             self._local.dec = dec
         return dec
 
-    def _encode(self, view: memoryview) -> tuple[int, bytes | memoryview]:
-        """Choose raw or zstd for a chunk: (compression, payload)."""
+    def _encode(self, view: memoryview, probe: bool) -> tuple[int, bytes | memoryview]:
+        """Choose raw or zstd for a chunk: (compression, payload).
+
+        With ``probe`` (the previous chunk of the object did not compress), a
+        sample is tried first.
+        """
         n = len(view)
         keep = 1.0 - self.config.compression.min_saving
         comp = self._compressor()
-        if n >= _PROBE_MIN:
+        if probe and n >= _PROBE_MIN:
             # A cheap look at three slices: incompressible data (already
             # compressed, random) is stored raw without compressing it all.
             step = (n - _PROBE_SLICE) // 2
@@ -555,7 +569,9 @@ class Store:
         if writer is None:
             segment_id = self._allocate_segment_id()
             path = segment_path(self.segments_root, shard.number, segment_id, self.config.segments)
-            writer = SegmentWriter(path, shard.number, segment_id, create=True)
+            writer = SegmentWriter(
+                path, shard.number, segment_id, create=True, sync_dirs=self.options.fsync
+            )
             shard.writer = writer
         return writer
 
@@ -572,17 +588,29 @@ class Store:
                         self._dirty.pop(writer.segment_id, None)
                     writer.close()
 
-    def _store_chunk(self, view: memoryview) -> tuple[bytes, int, Location | None]:
-        """Digest a chunk and make sure it is stored: (digest, raw length, new location)."""
+    def _usable(self, entry: ChunkEntry) -> bool:
+        """Whether a chunk's record lies in bytes that still exist (see ``_damaged``)."""
+        left = self._damaged.get(entry.segment_id)
+        return left is None or entry.offset + RECORD_HEADER.size + entry.stored_len <= left
+
+    def _store_chunk(
+        self, view: memoryview, probe: bool = True
+    ) -> tuple[bytes, int, Location | None, int | None]:
+        """Digest a chunk and make sure it is stored.
+
+        Returns (digest, raw length, location if appended by this process,
+        compression used if it was encoded now).
+        """
         digest = self.digest_function.hash(view)
         shard = self._shards[shard_of(digest, self.config.segments)]
         location = shard.pending.get(digest)
         if location is not None:
-            return digest, len(view), location
+            return digest, len(view), location, None
         with self.index.read() as txn:
-            if txn.get(digest, db=self.index.chunks) is not None:
-                return digest, len(view), None
-        compression, payload = self._encode(view)
+            raw = txn.get(digest, db=self.index.chunks)
+        if raw is not None and (not self._damaged or self._usable(ChunkEntry.unpack(raw))):
+            return digest, len(view), None, None
+        compression, payload = self._encode(view, probe)
         flags = record_flags(compression, self.digest_function.ident)
         head = encode_record_header(TAG_CHUNK, flags, len(view), digest, payload)
         with shard.lock:
@@ -594,7 +622,7 @@ class Store:
                 shard.pending[digest] = location
                 with self._dirty_lock:
                     self._dirty[writer.segment_id] = writer
-        return digest, len(view), location
+        return digest, len(view), location, compression
 
     def _pool_get(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -619,7 +647,16 @@ class Store:
         return self.chunker.batches(reader_for(source), size_hint)
 
     def _store_chunks(self, views: list[memoryview]) -> list[tuple[bytes, int, Location | None]]:
-        return [self._store_chunk(view) for view in views]
+        """Store consecutive chunks of one object.  Only after a chunk that did not
+        compress is the next one probed first (saves the probe on compressible data)."""
+        stored = []
+        probe = True
+        for view in views:
+            digest, raw_len, location, compression = self._store_chunk(view, probe)
+            if compression is not None:
+                probe = compression == COMPRESSION_NONE
+            stored.append((digest, raw_len, location))
+        return stored
 
     def _ingest(self, source: Source) -> PendingObject:
         """Chunk, digest and store every chunk of a source; nothing is published yet.
@@ -634,7 +671,7 @@ class Store:
         second = next(batches, None)
         if second is None and len(first.chunks) == 1:
             # One chunk: its digest is the object's digest; no second hash.
-            digest, raw_len, location = self._store_chunk(first.chunks[0])
+            digest, raw_len, location, _ = self._store_chunk(first.chunks[0])
             locations = {} if location is None else {digest: location}
             return PendingObject(Digest(digest, raw_len), [(digest, raw_len)], locations)
         inline = second is None and len(first.span) <= _INLINE_LIMIT
@@ -794,6 +831,12 @@ class Store:
         if existing is not None and existing.size == obj.digest.size:
             existing.refcount += 1
             index.put_object(txn, key, existing)
+            if self._damaged:  # chunks of it that were lost have just been stored again
+                for digest, fresh in obj.locations.items():
+                    entry = index.get_chunk(txn, digest)
+                    if entry is not None and not self._usable(entry):
+                        self._relocate(entry, fresh, digest, segment, deltas)
+                        index.put_chunk(txn, digest, entry)
         else:
             if existing is not None:
                 raise CorruptDataError(
@@ -803,11 +846,13 @@ class Store:
             lengths = dict(obj.chunks)
             for digest, count in Counter(d for d, _ in obj.chunks).items():
                 entry = index.get_chunk(txn, digest)
+                location = obj.locations.get(digest)
                 if entry is not None:
+                    if location is not None and self._damaged and not self._usable(entry):
+                        self._relocate(entry, location, digest, segment, deltas)
                     entry.refcount += count
                     index.put_chunk(txn, digest, entry)
                     continue
-                location = obj.locations.get(digest)
                 if location is None:
                     raise CachefsError(
                         f"chunk {digest.hex()} vanished before its object was published",
@@ -843,6 +888,27 @@ class Store:
                 _APPLIED.pack(obj.digest.hash, obj.digest.size),
                 db=index.wal_applied,
             )
+
+    def _relocate(
+        self,
+        entry: ChunkEntry,
+        location: Location,
+        digest: bytes,
+        segment: Callable[[int, int], SegmentEntry],
+        deltas: Counter[str],
+    ) -> None:
+        """Point an index entry whose record was lost at a fresh copy."""
+        shard = shard_of(digest, self.config.segments)
+        old = segment(entry.segment_id, shard)
+        old.live_bytes = max(0, old.live_bytes - RECORD_HEADER.size - entry.stored_len)
+        old.live_records = max(0, old.live_records - 1)
+        new = segment(location.segment_id, shard)
+        new.live_bytes += RECORD_HEADER.size + location.stored_len
+        new.live_records += 1
+        deltas["stored_bytes"] += location.stored_len - entry.stored_len
+        entry.segment_id, entry.offset = location.segment_id, location.offset
+        entry.stored_len, entry.flags = location.stored_len, location.flags
+        log.warning("chunk %s was lost and is stored again", digest.hex())
 
     # --- public write API -------------------------------------------------------
 
@@ -970,6 +1036,12 @@ class Store:
         entry = self.index.get_object(txn, digest.hash)
         if entry is None or entry.size != digest.size:
             raise ObjectNotFoundError(f"object {digest} is not in the store {self.path}")
+        if sum(n for _, n in entry.chunks) != entry.size:
+            self.needs_fsck = True
+            raise CorruptDataError(
+                f"the recipe of object {digest} does not add up to its size",
+                path=str(self.path / INDEX_NAME),
+            )
         return entry
 
     def contains(self, digest: Digest) -> bool:
@@ -1074,7 +1146,7 @@ class Store:
         if offset < 0 or (length is not None and length < 0):
             raise ConfigError("offset and length must not be negative")
         end = digest.size if length is None else min(digest.size, offset + length)
-        wanted = []  # (chunk digest, start, stop) of the chunks that overlap the range
+        wanted = []  # (chunk digest, start, stop, size) of the chunks that overlap the range
         position = 0
         with self.index.read() as txn:
             for chunk, size in self._object_entry(txn, digest).chunks:
@@ -1084,28 +1156,35 @@ class Store:
                     start, stop = max(0, offset - position), min(size, end - position)
                     wanted.append((chunk, start, stop, size))
                 position += size
-            # A small object is read right here; look its chunks up in this transaction.
-            entries = [self.index.get_chunk(txn, c) for c, *_ in wanted] if len(wanted) <= 2 else []
-        if len(wanted) <= 2:
-            for (chunk, start, stop, size), entry in zip(wanted, entries, strict=True):
-                data = self.read_chunk(chunk, entry)
-                yield data if (start, stop) == (0, size) else memoryview(data)[start:stop]
-            return
-        pool = self._pool_get()
-        window: deque[Future[memoryview | bytes]] = deque()
-        ahead = iter(wanted)
-        for chunk, *_ in itertools.islice(ahead, _READ_AHEAD):
-            window.append(pool.submit(self.read_chunk, chunk))
-        try:
-            for _chunk, start, stop, size in wanted:
-                data = window.popleft().result()
-                following = next(ahead, None)
-                if following is not None:
-                    window.append(pool.submit(self.read_chunk, following[0]))
-                yield data if (start, stop) == (0, size) else memoryview(data)[start:stop]
-        finally:
-            for fut in window:
-                fut.cancel()
+        for window_start in range(0, len(wanted), _READ_WINDOW):
+            window = wanted[window_start : window_start + _READ_WINDOW]
+            with self.index.read() as txn:
+                entries = [self.index.get_chunk(txn, chunk) for chunk, *_ in window]
+            # Compressed chunks are verified and decompressed ahead, in the pool;
+            # raw ones cost only their checksum and are read here.
+            ahead: dict[int, Future[memoryview | bytes]] = {}
+            if len(window) > 2:
+                pool = self._pool_get()
+                for i, ((chunk, *_), entry) in enumerate(zip(window, entries, strict=True)):
+                    if entry is not None and entry.flags & COMPRESSION_MASK != COMPRESSION_NONE:
+                        ahead[i] = pool.submit(self.read_chunk, chunk, entry)
+            try:
+                for i, ((chunk, start, stop, size), entry) in enumerate(
+                    zip(window, entries, strict=True)
+                ):
+                    fut = ahead.pop(i, None)
+                    data = self.read_chunk(chunk, entry) if fut is None else fut.result()
+                    if len(data) != size:
+                        self.needs_fsck = True
+                        raise CorruptDataError(
+                            f"object {digest}: chunk {chunk.hex()} holds {len(data)} bytes, "
+                            f"its recipe says {size}",
+                            path=str(self.path / INDEX_NAME),
+                        )
+                    yield data if (start, stop) == (0, size) else memoryview(data)[start:stop]
+            finally:
+                for fut in ahead.values():
+                    fut.cancel()
 
     def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> bytes:
         """An object's bytes (or a range of them) as one ``bytes``."""
