@@ -108,6 +108,8 @@ _INLINE_LIMIT = 1 << 20
 _PROBE_MIN = 16 * 1024
 _PROBE_SLICE = 2048
 _PROBE_LEVEL = 1
+#: Files ingested by one task of ``put_files``.
+_FILES_PER_TASK = 16
 #: Chunks stored by one worker task (fewer, longer tasks: less GIL traffic).
 _TASK_CHUNKS = 8
 #: Chunks looked up together when reading; compressed ones among them are
@@ -936,18 +938,23 @@ class Store:
         """
         self._check_writable()
 
-        def ingest(path: Path) -> PendingObject | CachefsError:
-            try:
-                with open(path, "rb", buffering=0) as f:
-                    return self._ingest(f)
-            except OSError as exc:
-                return from_oserror(exc, f"reading {path}")
+        def ingest(group: list[Path]) -> list[PendingObject | CachefsError]:
+            results: list[PendingObject | CachefsError] = []
+            for path in group:
+                try:
+                    with open(path, "rb", buffering=0) as f:
+                        results.append(self._ingest(f))
+                except OSError as exc:  # this file could not be read; the others go on
+                    results.append(from_oserror(exc, f"reading {path}"))
+            return results
 
         with (
             self._maintenance.shared(),
             ThreadPoolExecutor(self.options.workers, thread_name_prefix="cachefs-put") as files,
         ):
-            window: list[tuple[Path, Future[PendingObject | CachefsError]]] = []
+            # Files go to the threads in groups: a hand-over between threads costs
+            # more than ingesting a small file does.
+            window: deque[tuple[list[Path], Future[list[PendingObject | CachefsError]]]] = deque()
             ready: list[tuple[Path, PendingObject | CachefsError]] = []
             ready_bytes = 0
 
@@ -960,18 +967,22 @@ class Store:
                     yield path, result.digest if isinstance(result, PendingObject) else result
                 ready, ready_bytes = [], 0
 
-            for path in paths:
-                window.append((path, files.submit(ingest, path)))
-                while len(window) > 2 * self.options.workers:
-                    done_path, fut = window.pop(0)
-                    result = fut.result()
-                    ready.append((done_path, result))
-                    if isinstance(result, PendingObject):
-                        ready_bytes += result.digest.size
+            def collect(keep: int) -> Iterator[tuple[Path, Digest | CachefsError]]:
+                nonlocal ready_bytes
+                while len(window) > keep:
+                    group, fut = window.popleft()
+                    for path, result in zip(group, fut.result(), strict=True):
+                        ready.append((path, result))
+                        if isinstance(result, PendingObject):
+                            ready_bytes += result.digest.size
                     if ready_bytes >= batch_bytes or len(ready) >= 4096:
                         yield from flush()
-            for done_path, fut in window:
-                ready.append((done_path, fut.result()))
+
+            remaining = iter(paths)
+            while group := list(itertools.islice(remaining, _FILES_PER_TASK)):
+                window.append((group, files.submit(ingest, group)))
+                yield from collect(2 * self.options.workers)
+            yield from collect(0)
             yield from flush()
 
     def ref(self, digest: Digest) -> None:

@@ -76,7 +76,7 @@ if str(_ROOT) not in sys.path:
 
 import zstandard  # noqa: E402
 
-from cachefs.digest import Digest  # noqa: E402
+from cachefs.digest import DIGEST_FUNCTIONS, Digest, digest_function  # noqa: E402
 from cachefs.errors import CachefsError  # noqa: E402
 from cachefs.header import CompressionParams, StoreConfig  # noqa: E402
 from cachefs.segment import RECORD_HEADER  # noqa: E402
@@ -267,8 +267,12 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+#: Digest function of the stores under test (--digest-function).
+DIGEST_FUNCTION = "sha256"
+
+
 def store_config(level: int) -> StoreConfig:
-    return StoreConfig(compression=CompressionParams(level=level))
+    return StoreConfig(digest_function=DIGEST_FUNCTION, compression=CompressionParams(level=level))
 
 
 def put_all(store: Store, paths: list[Path]) -> list[Digest]:
@@ -348,8 +352,11 @@ def verify(store_path: Path, data: DataSet, digests: list[Digest]) -> None:
     bad = []
     with Store.open(store_path, readonly=True) as store:
         for path, blob, digest in zip(data.paths, data.blobs, digests, strict=True):
-            if digest.size != len(blob) or digest.hash != hashlib.sha256(blob).digest():
-                bad.append(f"{path.name}: digest {digest} is not sha256/size of the file")
+            expected = digest_function(DIGEST_FUNCTION).hash(blob)
+            if digest.size != len(blob) or digest.hash != expected:
+                bad.append(
+                    f"{path.name}: digest {digest} is not {DIGEST_FUNCTION}/size of the file"
+                )
             elif store.read(digest) != blob:
                 bad.append(f"{path.name}: read back differs from the original")
     if bad:
@@ -820,6 +827,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=CompressionParams().level,
         help="zstd level of the stores and the baseline (default: the store default)",
     )
+    parser.add_argument(
+        "--digest-function",
+        choices=sorted(DIGEST_FUNCTIONS),
+        default="sha256",
+        help="digest function of the stores (the baselines stay single-core SHA-256)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument("--child-ingest", nargs=2, metavar=("DIR", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -830,6 +843,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global DIGEST_FUNCTION  # noqa: PLW0603  (a setting of the whole run)
+    DIGEST_FUNCTION = args.digest_function
     if args.child_ingest:
         return child_main(Path(args.child_ingest[0]), Path(args.child_ingest[1]), args.level)
 
@@ -859,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{os.cpu_count()} CPUs ({cpu_model()})"
         )
         print(
-            f"store: zstd level {args.level}, StoreOptions defaults (workers="
+            f"store: {args.digest_function}, zstd level {args.level}, "
+            f"StoreOptions defaults (workers="
             f"{StoreOptions().workers}, cache_size={cache_size // MiB} MiB, fsync=True); "
             f"data and stores on {fs_type(workdir)} ({base})"
         )
