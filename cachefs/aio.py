@@ -110,11 +110,32 @@ class AsyncStore:
     async def stats(self) -> StoreStats:
         return await self._run(self.store.stats)
 
-    async def stage(self) -> StagedObject:
-        return await self._run(self.store.stage)
+    async def stage(self) -> AsyncStagedObject:
+        """Begin an object written piecewise (see :class:`StagedObject`)."""
+        return AsyncStagedObject(self, await self._run(self.store.stage))
 
     async def gc(self) -> gc.GcReport:
         return await self._run(gc.collect_garbage, self.store)
 
     async def fsck(self, *, repair: bool = False) -> fsck.FsckReport:
         return await self._run(fsck.check, self.store, repair=repair)
+
+
+class AsyncStagedObject:
+    """A :class:`StagedObject` whose writes, syncs and ingest run in worker threads."""
+
+    def __init__(self, owner: AsyncStore, staged: StagedObject) -> None:
+        self._owner = owner
+        self.staged = staged
+
+    async def write(self, data: bytes | memoryview, offset: int | None = None) -> int:
+        return await self._owner._run(self.staged.write, data, offset)
+
+    async def sync(self) -> None:
+        await self._owner._run(self.staged.sync)
+
+    async def commit(self, *, durable: bool = True) -> Digest:
+        return await self._owner._run(self.staged.commit, durable=durable)
+
+    async def abort(self) -> None:
+        await self._owner._run(self.staged.abort)

@@ -57,7 +57,6 @@ class DigestFunction:
 SHA256 = DigestFunction("sha256", 1)
 BLAKE3 = DigestFunction("blake3", 2)
 DIGEST_FUNCTIONS = {f.name: f for f in (SHA256, BLAKE3)}
-DIGEST_FUNCTIONS_BY_ID = {f.ident: f for f in (SHA256, BLAKE3)}
 
 
 def digest_function(name: str) -> DigestFunction:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import lmdb
@@ -53,11 +52,9 @@ from cachefs.segment import (
     segment_path,
     shard_of,
 )
-from cachefs.store import Store
+from cachefs.store import Progress, Store
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -303,7 +300,12 @@ def _verify_chunk(
         record = store.maps.read(segment_id, path, entry.offset, entry.stored_len)
     except CorruptDataError as exc:
         return exc.message
-    if record.tag != TAG_CHUNK or record.digest != digest or record.raw_len != raw_len:
+    if (
+        record.tag != TAG_CHUNK
+        or record.digest != digest
+        or record.raw_len != raw_len
+        or record.digest_id != store.digest_function.ident
+    ):
         return "the record there holds something else"
     if record.compression == COMPRESSION_NONE:
         data: bytes | memoryview = record.payload

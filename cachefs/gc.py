@@ -27,7 +27,6 @@ is reported: run ``fsck``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,11 +43,10 @@ from cachefs.segment import (
     scan_segment,
     segment_path,
 )
-from cachefs.store import Location, Store
+from cachefs.store import Location, Progress, Store
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]  # (done, total) in bytes or items
 _BATCH = 10_000
 
 
@@ -153,7 +151,7 @@ def _compact(store: Store, threshold: float, report: GcReport, progress: Progres
         path = segment_path(store.segments_root, entry.shard, segment_id, params)
         if entry.live_records == 0:
             with index.write() as txn:
-                txn.delete(_segment_key(segment_id), db=index.segments)
+                txn.delete(SEGMENT_KEY.pack(segment_id), db=index.segments)
             _sync_index(store)
             _unlink(store, segment_id, path, report)
             report.segments_deleted += 1
@@ -162,10 +160,6 @@ def _compact(store: Store, threshold: float, report: GcReport, progress: Progres
         done += entry.length
         if progress is not None:
             progress(done, total)
-
-
-def _segment_key(segment_id: int) -> bytes:
-    return SEGMENT_KEY.pack(segment_id)
 
 
 def _live_records(
@@ -249,7 +243,7 @@ def move_records(
         segments.pop(segment_id, None)
         for seg_id, seg_entry in segments.items():
             index.put_segment(txn, seg_id, seg_entry)
-        txn.delete(_segment_key(segment_id), db=index.segments)
+        txn.delete(SEGMENT_KEY.pack(segment_id), db=index.segments)
     store._published(dirty)
     _sync_index(store)
     _unlink(store, segment_id, path, report)

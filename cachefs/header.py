@@ -45,7 +45,13 @@ from typing import Any
 
 from cachefs import __version__
 from cachefs.digest import DigestFunction, digest_function
-from cachefs.errors import ConfigError, CorruptDataError, FormatVersionError, StoreNotFoundError
+from cachefs.errors import (
+    ConfigError,
+    CorruptDataError,
+    FormatVersionError,
+    StoreNotFoundError,
+    from_oserror,
+)
 from cachefs.fsutil import atomic_write
 
 #: Version of the store layout.  1: first release.
@@ -54,6 +60,7 @@ HEADER_NAME = "cachefs-store.json"
 FORMAT_NAME = "cachefs-store"
 
 MiB = 1 << 20
+MAX_SHARD_DIGITS = 2
 
 
 @dataclass(frozen=True)
@@ -96,16 +103,21 @@ class SegmentParams:
     max_size: int = 256 * MiB
     #: Shard directories: ``shard_levels`` nested levels, each named by the next
     #: ``shard_width`` hex digits of the chunk digest (16**width entries a level).
+    #: Every shard appends to a segment of its own (one open file each), so the
+    #: shard count is capped at 16**MAX_SHARD_DIGITS.
     shard_levels: int = 1
     shard_width: int = 1
 
     def validate(self) -> None:
         if not 1 * MiB <= self.max_size <= 4096 * MiB:
             raise ConfigError(f"bad segment max_size {self.max_size}", hint="choose 1 MiB to 4 GiB")
-        if not (0 <= self.shard_levels <= 4 and 1 <= self.shard_width <= 3):
+        if not (0 <= self.shard_levels <= 2 and 1 <= self.shard_width <= 2) or (
+            self.shard_levels * self.shard_width > MAX_SHARD_DIGITS
+        ):
             raise ConfigError(
                 f"bad sharding levels={self.shard_levels} width={self.shard_width}",
-                hint="levels 0..4, width 1..3 hex digits",
+                hint=f"levels 0..2 of 1..2 hex digits, at most {MAX_SHARD_DIGITS} digits "
+                f"({16**MAX_SHARD_DIGITS} shards) in all",
             )
 
     @property
@@ -133,6 +145,12 @@ class StoreConfig:
         self.chunking.validate()
         self.compression.validate()
         self.segments.validate()
+        if self.chunking.max_size + 4096 > self.segments.max_size:
+            raise ConfigError(
+                f"segments of {self.segments.max_size} bytes cannot hold chunks of "
+                f"{self.chunking.max_size} bytes",
+                hint="make the segment size larger than the largest chunk",
+            )
 
     @property
     def digest(self) -> DigestFunction:
@@ -167,6 +185,8 @@ def read_header(store: Path) -> StoreConfig:
         ) from None
     except NotADirectoryError:
         raise StoreNotFoundError(f"{store} is not a directory") from None
+    except OSError as exc:
+        raise from_oserror(exc, f"reading the store header {path}") from None
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict):

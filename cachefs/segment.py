@@ -9,10 +9,13 @@ thousand entries however large the store grows::
 
     segments/<shard path>/<group>/<segment id>.seg
     e.g. segments/a/000000/0000000042.seg      (shard_levels=1, shard_width=1)
-         segments/ab/cd/000001/0000001234.seg  (shard_levels=2, shard_width=2)
+         segments/a/b/000001/0000001234.seg    (shard_levels=2, shard_width=1)
 
-At 100 million chunks of 64 KiB in 256 MiB segments (~25 million segments) over
-16 shards, a shard holds ~1.5 million segments in ~1,500 groups of 1,024.
+At 100 million chunks of 64 KiB (6.1 TiB before compression) in 256 MiB
+segments, a store has ~25,000 segments even uncompressed; over 16 shards that is
+~1,600 per shard, in 2 groups of at most 1,024 files.  The group level keeps
+directories small for any size of store; the shard level spreads concurrent
+appends over files.
 
 Segment layout (all integers little-endian)::
 
@@ -53,6 +56,7 @@ these layouts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import struct
@@ -65,7 +69,6 @@ from pathlib import Path
 
 import xxhash
 
-from cachefs.digest import DIGEST_SIZE
 from cachefs.errors import CorruptDataError, FormatVersionError, from_oserror
 from cachefs.fsutil import fsync_dir
 from cachefs.header import SegmentParams
@@ -247,12 +250,18 @@ class SegmentWriter:
                 for directory in reversed(missing):
                     directory.mkdir(exist_ok=True)
                 self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-                head = encode_segment_header(shard, segment_id)
-                os.pwrite(self.fd, head, 0)
-                self.length = len(head)
-                if sync_dirs:
-                    for directory in {path.parent, *(d.parent for d in missing)}:
-                        fsync_dir(directory)
+                try:
+                    head = encode_segment_header(shard, segment_id)
+                    if os.pwrite(self.fd, head, 0) != len(head):
+                        raise OSError(errno.ENOSPC, "short write of a segment header")
+                    self.length = len(head)
+                    if sync_dirs:
+                        for directory in {path.parent, *(d.parent for d in missing)}:
+                            fsync_dir(directory)
+                except OSError:
+                    os.close(self.fd)
+                    path.unlink(missing_ok=True)
+                    raise
             else:
                 self.fd = os.open(path, os.O_RDWR)
                 self.length = os.fstat(self.fd).st_size
@@ -413,7 +422,6 @@ def _resync(mapping: mmap.mmap, start: int, end: int, path: str) -> int:
 
 
 __all__ = [
-    "DIGEST_SIZE",
     "RECORD_HEADER",
     "SEGMENT_HEADER",
     "Record",

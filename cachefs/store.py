@@ -146,6 +146,10 @@ class StoreOptions:
             raise ConfigError("gc live threshold must be a fraction in [0, 1]")
 
 
+#: A progress callback of long maintenance work: (done, total), in bytes or items.
+Progress = Callable[[int, int], None]
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a chunk appended by this process lies (not yet in the index)."""
@@ -287,10 +291,11 @@ class _ChunkCache:
 
 
 class _Ticket:
-    __slots__ = ("done", "error", "objects")
+    __slots__ = ("done", "durable", "error", "objects")
 
-    def __init__(self, objects: list[PendingObject]) -> None:
+    def __init__(self, objects: list[PendingObject], durable: bool) -> None:
         self.objects = objects
+        self.durable = durable
         self.done = False
         self.error: BaseException | None = None
 
@@ -347,8 +352,11 @@ class Store:
         if not readonly:
             try:
                 self._recover()
-            except BaseException:
+            except BaseException as exc:
+                self._release_files()
                 self.index.close()
+                if isinstance(exc, OSError):
+                    raise from_oserror(exc, f"recovering store {path}") from None
                 raise
 
     # --- opening and closing -------------------------------------------------
@@ -416,26 +424,27 @@ class Store:
                 self._pool.shutdown(wait=True)
             if not self.readonly:
                 try:
+                    self._publish([], durable=True)  # syncs what durable=False left
                     self._maybe_checkpoint(force=not self._open_staged)
                 except CachefsError as exc:
                     # Keeping the log is safe: replay skips what was published.
-                    log.warning("could not checkpoint the write-ahead log: %s", exc)
-                if self.options.fsync:
-                    self.index.sync()
-                for shard in self._shards:
-                    if shard.writer is not None:
-                        shard.writer.close()
-                for writer in self._sealed:
-                    writer.close()
-                if self.wal is not None:
-                    self.wal.close()
+                    log.warning("could not sync or checkpoint on close: %s", exc)
         finally:
+            self._release_files()
             self.maps.close()
             self.cache.clear()
             self.index.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+
+    def _release_files(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for writer in [shard.writer for shard in self._shards if shard.writer] + self._sealed:
+            writer.close()
+        if self.wal is not None:
+            self.wal.close()
 
     def __enter__(self) -> Store:
         return self
@@ -561,7 +570,7 @@ class Store:
             writer = SegmentWriter(path, shard.number, shard.reopen, create=False)
             shard.reopen = None
             shard.writer = writer
-        if writer is not None and writer.length + need > max_size and writer.length > 4096:
+        if writer is not None and writer.length + need > max_size:
             with self._dirty_lock:
                 if writer.segment_id in self._dirty:
                     self._sealed.append(writer)
@@ -649,8 +658,9 @@ class Store:
         return self.chunker.batches(reader_for(source), size_hint)
 
     def _store_chunks(self, views: list[memoryview]) -> list[tuple[bytes, int, Location | None]]:
-        """Store consecutive chunks of one object.  Only after a chunk that did not
-        compress is the next one probed first (saves the probe on compressible data)."""
+        """Store consecutive chunks of one object.  The first chunk, and any after
+        one that did not compress, is probed on a sample first; a chunk after one
+        that compressed is compressed straight away (no probe on compressible data)."""
         stored = []
         probe = True
         for view in views:
@@ -728,7 +738,7 @@ class Store:
 
     def _publish(self, objects: list[PendingObject], *, durable: bool) -> None:
         """Make ``objects`` visible, atomically each (group commit with other threads)."""
-        ticket = _Ticket(objects)
+        ticket = _Ticket(objects, durable)
         with self._queue_lock:
             self._queue.append(ticket)
         with self._commit_lock:
@@ -736,7 +746,10 @@ class Store:
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
                 try:
-                    self._commit([o for t in batch for o in t.objects], durable=durable)
+                    self._commit(
+                        [o for t in batch for o in t.objects],
+                        durable=any(t.durable for t in batch),
+                    )
                 except BaseException as exc:
                     for t in batch:
                         t.error = exc
@@ -781,10 +794,13 @@ class Store:
         return segment
 
     def _published(self, dirty: dict[int, tuple[SegmentWriter, int]]) -> None:
-        """After commit: segments with nothing newer are clean; close sealed ones."""
+        """After commit: segments with nothing newer (and, with fsync, synced) are
+        clean; close sealed ones.  An unsynced segment stays dirty, so that the
+        next durable commit syncs it."""
         with self._dirty_lock:
             for segment_id, (writer, length) in dirty.items():
-                if writer.length == length:
+                synced = not self.options.fsync or writer.synced_length >= length
+                if writer.length == length and synced:
                     self._dirty.pop(segment_id, None)
             still_sealed = []
             for writer in self._sealed:
@@ -913,6 +929,11 @@ class Store:
         log.warning("chunk %s was lost and is stored again", digest.hex())
 
     # --- public write API -------------------------------------------------------
+
+    def sync(self) -> None:
+        """Make everything published so far durable (after ``durable=False`` puts)."""
+        self._check_writable()
+        self._publish([], durable=True)
 
     def put(self, source: Source, *, durable: bool = True) -> Digest:
         """Store an object and add one reference to it; return its digest.
@@ -1104,7 +1125,12 @@ class Store:
             entry.offset,
             entry.stored_len,
         )
-        if record.digest != digest or record.raw_len != entry.raw_len or record.tag != TAG_CHUNK:
+        if (
+            record.digest != digest
+            or record.raw_len != entry.raw_len
+            or record.tag != TAG_CHUNK
+            or record.digest_id != self.digest_function.ident
+        ):
             raise CorruptDataError(
                 f"record does not hold chunk {digest.hex()}",
                 path=self._where(digest, entry),
@@ -1214,7 +1240,13 @@ class Store:
         with self._staged_lock:
             handle = self.wal.append(WAL_BEGIN, b"")
             self._open_staged.add(handle)
-        return StagedObject(self, handle)
+        try:
+            return StagedObject(self, handle)
+        except BaseException:
+            with self._staged_lock:
+                self._open_staged.discard(handle)
+            self.wal.append(WAL_ABORT, _WAL_HANDLE.pack(handle))
+            raise
 
     def _replay_wal(self) -> None:
         assert self.wal is not None
@@ -1274,6 +1306,8 @@ class Store:
                 return
             if wal.size <= 32 and wal.next_seq == wal.base_seq:
                 return
+            # What the log holds must be durable elsewhere before the log goes.
+            self._publish([], durable=True)
             wal.checkpoint()
             base = wal.base_seq
         # Only markers of handles the checkpoint dropped: a staged object
@@ -1326,7 +1360,10 @@ class StagedObject:
         self.store = store
         self.handle = handle
         self._spool = store.tmp_root / f"staged-{handle}"
-        self._fd = os.open(self._spool, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self._fd = os.open(self._spool, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise from_oserror(exc, "creating the spool file of a staged object") from None
         self._last_seq = handle
         self._position = 0
         self._done = False

@@ -45,7 +45,6 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,9 +220,6 @@ class WriteAheadLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    def __iter__(self) -> Iterator[WalRecord]:
-        return iter(self._records)
 
 
 def _read_all(fd: int) -> bytes:

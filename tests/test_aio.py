@@ -156,10 +156,15 @@ async def test_fsck_through_the_facade_finds_damage(store: Store) -> None:
 async def test_staged_object_through_the_facade(store: Store) -> None:
     astore = AsyncStore(store)
     staged = await astore.stage()
-    staged.write(b"world", 6)
-    staged.write(b"hello ", 0)
-    digest = await trio.to_thread.run_sync(staged.commit)
+    assert await staged.write(b"world", 6) == 5
+    assert await staged.write(b"hello ", 0) == 6
+    await staged.sync()
+    digest = await staged.commit()
     assert await astore.read(digest) == b"hello world"
+    aborted = await astore.stage()
+    await aborted.write(b"never published")
+    await aborted.abort()
+    assert (await astore.stats()).files == 1
 
 
 async def test_event_loop_keeps_running_during_a_big_put(default_store: Store) -> None:

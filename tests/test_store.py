@@ -38,7 +38,7 @@ from cachefs.errors import (
     from_oserror,
 )
 from cachefs.gc import collect_garbage
-from cachefs.header import SegmentParams, StoreConfig
+from cachefs.header import ChunkingParams, SegmentParams, StoreConfig
 from cachefs.index import ChunkEntry
 from cachefs.segment import (
     COMPRESSION_MASK,
@@ -283,7 +283,25 @@ def test_blake3_store(tmp_path: Path, size: int) -> None:
         assert store.read(digest) == data
 
 
-@pytest.mark.parametrize(("levels", "width"), [(0, 1), (1, 1), (1, 2)])
+@pytest.mark.parametrize(("levels", "width"), [(2, 2), (1, 3), (3, 1)])
+def test_too_many_shards_are_refused(tmp_path: Path, levels: int, width: int) -> None:
+    """Every shard keeps a segment open: more than 256 would run out of descriptors."""
+    config = StoreConfig(segments=SegmentParams(shard_levels=levels, shard_width=width))
+    with pytest.raises(ConfigError):
+        Store.open(tmp_path / "store", create=True, config=config)
+    assert not (tmp_path / "store" / "cachefs-store.json").exists()
+
+
+def test_segments_must_hold_the_largest_chunk(tmp_path: Path) -> None:
+    config = StoreConfig(
+        chunking=ChunkingParams(min_size=1 << 20, avg_size=2 << 20, max_size=4 << 20),
+        segments=SegmentParams(max_size=2 << 20),
+    )
+    with pytest.raises(ConfigError, match="cannot hold chunks"):
+        config.validate()
+
+
+@pytest.mark.parametrize(("levels", "width"), [(0, 1), (1, 1), (1, 2), (2, 1)])
 def test_segment_rotation_sharding_and_reopen(tmp_path: Path, levels: int, width: int) -> None:
     max_size = 1 << 20
     config = StoreConfig(

@@ -8,14 +8,17 @@ stderr (what went wrong, where, what to do) and the error's exit code; see
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
+import lmdb
 
 from cachefs import __version__
 from cachefs.cli import cat, fsck, gc, init, put, stats
-from cachefs.errors import CachefsError
+from cachefs.errors import CachefsError, from_oserror
+from cachefs.index import lmdb_error
 
 
 class _Group(click.Group):
@@ -23,12 +26,22 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except CachefsError as exc:
-            click.echo(f"cachefs: error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            _fail(ctx, exc)
         except BrokenPipeError:
-            # The reader went away (`cachefs cat ... | head`): not our error.
-            sys.stderr.close()
+            # The reader went away (`cachefs cat ... | head`): not our error.  Point
+            # stdout at /dev/null so that flushing it at exit cannot fail again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
             ctx.exit(1)
+        except OSError as exc:  # last resort: an OS error the engine did not classify
+            _fail(ctx, from_oserror(exc, "running the command"))
+        except lmdb.Error as exc:
+            _fail(ctx, lmdb_error(exc, "reading the index"))
+
+
+def _fail(ctx: click.Context, exc: CachefsError) -> NoReturn:
+    click.echo(f"cachefs: error: {exc}", err=True)
+    ctx.exit(exc.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -71,14 +71,14 @@ _defaults = StoreConfig()
     type=int,
     default=_defaults.segments.shard_levels,
     show_default=True,
-    help="Levels of shard directories (0-4).",
+    help="Levels of shard directories (0-2; at most 2 hex digits in all).",
 )
 @click.option(
     "--shard-width",
     type=int,
     default=_defaults.segments.shard_width,
     show_default=True,
-    help="Hex digits of the digest per shard level (1-3).",
+    help="Hex digits of the digest per shard level (1-2).",
 )
 def command(
     store: Path,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from cachefs.errors import CachefsError, from_oserror
+from cachefs.errors import CachefsError, ConfigError, from_oserror
 from cachefs.store import Store
 
 from .common import store_argument
@@ -31,7 +31,14 @@ def _walk(paths: tuple[Path, ...], errors: list[CachefsError]) -> Iterator[Path]
         if stat.S_ISREG(mode):
             yield path
         elif stat.S_ISDIR(mode):
-            for dirpath, dirnames, filenames in os.walk(path):
+
+            def unreadable(exc: OSError) -> None:
+                err = from_oserror(exc, "reading a directory")
+                click.echo(f"cachefs: error: {err}", err=True)
+                errors.append(err)
+
+            # Walk order: a directory's files by name, then its subdirectories by name.
+            for dirpath, dirnames, filenames in os.walk(path, onerror=unreadable):
                 dirnames.sort()
                 for name in sorted(filenames):
                     child = Path(dirpath) / name
@@ -40,7 +47,12 @@ def _walk(paths: tuple[Path, ...], errors: list[CachefsError]) -> Iterator[Path]
                         continue
                     yield child
         else:
-            log.warning("skipping %s: not a regular file or directory", path)
+            err = ConfigError(
+                f"{path} is not a regular file or directory",
+                hint="cachefs stores regular files; give files or directories",
+            )
+            click.echo(f"cachefs: error: {err}", err=True)
+            errors.append(err)
 
 
 @click.command("put")
@@ -52,8 +64,10 @@ def command(store: Path, paths: tuple[Path, ...]) -> None:
     """Store files (directories recursively) and print `DIGEST  PATH` for each.
 
     DIGEST is the REAPI form `<hex>/<size>`.  A line is printed once the file
-    is durably stored.  Creates STORE with default parameters if missing (see
-    `cachefs init`).  Each put adds a reference to the object.
+    is durably stored.  A directory is walked in order: its files by name, then
+    its subdirectories by name; symlinks and special files inside are skipped.
+    Creates STORE with default parameters if missing (see `cachefs init`).
+    Each put adds a reference to the object.
     """
     errors: list[CachefsError] = []
     with Store.open(store, create=True) as opened:
