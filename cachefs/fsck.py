@@ -35,15 +35,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import lmdb
-import zstandard
 
 from cachefs import gc
 from cachefs.digest import Digest
 from cachefs.errors import CorruptDataError
 from cachefs.index import COUNTER_NAMES, SEGMENT_KEY, ChunkEntry, SegmentEntry, lmdb_error
 from cachefs.segment import (
-    COMPRESSION_NONE,
-    COMPRESSION_ZSTD,
     RECORD_HEADER,
     TAG_ANCILLARY_MIN,
     TAG_CHUNK,
@@ -186,7 +183,6 @@ def _check_snapshot(
         recount.segments[segment_id] = SegmentEntry(seg_entry.shard, seg_entry.length, 0, 0)
 
     # 2. Every chunk index entry against its record.
-    decompressor = zstandard.ZstdDecompressor()
     counters = dict.fromkeys(COUNTER_NAMES, 0)  # recount of the index as it is
     kept = dict.fromkeys(COUNTER_NAMES, 0)  # recount after repair
     for chunk_digest, chunk in index.iter_chunks(txn):
@@ -207,7 +203,7 @@ def _check_snapshot(
         live = indexed[chunk.segment_id]
         live.live_bytes += record_size
         live.live_records += 1
-        problem = _verify_chunk(store, seg, chunk_digest, chunk, decompressor)
+        problem = _verify_chunk(store, seg, chunk_digest, chunk)
         if problem is None and shard_of(chunk_digest, params) != seg.shard:
             problem = "stored in the wrong shard"
         if problem is not None:
@@ -284,40 +280,19 @@ def _check_snapshot(
 
 
 def _verify_chunk(
-    store: Store,
-    segment: SegmentEntry,
-    digest: bytes,
-    entry: ChunkEntry,
-    decompressor: zstandard.ZstdDecompressor,
+    store: Store, segment: SegmentEntry, digest: bytes, entry: ChunkEntry
 ) -> str | None:
-    """None if the chunk's record is intact and holds the chunk, else what is wrong."""
-    segment_id = entry.segment_id
-    path = segment_path(store.segments_root, segment.shard, segment_id, store.config.segments)
-    raw_len = entry.raw_len
+    """None if the chunk's record is intact and holds the chunk, else what is wrong.
+
+    The engine's own read path checks the record (checksum, tag, digest, digest
+    function, lengths, decompression); fsck adds a re-hash of the content.
+    """
     if entry.offset + RECORD_HEADER.size + entry.stored_len > segment.length:
         return "lies past the published end of its segment"
     try:
-        record = store.maps.read(segment_id, path, entry.offset, entry.stored_len)
+        data = store._read_entry(digest, entry)
     except CorruptDataError as exc:
         return exc.message
-    if (
-        record.tag != TAG_CHUNK
-        or record.digest != digest
-        or record.raw_len != raw_len
-        or record.digest_id != store.digest_function.ident
-    ):
-        return "the record there holds something else"
-    if record.compression == COMPRESSION_NONE:
-        data: bytes | memoryview = record.payload
-    elif record.compression == COMPRESSION_ZSTD:
-        try:
-            data = decompressor.decompress(record.payload, max_output_size=raw_len)
-        except zstandard.ZstdError as exc:
-            return f"does not decompress: {exc}"
-    else:
-        return f"unknown compression {record.compression}"
-    if len(data) != raw_len:
-        return f"holds {len(data)} bytes, not {raw_len}"
     if store.digest_function.hash(data) != digest:
         return "content does not match its digest"
     return None

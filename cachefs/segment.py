@@ -407,17 +407,25 @@ def scan_segment(path: Path, limit: int | None = None) -> Iterator[Record | Corr
 
 
 def _resync(mapping: mmap.mmap, start: int, end: int, path: str) -> int:
-    """The next offset at or after ``start`` where a valid record begins, else ``end``."""
-    offset = start
-    while offset + RECORD_HEADER.size <= end:
-        tag = mapping[offset]
-        if tag != 0 and mapping[offset + 2] == RECORD_HEADER.size and mapping[offset + 3] == 0:
+    """The next offset at or after ``start`` where a valid record begins, else ``end``.
+
+    Candidates are found with ``mmap.find`` on the header-size field (bytes 2-3 of
+    every record header), so a damaged segment is skipped through at C speed.
+    """
+    marker = struct.pack("<H", RECORD_HEADER.size)
+    search = start + 2
+    while True:
+        found = mapping.find(marker, search, end)
+        if found < 0 or found - 2 + RECORD_HEADER.size > end:
+            break
+        offset = found - 2
+        if offset >= start and mapping[offset] != 0:
             try:
                 parse_record(mapping, offset, end, path)
                 return offset
             except CorruptDataError:
                 pass
-        offset += 1
+        search = found + 1
     return end
 
 

@@ -459,7 +459,7 @@ def run_once(
     r: dict[str, float] = {}
     try:
         log(f"run {number}: baselines")
-        for prefix, data, with_zstd in (("rand", rand, False), ("mix", mix, True)):
+        for prefix, data, with_zstd in (("rand", rand, True), ("mix", mix, True)):
             for key, value in baselines(data, level, with_zstd).items():
                 r[f"{prefix}_{key}"] = value
 
@@ -534,6 +534,7 @@ def build_report(
         (f"  zstd -{level} compress, mix, whole files", "mix_zstd_c", mb),
         (f"  zstd -{level} decompress, mix, whole-file frames", "mix_zstd_d", mb),
         ("  SHA-256, mix", "mix_sha256", mb),
+        (f"  zstd -{level} compress, random, whole files", "rand_zstd_c", rb),
         ("  SHA-256, random", "rand_sha256", rb),
         ("  copy into a preallocated buffer, random", "rand_copy", rb),
         ("  copy bytes(memoryview) (allocates), random", "rand_copy_alloc", rb),
@@ -570,6 +571,7 @@ def build_report(
         "rand_sha256",
         TARGET_RANDOM_INGEST_VS_SHA,
     )
+    vs("  ingest random", "rand_ingest", rb, "zstd-c 1c", "rand_zstd_c", None)
     rows.append(Row("re-ingest, same paths, same store (all dedup hits)", ""))
     vs("  re-ingest mix", "mix_reingest", mb, "SHA-256 1c", "mix_sha256", TARGET_REINGEST_VS_SHA)
     vs(
@@ -598,6 +600,7 @@ def build_report(
         "mix_zstd_d",
         TARGET_COMPRESSED_READ_VS_ZSTD_D,
     )
+    vs("  mix, cold cache, iter_object pieces", "mix_read_pieces", mb, "copy 1c", "mix_copy", None)
     vs(
         "  mix, cold cache, read() -> bytes",
         "mix_read_bytes",
