@@ -9,6 +9,7 @@ leaves a store that checks clean.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import random
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import killpoints
 import pytest
 from conftest import SMALL_CONFIG, compressible
 
@@ -304,22 +306,6 @@ GC_CHILD = textwrap.dedent(
     from cachefs.segment import SegmentWriter
     from cachefs.store import Store
 
-    def die_at(owner, name, call=1, after=False):
-        original = getattr(owner, name)
-        calls = 0
-
-        def patched(*args, **kwargs):
-            nonlocal calls
-            calls += 1
-            if calls == call and not after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            result = original(*args, **kwargs)
-            if calls == call and after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return result
-
-        setattr(owner, name, patched)
-
     store = Store.open(sys.argv[1])
     gc._BATCH = 3
     die_at({patch})
@@ -348,7 +334,7 @@ def test_gc_killed_at_any_step_leaves_a_consistent_store(store_path: Path, point
         with store.index.read() as txn:
             assert sum(1 for _, e in store.index.iter_chunks(txn) if e.refcount == 0) > 3
     survivors = {"y", "z", "w"}
-    code = GC_CHILD.format(patch=GC_KILL_POINTS[point])
+    code = inspect.getsource(killpoints) + GC_CHILD.format(patch=GC_KILL_POINTS[point])
     with subprocess.Popen(
         [sys.executable, "-c", code, str(store_path)], stderr=subprocess.PIPE, text=True
     ) as proc:

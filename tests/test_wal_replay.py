@@ -17,6 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import killpoints
 import pytest
 from conftest import SMALL_CONFIG
 
@@ -38,8 +39,10 @@ def digest_of(data: bytes) -> Digest:
     return Digest(hashlib.sha256(data).digest(), len(data))
 
 
-CHILD_PRELUDE = textwrap.dedent(
-    """
+CHILD_PRELUDE = (
+    inspect.getsource(killpoints)
+    + textwrap.dedent(
+        """
         import os
         import random
         import signal
@@ -47,22 +50,6 @@ CHILD_PRELUDE = textwrap.dedent(
 
         from cachefs.store import Store
 
-        def die_at(cls, name, call=1, after=False):
-            # Kill this process at the call-th call of cls.name (before or after it runs).
-            original = getattr(cls, name)
-            calls = 0
-
-            def patched(*args, **kwargs):
-                nonlocal calls
-                calls += 1
-                if calls == call and not after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                result = original(*args, **kwargs)
-                if calls == call and after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return result
-
-            setattr(cls, name, patched)
 
         def write_staged(staged, data):
             # Out of order, in pieces, with a stretch of junk overwritten later.
@@ -74,7 +61,9 @@ CHILD_PRELUDE = textwrap.dedent(
             staged.write(data[:third], 0)
 
         """
-) + inspect.getsource(staged_data)
+    )
+    + inspect.getsource(staged_data)
+)
 
 
 def run_child(store_path: Path, body: str, *args: object) -> str:
