@@ -45,6 +45,15 @@ CRASH_CONFIG = StoreConfig(
 )
 
 
+def kill(proc: subprocess.Popen[bytes], reader: threading.Thread) -> str:
+    """SIGKILL the child, wait for it and for its stdout reader; its stderr."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    reader.join(timeout=60)
+    assert proc.stderr is not None
+    return proc.stderr.read().decode()
+
+
 def payload(seed: int, counter: int) -> bytes:
     """The bytes of object ``counter`` of a run seeded ``seed`` (pure function).
 
@@ -264,10 +273,7 @@ def run_child_until_killed(
             else:
                 ready.wait(timeout=60)
                 time.sleep(rng.uniform(0.02, 0.4))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-            reader.join(timeout=60)
-            stderr = proc.stderr.read().decode()
+            stderr = kill(proc, reader)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -414,10 +420,7 @@ def test_kill_during_large_put(tmp_path: Path) -> None:
                     duration = max(0.2, time.monotonic() - started)
                 else:
                     time.sleep(rng.uniform(0.02, 0.98) * duration)
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=60)
-                reader.join(timeout=60)
-                stderr = proc.stderr.read().decode()
+                stderr = kill(proc, reader)
             finally:
                 if proc.poll() is None:
                     proc.kill()

@@ -71,6 +71,12 @@ def assert_clean(store: Store) -> fsck.FsckReport:
     return report
 
 
+def assert_intact_after_reopen(store_path: Path, corpus: Corpus) -> None:
+    with Store.open(store_path) as again:
+        assert_reads_back(again, corpus)
+        assert_clean(again)
+
+
 def assert_files_match_index(store: Store) -> None:
     assert set(segment_files(store)) == set(segments(store))
 
@@ -235,9 +241,7 @@ def test_gc_of_everything_leaves_an_empty_store(store: Store, store_path: Path) 
     assert_reads_back(store, corpus)
     assert_clean(store)
     store.close()
-    with Store.open(store_path) as again:
-        assert_reads_back(again, corpus)
-        assert_clean(again)
+    assert_intact_after_reopen(store_path, corpus)
 
 
 def test_gc_makes_each_compaction_durable_before_deleting_the_old_segment(
@@ -610,9 +614,7 @@ def test_repair_of_a_segment_deleted_under_the_writer(store: Store, store_path: 
     assert_reads_back(store, corpus)
     assert_clean(store)
     store.close()
-    with Store.open(store_path) as again:
-        assert_reads_back(again, corpus)
-        assert_clean(again)
+    assert_intact_after_reopen(store_path, corpus)
 
 
 @pytest.mark.parametrize(
