@@ -32,7 +32,7 @@ class Readable(Protocol):
 
 
 #: What ``Store.put`` accepts: bytes, a binary file object, or an iterable of byte strings.
-Source = bytes | bytearray | memoryview | BinaryIO | Readable | Iterable[bytes]
+Source = bytes | bytearray | memoryview | BinaryIO | Readable | Iterable[bytes | memoryview]
 
 ReadInto = Callable[[memoryview], int]
 

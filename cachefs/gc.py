@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -72,6 +73,10 @@ class GcReport:
             "bytes_reclaimed": self.bytes_reclaimed,
             "skipped": self.skipped,
         }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> GcReport:
+        return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
 
 
 def collect_garbage(

@@ -149,6 +149,10 @@ class StoreOptions:
 #: A progress callback of long maintenance work: (done, total), in bytes or items.
 Progress = Callable[[int, int], None]
 
+#: Called with the publishing transaction and the object's digest; it may
+#: record the reference it now owns elsewhere in the index (the namespace).
+PublishHook = Callable[[lmdb.Transaction, Digest], None]
+
 
 @dataclass(frozen=True)
 class Location:
@@ -168,6 +172,9 @@ class PendingObject:
     chunks: list[tuple[bytes, int]]
     locations: dict[bytes, Location]
     wal_handle: int | None = None
+    #: Called inside the publishing transaction, after the object's reference
+    #: was added (see :meth:`Store.put`).
+    on_publish: PublishHook | None = None
 
 
 @dataclass
@@ -906,6 +913,8 @@ class Store:
                 _APPLIED.pack(obj.digest.hash, obj.digest.size),
                 db=index.wal_applied,
             )
+        if obj.on_publish is not None:
+            obj.on_publish(txn, obj.digest)
 
     def _relocate(
         self,
@@ -935,16 +944,23 @@ class Store:
         self._check_writable()
         self._publish([], durable=True)
 
-    def put(self, source: Source, *, durable: bool = True) -> Digest:
+    def put(
+        self, source: Source, *, durable: bool = True, on_publish: PublishHook | None = None
+    ) -> Digest:
         """Store an object and add one reference to it; return its digest.
 
         ``source`` is bytes, a binary file object or an iterable of byte
         strings; it is read once, in buffers, so it may be larger than memory.
         When this returns with ``durable`` true, the object survives a crash.
+        ``on_publish`` runs inside the transaction that publishes the object
+        (it shares it with other objects published at the same moment, so it
+        must not fail but for a broken index); whatever it writes becomes
+        visible atomically with the object.
         """
         self._check_writable()
         with self._maintenance.shared():
             pending = self._ingest(source)
+            pending.on_publish = on_publish
             self._publish([pending], durable=durable)
         return pending.digest
 
@@ -1014,11 +1030,7 @@ class Store:
             self._commit_lock,
             self._write_txn("adding a reference") as txn,
         ):
-            entry = self._object_entry(txn, digest)
-            entry.refcount += 1
-            self.index.put_object(txn, digest.hash, entry)
-            self.index.add(txn, "files", 1)
-            self.index.add(txn, "logical_bytes", digest.size)
+            self.add_ref(txn, digest)
         if self.options.fsync:
             self.index.sync()
 
@@ -1032,27 +1044,51 @@ class Store:
             self._commit_lock,
             self._write_txn("dropping a reference") as txn,
         ):
-            entry = self._object_entry(txn, digest)
-            self.index.add(txn, "files", -1)
-            self.index.add(txn, "logical_bytes", -digest.size)
-            if entry.refcount > 1:
-                entry.refcount -= 1
-                self.index.put_object(txn, digest.hash, entry)
-                gone = False
-            else:
-                txn.delete(digest.hash, db=self.index.objects)
-                self.index.add(txn, "objects", -1)
-                for chunk, count in Counter(d for d, _ in entry.chunks).items():
-                    chunk_entry = self.index.get_chunk(txn, chunk)
-                    if chunk_entry is None:
-                        self.needs_fsck = True
-                        continue
-                    chunk_entry.refcount = max(0, chunk_entry.refcount - count)
-                    self.index.put_chunk(txn, chunk, chunk_entry)
-                gone = True
+            gone = self.drop_ref(txn, digest)
         if self.options.fsync:
             self.index.sync()
         return gone
+
+    def add_ref(self, txn: lmdb.Transaction, digest: Digest) -> None:
+        """:meth:`ref` inside the caller's write transaction."""
+        entry = self._object_entry(txn, digest)
+        entry.refcount += 1
+        self.index.put_object(txn, digest.hash, entry)
+        self.index.add(txn, "files", 1)
+        self.index.add(txn, "logical_bytes", digest.size)
+
+    def drop_ref(self, txn: lmdb.Transaction, digest: Digest) -> bool:
+        """:meth:`unref` inside the caller's write transaction."""
+        entry = self._object_entry(txn, digest)
+        self.index.add(txn, "files", -1)
+        self.index.add(txn, "logical_bytes", -digest.size)
+        if entry.refcount > 1:
+            entry.refcount -= 1
+            self.index.put_object(txn, digest.hash, entry)
+            return False
+        txn.delete(digest.hash, db=self.index.objects)
+        self.index.add(txn, "objects", -1)
+        for chunk, count in Counter(d for d, _ in entry.chunks).items():
+            chunk_entry = self.index.get_chunk(txn, chunk)
+            if chunk_entry is None:
+                self.needs_fsck = True
+                continue
+            chunk_entry.refcount = max(0, chunk_entry.refcount - count)
+            self.index.put_chunk(txn, chunk, chunk_entry)
+        return True
+
+    @contextmanager
+    def transaction(self, what: str) -> Iterator[lmdb.Transaction]:
+        """A write transaction on the index, serialised with publications, for a
+        layer that keeps records of its own there (the namespace).  ``what``
+        names the operation in errors.  Durable at the next :meth:`sync`.
+
+        It takes no store lock (LMDB serialises writers), so that it never waits
+        for a long ``gc``; it must only add references through a publication
+        and may drop them with :meth:`drop_ref`."""
+        self._check_writable()
+        with self._write_txn(what) as txn:
+            yield txn
 
     @contextmanager
     def _write_txn(self, what: str) -> Iterator[lmdb.Transaction]:

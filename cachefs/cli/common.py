@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
+from cachefs.errors import ConfigError
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 store_argument = click.argument(
@@ -17,6 +19,24 @@ store_argument = click.argument(
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print machine-readable JSON (stable keys)."
 )
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A byte count such as ``1048576``, ``64K``, ``256M``, ``1G`` or ``1.5GiB``."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise ConfigError(
+            f"not a size: {text!r}", hint="write a byte count such as 65536, 64K, 256M or 1G"
+        ) from None
+    if number < 0:
+        raise ConfigError(f"a size must not be negative: {text!r}")
+    return int(number * _UNITS[unit])
 
 
 def human_bytes(n: float) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cachefs import fsck
+from cachefs.mount import resolve_store
 from cachefs.store import Store
 
 from .common import ProgressBar, json_option, store_argument
@@ -30,7 +31,7 @@ def command(store: Path, repair: bool, as_json: bool) -> None:
     works beside a running writer.
     """
     bar = ProgressBar("checking")
-    with Store.open(store, readonly=not repair) as opened:
+    with Store.open(resolve_store(store), readonly=not repair) as opened:
         try:
             report = fsck.check(opened, repair=repair, progress=bar)
         finally:

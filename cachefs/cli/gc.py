@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cachefs import gc
+from cachefs.mount import control, mount_info
 from cachefs.store import Store
 
 from .common import ProgressBar, human_bytes, json_option, store_argument
@@ -26,16 +27,24 @@ def command(store: Path, threshold: float | None, as_json: bool) -> None:
     """Remove chunks nothing refers to and compact sparse segments.
 
     Safe to interrupt at any point: a crash leaves the store consistent.
+    STORE may be the mount point of a mounted store: its daemon runs the gc.
     """
-    bar = ProgressBar("compacting")
-    with Store.open(store) as opened:
-        try:
-            report = gc.collect_garbage(opened, threshold=threshold, progress=bar)
-        finally:
-            bar.close()
+    if mount_info(store) is not None:
+        # A mounted store: its daemon holds the writer lock and runs gc itself.
+        command = "gc" if threshold is None else f"gc {threshold}"
+        doc = control(store, command)["report"]
+    else:
+        bar = ProgressBar("compacting")
+        with Store.open(store) as opened:
+            try:
+                report = gc.collect_garbage(opened, threshold=threshold, progress=bar)
+            finally:
+                bar.close()
+        doc = report.as_dict()
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        click.echo(json.dumps(doc, indent=2))
         return
+    report = gc.GcReport.from_dict(doc)
     click.echo(
         f"removed {report.chunks_removed} unreferenced chunks, compacted "
         f"{report.segments_compacted} segments ({report.records_moved} records moved), "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from cachefs.mount import resolve_store
 from cachefs.store import Store
 
 from .common import human_bytes, json_option, store_argument
@@ -24,7 +25,7 @@ def command(store: Path, as_json: bool) -> None:
     live_ratio, segments_below_gc_threshold, segment_live_histogram, store.
     Works beside a running writer.
     """
-    with Store.open(store, readonly=True) as opened:
+    with Store.open(resolve_store(store), readonly=True) as opened:
         stats = opened.stats()
         doc = stats.as_dict() | {"store": str(opened.path)}
         config = opened.config

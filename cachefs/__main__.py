@@ -1,0 +1,5 @@
+"""``python -m cachefs``: the command line."""
+
+from cachefs.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""``cachefs mount``: mount a store as a filesystem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cachefs import mount as mounting
+from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD
+
+from .common import parse_size, store_argument
+
+
+@click.command("mount")
+@store_argument
+@click.argument("mountpoint", type=click.Path(path_type=Path), metavar="MOUNTPOINT")
+@click.option(
+    "-f", "--foreground", is_flag=True, help="Stay in the foreground and log to stderr too."
+)
+@click.option(
+    "-o",
+    "options",
+    multiple=True,
+    metavar="OPT[,OPT...]",
+    help="FUSE mount options (allow_other, ro, ...); noallow_other / nodefault_permissions "
+    "drop a default.",
+)
+@click.option(
+    "--publish-threshold",
+    default=str(DEFAULT_PUBLISH_THRESHOLD),
+    show_default=True,
+    metavar="SIZE",
+    help="Publish a file in the background once this many bytes are unpublished (1G, 256M).",
+)
+@click.option(
+    "--cache-size",
+    default="64M",
+    show_default=True,
+    metavar="SIZE",
+    help="Memory for decompressed chunks.",
+)
+@click.pass_context
+def command(
+    ctx: click.Context,
+    store: Path,
+    mountpoint: Path,
+    foreground: bool,
+    options: tuple[str, ...],
+    publish_threshold: str,
+    cache_size: str,
+) -> None:
+    """Mount STORE on MOUNTPOINT (STORE is created if missing).
+
+    Returns once the mount is ready; the daemon keeps running in the background
+    (unless --foreground) until `cachefs umount MOUNTPOINT`.  As root the mount
+    is open to every user, with the kernel checking permissions
+    (allow_other,default_permissions).  The daemon logs to STORE/cachefs.log.
+
+    \b
+    Inside the mount:
+      getfattr -n user.cachefs.digest FILE   the file's digest (<hex>/<size>)
+      MOUNTPOINT/.cachefs/stats.json         live figures
+      MOUNTPOINT/.cachefs/cas/<fn>/<hex>     any stored object, by digest
+    """
+    verbose = ctx.find_root().params.get("verbose", 0)
+    mounting.mount(
+        store,
+        mountpoint,
+        list(options),
+        foreground=foreground,
+        verbose=verbose,
+        publish_threshold=parse_size(publish_threshold),
+        cache_size=parse_size(cache_size),
+    )

@@ -1,0 +1,177 @@
+"""The hidden control directory ``/.cachefs`` of a mount (filesystem layer).
+
+Not listed by ``readdir`` of the root, but found by name::
+
+    /.cachefs/stats.json          live figures of the store and the mount (JSON)
+    /.cachefs/cas/<fn>/<hex>      any stored whole-file object, by digest
+                                  (``<fn>`` is the store's digest function)
+    /.cachefs/control             write a command, then read its JSON answer
+                                  (root only): ``gc [THRESHOLD]``, ``sync``
+
+These inodes are virtual: numbers from ``VIRTUAL_BASE`` up, never stored.
+Objects under ``cas/`` get inode numbers while the kernel knows them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from cachefs import gc
+from cachefs.digest import Digest
+from cachefs.errors import CachefsError
+from cachefs.namespace import FsError, Inode
+
+if TYPE_CHECKING:
+    from cachefs.fs import Filesystem
+
+VIRTUAL_BASE = 1 << 62
+CONTROL_INO = VIRTUAL_BASE + 1
+CAS_INO = VIRTUAL_BASE + 2
+FUNCTION_INO = VIRTUAL_BASE + 3
+STATS_INO = VIRTUAL_BASE + 4
+COMMAND_INO = VIRTUAL_BASE + 5
+_OBJECT_BASE = VIRTUAL_BASE + 1024
+
+CONTROL_NAME = b".cachefs"
+
+
+def is_virtual(ino: int) -> bool:
+    return ino >= VIRTUAL_BASE
+
+
+class ControlTree:
+    """The inodes under ``/.cachefs``."""
+
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+        self.started = time.time_ns()
+        self.function_name = fs.store.config.digest_function.encode()
+        self._objects: dict[int, tuple[Digest, int]] = {}  # ino -> (digest, lookups)
+        self._by_digest: dict[bytes, int] = {}
+        self._next = _OBJECT_BASE
+        #: Extra figures for stats.json (the mount adds its own).
+        self.info: dict[str, Any] = {}
+
+    def _node(self, ino: int, mode: int, size: int = 0, nlink: int = 1) -> Inode:
+        t = self.started
+        return Inode(ino, mode, 0, 0, nlink, size, 0, t, t, t)
+
+    def getattr(self, ino: int) -> Inode:
+        if ino in (CONTROL_INO, CAS_INO, FUNCTION_INO):
+            return self._node(ino, stat.S_IFDIR | 0o555, nlink=2)
+        if ino == STATS_INO:
+            return self._node(ino, stat.S_IFREG | 0o444)
+        if ino == COMMAND_INO:
+            return self._node(ino, stat.S_IFREG | 0o600)
+        entry = self._objects.get(ino)
+        if entry is None:
+            raise FsError(errno.ENOENT)
+        return self._node(ino, stat.S_IFREG | 0o444, entry[0].size)
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        children = {
+            CONTROL_INO: {b"cas": CAS_INO, b"stats.json": STATS_INO, b"control": COMMAND_INO},
+            CAS_INO: {self.function_name: FUNCTION_INO},
+        }
+        if parent == FUNCTION_INO:
+            return self.getattr(self._object_inode(name))
+        ino = children.get(parent, {}).get(name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        return self.getattr(ino)
+
+    def _object_inode(self, name: bytes) -> int:
+        try:
+            raw = bytes.fromhex(name.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise FsError(errno.ENOENT) from None
+        if len(raw) != 32:  # both digest functions make 32 bytes
+            raise FsError(errno.ENOENT)
+        index = self.fs.store.index
+        with index.read() as txn:
+            entry = index.get_object(txn, raw)
+        if entry is None:
+            raise FsError(errno.ENOENT)
+        ino = self._by_digest.get(raw)
+        if ino is None:
+            ino = self._next
+            self._next += 1
+            self._by_digest[raw] = ino
+        digest, lookups = self._objects.get(ino, (Digest(raw, entry.size), 0))
+        self._objects[ino] = (digest, lookups + 1)
+        return ino
+
+    def forget(self, ino: int, count: int) -> None:
+        entry = self._objects.get(ino)
+        if entry is None:
+            return
+        digest, lookups = entry
+        if lookups - count > 0:
+            self._objects[ino] = (digest, lookups - count)
+        else:
+            del self._objects[ino]
+            self._by_digest.pop(digest.hash, None)
+
+    def entries(self, ino: int) -> list[tuple[bytes, Inode]]:
+        if ino == CONTROL_INO:
+            names = [(b"cas", CAS_INO), (b"control", COMMAND_INO), (b"stats.json", STATS_INO)]
+        elif ino == CAS_INO:
+            names = [(self.function_name, FUNCTION_INO)]
+        elif ino == FUNCTION_INO:
+            names = []  # objects are found by name, never listed
+        else:
+            raise FsError(errno.ENOTDIR)
+        return [(name, self.getattr(child)) for name, child in names]
+
+    def digest(self, ino: int) -> Digest:
+        entry = self._objects.get(ino)
+        if entry is None:
+            raise FsError(errno.ENODATA)
+        return entry[0]
+
+    def stats(self) -> dict[str, Any]:
+        fs = self.fs
+        store = fs.store
+        used, _ = fs.namespace.counts()
+        doc: dict[str, Any] = store.stats().as_dict()
+        doc |= {
+            "store": str(store.path),
+            "inodes": used,
+            "open_files": len(fs.files),
+            "corruptions": store.corruptions,
+            "needs_fsck": store.needs_fsck,
+            "errors": fs.errors,
+            "pid": os.getpid(),
+        }
+        return doc | self.info
+
+    async def run(self, request: bytes) -> bytes:
+        """Run one command written to ``/.cachefs/control``; its JSON answer."""
+        words = request.decode("utf-8", "replace").split()
+        store = self.fs.store
+        try:
+            if words[:1] == ["sync"] and len(words) == 1:
+                await self.fs.flush_all()
+                answer: dict[str, Any] = {"ok": True}
+            elif words[:1] == ["gc"] and len(words) <= 2:
+                threshold = float(words[1]) if len(words) == 2 else None
+                await self.fs.flush_all()
+                report = await trio.to_thread.run_sync(
+                    lambda: gc.collect_garbage(store, threshold=threshold)
+                )
+                answer = {"ok": True, "report": report.as_dict()}
+            else:
+                answer = {"ok": False, "error": f"unknown command {' '.join(words)!r}"}
+        except (CachefsError, ValueError) as exc:
+            answer = {"ok": False, "error": str(exc)}
+        return (json.dumps(answer, indent=2) + "\n").encode()
+
+
+__all__ = ["CONTROL_NAME", "VIRTUAL_BASE", "ControlTree", "is_virtual"]

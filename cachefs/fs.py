@@ -1,0 +1,683 @@
+"""Filesystem semantics over the store (filesystem layer).
+
+This layer turns the namespace (``namespace.py``) and the chunk store into a
+POSIX filesystem: open files and their unpublished writes, the kernel's lookup
+counts, truncation, and when a file's new content is published.  It knows
+nothing of pyfuse3: ``fuse.py`` adapts it to the kernel, and tests can drive it
+directly.  Methods run on the trio thread; ingest runs in worker threads.
+
+Write path.  A file being written has an :class:`OpenFile`: its published
+content (``base``, an object in the store) plus a *spool*, a sparse file in
+``STORE/tmp`` holding what was written since.  ``write`` is a ``pwrite`` into
+the spool.  Offsets below ``base_limit`` read from the base unless an extent in
+``dirty`` says the spool has them; offsets at or past it read from the spool
+(holes read as zeros).  Truncation lowers ``base_limit`` and cuts the spool.
+The new content (base and spool composed) goes through the dedup pipeline and
+one transaction points the inode at it (``Namespace.set_content``):
+
+* on ``fsync`` (durably: the call returns once it survives a crash),
+* when the last handle of the file is released,
+* when a file's unpublished bytes pass ``publish_threshold`` (in the background).
+
+A crash loses only what was written since a file's last publication, and the
+store stays consistent: spools are scratch space that the next start discards.
+
+Concurrency invariants (all state below is touched only on the trio thread):
+
+* An inode's ``OpenFile`` lives while the file has open handles or a
+  publication in flight; its ``lock`` is held while publishing, so writes wait
+  and never race the composition of the content being stored.  Reads never
+  wait: they see the spool and base, which only change under the lock.
+* An inode whose last link goes while the kernel still knows it (lookup count
+  > 0) or a handle is open becomes an orphan in the namespace; it is deleted
+  when the last of both goes (``forget``, ``release``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import trio
+
+from cachefs.control import (
+    COMMAND_INO,
+    CONTROL_INO,
+    CONTROL_NAME,
+    STATS_INO,
+    ControlTree,
+    is_virtual,
+)
+from cachefs.digest import Digest
+from cachefs.errors import CachefsError, from_oserror
+from cachefs.namespace import ROOT_INODE, FsError, Inode, Namespace
+from cachefs.store import Store
+
+log = logging.getLogger(__name__)
+
+#: Unpublished bytes of one file that start a background publication.
+DEFAULT_PUBLISH_THRESHOLD = 1 << 30
+#: Pieces in which composed content is handed to the ingest pipeline.
+_PIECE = 4 << 20
+
+
+@dataclass
+class OpenFile:
+    """A regular file with open handles or unpublished writes."""
+
+    ino: int
+    base: Digest | None
+    size: int
+    base_limit: int
+    spool: int | None = None  # file descriptor
+    dirty: list[tuple[int, int]] = field(default_factory=list)  # [start, end) below base_limit
+    changed: bool = False
+    unpublished: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    opens: int = 0
+    publishing: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    #: The content generation handles saw when they opened (for keep_cache).
+    generation: int = 0
+
+    def mark_dirty(self, start: int, end: int) -> None:
+        """Record that the spool holds [start, end) (clipped to base_limit)."""
+        end = min(end, self.base_limit)
+        if start >= end:
+            return
+        extents = self.dirty
+        i = bisect.bisect_left(extents, (start, start))
+        if i > 0 and extents[i - 1][1] >= start:
+            i -= 1
+        j = i
+        while j < len(extents) and extents[j][0] <= end:
+            start = min(start, extents[j][0])
+            end = max(end, extents[j][1])
+            j += 1
+        extents[i:j] = [(start, end)]
+
+    def cut(self, size: int) -> None:
+        """Forget everything at and past ``size`` (truncation)."""
+        self.base_limit = min(self.base_limit, size)
+        self.dirty = [(s, min(e, size)) for s, e in self.dirty if s < size]
+
+    def ranges(self, offset: int, end: int) -> Iterator[tuple[bool, int, int]]:
+        """(from_spool, start, stop) pieces covering [offset, end)."""
+        position = offset
+        limit = min(end, self.base_limit)
+        i = bisect.bisect_right(self.dirty, (position, 1 << 63)) - 1
+        i = max(i, 0)
+        while position < limit:
+            while i < len(self.dirty) and self.dirty[i][1] <= position:
+                i += 1
+            if i < len(self.dirty) and self.dirty[i][0] <= position:
+                stop = min(self.dirty[i][1], limit)
+                yield True, position, stop
+            else:
+                stop = limit if i >= len(self.dirty) else min(self.dirty[i][0], limit)
+                yield False, position, stop
+            position = stop
+        if position < end:
+            yield True, position, end
+
+
+@dataclass
+class Handle:
+    ino: int
+    file: OpenFile | None
+    writable: bool
+    append: bool = False
+    #: A virtual file's content (the control directory), fixed at open.
+    content: bytes | None = None
+    #: A virtual file's request buffer (``/.cachefs/control``).
+    request: bytearray | None = None
+    #: A read-only stored object (``/.cachefs/cas/...``).
+    digest: Digest | None = None
+    entries: list[tuple[bytes, Inode]] | None = None
+
+
+class Filesystem:
+    """A mounted store's filesystem semantics.  Use from one trio thread."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        publish_threshold: int = DEFAULT_PUBLISH_THRESHOLD,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        self.store = store
+        self.namespace = Namespace(store)
+        self.publish_threshold = publish_threshold
+        self.limiter = limiter or trio.CapacityLimiter(max(2, store.options.workers))
+        self.files: dict[int, OpenFile] = {}
+        self.handles: dict[int, Handle] = {}
+        self.lookups: dict[int, int] = {}
+        self._next_fh = 1
+        self._generations: dict[int, int] = {}
+        self._spool_dir = store.tmp_root
+        self._nursery: trio.Nursery | None = None
+        #: Called with an inode whose attributes changed behind the kernel's back.
+        self.invalidate: Callable[[int], None] = lambda ino: None
+        self.errors = 0
+        self.control = ControlTree(self)
+        purged = self.namespace.purge_orphans()
+        if purged:
+            log.info("deleted %d files that were unlinked while open when last mounted", purged)
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve background publications until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def flush_all(self) -> None:
+        """Publish every file with unpublished writes, durably (unmount, syncfs)."""
+        for ino in list(self.files):
+            state = self.files.get(ino)
+            if state is not None:
+                await self._publish(state, durable=False)
+        await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
+
+    # --- lookup counts -------------------------------------------------------------
+
+    def remember(self, ino: int, count: int = 1) -> None:
+        self.lookups[ino] = self.lookups.get(ino, 0) + count
+
+    def forget(self, ino: int, count: int) -> None:
+        if is_virtual(ino):
+            self.control.forget(ino, count)
+            return
+        left = self.lookups.get(ino, 0) - count
+        if left > 0:
+            self.lookups[ino] = left
+            return
+        self.lookups.pop(ino, None)
+        self._maybe_delete(ino)
+
+    def _in_use(self, ino: int) -> bool:
+        return ino in self.lookups or ino in self.files
+
+    def _maybe_delete(self, ino: int) -> None:
+        if ino == ROOT_INODE or self._in_use(ino):
+            return
+        try:
+            if self.namespace.release(ino):
+                self._generations.pop(ino, None)
+        except CachefsError as exc:
+            log.error("could not delete released inode %d: %s", ino, exc)
+
+    # --- attributes -------------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Inode:
+        if is_virtual(ino):
+            return self.control.getattr(ino)
+        inode = self.namespace.get(ino)
+        state = self.files.get(ino)
+        if state is not None and state.changed:
+            inode.size = state.size
+            inode.mtime_ns = max(inode.mtime_ns, state.mtime_ns)
+            inode.ctime_ns = max(inode.ctime_ns, state.ctime_ns)
+        return inode
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        if is_virtual(parent):
+            return self.control.lookup(parent, name)
+        if parent == ROOT_INODE and name == CONTROL_NAME:
+            return self.control.getattr(CONTROL_INO)
+        inode = self.getattr(self.namespace.lookup(parent, name))
+        self.remember(inode.ino)
+        return inode
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        size: int | None = None,
+    ) -> Inode:
+        _real(ino)
+        if size is not None:
+            await self.truncate(ino, size)
+        if (mode, uid, gid, atime_ns, mtime_ns) != (None,) * 5:
+            state = self.files.get(ino)
+            if mtime_ns is not None and state is not None:
+                state.mtime_ns = mtime_ns  # an explicit time wins over the writes' time
+            self.namespace.setattr(
+                ino, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns
+            )
+        return self.getattr(ino)
+
+    # --- namespace operations -----------------------------------------------------------
+
+    def create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> Inode:
+        _real(parent, name)
+        inode = self.namespace.create(parent, name, mode, uid, gid, rdev=rdev, target=target)
+        self.remember(inode.ino)
+        return inode
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        _real(ino)
+        _real(parent, name)
+        self.namespace.link(ino, parent, name)
+        self.remember(ino)
+        return self.getattr(ino)
+
+    def unlink(self, parent: int, name: bytes, *, directory: bool = False) -> None:
+        _real(parent, name)
+        ino = self.namespace.lookup(parent, name)
+        self.namespace.remove(parent, name, directory=directory, in_use=self._in_use(ino))
+
+    def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None:
+        _real(old_parent, old_name)
+        _real(new_parent, new_name)
+        in_use = set()
+        try:
+            target = self.namespace.lookup(new_parent, new_name)
+        except FsError:
+            pass
+        else:
+            if self._in_use(target):
+                in_use.add(target)
+        self.namespace.rename(old_parent, old_name, new_parent, new_name, flags, in_use=in_use)
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.getattr(ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EINVAL)
+        return inode.target
+
+    def opendir(self, ino: int) -> int:
+        inode = self.getattr(ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return self._new_handle(Handle(ino, None, False))
+
+    def readdir(self, fh: int, start: int) -> list[tuple[bytes, Inode]]:
+        """Entries from position ``start`` on (a snapshot taken at the first call),
+        "." and ".." first (these two do not count as lookups)."""
+        handle = self.handles[fh]
+        if is_virtual(handle.ino):
+            handle.entries = self.control.entries(handle.ino)
+        elif handle.entries is None or start == 0:
+            with self.namespace.read() as txn:
+                dot = self.namespace.get(handle.ino, txn)
+                dotdot = self.namespace.get(self.namespace.parent_of(handle.ino, txn), txn)
+            handle.entries = [(b".", dot), (b"..", dotdot), *self.namespace.entries(handle.ino)]
+            for _, inode in handle.entries:
+                state = self.files.get(inode.ino)
+                if state is not None and state.changed:
+                    inode.size = state.size
+                    inode.mtime_ns = max(inode.mtime_ns, state.mtime_ns)
+        return handle.entries[start:]
+
+    def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    # --- open files ------------------------------------------------------------------------
+
+    def _new_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        return fh
+
+    def _state(self, ino: int, inode: Inode | None = None) -> OpenFile:
+        state = self.files.get(ino)
+        if state is None:
+            inode = inode or self.namespace.get(ino)
+            state = OpenFile(ino, inode.digest, inode.size, inode.size)
+            state.generation = self._generations.get(ino, 0)
+            self.files[ino] = state
+        return state
+
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Open a file; returns (handle, whether the kernel may keep its cached pages).
+
+        The content of a virtual file that changes (``stats.json``) is fixed at
+        open and must be read with direct I/O: see :meth:`is_volatile`.
+        """
+        accmode = flags & os.O_ACCMODE
+        writable = accmode in (os.O_WRONLY, os.O_RDWR)
+        if is_virtual(ino):
+            return self._open_virtual(ino, writable), True
+        inode = self.namespace.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL)
+        state = self._state(ino, inode)
+        state.opens += 1
+        fh = self._new_handle(Handle(ino, state, writable, bool(flags & os.O_APPEND)))
+        try:
+            if flags & os.O_TRUNC and writable:
+                await self.truncate(ino, 0)
+        except BaseException:
+            await self.release(fh)
+            raise
+        known = self._generations.get(ino)
+        keep = known is not None and known == state.generation
+        self._generations[ino] = state.generation
+        return fh, keep
+
+    def _open_virtual(self, ino: int, writable: bool) -> int:
+        inode = self.control.getattr(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if ino == COMMAND_INO:
+            return self._new_handle(Handle(ino, None, True, request=bytearray()))
+        if writable:
+            raise FsError(errno.EACCES)
+        if ino == STATS_INO:
+            content = (json.dumps(self.control.stats(), indent=2) + "\n").encode()
+            return self._new_handle(Handle(ino, None, False, content=content))
+        return self._new_handle(Handle(ino, None, False, digest=self.control.digest(ino)))
+
+    @staticmethod
+    def is_virtual(ino: int) -> bool:
+        """Whether an inode is one of the control directory's (never stored)."""
+        return is_virtual(ino)
+
+    @staticmethod
+    def is_volatile(ino: int) -> bool:
+        """Whether a file's size is unknown until read (the kernel must not cache it)."""
+        return ino in (STATS_INO, COMMAND_INO)
+
+    def _spool(self, state: OpenFile) -> int:
+        if state.spool is None:
+            path = self._spool_dir / f"file-{state.ino}"
+            try:
+                state.spool = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.unlink(path)  # scratch space: gone with the descriptor
+            except OSError as exc:
+                raise from_oserror(exc, "creating a spool file") from None
+        return state.spool
+
+    async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
+        handle = self.handles[fh]
+        if handle.request is not None:
+            handle.request += data
+            handle.content = None
+            return len(data)
+        state = handle.file
+        if state is None or not handle.writable:
+            raise FsError(errno.EBADF)
+        async with state.lock:
+            if handle.append:
+                offset = state.size
+            spool = self._spool(state)
+            try:
+                written = os.pwrite(spool, data, offset)
+            except OSError as exc:
+                raise from_oserror(exc, "writing to a spool file") from None
+            state.mark_dirty(offset, offset + written)
+            state.size = max(state.size, offset + written)
+            self._changed(state)
+            state.unpublished += written
+        if state.unpublished >= self.publish_threshold and self._nursery is not None:
+            state.unpublished = 0
+            state.publishing += 1
+            self._nursery.start_soon(self._publish_in_background, state)
+        return written
+
+    def _changed(self, state: OpenFile) -> None:
+        now = time.time_ns()
+        state.changed = True
+        state.mtime_ns = state.ctime_ns = now
+        state.generation += 1
+
+    async def truncate(self, ino: int, size: int) -> None:
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        inode = self.namespace.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL)
+        state = self._state(ino, inode)
+        state.publishing += 1  # keeps the state alive while we wait for the lock
+        try:
+            async with state.lock:
+                self._truncate_locked(state, size)
+        finally:
+            state.publishing -= 1
+        if state.opens == 0 and state.publishing == 0:
+            await self._publish(state, durable=False)
+            self._drop_state(state)
+
+    def _truncate_locked(self, state: OpenFile, size: int) -> None:
+        if size == 0:
+            if state.size == 0 and state.base is None and not state.changed:
+                return
+            # The common O_TRUNC case: drop the content at once.
+            now = time.time_ns()
+            self.namespace.clear_content(state.ino, now, now)
+            state.base = None
+            state.base_limit = 0
+            state.dirty.clear()
+            if state.spool is not None:
+                os.ftruncate(state.spool, 0)
+            state.size = 0
+            state.unpublished = 0
+            state.changed = False
+            state.generation += 1
+            return
+        if size == state.size:
+            return
+        state.cut(size)
+        if state.spool is not None or size > state.base_limit:
+            try:
+                os.ftruncate(self._spool(state), size)
+            except OSError as exc:
+                raise from_oserror(exc, "truncating a spool file") from None
+        state.size = size
+        self._changed(state)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        handle = self.handles[fh]
+        if handle.request is not None and handle.content is None:
+            handle.content = await self.control.run(bytes(handle.request))
+        if handle.content is not None:
+            return handle.content[offset : offset + size]
+        if handle.digest is not None:
+            end = min(handle.digest.size, offset + size)
+            return self._read_base(handle.digest, offset, end) if offset < end else b""
+        state = handle.file
+        assert state is not None
+        end = min(state.size, offset + size)
+        if offset >= end:
+            return b""
+        if not state.changed:
+            return self._read_base(state.base, offset, end)
+        pieces: list[bytes | memoryview] = []
+        for from_spool, start, stop in state.ranges(offset, end):
+            if from_spool:
+                pieces.append(self._read_spool(state, start, stop))
+            else:
+                pieces.append(self._read_base(state.base, start, stop))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _read_base(self, base: Digest | None, start: int, stop: int) -> bytes | memoryview:
+        if base is None:
+            return bytes(stop - start)
+        pieces = list(self.store.iter_object(base, start, stop - start))
+        if len(pieces) == 1:
+            return pieces[0]
+        return b"".join(pieces)
+
+    def _read_spool(self, state: OpenFile, start: int, stop: int) -> bytes:
+        if state.spool is None:
+            return bytes(stop - start)
+        try:
+            data = os.pread(state.spool, stop - start, start)
+        except OSError as exc:
+            raise from_oserror(exc, "reading a spool file") from None
+        if len(data) < stop - start:  # a hole at the end of the spool
+            data += bytes(stop - start - len(data))
+        return data
+
+    def _compose(self, state: OpenFile) -> Iterator[bytes | memoryview]:
+        """The file's current content, in pieces (run in a worker thread)."""
+        for from_spool, start, stop in list(state.ranges(0, state.size)):
+            for piece_start in range(start, stop, _PIECE):
+                piece_stop = min(stop, piece_start + _PIECE)
+                if from_spool:
+                    yield self._read_spool(state, piece_start, piece_stop)
+                elif state.base is None:
+                    yield bytes(piece_stop - piece_start)
+                else:
+                    yield from self.store.iter_object(
+                        state.base, piece_start, piece_stop - piece_start
+                    )
+
+    async def _publish_in_background(self, state: OpenFile) -> None:
+        try:
+            await self._publish(state, durable=False)
+        except CachefsError as exc:
+            self.errors += 1
+            log.error("publishing inode %d failed (it is retried at close): %s", state.ino, exc)
+        finally:
+            state.publishing -= 1
+            if state.opens == 0 and state.publishing == 0:
+                self._drop_state(state)
+
+    async def _publish(self, state: OpenFile, *, durable: bool) -> None:
+        """Store the file's new content and point its inode at it."""
+        state.publishing += 1
+        try:
+            async with state.lock:
+                if not state.changed:
+                    if durable:
+                        await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
+                    return
+                mtime, ctime, size = state.mtime_ns, state.ctime_ns, state.size
+                if size == 0:
+                    self.namespace.clear_content(state.ino, mtime, ctime)
+                    digest = None
+                    if durable:
+                        await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
+                else:
+                    ino = state.ino
+                    namespace = self.namespace
+
+                    def hook(txn: lmdb.Transaction, digest: Digest) -> None:
+                        namespace.set_content(txn, ino, digest, mtime, ctime)
+
+                    def put() -> Digest:
+                        return self.store.put(
+                            self._compose(state), durable=durable, on_publish=hook
+                        )
+
+                    digest = await trio.to_thread.run_sync(put, limiter=self.limiter)
+                state.base = digest
+                state.base_limit = size
+                state.dirty.clear()
+                if state.spool is not None:
+                    os.ftruncate(state.spool, 0)
+                state.changed = False
+                state.unpublished = 0
+        finally:
+            state.publishing -= 1
+
+    async def fsync(self, fh: int) -> None:
+        handle = self.handles[fh]
+        if handle.file is not None:
+            await self._publish(handle.file, durable=True)
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is None or handle.file is None:
+            return
+        state = handle.file
+        state.opens -= 1
+        if state.opens > 0:
+            return
+        try:
+            await self._publish(state, durable=False)
+        finally:
+            if state.opens == 0 and state.publishing == 0:
+                self._drop_state(state)
+
+    def _drop_state(self, state: OpenFile) -> None:
+        if self.files.get(state.ino) is not state or state.opens or state.publishing:
+            return
+        if state.changed:
+            return  # publication failed: keep the data for the next attempt
+        del self.files[state.ino]
+        self._generations[state.ino] = state.generation
+        if state.spool is not None:
+            os.close(state.spool)
+            state.spool = None
+        self._maybe_delete(state.ino)
+
+    # --- extended attributes ---------------------------------------------------------------
+
+    def digest_of(self, ino: int) -> Digest:
+        if is_virtual(ino):
+            return self.control.digest(ino)
+        inode = self.namespace.get(ino)
+        if not inode.is_reg:
+            raise FsError(errno.ENODATA)
+        digest = inode.digest
+        if digest is None:
+            return Digest(self.store.digest_function.hash(b""), 0)
+        return digest
+
+    async def published_digest(self, ino: int) -> Digest:
+        """The whole-file digest, publishing unpublished writes first."""
+        state = self.files.get(ino)
+        if state is not None and state.changed:
+            await self._publish(state, durable=False)
+        return self.digest_of(ino)
+
+    # --- figures ------------------------------------------------------------------------------
+
+    def statfs(self) -> tuple[os.statvfs_result, int, int]:
+        """(statvfs of the store's filesystem, inodes in use, open files)."""
+        try:
+            vfs = os.statvfs(self.store.path)
+        except OSError as exc:
+            raise from_oserror(exc, "reading the store's filesystem figures") from None
+        used, _ = self.namespace.counts()
+        return vfs, used, len(self.files)
+
+    def store_path(self) -> Path:
+        return self.store.path
+
+
+def _real(ino: int, name: bytes | None = None) -> None:
+    """Refuse changes to the control directory (and to its name in the root)."""
+    if is_virtual(ino) or (ino == ROOT_INODE and name == CONTROL_NAME):
+        raise FsError(errno.EPERM, "the control directory /.cachefs cannot be changed")
+
+
+__all__ = ["Filesystem", "Handle", "OpenFile"]

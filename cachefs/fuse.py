@@ -1,0 +1,323 @@
+"""The pyfuse3 adapter (FUSE adapter layer).
+
+A protocol adapter only: each handler calls ``fs.py`` and translates.  Domain
+errors become ``FUSEError(errno)``; any other exception is a bug, which is
+logged with its traceback, counted, and answered with EIO, so that it never
+takes the mount down.  Damage met on a read marks the store as needing fsck.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from cachefs.control import is_virtual
+from cachefs.errors import CachefsError, CorruptDataError
+from cachefs.fs import Filesystem
+from cachefs.namespace import Inode
+
+log = logging.getLogger(__name__)
+
+#: How long the kernel may trust attributes and entries.  Every change goes
+#: through this mount, and the kernel updates its copy from our replies, so
+#: long timeouts are safe and let repeated stats and lookups stay in the kernel.
+ATTR_TIMEOUT = 300.0
+ENTRY_TIMEOUT = 300.0
+#: Entries that do not exist: negative lookups are cached briefly.
+NEGATIVE_TIMEOUT = 1.0
+
+DIGEST_XATTR = b"user.cachefs.digest"
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _translate(
+    handler: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn domain errors into FUSEError; log anything else as a bug (EIO)."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except FUSEError:
+            raise
+        except CorruptDataError as exc:
+            ops: Operations = args[0]  # type: ignore[assignment]
+            ops.fs.store.needs_fsck = True
+            ops.fs.store.corruptions += 1
+            log.error("%s: %s", handler.__name__, exc)
+            raise FUSEError(errno.EIO) from None
+        except CachefsError as exc:
+            if exc.errno in (errno.EIO, errno.ENOSPC, errno.EROFS):
+                log.error("%s: %s", handler.__name__, exc)
+            raise FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.error("%s: %s", handler.__name__, exc)
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            ops = args[0]  # type: ignore[assignment]
+            ops.fs.errors += 1
+            log.exception("bug in handler %s", handler.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def entry_attributes(inode: Inode) -> pyfuse3.EntryAttributes:
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = inode.ino
+    attr.generation = 0
+    if is_virtual(inode.ino):  # control files come and go: never cached
+        attr.entry_timeout = attr.attr_timeout = 0
+    else:
+        attr.entry_timeout = ENTRY_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+    attr.st_mode = inode.mode
+    attr.st_nlink = inode.nlink
+    attr.st_uid = inode.uid
+    attr.st_gid = inode.gid
+    attr.st_rdev = inode.rdev
+    attr.st_size = inode.size
+    attr.st_blksize = 128 * 1024
+    attr.st_blocks = (inode.size + 511) // 512
+    attr.st_atime_ns = inode.atime_ns
+    attr.st_mtime_ns = inode.mtime_ns
+    attr.st_ctime_ns = inode.ctime_ns
+    return attr
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 handlers over a :class:`~cachefs.fs.Filesystem`."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__()
+        self.fs = fs
+
+    @_translate
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        try:
+            return entry_attributes(self.fs.lookup(parent_inode, name))
+        except CachefsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # A negative entry the kernel may cache for a moment.
+            attr = pyfuse3.EntryAttributes()
+            attr.st_ino = 0
+            attr.entry_timeout = NEGATIVE_TIMEOUT
+            return attr
+
+    @_translate
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.fs.forget(ino, count)
+
+    @_translate
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.fs.getattr(inode))
+
+    @_translate
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        new = await self.fs.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            size=attr.st_size if fields.update_size else None,
+        )
+        return entry_attributes(new)
+
+    @_translate
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.readlink(inode)
+
+    @_translate
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        kind = stat.S_IFMT(mode)
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise FUSEError(errno.EINVAL)
+        return entry_attributes(
+            self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid, rdev=rdev)
+        )
+
+    @_translate
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        mode = stat.S_IFDIR | stat.S_IMODE(mode)
+        return entry_attributes(self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @_translate
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.unlink(parent_inode, name)
+
+    @_translate
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.unlink(parent_inode, name, directory=True)
+
+    @_translate
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        mode = stat.S_IFLNK | 0o777
+        return entry_attributes(
+            self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid, target=target)
+        )
+
+    @_translate
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_translate
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.fs.link(inode, new_parent_inode, new_name))
+
+    def _file_info(self, ino: int, fh: int, keep_cache: bool) -> pyfuse3.FileInfo:
+        volatile = self.fs.is_volatile(ino)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache and not volatile, direct_io=volatile)
+
+    @_translate
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh, keep = await self.fs.open(inode, flags)
+        return self._file_info(inode, fh, keep)
+
+    @_translate
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        inode = self.fs.create(
+            parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
+        )
+        fh, keep = await self.fs.open(inode.ino, flags & ~os.O_TRUNC)
+        return self._file_info(inode.ino, fh, keep), entry_attributes(inode)
+
+    @_translate
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        return await self.fs.read(fh, off, size)
+
+    @_translate
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.fs.write(fh, off, buf)
+
+    @_translate
+    async def flush(self, fh: int) -> None:
+        pass  # published at release (or fsync): close(2) does not wait for ingest
+
+    @_translate
+    async def release(self, fh: int) -> None:
+        await self.fs.release(fh)
+
+    @_translate
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    @_translate
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return self.fs.opendir(inode)
+
+    @_translate
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for i, (name, inode) in enumerate(self.fs.readdir(fh, start_id)):
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(inode), start_id + i + 1):
+                break
+            if name not in (b".", b".."):
+                self.fs.remember(inode.ino)
+
+    @_translate
+    async def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(fh)
+
+    @_translate
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.fs.flush_all()
+
+    @_translate
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        vfs, used, _ = self.fs.statfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = vfs.f_bsize
+        data.f_frsize = vfs.f_frsize
+        data.f_blocks = vfs.f_blocks
+        data.f_bfree = vfs.f_bfree
+        data.f_bavail = vfs.f_bavail
+        # Inodes are only limited by the index; report what is used and a large pool.
+        data.f_files = used + (1 << 32)
+        data.f_ffree = 1 << 32
+        data.f_favail = 1 << 32
+        data.f_namemax = 255
+        return data
+
+    @_translate
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if name == DIGEST_XATTR:
+            raise FUSEError(errno.EPERM)
+        self.fs.namespace.setxattr(self._real(inode), name, value)
+
+    @_translate
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == DIGEST_XATTR:
+            return str(await self.fs.published_digest(inode)).encode()
+        if self.fs.is_virtual(inode):
+            raise FUSEError(errno.ENODATA)
+        value = self.fs.namespace.getxattr(inode, name)
+        if value is None:
+            raise FUSEError(errno.ENODATA)
+        return value
+
+    @_translate
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        names = [] if self.fs.is_virtual(inode) else self.fs.namespace.listxattr(inode)
+        if stat.S_ISREG(self.fs.getattr(inode).mode):
+            names.append(DIGEST_XATTR)
+        return names
+
+    @_translate
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name == DIGEST_XATTR:
+            raise FUSEError(errno.EPERM)
+        self.fs.namespace.removexattr(self._real(inode), name)
+
+    def _real(self, inode: int) -> int:
+        if self.fs.is_virtual(inode):
+            raise FUSEError(errno.EPERM)
+        return inode

@@ -1,0 +1,645 @@
+"""The filesystem namespace, kept in the store's index (storage engine layer).
+
+Inodes, directory entries, symlink targets and extended attributes live in
+named databases of the same LMDB environment as the chunk index (see
+``index.py``), so that publishing a file's new content and pointing its inode
+at it is one transaction.  Every operation here is one write transaction;
+nothing here knows about FUSE, open files or the kernel's lookup counts (that
+is ``fs.py``).
+
+Named databases (integers little-endian unless marked BE; BE keys sort
+numerically, so that all the keys of one inode are adjacent):
+
+``inodes``  key: inode number (Q, BE)
+    value ``INODE`` = mode I, uid I, gid I, nlink I, size Q, rdev Q,
+    atime ns q, mtime ns q, ctime ns q, content digest 32s, then for a
+    symlink its target (the rest of the value).
+    The content digest names the object (in ``objects``) holding a regular
+    file's bytes, of exactly ``size`` bytes; all zeros when the file is empty
+    (size 0) or not a regular file.  Each inode with content holds one
+    reference to its object (``objects`` refcount), whatever its link count.
+    nlink counts directory entries naming the inode, plus for a directory
+    its own "." and every subdirectory's "..".
+
+``dirents``  key: parent inode (Q, BE) + name (1..255 bytes)
+    value: child inode (Q).  No entry for "." or "..": a directory's parent
+    is kept in ``parents``.
+
+``parents``  key: directory inode (Q, BE); value: parent directory inode (Q).
+
+``xattrs``  key: inode (Q, BE) + name; value: the attribute's bytes.
+
+``orphans``  key: inode (Q, BE); value: empty.
+    Inodes whose last directory entry is gone while something (an open file,
+    the kernel) still used them.  They are deleted when released, or at the
+    next mount if the daemon stopped first.
+
+Counters (in ``counters``): ``next_inode``, ``inodes``.
+
+The root directory is inode 1, created with the store's namespace.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lmdb
+
+from cachefs.digest import Digest
+from cachefs.errors import CachefsError, CorruptDataError
+from cachefs.index import lmdb_error
+from cachefs.store import Store
+
+ROOT_INODE = 1
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 64 * 1024
+
+INODE = struct.Struct("<IIIIQQqqq32s")
+assert INODE.size == 88
+INO_KEY = struct.Struct(">Q")
+INO_VALUE = struct.Struct("<Q")
+NO_CONTENT = bytes(32)
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class FsError(CachefsError):
+    """A filesystem operation refused with a POSIX errno (ENOENT, EEXIST, ...)."""
+
+    exit_code = 1
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(message or os.strerror(err), hint="")
+        self.errno = err
+
+
+@dataclass
+class Inode:
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    content: bytes = NO_CONTENT
+    target: bytes = b""
+
+    def pack(self) -> bytes:
+        return (
+            INODE.pack(
+                self.mode,
+                self.uid,
+                self.gid,
+                self.nlink,
+                self.size,
+                self.rdev,
+                self.atime_ns,
+                self.mtime_ns,
+                self.ctime_ns,
+                self.content,
+            )
+            + self.target
+        )
+
+    @classmethod
+    def unpack(cls, ino: int, raw: bytes | memoryview) -> Inode:
+        mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, content = INODE.unpack_from(raw)
+        return cls(
+            ino,
+            mode,
+            uid,
+            gid,
+            nlink,
+            size,
+            rdev,
+            atime,
+            mtime,
+            ctime,
+            content,
+            bytes(raw[INODE.size :]),
+        )
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def digest(self) -> Digest | None:
+        """The object holding the file's bytes (None when it has none)."""
+        if self.content == NO_CONTENT:
+            return None
+        return Digest(self.content, self.size)
+
+
+def _check_name(name: bytes) -> None:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL, f"invalid file name {name!r}")
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+
+
+def _dirent_key(parent: int, name: bytes) -> bytes:
+    return INO_KEY.pack(parent) + name
+
+
+class Namespace:
+    """The directory tree of a store.  Methods are thread-safe (LMDB)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        env = store.index.env
+        create = not store.readonly
+        try:
+            self.inodes = env.open_db(b"inodes", create=create)
+            self.dirents = env.open_db(b"dirents", create=create)
+            self.parents = env.open_db(b"parents", create=create)
+            self.xattrs = env.open_db(b"xattrs", create=create)
+            self.orphans = env.open_db(b"orphans", create=create)
+        except lmdb.NotFoundError:
+            raise CorruptDataError(
+                f"store {store.path} has no namespace yet",
+                hint="mount it once (`cachefs mount`) to create its root directory",
+            ) from None
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, "opening the namespace") from None
+        if create:
+            self._ensure_root()
+
+    def _ensure_root(self) -> None:
+        with self.store.transaction("creating the root directory") as txn:
+            if txn.get(INO_KEY.pack(ROOT_INODE), db=self.inodes) is not None:
+                return
+            now = time.time_ns()
+            root = Inode(ROOT_INODE, stat.S_IFDIR | 0o755, 0, 0, 2, 0, 0, now, now, now)
+            self._put(txn, root)
+            txn.put(INO_KEY.pack(ROOT_INODE), INO_VALUE.pack(ROOT_INODE), db=self.parents)
+            self.store.index.set_counter(txn, "next_inode", ROOT_INODE + 1)
+            self.store.index.set_counter(txn, "inodes", 1)
+
+    # --- reading ---------------------------------------------------------------
+
+    def read(self) -> lmdb.Transaction:
+        return self.store.index.read()
+
+    def get(self, ino: int, txn: lmdb.Transaction | None = None) -> Inode:
+        if txn is None:
+            with self.read() as own:
+                return self.get(ino, own)
+        raw = txn.get(INO_KEY.pack(ino), db=self.inodes)
+        if raw is None:
+            raise FsError(errno.ENOENT, f"no inode {ino}")
+        return Inode.unpack(ino, raw)
+
+    def lookup(self, parent: int, name: bytes, txn: lmdb.Transaction | None = None) -> int:
+        if txn is None:
+            with self.read() as own:
+                return self.lookup(parent, name, own)
+        raw = txn.get(_dirent_key(parent, name), db=self.dirents)
+        if raw is None:
+            if len(name) > NAME_MAX:
+                raise FsError(errno.ENAMETOOLONG)
+            raise FsError(errno.ENOENT)
+        return int(INO_VALUE.unpack(raw)[0])
+
+    def parent_of(self, ino: int, txn: lmdb.Transaction) -> int:
+        raw = txn.get(INO_KEY.pack(ino), db=self.parents)
+        if raw is None:
+            raise CorruptDataError(f"directory inode {ino} has no parent recorded")
+        return int(INO_VALUE.unpack(raw)[0])
+
+    def entries(self, ino: int) -> list[tuple[bytes, Inode]]:
+        """The entries of a directory, in name order, with their inodes."""
+        prefix = INO_KEY.pack(ino)
+        out = []
+        with self.read() as txn:
+            cursor = txn.cursor(db=self.dirents)
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if key[:8] != prefix:
+                        break
+                    child = int(INO_VALUE.unpack(value)[0])
+                    out.append((bytes(key[8:]), self.get(child, txn)))
+        return out
+
+    def _has_entries(self, txn: lmdb.Transaction, ino: int) -> bool:
+        prefix = INO_KEY.pack(ino)
+        cursor = txn.cursor(db=self.dirents)
+        return bool(cursor.set_range(prefix)) and cursor.key()[:8] == prefix
+
+    def counts(self) -> tuple[int, int]:
+        """(inodes in use, next inode number)."""
+        with self.read() as txn:
+            index = self.store.index
+            return index.counter(txn, "inodes"), index.counter(txn, "next_inode")
+
+    def iter_inodes(self, txn: lmdb.Transaction) -> Iterator[Inode]:
+        for key, raw in txn.cursor(db=self.inodes):
+            yield Inode.unpack(INO_KEY.unpack(key)[0], raw)
+
+    def iter_dirents(self, txn: lmdb.Transaction) -> Iterator[tuple[int, bytes, int]]:
+        for key, value in txn.cursor(db=self.dirents):
+            yield INO_KEY.unpack(key[:8])[0], bytes(key[8:]), INO_VALUE.unpack(value)[0]
+
+    def orphan_inodes(self) -> list[int]:
+        with self.read() as txn:
+            return [INO_KEY.unpack(k)[0] for k, _ in txn.cursor(db=self.orphans)]
+
+    # --- writing ---------------------------------------------------------------
+
+    def _put(self, txn: lmdb.Transaction, inode: Inode) -> None:
+        txn.put(INO_KEY.pack(inode.ino), inode.pack(), db=self.inodes)
+
+    def _dir(self, txn: lmdb.Transaction, ino: int) -> Inode:
+        inode = self.get(ino, txn)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    def _touch_dir(self, txn: lmdb.Transaction, inode: Inode, now: int, nlink: int = 0) -> None:
+        inode.mtime_ns = inode.ctime_ns = now
+        inode.nlink += nlink
+        self._put(txn, inode)
+
+    def create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> Inode:
+        """Make a new inode of any type and its entry ``name`` in ``parent``.
+
+        Ownership follows POSIX: the caller's uid; the parent's group (and, for
+        a directory, the set-gid bit) when the parent is set-gid.
+        """
+        _check_name(name)
+        with self.store.transaction("creating a file") as txn:
+            dir_inode = self._dir(txn, parent)
+            if dir_inode.nlink == 0:
+                raise FsError(errno.ENOENT, "the directory was removed")
+            key = _dirent_key(parent, name)
+            if txn.get(key, db=self.dirents) is not None:
+                raise FsError(errno.EEXIST)
+            if dir_inode.mode & stat.S_ISGID:
+                gid = dir_inode.gid
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            index = self.store.index
+            ino = index.counter(txn, "next_inode")
+            index.set_counter(txn, "next_inode", ino + 1)
+            index.add(txn, "inodes", 1)
+            now = time.time_ns()
+            is_dir = stat.S_ISDIR(mode)
+            inode = Inode(
+                ino,
+                mode,
+                uid,
+                gid,
+                2 if is_dir else 1,
+                len(target),
+                rdev,
+                now,
+                now,
+                now,
+                target=target,
+            )
+            self._put(txn, inode)
+            txn.put(key, INO_VALUE.pack(ino), db=self.dirents)
+            if is_dir:
+                self._set_parent(txn, ino, parent)
+            self._touch_dir(txn, dir_inode, now, 1 if is_dir else 0)
+        return inode
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        """A new entry for an existing (non-directory) inode."""
+        _check_name(name)
+        with self.store.transaction("linking a file") as txn:
+            inode = self.get(ino, txn)
+            if inode.is_dir:
+                raise FsError(errno.EPERM, "hard links to directories are not allowed")
+            dir_inode = self._dir(txn, parent)
+            if dir_inode.nlink == 0:
+                raise FsError(errno.ENOENT, "the directory was removed")
+            key = _dirent_key(parent, name)
+            if txn.get(key, db=self.dirents) is not None:
+                raise FsError(errno.EEXIST)
+            if inode.nlink >= 0xFFFFFFFF:
+                raise FsError(errno.EMLINK)
+            now = time.time_ns()
+            inode.nlink += 1
+            inode.ctime_ns = now
+            self._put(txn, inode)
+            txn.delete(INO_KEY.pack(ino), db=self.orphans)
+            txn.put(key, INO_VALUE.pack(ino), db=self.dirents)
+            self._touch_dir(txn, dir_inode, now)
+        return inode
+
+    def remove(self, parent: int, name: bytes, *, directory: bool, in_use: bool) -> Inode:
+        """Remove an entry (unlink, or rmdir with ``directory``).
+
+        Returns the inode as it is now.  When its last link went: with
+        ``in_use`` it is kept as an orphan (see :meth:`release`), otherwise it is
+        deleted in the same transaction (content reference dropped).
+        """
+        with self.store.transaction("removing a file") as txn:
+            dir_inode = self._dir(txn, parent)
+            key = _dirent_key(parent, name)
+            raw = txn.get(key, db=self.dirents)
+            if raw is None:
+                raise FsError(errno.ENOENT)
+            inode = self.get(INO_VALUE.unpack(raw)[0], txn)
+            now = time.time_ns()
+            if directory:
+                if not inode.is_dir:
+                    raise FsError(errno.ENOTDIR)
+                if self._has_entries(txn, inode.ino):
+                    raise FsError(errno.ENOTEMPTY)
+                inode.nlink = 0
+                self._touch_dir(txn, dir_inode, now, -1)
+            else:
+                if inode.is_dir:
+                    raise FsError(errno.EISDIR)
+                inode.nlink -= 1
+                self._touch_dir(txn, dir_inode, now)
+            txn.delete(key, db=self.dirents)
+            inode.ctime_ns = now
+            self._unlinked(txn, inode, in_use)
+        return inode
+
+    def _unlinked(self, txn: lmdb.Transaction, inode: Inode, in_use: bool) -> None:
+        """Write an inode that just lost a link; orphan or delete it at zero."""
+        if inode.nlink > 0:
+            self._put(txn, inode)
+        elif in_use:
+            self._put(txn, inode)
+            txn.put(INO_KEY.pack(inode.ino), b"", db=self.orphans)
+        else:
+            self._delete(txn, inode)
+
+    def _delete(self, txn: lmdb.Transaction, inode: Inode) -> None:
+        key = INO_KEY.pack(inode.ino)
+        digest = inode.digest
+        if digest is not None:
+            self.store.drop_ref(txn, digest)
+        txn.delete(key, db=self.inodes)
+        txn.delete(key, db=self.orphans)
+        txn.delete(key, db=self.parents)
+        cursor = txn.cursor(db=self.xattrs)
+        while cursor.set_range(key) and cursor.key()[:8] == key:
+            cursor.delete()
+        self.store.index.add(txn, "inodes", -1)
+
+    def release(self, ino: int) -> bool:
+        """Delete an orphan nothing uses any more.  Returns whether it was deleted."""
+        with self.store.transaction("deleting a released file") as txn:
+            raw = txn.get(INO_KEY.pack(ino), db=self.inodes)
+            if raw is None:
+                return False
+            inode = Inode.unpack(ino, raw)
+            if inode.nlink > 0:
+                return False
+            self._delete(txn, inode)
+        return True
+
+    def purge_orphans(self) -> int:
+        """Delete every orphan (at mount, when nothing can be using them)."""
+        return sum(self.release(ino) for ino in self.orphan_inodes())
+
+    def rename(
+        self,
+        old_parent: int,
+        old_name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        flags: int,
+        *,
+        in_use: set[int] | frozenset[int] = frozenset(),
+    ) -> Inode | None:
+        """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE.
+
+        Returns the inode that was replaced (and lost a link), if any.
+        ``in_use`` are inodes that must become orphans rather than be deleted.
+        """
+        _check_name(new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+            RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
+            raise FsError(errno.EINVAL)
+        with self.store.transaction("renaming") as txn:
+            src_dir = self._dir(txn, old_parent)
+            dst_dir = self._dir(txn, new_parent) if new_parent != old_parent else src_dir
+            old_key = _dirent_key(old_parent, old_name)
+            new_key = _dirent_key(new_parent, new_name)
+            raw = txn.get(old_key, db=self.dirents)
+            if raw is None:
+                raise FsError(errno.ENOENT)
+            moved = self.get(INO_VALUE.unpack(raw)[0], txn)
+            raw_target = txn.get(new_key, db=self.dirents)
+            target = None if raw_target is None else self.get(INO_VALUE.unpack(raw_target)[0], txn)
+            if flags & RENAME_NOREPLACE and target is not None:
+                raise FsError(errno.EEXIST)
+            if flags & RENAME_EXCHANGE and target is None:
+                raise FsError(errno.ENOENT)
+            if target is not None and target.ino == moved.ino:
+                return None  # same inode: POSIX says do nothing
+            # A directory may not move below itself.
+            if moved.is_dir:
+                self._check_not_ancestor(txn, moved.ino, new_parent)
+            if flags & RENAME_EXCHANGE and target is not None and target.is_dir:
+                self._check_not_ancestor(txn, target.ino, old_parent)
+            now = time.time_ns()
+            if flags & RENAME_EXCHANGE:
+                assert target is not None
+                txn.put(old_key, INO_VALUE.pack(target.ino), db=self.dirents)
+                txn.put(new_key, INO_VALUE.pack(moved.ino), db=self.dirents)
+                if old_parent != new_parent:
+                    for inode, parent in ((moved, new_parent), (target, old_parent)):
+                        if inode.is_dir:
+                            txn.put(
+                                INO_KEY.pack(inode.ino), INO_VALUE.pack(parent), db=self.parents
+                            )
+                    shift = int(moved.is_dir) - int(target.is_dir)
+                    src_dir.nlink -= shift
+                    dst_dir.nlink += shift
+                for inode in (moved, target):
+                    inode.ctime_ns = now
+                    self._put(txn, inode)
+                self._touch_dirs(txn, src_dir, dst_dir, now)
+                return None
+            replaced = None
+            if target is not None:
+                if moved.is_dir and not target.is_dir:
+                    raise FsError(errno.ENOTDIR)
+                if target.is_dir and not moved.is_dir:
+                    raise FsError(errno.EISDIR)
+                if target.is_dir:
+                    if self._has_entries(txn, target.ino):
+                        raise FsError(errno.ENOTEMPTY)
+                    target.nlink = 0
+                    dst_dir.nlink -= 1
+                else:
+                    target.nlink -= 1
+                target.ctime_ns = now
+                self._unlinked(txn, target, target.ino in in_use)
+                replaced = target
+            txn.delete(old_key, db=self.dirents)
+            txn.put(new_key, INO_VALUE.pack(moved.ino), db=self.dirents)
+            if moved.is_dir and old_parent != new_parent:
+                self._set_parent(txn, moved.ino, new_parent)
+                src_dir.nlink -= 1
+                dst_dir.nlink += 1
+            moved.ctime_ns = now
+            self._put(txn, moved)
+            self._touch_dirs(txn, src_dir, dst_dir, now)
+        return replaced
+
+    def _set_parent(self, txn: lmdb.Transaction, ino: int, parent: int) -> None:
+        txn.put(INO_KEY.pack(ino), INO_VALUE.pack(parent), db=self.parents)
+
+    def _touch_dirs(self, txn: lmdb.Transaction, src: Inode, dst: Inode, now: int) -> None:
+        self._touch_dir(txn, src, now)
+        if dst is not src:
+            self._touch_dir(txn, dst, now)
+
+    def _check_not_ancestor(self, txn: lmdb.Transaction, ino: int, dest: int) -> None:
+        """EINVAL if directory ``ino`` is ``dest`` or one of its ancestors."""
+        current = dest
+        while True:
+            if current == ino:
+                raise FsError(errno.EINVAL, "cannot move a directory below itself")
+            if current == ROOT_INODE:
+                return
+            current = self.parent_of(current, txn)
+
+    def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        size: int | None = None,
+    ) -> Inode:
+        """Change attributes; ctime becomes now.  ``size`` only for a file whose
+        content is being dropped (0) -- other sizes come with :meth:`set_content`."""
+        with self.store.transaction("changing attributes") as txn:
+            inode = self.get(ino, txn)
+            if mode is not None:
+                inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
+            if uid is not None:
+                inode.uid = uid
+            if gid is not None:
+                inode.gid = gid
+            if atime_ns is not None:
+                inode.atime_ns = atime_ns
+            if mtime_ns is not None:
+                inode.mtime_ns = mtime_ns
+            if size is not None:
+                if size != 0:
+                    raise FsError(errno.EINVAL, "only truncation to 0 is done here")
+                self._set_content(txn, inode, None)
+            inode.ctime_ns = time.time_ns()
+            self._put(txn, inode)
+        return inode
+
+    def _set_content(self, txn: lmdb.Transaction, inode: Inode, digest: Digest | None) -> None:
+        old = inode.digest
+        if old is not None:
+            self.store.drop_ref(txn, old)
+        inode.content = NO_CONTENT if digest is None else digest.hash
+        inode.size = 0 if digest is None else digest.size
+
+    def set_content(
+        self, txn: lmdb.Transaction, ino: int, digest: Digest, mtime_ns: int, ctime_ns: int
+    ) -> None:
+        """Point a file at a just-published object (inside the publishing
+        transaction, which added the reference this inode now owns)."""
+        raw = txn.get(INO_KEY.pack(ino), db=self.inodes)
+        if raw is None:  # deleted while its content was being stored
+            self.store.drop_ref(txn, digest)
+            return
+        inode = Inode.unpack(ino, raw)
+        self._set_content(txn, inode, digest)
+        inode.mtime_ns = max(inode.mtime_ns, mtime_ns)
+        inode.ctime_ns = max(inode.ctime_ns, ctime_ns)
+        self._put(txn, inode)
+
+    def clear_content(self, ino: int, mtime_ns: int, ctime_ns: int) -> None:
+        """Make a file empty (its published content was truncated to nothing)."""
+        with self.store.transaction("truncating a file") as txn:
+            inode = self.get(ino, txn)
+            self._set_content(txn, inode, None)
+            inode.mtime_ns = max(inode.mtime_ns, mtime_ns)
+            inode.ctime_ns = max(inode.ctime_ns, ctime_ns)
+            self._put(txn, inode)
+
+    # --- extended attributes -------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes | None:
+        with self.read() as txn:
+            value = txn.get(INO_KEY.pack(ino) + name, db=self.xattrs)
+        return None if value is None else bytes(value)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        prefix = INO_KEY.pack(ino)
+        with self.read() as txn:
+            cursor = txn.cursor(db=self.xattrs)
+            names = []
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if key[:8] != prefix:
+                        break
+                    names.append(bytes(key[8:]))
+            return names
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        """Set an attribute; ``flags`` XATTR_CREATE (1) / XATTR_REPLACE (2)."""
+        if not name or len(name) > XATTR_NAME_MAX:
+            raise FsError(errno.ERANGE if name else errno.EINVAL)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        key = INO_KEY.pack(ino) + name
+        with self.store.transaction("setting an extended attribute") as txn:
+            inode = self.get(ino, txn)
+            exists = txn.get(key, db=self.xattrs) is not None
+            if flags & 1 and exists:
+                raise FsError(errno.EEXIST)
+            if flags & 2 and not exists:
+                raise FsError(errno.ENODATA)
+            txn.put(key, value, db=self.xattrs)
+            inode.ctime_ns = time.time_ns()
+            self._put(txn, inode)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        key = INO_KEY.pack(ino) + name
+        with self.store.transaction("removing an extended attribute") as txn:
+            inode = self.get(ino, txn)
+            if not txn.delete(key, db=self.xattrs):
+                raise FsError(errno.ENODATA)
+            inode.ctime_ns = time.time_ns()
+            self._put(txn, inode)
+
+
+__all__ = ["ROOT_INODE", "FsError", "Inode", "Namespace"]
