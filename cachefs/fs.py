@@ -19,8 +19,25 @@ one transaction points the inode at it (``Namespace.set_content``):
 * when the last handle of the file is released,
 * when a file's unpublished bytes pass ``publish_threshold`` (in the background).
 
-A crash loses only what was written since a file's last publication, and the
-store stays consistent: spools are scratch space that the next start discards.
+Every ``write`` and truncation is first appended to the filesystem's
+write-ahead log, ``STORE/fswal/wal.log`` (the framing, checksums and torn-tail
+handling of ``wal.py``), then applied to the spool.  Record kinds and payloads
+(little-endian):
+
+* ``LOG_BASE`` (1): inode Q, size Q, content digest 32s (zeros: empty) --
+  the published content the records after it apply to; logged when a file
+  with nothing unpublished is first changed.
+* ``LOG_WRITE`` (2): inode Q, offset Q, mtime ns q, then the bytes.
+* ``LOG_TRUNCATE`` (3): inode Q, size Q, mtime ns q.
+
+When the daemon is killed, the next mount replays the log: for every inode,
+the records after its last ``LOG_BASE`` are applied to that base and published
+-- unless the inode's content is no longer that base (it was published
+afterwards, or truncated to nothing) or the inode is gone.  So writes that
+reached the log survive the death of the daemon (not of the machine, unless
+fsynced: ``fsync`` publishes durably).  The store stays consistent whatever the
+moment: spools are scratch space that the next start discards.  Once the log
+passes ``log_limit`` bytes every file is published and the log checkpointed.
 
 Concurrency invariants (all state below is touched only on the trio thread):
 
@@ -37,10 +54,12 @@ from __future__ import annotations
 
 import bisect
 import errno
+import functools
 import json
 import logging
 import os
 import stat
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -59,15 +78,26 @@ from cachefs.control import (
 )
 from cachefs.digest import Digest
 from cachefs.errors import CachefsError, from_oserror
-from cachefs.namespace import ROOT_INODE, FsError, Inode, Namespace
+from cachefs.namespace import NO_CONTENT, ROOT_INODE, FsError, Inode, Namespace
 from cachefs.store import Store
+from cachefs.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
 
 #: Unpublished bytes of one file that start a background publication.
 DEFAULT_PUBLISH_THRESHOLD = 1 << 30
+#: Size of the write-ahead log that makes every file publish and the log restart.
+DEFAULT_LOG_LIMIT = 256 << 20
 #: Pieces in which composed content is handed to the ingest pipeline.
 _PIECE = 4 << 20
+
+LOG_DIRECTORY = "fswal"
+LOG_BASE = 1
+LOG_WRITE = 2
+LOG_TRUNCATE = 3
+_LOG_BASE = struct.Struct("<QQ32s")
+_LOG_WRITE = struct.Struct("<QQq")
+_LOG_TRUNCATE = struct.Struct("<QQq")
 
 
 @dataclass
@@ -154,6 +184,7 @@ class Filesystem:
         store: Store,
         *,
         publish_threshold: int = DEFAULT_PUBLISH_THRESHOLD,
+        log_limit: int = DEFAULT_LOG_LIMIT,
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self.store = store
@@ -171,9 +202,75 @@ class Filesystem:
         self.invalidate: Callable[[int], None] = lambda ino: None
         self.errors = 0
         self.control = ControlTree(self)
+        self.log_limit = log_limit
+        self._checkpointing = False
         purged = self.namespace.purge_orphans()
         if purged:
             log.info("deleted %d files that were unlinked while open when last mounted", purged)
+        self.wal = WriteAheadLog(store.path / LOG_DIRECTORY, fsync=store.options.fsync)
+        try:
+            self._replay()
+        except BaseException:
+            self.wal.close()
+            raise
+
+    def close(self) -> None:
+        """After the last request: every file must have been published (flush_all)."""
+        if not any(state.changed for state in self.files.values()):
+            try:
+                self.wal.checkpoint()
+            except CachefsError as exc:
+                log.warning("could not checkpoint the write-ahead log: %s", exc)
+        for state in self.files.values():
+            if state.spool is not None:
+                os.close(state.spool)
+                state.spool = None
+        self.wal.close()
+
+    def _replay(self) -> None:
+        """Publish the writes a killed daemon logged but never published."""
+        records = self.wal.replay()
+        if not records:
+            return
+        logs: dict[int, list[tuple[int, bytes]]] = {}
+        for record in records:
+            if record.kind not in (LOG_BASE, LOG_WRITE, LOG_TRUNCATE):
+                log.warning("write-ahead log: skipping record of unknown kind %d", record.kind)
+                continue
+            ino = struct.unpack_from("<Q", record.payload)[0]
+            if record.kind == LOG_BASE:
+                logs[ino] = []
+            if ino in logs:
+                logs[ino].append((record.kind, record.payload))
+        replayed = 0
+        for ino, entries in logs.items():
+            _, size, content = _LOG_BASE.unpack_from(entries[0][1])
+            try:
+                inode = self.namespace.get(ino)
+            except FsError:
+                continue  # deleted since
+            if not inode.is_reg or inode.content != content or inode.size != size:
+                continue  # published (or emptied) after these writes
+            state = OpenFile(ino, inode.digest, inode.size, inode.size)
+            state.changed = True
+            for kind, payload in entries[1:]:
+                if kind == LOG_WRITE:
+                    _, offset, mtime = _LOG_WRITE.unpack_from(payload)
+                    self._apply_write(state, offset, memoryview(payload)[_LOG_WRITE.size :])
+                else:
+                    _, new_size, mtime = _LOG_TRUNCATE.unpack_from(payload)
+                    self._truncate_locked(state, new_size)
+                state.mtime_ns = state.ctime_ns = mtime
+                state.changed = True
+            if state.changed:
+                self._stored(state, self._store(state, durable=True))
+            if state.spool is not None:
+                os.close(state.spool)
+            replayed += 1
+        self.store.sync()
+        self.wal.checkpoint()
+        if replayed:
+            log.info("write-ahead log: published the logged writes of %d files", replayed)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -434,26 +531,58 @@ class Filesystem:
         async with state.lock:
             if handle.append:
                 offset = state.size
-            spool = self._spool(state)
-            try:
-                written = os.pwrite(spool, data, offset)
-            except OSError as exc:
-                raise from_oserror(exc, "writing to a spool file") from None
-            state.mark_dirty(offset, offset + written)
-            state.size = max(state.size, offset + written)
             self._changed(state)
+            self._log(LOG_WRITE, _LOG_WRITE.pack(state.ino, offset, state.mtime_ns), data)
+            written = self._apply_write(state, offset, data)
             state.unpublished += written
-        if state.unpublished >= self.publish_threshold and self._nursery is not None:
-            state.unpublished = 0
-            state.publishing += 1
-            self._nursery.start_soon(self._publish_in_background, state)
+        if self._nursery is not None:
+            if state.unpublished >= self.publish_threshold:
+                state.unpublished = 0
+                state.publishing += 1
+                self._nursery.start_soon(self._publish_in_background, state)
+            if self.wal.size >= self.log_limit and not self._checkpointing:
+                self._checkpointing = True
+                self._nursery.start_soon(self._checkpoint)
         return written
 
+    def _apply_write(self, state: OpenFile, offset: int, data: bytes | memoryview) -> int:
+        spool = self._spool(state)
+        try:
+            written = os.pwrite(spool, data, offset)
+        except OSError as exc:
+            raise from_oserror(exc, "writing to a spool file") from None
+        state.mark_dirty(offset, offset + written)
+        state.size = max(state.size, offset + written)
+        return written
+
+    def _log(self, kind: int, head: bytes, data: bytes | memoryview = b"") -> None:
+        self.wal.append(kind, head + bytes(data) if data else head)
+
     def _changed(self, state: OpenFile) -> None:
+        """A change is about to be applied: log the base it applies to, if new."""
+        if not state.changed:
+            base = state.base
+            content, size = (NO_CONTENT, 0) if base is None else (base.hash, base.size)
+            self._log(LOG_BASE, _LOG_BASE.pack(state.ino, size, content))
+            state.changed = True
         now = time.time_ns()
-        state.changed = True
         state.mtime_ns = state.ctime_ns = now
         state.generation += 1
+
+    async def _checkpoint(self) -> None:
+        """Publish everything, then restart the write-ahead log (it is too large)."""
+        try:
+            for _ in range(3):
+                await self.flush_all()
+                if not any(state.changed for state in self.files.values()):
+                    self.wal.checkpoint()  # no await since the check: nothing slipped in
+                    return
+            log.info("write-ahead log: files keep changing; checkpoint postponed")
+        except CachefsError as exc:
+            self.errors += 1
+            log.error("write-ahead log checkpoint failed: %s", exc)
+        finally:
+            self._checkpointing = False
 
     async def truncate(self, ino: int, size: int) -> None:
         if size < 0:
@@ -467,6 +596,9 @@ class Filesystem:
         state.publishing += 1  # keeps the state alive while we wait for the lock
         try:
             async with state.lock:
+                if size not in (0, state.size):
+                    self._changed(state)
+                    self._log(LOG_TRUNCATE, _LOG_TRUNCATE.pack(ino, size, state.mtime_ns))
                 self._truncate_locked(state, size)
         finally:
             state.publishing -= 1
@@ -500,7 +632,7 @@ class Filesystem:
             except OSError as exc:
                 raise from_oserror(exc, "truncating a spool file") from None
         state.size = size
-        self._changed(state)
+        state.changed = True
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self.handles[fh]
@@ -570,6 +702,32 @@ class Filesystem:
             if state.opens == 0 and state.publishing == 0:
                 self._drop_state(state)
 
+    def _store(self, state: OpenFile, *, durable: bool) -> Digest | None:
+        """Store a file's content and point its inode at it (in a worker thread:
+        the caller holds the file's lock, so nothing changes meanwhile)."""
+        mtime, ctime, size, ino = state.mtime_ns, state.ctime_ns, state.size, state.ino
+        if size == 0:
+            self.namespace.clear_content(ino, mtime, ctime)
+            if durable:
+                self.store.sync()
+            return None
+        namespace = self.namespace
+
+        def hook(txn: lmdb.Transaction, digest: Digest) -> None:
+            namespace.set_content(txn, ino, digest, mtime, ctime)
+
+        return self.store.put(self._compose(state), durable=durable, on_publish=hook)
+
+    def _stored(self, state: OpenFile, digest: Digest | None) -> None:
+        """The file's content is ``digest`` now: nothing is unpublished."""
+        state.base = digest
+        state.base_limit = state.size
+        state.dirty.clear()
+        if state.spool is not None:
+            os.ftruncate(state.spool, 0)
+        state.changed = False
+        state.unpublished = 0
+
     async def _publish(self, state: OpenFile, *, durable: bool) -> None:
         """Store the file's new content and point its inode at it."""
         state.publishing += 1
@@ -579,32 +737,9 @@ class Filesystem:
                     if durable:
                         await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
                     return
-                mtime, ctime, size = state.mtime_ns, state.ctime_ns, state.size
-                if size == 0:
-                    self.namespace.clear_content(state.ino, mtime, ctime)
-                    digest = None
-                    if durable:
-                        await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
-                else:
-                    ino = state.ino
-                    namespace = self.namespace
-
-                    def hook(txn: lmdb.Transaction, digest: Digest) -> None:
-                        namespace.set_content(txn, ino, digest, mtime, ctime)
-
-                    def put() -> Digest:
-                        return self.store.put(
-                            self._compose(state), durable=durable, on_publish=hook
-                        )
-
-                    digest = await trio.to_thread.run_sync(put, limiter=self.limiter)
-                state.base = digest
-                state.base_limit = size
-                state.dirty.clear()
-                if state.spool is not None:
-                    os.ftruncate(state.spool, 0)
-                state.changed = False
-                state.unpublished = 0
+                store = functools.partial(self._store, state, durable=durable)
+                digest = await trio.to_thread.run_sync(store, limiter=self.limiter)
+                self._stored(state, digest)
         finally:
             state.publishing -= 1
 

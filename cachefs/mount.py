@@ -153,19 +153,22 @@ def serve(
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
         fs = Filesystem(store, publish_threshold=publish_threshold)
-        fs.control.info = {"mountpoint": str(mountpoint), "mount_options": sorted(options)}
-        operations = Operations(fs)
         try:
-            pyfuse3.init(operations, str(mountpoint), options)
-        except RuntimeError as exc:
-            raise MountError(f"cannot mount {mountpoint}: {exc}") from None
-        log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
-        try:
-            trio.run(_main, fs, ready)
+            fs.control.info = {"mountpoint": str(mountpoint), "mount_options": sorted(options)}
+            operations = Operations(fs)
+            try:
+                pyfuse3.init(operations, str(mountpoint), options)
+            except RuntimeError as exc:
+                raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+            log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
+            try:
+                trio.run(_main, fs, ready)
+            finally:
+                still_mounted = os.path.ismount(mountpoint)
+                pyfuse3.close(unmount=still_mounted)
+                sd_notify("STOPPING=1")
         finally:
-            still_mounted = os.path.ismount(mountpoint)
-            pyfuse3.close(unmount=still_mounted)
-            sd_notify("STOPPING=1")
+            fs.close()
     finally:
         store.close()
     log.info("unmounted %s; store closed cleanly", mountpoint)
