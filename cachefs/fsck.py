@@ -40,6 +40,7 @@ from cachefs import gc
 from cachefs.digest import Digest
 from cachefs.errors import CorruptDataError
 from cachefs.index import COUNTER_NAMES, SEGMENT_KEY, ChunkEntry, SegmentEntry, lmdb_error
+from cachefs.namespace import Namespace
 from cachefs.segment import (
     RECORD_HEADER,
     TAG_ANCILLARY_MIN,
@@ -71,6 +72,7 @@ class FsckReport:
     records_checked: int = 0
     chunks_checked: int = 0
     objects_checked: int = 0
+    inodes_checked: int = 0
     lost_objects: list[Digest] = field(default_factory=list)
     repaired: bool = False
 
@@ -89,6 +91,7 @@ class FsckReport:
             "records_checked": self.records_checked,
             "chunks_checked": self.chunks_checked,
             "objects_checked": self.objects_checked,
+            "inodes_checked": self.inodes_checked,
             "problems": [{"kind": p.kind, "message": p.message} for p in self.problems],
             "notes": self.notes,
             "lost_objects": [str(d) for d in self.lost_objects],
@@ -104,6 +107,7 @@ def check(store: Store, *, repair: bool = False, progress: Progress | None = Non
             if not report.clean:
                 try:
                     _repair(store, report, recount)
+                    _repair_namespace(store)
                 except lmdb.Error as exc:
                     raise lmdb_error(exc, "repairing the index") from None
             if store.options.fsync:
@@ -111,6 +115,17 @@ def check(store: Store, *, repair: bool = False, progress: Progress | None = Non
         store.needs_fsck = False
         return report
     return _check(store, progress)[0]
+
+
+def _repair_namespace(store: Store) -> None:
+    """After the index repair: files whose objects were dropped lose their content."""
+    if not Namespace.exists(store):
+        return
+    namespace = Namespace(store)
+    with store.index.read() as txn:
+        found = namespace.check(txn)
+    if found.problems:
+        namespace.repair(found)
 
 
 @dataclass
@@ -133,8 +148,15 @@ def _check(store: Store, progress: Progress | None) -> tuple[FsckReport, _Recoun
     index = store.index
     # One read transaction for the whole check: a writer may publish meanwhile,
     # and everything must be compared against one snapshot of the index.
+    # Named databases must be opened before the transaction that uses them.
+    namespace = Namespace(store) if Namespace.exists(store) else None
     with index.read() as txn:
         _check_snapshot(store, txn, report, recount, progress)
+        if namespace is not None:
+            found = namespace.check(txn)
+            for kind, message in found.problems:
+                report.add(kind, message)
+            report.inodes_checked = found.inodes
     report.lost_objects = list(recount.lost)
     return report, recount
 

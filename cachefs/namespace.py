@@ -46,8 +46,9 @@ import os
 import stat
 import struct
 import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lmdb
 
@@ -180,6 +181,12 @@ class Namespace:
             raise lmdb_error(exc, "opening the namespace") from None
         if create:
             self._ensure_root()
+
+    @staticmethod
+    def exists(store: Store) -> bool:
+        """Whether the store has a namespace (it was mounted at least once)."""
+        with store.index.read() as txn:
+            return txn.get(b"inodes") is not None  # named databases are keys of the main one
 
     def _ensure_root(self) -> None:
         with self.store.transaction("creating the root directory") as txn:
@@ -641,5 +648,106 @@ class Namespace:
             inode.ctime_ns = time.time_ns()
             self._put(txn, inode)
 
+    # --- consistency ---------------------------------------------------------------
 
-__all__ = ["ROOT_INODE", "FsError", "Inode", "Namespace"]
+    def check(self, txn: lmdb.Transaction) -> NamespaceCheck:
+        """Compare the namespace with its invariants and with the objects it
+        references, in one snapshot (``txn``); nothing is changed."""
+        result = NamespaceCheck()
+        inodes = {inode.ino: inode for inode in self.iter_inodes(txn)}
+        names: Counter[int] = Counter()
+        subdirs: Counter[int] = Counter()
+        for parent, name, child in self.iter_dirents(txn):
+            parent_inode = inodes.get(parent)
+            inode = inodes.get(child)
+            if parent_inode is None or not parent_inode.is_dir:
+                result.add("namespace", f"entry {name!r} lies in inode {parent}, not a directory")
+                result.dangling.append((parent, name))
+            elif inode is None:
+                result.add("namespace", f"entry {name!r} in directory {parent}: no inode {child}")
+                result.dangling.append((parent, name))
+            else:
+                names[child] += 1
+                if inode.is_dir:
+                    subdirs[parent] += 1
+        orphans = {INO_KEY.unpack(k)[0] for k, _ in txn.cursor(db=self.orphans)}
+        refs: Counter[bytes] = Counter()
+        for ino, inode in inodes.items():
+            if inode.is_dir:
+                expected = 2 + subdirs[ino] if (names[ino] == 1 or ino == ROOT_INODE) else 0
+            else:
+                expected = names[ino]
+            if inode.is_dir and names[ino] > 1:
+                result.add("namespace", f"directory inode {ino} has {names[ino]} entries")
+            if inode.nlink != expected and not (expected == 0 and ino in orphans):
+                result.add("namespace", f"inode {ino}: link count {inode.nlink}, found {expected}")
+                result.nlinks[ino] = expected
+            if expected == 0 and ino != ROOT_INODE and ino not in orphans:
+                result.add("namespace", f"inode {ino} is in no directory and not an orphan")
+                result.leaked.append(ino)
+            digest = inode.digest
+            if digest is not None:
+                entry = self.store.index.get_object(txn, digest.hash)
+                if entry is None or entry.size != inode.size:
+                    result.add("namespace", f"inode {ino}: its content {digest} is not stored")
+                    result.lost.append(ino)
+                else:
+                    refs[digest.hash] += 1
+        for digest_hash, count in refs.items():
+            entry = self.store.index.get_object(txn, digest_hash)
+            if entry is not None and entry.refcount < count:
+                result.add(
+                    "namespace",
+                    f"object {digest_hash.hex()}: {entry.refcount} references, "
+                    f"but {count} files hold it",
+                )
+        counted = self.store.index.counter(txn, "inodes")
+        if counted != len(inodes):
+            result.add("namespace", f"inode counter says {counted}, found {len(inodes)}")
+        result.inodes = len(inodes)
+        return result
+
+    def repair(self, found: NamespaceCheck) -> None:
+        """Fix what :meth:`check` found (under the store's maintenance lock).
+
+        Files whose content is lost become empty and get an xattr
+        ``user.cachefs.lost`` naming the lost digest; dangling entries are
+        removed; link counts are set to what was counted; inodes in no
+        directory become orphans (deleted at the next mount)."""
+        with self.store.transaction("repairing the namespace") as txn:
+            for parent, name in found.dangling:
+                txn.delete(_dirent_key(parent, name), db=self.dirents)
+            for ino in found.lost:
+                inode = self.get(ino, txn)
+                txn.put(
+                    INO_KEY.pack(ino) + b"user.cachefs.lost",
+                    str(inode.digest).encode(),
+                    db=self.xattrs,
+                )
+                inode.content, inode.size = NO_CONTENT, 0
+                self._put(txn, inode)
+            for ino, nlink in found.nlinks.items():
+                inode = self.get(ino, txn)
+                inode.nlink = nlink
+                self._put(txn, inode)
+            for ino in found.leaked:
+                txn.put(INO_KEY.pack(ino), b"", db=self.orphans)
+            self.store.index.set_counter(
+                txn, "inodes", sum(1 for _ in txn.cursor(db=self.inodes).iternext(values=False))
+            )
+
+
+@dataclass
+class NamespaceCheck:
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    dangling: list[tuple[int, bytes]] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    nlinks: dict[int, int] = field(default_factory=dict)
+    leaked: list[int] = field(default_factory=list)
+    inodes: int = 0
+
+    def add(self, kind: str, message: str) -> None:
+        self.problems.append((kind, message))
+
+
+__all__ = ["ROOT_INODE", "FsError", "Inode", "Namespace", "NamespaceCheck"]

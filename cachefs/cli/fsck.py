@@ -48,7 +48,8 @@ def command(store: Path, repair: bool, as_json: bool) -> None:
             click.echo(f"LOST    object {digest} ({verb}: its data is gone)")
         summary = (
             f"{report.segments_checked} segments, {report.records_checked} records, "
-            f"{report.chunks_checked} chunks, {report.objects_checked} objects checked: "
+            f"{report.chunks_checked} chunks, {report.objects_checked} objects, "
+            f"{report.inodes_checked} inodes checked: "
         )
         if report.clean:
             click.echo(summary + "clean")

@@ -1,0 +1,166 @@
+"""The namespace and the filesystem layer, called directly (no kernel)."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cachefs import fsck
+from cachefs.fs import Filesystem, OpenFile
+from cachefs.namespace import INO_KEY, INO_VALUE, ROOT_INODE, FsError, Namespace, _dirent_key
+from cachefs.store import Store
+
+FILE = stat.S_IFREG | 0o644
+DIR = stat.S_IFDIR | 0o755
+
+
+def _errno(exc: pytest.ExceptionInfo[FsError]) -> int:
+    return exc.value.errno
+
+
+def test_create_lookup_and_link_counts(store: Store) -> None:
+    ns = Namespace(store)
+    d = ns.create(ROOT_INODE, b"d", DIR, 1, 2)
+    f = ns.create(d.ino, b"f", FILE, 1, 2)
+    assert ns.lookup(d.ino, b"f") == f.ino
+    assert ns.get(ROOT_INODE).nlink == 3
+    ns.link(f.ino, ROOT_INODE, b"g")
+    assert ns.get(f.ino).nlink == 2
+    with pytest.raises(FsError) as info:
+        ns.create(d.ino, b"f", FILE, 0, 0)
+    assert _errno(info) == errno.EEXIST
+    with pytest.raises(FsError) as info:
+        ns.remove(ROOT_INODE, b"d", directory=True, in_use=False)
+    assert _errno(info) == errno.ENOTEMPTY
+    with pytest.raises(FsError) as info:
+        ns.create(ROOT_INODE, b"x" * 256, FILE, 0, 0)
+    assert _errno(info) == errno.ENAMETOOLONG
+
+
+def test_rename_rules(store: Store) -> None:
+    ns = Namespace(store)
+    a = ns.create(ROOT_INODE, b"a", DIR, 0, 0)
+    b = ns.create(a.ino, b"b", DIR, 0, 0)
+    with pytest.raises(FsError) as info:
+        ns.rename(ROOT_INODE, b"a", b.ino, b"inside", 0)
+    assert _errno(info) == errno.EINVAL
+    f = ns.create(ROOT_INODE, b"f", FILE, 0, 0)
+    with pytest.raises(FsError) as info:
+        ns.rename(ROOT_INODE, b"f", ROOT_INODE, b"a", 0)
+    assert _errno(info) == errno.EISDIR
+    ns.rename(ROOT_INODE, b"f", a.ino, b"b", 2)  # exchange a file and a directory
+    assert ns.lookup(a.ino, b"b") == f.ino and ns.lookup(ROOT_INODE, b"f") == b.ino
+    with pytest.raises(FsError) as info:
+        ns.rename(ROOT_INODE, b"f", a.ino, b"b", 3)
+    assert _errno(info) == errno.EINVAL
+
+
+def test_set_gid_directory_passes_its_group(store: Store) -> None:
+    ns = Namespace(store)
+    d = ns.create(ROOT_INODE, b"d", DIR | stat.S_ISGID, 0, 77)
+    f = ns.create(d.ino, b"f", FILE, 5, 5)
+    sub = ns.create(d.ino, b"sub", DIR, 5, 5)
+    assert f.gid == 77 and sub.gid == 77 and sub.mode & stat.S_ISGID
+
+
+def test_unlinked_file_in_use_is_an_orphan_until_released(store: Store) -> None:
+    ns = Namespace(store)
+    f = ns.create(ROOT_INODE, b"f", FILE, 0, 0)
+    store.put(b"content", on_publish=lambda txn, d: ns.set_content(txn, f.ino, d, 1, 1))
+    assert store.stats().files == 1
+    ns.remove(ROOT_INODE, b"f", directory=False, in_use=True)
+    assert ns.orphan_inodes() == [f.ino]
+    assert store.stats().files == 1  # still readable by whoever holds it
+    assert ns.purge_orphans() == 1
+    assert store.stats().files == 0 and ns.orphan_inodes() == []
+
+
+def test_fsck_finds_and_repairs_namespace_damage(store: Store) -> None:
+    ns = Namespace(store)
+    d = ns.create(ROOT_INODE, b"d", DIR, 0, 0)
+    f = ns.create(d.ino, b"f", FILE, 0, 0)
+    digest = store.put(b"x" * 5000, on_publish=lambda txn, dg: ns.set_content(txn, f.ino, dg, 1, 1))
+    assert fsck.check(store).clean
+    with store.transaction("damaging") as txn:
+        txn.put(_dirent_key(d.ino, b"ghost"), INO_VALUE.pack(999), db=ns.dirents)
+        inode = ns.get(f.ino, txn)
+        inode.nlink = 3
+        txn.put(INO_KEY.pack(f.ino), inode.pack(), db=ns.inodes)
+        txn.delete(digest.hash, db=store.index.objects)  # the file's content is lost
+    report = fsck.check(store)
+    kinds = " ".join(p.message for p in report.problems)
+    assert "no inode 999" in kinds and "link count 3" in kinds and "not stored" in kinds
+    fsck.check(store, repair=True)
+    assert fsck.check(store).clean, fsck.check(store).problems
+    assert ns.get(f.ino).size == 0
+    assert ns.getxattr(f.ino, b"user.cachefs.lost") == str(digest).encode()
+
+
+# --- OpenFile: where each byte of a changed file comes from ----------------------------
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), st.integers(0, 5000), st.binary(min_size=1, max_size=800)),
+        st.tuples(st.just("truncate"), st.integers(0, 6000), st.just(b"")),
+    ),
+    max_size=25,
+)
+
+
+@given(base=st.binary(max_size=4000), operations=ops)
+def test_open_file_extents_match_a_bytearray(base: bytes, operations: list) -> None:  # type: ignore[type-arg]
+    """Composing base + spool through ``ranges`` equals applying the same
+    writes and truncations to a bytearray."""
+    state = OpenFile(1, None, len(base), len(base))
+    spool = bytearray(len(base))  # a sparse file: zeros until written
+    model = bytearray(base)
+    for op, offset, data in operations:
+        if op == "write":
+            end = offset + len(data)
+            spool.extend(bytes(max(0, end - len(spool))))
+            spool[offset:end] = data
+            state.mark_dirty(offset, end)
+            state.size = max(state.size, end)
+            model.extend(bytes(max(0, end - len(model))))
+            model[offset:end] = data
+        else:
+            state.cut(offset)
+            del spool[offset:]
+            spool.extend(bytes(max(0, offset - len(spool))))
+            state.size = offset
+            del model[offset:]
+            model.extend(bytes(max(0, offset - len(model))))
+    composed = bytearray()
+    for from_spool, start, stop in state.ranges(0, state.size):
+        composed += spool[start:stop] if from_spool else base[start:stop]
+    assert composed == model
+    extents = state.dirty
+    assert all(s < e <= state.base_limit for s, e in extents)
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(extents))
+
+
+async def test_filesystem_write_publish_and_read(store_path: Path) -> None:
+    with Store.open(store_path, create=True) as store:
+        fs = Filesystem(store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            inode = fs.create(ROOT_INODE, b"f", FILE, 0, 0)
+            fh, _ = await fs.open(inode.ino, 0o2)  # O_RDWR
+            await fs.write(fh, 0, b"hello world")
+            await fs.write(fh, 6, b"there")
+            assert bytes(await fs.read(fh, 0, 100)) == b"hello there"
+            await fs.fsync(fh)
+            assert str(fs.digest_of(inode.ino)).endswith("/11")
+            await fs.write(fh, 20, b"!")
+            assert bytes(await fs.read(fh, 0, 100)) == b"hello there" + bytes(9) + b"!"
+            await fs.release(fh)
+            assert fs.getattr(inode.ino).size == 21 and not fs.files
+            nursery.cancel_scope.cancel()
+        fs.close()
