@@ -148,6 +148,7 @@ class ControlTree:
             "corruptions": store.corruptions,
             "needs_fsck": store.needs_fsck,
             "errors": fs.errors,
+            "failsafe": fs.failsafe,
             "pid": os.getpid(),
         }
         return doc | self.info
@@ -162,7 +163,6 @@ class ControlTree:
                 answer: dict[str, Any] = {"ok": True}
             elif words[:1] == ["gc"] and len(words) <= 2:
                 threshold = float(words[1]) if len(words) == 2 else None
-                await self.fs.flush_all()
                 report = await trio.to_thread.run_sync(
                     lambda: gc.collect_garbage(store, threshold=threshold)
                 )

@@ -104,6 +104,12 @@ class CorruptDataError(CachefsError):
         self.offset = offset
 
 
+class IndexCorruptError(CorruptDataError):
+    """The metadata index itself is damaged (not just one chunk's bytes)."""
+
+    default_hint = "unmount, keep a copy of the store, and run `cachefs fsck STORE`"
+
+
 class StoreLockedError(CachefsError):
     """Another process has the store open for writing."""
 

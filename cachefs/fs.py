@@ -64,6 +64,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 import trio
@@ -77,17 +78,21 @@ from cachefs.control import (
     is_virtual,
 )
 from cachefs.digest import Digest
-from cachefs.errors import CachefsError, from_oserror
+from cachefs.errors import CachefsError, ReadOnlyError, StoreFullError, from_oserror
 from cachefs.namespace import NO_CONTENT, ROOT_INODE, FsError, Inode, Namespace
 from cachefs.store import Store
 from cachefs.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: Unpublished bytes of one file that start a background publication.
 DEFAULT_PUBLISH_THRESHOLD = 1 << 30
 #: Size of the write-ahead log that makes every file publish and the log restart.
 DEFAULT_LOG_LIMIT = 256 << 20
+#: Past this size the log restarts whenever nothing is left unpublished.
+_LOG_RESTART = 4 << 20
 #: Pieces in which composed content is handed to the ingest pipeline.
 _PIECE = 4 << 20
 
@@ -198,15 +203,16 @@ class Filesystem:
         self._generations: dict[int, int] = {}
         self._spool_dir = store.tmp_root
         self._nursery: trio.Nursery | None = None
-        #: Called with an inode whose attributes changed behind the kernel's back.
-        self.invalidate: Callable[[int], None] = lambda ino: None
         self.errors = 0
+        #: Why the filesystem went read-only to protect the store (None: it did not).
+        self.failsafe: str | None = None
         self.control = ControlTree(self)
         self.log_limit = log_limit
         self._checkpointing = False
         purged = self.namespace.purge_orphans()
         if purged:
             log.info("deleted %d files that were unlinked while open when last mounted", purged)
+        self._reserve = store.ensure_reserve()
         self.wal = WriteAheadLog(store.path / LOG_DIRECTORY, fsync=store.options.fsync)
         try:
             self._replay()
@@ -282,12 +288,41 @@ class Filesystem:
             await trio.sleep_forever()
 
     async def flush_all(self) -> None:
-        """Publish every file with unpublished writes, durably (unmount, syncfs)."""
+        """Publish every file with unpublished writes, durably (unmount, sync).
+
+        A file that cannot be published (disk full) keeps its writes and does
+        not stop the others; the first error is raised at the end."""
+        failed: CachefsError | None = None
         for ino in list(self.files):
             state = self.files.get(ino)
-            if state is not None:
+            if state is None:
+                continue
+            try:
                 await self._publish(state, durable=False)
+            except CachefsError as exc:
+                log.error("could not publish inode %d: %s", ino, exc)
+                failed = failed or exc
         await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
+        if failed is not None:
+            raise failed
+
+    def enter_failsafe(self, reason: str) -> None:
+        """Refuse every change from now on (EROFS): the store may be damaged."""
+        if self.failsafe is None:
+            self.failsafe = reason
+            log.critical(
+                "the file system is read-only from now on to protect the store: %s; "
+                "unmount it and run `cachefs fsck %s`",
+                reason,
+                self.store.path,
+            )
+
+    def _check_writable(self) -> None:
+        if self.failsafe is not None:
+            raise ReadOnlyError(
+                f"the file system went read-only after damage ({self.failsafe})",
+                hint=f"unmount and run `cachefs fsck {self.store.path}`",
+            )
 
     # --- lookup counts -------------------------------------------------------------
 
@@ -351,6 +386,7 @@ class Filesystem:
         size: int | None = None,
     ) -> Inode:
         _real(ino)
+        self._check_writable()
         if size is not None:
             await self.truncate(ino, size)
         if (mode, uid, gid, atime_ns, mtime_ns) != (None,) * 5:
@@ -376,6 +412,7 @@ class Filesystem:
         target: bytes = b"",
     ) -> Inode:
         _real(parent, name)
+        self._check_writable()
         inode = self.namespace.create(parent, name, mode, uid, gid, rdev=rdev, target=target)
         self.remember(inode.ino)
         return inode
@@ -383,20 +420,29 @@ class Filesystem:
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         _real(ino)
         _real(parent, name)
+        self._check_writable()
         self.namespace.link(ino, parent, name)
         self.remember(ino)
         return self.getattr(ino)
 
     def unlink(self, parent: int, name: bytes, *, directory: bool = False) -> None:
         _real(parent, name)
+        self._check_writable()
         ino = self.namespace.lookup(parent, name)
-        self.namespace.remove(parent, name, directory=directory, in_use=self._in_use(ino))
+        inode = self._freeing(
+            lambda: self.namespace.remove(
+                parent, name, directory=directory, in_use=self._in_use(ino)
+            )
+        )
+        if inode.nlink == 0:
+            self._forget_writes(ino)
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
     ) -> None:
         _real(old_parent, old_name)
         _real(new_parent, new_name)
+        self._check_writable()
         in_use = set()
         try:
             target = self.namespace.lookup(new_parent, new_name)
@@ -405,7 +451,35 @@ class Filesystem:
         else:
             if self._in_use(target):
                 in_use.add(target)
-        self.namespace.rename(old_parent, old_name, new_parent, new_name, flags, in_use=in_use)
+        replaced = self._freeing(
+            lambda: self.namespace.rename(
+                old_parent, old_name, new_parent, new_name, flags, in_use=in_use
+            )
+        )
+        if replaced is not None and replaced.nlink == 0:
+            self._forget_writes(replaced.ino)
+
+    def _freeing(self, operation: Callable[[], T]) -> T:
+        """Run an operation that frees space; on a full disk, release the
+        store's reserve and try once more (deleting needs room too)."""
+        try:
+            return operation()
+        except StoreFullError:
+            if not self.store.release_reserve():
+                raise
+            self._reserve = False
+            return operation()
+
+    def _restore_reserve(self) -> None:
+        if not self._reserve:
+            self._reserve = self.store.ensure_reserve()
+
+    def _forget_writes(self, ino: int) -> None:
+        """A file lost its last name: unpublished writes nobody can reach are dropped
+        (an open file keeps them, readable, until it is closed)."""
+        state = self.files.get(ino)
+        if state is not None and state.opens == 0 and state.publishing == 0:
+            self._drop_state(state)
 
     def readlink(self, ino: int) -> bytes:
         inode = self.getattr(ino)
@@ -472,6 +546,8 @@ class Filesystem:
             raise FsError(errno.EISDIR)
         if not inode.is_reg:
             raise FsError(errno.EINVAL)
+        if writable:
+            self._check_writable()
         state = self._state(ino, inode)
         state.opens += 1
         fh = self._new_handle(Handle(ino, state, writable, bool(flags & os.O_APPEND)))
@@ -528,6 +604,7 @@ class Filesystem:
         state = handle.file
         if state is None or not handle.writable:
             raise FsError(errno.EBADF)
+        self._check_writable()
         async with state.lock:
             if handle.append:
                 offset = state.size
@@ -612,7 +689,7 @@ class Filesystem:
                 return
             # The common O_TRUNC case: drop the content at once.
             now = time.time_ns()
-            self.namespace.clear_content(state.ino, now, now)
+            self._freeing(lambda: self.namespace.clear_content(state.ino, now, now))
             state.base = None
             state.base_limit = 0
             state.dirty.clear()
@@ -733,6 +810,8 @@ class Filesystem:
         state.publishing += 1
         try:
             async with state.lock:
+                if state.changed and self._orphaned(state.ino):
+                    return  # unlinked: its writes stay readable in the spool, never stored
                 if not state.changed:
                     if durable:
                         await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
@@ -762,10 +841,16 @@ class Filesystem:
             if state.opens == 0 and state.publishing == 0:
                 self._drop_state(state)
 
+    def _orphaned(self, ino: int) -> bool:
+        try:
+            return self.namespace.get(ino).nlink == 0
+        except FsError:
+            return True
+
     def _drop_state(self, state: OpenFile) -> None:
         if self.files.get(state.ino) is not state or state.opens or state.publishing:
             return
-        if state.changed:
+        if state.changed and not self._orphaned(state.ino):
             return  # publication failed: keep the data for the next attempt
         del self.files[state.ino]
         self._generations[state.ino] = state.generation
@@ -773,8 +858,36 @@ class Filesystem:
             os.close(state.spool)
             state.spool = None
         self._maybe_delete(state.ino)
+        self._restore_reserve()
+        if self.wal.size >= _LOG_RESTART and not self._checkpointing:
+            self._restart_log()
+
+    def _restart_log(self) -> None:
+        """Empty the write-ahead log if everything it holds has been published."""
+        if any(other.changed for other in self.files.values()):
+            return
+        try:
+            self.wal.checkpoint()
+        except CachefsError as exc:
+            log.warning("could not restart the write-ahead log: %s", exc)
 
     # --- extended attributes ---------------------------------------------------------------
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        _real(ino)
+        self._check_writable()
+        self.namespace.setxattr(ino, name, value)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        _real(ino)
+        self._check_writable()
+        self.namespace.removexattr(ino, name)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes | None:
+        return None if is_virtual(ino) else self.namespace.getxattr(ino, name)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return [] if is_virtual(ino) else self.namespace.listxattr(ino)
 
     def digest_of(self, ino: int) -> Digest:
         if is_virtual(ino):

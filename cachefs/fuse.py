@@ -20,7 +20,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from cachefs.control import is_virtual
-from cachefs.errors import CachefsError, CorruptDataError
+from cachefs.errors import CachefsError, CorruptDataError, IndexCorruptError
 from cachefs.fs import Filesystem
 from cachefs.namespace import Inode
 
@@ -55,6 +55,8 @@ def _translate(
             raise
         except CorruptDataError as exc:
             ops: Operations = args[0]  # type: ignore[assignment]
+            if isinstance(exc, IndexCorruptError):
+                ops.fs.enter_failsafe(str(exc))
             ops.fs.store.needs_fsck = True
             ops.fs.store.corruptions += 1
             log.error("%s: %s", handler.__name__, exc)
@@ -70,6 +72,7 @@ def _translate(
             ops = args[0]  # type: ignore[assignment]
             ops.fs.errors += 1
             log.exception("bug in handler %s", handler.__name__)
+            ops.fs.enter_failsafe(f"unexpected error in {handler.__name__}")
             raise FUSEError(errno.EIO) from None
 
     return wrapper
@@ -291,22 +294,20 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         if name == DIGEST_XATTR:
             raise FUSEError(errno.EPERM)
-        self.fs.namespace.setxattr(self._real(inode), name, value)
+        self.fs.setxattr(inode, name, value)
 
     @_translate
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == DIGEST_XATTR:
             return str(await self.fs.published_digest(inode)).encode()
-        if self.fs.is_virtual(inode):
-            raise FUSEError(errno.ENODATA)
-        value = self.fs.namespace.getxattr(inode, name)
+        value = self.fs.getxattr(inode, name)
         if value is None:
             raise FUSEError(errno.ENODATA)
         return value
 
     @_translate
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = [] if self.fs.is_virtual(inode) else self.fs.namespace.listxattr(inode)
+        names = self.fs.listxattr(inode)
         if stat.S_ISREG(self.fs.getattr(inode).mode):
             names.append(DIGEST_XATTR)
         return names
@@ -315,9 +316,4 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name == DIGEST_XATTR:
             raise FUSEError(errno.EPERM)
-        self.fs.namespace.removexattr(self._real(inode), name)
-
-    def _real(self, inode: int) -> int:
-        if self.fs.is_virtual(inode):
-            raise FUSEError(errno.EPERM)
-        return inode
+        self.fs.removexattr(inode, name)

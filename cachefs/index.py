@@ -51,7 +51,7 @@ from pathlib import Path
 
 import lmdb
 
-from cachefs.errors import CachefsError, CorruptDataError, StoreFullError
+from cachefs.errors import CachefsError, CorruptDataError, IndexCorruptError, StoreFullError
 
 INDEX_NAME = "index.lmdb"
 MAX_DBS = 32
@@ -233,7 +233,7 @@ def lmdb_error(exc: lmdb.Error, what: str) -> CachefsError:
     if isinstance(exc, lmdb.MapFullError | lmdb.DiskError) or "No space" in str(exc):
         return StoreFullError(f"no space left while {what}")
     if isinstance(exc, lmdb.CorruptedError | lmdb.InvalidError | lmdb.PageNotFoundError):
-        return CorruptDataError(
+        return IndexCorruptError(
             f"the index is damaged while {what}: {exc}",
             hint="restore index.lmdb from a backup; segments hold the chunk data",
         )

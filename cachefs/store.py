@@ -102,6 +102,10 @@ _WAL_WRITE = struct.Struct("<QQ")
 _WAL_MAX_WRITE = 16 << 20
 _APPLIED = struct.Struct("<32sQ")
 
+#: Disk space kept aside so that files can be deleted on a full disk (``ensure_reserve``).
+RESERVE_NAME = "reserve"
+RESERVE_SIZE = 8 << 20
+
 #: Objects of up to this size are processed in the calling thread (no pool hop).
 _INLINE_LIMIT = 1 << 20
 #: Compression is tried on a sample first for chunks of at least this size.
@@ -1353,6 +1357,38 @@ class Store:
             while cursor.first() and _HANDLE_KEY.unpack(cursor.key())[0] < base:
                 cursor.delete()
 
+    # --- space reserve ----------------------------------------------------------------
+
+    def ensure_reserve(self) -> bool:
+        """Set aside ``STORE/reserve`` (``RESERVE_SIZE`` bytes of allocated disk):
+        on a full disk, deleting still needs room (LMDB copies pages on write).
+        Returns whether the reserve is in place."""
+        path = self.path / RESERVE_NAME
+        try:
+            if path.stat().st_size >= RESERVE_SIZE:
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_SIZE)
+            finally:
+                os.close(fd)
+        except OSError:
+            path.unlink(missing_ok=True)
+            return False
+        return True
+
+    def release_reserve(self) -> bool:
+        """Give the reserve back to the disk (when full); whether there was one."""
+        try:
+            (self.path / RESERVE_NAME).unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("the disk is full: released the store's %d MiB reserve", RESERVE_SIZE >> 20)
+        return True
+
     # --- statistics -------------------------------------------------------------------
 
     def stats(self) -> StoreStats:
@@ -1472,7 +1508,7 @@ class StagedObject:
 
 
 def _check_empty(path: Path) -> None:
-    if any(p.name != "lock" for p in path.iterdir()):
+    if any(p.name not in ("lock", RESERVE_NAME) for p in path.iterdir()):
         raise ConfigError(
             f"{path} is not empty and not a cachefs store",
             hint="choose an empty or new directory for a new store",
