@@ -20,6 +20,7 @@ Exit codes (stable, documented in the README):
 5  store locked by another process
 6  store format version not supported
 7  store full (no space left on the device)
+8  cannot mount (mount point, FUSE missing) or unmount (busy)
 == =====================================================================
 """
 
@@ -143,6 +144,12 @@ class ReadOnlyError(CachefsError):
     errno = _errno.EROFS
     exit_code = 2
     default_hint = "open the store for writing (no other writer may be running)"
+
+
+class MountError(CachefsError):
+    """The mount point or the machine cannot host a mount, or it cannot be unmounted."""
+
+    exit_code = 8
 
 
 def from_oserror(exc: OSError, what: str) -> CachefsError:

@@ -78,7 +78,13 @@ from cachefs.control import (
     is_virtual,
 )
 from cachefs.digest import Digest
-from cachefs.errors import CachefsError, ReadOnlyError, StoreFullError, from_oserror
+from cachefs.errors import (
+    CachefsError,
+    CorruptDataError,
+    ReadOnlyError,
+    StoreFullError,
+    from_oserror,
+)
 from cachefs.namespace import NO_CONTENT, ROOT_INODE, FsError, Inode, Namespace
 from cachefs.store import Store
 from cachefs.wal import WriteAheadLog
@@ -361,7 +367,7 @@ class Filesystem:
         state = self.files.get(ino)
         if state is not None and state.changed:
             inode.size = state.size
-            inode.mtime_ns = max(inode.mtime_ns, state.mtime_ns)
+            inode.mtime_ns = state.mtime_ns  # the writes' time, or one set since
             inode.ctime_ns = max(inode.ctime_ns, state.ctime_ns)
         return inode
 
@@ -508,7 +514,7 @@ class Filesystem:
                 state = self.files.get(inode.ino)
                 if state is not None and state.changed:
                     inode.size = state.size
-                    inode.mtime_ns = max(inode.mtime_ns, state.mtime_ns)
+                    inode.mtime_ns = state.mtime_ns
         return handle.entries[start:]
 
     def releasedir(self, fh: int) -> None:
@@ -712,6 +718,16 @@ class Filesystem:
         state.changed = True
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        try:
+            return await self._read(fh, offset, size)
+        except CorruptDataError as exc:
+            # Say which file it hit: the store's message names chunk and segment.
+            raise CorruptDataError(
+                f"reading inode {self.handles[fh].ino} at offset {offset}: {exc.message}",
+                hint=exc.hint,
+            ) from None
+
+    async def _read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self.handles[fh]
         if handle.request is not None and handle.content is None:
             handle.content = await self.control.run(bytes(handle.request))
@@ -782,16 +798,17 @@ class Filesystem:
     def _store(self, state: OpenFile, *, durable: bool) -> Digest | None:
         """Store a file's content and point its inode at it (in a worker thread:
         the caller holds the file's lock, so nothing changes meanwhile)."""
-        mtime, ctime, size, ino = state.mtime_ns, state.ctime_ns, state.size, state.ino
-        if size == 0:
-            self.namespace.clear_content(ino, mtime, ctime)
+        if state.size == 0:
+            self.namespace.clear_content(state.ino, state.mtime_ns, state.ctime_ns)
             if durable:
                 self.store.sync()
             return None
         namespace = self.namespace
 
         def hook(txn: lmdb.Transaction, digest: Digest) -> None:
-            namespace.set_content(txn, ino, digest, mtime, ctime)
+            # The times as they are when the publication commits: a utimensat()
+            # that came in meanwhile (rsync does one right after close) wins.
+            namespace.set_content(txn, state.ino, digest, state.mtime_ns, state.ctime_ns)
 
         return self.store.put(self._compose(state), durable=durable, on_publish=hook)
 

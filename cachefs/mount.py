@@ -35,7 +35,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from cachefs.errors import CachefsError, ConfigError, NotFoundError
+from cachefs.errors import CachefsError, ConfigError, MountError, NotFoundError
 from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD, Filesystem
 from cachefs.fuse import Operations
 from cachefs.header import read_header
@@ -46,12 +46,6 @@ log = logging.getLogger(__name__)
 LOG_NAME = "cachefs.log"
 FUSE_DEVICE = "/dev/fuse"
 FSNAME = "cachefs"
-
-
-class MountError(CachefsError):
-    """The mount point or the machine cannot host a mount."""
-
-    exit_code = 8
 
 
 def check_mountpoint(mountpoint: Path) -> Path:

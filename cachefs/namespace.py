@@ -61,6 +61,7 @@ ROOT_INODE = 1
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 64 * 1024
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 INODE = struct.Struct("<IIIIQQqqq32s")
 assert INODE.size == 88
@@ -589,7 +590,7 @@ class Namespace:
             return
         inode = Inode.unpack(ino, raw)
         self._set_content(txn, inode, digest)
-        inode.mtime_ns = max(inode.mtime_ns, mtime_ns)
+        inode.mtime_ns = mtime_ns
         inode.ctime_ns = max(inode.ctime_ns, ctime_ns)
         self._put(txn, inode)
 
@@ -598,7 +599,7 @@ class Namespace:
         with self.store.transaction("truncating a file") as txn:
             inode = self.get(ino, txn)
             self._set_content(txn, inode, None)
-            inode.mtime_ns = max(inode.mtime_ns, mtime_ns)
+            inode.mtime_ns = mtime_ns
             inode.ctime_ns = max(inode.ctime_ns, ctime_ns)
             self._put(txn, inode)
 
@@ -622,7 +623,13 @@ class Namespace:
             return names
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        """Set an attribute; ``flags`` XATTR_CREATE (1) / XATTR_REPLACE (2)."""
+        """Set an attribute; ``flags`` XATTR_CREATE (1) / XATTR_REPLACE (2).
+
+        ``user.``, ``trusted.`` and ``security.`` attributes are stored as they
+        are; ``system.`` ones (POSIX ACLs) are not supported (EOPNOTSUPP), so
+        that tools such as ``cp -a`` fall back to chmod."""
+        if not name.startswith(XATTR_NAMESPACES):
+            raise FsError(errno.EOPNOTSUPP, f"extended attribute {name!r} is not supported")
         if not name or len(name) > XATTR_NAME_MAX:
             raise FsError(errno.ERANGE if name else errno.EINVAL)
         if len(value) > XATTR_SIZE_MAX:

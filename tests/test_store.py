@@ -1238,6 +1238,8 @@ ERROR_TABLE: dict[type[CachefsError], tuple[int, int, bool]] = {
     errors.FormatVersionError: (errno.EPROTONOSUPPORT, 6, True),
     errors.StoreFullError: (errno.ENOSPC, 7, True),
     errors.ReadOnlyError: (errno.EROFS, 2, True),
+    errors.IndexCorruptError: (errno.EIO, 4, True),
+    errors.MountError: (errno.EIO, 8, False),
 }
 
 
