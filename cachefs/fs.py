@@ -96,7 +96,7 @@ T = TypeVar("T")
 #: Unpublished bytes of one file that start a background publication.
 DEFAULT_PUBLISH_THRESHOLD = 1 << 30
 #: Size of the write-ahead log that makes every file publish and the log restart.
-DEFAULT_LOG_LIMIT = 256 << 20
+DEFAULT_LOG_LIMIT = 1 << 30
 #: Past this size the log restarts whenever nothing is left unpublished.
 _LOG_RESTART = 4 << 20
 #: Pieces in which composed content is handed to the ingest pipeline.
@@ -653,19 +653,48 @@ class Filesystem:
         state.generation += 1
 
     async def _checkpoint(self) -> None:
-        """Publish everything, then restart the write-ahead log (it is too large)."""
+        """The log passed its limit: restart it, carrying over what is unpublished.
+
+        Files whose unpublished bytes would fill more than half of the new log
+        are published first (largest first), so that the new log starts small
+        and files that keep being written do not make it restart again at once.
+        """
         try:
-            for _ in range(3):
-                await self.flush_all()
-                if not any(state.changed for state in self.files.values()):
-                    self.wal.checkpoint()  # no await since the check: nothing slipped in
-                    return
-            log.info("write-ahead log: files keep changing; checkpoint postponed")
+            changed = [state for state in self.files.values() if state.changed]
+            changed.sort(key=_unpublished_bytes, reverse=True)
+            carried = sum(map(_unpublished_bytes, changed))
+            for state in changed:
+                if carried <= self.log_limit // 2:
+                    break
+                carried -= _unpublished_bytes(state)
+                await self._publish(state, durable=False)
+            # No await from here on: nothing can change while the log restarts.
+            self.wal.checkpoint()
+            for state in self.files.values():
+                if state.changed:
+                    self._log_unpublished(state)
         except CachefsError as exc:
             self.errors += 1
             log.error("write-ahead log checkpoint failed: %s", exc)
         finally:
             self._checkpointing = False
+
+    def _log_unpublished(self, state: OpenFile) -> None:
+        """Log a changed file's unpublished content again, as if written anew
+        (records whose replay gives the file as it is now)."""
+        ino, mtime = state.ino, state.mtime_ns
+        base = state.base
+        content, size = (NO_CONTENT, 0) if base is None else (base.hash, base.size)
+        self._log(LOG_BASE, _LOG_BASE.pack(ino, size, content))
+        self._log(LOG_TRUNCATE, _LOG_TRUNCATE.pack(ino, state.base_limit, mtime))
+        self._log(LOG_TRUNCATE, _LOG_TRUNCATE.pack(ino, state.size, mtime))
+        if state.spool is None:
+            return
+        regions = [*state.dirty, *_data_regions(state.spool, state.base_limit, state.size)]
+        for start, stop in regions:
+            for piece in range(start, stop, _PIECE):
+                data = os.pread(state.spool, min(_PIECE, stop - piece), piece)
+                self._log(LOG_WRITE, _LOG_WRITE.pack(ino, piece, mtime), data)
 
     async def truncate(self, ino: int, size: int) -> None:
         if size < 0:
@@ -937,6 +966,28 @@ class Filesystem:
 
     def store_path(self) -> Path:
         return self.store.path
+
+
+def _unpublished_bytes(state: OpenFile) -> int:
+    return sum(stop - start for start, stop in state.dirty) + state.size - state.base_limit
+
+
+def _data_regions(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The [start, stop) regions of a sparse file between ``start`` and ``end``
+    that hold data (holes skipped)."""
+    position = start
+    while position < end:
+        try:
+            data = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        position = hole
 
 
 def _real(ino: int, name: bytes | None = None) -> None:

@@ -22,6 +22,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import signal
 import socket
@@ -158,8 +159,9 @@ def serve(
             try:
                 trio.run(_main, fs, ready)
             finally:
-                still_mounted = os.path.ismount(mountpoint)
-                pyfuse3.close(unmount=still_mounted)
+                # Not os.path.ismount(): a stat of our own mount would wait for
+                # an answer that nobody is left to give.
+                pyfuse3.close(unmount=mounted_fstype(mountpoint) is not None)
                 sd_notify("STOPPING=1")
         finally:
             fs.close()
@@ -171,7 +173,7 @@ def serve(
 async def _main(fs: Filesystem, ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run)
-        nursery.start_soon(_stop_on_signal)
+        await nursery.start(_stop_on_signal)  # before READY: a SIGTERM then stops cleanly
         ready()
         sd_notify("READY=1")
         await pyfuse3.main()
@@ -180,8 +182,9 @@ async def _main(fs: Filesystem, ready: Callable[[], None]) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal() -> None:
+async def _stop_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("signal %d: stopping", signum)
             pyfuse3.terminate()
@@ -275,6 +278,31 @@ def _daemonize(run: Callable[[Callable[[], None]], None]) -> None:
 # --- finding a mounted store ---------------------------------------------------------
 
 
+def mounted_fstype(path: Path) -> str | None:
+    """The type of the file system mounted exactly at ``path`` (from the mount
+    table: never touches the mount itself, which may be dead)."""
+    # Resolve symlinks in the parent only: a stat of a dead (or our own) mount hangs.
+    absolute = Path(os.path.abspath(path))
+    target = os.path.join(os.path.realpath(absolute.parent), absolute.name)
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+            for line in table:
+                fields = line.split()
+                separator = fields.index("-")
+                point = _unescape(fields[4])
+                if point == target:
+                    found = fields[separator + 1]  # the last mount on a path wins
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def _unescape(field: str) -> str:
+    """Mount table fields escape space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def mount_info(path: Path) -> dict[str, Any] | None:
     """The live figures of the cachefs mounted at ``path`` (None if it is not one)."""
     stats = path / ".cachefs" / "stats.json"
@@ -322,6 +350,12 @@ def umount(mountpoint: Path, *, timeout: float = 120.0) -> None:
     if not mountpoint.exists():
         raise NotFoundError(f"{mountpoint} does not exist")
     info = mount_info(mountpoint)
+    if info is None and mounted_fstype(mountpoint) == f"fuse.{FSNAME}":
+        # A cachefs mount whose daemon died (kill -9, crash): detach it.
+        subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True, check=False)
+        if mounted_fstype(mountpoint) is None:
+            log.warning("%s was a dead cachefs mount (its daemon was gone): detached", mountpoint)
+            return
     if info is None:
         raise ConfigError(
             f"{mountpoint} is not a cachefs mount",

@@ -37,6 +37,7 @@ Concurrency invariants:
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import functools
@@ -116,6 +117,8 @@ _PROBE_LEVEL = 1
 _FILES_PER_TASK = 16
 #: Chunks stored by one worker task (fewer, longer tasks: less GIL traffic).
 _TASK_CHUNKS = 8
+#: Object layouts (chunk offsets) kept for reads.
+_LAYOUTS = 256
 #: Chunks looked up together when reading; compressed ones among them are
 #: decompressed ahead of the reader, in the worker pool.
 _READ_WINDOW = 16
@@ -333,6 +336,10 @@ class Store:
         self.index = Index(path, readonly=readonly, fsync=options.fsync)
         self.maps = SegmentMaps(options.max_maps)
         self.cache = _ChunkCache(options.cache_size)
+        self._layouts: OrderedDict[Digest, tuple[list[tuple[bytes, int]], list[int]]] = (
+            OrderedDict()
+        )
+        self._layouts_lock = threading.Lock()
         self.segments_root = path / "segments"
         self.tmp_root = path / "tmp"
         #: Set when damage was met; the store should be checked with fsck.
@@ -1223,16 +1230,16 @@ class Store:
         if offset < 0 or (length is not None and length < 0):
             raise ConfigError("offset and length must not be negative")
         end = digest.size if length is None else min(digest.size, offset + length)
+        chunks, starts = self._layout(digest)
         wanted = []  # (chunk digest, start, stop, size) of the chunks that overlap the range
-        position = 0
-        with self.index.read() as txn:
-            for chunk, size in self._object_entry(txn, digest).chunks:
-                if position >= end:
-                    break
-                if position + size > offset:
-                    start, stop = max(0, offset - position), min(size, end - position)
-                    wanted.append((chunk, start, stop, size))
-                position += size
+        i = max(0, bisect.bisect_right(starts, offset) - 1)
+        while i < len(chunks) and starts[i] < end:
+            chunk, size = chunks[i]
+            position = starts[i]
+            if position + size > offset:
+                start, stop = max(0, offset - position), min(size, end - position)
+                wanted.append((chunk, start, stop, size))
+            i += 1
         for window_start in range(0, len(wanted), _READ_WINDOW):
             window = wanted[window_start : window_start + _READ_WINDOW]
             with self.index.read() as txn:
@@ -1262,6 +1269,23 @@ class Store:
             finally:
                 for fut in ahead.values():
                     fut.cancel()
+
+    def _layout(self, digest: Digest) -> tuple[list[tuple[bytes, int]], list[int]]:
+        """An object's chunks and where each starts (cached: a file read in
+        small pieces must not decode its whole recipe for every piece)."""
+        with self._layouts_lock:
+            layout = self._layouts.get(digest)
+            if layout is not None:
+                self._layouts.move_to_end(digest)
+                return layout
+        with self.index.read() as txn:
+            chunks = self._object_entry(txn, digest).chunks
+        starts = list(itertools.accumulate((size for _, size in chunks), initial=0))[:-1]
+        with self._layouts_lock:
+            self._layouts[digest] = (chunks, starts)
+            if len(self._layouts) > _LAYOUTS:
+                self._layouts.popitem(last=False)
+        return chunks, starts
 
     def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> bytes:
         """An object's bytes (or a range of them) as one ``bytes``."""

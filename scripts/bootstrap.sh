@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything cachefs needs on a Debian (bookworm) machine, idempotently:
 #   system packages (FUSE 3 + headers, pkg-config, a C compiler, a Python >= 3.11
-#   able to make venvs and build C extensions), then .venv/ at the repository root
-#   with `pip install -e '.[test]'`.
+#   able to make venvs and build C extensions; the tools the test suite runs: rsync,
+#   git, getfattr/setfattr, systemd-analyze, fuser, make, ccache), then .venv/ at the
+#   repository root with `pip install -e '.[test]'`.
 # Safe to re-run: each step is skipped when already done.
 # Environment: PYTHON=/path/to/python3 picks the interpreter (default: python3).
 set -euo pipefail
@@ -41,6 +42,13 @@ pip_quiet() {
 }
 
 have_cc() { command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; }
+
+# The tools the test suite runs, as "Debian package:command it provides".  Checked by
+# the command, which is what the tests need, wherever it came from.
+TEST_TOOLS=(
+    rsync:rsync git:git attr:getfattr systemd:systemd-analyze psmisc:fuser make:make
+    ccache:ccache
+)
 
 # Prints the interpreter to use (absolute path), or nothing if it is not found.
 # Resolves wrappers such as pyenv shims to the real executable (faster, stable venv home).
@@ -84,6 +92,9 @@ for pkg in fuse3 libfuse3-dev pkg-config; do
     have_pkg "$pkg" || missing+=("$pkg")
 done
 have_cc || missing+=(gcc)
+for tool in "${TEST_TOOLS[@]}"; do
+    command -v "${tool#*:}" >/dev/null 2>&1 || missing+=("${tool%%:*}")
+done
 if [ -z "$PY" ]; then
     missing+=(python3 python3-venv python3-dev)
 else
@@ -103,6 +114,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
         have_pkg "$pkg" || die "apt-get install finished but $pkg is still missing"
     done
     have_cc || die "apt-get install finished but there is still no C compiler (cc/gcc)"
+    for tool in "${TEST_TOOLS[@]}"; do
+        command -v "${tool#*:}" >/dev/null 2>&1 \
+            || die "apt-get install finished but ${tool#*:} (package ${tool%%:*}) is still missing"
+    done
 else
     say "system packages present, skipping apt"
 fi
