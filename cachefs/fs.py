@@ -799,9 +799,13 @@ class Filesystem:
             data += bytes(stop - start - len(data))
         return data
 
-    def _compose(self, state: OpenFile) -> Iterator[bytes | memoryview]:
-        """The file's current content, in pieces (run in a worker thread)."""
-        for from_spool, start, stop in list(state.ranges(0, state.size)):
+    def _compose(
+        self, state: OpenFile, offset: int = 0, end: int | None = None
+    ) -> Iterator[bytes | memoryview]:
+        """The file's current content (or a range of it), in pieces (run in a
+        worker thread)."""
+        end = state.size if end is None else end
+        for from_spool, start, stop in list(state.ranges(offset, end)):
             for piece_start in range(start, stop, _PIECE):
                 piece_stop = min(stop, piece_start + _PIECE)
                 if from_spool:
@@ -839,7 +843,21 @@ class Filesystem:
             # that came in meanwhile (rsync does one right after close) wins.
             namespace.set_content(txn, state.ino, digest, state.mtime_ns, state.ctime_ns)
 
-        return self.store.put(self._compose(state), durable=durable, on_publish=hook)
+        base = state.base
+        if base is None or state.base_limit == 0:
+            return self.store.put(self._compose(state), durable=durable, on_publish=hook)
+        # A new revision: only the regions around the changes are chunked again.
+        changed = list(state.dirty)
+        if state.size > state.base_limit:
+            changed.append((state.base_limit, state.size))
+        return self.store.put_revision(
+            base,
+            state.size,
+            changed,
+            functools.partial(self._compose, state),
+            durable=durable,
+            on_publish=hook,
+        )
 
     def _stored(self, state: OpenFile, digest: Digest | None) -> None:
         """The file's content is ``digest`` now: nothing is unpublished."""

@@ -975,6 +975,102 @@ class Store:
             self._publish([pending], durable=durable)
         return pending.digest
 
+    def put_revision(
+        self,
+        base: Digest,
+        size: int,
+        changed: list[tuple[int, int]],
+        read_range: Callable[[int, int], Iterable[bytes | memoryview]],
+        *,
+        durable: bool = True,
+        on_publish: PublishHook | None = None,
+    ) -> Digest:
+        """Store a new revision of the object ``base`` and add a reference to it.
+
+        The new content is ``size`` bytes; it may differ from ``base`` only in
+        the sorted, disjoint ranges ``changed`` (bytes past the end of ``base``
+        must be in them); ``read_range(start, stop)`` yields its bytes.  Only the
+        region around each change is chunked again: the content-defined cuts
+        fall again on the base's chunk boundaries shortly after a change, and
+        from there the base's chunks are taken as they are, without chunking,
+        digesting or looking them up.  The whole-object digest still reads every
+        byte.  See :meth:`put` for ``durable`` and ``on_publish``.
+        """
+        self._check_writable()
+        with self._maintenance.shared():
+            pending = self._splice(base, size, changed, read_range)
+            pending.on_publish = on_publish
+            self._publish([pending], durable=durable)
+        return pending.digest
+
+    def _splice(
+        self,
+        base: Digest,
+        size: int,
+        changed: list[tuple[int, int]],
+        read_range: Callable[[int, int], Iterable[bytes | memoryview]],
+    ) -> PendingObject:
+        chunks, starts = self._layout(base)
+        resume = {
+            start + length: i + 1
+            for i, (start, (_, length)) in enumerate(zip(starts, chunks, strict=True))
+        }
+        ranges = [(s, min(e, size)) for s, e in changed if s < min(e, size)]
+        range_ends = [e for _, e in ranges]
+        whole = self.digest_function.new()
+        out: list[tuple[bytes, int]] = []
+        locations: dict[bytes, Location] = {}
+        position = 0
+        base_index = 0  # chunks[base_index] starts at position while reusing
+        while position < size:
+            # The next change at or after position (ranges end past it).
+            r = bisect.bisect_right(range_ends, position)
+            next_change = ranges[r][0] if r < len(ranges) else size
+            while (
+                base_index < len(chunks)
+                and starts[base_index] == position
+                and position + chunks[base_index][1] <= min(next_change, size)
+            ):
+                digest, length = chunks[base_index]
+                whole.update(self.read_chunk(digest))
+                out.append((digest, length))
+                position += length
+                base_index += 1
+            if position >= size:
+                break
+            # Cut again from here until a cut lands on a base boundary past the
+            # change and outside every changed range.
+            reader = reader_for(read_range(position, size))
+            resynced = False
+            for batch in self.chunker.batches(reader, size - position):
+                views = []
+                for view in batch.chunks:
+                    views.append(view)
+                    end = position + sum(len(v) for v in views)
+                    if end > next_change and end in resume and end < size:
+                        r = bisect.bisect_right(range_ends, end)
+                        if r >= len(ranges) or ranges[r][0] >= end:
+                            resynced = True
+                            break
+                for digest, length, location in self._store_chunks(views):
+                    out.append((digest, length))
+                    if location is not None:
+                        locations[digest] = location
+                for view in views:
+                    whole.update(view)
+                    position += len(view)
+                if resynced:
+                    base_index = resume[position]
+                    break
+            if not resynced:
+                break
+        if position != size:
+            raise CachefsError(
+                f"a revision of {base} came out {position} bytes long, not {size}",
+                hint="the content changed while it was being stored; this is a bug",
+            )
+        return PendingObject(Digest(whole.digest(), size), out, locations)
+
     def put_files(
         self, paths: Iterable[Path], *, durable: bool = True, batch_bytes: int = 256 << 20
     ) -> Iterator[tuple[Path, Digest | CachefsError]]:
