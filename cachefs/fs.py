@@ -830,7 +830,12 @@ class Filesystem:
 
     def _store(self, state: OpenFile, *, durable: bool) -> Digest | None:
         """Store a file's content and point its inode at it (in a worker thread:
-        the caller holds the file's lock, so nothing changes meanwhile)."""
+        the caller holds the file's lock, so nothing changes meanwhile).
+
+        Every publication is durable (its segment bytes are synced before the
+        index commits, in group commits), fsync or not: a machine crash must
+        never leave the index naming bytes that did not reach the disk.
+        ``durable`` only makes an empty file's publication wait for a sync."""
         if state.size == 0:
             self.namespace.clear_content(state.ino, state.mtime_ns, state.ctime_ns)
             if durable:
@@ -845,7 +850,7 @@ class Filesystem:
 
         base = state.base
         if base is None or state.base_limit == 0:
-            return self.store.put(self._compose(state), durable=durable, on_publish=hook)
+            return self.store.put(self._compose(state), on_publish=hook)
         # A new revision: only the regions around the changes are chunked again.
         changed = list(state.dirty)
         if state.size > state.base_limit:
@@ -855,7 +860,6 @@ class Filesystem:
             state.size,
             changed,
             functools.partial(self._compose, state),
-            durable=durable,
             on_publish=hook,
         )
 

@@ -28,7 +28,7 @@ from .common import parse_size, store_argument
 )
 @click.option(
     "--publish-threshold",
-    default=str(DEFAULT_PUBLISH_THRESHOLD),
+    default=f"{DEFAULT_PUBLISH_THRESHOLD >> 20}M",
     show_default=True,
     metavar="SIZE",
     help="Publish a file in the background once this many bytes are unpublished (1G, 256M).",
