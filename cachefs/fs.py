@@ -63,7 +63,6 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 import lmdb
@@ -99,6 +98,8 @@ DEFAULT_PUBLISH_THRESHOLD = 1 << 30
 DEFAULT_LOG_LIMIT = 1 << 30
 #: Past this size the log restarts whenever nothing is left unpublished.
 _LOG_RESTART = 4 << 20
+#: Files up to this size are published on the event loop's thread.
+_INLINE_PUBLISH = 256 * 1024
 #: Pieces in which composed content is handed to the ingest pipeline.
 _PIECE = 4 << 20
 
@@ -885,7 +886,12 @@ class Filesystem:
                         await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
                     return
                 store = functools.partial(self._store, state, durable=durable)
-                digest = await trio.to_thread.run_sync(store, limiter=self.limiter)
+                if state.size <= _INLINE_PUBLISH:
+                    # Cheaper than a hop to a worker thread and back (and than
+                    # the wait for the GIL that the hop would cost the loop).
+                    digest = store()
+                else:
+                    digest = await trio.to_thread.run_sync(store, limiter=self.limiter)
                 self._stored(state, digest)
         finally:
             state.publishing -= 1
@@ -985,9 +991,6 @@ class Filesystem:
             raise from_oserror(exc, "reading the store's filesystem figures") from None
         used, _ = self.namespace.counts()
         return vfs, used, len(self.files)
-
-    def store_path(self) -> Path:
-        return self.store.path
 
 
 def _unpublished_bytes(state: OpenFile) -> int:

@@ -156,6 +156,9 @@ def serve(
             except RuntimeError as exc:
                 raise MountError(f"cannot mount {mountpoint}: {exc}") from None
             log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
+            # Worker threads (ingest) must not keep the request loop waiting for
+            # the GIL for the default 5 ms at a time.
+            sys.setswitchinterval(0.0005)
             try:
                 trio.run(_main, fs, ready)
             finally:

@@ -279,6 +279,16 @@ class Namespace:
             raise FsError(errno.ENOTDIR)
         return inode
 
+    def _new_entry(self, txn: lmdb.Transaction, parent: int, name: bytes) -> tuple[Inode, bytes]:
+        """The directory a new entry goes in, and the entry's key (EEXIST if taken)."""
+        dir_inode = self._dir(txn, parent)
+        if dir_inode.nlink == 0:
+            raise FsError(errno.ENOENT, "the directory was removed")
+        key = _dirent_key(parent, name)
+        if txn.get(key, db=self.dirents) is not None:
+            raise FsError(errno.EEXIST)
+        return dir_inode, key
+
     def _touch_dir(self, txn: lmdb.Transaction, inode: Inode, now: int, nlink: int = 0) -> None:
         inode.mtime_ns = inode.ctime_ns = now
         inode.nlink += nlink
@@ -302,12 +312,7 @@ class Namespace:
         """
         _check_name(name)
         with self.store.transaction("creating a file") as txn:
-            dir_inode = self._dir(txn, parent)
-            if dir_inode.nlink == 0:
-                raise FsError(errno.ENOENT, "the directory was removed")
-            key = _dirent_key(parent, name)
-            if txn.get(key, db=self.dirents) is not None:
-                raise FsError(errno.EEXIST)
+            dir_inode, key = self._new_entry(txn, parent, name)
             if dir_inode.mode & stat.S_ISGID:
                 gid = dir_inode.gid
                 if stat.S_ISDIR(mode):
@@ -345,12 +350,7 @@ class Namespace:
             inode = self.get(ino, txn)
             if inode.is_dir:
                 raise FsError(errno.EPERM, "hard links to directories are not allowed")
-            dir_inode = self._dir(txn, parent)
-            if dir_inode.nlink == 0:
-                raise FsError(errno.ENOENT, "the directory was removed")
-            key = _dirent_key(parent, name)
-            if txn.get(key, db=self.dirents) is not None:
-                raise FsError(errno.EEXIST)
+            dir_inode, key = self._new_entry(txn, parent, name)
             if inode.nlink >= 0xFFFFFFFF:
                 raise FsError(errno.EMLINK)
             now = time.time_ns()
