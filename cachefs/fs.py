@@ -640,7 +640,7 @@ class Filesystem:
         return written
 
     def _log(self, kind: int, head: bytes, data: bytes | memoryview = b"") -> None:
-        self.wal.append(kind, head + bytes(data) if data else head)
+        self.wal.append(kind, head, data)
 
     def _changed(self, state: OpenFile) -> None:
         """A change is about to be applied: log the base it applies to, if new."""
@@ -850,6 +850,11 @@ class Filesystem:
             namespace.set_content(txn, state.ino, digest, state.mtime_ns, state.ctime_ns)
 
         base = state.base
+        if state.base_limit == 0 and state.spool is not None:
+            # All of it is in the spool (as long as the file): read it straight.
+            with open(os.dup(state.spool), "rb", buffering=0) as spool:
+                spool.seek(0)  # a duplicate shares the (unused) offset of the original
+                return self.store.put(spool, on_publish=hook)
         if base is None or state.base_limit == 0:
             return self.store.put(self._compose(state), on_publish=hook)
         # A new revision: only the regions around the changes are chunked again.

@@ -76,10 +76,12 @@ def _encode_header(base_seq: int) -> bytes:
     return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
 
 
-def encode_record(seq: int, kind: int, payload: bytes | memoryview) -> bytes:
-    body = WAL_RECORD.pack(0, seq, len(payload), kind)[8:]
+def encode_record(seq: int, kind: int, *parts: bytes | memoryview) -> bytes:
+    """The header of a record whose payload is ``parts`` joined."""
+    body = WAL_RECORD.pack(0, seq, sum(len(p) for p in parts), kind)[8:]
     hasher = xxhash.xxh3_64(body)
-    hasher.update(payload)
+    for part in parts:
+        hasher.update(part)
     return struct.pack("<Q", hasher.intdigest()) + body
 
 
@@ -160,16 +162,19 @@ class WriteAheadLog:
         """The records past the last checkpoint, found when the log was opened."""
         return list(self._records)
 
-    def append(self, kind: int, payload: bytes | memoryview) -> int:
-        """Write one record (not yet durable); return its sequence number."""
-        if len(payload) > MAX_PAYLOAD:
-            raise ValueError(f"WAL payload of {len(payload)} bytes is too large")
+    def append(self, kind: int, *parts: bytes | memoryview) -> int:
+        """Write one record (not yet durable) whose payload is ``parts`` joined
+        (given apart, so that a caller's header and data need not be copied
+        together); return its sequence number."""
+        length = sum(len(p) for p in parts)
+        if length > MAX_PAYLOAD:
+            raise ValueError(f"WAL payload of {length} bytes is too large")
         with self._lock:
             seq = self.next_seq
-            head = encode_record(seq, kind, payload)
+            head = encode_record(seq, kind, *parts)
             try:
-                written = os.pwritev(self._fd, [head, payload], self._end)
-                if written != len(head) + len(payload):
+                written = os.pwritev(self._fd, [head, *parts], self._end)
+                if written != len(head) + length:
                     raise OSError(28, "short write to the write-ahead log")
             except OSError as exc:
                 os.ftruncate(self._fd, self._end)
