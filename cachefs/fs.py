@@ -8,16 +8,22 @@ directly.  Methods run on the trio thread; ingest runs in worker threads.
 
 Write path.  A file being written has an :class:`OpenFile`: its published
 content (``base``, an object in the store) plus a *spool*, a sparse file in
-``STORE/tmp`` holding what was written since.  ``write`` is a ``pwrite`` into
-the spool.  Offsets below ``base_limit`` read from the base unless an extent in
-``dirty`` says the spool has them; offsets at or past it read from the spool
-(holes read as zeros).  Truncation lowers ``base_limit`` and cuts the spool.
-The new content (base and spool composed) goes through the dedup pipeline and
-one transaction points the inode at it (``Namespace.set_content``):
+``STORE/tmp`` holding what was written since.  Offsets below ``base_limit``
+read from the base unless an extent in ``dirty`` says the spool has them;
+offsets at or past it read from the spool (holes read as zeros).  Truncation
+lowers ``base_limit`` and cuts the spool.  The new content goes through the
+dedup pipeline (only the regions around the changes are chunked again:
+``Store.put_revision``) and one transaction points the inode at it
+(``Namespace.set_content``):
 
-* on ``fsync`` (durably: the call returns once it survives a crash),
+* on ``fsync``,
 * when the last handle of the file is released,
 * when a file's unpublished bytes pass ``publish_threshold`` (in the background).
+
+Every publication is durable (segment bytes synced before the index commits),
+so that the index never names bytes a machine crash could lose; files up to
+``_INLINE_PUBLISH`` bytes are published on the loop's thread, larger ones in a
+worker thread.
 
 Every ``write`` and truncation is first appended to the filesystem's
 write-ahead log, ``STORE/fswal/wal.log`` (the framing, checksums and torn-tail
@@ -34,10 +40,13 @@ When the daemon is killed, the next mount replays the log: for every inode,
 the records after its last ``LOG_BASE`` are applied to that base and published
 -- unless the inode's content is no longer that base (it was published
 afterwards, or truncated to nothing) or the inode is gone.  So writes that
-reached the log survive the death of the daemon (not of the machine, unless
-fsynced: ``fsync`` publishes durably).  The store stays consistent whatever the
-moment: spools are scratch space that the next start discards.  Once the log
-passes ``log_limit`` bytes every file is published and the log checkpointed.
+reached the log survive the death of the daemon, and with ``sync`` (which
+flushes the store's own files) a crash of the machine.  The store stays
+consistent whatever the moment: spools are scratch space that the next start
+discards.  The log restarts whenever it passed ``_LOG_RESTART`` bytes and
+nothing is unpublished; once it passes ``log_limit``, the files with the most
+unpublished bytes are published and it restarts carrying over the rest
+(re-logged from the spools).
 
 Concurrency invariants (all state below is touched only on the trio thread):
 
@@ -255,7 +264,7 @@ class Filesystem:
                 logs[ino] = []
             if ino in logs:
                 logs[ino].append((record.kind, record.payload))
-        replayed = 0
+        replayed = failed = 0
         for ino, entries in logs.items():
             _, size, content = _LOG_BASE.unpack_from(entries[0][1])
             try:
@@ -275,13 +284,19 @@ class Filesystem:
                     self._truncate_locked(state, new_size)
                 state.mtime_ns = state.ctime_ns = mtime
                 state.changed = True
-            if state.changed:
+            try:
                 self._stored(state, self._store(state, durable=True))
-            if state.spool is not None:
-                os.close(state.spool)
-            replayed += 1
+                replayed += 1
+            except CachefsError as exc:
+                # Keep the log (a later mount tries again); the rest goes on.
+                failed += 1
+                log.error("write-ahead log: could not publish inode %d: %s", ino, exc)
+            finally:
+                if state.spool is not None:
+                    os.close(state.spool)
         self.store.sync()
-        self.wal.checkpoint()
+        if not failed:
+            self.wal.checkpoint()
         if replayed:
             log.info("write-ahead log: published the logged writes of %d files", replayed)
 
