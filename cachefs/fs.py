@@ -217,6 +217,8 @@ class Filesystem:
         self.lookups: dict[int, int] = {}
         self._next_fh = 1
         self._generations: dict[int, int] = {}
+        #: Inodes that lost their last link while in use (see Namespace.remove).
+        self._orphans: set[int] = set()
         self._spool_dir = store.tmp_root
         self._nursery: trio.Nursery | None = None
         self.errors = 0
@@ -351,28 +353,39 @@ class Filesystem:
     def remember(self, ino: int, count: int = 1) -> None:
         self.lookups[ino] = self.lookups.get(ino, 0) + count
 
-    def forget(self, ino: int, count: int) -> None:
-        if is_virtual(ino):
-            self.control.forget(ino, count)
-            return
-        left = self.lookups.get(ino, 0) - count
-        if left > 0:
-            self.lookups[ino] = left
-            return
-        self.lookups.pop(ino, None)
-        self._maybe_delete(ino)
+    def forget(self, pairs: list[tuple[int, int]]) -> None:
+        """The kernel dropped ``count`` lookups of each inode; orphans it no
+        longer knows (and nothing has open) are deleted, in one transaction."""
+        released = []
+        for ino, count in pairs:
+            if is_virtual(ino):
+                self.control.forget(ino, count)
+                continue
+            left = self.lookups.get(ino, 0) - count
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            if ino in self._orphans and ino not in self.files:
+                released.append(ino)
+        self._delete_orphans(released)
 
     def _in_use(self, ino: int) -> bool:
         return ino in self.lookups or ino in self.files
 
-    def _maybe_delete(self, ino: int) -> None:
-        if ino == ROOT_INODE or self._in_use(ino):
+    def _delete_orphans(self, inos: list[int]) -> None:
+        """Delete orphans that nothing uses any more."""
+        inos = [i for i in inos if i in self._orphans and not self._in_use(i)]
+        if not inos:
             return
         try:
-            if self.namespace.release(ino):
-                self._generations.pop(ino, None)
+            self.namespace.release(*inos)
         except CachefsError as exc:
-            log.error("could not delete released inode %d: %s", ino, exc)
+            log.error("could not delete released inodes %s: %s", inos, exc)
+            return
+        for ino in inos:
+            self._orphans.discard(ino)
+            self._generations.pop(ino, None)
 
     # --- attributes -------------------------------------------------------------------
 
@@ -497,8 +510,10 @@ class Filesystem:
             self._reserve = self.store.ensure_reserve()
 
     def _forget_writes(self, ino: int) -> None:
-        """A file lost its last name: unpublished writes nobody can reach are dropped
-        (an open file keeps them, readable, until it is closed)."""
+        """A file lost its last name: it is an orphan until the kernel forgets it
+        and it is closed; unpublished writes nobody can reach are dropped (an
+        open file keeps them, readable, until it is closed)."""
+        self._orphans.add(ino)
         state = self.files.get(ino)
         if state is not None and state.opens == 0 and state.publishing == 0:
             self._drop_state(state)
@@ -951,7 +966,7 @@ class Filesystem:
         if state.spool is not None:
             os.close(state.spool)
             state.spool = None
-        self._maybe_delete(state.ino)
+        self._delete_orphans([state.ino])
         self._restore_reserve()
         if self.wal.size >= _LOG_RESTART and not self._checkpointing:
             self._restart_log()

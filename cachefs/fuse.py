@@ -129,8 +129,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for ino, count in inode_list:
-            self.fs.forget(ino, count)
+        self.fs.forget(list(inode_list))
 
     @_translate
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

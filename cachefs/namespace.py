@@ -417,21 +417,26 @@ class Namespace:
             cursor.delete()
         self.store.index.add(txn, "inodes", -1)
 
-    def release(self, ino: int) -> bool:
-        """Delete an orphan nothing uses any more.  Returns whether it was deleted."""
-        with self.store.transaction("deleting a released file") as txn:
-            raw = txn.get(INO_KEY.pack(ino), db=self.inodes)
-            if raw is None:
-                return False
-            inode = Inode.unpack(ino, raw)
-            if inode.nlink > 0:
-                return False
-            self._delete(txn, inode)
-        return True
+    def release(self, *inos: int) -> list[int]:
+        """Delete orphans nothing uses any more (one transaction); returns those
+        deleted (an inode that has a link again, or is gone, is left alone)."""
+        deleted = []
+        with self.store.transaction("deleting released files") as txn:
+            for ino in inos:
+                raw = txn.get(INO_KEY.pack(ino), db=self.inodes)
+                if raw is None:
+                    continue
+                inode = Inode.unpack(ino, raw)
+                if inode.nlink > 0:
+                    continue
+                self._delete(txn, inode)
+                deleted.append(ino)
+        return deleted
 
     def purge_orphans(self) -> int:
         """Delete every orphan (at mount, when nothing can be using them)."""
-        return sum(self.release(ino) for ino in self.orphan_inodes())
+        orphans = self.orphan_inodes()
+        return len(self.release(*orphans)) if orphans else 0
 
     def rename(
         self,
