@@ -163,9 +163,13 @@ class ControlTree:
                 answer: dict[str, Any] = {"ok": True}
             elif words[:1] == ["gc"] and len(words) <= 2:
                 threshold = float(words[1]) if len(words) == 2 else None
-                report = await trio.to_thread.run_sync(
-                    lambda: gc.collect_garbage(store, threshold=threshold)
-                )
+                self.fs.maintenance += 1
+                try:
+                    report = await trio.to_thread.run_sync(
+                        lambda: gc.collect_garbage(store, threshold=threshold)
+                    )
+                finally:
+                    self.fs.maintenance -= 1
                 answer = {"ok": True, "report": report.as_dict()}
             else:
                 answer = {"ok": False, "error": f"unknown command {' '.join(words)!r}"}

@@ -222,6 +222,9 @@ class Filesystem:
         self._spool_dir = store.tmp_root
         self._nursery: trio.Nursery | None = None
         self.errors = 0
+        #: Non-zero while gc runs: it holds the store's maintenance lock, which a
+        #: publication waits for, so none may wait on the loop's thread.
+        self.maintenance = 0
         #: Why the filesystem went read-only to protect the store (None: it did not).
         self.failsafe: str | None = None
         self.control = ControlTree(self)
@@ -921,7 +924,7 @@ class Filesystem:
                         await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
                     return
                 store = functools.partial(self._store, state, durable=durable)
-                if state.size <= _INLINE_PUBLISH:
+                if state.size <= _INLINE_PUBLISH and not self.maintenance:
                     # Cheaper than a hop to a worker thread and back (and than
                     # the wait for the GIL that the hop would cost the loop).
                     digest = store()
