@@ -350,7 +350,8 @@ def control(mountpoint: Path, command: str) -> dict[str, Any]:
 def umount(mountpoint: Path, *, timeout: float = 120.0) -> None:
     """Unmount a cachefs mount and wait until its daemon has exited."""
     mountpoint = mountpoint.absolute()
-    if not mountpoint.exists():
+    # The mount table first: a dead mount's root cannot even be stat'ed (ENOTCONN).
+    if mounted_fstype(mountpoint) is None and not os.path.lexists(mountpoint):
         raise NotFoundError(f"{mountpoint} does not exist")
     info = mount_info(mountpoint)
     if info is None and mounted_fstype(mountpoint) == f"fuse.{FSNAME}":

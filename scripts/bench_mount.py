@@ -44,7 +44,10 @@ Every figure is measured ``--runs`` times; the median is reported, and ratios ar
 of medians.  Targets are visited in a rotated order each run.  MB/s are 10**6 bytes per
 second.  A phase (one workload step on one target) that takes longer than
 ``--phase-timeout`` seconds is reported as a hang and its FUSE daemon is killed (by pid;
-the blocked calls then fail and the benchmark goes on without that figure).
+the blocked calls then fail and the benchmark goes on without that figure); for cachefs,
+the state of its threads is printed and its log and (with gdb) the Python stacks of its
+threads are kept in the temp directory.  ERROR/WARNING lines of the daemon's log and its
+``errors``/``corruptions`` counters are printed under the table.
 
 Run from the repository root, as root::
 
@@ -53,8 +56,8 @@ Run from the repository root, as root::
     .venv/bin/python scripts/bench_mount.py --only seq,small --targets native,cachefs --runs 1
     .venv/bin/python scripts/bench_mount.py --dir /var/tmp --json bench-mount.json
 
-With the defaults it takes about 10-15 minutes on a 2-core machine and needs about
-5 GiB of memory (the data in this process, the tmpfs, the page cache of the mounts).
+With the defaults it takes about 20 minutes on a 2-core machine and needs about 5 GiB of
+memory (the data in this process, the tmpfs, the page cache of the mounts).
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_engine import kind_of  # the same artifact kinds as the engine benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 CACHEFS = VENV_BIN / "cachefs"
@@ -101,7 +106,6 @@ SMALL_PER_DIR = 100
 MAX_ARTIFACT = 64 * MiB
 MIX_SHARES = {"so": 0.45, "a": 0.30, "pyc": 0.25}
 MIX_ROOTS = (ROOT / ".venv" / "lib", Path("/usr/lib"))
-_SO_RE = re.compile(r"\.so(\.\d+)*$")
 
 WORKLOADS = ("seq", "small", "build")
 TARGET_KEYS = ("native", "pt", "ptkc", "cachefs")
@@ -576,16 +580,6 @@ class Data:
     mix_kinds: dict[str, tuple[int, int]] = field(default_factory=dict)
     mix_repeated: bool = False
     small: bytes = b""
-
-
-def kind_of(name: str) -> str | None:
-    if name.endswith(".pyc"):
-        return "pyc"
-    if name.endswith(".a"):
-        return "a"
-    if _SO_RE.search(name):
-        return "so"
-    return None
 
 
 def find_artifacts() -> dict[str, list[tuple[str, int]]]:

@@ -291,6 +291,23 @@ def test_umount_of_something_else(tmp_path: Path) -> None:
     assert plain.is_dir()
 
 
+def test_umount_detaches_the_mount_of_a_killed_daemon(tmp_path: Path, mounts: Mounts) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mounts.mount(store, mnt)
+    pid = daemon_pid(mnt)
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 30
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mounting.mounted_fstype(mnt) == "fuse.cachefs"  # dead, still in the table
+    result = cachefs("umount", str(mnt), check=False, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert mounting.mounted_fstype(mnt) is None
+    mounts.mount(store, mnt)  # and it mounts again
+    assert os.path.ismount(mnt)
+    cachefs("umount", str(mnt), timeout=TIMEOUT)
+
+
 def test_umount_while_a_file_is_open_is_refused(tmp_path: Path, mounts: Mounts) -> None:
     store, mnt = tmp_path / "store", tmp_path / "mnt"
     mounts.mount(store, mnt)
