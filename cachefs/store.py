@@ -968,9 +968,19 @@ class Store:
         must not fail but for a broken index); whatever it writes becomes
         visible atomically with the object.
         """
+        return self._put_pending(lambda: self._ingest(source), durable, on_publish)
+
+    def _put_pending(
+        self,
+        ingest: Callable[[], PendingObject],
+        durable: bool,
+        on_publish: PublishHook | None,
+    ) -> Digest:
+        """Ingest (under the maintenance lock, so that gc cannot collect chunks the
+        ingest found) and publish one object."""
         self._check_writable()
         with self._maintenance.shared():
-            pending = self._ingest(source)
+            pending = ingest()
             pending.on_publish = on_publish
             self._publish([pending], durable=durable)
         return pending.digest
@@ -996,12 +1006,9 @@ class Store:
         digesting or looking them up.  The whole-object digest still reads every
         byte.  See :meth:`put` for ``durable`` and ``on_publish``.
         """
-        self._check_writable()
-        with self._maintenance.shared():
-            pending = self._splice(base, size, changed, read_range)
-            pending.on_publish = on_publish
-            self._publish([pending], durable=durable)
-        return pending.digest
+        return self._put_pending(
+            lambda: self._splice(base, size, changed, read_range), durable, on_publish
+        )
 
     def _splice(
         self,
@@ -1044,9 +1051,10 @@ class Store:
             resynced = False
             for batch in self.chunker.batches(reader, size - position):
                 views = []
+                end = position
                 for view in batch.chunks:
                     views.append(view)
-                    end = position + sum(len(v) for v in views)
+                    end += len(view)
                     if end > next_change and end in resume and end < size:
                         r = bisect.bisect_right(range_ends, end)
                         if r >= len(ranges) or ranges[r][0] >= end:
