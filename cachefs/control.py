@@ -6,7 +6,8 @@ Not listed by ``readdir`` of the root, but found by name::
     /.cachefs/cas/<fn>/<hex>      any stored whole-file object, by digest
                                   (``<fn>`` is the store's digest function)
     /.cachefs/control             write a command, then read its JSON answer
-                                  (root only): ``gc [THRESHOLD]``, ``sync``
+                                  (root only): ``gc [THRESHOLD]``, ``sync``,
+                                  ``trace start FILE``, ``trace stop``
 
 These inodes are virtual: numbers from ``VIRTUAL_BASE`` up, never stored.
 Objects under ``cas/`` get inode numbers while the kernel knows them.
@@ -19,6 +20,7 @@ import json
 import os
 import stat
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -150,7 +152,10 @@ class ControlTree:
             "errors": fs.errors,
             "failsafe": fs.failsafe,
             "pid": os.getpid(),
+            "tracing": None if fs.tracer is None else str(fs.tracer.path),
         }
+        doc |= fs.memory.figures()
+        doc |= fs.caches.figures()
         return doc | self.info
 
     async def run(self, request: bytes) -> bytes:
@@ -170,7 +175,13 @@ class ControlTree:
                     )
                 finally:
                     self.fs.maintenance -= 1
+                self.fs.caches.refresh_stored()
                 answer = {"ok": True, "report": report.as_dict()}
+            elif words[:2] == ["trace", "start"] and len(words) == 3:
+                self.fs.start_trace(Path(words[2]))
+                answer = {"ok": True, "trace": words[2]}
+            elif words == ["trace", "stop"]:
+                answer = {"ok": True, "records": self.fs.stop_trace()}
             else:
                 answer = {"ok": False, "error": f"unknown command {' '.join(words)!r}"}
         except (CachefsError, ValueError) as exc:

@@ -72,11 +72,13 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import lmdb
 import trio
 
+from cachefs.caches import CACHE_XATTR, CacheDirs
 from cachefs.control import (
     COMMAND_INO,
     CONTROL_INO,
@@ -93,8 +95,17 @@ from cachefs.errors import (
     StoreFullError,
     from_oserror,
 )
-from cachefs.namespace import NO_CONTENT, ROOT_INODE, FsError, Inode, Namespace
+from cachefs.memory import DEFAULT_MEMORY_LIMIT, MemoryGovernor
+from cachefs.namespace import (
+    NO_CONTENT,
+    RENAME_EXCHANGE,
+    ROOT_INODE,
+    FsError,
+    Inode,
+    Namespace,
+)
 from cachefs.store import Store
+from cachefs.trace import TraceRecorder
 from cachefs.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
@@ -207,6 +218,8 @@ class Filesystem:
         publish_threshold: int = DEFAULT_PUBLISH_THRESHOLD,
         log_limit: int = DEFAULT_LOG_LIMIT,
         limiter: trio.CapacityLimiter | None = None,
+        max_store_size: int | None = None,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
     ) -> None:
         self.store = store
         self.namespace = Namespace(store)
@@ -234,15 +247,24 @@ class Filesystem:
         if purged:
             log.info("deleted %d files that were unlinked while open when last mounted", purged)
         self._reserve = store.ensure_reserve()
+        #: Tells the kernel that an entry is gone (set by the FUSE adapter).
+        self.invalidate: Callable[[int, bytes, int], None] | None = None
+        #: Records file accesses when a trace is being recorded (``trace.py``).
+        self.tracer: TraceRecorder | None = None
         self.wal = WriteAheadLog(store.path / LOG_DIRECTORY, fsync=store.options.fsync)
         try:
             self._replay()
+            # After the replay: the sizes it published are the ones that count.
+            self.caches = CacheDirs(self, max_store_size=max_store_size)
         except BaseException:
             self.wal.close()
             raise
+        self.memory = MemoryGovernor(store, memory_limit)
 
     def close(self) -> None:
         """After the last request: every file must have been published (flush_all)."""
+        self.caches.save()
+        self.stop_trace()
         if not any(state.changed for state in self.files.values()):
             try:
                 self.wal.checkpoint()
@@ -311,6 +333,8 @@ class Filesystem:
         """Serve background publications until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.caches.run)
+            nursery.start_soon(self.memory.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -408,8 +432,18 @@ class Filesystem:
             return self.control.lookup(parent, name)
         if parent == ROOT_INODE and name == CONTROL_NAME:
             return self.control.getattr(CONTROL_INO)
-        inode = self.getattr(self.namespace.lookup(parent, name))
+        try:
+            ino = self.namespace.lookup(parent, name)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                self.caches.missed(parent, name)
+                if self.tracer is not None:
+                    self.tracer.entry_event("miss", parent, name)
+            raise
+        inode = self.getattr(ino)
         self.remember(inode.ino)
+        if self.tracer is not None and inode.is_reg:
+            self.tracer.named(ino, parent, name)
         return inode
 
     async def setattr(
@@ -453,6 +487,10 @@ class Filesystem:
         self._check_writable()
         inode = self.namespace.create(parent, name, mode, uid, gid, rdev=rdev, target=target)
         self.remember(inode.ino)
+        self.caches.created(parent, name, inode)
+        if self.tracer is not None and inode.is_reg:
+            self.tracer.named(inode.ino, parent, name)
+            self.tracer.entry_event("create", parent, name)
         return inode
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
@@ -461,7 +499,9 @@ class Filesystem:
         self._check_writable()
         self.namespace.link(ino, parent, name)
         self.remember(ino)
-        return self.getattr(ino)
+        inode = self.getattr(ino)
+        self.caches.linked(ino, parent, name, inode.size)
+        return inode
 
     def unlink(self, parent: int, name: bytes, *, directory: bool = False) -> None:
         _real(parent, name)
@@ -474,6 +514,9 @@ class Filesystem:
         )
         if inode.nlink == 0:
             self._forget_writes(ino)
+        self.caches.removed(parent, name, inode)
+        if self.tracer is not None and inode.is_reg:
+            self.tracer.entry_event("unlink", parent, name, inode.size)
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
@@ -482,20 +525,40 @@ class Filesystem:
         _real(new_parent, new_name)
         self._check_writable()
         in_use = set()
+        moved = self.namespace.get(self.namespace.lookup(old_parent, old_name))
+        target: Inode | None = None
         try:
-            target = self.namespace.lookup(new_parent, new_name)
+            target = self.namespace.get(self.namespace.lookup(new_parent, new_name))
         except FsError:
             pass
         else:
-            if self._in_use(target):
-                in_use.add(target)
+            if self._in_use(target.ino):
+                in_use.add(target.ino)
         replaced = self._freeing(
             lambda: self.namespace.rename(
                 old_parent, old_name, new_parent, new_name, flags, in_use=in_use
             )
         )
-        if replaced is not None and replaced.nlink == 0:
-            self._forget_writes(replaced.ino)
+        if replaced is not None:
+            if replaced.nlink == 0:
+                self._forget_writes(replaced.ino)
+            self.caches.removed(new_parent, new_name, replaced)
+        exchanged = target if flags & RENAME_EXCHANGE else None
+        self.caches.renamed(moved, (old_parent, old_name), (new_parent, new_name), exchanged)
+        if self.tracer is not None:
+            if moved.is_dir or (exchanged is not None and exchanged.is_dir):
+                self.tracer.moved()
+            self.tracer.renamed((old_parent, old_name), (new_parent, new_name), moved.ino)
+
+    def evicted(self, parent: int, name: bytes, inode: Inode) -> None:
+        """A cache evicted an entry (``caches.py``): the kernel must forget it;
+        a file it still knows is an orphan now."""
+        if inode.nlink == 0 and inode.ino in self.lookups:
+            self._orphans.add(inode.ino)
+        if self.tracer is not None:
+            self.tracer.entry_event("unlink", parent, name, inode.size, evicted=True)
+        if self.invalidate is not None:
+            self.invalidate(parent, name, inode.ino)
 
     def _freeing(self, operation: Callable[[], T]) -> T:
         """Run an operation that frees space; on a full disk, release the
@@ -571,8 +634,9 @@ class Filesystem:
             self.files[ino] = state
         return state
 
-    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+    async def open(self, ino: int, flags: int, *, created: bool = False) -> tuple[int, bool]:
         """Open a file; returns (handle, whether the kernel may keep its cached pages).
+        ``created``: the file was just created (not a cache hit).
 
         The content of a virtual file that changes (``stats.json``) is fixed at
         open and must be read with direct I/O: see :meth:`is_volatile`.
@@ -590,6 +654,10 @@ class Filesystem:
             self._check_writable()
         state = self._state(ino, inode)
         state.opens += 1
+        if not created:
+            self.caches.opened(ino)
+            if self.tracer is not None:
+                self.tracer.file_event("open", ino, state.size)
         fh = self._new_handle(Handle(ino, state, writable, bool(flags & os.O_APPEND)))
         try:
             if flags & os.O_TRUNC and writable:
@@ -648,10 +716,17 @@ class Filesystem:
         async with state.lock:
             if handle.append:
                 offset = state.size
+            growth = offset + len(data) - state.size
+            if growth > 0 or self.caches.max_store_size is not None:
+                await self.caches.make_room(state.ino, max(0, growth))
+                if handle.append:
+                    offset = state.size
             self._changed(state)
             self._log(LOG_WRITE, _LOG_WRITE.pack(state.ino, offset, state.mtime_ns), data)
             written = self._apply_write(state, offset, data)
             state.unpublished += written
+        if growth > 0:
+            self.caches.resized(state.ino, state.size)
         if self._nursery is not None:
             if state.unpublished >= self.publish_threshold:
                 state.unpublished = 0
@@ -742,12 +817,15 @@ class Filesystem:
         state.publishing += 1  # keeps the state alive while we wait for the lock
         try:
             async with state.lock:
+                if size > state.size:
+                    await self.caches.make_room(ino, size - state.size)
                 if size not in (0, state.size):
                     self._changed(state)
                     self._log(LOG_TRUNCATE, _LOG_TRUNCATE.pack(ino, size, state.mtime_ns))
                 self._truncate_locked(state, size)
         finally:
             state.publishing -= 1
+        self.caches.resized(ino, state.size)
         if state.opens == 0 and state.publishing == 0:
             await self._publish(state, durable=False)
             self._drop_state(state)
@@ -931,6 +1009,9 @@ class Filesystem:
                 else:
                     digest = await trio.to_thread.run_sync(store, limiter=self.limiter)
                 self._stored(state, digest)
+                self.caches.published()
+                if self.tracer is not None:
+                    self.tracer.file_event("write", state.ino, state.size)
         finally:
             state.publishing -= 1
 
@@ -983,23 +1064,55 @@ class Filesystem:
         except CachefsError as exc:
             log.warning("could not restart the write-ahead log: %s", exc)
 
+    # --- traces ----------------------------------------------------------------------------
+
+    def start_trace(self, path: Path) -> None:
+        """Record file accesses to ``path`` (JSON lines, see ``trace.py``)."""
+        self.stop_trace()
+        self.tracer = TraceRecorder(self, path)
+        log.info("recording a file-access trace to %s", path)
+
+    def stop_trace(self) -> int:
+        """Stop recording; returns the number of records written."""
+        tracer, self.tracer = self.tracer, None
+        if tracer is None:
+            return 0
+        tracer.close()
+        log.info("stopped the trace %s: %d records", tracer.path, tracer.records)
+        return tracer.records
+
     # --- extended attributes ---------------------------------------------------------------
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         _real(ino)
         self._check_writable()
+        if name == CACHE_XATTR:
+            self.caches.mark(ino, value)
+            return
         self.namespace.setxattr(ino, name, value)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         _real(ino)
         self._check_writable()
+        if name == CACHE_XATTR:
+            self.caches.unmark(ino)
+            return
         self.namespace.removexattr(ino, name)
 
     def getxattr(self, ino: int, name: bytes) -> bytes | None:
-        return None if is_virtual(ino) else self.namespace.getxattr(ino, name)
+        if is_virtual(ino):
+            return None
+        if name == CACHE_XATTR:
+            return self.caches.setting_of(ino)
+        return self.namespace.getxattr(ino, name)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        return [] if is_virtual(ino) else self.namespace.listxattr(ino)
+        if is_virtual(ino):
+            return []
+        names = self.namespace.listxattr(ino)
+        if ino in self.caches.dirs:
+            names.append(CACHE_XATTR)
+        return names
 
     def digest_of(self, ino: int) -> Digest:
         if is_virtual(ino):

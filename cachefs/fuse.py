@@ -78,6 +78,11 @@ def _translate(
     return wrapper
 
 
+def _invalidate_entry(parent: int, name: bytes, ino: int) -> None:
+    """Make the kernel drop an entry the filesystem removed on its own (eviction)."""
+    pyfuse3.invalidate_entry_async(parent, name, deleted=ino, ignore_enoent=True)
+
+
 def entry_attributes(inode: Inode) -> pyfuse3.EntryAttributes:
     attr = pyfuse3.EntryAttributes()
     attr.st_ino = inode.ino
@@ -111,6 +116,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
+        fs.invalidate = _invalidate_entry
 
     @_translate
     async def lookup(
@@ -228,7 +234,7 @@ class Operations(pyfuse3.Operations):
         inode = self.fs.create(
             parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
         )
-        fh, keep = await self.fs.open(inode.ino, flags & ~os.O_TRUNC)
+        fh, keep = await self.fs.open(inode.ino, flags & ~os.O_TRUNC, created=True)
         return self._file_info(inode.ino, fh, keep), entry_attributes(inode)
 
     @_translate

@@ -40,6 +40,7 @@ from cachefs.errors import CachefsError, ConfigError, MountError, NotFoundError
 from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD, Filesystem
 from cachefs.fuse import Operations
 from cachefs.header import read_header
+from cachefs.memory import DEFAULT_MEMORY_LIMIT
 from cachefs.store import Store, StoreOptions
 
 log = logging.getLogger(__name__)
@@ -141,15 +142,25 @@ def serve(
     verbose: int = 0,
     publish_threshold: int = DEFAULT_PUBLISH_THRESHOLD,
     cache_size: int | None = None,
+    max_store_size: int | None = None,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    trace: Path | None = None,
 ) -> None:
     """Open the store, mount it, serve until unmounted or signalled."""
     store_options = StoreOptions() if cache_size is None else StoreOptions(cache_size=cache_size)
     store = Store.open(store_path, create=True, options=store_options)
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
-        fs = Filesystem(store, publish_threshold=publish_threshold)
+        fs = Filesystem(
+            store,
+            publish_threshold=publish_threshold,
+            max_store_size=max_store_size,
+            memory_limit=memory_limit,
+        )
         try:
             fs.control.info = {"mountpoint": str(mountpoint), "mount_options": sorted(options)}
+            if trace is not None:
+                fs.start_trace(trace)
             operations = Operations(fs)
             try:
                 pyfuse3.init(operations, str(mountpoint), options)
@@ -202,6 +213,9 @@ def mount(
     verbose: int = 0,
     publish_threshold: int = DEFAULT_PUBLISH_THRESHOLD,
     cache_size: int | None = None,
+    max_store_size: int | None = None,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    trace: Path | None = None,
 ) -> None:
     """``cachefs mount``: returns once the mount is ready (or raises why not)."""
     mountpoint = check_mountpoint(mountpoint)
@@ -215,6 +229,9 @@ def mount(
         "verbose": verbose,
         "publish_threshold": publish_threshold,
         "cache_size": cache_size,
+        "max_store_size": max_store_size,
+        "memory_limit": memory_limit,
+        "trace": None if trace is None else trace.absolute(),
     }
     if foreground:
         serve(store, mountpoint, options, ready=lambda: None, **kwargs)

@@ -29,6 +29,18 @@ numerically, so that all the keys of one inode are adjacent):
 
 ``xattrs``  key: inode (Q, BE) + name; value: the attribute's bytes.
 
+``caches``  key: directory inode (Q, BE); value: a JSON object.
+    The directories marked as caches (``caches.py``): ``max_size`` (bytes),
+    ``policy`` (``lru``, ``lfu`` or ``arc``) and the counters kept across
+    mounts (``hits``, ``misses``, ``evictions``, ``bytes_evicted``).  Key 0
+    (no inode has it) holds store-wide settings: ``max_store_size``.
+    A directory's record goes with the directory.
+
+``cache_state``  key: directory inode (Q, BE); value: ``CACHE_ENTRY`` records
+    (inode Q, count Q), one per file of the cache, in the order that rebuilds
+    its eviction policy (``Policy.entries``).  Saved at unmount and now and
+    then while mounted; advisory: files missing from it are added at mount.
+
 ``orphans``  key: inode (Q, BE); value: empty.
     Inodes whose last directory entry is gone while something (an open file,
     the kernel) still used them.  They are deleted when released, or at the
@@ -42,6 +54,7 @@ The root directory is inode 1, created with the store's namespace.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import struct
@@ -49,6 +62,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import lmdb
 
@@ -67,6 +81,9 @@ INODE = struct.Struct("<IIIIQQqqq32s")
 assert INODE.size == 88
 INO_KEY = struct.Struct(">Q")
 INO_VALUE = struct.Struct("<Q")
+CACHE_ENTRY = struct.Struct("<QQ")
+#: Key of the store-wide settings in ``caches``.
+STORE_SETTINGS = 0
 NO_CONTENT = bytes(32)
 
 RENAME_NOREPLACE = 1
@@ -178,6 +195,14 @@ class Namespace:
                 f"store {store.path} has no namespace yet",
                 hint="mount it once (`cachefs mount`) to create its root directory",
             ) from None
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, "opening the namespace") from None
+        try:
+            # Missing in a read-only open of a store last mounted before they existed.
+            self.caches: lmdb._Database | None = env.open_db(b"caches", create=create)
+            self.cache_state: lmdb._Database | None = env.open_db(b"cache_state", create=create)
+        except lmdb.NotFoundError:
+            self.caches = self.cache_state = None
         except lmdb.Error as exc:
             raise lmdb_error(exc, "opening the namespace") from None
         if create:
@@ -412,6 +437,9 @@ class Namespace:
         txn.delete(key, db=self.inodes)
         txn.delete(key, db=self.orphans)
         txn.delete(key, db=self.parents)
+        if self.caches is not None and self.cache_state is not None:
+            txn.delete(key, db=self.caches)
+            txn.delete(key, db=self.cache_state)
         cursor = txn.cursor(db=self.xattrs)
         while cursor.set_range(key) and cursor.key()[:8] == key:
             cursor.delete()
@@ -608,6 +636,119 @@ class Namespace:
             inode.ctime_ns = max(inode.ctime_ns, ctime_ns)
             self._put(txn, inode)
 
+    # --- cache directories -----------------------------------------------------------
+
+    def cache_records(self) -> dict[int, dict[str, Any]]:
+        """Every ``caches`` record: directory inode (0: store settings) -> settings."""
+        if self.caches is None:
+            return {}
+        out = {}
+        with self.read() as txn:
+            for key, value in txn.cursor(db=self.caches):
+                ino = INO_KEY.unpack(key)[0]
+                try:
+                    out[ino] = json.loads(bytes(value))
+                except ValueError:
+                    raise CorruptDataError(
+                        f"cache settings of inode {ino} are not valid JSON",
+                        hint=f"run `cachefs fsck --repair {self.store.path}`",
+                    ) from None
+        return out
+
+    def put_cache_records(
+        self, records: dict[int, dict[str, Any] | None], states: dict[int, bytes] | None = None
+    ) -> None:
+        """Write (or with None delete) ``caches`` records and their saved
+        policy states, in one transaction.  A directory that is gone is skipped."""
+        assert self.caches is not None and self.cache_state is not None
+        with self.store.transaction("saving cache settings") as txn:
+            for ino, record in records.items():
+                key = INO_KEY.pack(ino)
+                if record is None:
+                    txn.delete(key, db=self.caches)
+                    txn.delete(key, db=self.cache_state)
+                    continue
+                if ino != STORE_SETTINGS:
+                    raw = txn.get(key, db=self.inodes)
+                    if raw is None or not Inode.unpack(ino, raw).is_dir:
+                        continue
+                txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.caches)
+            for ino, state in (states or {}).items():
+                key = INO_KEY.pack(ino)
+                if txn.get(key, db=self.caches) is not None:
+                    txn.put(key, state, db=self.cache_state)
+
+    def cache_state_of(self, ino: int) -> list[tuple[int, int]]:
+        """The saved (inode, count) entries of a cache's policy, coldest first."""
+        if self.cache_state is None:
+            return []
+        with self.read() as txn:
+            raw = txn.get(INO_KEY.pack(ino), db=self.cache_state)
+            if raw is None:
+                return []
+            raw = bytes(raw)
+        usable = len(raw) - len(raw) % CACHE_ENTRY.size
+        return [(int(i), int(n)) for i, n in CACHE_ENTRY.iter_unpack(raw[:usable])]
+
+    def walk_files(self, top: int) -> Iterator[tuple[int, bytes, Inode]]:
+        """(parent, name, inode) of every regular file below directory ``top``
+        (breadth first; each directory read in its own short transaction)."""
+        pending = [top]
+        while pending:
+            directory = pending.pop()
+            for name, inode in self.entries(directory):
+                if inode.is_dir:
+                    pending.append(inode.ino)
+                elif inode.is_reg:
+                    yield directory, name, inode
+
+    def path_of(self, ino: int) -> bytes:
+        """The path of directory ``ino`` from the root (``b"/a/b"``; ``b"/"``)."""
+        parts: list[bytes] = []
+        with self.read() as txn:
+            current = ino
+            while current != ROOT_INODE:
+                parent = self.parent_of(current, txn)
+                cursor = txn.cursor(db=self.dirents)
+                prefix = INO_KEY.pack(parent)
+                name = None
+                if cursor.set_range(prefix):
+                    for key, value in cursor:
+                        if key[:8] != prefix:
+                            break
+                        if INO_VALUE.unpack(value)[0] == current:
+                            name = bytes(key[8:])
+                            break
+                if name is None:
+                    raise FsError(errno.ENOENT, f"directory {ino} is not linked")
+                parts.append(name)
+                current = parent
+        return b"/" + b"/".join(reversed(parts))
+
+    def evict(self, victims: list[tuple[int, bytes, int]], in_use: set[int]) -> list[Inode]:
+        """Remove the entries ``(parent, name, inode)`` of evicted files in one
+        transaction; an entry that no longer names that inode is skipped.
+        Inodes in ``in_use`` that lose their last link become orphans.
+        Returns the inodes whose entry went, as they are now."""
+        removed = []
+        with self.store.transaction("evicting files") as txn:
+            now = time.time_ns()
+            for parent, name, ino in victims:
+                key = _dirent_key(parent, name)
+                raw = txn.get(key, db=self.dirents)
+                if raw is None or INO_VALUE.unpack(raw)[0] != ino:
+                    continue
+                inode = self.get(ino, txn)
+                if not inode.is_reg:
+                    continue
+                txn.delete(key, db=self.dirents)
+                self._touch_dir(txn, self.get(parent, txn), now)
+                inode.nlink -= 1
+                inode.ctime_ns = now
+                self._unlinked(txn, inode, ino in in_use)
+                removed.append(inode)
+        return removed
+
     # --- extended attributes -------------------------------------------------------
 
     def getxattr(self, ino: int, name: bytes) -> bytes | None:
@@ -713,6 +854,26 @@ class Namespace:
                     f"object {digest_hash.hex()}: {entry.refcount} references, "
                     f"but {count} files hold it",
                 )
+        if self.caches is not None:
+            for key, value in txn.cursor(db=self.caches):
+                ino = INO_KEY.unpack(key)[0]
+                try:
+                    record = json.loads(bytes(value))
+                    valid = isinstance(record, dict)
+                except ValueError:
+                    valid = False
+                if ino == STORE_SETTINGS:
+                    if not valid:
+                        result.add("namespace", "the store-wide cache settings are damaged")
+                        result.bad_caches.append(ino)
+                    continue
+                inode = inodes.get(ino)
+                if inode is None or not inode.is_dir:
+                    result.add("namespace", f"cache settings for inode {ino}, not a directory")
+                    result.bad_caches.append(ino)
+                elif not valid or not isinstance(record.get("max_size"), int):
+                    result.add("namespace", f"the cache settings of directory {ino} are damaged")
+                    result.bad_caches.append(ino)
         counted = self.store.index.counter(txn, "inodes")
         if counted != len(inodes):
             result.add("namespace", f"inode counter says {counted}, found {len(inodes)}")
@@ -725,7 +886,8 @@ class Namespace:
         Files whose content is lost become empty and get an xattr
         ``user.cachefs.lost`` naming the lost digest; dangling entries are
         removed; link counts are set to what was counted; inodes in no
-        directory become orphans (deleted at the next mount)."""
+        directory become orphans (deleted at the next mount); damaged cache
+        settings are dropped (the directory becomes an ordinary one)."""
         with self.store.transaction("repairing the namespace") as txn:
             for parent, name in found.dangling:
                 txn.delete(_dirent_key(parent, name), db=self.dirents)
@@ -744,6 +906,10 @@ class Namespace:
                 self._put(txn, inode)
             for ino in found.leaked:
                 txn.put(INO_KEY.pack(ino), b"", db=self.orphans)
+            if self.caches is not None and self.cache_state is not None:
+                for ino in found.bad_caches:  # the directory stays, unmarked
+                    txn.delete(INO_KEY.pack(ino), db=self.caches)
+                    txn.delete(INO_KEY.pack(ino), db=self.cache_state)
             self.store.index.set_counter(
                 txn, "inodes", sum(1 for _ in txn.cursor(db=self.inodes).iternext(values=False))
             )
@@ -756,6 +922,7 @@ class NamespaceCheck:
     lost: list[int] = field(default_factory=list)
     nlinks: dict[int, int] = field(default_factory=dict)
     leaked: list[int] = field(default_factory=list)
+    bad_caches: list[int] = field(default_factory=list)
     inodes: int = 0
 
     def add(self, kind: str, message: str) -> None:

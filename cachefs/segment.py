@@ -311,10 +311,15 @@ class SegmentMaps:
     ``max_maps`` mappings are kept (each holds a file descriptor).
     """
 
-    def __init__(self, max_maps: int = 256) -> None:
+    def __init__(self, max_maps: int = 256, resident_limit: int | None = None) -> None:
         self._lock = threading.Lock()
         self._maps: OrderedDict[int, tuple[mmap.mmap, str]] = OrderedDict()
         self._max_maps = max_maps
+        #: Bytes read through the maps after which their pages are dropped
+        #: from this process (they stay in the page cache): the mapped pages a
+        #: process touched count in its resident set.  None: never.
+        self.resident_limit = resident_limit
+        self._touched = 0
 
     def _map(
         self, segment_id: int, locate: Path | Callable[[], Path], need: int
@@ -355,7 +360,21 @@ class SegmentMaps:
         """
         need = offset + RECORD_HEADER.size + stored_len
         mapping, name = self._map(segment_id, locate, need)
+        if self.resident_limit is not None:
+            self._touched += stored_len
+            if self._touched > self.resident_limit:
+                self.drop_pages()
         return parse_record(mapping, offset, need, name)
+
+    def drop_pages(self) -> None:
+        """Unmap the pages touched so far from this process (``MADV_DONTNEED``:
+        a read maps them again from the page cache; views stay valid)."""
+        with self._lock:
+            self._touched = 0
+            maps = [mapping for mapping, _ in self._maps.values()]
+        for mapping in maps:
+            with contextlib.suppress(OSError, ValueError):  # closed meanwhile
+                mapping.madvise(mmap.MADV_DONTNEED)
 
     def forget(self, segment_id: int) -> None:
         with self._lock:

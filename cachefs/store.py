@@ -1517,6 +1517,23 @@ class Store:
         log.warning("the disk is full: released the store's %d MiB reserve", RESERVE_SIZE >> 20)
         return True
 
+    # --- memory ---------------------------------------------------------------------
+
+    def limit_memory(self, limit: int) -> None:
+        """Size the in-memory caches for a process that should stay within
+        ``limit`` bytes: decompressed chunks get at most an eighth of it, and
+        segment pages are dropped from the process after a quarter of it was
+        read through the maps."""
+        self.cache.capacity = min(self.options.cache_size, limit // 8)
+        self.maps.resident_limit = max(1 << 20, limit // 4)
+
+    def shrink(self) -> None:
+        """Drop what the in-memory caches hold (memory pressure)."""
+        self.cache.clear()
+        with self._layouts_lock:
+            self._layouts.clear()
+        self.maps.drop_pages()
+
     # --- statistics -------------------------------------------------------------------
 
     def stats(self) -> StoreStats:

@@ -5,6 +5,7 @@ skipped when the machine has no FUSE."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,3 +135,20 @@ def as_user(
         check=False,
         cwd="/",
     )
+
+
+def apparent_size(directory: Path) -> int:
+    """``du --apparent-size`` of a tree, in bytes (directories included)."""
+    out = subprocess.run(
+        ["du", "-s", "--apparent-size", "--block-size=1", str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.split()[0])
+
+
+def live_stats(mountpoint: Path) -> dict[str, Any]:
+    """The mount's ``/.cachefs/stats.json``."""
+    doc: dict[str, Any] = json.loads((mountpoint / ".cachefs" / "stats.json").read_bytes())
+    return doc

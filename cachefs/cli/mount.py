@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from cachefs import mount as mounting
+from cachefs.errors import ConfigError
 from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD
+from cachefs.memory import DEFAULT_MEMORY_LIMIT
 
 from .common import parse_size, store_argument
 
@@ -40,6 +42,25 @@ from .common import parse_size, store_argument
     metavar="SIZE",
     help="Memory for decompressed chunks.",
 )
+@click.option(
+    "--max-store-size",
+    metavar="SIZE",
+    help="Quota on the store's stored bytes, kept in the store (0: none).  Past it, "
+    "cache directories are evicted; writers get ENOSPC when nothing is left to evict.",
+)
+@click.option(
+    "--memory-limit",
+    default=f"{DEFAULT_MEMORY_LIMIT >> 20}M",
+    show_default=True,
+    metavar="SIZE",
+    help="Memory the daemon's caches may use; they shrink when the system is short.",
+)
+@click.option(
+    "--trace",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Record a file-access trace (JSON lines) for scripts/bench_cache.py.",
+)
 @click.pass_context
 def command(
     ctx: click.Context,
@@ -49,6 +70,9 @@ def command(
     options: tuple[str, ...],
     publish_threshold: str,
     cache_size: str,
+    max_store_size: str | None,
+    memory_limit: str,
+    trace: Path | None,
 ) -> None:
     """Mount STORE on MOUNTPOINT (STORE is created if missing).
 
@@ -62,6 +86,7 @@ def command(
       getfattr -n user.cachefs.digest FILE   the file's digest (<hex>/<size>)
       MOUNTPOINT/.cachefs/stats.json         live figures
       MOUNTPOINT/.cachefs/cas/<fn>/<hex>     any stored object, by digest
+      cachefs cache set DIR --max-size 10G   make DIR a cache with a budget
     """
     verbose = ctx.find_root().params.get("verbose", 0)
     mounting.mount(
@@ -72,4 +97,16 @@ def command(
         verbose=verbose,
         publish_threshold=parse_size(publish_threshold),
         cache_size=parse_size(cache_size),
+        max_store_size=None if max_store_size is None else parse_size(max_store_size),
+        memory_limit=_memory_limit(memory_limit),
+        trace=trace,
     )
+
+
+def _memory_limit(text: str) -> int:
+    limit = parse_size(text)
+    if limit < 64 << 20:
+        raise ConfigError(
+            f"--memory-limit {text} is too small", hint="give the daemon at least 64M"
+        )
+    return limit

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
-from cachefs.mount import resolve_store
+from cachefs.mount import mount_info, resolve_store
 from cachefs.store import Store
 
 from .common import human_bytes, json_option, store_argument
@@ -23,12 +24,22 @@ def command(store: Path, as_json: bool) -> None:
     --json keys (stable): files, objects, logical_bytes, stored_bytes, chunks,
     chunk_bytes, dedup_ratio, compression_ratio, segments, segment_bytes,
     live_ratio, segments_below_gc_threshold, segment_live_histogram, store.
+    Given a mount point, also: caches (one object per cache directory: path,
+    max_size, policy, files, bytes, hits, misses, hit_ratio, evictions,
+    bytes_evicted, throttled, throttled_seconds), max_store_size,
+    throttle_waits, memory_limit, rss_bytes.
     Works beside a running writer.
     """
+    live = mount_info(store)
     with Store.open(resolve_store(store), readonly=True) as opened:
         stats = opened.stats()
-        doc = stats.as_dict() | {"store": str(opened.path)}
+        doc: dict[str, Any] = stats.as_dict() | {"store": str(opened.path)}
         config = opened.config
+    if live is not None:
+        # The mount's own figures: cache directories, quota, memory.
+        for key in ("caches", "max_store_size", "throttle_waits", "memory_limit", "rss_bytes"):
+            if key in live:
+                doc[key] = live[key]
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -47,6 +58,16 @@ def command(store: Path, as_json: bool) -> None:
         ("live ratio", f"{stats.live_ratio:.1%}"),
         ("segments below gc threshold", f"{stats.segments_below_threshold}"),
     ]
+    caches: list[dict[str, Any]] = doc.get("caches", [])
+    for cache in caches:
+        rows.append(
+            (
+                f"cache {cache['path']}",
+                f"{human_bytes(cache['bytes'])} of {human_bytes(cache['max_size'])}, "
+                f"{cache['policy']}, hit ratio {cache['hit_ratio']:.1%}, "
+                f"{cache['evictions']} evicted",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")

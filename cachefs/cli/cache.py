@@ -1,0 +1,154 @@
+"""``cachefs cache``: mark directories of a mounted store as caches with a budget."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cachefs import mount as mounting
+from cachefs.caches import CACHE_XATTR
+from cachefs.errors import ConfigError, MountError, NotFoundError, from_oserror
+from cachefs.policy import POLICIES
+
+from .common import human_bytes, json_option, parse_size
+
+_XATTR = CACHE_XATTR.decode()
+
+
+def _mount_root(directory: Path) -> Path:
+    """The cachefs mount point that ``directory`` is in."""
+    if not directory.is_dir():
+        raise NotFoundError(f"{directory} is not a directory")
+    current = directory.resolve()
+    while True:
+        if mounting.mounted_fstype(current) == f"fuse.{mounting.FSNAME}":
+            return current
+        if current.parent == current:
+            raise MountError(
+                f"{directory} is not inside a mounted cachefs store",
+                hint="mount the store (`cachefs mount STORE MOUNTPOINT`) and name a directory "
+                "inside the mount",
+            )
+        current = current.parent
+
+
+def _cachefs_mounts() -> list[Path]:
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            fields = line.split()
+            separator = fields.index("-")
+            if fields[separator + 1] == f"fuse.{mounting.FSNAME}":
+                found.append(Path(mounting._unescape(fields[4])))
+    return found
+
+
+@click.group("cache")
+def command() -> None:
+    """Cache directories: budgets and eviction inside a mounted store.
+
+    Only files under a directory marked as a cache are ever evicted, whole,
+    never while open or being written.  Past 95% of the budget the files the
+    policy picks are evicted in the background down to 90%; a write that
+    would pass the budget waits for eviction, then fails with ENOSPC.  The
+    mark is the xattr user.cachefs.cache on the directory (getfattr shows it).
+    """
+
+
+@command.command("set")
+@click.argument("directory", type=click.Path(path_type=Path), metavar="DIR")
+@click.option(
+    "--max-size", required=True, metavar="SIZE", help="Budget in logical bytes (10G, 512M)."
+)
+@click.option(
+    "--policy",
+    type=click.Choice(sorted(POLICIES)),
+    default="lru",
+    show_default=True,
+    help="What to evict first: least recently used, least frequently used (with "
+    "aging), or ARC (adapts between recency and frequency).",
+)
+def set_command(directory: Path, max_size: str, policy: str) -> None:
+    """Mark DIR (inside a mounted store) as a cache with a budget, or change it."""
+    size = parse_size(max_size)
+    if size <= 0:
+        raise ConfigError("the budget must be more than 0 bytes")
+    _mount_root(directory)
+    value = f"max_size={size} policy={policy}".encode()
+    try:
+        os.setxattr(directory, _XATTR, value)
+    except OSError as exc:
+        raise from_oserror(exc, f"marking {directory} as a cache") from None
+    click.echo(f"{directory}: cache of {human_bytes(size)}, {policy}")
+
+
+@command.command("unset")
+@click.argument("directory", type=click.Path(path_type=Path), metavar="DIR")
+def unset_command(directory: Path) -> None:
+    """Make DIR an ordinary directory again (nothing in it is evicted any more)."""
+    _mount_root(directory)
+    try:
+        os.removexattr(directory, _XATTR)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            raise NotFoundError(f"{directory} is not a cache directory") from None
+        raise from_oserror(exc, f"unmarking {directory}") from None
+
+
+@command.command("ls")
+@click.argument("mountpoints", nargs=-1, type=click.Path(path_type=Path), metavar="[MOUNTPOINT]...")
+@json_option
+def ls_command(mountpoints: tuple[Path, ...], as_json: bool) -> None:
+    """List the cache directories of the given mounts (default: every cachefs mount).
+
+    \b
+    Columns: usage of the budget, policy, files, hit ratio, evictions.
+    --json: a list of objects with mountpoint, path, max_size, policy, files,
+    bytes, hits, misses, hit_ratio, evictions, bytes_evicted, throttled,
+    throttled_seconds.
+    """
+    rows: list[dict[str, Any]] = []
+    for mountpoint in mountpoints or tuple(_cachefs_mounts()):
+        info = mounting.mount_info(mountpoint)
+        if info is None:
+            raise MountError(f"{mountpoint} is not a mounted cachefs store")
+        for cache in info.get("caches", []):
+            rows.append({"mountpoint": str(mountpoint), **cache})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no cache directories")
+        return
+    for row in rows:
+        path = Path(row["mountpoint"]) / row["path"].lstrip("/")
+        click.echo(
+            f"{path}  {human_bytes(row['bytes'])} of {human_bytes(row['max_size'])}"
+            f"  {row['policy']}  {row['files']} files  hit ratio {row['hit_ratio']:.1%}"
+            f"  {row['evictions']} evicted ({human_bytes(row['bytes_evicted'])})"
+        )
+
+
+@command.command("trace")
+@click.argument("mountpoint", type=click.Path(path_type=Path), metavar="MOUNTPOINT")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option("--stop", is_flag=True, help="Stop recording.")
+def trace_command(mountpoint: Path, file: Path | None, stop: bool) -> None:
+    """Record a file-access trace of MOUNTPOINT to FILE (JSON lines), or --stop.
+
+    The trace is what scripts/bench_cache.py replays through the eviction
+    policies.  Recording goes on until --stop or the unmount.
+    """
+    if stop == (file is not None):
+        raise ConfigError("give either FILE to start recording or --stop")
+    command = "trace stop" if stop else f"trace start {file.absolute() if file else ''}"
+    answer = mounting.control(mountpoint, command)
+    if not answer.get("ok"):
+        raise MountError(f"{mountpoint}: {answer.get('error')}")
+    if stop:
+        click.echo(f"{answer['records']} records")

@@ -1,0 +1,123 @@
+"""Recording a file-access trace of a mount (filesystem layer).
+
+``cachefs mount --trace FILE`` (or the control command ``trace start FILE``)
+appends one JSON object per line to FILE for every access to a regular file,
+for ``scripts/bench_cache.py`` to replay through the eviction policies::
+
+    {"t": 12.5, "op": "open", "path": "ccache/a/b.result", "size": 4096}
+
+``t`` is seconds since the recording started; ``path`` is relative to the
+mount's root.  Ops: ``open`` (an existing file opened: a request of ``size``
+bytes), ``miss`` (the lookup of a missing name), ``create`` (a file created),
+``write`` (a file's new content published, ``size`` its length), ``rename``
+(``path`` moved to ``dest``), ``unlink`` (an entry removed).  Files under a
+cache directory carry ``"cache"``: that directory's path.
+
+Paths are resolved from the names the kernel looked up or created, so that
+recording costs no extra metadata reads for files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from cachefs.errors import CachefsError, from_oserror
+from cachefs.namespace import ROOT_INODE
+
+if TYPE_CHECKING:
+    from cachefs.fs import Filesystem
+
+log = logging.getLogger(__name__)
+
+#: File names remembered for the trace (inode -> (parent, name)).
+_NAMES = 1 << 18
+
+
+class TraceRecorder:
+    """Appends access records of a mount's files to a JSON-lines file."""
+
+    def __init__(self, fs: Filesystem, path: Path) -> None:
+        self.fs = fs
+        self.path = path
+        try:
+            self._out: IO[str] = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise from_oserror(exc, f"opening the trace file {path}") from None
+        self._start = time.monotonic()
+        self._names: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
+        self._dirs: dict[int, str] = {ROOT_INODE: ""}
+        self.records = 0
+
+    def close(self) -> None:
+        self._out.close()
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    # --- names ---------------------------------------------------------------------
+
+    def named(self, ino: int, parent: int, name: bytes) -> None:
+        self._names[ino] = (parent, name)
+        self._names.move_to_end(ino)
+        if len(self._names) > _NAMES:
+            self._names.popitem(last=False)
+
+    def moved(self) -> None:
+        """A directory moved: forget the directory paths worked out so far."""
+        self._dirs = {ROOT_INODE: ""}
+
+    def _dir(self, ino: int) -> str:
+        path = self._dirs.get(ino)
+        if path is None:
+            try:
+                raw = self.fs.namespace.path_of(ino)
+            except CachefsError:
+                raw = f"/<inode {ino}>".encode()
+            path = raw.decode("utf-8", "surrogateescape").lstrip("/")
+            self._dirs[ino] = path
+        return path
+
+    def _path(self, parent: int, name: bytes) -> str:
+        directory = self._dir(parent)
+        leaf = name.decode("utf-8", "surrogateescape")
+        return f"{directory}/{leaf}" if directory else leaf
+
+    # --- records -------------------------------------------------------------------
+
+    def _emit(self, op: str, parent: int, name: bytes, size: int, **extra: Any) -> None:
+        doc: dict[str, Any] = {
+            "t": round(time.monotonic() - self._start, 6),
+            "op": op,
+            "path": self._path(parent, name),
+            "size": size,
+        }
+        cache = self.fs.caches.cache_of(parent)
+        if cache is not None:
+            doc["cache"] = self._dir(cache.ino)
+        doc.update(extra)
+        try:
+            self._out.write(json.dumps(doc) + "\n")
+            self.records += 1
+        except OSError as exc:
+            log.error("stopped recording the trace to %s: %s", self.path, exc)
+            self.fs.stop_trace()
+
+    def file_event(self, op: str, ino: int, size: int) -> None:
+        where = self._names.get(ino)
+        if where is not None:
+            self._emit(op, where[0], where[1], size)
+
+    def entry_event(self, op: str, parent: int, name: bytes, size: int = 0, **extra: Any) -> None:
+        self._emit(op, parent, name, size, **extra)
+
+    def renamed(self, old: tuple[int, bytes], new: tuple[int, bytes], ino: int) -> None:
+        self._emit("rename", old[0], old[1], 0, dest=self._path(*new))
+        self.named(ino, *new)
+
+
+__all__ = ["TraceRecorder"]

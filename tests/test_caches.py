@@ -1,0 +1,328 @@
+"""Cache directories on a real mount: budgets, what is never evicted, hits and
+misses, settings across remounts, the store quota, traces."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.mounting import apparent_size, cachefs, live_stats, mounted
+
+XATTR = "user.cachefs.cache"
+KIB = 1024
+MIB = 1 << 20
+
+
+stats = live_stats
+
+
+def cache_figures(mnt: Path, path: str) -> dict[str, Any]:
+    for cache in stats(mnt)["caches"]:
+        if cache["path"] == path:
+            return dict(cache)
+    raise AssertionError(f"no cache {path} in {stats(mnt)['caches']}")
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def content(name: str, size: int) -> bytes:
+    """Incompressible bytes that tell which file they belong to."""
+    seed = hashlib.sha256(name.encode()).digest()
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(seed + counter.to_bytes(8, "little")).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+def mark(directory: Path, max_size: int, policy: str = "lru") -> None:
+    os.setxattr(directory, XATTR, f"max_size={max_size} policy={policy}".encode())
+
+
+def check_whole(directory: Path, names: list[str], size: int) -> list[str]:
+    """The names still present; each must hold exactly its content."""
+    present = []
+    for name in names:
+        try:
+            data = (directory / name).read_bytes()
+        except FileNotFoundError:
+            continue
+        assert data == content(name, size), f"{name} is not whole"
+        present.append(name)
+    return present
+
+
+def test_set_ls_unset_and_remount(tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    with mounted(store, mnt):
+        (mnt / "cc").mkdir()
+        (mnt / "plain").mkdir()
+        cachefs("cache", "set", str(mnt / "cc"), "--max-size", "3M", "--policy", "arc")
+        assert os.getxattr(mnt / "cc", XATTR) == b"max_size=3145728 policy=arc"
+        assert XATTR in os.listxattr(mnt / "cc")
+        with pytest.raises(OSError) as info:
+            os.getxattr(mnt / "plain", XATTR)
+        assert info.value.errno == errno.ENODATA
+        listed = json.loads(cachefs("cache", "ls", str(mnt), "--json").stdout)
+        assert [(c["path"], c["max_size"], c["policy"]) for c in listed] == [
+            ("/cc", 3 << 20, "arc")
+        ]
+        assert "arc" in cachefs("cache", "ls", str(mnt)).stdout
+        (mnt / "cc" / "f").write_bytes(b"x" * 1000)
+        (mnt / "cc" / "f").read_bytes()
+        # Errors are one line with the remedy.
+        bad = cachefs("cache", "set", str(tmp_path), "--max-size", "1M", check=False)
+        assert bad.returncode == 8 and "not inside a mounted cachefs store" in bad.stderr
+        bad = cachefs("cache", "set", str(mnt / "cc"), "--max-size", "lots", check=False)
+        assert bad.returncode == 2 and "not a size" in bad.stderr
+        bad = cachefs("cache", "unset", str(mnt / "plain"), check=False)
+        assert bad.returncode == 3 and "not a cache directory" in bad.stderr
+        with pytest.raises(OSError) as info:
+            os.setxattr(mnt / "plain", XATTR, b"max_size=-1")
+        assert info.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as info:
+            os.setxattr(mnt / "cc" / "f", XATTR, b"max_size=10")
+        assert info.value.errno == errno.ENOTDIR
+    with mounted(store, mnt):
+        assert os.getxattr(mnt / "cc", XATTR) == b"max_size=3145728 policy=arc"
+        figures = cache_figures(mnt, "/cc")
+        assert (figures["files"], figures["bytes"], figures["hits"]) == (1, 1000, 1)
+        out = json.loads(cachefs("stats", str(mnt), "--json").stdout)
+        assert out["caches"][0]["path"] == "/cc"
+        cachefs("cache", "unset", str(mnt / "cc"))
+        assert stats(mnt)["caches"] == []
+    with mounted(store, mnt):
+        assert stats(mnt)["caches"] == []
+        assert (mnt / "cc" / "f").read_bytes() == b"x" * 1000
+
+
+def test_budget_holds_and_evicted_files_go_whole(tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    size, budget = 64 * KIB, 2 * MIB
+    with mounted(store, mnt):
+        cache, outside = mnt / "cache", mnt / "outside"
+        cache.mkdir()
+        outside.mkdir()
+        mark(cache, budget)
+        kept = [f"keep{i}" for i in range(40)]
+        for name in kept:  # far more than any budget, but not in a cache
+            (outside / name).write_bytes(content(name, size))
+        names = []
+        for i in range(200):
+            sub = cache / f"{i % 8:02x}"
+            sub.mkdir(exist_ok=True)
+            name = f"{i % 8:02x}/f{i}"
+            (cache / name).write_bytes(content(name, size))
+            names.append(name)
+            assert cache_figures(mnt, "/cache")["bytes"] <= budget
+        wait_for(lambda: cache_figures(mnt, "/cache")["bytes"] <= 0.95 * budget, "eviction")
+        figures = cache_figures(mnt, "/cache")
+        present = check_whole(cache, names, size)
+        assert 0 < len(present) * size == figures["bytes"] <= budget
+        assert apparent_size(cache) - 9 * 4096 <= budget  # the directories count too
+        assert figures["evictions"] == len(names) - len(present)
+        assert figures["bytes_evicted"] == figures["evictions"] * size
+        # LRU: the survivors are the most recently written.
+        assert set(present) == set(names[-len(present) :])
+        assert check_whole(outside, kept, size) == kept
+    subprocess.run([*cachefs_cmd(), "fsck", str(store)], check=True, capture_output=True)
+
+
+def cachefs_cmd() -> list[str]:
+    return [sys.executable, "-m", "cachefs"]
+
+
+def test_open_and_unpublished_files_are_never_evicted(tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    size, budget = 128 * KIB, 1 * MIB
+    with mounted(store, mnt):
+        cache = mnt / "cache"
+        cache.mkdir()
+        mark(cache, budget)
+        (cache / "reader").write_bytes(content("reader", size))
+        reader = open(cache / "reader", "rb")  # noqa: SIM115
+        first = reader.read(1000)
+        # A file being written: its writes are unpublished until it is closed.
+        writer = open(cache / "writer", "wb")  # noqa: SIM115
+        writer.write(content("writer", size))
+        writer.flush()
+        names = [f"f{i}" for i in range(30)]
+        for name in names:
+            (cache / name).write_bytes(content(name, size))
+        wait_for(lambda: cache_figures(mnt, "/cache")["evictions"] >= 20, "eviction")
+        # The reader, the oldest file of all, stayed while open: it reads to the end.
+        rest = reader.read()
+        assert first + rest == content("reader", size)
+        assert (cache / "reader").exists() and (cache / "writer").exists()
+        writer.write(b"tail")
+        writer.close()
+        assert (cache / "writer").read_bytes() == content("writer", size) + b"tail"
+        reader.close()
+        for name in names[-2:]:  # more writes: now the reader may go
+            (cache / name).unlink()
+        for name in [f"g{i}" for i in range(12)]:
+            (cache / name).write_bytes(content(name, size))
+        wait_for(lambda: not (cache / "reader").exists(), "the closed reader's eviction")
+        assert cache_figures(mnt, "/cache")["bytes"] <= budget
+
+
+def test_enospc_when_nothing_is_evictable(tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    with mounted(store, mnt):
+        cache = mnt / "cache"
+        cache.mkdir()
+        mark(cache, 1 * MIB)
+        fd = os.open(cache / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            assert os.write(fd, b"a" * (900 * KIB)) == 900 * KIB
+            with pytest.raises(OSError) as info:
+                for _ in range(10):  # the kernel may split a write: a short one first
+                    os.write(fd, b"b" * (200 * KIB))
+            assert info.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        # Nothing stored was lost, and the cache works again once room is made.
+        assert (cache / "big").stat().st_size >= 900 * KIB
+        (cache / "big").unlink()
+        (cache / "next").write_bytes(b"c" * (500 * KIB))
+        assert (cache / "next").read_bytes() == b"c" * (500 * KIB)
+
+
+def test_hits_misses_and_policy_order(tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    size = 100 * KIB
+    with mounted(store, mnt):
+        survivors = {}
+        for policy in ("lru", "lfu", "arc"):
+            cache = mnt / policy
+            cache.mkdir()
+            mark(cache, 10 * size, policy)
+            for i in range(8):
+                (cache / f"f{i}").write_bytes(content(f"f{i}", size))
+            for _ in range(4):  # f0 is popular (but LRU forgets: it is old)
+                (cache / "f0").read_bytes()
+            for i in range(1, 8):
+                (cache / f"f{i}").read_bytes()
+            assert not (cache / "missing").exists()
+            figures = cache_figures(mnt, f"/{policy}")
+            # Creating a file looks its name up first: each was a miss.
+            assert (figures["hits"], figures["misses"]) == (11, 9)
+            assert figures["hit_ratio"] == pytest.approx(11 / 20)
+            for i in range(8, 12):
+                (cache / f"f{i}").write_bytes(content(f"f{i}", size))
+            wait_for(lambda c=cache: len(os.listdir(c)) <= 9, f"eviction in {policy}")
+            survivors[policy] = "f0" in os.listdir(cache)
+        assert survivors == {"lru": False, "lfu": True, "arc": True}
+
+
+def test_moves_in_and_out_of_a_cache(tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    with mounted(store, mnt):
+        cache, outside = mnt / "cache", mnt / "outside"
+        cache.mkdir()
+        (outside / "tree").mkdir(parents=True)
+        mark(cache, 10 * MIB)
+        (cache / "a").write_bytes(b"a" * 1000)
+        (outside / "tree" / "b").write_bytes(b"b" * 2000)
+        assert cache_figures(mnt, "/cache")["bytes"] == 1000
+        os.rename(cache / "a", outside / "a")
+        assert cache_figures(mnt, "/cache")["bytes"] == 0
+        os.rename(outside / "tree", cache / "tree")
+        assert cache_figures(mnt, "/cache")["bytes"] == 2000
+        os.link(outside / "a", cache / "a-link")
+        assert cache_figures(mnt, "/cache")["bytes"] == 3000
+        (cache / "inner").mkdir()
+        (cache / "inner" / "c").write_bytes(b"c" * 500)
+        mark(cache / "inner", 1 * MIB)  # nested: its files are its own
+        assert cache_figures(mnt, "/cache")["bytes"] == 3000
+        assert cache_figures(mnt, "/cache/inner")["bytes"] == 500
+        os.removexattr(cache / "inner", XATTR)
+        assert cache_figures(mnt, "/cache")["bytes"] == 3500
+        os.unlink(cache / "tree" / "b")
+        assert cache_figures(mnt, "/cache")["bytes"] == 1500
+
+
+def test_store_quota(tmp_path: Path) -> None:
+    """Past the quota caches are evicted; ENOSPC only when nothing is evictable;
+    deleting files makes room again; fsck is clean."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    size = 256 * KIB
+    with mounted(store, mnt, "--max-store-size", "6M"):
+        cache, outside = mnt / "cache", mnt / "outside"
+        cache.mkdir()
+        outside.mkdir()
+        mark(cache, 100 * MIB)
+        names = [f"c{i}" for i in range(60)]  # 15 MiB through a 6 MiB store
+        for name in names:
+            (cache / name).write_bytes(content(name, size))
+        wait_for(lambda: stats(mnt)["stored_bytes"] <= 6 * MIB, "the quota to hold")
+        assert cache_figures(mnt, "/cache")["evictions"] > 0
+        assert check_whole(cache, names, size)
+        # Outside the cache nothing is evictable: the writer gets ENOSPC.
+        written = []
+        with pytest.raises(OSError) as info:
+            for i in range(60):
+                name = f"o{i}"
+                with open(outside / name, "wb") as f:
+                    f.write(content(name, size))
+                    os.fsync(f.fileno())
+                written.append(name)
+        assert info.value.errno == errno.ENOSPC
+        assert written and check_whole(outside, written, size) == written
+        assert not os.listdir(cache)  # everything evictable went first
+        for name in written[: len(written) // 2]:
+            (outside / name).unlink()
+        (outside / "again").write_bytes(content("again", size))
+        assert (outside / "again").read_bytes() == content("again", size)
+    with mounted(store, mnt):
+        assert stats(mnt)["max_store_size"] == 6 * MIB  # kept in the store
+    subprocess.run([*cachefs_cmd(), "fsck", str(store)], check=True, capture_output=True)
+
+
+def test_trace_recording(tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    trace = tmp_path / "trace.jsonl"
+    with mounted(store, mnt, "--trace", str(trace)):
+        cache = mnt / "cache"
+        cache.mkdir()
+        mark(cache, 10 * MIB)
+        (cache / "a").write_bytes(b"a" * 100)
+        (cache / "a").read_bytes()
+        assert not (cache / "b").exists()
+        os.rename(cache / "a", cache / "b")
+        (cache / "b").unlink()
+        assert stats(mnt)["tracing"] == str(trace)
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    seen = [(r["op"], r["path"], r["size"]) for r in records]
+    # Every create and rename looks the new name up first: misses.
+    assert seen == [
+        ("miss", "cache", 0),
+        ("miss", "cache/a", 0),
+        ("create", "cache/a", 0),
+        ("write", "cache/a", 100),
+        ("open", "cache/a", 100),
+        ("miss", "cache/b", 0),
+        ("miss", "cache/b", 0),
+        ("rename", "cache/a", 0),
+        ("unlink", "cache/b", 100),
+    ]
+    assert records[7]["dest"] == "cache/b"
+    assert all(r["cache"] == "cache" for r in records[1:])
+    assert all(isinstance(r["t"], float) for r in records)
