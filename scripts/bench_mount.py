@@ -70,14 +70,12 @@ import json
 import os
 import platform
 import random
-import re
 import resource
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -89,13 +87,16 @@ from typing import Any
 
 from bench_engine import kind_of  # the same artifact kinds as the engine benchmark
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests import clients
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 CACHEFS = VENV_BIN / "cachefs"
 #: The venv's python has pyfuse3 and trio (the system python3 may not).
 PYTHON = VENV_BIN / "python"
 DEFAULT_PASSTHROUGH = ROOT.parent / "shared" / "baselines" / "passthrough.py"
-CACHE_DIR = Path("/var/cache/cachefs-bench")
+CACHE_DIR = clients.SOURCE_CACHE
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -111,17 +112,8 @@ WORKLOADS = ("seq", "small", "build")
 TARGET_KEYS = ("native", "pt", "ptkc", "cachefs")
 
 
-@dataclass(frozen=True)
-class BuildSpec:
-    package: str  # Debian source package
-    tarball: str  # glob of its upstream tarball
-    make_args: tuple[str, ...]
-
-
-BUILDS = {
-    "zstd": BuildSpec("libzstd", "libzstd_*.orig.tar.*", ("-C", "programs", "zstd")),
-    "lz4": BuildSpec("lz4", "lz4_*.orig.tar.*", ("-C", "programs", "lz4")),
-}
+#: The C projects the build workload can build (sources: ``tests/clients.py``).
+BUILDS = clients.C_PROJECTS
 
 
 def log(message: str) -> None:
@@ -660,91 +652,10 @@ def make_data(args: argparse.Namespace) -> Data:
 # --- build sources --------------------------------------------------------------------
 
 
-_DEB_LINE = re.compile(
-    r"^deb\s+(?:\[(?P<opts>[^\]]*)\]\s+)?(?P<uri>\S+)\s+(?P<suite>\S+)\s*(?P<comps>.*)$"
-)
-
-
-def apt_sources() -> str:
-    """deb-src entries (deb822) made from the machine's own ``deb`` apt sources."""
-    stanzas: list[str] = []
-    parts = Path("/etc/apt/sources.list.d")
-    for path in sorted(parts.glob("*.sources")) if parts.is_dir() else []:
-        for stanza in path.read_text().split("\n\n"):
-            lines = [ln for ln in stanza.splitlines() if ln.strip() and not ln.startswith("#")]
-            fields = dict(ln.split(":", 1) for ln in lines if ":" in ln and ln[0] != " ")
-            enabled = fields.get("Enabled", "yes").strip().lower() != "no"
-            if enabled and "deb" in fields.get("Types", "").split():
-                body = [f"{k}:{v}" for k, v in fields.items() if k not in ("Types", "Enabled")]
-                stanzas.append("\n".join(["Types: deb-src", *body]))
-    lists = [parts / name for name in sorted(os.listdir(parts))] if parts.is_dir() else []
-    for path in [Path("/etc/apt/sources.list"), *(p for p in lists if p.suffix == ".list")]:
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines():
-            m = _DEB_LINE.match(line.strip())
-            if m is None:
-                continue
-            opts = dict(o.split("=", 1) for o in (m["opts"] or "").split() if "=" in o)
-            entry = ["Types: deb-src", f"URIs: {m['uri']}", f"Suites: {m['suite']}"]
-            entry.append(f"Components: {m['comps']}")
-            if "signed-by" in opts:
-                entry.append(f"Signed-By: {opts['signed-by']}")
-            stanzas.append("\n".join(entry))
-    return "\n\n".join(stanzas) + "\n"
-
-
-def fetch_source(spec: BuildSpec, src_dir: Path) -> None:
-    """``apt-get source --download-only`` with a private apt configuration."""
-    apt = CACHE_DIR / "apt"
-    for sub in ("sources.list.d", "lists/partial", "cache/archives/partial"):
-        (apt / sub).mkdir(parents=True, exist_ok=True)
-    (apt / "sources.list.d" / "deb-src.sources").write_text(apt_sources())
-    (apt / "sources.list").write_text("")
-    options = [
-        f"-oDir::Etc::SourceList={apt / 'sources.list'}",
-        f"-oDir::Etc::SourceParts={apt / 'sources.list.d'}",
-        f"-oDir::State::Lists={apt / 'lists'}",
-        f"-oDir::Cache={apt / 'cache'}",
-        "-qq",
-    ]
-    log(f"fetching the {spec.package} source package into {src_dir} (apt-get source)")
-    run_cmd(["apt-get", *options, "update"], timeout=600)
-    src_dir.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        ["apt-get", *options, "source", "--download-only", spec.package],
-        cwd=src_dir,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"apt-get source {spec.package} failed: {result.stderr.strip()}; put its upstream "
-            f"tarball in {src_dir} by hand, or run with --build none"
-        )
-
-
 def build_sources(name: str, workdir: Path) -> Path:
-    """The extracted sources of BUILDS[name], in ``workdir`` (fetched once if needed)."""
-    spec = BUILDS[name]
-    src_dir = CACHE_DIR / "src"
-
-    def tarballs() -> list[Path]:
-        found = sorted(src_dir.glob(spec.tarball)) if src_dir.is_dir() else []
-        return [p for p in found if not p.name.endswith(".asc")]
-
-    if not tarballs():
-        fetch_source(spec, src_dir)
-    if not tarballs():
-        raise RuntimeError(f"no {spec.tarball} in {src_dir} after apt-get source")
-    dest = workdir / f"src-{name}"
-    dest.mkdir()
-    with tarfile.open(tarballs()[-1]) as tar:
-        tar.extractall(dest, filter="data")
-    (top,) = list(dest.iterdir())
-    return top
+    """The extracted sources of ``name`` in ``workdir``, fetched once per machine
+    (into ``/var/cache/cachefs-bench``) the way the tests fetch them."""
+    return clients.c_project(workdir, name)
 
 
 # --- workloads ------------------------------------------------------------------------
@@ -917,7 +828,7 @@ def run_make(directory: Path, args: argparse.Namespace, log_path: Path) -> float
     spec = BUILDS[args.build]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
     env["LC_ALL"] = "C"
-    cmd = ["make", f"-j{args.jobs}", *spec.make_args]
+    cmd = ["make", f"-j{args.jobs}", "-C", spec.subdir, spec.target]
     with open(log_path, "wb") as out:
         start = time.perf_counter()
         result = subprocess.run(

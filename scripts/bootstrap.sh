@@ -47,7 +47,7 @@ have_cc() { command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; }
 # the command, which is what the tests need, wherever it came from.
 TEST_TOOLS=(
     rsync:rsync git:git attr:getfattr systemd:systemd-analyze psmisc:fuser make:make
-    ccache:ccache
+    ccache:ccache bazel-bootstrap:bazel
 )
 
 # Prints the interpreter to use (absolute path), or nothing if it is not found.
