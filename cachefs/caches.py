@@ -110,8 +110,8 @@ class CacheDir:
         self.max_size = max_size
         self.policy_name = policy
         self.policy: Policy = make_policy(policy, max_size)
-        #: The entry (parent, name) through which each member file is followed.
-        self.names: dict[int, tuple[int, bytes]] = {}
+        #: The entries (parent, name) of each member file inside this cache.
+        self.names: dict[int, list[tuple[int, bytes]]] = {}
         self.counters: dict[str, float] = {k: float(record.get(k, 0)) for k in _COUNTERS}
         #: Bytes that writers waiting for room want to add.
         self.wanted = 0
@@ -167,9 +167,14 @@ class CacheDirs:
         self.checks = 0
         self.blocked = 0
         self._stored = 0
-        self._quota_checked: tuple[int, int] | None = None
+        #: ``Store.dropped`` when gc last ran for the quota (None: not yet).
+        self._gc_dropped: int | None = None
+        self._saved = trio.current_time() if _in_trio() else 0.0
         records = self.namespace.cache_records() if self.namespace.caches is not None else {}
         settings = records.pop(STORE_SETTINGS, {})
+        if not isinstance(settings, dict):
+            log.error("ignoring the damaged store-wide cache settings: %r", settings)
+            settings = {}
         if max_store_size is not None:
             settings["max_store_size"] = max_store_size
             if not fs.store.readonly:
@@ -177,9 +182,17 @@ class CacheDirs:
         self.max_store_size: int | None = settings.get("max_store_size") or None
         for ino, record in records.items():
             try:
-                self.dirs[ino] = CacheDir(ino, int(record["max_size"]), record["policy"], record)
+                max_size, policy = int(record["max_size"]), str(record["policy"])
+                if max_size <= 0 or policy not in POLICIES:
+                    raise ValueError(record)
+                self.dirs[ino] = CacheDir(ino, max_size, policy, record)
             except (KeyError, ValueError, TypeError):
-                log.error("ignoring the damaged settings of cache directory %d: %r", ino, record)
+                log.error(
+                    "ignoring the damaged settings of cache directory %d: %r "
+                    "(set them again with `cachefs cache set`)",
+                    ino,
+                    record,
+                )
         for cache in self.dirs.values():
             self._load(cache)
         self.refresh_stored()
@@ -188,16 +201,18 @@ class CacheDirs:
 
     def _load(self, cache: CacheDir) -> None:
         """Find the cache's files; rebuild its policy from the saved state."""
-        found: dict[int, tuple[int, bytes, Inode]] = {}
+        found: dict[int, tuple[Inode, list[tuple[int, bytes]]]] = {}
         for parent, name, inode in self._walk(cache.ino):
-            found.setdefault(inode.ino, (parent, name, inode))
+            found.setdefault(inode.ino, (inode, []))[1].append((parent, name))
         for ino, count in self.namespace.cache_state_of(cache.ino):
             entry = found.pop(ino, None)
-            if entry is not None:
-                self._add(cache, entry[0], entry[1], ino, entry[2].size, count=count)
+            if entry is not None and ino not in self.members:
+                for parent, name in entry[1]:
+                    self._add(cache, parent, name, ino, entry[0].size, count=count)
         # Files the saved state does not know (written before a crash): oldest first.
-        for parent, name, inode in sorted(found.values(), key=lambda e: e[2].mtime_ns):
-            self._add(cache, parent, name, inode.ino, inode.size)
+        for inode, names in sorted(found.values(), key=lambda e: e[0].mtime_ns):
+            for parent, name in names:
+                self._add(cache, parent, name, inode.ino, inode.size)
 
     def _walk(self, top: int) -> Iterator[tuple[int, bytes, Inode]]:
         """The regular files of a cache, not descending into nested caches."""
@@ -220,11 +235,18 @@ class CacheDirs:
         size: int,
         count: int | None = None,
     ) -> None:
+        """File ``ino`` has entry ``(parent, name)`` in ``cache``: admit it, or
+        note one more entry of it (a file belongs to one cache at a time)."""
+        current = self.members.get(ino)
+        if current is not None:
+            if current is cache and (parent, name) not in cache.names[ino]:
+                cache.names[ino].append((parent, name))
+            return
         if count is None:
             cache.policy.admit(ino, size, ghost=(parent, name))
         else:
             cache.policy.restore(ino, size, count)
-        cache.names[ino] = (parent, name)
+        cache.names[ino] = [(parent, name)]
         self.members[ino] = cache
 
     def _drop(self, ino: int) -> None:
@@ -232,6 +254,17 @@ class CacheDirs:
         if cache is not None:
             cache.policy.discard(ino)
             cache.names.pop(ino, None)
+
+    def _drop_entry(self, ino: int, entry: tuple[int, bytes]) -> None:
+        """One entry of a member went; with its last entry in the cache, it leaves."""
+        cache = self.members.get(ino)
+        if cache is None:
+            return
+        names = cache.names[ino]
+        if entry in names:
+            names.remove(entry)
+        if not names:
+            self._drop(ino)
 
     def cache_of(self, directory: int) -> CacheDir | None:
         """The cache a directory is in (itself or its nearest marked ancestor)."""
@@ -286,10 +319,10 @@ class CacheDirs:
                 self._add(cache, parent, name, inode.ino, inode.size)
 
     def linked(self, ino: int, parent: int, name: bytes, size: int) -> None:
-        if ino not in self.members:
-            cache = self.cache_of(parent)
-            if cache is not None:
-                self._add(cache, parent, name, ino, size)
+        cache = self.cache_of(parent)
+        if cache is not None:
+            self._add(cache, parent, name, ino, size)
+            self._check(cache)
 
     def removed(self, parent: int, name: bytes, inode: Inode) -> None:
         """An entry went (unlink, rmdir, or replaced by a rename)."""
@@ -298,9 +331,10 @@ class CacheDirs:
             if inode.ino in self.dirs:
                 self._unmark(inode.ino)
             return
-        cache = self.members.get(inode.ino)
-        if cache is not None and (inode.nlink == 0 or cache.names.get(inode.ino) == (parent, name)):
+        if inode.nlink == 0:
             self._drop(inode.ino)
+        else:
+            self._drop_entry(inode.ino, (parent, name))
 
     def renamed(
         self,
@@ -328,25 +362,29 @@ class CacheDirs:
             target = self.cache_of(inode.ino)
             if source is target:
                 return
-            for parent, name, child in self._walk(inode.ino):
-                self._drop(child.ino)
-                if target is not None:
-                    self._add(target, parent, name, child.ino, self._size(child))
+            moved = list(self._walk(inode.ino))
+            for _, _, child in moved:
+                if self.members.get(child.ino) is not target:
+                    self._drop(child.ino)
             if target is not None:
+                for parent, name, child in moved:
+                    self._add(target, parent, name, child.ino, self._size(child))
                 self._check(target)
             return
         if not inode.is_reg:
             return
         cache = self.members.get(inode.ino)
-        if cache is not None and cache.names.get(inode.ino) != old:
-            return  # followed through another link
         target = self.cache_of(new[0])
-        if cache is target:
-            if cache is not None:
-                cache.names[inode.ino] = new
-                cache.policy.renamed(inode.ino, new)
+        if cache is not None and cache is target:
+            names = cache.names[inode.ino]
+            if old in names:
+                names.remove(old)
+            if new not in names:
+                names.append(new)
+            cache.policy.renamed(inode.ino, new)
             return
-        self._drop(inode.ino)
+        if cache is not None:
+            self._drop_entry(inode.ino, old)
         if target is not None:
             self._add(target, new[0], new[1], inode.ino, self._size(inode))
             self._check(target)
@@ -391,28 +429,27 @@ class CacheDirs:
             raise FsError(errno.ENOTDIR, "only a directory can be a cache")
         max_size, policy = parse_setting(value)
         cache = self.dirs.get(ino)
-        if cache is not None and cache.policy_name == policy:
-            cache.max_size = max_size
-            cache.policy.capacity = max_size
-        else:
-            record = cache.record() if cache is not None else {}
-            new = CacheDir(ino, max_size, policy, record)
-            if cache is not None:
-                # Keep the order of eviction the old policy had reached.
-                for member, size, _ in list(cache.policy.entries()):
-                    new.policy.admit(member, size)
-                new.names = cache.names
-                for member in new.names:
-                    self.members[member] = new
-            cache = new
+        fresh = cache is None
+        if cache is None:
+            cache = CacheDir(ino, max_size, policy, {})
+        elif cache.policy_name != policy:
+            # The same object (the evictor may hold it): a new policy that
+            # starts from the order of eviction the old one had reached.
+            replacement = make_policy(policy, max_size)
+            for member, size, _ in list(cache.policy.entries()):
+                replacement.admit(member, size)
+            cache.policy, cache.policy_name = replacement, policy
+        cache.max_size = max_size
+        cache.policy.capacity = max_size
         self.namespace.put_cache_records({ino: cache.record()})
-        fresh = ino not in self.dirs
         self.dirs[ino] = cache
         if fresh:
             self._moved()
             # Files of an enclosing cache below this directory are this one's now.
-            for parent, name, inode in self._walk(ino):
+            below = list(self._walk(ino))
+            for _, _, inode in below:
                 self._drop(inode.ino)
+            for parent, name, inode in below:
                 self._add(cache, parent, name, inode.ino, self._size(inode))
         log.info("directory %d is a cache: %d bytes, %s", ino, max_size, policy)
         self._check(cache)
@@ -434,13 +471,10 @@ class CacheDirs:
                 self._add(outer, parent, name, inode.ino, self._size(inode))
             self._check(outer)
 
-    def set_max_store_size(self, size: int | None) -> None:
-        self.max_store_size = size or None
-        self.namespace.put_cache_records({STORE_SETTINGS: {"max_store_size": size or 0}})
-        self.published()
-
     def save(self) -> None:
         """Write the policies and counters to the store (unmount, now and then)."""
+        if _in_trio():
+            self._saved = trio.current_time()
         if not self.dirs or self.fs.store.readonly:
             return
         try:
@@ -484,12 +518,15 @@ class CacheDirs:
 
     async def make_room(self, ino: int, growth: int) -> None:
         """Wait until file ``ino`` may grow by ``growth`` bytes: its cache's
-        budget and the store quota allow it.  ENOSPC when they do not in time."""
+        budget and the store quota allow it.  ENOSPC when they cannot."""
         cache = self.members.get(ino)
         if cache is not None or self.max_store_size is not None:
             self.checks += 1
         if not self._short(cache, growth):
             return
+        if cache is not None and growth + self._pinned(cache) > cache.max_size:
+            # Evicting everything that may go would not make room: refuse now.
+            raise _full(f"the cache's budget of {cache.max_size} bytes is taken by open files")
         self.blocked += 1
         start = trio.current_time()
         deadline = start + THROTTLE_LIMIT
@@ -501,14 +538,14 @@ class CacheDirs:
                 over = cache is not None and cache.usage + growth > cache.max_size
                 if over and cache is not None and not self._evictable(cache):
                     raise _full(f"the cache's budget of {cache.max_size} bytes is used")
+                if not over and self._quota_stuck():
+                    raise _full(f"the store quota of {self.max_store_size} bytes is used")
+                if trio.current_time() >= deadline:
+                    raise _full(f"eviction made no room within {THROTTLE_LIMIT:g} s")
                 progress = self._progress
                 self.wake()
                 with trio.move_on_at(deadline):
                     await progress.wait()
-                if trio.current_time() >= deadline:
-                    raise _full(f"eviction made no room within {THROTTLE_LIMIT:g} s")
-                if self._quota_stuck():
-                    raise _full(f"the store quota of {self.max_store_size} bytes is used")
         finally:
             self._waiting -= 1
             if cache is not None:
@@ -524,6 +561,12 @@ class CacheDirs:
             return True
         return self.max_store_size is not None and self._stored >= self.max_store_size
 
+    def _pinned(self, cache: CacheDir) -> int:
+        """Bytes of the cache's files that may not go now (open or being written)."""
+        return sum(
+            state.size for ino, state in self.fs.files.items() if self.members.get(ino) is cache
+        )
+
     def _evictable(self, cache: CacheDir) -> bool:
         return next(self._victims(cache), None) is not None
 
@@ -534,26 +577,25 @@ class CacheDirs:
                 yield ino
 
     def _quota_stuck(self) -> bool:
-        """Over the quota, nothing evictable, and gc ran since the last change."""
+        """Over the quota, nothing evictable, and gc ran since the last reference
+        to stored data was dropped (so it cannot free anything either)."""
         if self.max_store_size is None or self._stored < self.max_store_size:
             return False
         if any(self._evictable(cache) for cache in self.dirs.values()):
             return False
-        return self._quota_checked == self._generation()
-
-    def _generation(self) -> tuple[int, int]:
-        stats = self.fs.store.stats()
-        return stats.files, stats.logical_bytes
+        return self._gc_dropped == self.fs.store.dropped
 
     # --- eviction --------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Evict in the background; save the policies now and then."""
+        self._saved = trio.current_time()
         while True:
-            with trio.move_on_after(SAVE_INTERVAL) as scope:
+            with trio.move_on_at(self._saved + SAVE_INTERVAL):
                 await self._wake.wait()
-            if scope.cancelled_caught:
+            if trio.current_time() >= self._saved + SAVE_INTERVAL:
                 self.save()
+            if not self._wake.is_set():
                 continue
             self._wake = trio.Event()
             try:
@@ -572,10 +614,12 @@ class CacheDirs:
     async def _enforce(self) -> None:
         for cache in list(self.dirs.values()):
             # Down to the low watermark, and room for the writers that wait.
-            target = min(int(cache.max_size * LOW_WATERMARK), cache.max_size - cache.wanted)
-            if cache.usage > cache.max_size * HIGH_WATERMARK or cache.usage > target:
+            target = max(0, min(int(cache.max_size * LOW_WATERMARK), cache.max_size - cache.wanted))
+            if cache.usage > cache.max_size * HIGH_WATERMARK or (
+                cache.wanted and cache.usage > target
+            ):
                 while cache.usage > target:
-                    if not self.evict(cache, target):
+                    if not self.evict(cache, target)[0]:
                         break
                     self._signal()
                     await trio.sleep(0)
@@ -598,17 +642,15 @@ class CacheDirs:
                 if not candidates:
                     break
                 cache = max(candidates, key=lambda c: c.usage / c.max_size)
-                freed = self.evict(cache, max(0, cache.usage - (goal - evicted)))
-                if not freed:
+                files, freed = self.evict(cache, max(0, cache.usage - (goal - evicted)))
+                if not files:
                     break
-                evicted += freed
+                evicted += max(1, freed)
                 self._signal()
                 await trio.sleep(0)
-            generation = self._generation()
-            if not evicted and self._quota_checked == generation:
-                return  # gc already ran on this state: nothing more to free
+            if self._gc_dropped == self.fs.store.dropped:
+                return  # nothing was freed since gc last ran
             await self._collect_garbage()
-            self._quota_checked = self._generation()
             self._signal()
             if not evicted:
                 return
@@ -616,6 +658,7 @@ class CacheDirs:
     async def _collect_garbage(self) -> None:
         fs = self.fs
         store = fs.store
+        dropped = store.dropped
         fs.maintenance += 1
         try:
             report = await trio.to_thread.run_sync(
@@ -623,6 +666,7 @@ class CacheDirs:
             )
         finally:
             fs.maintenance -= 1
+        self._gc_dropped = dropped
         self.refresh_stored()
         log.info(
             "store quota: gc reclaimed %d bytes; %d bytes stored of %s",
@@ -631,38 +675,47 @@ class CacheDirs:
             self.max_store_size,
         )
 
-    def evict(self, cache: CacheDir, target: int) -> int:
+    def evict(self, cache: CacheDir, target: int) -> tuple[int, int]:
         """Evict one batch of files of ``cache``, by its policy, towards
-        ``target`` bytes of usage; returns the logical bytes evicted."""
+        ``target`` bytes of usage; returns (files, logical bytes) evicted.
+
+        An evicted file loses every entry it has in the cache, in one
+        transaction, and is deleted at once unless it has entries elsewhere
+        (a file the kernel still knows reads as gone: its entry is invalidated)."""
         fs = self.fs
-        victims = []
+        chosen: list[int] = []
         planned = 0
         for ino in self._victims(cache):
-            parent, name = cache.names[ino]
-            victims.append((parent, name, ino))
-            planned += self._size_of(cache, ino)
-            if cache.usage - planned <= target or len(victims) >= _BATCH:
+            chosen.append(ino)
+            planned += self._size_of(ino)
+            if cache.usage - planned <= target or len(chosen) >= _BATCH:
                 break
-        if not victims:
-            return 0
-        removed = fs.namespace.evict(victims, {ino for _, _, ino in victims if ino in fs.lookups})
-        gone = {inode.ino: inode for inode in removed}
-        freed = 0
-        for parent, name, ino in victims:
-            inode = gone.get(ino)
-            if inode is None:  # the entry changed under us: stop following it
+        if not chosen:
+            return 0, 0
+        entries = [(parent, name, ino) for ino in chosen for parent, name in cache.names[ino]]
+        removed = fs._freeing(lambda: fs.namespace.evict(entries, set()))
+        went = {(parent, name, inode.ino) for parent, name, inode in removed}
+        final = {inode.ino: inode for _, _, inode in removed}  # the last state of each
+        files = freed = 0
+        for ino in chosen:
+            inode = final.get(ino)
+            if inode is None:  # its entries changed under us: stop following it
                 self._drop(ino)
                 continue
+            names = cache.names.get(ino, [])
+            files += 1
             freed += inode.size
-            cache.policy.evict(ino, ghost=(parent, name))
+            cache.policy.evict(ino, ghost=names[0] if names else None)
             cache.names.pop(ino, None)
             self.members.pop(ino, None)
             cache.counters["evictions"] += 1
             cache.counters["bytes_evicted"] += inode.size
-            fs.evicted(parent, name, inode)
-        return freed
+            for parent, name in names:
+                if (parent, name, ino) in went:
+                    fs.evicted(parent, name, inode)
+        return files, freed
 
-    def _size_of(self, cache: CacheDir, ino: int) -> int:
+    def _size_of(self, ino: int) -> int:
         try:
             return self.namespace.get(ino).size
         except CachefsError:
@@ -675,6 +728,14 @@ def _full(why: str) -> StoreFullError:
         hint="close or delete files, or raise the budget (`cachefs cache set DIR --max-size`) "
         "or the quota (`--max-store-size`)",
     )
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _percentile(values: list[float], q: float) -> float:

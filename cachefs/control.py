@@ -29,6 +29,7 @@ from cachefs import gc
 from cachefs.digest import Digest
 from cachefs.errors import CachefsError
 from cachefs.namespace import FsError, Inode
+from cachefs.trace import check_outside
 
 if TYPE_CHECKING:
     from cachefs.fs import Filesystem
@@ -177,9 +178,15 @@ class ControlTree:
                     self.fs.maintenance -= 1
                 self.fs.caches.refresh_stored()
                 answer = {"ok": True, "report": report.as_dict()}
-            elif words[:2] == ["trace", "start"] and len(words) == 3:
-                self.fs.start_trace(Path(words[2]))
-                answer = {"ok": True, "trace": words[2]}
+            elif words[:2] == ["trace", "start"] and len(words) >= 3:
+                # The rest of the line is the path (it may hold spaces).
+                text = request.decode("utf-8", "surrogateescape").strip()
+                path = Path(text.split(None, 2)[2])
+                mountpoint = self.info.get("mountpoint")
+                if mountpoint is not None:
+                    path = check_outside(path, Path(mountpoint))
+                self.fs.start_trace(path)
+                answer = {"ok": True, "trace": str(path)}
             elif words == ["trace", "stop"]:
                 answer = {"ok": True, "records": self.fs.stop_trace()}
             else:

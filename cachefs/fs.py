@@ -551,14 +551,14 @@ class Filesystem:
             self.tracer.renamed((old_parent, old_name), (new_parent, new_name), moved.ino)
 
     def evicted(self, parent: int, name: bytes, inode: Inode) -> None:
-        """A cache evicted an entry (``caches.py``): the kernel must forget it;
-        a file it still knows is an orphan now."""
-        if inode.nlink == 0 and inode.ino in self.lookups:
-            self._orphans.add(inode.ino)
+        """A cache evicted an entry (``caches.py``): the kernel must forget it
+        (and the inode, when that was its last entry: it is deleted)."""
+        if inode.nlink == 0:
+            self._generations.pop(inode.ino, None)
         if self.tracer is not None:
             self.tracer.entry_event("unlink", parent, name, inode.size, evicted=True)
         if self.invalidate is not None:
-            self.invalidate(parent, name, inode.ino)
+            self.invalidate(parent, name, inode.ino if inode.nlink == 0 else 0)
 
     def _freeing(self, operation: Callable[[], T]) -> T:
         """Run an operation that frees space; on a full disk, release the
@@ -823,8 +823,12 @@ class Filesystem:
                     self._changed(state)
                     self._log(LOG_TRUNCATE, _LOG_TRUNCATE.pack(ino, size, state.mtime_ns))
                 self._truncate_locked(state, size)
-        finally:
+        except BaseException:
             state.publishing -= 1
+            if state.opens == 0 and state.publishing == 0:
+                self._drop_state(state)  # kept if it has changes to publish
+            raise
+        state.publishing -= 1
         self.caches.resized(ino, state.size)
         if state.opens == 0 and state.publishing == 0:
             await self._publish(state, durable=False)
@@ -1083,21 +1087,29 @@ class Filesystem:
 
     # --- extended attributes ---------------------------------------------------------------
 
-    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+    def setxattr(self, ino: int, name: bytes, value: bytes, uid: int | None = None) -> None:
+        """``uid``: the caller (None: trusted).  Marking a directory as a cache
+        makes its files evictable: only its owner (or root) may."""
         _real(ino)
         self._check_writable()
         if name == CACHE_XATTR:
+            self._check_owner(ino, uid)
             self.caches.mark(ino, value)
             return
         self.namespace.setxattr(ino, name, value)
 
-    def removexattr(self, ino: int, name: bytes) -> None:
+    def removexattr(self, ino: int, name: bytes, uid: int | None = None) -> None:
         _real(ino)
         self._check_writable()
         if name == CACHE_XATTR:
+            self._check_owner(ino, uid)
             self.caches.unmark(ino)
             return
         self.namespace.removexattr(ino, name)
+
+    def _check_owner(self, ino: int, uid: int | None) -> None:
+        if uid not in (None, 0) and self.namespace.get(ino).uid != uid:
+            raise FsError(errno.EPERM, "only the owner of a directory may make it a cache")
 
     def getxattr(self, ino: int, name: bytes) -> bytes | None:
         if is_virtual(ino):

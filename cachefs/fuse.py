@@ -78,9 +78,11 @@ def _translate(
     return wrapper
 
 
-def _invalidate_entry(parent: int, name: bytes, ino: int) -> None:
-    """Make the kernel drop an entry the filesystem removed on its own (eviction)."""
-    pyfuse3.invalidate_entry_async(parent, name, deleted=ino, ignore_enoent=True)
+def _invalidate_entry(parent: int, name: bytes, deleted: int) -> None:
+    """Make the kernel drop an entry the filesystem removed on its own
+    (eviction); ``deleted``: the inode, if it went with it (else 0: the
+    kernel must not take other links of it for gone)."""
+    pyfuse3.invalidate_entry_async(parent, name, deleted=deleted, ignore_enoent=True)
 
 
 def entry_attributes(inode: Inode) -> pyfuse3.EntryAttributes:
@@ -299,7 +301,7 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         if name == DIGEST_XATTR:
             raise FUSEError(errno.EPERM)
-        self.fs.setxattr(inode, name, value)
+        self.fs.setxattr(inode, name, value, ctx.uid)
 
     @_translate
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -321,4 +323,4 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name == DIGEST_XATTR:
             raise FUSEError(errno.EPERM)
-        self.fs.removexattr(inode, name)
+        self.fs.removexattr(inode, name, ctx.uid)

@@ -35,6 +35,9 @@ DEFAULT_MEMORY_LIMIT = 512 << 20
 _PERIOD = 1.0
 #: Fraction of the limit at which the caches are dropped.
 _SHRINK_AT = 0.75
+#: Seconds after dropping the caches before they are dropped again for the
+#: same reason (what they cannot free must not cost a full gc every second).
+_BACKOFF = 30.0
 #: "some avg10" of /proc/pressure/memory (percent) counted as pressure.
 _PRESSURE = 10.0
 #: Fraction of MemTotal below which MemAvailable counts as pressure.
@@ -90,17 +93,25 @@ class MemoryGovernor:
         self.store = store
         self.limit = limit
         self.shrinks = 0
+        self._quiet_until = 0.0
+        self._after_shrink = 0
         store.limit_memory(limit)
 
-    def check(self) -> None:
+    def check(self, now: float) -> None:
         rss = resident_bytes()
         why = None
         if rss > self.limit * _SHRINK_AT:
             why = f"resident set {rss >> 20} MiB of a {self.limit >> 20} MiB limit"
         else:
             why = memory_pressure()
-        if why is not None:
-            self.shrink(why)
+        if why is None:
+            return
+        # Again within the back-off only if the resident set grew meanwhile.
+        if now < self._quiet_until and rss < self._after_shrink + self.limit // 8:
+            return
+        self.shrink(why)
+        self._quiet_until = now + _BACKOFF
+        self._after_shrink = resident_bytes()
 
     def shrink(self, why: str) -> None:
         self.shrinks += 1
@@ -120,7 +131,7 @@ class MemoryGovernor:
     async def run(self) -> None:
         while True:
             await trio.sleep(_PERIOD)
-            self.check()
+            self.check(trio.current_time())
 
 
 __all__ = ["DEFAULT_MEMORY_LIMIT", "MemoryGovernor", "memory_pressure", "resident_bytes"]

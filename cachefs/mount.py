@@ -42,6 +42,7 @@ from cachefs.fuse import Operations
 from cachefs.header import read_header
 from cachefs.memory import DEFAULT_MEMORY_LIMIT
 from cachefs.store import Store, StoreOptions
+from cachefs.trace import check_outside
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def mount(
         "cache_size": cache_size,
         "max_store_size": max_store_size,
         "memory_limit": memory_limit,
-        "trace": None if trace is None else trace.absolute(),
+        "trace": None if trace is None else check_outside(trace, mountpoint),
     }
     if foreground:
         serve(store, mountpoint, options, ready=lambda: None, **kwargs)

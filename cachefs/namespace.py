@@ -690,18 +690,6 @@ class Namespace:
         usable = len(raw) - len(raw) % CACHE_ENTRY.size
         return [(int(i), int(n)) for i, n in CACHE_ENTRY.iter_unpack(raw[:usable])]
 
-    def walk_files(self, top: int) -> Iterator[tuple[int, bytes, Inode]]:
-        """(parent, name, inode) of every regular file below directory ``top``
-        (breadth first; each directory read in its own short transaction)."""
-        pending = [top]
-        while pending:
-            directory = pending.pop()
-            for name, inode in self.entries(directory):
-                if inode.is_dir:
-                    pending.append(inode.ino)
-                elif inode.is_reg:
-                    yield directory, name, inode
-
     def path_of(self, ino: int) -> bytes:
         """The path of directory ``ino`` from the root (``b"/a/b"``; ``b"/"``)."""
         parts: list[bytes] = []
@@ -725,12 +713,15 @@ class Namespace:
                 current = parent
         return b"/" + b"/".join(reversed(parts))
 
-    def evict(self, victims: list[tuple[int, bytes, int]], in_use: set[int]) -> list[Inode]:
+    def evict(
+        self, victims: list[tuple[int, bytes, int]], in_use: set[int]
+    ) -> list[tuple[int, bytes, Inode]]:
         """Remove the entries ``(parent, name, inode)`` of evicted files in one
         transaction; an entry that no longer names that inode is skipped.
-        Inodes in ``in_use`` that lose their last link become orphans.
-        Returns the inodes whose entry went, as they are now."""
-        removed = []
+        Inodes in ``in_use`` that lose their last link become orphans, others
+        are deleted.  Returns the entries that went, with each inode as it
+        was right after."""
+        removed: list[tuple[int, bytes, Inode]] = []
         with self.store.transaction("evicting files") as txn:
             now = time.time_ns()
             for parent, name, ino in victims:
@@ -746,7 +737,7 @@ class Namespace:
                 inode.nlink -= 1
                 inode.ctime_ns = now
                 self._unlinked(txn, inode, ino in in_use)
-                removed.append(inode)
+                removed.append((parent, name, inode))
         return removed
 
     # --- extended attributes -------------------------------------------------------

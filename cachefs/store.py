@@ -336,6 +336,9 @@ class Store:
         self.index = Index(path, readonly=readonly, fsync=options.fsync)
         self.maps = SegmentMaps(options.max_maps)
         self.cache = _ChunkCache(options.cache_size)
+        #: References dropped since the store was opened (whether gc may find
+        #: garbage that it did not find last time).
+        self.dropped = 0
         self._layouts: OrderedDict[Digest, tuple[list[tuple[bytes, int]], list[int]]] = (
             OrderedDict()
         )
@@ -1175,6 +1178,7 @@ class Store:
     def drop_ref(self, txn: lmdb.Transaction, digest: Digest) -> bool:
         """:meth:`unref` inside the caller's write transaction."""
         entry = self._object_entry(txn, digest)
+        self.dropped += 1
         self.index.add(txn, "files", -1)
         self.index.add(txn, "logical_bytes", -digest.size)
         if entry.refcount > 1:

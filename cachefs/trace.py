@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from cachefs.errors import CachefsError, from_oserror
+from cachefs.errors import CachefsError, ConfigError, from_oserror
 from cachefs.namespace import ROOT_INODE
 
 if TYPE_CHECKING:
@@ -36,6 +37,19 @@ log = logging.getLogger(__name__)
 
 #: File names remembered for the trace (inode -> (parent, name)).
 _NAMES = 1 << 18
+
+
+def check_outside(path: Path, mountpoint: Path) -> Path:
+    """Refuse a trace file inside the mount it records: the daemon would wait
+    on itself.  Decided on the names alone (nothing is looked up)."""
+    path = Path(os.path.abspath(path))
+    mount = os.path.abspath(mountpoint)
+    if os.path.commonpath([str(path), mount]) == mount:
+        raise ConfigError(
+            f"the trace file {path} is inside the mount it records",
+            hint="write the trace outside the mount",
+        )
+    return path
 
 
 class TraceRecorder:

@@ -7,8 +7,10 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import apparent_size, cachefs, live_stats, mounted
+from tests.mounting import apparent_size, as_user, cachefs, live_stats, mounted
 
 XATTR = "user.cachefs.cache"
+NOBODY = 65534
 KIB = 1024
 MIB = 1 << 20
 
@@ -326,3 +329,67 @@ def test_trace_recording(tmp_path: Path) -> None:
     assert records[7]["dest"] == "cache/b"
     assert all(r["cache"] == "cache" for r in records[1:])
     assert all(isinstance(r["t"], float) for r in records)
+
+
+def test_links_exchange_and_oversized_growth(tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    with mounted(store, mnt):
+        cache, outside = mnt / "cache", mnt / "outside"
+        (cache / "sub").mkdir(parents=True)
+        outside.mkdir()
+        mark(cache, 1 * MIB)
+
+        def usage() -> int:
+            return int(cache_figures(mnt, "/cache")["bytes"])
+
+        # Published the way git does: link the temporary name, unlink it.
+        (cache / "tmp").write_bytes(b"t" * 1000)
+        os.link(cache / "tmp", cache / "final")
+        os.unlink(cache / "tmp")
+        assert usage() == 1000
+        (outside / "x").write_bytes(b"x" * 300)
+        os.rename(outside / "x", cache / "sub" / "x")
+        assert usage() == 1300
+        os.rename(cache / "sub", outside / "sub")  # a directory moves out
+        assert usage() == 1000
+        # A file with a link outside the cache: eviction takes the cache's
+        # entries only; the other link keeps the file, whole.
+        (cache / "shared").write_bytes(content("shared", 200 * KIB))
+        os.link(cache / "shared", outside / "shared")
+        for i in range(8):
+            (cache / f"f{i}").write_bytes(content(f"f{i}", 200 * KIB))
+        wait_for(lambda: not (cache / "shared").exists(), "eviction of the shared file")
+        assert (outside / "shared").read_bytes() == content("shared", 200 * KIB)
+        assert (outside / "shared").stat().st_nlink == 1
+        # One file growing past the whole budget: ENOSPC at once, nothing evicted for it.
+        before = cache_figures(mnt, "/cache")
+        with open(cache / "huge", "wb") as f, pytest.raises(OSError) as info:
+            f.truncate(2 * MIB)
+        assert info.value.errno == errno.ENOSPC
+        after = cache_figures(mnt, "/cache")
+        assert after["evictions"] == before["evictions"]
+        assert after["files"] == before["files"] + 1  # huge itself, empty
+        # A new policy keeps the files and their usage.
+        os.setxattr(cache, XATTR, b"max_size=1048576 policy=arc")
+        assert cache_figures(mnt, "/cache")["bytes"] == after["bytes"]
+        assert cache_figures(mnt, "/cache")["policy"] == "arc"
+
+
+def test_only_the_owner_marks_a_directory(tmp_path: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="cachefs-caches-"))  # reachable by others
+    base.chmod(0o755)
+    try:
+        with mounted(tmp_path / "store", base / "mnt") as mount:
+            mount.path.chmod(0o755)
+            shared = mount.path / "shared"
+            shared.mkdir(mode=0o777)
+            shared.chmod(0o777)
+            command = f"setfattr -n {XATTR} -v max_size=1000 {shared}"
+            denied = as_user(NOBODY, NOBODY, command)
+            assert denied.returncode != 0 and "not permitted" in denied.stderr
+            os.chown(shared, NOBODY, NOBODY)
+            allowed = as_user(NOBODY, NOBODY, command)
+            assert allowed.returncode == 0, allowed.stderr
+            assert os.getxattr(shared, XATTR) == b"max_size=1000 policy=lru"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
