@@ -400,6 +400,8 @@ class CacheDirs:
             self._check(cache)
 
     def published(self) -> None:
+        if self._waiting:
+            self.wake()  # a file that was being published may go now
         if self.max_store_size is not None:
             self.refresh_stored()
             if self._stored >= self.max_store_size * HIGH_WATERMARK:
@@ -536,7 +538,8 @@ class CacheDirs:
         try:
             while self._short(cache, growth):
                 over = cache is not None and cache.usage + growth > cache.max_size
-                if over and cache is not None and not self._evictable(cache):
+                stuck = cache is not None and not self._evictable(cache)
+                if over and stuck and cache is not None and not self._closing(cache):
                     raise _full(f"the cache's budget of {cache.max_size} bytes is used")
                 if not over and self._quota_stuck():
                     raise _full(f"the store quota of {self.max_store_size} bytes is used")
@@ -562,9 +565,19 @@ class CacheDirs:
         return self.max_store_size is not None and self._stored >= self.max_store_size
 
     def _pinned(self, cache: CacheDir) -> int:
-        """Bytes of the cache's files that may not go now (open or being written)."""
+        """Bytes of the cache's files that are open (they may not go)."""
         return sum(
-            state.size for ino, state in self.fs.files.items() if self.members.get(ino) is cache
+            state.size
+            for ino, state in self.fs.files.items()
+            if state.opens and self.members.get(ino) is cache
+        )
+
+    def _closing(self, cache: CacheDir) -> bool:
+        """Whether files of the cache are closed but still being published
+        (evictable once that is done)."""
+        return any(
+            not state.opens and self.members.get(ino) is cache
+            for ino, state in self.fs.files.items()
         )
 
     def _evictable(self, cache: CacheDir) -> bool:

@@ -385,6 +385,10 @@ class SegmentMaps:
             self._maps.clear()
 
 
+#: Bytes a segment scan reads before it drops their pages from the process.
+_SCAN_WINDOW = 32 << 20
+
+
 def scan_segment(path: Path, limit: int | None = None) -> Iterator[Record | CorruptDataError]:
     """Yield every record of a segment in order, or an error where one is damaged.
 
@@ -414,6 +418,7 @@ def scan_segment(path: Path, limit: int | None = None) -> Iterator[Record | Corr
         yield exc
         return
     offset = header.header_size
+    dropped = 0  # pages before this offset were dropped from the process
     while offset < end:
         try:
             record = parse_record(mapping, offset, end, str(path))
@@ -423,6 +428,14 @@ def scan_segment(path: Path, limit: int | None = None) -> Iterator[Record | Corr
             continue
         yield record
         offset += record.size
+        if offset - dropped >= _SCAN_WINDOW:
+            # A scan (gc, fsck) reads whole segments: keep what it touched out
+            # of the resident set (records already yielded stay valid: the
+            # pages come back from the page cache when read again).
+            upto = offset - offset % mmap.PAGESIZE
+            with contextlib.suppress(OSError, ValueError):
+                mapping.madvise(mmap.MADV_DONTNEED, dropped, upto - dropped)
+            dropped = upto
 
 
 def _resync(mapping: mmap.mmap, start: int, end: int, path: str) -> int:

@@ -24,7 +24,8 @@ Run from the repository root::
     .venv/bin/python scripts/bench_eviction.py --runs 1 --long-gib 2
 
 Options: ``--runs N`` (3; medians), ``--budget MIB`` (256), ``--files N``
-(2000), ``--file-kib N`` (1024), ``--long-gib N`` (20), ``--long-budget MIB``
+(2000), ``--file-kib N`` (1024), ``--writers N`` (1: threads writing at
+once), ``--long-gib N`` (20), ``--long-budget MIB``
 (2048), ``--memory-limit MIB`` (256), ``--dir DIR``, ``--json PATH``.
 """
 
@@ -80,6 +81,31 @@ def write_file(path: Path, data: bytes) -> float:
     return time.perf_counter() - start
 
 
+def write_files(
+    directory: Path, blocks: list[bytes], count: int, salt: int, writers: int
+) -> list[float]:
+    """Write ``count`` distinct files from ``writers`` threads; seconds per file."""
+    times: list[float] = []
+    errors: list[BaseException] = []
+
+    def work(start: int) -> None:
+        try:
+            for i in range(start, count, writers):
+                data = blocks[i % len(blocks)][:-8] + (i + salt).to_bytes(8, "little")
+                times.append(write_file(directory / f"f{i}", data))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return times
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -99,17 +125,11 @@ def eviction_run(base: Path, args: argparse.Namespace) -> dict[str, float]:
         for i in range(budget // size):  # fill to the budget
             write_file(cache / f"fill{i}", blocks[i % 64][:-8] + i.to_bytes(8, "little"))
         before = stats(mnt)["throttle_waits"]
-        in_cache = []
-        for i in range(args.files):
-            data = blocks[i % 64][:-8] + (i + 10**6).to_bytes(8, "little")
-            in_cache.append(write_file(cache / f"f{i}", data))
+        in_cache = write_files(cache, blocks, args.files, 10**6, args.writers)
         after = stats(mnt)
         waits = after["throttle_waits"]
         figures = after["caches"][0]
-        baseline = []
-        for i in range(args.files):
-            data = blocks[i % 64][:-8] + (i + 2 * 10**6).to_bytes(8, "little")
-            baseline.append(write_file(plain / f"f{i}", data))
+        baseline = write_files(plain, blocks, args.files, 2 * 10**6, args.writers)
     assert figures["bytes"] <= budget, figures
     return {
         "blocked_writes": waits["blocked"] - before["blocked"],
@@ -141,12 +161,15 @@ def memory_run(base: Path, args: argparse.Namespace) -> dict[str, float]:
         cache.mkdir()
         os.setxattr(cache, XATTR, f"max_size={budget} policy=arc".encode())
         samples: list[int] = []
+        parts = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
         done = threading.Event()
 
         def sample() -> None:
             while not done.is_set():
                 samples.append(rss(pid, "VmRSS"))
-                time.sleep(0.2)
+                for part, peak in list(parts.items()):
+                    parts[part] = max(peak, rss(pid, part))
+                time.sleep(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -176,6 +199,9 @@ def memory_run(base: Path, args: argparse.Namespace) -> dict[str, float]:
         "median_rss_mib": statistics.median(samples) / 2**20,
         "limit_mib": args.memory_limit,
         "peak_over_limit": peak / limit,
+        "peak_anon_mib": parts["RssAnon"] / 2**20,
+        "peak_file_mib": parts["RssFile"] / 2**20,
+        "peak_shmem_mib": parts["RssShmem"] / 2**20,
         "shrinks": final["memory_shrinks"],
         "stored_over_quota": final["stored_bytes"] / quota,
     }
@@ -201,6 +227,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--file-kib", type=int, default=1024)
+    parser.add_argument("--writers", type=int, default=1)
     parser.add_argument("--long-gib", type=int, default=20)
     parser.add_argument("--long-budget", type=int, default=2048)
     parser.add_argument("--memory-limit", type=int, default=256)
@@ -227,7 +254,7 @@ def main() -> None:
         e = results["eviction"]
         print(
             f"\nEviction cost (medians of {args.runs} runs; {args.files} files of "
-            f"{args.file_kib} KiB through a {args.budget} MiB cache)"
+            f"{args.file_kib} KiB through a {args.budget} MiB cache, {args.writers} writers)"
         )
         print("| figure | value |")
         print("|---|---:|")
@@ -263,6 +290,10 @@ def main() -> None:
             f" ({m['peak_over_limit']:.2f}x) |"
         )
         print(f"| median RSS | {m['median_rss_mib']:.0f} MiB |")
+        print(
+            f"| peaks of its parts: anonymous / file / shmem | {m['peak_anon_mib']:.0f} / "
+            f"{m['peak_file_mib']:.0f} / {m['peak_shmem_mib']:.0f} MiB |"
+        )
         print(f"| cache drops (memory governor) | {m['shrinks']:.0f} |")
         print(f"| stored bytes / quota at the end | {m['stored_over_quota']:.2f} |")
     if args.json:

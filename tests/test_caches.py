@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -393,3 +394,32 @@ def test_only_the_owner_marks_a_directory(tmp_path: Path) -> None:
             assert os.getxattr(shared, XATTR) == b"max_size=1000 policy=lru"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_parallel_writers_into_a_small_cache(tmp_path: Path) -> None:
+    """Files closed but still being published count, and go once published:
+    writers wait for them rather than get ENOSPC."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    size, budget = 1 * MIB, 4 * MIB
+    with mounted(store, mnt):
+        cache = mnt / "cache"
+        cache.mkdir()
+        mark(cache, budget)
+        errors: list[BaseException] = []
+
+        def work(start: int) -> None:
+            try:
+                for i in range(start, 48, 4):
+                    (cache / f"f{i}").write_bytes(content(f"f{i}", size))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        figures = cache_figures(mnt, "/cache")
+        assert figures["bytes"] <= budget and figures["evictions"] >= 44
+        assert check_whole(cache, [f"f{i}" for i in range(48)], size)
