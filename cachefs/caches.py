@@ -169,7 +169,7 @@ class CacheDirs:
         self._stored = 0
         #: ``Store.dropped`` when gc last ran for the quota (None: not yet).
         self._gc_dropped: int | None = None
-        self._saved = trio.current_time() if _in_trio() else 0.0
+        self._saved = 0.0  # set when run() starts
         records = self.namespace.cache_records() if self.namespace.caches is not None else {}
         settings = records.pop(STORE_SETTINGS, {})
         if not isinstance(settings, dict):

@@ -45,6 +45,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cachefs.memory import resident_bytes
+
 CACHEFS = [sys.executable, "-m", "cachefs"]
 XATTR = "user.cachefs.cache"
 
@@ -166,9 +168,9 @@ def memory_run(base: Path, args: argparse.Namespace) -> dict[str, float]:
 
         def sample() -> None:
             while not done.is_set():
-                samples.append(rss(pid, "VmRSS"))
+                samples.append(resident_bytes(pid, "VmRSS"))
                 for part, peak in list(parts.items()):
-                    parts[part] = max(peak, rss(pid, part))
+                    parts[part] = max(peak, resident_bytes(pid, part))
                 time.sleep(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -190,7 +192,7 @@ def memory_run(base: Path, args: argparse.Namespace) -> dict[str, float]:
             done.set()
             sampler.join()
         seconds = time.perf_counter() - start
-        peak = rss(pid, "VmHWM")
+        peak = resident_bytes(pid, "VmHWM")
         final = stats(mnt)
     return {
         "gib_through": moved / 2**30,
@@ -205,16 +207,6 @@ def memory_run(base: Path, args: argparse.Namespace) -> dict[str, float]:
         "shrinks": final["memory_shrinks"],
         "stored_over_quota": final["stored_bytes"] / quota,
     }
-
-
-def rss(pid: int, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -8,8 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -146,11 +144,7 @@ def test_budget_holds_and_evicted_files_go_whole(tmp_path: Path) -> None:
         # LRU: the survivors are the most recently written.
         assert set(present) == set(names[-len(present) :])
         assert check_whole(outside, kept, size) == kept
-    subprocess.run([*cachefs_cmd(), "fsck", str(store)], check=True, capture_output=True)
-
-
-def cachefs_cmd() -> list[str]:
-    return [sys.executable, "-m", "cachefs"]
+    cachefs("fsck", str(store))
 
 
 def test_open_and_unpublished_files_are_never_evicted(tmp_path: Path) -> None:
@@ -297,7 +291,7 @@ def test_store_quota(tmp_path: Path) -> None:
         assert (outside / "again").read_bytes() == content("again", size)
     with mounted(store, mnt):
         assert stats(mnt)["max_store_size"] == 6 * MIB  # kept in the store
-    subprocess.run([*cachefs_cmd(), "fsck", str(store)], check=True, capture_output=True)
+    cachefs("fsck", str(store))
 
 
 def test_trace_recording(tmp_path: Path) -> None:
