@@ -7,10 +7,11 @@ ccache
     on 2 cores when ccache misses, 1-2 s when it hits).  The tarball is fetched once per
     machine with ``apt-get source --download-only`` (a private apt configuration with
     deb-src entries made from the machine's own apt sources; the system's apt setup is
-    not touched) into SOURCE_CACHE, the directory scripts/bench_mount.py uses too, and
-    reused offline afterwards.  ``ccache_build(src, ccache_dir)`` runs a clean build with
-    ``CC="ccache gcc"`` and returns ccache's counters for that build (``ccache -z``
-    before, ``ccache --print-stats`` after) and the digests of what it built.
+    not touched; the newest listed version whose files download) into SOURCE_CACHE,
+    the directory scripts/bench_mount.py uses too, and reused offline afterwards.
+    ``ccache_build(src, ccache_dir)`` runs a clean build with ``CC="ccache gcc"`` and
+    returns ccache's counters for that build (``ccache -z`` before, ``ccache
+    --print-stats`` after) and the digests of what it built.
 
 Bazel
     ``bazel_build(workspace, disk_cache, output_root)`` builds the genrule-only workspace
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -169,8 +171,12 @@ def apt_sources() -> str:
 
 
 def fetch_source(package: str, dest: Path, cache: Path = SOURCE_CACHE) -> None:
-    """``apt-get source --download-only PACKAGE`` into ``dest``, with a private apt
-    configuration under ``cache / "apt"``."""
+    """``apt-get source --download-only PACKAGE=VERSION`` into ``dest``, with a private
+    apt configuration under ``cache / "apt"``.
+
+    The versions that ``apt-cache showsrc`` lists are tried newest first until one
+    downloads: a mirror may list a candidate whose files it no longer serves (a
+    security update's sources answering 404 while the release's are there)."""
     if shutil.which("apt-get") is None:
         _unavailable(f"no apt-get to fetch the {package} sources with")
     apt = cache / "apt"
@@ -186,13 +192,46 @@ def fetch_source(package: str, dest: Path, cache: Path = SOURCE_CACHE) -> None:
         "-qq",
     ]
     _run(["apt-get", *options, "update"], timeout=FETCH_TIMEOUT, unavailable=True)
-    dest.mkdir(parents=True, exist_ok=True)
-    _run(
-        ["apt-get", *options, "source", "--download-only", package],
-        cwd=dest,
-        timeout=FETCH_TIMEOUT,
-        unavailable=True,
+    listed = _run(
+        ["apt-cache", *options, "showsrc", package], timeout=FETCH_TIMEOUT, unavailable=True
     )
+    versions = newest_first({m[1] for m in re.finditer(r"^Version:\s*(\S+)", listed, re.MULTILINE)})
+    if not versions:
+        _unavailable(f"apt-cache showsrc lists no version of {package}")
+    dest.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for version in versions:
+        try:
+            result = subprocess.run(
+                ["apt-get", *options, "source", "--download-only", f"{package}={version}"],
+                cwd=dest,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                timeout=FETCH_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            failures.append(f"{package}={version}: no answer in {FETCH_TIMEOUT:.0f}s")
+            continue
+        if result.returncode == 0:
+            return
+        failures.append(f"{package}={version}: {result.stdout.strip()[-1000:]}")
+    _unavailable("no listed version of the sources downloads:\n" + "\n".join(failures))
+
+
+def newest_first(versions: set[str]) -> list[str]:
+    """Debian version strings, newest first (``dpkg --compare-versions`` decides)."""
+
+    def compare(a: str, b: str) -> int:
+        if a == b:
+            return 0
+        newer = subprocess.run(["dpkg", "--compare-versions", a, "gt", b], check=False)
+        return 1 if newer.returncode == 0 else -1
+
+    return sorted(versions, key=functools.cmp_to_key(compare), reverse=True)
 
 
 @contextlib.contextmanager
