@@ -1,12 +1,19 @@
 """cachefs: a content-addressed build cache you mount as a filesystem.
 
-Layers, each depending only on those before it:
+One package per layer; each imports only the layers before it:
 
-* on-disk formats: ``header`` (store header), ``segment`` (chunk records),
-  ``wal`` (write-ahead log), ``index`` (the LMDB schema), ``digest``;
-* the storage engine: ``store`` (:class:`Store`), ``gc``, ``fsck``, and
-  ``aio`` (the trio facade);
-* the command line: ``cli``.
+1. ``cachefs.format``  every on-disk format, written down once (no I/O policy);
+2. ``cachefs.engine``  the storage engine, a library (no trio, no FUSE): the
+   public API is ``cachefs.engine`` (``Store``, ``StoreOptions``, ``Digest``, ...);
+3. ``cachefs.aio``     the engine's trio facade;
+4. ``cachefs.fs``      filesystem semantics over the engine (trio, no pyfuse3);
+5. ``cachefs.fuse``    the pyfuse3 adapter: translation only;
+6. ``cachefs.daemon``  mounting, detaching, systemd, the mount table;
+7. ``cachefs.cli``     the command line, one module per subcommand.
+
+``cachefs.errors`` (the one error hierarchy) and ``cachefs.fsutil`` (durable
+file writes) are used by every layer.  Only ``fuse`` and ``daemon`` import
+pyfuse3; ``tests/test_layers.py`` holds the tree to these rules.
 """
 
 __version__ = "0.1.0"

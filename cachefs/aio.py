@@ -1,4 +1,4 @@
-"""The trio facade of the storage engine (storage engine layer, async edge).
+"""The trio facade of the storage engine (the engine's async edge).
 
 The engine is synchronous; this wraps it for trio code (the mount, protocol
 servers).  Every call that hashes, compresses, decompresses or touches the disk
@@ -16,10 +16,16 @@ from typing import ParamSpec, TypeVar
 
 import trio
 
-from cachefs import fsck, gc
-from cachefs.chunker import Source
-from cachefs.digest import Digest
-from cachefs.store import StagedObject, Store, StoreStats
+from cachefs.engine import (
+    Digest,
+    FsckReport,
+    GcReport,
+    Source,
+    Store,
+    StoreStats,
+    check_store,
+    collect_garbage,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -110,32 +116,8 @@ class AsyncStore:
     async def stats(self) -> StoreStats:
         return await self._run(self.store.stats)
 
-    async def stage(self) -> AsyncStagedObject:
-        """Begin an object written piecewise (see :class:`StagedObject`)."""
-        return AsyncStagedObject(self, await self._run(self.store.stage))
+    async def gc(self) -> GcReport:
+        return await self._run(collect_garbage, self.store)
 
-    async def gc(self) -> gc.GcReport:
-        return await self._run(gc.collect_garbage, self.store)
-
-    async def fsck(self, *, repair: bool = False) -> fsck.FsckReport:
-        return await self._run(fsck.check, self.store, repair=repair)
-
-
-class AsyncStagedObject:
-    """A :class:`StagedObject` whose writes, syncs and ingest run in worker threads."""
-
-    def __init__(self, owner: AsyncStore, staged: StagedObject) -> None:
-        self._owner = owner
-        self.staged = staged
-
-    async def write(self, data: bytes | memoryview, offset: int | None = None) -> int:
-        return await self._owner._run(self.staged.write, data, offset)
-
-    async def sync(self) -> None:
-        await self._owner._run(self.staged.sync)
-
-    async def commit(self, *, durable: bool = True) -> Digest:
-        return await self._owner._run(self.staged.commit, durable=durable)
-
-    async def abort(self) -> None:
-        await self._owner._run(self.staged.abort)
+    async def fsck(self, *, repair: bool = False) -> FsckReport:
+        return await self._run(check_store, self.store, repair=repair)

@@ -27,6 +27,7 @@ Exit codes (stable, documented in the README):
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 
 
 class CachefsError(Exception):
@@ -144,6 +145,16 @@ class ReadOnlyError(CachefsError):
     errno = _errno.EROFS
     exit_code = 2
     default_hint = "open the store for writing (no other writer may be running)"
+
+
+class FsError(CachefsError):
+    """A filesystem operation refused with a POSIX errno (ENOENT, EEXIST, ...)."""
+
+    exit_code = 1
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(message or _os.strerror(err), hint="")
+        self.errno = err
 
 
 class MountError(CachefsError):

@@ -1,4 +1,4 @@
-"""Durable file helpers (storage engine layer).
+"""Durable file helpers (used by every layer).
 
 Every file that must survive a crash whole or not at all is written the one way
 (borg ``SaveFile``): write a temporary file beside it, ``fsync`` it, ``rename``

@@ -1,9 +1,12 @@
 """The pyfuse3 adapter (FUSE adapter layer).
 
-A protocol adapter only: each handler calls ``fs.py`` and translates.  Domain
-errors become ``FUSEError(errno)``; any other exception is a bug, which is
-logged with its traceback, counted, and answered with EIO, so that it never
-takes the mount down.  Damage met on a read marks the store as needing fsck.
+A protocol adapter only: each handler calls ``cachefs.fs`` and translates.
+Domain errors become ``FUSEError(errno)``; any other exception is a bug, which
+is logged with its traceback, counted, and answered with EIO, so that it never
+takes the mount down.  A request that fails on damaged data is answered with
+EIO and reported to the filesystem (``Filesystem.damaged``); the engine
+already counted the damage where it found it.  Only this module and the daemon
+import pyfuse3.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from cachefs.control import is_virtual
-from cachefs.errors import CachefsError, CorruptDataError, IndexCorruptError
-from cachefs.fs import Filesystem
-from cachefs.namespace import Inode
+from cachefs.engine import Inode
+from cachefs.errors import CachefsError, CorruptDataError
+from cachefs.fs import Filesystem, is_virtual, is_volatile
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,6 @@ ATTR_TIMEOUT = 300.0
 ENTRY_TIMEOUT = 300.0
 #: Entries that do not exist: negative lookups are cached briefly.
 NEGATIVE_TIMEOUT = 1.0
-
-DIGEST_XATTR = b"user.cachefs.digest"
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -55,10 +53,7 @@ def _translate(
             raise
         except CorruptDataError as exc:
             ops: Operations = args[0]  # type: ignore[assignment]
-            if isinstance(exc, IndexCorruptError):
-                ops.fs.enter_failsafe(str(exc))
-            ops.fs.store.needs_fsck = True
-            ops.fs.store.corruptions += 1
+            ops.fs.damaged(exc)
             log.error("%s: %s", handler.__name__, exc)
             raise FUSEError(errno.EIO) from None
         except CachefsError as exc:
@@ -221,7 +216,7 @@ class Operations(pyfuse3.Operations):
         return entry_attributes(self.fs.link(inode, new_parent_inode, new_name))
 
     def _file_info(self, ino: int, fh: int, keep_cache: bool) -> pyfuse3.FileInfo:
-        volatile = self.fs.is_volatile(ino)
+        volatile = is_volatile(ino)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache and not volatile, direct_io=volatile)
 
     @_translate
@@ -299,28 +294,16 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        if name == DIGEST_XATTR:
-            raise FUSEError(errno.EPERM)
         self.fs.setxattr(inode, name, value, ctx.uid)
 
     @_translate
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if name == DIGEST_XATTR:
-            return str(await self.fs.published_digest(inode)).encode()
-        value = self.fs.getxattr(inode, name)
-        if value is None:
-            raise FUSEError(errno.ENODATA)
-        return value
+        return await self.fs.getxattr(inode, name)
 
     @_translate
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = self.fs.listxattr(inode)
-        if stat.S_ISREG(self.fs.getattr(inode).mode):
-            names.append(DIGEST_XATTR)
-        return names
+        return self.fs.listxattr(inode)
 
     @_translate
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if name == DIGEST_XATTR:
-            raise FUSEError(errno.EPERM)
         self.fs.removexattr(inode, name, ctx.uid)

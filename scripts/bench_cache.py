@@ -84,7 +84,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from cachefs.policy import POLICIES, Policy, make_policy  # noqa: E402
+from cachefs.fs import POLICIES, Policy, make_policy  # noqa: E402
 
 MiB = 1 << 20
 DEFAULT_BUDGETS = "5%,10%,25%,50%"

@@ -76,11 +76,11 @@ if str(_ROOT) not in sys.path:
 
 import zstandard  # noqa: E402
 
-from cachefs.digest import DIGEST_FUNCTIONS, Digest, digest_function  # noqa: E402
+from cachefs.engine import Store, StoreOptions  # noqa: E402
 from cachefs.errors import CachefsError  # noqa: E402
-from cachefs.header import CompressionParams, StoreConfig  # noqa: E402
-from cachefs.segment import RECORD_HEADER  # noqa: E402
-from cachefs.store import Store, StoreOptions  # noqa: E402
+from cachefs.format.digest import DIGEST_FUNCTIONS, Digest, digest_function  # noqa: E402
+from cachefs.format.header import CompressionParams, StoreConfig  # noqa: E402
+from cachefs.format.segment import RECORD_HEADER  # noqa: E402
 
 MiB = 1 << 20
 MB = 1e6

@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cachefs.memory import resident_bytes
+from cachefs.fs import resident_bytes
 
 CACHEFS = [sys.executable, "-m", "cachefs"]
 XATTR = "user.cachefs.cache"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from cachefs.header import ChunkingParams, SegmentParams, StoreConfig
-from cachefs.store import Store, StoreOptions
+from cachefs.engine import Store, StoreOptions
+from cachefs.format.header import ChunkingParams, SegmentParams, StoreConfig
 
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -12,10 +12,10 @@ import trio
 from conftest import SMALL_CONFIG, compressible
 
 from cachefs.aio import AsyncStore
-from cachefs.digest import Digest
+from cachefs.engine import Store
 from cachefs.errors import CorruptDataError, ObjectNotFoundError
-from cachefs.segment import RECORD_HEADER, segment_path, shard_of
-from cachefs.store import Store
+from cachefs.format.digest import Digest
+from cachefs.format.segment import RECORD_HEADER, segment_path, shard_of
 
 
 def sha256_digest(data: bytes) -> str:
@@ -151,20 +151,6 @@ async def test_fsck_through_the_facade_finds_damage(store: Store) -> None:
     assert not report.clean
     assert {p.kind for p in report.problems} >= {"damaged-chunk", "lost-object"}
     assert report.lost_objects == [digest]
-
-
-async def test_staged_object_through_the_facade(store: Store) -> None:
-    astore = AsyncStore(store)
-    staged = await astore.stage()
-    assert await staged.write(b"world", 6) == 5
-    assert await staged.write(b"hello ", 0) == 6
-    await staged.sync()
-    digest = await staged.commit()
-    assert await astore.read(digest) == b"hello world"
-    aborted = await astore.stage()
-    await aborted.write(b"never published")
-    await aborted.abort()
-    assert (await astore.stats()).files == 1
 
 
 async def test_event_loop_keeps_running_during_a_big_put(default_store: Store) -> None:

@@ -19,10 +19,10 @@ import pytest
 import zstandard
 from conftest import compressible
 
-from cachefs.digest import Digest
-from cachefs.header import HEADER_NAME
-from cachefs.segment import RECORD_HEADER, segment_path
-from cachefs.store import Store
+from cachefs.engine import Store
+from cachefs.format.digest import Digest
+from cachefs.format.header import HEADER_NAME
+from cachefs.format.segment import RECORD_HEADER, segment_path
 
 CACHEFS = Path(sys.executable).parent / "cachefs"
 LINE = re.compile(r"^([0-9a-f]{64})/([0-9]+)  (.+)$")
@@ -384,7 +384,7 @@ def test_init_refuses_a_directory_that_is_not_empty(tmp_path: Path) -> None:
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from cachefs.store import Store
+    from cachefs.engine import Store
     store = Store.open(sys.argv[1])
     print("ready", flush=True)
     time.sleep(120)

@@ -1,7 +1,7 @@
 """Crash safety under real ``kill -9``: a child process writes, the parent kills it.
 
-The child ingests objects in a loop (puts, ``put_files``, staged objects,
-unrefs and gc runs) and acknowledges each finished operation on stdout.  The
+The child ingests objects in a loop (puts, ``put_files``, unrefs and gc
+runs) and acknowledges each finished operation on stdout.  The
 parent kills it with SIGKILL at a random moment, reopens the same store (which
 runs recovery) and checks that every acknowledged object is there byte for
 byte, that reference counts match what was acknowledged (give or take the one
@@ -30,11 +30,10 @@ from typing import IO
 
 import pytest
 
-from cachefs import fsck
-from cachefs.digest import Digest
-from cachefs.header import ChunkingParams, SegmentParams, StoreConfig
-from cachefs.segment import list_segment_files
-from cachefs.store import Store
+from cachefs.engine import Store, check_store
+from cachefs.format.digest import Digest
+from cachefs.format.header import ChunkingParams, SegmentParams, StoreConfig
+from cachefs.format.segment import list_segment_files
 
 #: Small segments (many rotations, shards and compactions), chunks small enough
 #: that most objects have several, large enough that checking after every kill
@@ -83,11 +82,6 @@ def payload(seed: int, counter: int) -> bytes:
     return data
 
 
-def never_committed(seed: int, counter: int) -> bytes:
-    """Content of a staged object the child writes but never commits."""
-    return b"never committed %d %d " % (seed, counter) + payload(seed, counter)[:5000]
-
-
 def sha256_digest(data: bytes) -> Digest:
     return Digest(hashlib.sha256(data).digest(), len(data))
 
@@ -96,8 +90,7 @@ def sha256_digest(data: bytes) -> Digest:
 # digests (one line per reference).  It prints "ready" once the store is open,
 # then for every operation an intent line ("put? C...", "unref? D", "gc?") and,
 # once the operation has returned, its acknowledgement ("put C DIGEST",
-# "unref DIGEST", "gc").  "open C" says a staged object was written but will
-# never be committed.
+# "unref DIGEST", "gc").
 CHILD_CODE = (
     textwrap.dedent(
         """
@@ -106,13 +99,10 @@ CHILD_CODE = (
         import sys
         from pathlib import Path
 
-        from cachefs import gc
-        from cachefs.digest import Digest
-        from cachefs.store import Store, StoreOptions
+        from cachefs.engine import Digest, Store, StoreOptions, collect_garbage
         """
     )
     + inspect.getsource(payload)
-    + inspect.getsource(never_committed)
     + textwrap.dedent(
         """
         def ack(line):
@@ -125,12 +115,11 @@ CHILD_CODE = (
             rng = random.Random(seed * 7919 + counter)
             live = [Digest.parse(line) for line in Path(live_file).read_text().split()]
             store = Store.open(path, options=StoreOptions(workers=2))
-            left_open = []
             ack("ready")
             while True:
                 # Unref more once the store is large, so that it stays small.
-                weights = [45, 12, 15, 3, 15 if len(live) < 80 else 150, 10]
-                op = rng.choices(["put", "files", "staged", "open", "unref", "gc"], weights)[0]
+                weights = [60, 12, 15 if len(live) < 80 else 150, 10]
+                op = rng.choices(["put", "files", "unref", "gc"], weights)[0]
                 if op == "put":
                     ack(f"put? {counter}")
                     digest = store.put(payload(seed, counter), durable=True)
@@ -149,31 +138,6 @@ CHILD_CODE = (
                         ack(f"put {p.stem} {digest}")
                         live.append(digest)
                     counter += len(counters)
-                elif op == "staged":
-                    data = payload(seed, counter)
-                    ack(f"put? {counter}")
-                    staged = store.stage()
-                    if data and rng.random() < 0.3:  # junk first, overwritten below
-                        start = rng.randrange(len(data))
-                        staged.write(rng.randbytes(len(data) - start), start)
-                    cuts = sorted(rng.sample(range(1, len(data)), min(5, max(0, len(data) - 1))))
-                    pieces = list(zip([0, *cuts], [*cuts, len(data)]))
-                    rng.shuffle(pieces)
-                    for i, (a, b) in enumerate(pieces):
-                        staged.write(data[a:b], a)
-                        if i == 1:
-                            staged.sync()
-                    digest = staged.commit()
-                    ack(f"put {counter} {digest}")
-                    live.append(digest)
-                    counter += 1
-                elif op == "open":
-                    staged = store.stage()
-                    staged.write(never_committed(seed, counter))
-                    staged.sync()
-                    left_open.append(staged)
-                    ack(f"open {counter}")
-                    counter += 1
                 elif op == "unref":
                     if live:
                         digest = live.pop(rng.randrange(len(live)))
@@ -182,7 +146,7 @@ CHILD_CODE = (
                         ack(f"unref {digest}")
                 else:
                     ack("gc?")
-                    gc.collect_garbage(store, threshold=0.9)
+                    collect_garbage(store, threshold=0.9)
                     ack("gc")
 
         main()
@@ -198,7 +162,6 @@ class Model:
     seed: int
     refs: Counter[Digest] = field(default_factory=Counter)
     counter_of: dict[Digest, int] = field(default_factory=dict)
-    never: set[Digest] = field(default_factory=set)
 
     def live_lines(self) -> str:
         return "".join(f"{d}\n" * n for d, n in sorted(self.refs.items()) if n > 0)
@@ -232,8 +195,6 @@ class Model:
                 assert self.refs[digest] > 0, line
                 self.refs[digest] -= 1
                 unref_flight = None
-            elif word == "open":
-                self.never.add(sha256_digest(never_committed(self.seed, int(rest[0]))))
             else:
                 assert word in ("ready", "gc?", "gc"), line
         return put_flight, unref_flight, acked
@@ -302,10 +263,6 @@ def check_after_kill(store_path: Path, model: Model, lines: list[str]) -> None:
                 f"in flight +{put_flight[digest]} -{int(digest == unref_flight)}"
             )
             model.refs[digest] = found
-        # WAL replay only ever publishes the staged object that was in flight.
-        for digest in store.replayed:
-            assert digest in put_flight, f"replay published {digest}, which was not in flight"
-
         # Every live object reads back byte for byte.
         for digest, refs in model.refs.items():
             if refs == 0:
@@ -315,11 +272,9 @@ def check_after_kill(store_path: Path, model: Model, lines: list[str]) -> None:
             assert sha256_digest(data) == digest
             if digest in acked and digest in model.counter_of:
                 assert data == payload(model.seed, model.counter_of[digest])
-        for digest in model.never:
-            assert not store.contains(digest), f"uncommitted staged object {digest} is visible"
 
         # Nothing half-published: fsck is clean, recovery left no debris.
-        report = fsck.check(store)
+        report = check_store(store)
         assert report.problems == [], [str(p) for p in report.problems]
         assert report.notes == []
         with store.index.read() as txn:
@@ -373,7 +328,7 @@ def large_payload(seed: int) -> bytes:
 
 
 LARGE_CHILD_CODE = (
-    "import random, sys, time\nfrom cachefs.store import Store\n"
+    "import random, sys, time\nfrom cachefs.engine import Store\n"
     + inspect.getsource(large_payload)
     + textwrap.dedent(
         """
@@ -434,7 +389,7 @@ def test_kill_during_large_put(tmp_path: Path) -> None:
                 present.add(digest)
             for earlier in present:
                 assert store.contains(earlier)
-            report = fsck.check(store)
+            report = check_store(store)
             assert report.problems == [], [str(p) for p in report.problems]
             stats = store.stats()
             assert stats.objects == stats.files == len(present)

@@ -1,4 +1,4 @@
-"""On-disk format units: segment headers and records, the store header, the WAL."""
+"""On-disk format units: segment headers and records, the store header, the journal."""
 
 from __future__ import annotations
 
@@ -15,13 +15,16 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cachefs.engine import Journal, Store
+from cachefs.engine._segments import SegmentWriter
 from cachefs.errors import (
     ConfigError,
     CorruptDataError,
     FormatVersionError,
     StoreNotFoundError,
 )
-from cachefs.header import (
+from cachefs.format import journal as jfmt
+from cachefs.format.header import (
     FORMAT_NAME,
     HEADER_NAME,
     STORE_FORMAT_VERSION,
@@ -32,7 +35,7 @@ from cachefs.header import (
     read_header,
     write_header,
 )
-from cachefs.segment import (
+from cachefs.format.segment import (
     COMPRESSION_NONE,
     COMPRESSION_ZSTD,
     RECORD_HEADER,
@@ -42,22 +45,12 @@ from cachefs.segment import (
     TAG_CHUNK,
     Record,
     SegmentHeader,
-    SegmentWriter,
     encode_record_header,
     encode_segment_header,
     parse_record,
     parse_segment_header,
     record_flags,
     scan_segment,
-)
-from cachefs.store import Store
-from cachefs.wal import (
-    WAL_FORMAT_VERSION,
-    WAL_HEADER,
-    WAL_MAGIC,
-    WAL_RECORD,
-    WriteAheadLog,
-    encode_record,
 )
 
 digests = st.binary(min_size=32, max_size=32)
@@ -329,10 +322,10 @@ def test_header_round_trip(tmp_path: Path) -> None:
         segments=SegmentParams(max_size=8 << 20, shard_levels=2, shard_width=1),
     )
     write_header(tmp_path, config)
-    assert read_header(tmp_path) == config
+    assert read_header(tmp_path).config == config
     doc = json.loads((tmp_path / HEADER_NAME).read_text())
     assert doc["format"] == FORMAT_NAME
-    assert doc["format_version"] == STORE_FORMAT_VERSION == 1
+    assert doc["format_version"] == STORE_FORMAT_VERSION == 2
     assert doc["digest_function"] == "blake3"
     assert doc["chunking"]["avg_size"] == 8192
     assert not [p for p in tmp_path.iterdir() if p.name != HEADER_NAME]  # no temp file left
@@ -345,7 +338,7 @@ def rewrite_header(store: Path, **changes: object) -> None:
     path.write_text(json.dumps(doc))
 
 
-@pytest.mark.parametrize("version", [2, 99, 0, -1, "1", 1.5, True, None])
+@pytest.mark.parametrize("version", [3, 99, 0, -1, "1", 1.5, True, None])
 def test_header_with_unsupported_version_is_refused(tmp_path: Path, version: object) -> None:
     write_header(tmp_path, StoreConfig())
     rewrite_header(tmp_path, format_version=version)
@@ -397,7 +390,7 @@ def test_digest_function_names_are_case_insensitive(tmp_path: Path) -> None:
         assert store.read(digest) == b"named by blake3"
     # A header edited by hand to another spelling still opens.
     rewrite_header(tmp_path / "store", digest_function="Blake3")
-    assert read_header(tmp_path / "store").digest.name == "blake3"
+    assert read_header(tmp_path / "store").config.digest.name == "blake3"
     with pytest.raises(ConfigError, match="unknown digest function"):
         StoreConfig(digest_function="md5").validate()
 
@@ -481,7 +474,7 @@ def test_newer_store_of_unknown_layout_is_not_modified(
 
 def make_wal(directory: Path, payloads_: list[bytes]) -> list[int]:
     """A WAL holding one record per payload; returns each record's file offset."""
-    wal = WriteAheadLog(directory, fsync=False)
+    wal = Journal(directory, fsync=False)
     offsets = []
     for i, payload in enumerate(payloads_):
         offsets.append(wal.size)
@@ -492,9 +485,9 @@ def make_wal(directory: Path, payloads_: list[bytes]) -> list[int]:
 
 def test_wal_record_encoding() -> None:
     payload = b"hello wal"
-    head = encode_record(5, 3, payload)
-    assert len(head) == WAL_RECORD.size == 24
-    checksum, seq, length, kind = WAL_RECORD.unpack(head)
+    head = jfmt.encode_record(5, 3, payload)
+    assert len(head) == jfmt.RECORD.size == 24
+    checksum, seq, length, kind = jfmt.RECORD.unpack(head)
     assert (seq, length, kind) == (5, len(payload), 3)
     assert checksum == xxhash.xxh3_64_intdigest(head[8:] + payload)
 
@@ -502,8 +495,8 @@ def test_wal_record_encoding() -> None:
 def test_wal_round_trip(tmp_path: Path) -> None:
     contents = [b"", b"a", os.urandom(1000), b"z" * 70000]
     make_wal(tmp_path, contents)
-    assert (tmp_path / "wal.log").read_bytes()[:8] == WAL_MAGIC
-    wal = WriteAheadLog(tmp_path, fsync=False)
+    assert (tmp_path / "journal.log").read_bytes()[:8] == jfmt.MAGIC
+    wal = Journal(tmp_path, fsync=False)
     try:
         records = wal.replay()
         assert [r.seq for r in records] == [1, 2, 3, 4]
@@ -524,13 +517,13 @@ def test_wal_bit_flip_cuts_the_log_at_the_damaged_record(
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         offsets = make_wal(directory, contents)
-        path = directory / "wal.log"
+        path = directory / "journal.log"
         size = path.stat().st_size
-        bit = data.draw(st.integers(WAL_HEADER.size * 8, size * 8 - 1), label="bit")
+        bit = data.draw(st.integers(jfmt.HEADER.size * 8, size * 8 - 1), label="bit")
         flip_file_bit(path, bit)
         damaged = max(i for i, off in enumerate(offsets) if off * 8 <= bit)
 
-        wal = WriteAheadLog(directory, fsync=False)
+        wal = Journal(directory, fsync=False)
         try:
             records = wal.replay()
             assert [r.payload for r in records] == contents[:damaged]
@@ -546,7 +539,7 @@ def test_wal_bit_flip_cuts_the_log_at_the_damaged_record(
     "damage",
     [
         lambda b: b[:-5],  # last record cut mid-payload
-        lambda b: b[: -(WAL_RECORD.size + 50) + 3],  # last record cut mid-header
+        lambda b: b[: -(jfmt.RECORD.size + 50) + 3],  # last record cut mid-header
         lambda b: b + os.urandom(100),  # garbage after the last record
         lambda b: b + b"\0" * 10,  # a few zero bytes (less than a header)
         lambda b: b + b"\0" * 4096,  # a preallocated zero tail
@@ -558,14 +551,14 @@ def test_wal_torn_tail_is_cut_with_a_warning(
 ) -> None:
     contents = [b"first" * 10, b"second" * 10, b"x" * 50]
     offsets = make_wal(tmp_path, contents)
-    path = tmp_path / "wal.log"
+    path = tmp_path / "journal.log"
     intact = path.read_bytes()
     assert callable(damage)
     torn = damage(intact)
     path.write_bytes(torn)
     keep = len(intact) if len(torn) > len(intact) else offsets[-1]
-    with caplog.at_level(logging.WARNING, logger="cachefs.wal"):
-        wal = WriteAheadLog(tmp_path, fsync=False)
+    with caplog.at_level(logging.WARNING, logger="cachefs.engine._journal"):
+        wal = Journal(tmp_path, fsync=False)
     try:
         kept = contents if keep == len(intact) else contents[:-1]
         assert [r.payload for r in wal.replay()] == kept
@@ -579,7 +572,7 @@ def test_wal_torn_tail_is_cut_with_a_warning(
         assert seq == len(kept) + 1
     finally:
         wal.close()
-    wal = WriteAheadLog(tmp_path, fsync=False)
+    wal = Journal(tmp_path, fsync=False)
     try:
         assert [r.payload for r in wal.replay()] == [*kept, b"after"]
         assert wal.truncated_bytes == 0
@@ -589,8 +582,8 @@ def test_wal_torn_tail_is_cut_with_a_warning(
 
 def test_wal_intact_log_logs_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     make_wal(tmp_path, [b"a", b"b"])
-    with caplog.at_level(logging.WARNING, logger="cachefs.wal"):
-        WriteAheadLog(tmp_path, fsync=False).close()
+    with caplog.at_level(logging.WARNING, logger="cachefs.engine._journal"):
+        Journal(tmp_path, fsync=False).close()
     assert not caplog.records
 
 
@@ -600,42 +593,42 @@ def open_fds() -> int:
 
 def test_wal_damaged_header_is_corrupt(tmp_path: Path) -> None:
     make_wal(tmp_path, [b"a"])
-    flip_file_bit(tmp_path / "wal.log", 17 * 8)
+    flip_file_bit(tmp_path / "journal.log", 17 * 8)
     fds = open_fds()
     with pytest.raises(CorruptDataError, match="header is damaged"):
-        WriteAheadLog(tmp_path)
-    (tmp_path / "wal.log").write_bytes(b"CFSWAL")
+        Journal(tmp_path)
+    (tmp_path / "journal.log").write_bytes(b"CFSWAL")
     with pytest.raises(CorruptDataError, match="shorter than its header"):
-        WriteAheadLog(tmp_path)
+        Journal(tmp_path)
     assert open_fds() == fds  # a refused log leaves no descriptor open
 
 
 def test_wal_newer_version_is_refused(tmp_path: Path) -> None:
-    body = WAL_HEADER.pack(WAL_MAGIC, WAL_FORMAT_VERSION + 1, WAL_HEADER.size, 0, 1, 0)[:24]
-    (tmp_path / "wal.log").write_bytes(body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)))
-    before = (tmp_path / "wal.log").read_bytes()
+    body = jfmt.HEADER.pack(jfmt.MAGIC, jfmt.FORMAT_VERSION + 1, jfmt.HEADER.size, 0, 1, 0)[:24]
+    (tmp_path / "journal.log").write_bytes(body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)))
+    before = (tmp_path / "journal.log").read_bytes()
     with pytest.raises(FormatVersionError):
-        WriteAheadLog(tmp_path)
-    assert (tmp_path / "wal.log").read_bytes() == before
+        Journal(tmp_path)
+    assert (tmp_path / "journal.log").read_bytes() == before
 
 
 def test_wal_sequence_continues_after_checkpoint_and_reopen(tmp_path: Path) -> None:
-    wal = WriteAheadLog(tmp_path, fsync=False)
+    wal = Journal(tmp_path, fsync=False)
     assert [wal.append(1, b"a"), wal.append(1, b"b"), wal.append(1, b"c")] == [1, 2, 3]
     wal.checkpoint()
     assert wal.replay() == []
-    assert wal.size == WAL_HEADER.size
+    assert wal.size == jfmt.HEADER.size
     assert wal.append(2, b"d") == 4
     wal.close()
 
-    wal = WriteAheadLog(tmp_path, fsync=False)
+    wal = Journal(tmp_path, fsync=False)
     assert wal.base_seq == 4
     assert [(r.seq, r.payload) for r in wal.replay()] == [(4, b"d")]
     assert wal.append(2, b"e") == 5
     wal.checkpoint()
     wal.close()
 
-    wal = WriteAheadLog(tmp_path, fsync=False)
+    wal = Journal(tmp_path, fsync=False)
     try:
         assert wal.replay() == []
         assert wal.base_seq == wal.next_seq == 6
@@ -645,7 +638,7 @@ def test_wal_sequence_continues_after_checkpoint_and_reopen(tmp_path: Path) -> N
 
 
 def test_wal_group_commit_from_many_threads(tmp_path: Path) -> None:
-    wal = WriteAheadLog(tmp_path, fsync=True)
+    wal = Journal(tmp_path, fsync=True)
     threads_n, per_thread = 8, 40
     acknowledged: list[list[int]] = [[] for _ in range(threads_n)]
     errors: list[BaseException] = []
@@ -670,7 +663,7 @@ def test_wal_group_commit_from_many_threads(tmp_path: Path) -> None:
     assert not errors
     wal.close()
 
-    wal = WriteAheadLog(tmp_path, fsync=False)
+    wal = Journal(tmp_path, fsync=False)
     try:
         records = wal.replay()
         assert wal.truncated_bytes == 0

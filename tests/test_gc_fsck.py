@@ -25,12 +25,11 @@ import killpoints
 import pytest
 from conftest import SMALL_CONFIG, compressible
 
-from cachefs import fsck, gc
-from cachefs.digest import Digest
+from cachefs.engine import FsckReport, GcReport, Store, check_store, collect_garbage
 from cachefs.errors import CorruptDataError, ReadOnlyError
-from cachefs.index import ChunkEntry, ObjectEntry, SegmentEntry
-from cachefs.segment import RECORD_HEADER, list_segment_files, segment_path
-from cachefs.store import Store
+from cachefs.format.digest import Digest
+from cachefs.format.schema import ChunkEntry, ObjectEntry, SegmentEntry
+from cachefs.format.segment import RECORD_HEADER, list_segment_files, segment_path
 
 
 def digest_of(data: bytes) -> Digest:
@@ -65,8 +64,8 @@ def chunk_set(store: Store, digest: Digest) -> set[bytes]:
     return {chunk for chunk, _ in store.recipe(digest)}
 
 
-def assert_clean(store: Store) -> fsck.FsckReport:
-    report = fsck.check(store)
+def assert_clean(store: Store) -> FsckReport:
+    report = check_store(store)
     assert report.problems == [], [str(p) for p in report.problems]
     return report
 
@@ -149,7 +148,7 @@ def test_gc_removes_exactly_the_unreferenced_chunks(store: Store, store_path: Pa
     victims = {s for s, e in segments_before.items() if live_after[s] < threshold * e.length}
     assert victims and set(segments_before) - victims  # some are compacted, some not
 
-    report = gc.collect_garbage(store, threshold=threshold)
+    report = collect_garbage(store, threshold=threshold)
 
     after = chunks(store)
     assert set(after) == set(before) - dead
@@ -191,7 +190,7 @@ def test_gc_with_threshold_one_rewrites_every_segment(store: Store, store_path: 
     store.unref(corpus.digests["v"])
     old = segment_files(store)
     sizes = {s: p.stat().st_size for s, p in old.items()}
-    report = gc.collect_garbage(store, threshold=1.0)
+    report = collect_garbage(store, threshold=1.0)
     assert report.segments_compacted + report.segments_deleted == len(old)
     assert not set(old) & set(segments(store))
     assert all(not path.exists() for path in old.values())
@@ -215,8 +214,8 @@ def test_gc_with_nothing_to_collect_is_a_no_op(store: Store) -> None:
     stats = store.stats().as_dict()
     files = {s: p.stat().st_size for s, p in segment_files(store).items()}
     index_before = (chunks(store), segments(store), object_refcounts(store))
-    report = gc.collect_garbage(store)
-    assert report == gc.GcReport()
+    report = collect_garbage(store)
+    assert report == GcReport()
     assert store.stats().as_dict() == stats
     assert {s: p.stat().st_size for s, p in segment_files(store).items()} == files
     assert (chunks(store), segments(store), object_refcounts(store)) == index_before
@@ -228,7 +227,7 @@ def test_gc_of_everything_leaves_an_empty_store(store: Store, store_path: Path) 
     corpus = make_corpus(store)
     for digest in corpus.digests.values():
         assert store.unref(digest)
-    report = gc.collect_garbage(store)
+    report = collect_garbage(store)
     assert report.segments_deleted > 0
     stats = store.stats()
     assert (stats.objects, stats.files, stats.chunks, stats.stored_bytes) == (0, 0, 0, 0)
@@ -254,14 +253,14 @@ def test_gc_makes_each_compaction_durable_before_deleting_the_old_segment(
     events: list[str] = []
     real_sync = store.index.sync
     monkeypatch.setattr(store.index, "sync", lambda: (events.append("sync"), real_sync())[1])
-    unlink = gc._unlink
+    delete = store.segments.delete
 
-    def recording_unlink(*args: object) -> None:
+    def recording_delete(segment_id: int, path: Path) -> int:
         events.append("unlink")
-        unlink(*args)  # type: ignore[arg-type]
+        return delete(segment_id, path)
 
-    monkeypatch.setattr(gc, "_unlink", recording_unlink)
-    report = gc.collect_garbage(store, threshold=1.0)
+    monkeypatch.setattr(store.segments, "delete", recording_delete)
+    report = collect_garbage(store, threshold=1.0)
     assert report.segments_compacted + report.segments_deleted > 1
     assert "unlink" in events
     for i, event in enumerate(events):
@@ -276,9 +275,9 @@ def test_gc_and_repair_need_a_writable_store(store: Store, store_path: Path) -> 
     store.close()
     with Store.open(store_path, readonly=True) as reading:
         with pytest.raises(ReadOnlyError):
-            gc.collect_garbage(reading)
+            collect_garbage(reading)
         with pytest.raises(ReadOnlyError):
-            fsck.check(reading, repair=True)
+            check_store(reading, repair=True)
         assert_clean(reading)
 
 
@@ -286,8 +285,8 @@ def test_progress_is_reported_up_to_the_total(store: Store) -> None:
     corpus = make_corpus(store)
     store.unref(corpus.digests["v"])
     for run in (
-        lambda progress: gc.collect_garbage(store, threshold=1.0, progress=progress),
-        lambda progress: fsck.check(store, progress=progress),
+        lambda progress: collect_garbage(store, threshold=1.0, progress=progress),
+        lambda progress: check_store(store, progress=progress),
     ):
         calls: list[tuple[int, int]] = []
         run(lambda done, total, calls=calls: calls.append((done, total)))
@@ -305,15 +304,15 @@ GC_CHILD = textwrap.dedent(
     import signal
     import sys
 
-    from cachefs import gc
-    from cachefs.index import Index
-    from cachefs.segment import SegmentWriter
-    from cachefs.store import Store
+    from cachefs.engine import Store, collect_garbage
+    from cachefs.engine import _gc as gc
+    from cachefs.engine._index import Index
+    from cachefs.engine._segments import SegmentStore, SegmentWriter
 
     store = Store.open(sys.argv[1])
     gc._BATCH = 3
     die_at({patch})
-    gc.collect_garbage(store, threshold=1.0)
+    collect_garbage(store, threshold=1.0)
     """
 )
 
@@ -321,10 +320,10 @@ GC_KILL_POINTS = {
     "mid-drop": "Index, 'write', 2",  # first batch of dead chunks dropped
     "after-drop": "gc, '_drop_unreferenced', 1, True",
     "mid-copy": "SegmentWriter, 'append', 3, True",  # copies written, not synced
-    "copies-synced": "Store, '_snapshot_dirty', 1, True",  # before the compaction txn
-    "first-unlink": "gc, '_unlink'",  # a compaction committed, old file still there
-    "third-unlink": "gc, '_unlink', 3",
-    "after-publish": "Store, '_published', 2, True",
+    "copies-synced": "SegmentStore, 'snapshot', 1, True",  # before the compaction txn
+    "first-unlink": "SegmentStore, 'delete'",  # a compaction committed, old file still there
+    "third-unlink": "SegmentStore, 'delete', 3",
+    "after-publish": "SegmentStore, 'published', 2, True",
     "before-orphans": "gc, '_delete_orphans'",
 }
 
@@ -353,7 +352,7 @@ def test_gc_killed_at_any_step_leaves_a_consistent_store(store_path: Path, point
         assert_reads_back(store, corpus, survivors)
         report = assert_clean(store)
         assert report.notes == []
-        gc.collect_garbage(store, threshold=1.0)
+        collect_garbage(store, threshold=1.0)
         assert all(e.refcount > 0 for e in chunks(store).values())
         assert_reads_back(store, corpus, survivors)
         assert_clean(store)
@@ -523,7 +522,7 @@ def test_fsck_finds_and_repairs_damage(store_path: Path, kind: str) -> None:
         kinds, lost = DAMAGES[kind](store, corpus)
     data = dict(corpus.data)
     with Store.open(store_path) as store:
-        report = fsck.check(store)
+        report = check_store(store)
         assert not report.clean
         assert {p.kind for p in report.problems} == kinds, [str(p) for p in report.problems]
         lost_digests = {corpus.digests[n] for n in lost}
@@ -533,7 +532,7 @@ def test_fsck_finds_and_repairs_damage(store_path: Path, kind: str) -> None:
                 with pytest.raises(CorruptDataError):
                     store.read(corpus.digests[name])
 
-        repaired = fsck.check(store, repair=True)
+        repaired = check_store(store, repair=True)
         assert repaired.repaired
         assert set(repaired.lost_objects) == lost_digests
         assert {p.kind for p in repaired.problems} == kinds
@@ -553,7 +552,7 @@ def test_fsck_finds_and_repairs_damage(store_path: Path, kind: str) -> None:
         assert store.read(store.put(more)) == more
         assert_reads_back(store, corpus, set(data))
         assert_clean(store)
-        gc.collect_garbage(store, threshold=1.0)
+        collect_garbage(store, threshold=1.0)
         assert_clean(store)
     with Store.open(store_path) as store:
         assert_reads_back(store, corpus, set(data))
@@ -602,12 +601,12 @@ def test_repair_of_a_segment_deleted_under_the_writer(store: Store, store_path: 
     repair, new chunks of that shard must not go to the deleted file."""
     corpus = make_corpus(store)
     segment_id = chunks(store)[shared_chunk(store, corpus)].segment_id
-    shard = store._shards[segments(store)[segment_id].shard]
+    shard = store.segments.shards[segments(store)[segment_id].shard]
     assert shard.writer is not None and shard.writer.segment_id == segment_id
     in_segment = {c for c, e in chunks(store).items() if e.segment_id == segment_id}
     lost = users_of(store, corpus, in_segment)
     segment_file(store, segment_id).unlink()
-    report = fsck.check(store, repair=True)
+    report = check_store(store, repair=True)
     assert set(report.lost_objects) == {corpus.digests[n] for n in lost}
     for name in lost:
         assert store.put(corpus.data[name]) == corpus.digests[name]
@@ -625,10 +624,10 @@ def test_fsck_finds_and_repairs_a_wrong_counter(store: Store, counter: str) -> N
     right = store.stats().as_dict()
     with store.index.write() as txn:
         store.index.add(txn, counter, 7)
-    report = fsck.check(store)
+    report = check_store(store)
     assert [p.kind for p in report.problems] == ["counter"]
     assert counter in report.problems[0].message
-    repaired = fsck.check(store, repair=True)
+    repaired = check_store(store, repair=True)
     assert repaired.repaired and repaired.lost_objects == []
     assert_clean(store)
     assert store.stats().as_dict() == right
@@ -643,7 +642,7 @@ def test_fsck_of_a_clean_store_is_clean(store: Store) -> None:
     assert report.chunks_checked == len(chunks(store)) == store.stats().chunks
     assert report.segments_checked == len(segments(store))
     assert report.records_checked == len(chunks(store))
-    repaired = fsck.check(store, repair=True)
+    repaired = check_store(store, repair=True)
     assert repaired.clean and not repaired.repaired
 
 
@@ -654,7 +653,7 @@ WRITER_CHILD = textwrap.dedent(
     import random
     import sys
 
-    from cachefs.store import Store
+    from cachefs.engine import Store
 
     store = Store.open(sys.argv[1])
     rng = random.Random(7)
@@ -694,7 +693,7 @@ def test_read_only_fsck_beside_a_running_writer(store_path: Path) -> None:
                     assert proc.poll() is None, "the writer stopped"
                     time.sleep(0.005)
                 with Store.open(store_path, readonly=True) as reading:
-                    report = fsck.check(reading)
+                    report = check_store(reading)
                     assert report.problems == [], [str(p) for p in report.problems]
                     assert report.objects_checked > 0
             proc.kill()

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from cachefs import memory
-from cachefs.memory import MemoryGovernor
+from cachefs.fs import MemoryGovernor
+from cachefs.fs import _memory as memory
 
 MIB = 1 << 20
 

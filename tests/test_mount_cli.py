@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from cachefs import mount as mounting
-from cachefs.header import HEADER_NAME
+from cachefs.daemon import _mount as mounting
+from cachefs.format.header import HEADER_NAME
 from tests.mounting import CACHEFS, cachefs, require_fuse
 
 TIMEOUT = 60

@@ -186,7 +186,7 @@ def test_git_init_add_commit_fsck_log(d: Path, tmp_path: Path) -> None:
     # A second commit that modifies, removes and renames.
     (repo / "cachefs" / "__init__.py").write_text("# changed in the mount\n")
     git("rm", "-q", "tests/mounting.py")
-    git("mv", "cachefs/fs.py", "cachefs/filesystem.py")
+    git("mv", "cachefs/fuse.py", "cachefs/adapter.py")
     git("commit", "-q", "-a", "-m", "second")
     assert git("status", "--porcelain") == ""
     git("fsck", "--full", "--strict", "--no-progress")

@@ -12,10 +12,9 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachefs import fsck
+from cachefs.engine import FsError, Namespace, Store, check_store
+from cachefs.format.schema import INO_KEY, INO_VALUE, ROOT_INODE, dirent_key
 from cachefs.fs import Filesystem, OpenFile
-from cachefs.namespace import INO_KEY, INO_VALUE, ROOT_INODE, FsError, Namespace, _dirent_key
-from cachefs.store import Store
 
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
@@ -87,18 +86,18 @@ def test_fsck_finds_and_repairs_namespace_damage(store: Store) -> None:
     d = ns.create(ROOT_INODE, b"d", DIR, 0, 0)
     f = ns.create(d.ino, b"f", FILE, 0, 0)
     digest = store.put(b"x" * 5000, on_publish=lambda txn, dg: ns.set_content(txn, f.ino, dg, 1, 1))
-    assert fsck.check(store).clean
+    assert check_store(store).clean
     with store.transaction("damaging") as txn:
-        txn.put(_dirent_key(d.ino, b"ghost"), INO_VALUE.pack(999), db=ns.dirents)
+        txn.put(dirent_key(d.ino, b"ghost"), INO_VALUE.pack(999), db=ns.dirents)
         inode = ns.get(f.ino, txn)
         inode.nlink = 3
         txn.put(INO_KEY.pack(f.ino), inode.pack(), db=ns.inodes)
         txn.delete(digest.hash, db=store.index.objects)  # the file's content is lost
-    report = fsck.check(store)
+    report = check_store(store)
     kinds = " ".join(p.message for p in report.problems)
     assert "no inode 999" in kinds and "link count 3" in kinds and "not stored" in kinds
-    fsck.check(store, repair=True)
-    assert fsck.check(store).clean, fsck.check(store).problems
+    check_store(store, repair=True)
+    assert check_store(store).clean, check_store(store).problems
     assert ns.get(f.ino).size == 0
     assert ns.getxattr(f.ino, b"user.cachefs.lost") == str(digest).encode()
 

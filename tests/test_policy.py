@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachefs.policy import ARC, LFU, POLICIES, Policy, make_policy
+from cachefs.fs import ARC, LFU, POLICIES, Policy, make_policy
 
 #: An event as a tuple: ("admit", key, size), ("hit", key), ("miss", key),
 #: ("resize", key, size), ("discard", key), ("evict", key).

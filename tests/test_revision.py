@@ -8,7 +8,7 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachefs.store import Store
+from cachefs.engine import Store
 from tests.conftest import compressible
 
 

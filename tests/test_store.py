@@ -1,5 +1,5 @@
 """The storage engine: ingest, dedup, compression, reads, references, damage, locking,
-concurrency, a full disk and staged objects."""
+concurrency and a full disk."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cachefs import errors
-from cachefs.chunker import Chunker, reader_for
-from cachefs.digest import Digest
+from cachefs.engine import Journal, Store, StoreOptions, collect_garbage
+from cachefs.engine._chunker import Chunker, reader_for
 from cachefs.errors import (
     CachefsError,
     ConfigError,
@@ -37,10 +37,10 @@ from cachefs.errors import (
     StoreLockedError,
     from_oserror,
 )
-from cachefs.gc import collect_garbage
-from cachefs.header import ChunkingParams, SegmentParams, StoreConfig
-from cachefs.index import ChunkEntry
-from cachefs.segment import (
+from cachefs.format.digest import Digest
+from cachefs.format.header import ChunkingParams, SegmentParams, StoreConfig
+from cachefs.format.schema import ChunkEntry
+from cachefs.format.segment import (
     COMPRESSION_MASK,
     COMPRESSION_NONE,
     COMPRESSION_ZSTD,
@@ -48,8 +48,6 @@ from cachefs.segment import (
     segment_path,
     shard_of,
 )
-from cachefs.store import Store, StoreOptions
-from cachefs.wal import WriteAheadLog
 
 MIN_CHUNK = SMALL_CONFIG.chunking.min_size
 MAX_CHUNK = SMALL_CONFIG.chunking.max_size
@@ -682,7 +680,7 @@ def test_second_writer_is_refused(store: Store, store_path: Path) -> None:
         """
         import sys
         from cachefs.errors import StoreLockedError
-        from cachefs.store import Store
+        from cachefs.engine import Store
         try:
             Store.open(sys.argv[1])
         except StoreLockedError as exc:
@@ -707,9 +705,9 @@ def test_lock_is_released_on_close(store_path: Path) -> None:
 
 READER = """
 import hashlib, sys
-from cachefs.digest import Digest
+from cachefs.format.digest import Digest
 from cachefs.errors import ReadOnlyError
-from cachefs.store import Store
+from cachefs.engine import Store
 with Store.open(sys.argv[1], readonly=True) as store:
     try:
         store.put(b"x")
@@ -772,7 +770,6 @@ def test_read_only_store_refuses_writes(store_path: Path) -> None:
             lambda: store.put(b"new"),
             lambda: store.ref(digest),
             lambda: store.unref(digest),
-            store.stage,
             lambda: list(store.put_files([store_path / "lock"])),
         ):
             with pytest.raises(ReadOnlyError) as info:
@@ -995,8 +992,8 @@ def fill_up(directory: Path) -> Path:
     return filler
 
 
-def test_wal_checkpoint_on_a_full_disk(tiny_fs: Path) -> None:
-    wal = WriteAheadLog(tiny_fs / "wal", fsync=True)
+def test_journal_checkpoint_on_a_full_disk(tiny_fs: Path) -> None:
+    wal = Journal(tiny_fs / "journal", fsync=True)
     try:
         assert wal.append(1, b"logged") == 1
         filler = fill_up(tiny_fs)
@@ -1008,10 +1005,10 @@ def test_wal_checkpoint_on_a_full_disk(tiny_fs: Path) -> None:
         filler.unlink()
     finally:
         wal.close()
-    wal = WriteAheadLog(tiny_fs / "wal", fsync=True)
+    wal = Journal(tiny_fs / "journal", fsync=True)
     try:
         assert [r.payload for r in wal.replay()] == [b"logged", b"after"]
-        assert not [p for p in (tiny_fs / "wal").iterdir() if p.name != "wal.log"]
+        assert not [p for p in (tiny_fs / "journal").iterdir() if p.name != "journal.log"]
     finally:
         wal.close()
 
@@ -1020,10 +1017,8 @@ def test_close_on_a_full_disk(tiny_fs: Path) -> None:
     path = tiny_fs / "store"
     store = Store.open(path, create=True, config=SMALL_CONFIG)
     try:
-        staged = store.stage()
-        staged.write(b"staged before the disk filled up")
-        staged_digest = staged.commit()
-        acknowledged = [staged_digest]
+        first = store.put(b"stored before the disk filled up")
+        acknowledged = [first]
         with pytest.raises(StoreFullError):
             for i in range(1000):
                 acknowledged.append(store.put(rand(100_000, seed=800 + i)))
@@ -1036,190 +1031,8 @@ def test_close_on_a_full_disk(tiny_fs: Path) -> None:
     filler.unlink()
     with Store.open(path) as store:
         assert store.stats().files == len(acknowledged)
-        assert store.read(staged_digest) == b"staged before the disk filled up"
+        assert store.read(first) == b"stored before the disk filled up"
         assert all(store.contains(d) for d in acknowledged)
-        assert store.replayed == []
-        check_invariants(store)
-
-
-# --- staged objects ---------------------------------------------------------------------
-
-
-def test_staged_object_with_out_of_order_and_overlapping_writes(store: Store) -> None:
-    expected = bytearray(100_000)
-    staged = store.stage()
-    writes = [
-        (50_000, rand(30_000, seed=1)),
-        (0, compressible(20_000)),
-        (10_000, rand(45_000, seed=2)),  # overlaps both
-        (95_000, b"t" * 5000),
-        (60_000, b""),
-    ]
-    for offset, data in writes:
-        assert staged.write(data, offset) == len(data)
-        expected[offset : offset + len(data)] = data
-    # Without an offset, a write continues after the previous one.
-    staged.write(b"tail", 99_996)
-    staged.write(b"more")
-    expected[99_996:] = b"tail"
-    expected += b"more"
-    staged.sync()
-    digest = staged.commit()
-    assert str(digest) == sha256_digest(bytes(expected))
-    assert store.read(digest) == expected
-    assert store.stats().files == 1
-    assert list(store.tmp_root.iterdir()) == []  # the spool file is gone
-    with pytest.raises(CachefsError):
-        staged.write(b"late")
-    with pytest.raises(CachefsError):
-        staged.commit()
-    check_invariants(store)
-
-
-def test_staged_object_with_a_hole(store: Store) -> None:
-    with store.stage() as staged:
-        staged.write(b"end", 10_000)
-        digest = staged.commit()
-    assert store.read(digest) == b"\0" * 10_000 + b"end"
-
-
-def test_staged_commit_survives_reopen(store_path: Path) -> None:
-    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
-        staged = store.stage()
-        staged.write(b"durable " * 1000)
-        digest = staged.commit()
-    with Store.open(store_path) as store:
-        assert store.replayed == []  # already published, not published twice
-        assert store.read(digest) == b"durable " * 1000
-        assert store.stats().files == 1
-        check_invariants(store)
-
-
-def test_aborted_staged_object_publishes_nothing(store: Store) -> None:
-    store.put(b"existing")
-    before = store.stats()
-    staged = store.stage()
-    staged.write(b"never published" * 100)
-    staged.abort()
-    staged.abort()  # idempotent
-    with pytest.raises(CachefsError):
-        staged.write(b"x")
-
-    with pytest.raises(RuntimeError), store.stage() as other:
-        other.write(b"also never published")
-        raise RuntimeError("the writer gave up")
-
-    after = store.stats()
-    assert (after.files, after.objects, after.chunks, after.stored_bytes) == (
-        before.files,
-        before.objects,
-        before.chunks,
-        before.stored_bytes,
-    )
-    assert not store.contains(Digest(hashlib.sha256(b"never published" * 100).digest(), 1500))
-    assert list(store.tmp_root.iterdir()) == []
-
-
-def test_two_staged_objects_at_once(store: Store) -> None:
-    first, second = store.stage(), store.stage()
-    first.write(b"A" * 5000)
-    second.write(b"B" * 7000)
-    first.write(b"a", 0)
-    d2 = second.commit()
-    d1 = first.commit()
-    assert store.read(d1) == b"a" + b"A" * 4999
-    assert store.read(d2) == b"B" * 7000
-
-
-# The two tests below replay, deterministically, an interleaving of two threads of
-# one writer: a staged commit's WAL checkpoint (StoreOptions.wal_checkpoint_bytes)
-# racing another staged object, then a crash (os._exit) before the next checkpoint.
-
-
-@pytest.mark.parametrize("race", [False, True], ids=["alone", "racing-a-checkpoint"])
-def test_staged_object_begun_during_a_checkpoint_survives_a_crash(
-    store_path: Path, race: bool
-) -> None:
-    data = b"committed before the crash " * 100
-    result = run_python(
-        """
-        import os, sys
-        from cachefs.store import WAL_BEGIN, Store, StoreOptions
-        store = Store.open(sys.argv[1], create=True, options=StoreOptions(wal_checkpoint_bytes=0))
-        append = store.wal.append
-        def racing_append(kind, payload):
-            seq = append(kind, payload)
-            # Another thread's commit checkpoints the log right after this BEGIN
-            # record -- whenever nothing in stage() prevents it at this point.
-            if kind == WAL_BEGIN and not store._staged_lock.locked():
-                store._maybe_checkpoint()
-            return seq
-        if sys.argv[2] == "race":
-            store.wal.append = racing_append
-        staged = store.stage()
-        staged.write(bytes.fromhex(sys.argv[3]))
-        store._ingest = lambda *args: os._exit(0)  # crash once the commit is logged
-        staged.commit()
-        """,
-        str(store_path),
-        "race" if race else "alone",
-        data.hex(),
-    )
-    assert result.returncode == 0, result.stderr
-    with Store.open(store_path) as store:
-        digest = Digest(hashlib.sha256(data).digest(), len(data))
-        assert store.replayed == [digest], "a committed staged object was lost"
-        assert store.read(digest) == data
-
-
-@pytest.mark.parametrize("race", [False, True], ids=["alone", "racing-a-checkpoint"])
-def test_staged_object_published_during_a_checkpoint_is_not_replayed(
-    store_path: Path, race: bool
-) -> None:
-    result = run_python(
-        """
-        import os, sys
-        from cachefs.store import Store, StoreOptions
-        store = Store.open(
-            sys.argv[1], create=True, options=StoreOptions(wal_checkpoint_bytes=50_000)
-        )
-
-        class RacingLock:
-            # The commit lock, with another staged object committed by "another
-            # thread" just before the first acquisition after a WAL checkpoint.
-            def __init__(self, lock):
-                self.lock = lock
-                self.armed = False
-            def __enter__(self):
-                if self.armed:
-                    self.armed = False
-                    other = store.stage()
-                    other.write(b"B" * 10)
-                    other.commit()
-                return self.lock.__enter__()
-            def __exit__(self, *exc):
-                return self.lock.__exit__(*exc)
-
-        racing = RacingLock(store._commit_lock)
-        checkpoint = store.wal.checkpoint
-        def checkpoint_then_race():
-            checkpoint()
-            racing.armed = sys.argv[2] == "race"
-        store._commit_lock = racing
-        store.wal.checkpoint = checkpoint_then_race
-        first = store.stage()
-        first.write(b"A" * 100_000)  # enough to trigger the checkpoint on commit
-        first.commit()
-        os._exit(0)  # crash before close() would checkpoint again
-        """,
-        str(store_path),
-        "race" if race else "alone",
-    )
-    assert result.returncode == 0, result.stderr
-    with Store.open(store_path) as store:
-        expected = 2 if race else 1
-        assert store.stats().files == expected, "a published staged object was published again"
-        assert store.replayed == []
         check_invariants(store)
 
 
@@ -1240,6 +1053,7 @@ ERROR_TABLE: dict[type[CachefsError], tuple[int, int, bool]] = {
     errors.ReadOnlyError: (errno.EROFS, 2, True),
     errors.IndexCorruptError: (errno.EIO, 4, True),
     errors.MountError: (errno.EIO, 8, False),
+    errors.FsError: (errno.ENOENT, 1, False),
 }
 
 
@@ -1252,7 +1066,9 @@ def test_error_table_covers_every_class() -> None:
     assert classes == set(ERROR_TABLE)
 
 
-@pytest.mark.parametrize("cls", ERROR_TABLE, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [c for c in ERROR_TABLE if c is not errors.FsError], ids=lambda c: c.__name__
+)
 def test_errors_carry_errno_exit_code_and_hint(cls: type[CachefsError]) -> None:
     code, exit_code, has_hint = ERROR_TABLE[cls]
     err = cls("something went wrong")
@@ -1270,6 +1086,14 @@ def test_errors_carry_errno_exit_code_and_hint(cls: type[CachefsError]) -> None:
     assert str(custom) == "oops (do this)"
     assert cls("quiet", hint="").hint == ""
     assert str(cls("quiet", hint="")) == "quiet"
+
+
+def test_fs_error_carries_its_errno() -> None:
+    """The filesystem's refusals: a POSIX errno, its text unless one is given, no hint."""
+    err = errors.FsError(errno.ENOENT)
+    assert (err.errno, err.exit_code, err.hint) == (errno.ENOENT, 1, "")
+    assert str(err) == os.strerror(errno.ENOENT)
+    assert str(errors.FsError(errno.EPERM, "not yours")) == "not yours"
 
 
 def test_corrupt_data_error_says_where() -> None:

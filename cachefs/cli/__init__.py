@@ -18,7 +18,6 @@ import lmdb
 from cachefs import __version__
 from cachefs.cli import cache, cat, fsck, gc, init, mount, put, stats, umount
 from cachefs.errors import CachefsError, from_oserror
-from cachefs.index import lmdb_error
 
 
 class _Group(click.Group):
@@ -35,8 +34,8 @@ class _Group(click.Group):
             ctx.exit(1)
         except OSError as exc:  # last resort: an OS error the engine did not classify
             _fail(ctx, from_oserror(exc, "running the command"))
-        except lmdb.Error as exc:
-            _fail(ctx, lmdb_error(exc, "reading the index"))
+        except lmdb.Error as exc:  # last resort: an index error the engine did not classify
+            _fail(ctx, CachefsError(f"index error: {exc}", hint="run `cachefs fsck STORE`"))
 
 
 def _fail(ctx: click.Context, exc: CachefsError) -> NoReturn:

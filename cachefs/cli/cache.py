@@ -10,10 +10,9 @@ from typing import Any
 
 import click
 
-from cachefs import mount as mounting
-from cachefs.caches import CACHE_XATTR
+from cachefs import daemon
 from cachefs.errors import ConfigError, MountError, NotFoundError, from_oserror
-from cachefs.policy import POLICIES
+from cachefs.fs import CACHE_XATTR, POLICIES
 
 from .common import human_bytes, json_option, parse_size
 
@@ -26,7 +25,7 @@ def _mount_root(directory: Path) -> Path:
         raise NotFoundError(f"{directory} is not a directory")
     current = directory.resolve()
     while True:
-        if mounting.mounted_fstype(current) == f"fuse.{mounting.FSNAME}":
+        if daemon.mounted_fstype(current) == daemon.FSTYPE:
             return current
         if current.parent == current:
             raise MountError(
@@ -35,17 +34,6 @@ def _mount_root(directory: Path) -> Path:
                 "inside the mount",
             )
         current = current.parent
-
-
-def _cachefs_mounts() -> list[Path]:
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-        for line in table:
-            fields = line.split()
-            separator = fields.index("-")
-            if fields[separator + 1] == f"fuse.{mounting.FSNAME}":
-                found.append(Path(mounting._unescape(fields[4])))
-    return found
 
 
 @click.group("cache")
@@ -113,8 +101,8 @@ def ls_command(mountpoints: tuple[Path, ...], as_json: bool) -> None:
     throttled_seconds.
     """
     rows: list[dict[str, Any]] = []
-    for mountpoint in mountpoints or tuple(_cachefs_mounts()):
-        info = mounting.mount_info(mountpoint)
+    for mountpoint in mountpoints or tuple(daemon.cachefs_mounts()):
+        info = daemon.mount_info(mountpoint)
         if info is None:
             raise MountError(f"{mountpoint} is not a mounted cachefs store")
         for cache in info.get("caches", []):
@@ -147,7 +135,7 @@ def trace_command(mountpoint: Path, file: Path | None, stop: bool) -> None:
     if stop == (file is not None):
         raise ConfigError("give either FILE to start recording or --stop")
     command = "trace stop" if stop else f"trace start {file.absolute() if file else ''}"
-    answer = mounting.control(mountpoint, command)
+    answer = daemon.control(mountpoint, command)
     if not answer.get("ok"):
         raise MountError(f"{mountpoint}: {answer.get('error')}")
     if stop:

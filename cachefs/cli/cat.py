@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from cachefs.digest import Digest
-from cachefs.store import Store
+from cachefs.engine import Digest, Store
 
 from .common import store_argument
 

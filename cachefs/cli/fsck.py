@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
-from cachefs import fsck
-from cachefs.mount import resolve_store
-from cachefs.store import Store
+from cachefs.daemon import resolve_store
+from cachefs.engine import Store, check_store
 
 from .common import ProgressBar, json_option, store_argument
 
@@ -33,7 +32,7 @@ def command(store: Path, repair: bool, as_json: bool) -> None:
     bar = ProgressBar("checking")
     with Store.open(resolve_store(store), readonly=not repair) as opened:
         try:
-            report = fsck.check(opened, repair=repair, progress=bar)
+            report = check_store(opened, repair=repair, progress=bar)
         finally:
             bar.close()
     if as_json:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
-from cachefs import gc
-from cachefs.mount import control, mount_info
-from cachefs.store import Store
+from cachefs.daemon import control, mount_info
+from cachefs.engine import GcReport, Store, collect_garbage
 
 from .common import ProgressBar, human_bytes, json_option, store_argument
 
@@ -37,14 +36,14 @@ def command(store: Path, threshold: float | None, as_json: bool) -> None:
         bar = ProgressBar("compacting")
         with Store.open(store) as opened:
             try:
-                report = gc.collect_garbage(opened, threshold=threshold, progress=bar)
+                report = collect_garbage(opened, threshold=threshold, progress=bar)
             finally:
                 bar.close()
         doc = report.as_dict()
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    report = gc.GcReport.from_dict(doc)
+    report = GcReport.from_dict(doc)
     click.echo(
         f"removed {report.chunks_removed} unreferenced chunks, compacted "
         f"{report.segments_compacted} segments ({report.records_moved} records moved), "

@@ -6,16 +6,10 @@ from pathlib import Path
 
 import click
 
-from cachefs.digest import DIGEST_FUNCTIONS
+from cachefs.engine import ChunkingParams, CompressionParams, SegmentParams, Store, StoreConfig
 from cachefs.errors import ConfigError
-from cachefs.header import (
-    HEADER_NAME,
-    ChunkingParams,
-    CompressionParams,
-    SegmentParams,
-    StoreConfig,
-)
-from cachefs.store import Store
+from cachefs.format.digest import DIGEST_FUNCTIONS
+from cachefs.format.header import HEADER_NAME
 
 from .common import store_argument
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
-from cachefs import mount as mounting
+from cachefs import daemon
 from cachefs.errors import ConfigError
-from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD
-from cachefs.memory import DEFAULT_MEMORY_LIMIT
+from cachefs.fs import DEFAULT_MEMORY_LIMIT, DEFAULT_PUBLISH_THRESHOLD
 
 from .common import parse_size, store_argument
 
@@ -89,7 +88,7 @@ def command(
       cachefs cache set DIR --max-size 10G   make DIR a cache with a budget
     """
     verbose = ctx.find_root().params.get("verbose", 0)
-    mounting.mount(
+    daemon.mount(
         store,
         mountpoint,
         list(options),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
+from cachefs.engine import Store
 from cachefs.errors import CachefsError, ConfigError, from_oserror
-from cachefs.store import Store
 
 from .common import store_argument
 

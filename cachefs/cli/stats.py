@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from cachefs.mount import mount_info, resolve_store
-from cachefs.store import Store
+from cachefs.daemon import mount_info, resolve_store
+from cachefs.engine import Store
 
 from .common import human_bytes, json_option, store_argument
 

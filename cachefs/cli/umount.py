@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cachefs import mount as mounting
+from cachefs import daemon
 
 
 @click.command("umount")
@@ -22,4 +22,4 @@ def command(mountpoint: Path, timeout: float) -> None:
 
     Fails (and changes nothing) while files in the mount are in use.
     """
-    mounting.umount(mountpoint, timeout=timeout)
+    daemon.umount(mountpoint, timeout=timeout)

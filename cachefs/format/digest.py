@@ -27,8 +27,6 @@ import blake3
 
 from cachefs.errors import BadDigestError, ConfigError
 
-DIGEST_SIZE = 32
-
 #: What hashing, compression and checksumming accept without a copy.
 BytesLike = bytes | bytearray | memoryview
 

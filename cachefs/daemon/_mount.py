@@ -1,16 +1,14 @@
-"""Mounting and unmounting a store (mount layer).
+"""Mounting and unmounting a store (daemon layer).
 
 ``mount`` checks what can be checked before anything changes (the mount point,
-``/dev/fuse``, ``fusermount3``), then, unless in the foreground, forks: the
-child opens the store, mounts, and tells the parent through a pipe that the
-mount is ready (or why it failed), so that ``cachefs mount`` returns only once
-the mount can be used and fails with the daemon's own error.  Under systemd
-(``Type=notify``) readiness is also sent to ``$NOTIFY_SOCKET``.
+``/dev/fuse``, ``fusermount3``), then, unless in the foreground, detaches
+(``_process.detach``): the daemon opens the store, mounts, and the command
+returns once the mount can be used.  Under systemd (``Type=notify``) readiness
+is also sent to ``$NOTIFY_SOCKET``.
 
-The daemon logs to ``STORE/cachefs.log`` and, in the foreground, to stderr
-(which systemd sends to the journal).  On SIGTERM or SIGINT, or when the file
-system is unmounted from outside, it publishes every unpublished write,
-syncs the store, unmounts if still mounted and exits 0.
+On SIGTERM or SIGINT, or when the file system is unmounted from outside, the
+daemon publishes every unpublished write, syncs the store, unmounts if still
+mounted and exits 0.
 
 ``umount`` unmounts through ``fusermount3 -u`` and waits for the daemon to
 exit; the daemon's pid and store are found in ``MOUNT/.cachefs/stats.json``.
@@ -18,14 +16,10 @@ exit; the daemon's pid and store are found in ``MOUNT/.cachefs/stats.json``.
 
 from __future__ import annotations
 
-import json
 import logging
-import logging.handlers
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,19 +30,23 @@ from typing import Any
 import pyfuse3
 import trio
 
-from cachefs.errors import CachefsError, ConfigError, MountError, NotFoundError
-from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD, Filesystem
+from cachefs.daemon._mounts import FSNAME, FSTYPE, mount_info, mounted_fstype
+from cachefs.daemon._process import LOG_NAME, detach, setup_logging
+from cachefs.daemon._systemd import sd_notify
+from cachefs.engine import Store, StoreOptions
+from cachefs.errors import ConfigError, MountError, NotFoundError
+from cachefs.format.header import read_header
+from cachefs.fs import (
+    DEFAULT_MEMORY_LIMIT,
+    DEFAULT_PUBLISH_THRESHOLD,
+    Filesystem,
+    check_outside,
+)
 from cachefs.fuse import Operations
-from cachefs.header import read_header
-from cachefs.memory import DEFAULT_MEMORY_LIMIT
-from cachefs.store import Store, StoreOptions
-from cachefs.trace import check_outside
 
 log = logging.getLogger(__name__)
 
-LOG_NAME = "cachefs.log"
 FUSE_DEVICE = "/dev/fuse"
-FSNAME = "cachefs"
 
 
 def check_mountpoint(mountpoint: Path) -> Path:
@@ -97,40 +95,6 @@ def mount_options(store: Path, extra: list[str]) -> set[str]:
             else:
                 options.add(opt)
     return options
-
-
-def sd_notify(message: str) -> None:
-    """Send a state to systemd, if it asked for notifications."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("could not notify systemd: %s", exc)
-
-
-def setup_logging(store: Path, *, foreground: bool, verbose: int) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    file_handler = logging.handlers.RotatingFileHandler(
-        store / LOG_NAME, maxBytes=10 << 20, backupCount=3
-    )
-    file_handler.setFormatter(
-        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    )
-    root.addHandler(file_handler)
-    if foreground:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("cachefs: %(levelname)s %(message)s"))
-        stream.setLevel(logging.INFO if verbose else logging.WARNING)
-        root.addHandler(stream)
 
 
 def serve(
@@ -237,132 +201,7 @@ def mount(
     if foreground:
         serve(store, mountpoint, options, ready=lambda: None, **kwargs)
         return
-    _daemonize(lambda ready: serve(store, mountpoint, options, ready=ready, **kwargs))
-
-
-def _daemonize(run: Callable[[Callable[[], None]], None]) -> None:
-    """Run ``run`` in a detached child; return in the parent once it calls ready()."""
-    read_fd, write_fd = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            answer = pipe.read()
-        if answer.startswith(b"ok"):
-            return
-        if not answer:
-            _, status = os.waitpid(pid, 0)
-            raise CachefsError(
-                f"the mount daemon exited before the mount was ready (status {status})",
-                hint="run with --foreground to see why",
-            )
-        os.waitpid(pid, 0)
-        status_text, _, message = answer.decode("utf-8", "replace").partition(" ")
-        err = CachefsError(message.strip(), hint="")
-        err.exit_code = int(status_text) if status_text.isdigit() else 1
-        raise err
-    # The child: a daemon of its own session, stdio on /dev/null.
-    os.close(read_fd)
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    told = False
-
-    def ready() -> None:
-        nonlocal told
-        os.write(write_fd, b"ok\n")
-        os.close(write_fd)
-        told = True
-
-    code = 0
-    try:
-        run(ready)
-    except CachefsError as exc:
-        code = exc.exit_code
-        if not told:
-            os.write(write_fd, f"{exc.exit_code} {exc}".encode())
-        log.error("%s", exc)
-    except BaseException as exc:
-        code = 1
-        if not told:
-            os.write(write_fd, f"1 unexpected error in the mount daemon: {exc!r}".encode())
-        log.exception("unexpected error in the mount daemon")
-    finally:
-        logging.shutdown()
-        os._exit(code)
-
-
-# --- finding a mounted store ---------------------------------------------------------
-
-
-def mounted_fstype(path: Path) -> str | None:
-    """The type of the file system mounted exactly at ``path`` (from the mount
-    table: never touches the mount itself, which may be dead)."""
-    # Resolve symlinks in the parent only: a stat of a dead (or our own) mount hangs.
-    absolute = Path(os.path.abspath(path))
-    target = os.path.join(os.path.realpath(absolute.parent), absolute.name)
-    found = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-            for line in table:
-                fields = line.split()
-                separator = fields.index("-")
-                point = _unescape(fields[4])
-                if point == target:
-                    found = fields[separator + 1]  # the last mount on a path wins
-    except (OSError, ValueError):
-        return None
-    return found
-
-
-def _unescape(field: str) -> str:
-    """Mount table fields escape space, tab, newline and backslash as octal."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_info(path: Path) -> dict[str, Any] | None:
-    """The live figures of the cachefs mounted at ``path`` (None if it is not one)."""
-    stats = path / ".cachefs" / "stats.json"
-    if not os.path.ismount(path):
-        return None
-    try:
-        doc: dict[str, Any] = json.loads(stats.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return doc
-
-
-def resolve_store(path: Path) -> Path:
-    """A store path, or the store of the cachefs mounted at ``path``."""
-    info = mount_info(path)
-    return Path(info["store"]) if info else path
-
-
-def control(mountpoint: Path, command: str) -> dict[str, Any]:
-    """Run a command in the daemon of a mount (``/.cachefs/control``)."""
-    path = mountpoint / ".cachefs" / "control"
-    try:
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.write(fd, command.encode())
-            pieces: list[bytes] = []
-            while piece := os.pread(fd, 1 << 16, sum(map(len, pieces))):
-                pieces.append(piece)
-        finally:
-            os.close(fd)
-        answer: dict[str, Any] = json.loads(b"".join(pieces))
-    except OSError as exc:
-        raise CachefsError(
-            f"cannot talk to the daemon of {mountpoint}: {exc.strerror}",
-            hint="this needs root (or the daemon's user)",
-        ) from None
-    if not answer.get("ok"):
-        raise CachefsError(f"the daemon of {mountpoint} refused {command!r}: {answer.get('error')}")
-    return answer
+    detach(lambda ready: serve(store, mountpoint, options, ready=ready, **kwargs))
 
 
 def umount(mountpoint: Path, *, timeout: float = 120.0) -> None:
@@ -372,7 +211,7 @@ def umount(mountpoint: Path, *, timeout: float = 120.0) -> None:
     if mounted_fstype(mountpoint) is None and not os.path.lexists(mountpoint):
         raise NotFoundError(f"{mountpoint} does not exist")
     info = mount_info(mountpoint)
-    if info is None and mounted_fstype(mountpoint) == f"fuse.{FSNAME}":
+    if info is None and mounted_fstype(mountpoint) == FSTYPE:
         # A cachefs mount whose daemon died (kill -9, crash): detach it.
         subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True, check=False)
         if mounted_fstype(mountpoint) is None:

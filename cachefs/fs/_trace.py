@@ -14,7 +14,9 @@ bytes), ``miss`` (the lookup of a missing name), ``create`` (a file created),
 cache directory carry ``"cache"``: that directory's path.
 
 Paths are resolved from the names the kernel looked up or created, so that
-recording costs no extra metadata reads for files.
+recording costs no extra metadata reads for files.  The recorder is a listener
+of the filesystem's events (``_events.py``); it knows of the rest only the
+path of a directory and the cache directory a directory is in.
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
+from cachefs.engine import ROOT_INODE, Inode
 from cachefs.errors import CachefsError, ConfigError, from_oserror
-from cachefs.namespace import ROOT_INODE
-
-if TYPE_CHECKING:
-    from cachefs.fs import Filesystem
+from cachefs.fs._events import Entry, FsEvents
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,22 @@ def check_outside(path: Path, mountpoint: Path) -> Path:
     return path
 
 
-class TraceRecorder:
+class TraceRecorder(FsEvents):
     """Appends access records of a mount's files to a JSON-lines file."""
 
-    def __init__(self, fs: Filesystem, path: Path) -> None:
-        self.fs = fs
+    def __init__(
+        self,
+        path: Path,
+        path_of: Callable[[int], bytes],
+        cache_of: Callable[[int], int | None],
+    ) -> None:
+        """``path_of``: a directory's path from the root; ``cache_of``: the cache
+        directory a directory is in (None: none)."""
         self.path = path
+        self._path_of = path_of
+        self._cache_of = cache_of
         try:
-            self._out: IO[str] = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._out: IO[str] | None = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise from_oserror(exc, f"opening the trace file {path}") from None
         self._start = time.monotonic()
@@ -68,28 +77,23 @@ class TraceRecorder:
         self.records = 0
 
     def close(self) -> None:
-        self._out.close()
-
-    def flush(self) -> None:
-        self._out.flush()
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
     # --- names ---------------------------------------------------------------------
 
-    def named(self, ino: int, parent: int, name: bytes) -> None:
+    def _named(self, ino: int, parent: int, name: bytes) -> None:
         self._names[ino] = (parent, name)
         self._names.move_to_end(ino)
         if len(self._names) > _NAMES:
             self._names.popitem(last=False)
 
-    def moved(self) -> None:
-        """A directory moved: forget the directory paths worked out so far."""
-        self._dirs = {ROOT_INODE: ""}
-
     def _dir(self, ino: int) -> str:
         path = self._dirs.get(ino)
         if path is None:
             try:
-                raw = self.fs.namespace.path_of(ino)
+                raw = self._path_of(ino)
             except CachefsError:
                 raw = f"/<inode {ino}>".encode()
             path = raw.decode("utf-8", "surrogateescape").lstrip("/")
@@ -104,34 +108,62 @@ class TraceRecorder:
     # --- records -------------------------------------------------------------------
 
     def _emit(self, op: str, parent: int, name: bytes, size: int, **extra: Any) -> None:
+        if self._out is None:
+            return
         doc: dict[str, Any] = {
             "t": round(time.monotonic() - self._start, 6),
             "op": op,
             "path": self._path(parent, name),
             "size": size,
         }
-        cache = self.fs.caches.cache_of(parent)
+        cache = self._cache_of(parent)
         if cache is not None:
-            doc["cache"] = self._dir(cache.ino)
+            doc["cache"] = self._dir(cache)
         doc.update(extra)
         try:
             self._out.write(json.dumps(doc) + "\n")
             self.records += 1
         except OSError as exc:
             log.error("stopped recording the trace to %s: %s", self.path, exc)
-            self.fs.stop_trace()
+            self.close()
 
-    def file_event(self, op: str, ino: int, size: int) -> None:
+    def _file_event(self, op: str, ino: int, size: int) -> None:
         where = self._names.get(ino)
         if where is not None:
             self._emit(op, where[0], where[1], size)
 
-    def entry_event(self, op: str, parent: int, name: bytes, size: int = 0, **extra: Any) -> None:
-        self._emit(op, parent, name, size, **extra)
+    # --- events of the filesystem ------------------------------------------------------
 
-    def renamed(self, old: tuple[int, bytes], new: tuple[int, bytes], ino: int) -> None:
+    def looked_up(self, parent: int, name: bytes, inode: Inode) -> None:
+        if inode.is_reg:
+            self._named(inode.ino, parent, name)
+
+    def missed(self, parent: int, name: bytes) -> None:
+        self._emit("miss", parent, name, 0)
+
+    def opened(self, ino: int, size: int) -> None:
+        self._file_event("open", ino, size)
+
+    def created(self, parent: int, name: bytes, inode: Inode) -> None:
+        if inode.is_reg:
+            self._named(inode.ino, parent, name)
+            self._emit("create", parent, name, 0)
+
+    def removed(self, parent: int, name: bytes, inode: Inode) -> None:
+        if inode.is_reg:
+            self._emit("unlink", parent, name, inode.size)
+
+    def renamed(self, moved: Inode, old: Entry, new: Entry, exchanged: Inode | None) -> None:
+        if moved.is_dir or (exchanged is not None and exchanged.is_dir):
+            self._dirs = {ROOT_INODE: ""}  # directory paths worked out so far are stale
         self._emit("rename", old[0], old[1], 0, dest=self._path(*new))
-        self.named(ino, *new)
+        self._named(moved.ino, *new)
+
+    def published(self, ino: int, size: int) -> None:
+        self._file_event("write", ino, size)
+
+    def evicted(self, parent: int, name: bytes, inode: Inode) -> None:
+        self._emit("unlink", parent, name, inode.size, evicted=True)
 
 
 __all__ = ["TraceRecorder"]

@@ -1,169 +1,45 @@
 """The filesystem namespace, kept in the store's index (storage engine layer).
 
 Inodes, directory entries, symlink targets and extended attributes live in
-named databases of the same LMDB environment as the chunk index (see
-``index.py``), so that publishing a file's new content and pointing its inode
-at it is one transaction.  Every operation here is one write transaction;
-nothing here knows about FUSE, open files or the kernel's lookup counts (that
-is ``fs.py``).
-
-Named databases (integers little-endian unless marked BE; BE keys sort
-numerically, so that all the keys of one inode are adjacent):
-
-``inodes``  key: inode number (Q, BE)
-    value ``INODE`` = mode I, uid I, gid I, nlink I, size Q, rdev Q,
-    atime ns q, mtime ns q, ctime ns q, content digest 32s, then for a
-    symlink its target (the rest of the value).
-    The content digest names the object (in ``objects``) holding a regular
-    file's bytes, of exactly ``size`` bytes; all zeros when the file is empty
-    (size 0) or not a regular file.  Each inode with content holds one
-    reference to its object (``objects`` refcount), whatever its link count.
-    nlink counts directory entries naming the inode, plus for a directory
-    its own "." and every subdirectory's "..".
-
-``dirents``  key: parent inode (Q, BE) + name (1..255 bytes)
-    value: child inode (Q).  No entry for "." or "..": a directory's parent
-    is kept in ``parents``.
-
-``parents``  key: directory inode (Q, BE); value: parent directory inode (Q).
-
-``xattrs``  key: inode (Q, BE) + name; value: the attribute's bytes.
-
-``caches``  key: directory inode (Q, BE); value: a JSON object.
-    The directories marked as caches (``caches.py``): ``max_size`` (bytes),
-    ``policy`` (``lru``, ``lfu`` or ``arc``) and the counters kept across
-    mounts (``hits``, ``misses``, ``evictions``, ``bytes_evicted``).  Key 0
-    (no inode has it) holds store-wide settings: ``max_store_size``.
-    A directory's record goes with the directory.
-
-``cache_state``  key: directory inode (Q, BE); value: ``CACHE_ENTRY`` records
-    (inode Q, count Q), one per file of the cache, in the order that rebuilds
-    its eviction policy (``Policy.entries``).  Saved at unmount and now and
-    then while mounted; advisory: files missing from it are added at mount.
-
-``orphans``  key: inode (Q, BE); value: empty.
-    Inodes whose last directory entry is gone while something (an open file,
-    the kernel) still used them.  They are deleted when released, or at the
-    next mount if the daemon stopped first.
-
-Counters (in ``counters``): ``next_inode``, ``inodes``.
-
-The root directory is inode 1, created with the store's namespace.
+named databases of the same LMDB environment as the chunk index (their keys,
+values and invariants: ``cachefs.format.schema``), so that publishing a file's
+new content and pointing its inode at it is one transaction.  Every operation
+here is one write transaction; nothing here knows about FUSE, open files or
+the kernel's lookup counts (that is ``cachefs.fs``).  Checking and repairing
+the namespace is ``_namespace_check.py``.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
-import struct
 import time
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import lmdb
 
-from cachefs.digest import Digest
-from cachefs.errors import CachefsError, CorruptDataError
-from cachefs.index import lmdb_error
-from cachefs.store import Store
+from cachefs.engine._store import Store
+from cachefs.errors import CorruptDataError, FsError
+from cachefs.format.digest import Digest
+from cachefs.format.schema import (
+    CACHE_DATABASES,
+    INO_KEY,
+    INO_VALUE,
+    NAMESPACE_DATABASES,
+    NO_CONTENT,
+    ROOT_INODE,
+    Inode,
+    dirent_key,
+)
 
-ROOT_INODE = 1
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 64 * 1024
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
-INODE = struct.Struct("<IIIIQQqqq32s")
-assert INODE.size == 88
-INO_KEY = struct.Struct(">Q")
-INO_VALUE = struct.Struct("<Q")
-CACHE_ENTRY = struct.Struct("<QQ")
-#: Key of the store-wide settings in ``caches``.
-STORE_SETTINGS = 0
-NO_CONTENT = bytes(32)
-
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-
-
-class FsError(CachefsError):
-    """A filesystem operation refused with a POSIX errno (ENOENT, EEXIST, ...)."""
-
-    exit_code = 1
-
-    def __init__(self, err: int, message: str = "") -> None:
-        super().__init__(message or os.strerror(err), hint="")
-        self.errno = err
-
-
-@dataclass
-class Inode:
-    ino: int
-    mode: int
-    uid: int
-    gid: int
-    nlink: int
-    size: int
-    rdev: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    content: bytes = NO_CONTENT
-    target: bytes = b""
-
-    def pack(self) -> bytes:
-        return (
-            INODE.pack(
-                self.mode,
-                self.uid,
-                self.gid,
-                self.nlink,
-                self.size,
-                self.rdev,
-                self.atime_ns,
-                self.mtime_ns,
-                self.ctime_ns,
-                self.content,
-            )
-            + self.target
-        )
-
-    @classmethod
-    def unpack(cls, ino: int, raw: bytes | memoryview) -> Inode:
-        mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, content = INODE.unpack_from(raw)
-        return cls(
-            ino,
-            mode,
-            uid,
-            gid,
-            nlink,
-            size,
-            rdev,
-            atime,
-            mtime,
-            ctime,
-            content,
-            bytes(raw[INODE.size :]),
-        )
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
-    def digest(self) -> Digest | None:
-        """The object holding the file's bytes (None when it has none)."""
-        if self.content == NO_CONTENT:
-            return None
-        return Digest(self.content, self.size)
 
 
 def _check_name(name: bytes) -> None:
@@ -173,46 +49,29 @@ def _check_name(name: bytes) -> None:
         raise FsError(errno.ENAMETOOLONG)
 
 
-def _dirent_key(parent: int, name: bytes) -> bytes:
-    return INO_KEY.pack(parent) + name
-
-
 class Namespace:
     """The directory tree of a store.  Methods are thread-safe (LMDB)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        env = store.index.env
+        index = store.index
         create = not store.readonly
-        try:
-            self.inodes = env.open_db(b"inodes", create=create)
-            self.dirents = env.open_db(b"dirents", create=create)
-            self.parents = env.open_db(b"parents", create=create)
-            self.xattrs = env.open_db(b"xattrs", create=create)
-            self.orphans = env.open_db(b"orphans", create=create)
-        except lmdb.NotFoundError:
+        found = index.open_databases(NAMESPACE_DATABASES, create=create)
+        if any(db is None for db in found):
             raise CorruptDataError(
                 f"store {store.path} has no namespace yet",
                 hint="mount it once (`cachefs mount`) to create its root directory",
-            ) from None
-        except lmdb.Error as exc:
-            raise lmdb_error(exc, "opening the namespace") from None
-        try:
-            # Missing in a read-only open of a store last mounted before they existed.
-            self.caches: lmdb._Database | None = env.open_db(b"caches", create=create)
-            self.cache_state: lmdb._Database | None = env.open_db(b"cache_state", create=create)
-        except lmdb.NotFoundError:
-            self.caches = self.cache_state = None
-        except lmdb.Error as exc:
-            raise lmdb_error(exc, "opening the namespace") from None
+            )
+        self.inodes, self.dirents, self.parents, self.xattrs, self.orphans = found
+        # Missing in a read-only open of a store last mounted before they existed.
+        self.caches, self.cache_state = index.open_databases(CACHE_DATABASES, create=create)
         if create:
             self._ensure_root()
 
     @staticmethod
     def exists(store: Store) -> bool:
         """Whether the store has a namespace (it was mounted at least once)."""
-        with store.index.read() as txn:
-            return txn.get(b"inodes") is not None  # named databases are keys of the main one
+        return store.index.exists(NAMESPACE_DATABASES[0])
 
     def _ensure_root(self) -> None:
         with self.store.transaction("creating the root directory") as txn:
@@ -220,7 +79,7 @@ class Namespace:
                 return
             now = time.time_ns()
             root = Inode(ROOT_INODE, stat.S_IFDIR | 0o755, 0, 0, 2, 0, 0, now, now, now)
-            self._put(txn, root)
+            self.put_inode(txn, root)
             txn.put(INO_KEY.pack(ROOT_INODE), INO_VALUE.pack(ROOT_INODE), db=self.parents)
             self.store.index.set_counter(txn, "next_inode", ROOT_INODE + 1)
             self.store.index.set_counter(txn, "inodes", 1)
@@ -243,7 +102,7 @@ class Namespace:
         if txn is None:
             with self.read() as own:
                 return self.lookup(parent, name, own)
-        raw = txn.get(_dirent_key(parent, name), db=self.dirents)
+        raw = txn.get(dirent_key(parent, name), db=self.dirents)
         if raw is None:
             if len(name) > NAME_MAX:
                 raise FsError(errno.ENAMETOOLONG)
@@ -295,7 +154,7 @@ class Namespace:
 
     # --- writing ---------------------------------------------------------------
 
-    def _put(self, txn: lmdb.Transaction, inode: Inode) -> None:
+    def put_inode(self, txn: lmdb.Transaction, inode: Inode) -> None:
         txn.put(INO_KEY.pack(inode.ino), inode.pack(), db=self.inodes)
 
     def _dir(self, txn: lmdb.Transaction, ino: int) -> Inode:
@@ -309,7 +168,7 @@ class Namespace:
         dir_inode = self._dir(txn, parent)
         if dir_inode.nlink == 0:
             raise FsError(errno.ENOENT, "the directory was removed")
-        key = _dirent_key(parent, name)
+        key = dirent_key(parent, name)
         if txn.get(key, db=self.dirents) is not None:
             raise FsError(errno.EEXIST)
         return dir_inode, key
@@ -317,7 +176,7 @@ class Namespace:
     def _touch_dir(self, txn: lmdb.Transaction, inode: Inode, now: int, nlink: int = 0) -> None:
         inode.mtime_ns = inode.ctime_ns = now
         inode.nlink += nlink
-        self._put(txn, inode)
+        self.put_inode(txn, inode)
 
     def create(
         self,
@@ -361,7 +220,7 @@ class Namespace:
                 now,
                 target=target,
             )
-            self._put(txn, inode)
+            self.put_inode(txn, inode)
             txn.put(key, INO_VALUE.pack(ino), db=self.dirents)
             if is_dir:
                 self._set_parent(txn, ino, parent)
@@ -381,7 +240,7 @@ class Namespace:
             now = time.time_ns()
             inode.nlink += 1
             inode.ctime_ns = now
-            self._put(txn, inode)
+            self.put_inode(txn, inode)
             txn.delete(INO_KEY.pack(ino), db=self.orphans)
             txn.put(key, INO_VALUE.pack(ino), db=self.dirents)
             self._touch_dir(txn, dir_inode, now)
@@ -396,7 +255,7 @@ class Namespace:
         """
         with self.store.transaction("removing a file") as txn:
             dir_inode = self._dir(txn, parent)
-            key = _dirent_key(parent, name)
+            key = dirent_key(parent, name)
             raw = txn.get(key, db=self.dirents)
             if raw is None:
                 raise FsError(errno.ENOENT)
@@ -422,9 +281,9 @@ class Namespace:
     def _unlinked(self, txn: lmdb.Transaction, inode: Inode, in_use: bool) -> None:
         """Write an inode that just lost a link; orphan or delete it at zero."""
         if inode.nlink > 0:
-            self._put(txn, inode)
+            self.put_inode(txn, inode)
         elif in_use:
-            self._put(txn, inode)
+            self.put_inode(txn, inode)
             txn.put(INO_KEY.pack(inode.ino), b"", db=self.orphans)
         else:
             self._delete(txn, inode)
@@ -489,8 +348,8 @@ class Namespace:
         with self.store.transaction("renaming") as txn:
             src_dir = self._dir(txn, old_parent)
             dst_dir = self._dir(txn, new_parent) if new_parent != old_parent else src_dir
-            old_key = _dirent_key(old_parent, old_name)
-            new_key = _dirent_key(new_parent, new_name)
+            old_key = dirent_key(old_parent, old_name)
+            new_key = dirent_key(new_parent, new_name)
             raw = txn.get(old_key, db=self.dirents)
             if raw is None:
                 raise FsError(errno.ENOENT)
@@ -524,7 +383,7 @@ class Namespace:
                     dst_dir.nlink += shift
                 for inode in (moved, target):
                     inode.ctime_ns = now
-                    self._put(txn, inode)
+                    self.put_inode(txn, inode)
                 self._touch_dirs(txn, src_dir, dst_dir, now)
                 return None
             replaced = None
@@ -550,7 +409,7 @@ class Namespace:
                 src_dir.nlink -= 1
                 dst_dir.nlink += 1
             moved.ctime_ns = now
-            self._put(txn, moved)
+            self.put_inode(txn, moved)
             self._touch_dirs(txn, src_dir, dst_dir, now)
         return replaced
 
@@ -602,7 +461,7 @@ class Namespace:
                     raise FsError(errno.EINVAL, "only truncation to 0 is done here")
                 self._set_content(txn, inode, None)
             inode.ctime_ns = time.time_ns()
-            self._put(txn, inode)
+            self.put_inode(txn, inode)
         return inode
 
     def _set_content(self, txn: lmdb.Transaction, inode: Inode, digest: Digest | None) -> None:
@@ -625,7 +484,7 @@ class Namespace:
         self._set_content(txn, inode, digest)
         inode.mtime_ns = mtime_ns
         inode.ctime_ns = max(inode.ctime_ns, ctime_ns)
-        self._put(txn, inode)
+        self.put_inode(txn, inode)
 
     def clear_content(self, ino: int, mtime_ns: int, ctime_ns: int) -> None:
         """Make a file empty (its published content was truncated to nothing)."""
@@ -634,61 +493,9 @@ class Namespace:
             self._set_content(txn, inode, None)
             inode.mtime_ns = mtime_ns
             inode.ctime_ns = max(inode.ctime_ns, ctime_ns)
-            self._put(txn, inode)
+            self.put_inode(txn, inode)
 
-    # --- cache directories -----------------------------------------------------------
-
-    def cache_records(self) -> dict[int, dict[str, Any]]:
-        """Every ``caches`` record: directory inode (0: store settings) -> settings."""
-        if self.caches is None:
-            return {}
-        out = {}
-        with self.read() as txn:
-            for key, value in txn.cursor(db=self.caches):
-                ino = INO_KEY.unpack(key)[0]
-                try:
-                    out[ino] = json.loads(bytes(value))
-                except ValueError:
-                    raise CorruptDataError(
-                        f"cache settings of inode {ino} are not valid JSON",
-                        hint=f"run `cachefs fsck --repair {self.store.path}`",
-                    ) from None
-        return out
-
-    def put_cache_records(
-        self, records: dict[int, dict[str, Any] | None], states: dict[int, bytes] | None = None
-    ) -> None:
-        """Write (or with None delete) ``caches`` records and their saved
-        policy states, in one transaction.  A directory that is gone is skipped."""
-        assert self.caches is not None and self.cache_state is not None
-        with self.store.transaction("saving cache settings") as txn:
-            for ino, record in records.items():
-                key = INO_KEY.pack(ino)
-                if record is None:
-                    txn.delete(key, db=self.caches)
-                    txn.delete(key, db=self.cache_state)
-                    continue
-                if ino != STORE_SETTINGS:
-                    raw = txn.get(key, db=self.inodes)
-                    if raw is None or not Inode.unpack(ino, raw).is_dir:
-                        continue
-                txn.put(key, json.dumps(record, sort_keys=True).encode(), db=self.caches)
-            for ino, state in (states or {}).items():
-                key = INO_KEY.pack(ino)
-                if txn.get(key, db=self.caches) is not None:
-                    txn.put(key, state, db=self.cache_state)
-
-    def cache_state_of(self, ino: int) -> list[tuple[int, int]]:
-        """The saved (inode, count) entries of a cache's policy, coldest first."""
-        if self.cache_state is None:
-            return []
-        with self.read() as txn:
-            raw = txn.get(INO_KEY.pack(ino), db=self.cache_state)
-            if raw is None:
-                return []
-            raw = bytes(raw)
-        usable = len(raw) - len(raw) % CACHE_ENTRY.size
-        return [(int(i), int(n)) for i, n in CACHE_ENTRY.iter_unpack(raw[:usable])]
+    # --- paths and eviction ---------------------------------------------------------
 
     def path_of(self, ino: int) -> bytes:
         """The path of directory ``ino`` from the root (``b"/a/b"``; ``b"/"``)."""
@@ -725,7 +532,7 @@ class Namespace:
         with self.store.transaction("evicting files") as txn:
             now = time.time_ns()
             for parent, name, ino in victims:
-                key = _dirent_key(parent, name)
+                key = dirent_key(parent, name)
                 raw = txn.get(key, db=self.dirents)
                 if raw is None or INO_VALUE.unpack(raw)[0] != ino:
                     continue
@@ -760,7 +567,7 @@ class Namespace:
             return names
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        """Set an attribute; ``flags`` XATTR_CREATE (1) / XATTR_REPLACE (2).
+        """Set an attribute; ``flags`` XATTR_CREATE / XATTR_REPLACE as setxattr(2).
 
         ``user.``, ``trusted.`` and ``security.`` attributes are stored as they
         are; ``system.`` ones (POSIX ACLs) are not supported (EOPNOTSUPP), so
@@ -775,13 +582,13 @@ class Namespace:
         with self.store.transaction("setting an extended attribute") as txn:
             inode = self.get(ino, txn)
             exists = txn.get(key, db=self.xattrs) is not None
-            if flags & 1 and exists:
+            if flags & os.XATTR_CREATE and exists:
                 raise FsError(errno.EEXIST)
-            if flags & 2 and not exists:
+            if flags & os.XATTR_REPLACE and not exists:
                 raise FsError(errno.ENODATA)
             txn.put(key, value, db=self.xattrs)
             inode.ctime_ns = time.time_ns()
-            self._put(txn, inode)
+            self.put_inode(txn, inode)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         key = INO_KEY.pack(ino) + name
@@ -790,134 +597,7 @@ class Namespace:
             if not txn.delete(key, db=self.xattrs):
                 raise FsError(errno.ENODATA)
             inode.ctime_ns = time.time_ns()
-            self._put(txn, inode)
-
-    # --- consistency ---------------------------------------------------------------
-
-    def check(self, txn: lmdb.Transaction) -> NamespaceCheck:
-        """Compare the namespace with its invariants and with the objects it
-        references, in one snapshot (``txn``); nothing is changed."""
-        result = NamespaceCheck()
-        inodes = {inode.ino: inode for inode in self.iter_inodes(txn)}
-        names: Counter[int] = Counter()
-        subdirs: Counter[int] = Counter()
-        for parent, name, child in self.iter_dirents(txn):
-            parent_inode = inodes.get(parent)
-            inode = inodes.get(child)
-            if parent_inode is None or not parent_inode.is_dir:
-                result.add("namespace", f"entry {name!r} lies in inode {parent}, not a directory")
-                result.dangling.append((parent, name))
-            elif inode is None:
-                result.add("namespace", f"entry {name!r} in directory {parent}: no inode {child}")
-                result.dangling.append((parent, name))
-            else:
-                names[child] += 1
-                if inode.is_dir:
-                    subdirs[parent] += 1
-        orphans = {INO_KEY.unpack(k)[0] for k, _ in txn.cursor(db=self.orphans)}
-        refs: Counter[bytes] = Counter()
-        for ino, inode in inodes.items():
-            if inode.is_dir:
-                expected = 2 + subdirs[ino] if (names[ino] == 1 or ino == ROOT_INODE) else 0
-            else:
-                expected = names[ino]
-            if inode.is_dir and names[ino] > 1:
-                result.add("namespace", f"directory inode {ino} has {names[ino]} entries")
-            if inode.nlink != expected and not (expected == 0 and ino in orphans):
-                result.add("namespace", f"inode {ino}: link count {inode.nlink}, found {expected}")
-                result.nlinks[ino] = expected
-            if expected == 0 and ino != ROOT_INODE and ino not in orphans:
-                result.add("namespace", f"inode {ino} is in no directory and not an orphan")
-                result.leaked.append(ino)
-            digest = inode.digest
-            if digest is not None:
-                entry = self.store.index.get_object(txn, digest.hash)
-                if entry is None or entry.size != inode.size:
-                    result.add("namespace", f"inode {ino}: its content {digest} is not stored")
-                    result.lost.append(ino)
-                else:
-                    refs[digest.hash] += 1
-        for digest_hash, count in refs.items():
-            entry = self.store.index.get_object(txn, digest_hash)
-            if entry is not None and entry.refcount < count:
-                result.add(
-                    "namespace",
-                    f"object {digest_hash.hex()}: {entry.refcount} references, "
-                    f"but {count} files hold it",
-                )
-        if self.caches is not None:
-            for key, value in txn.cursor(db=self.caches):
-                ino = INO_KEY.unpack(key)[0]
-                try:
-                    record = json.loads(bytes(value))
-                    valid = isinstance(record, dict)
-                except ValueError:
-                    valid = False
-                if ino == STORE_SETTINGS:
-                    if not valid:
-                        result.add("namespace", "the store-wide cache settings are damaged")
-                        result.bad_caches.append(ino)
-                    continue
-                inode = inodes.get(ino)
-                if inode is None or not inode.is_dir:
-                    result.add("namespace", f"cache settings for inode {ino}, not a directory")
-                    result.bad_caches.append(ino)
-                elif not valid or not isinstance(record.get("max_size"), int):
-                    result.add("namespace", f"the cache settings of directory {ino} are damaged")
-                    result.bad_caches.append(ino)
-        counted = self.store.index.counter(txn, "inodes")
-        if counted != len(inodes):
-            result.add("namespace", f"inode counter says {counted}, found {len(inodes)}")
-        result.inodes = len(inodes)
-        return result
-
-    def repair(self, found: NamespaceCheck) -> None:
-        """Fix what :meth:`check` found (under the store's maintenance lock).
-
-        Files whose content is lost become empty and get an xattr
-        ``user.cachefs.lost`` naming the lost digest; dangling entries are
-        removed; link counts are set to what was counted; inodes in no
-        directory become orphans (deleted at the next mount); damaged cache
-        settings are dropped (the directory becomes an ordinary one)."""
-        with self.store.transaction("repairing the namespace") as txn:
-            for parent, name in found.dangling:
-                txn.delete(_dirent_key(parent, name), db=self.dirents)
-            for ino in found.lost:
-                inode = self.get(ino, txn)
-                txn.put(
-                    INO_KEY.pack(ino) + b"user.cachefs.lost",
-                    str(inode.digest).encode(),
-                    db=self.xattrs,
-                )
-                inode.content, inode.size = NO_CONTENT, 0
-                self._put(txn, inode)
-            for ino, nlink in found.nlinks.items():
-                inode = self.get(ino, txn)
-                inode.nlink = nlink
-                self._put(txn, inode)
-            for ino in found.leaked:
-                txn.put(INO_KEY.pack(ino), b"", db=self.orphans)
-            if self.caches is not None and self.cache_state is not None:
-                for ino in found.bad_caches:  # the directory stays, unmarked
-                    txn.delete(INO_KEY.pack(ino), db=self.caches)
-                    txn.delete(INO_KEY.pack(ino), db=self.cache_state)
-            self.store.index.set_counter(
-                txn, "inodes", sum(1 for _ in txn.cursor(db=self.inodes).iternext(values=False))
-            )
+            self.put_inode(txn, inode)
 
 
-@dataclass
-class NamespaceCheck:
-    problems: list[tuple[str, str]] = field(default_factory=list)
-    dangling: list[tuple[int, bytes]] = field(default_factory=list)
-    lost: list[int] = field(default_factory=list)
-    nlinks: dict[int, int] = field(default_factory=dict)
-    leaked: list[int] = field(default_factory=list)
-    bad_caches: list[int] = field(default_factory=list)
-    inodes: int = 0
-
-    def add(self, kind: str, message: str) -> None:
-        self.problems.append((kind, message))
-
-
-__all__ = ["ROOT_INODE", "FsError", "Inode", "Namespace", "NamespaceCheck"]
+__all__ = ["Namespace"]

@@ -1,6 +1,6 @@
 """Eviction policies of cache directories (filesystem layer, pure bookkeeping).
 
-Used by the filesystem layer's cache directories (``caches.py``) and by the
+Used by the filesystem layer's cache directories (``_caches.py``) and by the
 trace-replay benchmark (``scripts/bench_cache.py``).  This module does no I/O
 and imports nothing else from cachefs.
 

@@ -36,21 +36,22 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from cachefs import gc
-from cachefs.digest import Digest
+from cachefs.engine._index import lmdb_error
+from cachefs.engine._maintenance import Maintenance
+from cachefs.engine._namespace import Namespace
+from cachefs.engine._namespace_check import check_namespace, repair_namespace
+from cachefs.engine._store import Progress, Store
 from cachefs.errors import CorruptDataError
-from cachefs.index import COUNTER_NAMES, SEGMENT_KEY, ChunkEntry, SegmentEntry, lmdb_error
-from cachefs.namespace import Namespace
-from cachefs.segment import (
+from cachefs.format.digest import Digest
+from cachefs.format.schema import COUNTER_NAMES, ChunkEntry, SegmentEntry
+from cachefs.format.segment import (
     RECORD_HEADER,
     TAG_ANCILLARY_MIN,
     TAG_CHUNK,
     list_segment_files,
     scan_segment,
-    segment_path,
     shard_of,
 )
-from cachefs.store import Progress, Store
 
 log = logging.getLogger(__name__)
 
@@ -98,23 +99,23 @@ class FsckReport:
         }
 
 
-def check(store: Store, *, repair: bool = False, progress: Progress | None = None) -> FsckReport:
+def check_store(
+    store: Store, *, repair: bool = False, progress: Progress | None = None
+) -> FsckReport:
     """Verify the whole store; with ``repair``, drop what cannot be recovered."""
-    if repair:
-        store._check_writable()
-        with store._maintenance.exclusive(), store._commit_lock:
-            report, recount = _check(store, progress)
-            if not report.clean:
-                try:
-                    _repair(store, report, recount)
-                    _repair_namespace(store)
-                except lmdb.Error as exc:
-                    raise lmdb_error(exc, "repairing the index") from None
-            if store.options.fsync:
-                store.index.sync()
-        store.needs_fsck = False
-        return report
-    return _check(store, progress)[0]
+    if not repair:
+        return _check(store, progress)[0]
+    with store.maintenance() as maintenance:
+        report, recount = _check(store, progress)
+        if not report.clean:
+            try:
+                _repair(maintenance, report, recount)
+                _repair_namespace(store)
+            except lmdb.Error as exc:
+                raise lmdb_error(exc, "repairing the index") from None
+        maintenance.settle()
+        maintenance.sync_index()
+    return report
 
 
 def _repair_namespace(store: Store) -> None:
@@ -123,9 +124,9 @@ def _repair_namespace(store: Store) -> None:
         return
     namespace = Namespace(store)
     with store.index.read() as txn:
-        found = namespace.check(txn)
+        found = check_namespace(namespace, txn)
     if found.problems:
-        namespace.repair(found)
+        repair_namespace(namespace, found)
 
 
 @dataclass
@@ -153,7 +154,7 @@ def _check(store: Store, progress: Progress | None) -> tuple[FsckReport, _Recoun
     with index.read() as txn:
         _check_snapshot(store, txn, report, recount, progress)
         if namespace is not None:
-            found = namespace.check(txn)
+            found = check_namespace(namespace, txn)
             for kind, message in found.problems:
                 report.add(kind, message)
             report.inodes_checked = found.inodes
@@ -176,14 +177,14 @@ def _check_snapshot(
     done = 0
 
     # 1. Segments: presence and a full checksum scan.
-    on_disk = dict(list_segment_files(store.segments_root))
+    on_disk = dict(list_segment_files(store.segments.root))
     for segment_id, path in sorted(on_disk.items()):
         if segment_id not in published:
             report.notes.append(f"unpublished segment {path} (removed by the next writer)")
     # Live bytes and records as the index has them (the invariant checked) ...
     indexed: dict[int, SegmentEntry] = {}
     for segment_id, seg_entry in sorted(published.items()):
-        path = segment_path(store.segments_root, seg_entry.shard, segment_id, params)
+        path = store.segments.path(seg_entry.shard, segment_id)
         if segment_id not in on_disk:
             report.add("missing-segment", f"segment {segment_id} ({path}) is missing")
             recount.missing_segments.add(segment_id)
@@ -312,7 +313,7 @@ def _verify_chunk(
     if entry.offset + RECORD_HEADER.size + entry.stored_len > segment.length:
         return "lies past the published end of its segment"
     try:
-        data = store._read_entry(digest, entry)
+        data = store.chunks.read_entry(digest, entry)
     except CorruptDataError as exc:
         return exc.message
     if store.digest_function.hash(data) != digest:
@@ -320,13 +321,13 @@ def _verify_chunk(
     return None
 
 
-def _repair(store: Store, report: FsckReport, recount: _Recount) -> None:
-    index = store.index
+def _repair(maintenance: Maintenance, report: FsckReport, recount: _Recount) -> None:
+    index = maintenance.index
     with index.write() as txn:
         for digest in recount.bad_chunks:
-            txn.delete(digest, db=index.chunks)
+            index.delete_chunk(txn, digest)
         for lost in recount.lost:
-            txn.delete(lost.hash, db=index.objects)
+            index.delete_object(txn, lost.hash)
             log.error("fsck: object %s lost data and was removed", lost)
         for digest, entry in index.iter_chunks(txn):
             refs = recount.refs.get(digest, 0)
@@ -334,21 +335,19 @@ def _repair(store: Store, report: FsckReport, recount: _Recount) -> None:
                 entry.refcount = refs
                 index.put_chunk(txn, digest, entry)
         for segment_id in recount.missing_segments:
-            txn.delete(SEGMENT_KEY.pack(segment_id), db=index.segments)
+            index.delete_segment(txn, segment_id)
         for segment_id, live in recount.segments.items():
             index.put_segment(txn, segment_id, live)
         for name, value in recount.counters.items():
             index.set_counter(txn, name, value)
     # Stop appending to segments that are gone or damaged (a shard may have
     # been about to continue one of them).
-    store._seal_segments(recount.missing_segments | recount.damaged_segments)
-    if store.options.fsync:
-        index.sync()
+    maintenance.seal(recount.missing_segments | recount.damaged_segments)
+    maintenance.sync_index()
     # Copy the intact records of damaged segments elsewhere and delete them,
     # so that no damaged bytes stay published and a second check is clean.  The
     # records to keep are found through the index (all verified above), not by
     # a scan, which a damaged segment header would stop.
-    moved = gc.GcReport()
     damaged = recount.damaged_segments - recount.missing_segments
     keep: dict[int, list[ChunkEntry]] = {segment_id: [] for segment_id in damaged}
     with index.read() as txn:
@@ -360,11 +359,10 @@ def _repair(store: Store, report: FsckReport, recount: _Recount) -> None:
         seg = found[segment_id]
         if seg is None:
             continue
-        path = segment_path(store.segments_root, seg.shard, segment_id, store.config.segments)
+        path = maintenance.segment_path(seg.shard, segment_id)
         records = [
-            store.maps.read(segment_id, path, c.offset, c.stored_len) for c in keep[segment_id]
+            maintenance.read_record(segment_id, path, c.offset, c.stored_len)
+            for c in keep[segment_id]
         ]
-        gc.move_records(store, segment_id, seg.shard, path, records, moved)
+        maintenance.move_records(segment_id, seg.shard, path, records)
     report.repaired = True
-    store._damaged.clear()  # every chunk the index still names is intact now
-    store.cache.clear()

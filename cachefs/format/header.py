@@ -5,17 +5,19 @@ A store is a directory::
     STORE/
       cachefs-store.json   the header (this module), written once at creation
       lock                 flock()ed exclusively by the one writing process
-      index.lmdb           metadata: chunk index, objects, counters (see index.py)
+      index.lmdb           metadata: chunk index, objects, namespace (see schema.py)
       index.lmdb-lock      LMDB's reader table
       segments/            chunk data in append-only segment files (see segment.py)
-      wal/wal.log          the write-ahead log (see wal.py)
-      tmp/                 spool files of staged objects; emptied when a writer opens
+      journal/journal.log  the journal: writes not yet published (see journal.py)
+      tmp/                 spool files (scratch space); emptied when a writer opens
+      reserve              disk space kept for deleting on a full disk (mounted stores)
+      cachefs.log          the mount daemon's log
 
 The header is a small JSON document, so that a person can read it with ``cat``::
 
     {
       "format": "cachefs-store",
-      "format_version": 1,
+      "format_version": 2,
       "digest_function": "sha256",            # or "blake3"
       "chunking": {"algorithm": "fastcdc2020", "min_size": 16384,
                    "avg_size": 65536, "max_size": 262144},
@@ -26,13 +28,14 @@ The header is a small JSON document, so that a person can read it with ``cat``::
     }
 
 ``format_version`` is the version of the whole store layout (header, LMDB
-schema, segment and WAL formats).  Bump it whenever a change would make an
-older cachefs misread the store.  A store with a newer or unknown
-``format_version`` is refused before anything is modified.  Chunking and digest
-parameters are fixed at creation: changing them would break deduplication
-against what is already stored.  Compression parameters are also fixed here so
-that every writer produces the same records, but readers honour the per-record
-flags and do not depend on them.
+schema, segment and journal formats).  Bump it whenever a change would make an
+older cachefs misread the store, and teach ``engine/_upgrade.py`` to bring the
+previous layout up to it.  A store with a newer or unknown ``format_version`` is
+refused before anything is modified.  Chunking and digest parameters are fixed
+at creation: changing them would break deduplication against what is already
+stored.  Compression parameters are also fixed here so that every writer
+produces the same records, but readers honour the per-record flags and do not
+depend on them.
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 from cachefs import __version__
-from cachefs.digest import DigestFunction, digest_function
 from cachefs.errors import (
     ConfigError,
     CorruptDataError,
@@ -52,10 +54,19 @@ from cachefs.errors import (
     StoreNotFoundError,
     from_oserror,
 )
+from cachefs.format.digest import DigestFunction, digest_function
 from cachefs.fsutil import atomic_write
 
-#: Version of the store layout.  1: first release.
-STORE_FORMAT_VERSION = 1
+#: Version of the store layout.
+#:
+#: 1. cachefs 0.1: two write-ahead logs (``wal/`` for the engine's staged
+#:    objects, ``fswal/`` for the mount), no schema version in the index.
+#: 2. One journal (``journal/journal.log``, kinds of every writer in
+#:    ``journal.py``); the index records its schema version (``schema.py``).
+#:    Version 1 stores are upgraded when opened for writing.
+STORE_FORMAT_VERSION = 2
+#: The oldest layout this cachefs can open (read-only) or upgrade.
+OLDEST_FORMAT_VERSION = 1
 HEADER_NAME = "cachefs-store.json"
 FORMAT_NAME = "cachefs-store"
 
@@ -157,6 +168,14 @@ class StoreConfig:
         return digest_function(self.digest_function)
 
 
+@dataclass(frozen=True)
+class Header:
+    """What a store's header says."""
+
+    config: StoreConfig
+    format_version: int
+
+
 def write_header(store: Path, config: StoreConfig) -> None:
     config.validate()
     doc: dict[str, Any] = {
@@ -169,11 +188,55 @@ def write_header(store: Path, config: StoreConfig) -> None:
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "created_by": f"cachefs {__version__}",
     }
+    _write(store, doc)
+
+
+def _write(store: Path, doc: dict[str, Any]) -> None:
     atomic_write(store / HEADER_NAME, (json.dumps(doc, indent=2) + "\n").encode())
 
 
-def read_header(store: Path) -> StoreConfig:
+def read_header(store: Path) -> Header:
     """Read and check the header of ``store``; refuse newer or unknown formats."""
+    path = store / HEADER_NAME
+    doc = _read(store)
+    version = doc.get("format_version")
+    # bool is an int to Python, but `true` is no version number.
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or not OLDEST_FORMAT_VERSION <= version <= STORE_FORMAT_VERSION
+    ):
+        raise FormatVersionError(
+            f"store {store} has format version {version!r}; this cachefs "
+            f"({__version__}) reads versions {OLDEST_FORMAT_VERSION} to {STORE_FORMAT_VERSION}"
+        )
+    try:
+        config = StoreConfig(
+            digest_function=doc["digest_function"],
+            chunking=ChunkingParams(**doc["chunking"]),
+            compression=CompressionParams(**doc["compression"]),
+            segments=SegmentParams(**doc["segments"]),
+        )
+        config.validate()
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise CorruptDataError(
+            f"store header has bad or missing fields ({exc})",
+            path=str(path),
+            hint="restore the header from a backup; the data itself is intact",
+        ) from None
+    return Header(config, version)
+
+
+def set_format_version(store: Path, version: int) -> None:
+    """Record that the store's layout is now ``version`` (after an upgrade); the
+    rest of the header stays as it was written."""
+    doc = _read(store)
+    doc["format_version"] = version
+    doc["upgraded_by"] = f"cachefs {__version__}"
+    _write(store, doc)
+
+
+def _read(store: Path) -> dict[str, Any]:
     path = store / HEADER_NAME
     try:
         raw = path.read_bytes()
@@ -199,29 +262,4 @@ def read_header(store: Path) -> StoreConfig:
         ) from None
     if doc.get("format") != FORMAT_NAME:
         raise StoreNotFoundError(f"{path} is not a cachefs store header")
-    version = doc.get("format_version")
-    # bool is an int to Python, but `true` is no version number.
-    if (
-        isinstance(version, bool)
-        or not isinstance(version, int)
-        or not 1 <= version <= STORE_FORMAT_VERSION
-    ):
-        raise FormatVersionError(
-            f"store {store} has format version {version!r}; this cachefs "
-            f"({__version__}) reads version {STORE_FORMAT_VERSION}"
-        )
-    try:
-        config = StoreConfig(
-            digest_function=doc["digest_function"],
-            chunking=ChunkingParams(**doc["chunking"]),
-            compression=CompressionParams(**doc["compression"]),
-            segments=SegmentParams(**doc["segments"]),
-        )
-        config.validate()
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise CorruptDataError(
-            f"store header has bad or missing fields ({exc})",
-            path=str(path),
-            hint="restore the header from a backup; the data itself is intact",
-        ) from None
-    return config
+    return doc

@@ -10,29 +10,25 @@ Not listed by ``readdir`` of the root, but found by name::
                                   ``trace start FILE``, ``trace stop``
 
 These inodes are virtual: numbers from ``VIRTUAL_BASE`` up, never stored.
-Objects under ``cas/`` get inode numbers while the kernel knows them.
+Objects under ``cas/`` get inode numbers while the kernel knows them.  The
+tree knows the store (to find objects) and, through :class:`Commands`, what the
+filesystem lets its commands do; nothing else of the filesystem.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import trio
-
-from cachefs import gc
-from cachefs.digest import Digest
+from cachefs.engine import Digest, FsError, GcReport, Inode, Store
 from cachefs.errors import CachefsError
-from cachefs.namespace import FsError, Inode
-from cachefs.trace import check_outside
-
-if TYPE_CHECKING:
-    from cachefs.fs import Filesystem
+from cachefs.fs._files import CommandHandle, ContentHandle, ObjectHandle
+from cachefs.fs._trace import check_outside
 
 VIRTUAL_BASE = 1 << 62
 CONTROL_INO = VIRTUAL_BASE + 1
@@ -49,13 +45,32 @@ def is_virtual(ino: int) -> bool:
     return ino >= VIRTUAL_BASE
 
 
+def is_volatile(ino: int) -> bool:
+    """Whether a file's size is unknown until read (the kernel must not cache
+    it, and must read it with direct I/O)."""
+    return ino in (STATS_INO, COMMAND_INO)
+
+
+class Commands(Protocol):
+    """What the commands of ``/.cachefs/control`` may ask of the filesystem."""
+
+    async def flush_all(self) -> None: ...
+    async def collect_garbage(self, threshold: float | None = None) -> GcReport: ...
+    def start_trace(self, path: Path) -> None: ...
+    def stop_trace(self) -> int: ...
+
+
 class ControlTree:
     """The inodes under ``/.cachefs``."""
 
-    def __init__(self, fs: Filesystem) -> None:
-        self.fs = fs
+    def __init__(
+        self, store: Store, figures: Callable[[], dict[str, Any]], commands: Commands
+    ) -> None:
+        self.store = store
+        self.figures = figures
+        self.commands = commands
         self.started = time.time_ns()
-        self.function_name = fs.store.config.digest_function.encode()
+        self.function_name = store.config.digest_function.encode()
         self._objects: dict[int, tuple[Digest, int]] = {}  # ino -> (digest, lookups)
         self._by_digest: dict[bytes, int] = {}
         self._next = _OBJECT_BASE
@@ -97,17 +112,15 @@ class ControlTree:
             raise FsError(errno.ENOENT) from None
         if len(raw) != 32:  # both digest functions make 32 bytes
             raise FsError(errno.ENOENT)
-        index = self.fs.store.index
-        with index.read() as txn:
-            entry = index.get_object(txn, raw)
-        if entry is None:
+        digest = self.store.find_object(raw)
+        if digest is None:
             raise FsError(errno.ENOENT)
         ino = self._by_digest.get(raw)
         if ino is None:
             ino = self._next
             self._next += 1
             self._by_digest[raw] = ino
-        digest, lookups = self._objects.get(ino, (Digest(raw, entry.size), 0))
+        digest, lookups = self._objects.get(ino, (digest, 0))
         self._objects[ino] = (digest, lookups + 1)
         return ino
 
@@ -139,44 +152,33 @@ class ControlTree:
             raise FsError(errno.ENODATA)
         return entry[0]
 
-    def stats(self) -> dict[str, Any]:
-        fs = self.fs
-        store = fs.store
-        used, _ = fs.namespace.counts()
-        doc: dict[str, Any] = store.stats().as_dict()
-        doc |= {
-            "store": str(store.path),
-            "inodes": used,
-            "open_files": len(fs.files),
-            "corruptions": store.corruptions,
-            "needs_fsck": store.needs_fsck,
-            "errors": fs.errors,
-            "failsafe": fs.failsafe,
-            "pid": os.getpid(),
-            "tracing": None if fs.tracer is None else str(fs.tracer.path),
-        }
-        doc |= fs.memory.figures()
-        doc |= fs.caches.figures()
-        return doc | self.info
+    def open(self, ino: int, writable: bool) -> CommandHandle | ContentHandle | ObjectHandle:
+        """A handle on a control file (the content of ``stats.json`` is fixed now)."""
+        if self.getattr(ino).is_dir:
+            raise FsError(errno.EISDIR)
+        if ino == COMMAND_INO:
+            return CommandHandle(ino)
+        if writable:
+            raise FsError(errno.EACCES)
+        if ino == STATS_INO:
+            return ContentHandle(ino, self.render(self.figures() | self.info))
+        return ObjectHandle(ino, self.digest(ino))
+
+    @staticmethod
+    def render(doc: dict[str, Any]) -> bytes:
+        return (json.dumps(doc, indent=2) + "\n").encode()
 
     async def run(self, request: bytes) -> bytes:
         """Run one command written to ``/.cachefs/control``; its JSON answer."""
         words = request.decode("utf-8", "replace").split()
-        store = self.fs.store
+        commands = self.commands
         try:
             if words[:1] == ["sync"] and len(words) == 1:
-                await self.fs.flush_all()
+                await commands.flush_all()
                 answer: dict[str, Any] = {"ok": True}
             elif words[:1] == ["gc"] and len(words) <= 2:
                 threshold = float(words[1]) if len(words) == 2 else None
-                self.fs.maintenance += 1
-                try:
-                    report = await trio.to_thread.run_sync(
-                        lambda: gc.collect_garbage(store, threshold=threshold)
-                    )
-                finally:
-                    self.fs.maintenance -= 1
-                self.fs.caches.refresh_stored()
+                report = await commands.collect_garbage(threshold)
                 answer = {"ok": True, "report": report.as_dict()}
             elif words[:2] == ["trace", "start"] and len(words) >= 3:
                 # The rest of the line is the path (it may hold spaces).
@@ -185,15 +187,23 @@ class ControlTree:
                 mountpoint = self.info.get("mountpoint")
                 if mountpoint is not None:
                     path = check_outside(path, Path(mountpoint))
-                self.fs.start_trace(path)
+                commands.start_trace(path)
                 answer = {"ok": True, "trace": str(path)}
             elif words == ["trace", "stop"]:
-                answer = {"ok": True, "records": self.fs.stop_trace()}
+                answer = {"ok": True, "records": commands.stop_trace()}
             else:
                 answer = {"ok": False, "error": f"unknown command {' '.join(words)!r}"}
         except (CachefsError, ValueError) as exc:
             answer = {"ok": False, "error": str(exc)}
-        return (json.dumps(answer, indent=2) + "\n").encode()
+        return self.render(answer)
 
 
-__all__ = ["CONTROL_NAME", "VIRTUAL_BASE", "ControlTree", "is_virtual"]
+__all__ = [
+    "CONTROL_INO",
+    "CONTROL_NAME",
+    "VIRTUAL_BASE",
+    "Commands",
+    "ControlTree",
+    "is_virtual",
+    "is_volatile",
+]

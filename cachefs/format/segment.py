@@ -56,22 +56,18 @@ these layouts.
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
 import os
 import struct
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
-from cachefs.errors import CorruptDataError, FormatVersionError, from_oserror
-from cachefs.fsutil import fsync_dir
-from cachefs.header import SegmentParams
+from cachefs.errors import CorruptDataError, FormatVersionError
+from cachefs.format.header import SegmentParams
 
 SEGMENT_MAGIC = b"CFSSEG\r\n"
 SEGMENT_FORMAT_VERSION = 1
@@ -233,158 +229,6 @@ def list_segment_files(root: Path) -> Iterator[tuple[int, Path]]:
                 yield int(name[: -len(SEGMENT_SUFFIX)]), Path(dirpath) / name
 
 
-class SegmentWriter:
-    """Appends records to one segment file.  Callers serialise appends (shard lock)."""
-
-    def __init__(
-        self, path: Path, shard: int, segment_id: int, *, create: bool, sync_dirs: bool = True
-    ) -> None:
-        self.path = path
-        self.shard = shard
-        self.segment_id = segment_id
-        try:
-            if create:
-                # Create missing directories top-down; with sync_dirs, make every new
-                # directory entry durable so a published segment cannot vanish.
-                missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
-                for directory in reversed(missing):
-                    directory.mkdir(exist_ok=True)
-                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    head = encode_segment_header(shard, segment_id)
-                    if os.pwrite(self.fd, head, 0) != len(head):
-                        raise OSError(errno.ENOSPC, "short write of a segment header")
-                    self.length = len(head)
-                    if sync_dirs:
-                        for directory in {path.parent, *(d.parent for d in missing)}:
-                            fsync_dir(directory)
-                except OSError:
-                    os.close(self.fd)
-                    path.unlink(missing_ok=True)
-                    raise
-            else:
-                self.fd = os.open(path, os.O_RDWR)
-                self.length = os.fstat(self.fd).st_size
-        except OSError as exc:
-            raise from_oserror(exc, f"opening segment {path}") from None
-        self.synced_length = 0 if create else self.length
-
-    def append(self, head: bytes, payload: bytes | memoryview) -> int:
-        """Write one record; return its offset.  On error nothing is left behind."""
-        offset = self.length
-        want = len(head) + len(payload)
-        try:
-            written = os.pwritev(self.fd, [head, payload], offset)
-            while written < want:  # short write: finish it
-                rest = (head + bytes(payload))[written:]
-                written += os.pwrite(self.fd, rest, offset + written)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, offset)
-            raise from_oserror(exc, f"appending to segment {self.path}") from None
-        self.length = offset + want
-        return offset
-
-    def sync(self) -> int:
-        """fdatasync; returns the length that is now durable."""
-        length = self.length
-        if self.synced_length < length:
-            try:
-                os.fdatasync(self.fd)
-            except OSError as exc:
-                raise from_oserror(exc, f"syncing segment {self.path}") from None
-            self.synced_length = length
-        return length
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class SegmentMaps:
-    """Read access to segments through memory maps, shared by all reader threads.
-
-    A mapping covers the file as it was when mapped; a read past its end maps
-    the segment again (appends happen while readers read).  Old mappings stay
-    valid for as long as a returned view points into them.  At most
-    ``max_maps`` mappings are kept (each holds a file descriptor).
-    """
-
-    def __init__(self, max_maps: int = 256, resident_limit: int | None = None) -> None:
-        self._lock = threading.Lock()
-        self._maps: OrderedDict[int, tuple[mmap.mmap, str]] = OrderedDict()
-        self._max_maps = max_maps
-        #: Bytes read through the maps after which their pages are dropped
-        #: from this process (they stay in the page cache): the mapped pages a
-        #: process touched count in its resident set.  None: never.
-        self.resident_limit = resident_limit
-        self._touched = 0
-
-    def _map(
-        self, segment_id: int, locate: Path | Callable[[], Path], need: int
-    ) -> tuple[mmap.mmap, str]:
-        with self._lock:
-            entry = self._maps.get(segment_id)
-            if entry is not None and len(entry[0]) >= need:
-                self._maps.move_to_end(segment_id)
-                return entry
-        path = locate() if callable(locate) else locate
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < need:
-                    raise CorruptDataError(
-                        f"segment is truncated (size {size}, need {need})", path=str(path)
-                    )
-                mapping = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-        except FileNotFoundError:
-            raise CorruptDataError("segment file is missing", path=str(path)) from None
-        except OSError as exc:
-            raise from_oserror(exc, f"mapping segment {path}") from None
-        entry = (mapping, str(path))
-        with self._lock:
-            self._maps[segment_id] = entry
-            self._maps.move_to_end(segment_id)
-            while len(self._maps) > self._max_maps:
-                self._maps.popitem(last=False)  # closed when its last view dies
-        return entry
-
-    def read(
-        self, segment_id: int, locate: Path | Callable[[], Path], offset: int, stored_len: int
-    ) -> Record:
-        """The verified record at ``offset`` of a segment.
-
-        ``locate`` is the segment's path, or a function returning it (called
-        only when the segment is not mapped yet).
-        """
-        need = offset + RECORD_HEADER.size + stored_len
-        mapping, name = self._map(segment_id, locate, need)
-        if self.resident_limit is not None:
-            self._touched += stored_len
-            if self._touched > self.resident_limit:
-                self.drop_pages()
-        return parse_record(mapping, offset, need, name)
-
-    def drop_pages(self) -> None:
-        """Unmap the pages touched so far from this process (``MADV_DONTNEED``:
-        a read maps them again from the page cache; views stay valid)."""
-        with self._lock:
-            self._touched = 0
-            maps = [mapping for mapping, _ in self._maps.values()]
-        for mapping in maps:
-            with contextlib.suppress(OSError, ValueError):  # closed meanwhile
-                mapping.madvise(mmap.MADV_DONTNEED)
-
-    def forget(self, segment_id: int) -> None:
-        with self._lock:
-            self._maps.pop(segment_id, None)
-
-    def close(self) -> None:
-        with self._lock:
-            self._maps.clear()
-
-
 #: Bytes a segment scan reads before it drops their pages from the process.
 _SCAN_WINDOW = 32 << 20
 
@@ -465,7 +309,9 @@ __all__ = [
     "RECORD_HEADER",
     "SEGMENT_HEADER",
     "Record",
-    "SegmentMaps",
-    "SegmentWriter",
+    "list_segment_files",
+    "parse_record",
     "scan_segment",
+    "segment_path",
+    "shard_of",
 ]

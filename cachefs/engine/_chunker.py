@@ -22,7 +22,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 
 import pyfastcdc
 
-from cachefs.header import ChunkingParams
+from cachefs.format.header import ChunkingParams
 
 DEFAULT_BUFFER_SIZE = 8 << 20
 

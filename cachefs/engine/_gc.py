@@ -1,7 +1,7 @@
 """Garbage collection and segment compaction (storage engine layer).
 
-``collect_garbage`` runs in two phases on a store open for writing, with puts
-held off (``Store._maintenance`` exclusively):
+``collect_garbage`` runs in two phases on a store open for writing, holding it
+exclusively (``Store.maintenance()``: no put, no publication meanwhile):
 
 1. **Unreferenced chunks** (refcount 0) are deleted from the index and their
    segments' live byte counts drop.  Batches of chunks, one transaction each.
@@ -10,14 +10,9 @@ held off (``Store._maintenance`` exclusively):
    hold no location, so a copy is valid as it stands) to the active segment of
    the same shard, the copies are fdatasync'ed, then ONE transaction points the
    chunk index at the copies, publishes the new segment lengths and drops the
-   old segment's entry; only then is the old file deleted.  Segments with no
-   live record are deleted outright (entry first, then file).
-
-Crash safety at every step: before the transaction, the copies are unpublished
-bytes that the next writer cuts off; after it, the old file is an unpublished
-segment that the next writer deletes.  Neither state loses or duplicates a
-published chunk.  The index is synced between the transaction and the
-deletion, so a machine crash cannot undo a transaction whose old file is gone.
+   old segment's entry; only then is the old file deleted
+   (``Maintenance.move_records``, which says why each state is crash-safe).
+   Segments with no live record are deleted outright (entry first, then file).
 
 Segments that hold a record gc must not lose -- one with an unknown critical
 tag, or a live record that fails its checksum -- are left in place (the latter
@@ -33,18 +28,19 @@ from typing import Any
 
 import lmdb
 
+from cachefs.engine._index import lmdb_error
+from cachefs.engine._maintenance import Maintenance
+from cachefs.engine._store import Progress, Store
 from cachefs.errors import CorruptDataError
-from cachefs.index import SEGMENT_KEY, SegmentEntry, lmdb_error
-from cachefs.segment import (
+from cachefs.format.schema import SegmentEntry
+from cachefs.format.segment import (
     RECORD_HEADER,
     TAG_ANCILLARY_MIN,
     TAG_CHUNK,
     Record,
     list_segment_files,
     scan_segment,
-    segment_path,
 )
-from cachefs.store import Location, Progress, Store
 
 log = logging.getLogger(__name__)
 
@@ -83,25 +79,21 @@ def collect_garbage(
     store: Store, *, threshold: float | None = None, progress: Progress | None = None
 ) -> GcReport:
     """Remove unreferenced chunks and compact sparse segments; see the module doc."""
-    store._check_writable()
     threshold = store.options.gc_live_threshold if threshold is None else threshold
     report = GcReport()
-    with store._maintenance.exclusive(), store._commit_lock:
-        for shard in store._shards:
-            shard.pending.clear()  # no ingest runs: these belong to abandoned puts
+    with store.maintenance() as maintenance:
         try:
-            _drop_unreferenced(store, report)
-            _compact(store, threshold, report, progress)
+            _drop_unreferenced(maintenance, report)
+            _compact(maintenance, threshold, report, progress)
         except lmdb.Error as exc:
             raise lmdb_error(exc, "collecting garbage") from None
-        _delete_orphans(store, report)
-    if store.options.fsync:
-        store.index.sync()
+        _delete_orphans(maintenance, report)
+        maintenance.sync_index()
     return report
 
 
-def _drop_unreferenced(store: Store, report: GcReport) -> None:
-    index = store.index
+def _drop_unreferenced(maintenance: Maintenance, report: GcReport) -> None:
+    index = maintenance.index
     with index.read() as txn:
         dead = [d for d, e in index.iter_chunks(txn) if e.refcount == 0]
     for start in range(0, len(dead), _BATCH):
@@ -112,7 +104,7 @@ def _drop_unreferenced(store: Store, report: GcReport) -> None:
                 if entry is None or entry.refcount != 0:
                     continue
                 record_size = RECORD_HEADER.size + entry.stored_len
-                txn.delete(digest, db=index.chunks)
+                index.delete_chunk(txn, digest)
                 seg = segments.get(entry.segment_id) or index.get_segment(txn, entry.segment_id)
                 if seg is not None:
                     seg.live_bytes = max(0, seg.live_bytes - record_size)
@@ -127,19 +119,10 @@ def _drop_unreferenced(store: Store, report: GcReport) -> None:
                 index.put_segment(txn, segment_id, seg)
 
 
-def _active_segments(store: Store) -> set[int]:
-    active = set()
-    for shard in store._shards:
-        if shard.writer is not None:
-            active.add(shard.writer.segment_id)
-        if shard.reopen is not None:
-            active.add(shard.reopen)
-    return active
-
-
-def _compact(store: Store, threshold: float, report: GcReport, progress: Progress | None) -> None:
-    index = store.index
-    params = store.config.segments
+def _compact(
+    maintenance: Maintenance, threshold: float, report: GcReport, progress: Progress | None
+) -> None:
+    index = maintenance.index
     with index.read() as txn:
         segments = list(index.iter_segments(txn))
     victims = [
@@ -149,29 +132,36 @@ def _compact(store: Store, threshold: float, report: GcReport, progress: Progres
     ]
     # A victim may be a shard's active segment: seal it (no put runs now), so
     # that its live records move to a new one.
-    store._seal_segments({segment_id for segment_id, _ in victims})
+    maintenance.seal({segment_id for segment_id, _ in victims})
     total = sum(entry.length for _, entry in victims)
     done = 0
     for segment_id, entry in victims:
-        path = segment_path(store.segments_root, entry.shard, segment_id, params)
+        path = maintenance.segment_path(entry.shard, segment_id)
         if entry.live_records == 0:
             with index.write() as txn:
-                txn.delete(SEGMENT_KEY.pack(segment_id), db=index.segments)
-            _sync_index(store)
-            _unlink(store, segment_id, path, report)
+                index.delete_segment(txn, segment_id)
+            maintenance.sync_index()
+            report.bytes_reclaimed += maintenance.delete_segment(segment_id, path)
             report.segments_deleted += 1
         else:
-            _compact_one(store, segment_id, entry, path, report)
+            live = _live_records(maintenance, segment_id, path, entry.length, report)
+            if live is not None:
+                report.records_moved += len(live)
+                report.bytes_moved += sum(record.size for record in live)
+                report.bytes_reclaimed += maintenance.move_records(
+                    segment_id, entry.shard, path, live
+                )
+                report.segments_compacted += 1
         done += entry.length
         if progress is not None:
             progress(done, total)
 
 
 def _live_records(
-    store: Store, segment_id: int, path: Path, length: int, report: GcReport
+    maintenance: Maintenance, segment_id: int, path: Path, length: int, report: GcReport
 ) -> list[Record] | None:
     """The records of a segment the index points to, or None if it must stay."""
-    index = store.index
+    index = maintenance.index
     live: list[Record] = []
     damaged: set[int] = set()
     with index.read() as txn:
@@ -193,94 +183,17 @@ def _live_records(
             if -1 in damaged or expected - found:
                 # Damage in a record the index still points to is not gc's to drop.
                 report.skipped.append(f"{path}: damaged live records; run `cachefs fsck`")
-                store.needs_fsck = True
+                maintenance.suspect()
                 return None
     return live
 
 
-def _compact_one(
-    store: Store, segment_id: int, entry: SegmentEntry, path: Path, report: GcReport
-) -> None:
-    live = _live_records(store, segment_id, path, entry.length, report)
-    if live is not None:
-        move_records(store, segment_id, entry.shard, path, live, report)
-
-
-def move_records(
-    store: Store,
-    segment_id: int,
-    shard_number: int,
-    path: Path,
-    live: list[Record],
-    report: GcReport,
-) -> None:
-    """Copy ``live`` (the records of a sealed segment that the index points to)
-    to the shard's active segment, repoint the index in one transaction, then
-    delete the old segment.  Also used by ``fsck --repair``."""
-    index = store.index
-    shard = store._shards[shard_number]
-    moved: dict[bytes, Location] = {}
-    with shard.lock:
-        for record in live:
-            writer = store._writer(shard, record.size)
-            offset = writer.append(b"", record.raw)
-            with store._dirty_lock:
-                store._dirty[writer.segment_id] = writer
-            moved[record.digest] = Location(
-                writer.segment_id, offset, len(record.payload), record.flags
-            )
-            report.records_moved += 1
-            report.bytes_moved += record.size
-    dirty = store._snapshot_dirty(store.options.fsync)
-    with index.write() as txn:
-        segments: dict[int, SegmentEntry] = {}
-        segment = store._publish_lengths(txn, dirty, segments)
-        for digest, location in moved.items():
-            chunk = index.get_chunk(txn, digest)
-            if chunk is None:
-                continue
-            chunk.segment_id = location.segment_id
-            chunk.offset = location.offset
-            index.put_chunk(txn, digest, chunk)
-            target = segment(location.segment_id, shard_number)
-            target.live_bytes += RECORD_HEADER.size + location.stored_len
-            target.live_records += 1
-        segments.pop(segment_id, None)
-        for seg_id, seg_entry in segments.items():
-            index.put_segment(txn, seg_id, seg_entry)
-        txn.delete(SEGMENT_KEY.pack(segment_id), db=index.segments)
-    store._published(dirty)
-    _sync_index(store)
-    _unlink(store, segment_id, path, report)
-    report.segments_compacted += 1
-
-
-def _sync_index(store: Store) -> None:
-    """Make the last transaction durable before deleting a file it stopped using:
-    the index commits without syncing its meta page, so a machine crash could
-    otherwise undo the transaction after the file is gone."""
-    if store.options.fsync:
-        store.index.sync()
-
-
-def _unlink(store: Store, segment_id: int, path: Path, report: GcReport) -> None:
-    store.maps.forget(segment_id)
-    try:
-        size = path.stat().st_size
-        path.unlink()
-        report.bytes_reclaimed += size
-    except FileNotFoundError:
-        pass
-
-
-def _delete_orphans(store: Store, report: GcReport) -> None:
+def _delete_orphans(maintenance: Maintenance, report: GcReport) -> None:
     """Segment files with no index entry hold nothing published (a crash mid-gc)."""
-    with store.index.read() as txn:
-        known = {segment_id for segment_id, _ in store.index.iter_segments(txn)}
-    active = _active_segments(store)
-    with store._dirty_lock:
-        active |= set(store._dirty)
-    for segment_id, path in list_segment_files(store.segments_root):
+    with maintenance.index.read() as txn:
+        known = {segment_id for segment_id, _ in maintenance.index.iter_segments(txn)}
+    active = maintenance.active_segments()
+    for segment_id, path in list_segment_files(maintenance.segments_root):
         if segment_id not in known and segment_id not in active:
             log.info("gc: removing unpublished segment %s", path)
-            _unlink(store, segment_id, path, report)
+            report.bytes_reclaimed += maintenance.delete_segment(segment_id, path)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from cachefs.store import Store
+from cachefs.engine import Store
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,98 @@
+"""The daemon process: detaching from the caller, and where it logs (daemon layer).
+
+``detach`` forks: the child becomes a daemon of its own session and runs the
+service, and tells the parent through a pipe once it is ready (or why it
+failed), so that the command returns only once the service can be used and
+fails with the daemon's own error.  The daemon logs to ``STORE/cachefs.log``
+and, in the foreground, to stderr (which systemd sends to the journal).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from cachefs.errors import CachefsError
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "cachefs.log"
+
+
+def setup_logging(store: Path, *, foreground: bool, verbose: int) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    file_handler = logging.handlers.RotatingFileHandler(
+        store / LOG_NAME, maxBytes=10 << 20, backupCount=3
+    )
+    file_handler.setFormatter(
+        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    )
+    root.addHandler(file_handler)
+    if foreground:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("cachefs: %(levelname)s %(message)s"))
+        stream.setLevel(logging.INFO if verbose else logging.WARNING)
+        root.addHandler(stream)
+
+
+def detach(run: Callable[[Callable[[], None]], None]) -> None:
+    """Run ``run`` in a detached child; return in the parent once it calls ready()."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            answer = pipe.read()
+        if answer.startswith(b"ok"):
+            return
+        if not answer:
+            _, status = os.waitpid(pid, 0)
+            raise CachefsError(
+                f"the mount daemon exited before the mount was ready (status {status})",
+                hint="run with --foreground to see why",
+            )
+        os.waitpid(pid, 0)
+        status_text, _, message = answer.decode("utf-8", "replace").partition(" ")
+        err = CachefsError(message.strip(), hint="")
+        err.exit_code = int(status_text) if status_text.isdigit() else 1
+        raise err
+    # The child: a daemon of its own session, stdio on /dev/null.
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    told = False
+
+    def ready() -> None:
+        nonlocal told
+        os.write(write_fd, b"ok\n")
+        os.close(write_fd)
+        told = True
+
+    code = 0
+    try:
+        run(ready)
+    except CachefsError as exc:
+        code = exc.exit_code
+        if not told:
+            os.write(write_fd, f"{exc.exit_code} {exc}".encode())
+        log.error("%s", exc)
+    except BaseException as exc:
+        code = 1
+        if not told:
+            os.write(write_fd, f"1 unexpected error in the mount daemon: {exc!r}".encode())
+        log.exception("unexpected error in the mount daemon")
+    finally:
+        logging.shutdown()
+        os._exit(code)

@@ -1,0 +1,101 @@
+"""The storage engine: cachefs as a Python library (no trio, no FUSE).
+
+A :class:`Store` is a directory of deduplicated, compressed, checksummed
+objects addressed by their digests::
+
+    from cachefs.engine import Store
+
+    with Store.open("/var/lib/cachefs/store", create=True) as store:
+        digest = store.put(b"hello")            # or a file object, or an iterable
+        assert store.read(digest) == b"hello"
+        for piece in store.iter_object(digest):  # zero-copy views where possible
+            ...
+
+What it offers:
+
+* :class:`Store`, :class:`StoreOptions` (run-time settings), :class:`StoreStats`;
+* the store's parameters and names from ``cachefs.format``: :class:`StoreConfig`
+  and its parts, :class:`Digest`, :class:`DigestFunction`;
+* maintenance: :func:`collect_garbage` (:class:`GcReport`) and
+  :func:`check_store` (fsck, :class:`FsckReport`);
+* the filesystem namespace kept in the same index: :class:`Namespace`,
+  :class:`Inode`, :class:`CacheRecords`;
+* the store's :class:`Journal` (``Store.journal``), and :class:`ChunkBackend`,
+  the seam where storage tiers plug in;
+* the errors of ``cachefs.errors`` (every one a :class:`CachefsError` with an
+  errno, an exit code and a hint).
+
+``cachefs.aio.AsyncStore`` wraps a store for trio programs.
+"""
+
+from cachefs.engine._backend import ChunkBackend
+from cachefs.engine._cache_records import CacheRecords
+from cachefs.engine._chunker import Source
+from cachefs.engine._fsck import FsckReport, check_store
+from cachefs.engine._gc import GcReport, collect_garbage
+from cachefs.engine._journal import Journal
+from cachefs.engine._namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
+from cachefs.engine._namespace_check import NamespaceCheck
+from cachefs.engine._publish import PublishHook
+from cachefs.engine._store import Progress, Store, StoreOptions, StoreStats
+from cachefs.errors import (
+    BadDigestError,
+    CachefsError,
+    ConfigError,
+    CorruptDataError,
+    FormatVersionError,
+    FsError,
+    IndexCorruptError,
+    NotFoundError,
+    ObjectNotFoundError,
+    ReadOnlyError,
+    StoreFullError,
+    StoreLockedError,
+    StoreNotFoundError,
+)
+from cachefs.format.digest import BLAKE3, SHA256, Digest, DigestFunction
+from cachefs.format.header import ChunkingParams, CompressionParams, SegmentParams, StoreConfig
+from cachefs.format.schema import ROOT_INODE, Inode
+
+__all__ = [
+    "BLAKE3",
+    "RENAME_EXCHANGE",
+    "RENAME_NOREPLACE",
+    "ROOT_INODE",
+    "SHA256",
+    "BadDigestError",
+    "CacheRecords",
+    "CachefsError",
+    "ChunkBackend",
+    "ChunkingParams",
+    "CompressionParams",
+    "ConfigError",
+    "CorruptDataError",
+    "Digest",
+    "DigestFunction",
+    "FormatVersionError",
+    "FsError",
+    "FsckReport",
+    "GcReport",
+    "IndexCorruptError",
+    "Inode",
+    "Journal",
+    "Namespace",
+    "NamespaceCheck",
+    "NotFoundError",
+    "ObjectNotFoundError",
+    "Progress",
+    "PublishHook",
+    "ReadOnlyError",
+    "SegmentParams",
+    "Source",
+    "Store",
+    "StoreConfig",
+    "StoreFullError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "StoreOptions",
+    "StoreStats",
+    "check_store",
+    "collect_garbage",
+]

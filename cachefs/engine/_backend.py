@@ -1,0 +1,33 @@
+"""Where chunk bytes come from: the seam for storage tiers (storage engine layer).
+
+Objects are read as the chunks of their recipes, and ingest asks which chunks
+it must store; both go through a :class:`ChunkBackend`.  The local segment store
+(``LocalChunks``) is the first implementation.  Remote tiers (an S3 bucket, a
+REAPI CAS, a Bazel HTTP cache) are further implementations, and the features
+that combine them (a fast tier in front of a slow one, shard groups, replicas)
+are backends that hold other backends, as Buildbarn's ``BlobAccess`` wrappers
+do.  Every implementation verifies what it returns: a chunk's bytes hash to its
+digest, or the read fails (``CorruptDataError``, ``ObjectNotFoundError``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+
+class ChunkBackend(Protocol):
+    """Chunk bytes by digest (raw chunk digests of the store's digest function)."""
+
+    def find_missing(self, digests: Sequence[bytes]) -> set[bytes]:
+        """The digests of ``digests`` whose chunks this backend cannot serve."""
+        ...
+
+    def read_chunks(self, digests: Sequence[bytes]) -> Iterator[bytes | memoryview]:
+        """The verified bytes of each chunk, in order.  The backend may fetch or
+        decode the later ones while the caller consumes the first; a caller that
+        stops early closes the iterator."""
+        ...
+
+
+__all__ = ["ChunkBackend"]

@@ -1,0 +1,239 @@
+"""Ingest: cutting, hashing and storing the chunks of new content (storage engine layer).
+
+Ingest of one object::
+
+    source --read 4 MiB buffers--> FastCDC cut --> per group of chunks (worker threads):
+        digest, which are missing (one index lookup), [compress], append to the
+        shard's segment
+    --> recipe (chunk digests in order) --> a PendingObject, for the publisher
+
+Nothing here makes anything visible: publication does (``_publish.py``).  The
+caller holds the store's maintenance lock shared, so that a chunk found in the
+index cannot be collected before the object that found it is published.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import stat
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+from typing import Any
+
+from cachefs.engine._chunker import Batch, Chunker, Source, reader_for
+from cachefs.engine._publish import PendingObject
+from cachefs.engine._reads import LocalChunks, ObjectReader
+from cachefs.engine._segments import Location, SegmentStore
+from cachefs.engine._workers import Workers
+from cachefs.errors import CachefsError
+from cachefs.format.codec import ChunkCodec
+from cachefs.format.digest import Digest, DigestFunction
+from cachefs.format.segment import COMPRESSION_NONE, TAG_CHUNK, encode_record_header, record_flags
+
+#: Objects of up to this size are processed in the calling thread (no pool hop).
+_INLINE_LIMIT = 1 << 20
+#: Chunks stored by one worker task (fewer, longer tasks: less GIL traffic).
+_TASK_CHUNKS = 8
+
+#: A stored chunk: (digest, raw length, location if appended by this process).
+Stored = tuple[bytes, int, Location | None]
+
+
+class Ingest:
+    """The write pipeline up to publication."""
+
+    def __init__(
+        self,
+        digest_function: DigestFunction,
+        chunker: Chunker,
+        codec: ChunkCodec,
+        segments: SegmentStore,
+        chunks: LocalChunks,
+        reader: ObjectReader,
+        workers: Workers,
+    ) -> None:
+        self.digest_function = digest_function
+        self.chunker = chunker
+        self.codec = codec
+        self.segments = segments
+        self.chunks = chunks
+        self.reader = reader
+        self.workers = workers
+
+    def store_chunks(self, views: list[memoryview]) -> list[Stored]:
+        """Digest consecutive chunks of one object and store those that are missing.
+
+        The first chunk, and any after one that did not compress, is probed on
+        a sample first; a chunk after one that compressed is compressed straight
+        away (no probe on compressible data)."""
+        digests = [self.digest_function.hash(view) for view in views]
+        missing = self.chunks.find_missing(digests)
+        stored: list[Stored] = []
+        probe = True
+        ident = self.digest_function.ident
+        for view, digest in zip(views, digests, strict=True):
+            shard = self.segments.shard(digest)
+            location = shard.pending.get(digest)
+            if digest in missing and location is None:
+                compression, payload = self.codec.encode(view, probe)
+                probe = compression == COMPRESSION_NONE
+                flags = record_flags(compression, ident)
+                head = encode_record_header(TAG_CHUNK, flags, len(view), digest, payload)
+                location = self.segments.append_chunk(shard, digest, flags, head, payload)
+            stored.append((digest, len(view), location))
+        return stored
+
+    def _batches(self, source: Source) -> Iterator[Batch]:
+        """The chunks of any source, in batches (see ``Chunker.batches``)."""
+        if isinstance(source, bytes | bytearray | memoryview):
+            return self.chunker.view_batches(memoryview(source).cast("B"))
+        size_hint = None
+        fileno = getattr(source, "fileno", None)
+        if fileno is not None:
+            with suppress(OSError, ValueError, AttributeError):
+                st = os.fstat(fileno())
+                if stat.S_ISREG(st.st_mode):
+                    size_hint = max(0, st.st_size - source.tell())  # type: ignore[union-attr]
+        return self.chunker.batches(reader_for(source), size_hint)
+
+    def ingest(self, source: Source) -> PendingObject:
+        """Chunk, digest and store every chunk of a source; nothing is published yet.
+
+        The calling thread reads and cuts; a lane of its own computes the
+        whole-object digest (one hash call per buffer, in order); worker
+        threads store the chunks, several per task.  Few, long GIL-free calls
+        keep every core busy: many short ones would queue for the GIL.
+        """
+        batches = self._batches(source)
+        first = next(batches)
+        second = next(batches, None)
+        if second is None and len(first.chunks) == 1:
+            # One chunk: its digest is the object's digest; no second hash.
+            ((digest, raw_len, location),) = self.store_chunks(first.chunks)
+            locations = {} if location is None else {digest: location}
+            return PendingObject(Digest(digest, raw_len), [(digest, raw_len)], locations)
+        inline = second is None and len(first.span) <= _INLINE_LIMIT
+        whole = self.digest_function.new()
+        size = 0
+        results: list[Stored] = []
+        in_flight: deque[Future[list[Stored]]] = deque()
+        hashed: deque[Future[object]] = deque()
+        # The whole-object hash is sequential: its own lane, a thread that takes
+        # the buffers in order, so that the reading thread only reads and cuts.
+        lane = None if inline else ThreadPoolExecutor(1, thread_name_prefix="cachefs-hash")
+
+        def drain(keep: int, keep_hashed: int) -> None:
+            while len(in_flight) > keep:
+                results.extend(in_flight.popleft().result())
+            while len(hashed) > keep_hashed:
+                hashed.popleft().result()
+
+        try:
+            for batch in itertools.chain([first], [] if second is None else [second], batches):
+                size += len(batch.span)
+                if lane is None:
+                    results.extend(self.store_chunks(batch.chunks))
+                    whole.update(batch.span)
+                    continue
+                pool = self.workers.pool()
+                hashed.append(lane.submit(whole.update, batch.span))
+                tasks = 0
+                for i in range(0, len(batch.chunks), _TASK_CHUNKS):
+                    group = batch.chunks[i : i + _TASK_CHUNKS]
+                    in_flight.append(pool.submit(self.store_chunks, group))
+                    tasks += 1
+                # Finish the previous batch: its buffer is reused for the next but one.
+                drain(tasks, 1)
+            drain(0, 0)
+        except BaseException:
+            outstanding: list[Future[Any]] = [*in_flight, *hashed]
+            for fut in outstanding:
+                fut.cancel()
+            for fut in outstanding:
+                with suppress(BaseException):
+                    fut.result()
+            raise
+        finally:
+            if lane is not None:
+                lane.shutdown(wait=True)
+        return _pending(Digest(whole.digest(), size), results)
+
+    def ingest_file(self, path: os.PathLike[str] | str) -> PendingObject:
+        with open(path, "rb", buffering=0) as f:
+            return self.ingest(f)
+
+    def splice(
+        self,
+        base: Digest,
+        size: int,
+        changed: list[tuple[int, int]],
+        read_range: Callable[[int, int], Iterable[bytes | memoryview]],
+    ) -> PendingObject:
+        """A new revision of ``base`` (see ``Store.put_revision``)."""
+        chunks, starts = self.reader.layout(base)
+        resume = {
+            start + length: i + 1
+            for i, (start, (_, length)) in enumerate(zip(starts, chunks, strict=True))
+        }
+        ranges = [(s, min(e, size)) for s, e in changed if s < min(e, size)]
+        range_ends = [e for _, e in ranges]
+        whole = self.digest_function.new()
+        out: list[Stored] = []
+        position = 0
+        base_index = 0  # chunks[base_index] starts at position while reusing
+        while position < size:
+            # The next change at or after position (ranges end past it).
+            r = bisect.bisect_right(range_ends, position)
+            next_change = ranges[r][0] if r < len(ranges) else size
+            while (
+                base_index < len(chunks)
+                and starts[base_index] == position
+                and position + chunks[base_index][1] <= min(next_change, size)
+            ):
+                digest, length = chunks[base_index]
+                whole.update(self.chunks.read_chunk(digest))
+                out.append((digest, length, None))
+                position += length
+                base_index += 1
+            if position >= size:
+                break
+            # Cut again from here until a cut lands on a base boundary past the
+            # change and outside every changed range.
+            reader = reader_for(read_range(position, size))
+            resynced = False
+            for batch in self.chunker.batches(reader, size - position):
+                views = []
+                end = position
+                for view in batch.chunks:
+                    views.append(view)
+                    end += len(view)
+                    if end > next_change and end in resume and end < size:
+                        r = bisect.bisect_right(range_ends, end)
+                        if r >= len(ranges) or ranges[r][0] >= end:
+                            resynced = True
+                            break
+                out.extend(self.store_chunks(views))
+                for view in views:
+                    whole.update(view)
+                    position += len(view)
+                if resynced:
+                    base_index = resume[position]
+                    break
+            if not resynced:
+                break
+        if position != size:
+            raise CachefsError(
+                f"a revision of {base} came out {position} bytes long, not {size}",
+                hint="the content changed while it was being stored; this is a bug",
+            )
+        return _pending(Digest(whole.digest(), size), out)
+
+
+def _pending(digest: Digest, stored: list[Stored]) -> PendingObject:
+    chunks = [(chunk, raw_len) for chunk, raw_len, _ in stored]
+    locations = {chunk: loc for chunk, _, loc in stored if loc is not None}
+    return PendingObject(digest, chunks, locations)

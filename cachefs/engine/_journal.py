@@ -1,0 +1,157 @@
+"""The store's journal (storage engine layer): one append-only log per store.
+
+The file format and every record kind are in ``cachefs.format.journal``.  The
+engine opens the journal for the writing process (``Store.journal``) and cuts a
+torn tail off; what the records mean is up to the layer that logged them,
+which replays them (the mount: ``cachefs.fs``).  The engine never checkpoints
+the journal on its own: only a writer that has replayed (or published) what it
+logged knows that its records are no longer needed.
+
+Group commit: ``append`` only writes; ``commit(seq)`` makes every record up to
+``seq`` durable with one ``fdatasync`` shared by all threads waiting at the same
+time.  With ``fsync=False`` commit only orders (survives the process, not the
+machine).  A record is *acknowledged* once ``commit`` returned for it (or, for
+a writer that only needs to survive the death of its process, once ``append``
+returned), so a torn tail cut at open holds nothing acknowledged -- unless the
+machine or disk lost synced data, which the warning then points at.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from pathlib import Path
+
+from cachefs.errors import from_oserror
+from cachefs.format import journal as fmt
+from cachefs.fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+class Journal:
+    """An append-only log with group commit and checkpoints; thread-safe."""
+
+    def __init__(self, directory: Path, *, fsync: bool = True) -> None:
+        self.directory = directory
+        self.path = directory / fmt.FILE_NAME
+        self.fsync = fsync
+        self._lock = threading.Lock()  # appends
+        self._sync_lock = threading.Lock()  # one fdatasync at a time
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():
+                atomic_write(self.path, fmt.encode_header(1))
+            self._fd = os.open(self.path, os.O_RDWR)
+        except OSError as exc:
+            raise from_oserror(exc, f"opening the journal {self.path}") from None
+        try:
+            self.base_seq, self._records, end = fmt.parse(_read_all(self._fd), str(self.path))
+            size = os.fstat(self._fd).st_size
+            if end < size:
+                log.warning(
+                    "journal %s: cut off a torn or damaged tail of %d bytes at offset %d",
+                    self.path,
+                    size - end,
+                    end,
+                )
+                os.ftruncate(self._fd, end)
+                os.fsync(self._fd)
+        except BaseException as exc:
+            os.close(self._fd)  # a refused journal must not leak its descriptor
+            if isinstance(exc, OSError):
+                raise from_oserror(exc, f"reading the journal {self.path}") from None
+            raise
+        #: Bytes cut off the tail when the journal was opened.
+        self.truncated_bytes = size - end
+        self._end = end
+        self.next_seq = self.base_seq + len(self._records)
+        self.synced_seq = self.next_seq - 1
+
+    def replay(self) -> list[fmt.JournalRecord]:
+        """The records past the last checkpoint, found when the journal was opened."""
+        return list(self._records)
+
+    def append(self, kind: int, *parts: bytes | memoryview) -> int:
+        """Write one record (not yet durable) whose payload is ``parts`` joined
+        (given apart, so that a caller's header and data need not be copied
+        together); return its sequence number."""
+        length = sum(len(p) for p in parts)
+        if length > fmt.MAX_PAYLOAD:
+            raise ValueError(f"journal payload of {length} bytes is too large")
+        with self._lock:
+            seq = self.next_seq
+            head = fmt.encode_record(seq, kind, *parts)
+            try:
+                written = os.pwritev(self._fd, [head, *parts], self._end)
+                if written != len(head) + length:
+                    raise OSError(errno.ENOSPC, "short write to the journal")
+            except OSError as exc:
+                os.ftruncate(self._fd, self._end)
+                raise from_oserror(exc, "appending to the journal") from None
+            self._end += written
+            self.next_seq = seq + 1
+            return seq
+
+    def commit(self, seq: int | None = None) -> None:
+        """Make every record up to ``seq`` (default: all) durable (group commit)."""
+        target = self.next_seq - 1 if seq is None else seq
+        if not self.fsync or self.synced_seq >= target:
+            return
+        with self._sync_lock:
+            if self.synced_seq >= target:  # another thread's fdatasync covered us
+                return
+            upto = self.next_seq - 1
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise from_oserror(exc, "syncing the journal") from None
+            self.synced_seq = max(self.synced_seq, upto)
+
+    @property
+    def size(self) -> int:
+        return self._end
+
+    @property
+    def empty(self) -> bool:
+        """Whether the journal holds no record past its last checkpoint."""
+        return self.next_seq == self.base_seq
+
+    def checkpoint(self) -> None:
+        """Start an empty journal: every record so far has been applied elsewhere.
+
+        Raises StoreFullError (or another CachefsError) when the new file cannot
+        be written; the old one then stays in place, whole.
+        """
+        with self._lock, self._sync_lock:
+            try:
+                atomic_write(self.path, fmt.encode_header(self.next_seq))
+                fd = os.open(self.path, os.O_RDWR)
+            except OSError as exc:
+                raise from_oserror(exc, f"checkpointing the journal {self.path}") from None
+            os.close(self._fd)
+            self._fd = fd
+            self.base_seq = self.next_seq
+            self._end = fmt.HEADER.size
+            self._records = []
+            self.synced_seq = self.next_seq - 1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(size - offset, 16 << 20), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,145 @@
+"""Checking and repairing the namespace (storage engine layer).
+
+``check_namespace`` compares the namespace with its invariants
+(``cachefs.format.schema``) and with the objects it references, in one
+snapshot; ``repair_namespace`` fixes what it found (``cachefs fsck --repair``,
+under the store's maintenance lock).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import lmdb
+
+from cachefs.engine._namespace import Namespace
+from cachefs.format.schema import INO_KEY, NO_CONTENT, ROOT_INODE, STORE_SETTINGS, dirent_key
+
+
+@dataclass
+class NamespaceCheck:
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    dangling: list[tuple[int, bytes]] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    nlinks: dict[int, int] = field(default_factory=dict)
+    leaked: list[int] = field(default_factory=list)
+    bad_caches: list[int] = field(default_factory=list)
+    inodes: int = 0
+
+    def add(self, kind: str, message: str) -> None:
+        self.problems.append((kind, message))
+
+
+def check_namespace(namespace: Namespace, txn: lmdb.Transaction) -> NamespaceCheck:
+    """Compare the namespace with its invariants and with the objects it
+    references, in one snapshot (``txn``); nothing is changed."""
+    result = NamespaceCheck()
+    inodes = {inode.ino: inode for inode in namespace.iter_inodes(txn)}
+    names: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
+    for parent, name, child in namespace.iter_dirents(txn):
+        parent_inode = inodes.get(parent)
+        inode = inodes.get(child)
+        if parent_inode is None or not parent_inode.is_dir:
+            result.add("namespace", f"entry {name!r} lies in inode {parent}, not a directory")
+            result.dangling.append((parent, name))
+        elif inode is None:
+            result.add("namespace", f"entry {name!r} in directory {parent}: no inode {child}")
+            result.dangling.append((parent, name))
+        else:
+            names[child] += 1
+            if inode.is_dir:
+                subdirs[parent] += 1
+    orphans = {INO_KEY.unpack(k)[0] for k, _ in txn.cursor(db=namespace.orphans)}
+    refs: Counter[bytes] = Counter()
+    for ino, inode in inodes.items():
+        if inode.is_dir:
+            expected = 2 + subdirs[ino] if (names[ino] == 1 or ino == ROOT_INODE) else 0
+        else:
+            expected = names[ino]
+        if inode.is_dir and names[ino] > 1:
+            result.add("namespace", f"directory inode {ino} has {names[ino]} entries")
+        if inode.nlink != expected and not (expected == 0 and ino in orphans):
+            result.add("namespace", f"inode {ino}: link count {inode.nlink}, found {expected}")
+            result.nlinks[ino] = expected
+        if expected == 0 and ino != ROOT_INODE and ino not in orphans:
+            result.add("namespace", f"inode {ino} is in no directory and not an orphan")
+            result.leaked.append(ino)
+        digest = inode.digest
+        if digest is not None:
+            entry = namespace.store.index.get_object(txn, digest.hash)
+            if entry is None or entry.size != inode.size:
+                result.add("namespace", f"inode {ino}: its content {digest} is not stored")
+                result.lost.append(ino)
+            else:
+                refs[digest.hash] += 1
+    for digest_hash, count in refs.items():
+        entry = namespace.store.index.get_object(txn, digest_hash)
+        if entry is not None and entry.refcount < count:
+            result.add(
+                "namespace",
+                f"object {digest_hash.hex()}: {entry.refcount} references, "
+                f"but {count} files hold it",
+            )
+    if namespace.caches is not None:
+        for key, value in txn.cursor(db=namespace.caches):
+            ino = INO_KEY.unpack(key)[0]
+            try:
+                record = json.loads(bytes(value))
+                valid = isinstance(record, dict)
+            except ValueError:
+                valid = False
+            if ino == STORE_SETTINGS:
+                if not valid:
+                    result.add("namespace", "the store-wide cache settings are damaged")
+                    result.bad_caches.append(ino)
+                continue
+            inode = inodes.get(ino)
+            if inode is None or not inode.is_dir:
+                result.add("namespace", f"cache settings for inode {ino}, not a directory")
+                result.bad_caches.append(ino)
+            elif not valid or not isinstance(record.get("max_size"), int):
+                result.add("namespace", f"the cache settings of directory {ino} are damaged")
+                result.bad_caches.append(ino)
+    counted = namespace.store.index.counter(txn, "inodes")
+    if counted != len(inodes):
+        result.add("namespace", f"inode counter says {counted}, found {len(inodes)}")
+    result.inodes = len(inodes)
+    return result
+
+
+def repair_namespace(namespace: Namespace, found: NamespaceCheck) -> None:
+    """Fix what :meth:`check` found (under the store's maintenance lock).
+
+    Files whose content is lost become empty and get an xattr
+    ``user.cachefs.lost`` naming the lost digest; dangling entries are
+    removed; link counts are set to what was counted; inodes in no
+    directory become orphans (deleted at the next mount); damaged cache
+    settings are dropped (the directory becomes an ordinary one)."""
+    with namespace.store.transaction("repairing the namespace") as txn:
+        for parent, name in found.dangling:
+            txn.delete(dirent_key(parent, name), db=namespace.dirents)
+        for ino in found.lost:
+            inode = namespace.get(ino, txn)
+            txn.put(
+                INO_KEY.pack(ino) + b"user.cachefs.lost",
+                str(inode.digest).encode(),
+                db=namespace.xattrs,
+            )
+            inode.content, inode.size = NO_CONTENT, 0
+            namespace.put_inode(txn, inode)
+        for ino, nlink in found.nlinks.items():
+            inode = namespace.get(ino, txn)
+            inode.nlink = nlink
+            namespace.put_inode(txn, inode)
+        for ino in found.leaked:
+            txn.put(INO_KEY.pack(ino), b"", db=namespace.orphans)
+        if namespace.caches is not None and namespace.cache_state is not None:
+            for ino in found.bad_caches:  # the directory stays, unmarked
+                txn.delete(INO_KEY.pack(ino), db=namespace.caches)
+                txn.delete(INO_KEY.pack(ino), db=namespace.cache_state)
+        namespace.store.index.set_counter(
+            txn, "inodes", sum(1 for _ in txn.cursor(db=namespace.inodes).iternext(values=False))
+        )

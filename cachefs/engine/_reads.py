@@ -1,0 +1,281 @@
+"""Reads: chunks from the local segments, objects from their recipes (storage engine layer).
+
+:class:`LocalChunks` is the local segment store as a :class:`ChunkBackend`: a
+chunk is looked up in the index, its record read through a memory map and
+verified (checksum, digest, lengths, decompression), and kept decompressed in
+a byte-bounded LRU (:class:`ChunkCache`) when it was compressed.  A raw chunk is
+a view on the mapping: no copy in Python.  A read whose segment vanished under
+it (gc compaction) looks the chunk up again once.
+
+:class:`ObjectReader` reads objects (or ranges of them) through any
+:class:`ChunkBackend`, a window of chunks at a time; the local backend
+decompresses the compressed chunks of a window ahead of the reader in the
+worker pool, so a large read uses every core and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+
+import lmdb
+
+from cachefs.engine._backend import ChunkBackend
+from cachefs.engine._health import Health
+from cachefs.engine._index import Index
+from cachefs.engine._segments import SegmentStore
+from cachefs.engine._workers import Workers
+from cachefs.errors import ConfigError, CorruptDataError, ObjectNotFoundError
+from cachefs.format.codec import ChunkCodec
+from cachefs.format.digest import Digest, DigestFunction
+from cachefs.format.schema import ChunkEntry, ObjectEntry
+from cachefs.format.segment import COMPRESSION_MASK, COMPRESSION_NONE, TAG_CHUNK
+
+#: Object layouts (chunk offsets) kept for reads.
+_LAYOUTS = 256
+#: Chunks looked up together when reading; compressed ones among them are
+#: decompressed ahead of the reader, in the worker pool.
+READ_WINDOW = 16
+
+
+class ChunkCache:
+    """LRU of decompressed chunks, bounded in bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._items: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
+        self._size = 0
+
+    def get(self, key: bytes) -> bytes | memoryview | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: bytes, value: bytes | memoryview) -> None:
+        if len(value) > self.capacity:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._size -= len(old)
+            self._items[key] = value
+            self._size += len(value)
+            while self._size > self.capacity:
+                _, evicted = self._items.popitem(last=False)
+                self._size -= len(evicted)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._size = 0
+
+
+class LocalChunks:
+    """The chunks of the local segment store (a :class:`ChunkBackend`)."""
+
+    def __init__(
+        self,
+        index: Index,
+        segments: SegmentStore,
+        codec: ChunkCodec,
+        digest_function: DigestFunction,
+        health: Health,
+        workers: Workers,
+        cache_size: int,
+    ) -> None:
+        self.index = index
+        self.segments = segments
+        self.codec = codec
+        self.digest_function = digest_function
+        self.health = health
+        self.workers = workers
+        self.cache = ChunkCache(cache_size)
+
+    def find_missing(self, digests: Sequence[bytes]) -> set[bytes]:
+        """Chunks neither indexed (in bytes that still exist) nor appended and
+        waiting to be published by this process."""
+        missing = set()
+        segments = self.segments
+        with self.index.read() as txn:
+            for digest in digests:
+                if digest in segments.shard(digest).pending:
+                    continue
+                raw = txn.get(digest, db=self.index.chunks)
+                if raw is None or (
+                    segments.damaged and not segments.usable(ChunkEntry.unpack(raw))
+                ):
+                    missing.add(digest)
+        return missing
+
+    def read_chunks(self, digests: Sequence[bytes]) -> Iterator[bytes | memoryview]:
+        with self.index.read() as txn:
+            entries = [self.index.get_chunk(txn, digest) for digest in digests]
+        # Compressed chunks are verified and decompressed ahead, in the pool;
+        # raw ones cost only their checksum and are read here.
+        ahead: dict[int, Future[bytes | memoryview]] = {}
+        if len(digests) > 2:
+            pool = self.workers.pool()
+            for i, (digest, entry) in enumerate(zip(digests, entries, strict=True)):
+                if entry is not None and entry.flags & COMPRESSION_MASK != COMPRESSION_NONE:
+                    ahead[i] = pool.submit(self.read_chunk, digest, entry)
+        try:
+            for i, (digest, entry) in enumerate(zip(digests, entries, strict=True)):
+                fut = ahead.pop(i, None)
+                yield self.read_chunk(digest, entry) if fut is None else fut.result()
+        finally:
+            for fut in ahead.values():
+                fut.cancel()
+
+    def read_chunk(self, digest: bytes, entry: ChunkEntry | None = None) -> bytes | memoryview:
+        """A chunk's bytes, verified.  A raw chunk is a view on the segment mapping.
+
+        ``entry`` is the chunk's index entry when the caller has just looked it up.
+        """
+        for attempt in (0, 1):
+            if entry is None or attempt:
+                with self.index.read() as txn:
+                    entry = self.index.get_chunk(txn, digest)
+            if entry is None:
+                self.health.damaged()
+                raise CorruptDataError(
+                    f"chunk {digest.hex()} is referenced but missing from the index",
+                    path=str(self.index.path),
+                )
+            try:
+                return self.read_entry(digest, entry)
+            except CorruptDataError:
+                if attempt == 0 and not self.segments.chunk_path(digest, entry.segment_id).exists():
+                    continue  # compacted away under us: look it up again
+                self.health.damaged()
+                raise
+        raise AssertionError("unreachable")
+
+    def read_entry(self, digest: bytes, entry: ChunkEntry) -> bytes | memoryview:
+        """The chunk that index entry ``entry`` points at, verified against the
+        entry (no retry, nothing recorded: fsck uses this to check entries)."""
+        locate = functools.partial(self.segments.chunk_path, digest, entry.segment_id)
+        record = self.segments.read_record(entry.segment_id, locate, entry.offset, entry.stored_len)
+        if (
+            record.digest != digest
+            or record.raw_len != entry.raw_len
+            or record.tag != TAG_CHUNK
+            or record.digest_id != self.digest_function.ident
+        ):
+            raise CorruptDataError(
+                f"record does not hold chunk {digest.hex()}",
+                path=str(locate()),
+                offset=entry.offset,
+            )
+        if record.compression == COMPRESSION_NONE:
+            return self.codec.decode(
+                record.compression, record.payload, entry.raw_len, str(locate()), entry.offset
+            )
+        cached = self.cache.get(digest)
+        if cached is not None:
+            return cached
+        data = self.codec.decode(
+            record.compression, record.payload, entry.raw_len, str(locate()), entry.offset
+        )
+        self.cache.put(digest, data)
+        return data
+
+
+class ObjectReader:
+    """Objects read through a chunk backend, with their layouts cached."""
+
+    def __init__(self, index: Index, chunks: ChunkBackend, health: Health) -> None:
+        self.index = index
+        self.chunks = chunks
+        self.health = health
+        self._layouts: OrderedDict[Digest, tuple[list[tuple[bytes, int]], list[int]]] = (
+            OrderedDict()
+        )
+        self._lock = threading.Lock()
+
+    def object_entry(self, txn: lmdb.Transaction, digest: Digest) -> ObjectEntry:
+        """The index entry of an object; ObjectNotFoundError if it is not stored."""
+        entry = self.index.get_object(txn, digest.hash)
+        if entry is None or entry.size != digest.size:
+            raise ObjectNotFoundError(
+                f"object {digest} is not in the store {self.index.path.parent}"
+            )
+        if sum(n for _, n in entry.chunks) != entry.size:
+            self.health.damaged()
+            raise CorruptDataError(
+                f"the recipe of object {digest} does not add up to its size",
+                path=str(self.index.path),
+            )
+        return entry
+
+    def contains(self, digest: Digest) -> bool:
+        with self.index.read() as txn:
+            entry = self.index.get_object(txn, digest.hash)
+        return entry is not None and entry.size == digest.size
+
+    def recipe(self, digest: Digest) -> list[tuple[bytes, int]]:
+        """The chunk digests and lengths that make up an object, in order."""
+        with self.index.read() as txn:
+            return self.object_entry(txn, digest).chunks
+
+    def layout(self, digest: Digest) -> tuple[list[tuple[bytes, int]], list[int]]:
+        """An object's chunks and where each starts (cached: a file read in
+        small pieces must not decode its whole recipe for every piece)."""
+        with self._lock:
+            layout = self._layouts.get(digest)
+            if layout is not None:
+                self._layouts.move_to_end(digest)
+                return layout
+        chunks = self.recipe(digest)
+        starts = list(itertools.accumulate((size for _, size in chunks), initial=0))[:-1]
+        with self._lock:
+            self._layouts[digest] = (chunks, starts)
+            if len(self._layouts) > _LAYOUTS:
+                self._layouts.popitem(last=False)
+        return chunks, starts
+
+    def forget_layouts(self) -> None:
+        with self._lock:
+            self._layouts.clear()
+
+    def iter_object(
+        self, digest: Digest, offset: int = 0, length: int | None = None
+    ) -> Iterator[memoryview | bytes]:
+        """The bytes of an object (or of a range of it) as a sequence of pieces."""
+        if offset < 0 or (length is not None and length < 0):
+            raise ConfigError("offset and length must not be negative")
+        end = digest.size if length is None else min(digest.size, offset + length)
+        chunks, starts = self.layout(digest)
+        wanted = []  # (chunk digest, start, stop, size) of the chunks that overlap the range
+        i = max(0, bisect.bisect_right(starts, offset) - 1)
+        while i < len(chunks) and starts[i] < end:
+            chunk, size = chunks[i]
+            position = starts[i]
+            if position + size > offset:
+                start, stop = max(0, offset - position), min(size, end - position)
+                wanted.append((chunk, start, stop, size))
+            i += 1
+        for window_start in range(0, len(wanted), READ_WINDOW):
+            window = wanted[window_start : window_start + READ_WINDOW]
+            pieces = self.chunks.read_chunks([chunk for chunk, *_ in window])
+            try:
+                for (chunk, start, stop, size), data in zip(window, pieces, strict=True):
+                    if len(data) != size:
+                        self.health.damaged()
+                        raise CorruptDataError(
+                            f"object {digest}: chunk {chunk.hex()} holds {len(data)} bytes, "
+                            f"its recipe says {size}",
+                            path=str(self.index.path),
+                        )
+                    yield data if (start, stop) == (0, size) else memoryview(data)[start:stop]
+            finally:
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()

@@ -1,0 +1,697 @@
+"""The store: a content-addressed, deduplicating, compressed chunk store (storage engine layer).
+
+:class:`Store` opens a store directory and puts its parts together; each part
+lives in a module of its own:
+
+* ``_index.py``       the LMDB environment (schema: ``cachefs.format.schema``);
+* ``_segments.py``    the local segment files: shards, appends, recovery, maps;
+* ``_ingest.py``      the write pipeline: chunking, hashing, compression;
+* ``_publish.py``     publication (group commit) and reference counts;
+* ``_reads.py``       reads of chunks (the local :class:`ChunkBackend`) and objects;
+* ``_maintenance.py`` the lock and the interface of gc and fsck;
+* ``_journal.py``     the store's journal, for the layers above;
+* ``_upgrade.py``     bringing stores of an older layout up to date.
+
+Concurrency invariants:
+
+* One writing process per store: ``STORE/lock`` is flock()ed exclusively.
+  Read-only openers take no lock and see the last committed state (LMDB MVCC).
+* Within the writer, any number of threads may read and put at once.  Puts
+  hold the maintenance lock shared from ingest to publication; gc and fsck
+  --repair hold it exclusively (``maintenance()``).
+* Reads need no lock.  A read whose segment vanished under it (gc compaction)
+  looks the chunk up again once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import shutil
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+
+from cachefs.engine._chunker import Chunker, Source
+from cachefs.engine._health import Health
+from cachefs.engine._index import Index
+from cachefs.engine._ingest import Ingest
+from cachefs.engine._journal import Journal
+from cachefs.engine._maintenance import Maintenance, MaintenanceLock
+from cachefs.engine._publish import PendingObject, Publisher, PublishHook
+from cachefs.engine._reads import LocalChunks, ObjectReader
+from cachefs.engine._segments import SegmentStore
+from cachefs.engine._upgrade import upgrade
+from cachefs.engine._workers import Workers
+from cachefs.errors import (
+    CachefsError,
+    ConfigError,
+    ReadOnlyError,
+    StoreFullError,
+    StoreLockedError,
+    StoreNotFoundError,
+    from_oserror,
+)
+from cachefs.format import journal as journal_format
+from cachefs.format.codec import ChunkCodec
+from cachefs.format.digest import Digest
+from cachefs.format.header import (
+    HEADER_NAME,
+    STORE_FORMAT_VERSION,
+    Header,
+    StoreConfig,
+    read_header,
+    write_header,
+)
+from cachefs.format.schema import INDEX_NAME, ObjectEntry
+
+log = logging.getLogger(__name__)
+
+#: Disk space kept aside so that files can be deleted on a full disk.
+RESERVE_NAME = "reserve"
+RESERVE_SIZE = 8 << 20
+
+T = TypeVar("T")
+
+#: Files ingested by one task of ``put_files``.
+_FILES_PER_TASK = 16
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """Run-time settings (not part of the on-disk format)."""
+
+    #: Bytes of decompressed chunks kept in memory for reads.
+    cache_size: int = 64 << 20
+    #: fdatasync segments, index and journal at every durable point.  Off only
+    #: for throwaway stores (survives a process crash, not a machine crash).
+    fsync: bool = True
+    #: Worker threads for chunk hashing and compression.
+    workers: int = field(default_factory=lambda: os.cpu_count() or 2)
+    #: Segments whose live bytes fall below this fraction are compacted by gc.
+    gc_live_threshold: float = 0.5
+    #: Open segment mappings kept for reads.
+    max_maps: int = 256
+    #: Read buffer size of the ingest pipeline.
+    buffer_size: int = 4 << 20
+
+    def validate(self) -> None:
+        if self.cache_size < 0:
+            raise ConfigError("cache size must not be negative")
+        if self.workers < 1:
+            raise ConfigError("need at least one worker thread")
+        if not 0.0 <= self.gc_live_threshold <= 1.0:
+            raise ConfigError("gc live threshold must be a fraction in [0, 1]")
+
+
+#: A progress callback of long maintenance work: (done, total), in bytes or items.
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class StoreStats:
+    objects: int
+    files: int
+    logical_bytes: int
+    chunks: int
+    chunk_bytes: int
+    stored_bytes: int
+    segments: int
+    segment_bytes: int
+    segments_below_threshold: int
+    live_histogram: list[int]
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.chunk_bytes if self.chunk_bytes else 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.chunk_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    @property
+    def live_ratio(self) -> float:
+        return self.stored_bytes / self.segment_bytes if self.segment_bytes else 1.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "files": self.files,
+            "objects": self.objects,
+            "logical_bytes": self.logical_bytes,
+            "stored_bytes": self.stored_bytes,
+            "chunks": self.chunks,
+            "chunk_bytes": self.chunk_bytes,
+            "dedup_ratio": round(self.dedup_ratio, 4),
+            "compression_ratio": round(self.compression_ratio, 4),
+            "segments": self.segments,
+            "segment_bytes": self.segment_bytes,
+            "live_ratio": round(self.live_ratio, 4),
+            "segments_below_gc_threshold": self.segments_below_threshold,
+            "segment_live_histogram": self.live_histogram,
+        }
+
+
+class Reserve:
+    """``STORE/reserve``: allocated disk space given back when the disk is full,
+    because deleting needs room too (LMDB copies pages on write)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path / RESERVE_NAME
+        self.held = False
+
+    def ensure(self) -> bool:
+        """Set the reserve aside (again); whether it is in place."""
+        try:
+            if self.path.stat().st_size >= RESERVE_SIZE:
+                self.held = True
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_SIZE)
+            finally:
+                os.close(fd)
+        except OSError:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+            return False
+        self.held = True
+        return True
+
+    def release(self) -> bool:
+        """Give the reserve back to the disk (when full); whether there was one."""
+        self.held = False
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("the disk is full: released the store's %d MiB reserve", RESERVE_SIZE >> 20)
+        return True
+
+
+class Store:
+    """A chunk store on a directory.  Use :meth:`open`; close it (or use ``with``)."""
+
+    def __init__(
+        self,
+        path: Path,
+        header: Header,
+        options: StoreOptions,
+        *,
+        readonly: bool,
+        lock_fd: int | None,
+    ) -> None:
+        self.path = path
+        self.config = config = header.config
+        self.options = options
+        self.readonly = readonly
+        self._lock_fd = lock_fd
+        self._closed = False
+        self.digest_function = config.digest
+        self.segments_root = path / "segments"
+        self.tmp_root = path / "tmp"
+        self.health = Health()
+        self.workers = Workers(options.workers)
+        self.index = Index(path, readonly=readonly, fsync=options.fsync)
+        self.segments = SegmentStore(
+            self.segments_root, config.segments, fsync=options.fsync, max_maps=options.max_maps
+        )
+        codec = ChunkCodec(config.compression)
+        self.chunks = LocalChunks(
+            self.index,
+            self.segments,
+            codec,
+            self.digest_function,
+            self.health,
+            self.workers,
+            options.cache_size,
+        )
+        self.reader = ObjectReader(self.index, self.chunks, self.health)
+        self.publisher = Publisher(
+            self.index, self.segments, self.health, self.reader.object_entry, fsync=options.fsync
+        )
+        #: Cuts content into chunks with the store's parameters.
+        self.chunker = Chunker(config.chunking, options.buffer_size)
+        self.ingest = Ingest(
+            self.digest_function,
+            self.chunker,
+            codec,
+            self.segments,
+            self.chunks,
+            self.reader,
+            self.workers,
+        )
+        self.reserve = Reserve(path)
+        self._maintenance = MaintenanceLock()
+        #: The store's journal (writers only): see ``cachefs.format.journal``.
+        self.journal: Journal | None = None
+        if not readonly:
+            try:
+                self._recover(header)
+            except BaseException as exc:
+                self._release()
+                if isinstance(exc, OSError):
+                    raise from_oserror(exc, f"recovering store {path}") from None
+                raise
+
+    # --- opening and closing -------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        create: bool = False,
+        config: StoreConfig | None = None,
+        options: StoreOptions | None = None,
+    ) -> Store:
+        """Open the store at ``path``; with ``create``, make it first if missing.
+
+        Raises StoreNotFoundError, StoreLockedError (another writer),
+        FormatVersionError (newer store; nothing is modified), CorruptDataError.
+        """
+        path = Path(path).absolute()
+        options = options or StoreOptions()
+        options.validate()
+        if readonly:
+            if create:
+                raise ConfigError("cannot create a store read-only")
+            header = read_header(path)
+            if not (path / INDEX_NAME).exists():
+                raise StoreNotFoundError(f"{path} has no index ({INDEX_NAME})")
+            return cls(path, header, options, readonly=True, lock_fd=None)
+        if create:
+            if config is not None:
+                config.validate()
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise from_oserror(exc, f"creating store directory {path}") from None
+        # Refuse what must be refused before the lock file is created, so that a
+        # refused store or directory is left exactly as it was.
+        if (path / HEADER_NAME).exists() or not create:
+            read_header(path)  # raises the precise "not found" / "too new" error
+        else:
+            _check_empty(path)
+        lock_fd = _lock_store(path)
+        try:
+            if not (path / HEADER_NAME).exists():
+                if not create:
+                    raise StoreNotFoundError(f"no store at {path}")
+                _check_empty(path)
+                write_header(path, config or StoreConfig())
+            found = read_header(path)
+            if config is not None and create and config != found.config:
+                log.info("store %s exists; using its own configuration", path)
+            return cls(path, found, options, readonly=False, lock_fd=lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    def _recover(self, header: Header) -> None:
+        """Writer start-up: upgrade an older layout, cut segments back to what
+        was published, drop debris, open the journal."""
+        if header.format_version < STORE_FORMAT_VERSION:
+            upgrade(self.path, self.index, header.format_version)
+        elif self.index.schema_version is None:  # a store just made
+            with self.publisher.write_txn("recording the schema version") as txn:
+                self.index.set_schema_version(txn)
+        shutil.rmtree(self.tmp_root, ignore_errors=True)
+        self.tmp_root.mkdir(exist_ok=True)
+        with self.index.read() as txn:
+            published = dict(self.index.iter_segments(txn))
+            next_id = self.index.counter(txn, "next_segment_id")
+        if self.segments.recover(published, next_id):
+            self.health.suspect()
+        self.journal = Journal(self.path / journal_format.DIRECTORY, fsync=self.options.fsync)
+
+    def close(self) -> None:
+        """Publish nothing new; make what was published durable; release everything."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.workers.shutdown()
+            if not self.readonly:
+                try:
+                    self.publisher.publish([], durable=True)  # syncs what durable=False left
+                except CachefsError as exc:
+                    log.warning("could not sync on close: %s", exc)
+        finally:
+            self._release()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def _release(self) -> None:
+        self.workers.shutdown()
+        self.segments.close()
+        self.chunks.cache.clear()
+        if self.journal is not None:
+            self.journal.close()
+        self.index.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_writable(self) -> None:
+        """ReadOnlyError unless the store is open for writing (and not closed)."""
+        if self.readonly:
+            raise ReadOnlyError(f"store {self.path} is open read-only")
+        if self._closed:
+            raise CachefsError(f"store {self.path} is closed")
+
+    # --- writing ---------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Make everything published so far durable (after ``durable=False`` puts)."""
+        self.check_writable()
+        self.publisher.publish([], durable=True)
+
+    def put(
+        self, source: Source, *, durable: bool = True, on_publish: PublishHook | None = None
+    ) -> Digest:
+        """Store an object and add one reference to it; return its digest.
+
+        ``source`` is bytes, a binary file object or an iterable of byte
+        strings; it is read once, in buffers, so it may be larger than memory.
+        When this returns with ``durable`` true, the object survives a crash.
+        ``on_publish`` runs inside the transaction that publishes the object
+        (it shares it with other objects published at the same moment, so it
+        must not fail but for a broken index); whatever it writes becomes
+        visible atomically with the object.
+        """
+        return self._put(lambda: self.ingest.ingest(source), durable, on_publish)
+
+    def put_revision(
+        self,
+        base: Digest,
+        size: int,
+        changed: list[tuple[int, int]],
+        read_range: Callable[[int, int], Iterable[bytes | memoryview]],
+        *,
+        durable: bool = True,
+        on_publish: PublishHook | None = None,
+    ) -> Digest:
+        """Store a new revision of the object ``base`` and add a reference to it.
+
+        The new content is ``size`` bytes; it may differ from ``base`` only in
+        the sorted, disjoint ranges ``changed`` (bytes past the end of ``base``
+        must be in them); ``read_range(start, stop)`` yields its bytes.  Only the
+        region around each change is chunked again: the content-defined cuts
+        fall again on the base's chunk boundaries shortly after a change, and
+        from there the base's chunks are taken as they are, without chunking,
+        digesting or looking them up.  The whole-object digest still reads every
+        byte.  See :meth:`put` for ``durable`` and ``on_publish``.
+        """
+        return self._put(
+            lambda: self.ingest.splice(base, size, changed, read_range), durable, on_publish
+        )
+
+    def _put(
+        self,
+        ingest: Callable[[], PendingObject],
+        durable: bool,
+        on_publish: PublishHook | None,
+    ) -> Digest:
+        """Ingest (under the maintenance lock, so that gc cannot collect chunks the
+        ingest found) and publish one object."""
+        self.check_writable()
+        with self._maintenance.shared():
+            pending = ingest()
+            pending.on_publish = on_publish
+            self.publisher.publish([pending], durable=durable)
+        return pending.digest
+
+    def put_files(
+        self, paths: Iterable[Path], *, durable: bool = True, batch_bytes: int = 256 << 20
+    ) -> Iterator[tuple[Path, Digest | CachefsError]]:
+        """Store many files, several at a time, publishing them in groups.
+
+        Yields ``(path, digest)`` in the order given once the file's group is
+        published (and durable, with ``durable``), or ``(path, error)`` for a
+        file that could not be read.
+        """
+        self.check_writable()
+
+        def ingest(group: list[Path]) -> list[PendingObject | CachefsError]:
+            results: list[PendingObject | CachefsError] = []
+            for path in group:
+                try:
+                    results.append(self.ingest.ingest_file(path))
+                except OSError as exc:  # this file could not be read; the others go on
+                    results.append(from_oserror(exc, f"reading {path}"))
+            return results
+
+        with (
+            self._maintenance.shared(),
+            ThreadPoolExecutor(self.options.workers, thread_name_prefix="cachefs-put") as files,
+        ):
+            # Files go to the threads in groups: a hand-over between threads costs
+            # more than ingesting a small file does.
+            window: deque[tuple[list[Path], Future[list[PendingObject | CachefsError]]]] = deque()
+            ready: list[tuple[Path, PendingObject | CachefsError]] = []
+            ready_bytes = 0
+
+            def flush() -> Iterator[tuple[Path, Digest | CachefsError]]:
+                nonlocal ready, ready_bytes
+                objects = [r for _, r in ready if isinstance(r, PendingObject)]
+                if objects:
+                    self.publisher.publish(objects, durable=durable)
+                for path, result in ready:
+                    yield path, result.digest if isinstance(result, PendingObject) else result
+                ready, ready_bytes = [], 0
+
+            def collect(keep: int) -> Iterator[tuple[Path, Digest | CachefsError]]:
+                nonlocal ready_bytes
+                while len(window) > keep:
+                    group, fut = window.popleft()
+                    for path, result in zip(group, fut.result(), strict=True):
+                        ready.append((path, result))
+                        if isinstance(result, PendingObject):
+                            ready_bytes += result.digest.size
+                    if ready_bytes >= batch_bytes or len(ready) >= 4096:
+                        yield from flush()
+
+            remaining = iter(paths)
+            while group := list(itertools.islice(remaining, _FILES_PER_TASK)):
+                window.append((group, files.submit(ingest, group)))
+                yield from collect(2 * self.options.workers)
+            yield from collect(0)
+            yield from flush()
+
+    # --- references --------------------------------------------------------------
+
+    def ref(self, digest: Digest) -> None:
+        """Add a reference to a stored object."""
+        self.check_writable()
+        with (
+            self._maintenance.shared(),
+            self.publisher.commit_lock,
+            self.publisher.write_txn("adding a reference") as txn,
+        ):
+            self.publisher.add_ref(txn, digest)
+        if self.options.fsync:
+            self.index.sync()
+
+    def unref(self, digest: Digest) -> bool:
+        """Drop a reference; when it was the last, the object goes (its chunks
+        become garbage for ``gc`` if nothing else uses them).  Returns whether
+        the object is gone."""
+        self.check_writable()
+        with (
+            self._maintenance.shared(),
+            self.publisher.commit_lock,
+            self.publisher.write_txn("dropping a reference") as txn,
+        ):
+            gone = self.publisher.drop_ref(txn, digest)
+        if self.options.fsync:
+            self.index.sync()
+        return gone
+
+    def drop_ref(self, txn: lmdb.Transaction, digest: Digest) -> bool:
+        """:meth:`unref` inside the caller's write transaction (see :meth:`transaction`)."""
+        return self.publisher.drop_ref(txn, digest)
+
+    @property
+    def dropped(self) -> int:
+        """References dropped since the store was opened."""
+        return self.publisher.dropped
+
+    @contextmanager
+    def transaction(self, what: str) -> Iterator[lmdb.Transaction]:
+        """A write transaction on the index, serialised with publications, for a
+        layer that keeps records of its own there (the namespace).  ``what``
+        names the operation in errors.  Durable at the next :meth:`sync`.
+
+        It takes no store lock (LMDB serialises writers), so that it never waits
+        for a long ``gc``; it must only add references through a publication
+        and may drop them with :meth:`drop_ref`."""
+        self.check_writable()
+        with self.publisher.write_txn(what) as txn:
+            yield txn
+
+    # --- reading -------------------------------------------------------------------
+
+    def contains(self, digest: Digest) -> bool:
+        return self.reader.contains(digest)
+
+    def find_object(self, digest_hash: bytes) -> Digest | None:
+        """The digest (with its size) of the stored object whose hash is
+        ``digest_hash``, or None."""
+        with self.index.read() as txn:
+            entry = self.index.get_object(txn, digest_hash)
+        return None if entry is None else Digest(digest_hash, entry.size)
+
+    def object_entry(self, txn: lmdb.Transaction, digest: Digest) -> ObjectEntry:
+        """An object's index entry in the caller's transaction (ObjectNotFoundError)."""
+        return self.reader.object_entry(txn, digest)
+
+    def recipe(self, digest: Digest) -> list[tuple[bytes, int]]:
+        """The chunk digests and lengths that make up an object, in order."""
+        return self.reader.recipe(digest)
+
+    def read_chunk(self, digest: bytes) -> bytes | memoryview:
+        """A chunk's bytes, verified (a raw chunk is a view on a segment mapping)."""
+        return self.chunks.read_chunk(digest)
+
+    def iter_object(
+        self, digest: Digest, offset: int = 0, length: int | None = None
+    ) -> Iterator[memoryview | bytes]:
+        """The bytes of an object (or of a range of it) as a sequence of pieces.
+
+        Pieces are views on segment mappings where chunks are stored raw: no copy
+        is made in Python.  Chunks ahead of the reader are verified and
+        decompressed in worker threads (a window of a few chunks), so a large
+        read uses every core; memory stays bounded whatever the object's size.
+        """
+        return self.reader.iter_object(digest, offset, length)
+
+    def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> bytes:
+        """An object's bytes (or a range of them) as one ``bytes``."""
+        return b"".join(self.iter_object(digest, offset, length))
+
+    # --- maintenance, health, space, memory ------------------------------------------
+
+    @contextmanager
+    def maintenance(self) -> Iterator[Maintenance]:
+        """Hold the store exclusively (no put, no publication) for gc or fsck
+        --repair; see :class:`Maintenance`."""
+        self.check_writable()
+        with self._maintenance.exclusive(), self.publisher.commit_lock:
+            self.segments.clear_pending()  # no ingest runs: these belong to abandoned puts
+            yield Maintenance(
+                self.index,
+                self.segments,
+                self.publisher,
+                self.chunks,
+                self.health,
+                fsync=self.options.fsync,
+            )
+
+    @property
+    def maintenance_pending(self) -> bool:
+        """Whether maintenance holds the store or waits for it: a put now waits."""
+        return self._maintenance.pending
+
+    @property
+    def needs_fsck(self) -> bool:
+        return self.health.needs_fsck
+
+    @property
+    def corruptions(self) -> int:
+        return self.health.corruptions
+
+    def freeing(self, operation: Callable[[], T]) -> T:
+        """Run an operation that frees space; on a full disk, give the reserve
+        back and try once more (deleting needs room too)."""
+        try:
+            return operation()
+        except StoreFullError:
+            if not self.reserve.release():
+                raise
+            return operation()
+
+    def limit_memory(self, limit: int) -> None:
+        """Size the in-memory caches for a process that should stay within
+        ``limit`` bytes: decompressed chunks get at most an eighth of it, and
+        segment pages are dropped from the process after a quarter of it was
+        read through the maps."""
+        self.chunks.cache.capacity = min(self.options.cache_size, limit // 8)
+        self.segments.maps.resident_limit = max(1 << 20, limit // 4)
+
+    def shrink(self) -> None:
+        """Drop what the in-memory caches hold (memory pressure)."""
+        self.chunks.cache.clear()
+        self.reader.forget_layouts()
+        self.segments.maps.drop_pages()
+
+    def stored_bytes(self) -> int:
+        """Bytes of the live records in segments (headers included), as published."""
+        with self.index.read() as txn:
+            return self.index.counter(txn, "stored_bytes")
+
+    def stats(self) -> StoreStats:
+        with self.index.read() as txn:
+            counters = self.index.counters_dict(txn)
+            segments = list(self.index.iter_segments(txn))
+        threshold = self.options.gc_live_threshold
+        histogram = [0] * 10
+        below = 0
+        segment_bytes = 0
+        for _, entry in segments:
+            segment_bytes += entry.length
+            ratio = entry.live_bytes / entry.length if entry.length else 0.0
+            histogram[min(9, int(ratio * 10))] += 1
+            if ratio < threshold:
+                below += 1
+        return StoreStats(
+            objects=counters["objects"],
+            files=counters["files"],
+            logical_bytes=counters["logical_bytes"],
+            chunks=counters["chunks"],
+            chunk_bytes=counters["chunk_bytes"],
+            stored_bytes=counters["stored_bytes"],
+            segments=len(segments),
+            segment_bytes=segment_bytes,
+            segments_below_threshold=below,
+            live_histogram=histogram,
+        )
+
+
+def _check_empty(path: Path) -> None:
+    if any(p.name not in ("lock", RESERVE_NAME) for p in path.iterdir()):
+        raise ConfigError(
+            f"{path} is not empty and not a cachefs store",
+            hint="choose an empty or new directory for a new store",
+        )
+
+
+def _lock_store(path: Path) -> int:
+    try:
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise from_oserror(exc, f"opening the lock of store {path}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StoreLockedError(f"store {path} is open for writing by another process") from None
+        raise from_oserror(exc, f"locking store {path}") from None
+    return fd

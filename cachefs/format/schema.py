@@ -1,0 +1,283 @@
+"""The metadata schema: one LMDB environment per store (on-disk format layer).
+
+All metadata lives in ``STORE/index.lmdb`` (a single-file LMDB environment), apart
+from the chunk bytes in segments.  Readers never block (LMDB MVCC); one write
+transaction runs at a time.  The chunk index and the filesystem namespace are
+named databases of the same environment, so that publishing a file's content
+and pointing its inode at it is one transaction.  ``engine/_index.py`` opens
+them; this module is the one place that says what they hold.
+
+Named databases (integers little-endian unless marked BE; BE keys sort
+numerically, so that all the keys of one inode are adjacent):
+
+``meta``  key: ASCII name; value Q.
+    ``schema_version``: SCHEMA_VERSION of the program that wrote the index
+    (version 1 had no ``meta``).  A program refuses an index with a newer
+    schema version, and opens an older one only to upgrade it.
+
+``chunks``  key: raw chunk digest (32 bytes)
+    value ``CHUNK`` = segment id Q, record offset Q, raw length I, stored length I,
+    flags B (the record's flags), 3 pad bytes, reference count Q.
+    Invariant: refcount = number of times the chunk appears in the recipes of
+    all objects (each distinct object once).  refcount 0 = garbage that ``gc``
+    removes; a new object that needs the chunk may revive it first.
+
+``objects``  key: raw object digest (32 bytes)
+    value ``OBJECT`` = size Q, reference count Q, chunk count I, then
+    ``chunk count`` entries of ``RECIPE_ENTRY`` = chunk digest 32s, raw length I.
+    Invariants: size = sum of the entry lengths; refcount >= 1 (an object whose
+    last reference goes is deleted, and its chunks' refcounts drop).
+
+``segments``  key: segment id (Q, BE)
+    value ``SEGMENT`` = shard I, published length Q, live bytes Q, live records Q.
+    published length: every byte before it is complete and referenced records
+    lie within it; a writer that opens the store truncates anything after it
+    (the torn or unpublished tail of a crashed writer).  live bytes / records:
+    the records (header + payload) that the chunk index points into.
+    A segment file with no entry here holds nothing published and is deleted.
+
+``counters``  key: ASCII name; value Q.
+    ``objects`` distinct objects, ``files`` sum of object refcounts,
+    ``logical_bytes`` sum of size x refcount over objects, ``chunks`` index
+    entries, ``chunk_bytes`` sum of their raw lengths, ``stored_bytes`` sum of
+    their record sizes (header + payload), ``next_segment_id``; for the
+    namespace ``next_inode`` and ``inodes`` (inodes in use).
+
+The namespace (created when a store is first mounted):
+
+``inodes``  key: inode number (Q, BE)
+    value ``INODE`` = mode I, uid I, gid I, nlink I, size Q, rdev Q,
+    atime ns q, mtime ns q, ctime ns q, content digest 32s, then for a
+    symlink its target (the rest of the value).
+    The content digest names the object (in ``objects``) holding a regular
+    file's bytes, of exactly ``size`` bytes; all zeros when the file is empty
+    (size 0) or not a regular file.  Each inode with content holds one
+    reference to its object (``objects`` refcount), whatever its link count.
+    nlink counts directory entries naming the inode, plus for a directory
+    its own "." and every subdirectory's "..".  The root directory is inode
+    ROOT_INODE.
+
+``dirents``  key: parent inode (Q, BE) + name (1..255 bytes)
+    value: child inode (Q).  No entry for "." or "..": a directory's parent
+    is kept in ``parents``.
+
+``parents``  key: directory inode (Q, BE); value: parent directory inode (Q).
+
+``xattrs``  key: inode (Q, BE) + name; value: the attribute's bytes.
+
+``orphans``  key: inode (Q, BE); value: empty.
+    Inodes whose last directory entry is gone while something (an open file,
+    the kernel) still used them.  They are deleted when released, or at the
+    next mount if the daemon stopped first.
+
+``caches``  key: directory inode (Q, BE); value: a JSON object.
+    The directories marked as caches (``cachefs.fs`` cache directories):
+    ``max_size`` (bytes), ``policy`` (``lru``, ``lfu`` or ``arc``) and the
+    counters kept across mounts (``hits``, ``misses``, ``evictions``,
+    ``bytes_evicted``, ``throttled``, ``throttled_seconds``).  Key
+    STORE_SETTINGS (no inode has it) holds store-wide settings:
+    ``max_store_size``.  A directory's record goes with the directory.
+
+``cache_state``  key: directory inode (Q, BE); value: ``CACHE_ENTRY`` records
+    (inode Q, count Q), one per file of the cache, in the order that rebuilds
+    its eviction policy.  Saved at unmount and now and then while mounted;
+    advisory: files missing from it are added at mount.
+
+Bump SCHEMA_VERSION (and the store format version) for any change that an
+older program would misread, and add the step that upgrades the previous
+version to ``engine/_upgrade.py``.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from dataclasses import dataclass
+
+from cachefs.errors import CorruptDataError
+from cachefs.format.digest import Digest
+
+#: Version of the LMDB schema.  1: cachefs 0.1 (no ``meta``; a ``wal_applied``
+#: database of the engine's staged objects).  2: ``meta``; no ``wal_applied``.
+SCHEMA_VERSION = 2
+
+INDEX_NAME = "index.lmdb"
+MAX_DBS = 32
+MAP_SIZE = 1 << 40  # address space only; the file grows as needed
+
+#: The databases of the chunk store, opened with the index.
+STORE_DATABASES = (b"meta", b"chunks", b"objects", b"segments", b"counters")
+#: The databases of the namespace, made when the store is first mounted.
+NAMESPACE_DATABASES = (b"inodes", b"dirents", b"parents", b"xattrs", b"orphans")
+#: The databases of cache directories (added after the rest of the namespace).
+CACHE_DATABASES = (b"caches", b"cache_state")
+
+CHUNK = struct.Struct("<QQIIB3xQ")
+OBJECT = struct.Struct("<QQI")
+RECIPE_ENTRY = struct.Struct("<32sI")
+SEGMENT = struct.Struct("<IQQQ")
+SEGMENT_KEY = struct.Struct(">Q")
+COUNTER = struct.Struct("<Q")
+INODE = struct.Struct("<IIIIQQqqq32s")
+assert INODE.size == 88
+INO_KEY = struct.Struct(">Q")
+INO_VALUE = struct.Struct("<Q")
+CACHE_ENTRY = struct.Struct("<QQ")
+
+SCHEMA_VERSION_KEY = b"schema_version"
+COUNTER_NAMES = (
+    "objects",
+    "files",
+    "logical_bytes",
+    "chunks",
+    "chunk_bytes",
+    "stored_bytes",
+    "next_segment_id",
+)
+
+ROOT_INODE = 1
+#: Key of the store-wide settings in ``caches``.
+STORE_SETTINGS = 0
+#: The content digest of an inode without content.
+NO_CONTENT = bytes(32)
+
+
+@dataclass
+class ChunkEntry:
+    segment_id: int
+    offset: int
+    raw_len: int
+    stored_len: int
+    flags: int
+    refcount: int
+
+    def pack(self) -> bytes:
+        return CHUNK.pack(
+            self.segment_id, self.offset, self.raw_len, self.stored_len, self.flags, self.refcount
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview) -> ChunkEntry:
+        return cls(*CHUNK.unpack(raw))
+
+
+@dataclass
+class ObjectEntry:
+    size: int
+    refcount: int
+    chunks: list[tuple[bytes, int]]  # (chunk digest, raw length)
+
+    def pack(self) -> bytes:
+        parts = [OBJECT.pack(self.size, self.refcount, len(self.chunks))]
+        parts.extend(RECIPE_ENTRY.pack(d, n) for d, n in self.chunks)
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview) -> ObjectEntry:
+        size, refcount, count = OBJECT.unpack_from(raw, 0)
+        if len(raw) != OBJECT.size + count * RECIPE_ENTRY.size:
+            raise CorruptDataError("object recipe has the wrong length in the index")
+        chunks = list(RECIPE_ENTRY.iter_unpack(memoryview(raw)[OBJECT.size :]))
+        return cls(size, refcount, chunks)
+
+
+@dataclass
+class SegmentEntry:
+    shard: int
+    length: int
+    live_bytes: int
+    live_records: int
+
+    def pack(self) -> bytes:
+        return SEGMENT.pack(self.shard, self.length, self.live_bytes, self.live_records)
+
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview) -> SegmentEntry:
+        return cls(*SEGMENT.unpack(raw))
+
+
+@dataclass
+class Inode:
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    content: bytes = NO_CONTENT
+    target: bytes = b""
+
+    def pack(self) -> bytes:
+        return (
+            INODE.pack(
+                self.mode,
+                self.uid,
+                self.gid,
+                self.nlink,
+                self.size,
+                self.rdev,
+                self.atime_ns,
+                self.mtime_ns,
+                self.ctime_ns,
+                self.content,
+            )
+            + self.target
+        )
+
+    @classmethod
+    def unpack(cls, ino: int, raw: bytes | memoryview) -> Inode:
+        mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, content = INODE.unpack_from(raw)
+        return cls(
+            ino,
+            mode,
+            uid,
+            gid,
+            nlink,
+            size,
+            rdev,
+            atime,
+            mtime,
+            ctime,
+            content,
+            bytes(raw[INODE.size :]),
+        )
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def digest(self) -> Digest | None:
+        """The object holding the file's bytes (None when it has none)."""
+        if self.content == NO_CONTENT:
+            return None
+        return Digest(self.content, self.size)
+
+
+def dirent_key(parent: int, name: bytes) -> bytes:
+    """The ``dirents`` key of entry ``name`` in directory ``parent``."""
+    return INO_KEY.pack(parent) + name
+
+
+__all__ = [
+    "CACHE_ENTRY",
+    "INO_KEY",
+    "INO_VALUE",
+    "NO_CONTENT",
+    "ROOT_INODE",
+    "SCHEMA_VERSION",
+    "STORE_SETTINGS",
+    "ChunkEntry",
+    "Inode",
+    "ObjectEntry",
+    "SegmentEntry",
+    "dirent_key",
+]

@@ -1,0 +1,58 @@
+"""Filesystem semantics over the engine (the filesystem layer): POSIX files and
+directories, the journal of writes, publication, cache directories, traces and
+the memory limit.  It knows nothing of pyfuse3 (``cachefs.fuse`` adapts it to
+the kernel); tests drive :class:`Filesystem` directly.
+
+What it offers:
+
+* :class:`Filesystem` and its defaults (``DEFAULT_PUBLISH_THRESHOLD``,
+  ``DEFAULT_LOG_LIMIT``, ``DEFAULT_MEMORY_LIMIT``); :class:`OpenFile`;
+* the xattrs it gives meaning to: ``DIGEST_XATTR`` (read-only, every regular
+  file) and ``CACHE_XATTR`` (marks a cache directory); ``parse_setting``;
+* the control directory: ``CONTROL_NAME``, ``is_virtual``, ``is_volatile``;
+* eviction policies (:class:`Policy`, ``POLICIES``, ``make_policy``), for the
+  trace-replay benchmark too;
+* :class:`FsEvents`, what listeners of the filesystem receive;
+* ``check_outside`` (trace files outside the mount); the memory figures
+  ``resident_bytes`` and ``memory_pressure``.
+"""
+
+from cachefs.fs._caches import CACHE_XATTR, parse_setting
+from cachefs.fs._control import CONTROL_NAME, is_virtual, is_volatile
+from cachefs.fs._events import FsEvents
+from cachefs.fs._files import OpenFile
+from cachefs.fs._filesystem import DEFAULT_PUBLISH_THRESHOLD, DIGEST_XATTR, Filesystem
+from cachefs.fs._journal import DEFAULT_LOG_LIMIT
+from cachefs.fs._memory import (
+    DEFAULT_MEMORY_LIMIT,
+    MemoryGovernor,
+    memory_pressure,
+    resident_bytes,
+)
+from cachefs.fs._policy import ARC, LFU, LRU, POLICIES, Policy, make_policy
+from cachefs.fs._trace import check_outside
+
+__all__ = [
+    "ARC",
+    "CACHE_XATTR",
+    "CONTROL_NAME",
+    "DEFAULT_LOG_LIMIT",
+    "DEFAULT_MEMORY_LIMIT",
+    "DEFAULT_PUBLISH_THRESHOLD",
+    "DIGEST_XATTR",
+    "LFU",
+    "LRU",
+    "POLICIES",
+    "Filesystem",
+    "FsEvents",
+    "MemoryGovernor",
+    "OpenFile",
+    "Policy",
+    "check_outside",
+    "is_virtual",
+    "is_volatile",
+    "make_policy",
+    "memory_pressure",
+    "parse_setting",
+    "resident_bytes",
+]

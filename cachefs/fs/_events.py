@@ -1,0 +1,58 @@
+"""What the filesystem tells the parts that follow it (filesystem layer).
+
+Cache directories (``_caches.py``) and trace recording (``_trace.py``) keep
+their own books about files; the filesystem does not call them by name, it
+emits events to its listeners, each a :class:`FsEvents`.  Every method does
+nothing by default: a listener overrides what it needs.  Events are emitted on
+the trio thread, after the change they report was made.
+"""
+
+from __future__ import annotations
+
+from cachefs.engine import Inode
+
+#: A directory entry: (parent directory inode, name).
+Entry = tuple[int, bytes]
+
+
+class FsEvents:
+    """A listener of filesystem events."""
+
+    def looked_up(self, parent: int, name: bytes, inode: Inode) -> None:
+        """An existing entry was looked up."""
+
+    def missed(self, parent: int, name: bytes) -> None:
+        """A lookup found no entry ``name`` in ``parent``."""
+
+    def opened(self, ino: int, size: int) -> None:
+        """An existing regular file was opened (not one just created)."""
+
+    def created(self, parent: int, name: bytes, inode: Inode) -> None:
+        """A new inode (of any type) was made with entry ``name``."""
+
+    def linked(self, parent: int, name: bytes, inode: Inode) -> None:
+        """A new entry for an existing file."""
+
+    def removed(self, parent: int, name: bytes, inode: Inode) -> None:
+        """An entry went (unlink, rmdir); ``inode`` is as it is now (``nlink``
+        0: it has no entry left)."""
+
+    def replaced(self, parent: int, name: bytes, inode: Inode) -> None:
+        """A rename put another inode at ``name``: ``inode``, the one that was
+        there, lost that entry (as in :meth:`removed`)."""
+
+    def renamed(self, moved: Inode, old: Entry, new: Entry, exchanged: Inode | None) -> None:
+        """``moved`` went from ``old`` to ``new``; with RENAME_EXCHANGE,
+        ``exchanged`` went the other way."""
+
+    def resized(self, ino: int, size: int) -> None:
+        """A file's size changed (writes past its end, truncation)."""
+
+    def published(self, ino: int, size: int) -> None:
+        """A file's new content was published."""
+
+    def evicted(self, parent: int, name: bytes, inode: Inode) -> None:
+        """A cache directory evicted an entry."""
+
+
+__all__ = ["Entry", "FsEvents"]

@@ -1,0 +1,358 @@
+"""Eviction from cache directories, and room for writes (filesystem layer).
+
+The other half of cache directories (``_caches.py`` keeps their books).
+
+When.  Past ``HIGH_WATERMARK`` of its budget, a cache is evicted in the
+background down to ``LOW_WATERMARK``, in batches of at most ``_BATCH`` files
+with the request loop served between batches.  A write that would take a
+cache past its budget waits for eviction (the writer is throttled) for at
+most ``THROTTLE_LIMIT`` seconds and fails with ENOSPC when nothing is
+evictable or no room came: the budget is a hard limit, like bazel-remote's.
+
+What may go.  Only whole files of cache directories, never a file that is
+open or has unpublished writes (those are busy in ``OpenFiles``), never part
+of a file.  Eviction removes the file's entries in one transaction with the
+others of its batch; the filesystem is told (``on_evicted``) so that the
+kernel drops its cached entries.
+
+The store quota (``--max-store-size``, kept in the store) counts stored
+bytes.  When the store passes it, files are evicted from cache directories
+(the fullest cache relative to its budget first, each by its policy), then gc
+reclaims their chunks; writers wait meanwhile, and get ENOSPC only when the
+store is still over the quota with nothing evictable left.  Deleting files
+then makes room again (gc runs before a writer is refused).
+
+Everything here runs on the trio thread of the filesystem.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from cachefs.engine import CachefsError, GcReport, Inode, Namespace, Store, StoreFullError
+from cachefs.fs._files import OpenFiles
+
+if TYPE_CHECKING:
+    from cachefs.fs._caches import CacheDir, CacheDirs
+
+log = logging.getLogger(__name__)
+
+#: Eviction starts past this fraction of a budget (or of the store quota) ...
+HIGH_WATERMARK = 0.95
+#: ... and goes down to this fraction.
+LOW_WATERMARK = 0.90
+#: Seconds a writer waits for room before it gets ENOSPC.
+THROTTLE_LIMIT = 5.0
+#: Seconds between saves of the policies and counters.
+SAVE_INTERVAL = 60.0
+#: Files evicted per transaction.
+_BATCH = 128
+#: Writers' waits kept for the figures.
+_WAITS = 4096
+
+#: Told of each entry eviction removed: (parent, name, the inode as it is now).
+OnEvicted = Callable[[int, bytes, Inode], None]
+
+
+class Eviction:
+    """Keeps the cache directories of a mount under their budgets and the
+    store under its quota, and makes writers wait for room."""
+
+    def __init__(
+        self,
+        caches: CacheDirs,
+        namespace: Namespace,
+        store: Store,
+        files: OpenFiles,
+        *,
+        on_evicted: OnEvicted,
+        collect_garbage: Callable[[], Awaitable[GcReport]],
+        on_error: Callable[[CachefsError], None],
+    ) -> None:
+        self.caches = caches
+        self.namespace = namespace
+        self.store = store
+        self.files = files
+        self.on_evicted = on_evicted
+        self.collect_garbage = collect_garbage
+        self.on_error = on_error
+        self.waits: collections.deque[float] = collections.deque(maxlen=_WAITS)
+        self._wake = trio.Event()
+        self._progress = trio.Event()
+        self._waiting = 0
+        #: Writes checked against a budget or the quota, and those held back.
+        self.checks = 0
+        self.blocked = 0
+        #: Stored bytes of the store, as last read.
+        self.stored = 0
+        #: ``Store.dropped`` when gc last ran for the quota (None: not yet).
+        self._gc_dropped: int | None = None
+        self.refresh_stored()
+
+    @property
+    def quota(self) -> int | None:
+        return self.caches.max_store_size
+
+    def refresh_stored(self) -> None:
+        self.stored = self.store.stored_bytes()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def check(self, cache: CacheDir) -> None:
+        """Wake the evictor if ``cache`` passed its high watermark."""
+        if cache.usage > cache.max_size * HIGH_WATERMARK:
+            self.wake()
+
+    def published(self) -> None:
+        """A file was published: one that waited for that may go now, and the
+        store may have passed its quota."""
+        if self._waiting:
+            self.wake()
+        if self.quota is not None:
+            self.refresh_stored()
+            if self.stored >= self.quota * HIGH_WATERMARK:
+                self.wake()
+
+    # --- room for writes --------------------------------------------------------------
+
+    async def make_room(self, ino: int, growth: int) -> None:
+        """Wait until file ``ino`` may grow by ``growth`` bytes: its cache's
+        budget and the store quota allow it.  ENOSPC when they cannot."""
+        cache = self.caches.members.get(ino)
+        if cache is not None or self.quota is not None:
+            self.checks += 1
+        if not self._short(cache, growth):
+            return
+        if cache is not None and growth + self._pinned(cache) > cache.max_size:
+            # Evicting everything that may go would not make room: refuse now.
+            raise _full(f"the cache's budget of {cache.max_size} bytes is taken by open files")
+        self.blocked += 1
+        start = trio.current_time()
+        deadline = start + THROTTLE_LIMIT
+        self._waiting += 1
+        if cache is not None:
+            cache.wanted += growth
+        try:
+            while self._short(cache, growth):
+                over = cache is not None and cache.usage + growth > cache.max_size
+                stuck = cache is not None and not self._evictable(cache)
+                if over and stuck and cache is not None and not self._closing(cache):
+                    raise _full(f"the cache's budget of {cache.max_size} bytes is used")
+                if not over and self._quota_stuck():
+                    raise _full(f"the store quota of {self.quota} bytes is used")
+                if trio.current_time() >= deadline:
+                    raise _full(f"eviction made no room within {THROTTLE_LIMIT:g} s")
+                progress = self._progress
+                self.wake()
+                with trio.move_on_at(deadline):
+                    await progress.wait()
+        finally:
+            self._waiting -= 1
+            if cache is not None:
+                cache.wanted -= growth
+            waited = trio.current_time() - start
+            self.waits.append(waited)
+            if cache is not None:
+                cache.counters["throttled"] += 1
+                cache.counters["throttled_seconds"] += waited
+
+    def _short(self, cache: CacheDir | None, growth: int) -> bool:
+        if cache is not None and cache.usage + growth > cache.max_size:
+            return True
+        return self.quota is not None and self.stored >= self.quota
+
+    def _members_open(self, cache: CacheDir) -> Iterator[tuple[int, int]]:
+        """(opens, size) of the cache's files that are busy."""
+        members = self.caches.members
+        for state in self.files:
+            if members.get(state.ino) is cache:
+                yield state.opens, state.size
+
+    def _pinned(self, cache: CacheDir) -> int:
+        """Bytes of the cache's files that are open (they may not go)."""
+        return sum(size for opens, size in self._members_open(cache) if opens)
+
+    def _closing(self, cache: CacheDir) -> bool:
+        """Whether files of the cache are closed but still being published
+        (evictable once that is done)."""
+        return any(not opens for opens, _ in self._members_open(cache))
+
+    def _evictable(self, cache: CacheDir) -> bool:
+        return next(self._victims(cache), None) is not None
+
+    def _victims(self, cache: CacheDir) -> Iterator[int]:
+        for ino in cache.policy.victims():
+            if not self.files.busy(ino) and ino in cache.names:
+                yield ino
+
+    def _quota_stuck(self) -> bool:
+        """Over the quota, nothing evictable, and gc ran since the last reference
+        to stored data was dropped (so it cannot free anything either)."""
+        if self.quota is None or self.stored < self.quota:
+            return False
+        if any(self._evictable(cache) for cache in self.caches.dirs.values()):
+            return False
+        return self._gc_dropped == self.store.dropped
+
+    def figures(self) -> dict[str, Any]:
+        """The writers' waits (``throttle_waits`` in the figures)."""
+        waits = sorted(self.waits)
+        # Over all checked writes (most never wait): the p99 is among the
+        # waits only when more than 1% of the writes waited.
+        unblocked_share = 1.0 - self.blocked / self.checks if self.checks else 1.0
+        q_all = (0.99 - unblocked_share) / (1.0 - unblocked_share) if unblocked_share < 0.99 else 0
+        return {
+            "count": len(waits),
+            "p50_ms": _percentile(waits, 0.50) * 1000,
+            "p99_ms": _percentile(waits, 0.99) * 1000,
+            "max_ms": (waits[-1] if waits else 0.0) * 1000,
+            "checked": self.checks,
+            "blocked": self.blocked,
+            "p99_all_ms": _percentile(waits, q_all) * 1000 if q_all > 0 else 0.0,
+        }
+
+    # --- eviction --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Evict in the background; save the policies now and then."""
+        caches = self.caches
+        caches.saved_at = trio.current_time()
+        while True:
+            with trio.move_on_at(caches.saved_at + SAVE_INTERVAL):
+                await self._wake.wait()
+            if trio.current_time() >= caches.saved_at + SAVE_INTERVAL:
+                caches.save()
+            if not self._wake.is_set():
+                continue
+            self._wake = trio.Event()
+            try:
+                await self._enforce()
+            except CachefsError as exc:
+                self.on_error(exc)
+                log.error("eviction failed: %s", exc)
+                await trio.sleep(1)
+            finally:
+                self._signal()
+
+    def _signal(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def _enforce(self) -> None:
+        for cache in list(self.caches.dirs.values()):
+            # Down to the low watermark, and room for the writers that wait.
+            target = max(0, min(int(cache.max_size * LOW_WATERMARK), cache.max_size - cache.wanted))
+            if cache.usage > cache.max_size * HIGH_WATERMARK or (
+                cache.wanted and cache.usage > target
+            ):
+                while cache.usage > target:
+                    if not self.evict(cache, target)[0]:
+                        break
+                    self._signal()
+                    await trio.sleep(0)
+        quota = self.quota
+        if quota is not None and self.stored >= quota * HIGH_WATERMARK:
+            await self._enforce_quota(quota)
+
+    async def _enforce_quota(self, quota: int) -> None:
+        """Evict from the caches (fullest first) and collect garbage until the
+        store is below the quota's low watermark, or nothing is left to do."""
+        while self.stored >= quota * LOW_WATERMARK:
+            stats = self.store.stats()
+            excess = self.stored - int(quota * LOW_WATERMARK)
+            # Logical bytes to evict for that many stored bytes, roughly.
+            ratio = stats.logical_bytes / stats.stored_bytes if stats.stored_bytes else 1.0
+            goal = max(1, int(excess * max(1.0, ratio)))
+            evicted = 0
+            while evicted < goal:
+                candidates = [c for c in self.caches.dirs.values() if self._evictable(c)]
+                if not candidates:
+                    break
+                cache = max(candidates, key=lambda c: c.usage / c.max_size)
+                files, freed = self.evict(cache, max(0, cache.usage - (goal - evicted)))
+                if not files:
+                    break
+                evicted += max(1, freed)
+                self._signal()
+                await trio.sleep(0)
+            if self._gc_dropped == self.store.dropped:
+                return  # nothing was freed since gc last ran
+            dropped = self.store.dropped
+            report = await self.collect_garbage()
+            self._gc_dropped = dropped
+            self.refresh_stored()
+            log.info(
+                "store quota: gc reclaimed %d bytes; %d bytes stored of %s",
+                report.stored_bytes_removed,
+                self.stored,
+                quota,
+            )
+            self._signal()
+            if not evicted:
+                return
+
+    def evict(self, cache: CacheDir, target: int) -> tuple[int, int]:
+        """Evict one batch of files of ``cache``, by its policy, towards
+        ``target`` bytes of usage; returns (files, logical bytes) evicted.
+
+        An evicted file loses every entry it has in the cache, in one
+        transaction, and is deleted at once unless it has entries elsewhere
+        (a file the kernel still knows reads as gone: its entry is invalidated)."""
+        chosen: list[int] = []
+        planned = 0
+        for ino in self._victims(cache):
+            chosen.append(ino)
+            planned += self._size_of(ino)
+            if cache.usage - planned <= target or len(chosen) >= _BATCH:
+                break
+        if not chosen:
+            return 0, 0
+        entries = [(parent, name, ino) for ino in chosen for parent, name in cache.names[ino]]
+        removed = self.store.freeing(lambda: self.namespace.evict(entries, set()))
+        went = {(parent, name, inode.ino) for parent, name, inode in removed}
+        final = {inode.ino: inode for _, _, inode in removed}  # the last state of each
+        files = freed = 0
+        for ino in chosen:
+            inode = final.get(ino)
+            if inode is None:  # its entries changed under us: stop following it
+                self.caches.drop(ino)
+                continue
+            names = cache.names.get(ino, [])
+            files += 1
+            freed += inode.size
+            cache.policy.evict(ino, ghost=names[0] if names else None)
+            cache.names.pop(ino, None)
+            self.caches.members.pop(ino, None)
+            cache.counters["evictions"] += 1
+            cache.counters["bytes_evicted"] += inode.size
+            for parent, name in names:
+                if (parent, name, ino) in went:
+                    self.on_evicted(parent, name, inode)
+        return files, freed
+
+    def _size_of(self, ino: int) -> int:
+        try:
+            return self.namespace.get(ino).size
+        except CachefsError:
+            return 0
+
+
+def _full(why: str) -> StoreFullError:
+    return StoreFullError(
+        f"no space left: {why} and nothing more can be evicted",
+        hint="close or delete files, or raise the budget (`cachefs cache set DIR --max-size`) "
+        "or the quota (`--max-store-size`)",
+    )
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]

@@ -1,0 +1,377 @@
+"""Open files and handles (filesystem layer).
+
+A regular file being written has an :class:`OpenFile`: its published content
+(``base``, an object in the store) plus a *spool*, a sparse file in
+``STORE/tmp`` holding what was written since.  Offsets below ``base_limit``
+read from the base unless an extent in ``dirty`` says the spool has them;
+offsets at or past it read from the spool (holes read as zeros).  Truncation
+lowers ``base_limit`` and cuts the spool.  An ``OpenFile`` lives while the
+file has open handles or a publication in flight (:class:`OpenFiles`); its
+``lock`` is held while publishing, so writes wait and never race the
+composition of the content being stored.  Reads never wait: they see the spool
+and base, which only change under the lock.
+
+A handle is one of: :class:`FileHandle` (a regular file), :class:`DirHandle`
+(a directory, stored or of the control directory), :class:`ContentHandle` (a
+control file whose content is fixed at open), :class:`CommandHandle`
+(``/.cachefs/control``: a request written, then its answer read) and
+:class:`ObjectHandle` (a stored object under ``/.cachefs/cas``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from cachefs.engine import Digest, Inode
+from cachefs.errors import from_oserror
+
+#: Pieces in which content is read from the spool and the base.
+PIECE = 4 << 20
+
+#: Reads ``length`` bytes of an object from ``offset``, in pieces.
+ObjectRange = Callable[[Digest, int, int], Iterator[bytes | memoryview]]
+
+
+@dataclass
+class OpenFile:
+    """A regular file with open handles or unpublished writes."""
+
+    ino: int
+    base: Digest | None
+    size: int
+    base_limit: int
+    spool: int | None = None  # file descriptor
+    dirty: list[tuple[int, int]] = field(default_factory=list)  # [start, end) below base_limit
+    changed: bool = False
+    unpublished: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    opens: int = 0
+    publishing: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    #: The content generation handles saw when they opened (for keep_cache).
+    generation: int = 0
+    #: Where the spool is made.
+    spool_dir: Path | None = None
+
+    # --- extents ------------------------------------------------------------------
+
+    def mark_dirty(self, start: int, end: int) -> None:
+        """Record that the spool holds [start, end) (clipped to base_limit)."""
+        end = min(end, self.base_limit)
+        if start >= end:
+            return
+        extents = self.dirty
+        i = bisect.bisect_left(extents, (start, start))
+        if i > 0 and extents[i - 1][1] >= start:
+            i -= 1
+        j = i
+        while j < len(extents) and extents[j][0] <= end:
+            start = min(start, extents[j][0])
+            end = max(end, extents[j][1])
+            j += 1
+        extents[i:j] = [(start, end)]
+
+    def cut(self, size: int) -> None:
+        """Forget everything at and past ``size`` (truncation)."""
+        self.base_limit = min(self.base_limit, size)
+        self.dirty = [(s, min(e, size)) for s, e in self.dirty if s < size]
+
+    def ranges(self, offset: int, end: int) -> Iterator[tuple[bool, int, int]]:
+        """(from_spool, start, stop) pieces covering [offset, end)."""
+        position = offset
+        limit = min(end, self.base_limit)
+        i = bisect.bisect_right(self.dirty, (position, 1 << 63)) - 1
+        i = max(i, 0)
+        while position < limit:
+            while i < len(self.dirty) and self.dirty[i][1] <= position:
+                i += 1
+            if i < len(self.dirty) and self.dirty[i][0] <= position:
+                stop = min(self.dirty[i][1], limit)
+                yield True, position, stop
+            else:
+                stop = limit if i >= len(self.dirty) else min(self.dirty[i][0], limit)
+                yield False, position, stop
+            position = stop
+        if position < end:
+            yield True, position, end
+
+    @property
+    def unpublished_bytes(self) -> int:
+        """Bytes that only the spool holds."""
+        return sum(stop - start for start, stop in self.dirty) + self.size - self.base_limit
+
+    # --- the spool ---------------------------------------------------------------
+
+    def spool_fd(self) -> int:
+        """The spool's descriptor, made on first use (scratch space: its name is
+        unlinked at once, so it goes with the descriptor)."""
+        if self.spool is None:
+            assert self.spool_dir is not None, "an OpenFile made without a spool directory"
+            path = self.spool_dir / f"file-{self.ino}"
+            try:
+                self.spool = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.unlink(path)
+            except OSError as exc:
+                raise from_oserror(exc, "creating a spool file") from None
+        return self.spool
+
+    def apply_write(self, offset: int, data: bytes | memoryview) -> int:
+        try:
+            written = os.pwrite(self.spool_fd(), data, offset)
+        except OSError as exc:
+            raise from_oserror(exc, "writing to a spool file") from None
+        self.mark_dirty(offset, offset + written)
+        self.size = max(self.size, offset + written)
+        return written
+
+    def resize_spool(self, size: int) -> None:
+        try:
+            os.ftruncate(self.spool_fd(), size)
+        except OSError as exc:
+            raise from_oserror(exc, "truncating a spool file") from None
+
+    def read_spool(self, start: int, stop: int) -> bytes:
+        if self.spool is None:
+            return bytes(stop - start)
+        try:
+            data = os.pread(self.spool, stop - start, start)
+        except OSError as exc:
+            raise from_oserror(exc, "reading a spool file") from None
+        if len(data) < stop - start:  # a hole at the end of the spool
+            data += bytes(stop - start - len(data))
+        return data
+
+    def read(self, offset: int, end: int, read_base: ObjectRange) -> bytes | memoryview:
+        """Bytes [offset, end) of the file as it is now."""
+        if not self.changed:
+            return joined(self._base(offset, end, read_base))
+        pieces: list[bytes | memoryview] = []
+        for from_spool, start, stop in self.ranges(offset, end):
+            if from_spool:
+                pieces.append(self.read_spool(start, stop))
+            else:
+                pieces.append(joined(self._base(start, stop, read_base)))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _base(self, start: int, stop: int, read_base: ObjectRange) -> Iterator[bytes | memoryview]:
+        if self.base is None:
+            yield bytes(stop - start)
+        else:
+            yield from read_base(self.base, start, stop - start)
+
+    def compose(
+        self, read_base: ObjectRange, offset: int = 0, end: int | None = None
+    ) -> Iterator[bytes | memoryview]:
+        """The file's current content (or a range of it), in pieces (for ingest,
+        in a worker thread: the caller holds the lock)."""
+        end = self.size if end is None else end
+        for from_spool, start, stop in list(self.ranges(offset, end)):
+            for piece_start in range(start, stop, PIECE):
+                piece_stop = min(stop, piece_start + PIECE)
+                if from_spool:
+                    yield self.read_spool(piece_start, piece_stop)
+                else:
+                    yield from self._base(piece_start, piece_stop, read_base)
+
+    def data_regions(self) -> Iterator[tuple[int, int]]:
+        """The [start, stop) regions of the spool that hold data: the dirty
+        extents below ``base_limit``, then what past it is not a hole."""
+        yield from self.dirty
+        if self.spool is not None:
+            yield from _data_regions(self.spool, self.base_limit, self.size)
+
+    def stored(self, digest: Digest | None) -> None:
+        """The file's content is ``digest`` now: nothing is unpublished."""
+        self.base = digest
+        self.base_limit = self.size
+        self.dirty.clear()
+        if self.spool is not None:
+            os.ftruncate(self.spool, 0)
+        self.changed = False
+        self.unpublished = 0
+
+    def emptied(self) -> None:
+        """The file's content was dropped (truncated to nothing)."""
+        self.base = None
+        self.base_limit = 0
+        self.dirty.clear()
+        if self.spool is not None:
+            os.ftruncate(self.spool, 0)
+        self.size = 0
+        self.unpublished = 0
+        self.changed = False
+        self.generation += 1
+
+    def close(self) -> None:
+        if self.spool is not None:
+            os.close(self.spool)
+            self.spool = None
+
+
+def joined(pieces: Iterator[bytes | memoryview]) -> bytes | memoryview:
+    """Pieces as one buffer (the piece itself when there is one: no copy)."""
+    parts = list(pieces)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _data_regions(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The [start, stop) regions of a sparse file between ``start`` and ``end``
+    that hold data (holes skipped)."""
+    position = start
+    while position < end:
+        try:
+            data = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        position = hole
+
+
+class OpenFiles:
+    """The open files of a mount, by inode, and the content generations the
+    kernel's cached pages belong to."""
+
+    def __init__(self, spool_dir: Path) -> None:
+        self.spool_dir = spool_dir
+        self._files: dict[int, OpenFile] = {}
+        self._generations: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __iter__(self) -> Iterator[OpenFile]:
+        return iter(list(self._files.values()))
+
+    def get(self, ino: int) -> OpenFile | None:
+        return self._files.get(ino)
+
+    def busy(self, ino: int) -> bool:
+        """Whether the file is open, being written or being published."""
+        return ino in self._files
+
+    def size(self, ino: int) -> int | None:
+        """The size of an open file as it is now (None: not open)."""
+        state = self._files.get(ino)
+        return None if state is None else state.size
+
+    def new(self, ino: int, inode: Inode) -> OpenFile:
+        """A state for a file (the file must not be open)."""
+        return OpenFile(
+            ino,
+            inode.digest,
+            inode.size,
+            inode.size,
+            generation=self._generations.get(ino, 0),
+            spool_dir=self.spool_dir,
+        )
+
+    def state(self, inode: Inode) -> OpenFile:
+        """The open file of ``inode``, made if it is not open."""
+        state = self._files.get(inode.ino)
+        if state is None:
+            state = self._files[inode.ino] = self.new(inode.ino, inode)
+        return state
+
+    def remove(self, state: OpenFile) -> None:
+        """The file is closed and published: keep only its generation."""
+        if self._files.get(state.ino) is state:
+            del self._files[state.ino]
+            self._generations[state.ino] = state.generation
+            state.close()
+
+    def keep_cache(self, state: OpenFile) -> bool:
+        """Whether the kernel may keep the pages it cached of the file (the
+        content did not change since it last opened it); notes it opens now."""
+        known = self._generations.get(state.ino)
+        self._generations[state.ino] = state.generation
+        return known is not None and known == state.generation
+
+    def forget(self, ino: int) -> None:
+        """The inode is gone."""
+        self._generations.pop(ino, None)
+
+    def close(self) -> None:
+        for state in self._files.values():
+            state.close()
+
+
+@dataclass
+class FileHandle:
+    """An open regular file."""
+
+    file: OpenFile
+    writable: bool
+    append: bool
+
+    @property
+    def ino(self) -> int:
+        return self.file.ino
+
+
+@dataclass
+class DirHandle:
+    """An open directory; its entries are a snapshot taken at the first read."""
+
+    ino: int
+    entries: list[tuple[bytes, Inode]] | None = None
+
+
+@dataclass
+class ContentHandle:
+    """A control file whose content was fixed when it was opened."""
+
+    ino: int
+    content: bytes
+
+
+@dataclass
+class CommandHandle:
+    """``/.cachefs/control``: the request written, then the answer to read."""
+
+    ino: int
+    request: bytearray = field(default_factory=bytearray)
+    answer: bytes | None = None
+
+
+@dataclass
+class ObjectHandle:
+    """A stored object opened under ``/.cachefs/cas``."""
+
+    ino: int
+    digest: Digest
+
+
+Handle = FileHandle | DirHandle | ContentHandle | CommandHandle | ObjectHandle
+
+
+class Handles:
+    """The handles the kernel holds, by number."""
+
+    def __init__(self) -> None:
+        self._handles: dict[int, Handle] = {}
+        self._next = 1
+
+    def add(self, handle: Handle) -> int:
+        fh = self._next
+        self._next += 1
+        self._handles[fh] = handle
+        return fh
+
+    def __getitem__(self, fh: int) -> Handle:
+        return self._handles[fh]
+
+    def pop(self, fh: int) -> Handle | None:
+        return self._handles.pop(fh, None)

@@ -1,0 +1,767 @@
+"""Filesystem semantics over the store (filesystem layer).
+
+This layer turns the namespace (``engine.Namespace``) and the chunk store into
+a POSIX filesystem: lookups and the kernel's lookup counts, open files and
+their unpublished writes, truncation, extended attributes, the control
+directory.  It knows nothing of pyfuse3: ``cachefs.fuse`` adapts it to the
+kernel, and tests drive it directly.  Methods run on the trio thread; ingest
+runs in worker threads.  Its parts:
+
+* ``_files.py``    open files (base + spool), handles of each kind;
+* ``_journal.py``  every write logged to the store's journal, and replay;
+* ``_publish.py``  when and how a file's new content is published;
+* ``_control.py``  the control directory ``/.cachefs``;
+* ``_caches.py``, ``_eviction.py``, ``_policy.py``  cache directories;
+* ``_trace.py``    access traces; ``_memory.py``  the memory limit;
+* ``_events.py``   what this class tells cache directories and traces.
+
+Write path: ``write()`` -> ``FileJournal.write`` (the store's journal) ->
+``OpenFile.apply_write`` (the spool) -> on fsync, last close or the publish
+threshold: ``FilePublisher.publish`` -> ``Store.put_revision`` (ingest, then
+one transaction that also points the inode at the new object).
+
+Concurrency invariants (all state below is touched only on the trio thread):
+
+* An inode's ``OpenFile`` lives while the file has open handles or a
+  publication in flight; its ``lock`` is held while publishing.
+* An inode whose last link goes while the kernel still knows it (lookup count
+  > 0) or a handle is open becomes an orphan in the namespace; it is deleted
+  when the last of both goes (``forget``, ``release``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from cachefs.engine import (
+    RENAME_EXCHANGE,
+    ROOT_INODE,
+    CachefsError,
+    CorruptDataError,
+    Digest,
+    FsError,
+    GcReport,
+    IndexCorruptError,
+    Inode,
+    Namespace,
+    ReadOnlyError,
+    Store,
+    collect_garbage,
+)
+from cachefs.errors import from_oserror
+from cachefs.fs._caches import CACHE_XATTR, CacheDirs
+from cachefs.fs._control import CONTROL_INO, CONTROL_NAME, ControlTree, is_virtual
+from cachefs.fs._events import FsEvents
+from cachefs.fs._files import (
+    CommandHandle,
+    ContentHandle,
+    DirHandle,
+    FileHandle,
+    Handle,
+    Handles,
+    ObjectHandle,
+    OpenFile,
+    OpenFiles,
+    joined,
+)
+from cachefs.fs._journal import DEFAULT_LOG_LIMIT, FileJournal
+from cachefs.fs._memory import DEFAULT_MEMORY_LIMIT, MemoryGovernor
+from cachefs.fs._publish import FilePublisher
+from cachefs.fs._trace import TraceRecorder
+
+log = logging.getLogger(__name__)
+
+#: Unpublished bytes of one file that start a background publication.
+DEFAULT_PUBLISH_THRESHOLD = 1 << 30
+#: The read-only xattr of every regular file: its digest, ``<hex>/<size>``.
+DIGEST_XATTR = b"user.cachefs.digest"
+
+
+class Filesystem:
+    """A mounted store's filesystem semantics.  Use from one trio thread."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        publish_threshold: int = DEFAULT_PUBLISH_THRESHOLD,
+        log_limit: int = DEFAULT_LOG_LIMIT,
+        limiter: trio.CapacityLimiter | None = None,
+        max_store_size: int | None = None,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    ) -> None:
+        if store.journal is None:
+            raise ReadOnlyError(f"store {store.path} is open read-only: it cannot be mounted")
+        self.store = store
+        self.namespace = Namespace(store)
+        self.publish_threshold = publish_threshold
+        self.limiter = limiter or trio.CapacityLimiter(max(2, store.options.workers))
+        self.files = OpenFiles(store.tmp_root)
+        self.handles = Handles()
+        self.lookups: dict[int, int] = {}
+        #: Inodes that lost their last link while in use (see Namespace.remove).
+        self._orphans: set[int] = set()
+        self._nursery: trio.Nursery | None = None
+        self.errors = 0
+        #: gc runs started by this filesystem (a publication would wait for them).
+        self._collecting = 0
+        #: Why the filesystem went read-only to protect the store (None: it did not).
+        self.failsafe: str | None = None
+        self.control = ControlTree(store, self.figures, self)
+        self.listeners: list[FsEvents] = []
+        #: Tells the kernel that an entry is gone (set by the FUSE adapter).
+        self.invalidate: Callable[[int, bytes, int], None] | None = None
+        self.tracer: TraceRecorder | None = None
+        self._checkpointing = False
+        purged = self.namespace.purge_orphans()
+        if purged:
+            log.info("deleted %d files that were unlinked while open when last mounted", purged)
+        store.reserve.ensure()
+        self.journal = FileJournal(store.journal, log_limit=log_limit)
+        self.publisher = FilePublisher(
+            store,
+            self.namespace,
+            self.limiter,
+            on_published=self._published,
+            maintenance=lambda: bool(self._collecting) or store.maintenance_pending,
+        )
+        self.journal.replay(
+            self.namespace, self.files, self._truncate_locked, self.publisher.publish_now
+        )
+        # After the replay: the sizes it published are the ones that count.
+        self.caches = CacheDirs(
+            self.namespace,
+            store,
+            self.files,
+            on_evicted=self._evicted,
+            collect_garbage=self.collect_garbage,
+            on_error=self._background_error,
+            max_store_size=max_store_size,
+        )
+        self.listeners.append(self.caches)
+        self.memory = MemoryGovernor(store, memory_limit)
+
+    def close(self) -> None:
+        """After the last request: every file must have been published (flush_all)."""
+        self.caches.save()
+        self.stop_trace()
+        self.journal.closing(self.files)
+        self.files.close()
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve background publications, eviction and the memory limit until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.caches.eviction.run)
+            nursery.start_soon(self.memory.run)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def flush_all(self) -> None:
+        """Publish every file with unpublished writes, durably (unmount, sync)."""
+        await self.publisher.flush_all(self.files)
+
+    async def collect_garbage(self, threshold: float | None = None) -> GcReport:
+        """Run gc in a worker thread (``/.cachefs/control``, the store quota)."""
+        self._collecting += 1
+        try:
+            report = await trio.to_thread.run_sync(
+                lambda: collect_garbage(self.store, threshold=threshold), limiter=self.limiter
+            )
+        finally:
+            self._collecting -= 1
+        self.caches.eviction.refresh_stored()
+        return report
+
+    def damaged(self, exc: CorruptDataError) -> None:
+        """A request failed on damaged data: the store needs fsck; damage to the
+        index itself makes the filesystem read-only."""
+        self.store.health.suspect()
+        if isinstance(exc, IndexCorruptError):
+            self.enter_failsafe(str(exc))
+
+    def enter_failsafe(self, reason: str) -> None:
+        """Refuse every change from now on (EROFS): the store may be damaged."""
+        if self.failsafe is None:
+            self.failsafe = reason
+            log.critical(
+                "the file system is read-only from now on to protect the store: %s; "
+                "unmount it and run `cachefs fsck %s`",
+                reason,
+                self.store.path,
+            )
+
+    def _check_writable(self, ino: int, name: bytes | None = None) -> None:
+        """Refuse changes in failsafe mode, and to the control directory."""
+        if is_virtual(ino) or (ino == ROOT_INODE and name == CONTROL_NAME):
+            raise FsError(errno.EPERM, "the control directory /.cachefs cannot be changed")
+        if self.failsafe is not None:
+            raise ReadOnlyError(
+                f"the file system went read-only after damage ({self.failsafe})",
+                hint=f"unmount and run `cachefs fsck {self.store.path}`",
+            )
+
+    def _background_error(self, exc: CachefsError) -> None:
+        self.errors += 1
+
+    def figures(self) -> dict[str, Any]:
+        """The live figures of the store and the mount (``stats.json``)."""
+        store = self.store
+        used, _ = self.namespace.counts()
+        doc: dict[str, Any] = store.stats().as_dict()
+        doc |= {
+            "store": str(store.path),
+            "inodes": used,
+            "open_files": len(self.files),
+            "corruptions": store.corruptions,
+            "needs_fsck": store.needs_fsck,
+            "errors": self.errors,
+            "failsafe": self.failsafe,
+            "pid": os.getpid(),
+            "tracing": None if self.tracer is None else str(self.tracer.path),
+        }
+        return doc | self.memory.figures() | self.caches.figures()
+
+    # --- events and lookup counts ------------------------------------------------------
+
+    def _published(self, state: OpenFile) -> None:
+        for listener in self.listeners:
+            listener.published(state.ino, state.size)
+
+    def _evicted(self, parent: int, name: bytes, inode: Inode) -> None:
+        """A cache evicted an entry: the kernel must forget it (and the inode,
+        when that was its last entry: it is deleted)."""
+        if inode.nlink == 0:
+            self.files.forget(inode.ino)
+        for listener in self.listeners:
+            listener.evicted(parent, name, inode)
+        if self.invalidate is not None:
+            self.invalidate(parent, name, inode.ino if inode.nlink == 0 else 0)
+
+    def remember(self, ino: int, count: int = 1) -> None:
+        self.lookups[ino] = self.lookups.get(ino, 0) + count
+
+    def forget(self, pairs: list[tuple[int, int]]) -> None:
+        """The kernel dropped ``count`` lookups of each inode; orphans it no
+        longer knows (and nothing has open) are deleted, in one transaction."""
+        released = []
+        for ino, count in pairs:
+            if is_virtual(ino):
+                self.control.forget(ino, count)
+                continue
+            left = self.lookups.get(ino, 0) - count
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            if ino in self._orphans and not self.files.busy(ino):
+                released.append(ino)
+        self._delete_orphans(released)
+
+    def _in_use(self, ino: int) -> bool:
+        return ino in self.lookups or self.files.busy(ino)
+
+    def _delete_orphans(self, inos: list[int]) -> None:
+        """Delete orphans that nothing uses any more."""
+        inos = [i for i in inos if i in self._orphans and not self._in_use(i)]
+        if not inos:
+            return
+        try:
+            self.namespace.release(*inos)
+        except CachefsError as exc:
+            log.error("could not delete released inodes %s: %s", inos, exc)
+            return
+        for ino in inos:
+            self._orphans.discard(ino)
+            self.files.forget(ino)
+
+    def _forget_writes(self, ino: int) -> None:
+        """A file lost its last name: it is an orphan until the kernel forgets it
+        and it is closed; unpublished writes nobody can reach are dropped (an
+        open file keeps them, readable, until it is closed)."""
+        self._orphans.add(ino)
+        state = self.files.get(ino)
+        if state is not None and state.opens == 0 and state.publishing == 0:
+            self._drop_state(state)
+
+    # --- attributes and names ------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Inode:
+        if is_virtual(ino):
+            return self.control.getattr(ino)
+        inode = self.namespace.get(ino)
+        state = self.files.get(ino)
+        if state is not None and state.changed:
+            inode.size = state.size
+            inode.mtime_ns = state.mtime_ns  # the writes' time, or one set since
+            inode.ctime_ns = max(inode.ctime_ns, state.ctime_ns)
+        return inode
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        if is_virtual(parent):
+            return self.control.lookup(parent, name)
+        if parent == ROOT_INODE and name == CONTROL_NAME:
+            return self.control.getattr(CONTROL_INO)
+        try:
+            ino = self.namespace.lookup(parent, name)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                for listener in self.listeners:
+                    listener.missed(parent, name)
+            raise
+        inode = self.getattr(ino)
+        self.remember(inode.ino)
+        for listener in self.listeners:
+            listener.looked_up(parent, name, inode)
+        return inode
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        size: int | None = None,
+    ) -> Inode:
+        self._check_writable(ino)
+        if size is not None:
+            await self.truncate(ino, size)
+        if (mode, uid, gid, atime_ns, mtime_ns) != (None,) * 5:
+            state = self.files.get(ino)
+            if mtime_ns is not None and state is not None:
+                state.mtime_ns = mtime_ns  # an explicit time wins over the writes' time
+            self.namespace.setattr(
+                ino, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns
+            )
+        return self.getattr(ino)
+
+    def create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> Inode:
+        self._check_writable(parent, name)
+        inode = self.namespace.create(parent, name, mode, uid, gid, rdev=rdev, target=target)
+        self.remember(inode.ino)
+        for listener in self.listeners:
+            listener.created(parent, name, inode)
+        return inode
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        self._check_writable(ino)
+        self._check_writable(parent, name)
+        self.namespace.link(ino, parent, name)
+        self.remember(ino)
+        inode = self.getattr(ino)
+        for listener in self.listeners:
+            listener.linked(parent, name, inode)
+        return inode
+
+    def unlink(self, parent: int, name: bytes, *, directory: bool = False) -> None:
+        self._check_writable(parent, name)
+        ino = self.namespace.lookup(parent, name)
+        in_use = self._in_use(ino)
+        inode = self.store.freeing(
+            lambda: self.namespace.remove(parent, name, directory=directory, in_use=in_use)
+        )
+        if inode.nlink == 0:
+            self._forget_writes(ino)
+        for listener in self.listeners:
+            listener.removed(parent, name, inode)
+
+    def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None:
+        self._check_writable(old_parent, old_name)
+        self._check_writable(new_parent, new_name)
+        in_use = set()
+        moved = self.namespace.get(self.namespace.lookup(old_parent, old_name))
+        target: Inode | None = None
+        try:
+            target = self.namespace.get(self.namespace.lookup(new_parent, new_name))
+        except FsError:
+            pass
+        else:
+            if self._in_use(target.ino):
+                in_use.add(target.ino)
+        replaced = self.store.freeing(
+            lambda: self.namespace.rename(
+                old_parent, old_name, new_parent, new_name, flags, in_use=in_use
+            )
+        )
+        if replaced is not None:
+            if replaced.nlink == 0:
+                self._forget_writes(replaced.ino)
+            for listener in self.listeners:
+                listener.replaced(new_parent, new_name, replaced)
+        exchanged = target if flags & RENAME_EXCHANGE else None
+        for listener in self.listeners:
+            listener.renamed(moved, (old_parent, old_name), (new_parent, new_name), exchanged)
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.getattr(ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EINVAL)
+        return inode.target
+
+    def opendir(self, ino: int) -> int:
+        inode = self.getattr(ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return self.handles.add(DirHandle(ino))
+
+    def readdir(self, fh: int, start: int) -> list[tuple[bytes, Inode]]:
+        """Entries from position ``start`` on (a snapshot taken at the first call),
+        "." and ".." first (these two do not count as lookups)."""
+        handle = self.handles[fh]
+        if not isinstance(handle, DirHandle):
+            raise FsError(errno.ENOTDIR)
+        if is_virtual(handle.ino):
+            handle.entries = self.control.entries(handle.ino)
+        elif handle.entries is None or start == 0:
+            with self.namespace.read() as txn:
+                dot = self.namespace.get(handle.ino, txn)
+                dotdot = self.namespace.get(self.namespace.parent_of(handle.ino, txn), txn)
+            handle.entries = [(b".", dot), (b"..", dotdot), *self.namespace.entries(handle.ino)]
+            for _, inode in handle.entries:
+                state = self.files.get(inode.ino)
+                if state is not None and state.changed:
+                    inode.size = state.size
+                    inode.mtime_ns = state.mtime_ns
+        return handle.entries[start:]
+
+    def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh)
+
+    # --- open files ------------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int, *, created: bool = False) -> tuple[int, bool]:
+        """Open a file; returns (handle, whether the kernel may keep its cached pages).
+        ``created``: the file was just created (not a cache hit).
+
+        The content of a control file that changes (``stats.json``) is fixed at
+        open and must be read with direct I/O (``is_volatile``)."""
+        writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        if is_virtual(ino):
+            return self.handles.add(self.control.open(ino, writable)), True
+        inode = self.namespace.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL)
+        if writable:
+            self._check_writable(ino)
+        state = self.files.state(inode)
+        state.opens += 1
+        if not created:
+            for listener in self.listeners:
+                listener.opened(ino, state.size)
+        fh = self.handles.add(FileHandle(state, writable, bool(flags & os.O_APPEND)))
+        try:
+            if flags & os.O_TRUNC and writable:
+                await self.truncate(ino, 0)
+        except BaseException:
+            await self.release(fh)
+            raise
+        return fh, self.files.keep_cache(state)
+
+    async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
+        handle = self.handles[fh]
+        if isinstance(handle, CommandHandle):
+            handle.request += data
+            handle.answer = None
+            return len(data)
+        if not isinstance(handle, FileHandle) or not handle.writable:
+            raise FsError(errno.EBADF)
+        state = handle.file
+        self._check_writable(state.ino)
+        async with state.lock:
+            if handle.append:
+                offset = state.size
+            growth = offset + len(data) - state.size
+            if growth > 0 or self.caches.max_store_size is not None:
+                await self.caches.make_room(state.ino, max(0, growth))
+                if handle.append:
+                    offset = state.size
+            self.journal.changing(state)
+            self.journal.write(state, offset, data)
+            written = state.apply_write(offset, data)
+            state.unpublished += written
+        if growth > 0:
+            self._resized(state)
+        if self._nursery is not None:
+            if state.unpublished >= self.publish_threshold:
+                state.unpublished = 0
+                state.publishing += 1
+                self._nursery.start_soon(self._publish_in_background, state)
+            if self.journal.full and not self._checkpointing:
+                self._checkpointing = True
+                self._nursery.start_soon(self._carry_over)
+        return written
+
+    def _resized(self, state: OpenFile) -> None:
+        for listener in self.listeners:
+            listener.resized(state.ino, state.size)
+
+    async def _carry_over(self) -> None:
+        """The journal passed its limit: restart it, carrying over what is unpublished.
+
+        Files whose unpublished bytes would fill more than half of the new
+        journal are published first (largest first), so that it starts small
+        and files that keep being written do not make it restart again at once.
+        """
+        try:
+            changed = [state for state in self.files if state.changed]
+            changed.sort(key=lambda state: state.unpublished_bytes, reverse=True)
+            carried = sum(state.unpublished_bytes for state in changed)
+            for state in changed:
+                if carried <= self.journal.log_limit // 2:
+                    break
+                carried -= state.unpublished_bytes
+                await self.publisher.publish(state, durable=False)
+            self.journal.carry_over(self.files)  # no await in there
+        except CachefsError as exc:
+            self.errors += 1
+            log.error("journal checkpoint failed: %s", exc)
+        finally:
+            self._checkpointing = False
+
+    async def truncate(self, ino: int, size: int) -> None:
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        inode = self.namespace.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL)
+        state = self.files.state(inode)
+        state.publishing += 1  # keeps the state alive while we wait for the lock
+        try:
+            async with state.lock:
+                if size > state.size:
+                    await self.caches.make_room(ino, size - state.size)
+                if size not in (0, state.size):
+                    self.journal.changing(state)
+                    self.journal.truncate(state, size)
+                self._truncate_locked(state, size)
+        except BaseException:
+            state.publishing -= 1
+            if state.opens == 0 and state.publishing == 0:
+                self._drop_state(state)  # kept if it has changes to publish
+            raise
+        state.publishing -= 1
+        self._resized(state)
+        if state.opens == 0 and state.publishing == 0:
+            await self.publisher.publish(state, durable=False)
+            self._drop_state(state)
+
+    def _truncate_locked(self, state: OpenFile, size: int) -> None:
+        if size == 0:
+            if state.size == 0 and state.base is None and not state.changed:
+                return
+            # The common O_TRUNC case: drop the content at once.
+            now = time.time_ns()
+            self.store.freeing(lambda: self.namespace.clear_content(state.ino, now, now))
+            state.emptied()
+            return
+        if size == state.size:
+            return
+        state.cut(size)
+        if state.spool is not None or size > state.base_limit:
+            state.resize_spool(size)
+        state.size = size
+        state.changed = True
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        handle = self.handles[fh]
+        try:
+            return await self._read(handle, offset, size)
+        except CorruptDataError as exc:
+            # Say which file it hit: the store's message names chunk and segment.
+            raise CorruptDataError(
+                f"reading inode {handle.ino} at offset {offset}: {exc.message}", hint=exc.hint
+            ) from None
+
+    async def _read(self, handle: Handle, offset: int, size: int) -> bytes | memoryview:
+        if isinstance(handle, CommandHandle):
+            if handle.answer is None:
+                handle.answer = await self.control.run(bytes(handle.request))
+            return handle.answer[offset : offset + size]
+        if isinstance(handle, ContentHandle):
+            return handle.content[offset : offset + size]
+        if isinstance(handle, ObjectHandle):
+            end = min(handle.digest.size, offset + size)
+            if offset >= end:
+                return b""
+            return joined(self.store.iter_object(handle.digest, offset, end - offset))
+        if not isinstance(handle, FileHandle):
+            raise FsError(errno.EISDIR)
+        state = handle.file
+        end = min(state.size, offset + size)
+        if offset >= end:
+            return b""
+        return state.read(offset, end, self.store.iter_object)
+
+    async def _publish_in_background(self, state: OpenFile) -> None:
+        try:
+            await self.publisher.publish(state, durable=False)
+        except CachefsError as exc:
+            self.errors += 1
+            log.error("publishing inode %d failed (it is retried at close): %s", state.ino, exc)
+        finally:
+            state.publishing -= 1
+            if state.opens == 0 and state.publishing == 0:
+                self._drop_state(state)
+
+    async def fsync(self, fh: int) -> None:
+        handle = self.handles[fh]
+        if isinstance(handle, FileHandle):
+            await self.publisher.publish(handle.file, durable=True)
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        if not isinstance(handle, FileHandle):
+            return
+        state = handle.file
+        state.opens -= 1
+        if state.opens > 0:
+            return
+        try:
+            await self.publisher.publish(state, durable=False)
+        finally:
+            if state.opens == 0 and state.publishing == 0:
+                self._drop_state(state)
+
+    def _drop_state(self, state: OpenFile) -> None:
+        if self.files.get(state.ino) is not state or state.opens or state.publishing:
+            return
+        if state.changed and not self.publisher.orphaned(state.ino):
+            return  # publication failed: keep the data for the next attempt
+        self.files.remove(state)
+        self._delete_orphans([state.ino])
+        if not self.store.reserve.held:
+            self.store.reserve.ensure()
+        if not self._checkpointing:
+            self.journal.restart(self.files)
+
+    # --- traces ----------------------------------------------------------------------------
+
+    def start_trace(self, path: Path) -> None:
+        """Record file accesses to ``path`` (JSON lines, see ``_trace.py``)."""
+        self.stop_trace()
+        self.tracer = TraceRecorder(path, self.namespace.path_of, self.caches.cache_dir_of)
+        self.listeners.append(self.tracer)
+        log.info("recording a file-access trace to %s", path)
+
+    def stop_trace(self) -> int:
+        """Stop recording; returns the number of records written."""
+        tracer, self.tracer = self.tracer, None
+        if tracer is None:
+            return 0
+        self.listeners.remove(tracer)
+        tracer.close()
+        log.info("stopped the trace %s: %d records", tracer.path, tracer.records)
+        return tracer.records
+
+    # --- extended attributes ---------------------------------------------------------------
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, uid: int | None = None) -> None:
+        """``uid``: the caller (None: trusted).  Marking a directory as a cache
+        makes its files evictable: only its owner (or root) may."""
+        if name == DIGEST_XATTR:
+            raise FsError(errno.EPERM, f"{DIGEST_XATTR.decode()} is read-only")
+        self._check_writable(ino)
+        if name == CACHE_XATTR:
+            self._check_owner(ino, uid)
+            self.caches.mark(ino, value)
+            return
+        self.namespace.setxattr(ino, name, value)
+
+    def removexattr(self, ino: int, name: bytes, uid: int | None = None) -> None:
+        if name == DIGEST_XATTR:
+            raise FsError(errno.EPERM, f"{DIGEST_XATTR.decode()} is read-only")
+        self._check_writable(ino)
+        if name == CACHE_XATTR:
+            self._check_owner(ino, uid)
+            self.caches.unmark(ino)
+            return
+        self.namespace.removexattr(ino, name)
+
+    def _check_owner(self, ino: int, uid: int | None) -> None:
+        if uid not in (None, 0) and self.namespace.get(ino).uid != uid:
+            raise FsError(errno.EPERM, "only the owner of a directory may make it a cache")
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        """An attribute's value (ENODATA when it has none)."""
+        value = None
+        if name == DIGEST_XATTR:
+            value = str(await self.published_digest(ino)).encode()
+        elif is_virtual(ino):
+            value = None
+        elif name == CACHE_XATTR:
+            value = self.caches.setting_of(ino)
+        else:
+            value = self.namespace.getxattr(ino, name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        if is_virtual(ino):
+            names = []
+        else:
+            names = self.namespace.listxattr(ino)
+            if ino in self.caches.dirs:
+                names.append(CACHE_XATTR)
+        if self.getattr(ino).is_reg:
+            names.append(DIGEST_XATTR)
+        return names
+
+    def digest_of(self, ino: int) -> Digest:
+        if is_virtual(ino):
+            return self.control.digest(ino)
+        inode = self.namespace.get(ino)
+        if not inode.is_reg:
+            raise FsError(errno.ENODATA)
+        digest = inode.digest
+        if digest is None:
+            return Digest(self.store.digest_function.hash(b""), 0)
+        return digest
+
+    async def published_digest(self, ino: int) -> Digest:
+        """The whole-file digest, publishing unpublished writes first."""
+        state = self.files.get(ino)
+        if state is not None and state.changed:
+            await self.publisher.publish(state, durable=False)
+        return self.digest_of(ino)
+
+    # --- figures ------------------------------------------------------------------------------
+
+    def statfs(self) -> tuple[os.statvfs_result, int, int]:
+        """(statvfs of the store's filesystem, inodes in use, open files)."""
+        try:
+            vfs = os.statvfs(self.store.path)
+        except OSError as exc:
+            raise from_oserror(exc, "reading the store's filesystem figures") from None
+        used, _ = self.namespace.counts()
+        return vfs, used, len(self.files)

@@ -1,0 +1,148 @@
+"""Publishing files: a file's new content through the dedup pipeline (filesystem layer).
+
+A file's new content (its base and spool composed, ``_files.py``) goes
+through the engine's ingest (only the regions around the changes are
+chunked again: ``Store.put_revision``), and the same transaction points the
+inode at it (``Namespace.set_content``, run as the publication's hook).  The
+filesystem publishes a file
+
+* on ``fsync``,
+* when the last handle of the file is released,
+* when a file's unpublished bytes pass the publish threshold (in the background).
+
+Every publication is durable (segment bytes synced before the index commits),
+so that the index never names bytes a machine crash could lose.  Files up to
+``INLINE_PUBLISH`` bytes are published on the loop's thread (cheaper than a
+hop to a worker thread and back), unless maintenance holds the store: a
+publication then waits for it, which the loop's thread must never do.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterable
+
+import lmdb
+import trio
+
+from cachefs.engine import CachefsError, Digest, FsError, Namespace, Store
+from cachefs.fs._files import OpenFile
+
+log = logging.getLogger(__name__)
+
+#: Files up to this size are published on the event loop's thread.
+INLINE_PUBLISH = 256 * 1024
+
+
+class FilePublisher:
+    """Stores files' new content and points their inodes at it."""
+
+    def __init__(
+        self,
+        store: Store,
+        namespace: Namespace,
+        limiter: trio.CapacityLimiter,
+        *,
+        on_published: Callable[[OpenFile], None],
+        maintenance: Callable[[], bool],
+    ) -> None:
+        """``on_published``: told of each publication; ``maintenance``: whether
+        maintenance holds (or is about to hold) the store."""
+        self.store = store
+        self.namespace = namespace
+        self.limiter = limiter
+        self.on_published = on_published
+        self.maintenance = maintenance
+
+    def store_content(self, state: OpenFile, *, durable: bool) -> Digest | None:
+        """Store a file's content and point its inode at it (in a worker thread:
+        the caller holds the file's lock, so nothing changes meanwhile).
+
+        Every publication is durable (its segment bytes are synced before the
+        index commits, in group commits), fsync or not: a machine crash must
+        never leave the index naming bytes that did not reach the disk.
+        ``durable`` only makes an empty file's publication wait for a sync."""
+        store = self.store
+        if state.size == 0:
+            self.namespace.clear_content(state.ino, state.mtime_ns, state.ctime_ns)
+            if durable:
+                store.sync()
+            return None
+        namespace = self.namespace
+
+        def hook(txn: lmdb.Transaction, digest: Digest) -> None:
+            # The times as they are when the publication commits: a utimensat()
+            # that came in meanwhile (rsync does one right after close) wins.
+            namespace.set_content(txn, state.ino, digest, state.mtime_ns, state.ctime_ns)
+
+        base = state.base
+        if state.base_limit == 0 and state.spool is not None:
+            # All of it is in the spool (as long as the file): read it straight.
+            with open(os.dup(state.spool), "rb", buffering=0) as spool:
+                spool.seek(0)  # a duplicate shares the (unused) offset of the original
+                return store.put(spool, on_publish=hook)
+        if base is None or state.base_limit == 0:
+            return store.put(state.compose(store.iter_object), on_publish=hook)
+        # A new revision: only the regions around the changes are chunked again.
+        changed = list(state.dirty)
+        if state.size > state.base_limit:
+            changed.append((state.base_limit, state.size))
+        return store.put_revision(
+            base,
+            state.size,
+            changed,
+            functools.partial(state.compose, store.iter_object),
+            on_publish=hook,
+        )
+
+    def publish_now(self, state: OpenFile) -> None:
+        """Store a state's content durably, here and now (journal replay)."""
+        state.stored(self.store_content(state, durable=True))
+
+    async def publish(self, state: OpenFile, *, durable: bool) -> None:
+        """Store the file's new content and point its inode at it."""
+        state.publishing += 1
+        try:
+            async with state.lock:
+                if state.changed and self.orphaned(state.ino):
+                    return  # unlinked: its writes stay readable in the spool, never stored
+                if not state.changed:
+                    if durable:
+                        await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
+                    return
+                store = functools.partial(self.store_content, state, durable=durable)
+                if state.size <= INLINE_PUBLISH and not self.maintenance():
+                    # Cheaper than a hop to a worker thread and back (and than
+                    # the wait for the GIL that the hop would cost the loop).
+                    digest = store()
+                else:
+                    digest = await trio.to_thread.run_sync(store, limiter=self.limiter)
+                state.stored(digest)
+                self.on_published(state)
+        finally:
+            state.publishing -= 1
+
+    async def flush_all(self, files: Iterable[OpenFile]) -> None:
+        """Publish every file with unpublished writes, durably (unmount, sync).
+
+        A file that cannot be published (disk full) keeps its writes and does
+        not stop the others; the first error is raised at the end."""
+        failed: CachefsError | None = None
+        for state in files:
+            try:
+                await self.publish(state, durable=False)
+            except CachefsError as exc:
+                log.error("could not publish inode %d: %s", state.ino, exc)
+                failed = failed or exc
+        await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
+        if failed is not None:
+            raise failed
+
+    def orphaned(self, ino: int) -> bool:
+        """Whether a file has lost every entry (or is gone)."""
+        try:
+            return self.namespace.get(ino).nlink == 0
+        except FsError:
+            return True
