@@ -934,7 +934,8 @@ def metrics(args: argparse.Namespace) -> list[Metric]:
     size = f"{args.size_mib / 1024:g} GiB" if args.size_mib >= 1024 else f"{args.size_mib} MiB"
     n = f"{args.files:,} x 16 KiB"
     spec = BUILDS.get(args.build)
-    build = f"build {args.build} (make -j{args.jobs} {' '.join(spec.make_args)})" if spec else ""
+    make = f"make -j{args.jobs} -C {spec.subdir} {spec.target}" if spec else ""
+    build = f"build {args.build} ({make})" if spec else ""
     return [
         Metric("write_random", f"seq write {size}, random, bs 1 MiB + fsync", "MB/s", ("pt", 0.5)),
         Metric("write_mix", f"seq write {size}, artifact mix, bs 1 MiB + fsync", "MB/s"),

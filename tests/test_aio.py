@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import SMALL_CONFIG, compressible
 
 from cachefs.aio import AsyncStore
 from cachefs.engine import Store
 from cachefs.errors import CorruptDataError, ObjectNotFoundError
 from cachefs.format.digest import Digest
 from cachefs.format.segment import RECORD_HEADER, segment_path, shard_of
+from tests.conftest import SMALL_CONFIG, compressible
 
 
 def sha256_digest(data: bytes) -> str:

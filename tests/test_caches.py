@@ -4,6 +4,7 @@ misses, settings across remounts, the store quota, traces."""
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +42,10 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def evicted_down_to(directory: Path, files: int) -> bool:
+    return len(os.listdir(directory)) <= files
 
 
 def content(name: str, size: int) -> bytes:
@@ -225,7 +230,7 @@ def test_hits_misses_and_policy_order(tmp_path: Path) -> None:
             assert figures["hit_ratio"] == pytest.approx(11 / 20)
             for i in range(8, 12):
                 (cache / f"f{i}").write_bytes(content(f"f{i}", size))
-            wait_for(lambda c=cache: len(os.listdir(c)) <= 9, f"eviction in {policy}")
+            wait_for(functools.partial(evicted_down_to, cache, 9), f"eviction in {policy}")
             survivors[policy] = "f0" in os.listdir(cache)
         assert survivors == {"lru": False, "lfu": True, "arc": True}
 

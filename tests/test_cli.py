@@ -17,12 +17,12 @@ from pathlib import Path
 import blake3
 import pytest
 import zstandard
-from conftest import compressible
 
 from cachefs.engine import Store
 from cachefs.format.digest import Digest
 from cachefs.format.header import HEADER_NAME
 from cachefs.format.segment import RECORD_HEADER, segment_path
+from tests.conftest import compressible
 
 CACHEFS = Path(sys.executable).parent / "cachefs"
 LINE = re.compile(r"^([0-9a-f]{64})/([0-9]+)  (.+)$")

@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent
     [
         ["ruff", "check", "cachefs", "tests", "scripts"],
         ["ruff", "format", "--check", "cachefs", "tests", "scripts"],
-        ["mypy", "cachefs"],
+        ["mypy"],  # the files of pyproject.toml: cachefs, tests, scripts
     ],
     ids=["ruff-check", "ruff-format", "mypy"],
 )

@@ -9,6 +9,7 @@ import struct
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
@@ -446,9 +447,7 @@ def newer_store(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     "kwargs", [{}, {"readonly": True}, {"create": True}], ids=["write", "readonly", "create"]
 )
-def test_newer_store_is_refused_and_not_modified(
-    newer_store: Path, kwargs: dict[str, bool]
-) -> None:
+def test_newer_store_is_refused_and_not_modified(newer_store: Path, kwargs: dict[str, Any]) -> None:
     before = snapshot(newer_store)
     with pytest.raises(FormatVersionError):
         Store.open(newer_store, **kwargs)
@@ -457,7 +456,7 @@ def test_newer_store_is_refused_and_not_modified(
 
 @pytest.mark.parametrize("kwargs", [{}, {"readonly": True}], ids=["write", "readonly"])
 def test_newer_store_of_unknown_layout_is_not_modified(
-    tmp_path: Path, kwargs: dict[str, bool]
+    tmp_path: Path, kwargs: dict[str, Any]
 ) -> None:
     # A future layout need not have the files this version expects (a lock file).
     write_header(tmp_path, StoreConfig())

@@ -21,15 +21,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import killpoints
 import pytest
-from conftest import SMALL_CONFIG, compressible
 
 from cachefs.engine import FsckReport, GcReport, Store, check_store, collect_garbage
 from cachefs.errors import CorruptDataError, ReadOnlyError
 from cachefs.format.digest import Digest
 from cachefs.format.schema import ChunkEntry, ObjectEntry, SegmentEntry
 from cachefs.format.segment import RECORD_HEADER, list_segment_files, segment_path
+from tests import killpoints
+from tests.conftest import SMALL_CONFIG, compressible
 
 
 def digest_of(data: bytes) -> Digest:
@@ -252,7 +252,12 @@ def test_gc_makes_each_compaction_durable_before_deleting_the_old_segment(
     store.unref(corpus.digests["v"])
     events: list[str] = []
     real_sync = store.index.sync
-    monkeypatch.setattr(store.index, "sync", lambda: (events.append("sync"), real_sync())[1])
+
+    def recording_sync() -> None:
+        events.append("sync")
+        real_sync()
+
+    monkeypatch.setattr(store.index, "sync", recording_sync)
     delete = store.segments.delete
 
     def recording_delete(segment_id: int, path: Path) -> int:
@@ -268,6 +273,55 @@ def test_gc_makes_each_compaction_durable_before_deleting_the_old_segment(
             before = events[:i]
             last_unlink = max((j for j, e in enumerate(before) if e == "unlink"), default=-1)
             assert "sync" in before[last_unlink + 1 :], events
+
+
+def test_gc_is_not_starved_by_a_stream_of_puts(store: Store) -> None:
+    """Puts hold the maintenance lock shared while they ingest; three writers
+    take turns so that one always does.  gc must still get its turn (it waits
+    for the puts in flight, and new ones wait for it) instead of waiting for
+    the writers to stop."""
+    corpus = make_corpus(store)
+    store.unref(corpus.digests["v"])
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    puts = [0, 0, 0]
+
+    def slow_source(seed: int) -> Iterator[bytes]:
+        rng = random.Random(seed)
+        for _ in range(5):
+            time.sleep(0.01)  # the put holds the lock shared meanwhile
+            yield rng.randbytes(2000)
+
+    def writer(n: int) -> None:
+        time.sleep(n * 0.017)  # staggered: at any moment some put is ingesting
+        try:
+            while not stop.is_set():
+                store.put(slow_source(n * 1_000_000 + puts[n]))
+                puts[n] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    for thread in writers:
+        thread.start()
+    reports: list[GcReport] = []
+    try:
+        time.sleep(0.3)  # the stream flows
+        during = sum(puts)
+        collector = threading.Thread(target=lambda: reports.append(collect_garbage(store)))
+        collector.start()
+        collector.join(timeout=30)
+        finished_while_writing = not collector.is_alive() and not stop.is_set()
+    finally:
+        stop.set()
+        for thread in writers:
+            thread.join(timeout=60)
+    collector.join(timeout=60)
+    assert not errors, errors
+    assert finished_while_writing, "gc waited until the writers stopped"
+    assert reports and reports[0].chunks_removed > 0
+    assert during > 0 and sum(puts) > during
+    assert_clean(store)
 
 
 def test_gc_and_repair_need_a_writable_store(store: Store, store_path: Path) -> None:

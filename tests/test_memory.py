@@ -3,6 +3,7 @@ under system memory pressure, with a back-off (no mount needed)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ class FakeStore:
         self.shrinks += 1
 
 
-def governor(monkeypatch: pytest.MonkeyPatch, rss: list[int], pressure: list[str | None]) -> Any:
+def governor(
+    monkeypatch: pytest.MonkeyPatch, rss: list[int], pressure: Sequence[str | None]
+) -> Any:
     monkeypatch.setattr(memory, "resident_bytes", lambda *a, **k: rss[0])
     monkeypatch.setattr(memory, "memory_pressure", lambda: pressure[0])
     store = FakeStore()

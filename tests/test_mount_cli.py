@@ -17,13 +17,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cachefs.daemon import _mount as mounting
+from cachefs.daemon import mounted_fstype
+from cachefs.errors import MountError
 from cachefs.format.header import HEADER_NAME
 from tests.mounting import CACHEFS, cachefs, require_fuse
 
@@ -265,14 +267,14 @@ def test_fusermount3_missing(tmp_path: Path) -> None:
 
 def test_no_dev_fuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mounting, "FUSE_DEVICE", str(tmp_path / "no-fuse-here"))
-    with pytest.raises(mounting.MountError) as raised:
+    with pytest.raises(MountError) as raised:
         mounting.check_fuse()
     assert "/dev/fuse" in str(raised.value)
     assert raised.value.exit_code != 0
     # mount() checks before it creates anything.
     store, mnt = tmp_path / "store", tmp_path / "mnt"
     mnt.mkdir()
-    with pytest.raises(mounting.MountError):
+    with pytest.raises(MountError):
         mounting.mount(store, mnt, [], foreground=True)
     assert not store.exists()
     assert not os.path.ismount(mnt)
@@ -299,10 +301,10 @@ def test_umount_detaches_the_mount_of_a_killed_daemon(tmp_path: Path, mounts: Mo
     deadline = time.monotonic() + 30
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert mounting.mounted_fstype(mnt) == "fuse.cachefs"  # dead, still in the table
+    assert mounted_fstype(mnt) == "fuse.cachefs"  # dead, still in the table
     result = cachefs("umount", str(mnt), check=False, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
-    assert mounting.mounted_fstype(mnt) is None
+    assert mounted_fstype(mnt) is None
     mounts.mount(store, mnt)  # and it mounts again
     assert os.path.ismount(mnt)
     cachefs("umount", str(mnt), timeout=TIMEOUT)
@@ -412,7 +414,7 @@ def test_read_only_mount(tmp_path: Path, mounts: Mounts) -> None:
     mounts.mount(store, mnt, "-o", "ro")
     assert "ro" in mount_options(mnt)
     assert (mnt / "dir" / "f").read_bytes() == b"content\n"
-    attempts = [
+    attempts: list[Callable[[], object]] = [
         lambda: (mnt / "new").write_bytes(b"x"),
         lambda: open(mnt / "dir" / "f", "ab").close(),
         (mnt / "dir2").mkdir,

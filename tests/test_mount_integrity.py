@@ -31,7 +31,7 @@ from tests.mounting import Mount, cachefs, mounted
 
 #: Packages of this checkout's venv: real build outputs (.so, .py, .pyi, data),
 #: about 36 MB in all.
-PACKAGES = [Path(m.__file__).parent for m in (zstandard, hypothesis, trio, click)]
+PACKAGES = [Path(str(m.__file__)).parent for m in (zstandard, hypothesis, trio, click)]
 
 
 def settle(mount: Mount) -> None:

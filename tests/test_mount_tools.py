@@ -66,7 +66,8 @@ def mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
 
 @pytest.fixture
 def d(mount: Mount, request: pytest.FixtureRequest) -> Path:
-    path = mount.path / request.node.name
+    name: str = request.node.name
+    path = mount.path / name
     path.mkdir()
     return path
 

@@ -12,7 +12,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachefs.engine import FsError, Namespace, Store, check_store
+from cachefs.engine import ExtendedAttributes, FsError, Namespace, Store, check_store
 from cachefs.format.schema import INO_KEY, INO_VALUE, ROOT_INODE, dirent_key
 from cachefs.fs import Filesystem, OpenFile
 
@@ -99,7 +99,7 @@ def test_fsck_finds_and_repairs_namespace_damage(store: Store) -> None:
     check_store(store, repair=True)
     assert check_store(store).clean, check_store(store).problems
     assert ns.get(f.ino).size == 0
-    assert ns.getxattr(f.ino, b"user.cachefs.lost") == str(digest).encode()
+    assert ExtendedAttributes(ns).get(f.ino, b"user.cachefs.lost") == str(digest).encode()
 
 
 # --- OpenFile: where each byte of a changed file comes from ----------------------------

@@ -69,7 +69,8 @@ def mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
 
 @pytest.fixture
 def d(mount: Mount, request: pytest.FixtureRequest) -> Path:
-    path = mount.path / request.node.name.replace("[", "_").replace("]", "")
+    name: str = request.node.name
+    path = mount.path / name.replace("[", "_").replace("]", "")
     path.mkdir()
     path.chmod(0o777)
     return path

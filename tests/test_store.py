@@ -19,7 +19,6 @@ from pathlib import Path
 
 import blake3
 import pytest
-from conftest import SMALL_CONFIG, compressible
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -48,6 +47,7 @@ from cachefs.format.segment import (
     segment_path,
     shard_of,
 )
+from tests.conftest import SMALL_CONFIG, compressible
 
 MIN_CHUNK = SMALL_CONFIG.chunking.min_size
 MAX_CHUNK = SMALL_CONFIG.chunking.max_size

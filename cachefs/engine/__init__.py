@@ -19,7 +19,7 @@ What it offers:
 * maintenance: :func:`collect_garbage` (:class:`GcReport`) and
   :func:`check_store` (fsck, :class:`FsckReport`);
 * the filesystem namespace kept in the same index: :class:`Namespace`,
-  :class:`Inode`, :class:`CacheRecords`;
+  :class:`Inode`, :class:`ExtendedAttributes`, :class:`CacheRecords`;
 * the store's :class:`Journal` (``Store.journal``), and :class:`ChunkBackend`,
   the seam where storage tiers plug in;
 * the errors of ``cachefs.errors`` (every one a :class:`CachefsError` with an
@@ -38,6 +38,7 @@ from cachefs.engine._namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespa
 from cachefs.engine._namespace_check import NamespaceCheck
 from cachefs.engine._publish import PublishHook
 from cachefs.engine._store import Progress, Store, StoreOptions, StoreStats
+from cachefs.engine._xattrs import ExtendedAttributes
 from cachefs.errors import (
     BadDigestError,
     CachefsError,
@@ -73,6 +74,7 @@ __all__ = [
     "CorruptDataError",
     "Digest",
     "DigestFunction",
+    "ExtendedAttributes",
     "FormatVersionError",
     "FsError",
     "FsckReport",

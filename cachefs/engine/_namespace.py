@@ -12,7 +12,6 @@ the namespace is ``_namespace_check.py``.
 from __future__ import annotations
 
 import errno
-import os
 import stat
 import time
 from collections.abc import Iterator
@@ -34,9 +33,6 @@ from cachefs.format.schema import (
 )
 
 NAME_MAX = 255
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 64 * 1024
-XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -546,58 +542,6 @@ class Namespace:
                 self._unlinked(txn, inode, ino in in_use)
                 removed.append((parent, name, inode))
         return removed
-
-    # --- extended attributes -------------------------------------------------------
-
-    def getxattr(self, ino: int, name: bytes) -> bytes | None:
-        with self.read() as txn:
-            value = txn.get(INO_KEY.pack(ino) + name, db=self.xattrs)
-        return None if value is None else bytes(value)
-
-    def listxattr(self, ino: int) -> list[bytes]:
-        prefix = INO_KEY.pack(ino)
-        with self.read() as txn:
-            cursor = txn.cursor(db=self.xattrs)
-            names = []
-            if cursor.set_range(prefix):
-                for key in cursor.iternext(keys=True, values=False):
-                    if key[:8] != prefix:
-                        break
-                    names.append(bytes(key[8:]))
-            return names
-
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        """Set an attribute; ``flags`` XATTR_CREATE / XATTR_REPLACE as setxattr(2).
-
-        ``user.``, ``trusted.`` and ``security.`` attributes are stored as they
-        are; ``system.`` ones (POSIX ACLs) are not supported (EOPNOTSUPP), so
-        that tools such as ``cp -a`` fall back to chmod."""
-        if not name.startswith(XATTR_NAMESPACES):
-            raise FsError(errno.EOPNOTSUPP, f"extended attribute {name!r} is not supported")
-        if not name or len(name) > XATTR_NAME_MAX:
-            raise FsError(errno.ERANGE if name else errno.EINVAL)
-        if len(value) > XATTR_SIZE_MAX:
-            raise FsError(errno.E2BIG)
-        key = INO_KEY.pack(ino) + name
-        with self.store.transaction("setting an extended attribute") as txn:
-            inode = self.get(ino, txn)
-            exists = txn.get(key, db=self.xattrs) is not None
-            if flags & os.XATTR_CREATE and exists:
-                raise FsError(errno.EEXIST)
-            if flags & os.XATTR_REPLACE and not exists:
-                raise FsError(errno.ENODATA)
-            txn.put(key, value, db=self.xattrs)
-            inode.ctime_ns = time.time_ns()
-            self.put_inode(txn, inode)
-
-    def removexattr(self, ino: int, name: bytes) -> None:
-        key = INO_KEY.pack(ino) + name
-        with self.store.transaction("removing an extended attribute") as txn:
-            inode = self.get(ino, txn)
-            if not txn.delete(key, db=self.xattrs):
-                raise FsError(errno.ENODATA)
-            inode.ctime_ns = time.time_ns()
-            self.put_inode(txn, inode)
 
 
 __all__ = ["Namespace"]

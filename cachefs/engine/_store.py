@@ -50,7 +50,7 @@ from cachefs.engine._maintenance import Maintenance, MaintenanceLock
 from cachefs.engine._publish import PendingObject, Publisher, PublishHook
 from cachefs.engine._reads import LocalChunks, ObjectReader
 from cachefs.engine._segments import SegmentStore
-from cachefs.engine._upgrade import upgrade
+from cachefs.engine._upgrade import check_upgradable, upgrade
 from cachefs.engine._workers import Workers
 from cachefs.errors import (
     CachefsError,
@@ -315,6 +315,7 @@ class Store:
             found = read_header(path)
             if config is not None and create and config != found.config:
                 log.info("store %s exists; using its own configuration", path)
+            check_upgradable(path, found.format_version)
             return cls(path, found, options, readonly=False, lock_fd=lock_fd)
         except BaseException:
             os.close(lock_fd)

@@ -11,7 +11,8 @@ upgrades again.  Read-only openers read older layouts as they are.
 * ``wal/wal.log``, the log of the engine's staged objects (an API that is
   gone), must hold no record: a record there is a staged write that was never
   published, which this version cannot replay; the store is then refused,
-  untouched.  An empty log is deleted.
+  untouched (``check_upgradable``, before the index is opened for writing).
+  An empty log is deleted.
 * ``fswal/wal.log``, the mount's log, becomes the journal
   (``journal/journal.log``): same framing, same record kinds.
 * the index loses ``wal_applied`` and records its schema version.
@@ -35,8 +36,24 @@ from cachefs.fsutil import fsync_dir
 log = logging.getLogger(__name__)
 
 
+def check_upgradable(path: Path, version: int) -> None:
+    """Refuse (before anything is opened for writing) a store of layout
+    ``version`` that cannot be upgraded without losing what it holds."""
+    staged = path / "wal" / "wal.log"
+    if version < 2 and staged.exists():
+        _, records, _ = journal.parse(staged.read_bytes(), str(staged))
+        if records:
+            raise CachefsError(
+                f"store {path} holds {len(records)} records of staged writes (Store.stage) "
+                "that cachefs 0.1 logged and never published",
+                hint="open the store once with cachefs 0.1, which publishes them, then again "
+                "with this version; nothing was modified",
+            )
+
+
 def upgrade(path: Path, index: Index, version: int) -> None:
-    """Upgrade the store at ``path`` from layout ``version`` to the current one."""
+    """Upgrade the store at ``path`` from layout ``version`` to the current one
+    (``check_upgradable`` said it can be)."""
     if version < 2:
         _journal_from_1(path)
         _index_from_1(index)
@@ -47,17 +64,7 @@ def upgrade(path: Path, index: Index, version: int) -> None:
 
 
 def _journal_from_1(path: Path) -> None:
-    staged = path / "wal" / "wal.log"
-    if staged.exists():
-        _, records, _ = journal.parse(staged.read_bytes(), str(staged))
-        if records:
-            raise CachefsError(
-                f"store {path} holds {len(records)} records of staged writes (Store.stage) "
-                "that cachefs 0.1 logged and never published",
-                hint="open the store once with cachefs 0.1, which publishes them, then again "
-                "with this version; nothing was modified",
-            )
-        shutil.rmtree(staged.parent)
+    shutil.rmtree(path / "wal", ignore_errors=True)  # empty (check_upgradable)
     mount_log = path / "fswal" / "wal.log"
     if mount_log.exists():
         directory = path / journal.DIRECTORY

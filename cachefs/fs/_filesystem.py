@@ -5,17 +5,20 @@ a POSIX filesystem: lookups and the kernel's lookup counts, open files and
 their unpublished writes, truncation, extended attributes, the control
 directory.  It knows nothing of pyfuse3: ``cachefs.fuse`` adapts it to the
 kernel, and tests drive it directly.  Methods run on the trio thread; ingest
-runs in worker threads.  Its parts:
+runs in worker threads.  :class:`Filesystem` handles names, attributes and
+xattrs itself and puts the other parts together:
 
 * ``_files.py``    open files (base + spool), handles of each kind;
+* ``_file_io.py``  open, read, write, truncate, fsync, release; when to publish;
 * ``_journal.py``  every write logged to the store's journal, and replay;
-* ``_publish.py``  when and how a file's new content is published;
+* ``_publish.py``  how a file's new content is published;
+* ``_lookups.py``  the kernel's lookup counts, orphans;
 * ``_control.py``  the control directory ``/.cachefs``;
 * ``_caches.py``, ``_eviction.py``, ``_policy.py``  cache directories;
 * ``_trace.py``    access traces; ``_memory.py``  the memory limit;
 * ``_events.py``   what this class tells cache directories and traces.
 
-Write path: ``write()`` -> ``FileJournal.write`` (the store's journal) ->
+Write path: ``FileIO.write`` -> ``FileJournal.write`` (the store's journal) ->
 ``OpenFile.apply_write`` (the spool) -> on fsync, last close or the publish
 threshold: ``FilePublisher.publish`` -> ``Store.put_revision`` (ingest, then
 one transaction that also points the inode at the new object).
@@ -26,16 +29,16 @@ Concurrency invariants (all state below is touched only on the trio thread):
   publication in flight; its ``lock`` is held while publishing.
 * An inode whose last link goes while the kernel still knows it (lookup count
   > 0) or a handle is open becomes an orphan in the namespace; it is deleted
-  when the last of both goes (``forget``, ``release``).
+  when the last of both goes (``Lookups``).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ from cachefs.engine import (
     CachefsError,
     CorruptDataError,
     Digest,
+    ExtendedAttributes,
     FsError,
     GcReport,
     IndexCorruptError,
@@ -61,19 +65,15 @@ from cachefs.errors import from_oserror
 from cachefs.fs._caches import CACHE_XATTR, CacheDirs
 from cachefs.fs._control import CONTROL_INO, CONTROL_NAME, ControlTree, is_virtual
 from cachefs.fs._events import FsEvents
+from cachefs.fs._file_io import FileIO, truncate_state
 from cachefs.fs._files import (
-    CommandHandle,
-    ContentHandle,
     DirHandle,
-    FileHandle,
-    Handle,
     Handles,
-    ObjectHandle,
     OpenFile,
     OpenFiles,
-    joined,
 )
 from cachefs.fs._journal import DEFAULT_LOG_LIMIT, FileJournal
+from cachefs.fs._lookups import Lookups
 from cachefs.fs._memory import DEFAULT_MEMORY_LIMIT, MemoryGovernor
 from cachefs.fs._publish import FilePublisher
 from cachefs.fs._trace import TraceRecorder
@@ -107,21 +107,18 @@ class Filesystem:
         self.limiter = limiter or trio.CapacityLimiter(max(2, store.options.workers))
         self.files = OpenFiles(store.tmp_root)
         self.handles = Handles()
-        self.lookups: dict[int, int] = {}
-        #: Inodes that lost their last link while in use (see Namespace.remove).
-        self._orphans: set[int] = set()
-        self._nursery: trio.Nursery | None = None
         self.errors = 0
         #: gc runs started by this filesystem (a publication would wait for them).
         self._collecting = 0
         #: Why the filesystem went read-only to protect the store (None: it did not).
         self.failsafe: str | None = None
         self.control = ControlTree(store, self.figures, self)
+        self.lookups = Lookups(self.namespace, self.files, self.control)
+        self.xattrs = ExtendedAttributes(self.namespace)
         self.listeners: list[FsEvents] = []
         #: Tells the kernel that an entry is gone (set by the FUSE adapter).
         self.invalidate: Callable[[int, bytes, int], None] | None = None
         self.tracer: TraceRecorder | None = None
-        self._checkpointing = False
         purged = self.namespace.purge_orphans()
         if purged:
             log.info("deleted %d files that were unlinked while open when last mounted", purged)
@@ -135,7 +132,10 @@ class Filesystem:
             maintenance=lambda: bool(self._collecting) or store.maintenance_pending,
         )
         self.journal.replay(
-            self.namespace, self.files, self._truncate_locked, self.publisher.publish_now
+            self.namespace,
+            self.files,
+            functools.partial(truncate_state, store, self.namespace),
+            self.publisher.publish_now,
         )
         # After the replay: the sizes it published are the ones that count.
         self.caches = CacheDirs(
@@ -149,6 +149,21 @@ class Filesystem:
         )
         self.listeners.append(self.caches)
         self.memory = MemoryGovernor(store, memory_limit)
+        self.io = FileIO(
+            store,
+            self.namespace,
+            self.files,
+            self.handles,
+            self.journal,
+            self.publisher,
+            self.lookups,
+            self.control,
+            caches=self.caches,
+            listeners=self.listeners,
+            check_writable=self._check_writable,
+            on_error=self._background_error,
+            publish_threshold=publish_threshold,
+        )
 
     def close(self) -> None:
         """After the last request: every file must have been published (flush_all)."""
@@ -162,7 +177,7 @@ class Filesystem:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve background publications, eviction and the memory limit until cancelled."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self.io.nursery = nursery
             nursery.start_soon(self.caches.eviction.run)
             nursery.start_soon(self.memory.run)
             task_status.started()
@@ -250,50 +265,12 @@ class Filesystem:
             self.invalidate(parent, name, inode.ino if inode.nlink == 0 else 0)
 
     def remember(self, ino: int, count: int = 1) -> None:
-        self.lookups[ino] = self.lookups.get(ino, 0) + count
+        """The kernel learned of inode ``ino`` (``count`` more lookups)."""
+        self.lookups.remember(ino, count)
 
     def forget(self, pairs: list[tuple[int, int]]) -> None:
-        """The kernel dropped ``count`` lookups of each inode; orphans it no
-        longer knows (and nothing has open) are deleted, in one transaction."""
-        released = []
-        for ino, count in pairs:
-            if is_virtual(ino):
-                self.control.forget(ino, count)
-                continue
-            left = self.lookups.get(ino, 0) - count
-            if left > 0:
-                self.lookups[ino] = left
-                continue
-            self.lookups.pop(ino, None)
-            if ino in self._orphans and not self.files.busy(ino):
-                released.append(ino)
-        self._delete_orphans(released)
-
-    def _in_use(self, ino: int) -> bool:
-        return ino in self.lookups or self.files.busy(ino)
-
-    def _delete_orphans(self, inos: list[int]) -> None:
-        """Delete orphans that nothing uses any more."""
-        inos = [i for i in inos if i in self._orphans and not self._in_use(i)]
-        if not inos:
-            return
-        try:
-            self.namespace.release(*inos)
-        except CachefsError as exc:
-            log.error("could not delete released inodes %s: %s", inos, exc)
-            return
-        for ino in inos:
-            self._orphans.discard(ino)
-            self.files.forget(ino)
-
-    def _forget_writes(self, ino: int) -> None:
-        """A file lost its last name: it is an orphan until the kernel forgets it
-        and it is closed; unpublished writes nobody can reach are dropped (an
-        open file keeps them, readable, until it is closed)."""
-        self._orphans.add(ino)
-        state = self.files.get(ino)
-        if state is not None and state.opens == 0 and state.publishing == 0:
-            self._drop_state(state)
+        """The kernel dropped lookups (see ``Lookups.forget``)."""
+        self.lookups.forget(pairs)
 
     # --- attributes and names ------------------------------------------------------------
 
@@ -380,12 +357,12 @@ class Filesystem:
     def unlink(self, parent: int, name: bytes, *, directory: bool = False) -> None:
         self._check_writable(parent, name)
         ino = self.namespace.lookup(parent, name)
-        in_use = self._in_use(ino)
+        in_use = self.lookups.in_use(ino)
         inode = self.store.freeing(
             lambda: self.namespace.remove(parent, name, directory=directory, in_use=in_use)
         )
         if inode.nlink == 0:
-            self._forget_writes(ino)
+            self.io.unlinked(ino)
         for listener in self.listeners:
             listener.removed(parent, name, inode)
 
@@ -402,7 +379,7 @@ class Filesystem:
         except FsError:
             pass
         else:
-            if self._in_use(target.ino):
+            if self.lookups.in_use(target.ino):
                 in_use.add(target.ino)
         replaced = self.store.freeing(
             lambda: self.namespace.rename(
@@ -411,7 +388,7 @@ class Filesystem:
         )
         if replaced is not None:
             if replaced.nlink == 0:
-                self._forget_writes(replaced.ino)
+                self.io.unlinked(replaced.ino)
             for listener in self.listeners:
                 listener.replaced(new_parent, new_name, replaced)
         exchanged = target if flags & RENAME_EXCHANGE else None
@@ -457,212 +434,23 @@ class Filesystem:
 
     async def open(self, ino: int, flags: int, *, created: bool = False) -> tuple[int, bool]:
         """Open a file; returns (handle, whether the kernel may keep its cached pages).
-        ``created``: the file was just created (not a cache hit).
-
-        The content of a control file that changes (``stats.json``) is fixed at
-        open and must be read with direct I/O (``is_volatile``)."""
-        writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
-        if is_virtual(ino):
-            return self.handles.add(self.control.open(ino, writable)), True
-        inode = self.namespace.get(ino)
-        if inode.is_dir:
-            raise FsError(errno.EISDIR)
-        if not inode.is_reg:
-            raise FsError(errno.EINVAL)
-        if writable:
-            self._check_writable(ino)
-        state = self.files.state(inode)
-        state.opens += 1
-        if not created:
-            for listener in self.listeners:
-                listener.opened(ino, state.size)
-        fh = self.handles.add(FileHandle(state, writable, bool(flags & os.O_APPEND)))
-        try:
-            if flags & os.O_TRUNC and writable:
-                await self.truncate(ino, 0)
-        except BaseException:
-            await self.release(fh)
-            raise
-        return fh, self.files.keep_cache(state)
-
-    async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
-        handle = self.handles[fh]
-        if isinstance(handle, CommandHandle):
-            handle.request += data
-            handle.answer = None
-            return len(data)
-        if not isinstance(handle, FileHandle) or not handle.writable:
-            raise FsError(errno.EBADF)
-        state = handle.file
-        self._check_writable(state.ino)
-        async with state.lock:
-            if handle.append:
-                offset = state.size
-            growth = offset + len(data) - state.size
-            if growth > 0 or self.caches.max_store_size is not None:
-                await self.caches.make_room(state.ino, max(0, growth))
-                if handle.append:
-                    offset = state.size
-            self.journal.changing(state)
-            self.journal.write(state, offset, data)
-            written = state.apply_write(offset, data)
-            state.unpublished += written
-        if growth > 0:
-            self._resized(state)
-        if self._nursery is not None:
-            if state.unpublished >= self.publish_threshold:
-                state.unpublished = 0
-                state.publishing += 1
-                self._nursery.start_soon(self._publish_in_background, state)
-            if self.journal.full and not self._checkpointing:
-                self._checkpointing = True
-                self._nursery.start_soon(self._carry_over)
-        return written
-
-    def _resized(self, state: OpenFile) -> None:
-        for listener in self.listeners:
-            listener.resized(state.ino, state.size)
-
-    async def _carry_over(self) -> None:
-        """The journal passed its limit: restart it, carrying over what is unpublished.
-
-        Files whose unpublished bytes would fill more than half of the new
-        journal are published first (largest first), so that it starts small
-        and files that keep being written do not make it restart again at once.
-        """
-        try:
-            changed = [state for state in self.files if state.changed]
-            changed.sort(key=lambda state: state.unpublished_bytes, reverse=True)
-            carried = sum(state.unpublished_bytes for state in changed)
-            for state in changed:
-                if carried <= self.journal.log_limit // 2:
-                    break
-                carried -= state.unpublished_bytes
-                await self.publisher.publish(state, durable=False)
-            self.journal.carry_over(self.files)  # no await in there
-        except CachefsError as exc:
-            self.errors += 1
-            log.error("journal checkpoint failed: %s", exc)
-        finally:
-            self._checkpointing = False
-
-    async def truncate(self, ino: int, size: int) -> None:
-        if size < 0:
-            raise FsError(errno.EINVAL)
-        inode = self.namespace.get(ino)
-        if inode.is_dir:
-            raise FsError(errno.EISDIR)
-        if not inode.is_reg:
-            raise FsError(errno.EINVAL)
-        state = self.files.state(inode)
-        state.publishing += 1  # keeps the state alive while we wait for the lock
-        try:
-            async with state.lock:
-                if size > state.size:
-                    await self.caches.make_room(ino, size - state.size)
-                if size not in (0, state.size):
-                    self.journal.changing(state)
-                    self.journal.truncate(state, size)
-                self._truncate_locked(state, size)
-        except BaseException:
-            state.publishing -= 1
-            if state.opens == 0 and state.publishing == 0:
-                self._drop_state(state)  # kept if it has changes to publish
-            raise
-        state.publishing -= 1
-        self._resized(state)
-        if state.opens == 0 and state.publishing == 0:
-            await self.publisher.publish(state, durable=False)
-            self._drop_state(state)
-
-    def _truncate_locked(self, state: OpenFile, size: int) -> None:
-        if size == 0:
-            if state.size == 0 and state.base is None and not state.changed:
-                return
-            # The common O_TRUNC case: drop the content at once.
-            now = time.time_ns()
-            self.store.freeing(lambda: self.namespace.clear_content(state.ino, now, now))
-            state.emptied()
-            return
-        if size == state.size:
-            return
-        state.cut(size)
-        if state.spool is not None or size > state.base_limit:
-            state.resize_spool(size)
-        state.size = size
-        state.changed = True
+        ``created``: the file was just created (not a cache hit)."""
+        return await self.io.open(ino, flags, created=created)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
-        handle = self.handles[fh]
-        try:
-            return await self._read(handle, offset, size)
-        except CorruptDataError as exc:
-            # Say which file it hit: the store's message names chunk and segment.
-            raise CorruptDataError(
-                f"reading inode {handle.ino} at offset {offset}: {exc.message}", hint=exc.hint
-            ) from None
+        return await self.io.read(fh, offset, size)
 
-    async def _read(self, handle: Handle, offset: int, size: int) -> bytes | memoryview:
-        if isinstance(handle, CommandHandle):
-            if handle.answer is None:
-                handle.answer = await self.control.run(bytes(handle.request))
-            return handle.answer[offset : offset + size]
-        if isinstance(handle, ContentHandle):
-            return handle.content[offset : offset + size]
-        if isinstance(handle, ObjectHandle):
-            end = min(handle.digest.size, offset + size)
-            if offset >= end:
-                return b""
-            return joined(self.store.iter_object(handle.digest, offset, end - offset))
-        if not isinstance(handle, FileHandle):
-            raise FsError(errno.EISDIR)
-        state = handle.file
-        end = min(state.size, offset + size)
-        if offset >= end:
-            return b""
-        return state.read(offset, end, self.store.iter_object)
+    async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
+        return await self.io.write(fh, offset, data)
 
-    async def _publish_in_background(self, state: OpenFile) -> None:
-        try:
-            await self.publisher.publish(state, durable=False)
-        except CachefsError as exc:
-            self.errors += 1
-            log.error("publishing inode %d failed (it is retried at close): %s", state.ino, exc)
-        finally:
-            state.publishing -= 1
-            if state.opens == 0 and state.publishing == 0:
-                self._drop_state(state)
+    async def truncate(self, ino: int, size: int) -> None:
+        await self.io.truncate(ino, size)
 
     async def fsync(self, fh: int) -> None:
-        handle = self.handles[fh]
-        if isinstance(handle, FileHandle):
-            await self.publisher.publish(handle.file, durable=True)
+        await self.io.fsync(fh)
 
     async def release(self, fh: int) -> None:
-        handle = self.handles.pop(fh)
-        if not isinstance(handle, FileHandle):
-            return
-        state = handle.file
-        state.opens -= 1
-        if state.opens > 0:
-            return
-        try:
-            await self.publisher.publish(state, durable=False)
-        finally:
-            if state.opens == 0 and state.publishing == 0:
-                self._drop_state(state)
-
-    def _drop_state(self, state: OpenFile) -> None:
-        if self.files.get(state.ino) is not state or state.opens or state.publishing:
-            return
-        if state.changed and not self.publisher.orphaned(state.ino):
-            return  # publication failed: keep the data for the next attempt
-        self.files.remove(state)
-        self._delete_orphans([state.ino])
-        if not self.store.reserve.held:
-            self.store.reserve.ensure()
-        if not self._checkpointing:
-            self.journal.restart(self.files)
+        await self.io.release(fh)
 
     # --- traces ----------------------------------------------------------------------------
 
@@ -695,7 +483,7 @@ class Filesystem:
             self._check_owner(ino, uid)
             self.caches.mark(ino, value)
             return
-        self.namespace.setxattr(ino, name, value)
+        self.xattrs.set(ino, name, value)
 
     def removexattr(self, ino: int, name: bytes, uid: int | None = None) -> None:
         if name == DIGEST_XATTR:
@@ -705,7 +493,7 @@ class Filesystem:
             self._check_owner(ino, uid)
             self.caches.unmark(ino)
             return
-        self.namespace.removexattr(ino, name)
+        self.xattrs.remove(ino, name)
 
     def _check_owner(self, ino: int, uid: int | None) -> None:
         if uid not in (None, 0) and self.namespace.get(ino).uid != uid:
@@ -721,7 +509,7 @@ class Filesystem:
         elif name == CACHE_XATTR:
             value = self.caches.setting_of(ino)
         else:
-            value = self.namespace.getxattr(ino, name)
+            value = self.xattrs.get(ino, name)
         if value is None:
             raise FsError(errno.ENODATA)
         return value
@@ -730,7 +518,7 @@ class Filesystem:
         if is_virtual(ino):
             names = []
         else:
-            names = self.namespace.listxattr(ino)
+            names = self.xattrs.names(ino)
             if ino in self.caches.dirs:
                 names.append(CACHE_XATTR)
         if self.getattr(ino).is_reg:

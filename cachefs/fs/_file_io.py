@@ -1,0 +1,303 @@
+"""I/O on open files: open, read, write, truncate, fsync, release (filesystem layer).
+
+Every ``write`` and truncation is logged to the journal (``_journal.py``),
+then applied to the file's spool (``_files.py``).  This module also decides
+when a file is published (``_publish.py`` says how): on ``fsync``, when the
+last handle is released, when its unpublished bytes pass the publish
+threshold (in the background), and when the journal passes its limit (the
+files with the most unpublished bytes first, the rest carried over).  Reads
+never wait for publications: they compose the spool and the base.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import trio
+
+from cachefs.engine import CachefsError, CorruptDataError, FsError, Namespace, Store
+from cachefs.fs._caches import CacheDirs
+from cachefs.fs._control import ControlTree, is_virtual
+from cachefs.fs._events import FsEvents
+from cachefs.fs._files import (
+    CommandHandle,
+    ContentHandle,
+    FileHandle,
+    Handle,
+    Handles,
+    ObjectHandle,
+    OpenFile,
+    OpenFiles,
+    joined,
+)
+from cachefs.fs._journal import FileJournal
+from cachefs.fs._lookups import Lookups
+from cachefs.fs._publish import FilePublisher
+
+log = logging.getLogger(__name__)
+
+
+class FileIO:
+    """The data side of a mounted store's files.  Use from one trio thread."""
+
+    def __init__(
+        self,
+        store: Store,
+        namespace: Namespace,
+        files: OpenFiles,
+        handles: Handles,
+        journal: FileJournal,
+        publisher: FilePublisher,
+        lookups: Lookups,
+        control: ControlTree,
+        *,
+        caches: CacheDirs,
+        listeners: list[FsEvents],
+        check_writable: Callable[[int], None],
+        on_error: Callable[[CachefsError], None],
+        publish_threshold: int,
+    ) -> None:
+        self.store = store
+        self.namespace = namespace
+        self.files = files
+        self.handles = handles
+        self.journal = journal
+        self.publisher = publisher
+        self.lookups = lookups
+        self.control = control
+        self.caches = caches
+        self.listeners = listeners
+        self.check_writable = check_writable
+        self.on_error = on_error
+        self.publish_threshold = publish_threshold
+        #: Where background publications run (set while the filesystem runs).
+        self.nursery: trio.Nursery | None = None
+        self._carrying_over = False
+
+    def unlinked(self, ino: int) -> None:
+        """A file lost its last name: it is an orphan until the kernel forgets it
+        and it is closed; unpublished writes nobody can reach are dropped (an
+        open file keeps them, readable, until it is closed)."""
+        self.lookups.orphans.add(ino)
+        state = self.files.get(ino)
+        if state is not None and state.opens == 0 and state.publishing == 0:
+            self._drop_state(state)
+
+    async def open(self, ino: int, flags: int, *, created: bool = False) -> tuple[int, bool]:
+        """Open a file; returns (handle, whether the kernel may keep its cached pages).
+        ``created``: the file was just created (not a cache hit).
+
+        The content of a control file that changes (``stats.json``) is fixed at
+        open and must be read with direct I/O (``is_volatile``)."""
+        writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        if is_virtual(ino):
+            return self.handles.add(self.control.open(ino, writable)), True
+        inode = self.namespace.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL)
+        if writable:
+            self.check_writable(ino)
+        state = self.files.state(inode)
+        state.opens += 1
+        if not created:
+            for listener in self.listeners:
+                listener.opened(ino, state.size)
+        fh = self.handles.add(FileHandle(state, writable, bool(flags & os.O_APPEND)))
+        try:
+            if flags & os.O_TRUNC and writable:
+                await self.truncate(ino, 0)
+        except BaseException:
+            await self.release(fh)
+            raise
+        return fh, self.files.keep_cache(state)
+
+    async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
+        handle = self.handles[fh]
+        if isinstance(handle, CommandHandle):
+            handle.request += data
+            handle.answer = None
+            return len(data)
+        if not isinstance(handle, FileHandle) or not handle.writable:
+            raise FsError(errno.EBADF)
+        state = handle.file
+        self.check_writable(state.ino)
+        async with state.lock:
+            if handle.append:
+                offset = state.size
+            growth = offset + len(data) - state.size
+            if growth > 0 or self.caches.max_store_size is not None:
+                await self.caches.make_room(state.ino, max(0, growth))
+                if handle.append:
+                    offset = state.size
+            self.journal.changing(state)
+            self.journal.write(state, offset, data)
+            written = state.apply_write(offset, data)
+            state.unpublished += written
+        if growth > 0:
+            self._resized(state)
+        if self.nursery is not None:
+            if state.unpublished >= self.publish_threshold:
+                state.unpublished = 0
+                state.publishing += 1
+                self.nursery.start_soon(self._publish_in_background, state)
+            if self.journal.full and not self._carrying_over:
+                self._carrying_over = True
+                self.nursery.start_soon(self._carry_over)
+        return written
+
+    def _resized(self, state: OpenFile) -> None:
+        for listener in self.listeners:
+            listener.resized(state.ino, state.size)
+
+    async def _carry_over(self) -> None:
+        """The journal passed its limit: restart it, carrying over what is unpublished.
+
+        Files whose unpublished bytes would fill more than half of the new
+        journal are published first (largest first), so that it starts small
+        and files that keep being written do not make it restart again at once.
+        """
+        try:
+            changed = [state for state in self.files if state.changed]
+            changed.sort(key=lambda state: state.unpublished_bytes, reverse=True)
+            carried = sum(state.unpublished_bytes for state in changed)
+            for state in changed:
+                if carried <= self.journal.log_limit // 2:
+                    break
+                carried -= state.unpublished_bytes
+                await self.publisher.publish(state, durable=False)
+            self.journal.carry_over(self.files)  # no await in there
+        except CachefsError as exc:
+            self.on_error(exc)
+            log.error("journal checkpoint failed: %s", exc)
+        finally:
+            self._carrying_over = False
+
+    async def truncate(self, ino: int, size: int) -> None:
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        inode = self.namespace.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL)
+        state = self.files.state(inode)
+        state.publishing += 1  # keeps the state alive while we wait for the lock
+        try:
+            async with state.lock:
+                if size > state.size:
+                    await self.caches.make_room(ino, size - state.size)
+                if size not in (0, state.size):
+                    self.journal.changing(state)
+                    self.journal.truncate(state, size)
+                self.truncate_locked(state, size)
+        except BaseException:
+            state.publishing -= 1
+            if state.opens == 0 and state.publishing == 0:
+                self._drop_state(state)  # kept if it has changes to publish
+            raise
+        state.publishing -= 1
+        self._resized(state)
+        if state.opens == 0 and state.publishing == 0:
+            await self.publisher.publish(state, durable=False)
+            self._drop_state(state)
+
+    def truncate_locked(self, state: OpenFile, size: int) -> None:
+        """Apply a truncation to a file whose lock the caller holds."""
+        truncate_state(self.store, self.namespace, state, size)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        handle = self.handles[fh]
+        try:
+            return await self._read(handle, offset, size)
+        except CorruptDataError as exc:
+            # Say which file it hit: the store's message names chunk and segment.
+            raise CorruptDataError(
+                f"reading inode {handle.ino} at offset {offset}: {exc.message}", hint=exc.hint
+            ) from None
+
+    async def _read(self, handle: Handle, offset: int, size: int) -> bytes | memoryview:
+        if isinstance(handle, CommandHandle):
+            if handle.answer is None:
+                handle.answer = await self.control.run(bytes(handle.request))
+            return handle.answer[offset : offset + size]
+        if isinstance(handle, ContentHandle):
+            return handle.content[offset : offset + size]
+        if isinstance(handle, ObjectHandle):
+            end = min(handle.digest.size, offset + size)
+            if offset >= end:
+                return b""
+            return joined(self.store.iter_object(handle.digest, offset, end - offset))
+        if not isinstance(handle, FileHandle):
+            raise FsError(errno.EISDIR)
+        state = handle.file
+        end = min(state.size, offset + size)
+        if offset >= end:
+            return b""
+        return state.read(offset, end, self.store.iter_object)
+
+    async def _publish_in_background(self, state: OpenFile) -> None:
+        try:
+            await self.publisher.publish(state, durable=False)
+        except CachefsError as exc:
+            self.on_error(exc)
+            log.error("publishing inode %d failed (it is retried at close): %s", state.ino, exc)
+        finally:
+            state.publishing -= 1
+            if state.opens == 0 and state.publishing == 0:
+                self._drop_state(state)
+
+    async def fsync(self, fh: int) -> None:
+        handle = self.handles[fh]
+        if isinstance(handle, FileHandle):
+            await self.publisher.publish(handle.file, durable=True)
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        if not isinstance(handle, FileHandle):
+            return
+        state = handle.file
+        state.opens -= 1
+        if state.opens > 0:
+            return
+        try:
+            await self.publisher.publish(state, durable=False)
+        finally:
+            if state.opens == 0 and state.publishing == 0:
+                self._drop_state(state)
+
+    def _drop_state(self, state: OpenFile) -> None:
+        if self.files.get(state.ino) is not state or state.opens or state.publishing:
+            return
+        if state.changed and not self.publisher.orphaned(state.ino):
+            return  # publication failed: keep the data for the next attempt
+        self.files.remove(state)
+        self.lookups.release([state.ino])
+        if not self.store.reserve.held:
+            self.store.reserve.ensure()
+        if not self._carrying_over:
+            self.journal.restart(self.files)
+
+
+def truncate_state(store: Store, namespace: Namespace, state: OpenFile, size: int) -> None:
+    """Apply a truncation to a file's state (its lock held, or in replay).  To
+    nothing, the common O_TRUNC case, drops the published content at once."""
+    if size == 0:
+        if state.size == 0 and state.base is None and not state.changed:
+            return
+        now = time.time_ns()
+        store.freeing(lambda: namespace.clear_content(state.ino, now, now))
+        state.emptied()
+        return
+    if size == state.size:
+        return
+    state.cut(size)
+    if state.spool is not None or size > state.base_limit:
+        state.resize_spool(size)
+    state.size = size
+    state.changed = True

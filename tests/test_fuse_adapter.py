@@ -1,0 +1,58 @@
+"""The FUSE adapter called directly (no mount): what a request that meets
+damaged data answers, and what it leaves in the store's figures."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from cachefs.engine import ROOT_INODE, Digest, Store
+from cachefs.format.segment import RECORD_HEADER
+from cachefs.fs import Filesystem
+from cachefs.fuse import Operations
+from tests.conftest import SMALL_CONFIG
+
+
+def flip_first_chunk(store: Store, digest: Digest) -> None:
+    """Damage the payload of an object's first chunk in its segment."""
+    chunk, _ = store.recipe(digest)[0]
+    with store.index.read() as txn:
+        entry = store.index.get_chunk(txn, chunk)
+    assert entry is not None
+    path = store.segments.chunk_path(chunk, entry.segment_id)
+    with open(path, "r+b") as f:
+        f.seek(entry.offset + RECORD_HEADER.size + 10)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+async def test_a_damaged_read_is_eio_and_counts_once(store_path: Path) -> None:
+    data = random.Random(3).randbytes(100_000)  # incompressible: raw chunks
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store)
+        try:
+            ops = Operations(fs)
+            inode = fs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
+            fh, _ = await fs.open(inode.ino, os.O_RDWR)
+            await fs.write(fh, 0, data)
+            await fs.fsync(fh)
+            flip_first_chunk(store, fs.digest_of(inode.ino))
+            assert (store.corruptions, store.needs_fsck) == (0, False)
+            with pytest.raises(pyfuse3.FUSEError) as raised:
+                await ops.read(fh, 0, 4096)
+            assert raised.value.errno == errno.EIO
+            # Counted where the damage was found, not again by the adapter.
+            assert (store.corruptions, store.needs_fsck) == (1, True)
+            assert fs.figures()["corruptions"] == 1
+            assert bytes(await ops.read(fh, 90_000, 100)) == data[90_000:90_100]
+            assert store.corruptions == 1
+            await fs.release(fh)
+        finally:
+            fs.close()
