@@ -174,16 +174,17 @@ class LocalChunks:
                 path=str(locate()),
                 offset=entry.offset,
             )
-        if record.compression == COMPRESSION_NONE:
-            return self.codec.decode(
-                record.compression, record.payload, entry.raw_len, str(locate()), entry.offset
-            )
+        if record.compression == COMPRESSION_NONE and len(record.payload) == entry.raw_len:
+            return record.payload  # the common case of a raw chunk: a view, no copy
         cached = self.cache.get(digest)
         if cached is not None:
             return cached
-        data = self.codec.decode(
-            record.compression, record.payload, entry.raw_len, str(locate()), entry.offset
-        )
+        try:
+            data = self.codec.decode(record.compression, record.payload, entry.raw_len)
+        except CorruptDataError as exc:
+            raise CorruptDataError(
+                f"chunk {digest.hex()}: {exc.message}", path=str(locate()), offset=entry.offset
+            ) from None
         self.cache.put(digest, data)
         return data
 

@@ -72,7 +72,7 @@ from cachefs.format.header import (
     read_header,
     write_header,
 )
-from cachefs.format.schema import INDEX_NAME, ObjectEntry
+from cachefs.format.schema import INDEX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -558,10 +558,6 @@ class Store:
         with self.index.read() as txn:
             entry = self.index.get_object(txn, digest_hash)
         return None if entry is None else Digest(digest_hash, entry.size)
-
-    def object_entry(self, txn: lmdb.Transaction, digest: Digest) -> ObjectEntry:
-        """An object's index entry in the caller's transaction (ObjectNotFoundError)."""
-        return self.reader.object_entry(txn, digest)
 
     def recipe(self, digest: Digest) -> list[tuple[bytes, int]]:
         """The chunk digests and lengths that make up an object, in order."""

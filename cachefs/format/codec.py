@@ -80,30 +80,22 @@ class ChunkCodec:
             return COMPRESSION_ZSTD, packed
         return COMPRESSION_NONE, view
 
-    def decode(
-        self, compression: int, payload: memoryview, raw_len: int, where: str, offset: int
-    ) -> bytes | memoryview:
+    def decode(self, compression: int, payload: memoryview, raw_len: int) -> bytes | memoryview:
         """The chunk a payload holds (a raw payload is returned as the same view);
-        CorruptDataError naming ``where`` and ``offset`` if it does not hold
-        ``raw_len`` bytes."""
+        CorruptDataError if it does not hold ``raw_len`` bytes (the caller says
+        where the record is)."""
         if compression == COMPRESSION_NONE:
             if len(payload) != raw_len:
-                raise CorruptDataError("raw record has the wrong length", path=where, offset=offset)
+                raise CorruptDataError("raw record has the wrong length")
             return payload
         if compression != COMPRESSION_ZSTD:
-            raise CorruptDataError(
-                f"record uses unknown compression {compression}", path=where, offset=offset
-            )
+            raise CorruptDataError(f"record uses unknown compression {compression}")
         try:
             data = self._decompressor().decompress(payload, max_output_size=raw_len)
         except zstandard.ZstdError as exc:
-            raise CorruptDataError(
-                f"cannot decompress the chunk: {exc}", path=where, offset=offset
-            ) from None
+            raise CorruptDataError(f"cannot decompress the chunk: {exc}") from None
         if len(data) != raw_len:
-            raise CorruptDataError(
-                f"chunk decompressed to {len(data)} bytes, not {raw_len}", path=where, offset=offset
-            )
+            raise CorruptDataError(f"chunk decompressed to {len(data)} bytes, not {raw_len}")
         return data
 
 
