@@ -66,7 +66,10 @@ class AsyncStore:
         """Store an object arriving as an async stream of byte strings.
 
         The stream is pulled from the worker thread as ingest needs it, so an
-        object larger than memory streams straight through.
+        object larger than memory streams straight through.  The store is held
+        (shared, see ``Store.maintenance``) until the stream ends: gc waits for
+        it, and puts that come meanwhile wait for gc, so the stream must not
+        wait for another put of the same store.
         """
         iterator = chunks.__aiter__()
         token = trio.lowlevel.current_trio_token()

@@ -104,6 +104,9 @@ class CorruptDataError(CachefsError):
         super().__init__(message + where, hint=hint)
         self.path = path
         self.offset = offset
+        #: Set once the store has counted this damage (it is counted once, by
+        #: whichever layer meets it first).
+        self.recorded = False
 
 
 class IndexCorruptError(CorruptDataError):

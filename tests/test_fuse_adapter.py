@@ -13,6 +13,7 @@ import pyfuse3
 import pytest
 
 from cachefs.engine import ROOT_INODE, Digest, Store
+from cachefs.format.schema import INO_KEY
 from cachefs.format.segment import RECORD_HEADER
 from cachefs.fs import Filesystem
 from cachefs.fuse import Operations
@@ -54,5 +55,26 @@ async def test_a_damaged_read_is_eio_and_counts_once(store_path: Path) -> None:
             assert bytes(await ops.read(fh, 90_000, 100)) == data[90_000:90_100]
             assert store.corruptions == 1
             await fs.release(fh)
+        finally:
+            fs.close()
+
+
+async def test_damage_in_the_index_is_eio_and_counts_once(store_path: Path) -> None:
+    """Damage the engine meets without counting it (the namespace's records) is
+    counted by the filesystem when a request fails on it: once."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store)
+        try:
+            ops = Operations(fs)
+            directory = fs.create(ROOT_INODE, b"d", stat.S_IFDIR | 0o755, 0, 0)
+            with store.transaction("damaging the index") as txn:
+                assert txn.delete(INO_KEY.pack(directory.ino), db=fs.namespace.parents)
+            fh = await ops.opendir(directory.ino, None)  # type: ignore[arg-type]
+            for _ in range(2):
+                with pytest.raises(pyfuse3.FUSEError) as raised:
+                    await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
+                assert raised.value.errno == errno.EIO
+            assert (store.corruptions, store.needs_fsck) == (2, True)  # two failed requests
+            await ops.releasedir(fh)
         finally:
             fs.close()

@@ -324,6 +324,37 @@ def test_gc_is_not_starved_by_a_stream_of_puts(store: Store) -> None:
     assert_clean(store)
 
 
+def test_puts_inside_put_files_do_not_wait_for_a_pending_gc(store: Store, tmp_path: Path) -> None:
+    """put_files holds the store shared across its yields; the caller may put
+    meanwhile even while gc waits for its turn (the thread holds the lock)."""
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"f{i}")
+        paths[-1].write_bytes(random.Random(i).randbytes(5000))
+    done: list[str] = []
+
+    def caller() -> None:
+        files = store.put_files(paths, batch_bytes=1)
+        next(files)  # the generator holds the lock shared now
+        collector = threading.Thread(
+            target=lambda: done.append(str(collect_garbage(store))), daemon=True
+        )
+        collector.start()
+        while not store.maintenance_pending:
+            time.sleep(0.001)
+        store.put(b"put while gc waits for put_files")  # must not wait for gc
+        store.unref(store.put(b"and another"))
+        done.extend(str(digest) for _, digest in files)
+        collector.join()
+
+    thread = threading.Thread(target=caller, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "a put inside put_files waited for gc: deadlock"
+    assert len(done) == 3  # the rest of put_files, then gc
+    assert_clean(store)
+
+
 def test_gc_and_repair_need_a_writable_store(store: Store, store_path: Path) -> None:
     make_corpus(store)
     store.close()

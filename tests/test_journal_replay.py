@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -31,12 +32,14 @@ from cachefs.engine import (
     CorruptDataError,
     FormatVersionError,
     Store,
+    StoreFullError,
     check_store,
 )
 from cachefs.format import journal as fmt
 from cachefs.format.header import HEADER_NAME, STORE_FORMAT_VERSION, read_header
 from cachefs.format.schema import SCHEMA_VERSION
-from cachefs.fs import Filesystem
+from cachefs.fs import Filesystem, OpenFile
+from cachefs.fs._publish import FilePublisher
 from tests.conftest import SMALL_CONFIG
 
 FILE_A = random.Random(1).randbytes(50_000)
@@ -132,6 +135,46 @@ async def test_logged_writes_are_replayed_and_the_journal_restarts(crashed: Path
     store, fs = reopen(crashed)  # nothing is replayed twice
     try:
         assert store.stats().files == 2
+    finally:
+        fs.close()
+        store.close()
+
+
+async def test_a_file_replay_cannot_publish_is_kept_until_it_can(
+    crashed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk during replay: the file stays an open file with unpublished
+    writes (readable, carried by the journal) and is published at the next sync."""
+    real = FilePublisher.publish_now
+    failed: list[int] = []
+
+    def full_once(self: FilePublisher, state: OpenFile) -> None:
+        if not failed:
+            failed.append(state.ino)
+            raise StoreFullError("no space left on device while testing")
+        real(self, state)
+
+    monkeypatch.setattr(FilePublisher, "publish_now", full_once)
+    store, fs = reopen(crashed)
+    try:
+        (kept,) = failed
+        state = fs.files.get(kept)
+        assert state is not None and state.changed
+        assert journal_path(crashed).stat().st_size > fmt.HEADER.size  # its records stay
+        monkeypatch.setattr(FilePublisher, "publish_now", real)
+        fs.journal.restart(fs.files)  # a restart must not drop them either
+        assert journal_path(crashed).stat().st_size > fmt.HEADER.size
+        await fs.flush_all()
+        assert fs.files.get(kept) is None
+        assert contents(fs) == {b"a": expected_a(), b"b": FILE_B}
+    finally:
+        fs.close()
+        store.close()
+    assert journal_path(crashed).stat().st_size == fmt.HEADER.size  # checkpointed at close
+    store, fs = reopen(crashed)
+    try:
+        assert contents(fs) == {b"a": expected_a(), b"b": FILE_B}
+        assert check_store(store).clean
     finally:
         fs.close()
         store.close()
@@ -233,10 +276,7 @@ def make_format_1(store_path: Path, staged: bytes = b"") -> None:
             txn.put(struct.pack(">Q", 3), bytes(40), db=applied)
     finally:
         env.close()
-    header = store_path / HEADER_NAME
-    doc = json.loads(header.read_text())
-    doc["format_version"] = 1
-    header.write_text(json.dumps(doc))
+    rewrite_version(store_path, 1)
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -258,6 +298,49 @@ async def test_a_format_1_store_is_upgraded_and_its_mount_log_replayed(crashed: 
         assert not store.index.exists(b"wal_applied")
         assert not (crashed / "wal").exists() and not (crashed / "fswal").exists()
         assert journal_path(crashed).stat().st_size == fmt.HEADER.size
+        assert check_store(store).clean
+    finally:
+        fs.close()
+        store.close()
+
+
+def _cut_after_header(store_path: Path) -> None:
+    rewrite_version(store_path, 2)
+
+
+def _cut_after_staged_log(store_path: Path) -> None:
+    rewrite_version(store_path, 2)
+    shutil.rmtree(store_path / "wal")
+
+
+def _cut_after_journal_moved(store_path: Path) -> None:
+    _cut_after_staged_log(store_path)
+    (store_path / fmt.DIRECTORY).mkdir()
+    (store_path / "fswal" / "wal.log").rename(journal_path(store_path))
+
+
+def rewrite_version(store_path: Path, version: int) -> None:
+    header = store_path / HEADER_NAME
+    doc = json.loads(header.read_text())
+    doc["format_version"] = version
+    header.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    "cut", [_cut_after_header, _cut_after_staged_log, _cut_after_journal_moved]
+)
+async def test_an_upgrade_cut_short_is_finished_by_the_next_writer(
+    crashed: Path, cut: object
+) -> None:
+    make_format_1(crashed)
+    assert callable(cut)
+    cut(crashed)  # as a crash in the middle of the upgrade leaves it
+    store, fs = reopen(crashed)
+    try:
+        assert contents(fs) == {b"a": expected_a(), b"b": FILE_B}
+        assert store.index.schema_version == SCHEMA_VERSION
+        assert not store.index.exists(b"wal_applied")
+        assert not (crashed / "wal").exists() and not (crashed / "fswal").exists()
         assert check_store(store).clean
     finally:
         fs.close()

@@ -1,6 +1,7 @@
-"""The shape of the package: layers import only the layers below them, only the
-FUSE adapter and the daemon import pyfuse3, the engine knows no trio, and no
-class grows past what one can read (see ``cachefs/__init__.py``)."""
+"""The shape of the package: layers import only the layers below them, a
+package's private ``_x`` modules are imported only inside it, only the FUSE
+adapter and the daemon import pyfuse3, the engine knows no trio, and no class
+grows past what one can read (see ``cachefs/__init__.py``)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,11 @@ def check_module(module: str, source: str, is_package: bool = False) -> list[Vio
         top = target.split(".")[0]
         if top == "cachefs":
             other = part_of(target)
+            private = next((p for p in target.split(".") if p.startswith("_")), None)
+            if private not in (None, "__version__", "__main__") and other != part:
+                problems.append(
+                    Violation(module, line, f"{part} imports {target}, private to {other}")
+                )
             if LAYERS[other] > rank:
                 problems.append(
                     Violation(
@@ -139,6 +145,8 @@ def test_every_module_keeps_to_its_layer() -> None:
         ("cachefs.fs._caches", "import pyfuse3\n", "imports pyfuse3"),
         ("cachefs.engine._reads", "def f():\n    import trio\n", "imports trio"),
         ("cachefs.cli.put", "class C:\n" + "    x = 1\n" * 600, "class C has 601 lines"),
+        ("cachefs.fs._caches", "from cachefs.engine._index import Index\n", "private to"),
+        ("cachefs.cli.gc", "from cachefs.engine import _gc\n", "private to cachefs.engine"),
     ],
 )
 def test_the_check_finds_what_breaks_the_rules(module: str, source: str, expected: str) -> None:
@@ -152,6 +160,7 @@ def test_the_check_accepts_what_the_rules_allow() -> None:
         ("cachefs.engine._gc", "from cachefs.engine._store import Store\n"),
         ("cachefs.format.header", "from cachefs import __version__\n"),
         ("cachefs.cli.mount", "from cachefs import daemon\n"),
+        ("cachefs.engine._gc", "from cachefs.engine import _store\n"),
     ]
     for module, source in allowed:
         assert check_module(module, source) == [], module

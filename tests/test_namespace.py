@@ -163,3 +163,19 @@ async def test_filesystem_write_publish_and_read(store_path: Path) -> None:
             assert fs.getattr(inode.ino).size == 21 and not fs.files
             nursery.cancel_scope.cancel()
         fs.close()
+
+
+async def test_a_trace_that_cannot_be_written_stops_and_the_filesystem_goes_on(
+    store_path: Path,
+) -> None:
+    with Store.open(store_path, create=True) as store:
+        fs = Filesystem(store)
+        try:
+            fs.start_trace(Path("/dev/full"))  # every write fails with ENOSPC
+            assert fs.figures()["tracing"] == "/dev/full"
+            inode = fs.create(ROOT_INODE, b"f", FILE, 0, 0)  # traced: the write fails
+            assert fs.tracer is None and fs.figures()["tracing"] is None
+            assert fs.stop_trace() == 0
+            assert fs.lookup(ROOT_INODE, b"f").ino == inode.ino
+        finally:
+            fs.close()

@@ -17,6 +17,7 @@ import lmdb
 
 from cachefs import __version__
 from cachefs.cli import cache, cat, fsck, gc, init, mount, put, stats, umount
+from cachefs.engine import lmdb_error
 from cachefs.errors import CachefsError, from_oserror
 
 
@@ -35,7 +36,7 @@ class _Group(click.Group):
         except OSError as exc:  # last resort: an OS error the engine did not classify
             _fail(ctx, from_oserror(exc, "running the command"))
         except lmdb.Error as exc:  # last resort: an index error the engine did not classify
-            _fail(ctx, CachefsError(f"index error: {exc}", hint="run `cachefs fsck STORE`"))
+            _fail(ctx, lmdb_error(exc, "reading the index"))
 
 
 def _fail(ctx: click.Context, exc: CachefsError) -> NoReturn:

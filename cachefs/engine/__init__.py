@@ -23,7 +23,8 @@ What it offers:
 * the store's :class:`Journal` (``Store.journal``), and :class:`ChunkBackend`,
   the seam where storage tiers plug in;
 * the errors of ``cachefs.errors`` (every one a :class:`CachefsError` with an
-  errno, an exit code and a hint).
+  errno, an exit code and a hint), and ``lmdb_error``, which turns an error of
+  the LMDB library into one of them.
 
 ``cachefs.aio.AsyncStore`` wraps a store for trio programs.
 """
@@ -33,6 +34,7 @@ from cachefs.engine._cache_records import CacheRecords
 from cachefs.engine._chunker import Source
 from cachefs.engine._fsck import FsckReport, check_store
 from cachefs.engine._gc import GcReport, collect_garbage
+from cachefs.engine._index import lmdb_error
 from cachefs.engine._journal import Journal
 from cachefs.engine._namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
 from cachefs.engine._namespace_check import NamespaceCheck
@@ -100,4 +102,5 @@ __all__ = [
     "StoreStats",
     "check_store",
     "collect_garbage",
+    "lmdb_error",
 ]

@@ -6,8 +6,11 @@ it must store; both go through a :class:`ChunkBackend`.  The local segment store
 REAPI CAS, a Bazel HTTP cache) are further implementations, and the features
 that combine them (a fast tier in front of a slow one, shard groups, replicas)
 are backends that hold other backends, as Buildbarn's ``BlobAccess`` wrappers
-do.  Every implementation verifies what it returns: a chunk's bytes hash to its
-digest, or the read fails (``CorruptDataError``, ``ObjectNotFoundError``).
+do.  Every implementation verifies what it returns, or the read fails
+(``CorruptDataError``): the local store by each record's checksum and the
+digest written in it, a backend that fetches from elsewhere by hashing what it
+got.  The store reads objects through its backend (``ObjectReader``); ingest
+asks the local one which chunks it must store.
 """
 
 from __future__ import annotations

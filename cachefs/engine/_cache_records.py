@@ -23,12 +23,6 @@ class CacheRecords:
         self.namespace = namespace
         self.store = namespace.store
 
-    @property
-    def available(self) -> bool:
-        """Whether the databases exist (a read-only open of a store last
-        mounted before cache directories existed has none)."""
-        return self.namespace.caches is not None
-
     def records(self) -> dict[int, dict[str, Any]]:
         """Every ``caches`` record: directory inode (0: store settings) -> settings."""
         caches = self.namespace.caches
@@ -48,10 +42,13 @@ class CacheRecords:
         return out
 
     def put(
-        self, records: dict[int, dict[str, Any] | None], states: dict[int, bytes] | None = None
+        self,
+        records: dict[int, dict[str, Any] | None],
+        states: dict[int, list[tuple[int, int]]] | None = None,
     ) -> None:
-        """Write (or with None delete) ``caches`` records and their saved
-        policy states, in one transaction.  A directory that is gone is skipped."""
+        """Write (or with None delete) ``caches`` records and their saved policy
+        states ((file inode, count), coldest first), in one transaction.  A
+        directory that is gone is skipped."""
         caches, cache_state = self.namespace.caches, self.namespace.cache_state
         assert caches is not None and cache_state is not None
         with self.store.transaction("saving cache settings") as txn:
@@ -69,7 +66,8 @@ class CacheRecords:
             for ino, state in (states or {}).items():
                 key = INO_KEY.pack(ino)
                 if txn.get(key, db=caches) is not None:
-                    txn.put(key, state, db=cache_state)
+                    packed = b"".join(CACHE_ENTRY.pack(member, n) for member, n in state)
+                    txn.put(key, packed, db=cache_state)
 
     def state_of(self, ino: int) -> list[tuple[int, int]]:
         """The saved (inode, count) entries of a cache's policy, coldest first."""

@@ -114,11 +114,6 @@ class Journal:
     def size(self) -> int:
         return self._end
 
-    @property
-    def empty(self) -> bool:
-        """Whether the journal holds no record past its last checkpoint."""
-        return self.next_seq == self.base_seq
-
     def checkpoint(self) -> None:
         """Start an empty journal: every record so far has been applied elsewhere.
 

@@ -5,8 +5,11 @@ publication, so that a chunk found in the index cannot be collected before the
 object that found it is published.  Maintenance (``Store.maintenance()``)
 holds it exclusively, with the commit lock: no put and no publication runs
 meanwhile.  The exclusive side has priority: once maintenance waits, new puts
-wait behind it, so that a steady stream of puts cannot starve gc.  Shared
-holders must therefore never take the lock again while they hold it.
+wait behind it, so that a steady stream of puts cannot starve gc.  A thread
+that holds the lock shared may take it again without waiting (``put_files``
+holds it across its yields, and the caller may ``put`` meanwhile); a shared
+holder must not wait for another thread's shared acquisition, which would wait
+behind the pending maintenance.
 
 :class:`Maintenance` is the interface gc and fsck use while they hold the
 store: the index, the segment files, moving records and deleting segments --
@@ -36,6 +39,7 @@ class MaintenanceLock:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._shared = 0
+        self._holders: dict[int, int] = {}  # thread -> how many times it holds it shared
         self._exclusive = False
         self._waiting = 0  # exclusive holders waiting
 
@@ -47,14 +51,21 @@ class MaintenanceLock:
 
     @contextmanager
     def shared(self) -> Iterator[None]:
+        me = threading.get_ident()
         with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            if not self._holders.get(me):  # (a holder again: maintenance waits for it anyway)
+                self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._holders[me] = self._holders.get(me, 0) + 1
             self._shared += 1
         try:
             yield
         finally:
             with self._cond:
                 self._shared -= 1
+                if self._holders[me] == 1:
+                    del self._holders[me]
+                else:
+                    self._holders[me] -= 1
                 self._cond.notify_all()
 
     @contextmanager

@@ -144,18 +144,18 @@ class LocalChunks:
                 with self.index.read() as txn:
                     entry = self.index.get_chunk(txn, digest)
             if entry is None:
-                self.health.damaged()
-                raise CorruptDataError(
-                    f"chunk {digest.hex()} is referenced but missing from the index",
-                    path=str(self.index.path),
+                raise self.health.damaged(
+                    CorruptDataError(
+                        f"chunk {digest.hex()} is referenced but missing from the index",
+                        path=str(self.index.path),
+                    )
                 )
             try:
                 return self.read_entry(digest, entry)
-            except CorruptDataError:
+            except CorruptDataError as exc:
                 if attempt == 0 and not self.segments.chunk_path(digest, entry.segment_id).exists():
                     continue  # compacted away under us: look it up again
-                self.health.damaged()
-                raise
+                raise self.health.damaged(exc) from None
         raise AssertionError("unreachable")
 
     def read_entry(self, digest: bytes, entry: ChunkEntry) -> bytes | memoryview:
@@ -209,10 +209,11 @@ class ObjectReader:
                 f"object {digest} is not in the store {self.index.path.parent}"
             )
         if sum(n for _, n in entry.chunks) != entry.size:
-            self.health.damaged()
-            raise CorruptDataError(
-                f"the recipe of object {digest} does not add up to its size",
-                path=str(self.index.path),
+            raise self.health.damaged(
+                CorruptDataError(
+                    f"the recipe of object {digest} does not add up to its size",
+                    path=str(self.index.path),
+                )
             )
         return entry
 
@@ -269,11 +270,12 @@ class ObjectReader:
             try:
                 for (chunk, start, stop, size), data in zip(window, pieces, strict=True):
                     if len(data) != size:
-                        self.health.damaged()
-                        raise CorruptDataError(
-                            f"object {digest}: chunk {chunk.hex()} holds {len(data)} bytes, "
-                            f"its recipe says {size}",
-                            path=str(self.index.path),
+                        raise self.health.damaged(
+                            CorruptDataError(
+                                f"object {digest}: chunk {chunk.hex()} holds {len(data)} "
+                                f"bytes, its recipe says {size}",
+                                path=str(self.index.path),
+                            )
                         )
                     yield data if (start, stop) == (0, size) else memoryview(data)[start:stop]
             finally:

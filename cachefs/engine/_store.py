@@ -55,6 +55,7 @@ from cachefs.engine._workers import Workers
 from cachefs.errors import (
     CachefsError,
     ConfigError,
+    CorruptDataError,
     ReadOnlyError,
     StoreFullError,
     StoreLockedError,
@@ -66,7 +67,6 @@ from cachefs.format.codec import ChunkCodec
 from cachefs.format.digest import Digest
 from cachefs.format.header import (
     HEADER_NAME,
-    STORE_FORMAT_VERSION,
     Header,
     StoreConfig,
     read_header,
@@ -324,11 +324,8 @@ class Store:
     def _recover(self, header: Header) -> None:
         """Writer start-up: upgrade an older layout, cut segments back to what
         was published, drop debris, open the journal."""
-        if header.format_version < STORE_FORMAT_VERSION:
-            upgrade(self.path, self.index, header.format_version)
-        elif self.index.schema_version is None:  # a store just made
-            with self.publisher.write_txn("recording the schema version") as txn:
-                self.index.set_schema_version(txn)
+        # Also records the schema version of a store just made.
+        upgrade(self.path, self.index, header.format_version)
         shutil.rmtree(self.tmp_root, ignore_errors=True)
         self.tmp_root.mkdir(exist_ok=True)
         with self.index.read() as txn:
@@ -605,6 +602,11 @@ class Store:
     def maintenance_pending(self) -> bool:
         """Whether maintenance holds the store or waits for it: a put now waits."""
         return self._maintenance.pending
+
+    def damaged(self, exc: CorruptDataError) -> None:
+        """A layer above met damage in the store (the index, read through the
+        namespace): the store needs fsck, and the damage counts once."""
+        self.health.damaged(exc)
 
     @property
     def needs_fsck(self) -> bool:

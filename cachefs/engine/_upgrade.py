@@ -1,21 +1,23 @@
 """Bringing a store of an older layout up to date (storage engine layer).
 
-Run by a writer that opens a store whose header has an older
-``format_version`` (``cachefs.format.header``), under the store's lock, before
-anything else touches the store.  Each step is idempotent, and the header is
-rewritten last, so a crash in the middle leaves a store that the next writer
-upgrades again.  Read-only openers read older layouts as they are.
+Run by a writer under the store's lock.  ``check_upgradable`` runs before
+anything is opened for writing and refuses, untouched, a store that cannot be
+upgraded without losing what it holds; ``upgrade`` then runs at every writable
+open (it costs a few ``stat`` calls when there is nothing to do).  It rewrites
+the header first, so that an older cachefs refuses the store from then on, and
+every step after that is idempotent: an upgrade that a crash cut short is
+finished by the next writer.  Read-only openers read older layouts as they are.
 
 1 -> 2 (cachefs 0.1 to the one journal):
 
 * ``wal/wal.log``, the log of the engine's staged objects (an API that is
   gone), must hold no record: a record there is a staged write that was never
-  published, which this version cannot replay; the store is then refused,
-  untouched (``check_upgradable``, before the index is opened for writing).
-  An empty log is deleted.
+  published, which this version cannot replay (``check_upgradable``).  The
+  empty log is deleted.
 * ``fswal/wal.log``, the mount's log, becomes the journal
   (``journal/journal.log``): same framing, same record kinds.
-* the index loses ``wal_applied`` and records its schema version.
+* the index loses ``wal_applied`` and records its schema version (synced
+  before the writer goes on).
 """
 
 from __future__ import annotations
@@ -28,18 +30,22 @@ from pathlib import Path
 import lmdb
 
 from cachefs.engine._index import Index, lmdb_error
-from cachefs.errors import CachefsError
+from cachefs.errors import CachefsError, CorruptDataError
 from cachefs.format import journal
 from cachefs.format.header import STORE_FORMAT_VERSION, set_format_version
 from cachefs.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
+#: What cachefs 0.1 left in a store that this version does not use.
+_STAGED_LOG = Path("wal") / "wal.log"
+_MOUNT_LOG = Path("fswal") / "wal.log"
+
 
 def check_upgradable(path: Path, version: int) -> None:
     """Refuse (before anything is opened for writing) a store of layout
     ``version`` that cannot be upgraded without losing what it holds."""
-    staged = path / "wal" / "wal.log"
+    staged = path / _STAGED_LOG
     if version < 2 and staged.exists():
         _, records, _ = journal.parse(staged.read_bytes(), str(staged))
         if records:
@@ -52,31 +58,43 @@ def check_upgradable(path: Path, version: int) -> None:
 
 
 def upgrade(path: Path, index: Index, version: int) -> None:
-    """Upgrade the store at ``path`` from layout ``version`` to the current one
-    (``check_upgradable`` said it can be)."""
-    if version < 2:
-        _journal_from_1(path)
-        _index_from_1(index)
-    set_format_version(path, STORE_FORMAT_VERSION)
-    log.warning(
-        "upgraded store %s from format version %d to %d", path, version, STORE_FORMAT_VERSION
-    )
+    """Bring the store at ``path`` (header ``version``) up to the current layout,
+    or finish an upgrade that was cut short (``check_upgradable`` said it can be)."""
+    if version < STORE_FORMAT_VERSION:
+        set_format_version(path, STORE_FORMAT_VERSION)
+        log.warning(
+            "upgraded store %s from format version %d to %d", path, version, STORE_FORMAT_VERSION
+        )
+    _journal_from_1(path)
+    _index_from_1(index)
 
 
 def _journal_from_1(path: Path) -> None:
-    shutil.rmtree(path / "wal", ignore_errors=True)  # empty (check_upgradable)
-    mount_log = path / "fswal" / "wal.log"
+    if (path / _STAGED_LOG).parent.exists():
+        shutil.rmtree(path / _STAGED_LOG.parent)  # empty: check_upgradable looked
+        fsync_dir(path)
+    mount_log = path / _MOUNT_LOG
     if mount_log.exists():
         directory = path / journal.DIRECTORY
+        target = directory / journal.FILE_NAME
+        if target.exists():
+            raise CorruptDataError(
+                f"store {path} has both {_MOUNT_LOG} (cachefs 0.1's) and "
+                f"{journal.DIRECTORY}/{journal.FILE_NAME}",
+                hint=f"keep the one whose writes are wanted and move the other out of {path}",
+            )
         directory.mkdir(exist_ok=True)
-        os.replace(mount_log, directory / journal.FILE_NAME)
+        os.replace(mount_log, target)
         fsync_dir(directory)
-    shutil.rmtree(path / "fswal", ignore_errors=True)
-    fsync_dir(path)
+    if mount_log.parent.exists():
+        shutil.rmtree(mount_log.parent)
+        fsync_dir(path)
 
 
 def _index_from_1(index: Index) -> None:
     applied = index.open_optional(b"wal_applied", create=False)
+    if applied is None and index.schema_version is not None:
+        return
     try:
         with index.write() as txn:
             if applied is not None:
@@ -84,3 +102,4 @@ def _index_from_1(index: Index) -> None:
             index.set_schema_version(txn)
     except lmdb.Error as exc:
         raise lmdb_error(exc, "upgrading the index") from None
+    index.sync()

@@ -9,7 +9,8 @@ Each module's docstring is the specification of its format:
 * ``journal``  the journal file and the record kind of every writer;
 * ``schema``   the LMDB schema: every named database, its keys, values and invariants.
 
-These modules import nothing of cachefs but ``errors`` and ``fsutil``.
+These modules import nothing of cachefs but ``errors``, ``fsutil`` and the
+package's ``__version__`` (written into a new store's header).
 """
 
 from cachefs.format.digest import BLAKE3, DIGEST_FUNCTIONS, SHA256, Digest, DigestFunction

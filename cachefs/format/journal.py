@@ -32,7 +32,11 @@ writer cuts off when it opens the journal.  A checkpoint replaces the file
 sequence, so sequence numbers never repeat for the life of a store.
 
 Record kinds.  Each writer owns a range of kinds, and a writer's records are
-replayed by that writer; a kind nobody owns is skipped with a warning.
+replayed by that writer; a kind nobody owns is skipped with a warning.  Only
+the mount logs here today.  A checkpoint replaces the whole file, so a second
+writer (server uploads, say) must have its records replayed before any
+checkpoint, and re-log what it still needs after one, as the mount does with
+the writes it has not published (``FileJournal.carry_over``).
 
 ``1-15``: the mount's files (``cachefs.fs``), per inode:
 

@@ -47,7 +47,7 @@ from cachefs.engine import (
     Namespace,
     Store,
 )
-from cachefs.format.schema import CACHE_ENTRY, STORE_SETTINGS
+from cachefs.format.schema import STORE_SETTINGS
 from cachefs.fs._events import Entry, FsEvents
 from cachefs.fs._eviction import Eviction, OnEvicted
 from cachefs.fs._files import OpenFiles
@@ -104,8 +104,9 @@ class CacheDir:
     def record(self) -> dict[str, Any]:
         return {"max_size": self.max_size, "policy": self.policy_name, **self.counters}
 
-    def state(self) -> bytes:
-        return b"".join(CACHE_ENTRY.pack(ino, count) for ino, _, count in self.policy.entries())
+    def state(self) -> list[tuple[int, int]]:
+        """(file inode, count) of every member, in the order that rebuilds the policy."""
+        return [(ino, count) for ino, _, count in self.policy.entries()]
 
     def figures(self, path: str) -> dict[str, Any]:
         hits, misses = self.counters["hits"], self.counters["misses"]
@@ -143,7 +144,6 @@ class CacheDirs(FsEvents):
         self.namespace = namespace
         self.records = CacheRecords(namespace)
         self.files = files
-        self.readonly = store.readonly
         self.dirs: dict[int, CacheDir] = {}
         #: Member file -> its cache.
         self.members: dict[int, CacheDir] = {}
@@ -158,8 +158,7 @@ class CacheDirs(FsEvents):
             settings = {}
         if max_store_size is not None:
             settings["max_store_size"] = max_store_size
-            if not store.readonly:
-                self.records.put({STORE_SETTINGS: settings})
+            self.records.put({STORE_SETTINGS: settings})
         self.max_store_size: int | None = settings.get("max_store_size") or None
         for ino, record in records.items():
             try:
@@ -458,7 +457,7 @@ class CacheDirs(FsEvents):
         """Write the policies and counters to the store (unmount, now and then)."""
         if _in_trio():
             self.saved_at = trio.current_time()
-        if not self.dirs or self.readonly:
+        if not self.dirs:
             return
         try:
             self.records.put(

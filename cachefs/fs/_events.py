@@ -9,6 +9,8 @@ the trio thread, after the change they report was made.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from cachefs.engine import Inode
 
 #: A directory entry: (parent directory inode, name).
@@ -55,4 +57,22 @@ class FsEvents:
         """A cache directory evicted an entry."""
 
 
-__all__ = ["Entry", "FsEvents"]
+class Listeners:
+    """The listeners of a filesystem.  A listener may be added or removed while
+    an event is being delivered (a trace that stops on a write error): the
+    delivery goes on to the listeners there were when it began."""
+
+    def __init__(self) -> None:
+        self._listeners: tuple[FsEvents, ...] = ()
+
+    def add(self, listener: FsEvents) -> None:
+        self._listeners = (*self._listeners, listener)
+
+    def remove(self, listener: FsEvents) -> None:
+        self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+    def __iter__(self) -> Iterator[FsEvents]:
+        return iter(self._listeners)
+
+
+__all__ = ["Entry", "FsEvents", "Listeners"]

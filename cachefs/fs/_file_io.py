@@ -22,7 +22,7 @@ import trio
 from cachefs.engine import CachefsError, CorruptDataError, FsError, Namespace, Store
 from cachefs.fs._caches import CacheDirs
 from cachefs.fs._control import ControlTree, is_virtual
-from cachefs.fs._events import FsEvents
+from cachefs.fs._events import Listeners
 from cachefs.fs._files import (
     CommandHandle,
     ContentHandle,
@@ -56,7 +56,7 @@ class FileIO:
         control: ControlTree,
         *,
         caches: CacheDirs,
-        listeners: list[FsEvents],
+        listeners: Listeners,
         check_writable: Callable[[int], None],
         on_error: Callable[[CachefsError], None],
         publish_threshold: int,
@@ -217,9 +217,8 @@ class FileIO:
             return await self._read(handle, offset, size)
         except CorruptDataError as exc:
             # Say which file it hit: the store's message names chunk and segment.
-            raise CorruptDataError(
-                f"reading inode {handle.ino} at offset {offset}: {exc.message}", hint=exc.hint
-            ) from None
+            exc.message = f"reading inode {handle.ino} at offset {offset}: {exc.message}"
+            raise
 
     async def _read(self, handle: Handle, offset: int, size: int) -> bytes | memoryview:
         if isinstance(handle, CommandHandle):
@@ -268,6 +267,12 @@ class FileIO:
         try:
             await self.publisher.publish(state, durable=False)
         finally:
+            if state.opens == 0 and state.publishing == 0:
+                self._drop_state(state)
+
+    def settle(self) -> None:
+        """Let go of the files nothing holds open any more (after a sync)."""
+        for state in self.files:
             if state.opens == 0 and state.publishing == 0:
                 self._drop_state(state)
 

@@ -278,6 +278,12 @@ class OpenFiles:
             spool_dir=self.spool_dir,
         )
 
+    def adopt(self, state: OpenFile) -> None:
+        """Take in a state made by :meth:`new` (a file replayed from the journal
+        that could not be published yet)."""
+        assert state.ino not in self._files
+        self._files[state.ino] = state
+
     def state(self, inode: Inode) -> OpenFile:
         """The open file of ``inode``, made if it is not open."""
         state = self._files.get(inode.ino)

@@ -64,7 +64,7 @@ from cachefs.engine import (
 from cachefs.errors import from_oserror
 from cachefs.fs._caches import CACHE_XATTR, CacheDirs
 from cachefs.fs._control import CONTROL_INO, CONTROL_NAME, ControlTree, is_virtual
-from cachefs.fs._events import FsEvents
+from cachefs.fs._events import Listeners
 from cachefs.fs._file_io import FileIO, truncate_state
 from cachefs.fs._files import (
     DirHandle,
@@ -115,7 +115,7 @@ class Filesystem:
         self.control = ControlTree(store, self.figures, self)
         self.lookups = Lookups(self.namespace, self.files, self.control)
         self.xattrs = ExtendedAttributes(self.namespace)
-        self.listeners: list[FsEvents] = []
+        self.listeners = Listeners()
         #: Tells the kernel that an entry is gone (set by the FUSE adapter).
         self.invalidate: Callable[[int, bytes, int], None] | None = None
         self.tracer: TraceRecorder | None = None
@@ -147,7 +147,7 @@ class Filesystem:
             on_error=self._background_error,
             max_store_size=max_store_size,
         )
-        self.listeners.append(self.caches)
+        self.listeners.add(self.caches)
         self.memory = MemoryGovernor(store, memory_limit)
         self.io = FileIO(
             store,
@@ -185,7 +185,10 @@ class Filesystem:
 
     async def flush_all(self) -> None:
         """Publish every file with unpublished writes, durably (unmount, sync)."""
-        await self.publisher.flush_all(self.files)
+        try:
+            await self.publisher.flush_all(self.files)
+        finally:
+            self.io.settle()
 
     async def collect_garbage(self, threshold: float | None = None) -> GcReport:
         """Run gc in a worker thread (``/.cachefs/control``, the store quota)."""
@@ -200,9 +203,9 @@ class Filesystem:
         return report
 
     def damaged(self, exc: CorruptDataError) -> None:
-        """A request failed on damaged data: the store needs fsck; damage to the
-        index itself makes the filesystem read-only."""
-        self.store.health.suspect()
+        """A request failed on damaged data: the store counts it (once) and
+        needs fsck; damage to the index itself makes the filesystem read-only."""
+        self.store.damaged(exc)
         if isinstance(exc, IndexCorruptError):
             self.enter_failsafe(str(exc))
 
@@ -457,8 +460,10 @@ class Filesystem:
     def start_trace(self, path: Path) -> None:
         """Record file accesses to ``path`` (JSON lines, see ``_trace.py``)."""
         self.stop_trace()
-        self.tracer = TraceRecorder(path, self.namespace.path_of, self.caches.cache_dir_of)
-        self.listeners.append(self.tracer)
+        self.tracer = TraceRecorder(
+            path, self.namespace.path_of, self.caches.cache_dir_of, self.stop_trace
+        )
+        self.listeners.add(self.tracer)
         log.info("recording a file-access trace to %s", path)
 
     def stop_trace(self) -> int:

@@ -86,8 +86,10 @@ class FileJournal:
         """Publish the writes a killed daemon logged but never published.
 
         ``truncate`` applies a truncation to a state, ``publish`` stores a
-        state's content durably.  A file that cannot be published keeps its
-        records (a later mount tries again); the others go on."""
+        state's content durably.  A file that cannot be published now (a full
+        disk) stays an open file with unpublished writes (``OpenFiles.adopt``):
+        published at the next sync or unmount, carried over by a restart of
+        the journal, kept in it until then; the others go on."""
         records = self.journal.replay()
         if not records:
             return
@@ -124,11 +126,17 @@ class FileJournal:
                 state.changed = True
             try:
                 publish(state)
-                replayed += 1
             except CachefsError as exc:
                 failed += 1
-                log.error("journal: could not publish inode %d: %s", ino, exc)
-            finally:
+                log.error(
+                    "journal: could not publish inode %d (kept, published again at the "
+                    "next sync or unmount): %s",
+                    ino,
+                    exc,
+                )
+                files.adopt(state)
+            else:
+                replayed += 1
                 state.close()
         namespace.store.sync()  # what was replayed is durable before the records go
         if not failed:

@@ -21,6 +21,7 @@ path of a directory and the cache directory a directory is in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -61,10 +62,13 @@ class TraceRecorder(FsEvents):
         path: Path,
         path_of: Callable[[int], bytes],
         cache_of: Callable[[int], int | None],
+        on_failure: Callable[[], object],
     ) -> None:
         """``path_of``: a directory's path from the root; ``cache_of``: the cache
-        directory a directory is in (None: none)."""
+        directory a directory is in (None: none); ``on_failure``: told when the
+        trace file cannot be written (the recording stops)."""
         self.path = path
+        self._on_failure = on_failure
         self._path_of = path_of
         self._cache_of = cache_of
         try:
@@ -77,9 +81,10 @@ class TraceRecorder(FsEvents):
         self.records = 0
 
     def close(self) -> None:
-        if self._out is not None:
-            self._out.close()
-            self._out = None
+        out, self._out = self._out, None
+        if out is not None:
+            with contextlib.suppress(OSError):  # what is left in the buffer may not fit
+                out.close()
 
     # --- names ---------------------------------------------------------------------
 
@@ -126,6 +131,7 @@ class TraceRecorder(FsEvents):
         except OSError as exc:
             log.error("stopped recording the trace to %s: %s", self.path, exc)
             self.close()
+            self._on_failure()
 
     def _file_event(self, op: str, ino: int, size: int) -> None:
         where = self._names.get(ino)
