@@ -65,17 +65,15 @@ def _unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-def _run(
+def _attempt(
     cmd: list[str],
     *,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = BUILD_TIMEOUT,
-    unavailable: bool = False,
-) -> str:
-    """Run a command; return its output (stdout and stderr).  On error, fail the test;
-    with ``unavailable``, skip it instead (but still fail it under CI)."""
-    give_up = _unavailable if unavailable else pytest.fail
+) -> tuple[int | None, str]:
+    """Run a command; its exit status (None if it did not finish in ``timeout``
+    seconds) and its output (stdout and stderr)."""
     try:
         result = subprocess.run(
             cmd,
@@ -91,10 +89,27 @@ def _run(
         )
     except subprocess.TimeoutExpired as exc:
         out = exc.output if isinstance(exc.output, str) else (exc.output or b"").decode()
+        return None, out
+    return result.returncode, result.stdout
+
+
+def _run(
+    cmd: list[str],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = BUILD_TIMEOUT,
+    unavailable: bool = False,
+) -> str:
+    """Run a command; return its output (stdout and stderr).  On error, fail the test;
+    with ``unavailable``, skip it instead (but still fail it under CI)."""
+    give_up = _unavailable if unavailable else pytest.fail
+    status, out = _attempt(cmd, cwd=cwd, env=env, timeout=timeout)
+    if status is None:
         give_up(f"{' '.join(cmd)} did not finish in {timeout:.0f}s:\n{out[-4000:]}")
-    if result.returncode != 0:
-        give_up(f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout[-4000:]}")
-    return result.stdout
+    if status != 0:
+        give_up(f"{' '.join(cmd)} exited {status}:\n{out[-4000:]}")
+    return out
 
 
 def tree_digests(root: Path) -> dict[str, str]:
@@ -201,24 +216,12 @@ def fetch_source(package: str, dest: Path, cache: Path = SOURCE_CACHE) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     failures = []
     for version in versions:
-        try:
-            result = subprocess.run(
-                ["apt-get", *options, "source", "--download-only", f"{package}={version}"],
-                cwd=dest,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                timeout=FETCH_TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            failures.append(f"{package}={version}: no answer in {FETCH_TIMEOUT:.0f}s")
-            continue
-        if result.returncode == 0:
+        command = ["apt-get", *options, "source", "--download-only", f"{package}={version}"]
+        status, out = _attempt(command, cwd=dest, timeout=FETCH_TIMEOUT)
+        if status == 0:
             return
-        failures.append(f"{package}={version}: {result.stdout.strip()[-1000:]}")
+        why = f"no answer in {FETCH_TIMEOUT:.0f}s" if status is None else out.strip()[-1000:]
+        failures.append(f"{package}={version}: {why}")
     _unavailable("no listed version of the sources downloads:\n" + "\n".join(failures))
 
 
