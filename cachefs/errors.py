@@ -61,6 +61,14 @@ class BadDigestError(ConfigError):
     default_hint = "a digest looks like '<64 hex digits>/<size in bytes>', as `cachefs put` prints"
 
 
+class DigestMismatchError(CachefsError):
+    """Content that was said to have one digest has another: nothing was stored."""
+
+    errno = _errno.EINVAL
+    exit_code = 4
+    default_hint = "send the content again, or the digest of what was sent"
+
+
 class NotFoundError(CachefsError):
     """Something asked for is not there."""
 

@@ -34,6 +34,7 @@ from cachefs.format.header import (
     SegmentParams,
     StoreConfig,
     read_header,
+    set_format_version,
     write_header,
 )
 from cachefs.format.segment import (
@@ -326,7 +327,8 @@ def test_header_round_trip(tmp_path: Path) -> None:
     assert read_header(tmp_path).config == config
     doc = json.loads((tmp_path / HEADER_NAME).read_text())
     assert doc["format"] == FORMAT_NAME
-    assert doc["format_version"] == STORE_FORMAT_VERSION == 2
+    assert doc["format_version"] == STORE_FORMAT_VERSION == 3
+    assert doc["chunking"]["normalization"] == 2
     assert doc["digest_function"] == "blake3"
     assert doc["chunking"]["avg_size"] == 8192
     assert not [p for p in tmp_path.iterdir() if p.name != HEADER_NAME]  # no temp file left
@@ -339,7 +341,27 @@ def rewrite_header(store: Path, **changes: object) -> None:
     path.write_text(json.dumps(doc))
 
 
-@pytest.mark.parametrize("version", [3, 99, 0, -1, "1", 1.5, True, None])
+def test_a_header_of_format_2_cut_chunks_with_normalization_1(tmp_path: Path) -> None:
+    write_header(tmp_path, StoreConfig())
+    doc = json.loads((tmp_path / HEADER_NAME).read_text())
+    del doc["chunking"]["normalization"]
+    rewrite_header(tmp_path, format_version=2, chunking=doc["chunking"])
+    header = read_header(tmp_path)
+    assert header.format_version == 2
+    assert header.config.chunking.normalization == 1
+    set_format_version(tmp_path, STORE_FORMAT_VERSION)  # what the upgrade does
+    doc = json.loads((tmp_path / HEADER_NAME).read_text())
+    assert doc["chunking"]["normalization"] == 1
+    assert read_header(tmp_path).config.chunking == header.config.chunking
+
+
+@pytest.mark.parametrize("level", [-1, 4])
+def test_a_normalization_level_out_of_range_is_refused(level: int) -> None:
+    with pytest.raises(ConfigError, match="normalization level"):
+        ChunkingParams(normalization=level).validate()
+
+
+@pytest.mark.parametrize("version", [4, 99, 0, -1, "1", 1.5, True, None])
 def test_header_with_unsupported_version_is_refused(tmp_path: Path, version: object) -> None:
     write_header(tmp_path, StoreConfig())
     rewrite_header(tmp_path, format_version=version)

@@ -29,6 +29,7 @@ from cachefs.errors import (
     CachefsError,
     ConfigError,
     CorruptDataError,
+    DigestMismatchError,
     NotFoundError,
     ObjectNotFoundError,
     ReadOnlyError,
@@ -878,6 +879,30 @@ def test_parallel_puts_of_overlapping_data(store: Store) -> None:
     check_invariants(store)
 
 
+def test_put_with_an_expected_digest(store_path: Path) -> None:
+    data = compressible(200_000, seed=31)
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digest = store.put(data, expect=Digest(hashlib.sha256(data).digest(), len(data)))
+        assert store.read(digest) == data
+        before = store.stats()
+        other = compressible(200_000, seed=32)
+        said = Digest(hashlib.sha256(other).digest(), len(other))
+        with pytest.raises(DigestMismatchError, match="digest") as info:
+            store.put(data + b"!", expect=said)
+        assert info.value.exit_code == 4
+        # Nothing was published: no object, no reference.
+        assert not store.contains(said)
+        after = store.stats()
+        assert (after.objects, after.files) == (before.objects, before.files)
+        # A stream is checked too, with the size: the same bytes said to be shorter.
+        with pytest.raises(DigestMismatchError):
+            store.put(io.BytesIO(data), expect=Digest(digest.hash, len(data) - 1))
+    # The records the refused puts appended are unpublished: the next writer cuts them.
+    with Store.open(store_path) as store:
+        check_invariants(store)
+        assert store.read(digest) == data
+
+
 def test_put_files(store: Store, tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -949,6 +974,8 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
 
 def test_full_disk_fails_the_writer_and_loses_nothing(tiny_fs: Path) -> None:
     path = tiny_fs / "store"
+    ballast = tiny_fs / "ballast"  # another user's file, deleted once the disk is full
+    ballast.write_bytes(b"\1" * (256 << 10))
     acknowledged: list[tuple[Digest, bytes]] = []
     with Store.open(path, create=True, config=SMALL_CONFIG) as store:
         with pytest.raises(StoreFullError) as info:
@@ -971,6 +998,7 @@ def test_full_disk_fails_the_writer_and_loses_nothing(tiny_fs: Path) -> None:
             assert store.read(digest) == data
         check_invariants(store)
         # Space freed on the device makes the store writable again.
+        ballast.unlink()
         store.unref(acknowledged[-1][0])
         collect_garbage(store)
         digest = store.put(b"small after gc")
@@ -1054,6 +1082,7 @@ ERROR_TABLE: dict[type[CachefsError], tuple[int, int, bool]] = {
     errors.IndexCorruptError: (errno.EIO, 4, True),
     errors.MountError: (errno.EIO, 8, False),
     errors.FsError: (errno.ENOENT, 1, False),
+    errors.DigestMismatchError: (errno.EINVAL, 4, True),
 }
 
 

@@ -184,43 +184,44 @@ class Namespace:
         *,
         rdev: int = 0,
         target: bytes = b"",
+        content: Digest | None = None,
+        txn: lmdb.Transaction | None = None,
     ) -> Inode:
         """Make a new inode of any type and its entry ``name`` in ``parent``.
 
         Ownership follows POSIX: the caller's uid; the parent's group (and, for
-        a directory, the set-gid bit) when the parent is set-gid.
+        a directory, the set-gid bit) when the parent is set-gid.  With ``txn``
+        it runs in the caller's write transaction: in a publication's hook,
+        ``content`` names the object just published, whose reference the new
+        file takes.
         """
         _check_name(name)
-        with self.store.transaction("creating a file") as txn:
-            dir_inode, key = self._new_entry(txn, parent, name)
-            if dir_inode.mode & stat.S_ISGID:
-                gid = dir_inode.gid
-                if stat.S_ISDIR(mode):
-                    mode |= stat.S_ISGID
-            index = self.store.index
-            ino = index.counter(txn, "next_inode")
-            index.set_counter(txn, "next_inode", ino + 1)
-            index.add(txn, "inodes", 1)
-            now = time.time_ns()
-            is_dir = stat.S_ISDIR(mode)
-            inode = Inode(
-                ino,
-                mode,
-                uid,
-                gid,
-                2 if is_dir else 1,
-                len(target),
-                rdev,
-                now,
-                now,
-                now,
-                target=target,
-            )
-            self.put_inode(txn, inode)
-            txn.put(key, INO_VALUE.pack(ino), db=self.dirents)
-            if is_dir:
-                self._set_parent(txn, ino, parent)
-            self._touch_dir(txn, dir_inode, now, 1 if is_dir else 0)
+        if txn is None:
+            with self.store.transaction("creating a file") as own:
+                return self.create(
+                    parent, name, mode, uid, gid, rdev=rdev, target=target, content=content, txn=own
+                )
+        dir_inode, key = self._new_entry(txn, parent, name)
+        if dir_inode.mode & stat.S_ISGID:
+            gid = dir_inode.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        index = self.store.index
+        ino = index.counter(txn, "next_inode")
+        index.set_counter(txn, "next_inode", ino + 1)
+        index.add(txn, "inodes", 1)
+        now = time.time_ns()
+        is_dir = stat.S_ISDIR(mode)
+        size = len(target) if content is None else content.size
+        inode = Inode(ino, mode, uid, gid, 2 if is_dir else 1, size, rdev, now, now, now)
+        inode.target = target
+        if content is not None:
+            inode.content = content.hash
+        self.put_inode(txn, inode)
+        txn.put(key, INO_VALUE.pack(ino), db=self.dirents)
+        if is_dir:
+            self._set_parent(txn, ino, parent)
+        self._touch_dir(txn, dir_inode, now, 1 if is_dir else 0)
         return inode
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:

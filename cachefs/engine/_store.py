@@ -56,6 +56,7 @@ from cachefs.errors import (
     CachefsError,
     ConfigError,
     CorruptDataError,
+    DigestMismatchError,
     ReadOnlyError,
     StoreFullError,
     StoreLockedError,
@@ -382,7 +383,12 @@ class Store:
         self.publisher.publish([], durable=True)
 
     def put(
-        self, source: Source, *, durable: bool = True, on_publish: PublishHook | None = None
+        self,
+        source: Source,
+        *,
+        durable: bool = True,
+        on_publish: PublishHook | None = None,
+        expect: Digest | None = None,
     ) -> Digest:
         """Store an object and add one reference to it; return its digest.
 
@@ -392,9 +398,10 @@ class Store:
         ``on_publish`` runs inside the transaction that publishes the object
         (it shares it with other objects published at the same moment, so it
         must not fail but for a broken index); whatever it writes becomes
-        visible atomically with the object.
+        visible atomically with the object.  With ``expect``, content whose
+        digest is another is not published (DigestMismatchError).
         """
-        return self._put(lambda: self.ingest.ingest(source), durable, on_publish)
+        return self._put(lambda: self.ingest.ingest(source), durable, on_publish, expect)
 
     def put_revision(
         self,
@@ -426,12 +433,15 @@ class Store:
         ingest: Callable[[], PendingObject],
         durable: bool,
         on_publish: PublishHook | None,
+        expect: Digest | None = None,
     ) -> Digest:
         """Ingest (under the maintenance lock, so that gc cannot collect chunks the
         ingest found) and publish one object."""
         self.check_writable()
         with self._maintenance.shared():
             pending = ingest()
+            if expect is not None and pending.digest != expect:
+                raise DigestMismatchError(f"the content's digest is {pending.digest}, not {expect}")
             pending.on_publish = on_publish
             self.publisher.publish([pending], durable=durable)
         return pending.digest

@@ -18,6 +18,9 @@ finished by the next writer.  Read-only openers read older layouts as they are.
   (``journal/journal.log``): same framing, same record kinds.
 * the index loses ``wal_applied`` and records its schema version (synced
   before the writer goes on).
+
+2 -> 3: the header names the chunking's normalization level, 1 for stores
+before (``format/header.py``); nothing else changes.
 """
 
 from __future__ import annotations

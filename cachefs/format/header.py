@@ -17,10 +17,10 @@ The header is a small JSON document, so that a person can read it with ``cat``::
 
     {
       "format": "cachefs-store",
-      "format_version": 2,
+      "format_version": 3,
       "digest_function": "sha256",            # or "blake3"
       "chunking": {"algorithm": "fastcdc2020", "min_size": 16384,
-                   "avg_size": 65536, "max_size": 262144},
+                   "avg_size": 65536, "max_size": 262144, "normalization": 2},
       "compression": {"algorithm": "zstd", "level": 3, "min_saving": 0.05},
       "segments": {"max_size": 268435456, "shard_levels": 1, "shard_width": 1},
       "created": "2026-11-24T08:00:00+00:00",
@@ -33,7 +33,10 @@ older cachefs misread the store, and teach ``engine/_upgrade.py`` to bring the
 previous layout up to it.  A store with a newer or unknown ``format_version`` is
 refused before anything is modified.  Chunking and digest parameters are fixed
 at creation: changing them would break deduplication against what is already
-stored.  Compression parameters are also fixed here so that every writer
+stored.  With ``normalization`` 2, ``min_size = avg_size / 4`` and
+``max_size = avg_size * 4`` (the defaults) the chunks are the REAPI's FastCDC
+2020 chunks, which ``cachefs serve`` announces (SplitBlob answers with the
+chunks already stored).  Compression parameters are also fixed here so that every writer
 produces the same records, but readers honour the per-record flags and do not
 depend on them.
 """
@@ -64,9 +67,16 @@ from cachefs.fsutil import atomic_write
 #: 2. One journal (``journal/journal.log``, kinds of every writer in
 #:    ``journal.py``); the index records its schema version (``schema.py``).
 #:    Version 1 stores are upgraded when opened for writing.
-STORE_FORMAT_VERSION = 2
+#: 3. The chunking parameters name FastCDC's normalization level
+#:    (``normalization``, 2 for new stores, as the REAPI's FastCDC 2020).
+#:    Stores before cut with level 1 and their headers leave it out; upgrading
+#:    one writes ``"normalization": 1`` into its header (its chunks stay as
+#:    they are, so deduplication against them goes on).
+STORE_FORMAT_VERSION = 3
 #: The oldest layout this cachefs can open (read-only) or upgrade.
 OLDEST_FORMAT_VERSION = 1
+#: The normalization level of stores whose headers do not name one (format < 3).
+LEVEL_BEFORE_3 = 1
 HEADER_NAME = "cachefs-store.json"
 FORMAT_NAME = "cachefs-store"
 
@@ -80,10 +90,17 @@ class ChunkingParams:
     avg_size: int = 64 * 1024
     max_size: int = 256 * 1024
     algorithm: str = "fastcdc2020"
+    #: FastCDC's normalized chunking level (NC): the higher, the closer chunk
+    #: sizes keep to ``avg_size``.  Stores of format 2 and before used 1.
+    normalization: int = 2
 
     def validate(self) -> None:
         if self.algorithm != "fastcdc2020":
             raise ConfigError(f"unknown chunking algorithm {self.algorithm!r}")
+        if not 0 <= self.normalization <= 3:
+            raise ConfigError(
+                f"bad chunking normalization level {self.normalization}", hint="choose 0 to 3"
+            )
         if not 64 <= self.min_size < self.avg_size < self.max_size <= 16 * MiB:
             raise ConfigError(
                 f"bad chunk sizes min={self.min_size} avg={self.avg_size} max={self.max_size}",
@@ -213,7 +230,7 @@ def read_header(store: Path) -> Header:
     try:
         config = StoreConfig(
             digest_function=doc["digest_function"],
-            chunking=ChunkingParams(**doc["chunking"]),
+            chunking=ChunkingParams(**{"normalization": LEVEL_BEFORE_3, **doc["chunking"]}),
             compression=CompressionParams(**doc["compression"]),
             segments=SegmentParams(**doc["segments"]),
         )
@@ -229,9 +246,12 @@ def read_header(store: Path) -> Header:
 
 def set_format_version(store: Path, version: int) -> None:
     """Record that the store's layout is now ``version`` (after an upgrade); the
-    rest of the header stays as it was written."""
+    rest of the header stays as it was written, but for the normalization
+    level that headers before format 3 leave out, which is written in."""
     doc = _read(store)
     doc["format_version"] = version
+    if isinstance(doc.get("chunking"), dict):
+        doc["chunking"].setdefault("normalization", LEVEL_BEFORE_3)
     doc["upgraded_by"] = f"cachefs {__version__}"
     _write(store, doc)
 
