@@ -8,12 +8,15 @@ One package per layer; each imports only the layers before it:
 3. ``cachefs.aio``     the engine's trio facade;
 4. ``cachefs.fs``      filesystem semantics over the engine (trio, no pyfuse3);
 5. ``cachefs.fuse``    the pyfuse3 adapter: translation only;
-6. ``cachefs.daemon``  mounting, detaching, systemd, the mount table;
+   ``cachefs.server``  beside it: the store served over REAPI v2 (gRPC) and the
+   Bazel HTTP cache protocol, what clients store kept in the filesystem;
+6. ``cachefs.daemon``  mounting, serving, detaching, systemd, the mount table;
 7. ``cachefs.cli``     the command line, one module per subcommand.
 
 ``cachefs.errors`` (the one error hierarchy) and ``cachefs.fsutil`` (durable
 file writes) are used by every layer.  Only ``fuse`` and ``daemon`` import
-pyfuse3; ``tests/test_layers.py`` holds the tree to these rules.
+pyfuse3, only ``server`` grpcio and hypercorn; ``tests/test_layers.py`` holds
+the tree to these rules.
 """
 
 __version__ = "0.1.0"

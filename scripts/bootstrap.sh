@@ -2,10 +2,14 @@
 # Set up everything cachefs needs on a Debian (bookworm) machine, idempotently:
 #   system packages (FUSE 3 + headers, pkg-config, a C compiler, a Python >= 3.11
 #   able to make venvs and build C extensions; the tools the test suite runs: rsync,
-#   git, getfattr/setfattr, systemd-analyze, fuser, make, ccache), then .venv/ at the
-#   repository root with `pip install -e '.[test]'`.
+#   git, getfattr/setfattr, systemd-analyze, fuser, make, ccache, bazel), then .venv/ at
+#   the repository root with `pip install -e '.[test]'`, and BuildGrid (the second REAPI
+#   server the conformance tests run against) in .venv/buildgrid, a venv of its own on
+#   Python >= 3.13.
 # Safe to re-run: each step is skipped when already done.
-# Environment: PYTHON=/path/to/python3 picks the interpreter (default: python3).
+# Environment: PYTHON=/path/to/python3 picks the interpreter (default: python3);
+# BUILDGRID_PYTHON=/path/to/python3.13 the one for BuildGrid (default: python3.13 on
+# PATH, else the newest 3.13+ under pyenv).
 set -euo pipefail
 
 ROOT="$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -161,6 +165,43 @@ else
     pip_quiet "$VENV/bin/pip" install -q -e '.[test]'
     [ -x "$VENV/bin/cachefs" ] || die "pip install finished but $VENV/bin/cachefs is missing"
     touch -- "$STAMP"
+fi
+
+# --- 5. BuildGrid, for the REAPI conformance tests --------------------------------
+
+BUILDGRID_VERSION="0.9.1"
+BGD_VENV="$VENV/buildgrid"
+BGD_STAMP="$BGD_VENV/.buildgrid-$BUILDGRID_VERSION-installed"
+
+# Prints a Python >= 3.13 (BuildGrid 0.9 needs it), or nothing.
+find_buildgrid_python() {
+    local candidate
+    for candidate in "${BUILDGRID_PYTHON:-}" "$(command -v python3.13 2>/dev/null || true)" \
+        $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -rV); do
+        [ -n "$candidate" ] && [ -x "$candidate" ] || continue
+        if "$candidate" -c 'import sys, ensurepip; sys.exit(0 if sys.version_info >= (3, 13) else 1)' \
+            >/dev/null 2>&1; then
+            printf '%s\n' "$candidate"
+            return 0
+        fi
+    done
+}
+
+if [ -x "$BGD_VENV/bin/bgd" ] && [ -f "$BGD_STAMP" ]; then
+    say "BuildGrid $BUILDGRID_VERSION present"
+else
+    BGD_PY="$(find_buildgrid_python)"
+    if [ -z "$BGD_PY" ]; then
+        say "warning: no Python >= 3.13 found for BuildGrid (set BUILDGRID_PYTHON);" \
+            "the conformance tests against BuildGrid will fail under CI"
+    else
+        say "installing BuildGrid $BUILDGRID_VERSION with $BGD_PY into $BGD_VENV ..."
+        rm -rf -- "$BGD_VENV"
+        "$BGD_PY" -m venv "$BGD_VENV"
+        pip_quiet "$BGD_VENV/bin/pip" install -q "buildgrid==$BUILDGRID_VERSION"
+        [ -x "$BGD_VENV/bin/bgd" ] || die "pip install buildgrid finished but $BGD_VENV/bin/bgd is missing"
+        touch -- "$BGD_STAMP"
+    fi
 fi
 
 say "done"

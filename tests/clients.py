@@ -511,7 +511,7 @@ def _bazel_bin(output_root: Path) -> Path:
 
 def bazel_build(
     workspace: Path,
-    disk_cache: Path,
+    disk_cache: Path | None,
     output_root: Path,
     *,
     clean: bool = False,
@@ -520,7 +520,8 @@ def bazel_build(
     timeout: float = BUILD_TIMEOUT,
 ) -> BazelBuild:
     """``bazel build //...`` of ``workspace`` (from ``bazel_workspace``) with
-    ``--disk_cache=disk_cache`` and its outputs under ``output_root``.
+    ``--disk_cache=disk_cache`` (or none: a remote cache in ``extra``) and its
+    outputs under ``output_root``.
 
     A fresh ``output_root`` makes a clean build; ``clean`` runs ``bazel clean`` first
     (a second JVM start, about 3 s).  Hits are counted from the execution log: a spawn
@@ -536,7 +537,7 @@ def bazel_build(
         f"--output_user_root={output_root}",
         "build",
         *BAZEL_BUILD,
-        f"--disk_cache={disk_cache}",
+        *([] if disk_cache is None else [f"--disk_cache={disk_cache}"]),
         f"--execution_log_json_file={exec_log}",
         *extra,
         *targets,

@@ -1,6 +1,7 @@
 """The shape of the package: layers import only the layers below them, a
 package's private ``_x`` modules are imported only inside it, only the FUSE
-adapter and the daemon import pyfuse3, the engine knows no trio, and no class
+adapter and the daemon import pyfuse3, only the servers grpcio and hypercorn,
+the engine knows no trio, and no class
 grows past what one can read (see ``cachefs/__init__.py``)."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ LAYERS = {
     "cachefs.aio": 3,
     "cachefs.fs": 4,
     "cachefs.fuse": 5,
+    "cachefs.server": 5,
     "cachefs.daemon": 6,
     "cachefs.cli": 7,
     "cachefs.__main__": 7,
@@ -32,7 +34,16 @@ LAYERS = {
 #: Third-party modules only some parts may import.
 RESTRICTED = {
     "pyfuse3": {"cachefs.fuse", "cachefs.daemon"},
-    "trio": {"cachefs.aio", "cachefs.fs", "cachefs.fuse", "cachefs.daemon", "cachefs.cli"},
+    "trio": {
+        "cachefs.aio",
+        "cachefs.fs",
+        "cachefs.fuse",
+        "cachefs.server",
+        "cachefs.daemon",
+        "cachefs.cli",
+    },
+    "grpc": {"cachefs.server"},
+    "hypercorn": {"cachefs.server"},
 }
 MAX_CLASS_LINES = 500
 

@@ -32,18 +32,23 @@ from typing import Any
 
 import pytest
 
+from cachefs.daemon import mount_info
+from cachefs.engine import SHA256
 from tests.mounting import require_fuse
+from tests.reapi import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = ROOT / "systemd"
 MOUNT_UNIT = "cachefs@.service"
 GC_UNIT = "cachefs-gc@.service"
 GC_TIMER = "cachefs-gc@.timer"
-UNITS = (MOUNT_UNIT, GC_UNIT, GC_TIMER)
+SERVE_UNIT = "cachefs-serve@.service"
+UNITS = (MOUNT_UNIT, GC_UNIT, GC_TIMER, SERVE_UNIT)
 INSTANCES = (
     "cachefs@mnt-cache.service",
     "cachefs-gc@mnt-cache.service",
     "cachefs-gc@mnt-cache.timer",
+    "cachefs-serve@team.service",
 )
 #: Where the units expect the command (systemd/README.md says how to link it).
 SHIPPED_CACHEFS = "/usr/local/bin/cachefs"
@@ -451,7 +456,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_shipped_units_run_the_documented_command() -> None:
-    for name in (MOUNT_UNIT, GC_UNIT):
+    for name in (MOUNT_UNIT, GC_UNIT, SERVE_UNIT):
         for key, value in read_unit(UNIT_DIR / name)["Service"]:
             if key.startswith("Exec") and "cachefs" in value.split()[0]:
                 assert value.lstrip("-").split()[0] == SHIPPED_CACHEFS, f"{name}: {key}={value}"
@@ -600,3 +605,61 @@ def test_failed_start_leaves_another_mount_alone(service: MountService) -> None:
             check=False,
         )
     assert not in_mount_table(service.mountpoint)
+
+
+# --- cachefs-serve@.service ------------------------------------------------------------
+
+
+def test_serve_store_defaults_without_a_config_file(tmp_path: Path) -> None:
+    runner = ServiceRunner(UNIT_DIR / SERVE_UNIT, Path("/team"), tmp_path)
+    (command,) = runner.commands("ExecStart")
+    assert command.argv == [SHIPPED_CACHEFS, "-v", "serve", "/var/lib/cachefs/serve-team"]
+    service = dict(read_unit(UNIT_DIR / SERVE_UNIT)["Service"])
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+    assert {"AF_INET", "AF_INET6", "AF_UNIX"} <= set(service["RestrictAddressFamilies"].split())
+
+
+def test_serve_unit_ready_when_serving_and_sigterm_stops(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    units = tmp_path / "units"
+    install_units(units, cachefs_wrapper(tmp_path / "bin"))
+    config_dir = tmp_path / "etc"
+    config_dir.mkdir()
+    (config_dir / "serve-team.conf").write_text(
+        f"CACHEFS_STORE={store}\n"
+        'CACHEFS_OPTIONS="--grpc 127.0.0.1:0 --http 127.0.0.1:0 --max-size 1G"\n'
+    )
+    unit = ServiceRunner(units / SERVE_UNIT, Path("/team"), config_dir)
+    notify = NotifySocket(tmp_path / "notify")
+    log = tmp_path / "serve.log"
+    (command,) = unit.commands("ExecStart")
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            command.argv,
+            env=unit.process_env({"NOTIFY_SOCKET": str(notify.path)}),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            cwd="/",
+            umask=unit.umask,
+        )
+    try:
+        notify.wait_for("READY=1", process, log)
+        # READY=1 once both servers answer.
+        info = mount_info(store)
+        assert info is not None and info["pid"] == process.pid
+        assert info["caches"][0]["max_size"] == 1 << 30
+        with Client(info["servers"]["grpc"], SHA256) as client:
+            assert client.capabilities().cache_capabilities.action_cache_update_capabilities
+        host, port = info["servers"]["http"].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10):
+            pass
+        assert store.stat().st_mode & 0o777 == 0o700
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+        assert notify.drain() == ["READY=1", "STOPPING=1"]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        notify.close()

@@ -16,7 +16,7 @@ import click
 import lmdb
 
 from cachefs import __version__
-from cachefs.cli import cache, cat, fsck, gc, init, mount, put, stats, umount
+from cachefs.cli import cache, cat, fsck, gc, init, mount, put, serve, stats, umount
 from cachefs.engine import lmdb_error
 from cachefs.errors import CachefsError, from_oserror
 
@@ -63,7 +63,7 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="cachefs: %(message)s", stream=sys.stderr)
 
 
-for _module in (mount, umount, cache, init, put, cat, stats, fsck, gc):
+for _module in (mount, umount, serve, cache, init, put, cat, stats, fsck, gc):
     cli.add_command(_module.command)
 
 

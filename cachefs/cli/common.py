@@ -10,12 +10,29 @@ from typing import Any, TypeVar
 import click
 
 from cachefs.errors import ConfigError
+from cachefs.server import GRPC_PORT, HTTP_PORT
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 store_argument = click.argument(
     "store", type=click.Path(file_okay=False, path_type=Path), metavar="STORE"
 )
+grpc_option = click.option(
+    "--grpc",
+    "grpc_address",
+    metavar="ADDR",
+    help=f"Serve REAPI v2 over gRPC on ADDR (HOST:PORT, :PORT or HOST; port {GRPC_PORT} "
+    "and 127.0.0.1 unless given).",
+)
+http_option = click.option(
+    "--http",
+    "http_address",
+    metavar="ADDR",
+    help=f"Serve the Bazel HTTP cache protocol on ADDR (port {HTTP_PORT} and 127.0.0.1 "
+    "unless given).",
+)
+
+
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print machine-readable JSON (stable keys)."
 )

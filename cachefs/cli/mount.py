@@ -9,8 +9,9 @@ import click
 from cachefs import daemon
 from cachefs.errors import ConfigError
 from cachefs.fs import DEFAULT_MEMORY_LIMIT, DEFAULT_PUBLISH_THRESHOLD
+from cachefs.server import ServeOptions
 
-from .common import parse_size, store_argument
+from .common import grpc_option, http_option, parse_size, store_argument
 
 
 @click.command("mount")
@@ -60,6 +61,8 @@ from .common import parse_size, store_argument
     metavar="FILE",
     help="Record a file-access trace (JSON lines) for scripts/bench_cache.py.",
 )
+@grpc_option
+@http_option
 @click.pass_context
 def command(
     ctx: click.Context,
@@ -72,6 +75,8 @@ def command(
     max_store_size: str | None,
     memory_limit: str,
     trace: Path | None,
+    grpc_address: str | None,
+    http_address: str | None,
 ) -> None:
     """Mount STORE on MOUNTPOINT (STORE is created if missing).
 
@@ -86,6 +91,10 @@ def command(
       MOUNTPOINT/.cachefs/stats.json         live figures
       MOUNTPOINT/.cachefs/cas/<fn>/<hex>     any stored object, by digest
       cachefs cache set DIR --max-size 10G   make DIR a cache with a budget
+
+    With --grpc and/or --http the daemon also serves the store to build tools,
+    as `cachefs serve` does; what they store is in MOUNTPOINT/remote-cache
+    (`cachefs cache set MOUNTPOINT/remote-cache --max-size N` sets its budget).
     """
     verbose = ctx.find_root().params.get("verbose", 0)
     daemon.mount(
@@ -97,12 +106,13 @@ def command(
         publish_threshold=parse_size(publish_threshold),
         cache_size=parse_size(cache_size),
         max_store_size=None if max_store_size is None else parse_size(max_store_size),
-        memory_limit=_memory_limit(memory_limit),
+        memory_limit=memory_limit_of(memory_limit),
         trace=trace,
+        servers=ServeOptions(grpc=grpc_address, http=http_address),
     )
 
 
-def _memory_limit(text: str) -> int:
+def memory_limit_of(text: str) -> int:
     limit = parse_size(text)
     if limit < 64 << 20:
         raise ConfigError(

@@ -24,10 +24,12 @@ def command(store: Path, as_json: bool) -> None:
     --json keys (stable): files, objects, logical_bytes, stored_bytes, chunks,
     chunk_bytes, dedup_ratio, compression_ratio, segments, segment_bytes,
     live_ratio, segments_below_gc_threshold, segment_live_histogram, store.
-    Given a mount point, also: caches (one object per cache directory: path,
-    max_size, policy, files, bytes, hits, misses, hit_ratio, evictions,
-    bytes_evicted, throttled, throttled_seconds), max_store_size,
-    throttle_waits, memory_limit, rss_bytes.
+    Given a mount point, or a store that `cachefs serve` serves, also: caches
+    (one object per cache directory: path, max_size, policy, files, bytes,
+    hits, misses, hit_ratio, evictions, bytes_evicted, throttled,
+    throttled_seconds), max_store_size, throttle_waits, memory_limit,
+    rss_bytes, pid (the daemon's), servers (grpc and http: where they listen,
+    or null).
     Works beside a running writer.
     """
     live = mount_info(store)
@@ -36,8 +38,17 @@ def command(store: Path, as_json: bool) -> None:
         doc: dict[str, Any] = stats.as_dict() | {"store": str(opened.path)}
         config = opened.config
     if live is not None:
-        # The mount's own figures: cache directories, quota, memory.
-        for key in ("caches", "max_store_size", "throttle_waits", "memory_limit", "rss_bytes"):
+        # The daemon's own figures: cache directories, quota, memory, servers.
+        keys = (
+            "caches",
+            "max_store_size",
+            "throttle_waits",
+            "memory_limit",
+            "rss_bytes",
+            "pid",
+            "servers",
+        )
+        for key in keys:
             if key in live:
                 doc[key] = live[key]
     if as_json:

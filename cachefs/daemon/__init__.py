@@ -1,7 +1,8 @@
-"""The daemon layer: mounting and unmounting stores, detaching, systemd, the
+"""The daemon layer: mounting, serving and unmounting stores, detaching, systemd, the
 mount table (the only place besides ``cachefs.fuse`` that imports pyfuse3).
 
-What it offers: ``mount`` and ``umount``; ``mount_info``, ``resolve_store``,
+What it offers: ``mount`` and ``umount``; ``serve`` (a store served over gRPC
+and HTTP with no mount); ``mount_info``, ``resolve_store``,
 ``control`` and ``cachefs_mounts`` to find mounted stores and talk to their
 daemons; ``mounted_fstype``; ``sd_notify``; ``LOG_NAME``, ``FSNAME``.
 """
@@ -17,6 +18,7 @@ from cachefs.daemon._mounts import (
     resolve_store,
 )
 from cachefs.daemon._process import LOG_NAME
+from cachefs.daemon._serve import serve
 from cachefs.daemon._systemd import sd_notify
 
 __all__ = [
@@ -30,5 +32,6 @@ __all__ = [
     "mounted_fstype",
     "resolve_store",
     "sd_notify",
+    "serve",
     "umount",
 ]

@@ -6,9 +6,12 @@
 returns once the mount can be used.  Under systemd (``Type=notify``) readiness
 is also sent to ``$NOTIFY_SOCKET``.
 
+With ``--grpc``/``--http`` the daemon also serves the store to build tools
+(``cachefs.server``), since one process owns a store.
+
 On SIGTERM or SIGINT, or when the file system is unmounted from outside, the
-daemon publishes every unpublished write, syncs the store, unmounts if still
-mounted and exits 0.
+daemon stops its servers, publishes every unpublished write, syncs the store,
+unmounts if still mounted and exits 0.
 
 ``umount`` unmounts through ``fusermount3 -u`` and waits for the daemon to
 exit; the daemon's pid and store are found in ``MOUNT/.cachefs/stats.json``.
@@ -31,7 +34,7 @@ import pyfuse3
 import trio
 
 from cachefs.daemon._mounts import FSNAME, FSTYPE, mount_info, mounted_fstype
-from cachefs.daemon._process import LOG_NAME, detach, setup_logging
+from cachefs.daemon._process import LOG_NAME, detach, setup_logging, unwrap_group
 from cachefs.daemon._systemd import sd_notify
 from cachefs.engine import Store, StoreOptions
 from cachefs.errors import ConfigError, MountError, NotFoundError
@@ -43,6 +46,7 @@ from cachefs.fs import (
     check_outside,
 )
 from cachefs.fuse import Operations
+from cachefs.server import ServeOptions, check_addresses, run_servers
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +114,10 @@ def serve(
     max_store_size: int | None = None,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     trace: Path | None = None,
+    servers: ServeOptions | None = None,
 ) -> None:
-    """Open the store, mount it, serve until unmounted or signalled."""
+    """Open the store, mount it, serve until unmounted or signalled (and with
+    ``servers``, serve it over gRPC and HTTP too)."""
     store_options = StoreOptions() if cache_size is None else StoreOptions(cache_size=cache_size)
     store = Store.open(store_path, create=True, options=store_options)
     try:
@@ -136,7 +142,9 @@ def serve(
             # the GIL for the default 5 ms at a time.
             sys.setswitchinterval(0.0005)
             try:
-                trio.run(_main, fs, ready)
+                trio.run(_main, fs, ready, servers or ServeOptions())
+            except BaseExceptionGroup as group:
+                raise unwrap_group(group) from None
             finally:
                 # Not os.path.ismount(): a stat of our own mount would wait for
                 # an answer that nobody is left to give.
@@ -149,13 +157,19 @@ def serve(
     log.info("unmounted %s; store closed cleanly", mountpoint)
 
 
-async def _main(fs: Filesystem, ready: Callable[[], None]) -> None:
+async def _main(fs: Filesystem, ready: Callable[[], None], options: ServeOptions) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run)
         await nursery.start(_stop_on_signal)  # before READY: a SIGTERM then stops cleanly
-        ready()
-        sd_notify("READY=1")
-        await pyfuse3.main()
+        async with trio.open_nursery() as servers:
+            if options.any:
+                listening = await servers.start(run_servers, fs, options)
+                fs.control.info["servers"] = listening.as_dict()
+            ready()
+            sd_notify("READY=1")
+            await pyfuse3.main()
+            # The servers stop first: their calls in flight need the filesystem.
+            servers.cancel_scope.cancel()
         log.info("file system unmounted or stopped; publishing what is left")
         await fs.flush_all()
         nursery.cancel_scope.cancel()
@@ -181,6 +195,7 @@ def mount(
     max_store_size: int | None = None,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     trace: Path | None = None,
+    servers: ServeOptions | None = None,
 ) -> None:
     """``cachefs mount``: returns once the mount is ready (or raises why not)."""
     mountpoint = check_mountpoint(mountpoint)
@@ -189,6 +204,8 @@ def mount(
     if store.exists() and any(store.iterdir()):
         read_header(store)  # a newer or foreign store fails here, untouched
     options = mount_options(store, extra_options)
+    if servers is not None:
+        check_addresses(servers)
     kwargs: dict[str, Any] = {
         "foreground": foreground,
         "verbose": verbose,
@@ -197,6 +214,7 @@ def mount(
         "max_store_size": max_store_size,
         "memory_limit": memory_limit,
         "trace": None if trace is None else check_outside(trace, mountpoint),
+        "servers": servers,
     }
     if foreground:
         serve(store, mountpoint, options, ready=lambda: None, **kwargs)

@@ -1,9 +1,11 @@
-"""Finding mounted stores and talking to their daemons (daemon layer).
+"""Finding mounted and served stores and talking to their daemons (daemon layer).
 
 The mount table (``/proc/self/mountinfo``) says where cachefs is mounted
 without touching the mounts (a dead one hangs a ``stat``); a live mount's
 ``/.cachefs/stats.json`` says which daemon and store serve it, and its
-``/.cachefs/control`` runs commands in that daemon.
+``/.cachefs/control`` runs commands in that daemon.  A store served with no
+mount (``cachefs serve``) answers the same on ``STORE/control.sock``: a
+command line in, a JSON answer out (``stats`` gives the live figures).
 """
 
 from __future__ import annotations
@@ -11,11 +13,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cachefs.errors import CachefsError
+
+#: The control socket of a served store (``_serve.py``).
+SOCKET_NAME = "control.sock"
+#: Seconds to wait for a served store's daemon to answer (gc may take long).
+_TIMEOUT = 3600.0
 
 FSNAME = "cachefs"
 #: The type of a cachefs mount in the mount table.
@@ -59,15 +67,54 @@ def _unescape(field: str) -> str:
 
 
 def mount_info(path: Path) -> dict[str, Any] | None:
-    """The live figures of the cachefs mounted at ``path`` (None if it is not one)."""
-    stats = path / ".cachefs" / "stats.json"
+    """The live figures of the cachefs mounted at ``path``, or of the store at
+    ``path`` that ``cachefs serve`` serves (None if it is neither)."""
     if not os.path.ismount(path):
-        return None
+        answer = _ask_server(path, "stats")
+        return None if answer is None else json.loads(answer)
+    stats = path / ".cachefs" / "stats.json"
     try:
         doc: dict[str, Any] = json.loads(stats.read_bytes())
     except (OSError, ValueError):
         return None
     return doc
+
+
+def socket_address(dirfd: int) -> str:
+    """The control socket of the store open as ``dirfd``, by a path short enough
+    for a socket address (at most 108 bytes) however long the store's is."""
+    return f"/proc/self/fd/{dirfd}/{SOCKET_NAME}"
+
+
+def _ask_server(store: Path, command: str) -> bytes | None:
+    """The answer of the daemon serving ``store`` to ``command``; None when no
+    daemon serves it (no socket, or one that a dead daemon left)."""
+    try:
+        dirfd = os.open(store, os.O_DIRECTORY | os.O_PATH)
+    except OSError:
+        return None
+    try:
+        if not os.path.exists(socket_address(dirfd)):
+            return None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(_TIMEOUT)
+            try:
+                sock.connect(socket_address(dirfd))
+            except (ConnectionRefusedError, FileNotFoundError):
+                return None
+            sock.sendall(command.encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            pieces = []
+            while piece := sock.recv(1 << 16):
+                pieces.append(piece)
+        return b"".join(pieces)
+    except OSError as exc:
+        raise CachefsError(
+            f"cannot talk to the daemon serving {store}: {exc.strerror or exc}",
+            hint="this needs root (or the daemon's user)",
+        ) from None
+    finally:
+        os.close(dirfd)
 
 
 def resolve_store(path: Path) -> Path:
@@ -76,24 +123,41 @@ def resolve_store(path: Path) -> Path:
     return Path(info["store"]) if info else path
 
 
-def control(mountpoint: Path, command: str) -> dict[str, Any]:
-    """Run a command in the daemon of a mount (``/.cachefs/control``)."""
-    path = mountpoint / ".cachefs" / "control"
+def control(path: Path, command: str) -> dict[str, Any]:
+    """Run a command in the daemon of a mount (``/.cachefs/control``), or of a
+    served store (``STORE/control.sock``)."""
     try:
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.write(fd, command.encode())
-            pieces: list[bytes] = []
-            while piece := os.pread(fd, 1 << 16, sum(map(len, pieces))):
-                pieces.append(piece)
-        finally:
-            os.close(fd)
-        answer: dict[str, Any] = json.loads(b"".join(pieces))
+        if os.path.ismount(path):
+            raw = _ask_mount(path, command)
+        else:
+            served = _ask_server(path, command)
+            if served is None:
+                raise CachefsError(
+                    f"{path} is neither a cachefs mount nor a store that cachefs serves",
+                    hint="name the mount point, or the store of a running `cachefs serve`",
+                )
+            raw = served
+        answer: dict[str, Any] = json.loads(raw)
     except OSError as exc:
         raise CachefsError(
-            f"cannot talk to the daemon of {mountpoint}: {exc.strerror}",
+            f"cannot talk to the daemon of {path}: {exc.strerror}",
             hint="this needs root (or the daemon's user)",
         ) from None
+    except ValueError:
+        raise CachefsError(f"the daemon of {path} gave an answer that is not JSON") from None
     if not answer.get("ok"):
-        raise CachefsError(f"the daemon of {mountpoint} refused {command!r}: {answer.get('error')}")
+        raise CachefsError(f"the daemon of {path} refused {command!r}: {answer.get('error')}")
     return answer
+
+
+def _ask_mount(mountpoint: Path, command: str) -> bytes:
+    path = mountpoint / ".cachefs" / "control"
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.write(fd, command.encode())
+        pieces: list[bytes] = []
+        while piece := os.pread(fd, 1 << 16, sum(map(len, pieces))):
+            pieces.append(piece)
+    finally:
+        os.close(fd)
+    return b"".join(pieces)

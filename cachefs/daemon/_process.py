@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cachefs.errors import CachefsError
 
@@ -42,6 +43,25 @@ def setup_logging(store: Path, *, foreground: bool, verbose: int) -> None:
         root.addHandler(stream)
 
 
+def unwrap_group(exc: BaseExceptionGroup[Any]) -> BaseException:
+    """The one cachefs error that a group of errors holds (trio's nurseries
+    group what their tasks raise), so that it is reported as itself; the
+    group otherwise."""
+    leaves: list[BaseException] = []
+
+    def walk(group: BaseExceptionGroup[Any]) -> None:
+        for inner in group.exceptions:
+            if isinstance(inner, BaseExceptionGroup):
+                walk(inner)
+            else:
+                leaves.append(inner)
+
+    walk(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], CachefsError):
+        return leaves[0]
+    return exc
+
+
 def detach(run: Callable[[Callable[[], None]], None]) -> None:
     """Run ``run`` in a detached child; return in the parent once it calls ready()."""
     read_fd, write_fd = os.pipe()
@@ -57,7 +77,7 @@ def detach(run: Callable[[Callable[[], None]], None]) -> None:
         if not answer:
             _, status = os.waitpid(pid, 0)
             raise CachefsError(
-                f"the mount daemon exited before the mount was ready (status {status})",
+                f"the daemon exited before it was ready (status {status})",
                 hint="run with --foreground to see why",
             )
         os.waitpid(pid, 0)
@@ -91,8 +111,8 @@ def detach(run: Callable[[Callable[[], None]], None]) -> None:
     except BaseException as exc:
         code = 1
         if not told:
-            os.write(write_fd, f"1 unexpected error in the mount daemon: {exc!r}".encode())
-        log.exception("unexpected error in the mount daemon")
+            os.write(write_fd, f"1 unexpected error in the daemon: {exc!r}".encode())
+        log.exception("unexpected error in the daemon")
     finally:
         logging.shutdown()
         os._exit(code)

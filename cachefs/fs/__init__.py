@@ -13,6 +13,8 @@ What it offers:
 * eviction policies (:class:`Policy`, ``POLICIES``, ``make_policy``), for the
   trace-replay benchmark too;
 * :class:`FsEvents`, what listeners of the filesystem receive;
+* :class:`StoredFiles` (``Filesystem.stored``): whole files stored and read
+  in one step, for the servers;
 * ``check_outside`` (trace files outside the mount); the memory figures
   ``resident_bytes`` and ``memory_pressure``.
 """
@@ -30,6 +32,7 @@ from cachefs.fs._memory import (
     resident_bytes,
 )
 from cachefs.fs._policy import ARC, LFU, LRU, POLICIES, Policy, make_policy
+from cachefs.fs._stored_files import StoredFiles
 from cachefs.fs._trace import check_outside
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "MemoryGovernor",
     "OpenFile",
     "Policy",
+    "StoredFiles",
     "check_outside",
     "is_virtual",
     "is_volatile",

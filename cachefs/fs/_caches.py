@@ -485,7 +485,11 @@ class CacheDirs(FsEvents):
 
     async def make_room(self, ino: int, growth: int) -> None:
         """Wait until file ``ino`` may grow by ``growth`` bytes (``Eviction.make_room``)."""
-        await self.eviction.make_room(ino, growth)
+        await self.eviction.make_room(self.members.get(ino), growth)
+
+    async def make_room_in(self, directory: int, size: int) -> None:
+        """Wait until a new file of ``size`` bytes may be made in ``directory``."""
+        await self.eviction.make_room(self.cache_of(directory), size)
 
 
 def _in_trio() -> bool:

@@ -122,10 +122,10 @@ class Eviction:
 
     # --- room for writes --------------------------------------------------------------
 
-    async def make_room(self, ino: int, growth: int) -> None:
-        """Wait until file ``ino`` may grow by ``growth`` bytes: its cache's
-        budget and the store quota allow it.  ENOSPC when they cannot."""
-        cache = self.caches.members.get(ino)
+    async def make_room(self, cache: CacheDir | None, growth: int) -> None:
+        """Wait until a file of ``cache`` (None: of no cache) may grow by
+        ``growth`` bytes: the cache's budget and the store quota allow it.
+        ENOSPC when they cannot."""
         if cache is not None or self.quota is not None:
             self.checks += 1
         if not self._short(cache, growth):

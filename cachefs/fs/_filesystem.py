@@ -76,6 +76,7 @@ from cachefs.fs._journal import DEFAULT_LOG_LIMIT, FileJournal
 from cachefs.fs._lookups import Lookups
 from cachefs.fs._memory import DEFAULT_MEMORY_LIMIT, MemoryGovernor
 from cachefs.fs._publish import FilePublisher
+from cachefs.fs._stored_files import StoredFiles
 from cachefs.fs._trace import TraceRecorder
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,16 @@ class Filesystem:
         )
         self.listeners.add(self.caches)
         self.memory = MemoryGovernor(store, memory_limit)
+        #: Whole files the servers store and read (``_stored_files.py``).
+        self.stored = StoredFiles(
+            store,
+            self.namespace,
+            self.caches,
+            self.listeners,
+            create=lambda parent, name, mode: self.create(parent, name, mode, 0, 0),
+            rename=lambda old, name, new, new_name: self.rename(old, name, new, new_name, 0),
+            unlink=self.unlink,
+        )
         self.io = FileIO(
             store,
             self.namespace,

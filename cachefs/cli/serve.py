@@ -1,0 +1,105 @@
+"""``cachefs serve``: the store over REAPI v2 (gRPC) and the Bazel HTTP cache protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cachefs import daemon
+from cachefs.errors import ConfigError
+from cachefs.fs import DEFAULT_MEMORY_LIMIT, POLICIES
+from cachefs.server import DEFAULT_MAX_SIZE, GRPC_PORT, HTTP_PORT, ServeOptions
+
+from .common import grpc_option, http_option, human_bytes, parse_size, store_argument
+from .mount import memory_limit_of
+
+
+@click.command("serve")
+@store_argument
+@grpc_option
+@http_option
+@click.option(
+    "--max-size",
+    metavar="SIZE",
+    help=f"Budget of what clients store (the cache directory /remote-cache); "
+    f"{human_bytes(DEFAULT_MAX_SIZE)} when it is made, else it is kept.",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(sorted(POLICIES)),
+    default="lru",
+    show_default=True,
+    help="What to evict first when the budget is reached.",
+)
+@click.option(
+    "--daemon", "detach", is_flag=True, help="Detach once serving (log to STORE/cachefs.log)."
+)
+@click.option(
+    "--max-store-size",
+    metavar="SIZE",
+    help="Quota on the store's stored bytes, as for `cachefs mount`.",
+)
+@click.option(
+    "--cache-size",
+    default="64M",
+    show_default=True,
+    metavar="SIZE",
+    help="Memory for decompressed chunks.",
+)
+@click.option(
+    "--memory-limit",
+    default=f"{DEFAULT_MEMORY_LIMIT >> 20}M",
+    show_default=True,
+    metavar="SIZE",
+    help="Memory the daemon's caches may use.",
+)
+@click.pass_context
+def command(
+    ctx: click.Context,
+    store: Path,
+    grpc_address: str | None,
+    http_address: str | None,
+    max_size: str | None,
+    policy: str,
+    detach: bool,
+    max_store_size: str | None,
+    cache_size: str,
+    memory_limit: str,
+) -> None:
+    """Serve STORE to build tools over REAPI v2 (gRPC) and the Bazel HTTP cache
+    protocol, with no mount (STORE is created if missing).
+
+    With neither --grpc nor --http both are served, on 127.0.0.1:9092 and
+    127.0.0.1:8080 (as bazel-remote); with one of them, only that one.  Runs in
+    the foreground until SIGTERM or Ctrl-C (under systemd: Type=notify, see
+    systemd/cachefs-serve@.service), or detaches with --daemon.
+
+    What clients store lives in the store's namespace, in the cache directory
+    /remote-cache (<instance>/cas/ and <instance>/ac/; "_" is the empty
+    instance name): its budget, eviction and hit figures are those of any
+    cache directory (`cachefs cache ls STORE`), and a mount of the store shows
+    it.  `cachefs stats STORE` and `cachefs gc STORE` talk to the running
+    daemon.
+
+    \b
+    Point a build at it:
+      bazel build --remote_cache=grpc://127.0.0.1:9092 //...
+      bazel build --remote_cache=http://127.0.0.1:8080 //...
+      ccache: remote_storage = http://127.0.0.1:8080|layout=bazel
+    """
+    if grpc_address is None and http_address is None:
+        grpc_address, http_address = f"127.0.0.1:{GRPC_PORT}", f"127.0.0.1:{HTTP_PORT}"
+    budget = None if max_size is None else parse_size(max_size)
+    if budget is not None and budget <= 0:
+        raise ConfigError("--max-size must be more than 0 bytes")
+    verbose = ctx.find_root().params.get("verbose", 0)
+    daemon.serve(
+        store,
+        ServeOptions(grpc=grpc_address, http=http_address, max_size=budget, policy=policy),
+        daemon=detach,
+        verbose=verbose,
+        cache_size=parse_size(cache_size),
+        max_store_size=None if max_store_size is None else parse_size(max_store_size),
+        memory_limit=memory_limit_of(memory_limit),
+    )

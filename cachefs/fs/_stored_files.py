@@ -1,0 +1,161 @@
+"""Whole files stored and read in one step, for the servers (filesystem layer).
+
+A cache server (``cachefs.server``) keeps what clients upload as files of the
+namespace, in a cache directory: the budget, the policy, the hit and miss
+figures, the quota, fsck and ``ls`` are those of every other file.  It does not
+write them as the kernel does (open, writes logged to the journal, a spool,
+publication at close): a blob arrives whole, or as a stream, with its digest.
+So a file is stored in one step -- ingested straight from its source and
+published in the transaction that also makes its directory entry
+(:meth:`StoredFiles.store`) -- and the filesystem is told afterwards
+(:meth:`StoredFiles.added`), as it would be of a file created and written
+through the mount.
+
+Threads.  :meth:`~StoredFiles.lookup` and :meth:`~StoredFiles.store` may run
+in any thread (they read and write the index only: the servers call them from
+their worker threads, where ingest belongs).  Everything else runs on the
+filesystem's trio thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+from collections.abc import Callable, Sequence
+
+import lmdb
+
+from cachefs.engine import (
+    ROOT_INODE,
+    Digest,
+    FsError,
+    Inode,
+    Namespace,
+    Source,
+    Store,
+)
+from cachefs.fs._caches import CacheDirs
+from cachefs.fs._events import Listeners
+
+#: Mode of the files and directories the servers make.
+FILE_MODE = stat.S_IFREG | 0o644
+DIRECTORY_MODE = stat.S_IFDIR | 0o755
+
+
+class StoredFiles:
+    """Files a server stores whole, in directories of the namespace."""
+
+    def __init__(
+        self,
+        store: Store,
+        namespace: Namespace,
+        caches: CacheDirs,
+        listeners: Listeners,
+        *,
+        create: Callable[[int, bytes, int], Inode],
+        rename: Callable[[int, bytes, int, bytes], None],
+        unlink: Callable[[int, bytes], None],
+    ) -> None:
+        """``create``, ``rename`` and ``unlink`` are the filesystem's own
+        (directories, replacing an entry, removing one: with its events)."""
+        self.store = store
+        self.namespace = namespace
+        self.caches = caches
+        self.listeners = listeners
+        self._create = create
+        self._rename = rename
+        self._unlink = unlink
+
+    # --- any thread ------------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> Inode | None:
+        """The regular file ``name`` of directory ``parent``, or None."""
+        try:
+            inode = self.namespace.get(self.namespace.lookup(parent, name))
+        except FsError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+        return inode if inode.is_reg else None
+
+    def store_file(
+        self, parent: int, name: bytes, source: Source, *, expect: Digest | None = None
+    ) -> Inode | None:
+        """Ingest ``source`` and publish it as the new file ``name`` of
+        ``parent`` in one transaction; returns the file, or None when an entry
+        ``name`` was there already (it is left as it was).  With ``expect``,
+        content of another digest is refused (DigestMismatchError) and nothing
+        is published; a directory that went meanwhile is FsError(ENOENT).  Tell
+        the filesystem afterwards (:meth:`added`)."""
+        made: list[Inode] = []
+        refused: list[FsError] = []
+        namespace, store = self.namespace, self.store
+
+        def hook(txn: lmdb.Transaction, digest: Digest) -> None:
+            # Runs in a transaction other publications share: it must not fail.
+            try:
+                made.append(
+                    namespace.create(parent, name, FILE_MODE, 0, 0, content=digest, txn=txn)
+                )
+            except FsError as exc:
+                store.drop_ref(txn, digest)  # the reference nobody took
+                if exc.errno != errno.EEXIST:  # EEXIST: the same name, stored meanwhile
+                    refused.append(exc)
+
+        store.put(source, on_publish=hook, expect=expect)
+        if refused:
+            raise refused[0]
+        return made[0] if made else None
+
+    # --- the trio thread ---------------------------------------------------------------
+
+    def directory(self, parts: Sequence[bytes]) -> int:
+        """The directory at ``parts`` below the root, made where missing."""
+        ino = ROOT_INODE
+        for part in parts:
+            try:
+                ino = self.namespace.lookup(ino, part)
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                ino = self._create(ino, part, DIRECTORY_MODE).ino
+        return ino
+
+    def mark_cache(self, directory: int, max_size: int | None, policy: str) -> None:
+        """Make ``directory`` a cache (unless it is one), or set its budget."""
+        if max_size is not None or directory not in self.caches.dirs:
+            size = max_size or self.caches.dirs[directory].max_size
+            self.caches.mark(directory, f"max_size={size} policy={policy}".encode())
+
+    async def make_room(self, parent: int, size: int) -> None:
+        """Wait until a new file of ``size`` bytes fits in ``parent``'s cache
+        (ENOSPC when it cannot)."""
+        await self.caches.make_room_in(parent, size)
+
+    def added(self, parent: int, name: bytes, inode: Inode) -> None:
+        """File ``inode`` was stored as ``name`` in ``parent`` (:meth:`store_file`)."""
+        for listener in self.listeners:
+            listener.created(parent, name, inode)
+            listener.published(inode.ino, inode.size)
+
+    def replace(self, parent: int, temporary: bytes, name: bytes) -> None:
+        """Put the file stored as ``temporary`` in the place of ``name``."""
+        self._rename(parent, temporary, parent, name)
+
+    def remove(self, parent: int, name: bytes) -> None:
+        """Remove an entry, if it is there."""
+        try:
+            self._unlink(parent, name)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+    def hit(self, inode: Inode) -> None:
+        """A stored file was read (a cache hit)."""
+        for listener in self.listeners:
+            listener.opened(inode.ino, inode.size)
+
+    def miss(self, parent: int, name: bytes) -> None:
+        """A file was asked for and is not there (a cache miss)."""
+        for listener in self.listeners:
+            listener.missed(parent, name)

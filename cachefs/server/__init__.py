@@ -1,0 +1,64 @@
+"""The servers (server layer): the store over REAPI v2 (gRPC) and the Bazel
+HTTP cache protocol, so that build tools on other machines use it as their
+remote cache.
+
+What clients store is kept as files of the store's namespace under the cache
+directory ``/remote-cache`` (``_cache.py``): eviction, budgets, hit and miss
+figures, the quota, fsck and ``ls`` are the filesystem's own.  The protocols
+are thin translations onto that cache: gRPC in ``_grpc*.py`` (grpcio, messages
+generated from the ``.proto`` files in ``protos/`` into ``_gen/`` by
+``scripts/gen_protos.py``), HTTP in ``_http.py`` (an ASGI app on hypercorn).
+:func:`run_servers` runs them beside a :class:`~cachefs.fs.Filesystem` in the
+process that owns the store (``cachefs serve``, ``cachefs mount --grpc``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from cachefs.server._names import parse_address
+from cachefs.server._options import (
+    DEFAULT_MAX_SIZE,
+    GRPC_PORT,
+    HTTP_PORT,
+    Listening,
+    ServeOptions,
+)
+
+if TYPE_CHECKING:
+    from cachefs.fs import Filesystem
+
+
+def check_addresses(options: ServeOptions) -> None:
+    """Refuse (ConfigError) addresses that cannot be bound, before anything starts."""
+    if options.grpc is not None:
+        parse_address(options.grpc, GRPC_PORT)
+    if options.http is not None:
+        parse_address(options.http, HTTP_PORT)
+
+
+async def run_servers(
+    fs: Filesystem,
+    options: ServeOptions,
+    *,
+    task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the store's cache over gRPC and HTTP until cancelled (``_serve.py``)."""
+    # Imported here: grpcio and hypercorn take a while to load, and every command
+    # line imports this package for its options.
+    from cachefs.server._serve import serve  # noqa: PLC0415
+
+    await serve(fs, options, task_status=task_status)
+
+
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "GRPC_PORT",
+    "HTTP_PORT",
+    "Listening",
+    "ServeOptions",
+    "check_addresses",
+    "run_servers",
+]

@@ -1,0 +1,250 @@
+"""The cache the servers serve: CAS blobs and action results, as files (server layer).
+
+What clients store lives in the store's namespace, in a cache directory, so
+that its budget, eviction policy, hit and miss figures, the store quota, fsck
+and ``ls`` are those of every other file::
+
+    /remote-cache/                     a cache directory (``--max-size``, ``--policy``)
+      <instance>/cas/<hh>/<hash>       a blob: the file's content is the blob
+      <instance>/ac/<hh>/<hash>        an action result: a REAPI ActionResult as
+                                       gRPC clients store it, or whatever bytes
+                                       an HTTP client PUT under that key
+
+``<instance>`` is ``_`` for the empty instance name, else the name
+percent-encoded (``_names.instance_directory``); ``<hh>`` are the first two hex
+digits of the hash, so that no directory grows past a few thousand entries.  A
+blob is present when its file is there and holds exactly that content (a file
+changed through a mount is no longer the blob).  The empty blob is always
+present.
+
+Threads.  The servers call in from their worker threads (gRPC's pool, or HTTP
+handlers through ``trio.to_thread``): lookups, reads and ingest run there.  What
+the filesystem does on its trio thread is handed to it through the trio token:
+waited for where the answer matters (a directory made, room for a new file,
+an action result put in place), not waited for where it is bookkeeping (a new
+file, a hit, a miss).
+"""
+
+from __future__ import annotations
+
+import errno
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import trio
+
+from cachefs.engine import (
+    ROOT_INODE,
+    Digest,
+    FsError,
+    Inode,
+    ObjectNotFoundError,
+    Source,
+)
+from cachefs.fs import Filesystem
+from cachefs.server._names import instance_directory
+from cachefs.server._options import DEFAULT_MAX_SIZE
+
+T = TypeVar("T")
+
+ROOT = b"remote-cache"
+CAS = b"cas"
+AC = b"ac"
+
+
+class RemoteCache:
+    """CAS blobs and action results of every instance, kept in the namespace."""
+
+    def __init__(self, fs: Filesystem, root: int, token: trio.lowlevel.TrioToken) -> None:
+        self.fs = fs
+        #: The cache directory (``/remote-cache``).
+        self.root = root
+        self.stored = fs.stored
+        self.store = fs.store
+        self.digest_function = fs.store.digest_function
+        self._token = token
+        self.empty = Digest(self.digest_function.hash(b""), 0)
+
+    @classmethod
+    def open(
+        cls, fs: Filesystem, *, max_size: int | None = None, policy: str = "lru"
+    ) -> RemoteCache:
+        """On the filesystem's trio thread: the cache, its directory made and
+        marked as a cache (``max_size`` sets its budget; by default a new one
+        gets DEFAULT_MAX_SIZE and an existing one keeps its own)."""
+        root = fs.stored.directory([ROOT])
+        if root not in fs.caches.dirs and max_size is None:
+            max_size = DEFAULT_MAX_SIZE
+        fs.stored.mark_cache(root, max_size, policy)
+        return cls(fs, root, trio.lowlevel.current_trio_token())
+
+    def max_blob(self) -> int:
+        """The largest blob there could be room for: the cache's budget."""
+        cache = self.fs.caches.dirs.get(self.root)
+        return (1 << 62) if cache is None else cache.max_size
+
+    # --- calls into the filesystem's thread -----------------------------------------
+
+    def _wait(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def _soon(self, fn: Callable[..., object], *args: Any) -> None:
+        self._token.run_sync_soon(fn, *args)
+
+    # --- where things are -------------------------------------------------------------
+
+    def _place(self, instance: str, kind: bytes, digest: Digest) -> tuple[list[bytes], bytes]:
+        hex_ = digest.hex.encode()
+        return [ROOT, instance_directory(instance), kind, hex_[:2]], hex_
+
+    def _directory(self, parts: list[bytes], *, make: bool) -> int | None:
+        """The directory at ``parts``, made (on the trio thread) when missing
+        and ``make``; else None when missing."""
+        namespace = self.stored.namespace
+        ino = ROOT_INODE
+        try:
+            for part in parts:
+                ino = namespace.lookup(ino, part)
+        except FsError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            return self._run(self.stored.directory, parts) if make else None
+        return ino
+
+    def _find(
+        self, instance: str, kind: bytes, digest: Digest
+    ) -> tuple[int | None, bytes, Inode | None]:
+        parts, name = self._place(instance, kind, digest)
+        parent = self._directory(parts, make=False)
+        inode = None if parent is None else self.stored.lookup(parent, name)
+        return parent, name, inode
+
+    # --- blobs --------------------------------------------------------------------------
+
+    def _blob(self, instance: str, digest: Digest) -> tuple[int | None, bytes, Inode | None]:
+        parent, name, inode = self._find(instance, CAS, digest)
+        if inode is not None and inode.digest != digest and digest.size > 0:
+            inode = None  # changed through a mount: it is not that blob any more
+        return parent, name, inode
+
+    def blob_named(self, instance: str, hash_: bytes) -> Digest | None:
+        """The digest of the instance's blob of hash ``hash_``, or None (a
+        miss): the HTTP protocol names blobs by their hash alone."""
+        if hash_ == self.empty.hash:
+            return self.empty
+        parent, name, inode = self._find(instance, CAS, Digest(hash_, 0))
+        if inode is None or inode.digest is None or inode.digest.hash != hash_:
+            if parent is not None:
+                self._soon(self.stored.miss, parent, name)
+            return None
+        return inode.digest
+
+    def contains(self, instance: str, digest: Digest) -> bool:
+        return digest == self.empty or self._blob(instance, digest)[2] is not None
+
+    def find_missing(self, instance: str, digests: list[Digest]) -> list[Digest]:
+        """The digests of ``digests`` whose blobs are not in the instance."""
+        return [d for d in digests if not self.contains(instance, d)]
+
+    def read_blob(
+        self, instance: str, digest: Digest, offset: int = 0, length: int | None = None
+    ) -> Iterator[bytes | memoryview]:
+        """The blob's bytes (or a range), verified as they are read; a hit.
+        ObjectNotFoundError (a miss) when the instance does not have it."""
+        if digest == self.empty:
+            return iter(())
+        parent, name, inode = self._blob(instance, digest)
+        if inode is None:
+            if parent is not None:
+                self._soon(self.stored.miss, parent, name)
+            raise ObjectNotFoundError(f"blob {digest} is not in the cache")
+        self._soon(self.stored.hit, inode)
+        return self.store.iter_object(digest, offset, length)
+
+    def touch(self, instance: str, digests: list[Digest]) -> bool:
+        """Whether every blob is there; those that are count as used (their
+        lives are extended: the policy sees a hit)."""
+        found = True
+        for digest in digests:
+            if digest == self.empty:
+                continue
+            inode = self._blob(instance, digest)[2]
+            if inode is None:
+                found = False
+            else:
+                self._soon(self.stored.hit, inode)
+        return found
+
+    def write_blob(self, instance: str, digest: Digest, source: Source) -> bool:
+        """Store a blob whose content must have ``digest`` (DigestMismatchError
+        otherwise: nothing is stored); False if the instance had it already.
+        StoreFullError when no room can be made for it."""
+        if digest == self.empty:
+            return False
+        for attempt in (0, 1):
+            parts, name = self._place(instance, CAS, digest)
+            parent = self._directory(parts, make=True)
+            assert parent is not None
+            if self._blob(instance, digest)[2] is not None:
+                return False
+            self._wait(self.stored.make_room, parent, digest.size)
+            try:
+                inode = self.stored.store_file(parent, name, source, expect=digest)
+            except FsError as exc:
+                again = isinstance(source, bytes | bytearray | memoryview)
+                if exc.errno == errno.ENOENT and attempt == 0 and again:
+                    continue  # its directory went meanwhile (rm -r in a mount): again
+                raise
+            if inode is None:
+                return False
+            self._soon(self.stored.added, parent, name, inode)
+            return True
+        raise AssertionError("unreachable")
+
+    def split(self, instance: str, digest: Digest) -> list[Digest]:
+        """The chunks the store keeps a blob in, each made a blob of the
+        instance too (ObjectNotFoundError when the instance lacks the blob)."""
+        if digest == self.empty:
+            return []
+        if not self.contains(instance, digest):
+            raise ObjectNotFoundError(f"blob {digest} is not in the cache")
+        chunks = [Digest(chunk, size) for chunk, size in self.store.recipe(digest)]
+        for chunk in chunks:
+            if not self.contains(instance, chunk):
+                self.write_blob(instance, chunk, self.store.read_chunk(chunk.hash))
+        return chunks
+
+    # --- action results -------------------------------------------------------------------
+
+    def get_action(self, instance: str, key: Digest) -> bytes | None:
+        """The bytes stored under an action key, or None (a miss)."""
+        parent, name, inode = self._find(instance, AC, key)
+        if inode is None:
+            if parent is not None:
+                self._soon(self.stored.miss, parent, name)
+            return None
+        try:
+            data = b"".join(self.store.iter_object(inode.digest)) if inode.digest else b""
+        except ObjectNotFoundError:  # replaced meanwhile
+            return None
+        self._soon(self.stored.hit, inode)
+        return data
+
+    def put_action(self, instance: str, key: Digest, data: bytes) -> None:
+        """Store ``data`` under an action key, in the place of what was there."""
+        parts, name = self._place(instance, AC, key)
+        parent = self._directory(parts, make=True)
+        assert parent is not None
+        self._wait(self.stored.make_room, parent, len(data))
+        temporary = name + b".tmp-" + uuid.uuid4().hex.encode()
+        inode = self.stored.store_file(parent, temporary, data)
+        assert inode is not None  # a fresh name
+        self._run(self._put_in_place, parent, temporary, name, inode)
+
+    def _put_in_place(self, parent: int, temporary: bytes, name: bytes, inode: Inode) -> None:
+        self.stored.added(parent, temporary, inode)
+        self.stored.replace(parent, temporary, name)

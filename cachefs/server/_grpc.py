@@ -1,0 +1,211 @@
+"""gRPC: errors and limits of every service (server layer).
+
+Each service is a thin translation onto :class:`~cachefs.server._cache.RemoteCache`
+in a module of its own (``_grpc_cas.py``, ``_grpc_ac.py``, ``_grpc_bytestream.py``,
+``_grpc_capabilities.py``); ``_grpc_server.py`` puts them together.  What an
+error becomes on the wire is decided here, once: :func:`rpc` wraps every
+method, turns cachefs errors into the status codes the REAPI specifies, logs
+one line for each, and never lets a traceback reach a client.  grpcio runs the
+methods in its own thread pool, which is where ingest and reads belong; the
+filesystem is reached through the cache's trio token.  A request that does not
+parse reaches the method as :class:`Malformed` (``MalformedRequests``) and is
+refused with INVALID_ARGUMENT, as any other bad argument.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from cachefs.engine import (
+    CachefsError,
+    ConfigError,
+    CorruptDataError,
+    Digest,
+    DigestMismatchError,
+    NotFoundError,
+    StoreFullError,
+)
+from cachefs.server._cache import RemoteCache
+from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from cachefs.server._names import BadRequest, OutOfRange, parse_digest
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The largest gRPC message either way (batches are kept below it).
+MAX_MESSAGE = 64 << 20
+#: The largest total of a batch (BatchUpdateBlobs, BatchReadBlobs), announced
+#: in the capabilities; what is left of a message is for its framing.
+MAX_BATCH = MAX_MESSAGE - (1 << 20)
+#: REAPI's names of the store's digest functions.
+DIGEST_FUNCTIONS = {"sha256": re_pb2.DigestFunction.SHA256, "blake3": re_pb2.DigestFunction.BLAKE3}
+
+
+class RpcFailure(CachefsError):
+    """A call answered with a status of its own (not one an error class implies)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message, hint="")
+        self.code = code
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status an error is answered with."""
+    if isinstance(exc, RpcFailure):
+        return exc.code
+    if isinstance(exc, OutOfRange):
+        return grpc.StatusCode.OUT_OF_RANGE
+    if isinstance(exc, BadRequest | DigestMismatchError | ConfigError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, StoreFullError) or getattr(exc, "errno", None) == errno.ENOSPC:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, CorruptDataError):
+        return grpc.StatusCode.DATA_LOSS
+    if isinstance(exc, CachefsError):
+        return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context: grpc.ServicerContext, name: str, exc: BaseException) -> NoReturn:
+    code = status_of(exc)
+    if isinstance(exc, CachefsError):
+        level = (
+            logging.ERROR
+            if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS)
+            else logging.DEBUG  # a miss is what a cache answers every day
+            if code is grpc.StatusCode.NOT_FOUND
+            else logging.INFO
+        )
+        log.log(
+            level,
+            "%s: %s: %s",
+            name,
+            code.name,
+            exc,
+        )
+        context.abort(code, str(exc))
+    log.exception("%s: unexpected error", name)
+    context.abort(code, f"internal error in {name}; see the server's log")
+
+
+class Malformed:
+    """A request message that does not parse (in place of the message)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def refuse(self, name: str) -> NoReturn:
+        raise BadRequest(f"malformed {name} request: {self.error}")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, ValueError) as exc:
+            return Malformed(str(exc) or "it is not a protobuf message")
+
+    return parse
+
+
+if TYPE_CHECKING:  # grpc-stubs makes them generic; grpcio's classes are not
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    Interceptor = grpc.ServerInterceptor
+
+
+class MalformedRequests(Interceptor):
+    """Hand a request that does not parse to the method as :class:`Malformed`
+    (refused with INVALID_ARGUMENT and a log line), not to grpcio, which would
+    answer INTERNAL ("Exception deserializing request!")."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        parse = _tolerant(handler.request_deserializer)
+        out = handler.response_serializer
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                handler.stream_unary, request_deserializer=parse, response_serializer=out
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                handler.unary_stream, request_deserializer=parse, response_serializer=out
+            )
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                handler.unary_unary, request_deserializer=parse, response_serializer=out
+            )
+        return handler  # no service of ours streams both ways
+
+
+def rpc(method: F) -> F:
+    """Answer a servicer method's cachefs errors with their status codes (and
+    any other error with INTERNAL, logged with its traceback); a malformed
+    request (:class:`Malformed`) is INVALID_ARGUMENT."""
+    name = method.__name__
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                if isinstance(request, Malformed):
+                    request.refuse(name)
+                yield from method(self, request, context)
+            except Exception as exc:
+                _abort(context, name, exc)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            if isinstance(request, Malformed):
+                request.refuse(name)
+            return method(self, request, context)
+        except Exception as exc:
+            _abort(context, name, exc)
+
+    return unary  # type: ignore[return-value]
+
+
+class Service:
+    """What every service of this server knows: the cache and its digest function."""
+
+    def __init__(self, cache: RemoteCache) -> None:
+        self.cache = cache
+        self.function = cache.digest_function
+        self.function_value = DIGEST_FUNCTIONS[self.function.name]
+
+    def check_function(self, value: int) -> None:
+        """A request's digest function must be the store's (or left unset)."""
+        if value not in (re_pb2.DigestFunction.UNKNOWN, self.function_value):
+            name = re_pb2.DigestFunction.Value.Name(value)  # type: ignore[arg-type]
+            raise BadRequest(
+                f"digest function {name} is not this store's ({self.function.name})",
+                hint="ask the server's capabilities for its digest function",
+            )
+
+    def digest(self, message: re_pb2.Digest) -> Digest:
+        return parse_digest(message.hash, message.size_bytes, self.function)

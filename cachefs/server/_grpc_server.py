@@ -1,0 +1,58 @@
+"""The gRPC server put together (server layer): REAPI v2 and ByteStream on one port."""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+# grpcio's core would log its own errors (a port it cannot bind, ...) to stderr,
+# beside ours; set before grpcio is first imported (a variable set by hand wins).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import grpc
+
+from cachefs.engine import ConfigError
+from cachefs.server._cache import RemoteCache
+from cachefs.server._grpc import MAX_MESSAGE, MalformedRequests
+from cachefs.server._grpc_ac import ActionCacheService
+from cachefs.server._grpc_bytestream import ByteStreamService
+from cachefs.server._grpc_capabilities import CapabilitiesService
+from cachefs.server._grpc_cas import CasService
+from cachefs.server._names import parse_address
+from cachefs.server._options import GRPC_PORT
+
+log = logging.getLogger(__name__)
+
+
+def serve_grpc(
+    cache: RemoteCache, address: str, *, workers: int = 16
+) -> tuple[grpc.Server, str, ByteStreamService]:
+    """Start the REAPI services (CAS, action cache, ByteStream, capabilities)
+    on ``address``; the server, the address it got (``HOST:PORT``), and its
+    ByteStream service (whose uploads in progress are dropped at the end)."""
+    server = grpc.server(
+        ThreadPoolExecutor(workers, thread_name_prefix="cachefs-grpc"),
+        interceptors=[MalformedRequests()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
+    )
+    bytestream = ByteStreamService(cache)
+    for service in (CasService(cache), ActionCacheService(cache), bytestream):
+        service.add_to(server)
+    CapabilitiesService(cache).add_to(server)
+    bound = parse_address(address, GRPC_PORT)
+    try:
+        port = server.add_insecure_port(bound)
+    except RuntimeError:  # grpcio says only "Failed to bind", whatever the reason
+        port = 0
+    if port == 0:
+        raise ConfigError(
+            f"cannot serve gRPC on {bound}", hint="the address is taken or not this machine's"
+        )
+    server.start()
+    where = bound.rsplit(":", 1)[0] + f":{port}"
+    log.info("serving REAPI v2 over gRPC on %s", where)
+    return server, where, bytestream

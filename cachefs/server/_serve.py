@@ -1,0 +1,123 @@
+"""Running the servers beside a filesystem (server layer).
+
+:func:`serve` (``cachefs.server.run_servers``) runs on the filesystem's trio thread, next to
+``Filesystem.run``, in the process that owns the store (``cachefs serve``, or
+a mount's daemon with ``--grpc``/``--http``): it opens the cache directory,
+starts the gRPC server (grpcio's own thread pool) and the HTTP server
+(hypercorn, on this trio loop), reports where they listen, and serves until
+cancelled.  Then the HTTP server stops and the gRPC server is stopped with a
+grace period for the calls in flight, before the loop ends (their calls into
+the filesystem need it).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, cast
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from cachefs import __version__
+from cachefs.errors import ConfigError
+from cachefs.fs import Filesystem
+from cachefs.server._cache import RemoteCache
+from cachefs.server._grpc_server import serve_grpc
+from cachefs.server._http import HttpCache
+from cachefs.server._names import parse_address
+from cachefs.server._options import GRPC_PORT, HTTP_PORT, Listening, ServeOptions
+
+log = logging.getLogger(__name__)
+
+#: Seconds the gRPC calls in flight get to finish when the servers stop.
+GRACE = 5.0
+
+
+async def serve(
+    fs: Filesystem,
+    options: ServeOptions,
+    *,
+    task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the store's cache over gRPC and HTTP until cancelled (see the module doc)."""
+    cache = RemoteCache.open(fs, max_size=options.max_size, policy=options.policy)
+    listening = Listening()
+
+    def status() -> dict[str, Any]:
+        figures = fs.figures()
+        mine = [c for c in figures.get("caches", []) if c.get("inode") == cache.root]
+        return {
+            "version": __version__,
+            "digest_function": cache.digest_function.name,
+            "servers": listening.as_dict(),
+            "cache": mine[0] if mine else None,
+            "store": {
+                key: figures[key]
+                for key in ("store", "files", "logical_bytes", "stored_bytes", "dedup_ratio")
+                if key in figures
+            },
+            "max_store_size": figures.get("max_store_size"),
+        }
+
+    grpc_server = None
+    try:
+        if options.grpc is not None:
+            address = parse_address(options.grpc, GRPC_PORT)
+            grpc_server, listening.grpc, bytestream = await trio.to_thread.run_sync(
+                lambda: serve_grpc(cache, address)
+            )
+        async with trio.open_nursery() as nursery:
+            if options.http is not None:
+                app = HttpCache(cache, status)
+                listening.http = await _start_http(
+                    nursery, app, parse_address(options.http, HTTP_PORT)
+                )
+            task_status.started(listening)
+            await trio.sleep_forever()
+    finally:
+        if grpc_server is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: grpc_server.stop(GRACE).wait())
+                bytestream.uploads.close()
+            log.info("stopped the gRPC server on %s", listening.grpc)
+
+
+def _http_config(address: str) -> hypercorn.config.Config:
+    config = hypercorn.config.Config()
+    config.bind = [address]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("cachefs.server.hypercorn")
+    config.graceful_timeout = GRACE
+    config.keep_alive_timeout = 60.0
+    return config
+
+
+async def _start_http(nursery: trio.Nursery, app: HttpCache, address: str) -> str:
+    """Start the HTTP server in ``nursery``; the address it listens on."""
+    config = _http_config(address)
+    try:
+        # The app's messages are plain dicts: hypercorn's TypedDicts are the same.
+        serve = functools.partial(hypercorn.trio.serve, cast(Any, app), config)
+        bound: list[str] = await nursery.start(serve)
+    except* OSError as group:  # binding failed (hypercorn's own nursery groups it)
+        reasons = {_reason(exc) for exc in _leaves(group)}
+        raise ConfigError(
+            f"cannot serve HTTP on {address}: {', '.join(sorted(reasons))}",
+            hint="the address is taken or not this machine's",
+        ) from None
+    where = bound[0].removeprefix("http://")
+    log.info("serving the Bazel HTTP cache protocol on %s", where)
+    return where
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)

@@ -1,0 +1,94 @@
+"""The protocol's messages: our own ``.proto`` files, and the modules generated from them.
+
+The generated modules in ``cachefs/server/_gen`` are committed; they must be
+exactly what ``scripts/gen_protos.py`` makes of the ``.proto`` files (so that
+nobody edits them by hand, and a changed ``.proto`` is regenerated).  The
+names and field numbers are the published REAPI v2 / ByteStream / google.rpc
+ones: spot checks of the wire format against numbers from the specification.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from cachefs.server._gen.google.bytestream import bytestream_pb2 as bs_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERATED = ROOT / "cachefs" / "server" / "_gen"
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def test_generated_modules_are_the_script_s_output(tmp_path: Path) -> None:
+    out = tmp_path / "_gen"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    fresh, committed = files(out), files(GENERATED)
+    assert sorted(fresh) == sorted(committed)
+    stale = [name for name in fresh if fresh[name] != committed[name]]
+    assert not stale, f"run scripts/gen_protos.py: {stale} differ"
+
+
+def field_numbers(message: type) -> dict[str, int]:
+    return {f.name: f.number for f in message.DESCRIPTOR.fields}  # type: ignore[attr-defined]
+
+
+def test_field_numbers_are_the_published_ones() -> None:
+    assert field_numbers(re_pb2.Digest) == {"hash": 1, "size_bytes": 2}
+    assert field_numbers(re_pb2.CacheCapabilities) == {
+        "digest_functions": 1,
+        "action_cache_update_capabilities": 2,
+        "cache_priority_capabilities": 3,
+        "max_batch_total_size_bytes": 4,
+        "symlink_absolute_path_strategy": 5,
+        "supported_compressors": 6,
+        "supported_batch_update_compressors": 7,
+        "max_cas_blob_size_bytes": 8,
+        "split_blob_support": 9,
+        "splice_blob_support": 10,
+        "fast_cdc_2020_params": 11,
+        "rep_max_cdc_params": 12,
+    }
+    assert field_numbers(re_pb2.FindMissingBlobsResponse) == {"missing_blob_digests": 2}
+    assert field_numbers(re_pb2.SpliceBlobRequest) == {
+        "instance_name": 1,
+        "blob_digest": 2,
+        "chunk_digests": 3,
+        "digest_function": 4,
+        "chunking_function": 5,
+    }
+    assert field_numbers(bs_pb2.WriteRequest) == {
+        "resource_name": 1,
+        "write_offset": 2,
+        "finish_write": 3,
+        "data": 10,
+    }
+    assert re_pb2.DigestFunction.BLAKE3 == 9
+    assert re_pb2.Compressor.ZSTD == 1
+    assert re_pb2.ChunkingFunction.FAST_CDC_2020 == 1
+    # The full names, as the method paths on the wire use them.
+    assert (
+        re_pb2.DESCRIPTOR.services_by_name["ContentAddressableStorage"].full_name
+        == "build.bazel.remote.execution.v2.ContentAddressableStorage"
+    )
+    assert bs_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name == (
+        "google.bytestream.ByteStream"
+    )
+
+
+def test_a_known_encoding() -> None:
+    # Digest{hash: "ab", size_bytes: 300}: tag 1 (0x0a) len 2, tag 2 (0x10) varint 300.
+    assert re_pb2.Digest(hash="ab", size_bytes=300).SerializeToString() == b"\n\x02ab\x10\xac\x02"

@@ -1,0 +1,89 @@
+"""Real build tools against ``cachefs serve``: Bazel over gRPC and over HTTP, against
+a serve process and against a mount that also serves; ccache over HTTP with
+``layout=bazel``.  A build, then a clean rebuild that must be served from the
+remote cache alone, with identical outputs (``tests/clients.py`` has the recipes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests import clients
+from tests.mounting import cachefs, mounted
+from tests.reapi import serving
+
+SPAWNS = 33  # the genrules of tests/data/bazel
+
+
+def remote_build(
+    workspace: Path, output_root: Path, flag: str, *, clean: bool
+) -> clients.BazelBuild:
+    return clients.bazel_build(
+        workspace,
+        None,
+        output_root,
+        clean=clean,
+        extra=(flag, "--remote_upload_local_results"),
+    )
+
+
+def check_rebuild_hits(workspace: Path, output_root: Path, flag: str) -> None:
+    first = remote_build(workspace, output_root, flag, clean=False)
+    assert first.hits == 0 and first.spawns == SPAWNS, first.log
+    second = remote_build(workspace, output_root, flag, clean=True)
+    assert second.hits == second.spawns == SPAWNS, second.log
+    assert second.summary.get("remote cache hit") == SPAWNS, second.summary
+    assert second.outputs == first.outputs
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bazel_remote_cache(tmp_path: Path, protocol: str) -> None:
+    clients.require_bazel()
+    workspace = clients.bazel_workspace(tmp_path)
+    store = tmp_path / "store"
+    with serving(store) as server:
+        address = server.grpc if protocol == "grpc" else server.http
+        check_rebuild_hits(workspace, tmp_path / "out", f"--remote_cache={protocol}://{address}")
+        figures = json.loads(cachefs("stats", "--json", str(store)).stdout)
+        [cache] = figures["caches"]
+        assert cache["path"] == "/remote-cache"
+        assert cache["hits"] >= 2 * SPAWNS  # an action result and its output, each
+    assert cachefs("fsck", str(store), check=False).returncode == 0
+
+
+def test_bazel_against_a_mount_that_serves(tmp_path: Path) -> None:
+    clients.require_bazel()
+    workspace = clients.bazel_workspace(tmp_path)
+    with mounted(tmp_path / "store", tmp_path / "mnt", "--grpc", "127.0.0.1:0") as mount:
+        info = json.loads((mount.path / ".cachefs" / "stats.json").read_text())
+        address = info["servers"]["grpc"]
+        check_rebuild_hits(workspace, tmp_path / "out", f"--remote_cache=grpc://{address}")
+        # What Bazel stored is there to look at: one file per action result and blob.
+        ac = list((mount.path / "remote-cache" / "_" / "ac").rglob("*"))
+        cas = [p for p in (mount.path / "remote-cache" / "_" / "cas").rglob("*") if p.is_file()]
+        assert len([p for p in ac if p.is_file()]) == SPAWNS
+        assert len(cas) >= SPAWNS
+        some = cas[0]
+        assert os.getxattr(some, "user.cachefs.digest").decode().startswith(some.name)
+
+
+def test_ccache_remote_storage_over_http(tmp_path: Path) -> None:
+    clients.require_ccache()
+    src = clients.c_project(tmp_path)
+    with serving(tmp_path / "store", grpc_on=False) as server:
+        remote = {"CCACHE_REMOTE_STORAGE": f"http://{server.http}|layout=bazel"}
+        first = clients.ccache_build(src, tmp_path / "ccache-1", env=remote)
+        assert first.misses > 30 and first.hits == 0 and not first.errors, first.stats
+        clients.smoke_test(src)
+        # An empty local cache: every compilation comes from the server.
+        shutil.rmtree(tmp_path / "ccache-1")
+        second = clients.ccache_build(src, tmp_path / "ccache-2", env=remote)
+        assert second.hits == first.misses and second.misses == 0 and not second.errors
+        assert second.stats.get("remote_storage_hit") == first.misses, second.stats
+        assert second.outputs == first.outputs
+        clients.smoke_test(src)
