@@ -25,6 +25,7 @@ import grpc
 import pyfastcdc
 import pytest
 
+from cachefs.daemon import mount_info
 from cachefs.format.header import HEADER_NAME
 from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from tests.mounting import cachefs
@@ -102,9 +103,12 @@ def test_daemon_stats_gc_cache_ls_and_sigterm(tmp_path: Path) -> None:
         "lfu",
     )
     assert result.returncode == 0, result.stderr
-    stats = json.loads(cachefs("stats", "--json", str(store)).stdout)
-    pid = stats["pid"]
+    info = mount_info(store)
+    assert info is not None
+    pid = info["pid"]
     try:
+        stats = json.loads(cachefs("stats", "--json", str(store)).stdout)
+        assert stats["pid"] == pid
         assert stats["servers"]["grpc"] and stats["servers"]["http"]
         [cache] = stats["caches"]
         assert (cache["path"], cache["max_size"], cache["policy"]) == (
