@@ -248,3 +248,17 @@ class RemoteCache:
     def _put_in_place(self, parent: int, temporary: bytes, name: bytes, inode: Inode) -> None:
         self.stored.added(parent, temporary, inode)
         self.stored.replace(parent, temporary, name)
+
+
+def pieces(source: Iterator[bytes | memoryview], size: int) -> Iterator[bytes]:
+    """``source`` again, in pieces of about ``size`` bytes (fewer messages to send)."""
+    buffer: list[bytes | memoryview] = []
+    held = 0
+    for piece in source:
+        buffer.append(piece)
+        held += len(piece)
+        if held >= size:
+            yield b"".join(buffer)
+            buffer, held = [], 0
+    if buffer:
+        yield b"".join(buffer)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import grpc
 import zstandard
 
-from cachefs.server._cache import RemoteCache
+from cachefs.server._cache import RemoteCache, pieces
 from cachefs.server._gen.google.bytestream import bytestream_pb2 as bs_pb2
 from cachefs.server._gen.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from cachefs.server._grpc import Malformed, RpcFailure, Service, rpc
@@ -26,20 +26,6 @@ from cachefs.server._uploads import Uploads
 
 #: Bytes of one ReadResponse at the most.
 READ_PIECE = 1 << 20
-
-
-def pieces(source: Iterator[bytes | memoryview], size: int = READ_PIECE) -> Iterator[bytes]:
-    """``source`` again, in pieces of about ``size`` bytes (fewer messages)."""
-    buffer: list[bytes | memoryview] = []
-    held = 0
-    for piece in source:
-        buffer.append(piece)
-        held += len(piece)
-        if held >= size:
-            yield b"".join(buffer)
-            buffer, held = [], 0
-    if buffer:
-        yield b"".join(buffer)
 
 
 class ByteStreamService(Service, bs_grpc.ByteStreamServicer):
@@ -69,11 +55,11 @@ class ByteStreamService(Service, bs_grpc.ByteStreamServicer):
             resource.instance, digest, request.read_offset, request.read_limit or None
         )
         if resource.compressor is None:
-            for piece in pieces(data):
+            for piece in pieces(data, READ_PIECE):
                 yield bs_pb2.ReadResponse(data=piece)
             return
         compressor = zstandard.ZstdCompressor().compressobj()
-        for piece in pieces(data):
+        for piece in pieces(data, READ_PIECE):
             out = compressor.compress(piece)
             if out:
                 yield bs_pb2.ReadResponse(data=out)

@@ -53,7 +53,7 @@ from cachefs.engine import (
     StoreFullError,
 )
 from cachefs.server._actions import get_entry
-from cachefs.server._cache import RemoteCache
+from cachefs.server._cache import RemoteCache, pieces
 from cachefs.server._names import BadRequest, instance_directory, parse_hash
 
 log = logging.getLogger(__name__)
@@ -229,10 +229,12 @@ class HttpCache:
             await response.start(200, length, zstd=zstd)
             await response.end()
             return
-        pieces = await trio.to_thread.run_sync(_pieces, cache, instance, digest)
+        stream = await trio.to_thread.run_sync(
+            lambda: pieces(cache.read_blob(instance, digest), PIECE)
+        )
         await response.start(200, None if zstd else digest.size, zstd=zstd)
         while True:
-            piece = await trio.to_thread.run_sync(next, pieces, None)
+            piece = await trio.to_thread.run_sync(next, stream, None)
             if piece is None:
                 break
             await response.body(piece)
@@ -250,9 +252,7 @@ class HttpCache:
     # --- writes --------------------------------------------------------------------------
 
     async def _put_blob(self, scope: Scope, receive: Receive, instance: str, hash_: bytes) -> None:
-        encoding = (_header(scope, b"content-encoding") or "identity").strip().lower()
-        if encoding not in ("identity", "zstd"):
-            raise HttpError(415, f"content encoding {encoding!r}: this cache takes zstd or none")
+        encoding = _content_encoding(scope)
         length = _content_length(scope)
         cache = self.cache
         zstd = encoding == "zstd"
@@ -277,9 +277,7 @@ class HttpCache:
             spool.close()
 
     async def _put_entry(self, scope: Scope, receive: Receive, instance: str, hash_: bytes) -> None:
-        encoding = (_header(scope, b"content-encoding") or "identity").strip().lower()
-        if encoding not in ("identity", "zstd"):
-            raise HttpError(415, f"content encoding {encoding!r}: this cache takes zstd or none")
+        encoding = _content_encoding(scope)
         length = _content_length(scope)
         if length is not None and length > MAX_ENTRY:
             raise HttpError(413, f"an action cache entry of {length} bytes (at most {MAX_ENTRY})")
@@ -358,6 +356,14 @@ class _Response:
         )
 
 
+def _content_encoding(scope: Scope) -> str:
+    """``identity`` or ``zstd`` (HttpError 415 for any other)."""
+    encoding = (_header(scope, b"content-encoding") or "identity").strip().lower()
+    if encoding not in ("identity", "zstd"):
+        raise HttpError(415, f"content encoding {encoding!r}: this cache takes zstd or none")
+    return encoding
+
+
 def _content_length(scope: Scope) -> int | None:
     value = _header(scope, b"content-length")
     if value is None:
@@ -365,21 +371,6 @@ def _content_length(scope: Scope) -> int | None:
     if not value.strip().isdigit():
         raise BadRequest(f"bad Content-Length {value!r}")
     return int(value)
-
-
-def _pieces(cache: RemoteCache, instance: str, digest: Digest) -> Iterator[bytes | memoryview]:
-    """The blob's bytes in pieces of about PIECE bytes (in a worker thread)."""
-    source = cache.read_blob(instance, digest)
-    buffer: list[bytes | memoryview] = []
-    held = 0
-    for piece in source:
-        buffer.append(piece)
-        held += len(piece)
-        if held >= PIECE:
-            yield b"".join(buffer)
-            buffer, held = [], 0
-    if buffer:
-        yield b"".join(buffer)
 
 
 async def _receive_body(receive: Receive) -> Any:
