@@ -202,6 +202,11 @@ def test_a_blob_larger_than_the_budget(tmp_path: Path) -> None:
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         response = client.update_blobs([data[:150_000]])
         assert response.responses[0].status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        # A batch that does not fit whole is stored blob by blob: each fits alone.
+        pair = [os.urandom(60_000), os.urandom(60_000)]
+        response = client.update_blobs(pair)
+        assert [r.status.code for r in response.responses] == [0, 0]
+        assert client.find_missing([client.digest(pair[1])]) == []
         assert server.http is not None
         host, port = server.http.rsplit(":", 1)
         conn = http.client.HTTPConnection(host, int(port), timeout=30)

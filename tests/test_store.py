@@ -16,6 +16,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -23,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cachefs import errors
-from cachefs.engine import Journal, Store, StoreOptions, collect_garbage
+from cachefs.engine import Journal, Source, Store, StoreOptions, collect_garbage
 from cachefs.engine._chunker import Chunker, reader_for
 from cachefs.errors import (
     CachefsError,
@@ -901,6 +902,43 @@ def test_put_with_an_expected_digest(store_path: Path) -> None:
     with Store.open(store_path) as store:
         check_invariants(store)
         assert store.read(digest) == data
+
+
+def test_put_many_publishes_together(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects put together are published in one commit; one whose content is
+    not its expected digest is refused alone, the others are stored."""
+    blobs = [compressible(20_000, seed=40 + i) for i in range(5)]
+    digests = [Digest(hashlib.sha256(b).digest(), len(b)) for b in blobs]
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        commits: list[int] = []
+        commit = store.publisher._commit
+
+        def counted(objects: list[Any], *, durable: bool) -> None:
+            commits.append(len(objects))
+            commit(objects, durable=durable)
+
+        monkeypatch.setattr(store.publisher, "_commit", counted)
+        seen: list[Digest] = []
+        items: list[tuple[Source, Digest | None, Any]] = [
+            (b, d, lambda txn, digest: seen.append(digest))
+            for b, d in zip(blobs, digests, strict=True)
+        ]
+        items[2] = (blobs[2] + b"!", digests[2], None)  # not what it is said to be
+        results = store.put_many(items)
+        assert commits == [4]
+        assert isinstance(results[2], DigestMismatchError)
+        assert [r for i, r in enumerate(results) if i != 2] == [
+            d for i, d in enumerate(digests) if i != 2
+        ]
+        assert seen == [d for i, d in enumerate(digests) if i != 2]
+        assert not store.contains(digests[2])
+        for i in (0, 1, 3, 4):
+            assert store.read(digests[i]) == blobs[i]
+        # Nothing to publish: no commit at all.
+        assert store.put_many([(blobs[0] + b"?", digests[0], None)])[0] != digests[0]
+        assert commits == [4]
+    with Store.open(store_path) as store:
+        check_invariants(store)
 
 
 def test_put_files(store: Store, tmp_path: Path) -> None:

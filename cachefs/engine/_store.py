@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import itertools
 import logging
 import os
@@ -401,7 +402,7 @@ class Store:
         visible atomically with the object.  With ``expect``, content whose
         digest is another is not published (DigestMismatchError).
         """
-        return self._put(lambda: self.ingest.ingest(source), durable, on_publish, expect)
+        return _one(self._put([(lambda: self.ingest.ingest(source), expect, on_publish)], durable))
 
     def put_revision(
         self,
@@ -424,27 +425,47 @@ class Store:
         digesting or looking them up.  The whole-object digest still reads every
         byte.  See :meth:`put` for ``durable`` and ``on_publish``.
         """
-        return self._put(
-            lambda: self.ingest.splice(base, size, changed, read_range), durable, on_publish
-        )
+        splice = functools.partial(self.ingest.splice, base, size, changed, read_range)
+        return _one(self._put([(splice, None, on_publish)], durable))
+
+    def put_many(
+        self,
+        items: Iterable[tuple[Source, Digest | None, PublishHook | None]],
+        *,
+        durable: bool = True,
+    ) -> list[Digest | DigestMismatchError]:
+        """Store several objects, published together: one transaction and (with
+        ``durable``) one fdatasync for all, where :meth:`put` costs one each.
+        Each item is ``(source, expect, on_publish)``, as :meth:`put` takes them;
+        the result holds, in order, each one's digest, or the DigestMismatchError
+        of one whose content is not ``expect`` (that one alone is not published).
+        An error of the store itself is raised, and then none is published."""
+        ingest = self.ingest.ingest
+        return self._put([(functools.partial(ingest, s), e, h) for s, e, h in items], durable)
 
     def _put(
         self,
-        ingest: Callable[[], PendingObject],
+        items: list[tuple[Callable[[], PendingObject], Digest | None, PublishHook | None]],
         durable: bool,
-        on_publish: PublishHook | None,
-        expect: Digest | None = None,
-    ) -> Digest:
+    ) -> list[Digest | DigestMismatchError]:
         """Ingest (under the maintenance lock, so that gc cannot collect chunks the
-        ingest found) and publish one object."""
+        ingest found) and publish objects, in one publication."""
         self.check_writable()
+        results: list[Digest | DigestMismatchError] = []
+        objects: list[PendingObject] = []
         with self._maintenance.shared():
-            pending = ingest()
-            if expect is not None and pending.digest != expect:
-                raise DigestMismatchError(f"the content's digest is {pending.digest}, not {expect}")
-            pending.on_publish = on_publish
-            self.publisher.publish([pending], durable=durable)
-        return pending.digest
+            for ingest, expect, on_publish in items:
+                pending = ingest()
+                if expect is not None and pending.digest != expect:
+                    message = f"the content's digest is {pending.digest}, not {expect}"
+                    results.append(DigestMismatchError(message))
+                    continue
+                pending.on_publish = on_publish
+                objects.append(pending)
+                results.append(pending.digest)
+            if objects:
+                self.publisher.publish(objects, durable=durable)
+        return results
 
     def put_files(
         self, paths: Iterable[Path], *, durable: bool = True, batch_bytes: int = 256 << 20
@@ -704,3 +725,11 @@ def _lock_store(path: Path) -> int:
             raise StoreLockedError(f"store {path} is open for writing by another process") from None
         raise from_oserror(exc, f"locking store {path}") from None
     return fd
+
+
+def _one(results: list[Digest | DigestMismatchError]) -> Digest:
+    """The digest of the one object put, or its error raised."""
+    (result,) = results
+    if isinstance(result, DigestMismatchError):
+        raise result
+    return result

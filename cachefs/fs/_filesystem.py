@@ -156,7 +156,6 @@ class Filesystem:
             self.namespace,
             self.caches,
             self.listeners,
-            create=lambda parent, name, mode: self.create(parent, name, mode, 0, 0),
             rename=lambda old, name, new, new_name: self.rename(old, name, new, new_name, 0),
             unlink=self.unlink,
         )

@@ -7,11 +7,16 @@ write them as the kernel does (open, writes logged to the journal, a spool,
 publication at close): a blob arrives whole, or as a stream, with its digest.
 So a file is stored in one step -- ingested straight from its source and
 published in the transaction that also makes its directory entry
-(:meth:`StoredFiles.store`) -- and the filesystem is told afterwards
+(:meth:`StoredFiles.store_file`) -- and the filesystem is told afterwards
 (:meth:`StoredFiles.added`), as it would be of a file created and written
-through the mount.
+through the mount.  Files that arrive together (a batch of small blobs) are
+published together (:meth:`StoredFiles.store_files`: one transaction and one
+fdatasync for all), and their directories are made in one transaction
+(:meth:`StoredFiles.directories`).
 
-Threads.  :meth:`~StoredFiles.lookup` and :meth:`~StoredFiles.store` may run
+Threads.  The lookups (:meth:`~StoredFiles.lookup`,
+:meth:`~StoredFiles.lookup_path`, in one :meth:`~StoredFiles.reading`
+transaction or each in its own) and :meth:`~StoredFiles.store_files` may run
 in any thread (they read and write the index only: the servers call them from
 their worker threads, where ingest belongs).  Everything else runs on the
 filesystem's trio thread.
@@ -27,10 +32,12 @@ import lmdb
 
 from cachefs.engine import (
     ROOT_INODE,
+    CachefsError,
     Digest,
     FsError,
     Inode,
     Namespace,
+    PublishHook,
     Source,
     Store,
 )
@@ -52,26 +59,42 @@ class StoredFiles:
         caches: CacheDirs,
         listeners: Listeners,
         *,
-        create: Callable[[int, bytes, int], Inode],
         rename: Callable[[int, bytes, int, bytes], None],
         unlink: Callable[[int, bytes], None],
     ) -> None:
-        """``create``, ``rename`` and ``unlink`` are the filesystem's own
-        (directories, replacing an entry, removing one: with its events)."""
+        """``rename`` and ``unlink`` are the filesystem's own (replacing an
+        entry, removing one: with its events)."""
         self.store = store
         self.namespace = namespace
         self.caches = caches
         self.listeners = listeners
-        self._create = create
         self._rename = rename
         self._unlink = unlink
 
     # --- any thread ------------------------------------------------------------------
 
-    def lookup(self, parent: int, name: bytes) -> Inode | None:
+    def reading(self) -> lmdb.Transaction:
+        """A read transaction, for many lookups that see one state (``with``)."""
+        return self.namespace.read()
+
+    def lookup_path(
+        self, parts: Sequence[bytes], txn: lmdb.Transaction | None = None
+    ) -> int | None:
+        """The inode at ``parts`` below the root, or None when there is none."""
+        ino = ROOT_INODE
+        try:
+            for part in parts:
+                ino = self.namespace.lookup(ino, part, txn)
+        except FsError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+        return ino
+
+    def lookup(self, parent: int, name: bytes, txn: lmdb.Transaction | None = None) -> Inode | None:
         """The regular file ``name`` of directory ``parent``, or None."""
         try:
-            inode = self.namespace.get(self.namespace.lookup(parent, name))
+            inode = self.namespace.get(self.namespace.lookup(parent, name, txn), txn)
         except FsError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None
@@ -87,39 +110,74 @@ class StoredFiles:
         content of another digest is refused (DigestMismatchError) and nothing
         is published; a directory that went meanwhile is FsError(ENOENT).  Tell
         the filesystem afterwards (:meth:`added`)."""
-        made: list[Inode] = []
-        refused: list[FsError] = []
+        (result,) = self.store_files([(parent, name, source, expect)])
+        if isinstance(result, CachefsError):
+            raise result
+        return result
+
+    def store_files(
+        self, files: Sequence[tuple[int, bytes, Source, Digest | None]]
+    ) -> list[Inode | CachefsError | None]:
+        """:meth:`store_file` of several files ``(parent, name, source,
+        expect)``, published together (one transaction, one fdatasync): for
+        each, in order, the file, None, or the error that refused it
+        (DigestMismatchError, FsError).  An error of the store itself (full,
+        read-only) is raised and stores none."""
+        made: list[Inode | CachefsError | None] = [None] * len(files)
         namespace, store = self.namespace, self.store
 
-        def hook(txn: lmdb.Transaction, digest: Digest) -> None:
-            # Runs in a transaction other publications share: it must not fail.
-            try:
-                made.append(
-                    namespace.create(parent, name, FILE_MODE, 0, 0, content=digest, txn=txn)
-                )
-            except FsError as exc:
-                store.drop_ref(txn, digest)  # the reference nobody took
-                if exc.errno != errno.EEXIST:  # EEXIST: the same name, stored meanwhile
-                    refused.append(exc)
+        def hook(i: int, parent: int, name: bytes) -> PublishHook:
+            def create(txn: lmdb.Transaction, digest: Digest) -> None:
+                # Runs in a transaction other publications share: it must not fail.
+                try:
+                    made[i] = namespace.create(
+                        parent, name, FILE_MODE, 0, 0, content=digest, txn=txn
+                    )
+                except FsError as exc:
+                    store.drop_ref(txn, digest)  # the reference nobody took
+                    if exc.errno != errno.EEXIST:  # EEXIST: the same name, stored meanwhile
+                        made[i] = exc
 
-        store.put(source, on_publish=hook, expect=expect)
-        if refused:
-            raise refused[0]
-        return made[0] if made else None
+            return create
+
+        results = store.put_many(
+            (source, expect, hook(i, parent, name))
+            for i, (parent, name, source, expect) in enumerate(files)
+        )
+        for i, result in enumerate(results):
+            if isinstance(result, CachefsError):
+                made[i] = result
+        return made
 
     # --- the trio thread ---------------------------------------------------------------
 
     def directory(self, parts: Sequence[bytes]) -> int:
         """The directory at ``parts`` below the root, made where missing."""
-        ino = ROOT_INODE
-        for part in parts:
-            try:
-                ino = self.namespace.lookup(ino, part)
-            except FsError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                ino = self._create(ino, part, DIRECTORY_MODE).ino
-        return ino
+        return self.directories([parts])[0]
+
+    def directories(self, paths: Sequence[Sequence[bytes]]) -> list[int]:
+        """The directories at each of ``paths`` below the root; those missing
+        are made, all in one transaction."""
+        made: list[tuple[int, bytes, Inode]] = []
+        out = []
+        namespace = self.namespace
+        with self.store.transaction("making directories") as txn:
+            for parts in paths:
+                ino = ROOT_INODE
+                for part in parts:
+                    try:
+                        ino = namespace.lookup(ino, part, txn)
+                    except FsError as exc:
+                        if exc.errno != errno.ENOENT:
+                            raise
+                        inode = namespace.create(ino, part, DIRECTORY_MODE, 0, 0, txn=txn)
+                        made.append((ino, part, inode))
+                        ino = inode.ino
+                out.append(ino)
+        for parent, name, inode in made:
+            for listener in self.listeners:
+                listener.created(parent, name, inode)
+        return out
 
     def mark_cache(self, directory: int, max_size: int | None, policy: str) -> None:
         """Make ``directory`` a cache (unless it is one), or set its budget."""

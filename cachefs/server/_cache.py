@@ -33,20 +33,23 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import trio
+import zstandard
 
 from cachefs.engine import (
-    ROOT_INODE,
+    CachefsError,
     Digest,
     FsError,
     Inode,
     ObjectNotFoundError,
     Source,
 )
-from cachefs.fs import Filesystem
-from cachefs.server._names import instance_directory
+from cachefs.fs import Filesystem, StoredFiles
+from cachefs.server._names import BadRequest, instance_directory
 from cachefs.server._options import DEFAULT_MAX_SIZE
 
 T = TypeVar("T")
+#: Where a file's directory is, below the namespace's root.
+Parts = tuple[bytes, ...]
 
 ROOT = b"remote-cache"
 CAS = b"cas"
@@ -97,37 +100,38 @@ class RemoteCache:
 
     # --- where things are -------------------------------------------------------------
 
-    def _place(self, instance: str, kind: bytes, digest: Digest) -> tuple[list[bytes], bytes]:
+    def _place(self, instance: str, kind: bytes, digest: Digest) -> tuple[Parts, bytes]:
         hex_ = digest.hex.encode()
-        return [ROOT, instance_directory(instance), kind, hex_[:2]], hex_
+        return (ROOT, instance_directory(instance), kind, hex_[:2]), hex_
 
-    def _directory(self, parts: list[bytes], *, make: bool) -> int | None:
+    def _directory(self, parts: Parts, *, make: bool) -> int | None:
         """The directory at ``parts``, made (on the trio thread) when missing
         and ``make``; else None when missing."""
-        namespace = self.stored.namespace
-        ino = ROOT_INODE
-        try:
-            for part in parts:
-                ino = namespace.lookup(ino, part)
-        except FsError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                raise
-            return self._run(self.stored.directory, parts) if make else None
+        ino = self.stored.lookup_path(parts)
+        if ino is None and make:
+            return self._run(self.stored.directory, parts)
         return ino
 
     def _find(
-        self, instance: str, kind: bytes, digest: Digest
+        self, instance: str, kind: bytes, digest: Digest, view: _View | None = None
     ) -> tuple[int | None, bytes, Inode | None]:
         parts, name = self._place(instance, kind, digest)
-        parent = self._directory(parts, make=False)
-        inode = None if parent is None else self.stored.lookup(parent, name)
+        if view is None:
+            parent = self.stored.lookup_path(parts)
+            inode = None if parent is None else self.stored.lookup(parent, name)
+        else:
+            parent = view.directory(parts)
+            inode = None if parent is None else view.lookup(parent, name)
         return parent, name, inode
 
     # --- blobs --------------------------------------------------------------------------
 
-    def _blob(self, instance: str, digest: Digest) -> tuple[int | None, bytes, Inode | None]:
-        parent, name, inode = self._find(instance, CAS, digest)
-        if inode is not None and inode.digest != digest and digest.size > 0:
+    def _blob(
+        self, instance: str, digest: Digest, view: _View | None = None
+    ) -> tuple[int | None, bytes, Inode | None]:
+        parent, name, inode = self._find(instance, CAS, digest, view)
+        changed = inode is not None and (inode.content, inode.size) != (digest.hash, digest.size)
+        if changed and digest.size > 0:
             inode = None  # changed through a mount: it is not that blob any more
         return parent, name, inode
 
@@ -146,9 +150,15 @@ class RemoteCache:
     def contains(self, instance: str, digest: Digest) -> bool:
         return digest == self.empty or self._blob(instance, digest)[2] is not None
 
-    def find_missing(self, instance: str, digests: list[Digest]) -> list[Digest]:
-        """The digests of ``digests`` whose blobs are not in the instance."""
-        return [d for d in digests if not self.contains(instance, d)]
+    def find_missing(self, instance: str, digests: list[Digest]) -> list[int]:
+        """The indices in ``digests`` of the blobs the instance does not have
+        (all looked up in one read transaction)."""
+        with _View(self.stored) as view:
+            return [
+                i
+                for i, d in enumerate(digests)
+                if d != self.empty and self._blob(instance, d, view)[2] is None
+            ]
 
     def read_blob(
         self, instance: str, digest: Digest, offset: int = 0, length: int | None = None
@@ -165,18 +175,54 @@ class RemoteCache:
         self._soon(self.stored.hit, inode)
         return self.store.iter_object(digest, offset, length)
 
+    def read_blobs(self, instance: str, digests: list[Digest]) -> list[bytes | CachefsError]:
+        """Whole blobs, each verified, or the error of each that could not be
+        read (ObjectNotFoundError: a miss): :meth:`read_blob` of a batch, looked
+        up together and told to the filesystem's thread in one call."""
+        out: list[bytes | CachefsError] = []
+        hits: list[Inode] = []
+        misses: list[tuple[int, bytes]] = []
+        with _View(self.stored) as view:
+            found = [self._blob(instance, d, view) for d in digests]
+        for digest, (parent, name, inode) in zip(digests, found, strict=True):
+            try:
+                if digest == self.empty:
+                    out.append(b"")
+                    continue
+                if inode is None:
+                    if parent is not None:
+                        misses.append((parent, name))
+                    raise ObjectNotFoundError(f"blob {digest} is not in the cache")
+                out.append(b"".join(self.store.iter_object(digest)))
+                hits.append(inode)
+            except CachefsError as exc:
+                out.append(exc)
+        if hits or misses:
+            self._soon(self._looked_up, hits, misses)
+        return out
+
+    def _looked_up(self, hits: list[Inode], misses: list[tuple[int, bytes]]) -> None:
+        for inode in hits:
+            self.stored.hit(inode)
+        for parent, name in misses:
+            self.stored.miss(parent, name)
+
     def touch(self, instance: str, digests: list[Digest]) -> bool:
         """Whether every blob is there; those that are count as used (their
         lives are extended: the policy sees a hit)."""
         found = True
-        for digest in digests:
-            if digest == self.empty:
-                continue
-            inode = self._blob(instance, digest)[2]
-            if inode is None:
-                found = False
-            else:
-                self._soon(self.stored.hit, inode)
+        used = []
+        with _View(self.stored) as view:
+            for digest in digests:
+                if digest == self.empty:
+                    continue
+                inode = self._blob(instance, digest, view)[2]
+                if inode is None:
+                    found = False
+                else:
+                    used.append(inode)
+        if used:
+            self._soon(self._looked_up, used, [])
         return found
 
     def write_blob(self, instance: str, digest: Digest, source: Source) -> bool:
@@ -201,9 +247,70 @@ class RemoteCache:
                 raise
             if inode is None:
                 return False
-            self._soon(self.stored.added, parent, name, inode)
+            self._soon(self._added, [(parent, name, inode)])
             return True
         raise AssertionError("unreachable")
+
+    def write_blobs(
+        self, instance: str, blobs: list[tuple[Digest, bytes]]
+    ) -> list[CachefsError | None]:
+        """Store blobs that arrived together (a batch), as :meth:`write_blob`
+        each, but published together: one transaction and one fdatasync for
+        the batch, and one call into the filesystem's thread for their
+        directories and one for the room they take.  For each blob, in order,
+        None (stored, or there already) or the error that refused it."""
+        out: list[CachefsError | None] = [None] * len(blobs)
+        wanted: dict[Digest, list[int]] = {}
+        for i, (digest, _) in enumerate(blobs):
+            if digest != self.empty:
+                wanted.setdefault(digest, []).append(i)
+        places = {digest: self._place(instance, CAS, digest) for digest in wanted}
+        with _View(self.stored) as view:
+            missing = [d for d in wanted if self._blob(instance, d, view)[2] is None]
+            directories = {parts: view.directory(parts) for parts, _ in places.values()}
+        if not missing:
+            return out
+        absent = [parts for parts, ino in directories.items() if ino is None]
+        if absent:
+            made = self._run(self.stored.directories, absent)
+            directories.update(zip(absent, made, strict=True))
+        size = sum(d.size for d in missing)
+        try:
+            self._wait(self.stored.make_room, self.root, size)
+        except CachefsError as exc:
+            # Not all of them fit: each blob on its own, so that those that fit are stored.
+            for digest in missing:
+                for i in wanted[digest]:
+                    out[i] = (
+                        exc
+                        if len(missing) == 1
+                        else _outcome(self.write_blob, instance, digest, blobs[i][1])
+                    )
+            return out
+        files = []
+        for digest in missing:
+            parts, name = places[digest]
+            parent = directories[parts]
+            assert parent is not None
+            files.append((parent, name, blobs[wanted[digest][0]][1], digest))
+        results = self.stored.store_files(files)
+        added = []
+        for (parent, name, data, digest), result in zip(files, results, strict=True):
+            if isinstance(result, FsError) and result.errno == errno.ENOENT:
+                # Its directory went meanwhile (rm -r in a mount): on its own, again.
+                result = _outcome(self.write_blob, instance, digest, data)
+            elif isinstance(result, Inode):
+                added.append((parent, name, result))
+                result = None
+            for i in wanted[digest]:
+                out[i] = result
+        if added:
+            self._soon(self._added, added)
+        return out
+
+    def _added(self, files: list[tuple[int, bytes, Inode]]) -> None:
+        for parent, name, inode in files:
+            self.stored.added(parent, name, inode)
 
     def split(self, instance: str, digest: Digest) -> list[Digest]:
         """The chunks the store keeps a blob in, each made a blob of the
@@ -250,6 +357,39 @@ class RemoteCache:
         self.stored.replace(parent, temporary, name)
 
 
+class _View:
+    """Lookups in one read transaction (``with``), the directories remembered:
+    many blobs looked up at once see one state, at the cost of one."""
+
+    def __init__(self, stored: StoredFiles) -> None:
+        self.stored = stored
+        self._directories: dict[Parts, int | None] = {}
+
+    def __enter__(self) -> _View:
+        self._txn = self.stored.reading()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._txn.abort()
+
+    def directory(self, parts: Parts) -> int | None:
+        if parts not in self._directories:
+            self._directories[parts] = self.stored.lookup_path(parts, self._txn)
+        return self._directories[parts]
+
+    def lookup(self, parent: int, name: bytes) -> Inode | None:
+        return self.stored.lookup(parent, name, self._txn)
+
+
+def _outcome(store: Callable[..., object], *args: Any) -> CachefsError | None:
+    """None, or the error ``store(*args)`` raised."""
+    try:
+        store(*args)
+    except CachefsError as exc:
+        return exc
+    return None
+
+
 def pieces(source: Iterator[bytes | memoryview], size: int) -> Iterator[bytes]:
     """``source`` again, in pieces of about ``size`` bytes (fewer messages to send)."""
     buffer: list[bytes | memoryview] = []
@@ -262,3 +402,15 @@ def pieces(source: Iterator[bytes | memoryview], size: int) -> Iterator[bytes]:
             buffer, held = [], 0
     if buffer:
         yield b"".join(buffer)
+
+
+def unzstd(source: Iterator[bytes]) -> Iterator[bytes]:
+    """``source``, a zstd stream, decompressed (BadRequest if it is not one)."""
+    decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+    for piece in source:
+        try:
+            out = decompressor.decompress(piece)
+        except zstandard.ZstdError as exc:
+            raise BadRequest(f"not a zstd stream: {exc}") from None
+        if out:
+            yield out

@@ -82,12 +82,9 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
     ) -> re_pb2.FindMissingBlobsResponse:
         self.check_function(request.digest_function)
         wanted = [self.digest(d) for d in request.blob_digests]
-        missing = set(self.cache.find_missing(request.instance_name, wanted))
-        return re_pb2.FindMissingBlobsResponse(
-            missing_blob_digests=[
-                m for m, d in zip(request.blob_digests, wanted, strict=True) if d in missing
-            ]
-        )
+        missing = self.cache.find_missing(request.instance_name, wanted)
+        given = request.blob_digests
+        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[given[i] for i in missing])
 
     @rpc
     def BatchUpdateBlobs(
@@ -97,7 +94,9 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
         total = sum(len(r.data) for r in request.requests)
         if total > MAX_BATCH:
             raise BadRequest(f"a batch of {total} bytes (at most {MAX_BATCH})")
-        responses = []
+        # Each blob checked and decoded, then those that are fine stored together.
+        outcomes: list[BaseException | None] = []
+        blobs: list[tuple[Digest, bytes]] = []
         for item in request.requests:
             try:
                 digest = self.digest(item.digest)
@@ -109,14 +108,20 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
                     raise BadRequest(
                         f"compressor {item.compressor} is not one this server speaks (zstd)"
                     )
-                self.cache.write_blob(request.instance_name, digest, data)
-                outcome = status()
             except CachefsError as exc:
-                outcome = status(exc)
-            responses.append(
-                re_pb2.BatchUpdateBlobsResponse.Response(digest=item.digest, status=outcome)
-            )
-        return re_pb2.BatchUpdateBlobsResponse(responses=responses)
+                outcomes.append(exc)
+                continue
+            outcomes.append(None)
+            blobs.append((digest, data))
+        stored = iter(self.cache.write_blobs(request.instance_name, blobs))
+        return re_pb2.BatchUpdateBlobsResponse(
+            responses=[
+                re_pb2.BatchUpdateBlobsResponse.Response(
+                    digest=item.digest, status=status(outcome or next(stored))
+                )
+                for item, outcome in zip(request.requests, outcomes, strict=True)
+            ]
+        )
 
     @rpc
     def BatchReadBlobs(
@@ -127,20 +132,22 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
         total = sum(d.size for d in wanted)
         if total > MAX_BATCH:
             raise BadRequest(f"a batch of {total} bytes (at most {MAX_BATCH})")
-        zstd = re_pb2.Compressor.ZSTD in request.acceptable_compressors
+        compressor = (
+            zstandard.ZstdCompressor()
+            if re_pb2.Compressor.ZSTD in request.acceptable_compressors
+            else None
+        )
         responses = []
-        for message, digest in zip(request.digests, wanted, strict=True):
+        blobs = self.cache.read_blobs(request.instance_name, wanted)
+        for message, data in zip(request.digests, blobs, strict=True):
             response = re_pb2.BatchReadBlobsResponse.Response(digest=message)
-            try:
-                data = b"".join(self.cache.read_blob(request.instance_name, digest))
-                if zstd:
-                    response.data = zstandard.ZstdCompressor().compress(data)
-                    response.compressor = re_pb2.Compressor.ZSTD
-                else:
-                    response.data = data
-                response.status.CopyFrom(status())
-            except CachefsError as exc:
-                response.status.CopyFrom(status(exc))
+            if isinstance(data, CachefsError):
+                response.status.CopyFrom(status(data))
+            elif compressor is not None:
+                response.data = compressor.compress(data)
+                response.compressor = re_pb2.Compressor.ZSTD
+            else:
+                response.data = data
             responses.append(response)
         return re_pb2.BatchReadBlobsResponse(responses=responses)
 
@@ -197,7 +204,7 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
             missing = self.cache.find_missing(instance, chunks)
             if missing:
                 raise ObjectNotFoundError(
-                    f"{len(missing)} of the chunks are not in the cache, e.g. {missing[0]}"
+                    f"{len(missing)} of the chunks are not in the cache, e.g. {chunks[missing[0]]}"
                 )
             content = (piece for c in chunks for piece in self.cache.read_blob(instance, c))
             self.cache.write_blob(instance, blob, content)

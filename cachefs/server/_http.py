@@ -53,7 +53,7 @@ from cachefs.engine import (
     StoreFullError,
 )
 from cachefs.server._actions import get_entry
-from cachefs.server._cache import RemoteCache, pieces
+from cachefs.server._cache import RemoteCache, pieces, unzstd
 from cachefs.server._names import BadRequest, instance_directory, parse_hash
 
 log = logging.getLogger(__name__)
@@ -154,10 +154,21 @@ class HttpCache:
         if scope["type"] != "http":
             return
         response = _Response(send)
+        body_read = False
+
+        async def receive_body() -> Any:
+            nonlocal body_read
+            message = await receive()
+            body_read = body_read or not message.get("more_body", False)
+            return message
+
         try:
-            await self._handle(scope, receive, response)
+            await self._handle(scope, receive_body, response)
         except Exception as exc:
-            await self._failed(scope, response, exc)
+            # A request refused before its body was read: the connection is closed
+            # after the answer (the rest of the body would be taken for a request).
+            unread = not body_read and _has_body(scope)
+            await self._failed(scope, response, exc, close=unread)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -168,7 +179,9 @@ class HttpCache:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _failed(self, scope: Scope, response: _Response, exc: Exception) -> None:
+    async def _failed(
+        self, scope: Scope, response: _Response, exc: Exception, *, close: bool
+    ) -> None:
         what = f"HTTP {scope['method']} {scope.get('path', '?')}"
         code = status_of(exc)
         if isinstance(exc, CachefsError):
@@ -181,7 +194,9 @@ class HttpCache:
             message = "internal error; see the server's log"
         if response.started:
             raise exc  # too late for a status: the connection is dropped
-        headers = exc.headers if isinstance(exc, HttpError) else []
+        headers = list(exc.headers) if isinstance(exc, HttpError) else []
+        if close:
+            headers.append((b"connection", b"close"))
         if isinstance(exc, CorruptDataError):
             message = f"damaged data in the cache: {exc}"
         await response.send_whole(code, (message + "\n").encode(), headers, text=True)
@@ -364,6 +379,13 @@ def _content_encoding(scope: Scope) -> str:
     return encoding
 
 
+def _has_body(scope: Scope) -> bool:
+    """Whether the request says it has a body (a bad Content-Length counts)."""
+    length = _header(scope, b"content-length")
+    has_length = length is not None and length.strip() != "0"
+    return has_length or _header(scope, b"transfer-encoding") is not None
+
+
 def _content_length(scope: Scope) -> int | None:
     value = _header(scope, b"content-length")
     if value is None:
@@ -399,26 +421,11 @@ def _body(receive: Receive) -> Iterator[bytes]:
             return
 
 
-def _decompressed(source: Iterator[bytes], decompress: bool) -> Iterator[bytes]:
-    """``source``, decompressed when it is a zstd stream (BadRequest if it is not one)."""
-    if not decompress:
-        yield from source
-        return
-    decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
-    for piece in source:
-        try:
-            out = decompressor.decompress(piece)
-        except zstandard.ZstdError as exc:
-            raise BadRequest(f"the body is not a zstd stream: {exc}") from None
-        if out:
-            yield out
-
-
 def _digest_of(source: Iterator[bytes], decompress: bool, function: DigestFunction) -> Digest:
     """The digest of a body (in a worker thread)."""
     hasher = function.new()
     size = 0
-    for piece in _decompressed(source, decompress):
+    for piece in unzstd(source) if decompress else source:
         hasher.update(piece)
         size += len(piece)
     return Digest(hasher.digest(), size)
@@ -430,7 +437,7 @@ def _spool(source: Iterator[bytes], decompress: bool, directory: Any, limit: int
     spool = tempfile.TemporaryFile(dir=directory, prefix="http-put-")  # noqa: SIM115 - returned
     try:
         size = 0
-        for piece in _decompressed(source, decompress):
+        for piece in unzstd(source) if decompress else source:
             size += len(piece)
             if size > limit:
                 raise HttpError(413, f"a blob of more than {limit} bytes: larger than the cache")

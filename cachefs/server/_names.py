@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from cachefs.engine import CachefsError, ConfigError, Digest, DigestFunction
 
 _HEX = re.compile(r"[0-9a-f]{64}")
+#: Bytes of a hash: SHA-256 and BLAKE3 alike.
+DIGEST_SIZE = 32
 #: Names of the path segments an instance name may not have (REAPI).
 _RESERVED = {"blobs", "uploads", "actions", "actionResults", "operations", "capabilities"}
 _RESERVED_COMPRESSED = "compressed-blobs"
@@ -41,11 +43,16 @@ class OutOfRange(BadRequest):
 def parse_digest(hash_hex: str, size: int, function: DigestFunction) -> Digest:
     """A request's digest, checked: ``hash_hex`` is the lowercase hex of a
     ``function`` digest, ``size`` is not negative."""
-    if not _HEX.fullmatch(hash_hex):
+    try:
+        raw = bytes.fromhex(hash_hex)
+    except ValueError:
+        raw = b""
+    # fromhex takes upper case and spaces too: the raw bytes must give the text back.
+    if len(raw) != DIGEST_SIZE or raw.hex() != hash_hex:
         raise BadRequest(f"not a {function.name} digest: {hash_hex!r}")
     if size < 0:
         raise BadRequest(f"a digest's size may not be negative: {size}")
-    return Digest(bytes.fromhex(hash_hex), size)
+    return Digest(raw, size)
 
 
 def parse_hash(text: str) -> bytes:

@@ -4,10 +4,10 @@ A ByteStream upload may be cut short (a connection lost) and resumed: the
 client asks ``QueryWriteStatus`` how much was committed and writes on from
 there.  So what arrives is appended to a spool file in ``STORE/tmp`` (scratch
 space that the next start empties) as it comes; once the client finishes the
-write, the whole blob is ingested from the spool, its digest checked, and the
-spool dropped.  An upload nobody has touched for ``EXPIRY`` seconds is
-forgotten.  A compressed upload spools the compressed stream, and is
-decompressed as it is ingested.
+write (``_grpc_bytestream.py`` ingests a write from offset 0 as it arrives, a
+resumed one from the spool), its digest is checked and the spool dropped.  An
+upload nobody has touched for ``EXPIRY`` seconds is forgotten.  A compressed
+upload spools the compressed stream, and is decompressed as it is ingested.
 """
 
 from __future__ import annotations
