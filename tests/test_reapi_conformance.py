@@ -466,6 +466,26 @@ def test_compressed_blobs(client: Client, size: int) -> None:
     assert again.committed_size == (-1 if size else again.committed_size)
 
 
+@on(ZSTD, RESUMABLE)
+def test_a_compressed_write_cut_short_is_resumed(client: Client) -> None:
+    data = os.urandom(1 << 20) + b"compressible data " * 100_000
+    digest = client.digest(data)
+    frame = zstandard.ZstdCompressor().compress(data)
+    name = client.write_name(digest, zstd=True)
+    half = len(frame) // 2 + 777
+    cut = client.bytestream.Write(
+        iter([bs_pb2.WriteRequest(resource_name=name, write_offset=0, data=frame[:half])])
+    )
+    assert cut.committed_size in (0, half)
+    status = client.bytestream.QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name=name))
+    assert (status.committed_size, status.complete) == (half, False)
+    rest = bs_pb2.WriteRequest(
+        resource_name=name, write_offset=half, data=frame[half:], finish_write=True
+    )
+    assert client.bytestream.Write(iter([rest])).committed_size == len(frame)
+    assert client.read(digest) == data
+
+
 @on(ZSTD)
 def test_a_compressed_read_takes_no_limit(client: Client) -> None:
     data = blob()

@@ -26,8 +26,10 @@ import pyfastcdc
 import pytest
 
 from cachefs.daemon import mount_info
+from cachefs.engine import ROOT_INODE, FsError, Namespace, Store
 from cachefs.format.header import HEADER_NAME
 from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from cachefs.server._gen.google.bytestream import bytestream_pb2 as bs_pb2
 from tests.mounting import cachefs
 from tests.reapi import read_log, serving, start_serve, stop_serve
 from tests.test_mount_cli import assert_one_line_error, tree_bytes
@@ -264,3 +266,43 @@ def test_a_store_of_other_chunking_splits_with_unknown_function(tmp_path: Path) 
         response = client.cas.SplitBlob(re_pb2.SplitBlobRequest(blob_digest=client.digest(data)))
         assert response.chunking_function == re_pb2.ChunkingFunction.UNKNOWN
         assert b"".join(client.read(c) for c in response.chunk_digests) == data
+
+
+def uploads_in(store: Path) -> list[bytes]:
+    """The files of ``/remote-cache/.uploads`` of a store nobody serves."""
+    with Store.open(store) as opened:
+        namespace = Namespace(opened)
+        try:
+            uploads = namespace.lookup(namespace.lookup(ROOT_INODE, b"remote-cache"), b".uploads")
+        except FsError:
+            return []
+        return [name for name, _ in namespace.entries(uploads)]
+
+
+def test_an_upload_is_a_file_until_it_is_finished(tmp_path: Path) -> None:
+    """What a ByteStream write brings is stored once, as a file of ``.uploads``,
+    and moved into the CAS when finished; a write left unfinished stays there,
+    to be resumed, until the server stops (the next start removes it)."""
+    store = tmp_path / "store"
+    data = os.urandom(3 << 20)
+    with serving(store) as server, server.client() as client:
+        client.write(data)  # finished: moved into place
+        wrong = client.digest(os.urandom(len(data)))
+        with pytest.raises(grpc.RpcError) as info:
+            client.write(data, digest=wrong)  # refused: removed
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        other = os.urandom(2 << 20)
+        name = client.write_name(client.digest(other))
+        cut = bs_pb2.WriteRequest(resource_name=name, write_offset=0, data=other[: 1 << 20])
+        client.bytestream.Write(iter([cut]))
+        query = bs_pb2.QueryWriteStatusRequest(resource_name=name)
+        assert client.bytestream.QueryWriteStatus(query).committed_size == 1 << 20
+    assert len(uploads_in(store)) == 1  # the unfinished one
+    with serving(store) as server, server.client() as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.bytestream.QueryWriteStatus(query)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert client.read(client.digest(data)) == data
+        assert client.find_missing([client.digest(other), wrong]) == [client.digest(other), wrong]
+    assert uploads_in(store) == []
+    assert cachefs("fsck", str(store), check=False).returncode == 0

@@ -102,21 +102,28 @@ class StoredFiles:
         return inode if inode.is_reg else None
 
     def store_file(
-        self, parent: int, name: bytes, source: Source, *, expect: Digest | None = None
+        self,
+        parent: int,
+        name: bytes,
+        source: Source,
+        *,
+        expect: Digest | None = None,
+        durable: bool = True,
     ) -> Inode | None:
         """Ingest ``source`` and publish it as the new file ``name`` of
         ``parent`` in one transaction; returns the file, or None when an entry
         ``name`` was there already (it is left as it was).  With ``expect``,
         content of another digest is refused (DigestMismatchError) and nothing
         is published; a directory that went meanwhile is FsError(ENOENT).  Tell
-        the filesystem afterwards (:meth:`added`)."""
-        (result,) = self.store_files([(parent, name, source, expect)])
+        the filesystem afterwards (:meth:`added`).  Without ``durable`` it is
+        durable at the store's next sync."""
+        (result,) = self.store_files([(parent, name, source, expect)], durable=durable)
         if isinstance(result, CachefsError):
             raise result
         return result
 
     def store_files(
-        self, files: Sequence[tuple[int, bytes, Source, Digest | None]]
+        self, files: Sequence[tuple[int, bytes, Source, Digest | None]], *, durable: bool = True
     ) -> list[Inode | CachefsError | None]:
         """:meth:`store_file` of several files ``(parent, name, source,
         expect)``, published together (one transaction, one fdatasync): for
@@ -141,8 +148,11 @@ class StoredFiles:
             return create
 
         results = store.put_many(
-            (source, expect, hook(i, parent, name))
-            for i, (parent, name, source, expect) in enumerate(files)
+            (
+                (source, expect, hook(i, parent, name))
+                for i, (parent, name, source, expect) in enumerate(files)
+            ),
+            durable=durable,
         )
         for i, result in enumerate(results):
             if isinstance(result, CachefsError):
@@ -199,6 +209,15 @@ class StoredFiles:
     def replace(self, parent: int, temporary: bytes, name: bytes) -> None:
         """Put the file stored as ``temporary`` in the place of ``name``."""
         self._rename(parent, temporary, parent, name)
+
+    def move(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> bool:
+        """Move a file to ``new_name`` of ``new_parent`` unless an entry is
+        there; if one is, the file is removed instead.  Whether it moved."""
+        if self.lookup(new_parent, new_name) is not None:
+            self.remove(parent, name)
+            return False
+        self._rename(parent, name, new_parent, new_name)
+        return True
 
     def remove(self, parent: int, name: bytes) -> None:
         """Remove an entry, if it is there."""

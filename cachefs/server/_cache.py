@@ -9,6 +9,7 @@ and ``ls`` are those of every other file::
       <instance>/ac/<hh>/<hash>        an action result: a REAPI ActionResult as
                                        gRPC clients store it, or whatever bytes
                                        an HTTP client PUT under that key
+      .uploads/<uuid>                  a ByteStream upload in progress (``_uploads.py``)
 
 ``<instance>`` is ``_`` for the empty instance name, else the name
 percent-encoded (``_names.instance_directory``); ``<hh>`` are the first two hex
@@ -38,6 +39,7 @@ import zstandard
 from cachefs.engine import (
     CachefsError,
     Digest,
+    DigestMismatchError,
     FsError,
     Inode,
     ObjectNotFoundError,
@@ -46,6 +48,7 @@ from cachefs.engine import (
 from cachefs.fs import Filesystem, StoredFiles
 from cachefs.server._names import BadRequest, instance_directory
 from cachefs.server._options import DEFAULT_MAX_SIZE
+from cachefs.server._uploads import StoredUpload
 
 T = TypeVar("T")
 #: Where a file's directory is, below the namespace's root.
@@ -54,6 +57,8 @@ Parts = tuple[bytes, ...]
 ROOT = b"remote-cache"
 CAS = b"cas"
 AC = b"ac"
+#: Uploads in progress (``_uploads.py``): a name no instance directory can have.
+UPLOADS = b".uploads"
 
 
 class RemoteCache:
@@ -80,6 +85,10 @@ class RemoteCache:
         if root not in fs.caches.dirs and max_size is None:
             max_size = DEFAULT_MAX_SIZE
         fs.stored.mark_cache(root, max_size, policy)
+        uploads = fs.stored.lookup_path([ROOT, UPLOADS])
+        if uploads is not None:  # uploads in progress do not outlive the server
+            for name, _ in fs.stored.namespace.entries(uploads):
+                fs.stored.remove(uploads, name)
         return cls(fs, root, trio.lowlevel.current_trio_token())
 
     def max_blob(self) -> int:
@@ -312,6 +321,43 @@ class RemoteCache:
         for parent, name, inode in files:
             self.stored.added(parent, name, inode)
 
+    # --- uploads in progress (``_uploads.py``) ---------------------------------------------
+
+    def store_upload(self, source: Source, size: int) -> StoredUpload:
+        """Store what an upload brought (``size``: what the blob will take) as
+        a new file of ``.uploads/``, durable at the next sync."""
+        parts = (ROOT, UPLOADS)
+        parent = self._directory(parts, make=True)
+        assert parent is not None
+        self._wait(self.stored.make_room, parent, size)
+        name = uuid.uuid4().hex.encode()
+        inode = self.stored.store_file(parent, name, source, durable=False)
+        assert inode is not None  # a fresh name
+        self._soon(self._added, [(parent, name, inode)])
+        return StoredUpload(parent, name, inode.digest or self.empty)
+
+    def read_upload(self, upload: StoredUpload) -> Iterator[bytes | memoryview]:
+        """What an upload committed so far."""
+        return self.store.iter_object(upload.digest)
+
+    def commit_upload(self, instance: str, digest: Digest, upload: StoredUpload) -> bool:
+        """Move a finished upload into its place as the instance's blob, durably:
+        DigestMismatchError (and the file removed) when it is not that blob;
+        False when the instance had the blob already (the file is removed)."""
+        if upload.digest != digest:
+            self.drop_upload(upload)
+            raise DigestMismatchError(f"the upload's digest is {upload.digest}, not {digest}")
+        parts, name = self._place(instance, CAS, digest)
+        parent = self._directory(parts, make=True)
+        assert parent is not None
+        moved = self._run(self.stored.move, upload.directory, upload.name, parent, name)
+        self.store.sync()
+        return moved
+
+    def drop_upload(self, upload: StoredUpload) -> None:
+        """Remove an upload's file (without waiting)."""
+        self._soon(self.stored.remove, upload.directory, upload.name)
+
     def split(self, instance: str, digest: Digest) -> list[Digest]:
         """The chunks the store keeps a blob in, each made a blob of the
         instance too (ObjectNotFoundError when the instance lacks the blob)."""
@@ -404,9 +450,11 @@ def pieces(source: Iterator[bytes | memoryview], size: int) -> Iterator[bytes]:
         yield b"".join(buffer)
 
 
-def unzstd(source: Iterator[bytes]) -> Iterator[bytes]:
-    """``source``, a zstd stream, decompressed (BadRequest if it is not one)."""
-    decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+def unzstd(source: Iterator[bytes], decompressor: Any = None) -> Iterator[bytes]:
+    """``source``, a zstd stream, decompressed (BadRequest if it is not one);
+    ``decompressor``: one that has taken the stream's beginning already."""
+    if decompressor is None:
+        decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
     for piece in source:
         try:
             out = decompressor.decompress(piece)

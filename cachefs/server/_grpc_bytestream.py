@@ -3,18 +3,18 @@
 Resource names as the REAPI specifies them (``_names.parse_resource``).  A read
 streams the blob from the store, verified chunk by chunk, in messages of up to
 ``READ_PIECE`` bytes, or zstd-compressed for a ``compressed-blobs/zstd`` name.
-A write is resumable (``_uploads.py``): what arrives is committed to a spool
-as it comes, ``QueryWriteStatus`` says how much, and a write may go on from
-there.  A write from offset 0 is ingested as it arrives, beside the spool (the
-network and the chunking overlap); a resumed one is ingested from the spool
-once finished.  Either way the digest is checked at the end (a mismatch, or
-more bytes than the digest says, is INVALID_ARGUMENT and nothing is stored),
-and a write the client leaves unfinished stores nothing but its spool.  A
-write of a blob the cache has answers at once.
+A write is resumable (``_uploads.py``): what arrives is stored as it comes,
+as a file of ``.uploads/`` (the bytes are written once, and the network and
+the chunking overlap); ``QueryWriteStatus`` says how much, and a write may go
+on from there.  When the client finishes, the digest is checked (a mismatch,
+or more bytes than the digest says, is INVALID_ARGUMENT and nothing is stored)
+and the file moved into the CAS, durably, before the answer.  A write of a blob
+the cache has answers at once.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import grpc
@@ -34,7 +34,7 @@ READ_PIECE = 1 << 20
 class ByteStreamService(Service, bs_grpc.ByteStreamServicer):
     def __init__(self, cache: RemoteCache) -> None:
         super().__init__(cache)
-        self.uploads = Uploads(cache.store.tmp_root)
+        self.uploads = Uploads(cache.drop_upload)
 
     def add_to(self, server: grpc.Server) -> None:
         bs_grpc.add_ByteStreamServicer_to_server(self, server)
@@ -85,31 +85,29 @@ class ByteStreamService(Service, bs_grpc.ByteStreamServicer):
             return bs_pb2.WriteResponse(committed_size=-1 if compressed else resource.digest.size)
         upload = self.uploads.begin(name, compressed=compressed)
         with upload.lock:
-            if first.write_offset == 0:
-                upload.reset()
+            if first.write_offset == 0 and (old := upload.reset()) is not None:
+                self.cache.drop_upload(old)
             stream = _Arriving(name, first, requests, upload, resource)
+            previous = upload.stored
+            source: Iterator[bytes | memoryview] = stream.pieces()
+            if previous is not None:
+                source = itertools.chain(self.cache.read_upload(previous), source)
             try:
-                if first.write_offset == 0:
-                    # The blob goes into the store as it arrives (and to the
-                    # spool, in case the write is cut short and resumed).
-                    source = stream.pieces()
-                else:
-                    # A resumed write: the spool first, then the whole blob from it.
-                    stream.spool_rest()
-                    source = upload.reader()
-                if not self.cache.write_blob(resource.instance, resource.digest, source):
-                    # The cache has it (another client's upload finished meanwhile).
-                    stream.finished = True
-                    size = -1 if compressed else resource.digest.size
-                    return bs_pb2.WriteResponse(committed_size=size)
-            except _Unfinished:
+                stored = self.cache.store_upload(source, resource.digest.size)
+            except BaseException:
+                if compressed:  # its decompressor has taken what was not stored
+                    self.uploads.finish(name, upload, drop=True)
+                raise
+            upload.stored, upload.committed = stored, stream.offset
+            if previous is not None:
+                self.cache.drop_upload(previous)
+            if not stream.finished:
                 # The client stopped without finishing: it may resume later.
                 return bs_pb2.WriteResponse(committed_size=upload.committed)
-            except zstandard.ZstdError as exc:
-                raise BadRequest(f"the upload is not a zstd stream: {exc}") from None
-            finally:
-                if stream.finished:
-                    self.uploads.finish(name, upload)
+            self.uploads.finish(name, upload, drop=False)
+            if not self.cache.commit_upload(resource.instance, resource.digest, stored):
+                # The cache has it (another client's upload finished meanwhile).
+                return bs_pb2.WriteResponse(committed_size=-1 if compressed else stored.digest.size)
             return bs_pb2.WriteResponse(committed_size=upload.committed)
 
     @rpc
@@ -127,13 +125,8 @@ class ByteStreamService(Service, bs_grpc.ByteStreamServicer):
         return bs_pb2.QueryWriteStatusResponse(committed_size=upload.committed, complete=False)
 
 
-class _Unfinished(Exception):
-    """The client stopped writing before it finished the write."""
-
-
 class _Arriving:
-    """The requests of one Write, checked and committed to the upload's spool as
-    they arrive."""
+    """The requests of one Write, checked as they arrive."""
 
     def __init__(
         self,
@@ -148,49 +141,44 @@ class _Arriving:
         self.requests = requests
         self.upload = upload
         self.resource = resource
+        #: Where the write has got to (bytes of the stream as the client sends it).
+        self.offset = upload.committed
+        #: Whether the client finished the write.
         self.finished = False
 
     def pieces(self) -> Iterator[bytes]:
-        """The blob's bytes from the write's offset on (decompressed when the
-        upload is compressed); _Unfinished when the client stops before it
-        finishes the write."""
+        """The blob's bytes that this write brings (decompressed when the upload
+        is compressed); they end where the client finishes the write, or stops
+        sending (it may resume later)."""
         data = self._data()
-        if self.resource.compressor is not None:
-            data = unzstd(data)
+        if self.upload.decompressor is not None:
+            data = unzstd(data, self.upload.decompressor)
         size = self.resource.digest.size
-        seen = 0
+        seen = self.upload.stored.digest.size if self.upload.stored is not None else 0
         for piece in data:
             seen += len(piece)
             if seen > size:
                 raise BadRequest(f"the upload is longer than the digest's {size} bytes")
             yield piece
 
-    def spool_rest(self) -> None:
-        """Commit the rest of the write to the spool (a resumed write);
-        _Unfinished when the client stops before it finishes the write."""
-        size = self.resource.digest.size
-        for _ in self._data():
-            if self.resource.compressor is None and self.upload.committed > size:
-                raise BadRequest(f"the upload is longer than the digest's {size} bytes")
-
     def _data(self) -> Iterator[bytes]:
-        upload = self.upload
         request: bs_pb2.WriteRequest | Malformed | None = self.first
         while request is not None:
             if isinstance(request, Malformed):
                 request.refuse("Write")
             if request.resource_name and request.resource_name != self.name:
                 raise BadRequest(f"a write of {self.name!r} names {request.resource_name!r}")
-            if request.write_offset != upload.committed:
+            if request.write_offset != self.offset:
                 raise OutOfRange(
-                    f"write offset {request.write_offset}, but {upload.committed} bytes "
-                    "are committed",
+                    f"write offset {request.write_offset}, but {self.offset} bytes are committed"
                 )
-            upload.append(request.data)
+            self.offset += len(request.data)
             if request.data:
                 yield request.data
             if request.finish_write:
                 self.finished = True
                 return
-            request = next(self.requests, None)
-        raise _Unfinished
+            try:
+                request = next(self.requests, None)
+            except grpc.RpcError:
+                return  # the connection was lost: what came is kept, to be resumed

@@ -25,12 +25,9 @@ from cachefs.server._options import GRPC_PORT
 log = logging.getLogger(__name__)
 
 
-def serve_grpc(
-    cache: RemoteCache, address: str, *, workers: int = 16
-) -> tuple[grpc.Server, str, ByteStreamService]:
+def serve_grpc(cache: RemoteCache, address: str, *, workers: int = 16) -> tuple[grpc.Server, str]:
     """Start the REAPI services (CAS, action cache, ByteStream, capabilities)
-    on ``address``; the server, the address it got (``HOST:PORT``), and its
-    ByteStream service (whose uploads in progress are dropped at the end)."""
+    on ``address``; the server and the address it got (``HOST:PORT``)."""
     server = grpc.server(
         ThreadPoolExecutor(workers, thread_name_prefix="cachefs-grpc"),
         interceptors=[MalformedRequests()],
@@ -39,8 +36,7 @@ def serve_grpc(
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ],
     )
-    bytestream = ByteStreamService(cache)
-    for service in (CasService(cache), ActionCacheService(cache), bytestream):
+    for service in (CasService(cache), ActionCacheService(cache), ByteStreamService(cache)):
         service.add_to(server)
     CapabilitiesService(cache).add_to(server)
     bound = parse_address(address, GRPC_PORT)
@@ -55,4 +51,4 @@ def serve_grpc(
     server.start()
     where = bound.rsplit(":", 1)[0] + f":{port}"
     log.info("serving REAPI v2 over gRPC on %s", where)
-    return server, where, bytestream
+    return server, where

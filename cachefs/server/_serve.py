@@ -65,7 +65,7 @@ async def serve(
     try:
         if options.grpc is not None:
             address = parse_address(options.grpc, GRPC_PORT)
-            grpc_server, listening.grpc, bytestream = await trio.to_thread.run_sync(
+            grpc_server, listening.grpc = await trio.to_thread.run_sync(
                 lambda: serve_grpc(cache, address)
             )
         async with trio.open_nursery() as nursery:
@@ -80,7 +80,6 @@ async def serve(
         if grpc_server is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(lambda: grpc_server.stop(GRACE).wait())
-                bytestream.uploads.close()
             log.info("stopped the gRPC server on %s", listening.grpc)
 
 

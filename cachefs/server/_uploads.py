@@ -1,84 +1,76 @@
 """Uploads in progress, resumable (server layer).
 
-A ByteStream upload may be cut short (a connection lost) and resumed: the
-client asks ``QueryWriteStatus`` how much was committed and writes on from
-there.  So what arrives is appended to a spool file in ``STORE/tmp`` (scratch
-space that the next start empties) as it comes; once the client finishes the
-write (``_grpc_bytestream.py`` ingests a write from offset 0 as it arrives, a
-resumed one from the spool), its digest is checked and the spool dropped.  An
-upload nobody has touched for ``EXPIRY`` seconds is forgotten.  A compressed
-upload spools the compressed stream, and is decompressed as it is ingested.
+A ByteStream upload may be cut short (the client stops, or its connection is
+lost) and resumed: the client asks ``QueryWriteStatus`` how much was committed
+and writes on from there.  What arrives is stored as it comes, as a file of the
+cache directory's ``.uploads/`` (``RemoteCache.store_upload``), so the bytes are
+written once: when the client finishes, the file's digest is checked and the
+file is moved into its place in the CAS (``RemoteCache.commit_upload``).  When
+a write stops short, its file holds what arrived; a resumed write stores that
+again followed by what comes next (the old part's chunks are in the store
+already: they are read and hashed, not written) and the old file goes.
+
+A compressed upload counts its committed bytes in the compressed stream, and
+keeps its decompressor between writes, so that a resumed write decompresses on
+from where the last one stopped.  An upload nobody has touched for ``EXPIRY``
+seconds is forgotten and its file removed; the server's start empties
+``.uploads/``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 import time
-from pathlib import Path
-from typing import BinaryIO
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import zstandard
 
-from cachefs.errors import from_oserror
+from cachefs.engine import Digest
 
 #: Seconds an unfinished upload is kept without being written to.
 EXPIRY = 3600.0
 
 
-class Upload:
-    """One upload: its spool and how much of it was committed."""
+@dataclass(frozen=True)
+class StoredUpload:
+    """The file of ``.uploads/`` that holds what an upload committed."""
 
-    def __init__(self, path: Path, compressed: bool) -> None:
-        self.path = path
+    directory: int
+    name: bytes
+    #: Its content: the blob's bytes that arrived (decompressed).
+    digest: Digest
+
+
+class Upload:
+    """One upload: how much of it was committed, and where that is."""
+
+    def __init__(self, compressed: bool) -> None:
         self.compressed = compressed
         #: Held while a stream writes to it (a second stream of it waits).
         self.lock = threading.Lock()
         self.committed = 0
         self.touched = time.monotonic()
-        try:
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        except OSError as exc:
-            raise from_oserror(exc, "creating an upload's spool file") from None
+        self.stored: StoredUpload | None = None
+        self.decompressor: Any = None
+        self.reset()
 
-    def reset(self) -> None:
-        """Start over (a write from offset 0)."""
-        os.ftruncate(self._fd, 0)
+    def reset(self) -> StoredUpload | None:
+        """Start over (a write from offset 0); returns the file to drop."""
+        old, self.stored = self.stored, None
         self.committed = 0
-
-    def append(self, data: bytes) -> None:
-        offset = self.committed
-        view = memoryview(data)
-        try:
-            while view:
-                written = os.pwrite(self._fd, view, offset)
-                view, offset = view[written:], offset + written
-        except OSError as exc:
-            raise from_oserror(exc, "writing an upload's spool file") from None
-        self.committed += len(data)
-        self.touched = time.monotonic()
-
-    def reader(self) -> BinaryIO:
-        """What was uploaded, from the start (decompressed when it came compressed)."""
-        spool = open(os.dup(self._fd), "rb", buffering=0)  # noqa: SIM115 - the caller closes it
-        spool.seek(0)
-        if not self.compressed:
-            return spool
-        return zstandard.ZstdDecompressor().stream_reader(
-            spool, closefd=True, read_across_frames=True
-        )
-
-    def close(self) -> None:
-        os.close(self._fd)
-        self.path.unlink(missing_ok=True)
+        if self.compressed:
+            self.decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+        return old
 
 
 class Uploads:
     """The uploads in progress, by resource name."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self, drop: Callable[[StoredUpload], None]) -> None:
+        """``drop`` removes an upload's file (without waiting)."""
+        self._drop = drop
         self._uploads: dict[str, Upload] = {}
         self._lock = threading.Lock()
 
@@ -92,27 +84,23 @@ class Uploads:
             self._expire()
             upload = self._uploads.get(name)
             if upload is None:
-                key = hashlib.sha256(name.encode()).hexdigest()[:32]
-                upload = Upload(self.directory / f"upload-{key}", compressed)
+                upload = Upload(compressed)
                 self._uploads[name] = upload
+            upload.touched = time.monotonic()
             return upload
 
-    def finish(self, name: str, upload: Upload) -> None:
-        """The upload is over (stored, or refused): drop its spool."""
+    def finish(self, name: str, upload: Upload, *, drop: bool) -> None:
+        """The upload is over (stored, or refused); ``drop``: its file goes too."""
         with self._lock:
             if self._uploads.get(name) is upload:
                 del self._uploads[name]
-        upload.close()
+        if drop and upload.stored is not None:
+            self._drop(upload.stored)
 
     def _expire(self) -> None:
         old = time.monotonic() - EXPIRY
         for name, upload in list(self._uploads.items()):
             if upload.touched < old and not upload.lock.locked():
                 del self._uploads[name]
-                upload.close()
-
-    def close(self) -> None:
-        with self._lock:
-            uploads, self._uploads = list(self._uploads.values()), {}
-        for upload in uploads:
-            upload.close()
+                if upload.stored is not None:
+                    self._drop(upload.stored)
