@@ -196,6 +196,20 @@ def test_evicted_blobs_make_their_action_result_a_miss(tmp_path: Path) -> None:
         assert figures["caches"][0]["bytes"] <= 1 << 20
 
 
+def test_find_missing_blobs_extends_the_lives_of_the_blobs_it_finds(tmp_path: Path) -> None:
+    """REAPI: lifetimes "long enough to allow for newly-added and recently looked-up
+    entries to be used in subsequent calls" -- a blob FindMissingBlobs reported
+    present counts as used (LRU: the other one goes first)."""
+    with serving(tmp_path / "store", "--max-size", "1M") as server, server.client() as client:
+        old, young = os.urandom(400_000), os.urandom(400_000)
+        client.write(old)
+        client.write(young)
+        assert client.find_missing([client.digest(old)]) == []
+        client.write(os.urandom(400_000))  # room for it: the least recently used goes
+        wanted = [client.digest(old), client.digest(young)]
+        assert client.find_missing(wanted) == [client.digest(young)]
+
+
 def test_a_blob_larger_than_the_budget(tmp_path: Path) -> None:
     with serving(tmp_path / "store", "--max-size", "100K") as server, server.client() as client:
         data = os.urandom(200_000)

@@ -159,15 +159,26 @@ class RemoteCache:
     def contains(self, instance: str, digest: Digest) -> bool:
         return digest == self.empty or self._blob(instance, digest)[2] is not None
 
-    def find_missing(self, instance: str, digests: list[Digest]) -> list[int]:
+    def find_missing(self, instance: str, digests: list[Digest], *, use: bool = False) -> list[int]:
         """The indices in ``digests`` of the blobs the instance does not have
-        (all looked up in one read transaction)."""
+        (all looked up in one read transaction).  With ``use``, those it has
+        count as used: their lives are extended (the policy sees a hit), as
+        the API asks for blobs a client was told are there."""
+        missing: list[int] = []
+        used: list[Inode] = []
+        empty = self.empty
         with _View(self.stored) as view:
-            return [
-                i
-                for i, d in enumerate(digests)
-                if d != self.empty and self._blob(instance, d, view)[2] is None
-            ]
+            for i, digest in enumerate(digests):
+                if digest == empty:
+                    continue
+                inode = self._blob(instance, digest, view)[2]
+                if inode is None:
+                    missing.append(i)
+                elif use:
+                    used.append(inode)
+        if used:
+            self._soon(self._looked_up, used, [])
+        return missing
 
     def read_blob(
         self, instance: str, digest: Digest, offset: int = 0, length: int | None = None
@@ -217,22 +228,8 @@ class RemoteCache:
             self.stored.miss(parent, name)
 
     def touch(self, instance: str, digests: list[Digest]) -> bool:
-        """Whether every blob is there; those that are count as used (their
-        lives are extended: the policy sees a hit)."""
-        found = True
-        used = []
-        with _View(self.stored) as view:
-            for digest in digests:
-                if digest == self.empty:
-                    continue
-                inode = self._blob(instance, digest, view)[2]
-                if inode is None:
-                    found = False
-                else:
-                    used.append(inode)
-        if used:
-            self._soon(self._looked_up, used, [])
-        return found
+        """Whether every blob is there; those that are count as used."""
+        return not self.find_missing(instance, digests, use=True)
 
     def write_blob(self, instance: str, digest: Digest, source: Source) -> bool:
         """Store a blob whose content must have ``digest`` (DigestMismatchError

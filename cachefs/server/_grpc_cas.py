@@ -82,7 +82,7 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
     ) -> re_pb2.FindMissingBlobsResponse:
         self.check_function(request.digest_function)
         wanted = [self.digest(d) for d in request.blob_digests]
-        missing = self.cache.find_missing(request.instance_name, wanted)
+        missing = self.cache.find_missing(request.instance_name, wanted, use=True)
         given = request.blob_digests
         return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[given[i] for i in missing])
 
