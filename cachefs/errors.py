@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
+from typing import Any
 
 
 class CachefsError(Exception):
@@ -188,3 +189,12 @@ def from_oserror(exc: OSError, what: str) -> CachefsError:
     err = CachefsError(f"{what}: {exc.strerror or exc}")
     err.errno = exc.errno or _errno.EIO
     return err
+
+
+def leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    """The errors a group holds, through its nested groups (trio's nurseries
+    group what their tasks raise)."""
+    out: list[BaseException] = []
+    for inner in group.exceptions:
+        out.extend(leaves(inner) if isinstance(inner, BaseExceptionGroup) else [inner])
+    return out

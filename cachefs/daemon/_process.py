@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cachefs.errors import CachefsError
+from cachefs.errors import CachefsError, leaves
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +47,9 @@ def unwrap_group(exc: BaseExceptionGroup[Any]) -> BaseException:
     """The one cachefs error that a group of errors holds (trio's nurseries
     group what their tasks raise), so that it is reported as itself; the
     group otherwise."""
-    leaves: list[BaseException] = []
-
-    def walk(group: BaseExceptionGroup[Any]) -> None:
-        for inner in group.exceptions:
-            if isinstance(inner, BaseExceptionGroup):
-                walk(inner)
-            else:
-                leaves.append(inner)
-
-    walk(exc)
-    if len(leaves) == 1 and isinstance(leaves[0], CachefsError):
-        return leaves[0]
+    inner = leaves(exc)
+    if len(inner) == 1 and isinstance(inner[0], CachefsError):
+        return inner[0]
     return exc
 
 

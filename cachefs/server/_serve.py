@@ -21,7 +21,7 @@ import hypercorn.trio
 import trio
 
 from cachefs import __version__
-from cachefs.errors import ConfigError
+from cachefs.errors import ConfigError, leaves
 from cachefs.fs import Filesystem
 from cachefs.server._cache import RemoteCache
 from cachefs.server._grpc_server import serve_grpc
@@ -101,7 +101,7 @@ async def _start_http(nursery: trio.Nursery, app: HttpCache, address: str) -> st
         serve = functools.partial(hypercorn.trio.serve, cast(Any, app), config)
         bound: list[str] = await nursery.start(serve)
     except* OSError as group:  # binding failed (hypercorn's own nursery groups it)
-        reasons = {_reason(exc) for exc in _leaves(group)}
+        reasons = {_reason(exc) for exc in leaves(group)}
         raise ConfigError(
             f"cannot serve HTTP on {address}: {', '.join(sorted(reasons))}",
             hint="the address is taken or not this machine's",
@@ -109,13 +109,6 @@ async def _start_http(nursery: trio.Nursery, app: HttpCache, address: str) -> st
     where = bound[0].removeprefix("http://")
     log.info("serving the Bazel HTTP cache protocol on %s", where)
     return where
-
-
-def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
 
 
 def _reason(exc: BaseException) -> str:
