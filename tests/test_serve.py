@@ -26,12 +26,12 @@ import pyfastcdc
 import pytest
 
 from cachefs.daemon import mount_info
-from cachefs.engine import ROOT_INODE, FsError, Namespace, Store
+from cachefs.engine import ROOT_INODE, SHA256, FsError, Namespace, Store
 from cachefs.format.header import HEADER_NAME
 from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from cachefs.server._gen.google.bytestream import bytestream_pb2 as bs_pb2
-from tests.mounting import cachefs
-from tests.reapi import read_log, serving, start_serve, stop_serve
+from tests.mounting import cachefs, mounted
+from tests.reapi import Client, read_log, serving, start_serve, stop_serve
 from tests.test_mount_cli import assert_one_line_error, tree_bytes
 
 
@@ -320,3 +320,31 @@ def test_an_upload_is_a_file_until_it_is_finished(tmp_path: Path) -> None:
         assert client.find_missing([client.digest(other), wrong]) == [client.digest(other), wrong]
     assert uploads_in(store) == []
     assert cachefs("fsck", str(store), check=False).returncode == 0
+
+
+def test_a_blob_changed_through_the_mount_is_that_blob_no_more(tmp_path: Path) -> None:
+    """A mount that serves shows the blobs as files; one changed through the
+    mount is missing (not a wrong answer), and an upload puts it back."""
+    with mounted(tmp_path / "store", tmp_path / "mnt", "--grpc", "127.0.0.1:0") as mount:
+        address = json.loads((mount.path / ".cachefs" / "stats.json").read_text())["servers"]
+        with Client(address["grpc"], SHA256) as client:
+            batch, stream = os.urandom(10_000), os.urandom(300_000)
+            client.update_blobs([batch])
+            client.write(stream)
+            for data, batched in ((batch, True), (stream, False)):
+                digest = client.digest(data)
+                cas = mount.path / "remote-cache" / "_" / "cas"
+                (cas / digest.hash[:2] / digest.hash).write_bytes(b"something else")
+                assert client.find_missing([digest]) == [digest]
+                request = re_pb2.BatchReadBlobsRequest(digests=[digest])
+                [answer] = client.cas.BatchReadBlobs(request).responses
+                assert answer.status.code == grpc.StatusCode.NOT_FOUND.value[0]
+                if batched:
+                    [stored] = client.update_blobs([data]).responses
+                    assert stored.status.code == 0
+                else:
+                    client.write(data)
+                assert client.find_missing([digest]) == []
+                assert client.read(digest) == data
+                assert (cas / digest.hash[:2] / digest.hash).read_bytes() == data
+    assert cachefs("fsck", str(tmp_path / "store"), check=False).returncode == 0

@@ -158,6 +158,7 @@ class Filesystem:
             self.listeners,
             rename=lambda old, name, new, new_name: self.rename(old, name, new, new_name, 0),
             unlink=self.unlink,
+            changed=self._changed_here,
         )
         self.io = FileIO(
             store,
@@ -276,6 +277,12 @@ class Filesystem:
             listener.evicted(parent, name, inode)
         if self.invalidate is not None:
             self.invalidate(parent, name, inode.ino if inode.nlink == 0 else 0)
+
+    def _changed_here(self, parent: int, name: bytes) -> None:
+        """An entry changed, not through the kernel (a server replaced or
+        removed it): the kernel must look it up again."""
+        if self.invalidate is not None:
+            self.invalidate(parent, name, 0)
 
     def remember(self, ino: int, count: int = 1) -> None:
         """The kernel learned of inode ``ino`` (``count`` more lookups)."""

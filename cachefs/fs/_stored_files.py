@@ -41,6 +41,7 @@ from cachefs.engine import (
     Source,
     Store,
 )
+from cachefs.format.schema import INO_KEY, INO_VALUE, INODE
 from cachefs.fs._caches import CacheDirs
 from cachefs.fs._events import Listeners
 
@@ -61,15 +62,18 @@ class StoredFiles:
         *,
         rename: Callable[[int, bytes, int, bytes], None],
         unlink: Callable[[int, bytes], None],
+        changed: Callable[[int, bytes], None],
     ) -> None:
         """``rename`` and ``unlink`` are the filesystem's own (replacing an
-        entry, removing one: with its events)."""
+        entry, removing one: with its events); ``changed`` tells a mount's
+        kernel that an entry changed behind its back (it looks it up again)."""
         self.store = store
         self.namespace = namespace
         self.caches = caches
         self.listeners = listeners
         self._rename = rename
         self._unlink = unlink
+        self._changed = changed
 
     # --- any thread ------------------------------------------------------------------
 
@@ -100,6 +104,29 @@ class StoredFiles:
                 return None
             raise
         return inode if inode.is_reg else None
+
+    def find_files(
+        self, entries: Sequence[tuple[int, bytes]], txn: lmdb.Transaction
+    ) -> list[tuple[int, int, bytes] | None]:
+        """For each ``(directory, name)``, the regular file there as ``(ino,
+        size, content)``, or None: many lookups at the cost of few Python calls
+        (a server asked about thousands of blobs at once reads the namespace's
+        records itself, ``format/schema.py``)."""
+        get, dirents, inodes = txn.get, self.namespace.dirents, self.namespace.inodes
+        key, value, unpack = INO_KEY.pack, INO_VALUE.unpack, INODE.unpack_from
+        out: list[tuple[int, int, bytes] | None] = []
+        for parent, name in entries:
+            raw = get(key(parent) + name, db=dirents)
+            found = None
+            if raw is not None:
+                ino = value(raw)[0]
+                raw = get(key(ino), db=inodes)
+                if raw is not None:
+                    mode, _, _, _, size, _, _, _, _, content = unpack(raw)
+                    if stat.S_ISREG(mode):
+                        found = (ino, size, content)
+            out.append(found)
+        return out
 
     def store_file(
         self,
@@ -209,14 +236,19 @@ class StoredFiles:
     def replace(self, parent: int, temporary: bytes, name: bytes) -> None:
         """Put the file stored as ``temporary`` in the place of ``name``."""
         self._rename(parent, temporary, parent, name)
+        self._changed(parent, name)
 
     def move(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> bool:
-        """Move a file to ``new_name`` of ``new_parent`` unless an entry is
-        there; if one is, the file is removed instead.  Whether it moved."""
-        if self.lookup(new_parent, new_name) is not None:
+        """Move a file to ``new_name`` of ``new_parent``, in the place of what
+        is there -- unless that is a file of the same content: then the file is
+        removed instead.  Whether it moved."""
+        moving = self.lookup(parent, name)
+        there = self.lookup(new_parent, new_name)
+        if moving is not None and there is not None and there.digest == moving.digest:
             self.remove(parent, name)
             return False
         self._rename(parent, name, new_parent, new_name)
+        self._changed(new_parent, new_name)
         return True
 
     def remove(self, parent: int, name: bytes) -> None:
@@ -226,11 +258,18 @@ class StoredFiles:
         except FsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+            return
+        self._changed(parent, name)
 
     def hit(self, inode: Inode) -> None:
         """A stored file was read (a cache hit)."""
+        self.hits([(inode.ino, inode.size)])
+
+    def hits(self, files: Sequence[tuple[int, int]]) -> None:
+        """Stored files ``(ino, size)`` were used (cache hits)."""
         for listener in self.listeners:
-            listener.opened(inode.ino, inode.size)
+            for ino, size in files:
+                listener.opened(ino, size)
 
     def miss(self, parent: int, name: bytes) -> None:
         """A file was asked for and is not there (a cache miss)."""

@@ -161,23 +161,26 @@ class RemoteCache:
 
     def find_missing(self, instance: str, digests: list[Digest], *, use: bool = False) -> list[int]:
         """The indices in ``digests`` of the blobs the instance does not have
-        (all looked up in one read transaction).  With ``use``, those it has
-        count as used: their lives are extended (the policy sees a hit), as
-        the API asks for blobs a client was told are there."""
-        missing: list[int] = []
-        used: list[Inode] = []
-        empty = self.empty
+        (all looked up in one read transaction, in one call to the namespace).
+        With ``use``, those it has count as used: their lives are extended
+        (the policy sees a hit), as the API asks for blobs a client was told
+        are there."""
+        top = (ROOT, instance_directory(instance), CAS)
+        names = [d.hash.hex().encode() for d in digests]
         with _View(self.stored) as view:
-            for i, digest in enumerate(digests):
-                if digest == empty:
-                    continue
-                inode = self._blob(instance, digest, view)[2]
-                if inode is None:
-                    missing.append(i)
-                elif use:
-                    used.append(inode)
+            parents = {hh: view.directory((*top, hh)) or 0 for hh in {n[:2] for n in names}}
+            files = view.find_files([(parents[name[:2]], name) for name in names])
+        missing: list[int] = []
+        used: list[tuple[int, int]] = []
+        empty = self.empty.hash
+        for i, (digest, file) in enumerate(zip(digests, files, strict=True)):
+            if file is not None and file[1] == digest.size and file[2] == digest.hash:
+                if use:
+                    used.append((file[0], file[1]))
+            elif digest.size or digest.hash != empty:  # the empty blob is always there
+                missing.append(i)
         if used:
-            self._soon(self._looked_up, used, [])
+            self._soon(self.stored.hits, used)
         return missing
 
     def read_blob(
@@ -241,10 +244,14 @@ class RemoteCache:
             parts, name = self._place(instance, CAS, digest)
             parent = self._directory(parts, make=True)
             assert parent is not None
-            if self._blob(instance, digest)[2] is not None:
+            there = self._find(instance, CAS, digest)[2]
+            if there is not None and there.digest == digest:
                 return False
             self._wait(self.stored.make_room, parent, digest.size)
             try:
+                if there is not None:  # a file changed through a mount: replaced
+                    self._store_replacing(parent, name, source, digest)
+                    return True
                 inode = self.stored.store_file(parent, name, source, expect=digest)
             except FsError as exc:
                 again = isinstance(source, bytes | bytearray | memoryview)
@@ -271,9 +278,19 @@ class RemoteCache:
             if digest != self.empty:
                 wanted.setdefault(digest, []).append(i)
         places = {digest: self._place(instance, CAS, digest) for digest in wanted}
+        changed = []
         with _View(self.stored) as view:
-            missing = [d for d in wanted if self._blob(instance, d, view)[2] is None]
+            missing = []
+            for digest in wanted:
+                there = self._find(instance, CAS, digest, view)[2]
+                if there is None:
+                    missing.append(digest)
+                elif there.digest != digest:  # a file changed through a mount
+                    changed.append(digest)
             directories = {parts: view.directory(parts) for parts, _ in places.values()}
+        for digest in changed:  # replaced, each on its own (it is rare)
+            for i in wanted[digest]:
+                out[i] = _outcome(self.write_blob, instance, digest, blobs[i][1])
         if not missing:
             return out
         absent = [parts for parts, ino in directories.items() if ino is None]
@@ -390,8 +407,15 @@ class RemoteCache:
         parent = self._directory(parts, make=True)
         assert parent is not None
         self._wait(self.stored.make_room, parent, len(data))
+        self._store_replacing(parent, name, data, None)
+
+    def _store_replacing(
+        self, parent: int, name: bytes, source: Source, expect: Digest | None
+    ) -> None:
+        """Store a file in the place of what is at ``name`` (stored under a
+        name of its own first, then renamed over it)."""
         temporary = name + b".tmp-" + uuid.uuid4().hex.encode()
-        inode = self.stored.store_file(parent, temporary, data)
+        inode = self.stored.store_file(parent, temporary, source, expect=expect)
         assert inode is not None  # a fresh name
         self._run(self._put_in_place, parent, temporary, name, inode)
 
@@ -422,6 +446,9 @@ class _View:
 
     def lookup(self, parent: int, name: bytes) -> Inode | None:
         return self.stored.lookup(parent, name, self._txn)
+
+    def find_files(self, entries: list[tuple[int, bytes]]) -> list[tuple[int, int, bytes] | None]:
+        return self.stored.find_files(entries, self._txn)
 
 
 def _outcome(store: Callable[..., object], *args: Any) -> CachefsError | None:
