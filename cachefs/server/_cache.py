@@ -413,11 +413,13 @@ class RemoteCache:
         self, parent: int, name: bytes, source: Source, expect: Digest | None
     ) -> None:
         """Store a file in the place of what is at ``name`` (stored under a
-        name of its own first, then renamed over it)."""
+        name of its own first, then renamed over it), durably: one sync once
+        it is in place."""
         temporary = name + b".tmp-" + uuid.uuid4().hex.encode()
-        inode = self.stored.store_file(parent, temporary, source, expect=expect)
+        inode = self.stored.store_file(parent, temporary, source, expect=expect, durable=False)
         assert inode is not None  # a fresh name
         self._run(self._put_in_place, parent, temporary, name, inode)
+        self.store.sync()
 
     def _put_in_place(self, parent: int, temporary: bytes, name: bytes, inode: Inode) -> None:
         self.stored.added(parent, temporary, inode)
