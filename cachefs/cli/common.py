@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from cachefs.errors import ConfigError
+from cachefs.fs import DEFAULT_MEMORY_LIMIT
 from cachefs.server import GRPC_PORT, HTTP_PORT
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -30,6 +31,28 @@ http_option = click.option(
     metavar="ADDR",
     help=f"Serve the Bazel HTTP cache protocol on ADDR (port {HTTP_PORT} and 127.0.0.1 "
     "unless given).",
+)
+
+# What a daemon that holds a store takes, whether it mounts it or serves it.
+cache_size_option = click.option(
+    "--cache-size",
+    default="64M",
+    show_default=True,
+    metavar="SIZE",
+    help="Memory for decompressed chunks.",
+)
+max_store_size_option = click.option(
+    "--max-store-size",
+    metavar="SIZE",
+    help="Quota on the store's stored bytes, kept in the store (0: none).  Past it, "
+    "cache directories are evicted; writers get ENOSPC when nothing is left to evict.",
+)
+memory_limit_option = click.option(
+    "--memory-limit",
+    default=f"{DEFAULT_MEMORY_LIMIT >> 20}M",
+    show_default=True,
+    metavar="SIZE",
+    help="Memory the daemon's caches may use; they shrink when the system is short.",
 )
 
 

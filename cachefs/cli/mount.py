@@ -8,10 +8,18 @@ import click
 
 from cachefs import daemon
 from cachefs.errors import ConfigError
-from cachefs.fs import DEFAULT_MEMORY_LIMIT, DEFAULT_PUBLISH_THRESHOLD
+from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD
 from cachefs.server import ServeOptions
 
-from .common import grpc_option, http_option, parse_size, store_argument
+from .common import (
+    cache_size_option,
+    grpc_option,
+    http_option,
+    max_store_size_option,
+    memory_limit_option,
+    parse_size,
+    store_argument,
+)
 
 
 @click.command("mount")
@@ -35,26 +43,9 @@ from .common import grpc_option, http_option, parse_size, store_argument
     metavar="SIZE",
     help="Publish a file in the background once this many bytes are unpublished (1G, 256M).",
 )
-@click.option(
-    "--cache-size",
-    default="64M",
-    show_default=True,
-    metavar="SIZE",
-    help="Memory for decompressed chunks.",
-)
-@click.option(
-    "--max-store-size",
-    metavar="SIZE",
-    help="Quota on the store's stored bytes, kept in the store (0: none).  Past it, "
-    "cache directories are evicted; writers get ENOSPC when nothing is left to evict.",
-)
-@click.option(
-    "--memory-limit",
-    default=f"{DEFAULT_MEMORY_LIMIT >> 20}M",
-    show_default=True,
-    metavar="SIZE",
-    help="Memory the daemon's caches may use; they shrink when the system is short.",
-)
+@cache_size_option
+@max_store_size_option
+@memory_limit_option
 @click.option(
     "--trace",
     type=click.Path(dir_okay=False, path_type=Path),

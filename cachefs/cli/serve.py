@@ -8,10 +8,19 @@ import click
 
 from cachefs import daemon
 from cachefs.errors import ConfigError
-from cachefs.fs import DEFAULT_MEMORY_LIMIT, POLICIES
+from cachefs.fs import POLICIES
 from cachefs.server import DEFAULT_MAX_SIZE, GRPC_PORT, HTTP_PORT, ServeOptions
 
-from .common import grpc_option, http_option, human_bytes, parse_size, store_argument
+from .common import (
+    cache_size_option,
+    grpc_option,
+    http_option,
+    human_bytes,
+    max_store_size_option,
+    memory_limit_option,
+    parse_size,
+    store_argument,
+)
 from .mount import memory_limit_of
 
 
@@ -35,25 +44,9 @@ from .mount import memory_limit_of
 @click.option(
     "--daemon", "detach", is_flag=True, help="Detach once serving (log to STORE/cachefs.log)."
 )
-@click.option(
-    "--max-store-size",
-    metavar="SIZE",
-    help="Quota on the store's stored bytes, as for `cachefs mount`.",
-)
-@click.option(
-    "--cache-size",
-    default="64M",
-    show_default=True,
-    metavar="SIZE",
-    help="Memory for decompressed chunks.",
-)
-@click.option(
-    "--memory-limit",
-    default=f"{DEFAULT_MEMORY_LIMIT >> 20}M",
-    show_default=True,
-    metavar="SIZE",
-    help="Memory the daemon's caches may use.",
-)
+@max_store_size_option
+@cache_size_option
+@memory_limit_option
 @click.pass_context
 def command(
     ctx: click.Context,
