@@ -15,9 +15,10 @@ fdatasync for all), and their directories are made in one transaction
 (:meth:`StoredFiles.directories`).
 
 Threads.  The lookups (:meth:`~StoredFiles.lookup`,
-:meth:`~StoredFiles.lookup_path`, in one :meth:`~StoredFiles.reading`
-transaction or each in its own) and :meth:`~StoredFiles.store_files` may run
-in any thread (they read and write the index only: the servers call them from
+:meth:`~StoredFiles.lookup_path` and :meth:`~StoredFiles.find_files`, the
+latter two in one :meth:`~StoredFiles.reading` transaction) and
+:meth:`~StoredFiles.store_files` may run in any thread (they read and write
+the index only: the servers call them from
 their worker threads, where ingest belongs).  Everything else runs on the
 filesystem's trio thread.
 """
@@ -95,10 +96,10 @@ class StoredFiles:
             raise
         return ino
 
-    def lookup(self, parent: int, name: bytes, txn: lmdb.Transaction | None = None) -> Inode | None:
+    def lookup(self, parent: int, name: bytes) -> Inode | None:
         """The regular file ``name`` of directory ``parent``, or None."""
         try:
-            inode = self.namespace.get(self.namespace.lookup(parent, name, txn), txn)
+            inode = self.namespace.get(self.namespace.lookup(parent, name))
         except FsError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None

@@ -31,7 +31,7 @@ from __future__ import annotations
 import errno
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 import zstandard
@@ -45,7 +45,7 @@ from cachefs.engine import (
     ObjectNotFoundError,
     Source,
 )
-from cachefs.fs import Filesystem, StoredFiles
+from cachefs.fs import Filesystem
 from cachefs.server._names import BadRequest, instance_directory
 from cachefs.server._options import DEFAULT_MAX_SIZE
 from cachefs.server._uploads import StoredUpload
@@ -122,23 +122,41 @@ class RemoteCache:
         return ino
 
     def _find(
-        self, instance: str, kind: bytes, digest: Digest, view: _View | None = None
+        self, instance: str, kind: bytes, digest: Digest
     ) -> tuple[int | None, bytes, Inode | None]:
         parts, name = self._place(instance, kind, digest)
-        if view is None:
-            parent = self.stored.lookup_path(parts)
-            inode = None if parent is None else self.stored.lookup(parent, name)
-        else:
-            parent = view.directory(parts)
-            inode = None if parent is None else view.lookup(parent, name)
+        parent = self.stored.lookup_path(parts)
+        inode = None if parent is None else self.stored.lookup(parent, name)
         return parent, name, inode
+
+    def _blob_files(
+        self, instance: str, digests: list[Digest]
+    ) -> tuple[Parts, list[bytes], dict[bytes, int | None], list[_File | None]]:
+        """The blobs' files, all looked up in one read transaction and one call
+        to the namespace (batches of thousands): the instance's CAS directory,
+        each blob's name, the directories by the first two digits of a name
+        (None: missing), and the regular file at each name, if any."""
+        top = (ROOT, instance_directory(instance), CAS)
+        names = [d.hash.hex().encode() for d in digests]
+        with self.stored.reading() as txn:
+            parents = {
+                hh: self.stored.lookup_path((*top, hh), txn) for hh in {n[:2] for n in names}
+            }
+            files = self.stored.find_files([(parents[n[:2]] or 0, n) for n in names], txn)
+        return top, names, parents, files
+
+    def _find_blobs(self, instance: str, digests: list[Digest]) -> list[_Found]:
+        """:meth:`_blob_files`, a :class:`_Found` for each blob."""
+        top, names, parents, files = self._blob_files(instance, digests)
+        return [
+            _Found((*top, name[:2]), parents[name[:2]], name, file, digest)
+            for digest, name, file in zip(digests, names, files, strict=True)
+        ]
 
     # --- blobs --------------------------------------------------------------------------
 
-    def _blob(
-        self, instance: str, digest: Digest, view: _View | None = None
-    ) -> tuple[int | None, bytes, Inode | None]:
-        parent, name, inode = self._find(instance, CAS, digest, view)
+    def _blob(self, instance: str, digest: Digest) -> tuple[int | None, bytes, Inode | None]:
+        parent, name, inode = self._find(instance, CAS, digest)
         changed = inode is not None and (inode.content, inode.size) != (digest.hash, digest.size)
         if changed and digest.size > 0:
             inode = None  # changed through a mount: it is not that blob any more
@@ -165,14 +183,11 @@ class RemoteCache:
         With ``use``, those it has count as used: their lives are extended
         (the policy sees a hit), as the API asks for blobs a client was told
         are there."""
-        top = (ROOT, instance_directory(instance), CAS)
-        names = [d.hash.hex().encode() for d in digests]
-        with _View(self.stored) as view:
-            parents = {hh: view.directory((*top, hh)) or 0 for hh in {n[:2] for n in names}}
-            files = view.find_files([(parents[name[:2]], name) for name in names])
+        files = self._blob_files(instance, digests)[3]
         missing: list[int] = []
         used: list[tuple[int, int]] = []
         empty = self.empty.hash
+        # The hottest loop of a cache server: no _Found, no calls.
         for i, (digest, file) in enumerate(zip(digests, files, strict=True)):
             if file is not None and file[1] == digest.size and file[2] == digest.hash:
                 if use:
@@ -203,30 +218,28 @@ class RemoteCache:
         read (ObjectNotFoundError: a miss): :meth:`read_blob` of a batch, looked
         up together and told to the filesystem's thread in one call."""
         out: list[bytes | CachefsError] = []
-        hits: list[Inode] = []
+        hits: list[tuple[int, int]] = []
         misses: list[tuple[int, bytes]] = []
-        with _View(self.stored) as view:
-            found = [self._blob(instance, d, view) for d in digests]
-        for digest, (parent, name, inode) in zip(digests, found, strict=True):
+        for found in self._find_blobs(instance, digests):
+            digest = found.digest
             try:
                 if digest == self.empty:
                     out.append(b"")
                     continue
-                if inode is None:
-                    if parent is not None:
-                        misses.append((parent, name))
+                if not found.present:
+                    if found.parent is not None:
+                        misses.append((found.parent, found.name))
                     raise ObjectNotFoundError(f"blob {digest} is not in the cache")
                 out.append(b"".join(self.store.iter_object(digest)))
-                hits.append(inode)
+                hits.append(found.used)
             except CachefsError as exc:
                 out.append(exc)
         if hits or misses:
             self._soon(self._looked_up, hits, misses)
         return out
 
-    def _looked_up(self, hits: list[Inode], misses: list[tuple[int, bytes]]) -> None:
-        for inode in hits:
-            self.stored.hit(inode)
+    def _looked_up(self, hits: list[tuple[int, int]], misses: list[tuple[int, bytes]]) -> None:
+        self.stored.hits(hits)
         for parent, name in misses:
             self.stored.miss(parent, name)
 
@@ -277,17 +290,10 @@ class RemoteCache:
         for i, (digest, _) in enumerate(blobs):
             if digest != self.empty:
                 wanted.setdefault(digest, []).append(i)
-        places = {digest: self._place(instance, CAS, digest) for digest in wanted}
-        changed = []
-        with _View(self.stored) as view:
-            missing = []
-            for digest in wanted:
-                there = self._find(instance, CAS, digest, view)[2]
-                if there is None:
-                    missing.append(digest)
-                elif there.digest != digest:  # a file changed through a mount
-                    changed.append(digest)
-            directories = {parts: view.directory(parts) for parts, _ in places.values()}
+        found = {f.digest: f for f in self._find_blobs(instance, list(wanted))}
+        missing = [d for d, f in found.items() if f.file is None]
+        changed = [d for d, f in found.items() if f.file is not None and not f.present]
+        directories = {f.parts: f.parent for f in found.values()}
         for digest in changed:  # replaced, each on its own (it is rare)
             for i in wanted[digest]:
                 out[i] = _outcome(self.write_blob, instance, digest, blobs[i][1])
@@ -312,10 +318,9 @@ class RemoteCache:
             return out
         files = []
         for digest in missing:
-            parts, name = places[digest]
-            parent = directories[parts]
+            parent = directories[found[digest].parts]
             assert parent is not None
-            files.append((parent, name, blobs[wanted[digest][0]][1], digest))
+            files.append((parent, found[digest].name, blobs[wanted[digest][0]][1], digest))
         results = self.stored.store_files(files)
         added = []
         for (parent, name, data, digest), result in zip(files, results, strict=True):
@@ -426,31 +431,30 @@ class RemoteCache:
         self.stored.replace(parent, temporary, name)
 
 
-class _View:
-    """Lookups in one read transaction (``with``), the directories remembered:
-    many blobs looked up at once see one state, at the cost of one."""
+#: A regular file: (ino, size, content).
+_File = tuple[int, int, bytes]
 
-    def __init__(self, stored: StoredFiles) -> None:
-        self.stored = stored
-        self._directories: dict[Parts, int | None] = {}
 
-    def __enter__(self) -> _View:
-        self._txn = self.stored.reading()
-        return self
+class _Found(NamedTuple):
+    """Where a blob's file is (``parent`` None: its directory is missing), and
+    the regular file there as ``(ino, size, content)``, if any."""
 
-    def __exit__(self, *exc: object) -> None:
-        self._txn.abort()
+    parts: Parts
+    parent: int | None
+    name: bytes
+    file: _File | None
+    digest: Digest
 
-    def directory(self, parts: Parts) -> int | None:
-        if parts not in self._directories:
-            self._directories[parts] = self.stored.lookup_path(parts, self._txn)
-        return self._directories[parts]
+    @property
+    def present(self) -> bool:
+        """The file is the blob (not one changed through a mount)."""
+        return self.file is not None and self.file[1:] == (self.digest.size, self.digest.hash)
 
-    def lookup(self, parent: int, name: bytes) -> Inode | None:
-        return self.stored.lookup(parent, name, self._txn)
-
-    def find_files(self, entries: list[tuple[int, bytes]]) -> list[tuple[int, int, bytes] | None]:
-        return self.stored.find_files(entries, self._txn)
+    @property
+    def used(self) -> tuple[int, int]:
+        """``(ino, size)``, as the filesystem is told of a hit."""
+        assert self.file is not None
+        return self.file[0], self.file[1]
 
 
 def _outcome(store: Callable[..., object], *args: Any) -> CachefsError | None:
