@@ -80,7 +80,9 @@ def _invalidate_entry(parent: int, name: bytes, deleted: int) -> None:
     pyfuse3.invalidate_entry_async(parent, name, deleted=deleted, ignore_enoent=True)
 
 
-def entry_attributes(inode: Inode) -> pyfuse3.EntryAttributes:
+def entry_attributes(inode: Inode, allocated: int | None = None) -> pyfuse3.EntryAttributes:
+    """The attributes of ``inode``; ``allocated``: the bytes it stores (its
+    size less its holes; by default its size)."""
     attr = pyfuse3.EntryAttributes()
     attr.st_ino = inode.ino
     attr.generation = 0
@@ -96,7 +98,7 @@ def entry_attributes(inode: Inode) -> pyfuse3.EntryAttributes:
     attr.st_rdev = inode.rdev
     attr.st_size = inode.size
     attr.st_blksize = 128 * 1024
-    attr.st_blocks = (inode.size + 511) // 512
+    attr.st_blocks = ((inode.size if allocated is None else allocated) + 511) // 512
     attr.st_atime_ns = inode.atime_ns
     attr.st_mtime_ns = inode.mtime_ns
     attr.st_ctime_ns = inode.ctime_ns
@@ -120,7 +122,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         try:
-            return entry_attributes(self.fs.lookup(parent_inode, name))
+            return self._attributes(self.fs.lookup(parent_inode, name))
         except CachefsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -136,7 +138,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return entry_attributes(self.fs.getattr(inode))
+        return self._attributes(self.fs.getattr(inode))
 
     @_translate
     async def setattr(
@@ -156,7 +158,7 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             size=attr.st_size if fields.update_size else None,
         )
-        return entry_attributes(new)
+        return self._attributes(new)
 
     @_translate
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -169,7 +171,7 @@ class Operations(pyfuse3.Operations):
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise FUSEError(errno.EINVAL)
-        return entry_attributes(
+        return self._attributes(
             self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid, rdev=rdev)
         )
 
@@ -178,7 +180,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
-        return entry_attributes(self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self._attributes(self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_translate
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -193,7 +195,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         mode = stat.S_IFLNK | 0o777
-        return entry_attributes(
+        return self._attributes(
             self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid, target=target)
         )
 
@@ -213,7 +215,10 @@ class Operations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return entry_attributes(self.fs.link(inode, new_parent_inode, new_name))
+        return self._attributes(self.fs.link(inode, new_parent_inode, new_name))
+
+    def _attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        return entry_attributes(inode, self.fs.sparse.allocated(inode))
 
     def _file_info(self, ino: int, fh: int, keep_cache: bool) -> pyfuse3.FileInfo:
         volatile = is_volatile(ino)
@@ -232,7 +237,7 @@ class Operations(pyfuse3.Operations):
             parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
         )
         fh, keep = await self.fs.open(inode.ino, flags & ~os.O_TRUNC, created=True)
-        return self._file_info(inode.ino, fh, keep), entry_attributes(inode)
+        return self._file_info(inode.ino, fh, keep), self._attributes(inode)
 
     @_translate
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
@@ -261,7 +266,7 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         for i, (name, inode) in enumerate(self.fs.readdir(fh, start_id)):
-            if not pyfuse3.readdir_reply(token, name, entry_attributes(inode), start_id + i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attributes(inode), start_id + i + 1):
                 break
             if name not in (b".", b".."):
                 self.fs.remember(inode.ino)

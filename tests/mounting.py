@@ -5,6 +5,7 @@ skipped when the machine has no FUSE."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -152,3 +153,15 @@ def live_stats(mountpoint: Path) -> dict[str, Any]:
     """The mount's ``/.cachefs/stats.json``."""
     doc: dict[str, Any] = json.loads((mountpoint / ".cachefs" / "stats.json").read_bytes())
     return doc
+
+
+def content_digest(path: Path, timeout: float = 120.0) -> str:
+    """``user.cachefs.digest``, asked again while it is being computed (EAGAIN)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.getxattr(path, "user.cachefs.digest").decode()
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)

@@ -43,7 +43,13 @@ from cachefs.engine._namespace_check import check_namespace, repair_namespace
 from cachefs.engine._store import Progress, Store
 from cachefs.errors import CorruptDataError
 from cachefs.format.digest import Digest
-from cachefs.format.schema import COUNTER_NAMES, ChunkEntry, SegmentEntry
+from cachefs.format.schema import (
+    COUNTER_NAMES,
+    HOLE_MARK,
+    ChunkEntry,
+    SegmentEntry,
+    sparse_key,
+)
 from cachefs.format.segment import (
     RECORD_HEADER,
     TAG_ANCILLARY_MIN,
@@ -245,7 +251,7 @@ def _check_snapshot(
     for key, obj in index.iter_objects(txn):
         report.objects_checked += 1
         obj_digest = Digest(key, obj.size)
-        uses = Counter(d for d, _ in obj.chunks)
+        uses = obj.chunk_uses()
         refs.update(uses)
         counters["objects"] += 1
         counters["files"] += obj.refcount
@@ -254,7 +260,12 @@ def _check_snapshot(
         if sum(n for _, n in obj.chunks) != obj.size:
             report.add("bad-recipe", f"object {obj_digest}: chunk lengths do not add up")
             lost = True
+        if obj.sparse and sparse_key(store.digest_function, obj.chunks) != key:
+            report.add("bad-recipe", f"object {obj_digest}: its recipe is not the one named")
+            lost = True
         for part, n in obj.chunks:
+            if part == HOLE_MARK:
+                continue
             part_entry = index.get_chunk(txn, part)
             if part in recount.bad_chunks or part_entry is None:
                 lost = True

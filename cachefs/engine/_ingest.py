@@ -32,6 +32,7 @@ from cachefs.engine._workers import Workers
 from cachefs.errors import CachefsError
 from cachefs.format.codec import ChunkCodec
 from cachefs.format.digest import Digest, DigestFunction
+from cachefs.format.schema import HOLE_MARK, sparse_key
 from cachefs.format.segment import COMPRESSION_NONE, TAG_CHUNK, encode_record_header, record_flags
 
 #: Objects of up to this size are processed in the calling thread (no pool hop).
@@ -103,10 +104,7 @@ class Ingest:
     def ingest(self, source: Source) -> PendingObject:
         """Chunk, digest and store every chunk of a source; nothing is published yet.
 
-        The calling thread reads and cuts; a lane of its own computes the
-        whole-object digest (one hash call per buffer, in order); worker
-        threads store the chunks, several per task.  Few, long GIL-free calls
-        keep every core busy: many short ones would queue for the GIL.
+        See ``_store_batches`` for who does what.
         """
         batches = self._batches(source)
         first = next(batches)
@@ -118,13 +116,32 @@ class Ingest:
             return PendingObject(Digest(digest, raw_len), [(digest, raw_len)], locations)
         inline = second is None and len(first.span) <= _INLINE_LIMIT
         whole = self.digest_function.new()
+        batches = itertools.chain([first], [] if second is None else [second], batches)
+        size, results = self._store_batches(batches, whole, inline=inline)
+        return _pending(Digest(whole.digest(), size), results)
+
+    def _store_batches(
+        self, batches: Iterable[Batch], whole: Any | None, *, inline: bool = False
+    ) -> tuple[int, list[Stored]]:
+        """Store the chunks of ``batches``; (bytes, stored chunks in order).
+
+        The calling thread reads and cuts; a lane of its own computes the
+        whole-object digest into ``whole`` if given (one hash call per buffer,
+        in order); worker threads store the chunks, several per task.  Few,
+        long GIL-free calls keep every core busy: many short ones would queue
+        for the GIL.  ``inline``: all of it here, in the calling thread.
+        """
         size = 0
         results: list[Stored] = []
         in_flight: deque[Future[list[Stored]]] = deque()
         hashed: deque[Future[object]] = deque()
         # The whole-object hash is sequential: its own lane, a thread that takes
         # the buffers in order, so that the reading thread only reads and cuts.
-        lane = None if inline else ThreadPoolExecutor(1, thread_name_prefix="cachefs-hash")
+        lane = (
+            None
+            if inline or whole is None
+            else ThreadPoolExecutor(1, thread_name_prefix="cachefs-hash")
+        )
 
         def drain(keep: int, keep_hashed: int) -> None:
             while len(in_flight) > keep:
@@ -133,14 +150,16 @@ class Ingest:
                 hashed.popleft().result()
 
         try:
-            for batch in itertools.chain([first], [] if second is None else [second], batches):
+            for batch in batches:
                 size += len(batch.span)
-                if lane is None:
+                if inline:
                     results.extend(self.store_chunks(batch.chunks))
-                    whole.update(batch.span)
+                    if whole is not None:
+                        whole.update(batch.span)
                     continue
                 pool = self.workers.pool()
-                hashed.append(lane.submit(whole.update, batch.span))
+                if lane is not None and whole is not None:
+                    hashed.append(lane.submit(whole.update, batch.span))
                 tasks = 0
                 for i in range(0, len(batch.chunks), _TASK_CHUNKS):
                     group = batch.chunks[i : i + _TASK_CHUNKS]
@@ -160,7 +179,48 @@ class Ingest:
         finally:
             if lane is not None:
                 lane.shutdown(wait=True)
-        return _pending(Digest(whole.digest(), size), results)
+        return size, results
+
+    def ingest_sparse(
+        self,
+        size: int,
+        regions: list[tuple[int, int]],
+        read_range: Callable[[int, int], Iterable[bytes | memoryview]],
+    ) -> PendingObject:
+        """A sparse object of ``size`` bytes: data in the sorted, disjoint
+        ``regions`` (read with ``read_range(start, stop)``), holes around them.
+
+        Each region is cut on its own; the holes are recipe entries that cost
+        nothing, so the work is the data's, whatever the size.  The object is
+        keyed by its recipe (``format/schema.py``: ``sparse_key``): its content
+        digest is not computed here (``Store.content_digest``)."""
+        out: list[Stored] = []
+        position = 0
+        for start, stop in regions:
+            if not position <= start < stop <= size:
+                raise CachefsError(
+                    f"data region [{start}, {stop}) out of order or past {size}",
+                    hint="this is a bug in cachefs; please report it",
+                )
+            if start > position:
+                out.append((HOLE_MARK, start - position, None))
+            batches = self.chunker.batches(reader_for(read_range(start, stop)), stop - start)
+            length, stored = self._store_batches(batches, None)
+            if length != stop - start:
+                raise CachefsError(
+                    f"data region [{start}, {stop}) came out {length} bytes long",
+                    hint="the content changed while it was being stored; this is a bug",
+                )
+            out.extend(stored)
+            position = stop
+        if position < size:
+            out.append((HOLE_MARK, size - position, None))
+        chunks = [(chunk, raw_len) for chunk, raw_len, _ in out]
+        if HOLE_MARK not in (chunk for chunk, _ in chunks):
+            raise CachefsError(
+                "a sparse object without a hole", hint="this is a bug in cachefs; please report it"
+            )
+        return _pending(Digest(sparse_key(self.digest_function, chunks), size), out)
 
     def ingest_file(self, path: os.PathLike[str] | str) -> PendingObject:
         with open(path, "rb", buffering=0) as f:
@@ -175,6 +235,11 @@ class Ingest:
     ) -> PendingObject:
         """A new revision of ``base`` (see ``Store.put_revision``)."""
         chunks, starts = self.reader.layout(base)
+        if HOLE_MARK in (chunk for chunk, _ in chunks):
+            raise CachefsError(
+                f"object {base} is sparse: a revision of it is stored whole (ingest_sparse)",
+                hint="this is a bug in cachefs; please report it",
+            )
         resume = {
             start + length: i + 1
             for i, (start, (_, length)) in enumerate(zip(starts, chunks, strict=True))

@@ -29,7 +29,7 @@ from cachefs.engine._index import Index, lmdb_error
 from cachefs.engine._segments import Dirty, Location, SegmentStore
 from cachefs.errors import CachefsError, CorruptDataError
 from cachefs.format.digest import Digest
-from cachefs.format.schema import ChunkEntry, ObjectEntry, SegmentEntry
+from cachefs.format.schema import ChunkEntry, ObjectEntry, SegmentEntry, chunk_uses
 from cachefs.format.segment import RECORD_HEADER, Record, shard_of
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class Publisher:
                     f"not {obj.digest.size}"
                 )
             lengths = dict(obj.chunks)
-            for digest, count in Counter(d for d, _ in obj.chunks).items():
+            for digest, count in chunk_uses(obj.chunks).items():
                 entry = index.get_chunk(txn, digest)
                 location = obj.locations.get(digest)
                 if entry is not None:
@@ -308,7 +308,7 @@ class Publisher:
             return False
         self.index.delete_object(txn, digest.hash)
         self.index.add(txn, "objects", -1)
-        for chunk, count in Counter(d for d, _ in entry.chunks).items():
+        for chunk, count in entry.chunk_uses().items():
             chunk_entry = self.index.get_chunk(txn, chunk)
             if chunk_entry is None:
                 self.health.suspect()

@@ -20,8 +20,9 @@ import functools
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 
 import lmdb
 
@@ -33,9 +34,11 @@ from cachefs.engine._workers import Workers
 from cachefs.errors import ConfigError, CorruptDataError, ObjectNotFoundError
 from cachefs.format.codec import ChunkCodec
 from cachefs.format.digest import Digest, DigestFunction
-from cachefs.format.schema import ChunkEntry, ObjectEntry
+from cachefs.format.schema import HOLE_MARK, ChunkEntry, ObjectEntry
 from cachefs.format.segment import COMPRESSION_MASK, COMPRESSION_NONE, TAG_CHUNK
 
+#: Zero bytes that holes are read from (in pieces of at most this many).
+_ZEROS = bytes(4 << 20)
 #: Object layouts (chunk offsets) kept for reads.
 _LAYOUTS = 256
 #: Chunks looked up together when reading; compressed ones among them are
@@ -189,6 +192,13 @@ class LocalChunks:
         return data
 
 
+def zeros(length: int) -> Iterator[memoryview]:
+    """``length`` zero bytes, in pieces (a hole; it may be larger than memory)."""
+    view = memoryview(_ZEROS)
+    for start in range(0, length, len(_ZEROS)):
+        yield view[: min(len(_ZEROS), length - start)]
+
+
 class ObjectReader:
     """Objects read through a chunk backend, with their layouts cached."""
 
@@ -243,6 +253,43 @@ class ObjectReader:
                 self._layouts.popitem(last=False)
         return chunks, starts
 
+    def holes(self, digest: Digest) -> list[tuple[int, int]]:
+        chunks, starts = self.layout(digest)
+        return [
+            (start, start + length)
+            for (chunk, length), start in zip(chunks, starts, strict=True)
+            if chunk == HOLE_MARK
+        ]
+
+    def content_digest(
+        self,
+        digest: Digest,
+        function: DigestFunction,
+        compute: bool,
+        keep: Callable[[str], AbstractContextManager[lmdb.Transaction]] | None,
+    ) -> Digest | None:
+        """See ``Store.content_digest``; ``keep`` opens the write transaction
+        that records a digest found (None: read-only, not recorded)."""
+        with self.index.read() as txn:
+            entry = self.object_entry(txn, digest)
+        if not entry.sparse:
+            return digest
+        if entry.content is not None:
+            return Digest(entry.content, digest.size)
+        if not compute:
+            return None
+        whole = function.new()
+        for piece in self.iter_object(digest):
+            whole.update(piece)
+        content = whole.digest()
+        if keep is not None:
+            with keep("recording the content digest of a sparse object") as txn:
+                current = self.index.get_object(txn, digest.hash)
+                if current is not None and current.content is None:
+                    current.content = content
+                    self.index.put_object(txn, digest.hash, current)
+        return Digest(content, digest.size)
+
     def forget_layouts(self) -> None:
         with self._lock:
             self._layouts.clear()
@@ -266,9 +313,15 @@ class ObjectReader:
             i += 1
         for window_start in range(0, len(wanted), READ_WINDOW):
             window = wanted[window_start : window_start + READ_WINDOW]
-            pieces = self.chunks.read_chunks([chunk for chunk, *_ in window])
+            stored = [chunk for chunk, *_ in window if chunk != HOLE_MARK]
+            pieces = self.chunks.read_chunks(stored) if stored else ()
+            source = iter(pieces)
             try:
-                for (chunk, start, stop, size), data in zip(window, pieces, strict=True):
+                for chunk, start, stop, size in window:
+                    if chunk == HOLE_MARK:
+                        yield from zeros(stop - start)
+                        continue
+                    data = next(source)
                     if len(data) != size:
                         raise self.health.damaged(
                             CorruptDataError(

@@ -428,6 +428,19 @@ class Store:
         splice = functools.partial(self.ingest.splice, base, size, changed, read_range)
         return _one(self._put([(splice, None, on_publish)], durable))
 
+    def put_sparse(
+        self,
+        size: int,
+        regions: list[tuple[int, int]],
+        read_range: Callable[[int, int], Iterable[bytes | memoryview]],
+        *,
+        durable: bool = True,
+        on_publish: PublishHook | None = None,
+    ) -> Digest:
+        """A sparse object (``Ingest.ingest_sparse``), stored as :meth:`put` does."""
+        sparse = functools.partial(self.ingest.ingest_sparse, size, regions, read_range)
+        return _one(self._put([(sparse, None, on_publish)], durable))
+
     def put_many(
         self,
         items: Iterable[tuple[Source, Digest | None, PublishHook | None]],
@@ -591,6 +604,17 @@ class Store:
         """The chunk digests and lengths that make up an object, in order."""
         return self.reader.recipe(digest)
 
+    def holes(self, digest: Digest) -> list[tuple[int, int]]:
+        """The [start, stop) ranges of an object that are holes (sparse objects)."""
+        return self.reader.holes(digest)
+
+    def content_digest(self, digest: Digest, *, compute: bool = False) -> Digest | None:
+        """The digest of an object's content: ``digest`` for a dense object; for a
+        sparse one the one found before, else None, or with ``compute`` found now
+        (every byte read, holes too: a worker thread's job) and kept."""
+        keep = None if self.readonly else self.publisher.write_txn
+        return self.reader.content_digest(digest, self.digest_function, compute, keep)
+
     def read_chunk(self, digest: bytes) -> bytes | memoryview:
         """A chunk's bytes, verified (a raw chunk is a view on a segment mapping)."""
         return self.chunks.read_chunk(digest)
@@ -677,31 +701,34 @@ class Store:
             return self.index.counter(txn, "stored_bytes")
 
     def stats(self) -> StoreStats:
-        with self.index.read() as txn:
-            counters = self.index.counters_dict(txn)
-            segments = list(self.index.iter_segments(txn))
-        threshold = self.options.gc_live_threshold
+        return _stats(self.index, self.options.gc_live_threshold)
+
+
+def _stats(index: Index, threshold: float) -> StoreStats:
+    with index.read() as txn:
+        counters = index.counters_dict(txn)
+        segments = list(index.iter_segments(txn))
         histogram = [0] * 10
-        below = 0
-        segment_bytes = 0
-        for _, entry in segments:
-            segment_bytes += entry.length
-            ratio = entry.live_bytes / entry.length if entry.length else 0.0
-            histogram[min(9, int(ratio * 10))] += 1
-            if ratio < threshold:
-                below += 1
-        return StoreStats(
-            objects=counters["objects"],
-            files=counters["files"],
-            logical_bytes=counters["logical_bytes"],
-            chunks=counters["chunks"],
-            chunk_bytes=counters["chunk_bytes"],
-            stored_bytes=counters["stored_bytes"],
-            segments=len(segments),
-            segment_bytes=segment_bytes,
-            segments_below_threshold=below,
-            live_histogram=histogram,
-        )
+    below = 0
+    segment_bytes = 0
+    for _, entry in segments:
+        segment_bytes += entry.length
+        ratio = entry.live_bytes / entry.length if entry.length else 0.0
+        histogram[min(9, int(ratio * 10))] += 1
+        if ratio < threshold:
+            below += 1
+    return StoreStats(
+        objects=counters["objects"],
+        files=counters["files"],
+        logical_bytes=counters["logical_bytes"],
+        chunks=counters["chunks"],
+        chunk_bytes=counters["chunk_bytes"],
+        stored_bytes=counters["stored_bytes"],
+        segments=len(segments),
+        segment_bytes=segment_bytes,
+        segments_below_threshold=below,
+        live_histogram=histogram,
+    )
 
 
 def _check_empty(path: Path) -> None:

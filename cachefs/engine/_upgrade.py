@@ -21,6 +21,10 @@ finished by the next writer.  Read-only openers read older layouts as they are.
 
 2 -> 3: the header names the chunking's normalization level, 1 for stores
 before (``format/header.py``); nothing else changes.
+
+3 -> 4: recipes may hold holes (index schema 3, ``format/schema.py``).  No
+entry changes: the index only records its new schema version, so that an
+older cachefs, which would read a hole as a chunk, refuses it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from cachefs.engine._index import Index, lmdb_error
 from cachefs.errors import CachefsError, CorruptDataError
 from cachefs.format import journal
 from cachefs.format.header import STORE_FORMAT_VERSION, set_format_version
+from cachefs.format.schema import SCHEMA_VERSION
 from cachefs.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -69,7 +74,7 @@ def upgrade(path: Path, index: Index, version: int) -> None:
             "upgraded store %s from format version %d to %d", path, version, STORE_FORMAT_VERSION
         )
     _journal_from_1(path)
-    _index_from_1(index)
+    _index_schema(index)
 
 
 def _journal_from_1(path: Path) -> None:
@@ -94,9 +99,9 @@ def _journal_from_1(path: Path) -> None:
         fsync_dir(path)
 
 
-def _index_from_1(index: Index) -> None:
+def _index_schema(index: Index) -> None:
     applied = index.open_optional(b"wal_applied", create=False)
-    if applied is None and index.schema_version is not None:
+    if applied is None and index.schema_version == SCHEMA_VERSION:
         return
     try:
         with index.write() as txn:

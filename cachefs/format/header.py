@@ -72,7 +72,10 @@ from cachefs.fsutil import atomic_write
 #:    Stores before cut with level 1 and their headers leave it out; upgrading
 #:    one writes ``"normalization": 1`` into its header (its chunks stay as
 #:    they are, so deduplication against them goes on).
-STORE_FORMAT_VERSION = 3
+#: 4. Files' holes are stored as holes (index schema 3: sparse objects, see
+#:    ``schema.py``).  Upgrading a version 3 store records the new schema
+#:    version; nothing else changes.
+STORE_FORMAT_VERSION = 4
 #: The oldest layout this cachefs can open (read-only) or upgrade.
 OLDEST_FORMAT_VERSION = 1
 #: The normalization level of stores whose headers do not name one (format < 3).

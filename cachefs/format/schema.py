@@ -22,11 +22,22 @@ numerically, so that all the keys of one inode are adjacent):
     all objects (each distinct object once).  refcount 0 = garbage that ``gc``
     removes; a new object that needs the chunk may revive it first.
 
-``objects``  key: raw object digest (32 bytes)
+``objects``  key: raw object key (32 bytes)
     value ``OBJECT`` = size Q, reference count Q, chunk count I, then
     ``chunk count`` entries of ``RECIPE_ENTRY`` = chunk digest 32s, raw length I.
-    Invariants: size = sum of the entry lengths; refcount >= 1 (an object whose
-    last reference goes is deleted, and its chunks' refcounts drop).
+    An entry of raw length 0 whose digest field ends in 24 zero bytes is a
+    *hole* (since schema 3): zero bytes that nothing stores, as many as the
+    digest field's first 8 bytes say (``HOLE``).  (The only chunk of raw
+    length 0, the empty object's, has the empty string's digest.)  A dense
+    object (no hole) is keyed by the digest of its content.  A *sparse* object
+    (one hole or more) is keyed by ``sparse_key``: the store's digest function
+    over ``SPARSE_DOMAIN`` and its packed entries, its last 4 bytes replaced
+    by ``SPARSE_TAG``, so that storing it never reads its holes.  The digest
+    of its content is computed on request and then kept at the end of its
+    value (32 bytes after the entries).
+    Invariants: size = sum of the entry lengths (holes included); refcount >= 1
+    (an object whose last reference goes is deleted, and its chunks'
+    refcounts drop).
 
 ``segments``  key: segment id (Q, BE)
     value ``SEGMENT`` = shard I, published length Q, live bytes Q, live records Q.
@@ -92,14 +103,16 @@ from __future__ import annotations
 
 import stat
 import struct
+from collections import Counter
 from dataclasses import dataclass
 
 from cachefs.errors import CorruptDataError
-from cachefs.format.digest import Digest
+from cachefs.format.digest import Digest, DigestFunction
 
 #: Version of the LMDB schema.  1: cachefs 0.1 (no ``meta``; a ``wal_applied``
 #: database of the engine's staged objects).  2: ``meta``; no ``wal_applied``.
-SCHEMA_VERSION = 2
+#: 3: recipes may hold holes (sparse objects).
+SCHEMA_VERSION = 3
 
 INDEX_NAME = "index.lmdb"
 MAX_DBS = 32
@@ -115,6 +128,16 @@ CACHE_DATABASES = (b"caches", b"cache_state")
 CHUNK = struct.Struct("<QQIIB3xQ")
 OBJECT = struct.Struct("<QQI")
 RECIPE_ENTRY = struct.Struct("<32sI")
+HOLE = struct.Struct("<Q24x")
+_HOLE_PAD = bytes(24)
+#: What a sparse object's key is the digest of, before its packed entries.
+SPARSE_DOMAIN = b"cachefs sparse object 1\0"
+#: The last bytes of every sparse object's key (in place of the digest's own).
+SPARSE_TAG = b"\0SPR"
+#: The largest file: 16 TiB less 4 KiB, ext4's largest (4 KiB blocks), so that
+#: the spools in ``STORE/tmp`` can hold any offset of it on the usual
+#: filesystems.  Holes cost nothing, whatever their length.
+MAX_FILE_SIZE = (1 << 44) - (1 << 12)
 SEGMENT = struct.Struct("<IQQQ")
 SEGMENT_KEY = struct.Struct(">Q")
 COUNTER = struct.Struct("<Q")
@@ -161,24 +184,74 @@ class ChunkEntry:
         return cls(*CHUNK.unpack(raw))
 
 
+#: The chunk digest that marks a hole in an in-memory recipe: (HOLE_MARK, length).
+HOLE_MARK = b""
+
+
 @dataclass
 class ObjectEntry:
     size: int
     refcount: int
-    chunks: list[tuple[bytes, int]]  # (chunk digest, raw length)
+    #: (chunk digest, raw length); a hole is (HOLE_MARK, length).
+    chunks: list[tuple[bytes, int]]
+    #: A sparse object's content digest, once computed (None: not yet, or dense).
+    content: bytes | None = None
 
     def pack(self) -> bytes:
         parts = [OBJECT.pack(self.size, self.refcount, len(self.chunks))]
-        parts.extend(RECIPE_ENTRY.pack(d, n) for d, n in self.chunks)
+        parts.append(pack_recipe(self.chunks))
+        if self.content is not None:
+            parts.append(self.content)
         return b"".join(parts)
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> ObjectEntry:
         size, refcount, count = OBJECT.unpack_from(raw, 0)
-        if len(raw) != OBJECT.size + count * RECIPE_ENTRY.size:
+        end = OBJECT.size + count * RECIPE_ENTRY.size
+        if len(raw) not in (end, end + 32):
             raise CorruptDataError("object recipe has the wrong length in the index")
-        chunks = list(RECIPE_ENTRY.iter_unpack(memoryview(raw)[OBJECT.size :]))
-        return cls(size, refcount, chunks)
+        chunks = [
+            (HOLE_MARK, HOLE.unpack(digest)[0])
+            if length == 0 and digest.endswith(_HOLE_PAD)
+            else (digest, length)
+            for digest, length in RECIPE_ENTRY.iter_unpack(memoryview(raw)[OBJECT.size : end])
+        ]
+        content = bytes(raw[end:]) if len(raw) > end else None
+        return cls(size, refcount, chunks, content)
+
+    @property
+    def sparse(self) -> bool:
+        return any(digest == HOLE_MARK for digest, _ in self.chunks)
+
+    def chunk_uses(self) -> Counter[bytes]:
+        return chunk_uses(self.chunks)
+
+
+def chunk_uses(chunks: list[tuple[bytes, int]]) -> Counter[bytes]:
+    """How many times each stored chunk appears in a recipe (holes are not chunks)."""
+    return Counter(digest for digest, _ in chunks if digest != HOLE_MARK)
+
+
+def sparse_key(function: DigestFunction, chunks: list[tuple[bytes, int]]) -> bytes:
+    """The key of a sparse object with this recipe (see ``objects``)."""
+    return function.hash(SPARSE_DOMAIN + pack_recipe(chunks))[: -len(SPARSE_TAG)] + SPARSE_TAG
+
+
+def may_be_sparse(key: bytes) -> bool:
+    """Whether an object key may name a sparse object (a dense object's digest
+    ends as a sparse key does once in 2**32: a hint, to skip looking up the
+    recipes of the others)."""
+    return key.endswith(SPARSE_TAG)
+
+
+def pack_recipe(chunks: list[tuple[bytes, int]]) -> bytes:
+    """Recipe entries as stored (holes as ``HOLE`` entries of raw length 0)."""
+    return b"".join(
+        RECIPE_ENTRY.pack(HOLE.pack(length), 0)
+        if digest == HOLE_MARK
+        else RECIPE_ENTRY.pack(digest, length)
+        for digest, length in chunks
+    )
 
 
 @dataclass
@@ -269,8 +342,10 @@ def dirent_key(parent: int, name: bytes) -> bytes:
 
 __all__ = [
     "CACHE_ENTRY",
+    "HOLE_MARK",
     "INO_KEY",
     "INO_VALUE",
+    "MAX_FILE_SIZE",
     "NO_CONTENT",
     "ROOT_INODE",
     "SCHEMA_VERSION",
@@ -279,5 +354,9 @@ __all__ = [
     "Inode",
     "ObjectEntry",
     "SegmentEntry",
+    "chunk_uses",
     "dirent_key",
+    "may_be_sparse",
+    "pack_recipe",
+    "sparse_key",
 ]

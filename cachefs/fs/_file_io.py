@@ -20,6 +20,7 @@ from collections.abc import Callable
 import trio
 
 from cachefs.engine import CachefsError, CorruptDataError, FsError, Namespace, Store
+from cachefs.format.schema import MAX_FILE_SIZE
 from cachefs.fs._caches import CacheDirs
 from cachefs.fs._control import ControlTree, is_virtual
 from cachefs.fs._events import Listeners
@@ -130,11 +131,13 @@ class FileIO:
         async with state.lock:
             if handle.append:
                 offset = state.size
+            data = _fitting(offset, data)
             growth = offset + len(data) - state.size
             if growth > 0 or self.caches.max_store_size is not None:
                 await self.caches.make_room(state.ino, max(0, growth))
                 if handle.append:
                     offset = state.size
+                    data = _fitting(offset, data)
             self.journal.changing(state)
             self.journal.write(state, offset, data)
             written = state.apply_write(offset, data)
@@ -181,6 +184,8 @@ class FileIO:
     async def truncate(self, ino: int, size: int) -> None:
         if size < 0:
             raise FsError(errno.EINVAL)
+        if size > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG, f"files are at most {MAX_FILE_SIZE} bytes")
         inode = self.namespace.get(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
@@ -289,6 +294,16 @@ class FileIO:
             self.journal.restart(self.files)
 
 
+def _fitting(offset: int, data: bytes | memoryview) -> bytes | memoryview:
+    """What of a write at ``offset`` fits below MAX_FILE_SIZE (a short write);
+    EFBIG if nothing does."""
+    if offset + len(data) <= MAX_FILE_SIZE:
+        return data
+    if offset >= MAX_FILE_SIZE:
+        raise FsError(errno.EFBIG, f"files are at most {MAX_FILE_SIZE} bytes")
+    return memoryview(data)[: MAX_FILE_SIZE - offset]
+
+
 def truncate_state(store: Store, namespace: Namespace, state: OpenFile, size: int) -> None:
     """Apply a truncation to a file's state (its lock held, or in replay).  To
     nothing, the common O_TRUNC case, drops the published content at once."""
@@ -302,7 +317,6 @@ def truncate_state(store: Store, namespace: Namespace, state: OpenFile, size: in
     if size == state.size:
         return
     state.cut(size)
-    if state.spool is not None or size > state.base_limit:
-        state.resize_spool(size)
+    state.cut_spool(size)
     state.size = size
     state.changed = True

@@ -132,9 +132,14 @@ class OpenFile:
         self.size = max(self.size, offset + written)
         return written
 
-    def resize_spool(self, size: int) -> None:
+    def cut_spool(self, size: int) -> None:
+        """Drop what the spool holds at and past ``size`` (it is never grown:
+        past its end it reads as zeros, so truncating up costs nothing)."""
+        if self.spool is None:
+            return
         try:
-            os.ftruncate(self.spool_fd(), size)
+            if os.fstat(self.spool).st_size > size:
+                os.ftruncate(self.spool, size)
         except OSError as exc:
             raise from_oserror(exc, "truncating a spool file") from None
 
@@ -187,6 +192,39 @@ class OpenFile:
         yield from self.dirty
         if self.spool is not None:
             yield from _data_regions(self.spool, self.base_limit, self.size)
+
+    def holes(self, base_holes: list[tuple[int, int]], minimum: int) -> list[tuple[int, int]]:
+        """The [start, stop) holes of the file as it is now that are at least
+        ``minimum`` bytes long, in order: the base's holes (``base_holes``)
+        that no write covered, and past ``base_limit`` what the spool has no
+        data for."""
+        found: list[tuple[int, int]] = []
+
+        def add(start: int, stop: int) -> None:
+            if start >= stop:
+                return
+            if found and found[-1][1] >= start:
+                found[-1] = (found[-1][0], max(found[-1][1], stop))
+            else:
+                found.append((start, stop))
+
+        for hole_start, hole_stop in base_holes:
+            position, stop = hole_start, min(hole_stop, self.base_limit)
+            i = max(0, bisect.bisect_right(self.dirty, (position, 1 << 63)) - 1)
+            for dirty_start, dirty_stop in self.dirty[i:]:
+                if dirty_start >= stop:
+                    break
+                if dirty_stop > position:
+                    add(position, min(dirty_start, stop))
+                    position = max(position, dirty_stop)
+            add(position, stop)
+        position = self.base_limit
+        if self.spool is not None:
+            for data_start, data_stop in _data_regions(self.spool, self.base_limit, self.size):
+                add(position, data_start)
+                position = data_stop
+        add(position, self.size)
+        return [(start, stop) for start, stop in found if stop - start >= minimum]
 
     def stored(self, digest: Digest | None) -> None:
         """The file's content is ``digest`` now: nothing is unpublished."""

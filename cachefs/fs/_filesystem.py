@@ -11,7 +11,8 @@ xattrs itself and puts the other parts together:
 * ``_files.py``    open files (base + spool), handles of each kind;
 * ``_file_io.py``  open, read, write, truncate, fsync, release; when to publish;
 * ``_journal.py``  every write logged to the store's journal, and replay;
-* ``_publish.py``  how a file's new content is published;
+* ``_publish.py``  how a file's new content is published (holes as holes);
+* ``_sparse.py``   files with holes: ``st_blocks``, digests found in the background;
 * ``_lookups.py``  the kernel's lookup counts, orphans;
 * ``_control.py``  the control directory ``/.cachefs``;
 * ``_caches.py``, ``_eviction.py``, ``_policy.py``  cache directories;
@@ -76,6 +77,7 @@ from cachefs.fs._journal import DEFAULT_LOG_LIMIT, FileJournal
 from cachefs.fs._lookups import Lookups
 from cachefs.fs._memory import DEFAULT_MEMORY_LIMIT, MemoryGovernor
 from cachefs.fs._publish import FilePublisher
+from cachefs.fs._sparse import SparseFiles
 from cachefs.fs._stored_files import StoredFiles
 from cachefs.fs._trace import TraceRecorder
 
@@ -107,6 +109,7 @@ class Filesystem:
         self.publish_threshold = publish_threshold
         self.limiter = limiter or trio.CapacityLimiter(max(2, store.options.workers))
         self.files = OpenFiles(store.tmp_root)
+        self.sparse = SparseFiles(store, self.files)
         self.handles = Handles()
         self.errors = 0
         #: gc runs started by this filesystem (a publication would wait for them).
@@ -559,11 +562,12 @@ class Filesystem:
         return digest
 
     async def published_digest(self, ino: int) -> Digest:
-        """The whole-file digest, publishing unpublished writes first."""
+        """The whole-file digest, publishing unpublished writes first (EAGAIN
+        while a sparse file's is being computed: ``_digests.py``)."""
         state = self.files.get(ino)
         if state is not None and state.changed:
             await self.publisher.publish(state, durable=False)
-        return self.digest_of(ino)
+        return self.sparse.content(self.digest_of(ino), self.io.nursery)
 
     # --- figures ------------------------------------------------------------------------------
 

@@ -10,6 +10,10 @@ filesystem publishes a file
 * when the last handle of the file is released,
 * when a file's unpublished bytes pass the publish threshold (in the background).
 
+Holes (``HOLE_MIN`` bytes or more that were never written: truncated up,
+skipped by a seek) are stored as holes, so that publication reads and stores
+only a file's data, whatever its size: ``Store.put_sparse``.
+
 Every publication is durable (segment bytes synced before the index commits),
 so that the index never names bytes a machine crash could lose.  Files up to
 ``INLINE_PUBLISH`` bytes are published on the loop's thread (cheaper than a
@@ -34,6 +38,28 @@ log = logging.getLogger(__name__)
 
 #: Files up to this size are published on the event loop's thread.
 INLINE_PUBLISH = 256 * 1024
+#: Runs of zeros at least this long that a file never had written (truncated
+#: up, or skipped by a seek) are stored as holes; shorter ones as data.
+HOLE_MIN = 1 << 20
+
+
+def _spool_size(state: OpenFile) -> int | None:
+    """The length of a file's spool (None: it has none); shorter than the file
+    when the file was truncated up (past its end the spool reads as zeros)."""
+    return None if state.spool is None else os.fstat(state.spool).st_size
+
+
+def _between(holes: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The [start, stop) regions of ``[0, size)`` that are not in ``holes``."""
+    regions = []
+    position = 0
+    for start, stop in holes:
+        if start > position:
+            regions.append((position, start))
+        position = stop
+    if position < size:
+        regions.append((position, size))
+    return regions
 
 
 class FilePublisher:
@@ -78,12 +104,22 @@ class FilePublisher:
             namespace.set_content(txn, state.ino, digest, state.mtime_ns, state.ctime_ns)
 
         base = state.base
-        if state.base_limit == 0 and state.spool is not None:
-            # All of it is in the spool (as long as the file): read it straight.
-            with open(os.dup(state.spool), "rb", buffering=0) as spool:
-                spool.seek(0)  # a duplicate shares the (unused) offset of the original
+        base_holes = [] if base is None or state.base_limit == 0 else store.holes(base)
+        holes = [] if state.size < HOLE_MIN else state.holes(base_holes, HOLE_MIN)
+        if holes:
+            # Holes are stored as holes: only the data between them is read.
+            return store.put_sparse(
+                state.size,
+                _between(holes, state.size),
+                functools.partial(state.compose, store.iter_object),
+                on_publish=hook,
+            )
+        if state.base_limit == 0 and _spool_size(state) == state.size:
+            # All of it is in the spool: read it straight, through an open file
+            # of its own (others move the offset of the spool's: SEEK_DATA).
+            with open(f"/proc/self/fd/{state.spool}", "rb", buffering=0) as spool:
                 return store.put(spool, on_publish=hook)
-        if base is None or state.base_limit == 0:
+        if base is None or state.base_limit == 0 or base_holes:
             return store.put(state.compose(store.iter_object), on_publish=hook)
         # A new revision: only the regions around the changes are chunked again.
         changed = list(state.dirty)
