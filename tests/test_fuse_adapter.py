@@ -12,7 +12,8 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from cachefs.engine import ROOT_INODE, Digest, Store
+from cachefs.engine import ROOT_INODE, Digest, Store, check_store
+from cachefs.errors import ReadOnlyError
 from cachefs.format.schema import INO_KEY
 from cachefs.format.segment import RECORD_HEADER
 from cachefs.fs import Filesystem
@@ -76,5 +77,34 @@ async def test_damage_in_the_index_is_eio_and_counts_once(store_path: Path) -> N
                 assert raised.value.errno == errno.EIO
             assert (store.corruptions, store.needs_fsck) == (2, True)  # two failed requests
             await ops.releasedir(fh)
+        finally:
+            fs.close()
+
+
+async def test_the_failsafe_holds_across_mounts_until_fsck_repairs(store_path: Path) -> None:
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store)
+        try:
+            fs.create(ROOT_INODE, b"before", stat.S_IFREG | 0o644, 0, 0)
+            fs.enter_failsafe("the index named an inode twice")
+            with pytest.raises(ReadOnlyError):
+                fs.create(ROOT_INODE, b"during", stat.S_IFREG | 0o644, 0, 0)
+        finally:
+            fs.close()
+    with Store.open(store_path) as store:
+        assert store.needs_fsck
+        fs = Filesystem(store)
+        try:
+            assert fs.failsafe == "the index named an inode twice"
+            assert fs.figures()["failsafe"] == fs.failsafe
+            with pytest.raises(ReadOnlyError):
+                fs.create(ROOT_INODE, b"after", stat.S_IFREG | 0o644, 0, 0)
+        finally:
+            fs.close()
+        check_store(store, repair=True)
+        fs = Filesystem(store)
+        try:
+            assert fs.failsafe is None
+            fs.create(ROOT_INODE, b"repaired", stat.S_IFREG | 0o644, 0, 0)
         finally:
             fs.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
+import os
 import random
 import signal
 import subprocess
@@ -27,7 +29,12 @@ from cachefs.engine import FsckReport, GcReport, Store, check_store, collect_gar
 from cachefs.errors import CorruptDataError, ReadOnlyError
 from cachefs.format.digest import Digest
 from cachefs.format.schema import ChunkEntry, ObjectEntry, SegmentEntry
-from cachefs.format.segment import RECORD_HEADER, list_segment_files, segment_path
+from cachefs.format.segment import (
+    RECORD_HEADER,
+    list_segment_files,
+    scan_segment,
+    segment_path,
+)
 from tests import killpoints
 from tests.conftest import SMALL_CONFIG, compressible
 
@@ -789,3 +796,126 @@ def test_read_only_fsck_beside_a_running_writer(store_path: Path) -> None:
                 proc.kill()
     with Store.open(store_path) as store:
         assert_clean(store)
+
+
+COMPACTING_CHILD = textwrap.dedent(
+    """
+    import sys
+
+    from cachefs.engine import Store, collect_garbage
+
+    store = Store.open(sys.argv[1])
+    print("ready", flush=True)
+    assert sys.stdin.readline() == "gc\\n"
+    report = collect_garbage(store, threshold=1.0)
+    print("done", report.segments_compacted + report.segments_deleted, flush=True)
+    sys.stdin.read()
+    store.close()
+    """
+)
+
+
+def test_read_only_fsck_does_not_report_what_gc_compacted_meanwhile(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc deletes a segment once the index stops naming it; a check whose
+    snapshot still names it looks again in a fresh snapshot before reporting."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        corpus = make_corpus(store)
+        for name in ("x", "v", "z"):
+            store.unref(corpus.digests[name])  # segments for gc to compact
+    with subprocess.Popen(
+        [sys.executable, "-c", COMPACTING_CHILD, str(store_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        ran: list[str] = []
+
+        def scan_after_gc(path: Path, limit: int | None = None) -> object:
+            if not ran:  # gc runs once, between the snapshot and the first scan
+                assert proc.stdin is not None and proc.stdout is not None
+                proc.stdin.write("gc\n")
+                proc.stdin.flush()
+                ran.append(proc.stdout.readline())
+            return scan_segment(path, limit)
+
+        monkeypatch.setattr("cachefs.engine._fsck.scan_segment", scan_after_gc)
+        try:
+            with Store.open(store_path, readonly=True) as reading:
+                report = check_store(reading)
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=60)
+    assert ran and ran[0].startswith("done") and ran[0].split()[1] != "0", ran
+    assert report.clean, [str(p) for p in report.problems]
+    with Store.open(store_path) as store:
+        assert_reads_back(store, corpus, {"y", "w"})
+        assert_clean(store)
+
+
+def test_damage_is_remembered_across_restarts_until_fsck_repairs_it(store_path: Path) -> None:
+    data = random.Random(5).randbytes(100_000)
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digest = store.put(data)
+        chunk, _ = store.recipe(digest)[0]
+        with store.index.read() as txn:
+            entry = store.index.get_chunk(txn, chunk)
+        assert entry is not None
+        path = store.segments.chunk_path(chunk, entry.segment_id)
+    with open(path, "r+b") as f:
+        f.seek(entry.offset + RECORD_HEADER.size + 10)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with Store.open(store_path) as store:
+        assert not store.needs_fsck
+        with pytest.raises(CorruptDataError):
+            store.read(digest)
+        assert (store.needs_fsck, store.corruptions) == (True, 1)
+    # A restart remembers it, and so does a read-only opener.
+    for readonly in (True, False):
+        with Store.open(store_path, readonly=readonly) as store:
+            assert (store.needs_fsck, store.corruptions) == (True, 1)
+            (recent,) = store.health.recent
+            assert "checksum" in recent["message"] and recent["path"] == str(path)
+    stats = subprocess.run(
+        [sys.executable, "-m", "cachefs", "stats", "--json", str(store_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    doc = json.loads(stats.stdout)
+    assert (doc["needs_fsck"], doc["corruptions"], doc["failsafe"]) == (True, 1, None)
+    assert doc["recent_damage"][0]["path"] == str(path)
+    text = subprocess.run(
+        [sys.executable, "-m", "cachefs", "stats", str(store_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "NEEDS FSCK: 1 damaged reads" in text
+    with Store.open(store_path, readonly=True) as store:
+        report = check_store(store)
+        assert not report.clean
+        assert any("marked as needing fsck" in note for note in report.notes)
+    with Store.open(store_path) as store:
+        assert not check_store(store, repair=True).clean  # repaired
+        assert not store.needs_fsck
+    with Store.open(store_path) as store:
+        assert (store.needs_fsck, store.corruptions, store.health.recent) == (False, 0, [])
+        assert check_store(store).clean
+    assert not (store_path / "health.json").exists()
+
+
+def test_an_unreadable_health_record_means_the_store_needs_fsck(store_path: Path) -> None:
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        store.put(b"something")
+    (store_path / "health.json").write_text("{not json")
+    with Store.open(store_path) as store:
+        assert store.needs_fsck
+        check_store(store, repair=True)
+    with Store.open(store_path) as store:
+        assert not store.needs_fsck

@@ -23,7 +23,10 @@ def command(store: Path, as_json: bool) -> None:
     \b
     --json keys (stable): files, objects, logical_bytes, stored_bytes, chunks,
     chunk_bytes, dedup_ratio, compression_ratio, segments, segment_bytes,
-    live_ratio, segments_below_gc_threshold, segment_live_histogram, store.
+    live_ratio, segments_below_gc_threshold, segment_live_histogram, store,
+    needs_fsck, corruptions (damaged reads since the last fsck), recent_damage
+    (the last few: time, message, path, offset), failsafe (why a mount went
+    read-only, or null); kept in the store until `cachefs fsck --repair`.
     Given a mount point, or a store that `cachefs serve` serves, also: caches
     (one object per cache directory: path, max_size, policy, files, bytes,
     hits, misses, hit_ratio, evictions, bytes_evicted, throttled,
@@ -36,6 +39,13 @@ def command(store: Path, as_json: bool) -> None:
     with Store.open(resolve_store(store), readonly=True) as opened:
         stats = opened.stats()
         doc: dict[str, Any] = stats.as_dict() | {"store": str(opened.path)}
+        health = opened.health.as_dict()
+        doc |= {
+            "needs_fsck": health["needs_fsck"],
+            "corruptions": health["corruptions"],
+            "recent_damage": health["recent"],
+            "failsafe": health["failsafe"],
+        }
         config = opened.config
     if live is not None:
         # The daemon's own figures: cache directories, quota, memory, servers.
@@ -68,6 +78,7 @@ def command(store: Path, as_json: bool) -> None:
         ("segments", f"{stats.segments} ({human_bytes(stats.segment_bytes)})"),
         ("live ratio", f"{stats.live_ratio:.1%}"),
         ("segments below gc threshold", f"{stats.segments_below_threshold}"),
+        ("health", _health(doc)),
     ]
     caches: list[dict[str, Any]] = doc.get("caches", [])
     for cache in caches:
@@ -82,3 +93,15 @@ def command(store: Path, as_json: bool) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
+
+
+def _health(doc: dict[str, Any]) -> str:
+    if not doc["needs_fsck"]:
+        return "no damage recorded"
+    text = f"NEEDS FSCK: {doc['corruptions']} damaged reads"
+    if doc["recent_damage"]:
+        last = doc["recent_damage"][-1]
+        text += f"; last {last['time']}: {last['message']}"
+    if doc["failsafe"]:
+        text += f"; read-only since: {doc['failsafe']}"
+    return text + "; run `cachefs fsck --repair`"

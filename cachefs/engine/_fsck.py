@@ -61,6 +61,9 @@ from cachefs.format.segment import (
 
 log = logging.getLogger(__name__)
 
+#: Checks beside a writer before damage is reported as found (``_check_beside_writer``).
+_ATTEMPTS = 3
+
 
 @dataclass
 class Problem:
@@ -110,7 +113,7 @@ def check_store(
 ) -> FsckReport:
     """Verify the whole store; with ``repair``, drop what cannot be recovered."""
     if not repair:
-        return _check(store, progress)[0]
+        return _check_beside_writer(store, progress)
     with store.maintenance() as maintenance:
         report, recount = _check(store, progress)
         if not report.clean:
@@ -147,6 +150,33 @@ class _Recount:
     missing_segments: set[int] = field(default_factory=set)
     #: Segments holding damaged records: repair rewrites them without those records.
     damaged_segments: set[int] = field(default_factory=set)
+    #: The segments the snapshot named.
+    published: dict[int, SegmentEntry] = field(default_factory=dict)
+
+
+def _check_beside_writer(store: Store, progress: Progress | None) -> FsckReport:
+    """A check without the store's lock: a writer may go on meanwhile.
+
+    The check reads one snapshot of the index, but segment files are deleted
+    by gc once the index no longer names them: a snapshot taken before a
+    compaction names segments that are gone by the time they are read.  So
+    damage is reported only when a fresh snapshot still names every segment
+    the check read; otherwise the check runs again on the fresh one."""
+    for _ in range(_ATTEMPTS - 1):
+        report, recount = _check(store, progress)
+        with store.index.read() as txn:
+            named = {segment_id for segment_id, _ in store.index.iter_segments(txn)}
+        if report.clean or named >= recount.published.keys():
+            break
+        log.info("the index changed during the check (gc or a writer): checking again")
+    else:
+        report, _ = _check(store, progress)
+    if store.health.needs_fsck:
+        report.notes.append(
+            f"the store is marked as needing fsck ({store.health.corruptions} damaged reads "
+            "recorded): `cachefs fsck --repair` clears the mark"
+        )
+    return report
 
 
 def _check(store: Store, progress: Progress | None) -> tuple[FsckReport, _Recount]:
@@ -177,7 +207,7 @@ def _check_snapshot(
 ) -> None:
     index = store.index
     params = store.config.segments
-    published = dict(index.iter_segments(txn))
+    published = recount.published = dict(index.iter_segments(txn))
     chunk_count = index.counter(txn, "chunks")
     total = sum(e.length for e in published.values()) + chunk_count
     done = 0

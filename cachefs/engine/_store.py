@@ -43,7 +43,7 @@ from typing import TypeVar
 import lmdb
 
 from cachefs.engine._chunker import Chunker, Source
-from cachefs.engine._health import Health
+from cachefs.engine._health import HEALTH_NAME, Health
 from cachefs.engine._index import Index
 from cachefs.engine._ingest import Ingest
 from cachefs.engine._journal import Journal
@@ -223,7 +223,7 @@ class Store:
         self.digest_function = config.digest
         self.segments_root = path / "segments"
         self.tmp_root = path / "tmp"
-        self.health = Health()
+        self.health = Health(path / HEALTH_NAME, readonly=readonly)
         self.workers = Workers(options.workers)
         self.index = Index(path, readonly=readonly, fsync=options.fsync)
         self.segments = SegmentStore(

@@ -114,8 +114,9 @@ class Filesystem:
         self.errors = 0
         #: gc runs started by this filesystem (a publication would wait for them).
         self._collecting = 0
-        #: Why the filesystem went read-only to protect the store (None: it did not).
-        self.failsafe: str | None = None
+        #: Why the filesystem went read-only to protect the store (None: it did
+        #: not); a reason recorded before holds until fsck clears it.
+        self.failsafe: str | None = store.health.failsafe
         self.control = ControlTree(store, self.figures, self)
         self.lookups = Lookups(self.namespace, self.files, self.control)
         self.xattrs = ExtendedAttributes(self.namespace)
@@ -123,6 +124,13 @@ class Filesystem:
         #: Tells the kernel that an entry is gone (set by the FUSE adapter).
         self.invalidate: Callable[[int, bytes, int], None] | None = None
         self.tracer: TraceRecorder | None = None
+        if self.failsafe is not None:
+            log.critical(
+                "the store was found damaged (%s): the file system is read-only until "
+                "`cachefs fsck --repair %s` clears that",
+                self.failsafe,
+                store.path,
+            )
         purged = self.namespace.purge_orphans()
         if purged:
             log.info("deleted %d files that were unlinked while open when last mounted", purged)
@@ -227,6 +235,7 @@ class Filesystem:
         """Refuse every change from now on (EROFS): the store may be damaged."""
         if self.failsafe is None:
             self.failsafe = reason
+            self.store.health.protect(reason)
             log.critical(
                 "the file system is read-only from now on to protect the store: %s; "
                 "unmount it and run `cachefs fsck %s`",
@@ -258,6 +267,7 @@ class Filesystem:
             "open_files": len(self.files),
             "corruptions": store.corruptions,
             "needs_fsck": store.needs_fsck,
+            "recent_damage": store.health.recent,
             "errors": self.errors,
             "failsafe": self.failsafe,
             "pid": os.getpid(),
