@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+import lmdb
 import pytest
 from hypothesis import HealthCheck, settings
 
 from cachefs.engine import Store, StoreOptions
 from cachefs.format.header import ChunkingParams, SegmentParams, StoreConfig
+from cachefs.format.schema import SEAL
 
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -61,3 +64,22 @@ def compressible(size: int, seed: int = 0) -> bytes:
 @pytest.fixture
 def options() -> StoreOptions:
     return StoreOptions()
+
+
+def strip_seals(store_path: Path, schema: int = 3) -> None:
+    """Make the index of a (closed) store as stores before schema 4 had it:
+    no seal at the end of its values, and schema version ``schema``."""
+    env = lmdb.open(str(store_path / "index.lmdb"), subdir=False, max_dbs=32, map_size=1 << 40)
+    try:
+        with env.begin() as txn:
+            names = [bytes(name) for name, _ in txn.cursor()]
+        for name in names:
+            db = env.open_db(name)
+            with env.begin(write=True) as txn:
+                for key, value in list(txn.cursor(db=db)):
+                    txn.put(key, value[: -SEAL.size], db=db)
+        meta = env.open_db(b"meta")
+        with env.begin(write=True) as txn:
+            txn.put(b"schema_version", struct.pack("<Q", schema), db=meta)
+    finally:
+        env.close()

@@ -327,7 +327,7 @@ def test_header_round_trip(tmp_path: Path) -> None:
     assert read_header(tmp_path).config == config
     doc = json.loads((tmp_path / HEADER_NAME).read_text())
     assert doc["format"] == FORMAT_NAME
-    assert doc["format_version"] == STORE_FORMAT_VERSION == 4
+    assert doc["format_version"] == STORE_FORMAT_VERSION == 5
     assert doc["chunking"]["normalization"] == 2
     assert doc["digest_function"] == "blake3"
     assert doc["chunking"]["avg_size"] == 8192
@@ -361,7 +361,7 @@ def test_a_normalization_level_out_of_range_is_refused(level: int) -> None:
         ChunkingParams(normalization=level).validate()
 
 
-@pytest.mark.parametrize("version", [5, 99, 0, -1, "1", 1.5, True, None])
+@pytest.mark.parametrize("version", [6, 99, 0, -1, "1", 1.5, True, None])
 def test_header_with_unsupported_version_is_refused(tmp_path: Path, version: object) -> None:
     write_header(tmp_path, StoreConfig())
     rewrite_header(tmp_path, format_version=version)

@@ -69,7 +69,7 @@ async def test_damage_in_the_index_is_eio_and_counts_once(store_path: Path) -> N
             ops = Operations(fs)
             directory = fs.create(ROOT_INODE, b"d", stat.S_IFDIR | 0o755, 0, 0)
             with store.transaction("damaging the index") as txn:
-                assert txn.delete(INO_KEY.pack(directory.ino), db=fs.namespace.parents)
+                assert fs.namespace.parents.delete(txn, INO_KEY.pack(directory.ino))
             fh = await ops.opendir(directory.ino, None)  # type: ignore[arg-type]
             for _ in range(2):
                 with pytest.raises(pyfuse3.FUSEError) as raised:

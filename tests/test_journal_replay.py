@@ -40,7 +40,7 @@ from cachefs.format.header import HEADER_NAME, STORE_FORMAT_VERSION, read_header
 from cachefs.format.schema import SCHEMA_VERSION
 from cachefs.fs import Filesystem, OpenFile
 from cachefs.fs._publish import FilePublisher
-from tests.conftest import SMALL_CONFIG
+from tests.conftest import SMALL_CONFIG, strip_seals
 
 FILE_A = random.Random(1).randbytes(50_000)
 FILE_B = b"the last record of the journal " * 100
@@ -267,6 +267,7 @@ def make_format_1(store_path: Path, staged: bytes = b"") -> None:
         old += fmt.encode_record(7, 1, b"") + fmt.encode_record(8, 2, staged)
         old += staged
     (store_path / "wal" / "wal.log").write_bytes(old)
+    strip_seals(store_path)  # 0.1 kept no seals on its values
     env = lmdb.open(str(store_path / "index.lmdb"), subdir=False, max_dbs=32, map_size=1 << 40)
     try:
         meta = env.open_db(b"meta")

@@ -88,11 +88,11 @@ def test_fsck_finds_and_repairs_namespace_damage(store: Store) -> None:
     digest = store.put(b"x" * 5000, on_publish=lambda txn, dg: ns.set_content(txn, f.ino, dg, 1, 1))
     assert check_store(store).clean
     with store.transaction("damaging") as txn:
-        txn.put(dirent_key(d.ino, b"ghost"), INO_VALUE.pack(999), db=ns.dirents)
+        ns.dirents.put(txn, dirent_key(d.ino, b"ghost"), INO_VALUE.pack(999))
         inode = ns.get(f.ino, txn)
         inode.nlink = 3
-        txn.put(INO_KEY.pack(f.ino), inode.pack(), db=ns.inodes)
-        txn.delete(digest.hash, db=store.index.objects)  # the file's content is lost
+        ns.inodes.put(txn, INO_KEY.pack(f.ino), inode.pack())
+        store.index.objects.delete(txn, digest.hash)  # the file's content is lost
     report = check_store(store)
     kinds = " ".join(p.message for p in report.problems)
     assert "no inode 999" in kinds and "link count 3" in kinds and "not stored" in kinds

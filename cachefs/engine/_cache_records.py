@@ -30,7 +30,7 @@ class CacheRecords:
             return {}
         out = {}
         with self.store.index.read() as txn:
-            for key, value in txn.cursor(db=caches):
+            for key, value in caches.items(txn):
                 ino = INO_KEY.unpack(key)[0]
                 try:
                     out[ino] = json.loads(bytes(value))
@@ -55,19 +55,19 @@ class CacheRecords:
             for ino, record in records.items():
                 key = INO_KEY.pack(ino)
                 if record is None:
-                    txn.delete(key, db=caches)
-                    txn.delete(key, db=cache_state)
+                    caches.delete(txn, key)
+                    cache_state.delete(txn, key)
                     continue
                 if ino != STORE_SETTINGS:
-                    raw = txn.get(key, db=self.namespace.inodes)
+                    raw = self.namespace.inodes.get(txn, key)
                     if raw is None or not Inode.unpack(ino, raw).is_dir:
                         continue
-                txn.put(key, json.dumps(record, sort_keys=True).encode(), db=caches)
+                caches.put(txn, key, json.dumps(record, sort_keys=True).encode())
             for ino, state in (states or {}).items():
                 key = INO_KEY.pack(ino)
-                if txn.get(key, db=caches) is not None:
+                if caches.get(txn, key) is not None:
                     packed = b"".join(CACHE_ENTRY.pack(member, n) for member, n in state)
-                    txn.put(key, packed, db=cache_state)
+                    cache_state.put(txn, key, packed)
 
     def state_of(self, ino: int) -> list[tuple[int, int]]:
         """The saved (inode, count) entries of a cache's policy, coldest first."""
@@ -75,7 +75,7 @@ class CacheRecords:
         if cache_state is None:
             return []
         with self.store.index.read() as txn:
-            raw = txn.get(INO_KEY.pack(ino), db=cache_state)
+            raw = cache_state.get(txn, INO_KEY.pack(ino))
             if raw is None:
                 return []
             raw = bytes(raw)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lmdb
 
@@ -44,8 +45,11 @@ from cachefs.engine._store import Progress, Store
 from cachefs.errors import CorruptDataError
 from cachefs.format.digest import Digest
 from cachefs.format.schema import (
+    ALL_DATABASES,
     COUNTER_NAMES,
     HOLE_MARK,
+    INO_KEY,
+    SEGMENT_KEY,
     ChunkEntry,
     SegmentEntry,
     sparse_key,
@@ -54,6 +58,7 @@ from cachefs.format.segment import (
     RECORD_HEADER,
     TAG_ANCILLARY_MIN,
     TAG_CHUNK,
+    Record,
     list_segment_files,
     scan_segment,
     shard_of,
@@ -113,9 +118,21 @@ def check_store(
 ) -> FsckReport:
     """Verify the whole store; with ``repair``, drop what cannot be recovered."""
     if not repair:
+        damaged = _damaged_entries(store)
+        if damaged:
+            report = FsckReport()
+            _report_damaged(report, damaged)
+            report.notes.append(
+                "the rest of the check needs the damaged entries gone: run with --repair"
+            )
+            return report
         return _check_beside_writer(store, progress)
     with store.maintenance() as maintenance:
+        damaged = _damaged_entries(store)
+        if damaged:
+            _drop_damaged(store, damaged)
         report, recount = _check(store, progress)
+        _report_damaged(report, damaged)
         if not report.clean:
             try:
                 _repair(maintenance, report, recount)
@@ -125,6 +142,68 @@ def check_store(
         maintenance.settle()
         maintenance.sync_index()
     return report
+
+
+def _damaged_entries(store: Store) -> dict[bytes, list[bytes]]:
+    """The keys of the index entries that fail their seals, by database."""
+    tables = [t for t in store.index.open_databases(ALL_DATABASES, create=False) if t is not None]
+    with store.index.read() as txn:
+        return {table.name: keys for table in tables if (keys := table.damaged_keys(txn))}
+
+
+def _report_damaged(report: FsckReport, damaged: dict[bytes, list[bytes]]) -> None:
+    for name, keys in damaged.items():
+        for key in keys:
+            report.add("bad-entry", f"index entry {name.decode()}/{key.hex()} fails its checksum")
+
+
+def _drop_damaged(store: Store, damaged: dict[bytes, list[bytes]]) -> None:
+    """Drop the entries that fail their seals, so that the check can go on
+    (what they named is then found missing, and repaired as such).  What can
+    be rebuilt is: a segment's entry from its file (its live figures are
+    recounted after), and the counters that name the next segment and inode
+    (from the largest in use); the other counters are recounted after."""
+    index = store.index
+    tables = {t.name: t for t in index.open_databases(damaged, create=False) if t is not None}
+    inodes = index.open_optional(b"inodes", create=False)  # not inside the transaction
+    on_disk = dict(list_segment_files(store.segments.root))
+    with index.write() as txn:
+        for name, keys in damaged.items():
+            table = tables[name]
+            for key in keys:
+                table.delete(txn, key)
+                log.error("fsck: dropped index entry %s/%s (damaged)", name.decode(), key.hex())
+                if name == b"segments":
+                    _rebuild_segment(store, txn, SEGMENT_KEY.unpack(key)[0], on_disk)
+                elif (name, key) == (b"counters", b"next_segment_id"):
+                    ids = [*on_disk, *(i for i, _ in index.iter_segments(txn))]
+                    index.set_counter(txn, "next_segment_id", max(ids, default=0) + 1)
+                elif (name, key) == (b"counters", b"next_inode") and inodes is not None:
+                    last = max((INO_KEY.unpack(k)[0] for k in inodes.keys(txn)), default=0)
+                    index.set_counter(txn, "next_inode", last + 1)
+    index.sync()
+
+
+def _rebuild_segment(
+    store: Store, txn: lmdb.Transaction, segment_id: int, on_disk: dict[int, Path]
+) -> None:
+    """A segment's entry from its file: published up to its last intact record."""
+    path = on_disk.get(segment_id)
+    if path is None:
+        return  # its chunks are found missing
+    params = store.config.segments
+    shard = next(
+        (n for n in range(params.shard_count) if store.segments.path(n, segment_id) == path), None
+    )
+    if shard is None:
+        return
+    end = 0
+    for item in scan_segment(path):
+        if isinstance(item, Record):
+            end = max(end, item.offset + item.size)
+    if end:
+        store.index.put_segment(txn, segment_id, SegmentEntry(shard, end, 0, 0))
+        log.warning("fsck: the entry of segment %d was rebuilt from %s", segment_id, path)
 
 
 def _repair_namespace(store: Store) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import lmdb
 
+from cachefs.engine._health import Health
 from cachefs.errors import (
     CachefsError,
     CorruptDataError,
@@ -29,22 +30,107 @@ from cachefs.format.schema import (
     MAX_DBS,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
+    SEALED_SINCE,
     SEGMENT_KEY,
     ChunkEntry,
     ObjectEntry,
     SegmentEntry,
+    seal,
+    unseal,
 )
 
 #: A named database of the environment (what ``lmdb.Environment.open_db`` returns).
 Database: TypeAlias = Any
 
 
+class Table:
+    """A named database whose values are sealed (``format/schema.py``): written
+    with their seal, verified on every read.  Damage is IndexCorruptError,
+    recorded once (``damaged``)."""
+
+    def __init__(self, index: Index, name: bytes, handle: Database) -> None:
+        self.index = index
+        self.name = name
+        self.handle = handle
+
+    def _open(self, key: bytes, raw: bytes) -> bytes:
+        if not self.index.sealed:
+            return raw
+        value = unseal(key, raw)
+        if value is None:
+            raise self.index.damaged(
+                IndexCorruptError(
+                    f"the index entry {self.name.decode()}/{key.hex()} fails its checksum",
+                    path=str(self.index.path),
+                    hint="run `cachefs fsck --repair STORE` (unmounted)",
+                )
+            )
+        return value
+
+    def _seal(self, key: bytes, value: bytes) -> bytes:
+        return seal(key, value) if self.index.sealed else value
+
+    def get(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+        raw = txn.get(key, db=self.handle)  # bytes: transactions are made with buffers=False
+        return None if raw is None else self._open(key, cast(bytes, raw))
+
+    def put(
+        self, txn: lmdb.Transaction, key: bytes, value: bytes, *, overwrite: bool = True
+    ) -> bool:
+        return bool(txn.put(key, self._seal(key, value), db=self.handle, overwrite=overwrite))
+
+    def delete(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        return bool(txn.delete(key, db=self.handle))
+
+    def items(self, txn: lmdb.Transaction, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """The entries whose keys start with ``prefix``, in key order."""
+        cursor = txn.cursor(db=self.handle)
+        if not cursor.set_range(prefix):
+            return
+        for key, raw in cast(Iterator[tuple[bytes, bytes]], cursor):
+            if not key.startswith(prefix):
+                return
+            yield key, self._open(key, raw)
+
+    def keys(self, txn: lmdb.Transaction, prefix: bytes = b"") -> Iterator[bytes]:
+        return (key for key, _ in self.items(txn, prefix))
+
+    def any(self, txn: lmdb.Transaction, prefix: bytes) -> bool:
+        """Whether an entry's key starts with ``prefix``."""
+        cursor = txn.cursor(db=self.handle)
+        return bool(cursor.set_range(prefix)) and cast(bytes, cursor.key()).startswith(prefix)
+
+    def count(self, txn: lmdb.Transaction) -> int:
+        return int(txn.stat(self.handle)["entries"])
+
+    def damaged_keys(self, txn: lmdb.Transaction) -> list[bytes]:
+        """The keys of the entries that fail their seal (fsck)."""
+        if not self.index.sealed:
+            return []
+        entries = cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=self.handle))
+        return [key for key, raw in entries if unseal(key, raw) is None]
+
+    def seal_all(self, txn: lmdb.Transaction) -> None:
+        """Seal every entry (the upgrade to schema 4, in one transaction)."""
+        cursor = txn.cursor(db=self.handle)
+        more = cursor.first()
+        while more:
+            key, value = cast(tuple[bytes, bytes], cursor.item())
+            cursor.put(key, seal(key, value))
+            more = cursor.next()
+
+
 class Index:
     """The LMDB environment of a store and its named databases."""
 
-    def __init__(self, store: Path, *, readonly: bool, fsync: bool = True) -> None:
+    def __init__(
+        self, store: Path, health: Health | None = None, *, readonly: bool, fsync: bool = True
+    ) -> None:
         self.path = store / INDEX_NAME
         self.readonly = readonly
+        self.health = health
+        #: Whether values are sealed (schema 4 on; an upgrade seals them).
+        self.sealed = False
         try:
             self.env = lmdb.open(
                 str(self.path),
@@ -69,13 +155,14 @@ class Index:
                 ) from None
             raise lmdb_error(exc, f"opening the index {self.path}") from None
         try:
+            #: Missing in a read-only open of an index of schema version 1.
+            self.meta = self.open_optional(b"meta", create=not readonly)
+            version = self.schema_version
+            self.sealed = version is not None and version >= SEALED_SINCE
             self.chunks = self._open(b"chunks")
             self.objects = self._open(b"objects")
             self.segments = self._open(b"segments")
             self.counters = self._open(b"counters")
-            #: Missing in a read-only open of an index of schema version 1.
-            self.meta = self.open_optional(b"meta", create=not readonly)
-            version = self.schema_version
             if version is not None and version > SCHEMA_VERSION:
                 raise FormatVersionError(
                     f"the index {self.path} has schema version {version}; this cachefs "
@@ -85,14 +172,17 @@ class Index:
             self.env.close()
             raise
 
-    def _open(self, name: bytes) -> Database:
+    def damaged(self, exc: CorruptDataError) -> CorruptDataError:
+        """Record damage met in the index (once); returns ``exc`` to raise."""
+        return exc if self.health is None else self.health.damaged(exc)
+
+    def _open(self, name: bytes) -> Table:
         try:
-            return self.env.open_db(name, create=not self.readonly)
+            return Table(self, name, self.env.open_db(name, create=not self.readonly))
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"opening the index database {name.decode()}") from None
 
-    def open_optional(self, name: bytes, *, create: bool) -> Database | None:
-        """A named database, made when ``create``; None if it is not there."""
+    def _open_raw(self, name: bytes, *, create: bool) -> Database | None:
         try:
             return self.env.open_db(name, create=create)
         except lmdb.NotFoundError:
@@ -100,7 +190,12 @@ class Index:
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"opening the index database {name.decode()}") from None
 
-    def open_databases(self, names: Iterable[bytes], *, create: bool) -> list[Database | None]:
+    def open_optional(self, name: bytes, *, create: bool) -> Table | None:
+        """A named database, made when ``create``; None if it is not there."""
+        handle = self._open_raw(name, create=create)
+        return None if handle is None else Table(self, name, handle)
+
+    def open_databases(self, names: Iterable[bytes], *, create: bool) -> list[Table | None]:
         return [self.open_optional(name, create=create) for name in names]
 
     def exists(self, name: bytes) -> bool:
@@ -115,12 +210,25 @@ class Index:
         if self.meta is None:
             return 1
         with self.read() as txn:
-            raw = txn.get(SCHEMA_VERSION_KEY, db=self.meta)
-        return None if raw is None else int(COUNTER.unpack(raw)[0])
+            raw = txn.get(SCHEMA_VERSION_KEY, db=self.meta.handle)
+        if raw is None:
+            return None
+        if len(raw) == COUNTER.size:  # before schema 4: not sealed
+            return int(COUNTER.unpack(raw)[0])
+        value = unseal(SCHEMA_VERSION_KEY, cast(bytes, raw))
+        if value is None or len(value) != COUNTER.size:
+            raise IndexCorruptError(
+                f"the schema version in {self.path} fails its checksum",
+                hint="restore index.lmdb from a backup; segments hold the chunk data",
+            )
+        return int(COUNTER.unpack(value)[0])
 
     def set_schema_version(self, txn: lmdb.Transaction, version: int = SCHEMA_VERSION) -> None:
         assert self.meta is not None
-        txn.put(SCHEMA_VERSION_KEY, COUNTER.pack(version), db=self.meta)
+        value = COUNTER.pack(version)
+        if version >= SEALED_SINCE:
+            value = seal(SCHEMA_VERSION_KEY, value)
+        txn.put(SCHEMA_VERSION_KEY, value, db=self.meta.handle)
 
     def close(self) -> None:
         self.env.close()
@@ -137,49 +245,70 @@ class Index:
     # --- typed accessors, all within a caller's transaction -----------------
 
     def get_chunk(self, txn: lmdb.Transaction, digest: bytes) -> ChunkEntry | None:
-        raw = txn.get(digest, db=self.chunks)
+        raw = self.chunks.get(txn, digest)
         return None if raw is None else ChunkEntry.unpack(raw)
 
     def put_chunk(self, txn: lmdb.Transaction, digest: bytes, entry: ChunkEntry) -> None:
-        txn.put(digest, entry.pack(), db=self.chunks)
+        self.chunks.put(txn, digest, entry.pack())
 
     def delete_chunk(self, txn: lmdb.Transaction, digest: bytes) -> None:
-        txn.delete(digest, db=self.chunks)
+        self.chunks.delete(txn, digest)
 
     def get_object(self, txn: lmdb.Transaction, digest: bytes) -> ObjectEntry | None:
-        raw = txn.get(digest, db=self.objects)
+        raw = self.objects.get(txn, digest)
         return None if raw is None else ObjectEntry.unpack(raw)
 
     def put_object(self, txn: lmdb.Transaction, digest: bytes, entry: ObjectEntry) -> None:
-        txn.put(digest, entry.pack(), db=self.objects)
+        self.objects.put(txn, digest, entry.pack())
 
     def delete_object(self, txn: lmdb.Transaction, digest: bytes) -> None:
-        txn.delete(digest, db=self.objects)
+        self.objects.delete(txn, digest)
 
     def get_segment(self, txn: lmdb.Transaction, segment_id: int) -> SegmentEntry | None:
-        raw = txn.get(SEGMENT_KEY.pack(segment_id), db=self.segments)
+        raw = self.segments.get(txn, SEGMENT_KEY.pack(segment_id))
         return None if raw is None else SegmentEntry.unpack(raw)
 
     def put_segment(self, txn: lmdb.Transaction, segment_id: int, entry: SegmentEntry) -> None:
-        txn.put(SEGMENT_KEY.pack(segment_id), entry.pack(), db=self.segments)
+        self.segments.put(txn, SEGMENT_KEY.pack(segment_id), entry.pack())
 
     def delete_segment(self, txn: lmdb.Transaction, segment_id: int) -> None:
-        txn.delete(SEGMENT_KEY.pack(segment_id), db=self.segments)
+        self.segments.delete(txn, SEGMENT_KEY.pack(segment_id))
 
     def iter_segments(self, txn: lmdb.Transaction) -> Iterator[tuple[int, SegmentEntry]]:
-        for key, raw in txn.cursor(db=self.segments):
+        for key, raw in self.segments.items(txn):
             yield SEGMENT_KEY.unpack(key)[0], SegmentEntry.unpack(raw)
 
+    def segments_at_open(self) -> tuple[dict[int, SegmentEntry], int, set[int]]:
+        """For a writer's start-up: the segments' entries, the next segment id
+        (0 if its counter is damaged: the files on disk say), and the ids whose
+        entries are damaged (their files must be kept as they are for fsck)."""
+        published: dict[int, SegmentEntry] = {}
+        unreadable: set[int] = set()
+        with self.read() as txn:
+            for key, raw in cast(
+                Iterator[tuple[bytes, bytes]], txn.cursor(db=self.segments.handle)
+            ):
+                value = unseal(key, raw) if self.sealed else raw
+                if value is None:
+                    unreadable.add(SEGMENT_KEY.unpack(key)[0])
+                else:
+                    published[SEGMENT_KEY.unpack(key)[0]] = SegmentEntry.unpack(value)
+            try:
+                next_id = self.counter(txn, "next_segment_id")
+            except IndexCorruptError:
+                next_id = 0
+        return published, next_id, unreadable
+
     def iter_chunks(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, ChunkEntry]]:
-        for key, raw in txn.cursor(db=self.chunks):
-            yield bytes(key), ChunkEntry.unpack(raw)
+        for key, raw in self.chunks.items(txn):
+            yield key, ChunkEntry.unpack(raw)
 
     def iter_objects(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, ObjectEntry]]:
-        for key, raw in txn.cursor(db=self.objects):
-            yield bytes(key), ObjectEntry.unpack(raw)
+        for key, raw in self.objects.items(txn):
+            yield key, ObjectEntry.unpack(raw)
 
     def counter(self, txn: lmdb.Transaction, name: str) -> int:
-        raw = txn.get(name.encode(), db=self.counters)
+        raw = self.counters.get(txn, name.encode())
         return 0 if raw is None else int(COUNTER.unpack(raw)[0])
 
     def counters_dict(self, txn: lmdb.Transaction) -> dict[str, int]:
@@ -189,10 +318,10 @@ class Index:
         value = self.counter(txn, name) + delta
         if value < 0:
             raise CorruptDataError(f"counter {name} would go negative", hint="run `cachefs fsck`")
-        txn.put(name.encode(), COUNTER.pack(value), db=self.counters)
+        self.counters.put(txn, name.encode(), COUNTER.pack(value))
 
     def set_counter(self, txn: lmdb.Transaction, name: str, value: int) -> None:
-        txn.put(name.encode(), COUNTER.pack(value), db=self.counters)
+        self.counters.put(txn, name.encode(), COUNTER.pack(value))
 
 
 def lmdb_error(exc: lmdb.Error, what: str) -> CachefsError:

@@ -58,7 +58,8 @@ class Namespace:
                 f"store {store.path} has no namespace yet",
                 hint="mount it once (`cachefs mount`) to create its root directory",
             )
-        self.inodes, self.dirents, self.parents, self.xattrs, self.orphans = found
+        tables = [table for table in found if table is not None]
+        self.inodes, self.dirents, self.parents, self.xattrs, self.orphans = tables
         # Missing in a read-only open of a store last mounted before they existed.
         self.caches, self.cache_state = index.open_databases(CACHE_DATABASES, create=create)
         if create:
@@ -71,12 +72,12 @@ class Namespace:
 
     def _ensure_root(self) -> None:
         with self.store.transaction("creating the root directory") as txn:
-            if txn.get(INO_KEY.pack(ROOT_INODE), db=self.inodes) is not None:
+            if self.inodes.get(txn, INO_KEY.pack(ROOT_INODE)) is not None:
                 return
             now = time.time_ns()
             root = Inode(ROOT_INODE, stat.S_IFDIR | 0o755, 0, 0, 2, 0, 0, now, now, now)
             self.put_inode(txn, root)
-            txn.put(INO_KEY.pack(ROOT_INODE), INO_VALUE.pack(ROOT_INODE), db=self.parents)
+            self.parents.put(txn, INO_KEY.pack(ROOT_INODE), INO_VALUE.pack(ROOT_INODE))
             self.store.index.set_counter(txn, "next_inode", ROOT_INODE + 1)
             self.store.index.set_counter(txn, "inodes", 1)
 
@@ -89,7 +90,7 @@ class Namespace:
         if txn is None:
             with self.read() as own:
                 return self.get(ino, own)
-        raw = txn.get(INO_KEY.pack(ino), db=self.inodes)
+        raw = self.inodes.get(txn, INO_KEY.pack(ino))
         if raw is None:
             raise FsError(errno.ENOENT, f"no inode {ino}")
         return Inode.unpack(ino, raw)
@@ -98,7 +99,7 @@ class Namespace:
         if txn is None:
             with self.read() as own:
                 return self.lookup(parent, name, own)
-        raw = txn.get(dirent_key(parent, name), db=self.dirents)
+        raw = self.dirents.get(txn, dirent_key(parent, name))
         if raw is None:
             if len(name) > NAME_MAX:
                 raise FsError(errno.ENAMETOOLONG)
@@ -106,7 +107,7 @@ class Namespace:
         return int(INO_VALUE.unpack(raw)[0])
 
     def parent_of(self, ino: int, txn: lmdb.Transaction) -> int:
-        raw = txn.get(INO_KEY.pack(ino), db=self.parents)
+        raw = self.parents.get(txn, INO_KEY.pack(ino))
         if raw is None:
             raise CorruptDataError(f"directory inode {ino} has no parent recorded")
         return int(INO_VALUE.unpack(raw)[0])
@@ -116,19 +117,13 @@ class Namespace:
         prefix = INO_KEY.pack(ino)
         out = []
         with self.read() as txn:
-            cursor = txn.cursor(db=self.dirents)
-            if cursor.set_range(prefix):
-                for key, value in cursor:
-                    if key[:8] != prefix:
-                        break
-                    child = int(INO_VALUE.unpack(value)[0])
-                    out.append((bytes(key[8:]), self.get(child, txn)))
+            for key, value in self.dirents.items(txn, prefix):
+                child = int(INO_VALUE.unpack(value)[0])
+                out.append((key[8:], self.get(child, txn)))
         return out
 
     def _has_entries(self, txn: lmdb.Transaction, ino: int) -> bool:
-        prefix = INO_KEY.pack(ino)
-        cursor = txn.cursor(db=self.dirents)
-        return bool(cursor.set_range(prefix)) and cursor.key()[:8] == prefix
+        return self.dirents.any(txn, INO_KEY.pack(ino))
 
     def counts(self) -> tuple[int, int]:
         """(inodes in use, next inode number)."""
@@ -137,21 +132,21 @@ class Namespace:
             return index.counter(txn, "inodes"), index.counter(txn, "next_inode")
 
     def iter_inodes(self, txn: lmdb.Transaction) -> Iterator[Inode]:
-        for key, raw in txn.cursor(db=self.inodes):
+        for key, raw in self.inodes.items(txn):
             yield Inode.unpack(INO_KEY.unpack(key)[0], raw)
 
     def iter_dirents(self, txn: lmdb.Transaction) -> Iterator[tuple[int, bytes, int]]:
-        for key, value in txn.cursor(db=self.dirents):
-            yield INO_KEY.unpack(key[:8])[0], bytes(key[8:]), INO_VALUE.unpack(value)[0]
+        for key, value in self.dirents.items(txn):
+            yield INO_KEY.unpack(key[:8])[0], key[8:], INO_VALUE.unpack(value)[0]
 
     def orphan_inodes(self) -> list[int]:
         with self.read() as txn:
-            return [INO_KEY.unpack(k)[0] for k, _ in txn.cursor(db=self.orphans)]
+            return [INO_KEY.unpack(k)[0] for k in self.orphans.keys(txn)]
 
     # --- writing ---------------------------------------------------------------
 
     def put_inode(self, txn: lmdb.Transaction, inode: Inode) -> None:
-        txn.put(INO_KEY.pack(inode.ino), inode.pack(), db=self.inodes)
+        self.inodes.put(txn, INO_KEY.pack(inode.ino), inode.pack())
 
     def _dir(self, txn: lmdb.Transaction, ino: int) -> Inode:
         inode = self.get(ino, txn)
@@ -165,7 +160,7 @@ class Namespace:
         if dir_inode.nlink == 0:
             raise FsError(errno.ENOENT, "the directory was removed")
         key = dirent_key(parent, name)
-        if txn.get(key, db=self.dirents) is not None:
+        if self.dirents.get(txn, key) is not None:
             raise FsError(errno.EEXIST)
         return dir_inode, key
 
@@ -218,7 +213,7 @@ class Namespace:
         if content is not None:
             inode.content = content.hash
         self.put_inode(txn, inode)
-        txn.put(key, INO_VALUE.pack(ino), db=self.dirents)
+        self.dirents.put(txn, key, INO_VALUE.pack(ino))
         if is_dir:
             self._set_parent(txn, ino, parent)
         self._touch_dir(txn, dir_inode, now, 1 if is_dir else 0)
@@ -238,8 +233,8 @@ class Namespace:
             inode.nlink += 1
             inode.ctime_ns = now
             self.put_inode(txn, inode)
-            txn.delete(INO_KEY.pack(ino), db=self.orphans)
-            txn.put(key, INO_VALUE.pack(ino), db=self.dirents)
+            self.orphans.delete(txn, INO_KEY.pack(ino))
+            self.dirents.put(txn, key, INO_VALUE.pack(ino))
             self._touch_dir(txn, dir_inode, now)
         return inode
 
@@ -253,7 +248,7 @@ class Namespace:
         with self.store.transaction("removing a file") as txn:
             dir_inode = self._dir(txn, parent)
             key = dirent_key(parent, name)
-            raw = txn.get(key, db=self.dirents)
+            raw = self.dirents.get(txn, key)
             if raw is None:
                 raise FsError(errno.ENOENT)
             inode = self.get(INO_VALUE.unpack(raw)[0], txn)
@@ -270,7 +265,7 @@ class Namespace:
                     raise FsError(errno.EISDIR)
                 inode.nlink -= 1
                 self._touch_dir(txn, dir_inode, now)
-            txn.delete(key, db=self.dirents)
+            self.dirents.delete(txn, key)
             inode.ctime_ns = now
             self._unlinked(txn, inode, in_use)
         return inode
@@ -281,7 +276,7 @@ class Namespace:
             self.put_inode(txn, inode)
         elif in_use:
             self.put_inode(txn, inode)
-            txn.put(INO_KEY.pack(inode.ino), b"", db=self.orphans)
+            self.orphans.put(txn, INO_KEY.pack(inode.ino), b"")
         else:
             self._delete(txn, inode)
 
@@ -290,15 +285,14 @@ class Namespace:
         digest = inode.digest
         if digest is not None:
             self.store.drop_ref(txn, digest)
-        txn.delete(key, db=self.inodes)
-        txn.delete(key, db=self.orphans)
-        txn.delete(key, db=self.parents)
+        self.inodes.delete(txn, key)
+        self.orphans.delete(txn, key)
+        self.parents.delete(txn, key)
         if self.caches is not None and self.cache_state is not None:
-            txn.delete(key, db=self.caches)
-            txn.delete(key, db=self.cache_state)
-        cursor = txn.cursor(db=self.xattrs)
-        while cursor.set_range(key) and cursor.key()[:8] == key:
-            cursor.delete()
+            self.caches.delete(txn, key)
+            self.cache_state.delete(txn, key)
+        for name in list(self.xattrs.keys(txn, key)):
+            self.xattrs.delete(txn, name)
         self.store.index.add(txn, "inodes", -1)
 
     def release(self, *inos: int) -> list[int]:
@@ -307,7 +301,7 @@ class Namespace:
         deleted = []
         with self.store.transaction("deleting released files") as txn:
             for ino in inos:
-                raw = txn.get(INO_KEY.pack(ino), db=self.inodes)
+                raw = self.inodes.get(txn, INO_KEY.pack(ino))
                 if raw is None:
                     continue
                 inode = Inode.unpack(ino, raw)
@@ -347,11 +341,11 @@ class Namespace:
             dst_dir = self._dir(txn, new_parent) if new_parent != old_parent else src_dir
             old_key = dirent_key(old_parent, old_name)
             new_key = dirent_key(new_parent, new_name)
-            raw = txn.get(old_key, db=self.dirents)
+            raw = self.dirents.get(txn, old_key)
             if raw is None:
                 raise FsError(errno.ENOENT)
             moved = self.get(INO_VALUE.unpack(raw)[0], txn)
-            raw_target = txn.get(new_key, db=self.dirents)
+            raw_target = self.dirents.get(txn, new_key)
             target = None if raw_target is None else self.get(INO_VALUE.unpack(raw_target)[0], txn)
             if flags & RENAME_NOREPLACE and target is not None:
                 raise FsError(errno.EEXIST)
@@ -367,14 +361,12 @@ class Namespace:
             now = time.time_ns()
             if flags & RENAME_EXCHANGE:
                 assert target is not None
-                txn.put(old_key, INO_VALUE.pack(target.ino), db=self.dirents)
-                txn.put(new_key, INO_VALUE.pack(moved.ino), db=self.dirents)
+                self.dirents.put(txn, old_key, INO_VALUE.pack(target.ino))
+                self.dirents.put(txn, new_key, INO_VALUE.pack(moved.ino))
                 if old_parent != new_parent:
                     for inode, parent in ((moved, new_parent), (target, old_parent)):
                         if inode.is_dir:
-                            txn.put(
-                                INO_KEY.pack(inode.ino), INO_VALUE.pack(parent), db=self.parents
-                            )
+                            self.parents.put(txn, INO_KEY.pack(inode.ino), INO_VALUE.pack(parent))
                     shift = int(moved.is_dir) - int(target.is_dir)
                     src_dir.nlink -= shift
                     dst_dir.nlink += shift
@@ -399,8 +391,8 @@ class Namespace:
                 target.ctime_ns = now
                 self._unlinked(txn, target, target.ino in in_use)
                 replaced = target
-            txn.delete(old_key, db=self.dirents)
-            txn.put(new_key, INO_VALUE.pack(moved.ino), db=self.dirents)
+            self.dirents.delete(txn, old_key)
+            self.dirents.put(txn, new_key, INO_VALUE.pack(moved.ino))
             if moved.is_dir and old_parent != new_parent:
                 self._set_parent(txn, moved.ino, new_parent)
                 src_dir.nlink -= 1
@@ -411,7 +403,7 @@ class Namespace:
         return replaced
 
     def _set_parent(self, txn: lmdb.Transaction, ino: int, parent: int) -> None:
-        txn.put(INO_KEY.pack(ino), INO_VALUE.pack(parent), db=self.parents)
+        self.parents.put(txn, INO_KEY.pack(ino), INO_VALUE.pack(parent))
 
     def _touch_dirs(self, txn: lmdb.Transaction, src: Inode, dst: Inode, now: int) -> None:
         self._touch_dir(txn, src, now)
@@ -473,7 +465,7 @@ class Namespace:
     ) -> None:
         """Point a file at a just-published object (inside the publishing
         transaction, which added the reference this inode now owns)."""
-        raw = txn.get(INO_KEY.pack(ino), db=self.inodes)
+        raw = self.inodes.get(txn, INO_KEY.pack(ino))
         if raw is None:  # deleted while its content was being stored
             self.store.drop_ref(txn, digest)
             return
@@ -501,16 +493,11 @@ class Namespace:
             current = ino
             while current != ROOT_INODE:
                 parent = self.parent_of(current, txn)
-                cursor = txn.cursor(db=self.dirents)
-                prefix = INO_KEY.pack(parent)
                 name = None
-                if cursor.set_range(prefix):
-                    for key, value in cursor:
-                        if key[:8] != prefix:
-                            break
-                        if INO_VALUE.unpack(value)[0] == current:
-                            name = bytes(key[8:])
-                            break
+                for key, value in self.dirents.items(txn, INO_KEY.pack(parent)):
+                    if INO_VALUE.unpack(value)[0] == current:
+                        name = key[8:]
+                        break
                 if name is None:
                     raise FsError(errno.ENOENT, f"directory {ino} is not linked")
                 parts.append(name)
@@ -530,13 +517,13 @@ class Namespace:
             now = time.time_ns()
             for parent, name, ino in victims:
                 key = dirent_key(parent, name)
-                raw = txn.get(key, db=self.dirents)
+                raw = self.dirents.get(txn, key)
                 if raw is None or INO_VALUE.unpack(raw)[0] != ino:
                     continue
                 inode = self.get(ino, txn)
                 if not inode.is_reg:
                     continue
-                txn.delete(key, db=self.dirents)
+                self.dirents.delete(txn, key)
                 self._touch_dir(txn, self.get(parent, txn), now)
                 inode.nlink -= 1
                 inode.ctime_ns = now

@@ -52,7 +52,7 @@ def check_namespace(namespace: Namespace, txn: lmdb.Transaction) -> NamespaceChe
             names[child] += 1
             if inode.is_dir:
                 subdirs[parent] += 1
-    orphans = {INO_KEY.unpack(k)[0] for k, _ in txn.cursor(db=namespace.orphans)}
+    orphans = {INO_KEY.unpack(k)[0] for k in namespace.orphans.keys(txn)}
     refs: Counter[bytes] = Counter()
     for ino, inode in inodes.items():
         if inode.is_dir:
@@ -84,7 +84,7 @@ def check_namespace(namespace: Namespace, txn: lmdb.Transaction) -> NamespaceChe
                 f"but {count} files hold it",
             )
     if namespace.caches is not None:
-        for key, value in txn.cursor(db=namespace.caches):
+        for key, value in namespace.caches.items(txn):
             ino = INO_KEY.unpack(key)[0]
             try:
                 record = json.loads(bytes(value))
@@ -120,13 +120,11 @@ def repair_namespace(namespace: Namespace, found: NamespaceCheck) -> None:
     settings are dropped (the directory becomes an ordinary one)."""
     with namespace.store.transaction("repairing the namespace") as txn:
         for parent, name in found.dangling:
-            txn.delete(dirent_key(parent, name), db=namespace.dirents)
+            namespace.dirents.delete(txn, dirent_key(parent, name))
         for ino in found.lost:
             inode = namespace.get(ino, txn)
-            txn.put(
-                INO_KEY.pack(ino) + b"user.cachefs.lost",
-                str(inode.digest).encode(),
-                db=namespace.xattrs,
+            namespace.xattrs.put(
+                txn, INO_KEY.pack(ino) + b"user.cachefs.lost", str(inode.digest).encode()
             )
             inode.content, inode.size = NO_CONTENT, 0
             namespace.put_inode(txn, inode)
@@ -135,11 +133,9 @@ def repair_namespace(namespace: Namespace, found: NamespaceCheck) -> None:
             inode.nlink = nlink
             namespace.put_inode(txn, inode)
         for ino in found.leaked:
-            txn.put(INO_KEY.pack(ino), b"", db=namespace.orphans)
+            namespace.orphans.put(txn, INO_KEY.pack(ino), b"")
         if namespace.caches is not None and namespace.cache_state is not None:
             for ino in found.bad_caches:  # the directory stays, unmarked
-                txn.delete(INO_KEY.pack(ino), db=namespace.caches)
-                txn.delete(INO_KEY.pack(ino), db=namespace.cache_state)
-        namespace.store.index.set_counter(
-            txn, "inodes", sum(1 for _ in txn.cursor(db=namespace.inodes).iternext(values=False))
-        )
+                namespace.caches.delete(txn, INO_KEY.pack(ino))
+                namespace.cache_state.delete(txn, INO_KEY.pack(ino))
+        namespace.store.index.set_counter(txn, "inodes", namespace.inodes.count(txn))

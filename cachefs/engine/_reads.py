@@ -111,7 +111,7 @@ class LocalChunks:
             for digest in digests:
                 if digest in segments.shard(digest).pending:
                     continue
-                raw = txn.get(digest, db=self.index.chunks)
+                raw = self.index.chunks.get(txn, digest)
                 if raw is None or (
                     segments.damaged and not segments.usable(ChunkEntry.unpack(raw))
                 ):
@@ -267,9 +267,11 @@ class ObjectReader:
         function: DigestFunction,
         compute: bool,
         keep: Callable[[str], AbstractContextManager[lmdb.Transaction]] | None,
+        stop: Callable[[], bool] | None = None,
     ) -> Digest | None:
         """See ``Store.content_digest``; ``keep`` opens the write transaction
-        that records a digest found (None: read-only, not recorded)."""
+        that records a digest found (None: read-only, not recorded); ``stop``
+        is asked between pieces (None is returned if it says so)."""
         with self.index.read() as txn:
             entry = self.object_entry(txn, digest)
         if not entry.sparse:
@@ -280,6 +282,8 @@ class ObjectReader:
             return None
         whole = function.new()
         for piece in self.iter_object(digest):
+            if stop is not None and stop():
+                return None
             whole.update(piece)
         content = whole.digest()
         if keep is not None:

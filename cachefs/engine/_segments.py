@@ -240,15 +240,20 @@ class SegmentStore:
 
     # --- opening ------------------------------------------------------------------
 
-    def recover(self, published: dict[int, SegmentEntry], next_id: int) -> bool:
+    def recover(
+        self, published: dict[int, SegmentEntry], next_id: int, unreadable: set[int] | None = None
+    ) -> bool:
         """Writer start-up: cut segments back to their published lengths, delete
         unpublished ones, note missing or short ones (returns whether any was:
-        the store then needs fsck), and pick each shard's segment to go on with."""
+        the store then needs fsck), and pick each shard's segment to go on with.
+        Segments whose entries are ``unreadable`` (damaged) are left as they are."""
         self.root.mkdir(exist_ok=True)
         highest = max(published, default=0)
         present = set()
         for segment_id, path in list_segment_files(self.root):
             highest = max(highest, segment_id)
+            if unreadable and segment_id in unreadable:
+                continue  # fsck --repair rebuilds its entry from the file
             entry = published.get(segment_id)
             if entry is None:
                 log.info("removing unpublished segment %s", path)

@@ -225,7 +225,7 @@ class Store:
         self.tmp_root = path / "tmp"
         self.health = Health(path / HEALTH_NAME, readonly=readonly)
         self.workers = Workers(options.workers)
-        self.index = Index(path, readonly=readonly, fsync=options.fsync)
+        self.index = Index(path, self.health, readonly=readonly, fsync=options.fsync)
         self.segments = SegmentStore(
             self.segments_root, config.segments, fsync=options.fsync, max_maps=options.max_maps
         )
@@ -330,10 +330,8 @@ class Store:
         upgrade(self.path, self.index, header.format_version)
         shutil.rmtree(self.tmp_root, ignore_errors=True)
         self.tmp_root.mkdir(exist_ok=True)
-        with self.index.read() as txn:
-            published = dict(self.index.iter_segments(txn))
-            next_id = self.index.counter(txn, "next_segment_id")
-        if self.segments.recover(published, next_id):
+        published, next_id, unreadable = self.index.segments_at_open()
+        if self.segments.recover(published, next_id, unreadable) or unreadable:
             self.health.suspect()
         self.journal = Journal(self.path / journal_format.DIRECTORY, fsync=self.options.fsync)
 
@@ -608,12 +606,14 @@ class Store:
         """The [start, stop) ranges of an object that are holes (sparse objects)."""
         return self.reader.holes(digest)
 
-    def content_digest(self, digest: Digest, *, compute: bool = False) -> Digest | None:
+    def content_digest(
+        self, digest: Digest, *, compute: bool = False, stop: Callable[[], bool] | None = None
+    ) -> Digest | None:
         """The digest of an object's content: ``digest`` for a dense object; for a
         sparse one the one found before, else None, or with ``compute`` found now
-        (every byte read, holes too: a worker thread's job) and kept."""
+        (every byte read, holes too, unless ``stop`` says to: a worker thread's job)."""
         keep = None if self.readonly else self.publisher.write_txn
-        return self.reader.content_digest(digest, self.digest_function, compute, keep)
+        return self.reader.content_digest(digest, self.digest_function, compute, keep, stop)
 
     def read_chunk(self, digest: bytes) -> bytes | memoryview:
         """A chunk's bytes, verified (a raw chunk is a view on a segment mapping)."""
@@ -622,13 +622,9 @@ class Store:
     def iter_object(
         self, digest: Digest, offset: int = 0, length: int | None = None
     ) -> Iterator[memoryview | bytes]:
-        """The bytes of an object (or of a range of it) as a sequence of pieces.
-
-        Pieces are views on segment mappings where chunks are stored raw: no copy
-        is made in Python.  Chunks ahead of the reader are verified and
-        decompressed in worker threads (a window of a few chunks), so a large
-        read uses every core; memory stays bounded whatever the object's size.
-        """
+        """The bytes of an object (or of a range of it) as a sequence of pieces
+        (views on segment mappings where chunks are stored raw); chunks ahead
+        are verified and decompressed in worker threads (``ObjectReader``)."""
         return self.reader.iter_object(digest, offset, length)
 
     def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> bytes:

@@ -25,6 +25,10 @@ before (``format/header.py``); nothing else changes.
 3 -> 4: recipes may hold holes (index schema 3, ``format/schema.py``).  No
 entry changes: the index only records its new schema version, so that an
 older cachefs, which would read a hole as a chunk, refuses it.
+
+4 -> 5: every value of the index is sealed (schema 4): one transaction seals
+every entry of every database and records the schema version, so that the
+index is all sealed or all as before, whatever a crash cuts short.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from cachefs.engine._index import Index, lmdb_error
 from cachefs.errors import CachefsError, CorruptDataError
 from cachefs.format import journal
 from cachefs.format.header import STORE_FORMAT_VERSION, set_format_version
-from cachefs.format.schema import SCHEMA_VERSION
+from cachefs.format.schema import ALL_DATABASES, SCHEMA_VERSION
 from cachefs.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -103,11 +107,18 @@ def _index_schema(index: Index) -> None:
     applied = index.open_optional(b"wal_applied", create=False)
     if applied is None and index.schema_version == SCHEMA_VERSION:
         return
+    tables = [
+        table for table in index.open_databases(ALL_DATABASES, create=False) if table is not None
+    ]
     try:
         with index.write() as txn:
             if applied is not None:
-                txn.drop(applied, delete=True)
+                txn.drop(applied.handle, delete=True)
+            if not index.sealed:
+                for table in tables:
+                    table.seal_all(txn)
             index.set_schema_version(txn)
     except lmdb.Error as exc:
         raise lmdb_error(exc, "upgrading the index") from None
+    index.sealed = True
     index.sync()

@@ -31,20 +31,13 @@ class ExtendedAttributes:
 
     def get(self, ino: int, name: bytes) -> bytes | None:
         with self.namespace.read() as txn:
-            value = txn.get(INO_KEY.pack(ino) + name, db=self.namespace.xattrs)
+            value = self.namespace.xattrs.get(txn, INO_KEY.pack(ino) + name)
         return None if value is None else bytes(value)
 
     def names(self, ino: int) -> list[bytes]:
         prefix = INO_KEY.pack(ino)
         with self.namespace.read() as txn:
-            cursor = txn.cursor(db=self.namespace.xattrs)
-            names = []
-            if cursor.set_range(prefix):
-                for key in cursor.iternext(keys=True, values=False):
-                    if key[:8] != prefix:
-                        break
-                    names.append(bytes(key[8:]))
-            return names
+            return [key[8:] for key in self.namespace.xattrs.keys(txn, prefix)]
 
     def set(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         """Set an attribute; ``flags`` XATTR_CREATE / XATTR_REPLACE as setxattr(2).
@@ -61,12 +54,12 @@ class ExtendedAttributes:
         key = INO_KEY.pack(ino) + name
         with self.namespace.store.transaction("setting an extended attribute") as txn:
             inode = self.namespace.get(ino, txn)
-            exists = txn.get(key, db=self.namespace.xattrs) is not None
+            exists = self.namespace.xattrs.get(txn, key) is not None
             if flags & os.XATTR_CREATE and exists:
                 raise FsError(errno.EEXIST)
             if flags & os.XATTR_REPLACE and not exists:
                 raise FsError(errno.ENODATA)
-            txn.put(key, value, db=self.namespace.xattrs)
+            self.namespace.xattrs.put(txn, key, value)
             inode.ctime_ns = time.time_ns()
             self.namespace.put_inode(txn, inode)
 
@@ -74,7 +67,7 @@ class ExtendedAttributes:
         key = INO_KEY.pack(ino) + name
         with self.namespace.store.transaction("removing an extended attribute") as txn:
             inode = self.namespace.get(ino, txn)
-            if not txn.delete(key, db=self.namespace.xattrs):
+            if not self.namespace.xattrs.delete(txn, key):
                 raise FsError(errno.ENODATA)
             inode.ctime_ns = time.time_ns()
             self.namespace.put_inode(txn, inode)

@@ -75,7 +75,10 @@ from cachefs.fsutil import atomic_write
 #: 4. Files' holes are stored as holes (index schema 3: sparse objects, see
 #:    ``schema.py``).  Upgrading a version 3 store records the new schema
 #:    version; nothing else changes.
-STORE_FORMAT_VERSION = 4
+#: 5. Every value of the index is sealed (a checksum over key and value, index
+#:    schema 4, see ``schema.py``).  Upgrading seals every entry in one
+#:    transaction.
+STORE_FORMAT_VERSION = 5
 #: The oldest layout this cachefs can open (read-only) or upgrade.
 OLDEST_FORMAT_VERSION = 1
 #: The normalization level of stores whose headers do not name one (format < 3).

@@ -8,7 +8,13 @@ and pointing its inode at it is one transaction.  ``engine/_index.py`` opens
 them; this module is the one place that says what they hold.
 
 Named databases (integers little-endian unless marked BE; BE keys sort
-numerically, so that all the keys of one inode are adjacent):
+numerically, so that all the keys of one inode are adjacent).
+
+Every value of every database ends with its *seal* (since schema 4): ``SEAL``
+= xxh3-64 of the value, seeded with the xxh3-64 of its key (``seal``).  LMDB
+keeps no checksums; the seal makes damage to an entry (a flipped bit in the key
+or the value) an error where it is read (``unseal``) instead of a wrong name or
+a wrong inode.  The layouts below are of the values without their seal.
 
 ``meta``  key: ASCII name; value Q.
     ``schema_version``: SCHEMA_VERSION of the program that wrote the index
@@ -106,13 +112,17 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 
+import xxhash
+
 from cachefs.errors import CorruptDataError
 from cachefs.format.digest import Digest, DigestFunction
 
 #: Version of the LMDB schema.  1: cachefs 0.1 (no ``meta``; a ``wal_applied``
 #: database of the engine's staged objects).  2: ``meta``; no ``wal_applied``.
-#: 3: recipes may hold holes (sparse objects).
-SCHEMA_VERSION = 3
+#: 3: recipes may hold holes (sparse objects).  4: every value is sealed.
+SCHEMA_VERSION = 4
+#: The first schema whose values are sealed.
+SEALED_SINCE = 4
 
 INDEX_NAME = "index.lmdb"
 MAX_DBS = 32
@@ -124,6 +134,7 @@ STORE_DATABASES = (b"meta", b"chunks", b"objects", b"segments", b"counters")
 NAMESPACE_DATABASES = (b"inodes", b"dirents", b"parents", b"xattrs", b"orphans")
 #: The databases of cache directories (added after the rest of the namespace).
 CACHE_DATABASES = (b"caches", b"cache_state")
+ALL_DATABASES = STORE_DATABASES + NAMESPACE_DATABASES + CACHE_DATABASES
 
 CHUNK = struct.Struct("<QQIIB3xQ")
 OBJECT = struct.Struct("<QQI")
@@ -134,6 +145,7 @@ _HOLE_PAD = bytes(24)
 SPARSE_DOMAIN = b"cachefs sparse object 1\0"
 #: The last bytes of every sparse object's key (in place of the digest's own).
 SPARSE_TAG = b"\0SPR"
+_xxh3 = xxhash.xxh3_64_intdigest
 #: The largest file: 16 TiB less 4 KiB, ext4's largest (4 KiB blocks), so that
 #: the spools in ``STORE/tmp`` can hold any offset of it on the usual
 #: filesystems.  Holes cost nothing, whatever their length.
@@ -182,6 +194,24 @@ class ChunkEntry:
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> ChunkEntry:
         return cls(*CHUNK.unpack(raw))
+
+
+SEAL = struct.Struct("<Q")
+
+
+def seal(key: bytes, value: bytes) -> bytes:
+    """``value`` with its seal, as stored under ``key``."""
+    return value + SEAL.pack(_xxh3(value, _xxh3(key)))
+
+
+def unseal(key: bytes, raw: bytes) -> bytes | None:
+    """The value of a sealed entry; None if the entry fails its seal."""
+    if len(raw) < SEAL.size:
+        return None
+    value = raw[: -SEAL.size]
+    if SEAL.unpack_from(raw, len(raw) - SEAL.size)[0] != _xxh3(value, _xxh3(key)):
+        return None
+    return value
 
 
 #: The chunk digest that marks a hole in an in-memory recipe: (HOLE_MARK, length).
@@ -358,5 +388,7 @@ __all__ = [
     "dirent_key",
     "may_be_sparse",
     "pack_recipe",
+    "seal",
     "sparse_key",
+    "unseal",
 ]

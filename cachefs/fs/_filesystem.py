@@ -125,12 +125,7 @@ class Filesystem:
         self.invalidate: Callable[[int, bytes, int], None] | None = None
         self.tracer: TraceRecorder | None = None
         if self.failsafe is not None:
-            log.critical(
-                "the store was found damaged (%s): the file system is read-only until "
-                "`cachefs fsck --repair %s` clears that",
-                self.failsafe,
-                store.path,
-            )
+            log.critical("read-only: damage was found (%s); fsck --repair clears it", self.failsafe)
         purged = self.namespace.purge_orphans()
         if purged:
             log.info("deleted %d files that were unlinked while open when last mounted", purged)
@@ -190,6 +185,7 @@ class Filesystem:
     def close(self) -> None:
         """After the last request: every file must have been published (flush_all)."""
         self.caches.save()
+        self.sparse.close()
         self.stop_trace()
         self.journal.closing(self.files)
         self.files.close()
@@ -556,7 +552,8 @@ class Filesystem:
             names = self.xattrs.names(ino)
             if ino in self.caches.dirs:
                 names.append(CACHE_XATTR)
-        if self.getattr(ino).is_reg:
+        inode = self.getattr(ino)
+        if inode.is_reg and self.sparse.digest_known(inode):
             names.append(DIGEST_XATTR)
         return names
 
@@ -573,7 +570,7 @@ class Filesystem:
 
     async def published_digest(self, ino: int) -> Digest:
         """The whole-file digest, publishing unpublished writes first (EAGAIN
-        while a sparse file's is being computed: ``_digests.py``)."""
+        while a sparse file's is being computed: ``_sparse.py``)."""
         state = self.files.get(ino)
         if state is not None and state.changed:
             await self.publisher.publish(state, durable=False)

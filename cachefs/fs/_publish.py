@@ -32,6 +32,7 @@ import lmdb
 import trio
 
 from cachefs.engine import CachefsError, Digest, FsError, Namespace, Store
+from cachefs.errors import from_oserror
 from cachefs.fs._files import OpenFile
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,11 @@ class FilePublisher:
         if state.base_limit == 0 and _spool_size(state) == state.size:
             # All of it is in the spool: read it straight, through an open file
             # of its own (others move the offset of the spool's: SEEK_DATA).
-            with open(f"/proc/self/fd/{state.spool}", "rb", buffering=0) as spool:
+            try:
+                spool = open(f"/proc/self/fd/{state.spool}", "rb", buffering=0)  # noqa: SIM115
+            except OSError as exc:
+                raise from_oserror(exc, "opening a spool file") from None
+            with spool:
                 return store.put(spool, on_publish=hook)
         if base is None or state.base_limit == 0 or base_holes:
             return store.put(state.compose(store.iter_object), on_publish=hook)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import threading
 
 import trio
 
 from cachefs.engine import CachefsError, Digest, FsError, Inode, Store
 from cachefs.format.schema import may_be_sparse
 from cachefs.fs._files import OpenFiles
+from cachefs.fs._publish import HOLE_MIN
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class SparseFiles:
         self._running: set[Digest] = set()
         self._limiter = trio.CapacityLimiter(1)
         self._failed: dict[Digest, CachefsError] = {}
+        self._closing = threading.Event()
 
     def allocated(self, inode: Inode) -> int:
         """The bytes a file stores: its size less its holes (``st_blocks``)."""
@@ -51,7 +54,30 @@ class SparseFiles:
             return inode.size
         if state is not None and state.changed:
             holes = state.holes(holes, 0)
-        return inode.size - sum(stop - start for start, stop in holes)
+        # (A size and holes of different moments, as readdir's snapshot has: clamped.)
+        return min(inode.size, max(0, inode.size - sum(stop - start for start, stop in holes)))
+
+    def digest_known(self, inode: Inode) -> bool:
+        """Whether ``user.cachefs.digest`` answers at once (listed by listxattr
+        only then, so that tools copying every xattr never meet EAGAIN)."""
+        state = self.files.get(inode.ino)
+        try:
+            if state is not None and state.changed:  # sparse once published if it has holes
+                base = state.base
+                holes = (
+                    [] if base is None or not may_be_sparse(base.hash) else self.store.holes(base)
+                )
+                return state.size < HOLE_MIN or not state.holes(holes, HOLE_MIN)
+            digest = inode.digest
+            if digest is None or not may_be_sparse(digest.hash):
+                return True
+            return self.store.content_digest(digest) is not None
+        except CachefsError:
+            return False
+
+    def close(self) -> None:
+        """Stop the digests being computed (the store is about to close)."""
+        self._closing.set()
 
     def content(self, digest: Digest, nursery: trio.Nursery | None) -> Digest:
         """The digest of the content of object ``digest``; EAGAIN while it is
@@ -75,7 +101,9 @@ class SparseFiles:
     async def _compute(self, digest: Digest) -> None:
         try:
             await trio.to_thread.run_sync(
-                functools.partial(self.store.content_digest, digest, compute=True),
+                functools.partial(
+                    self.store.content_digest, digest, compute=True, stop=self._closing.is_set
+                ),
                 limiter=self._limiter,
                 abandon_on_cancel=True,
             )

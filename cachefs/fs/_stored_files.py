@@ -113,15 +113,15 @@ class StoredFiles:
         size, content)``, or None: many lookups at the cost of few Python calls
         (a server asked about thousands of blobs at once reads the namespace's
         records itself, ``format/schema.py``)."""
-        get, dirents, inodes = txn.get, self.namespace.dirents, self.namespace.inodes
+        dirent, inode = self.namespace.dirents.get, self.namespace.inodes.get
         key, value, unpack = INO_KEY.pack, INO_VALUE.unpack, INODE.unpack_from
         out: list[tuple[int, int, bytes] | None] = []
         for parent, name in entries:
-            raw = get(key(parent) + name, db=dirents)
+            raw = dirent(txn, key(parent) + name)
             found = None
             if raw is not None:
                 ino = value(raw)[0]
-                raw = get(key(ino), db=inodes)
+                raw = inode(txn, key(ino))
                 if raw is not None:
                     mode, _, _, _, size, _, _, _, _, content = unpack(raw)
                     if stat.S_ISREG(mode):

@@ -1,0 +1,167 @@
+"""Checksummed metadata: every index value is sealed, damage never passes silently.
+
+LMDB keeps no checksums of its own; a flipped bit in an entry of the index
+used to give a wrong name or wrong metadata that fsck did not notice.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from cachefs.engine import Store, check_store
+from cachefs.errors import IndexCorruptError
+from cachefs.format.schema import INDEX_NAME, SEGMENT_KEY, seal, unseal
+from tests.conftest import SMALL_CONFIG, compressible
+from tests.mounting import mounted
+
+
+def damage_entry(store_path: Path, db: bytes, key: bytes) -> None:
+    """Flip a bit of one value of the (closed) store's index."""
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=32, map_size=1 << 40)
+    try:
+        handle = env.open_db(db)
+        with env.begin(write=True) as txn:
+            value = txn.get(key, db=handle)
+            assert value is not None
+            raw = bytearray(value)
+            raw[0] ^= 0x10
+            txn.put(key, bytes(raw), db=handle)
+    finally:
+        env.close()
+
+
+def test_a_sealed_value_round_trips_and_any_flipped_bit_fails_it() -> None:
+    key, value = b"key", b"the value of an entry"
+    sealed = seal(key, value)
+    assert unseal(key, sealed) == value
+    for bit in range(len(sealed) * 8):
+        flipped = bytearray(sealed)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        assert unseal(key, bytes(flipped)) is None
+    assert unseal(b"kez", sealed) is None  # the key is covered too
+    assert unseal(key, b"short") is None
+
+
+def test_a_damaged_object_entry_is_an_error_then_repaired(store_path: Path) -> None:
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        kept = store.put(compressible(50_000, 1))
+        damaged = store.put(compressible(60_000, 2))
+    damage_entry(store_path, b"objects", damaged.hash)
+    with Store.open(store_path) as store:
+        with pytest.raises(IndexCorruptError, match=f"objects/{damaged.hash.hex()}"):
+            store.read(damaged)
+        assert store.needs_fsck and store.corruptions == 1
+        assert store.read(kept) == compressible(50_000, 1)
+    with Store.open(store_path, readonly=True) as store:
+        report = check_store(store)
+        assert [p.kind for p in report.problems] == ["bad-entry"]
+        assert damaged.hash.hex() in report.problems[0].message
+    with Store.open(store_path) as store:
+        report = check_store(store, repair=True)
+        assert "bad-entry" in {p.kind for p in report.problems}
+        assert not store.contains(damaged)
+        assert store.read(kept) == compressible(50_000, 1)
+    with Store.open(store_path) as store:
+        assert check_store(store).clean
+        assert not store.needs_fsck
+        assert store.put(compressible(60_000, 2)) == damaged  # stored again
+
+
+def test_a_damaged_segment_entry_is_rebuilt_from_its_file(store_path: Path) -> None:
+    data = [compressible(40_000, seed) for seed in range(6)]
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digests = [store.put(d) for d in data]
+        with store.index.read() as txn:
+            segment_id = next(iter(store.index.iter_segments(txn)))[0]
+    damage_entry(store_path, b"segments", SEGMENT_KEY.pack(segment_id))
+    damage_entry(store_path, b"counters", b"next_segment_id")
+    with Store.open(store_path, readonly=True) as store:
+        assert {p.kind for p in check_store(store).problems} == {"bad-entry"}
+    with Store.open(store_path) as store:
+        check_store(store, repair=True)
+        assert [store.read(d) for d in digests] == data  # nothing lost
+        with store.index.read() as txn:
+            ids = [i for i, _ in store.index.iter_segments(txn)]
+            assert store.index.counter(txn, "next_segment_id") > max(ids)
+        report = check_store(store)
+        assert report.clean, [str(p) for p in report.problems]
+        store.put(b"more after the repair" * 1000)
+        assert check_store(store).clean
+
+
+# --- the flip experiment -------------------------------------------------------------
+
+
+def make_tree(root: Path) -> None:
+    rng = random.Random(3)
+    for d in range(6):
+        sub = root / f"dir{d}" / "nested"
+        sub.mkdir(parents=True)
+        for f in range(8):
+            (sub / f"file{f}.o").write_bytes(rng.randbytes(rng.randrange(0, 40_000)))
+            (root / f"dir{d}" / f"text{f}.txt").write_bytes(compressible(5_000, d * 10 + f))
+        os.symlink(f"nested/file{d}.o", root / f"dir{d}" / "link")
+        os.chmod(root / f"dir{d}" / "text0.txt", 0o600)
+
+
+def trees_equal(a: Path, b: Path) -> bool:
+    compared = filecmp.dircmp(a, b)
+    if compared.left_only or compared.right_only or compared.funny_files:
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(a, b, compared.common_files, shallow=False)
+    if mismatch or errors:
+        return False
+    for name in compared.common:
+        sa, sb = os.lstat(a / name), os.lstat(b / name)
+        if (sa.st_mode, sa.st_size, sa.st_nlink) != (sb.st_mode, sb.st_size, sb.st_nlink):
+            return False
+    return all(trees_equal(a / d, b / d) for d in compared.common_dirs)
+
+
+def test_flipped_bits_in_the_index_are_found_or_harmless(tmp_path: Path) -> None:
+    """16 random bits flipped in index.lmdb past its meta pages, many seeds:
+    every round either fsck reports damage or the tree is as it was."""
+    source = tmp_path / "source"
+    source.mkdir()
+    make_tree(source)
+    pristine = tmp_path / "pristine"
+    with mounted(pristine, tmp_path / "mnt") as m:
+        shutil.copytree(source, m.path / "tree", symlinks=True)
+    rounds = {"found": 0, "harmless": 0, "silent": 0}
+    for seed in range(12):
+        store = tmp_path / f"store{seed}"
+        shutil.copytree(pristine, store)
+        index = store / INDEX_NAME
+        raw = bytearray(index.read_bytes())
+        rng = random.Random(seed)
+        for _ in range(16):
+            bit = rng.randrange(2 * 4096 * 8, len(raw) * 8)
+            raw[bit // 8] ^= 1 << (bit % 8)
+        index.write_bytes(bytes(raw))
+        fsck = subprocess.run(
+            [sys.executable, "-m", "cachefs", "fsck", str(store)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        if fsck.returncode != 0:
+            assert fsck.returncode > 0, f"fsck crashed: {fsck.stderr}"
+            rounds["found"] += 1
+            continue
+        with mounted(store, tmp_path / f"mnt{seed}") as m:
+            same = trees_equal(source, m.path / "tree")
+        rounds["harmless" if same else "silent"] += 1
+        shutil.rmtree(store)
+    print(rounds)
+    assert rounds["silent"] == 0, rounds
+    assert rounds["found"] > 0, rounds
