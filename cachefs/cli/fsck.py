@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from cachefs.daemon import resolve_store
 from cachefs.engine import Store, check_store
+from cachefs.errors import IndexCorruptError
 
 from .common import ProgressBar, json_option, store_argument
 
@@ -29,6 +35,8 @@ def command(store: Path, repair: bool, as_json: bool) -> None:
     objects that lost data.  Without --repair the store is only read, and this
     works beside a running writer.
     """
+    if os.environ.get(_CHILD) is None:
+        _check_in_a_child(store)
     bar = ProgressBar("checking")
     with Store.open(resolve_store(store), readonly=not repair) as opened:
         try:
@@ -58,3 +66,30 @@ def command(store: Path, repair: bool, as_json: bool) -> None:
             click.echo(summary + f"{len(report.problems)} problems; run with --repair to fix")
     if not report.clean:
         raise click.exceptions.Exit(1)
+
+
+#: Set in the process that runs the check (see ``_check_in_a_child``).
+_CHILD = "CACHEFS_FSCK_CHILD"
+
+
+def _check_in_a_child(store: Path) -> NoReturn:
+    """Run this very command again in a child process, and answer for it.
+
+    LMDB reads its file through a memory map and trusts the page numbers it
+    finds there: an index damaged in its tree structure (not in an entry, which
+    the seals catch) can make it read past the end of the file, and the process
+    dies of SIGBUS or SIGSEGV.  The child may die so; this process then says
+    what happened instead of vanishing."""
+    child = subprocess.run(
+        [sys.executable, "-m", "cachefs", *sys.argv[1:]],
+        env={**os.environ, _CHILD: "1"},
+        check=False,
+    )
+    if child.returncode >= 0:
+        sys.exit(child.returncode)
+    signame = signal.Signals(-child.returncode).name
+    raise IndexCorruptError(
+        f"the index of {store} is damaged in its structure: reading it killed the check "
+        f"({signame})",
+        hint="restore STORE/index.lmdb from a backup (the segments hold the chunk data)",
+    )

@@ -9,13 +9,26 @@ under the store's maintenance lock).
 from __future__ import annotations
 
 import json
+import stat
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import lmdb
 
 from cachefs.engine._namespace import Namespace
-from cachefs.format.schema import INO_KEY, NO_CONTENT, ROOT_INODE, STORE_SETTINGS, dirent_key
+from cachefs.format.schema import (
+    INO_KEY,
+    INO_VALUE,
+    NO_CONTENT,
+    ROOT_INODE,
+    STORE_SETTINGS,
+    Inode,
+    dirent_key,
+)
+
+#: Where fsck --repair puts the files and directories whose entries were lost.
+LOST_AND_FOUND = b"lost+found"
 
 
 @dataclass
@@ -25,6 +38,8 @@ class NamespaceCheck:
     lost: list[int] = field(default_factory=list)
     nlinks: dict[int, int] = field(default_factory=dict)
     leaked: list[int] = field(default_factory=list)
+    #: The link count a leaked directory has once it is linked again.
+    subdirs: dict[int, int] = field(default_factory=dict)
     bad_caches: list[int] = field(default_factory=list)
     inodes: int = 0
 
@@ -67,6 +82,7 @@ def check_namespace(namespace: Namespace, txn: lmdb.Transaction) -> NamespaceChe
         if expected == 0 and ino != ROOT_INODE and ino not in orphans:
             result.add("namespace", f"inode {ino} is in no directory and not an orphan")
             result.leaked.append(ino)
+            result.subdirs[ino] = subdirs[ino]
         digest = inode.digest
         if digest is not None:
             entry = namespace.store.index.get_object(txn, digest.hash)
@@ -116,7 +132,9 @@ def repair_namespace(namespace: Namespace, found: NamespaceCheck) -> None:
     Files whose content is lost become empty and get an xattr
     ``user.cachefs.lost`` naming the lost digest; dangling entries are
     removed; link counts are set to what was counted; inodes in no
-    directory become orphans (deleted at the next mount); damaged cache
+    directory (their entry was lost) get one in ``/lost+found``, named by
+    their inode number, with their content and, for a directory, its
+    subtree; damaged cache
     settings are dropped (the directory becomes an ordinary one)."""
     with namespace.store.transaction("repairing the namespace") as txn:
         for parent, name in found.dangling:
@@ -132,10 +150,47 @@ def repair_namespace(namespace: Namespace, found: NamespaceCheck) -> None:
             inode = namespace.get(ino, txn)
             inode.nlink = nlink
             namespace.put_inode(txn, inode)
-        for ino in found.leaked:
-            namespace.orphans.put(txn, INO_KEY.pack(ino), b"")
+        if found.leaked:
+            _to_lost_and_found(namespace, txn, found)
         if namespace.caches is not None and namespace.cache_state is not None:
             for ino in found.bad_caches:  # the directory stays, unmarked
                 namespace.caches.delete(txn, INO_KEY.pack(ino))
                 namespace.cache_state.delete(txn, INO_KEY.pack(ino))
         namespace.store.index.set_counter(txn, "inodes", namespace.inodes.count(txn))
+
+
+def _to_lost_and_found(namespace: Namespace, txn: lmdb.Transaction, found: NamespaceCheck) -> None:
+    """Give every leaked inode an entry ``/lost+found/<inode number>`` (the
+    directory is made, mode 0700, if the root has none)."""
+    index = namespace.store.index
+    now = time.time_ns()
+    root = namespace.get(ROOT_INODE, txn)
+    name = LOST_AND_FOUND
+    raw = namespace.dirents.get(txn, dirent_key(ROOT_INODE, name))
+    if raw is not None and not namespace.get(INO_VALUE.unpack(raw)[0], txn).is_dir:
+        name, raw = LOST_AND_FOUND + b".cachefs", None  # a file took the name
+        raw = namespace.dirents.get(txn, dirent_key(ROOT_INODE, name))
+    if raw is None:
+        ino = index.counter(txn, "next_inode")
+        index.set_counter(txn, "next_inode", ino + 1)
+        folder = Inode(ino, stat.S_IFDIR | 0o700, 0, 0, 2, 0, 0, now, now, now)
+        namespace.dirents.put(txn, dirent_key(ROOT_INODE, name), INO_VALUE.pack(ino))
+        namespace.parents.put(txn, INO_KEY.pack(ino), INO_VALUE.pack(ROOT_INODE))
+        root.nlink += 1
+        root.mtime_ns = root.ctime_ns = now
+        namespace.put_inode(txn, root)
+    else:
+        folder = namespace.get(INO_VALUE.unpack(raw)[0], txn)
+    for ino in found.leaked:
+        inode = namespace.get(ino, txn)
+        namespace.dirents.put(txn, dirent_key(folder.ino, str(ino).encode()), INO_VALUE.pack(ino))
+        if inode.is_dir:
+            namespace.parents.put(txn, INO_KEY.pack(ino), INO_VALUE.pack(folder.ino))
+            inode.nlink = 2 + found.subdirs.get(ino, 0)
+            folder.nlink += 1
+        else:
+            inode.nlink = 1
+        inode.ctime_ns = now
+        namespace.put_inode(txn, inode)
+    folder.mtime_ns = folder.ctime_ns = now
+    namespace.put_inode(txn, folder)
