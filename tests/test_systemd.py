@@ -42,12 +42,16 @@ UNIT_DIR = ROOT / "systemd"
 MOUNT_UNIT = "cachefs@.service"
 GC_UNIT = "cachefs-gc@.service"
 GC_TIMER = "cachefs-gc@.timer"
+SCRUB_UNIT = "cachefs-scrub@.service"
+SCRUB_TIMER = "cachefs-scrub@.timer"
 SERVE_UNIT = "cachefs-serve@.service"
-UNITS = (MOUNT_UNIT, GC_UNIT, GC_TIMER, SERVE_UNIT)
+UNITS = (MOUNT_UNIT, GC_UNIT, GC_TIMER, SCRUB_UNIT, SCRUB_TIMER, SERVE_UNIT)
 INSTANCES = (
     "cachefs@mnt-cache.service",
     "cachefs-gc@mnt-cache.service",
     "cachefs-gc@mnt-cache.timer",
+    "cachefs-scrub@mnt-cache.service",
+    "cachefs-scrub@mnt-cache.timer",
     "cachefs-serve@team.service",
 )
 #: Where the units expect the command (systemd/README.md says how to link it).
@@ -456,7 +460,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_shipped_units_run_the_documented_command() -> None:
-    for name in (MOUNT_UNIT, GC_UNIT, SERVE_UNIT):
+    for name in (MOUNT_UNIT, GC_UNIT, SCRUB_UNIT, SERVE_UNIT):
         for key, value in read_unit(UNIT_DIR / name)["Service"]:
             if key.startswith("Exec") and "cachefs" in value.split()[0]:
                 assert value.lstrip("-").split()[0] == SHIPPED_CACHEFS, f"{name}: {key}={value}"
@@ -470,7 +474,7 @@ def test_escape_path_matches_systemd_escape(path: str) -> None:
     assert escape_path(path) == result.stdout.strip()
 
 
-@pytest.mark.parametrize("name", [MOUNT_UNIT, GC_UNIT])
+@pytest.mark.parametrize("name", [MOUNT_UNIT, GC_UNIT, SCRUB_UNIT])
 def test_services_stay_in_the_host_mount_namespace(name: str) -> None:
     private = [
         f"{key}={value}"
@@ -498,6 +502,16 @@ def test_gc_runs_through_the_mount(tmp_path: Path) -> None:
     assert unit["Requisite"] == unit["After"] == "cachefs@%i.service"
     timer = dict(read_unit(UNIT_DIR / GC_TIMER)["Timer"])
     assert timer["Persistent"] == "true"
+
+
+def test_scrub_runs_through_the_mount_weekly(tmp_path: Path) -> None:
+    runner = ServiceRunner(UNIT_DIR / SCRUB_UNIT, Path("/mnt/cache"), tmp_path)
+    (command,) = runner.commands("ExecStart")
+    assert command.argv == [SHIPPED_CACHEFS, "scrub", "--rate", "50M", "/mnt/cache"]
+    unit = dict(read_unit(UNIT_DIR / SCRUB_UNIT)["Unit"])
+    assert unit["Requisite"] == unit["After"] == "cachefs@%i.service"
+    timer = dict(read_unit(UNIT_DIR / SCRUB_TIMER)["Timer"])
+    assert (timer["OnCalendar"], timer["Persistent"]) == ("weekly", "true")
 
 
 def test_store_defaults_without_a_config_file(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import click
 import lmdb
 
 from cachefs import __version__
-from cachefs.cli import cache, cat, fsck, gc, init, mount, put, serve, stats, umount
+from cachefs.cli import cache, cat, fsck, gc, init, mount, put, scrub, serve, stats, umount
 from cachefs.engine import lmdb_error
 from cachefs.errors import CachefsError, from_oserror
 
@@ -55,7 +55,7 @@ def cli(verbose: int) -> None:
     A STORE is a directory; commands that write create it when missing.
 
     \b
-    Exit codes: 0 ok, 1 damage found (fsck) or failure, 2 usage or
+    Exit codes: 0 ok, 1 damage found (fsck, scrub) or failure, 2 usage or
     configuration, 3 not found, 4 corrupt data, 5 store locked by another
     writer, 6 store format too new, 7 no space left, 8 cannot mount or unmount.
     """
@@ -63,7 +63,7 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="cachefs: %(message)s", stream=sys.stderr)
 
 
-for _module in (mount, umount, serve, cache, init, put, cat, stats, fsck, gc):
+for _module in (mount, umount, serve, cache, init, put, cat, stats, fsck, scrub, gc):
     cli.add_command(_module.command)
 
 

@@ -79,6 +79,13 @@ def parse_size(text: str) -> int:
     return int(number * _UNITS[unit])
 
 
+def positive_size(text: str, option: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise ConfigError(f"{option} {text} must be more than nothing", hint="e.g. 20M")
+    return size
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

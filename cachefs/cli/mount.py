@@ -18,6 +18,7 @@ from .common import (
     max_store_size_option,
     memory_limit_option,
     parse_size,
+    positive_size,
     store_argument,
 )
 
@@ -52,6 +53,14 @@ from .common import (
     metavar="FILE",
     help="Record a file-access trace (JSON lines) for scripts/bench_cache.py.",
 )
+@click.option(
+    "--scrub-rate",
+    metavar="SIZE",
+    default=None,
+    help="Scrub the store in the background at most SIZE bytes a second (e.g. 20M): a "
+    "pass 10 s after mounting, then daily; damage found is recorded (default: off; "
+    "`cachefs scrub MOUNTPOINT` scrubs at once).",
+)
 @grpc_option
 @http_option
 @click.pass_context
@@ -66,6 +75,7 @@ def command(
     max_store_size: str | None,
     memory_limit: str,
     trace: Path | None,
+    scrub_rate: str | None,
     grpc_address: str | None,
     http_address: str | None,
 ) -> None:
@@ -100,6 +110,7 @@ def command(
         memory_limit=memory_limit_of(memory_limit),
         trace=trace,
         servers=ServeOptions(grpc=grpc_address, http=http_address),
+        scrub_rate=None if scrub_rate is None else positive_size(scrub_rate, "--scrub-rate"),
     )
 
 

@@ -19,6 +19,7 @@ exit; the daemon's pid and store are found in ``MOUNT/.cachefs/stats.json``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -115,6 +116,7 @@ def serve(
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     trace: Path | None = None,
     servers: ServeOptions | None = None,
+    scrub_rate: int | None = None,
 ) -> None:
     """Open the store, mount it, serve until unmounted or signalled (and with
     ``servers``, serve it over gRPC and HTTP too)."""
@@ -142,7 +144,7 @@ def serve(
             # the GIL for the default 5 ms at a time.
             sys.setswitchinterval(0.0005)
             try:
-                trio.run(_main, fs, ready, servers or ServeOptions())
+                trio.run(_main, fs, ready, servers or ServeOptions(), scrub_rate)
             except BaseExceptionGroup as group:
                 raise unwrap_group(group) from None
             finally:
@@ -157,9 +159,13 @@ def serve(
     log.info("unmounted %s; store closed cleanly", mountpoint)
 
 
-async def _main(fs: Filesystem, ready: Callable[[], None], options: ServeOptions) -> None:
+async def _main(
+    fs: Filesystem, ready: Callable[[], None], options: ServeOptions, scrub_rate: int | None
+) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run)
+        if scrub_rate is not None:
+            nursery.start_soon(functools.partial(fs.scrubber.run, scrub_rate))
         await nursery.start(_stop_on_signal)  # before READY: a SIGTERM then stops cleanly
         async with trio.open_nursery() as servers:
             if options.any:
@@ -196,6 +202,7 @@ def mount(
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     trace: Path | None = None,
     servers: ServeOptions | None = None,
+    scrub_rate: int | None = None,
 ) -> None:
     """``cachefs mount``: returns once the mount is ready (or raises why not)."""
     mountpoint = check_mountpoint(mountpoint)
@@ -215,6 +222,7 @@ def mount(
         "memory_limit": memory_limit,
         "trace": None if trace is None else check_outside(trace, mountpoint),
         "servers": servers,
+        "scrub_rate": scrub_rate,
     }
     if foreground:
         serve(store, mountpoint, options, ready=lambda: None, **kwargs)

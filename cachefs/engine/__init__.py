@@ -17,7 +17,7 @@ What it offers:
 * the store's parameters and names from ``cachefs.format``: :class:`StoreConfig`
   and its parts, :class:`Digest`, :class:`DigestFunction`;
 * maintenance: :func:`collect_garbage` (:class:`GcReport`) and
-  :func:`check_store` (fsck, :class:`FsckReport`);
+  :func:`check_store` (fsck, :class:`FsckReport`), :func:`scrub_store`;
 * the filesystem namespace kept in the same index: :class:`Namespace`,
   :class:`Inode`, :class:`ExtendedAttributes`, :class:`CacheRecords`;
 * the store's :class:`Journal` (``Store.journal``), and :class:`ChunkBackend`,
@@ -32,7 +32,7 @@ What it offers:
 from cachefs.engine._backend import ChunkBackend
 from cachefs.engine._cache_records import CacheRecords
 from cachefs.engine._chunker import Source
-from cachefs.engine._fsck import FsckReport, check_store
+from cachefs.engine._fsck import INDEX_PROBLEMS, FsckReport, check_store, scrub_store
 from cachefs.engine._gc import GcReport, collect_garbage
 from cachefs.engine._index import lmdb_error
 from cachefs.engine._journal import Journal
@@ -63,6 +63,7 @@ from cachefs.format.schema import ROOT_INODE, Inode
 
 __all__ = [
     "BLAKE3",
+    "INDEX_PROBLEMS",
     "RENAME_EXCHANGE",
     "RENAME_NOREPLACE",
     "ROOT_INODE",
@@ -105,4 +106,5 @@ __all__ = [
     "check_store",
     "collect_garbage",
     "lmdb_error",
+    "scrub_store",
 ]

@@ -31,6 +31,7 @@ second check is clean.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from cachefs.engine._maintenance import Maintenance
 from cachefs.engine._namespace import Namespace
 from cachefs.engine._namespace_check import check_namespace, repair_namespace
 from cachefs.engine._store import Progress, Store
-from cachefs.errors import CorruptDataError
+from cachefs.errors import CorruptDataError, IndexCorruptError
 from cachefs.format.digest import Digest
 from cachefs.format.schema import (
     ALL_DATABASES,
@@ -231,6 +232,42 @@ class _Recount:
     damaged_segments: set[int] = field(default_factory=set)
     #: The segments the snapshot named.
     published: dict[int, SegmentEntry] = field(default_factory=dict)
+
+
+#: Problems that are damage to the index itself (a mount turns read-only on them).
+INDEX_PROBLEMS = frozenset({"bad-entry", "bad-recipe", "refcount", "counter", "namespace"})
+
+
+def scrub_store(
+    store: Store, *, rate: int | None = None, progress: Progress | None = None
+) -> FsckReport:
+    """Verify every segment record and every index entry, as a read-only
+    ``check_store`` does, at most ``rate`` bytes a second (None: as fast as it
+    goes), and record what is found in the store's health: each problem counts
+    as a damaged read, and the store needs fsck (``cachefs scrub``, and the
+    background scrub of a mount)."""
+    report = check_store(store, progress=_throttled(progress, rate))
+    for problem in report.problems:
+        kind = IndexCorruptError if problem.kind in INDEX_PROBLEMS else CorruptDataError
+        store.health.damaged(kind(f"scrub found {problem}"))
+    return report
+
+
+def _throttled(progress: Progress | None, rate: int | None) -> Progress | None:
+    """``progress``, sleeping as needed to keep the check at ``rate`` bytes/s
+    (it reports bytes of segments read, and one per index entry)."""
+    if rate is None:
+        return progress
+    start = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        ahead = done / rate - (time.monotonic() - start)
+        if ahead > 0:
+            time.sleep(ahead)
+
+    return report
 
 
 def _check_beside_writer(store: Store, progress: Progress | None) -> FsckReport:

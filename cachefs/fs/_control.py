@@ -6,7 +6,7 @@ Not listed by ``readdir`` of the root, but found by name::
     /.cachefs/cas/<fn>/<hex>      any stored whole-file object, by digest
                                   (``<fn>`` is the store's digest function)
     /.cachefs/control             write a command, then read its JSON answer
-                                  (root only): ``gc [THRESHOLD]``, ``sync``,
+                                  (root only): ``gc [THRESHOLD]``, ``scrub [RATE]``, ``sync``,
                                   ``trace start FILE``, ``trace stop``
 
 These inodes are virtual: numbers from ``VIRTUAL_BASE`` up, never stored.
@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from cachefs.engine import Digest, FsError, GcReport, Inode, Store
 from cachefs.errors import CachefsError
 from cachefs.fs._files import CommandHandle, ContentHandle, ObjectHandle
+from cachefs.fs._scrub import Scrubber
 from cachefs.fs._trace import check_outside
 
 VIRTUAL_BASE = 1 << 62
@@ -53,6 +54,8 @@ def is_volatile(ino: int) -> bool:
 
 class Commands(Protocol):
     """What the commands of ``/.cachefs/control`` may ask of the filesystem."""
+
+    scrubber: Scrubber
 
     async def flush_all(self) -> None: ...
     async def collect_garbage(self, threshold: float | None = None) -> GcReport: ...
@@ -180,6 +183,12 @@ class ControlTree:
                 threshold = float(words[1]) if len(words) == 2 else None
                 report = await commands.collect_garbage(threshold)
                 answer = {"ok": True, "report": report.as_dict()}
+            elif words[:1] == ["scrub"] and len(words) <= 2:
+                rate = int(words[1]) if len(words) == 2 else None
+                if rate is not None and rate <= 0:
+                    raise ValueError("a scrub rate must be positive")
+                scrubbed = await commands.scrubber.scrub(rate)
+                answer = {"ok": True, "report": scrubbed.as_dict()}
             elif words[:2] == ["trace", "start"] and len(words) >= 3:
                 # The rest of the line is the path (it may hold spaces).
                 text = request.decode("utf-8", "surrogateescape").strip()

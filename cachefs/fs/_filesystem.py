@@ -13,6 +13,7 @@ xattrs itself and puts the other parts together:
 * ``_journal.py``  every write logged to the store's journal, and replay;
 * ``_publish.py``  how a file's new content is published (holes as holes);
 * ``_sparse.py``   files with holes: ``st_blocks``, digests found in the background;
+* ``_scrub.py``    scrub passes, on request and in the background;
 * ``_lookups.py``  the kernel's lookup counts, orphans;
 * ``_control.py``  the control directory ``/.cachefs``;
 * ``_caches.py``, ``_eviction.py``, ``_policy.py``  cache directories;
@@ -77,6 +78,7 @@ from cachefs.fs._journal import DEFAULT_LOG_LIMIT, FileJournal
 from cachefs.fs._lookups import Lookups
 from cachefs.fs._memory import DEFAULT_MEMORY_LIMIT, MemoryGovernor
 from cachefs.fs._publish import FilePublisher
+from cachefs.fs._scrub import Scrubber
 from cachefs.fs._sparse import SparseFiles
 from cachefs.fs._stored_files import StoredFiles
 from cachefs.fs._trace import TraceRecorder
@@ -110,6 +112,7 @@ class Filesystem:
         self.limiter = limiter or trio.CapacityLimiter(max(2, store.options.workers))
         self.files = OpenFiles(store.tmp_root)
         self.sparse = SparseFiles(store, self.files)
+        self.scrubber = Scrubber(store, self.limiter, self.enter_failsafe)
         self.handles = Handles()
         self.errors = 0
         #: gc runs started by this filesystem (a publication would wait for them).

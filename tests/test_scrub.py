@@ -1,0 +1,89 @@
+"""``cachefs scrub``: every record and index entry read, damage recorded.
+
+A scrub finds damage that no read met yet, and records it as a damaged read
+would: ``needs_fsck`` and the corruption count in the store's health, shown by
+``cachefs stats``; damage to the index turns a mount read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cachefs.engine import Digest, Store
+from cachefs.format.segment import RECORD_HEADER
+from tests.conftest import compressible
+from tests.mounting import live_stats, mounted
+
+
+def cachefs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cachefs", *args], capture_output=True, text=True, check=False
+    )
+
+
+def flip_chunk(store: Store, digest: Digest) -> None:
+    """Flip a byte in the payload of an object's first chunk, in its segment file."""
+    chunk, _ = store.recipe(digest)[0]
+    with store.index.read() as txn:
+        entry = store.index.get_chunk(txn, chunk)
+    assert entry is not None
+    path = store.segments.chunk_path(chunk, entry.segment_id)
+    with open(path, "r+b") as f:
+        f.seek(entry.offset + RECORD_HEADER.size + 5)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def test_scrub_of_a_store_records_what_it_finds(tmp_path: Path) -> None:
+    store_path = tmp_path / "store"
+    with Store.open(store_path, create=True) as store:
+        digests = [store.put(compressible(300_000, seed)) for seed in range(4)]
+    clean = cachefs("scrub", "--rate", "500M", str(store_path))
+    assert clean.returncode == 0 and clean.stdout.rstrip().endswith("clean"), clean
+    with Store.open(store_path) as store:
+        flip_chunk(store, digests[2])
+    found = cachefs("scrub", "--json", str(store_path))
+    assert found.returncode == 1, found
+    report = json.loads(found.stdout)
+    assert {p["kind"] for p in report["problems"]} >= {"damaged-record"}
+    stats = json.loads(cachefs("stats", "--json", str(store_path)).stdout)
+    assert stats["needs_fsck"] and stats["corruptions"] >= 1
+    assert "scrub found" in stats["recent_damage"][-1]["message"]
+    assert cachefs("fsck", "--repair", str(store_path)).returncode == 1  # repaired
+    assert cachefs("scrub", str(store_path)).returncode == 0
+    stats = json.loads(cachefs("stats", "--json", str(store_path)).stdout)
+    assert not stats["needs_fsck"]
+
+
+def test_a_bad_rate_is_refused(tmp_path: Path) -> None:
+    result = cachefs("scrub", "--rate", "0", str(tmp_path))
+    assert result.returncode == 2 and "--rate 0" in result.stderr
+
+
+def test_a_mount_scrubs_on_request_and_in_the_background(tmp_path: Path) -> None:
+    with mounted(tmp_path / "store", tmp_path / "mnt", "--scrub-rate", "200M") as m:
+        for n in range(4):
+            (m.path / f"f{n}").write_bytes(compressible(200_000, n))
+        digest = Digest.parse(os.getxattr(m.path / "f1", "user.cachefs.digest").decode())
+        assert cachefs("scrub", str(m.path)).returncode == 0
+        with Store.open(tmp_path / "store", readonly=True) as store:
+            flip_chunk(store, digest)
+        # The background pass (10 s after the mount started) finds it ...
+        deadline = time.monotonic() + 60
+        while not live_stats(m.path)["needs_fsck"]:
+            assert time.monotonic() < deadline, "the background scrub found nothing"
+            time.sleep(0.2)
+        # ... and so does a scrub on request, through the daemon.
+        asked = cachefs("scrub", "--json", str(m.path))
+        assert asked.returncode == 1
+        assert json.loads(asked.stdout)["problems"]
+        stats = live_stats(m.path)
+        assert stats["corruptions"] >= 2 and stats["failsafe"] is None  # data, not index
