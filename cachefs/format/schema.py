@@ -111,6 +111,7 @@ import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
@@ -193,10 +194,20 @@ class ChunkEntry:
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> ChunkEntry:
-        return cls(*CHUNK.unpack(raw))
+        return cls(*_fixed(CHUNK, raw, "chunk"))
 
 
 SEAL = struct.Struct("<Q")
+
+
+def _fixed(layout: struct.Struct, raw: bytes | memoryview, what: str) -> tuple[Any, ...]:
+    """``raw`` unpacked; CorruptDataError unless it is exactly ``layout``'s size."""
+    if len(raw) != layout.size:
+        raise CorruptDataError(
+            f"an index {what} entry of {len(raw)} bytes, not {layout.size}",
+            hint="run `cachefs fsck --repair STORE` (unmounted)",
+        )
+    return layout.unpack(raw)
 
 
 def seal(key: bytes, value: bytes) -> bytes:
@@ -236,7 +247,7 @@ class ObjectEntry:
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> ObjectEntry:
-        size, refcount, count = OBJECT.unpack_from(raw, 0)
+        size, refcount, count = _fixed(OBJECT, raw[: OBJECT.size], "object")
         end = OBJECT.size + count * RECIPE_ENTRY.size
         if len(raw) not in (end, end + 32):
             raise CorruptDataError("object recipe has the wrong length in the index")
@@ -296,7 +307,7 @@ class SegmentEntry:
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> SegmentEntry:
-        return cls(*SEGMENT.unpack(raw))
+        return cls(*_fixed(SEGMENT, raw, "segment"))
 
 
 @dataclass
@@ -333,7 +344,8 @@ class Inode:
 
     @classmethod
     def unpack(cls, ino: int, raw: bytes | memoryview) -> Inode:
-        mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, content = INODE.unpack_from(raw)
+        fields = _fixed(INODE, raw[: INODE.size], "inode")
+        mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, content = fields
         return cls(
             ino,
             mode,
