@@ -14,7 +14,7 @@ import click
 
 from cachefs.daemon import resolve_store
 from cachefs.engine import Store, check_store
-from cachefs.errors import IndexCorruptError
+from cachefs.errors import CachefsError, IndexCorruptError
 
 from .common import ProgressBar, json_option, store_argument
 
@@ -88,6 +88,8 @@ def _check_in_a_child(store: Path) -> NoReturn:
     if child.returncode >= 0:
         sys.exit(child.returncode)
     signame = signal.Signals(-child.returncode).name
+    if -child.returncode not in (signal.SIGBUS, signal.SIGSEGV):
+        raise CachefsError(f"the check of {store} was stopped by {signame}")
     raise IndexCorruptError(
         f"the index of {store} is damaged in its structure: reading it killed the check "
         f"({signame})",
