@@ -12,9 +12,10 @@ import lmdb
 import pytest
 from hypothesis import HealthCheck, settings
 
-from cachefs.engine import Store, StoreOptions
+from cachefs.engine import Digest, Store, StoreOptions
 from cachefs.format.header import ChunkingParams, SegmentParams, StoreConfig
 from cachefs.format.schema import SEAL
+from cachefs.format.segment import RECORD_HEADER
 
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -83,3 +84,18 @@ def strip_seals(store_path: Path, schema: int = 3) -> None:
             txn.put(b"schema_version", struct.pack("<Q", schema), db=meta)
     finally:
         env.close()
+
+
+def flip_first_chunk(store: Store, digest: Digest) -> Path:
+    """Damage the payload of an object's first chunk in its segment; the segment's path."""
+    chunk, _ = store.recipe(digest)[0]
+    with store.index.read() as txn:
+        entry = store.index.get_chunk(txn, chunk)
+    assert entry is not None
+    path = store.segments.chunk_path(chunk, entry.segment_id)
+    with open(path, "r+b") as f:
+        f.seek(entry.offset + RECORD_HEADER.size + 10)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return path

@@ -12,27 +12,12 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from cachefs.engine import ROOT_INODE, Digest, Store, check_store
+from cachefs.engine import ROOT_INODE, Store, check_store
 from cachefs.errors import ReadOnlyError
 from cachefs.format.schema import INO_KEY
-from cachefs.format.segment import RECORD_HEADER
 from cachefs.fs import Filesystem
 from cachefs.fuse import Operations
-from tests.conftest import SMALL_CONFIG
-
-
-def flip_first_chunk(store: Store, digest: Digest) -> None:
-    """Damage the payload of an object's first chunk in its segment."""
-    chunk, _ = store.recipe(digest)[0]
-    with store.index.read() as txn:
-        entry = store.index.get_chunk(txn, chunk)
-    assert entry is not None
-    path = store.segments.chunk_path(chunk, entry.segment_id)
-    with open(path, "r+b") as f:
-        f.seek(entry.offset + RECORD_HEADER.size + 10)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
+from tests.conftest import SMALL_CONFIG, flip_first_chunk
 
 
 async def test_a_damaged_read_is_eio_and_counts_once(store_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import random
 import signal
 import subprocess
@@ -36,7 +35,7 @@ from cachefs.format.segment import (
     segment_path,
 )
 from tests import killpoints
-from tests.conftest import SMALL_CONFIG, compressible
+from tests.conftest import SMALL_CONFIG, compressible, flip_first_chunk
 
 
 def digest_of(data: bytes) -> Digest:
@@ -860,16 +859,7 @@ def test_damage_is_remembered_across_restarts_until_fsck_repairs_it(store_path: 
     data = random.Random(5).randbytes(100_000)
     with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
         digest = store.put(data)
-        chunk, _ = store.recipe(digest)[0]
-        with store.index.read() as txn:
-            entry = store.index.get_chunk(txn, chunk)
-        assert entry is not None
-        path = store.segments.chunk_path(chunk, entry.segment_id)
-    with open(path, "r+b") as f:
-        f.seek(entry.offset + RECORD_HEADER.size + 10)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
+        path = flip_first_chunk(store, digest)
     with Store.open(store_path) as store:
         assert not store.needs_fsck
         with pytest.raises(CorruptDataError):

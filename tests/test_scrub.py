@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 from cachefs.engine import Digest, Store
-from cachefs.format.segment import RECORD_HEADER
-from tests.conftest import compressible
+from tests.conftest import compressible, flip_first_chunk
 from tests.mounting import live_stats, mounted
 
 
@@ -26,22 +25,6 @@ def cachefs(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def flip_chunk(store: Store, digest: Digest) -> None:
-    """Flip a byte in the payload of an object's first chunk, in its segment file."""
-    chunk, _ = store.recipe(digest)[0]
-    with store.index.read() as txn:
-        entry = store.index.get_chunk(txn, chunk)
-    assert entry is not None
-    path = store.segments.chunk_path(chunk, entry.segment_id)
-    with open(path, "r+b") as f:
-        f.seek(entry.offset + RECORD_HEADER.size + 5)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x40]))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def test_scrub_of_a_store_records_what_it_finds(tmp_path: Path) -> None:
     store_path = tmp_path / "store"
     with Store.open(store_path, create=True) as store:
@@ -49,7 +32,7 @@ def test_scrub_of_a_store_records_what_it_finds(tmp_path: Path) -> None:
     clean = cachefs("scrub", "--rate", "500M", str(store_path))
     assert clean.returncode == 0 and clean.stdout.rstrip().endswith("clean"), clean
     with Store.open(store_path) as store:
-        flip_chunk(store, digests[2])
+        flip_first_chunk(store, digests[2])
     found = cachefs("scrub", "--json", str(store_path))
     assert found.returncode == 1, found
     report = json.loads(found.stdout)
@@ -75,7 +58,7 @@ def test_a_mount_scrubs_on_request_and_in_the_background(tmp_path: Path) -> None
         digest = Digest.parse(os.getxattr(m.path / "f1", "user.cachefs.digest").decode())
         assert cachefs("scrub", str(m.path)).returncode == 0
         with Store.open(tmp_path / "store", readonly=True) as store:
-            flip_chunk(store, digest)
+            flip_first_chunk(store, digest)
         # The background pass (10 s after the mount started) finds it ...
         deadline = time.monotonic() + 60
         while not live_stats(m.path)["needs_fsck"]:
