@@ -63,17 +63,25 @@ def cachefs(*args: str, check: bool = True, **kwargs: object) -> subprocess.Comp
     return result  # type: ignore[no-any-return]
 
 
-def start(store: Path, mountpoint: Path, *args: str) -> Mount:
-    """Start a foreground daemon and wait until the mount answers."""
+def start(
+    store: Path,
+    mountpoint: Path,
+    *args: str,
+    command: list[str] = CACHEFS,
+    env: dict[str, str] | None = None,
+) -> Mount:
+    """Start a foreground daemon (``command``: the command line to run it with)
+    and wait until the mount answers."""
     require_fuse()
     mountpoint.mkdir(parents=True, exist_ok=True)
     log = mountpoint.parent / f"{mountpoint.name}.daemon.log"
     with open(log, "ab") as err:
         process = subprocess.Popen(
-            [*CACHEFS, "mount", "--foreground", str(store), str(mountpoint), *args],
+            [*command, "mount", "--foreground", str(store), str(mountpoint), *args],
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
+            env=env,
         )
     mount = Mount(store, mountpoint, process, log)
     deadline = time.monotonic() + READY_TIMEOUT

@@ -9,6 +9,7 @@ transactions are kept short.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias, cast
 
@@ -22,6 +23,7 @@ from cachefs.errors import (
     IndexCorruptError,
     StoreFullError,
 )
+from cachefs.faults import fault
 from cachefs.format.schema import (
     COUNTER,
     COUNTER_NAMES,
@@ -234,13 +236,27 @@ class Index:
         self.env.close()
 
     def sync(self) -> None:
-        self.env.sync(True)
+        """Make every commit so far durable (fdatasync)."""
+        try:
+            _injected("index.sync", "mdb_env_sync")
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, "syncing the index") from None
 
     def read(self) -> lmdb.Transaction:
         return self.env.begin(write=False, buffers=False)
 
-    def write(self) -> lmdb.Transaction:
-        return self.env.begin(write=True)
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction, committed when the block ends (aborted when it raises)."""
+        txn = self.env.begin(write=True)
+        try:
+            yield txn
+            _injected("index.commit", "mdb_txn_commit")
+        except BaseException:
+            txn.abort()
+            raise
+        txn.commit()
 
     # --- typed accessors, all within a caller's transaction -----------------
 
@@ -322,6 +338,14 @@ class Index:
 
     def set_counter(self, txn: lmdb.Transaction, name: str, value: int) -> None:
         self.counters.put(txn, name.encode(), COUNTER.pack(value))
+
+
+def _injected(point: str, call: str) -> None:
+    """A fault injected at ``point`` raised as LMDB reports a failed ``call``."""
+    try:
+        fault(point)
+    except OSError as exc:
+        raise lmdb.Error(f"{call}: {exc.strerror}") from None
 
 
 def lmdb_error(exc: lmdb.Error, what: str) -> CachefsError:

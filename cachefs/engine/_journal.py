@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from cachefs.errors import from_oserror
+from cachefs.faults import fault
 from cachefs.format import journal as fmt
 from cachefs.fsutil import atomic_write
 
@@ -85,6 +86,7 @@ class Journal:
             seq = self.next_seq
             head = fmt.encode_record(seq, kind, *parts)
             try:
+                fault("journal.append")
                 written = os.pwritev(self._fd, [head, *parts], self._end)
                 if written != len(head) + length:
                     raise OSError(errno.ENOSPC, "short write to the journal")
@@ -122,6 +124,7 @@ class Journal:
         """
         with self._lock, self._sync_lock:
             try:
+                fault("journal.checkpoint")
                 atomic_write(self.path, fmt.encode_header(self.next_seq))
                 fd = os.open(self.path, os.O_RDWR)
             except OSError as exc:

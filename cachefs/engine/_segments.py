@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cachefs.errors import CorruptDataError, from_oserror
+from cachefs.faults import fault
 from cachefs.format.header import SegmentParams
 from cachefs.format.schema import ChunkEntry, SegmentEntry
 from cachefs.format.segment import (
@@ -88,11 +89,15 @@ class SegmentWriter:
             raise from_oserror(exc, f"opening segment {path}") from None
         self.synced_length = 0 if create else self.length
 
-    def append(self, head: bytes, payload: bytes | memoryview) -> int:
-        """Write one record; return its offset.  On error nothing is left behind."""
+    def append(
+        self, head: bytes, payload: bytes | memoryview, point: str = "segment.append"
+    ) -> int:
+        """Write one record; return its offset.  On error nothing is left behind.
+        (``point``: the fault point of this step, ``gc.move`` for gc's copies.)"""
         offset = self.length
         want = len(head) + len(payload)
         try:
+            fault(point)
             written = os.pwritev(self.fd, [head, payload], offset)
             while written < want:  # short write: finish it
                 rest = (head + bytes(payload))[written:]
@@ -109,6 +114,7 @@ class SegmentWriter:
         length = self.length
         if self.synced_length < length:
             try:
+                fault("segment.sync")
                 os.fdatasync(self.fd)
             except OSError as exc:
                 raise from_oserror(exc, f"syncing segment {self.path}") from None
@@ -359,9 +365,11 @@ class SegmentStore:
             shard.writer = writer
         return writer
 
-    def _append(self, shard: Shard, head: bytes, payload: bytes | memoryview) -> tuple[int, int]:
+    def _append(
+        self, shard: Shard, head: bytes, payload: bytes | memoryview, point: str = "segment.append"
+    ) -> tuple[int, int]:
         writer = self._writer(shard, len(head) + len(payload))
-        offset = writer.append(head, payload)
+        offset = writer.append(head, payload, point)
         with self._dirty_lock:
             self._dirty[writer.segment_id] = writer
         return writer.segment_id, offset
@@ -386,7 +394,7 @@ class SegmentStore:
         moved: dict[bytes, Location] = {}
         with shard.lock:
             for record in records:
-                segment_id, offset = self._append(shard, b"", record.raw)
+                segment_id, offset = self._append(shard, b"", record.raw, "gc.move")
                 moved[record.digest] = Location(
                     segment_id, offset, len(record.payload), record.flags
                 )

@@ -31,6 +31,7 @@ import trio
 
 from cachefs.engine import Digest, Inode
 from cachefs.errors import from_oserror
+from cachefs.faults import fault
 
 #: Pieces in which content is read from the spool and the base.
 PIECE = 4 << 20
@@ -125,6 +126,7 @@ class OpenFile:
 
     def apply_write(self, offset: int, data: bytes | memoryview) -> int:
         try:
+            fault("spool.write")
             written = os.pwrite(self.spool_fd(), data, offset)
         except OSError as exc:
             raise from_oserror(exc, "writing to a spool file") from None
