@@ -61,23 +61,39 @@ class Workload:
         """Write ``name`` in 64 KiB pieces and fsync it; False at the first error."""
         data = self.rng.randbytes(size)
         self.written[name] = data
-        step = "open"
         try:
             fd = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                step = "write"
-                for at in range(0, size, 64 * 1024):
-                    os.write(fd, data[at : at + 64 * 1024])
-                step = "fsync"
-                os.fsync(fd)
-                self.synced[name] = data
-            finally:
-                step = "close"
-                os.close(fd)
+        except OSError as exc:
+            self.errors.append((f"open {name}", exc.errno or 0))
+            return False
+        step = "write"
+        try:
+            for at in range(0, size, 64 * 1024):
+                os.write(fd, data[at : at + 64 * 1024])
+            step = "fsync"
+            os.fsync(fd)
+            self.synced[name] = data
+            step = "close"
         except OSError as exc:
             self.errors.append((f"{step} {name}", exc.errno or 0))
-            return False
-        return True
+        finally:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                self.errors.append((f"close {name}", exc.errno or 0))
+        return name in self.synced
+
+    def fsync_again(self) -> None:
+        """fsync once more the files whose fsync failed: their writes were kept."""
+        for step, _ in self.errors:
+            kind, name = step.split()
+            if kind == "fsync" and name not in self.synced:
+                fd = os.open(self.root / name, os.O_WRONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self.synced[name] = self.written[name]
 
     def files(self, prefix: str) -> bool:
         return all(self.write(f"{prefix}-{i}", size) for i, size in enumerate(SIZES))
@@ -177,6 +193,7 @@ def test_fault_point(tmp_path: Path, point: str, action: str) -> None:
             faulting.arm(cue, "")
             _in_time("a write after the disk recovered", lambda: work.write("recovered", 100_000))
             assert "recovered" in work.synced, (work.errors, mount.stderr())
+            _in_time("fsync after the disk recovered", work.fsync_again)
     finally:
         if mount.process.poll() is None:
             assert stop(mount) == 0, mount.stderr()
