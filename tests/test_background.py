@@ -1,0 +1,252 @@
+"""What the filesystem does on its own while files stay open (no FUSE needed):
+publishing a file whose unpublished bytes pass the publish threshold, and
+restarting the journal once it passes its limit, carrying over what is still
+unpublished.  Each one also when the disk fails it (``cachefs.faults``)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from cachefs import faults
+from cachefs.engine import ROOT_INODE, CachefsError, FsError, Store, check_store
+from cachefs.fs import Filesystem
+from tests.conftest import SMALL_CONFIG
+
+PIECE = 64 * 1024
+
+
+async def _write(fs: Filesystem, name: bytes, data: bytes) -> tuple[int, int]:
+    """Create ``name`` and write ``data`` in pieces; returns (ino, open handle)."""
+    inode = fs.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
+    fh, _ = await fs.open(inode.ino, os.O_RDWR)
+    for at in range(0, len(data), PIECE):
+        await fs.write(fh, at, data[at : at + PIECE])
+    return inode.ino, fh
+
+
+async def _wait_for(condition: object, what: str, seconds: float = 20.0) -> None:
+    with trio.move_on_after(seconds):
+        while not condition():  # type: ignore[operator]
+            await trio.sleep(0.01)
+        return
+    pytest.fail(f"{what} did not happen within {seconds}s")
+
+
+async def _read_all(fs: Filesystem, ino: int, size: int) -> bytes:
+    fh, _ = await fs.open(ino, os.O_RDONLY)
+    try:
+        return bytes(await fs.read(fh, 0, size))
+    finally:
+        await fs.release(fh)
+
+
+async def test_a_file_past_the_threshold_is_published_while_open(store_path: Path) -> None:
+    data = random.Random(1).randbytes(1 << 20)
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store, publish_threshold=256 * 1024)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            ino, fh = await _write(fs, b"big", data)
+            # Published in the background, the handle still open.
+            await _wait_for(lambda: fs.digest_of(ino).size > 0, "a background publication")
+            await fs.fsync(fh)
+            assert fs.digest_of(ino).size == len(data)
+            await fs.release(fh)
+            assert await _read_all(fs, ino, len(data)) == data
+            await fs.flush_all()
+            nursery.cancel_scope.cancel()
+        fs.close()
+        assert fs.errors == 0
+        assert check_store(store).clean
+
+
+async def test_a_failed_background_publication_is_retried_at_close(
+    store_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = random.Random(2).randbytes(1 << 20)
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store, publish_threshold=256 * 1024)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            faults.arm("segment.append", "eio", repeat=True)
+            try:
+                ino, fh = await _write(fs, b"big", data)
+                await _wait_for(lambda: fs.errors > 0, "a failed background publication")
+            finally:
+                faults.disarm()
+            assert "retried at close" in caplog.text
+            assert fs.digest_of(ino).size == 0  # nothing was published ...
+            await fs.release(fh)  # ... until the close
+            assert fs.digest_of(ino).size == len(data)
+            assert await _read_all(fs, ino, len(data)) == data
+            await fs.flush_all()
+            nursery.cancel_scope.cancel()
+        fs.close()
+        assert check_store(store).clean
+
+
+#: A child writes two files that stay open and unpublished until the journal
+#: passes its limit (2 MiB), waits for the carry-over, writes a little more to
+#: both, and dies: the next open must replay both whole.
+CHILD = textwrap.dedent(
+    """
+    import os, stat, sys
+    import trio
+    from cachefs.engine import ROOT_INODE, Store
+    from cachefs.fs import Filesystem
+
+    async def main(path, seed):
+        import random
+        rng = random.Random(seed)
+        store = Store.open(path)
+        fs = Filesystem(store, log_limit=2 << 20)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            handles = []
+            for name, size in ((b"a", 1_500_000), (b"b", 700_000)):
+                inode = fs.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
+                fh, _ = await fs.open(inode.ino, os.O_RDWR)
+                data = rng.randbytes(size)
+                for at in range(0, size, 65536):
+                    await fs.write(fh, at, data[at : at + 65536])
+                handles.append((fh, size))
+            while store.journal.size > 1 << 20 or fs.io._carrying_over:
+                await trio.sleep(0.01)
+            for fh, size in handles:
+                await fs.write(fh, size, rng.randbytes(1000))
+            print(store.journal.size, flush=True)
+            os.kill(os.getpid(), 9)
+
+    trio.run(main, sys.argv[1], int(sys.argv[2]))
+    """
+)
+
+
+def test_the_journal_carries_over_what_is_unpublished(tmp_path: Path) -> None:
+    store_path = tmp_path / "store"
+    Store.open(store_path, create=True, config=SMALL_CONFIG).close()
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(store_path), "5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert int(child.stdout) < 2 << 20  # the journal restarted
+    rng = random.Random(5)
+    a, b = rng.randbytes(1_500_000), rng.randbytes(700_000)
+    a += rng.randbytes(1000)
+    b += rng.randbytes(1000)
+
+    async def check() -> None:
+        with Store.open(store_path) as store:
+            fs = Filesystem(store)  # replays the journal
+            try:
+                for name, want in ((b"a", a), (b"b", b)):
+                    ino = fs.namespace.lookup(ROOT_INODE, name)
+                    assert await _read_all(fs, ino, len(want) + 10) == want
+            finally:
+                fs.close()
+            assert check_store(store).clean
+
+    trio.run(check)
+
+
+async def test_a_carry_over_that_cannot_checkpoint_keeps_the_journal(
+    store_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    data = random.Random(3).randbytes(1_500_000)
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store, log_limit=1 << 20)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            faults.arm("journal.checkpoint", "enospc", repeat=True)
+            try:
+                ino, fh = await _write(fs, b"f", data)
+                await _wait_for(lambda: fs.errors > 0, "a failed carry-over")
+            finally:
+                faults.disarm()
+            assert "journal checkpoint failed" in caplog.text
+            assert store.journal is not None and store.journal.size > 1 << 20
+            await fs.release(fh)
+            assert await _read_all(fs, ino, len(data)) == data
+            await fs.flush_all()
+            nursery.cancel_scope.cancel()
+        fs.close()
+        assert check_store(store).clean
+
+
+async def test_files_that_are_not_regular_files_are_refused(store: Store) -> None:
+    fs = Filesystem(store)
+    try:
+        directory = fs.create(ROOT_INODE, b"d", stat.S_IFDIR | 0o755, 0, 0)
+        link = fs.create(ROOT_INODE, b"l", stat.S_IFLNK | 0o777, 0, 0, target=b"d")
+        fifo = fs.create(ROOT_INODE, b"p", stat.S_IFIFO | 0o644, 0, 0)
+        for ino, code in [(directory.ino, errno.EISDIR), (link.ino, errno.EINVAL)]:
+            for call in (fs.open(ino, os.O_RDONLY), fs.truncate(ino, 0)):
+                with pytest.raises(FsError) as raised:
+                    await call
+                assert raised.value.errno == code
+        with pytest.raises(FsError) as raised:
+            await fs.open(fifo.ino, os.O_RDONLY)
+        assert raised.value.errno == errno.EINVAL
+        with pytest.raises(FsError) as raised:
+            await fs.truncate(fifo.ino, -1)
+        assert raised.value.errno == errno.EINVAL
+    finally:
+        fs.close()
+
+
+async def test_a_truncation_the_disk_fails_changes_nothing(store: Store) -> None:
+    data = random.Random(6).randbytes(200_000)
+    fs = Filesystem(store)
+    try:
+        ino, fh = await _write(fs, b"f", data)
+        await fs.fsync(fh)
+        await fs.release(fh)
+        # Truncating to 0 clears the content in the index; to another size it
+        # is logged first: the disk fails both.
+        for point, flags, size in [
+            ("index.commit", os.O_RDWR | os.O_TRUNC, 0),
+            ("journal.append", 0, 1000),
+        ]:
+            faults.arm(point, "eio")
+            try:
+                with pytest.raises(CachefsError) as raised:
+                    if flags:
+                        await fs.open(ino, flags)
+                    else:
+                        await fs.truncate(ino, size)
+                assert raised.value.errno == errno.EIO
+            finally:
+                faults.disarm()
+            assert fs.getattr(ino).size == len(data)
+            assert await _read_all(fs, ino, len(data)) == data
+        assert not fs.files.get(ino)  # no state left behind
+    finally:
+        fs.close()
+
+
+async def test_a_journal_record_of_an_unknown_kind_is_skipped_at_replay(
+    store_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        assert store.journal is not None
+        store.journal.append(0x7E, b"from a later cachefs")
+    with Store.open(store_path) as store:
+        Filesystem(store).close()
+    assert "skipping record of unknown kind 126" in caplog.text
