@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,51 @@ async def test_a_trace_that_cannot_be_written_stops_and_the_filesystem_goes_on(
             assert fs.lookup(ROOT_INODE, b"f").ino == inode.ino
         finally:
             fs.close()
+
+
+def test_every_namespace_error_is_its_errno(store: Store) -> None:
+    """The errors of link, unlink, rmdir, rename and setattr, one by one."""
+    ns = Namespace(store)
+    d = ns.create(ROOT_INODE, b"d", DIR, 0, 0)
+    full = ns.create(ROOT_INODE, b"full", DIR, 0, 0)
+    ns.create(full.ino, b"x", FILE, 0, 0)
+    f = ns.create(ROOT_INODE, b"f", FILE, 0, 0)
+    g = ns.create(ROOT_INODE, b"g", FILE, 0, 0)
+    gone = ns.create(ROOT_INODE, b"gone", DIR, 0, 0)
+    ns.remove(ROOT_INODE, b"gone", directory=True, in_use=True)
+    cases: list[tuple[Callable[[], object], int]] = [
+        (lambda: ns.create(ROOT_INODE, b"a/b", FILE, 0, 0), errno.EINVAL),
+        (lambda: ns.create(ROOT_INODE, b"..", FILE, 0, 0), errno.EINVAL),
+        (lambda: ns.create(f.ino, b"in-a-file", FILE, 0, 0), errno.ENOTDIR),
+        (lambda: ns.create(gone.ino, b"in-a-removed-dir", FILE, 0, 0), errno.ENOENT),
+        (lambda: ns.link(d.ino, ROOT_INODE, b"dirlink"), errno.EPERM),
+        (lambda: ns.remove(ROOT_INODE, b"nothing", directory=False, in_use=False), errno.ENOENT),
+        (lambda: ns.remove(ROOT_INODE, b"f", directory=True, in_use=False), errno.ENOTDIR),
+        (lambda: ns.remove(ROOT_INODE, b"d", directory=False, in_use=False), errno.EISDIR),
+        (lambda: ns.rename(ROOT_INODE, b"nothing", ROOT_INODE, b"y", 0), errno.ENOENT),
+        (lambda: ns.rename(ROOT_INODE, b"f", ROOT_INODE, b"g", 1), errno.EEXIST),
+        (lambda: ns.rename(ROOT_INODE, b"f", ROOT_INODE, b"new", 2), errno.ENOENT),
+        (lambda: ns.rename(ROOT_INODE, b"d", ROOT_INODE, b"f", 0), errno.ENOTDIR),
+        (lambda: ns.rename(ROOT_INODE, b"d", ROOT_INODE, b"full", 0), errno.ENOTEMPTY),
+        (lambda: ns.setattr(f.ino, size=10), errno.EINVAL),
+        (lambda: ns.path_of(gone.ino), errno.ENOENT),
+    ]
+    for call, code in cases:
+        with pytest.raises(FsError) as info:
+            call()
+        assert _errno(info) == code, call
+    # What must do nothing, or just work:
+    ns.link(f.ino, ROOT_INODE, b"f2")
+    assert ns.rename(ROOT_INODE, b"f", ROOT_INODE, b"f2", 0) is None  # same inode
+    assert ns.lookup(ROOT_INODE, b"f") == f.ino
+    empty = ns.create(ROOT_INODE, b"empty", DIR, 0, 0)
+    ns.rename(ROOT_INODE, b"d", ROOT_INODE, b"empty", 0)  # replaces an empty directory
+    assert ns.lookup(ROOT_INODE, b"empty") == d.ino
+    with pytest.raises(FsError):
+        ns.get(empty.ino)  # the replaced directory is gone
+    assert ns.path_of(d.ino) == b"/empty" and ns.path_of(ROOT_INODE) == b"/"
+    assert ns.get(ROOT_INODE).nlink == 2 + 2  # full and empty
+    ns.setattr(g.ino, mode=0o600, uid=1, gid=2, atime_ns=5, mtime_ns=6, size=0)
+    assert (ns.get(g.ino).mode & 0o7777, ns.get(g.ino).mtime_ns) == (0o600, 6)
+    assert ns.release(g.ino, 999_999) == []  # still linked; unknown
+    assert check_store(store).clean

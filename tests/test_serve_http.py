@@ -293,3 +293,39 @@ def test_a_big_blob_streams_both_ways(web: Http, tmp_path: Path) -> None:
         got.update(chunk)
         total += len(chunk)
     assert (total, got.hexdigest()) == (count << 20, hasher.hexdigest())
+
+
+def test_action_cache_entries_in_zstd_and_their_limits(web: Http) -> None:
+    key = sha(os.urandom(8))
+    entry = b"an entry that compresses " * 1000
+    frame = zstandard.ZstdCompressor().compress(entry)
+    assert web.request("PUT", f"/ac/{key}", frame, {"Content-Encoding": "zstd"})[0] == 200
+    assert web.request("GET", f"/ac/{key}")[2] == entry
+    assert web.request("PUT", f"/ac/{key}", b"junk", {"Content-Encoding": "zstd"})[0] == 400
+    # Larger than an entry may be: declared, or found while streaming in.
+    status, _, body = web.request("PUT", f"/ac/{key}", b"x", {"Content-Length": str(65 << 20)})
+    assert status == 413, body
+    web.close()
+    web.conn.connect()
+    huge = (b"\0" * (1 << 20) for _ in range(65))
+    assert web.request("PUT", f"/ac/{key}", huge)[0] == 413
+    web.close()
+    web.conn.connect()
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (65 << 20))  # small, but 65 MiB inside
+    assert web.request("PUT", f"/ac/{key}", bomb, {"Content-Encoding": "zstd"})[0] == 413
+    assert web.request("GET", f"/ac/{key}")[2] == entry  # what was there stays
+
+
+@pytest.mark.parametrize(
+    "accept, compressed",
+    [("zstd", True), ("zstd;q=0.5", True), ("zstd;q=zero", False), ("zstd;level=1", True)],
+)
+def test_accept_encoding_qualities(web: Http, accept: str, compressed: bool) -> None:
+    data = b"compressible " * 10_000
+    path = f"/cas/{sha(data)}"
+    assert web.request("PUT", path, data)[0] == 200
+    status, headers, body = web.request("GET", path, headers={"Accept-Encoding": accept})
+    assert status == 200 and ("content-encoding" in headers) == compressed
+    if compressed:
+        body = zstandard.ZstdDecompressor().stream_reader(body).read()
+    assert body == data
