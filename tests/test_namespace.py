@@ -228,3 +228,70 @@ def test_every_namespace_error_is_its_errno(store: Store) -> None:
     assert (ns.get(g.ino).mode & 0o7777, ns.get(g.ino).mtime_ns) == (0o600, 6)
     assert ns.release(g.ino, 999_999) == []  # still linked; unknown
     assert check_store(store).clean
+
+
+def _damage(store: Store, ns: Namespace, kind: str, d: int, f: int, digest_hash: bytes) -> str:
+    """Damage the namespace one way; the words fsck must report it with."""
+    with store.transaction("damaging") as txn:
+        if kind == "entry in a file":
+            ns.dirents.put(txn, dirent_key(f, b"inside"), INO_VALUE.pack(d))
+            return "not a directory"
+        if kind == "directory linked twice":
+            ns.dirents.put(txn, dirent_key(ROOT_INODE, b"again"), INO_VALUE.pack(d))
+            return f"directory inode {d} has 2 entries"
+        if kind == "too few references":
+            entry = store.index.get_object(txn, digest_hash)
+            assert entry is not None
+            entry.refcount = 0
+            store.index.put_object(txn, digest_hash, entry)
+            return "0 references, but 1 files hold it"
+        if kind == "inode counter":
+            store.index.set_counter(txn, "inodes", 99)
+            return "inode counter says 99"
+        assert ns.caches is not None
+        if kind == "store settings":
+            ns.caches.put(txn, INO_KEY.pack(0), b"{not json")
+            return "store-wide cache settings are damaged"
+        if kind == "settings of a file":
+            ns.caches.put(txn, INO_KEY.pack(f), b'{"max_size": 5}')
+            return "not a directory"
+        if kind == "settings without a size":
+            ns.caches.put(txn, INO_KEY.pack(d), b'{"max_size": "big"}')
+            return f"the cache settings of directory {d} are damaged"
+        if kind == "lost+found is a file":
+            ns.dirents.delete(txn, dirent_key(d, b"f"))  # f leaks ...
+            lost = ns.create(
+                ROOT_INODE, b"lost+found", FILE, 0, 0, txn=txn
+            )  # ... and the name is taken
+            assert lost
+            return "in no directory"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "entry in a file",
+        "directory linked twice",
+        "too few references",
+        "inode counter",
+        "store settings",
+        "settings of a file",
+        "settings without a size",
+        "lost+found is a file",
+    ],
+)
+def test_fsck_repairs_each_kind_of_namespace_damage(store: Store, kind: str) -> None:
+    ns = Namespace(store)
+    d = ns.create(ROOT_INODE, b"d", DIR, 0, 0)
+    f = ns.create(d.ino, b"f", FILE, 0, 0)
+    digest = store.put(b"y" * 5000, on_publish=lambda txn, dg: ns.set_content(txn, f.ino, dg, 1, 1))
+    assert check_store(store).clean
+    words = _damage(store, ns, kind, d.ino, f.ino, digest.hash)
+    report = check_store(store)
+    assert any(words in p.message for p in report.problems), report.problems
+    check_store(store, repair=True)
+    assert check_store(store).clean, check_store(store).problems
+    if kind == "lost+found is a file":
+        folder = ns.lookup(ROOT_INODE, b"lost+found.cachefs")
+        assert ns.lookup(folder, str(f.ino).encode()) == f.ino

@@ -41,6 +41,8 @@ class NamespaceCheck:
     #: The link count a leaked directory has once it is linked again.
     subdirs: dict[int, int] = field(default_factory=dict)
     bad_caches: list[int] = field(default_factory=list)
+    #: Objects with fewer references than files hold them: the count they need.
+    refcounts: dict[bytes, int] = field(default_factory=dict)
     inodes: int = 0
 
     def add(self, kind: str, message: str) -> None:
@@ -54,6 +56,7 @@ def check_namespace(namespace: Namespace, txn: lmdb.Transaction) -> NamespaceChe
     inodes = {inode.ino: inode for inode in namespace.iter_inodes(txn)}
     names: Counter[int] = Counter()
     subdirs: Counter[int] = Counter()
+    dir_entries: dict[int, list[tuple[int, bytes]]] = {}
     for parent, name, child in namespace.iter_dirents(txn):
         parent_inode = inodes.get(parent)
         inode = inodes.get(child)
@@ -63,10 +66,20 @@ def check_namespace(namespace: Namespace, txn: lmdb.Transaction) -> NamespaceChe
         elif inode is None:
             result.add("namespace", f"entry {name!r} in directory {parent}: no inode {child}")
             result.dangling.append((parent, name))
+        elif inode.is_dir:
+            dir_entries.setdefault(child, []).append((parent, name))
         else:
             names[child] += 1
-            if inode.is_dir:
-                subdirs[parent] += 1
+    for child, entries in dir_entries.items():
+        if len(entries) > 1:
+            # A directory has one entry: keep the one in its recorded parent.
+            result.add("namespace", f"directory inode {child} has {len(entries)} entries")
+            recorded = namespace.parents.get(txn, INO_KEY.pack(child))
+            keep = next((e for e in entries if recorded == INO_VALUE.pack(e[0])), entries[0])
+            result.dangling.extend(e for e in entries if e is not keep)
+            entries = [keep]
+        names[child] = 1
+        subdirs[entries[0][0]] += 1
     orphans = {INO_KEY.unpack(k)[0] for k in namespace.orphans.keys(txn)}
     refs: Counter[bytes] = Counter()
     for ino, inode in inodes.items():
@@ -74,8 +87,6 @@ def check_namespace(namespace: Namespace, txn: lmdb.Transaction) -> NamespaceChe
             expected = 2 + subdirs[ino] if (names[ino] == 1 or ino == ROOT_INODE) else 0
         else:
             expected = names[ino]
-        if inode.is_dir and names[ino] > 1:
-            result.add("namespace", f"directory inode {ino} has {names[ino]} entries")
         if inode.nlink != expected and not (expected == 0 and ino in orphans):
             result.add("namespace", f"inode {ino}: link count {inode.nlink}, found {expected}")
             result.nlinks[ino] = expected
@@ -99,6 +110,7 @@ def check_namespace(namespace: Namespace, txn: lmdb.Transaction) -> NamespaceChe
                 f"object {digest_hash.hex()}: {entry.refcount} references, "
                 f"but {count} files hold it",
             )
+            result.refcounts[digest_hash] = count
     if namespace.caches is not None:
         for key, value in namespace.caches.items(txn):
             ino = INO_KEY.unpack(key)[0]
@@ -131,7 +143,9 @@ def repair_namespace(namespace: Namespace, found: NamespaceCheck) -> None:
 
     Files whose content is lost become empty and get an xattr
     ``user.cachefs.lost`` naming the lost digest; dangling entries are
-    removed; link counts are set to what was counted; inodes in no
+    removed (of a directory with several, all but the one in its recorded
+    parent); link counts are set to what was counted; objects held by more
+    files than they have references get that many; inodes in no
     directory (their entry was lost) get one in ``/lost+found``, named by
     their inode number, with their content and, for a directory, its
     subtree; damaged cache
@@ -152,6 +166,13 @@ def repair_namespace(namespace: Namespace, found: NamespaceCheck) -> None:
             namespace.put_inode(txn, inode)
         if found.leaked:
             _to_lost_and_found(namespace, txn, found)
+        for digest_hash, count in found.refcounts.items():
+            entry = namespace.store.index.get_object(txn, digest_hash)
+            if entry is not None and entry.refcount < count:
+                added, entry.refcount = count - entry.refcount, count
+                namespace.store.index.put_object(txn, digest_hash, entry)
+                namespace.store.index.add(txn, "files", added)
+                namespace.store.index.add(txn, "logical_bytes", added * entry.size)
         if namespace.caches is not None and namespace.cache_state is not None:
             for ino in found.bad_caches:  # the directory stays, unmarked
                 namespace.caches.delete(txn, INO_KEY.pack(ino))
