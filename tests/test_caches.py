@@ -101,6 +101,21 @@ def test_set_ls_unset_and_remount(tmp_path: Path) -> None:
         assert bad.returncode == 2 and "not a size" in bad.stderr
         bad = cachefs("cache", "unset", str(mnt / "plain"), check=False)
         assert bad.returncode == 3 and "not a cache directory" in bad.stderr
+        bad = cachefs("cache", "set", str(mnt / "cc" / "f"), "--max-size", "1M", check=False)
+        assert bad.returncode == 3 and "is not a directory" in bad.stderr
+        bad = cachefs("cache", "set", str(mnt / "cc"), "--max-size", "0", check=False)
+        assert bad.returncode == 2 and "more than 0 bytes" in bad.stderr
+        bad = cachefs("cache", "ls", str(tmp_path), check=False)
+        assert bad.returncode == 8 and "is not a mounted cachefs store" in bad.stderr
+        # A trace recorded from the command line (as --trace at mount does).
+        bad = cachefs("cache", "trace", str(mnt), check=False)
+        assert bad.returncode == 2 and "either FILE" in bad.stderr
+        trace = tmp_path / "trace.jsonl"
+        cachefs("cache", "trace", str(mnt), str(trace))
+        (mnt / "cc" / "g").write_bytes(b"g")
+        (mnt / "cc" / "g").unlink()
+        assert cachefs("cache", "trace", str(mnt), "--stop").stdout.strip().endswith("records")
+        assert trace.read_text().strip()
         with pytest.raises(OSError) as info:
             os.setxattr(mnt / "plain", XATTR, b"max_size=-1")
         assert info.value.errno == errno.EINVAL
@@ -115,6 +130,7 @@ def test_set_ls_unset_and_remount(tmp_path: Path) -> None:
         assert out["caches"][0]["path"] == "/cc"
         cachefs("cache", "unset", str(mnt / "cc"))
         assert stats(mnt)["caches"] == []
+        assert cachefs("cache", "ls", str(mnt)).stdout.strip() == "no cache directories"
     with mounted(store, mnt):
         assert stats(mnt)["caches"] == []
         assert (mnt / "cc" / "f").read_bytes() == b"x" * 1000
