@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,17 @@ from cachefs.engine import (
     check_store,
     collect_garbage,
 )
+from cachefs.engine._reads import ChunkCache
 from cachefs.errors import ConfigError, StoreFullError, StoreNotFoundError
 from cachefs.format.header import StoreConfig
-from cachefs.format.segment import SEGMENT_SUFFIX, encode_segment_header
-from tests.conftest import SMALL_CONFIG, flip_first_chunk
+from cachefs.format.segment import (
+    RECORD_CHECKED,
+    RECORD_HEADER,
+    SEGMENT_SUFFIX,
+    encode_segment_header,
+    record_checksum,
+)
+from tests.conftest import SMALL_CONFIG, compressible, flip_first_chunk
 
 
 def _two_files(store: Store) -> tuple[bytes, bytes, Digest, Digest]:
@@ -168,3 +176,76 @@ def test_opening_a_store_the_wrong_way_is_refused(
     (tmp_path / "s" / "lock").mkdir()
     with pytest.raises(CachefsError, match="opening the lock"):
         Store.open(tmp_path / "s")
+
+
+def test_the_chunk_cache_keeps_what_fits_most_recent_first() -> None:
+    cache = ChunkCache(100)
+    cache.put(b"huge", b"x" * 101)  # larger than the whole cache: not kept
+    assert cache.get(b"huge") is None
+    for key in (b"a", b"b", b"c"):
+        cache.put(key, b"y" * 40)
+    assert cache.get(b"a") is None and cache.get(b"c") == b"y" * 40  # a went first
+    cache.put(b"b", b"z" * 10)  # replaced: its old size no longer counts
+    cache.put(b"d", b"w" * 50)
+    assert cache.get(b"b") == b"z" * 10 and cache.get(b"d") == b"w" * 50
+
+
+def _entry_of_first_chunk(store: Store, digest: Digest) -> tuple[bytes, object]:
+    chunk, _ = store.recipe(digest)[0]
+    with store.index.read() as txn:
+        entry = store.index.get_chunk(txn, chunk)
+    assert entry is not None
+    return chunk, entry
+
+
+def test_damage_met_by_a_read_is_eio_and_counted(store: Store) -> None:
+    """Every way the index and a segment can disagree: the read fails, never
+    returns wrong bytes, and the store needs fsck."""
+    text = compressible(200_000)
+    packed = store.put(text)  # compressed chunks
+    other = store.put(random.Random(9).randbytes(300_000))
+    chunk, entry = _entry_of_first_chunk(store, packed)
+    # A compressed chunk whose payload is not zstd, under a checksum that
+    # matches (as a buggy writer would leave it): the codec still refuses it.
+    path = store.segments.chunk_path(chunk, entry.segment_id)  # type: ignore[attr-defined]
+    offset, stored_len = entry.offset, entry.stored_len  # type: ignore[attr-defined]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        head = bytearray(f.read(RECORD_HEADER.size))
+        payload = b"\xff" * stored_len
+        struct.pack_into(
+            "<Q", head, RECORD_CHECKED, record_checksum(bytes(head[:RECORD_CHECKED]), payload)
+        )
+        f.seek(offset)
+        f.write(bytes(head) + payload)
+    store.chunks.cache.clear()
+    with pytest.raises(CachefsError, match="cannot decompress"):
+        store.read(packed)
+    assert store.needs_fsck
+    # The index points a chunk at another chunk's record (of the same segment).
+    with store.index.write() as txn:
+        by_segment: dict[int, list[bytes]] = {}
+        for digest, _ in store.recipe(other):
+            found = store.index.get_chunk(txn, digest)
+            assert found is not None
+            by_segment.setdefault(found.segment_id, []).append(digest)
+        first, second = next(ds for ds in by_segment.values() if len(set(ds)) > 1)[:2]
+        moved, target = store.index.get_chunk(txn, first), store.index.get_chunk(txn, second)
+        assert moved is not None and target is not None
+        moved.offset, moved.stored_len, moved.flags = target.offset, target.stored_len, target.flags
+        store.index.put_chunk(txn, first, moved)
+    with pytest.raises(CachefsError, match="does not hold chunk"):
+        store.read(other)
+    # A chunk the recipe names that the index lost; a recipe that does not add up.
+    with store.index.write() as txn:
+        store.index.delete_chunk(txn, chunk)
+    with pytest.raises(CachefsError, match="missing from the index"):
+        store.read(packed)
+    whole = store.put(b"whole" * 1000)
+    with store.index.write() as txn:
+        obj = store.index.get_object(txn, whole.hash)
+        assert obj is not None
+        obj.chunks[0] = (obj.chunks[0][0], obj.chunks[0][1] + 1)
+        store.index.put_object(txn, whole.hash, obj)
+    with pytest.raises(CachefsError, match="does not add up"):
+        store.read(whole)
