@@ -12,10 +12,11 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from cachefs.engine import ROOT_INODE, Store, check_store
+from cachefs.engine import ROOT_INODE, FsError, Store, check_store
 from cachefs.errors import ReadOnlyError
 from cachefs.format.schema import INO_KEY
 from cachefs.fs import Filesystem
+from cachefs.fs._control import CONTROL_INO
 from cachefs.fuse import Operations
 from tests.conftest import SMALL_CONFIG, flip_first_chunk
 
@@ -93,3 +94,68 @@ async def test_the_failsafe_holds_across_mounts_until_fsck_repairs(store_path: P
             fs.create(ROOT_INODE, b"repaired", stat.S_IFREG | 0o644, 0, 0)
         finally:
             fs.close()
+
+
+class _Ctx:
+    """What a request tells about its caller (pyfuse3.RequestContext)."""
+
+    uid = 0
+    gid = 0
+    pid = 0
+    umask = 0o022
+
+
+async def test_each_error_becomes_its_errno_and_a_bug_protects_the_store(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx: pyfuse3.RequestContext = _Ctx()  # type: ignore[assignment]
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store)
+        try:
+            ops = Operations(fs)
+            directory = fs.create(ROOT_INODE, b"d", stat.S_IFDIR | 0o755, 0, 0)
+            inode = fs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
+
+            async def fails(call: object, code: int) -> None:
+                with pytest.raises(pyfuse3.FUSEError) as raised:
+                    await call  # type: ignore[misc]
+                assert raised.value.errno == code
+
+            await fails(ops.readlink(inode.ino, ctx), errno.EINVAL)
+            await fails(ops.opendir(inode.ino, ctx), errno.ENOTDIR)
+            await fails(ops.mknod(ROOT_INODE, b"dir", stat.S_IFDIR | 0o755, 0, ctx), errno.EINVAL)
+            await fails(ops.removexattr(inode.ino, b"user.cachefs.digest", ctx), errno.EPERM)
+            await fails(ops.getxattr(CONTROL_INO, b"user.x", ctx), errno.ENODATA)
+            await fails(ops.getxattr(directory.ino, b"user.cachefs.digest", ctx), errno.ENODATA)
+            assert await ops.listxattr(CONTROL_INO, ctx) == []
+            fh = await ops.opendir(directory.ino, ctx)
+            await ops.fsyncdir(fh, False)
+            await ops.releasedir(fh)
+            fh, _ = await fs.open(inode.ino, os.O_RDONLY)
+            with pytest.raises(FsError) as raised:
+                fs.readdir(fh, 0)  # a file's handle
+            assert raised.value.errno == errno.ENOTDIR
+            await fs.release(fh)
+
+            def no_statvfs(path: object) -> None:
+                raise OSError(errno.EIO, "Input/output error")
+
+            monkeypatch.setattr(os, "statvfs", no_statvfs)
+            await fails(ops.statfs(ctx), errno.EIO)
+            monkeypatch.undo()
+
+            # An error of no known kind is a bug: EIO, counted, and the mount
+            # goes read-only to protect the store.
+            def bug(ino: int) -> None:
+                raise KeyError(ino)
+
+            monkeypatch.setattr(fs, "getattr", bug)
+            await fails(ops.getattr(inode.ino, ctx), errno.EIO)
+            monkeypatch.undo()
+            assert fs.errors == 1 and fs.failsafe is not None and "getattr" in fs.failsafe
+            with pytest.raises(ReadOnlyError):
+                fs.create(ROOT_INODE, b"g", stat.S_IFREG | 0o644, 0, 0)
+        finally:
+            fs.close()
+    with Store.open(store_path, readonly=True) as store, pytest.raises(ReadOnlyError):
+        Filesystem(store)
