@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -464,3 +465,21 @@ def test_foreground_mount_runs_until_unmounted(tmp_path: Path) -> None:
             process.communicate()
     stats = stats_json(store)
     assert stats["files"] == 1
+
+
+def test_sigterm_stops_the_daemon_as_umount_does(tmp_path: Path, mounts: Mounts) -> None:
+    """systemd stops a mount with SIGTERM: everything written is published,
+    the mount goes, and the daemon exits 0 (its log says so)."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mounts.mount(store, mnt)
+    (mnt / "f").write_bytes(b"written before the signal\n")
+    pid = daemon_pid(mnt)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + TIMEOUT
+    while alive(pid):
+        assert time.monotonic() < deadline, "the daemon did not stop on SIGTERM"
+        time.sleep(0.05)
+    assert not os.path.ismount(mnt)
+    assert "signal 15: stopping" in (store / "cachefs.log").read_text()
+    mounts.mount(store, mnt)
+    assert (mnt / "f").read_bytes() == b"written before the signal\n"

@@ -611,6 +611,63 @@ def test_get_tree_of_a_missing_root(client: Client) -> None:
     assert code(info) == grpc.StatusCode.NOT_FOUND
 
 
+@on(VALIDATES)
+def test_get_tree_refuses_what_is_not_a_tree(client: Client) -> None:
+    """A negative page size, a page token this server never gave, a blob that
+    is not a Directory: INVALID_ARGUMENT.  A subdirectory missing from the CAS
+    is left out of the answer (the root is there)."""
+    root, _ = directory_tree(client)
+    for request in [
+        re_pb2.GetTreeRequest(root_digest=root, page_size=-1),
+        re_pb2.GetTreeRequest(root_digest=root, page_token="not-a-token"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.cas.GetTree(request))
+        assert code(info) == grpc.StatusCode.INVALID_ARGUMENT
+    junk = b"\xff\xff not a protobuf"
+    client.update_blobs([junk])
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.cas.GetTree(re_pb2.GetTreeRequest(root_digest=client.digest(junk))))
+    assert code(info) == grpc.StatusCode.INVALID_ARGUMENT
+    gone = re_pb2.Directory(files=[re_pb2.FileNode(name=uuid.uuid4().hex)])
+    partial = re_pb2.Directory(
+        directories=[
+            re_pb2.DirectoryNode(name="gone", digest=client.digest(gone.SerializeToString()))
+        ]
+    )
+    client.update_blobs([partial.SerializeToString()])
+    request = re_pb2.GetTreeRequest(root_digest=client.digest(partial.SerializeToString()))
+    found = [d for r in client.cas.GetTree(request) for d in r.directories]
+    assert found == [partial]
+
+
+@on(SPLIT, ZSTD)
+def test_splice_and_batch_update_refuse_what_does_not_add_up(client: Client) -> None:
+    pieces = [blob(1000), blob(500)]
+    client.update_blobs(pieces)
+    whole = client.digest(b"".join(pieces) + b"x")  # one byte more than the chunks
+    request = re_pb2.SpliceBlobRequest(
+        blob_digest=whole, chunk_digests=[client.digest(p) for p in pieces]
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        client.cas.SpliceBlob(request)
+    assert code(info) == grpc.StatusCode.INVALID_ARGUMENT
+    data = blob(100)
+    update = re_pb2.BatchUpdateBlobsRequest(
+        requests=[
+            re_pb2.BatchUpdateBlobsRequest.Request(
+                digest=client.digest(data), data=data, compressor=re_pb2.Compressor.DEFLATE
+            ),
+            re_pb2.BatchUpdateBlobsRequest.Request(
+                digest=client.digest(data), data=b"not zstd", compressor=re_pb2.Compressor.ZSTD
+            ),
+        ]
+    )
+    statuses = [r.status.code for r in client.cas.BatchUpdateBlobs(update).responses]
+    assert statuses == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 2
+    assert client.find_missing([client.digest(data)]) == [client.digest(data)]
+
+
 # --- ActionCache --------------------------------------------------------------------------------
 
 
