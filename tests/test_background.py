@@ -22,7 +22,7 @@ import trio
 from cachefs import faults
 from cachefs.engine import ROOT_INODE, CachefsError, FsError, Store, check_store
 from cachefs.fs import Filesystem
-from tests.conftest import SMALL_CONFIG
+from tests.conftest import SMALL_CONFIG, flip_first_chunk
 
 PIECE = 64 * 1024
 
@@ -250,3 +250,66 @@ async def test_a_journal_record_of_an_unknown_kind_is_skipped_at_replay(
     with Store.open(store_path) as store:
         Filesystem(store).close()
     assert "skipping record of unknown kind 126" in caplog.text
+
+
+async def test_a_flush_publishes_what_it_can_and_reports_what_it_could_not(
+    store_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``sync`` and unmount publish every file; one the disk refuses keeps its
+    writes, does not stop the others, and its error is raised at the end."""
+    rng = random.Random(7)
+    small, big = rng.randbytes(1000), rng.randbytes(300_000)
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store)
+        try:
+            files = [await _write(fs, name, data) for name, data in ((b"a", small), (b"b", big))]
+            faults.arm("segment.append", "enospc", at=2)  # the first file fits
+            try:
+                with pytest.raises(CachefsError) as raised:
+                    await fs.flush_all()
+            finally:
+                faults.disarm()
+            assert raised.value.errno == errno.ENOSPC
+            assert "could not publish inode" in caplog.text
+            assert [fs.digest_of(ino).size for ino, _ in files] == [len(small), 0]
+            await fs.flush_all()
+            assert [fs.digest_of(ino).size for ino, _ in files] == [len(small), len(big)]
+            for _, fh in files:
+                await fs.release(fh)
+        finally:
+            fs.close()
+        assert check_store(store).clean
+
+
+async def test_a_sparse_digest_that_meets_damage_fails_once_computed(
+    store_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            ino, fh = await _write(fs, b"sparse", random.Random(8).randbytes(50_000))
+            await fs.truncate(ino, 8 << 20)  # a hole of almost 8 MiB after the data
+            await fs.fsync(fh)
+            await fs.release(fh)
+            flip_first_chunk(store, fs.digest_of(ino))
+            with pytest.raises(FsError) as raised:
+                await fs.getxattr(ino, b"user.cachefs.digest")
+            assert raised.value.errno == errno.EAGAIN  # being computed
+
+            async def answer() -> int:
+                try:
+                    await fs.getxattr(ino, b"user.cachefs.digest")
+                except CachefsError as exc:
+                    return exc.errno
+                return 0
+
+            code = errno.EAGAIN
+            with trio.move_on_after(20):
+                while code == errno.EAGAIN:
+                    await trio.sleep(0.01)
+                    code = await answer()
+            assert code == errno.EIO
+            assert "could not compute the digest" in caplog.text
+            nursery.cancel_scope.cancel()
+        fs.close()
