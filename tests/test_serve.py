@@ -348,3 +348,35 @@ def test_a_blob_changed_through_the_mount_is_that_blob_no_more(tmp_path: Path) -
                 assert client.read(digest) == data
                 assert (cas / digest.hash[:2] / digest.hash).read_bytes() == data
     assert cachefs("fsck", str(tmp_path / "store"), check=False).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("action", "status", "http_status"),
+    [("enospc", "RESOURCE_EXHAUSTED", 507), ("eio", "INTERNAL", 500)],
+)
+def test_a_failing_disk_under_the_servers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str, status: str, http_status: int
+) -> None:
+    """Every segment append fails (``CACHEFS_FAULTS``, armed in the server from
+    its start): each upload is refused with the status of the failure, nothing
+    is stored, reads and lookups go on, and the store stays whole."""
+    monkeypatch.setenv("CACHEFS_FAULTS", f"segment.append={action}@1+")
+    with serving(tmp_path / "store") as server, server.client() as client:
+        code = getattr(grpc.StatusCode, status)
+        data = os.urandom(100_000)
+        with pytest.raises(grpc.RpcError) as info:
+            client.write(data)
+        assert info.value.code() == code
+        response = client.update_blobs([data])
+        assert response.responses[0].status.code == code.value[0]
+        assert server.http is not None
+        host, port = server.http.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("PUT", f"/cas/{client.digest(data).hash}", body=data)
+        assert conn.getresponse().status == http_status
+        conn.close()
+        assert client.find_missing([client.digest(data)]) == [client.digest(data)]
+        assert client.update_blobs([b""]).responses[0].status.code == 0  # the empty blob
+    monkeypatch.delenv("CACHEFS_FAULTS")
+    result = cachefs("fsck", str(tmp_path / "store"), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

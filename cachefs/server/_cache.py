@@ -321,7 +321,13 @@ class RemoteCache:
             parent = directories[found[digest].parts]
             assert parent is not None
             files.append((parent, found[digest].name, blobs[wanted[digest][0]][1], digest))
-        results = self.stored.store_files(files)
+        try:
+            results = self.stored.store_files(files)
+        except CachefsError as exc:  # the store refused them all (disk full, failing)
+            for digest in missing:
+                for i in wanted[digest]:
+                    out[i] = exc
+            return out
         added = []
         for (parent, name, data, digest), result in zip(files, results, strict=True):
             if isinstance(result, FsError) and result.errno == errno.ENOENT:
