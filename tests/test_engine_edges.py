@@ -23,7 +23,8 @@ from cachefs.engine import (
     collect_garbage,
 )
 from cachefs.engine._reads import ChunkCache
-from cachefs.errors import ConfigError, StoreFullError, StoreNotFoundError
+from cachefs.engine._segments import SegmentMaps, SegmentWriter
+from cachefs.errors import ConfigError, CorruptDataError, StoreFullError, StoreNotFoundError
 from cachefs.format.header import StoreConfig
 from cachefs.format.segment import (
     RECORD_CHECKED,
@@ -249,3 +250,24 @@ def test_damage_met_by_a_read_is_eio_and_counted(store: Store) -> None:
         store.index.put_object(txn, whole.hash, obj)
     with pytest.raises(CachefsError, match="does not add up"):
         store.read(whole)
+
+
+def test_segment_files_that_cannot_be_made_or_read(tmp_path: Path) -> None:
+    """A segment that cannot be created leaves nothing behind; one shorter
+    than a record needs, or gone, is damage for the read that meets it."""
+    path = tmp_path / "a" / "b" / "0000000001.seg"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(CachefsError, match="opening segment"):
+        SegmentWriter(blocker / "x.seg", 0, 1, create=True)
+    writer = SegmentWriter(path, 0, 1, create=True)
+    offset = writer.append(b"", b"payload")
+    writer.sync()
+    writer.sync()  # nothing new: no second fdatasync
+    writer.close()
+    writer.close()
+    maps = SegmentMaps(max_maps=1)
+    with pytest.raises(CorruptDataError, match="truncated"):
+        maps.read(1, path, offset, 1 << 20)
+    with pytest.raises(CorruptDataError, match="missing"):
+        maps.read(2, tmp_path / "gone.seg", 0, 10)
