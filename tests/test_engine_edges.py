@@ -11,6 +11,7 @@ import random
 import struct
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from cachefs import faults
@@ -21,10 +22,18 @@ from cachefs.engine import (
     StoreOptions,
     check_store,
     collect_garbage,
+    lmdb_error,
 )
+from cachefs.engine._index import Index
 from cachefs.engine._reads import ChunkCache
 from cachefs.engine._segments import SegmentMaps, SegmentWriter
-from cachefs.errors import ConfigError, CorruptDataError, StoreFullError, StoreNotFoundError
+from cachefs.errors import (
+    ConfigError,
+    CorruptDataError,
+    IndexCorruptError,
+    StoreFullError,
+    StoreNotFoundError,
+)
 from cachefs.format.header import StoreConfig
 from cachefs.format.segment import (
     RECORD_CHECKED,
@@ -271,3 +280,15 @@ def test_segment_files_that_cannot_be_made_or_read(tmp_path: Path) -> None:
         maps.read(1, path, offset, 1 << 20)
     with pytest.raises(CorruptDataError, match="missing"):
         maps.read(2, tmp_path / "gone.seg", 0, 10)
+
+
+def test_lmdb_errors_become_cachefs_errors(store: Store) -> None:
+    assert isinstance(lmdb_error(lmdb.MapFullError("full"), "x"), StoreFullError)
+    assert isinstance(lmdb_error(lmdb.Error("No space left on device"), "x"), StoreFullError)
+    assert isinstance(lmdb_error(lmdb.CorruptedError("bad"), "x"), IndexCorruptError)
+    incompatible = lmdb_error(lmdb.VersionMismatchError("v"), "x")
+    assert isinstance(incompatible, CorruptDataError) and "incompatible LMDB" in str(incompatible)
+    other = lmdb_error(lmdb.Error("strange"), "reading")
+    assert type(other) is CachefsError and "index error while reading" in str(other)
+    with pytest.raises(CachefsError, match="already open in this process"):
+        Index(store.path, readonly=True)
