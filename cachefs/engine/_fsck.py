@@ -38,7 +38,7 @@ from pathlib import Path
 
 import lmdb
 
-from cachefs.engine._index import lmdb_error
+from cachefs.engine._index import Index, lmdb_error
 from cachefs.engine._maintenance import Maintenance
 from cachefs.engine._namespace import Namespace
 from cachefs.engine._namespace_check import check_namespace, repair_namespace
@@ -50,6 +50,7 @@ from cachefs.format.schema import (
     COUNTER_NAMES,
     HOLE_MARK,
     INO_KEY,
+    PAGE_KEY,
     SEGMENT_KEY,
     ChunkEntry,
     SegmentEntry,
@@ -232,6 +233,8 @@ class _Recount:
     damaged_segments: set[int] = field(default_factory=set)
     #: The segments the snapshot named.
     published: dict[int, SegmentEntry] = field(default_factory=dict)
+    #: Keys of recipe pages that no object has.
+    stray_pages: list[bytes] = field(default_factory=list)
 
 
 #: Problems that are damage to the index itself (a mount turns read-only on them).
@@ -432,6 +435,8 @@ def _check_snapshot(
         kept["files"] += obj.refcount
         kept["logical_bytes"] += obj.size * obj.refcount
 
+    _stray_pages(index, txn, report, recount)
+
     # 4. Reference counts, segment statistics, counters (against the index as it is).
     for chunk_digest, chunk in index.iter_chunks(txn):
         if chunk.refcount != refs.get(chunk_digest, 0):
@@ -478,6 +483,21 @@ def _verify_chunk(
     return None
 
 
+def _stray_pages(
+    index: Index, txn: lmdb.Transaction, report: FsckReport, recount: _Recount
+) -> None:
+    """Pages of paged recipes that no object has (``recipes``)."""
+    if index.recipes is None:
+        return
+    for page_key in index.recipes.keys(txn):
+        key, page = page_key[: -PAGE_KEY.size], page_key[-PAGE_KEY.size :]
+        (number,) = PAGE_KEY.unpack(page)
+        head = index.get_object_head(txn, key)
+        if head is None or head.pages is None or number >= len(head.pages.starts):
+            report.add("bad-recipe", f"page {number} of a recipe of {key.hex()}: no object has it")
+            recount.stray_pages.append(page_key)
+
+
 def _repair(maintenance: Maintenance, report: FsckReport, recount: _Recount) -> None:
     index = maintenance.index
     with index.write() as txn:
@@ -486,6 +506,9 @@ def _repair(maintenance: Maintenance, report: FsckReport, recount: _Recount) -> 
         for lost in recount.lost:
             index.delete_object(txn, lost.hash)
             log.error("fsck: object %s lost data and was removed", lost)
+        if index.recipes is not None:
+            for page_key in recount.stray_pages:
+                index.recipes.delete(txn, page_key)
         for digest, entry in index.iter_chunks(txn):
             refs = recount.refs.get(digest, 0)
             if entry.refcount != refs:

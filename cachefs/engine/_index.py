@@ -30,14 +30,19 @@ from cachefs.format.schema import (
     INDEX_NAME,
     MAP_SIZE,
     MAX_DBS,
+    PAGE_KEY,
+    RECIPE_PAGE,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
     SEALED_SINCE,
     SEGMENT_KEY,
     ChunkEntry,
     ObjectEntry,
+    RecipePages,
     SegmentEntry,
+    pack_recipe,
     seal,
+    unpack_recipe,
     unseal,
 )
 
@@ -165,6 +170,8 @@ class Index:
             self.objects = self._open(b"objects")
             self.segments = self._open(b"segments")
             self.counters = self._open(b"counters")
+            #: Paged recipes (schema 5); None in a read-only open of an older index.
+            self.recipes = self.open_optional(b"recipes", create=not readonly)
             if version is not None and version > SCHEMA_VERSION:
                 raise FormatVersionError(
                     f"the index {self.path} has schema version {version}; this cachefs "
@@ -271,13 +278,64 @@ class Index:
         self.chunks.delete(txn, digest)
 
     def get_object(self, txn: lmdb.Transaction, digest: bytes) -> ObjectEntry | None:
+        """An object's entry with its whole recipe (read from its pages if paged)."""
+        entry = self.get_object_head(txn, digest)
+        if entry is not None and entry.pages is not None:
+            pages = entry.pages
+            entry.chunks = [
+                item
+                for page in range(len(pages.starts))
+                for item in self.recipe_page(txn, digest, pages, page)
+            ]
+        return entry
+
+    def get_object_head(self, txn: lmdb.Transaction, digest: bytes) -> ObjectEntry | None:
+        """An object's entry, without the entries of a paged recipe (enough to
+        change its reference count, or to find the pages of a range)."""
         raw = self.objects.get(txn, digest)
         return None if raw is None else ObjectEntry.unpack(raw)
 
+    def recipe_page(
+        self, txn: lmdb.Transaction, digest: bytes, pages: RecipePages, page: int
+    ) -> list[tuple[bytes, int]]:
+        """The entries of page ``page`` of a paged object's recipe."""
+        raw = None if self.recipes is None else self.recipes.get(txn, digest + PAGE_KEY.pack(page))
+        if raw is None:
+            raise self.damaged(
+                CorruptDataError(
+                    f"page {page} of the recipe of object {digest.hex()} is missing",
+                    path=str(self.path),
+                )
+            )
+        chunks = unpack_recipe(raw)
+        if len(chunks) != pages.entries(page):
+            raise self.damaged(
+                CorruptDataError(
+                    f"page {page} of the recipe of object {digest.hex()} holds "
+                    f"{len(chunks)} entries, not {pages.entries(page)}",
+                    path=str(self.path),
+                )
+            )
+        return chunks
+
     def put_object(self, txn: lmdb.Transaction, digest: bytes, entry: ObjectEntry) -> None:
+        """Write an object's entry; a new recipe of more than ``RECIPE_PAGE``
+        entries goes to pages.  (An entry read with ``get_object_head`` writes
+        back its head only: a recipe never changes under its key.)"""
+        if entry.pages is None and len(entry.chunks) > RECIPE_PAGE:
+            assert self.recipes is not None
+            entry.pages = RecipePages.of(entry.chunks, RECIPE_PAGE)
+            for page in range(len(entry.pages.starts)):
+                part = entry.chunks[page * RECIPE_PAGE : (page + 1) * RECIPE_PAGE]
+                self.recipes.put(txn, digest + PAGE_KEY.pack(page), pack_recipe(part))
         self.objects.put(txn, digest, entry.pack())
 
     def delete_object(self, txn: lmdb.Transaction, digest: bytes) -> None:
+        """Delete an object's entry, and its recipe's pages."""
+        entry = self.get_object_head(txn, digest)
+        if entry is not None and entry.pages is not None and self.recipes is not None:
+            for page in range(len(entry.pages.starts)):
+                self.recipes.delete(txn, digest + PAGE_KEY.pack(page))
         self.objects.delete(txn, digest)
 
     def get_segment(self, txn: lmdb.Transaction, segment_id: int) -> SegmentEntry | None:
@@ -320,8 +378,16 @@ class Index:
             yield key, ChunkEntry.unpack(raw)
 
     def iter_objects(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, ObjectEntry]]:
+        """Every object with its whole recipe; one whose pages are damaged
+        comes with an empty recipe (that does not add up to its size)."""
         for key, raw in self.objects.items(txn):
-            yield key, ObjectEntry.unpack(raw)
+            entry = ObjectEntry.unpack(raw)
+            if entry.pages is not None:
+                try:
+                    entry = self.get_object(txn, key) or entry
+                except CorruptDataError:
+                    entry.chunks = []
+            yield key, entry
 
     def counter(self, txn: lmdb.Transaction, name: str) -> int:
         raw = self.counters.get(txn, name.encode())

@@ -96,14 +96,14 @@ def check_namespace(namespace: Namespace, txn: lmdb.Transaction) -> NamespaceChe
             result.subdirs[ino] = subdirs[ino]
         digest = inode.digest
         if digest is not None:
-            entry = namespace.store.index.get_object(txn, digest.hash)
+            entry = namespace.store.index.get_object_head(txn, digest.hash)
             if entry is None or entry.size != inode.size:
                 result.add("namespace", f"inode {ino}: its content {digest} is not stored")
                 result.lost.append(ino)
             else:
                 refs[digest.hash] += 1
     for digest_hash, count in refs.items():
-        entry = namespace.store.index.get_object(txn, digest_hash)
+        entry = namespace.store.index.get_object_head(txn, digest_hash)
         if entry is not None and entry.refcount < count:
             result.add(
                 "namespace",
@@ -167,7 +167,7 @@ def repair_namespace(namespace: Namespace, found: NamespaceCheck) -> None:
         if found.leaked:
             _to_lost_and_found(namespace, txn, found)
         for digest_hash, count in found.refcounts.items():
-            entry = namespace.store.index.get_object(txn, digest_hash)
+            entry = namespace.store.index.get_object_head(txn, digest_hash)
             if entry is not None and entry.refcount < count:
                 added, entry.refcount = count - entry.refcount, count
                 namespace.store.index.put_object(txn, digest_hash, entry)

@@ -71,7 +71,7 @@ class Publisher:
         index: Index,
         segments: SegmentStore,
         health: Health,
-        object_entry: Callable[[lmdb.Transaction, Digest], ObjectEntry],
+        object_entry: Callable[..., ObjectEntry],
         *,
         fsync: bool,
     ) -> None:
@@ -169,7 +169,7 @@ class Publisher:
         index = self.index
         damaged = bool(self.segments.damaged)
         key = obj.digest.hash
-        existing = index.get_object(txn, key)
+        existing = index.get_object_head(txn, key)
         if existing is not None and existing.size == obj.digest.size:
             existing.refcount += 1
             index.put_object(txn, key, existing)
@@ -288,7 +288,7 @@ class Publisher:
 
     def add_ref(self, txn: lmdb.Transaction, digest: Digest) -> None:
         """Add a reference to a stored object, inside the caller's transaction."""
-        entry = self.object_entry(txn, digest)
+        entry = self.object_entry(txn, digest, head=True)
         entry.refcount += 1
         self.index.put_object(txn, digest.hash, entry)
         self.index.add(txn, "files", 1)
@@ -298,7 +298,7 @@ class Publisher:
         """Drop a reference inside the caller's transaction; when it was the
         last, the object goes (its chunks become garbage for ``gc`` if nothing
         else uses them).  Returns whether the object is gone."""
-        entry = self.object_entry(txn, digest)
+        entry = self.object_entry(txn, digest, head=True)
         self.dropped += 1
         self.index.add(txn, "files", -1)
         self.index.add(txn, "logical_bytes", -digest.size)
@@ -306,6 +306,8 @@ class Publisher:
             entry.refcount -= 1
             self.index.put_object(txn, digest.hash, entry)
             return False
+        if entry.pages is not None:  # its chunks lose a reference: the whole recipe
+            entry = self.object_entry(txn, digest)
         self.index.delete_object(txn, digest.hash)
         self.index.add(txn, "objects", -1)
         for chunk, count in entry.chunk_uses().items():

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
+from typing import Any, TypeAlias
 
 import lmdb
 
@@ -34,13 +35,15 @@ from cachefs.engine._workers import Workers
 from cachefs.errors import ConfigError, CorruptDataError, ObjectNotFoundError
 from cachefs.format.codec import ChunkCodec
 from cachefs.format.digest import Digest, DigestFunction
-from cachefs.format.schema import HOLE_MARK, ChunkEntry, ObjectEntry
+from cachefs.format.schema import HOLE_MARK, RECIPE_PAGE, ChunkEntry, ObjectEntry, RecipePages
 from cachefs.format.segment import COMPRESSION_MASK, COMPRESSION_NONE, TAG_CHUNK
 
 #: Zero bytes that holes are read from (in pieces of at most this many).
 _ZEROS = bytes(4 << 20)
-#: Object layouts (chunk offsets) kept for reads.
+#: Object layouts (chunk offsets; of whole recipes or of pages) kept for reads.
 _LAYOUTS = 256
+#: An object's chunks and the offset where each starts.
+Layout: TypeAlias = tuple[list[tuple[bytes, int]], list[int]]
 #: Chunks looked up together when reading; compressed ones among them are
 #: decompressed ahead of the reader, in the worker pool.
 READ_WINDOW = 16
@@ -206,19 +209,24 @@ class ObjectReader:
         self.index = index
         self.chunks = chunks
         self.health = health
-        self._layouts: OrderedDict[Digest, tuple[list[tuple[bytes, int]], list[int]]] = (
-            OrderedDict()
-        )
+        #: Layouts of whole recipes (page -1) and of the pages of paged ones.
+        self._layouts: OrderedDict[tuple[Digest, int], Layout] = OrderedDict()
+        #: The pages of recently read objects (None: the recipe is not paged).
+        self._paging: OrderedDict[Digest, RecipePages | None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def object_entry(self, txn: lmdb.Transaction, digest: Digest) -> ObjectEntry:
-        """The index entry of an object; ObjectNotFoundError if it is not stored."""
-        entry = self.index.get_object(txn, digest.hash)
+    def object_entry(
+        self, txn: lmdb.Transaction, digest: Digest, *, head: bool = False
+    ) -> ObjectEntry:
+        """The index entry of an object; ObjectNotFoundError if it is not stored.
+        With ``head``, a paged recipe's entries are not read (``get_object_head``)."""
+        get = self.index.get_object_head if head else self.index.get_object
+        entry = get(txn, digest.hash)
         if entry is None or entry.size != digest.size:
             raise ObjectNotFoundError(
                 f"object {digest} is not in the store {self.index.path.parent}"
             )
-        if sum(n for _, n in entry.chunks) != entry.size:
+        if not (head and entry.pages) and sum(n for _, n in entry.chunks) != entry.size:
             raise self.health.damaged(
                 CorruptDataError(
                     f"the recipe of object {digest} does not add up to its size",
@@ -229,7 +237,7 @@ class ObjectReader:
 
     def contains(self, digest: Digest) -> bool:
         with self.index.read() as txn:
-            entry = self.index.get_object(txn, digest.hash)
+            entry = self.index.get_object_head(txn, digest.hash)
         return entry is not None and entry.size == digest.size
 
     def recipe(self, digest: Digest) -> list[tuple[bytes, int]]:
@@ -237,21 +245,93 @@ class ObjectReader:
         with self.index.read() as txn:
             return self.object_entry(txn, digest).chunks
 
-    def layout(self, digest: Digest) -> tuple[list[tuple[bytes, int]], list[int]]:
+    def layout(self, digest: Digest) -> Layout:
         """An object's chunks and where each starts (cached: a file read in
-        small pieces must not decode its whole recipe for every piece)."""
-        with self._lock:
-            layout = self._layouts.get(digest)
-            if layout is not None:
-                self._layouts.move_to_end(digest)
-                return layout
+        small pieces must not decode its whole recipe for every piece; a paged
+        recipe is read whole, and not kept: reads go by page, ``_parts``)."""
+        found = self._cached((digest, -1))
+        if found is not None:
+            return found
         chunks = self.recipe(digest)
-        starts = list(itertools.accumulate((size for _, size in chunks), initial=0))[:-1]
+        layout = chunks, list(itertools.accumulate((n for _, n in chunks), initial=0))[:-1]
+        if len(chunks) <= RECIPE_PAGE:
+            self._keep(self._layouts, (digest, -1), layout)
+        return layout
+
+    def _cached(self, key: tuple[Digest, int]) -> Layout | None:
         with self._lock:
-            self._layouts[digest] = (chunks, starts)
-            if len(self._layouts) > _LAYOUTS:
-                self._layouts.popitem(last=False)
-        return chunks, starts
+            layout = self._layouts.get(key)
+            if layout is not None:
+                self._layouts.move_to_end(key)
+            return layout
+
+    def _keep(self, cache: OrderedDict[Any, Any], key: object, value: object) -> None:
+        with self._lock:
+            cache[key] = value
+            if len(cache) > _LAYOUTS:
+                cache.popitem(last=False)
+
+    def _pages(self, digest: Digest) -> RecipePages | None:
+        """The pages of an object's recipe (None: it is not paged)."""
+        with self._lock:
+            if digest in self._paging:
+                self._paging.move_to_end(digest)
+                return self._paging[digest]
+        with self.index.read() as txn:
+            pages = self.object_entry(txn, digest, head=True).pages
+        self._keep(self._paging, digest, pages)
+        return pages
+
+    def _page(self, digest: Digest, pages: RecipePages, page: int) -> Layout:
+        """The layout of one page of a paged recipe (cached as whole ones are)."""
+        found = self._cached((digest, page))
+        if found is not None:
+            return found
+        with self.index.read() as txn:
+            chunks = self.index.recipe_page(txn, digest.hash, pages, page)
+        first = pages.starts[page]
+        starts = list(itertools.accumulate((n for _, n in chunks), initial=first))
+        last = pages.starts[page + 1] if page + 1 < len(pages.starts) else digest.size
+        if starts[-1] != last:
+            raise self.health.damaged(
+                CorruptDataError(
+                    f"page {page} of the recipe of object {digest} does not add up",
+                    path=str(self.index.path),
+                )
+            )
+        layout = chunks, starts[:-1]
+        self._keep(self._layouts, (digest, page), layout)
+        return layout
+
+    def _parts(self, digest: Digest, offset: int) -> Iterator[Layout]:
+        """The layout of an object's recipe from the part that holds ``offset``
+        on: the whole recipe, or page after page of a paged one."""
+        whole = self._cached((digest, -1))
+        if whole is not None:
+            yield whole
+            return
+        pages = self._pages(digest)
+        if pages is None:
+            yield self.layout(digest)
+            return
+        first = max(0, bisect.bisect_right(pages.starts, offset) - 1)
+        for page in range(first, len(pages.starts)):
+            yield self._page(digest, pages, page)
+
+    def _overlapping(
+        self, digest: Digest, offset: int, end: int
+    ) -> Iterator[tuple[bytes, int, int, int]]:
+        """(chunk digest, start, stop, size) of the chunks that overlap the range."""
+        for chunks, starts in self._parts(digest, offset):
+            i = max(0, bisect.bisect_right(starts, offset) - 1)
+            while i < len(chunks):
+                position = starts[i]
+                if position >= end:
+                    return
+                chunk, size = chunks[i]
+                if position + size > offset:
+                    yield chunk, max(0, offset - position), min(size, end - position), size
+                i += 1
 
     def holes(self, digest: Digest) -> list[tuple[int, int]]:
         chunks, starts = self.layout(digest)
@@ -288,7 +368,7 @@ class ObjectReader:
         content = whole.digest()
         if keep is not None:
             with keep("recording the content digest of a sparse object") as txn:
-                current = self.index.get_object(txn, digest.hash)
+                current = self.index.get_object_head(txn, digest.hash)
                 if current is not None and current.content is None:
                     current.content = content
                     self.index.put_object(txn, digest.hash, current)
@@ -297,6 +377,7 @@ class ObjectReader:
     def forget_layouts(self) -> None:
         with self._lock:
             self._layouts.clear()
+            self._paging.clear()
 
     def iter_object(
         self, digest: Digest, offset: int = 0, length: int | None = None
@@ -305,18 +386,8 @@ class ObjectReader:
         if offset < 0 or (length is not None and length < 0):
             raise ConfigError("offset and length must not be negative")
         end = digest.size if length is None else min(digest.size, offset + length)
-        chunks, starts = self.layout(digest)
-        wanted = []  # (chunk digest, start, stop, size) of the chunks that overlap the range
-        i = max(0, bisect.bisect_right(starts, offset) - 1)
-        while i < len(chunks) and starts[i] < end:
-            chunk, size = chunks[i]
-            position = starts[i]
-            if position + size > offset:
-                start, stop = max(0, offset - position), min(size, end - position)
-                wanted.append((chunk, start, stop, size))
-            i += 1
-        for window_start in range(0, len(wanted), READ_WINDOW):
-            window = wanted[window_start : window_start + READ_WINDOW]
+        wanted = self._overlapping(digest, offset, end)
+        while window := list(itertools.islice(wanted, READ_WINDOW)):
             stored = [chunk for chunk, *_ in window if chunk != HOLE_MARK]
             pieces = self.chunks.read_chunks(stored) if stored else ()
             source = iter(pieces)

@@ -595,7 +595,7 @@ class Store:
         """The digest (with its size) of the stored object whose hash is
         ``digest_hash``, or None."""
         with self.index.read() as txn:
-            entry = self.index.get_object(txn, digest_hash)
+            entry = self.index.get_object_head(txn, digest_hash)
         return None if entry is None else Digest(digest_hash, entry.size)
 
     def recipe(self, digest: Digest) -> list[tuple[bytes, int]]:

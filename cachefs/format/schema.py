@@ -44,6 +44,17 @@ a wrong inode.  The layouts below are of the values without their seal.
     Invariants: size = sum of the entry lengths (holes included); refcount >= 1
     (an object whose last reference goes is deleted, and its chunks'
     refcounts drop).
+    A recipe of more than ``RECIPE_PAGE`` entries (since schema 5) is *paged*:
+    the value holds, after ``OBJECT``, no entries but ``PAGE_SIZE`` = entries
+    per page I, then for each page ``PAGE_START`` = the offset in the object
+    where its first entry starts Q (then the content digest, as above); the
+    entries are in ``recipes``.  So a range of a large object is read from the
+    pages that hold it, never from its whole recipe.  (A paged value is always
+    shorter than the inline value of the same count, which tells them apart.)
+
+``recipes``  key: object key (32 bytes) + page number (``PAGE_KEY``, I, BE)
+    value: that page's ``RECIPE_ENTRY`` entries, as in ``objects`` (every page
+    full but the last).  Invariant: exactly the pages of the paged objects.
 
 ``segments``  key: segment id (Q, BE)
     value ``SEGMENT`` = shard I, published length Q, live bytes Q, live records Q.
@@ -121,7 +132,8 @@ from cachefs.format.digest import Digest, DigestFunction
 #: Version of the LMDB schema.  1: cachefs 0.1 (no ``meta``; a ``wal_applied``
 #: database of the engine's staged objects).  2: ``meta``; no ``wal_applied``.
 #: 3: recipes may hold holes (sparse objects).  4: every value is sealed.
-SCHEMA_VERSION = 4
+#: 5: long recipes are stored in pages (``recipes``).
+SCHEMA_VERSION = 5
 #: The first schema whose values are sealed.
 SEALED_SINCE = 4
 
@@ -130,7 +142,7 @@ MAX_DBS = 32
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
 
 #: The databases of the chunk store, opened with the index.
-STORE_DATABASES = (b"meta", b"chunks", b"objects", b"segments", b"counters")
+STORE_DATABASES = (b"meta", b"chunks", b"objects", b"segments", b"counters", b"recipes")
 #: The databases of the namespace, made when the store is first mounted.
 NAMESPACE_DATABASES = (b"inodes", b"dirents", b"parents", b"xattrs", b"orphans")
 #: The databases of cache directories (added after the rest of the namespace).
@@ -141,6 +153,11 @@ CHUNK = struct.Struct("<QQIIB3xQ")
 OBJECT = struct.Struct("<QQI")
 RECIPE_ENTRY = struct.Struct("<32sI")
 HOLE = struct.Struct("<Q24x")
+#: Recipes of more entries than this are stored in pages of this many entries.
+RECIPE_PAGE = 16384
+PAGE_SIZE = struct.Struct("<I")
+PAGE_START = struct.Struct("<Q")
+PAGE_KEY = struct.Struct(">I")
 _HOLE_PAD = bytes(24)
 #: What a sparse object's key is the digest of, before its packed entries.
 SPARSE_DOMAIN = b"cachefs sparse object 1\0"
@@ -230,35 +247,74 @@ HOLE_MARK = b""
 
 
 @dataclass
+class RecipePages:
+    """Where the pages of a paged recipe start (see ``objects``)."""
+
+    #: Entries in all, and in each page (the last may hold fewer).
+    count: int
+    per_page: int
+    #: The offset in the object of each page's first entry.
+    starts: list[int]
+
+    @classmethod
+    def of(cls, chunks: list[tuple[bytes, int]], per_page: int) -> RecipePages:
+        starts, position = [], 0
+        for i, (_, length) in enumerate(chunks):
+            if i % per_page == 0:
+                starts.append(position)
+            position += length
+        return cls(len(chunks), per_page, starts)
+
+    def entries(self, page: int) -> int:
+        """How many entries page ``page`` holds."""
+        return min(self.per_page, self.count - page * self.per_page)
+
+
+@dataclass
 class ObjectEntry:
     size: int
     refcount: int
-    #: (chunk digest, raw length); a hole is (HOLE_MARK, length).
+    #: (chunk digest, raw length); a hole is (HOLE_MARK, length).  Empty in an
+    #: entry read without its paged recipe (``Index.get_object_head``).
     chunks: list[tuple[bytes, int]]
     #: A sparse object's content digest, once computed (None: not yet, or dense).
     content: bytes | None = None
+    #: A paged recipe's pages (None: the entries are in the value).
+    pages: RecipePages | None = None
 
     def pack(self) -> bytes:
-        parts = [OBJECT.pack(self.size, self.refcount, len(self.chunks))]
-        parts.append(pack_recipe(self.chunks))
+        """The value in ``objects`` (of a paged recipe: without its entries)."""
+        if self.pages is None:
+            parts = [OBJECT.pack(self.size, self.refcount, len(self.chunks))]
+            parts.append(pack_recipe(self.chunks))
+        else:
+            parts = [OBJECT.pack(self.size, self.refcount, self.pages.count)]
+            parts.append(PAGE_SIZE.pack(self.pages.per_page))
+            parts.extend(PAGE_START.pack(start) for start in self.pages.starts)
         if self.content is not None:
             parts.append(self.content)
         return b"".join(parts)
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> ObjectEntry:
+        """An entry from its value (of a paged recipe: without its entries)."""
         size, refcount, count = _fixed(OBJECT, raw[: OBJECT.size], "object")
         end = OBJECT.size + count * RECIPE_ENTRY.size
+        if len(raw) in (end, end + 32):
+            content = bytes(raw[end:]) if len(raw) > end else None
+            return cls(size, refcount, unpack_recipe(memoryview(raw)[OBJECT.size : end]), content)
+        if len(raw) < OBJECT.size + PAGE_SIZE.size:
+            raise CorruptDataError("object recipe has the wrong length in the index")
+        (per_page,) = PAGE_SIZE.unpack_from(raw, OBJECT.size)
+        if per_page < 2 or count <= per_page:
+            raise CorruptDataError("object recipe has the wrong length in the index")
+        pages = -(-count // per_page)
+        end = OBJECT.size + PAGE_SIZE.size + pages * PAGE_START.size
         if len(raw) not in (end, end + 32):
             raise CorruptDataError("object recipe has the wrong length in the index")
-        chunks = [
-            (HOLE_MARK, HOLE.unpack(digest)[0])
-            if length == 0 and digest.endswith(_HOLE_PAD)
-            else (digest, length)
-            for digest, length in RECIPE_ENTRY.iter_unpack(memoryview(raw)[OBJECT.size : end])
-        ]
+        starts = [s for (s,) in PAGE_START.iter_unpack(memoryview(raw)[end - pages * 8 : end])]
         content = bytes(raw[end:]) if len(raw) > end else None
-        return cls(size, refcount, chunks, content)
+        return cls(size, refcount, [], content, RecipePages(count, per_page, starts))
 
     @property
     def sparse(self) -> bool:
@@ -283,6 +339,18 @@ def may_be_sparse(key: bytes) -> bool:
     ends as a sparse key does once in 2**32: a hint, to skip looking up the
     recipes of the others)."""
     return key.endswith(SPARSE_TAG)
+
+
+def unpack_recipe(raw: bytes | memoryview) -> list[tuple[bytes, int]]:
+    """Recipe entries from their packed form (``pack_recipe``)."""
+    if len(raw) % RECIPE_ENTRY.size:
+        raise CorruptDataError("a recipe page has the wrong length in the index")
+    return [
+        (HOLE_MARK, HOLE.unpack(digest)[0])
+        if length == 0 and digest.endswith(_HOLE_PAD)
+        else (digest, length)
+        for digest, length in RECIPE_ENTRY.iter_unpack(raw)
+    ]
 
 
 def pack_recipe(chunks: list[tuple[bytes, int]]) -> bytes:
@@ -389,12 +457,15 @@ __all__ = [
     "INO_VALUE",
     "MAX_FILE_SIZE",
     "NO_CONTENT",
+    "PAGE_KEY",
+    "RECIPE_PAGE",
     "ROOT_INODE",
     "SCHEMA_VERSION",
     "STORE_SETTINGS",
     "ChunkEntry",
     "Inode",
     "ObjectEntry",
+    "RecipePages",
     "SegmentEntry",
     "chunk_uses",
     "dirent_key",
@@ -402,5 +473,6 @@ __all__ = [
     "pack_recipe",
     "seal",
     "sparse_key",
+    "unpack_recipe",
     "unseal",
 ]
