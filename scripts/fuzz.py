@@ -98,6 +98,7 @@ _DECODERS: list[Callable[[bytes], object]] = [
     schema.ObjectEntry.unpack,
     schema.SegmentEntry.unpack,
     lambda raw: schema.Inode.unpack(7, raw),
+    schema.unpack_recipe,
 ]
 
 
@@ -174,10 +175,13 @@ def seeds() -> dict[str, list[bytes]]:
         header = (Path(tmp) / HEADER_NAME).read_bytes()
     chunk = schema.ChunkEntry(1, 64, 100, 80, 0, 2).pack()
     obj = schema.ObjectEntry(100, 1, [(b"\1" * 32, 60), (schema.HOLE_MARK, 40)]).pack()
+    paged = schema.ObjectEntry(2000, 1, [], None, schema.RecipePages(20, 8, [0, 800, 1600]))
+    page = schema.pack_recipe([(b"\1" * 32, 60), (schema.HOLE_MARK, 40)])
     seg = schema.SegmentEntry(3, 4096, 100, 2).pack()
     inode = schema.Inode(7, 0o100644, 0, 0, 1, 100, 0, 1, 2, 3, b"\2" * 32).pack()
-    index = [bytes([n]) + v for n, v in enumerate((chunk, obj, seg, inode))]
-    index += [bytes([n]) + schema.seal(b"key", v) for n, v in enumerate((chunk, obj, seg, inode))]
+    values = (chunk, obj, seg, inode, page)
+    index = [bytes([n]) + v for n, v in enumerate(values)] + [b"\1" + paged.pack()]
+    index += [bytes([n]) + schema.seal(b"key", v) for n, v in enumerate(values)]
     digest = "a" * 64 + "/100"
     return {
         "segment": [segment, encode_segment_header(0, 1)],
