@@ -213,6 +213,8 @@ class ObjectReader:
         self._layouts: OrderedDict[tuple[Digest, int], Layout] = OrderedDict()
         #: The pages of recently read objects (None: the recipe is not paged).
         self._paging: OrderedDict[Digest, RecipePages | None] = OrderedDict()
+        #: The holes of recently asked objects.
+        self._holes: OrderedDict[Digest, list[tuple[int, int]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def object_entry(
@@ -334,12 +336,20 @@ class ObjectReader:
                 i += 1
 
     def holes(self, digest: Digest) -> list[tuple[int, int]]:
-        chunks, starts = self.layout(digest)
-        return [
+        """Where an object's holes are (kept: ``stat`` of a sparse file asks)."""
+        with self._lock:
+            found = self._holes.get(digest)
+            if found is not None:
+                self._holes.move_to_end(digest)
+                return found
+        found = [
             (start, start + length)
+            for chunks, starts in self._parts(digest, 0)
             for (chunk, length), start in zip(chunks, starts, strict=True)
             if chunk == HOLE_MARK
         ]
+        self._keep(self._holes, digest, found)
+        return found
 
     def content_digest(
         self,
@@ -378,6 +388,7 @@ class ObjectReader:
         with self._lock:
             self._layouts.clear()
             self._paging.clear()
+            self._holes.clear()
 
     def iter_object(
         self, digest: Digest, offset: int = 0, length: int | None = None
