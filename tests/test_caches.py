@@ -92,6 +92,8 @@ def test_set_ls_unset_and_remount(tmp_path: Path) -> None:
             ("/cc", 3 << 20, "arc")
         ]
         assert "arc" in cachefs("cache", "ls", str(mnt)).stdout
+        everywhere = json.loads(cachefs("cache", "ls", "--json").stdout)  # every mount
+        assert {"mountpoint": str(mnt), **listed[0]} in everywhere
         (mnt / "cc" / "f").write_bytes(b"x" * 1000)
         (mnt / "cc" / "f").read_bytes()
         # Errors are one line with the remedy.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,14 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachefs.engine import ExtendedAttributes, FsError, Namespace, Store, check_store
+from cachefs.engine import (
+    CachefsError,
+    ExtendedAttributes,
+    FsError,
+    Namespace,
+    Store,
+    check_store,
+)
 from cachefs.format.schema import INO_KEY, INO_VALUE, ROOT_INODE, dirent_key
 from cachefs.fs import Filesystem, OpenFile
 
@@ -295,3 +303,22 @@ def test_fsck_repairs_each_kind_of_namespace_damage(store: Store, kind: str) -> 
     if kind == "lost+found is a file":
         folder = ns.lookup(ROOT_INODE, b"lost+found.cachefs")
         assert ns.lookup(folder, str(f.ino).encode()) == f.ino
+
+
+async def test_a_trace_follows_renamed_directories(store_path: Path, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    with Store.open(store_path, create=True) as store:
+        fs = Filesystem(store)
+        try:
+            with pytest.raises(CachefsError, match="opening the trace file"):
+                fs.start_trace(tmp_path / "no such dir" / "trace.jsonl")
+            fs.start_trace(trace)
+            d = fs.create(ROOT_INODE, b"d", DIR, 0, 0)
+            fs.create(d.ino, b"f", FILE, 0, 0)
+            fs.rename(ROOT_INODE, b"d", ROOT_INODE, b"e", 0)
+            fs.create(d.ino, b"g", FILE, 0, 0)
+            assert fs.stop_trace() >= 3
+        finally:
+            fs.close()
+    paths = [json.loads(line)["path"] for line in trace.read_text().splitlines()]
+    assert "d/f" in paths and "e/g" in paths and "d/g" not in paths
