@@ -39,6 +39,7 @@ from cachefs.format.segment import (
     RECORD_CHECKED,
     RECORD_HEADER,
     SEGMENT_SUFFIX,
+    encode_record_header,
     encode_segment_header,
     record_checksum,
 )
@@ -78,6 +79,7 @@ def test_gc_removes_a_stray_segment_file(store: Store, caplog: pytest.LogCapture
     stray.write_bytes(encode_segment_header(15, 9999) + b"\0" * 100)
     report = collect_garbage(store)
     assert not stray.exists() and report.bytes_reclaimed >= 100
+    assert store.segments.delete(9999, stray) == 0  # gone already: nothing freed
     assert "removing unpublished segment" in caplog.text
 
 
@@ -280,6 +282,19 @@ def test_segment_files_that_cannot_be_made_or_read(tmp_path: Path) -> None:
         maps.read(1, path, offset, 1 << 20)
     with pytest.raises(CorruptDataError, match="missing"):
         maps.read(2, tmp_path / "gone.seg", 0, 10)
+    # One mapping at most; pages dropped past the resident limit; reads go on.
+    records = []
+    for number in (3, 4):
+        payload = f"record of segment {number}".encode()
+        head = encode_record_header(1, 0, len(payload), bytes([number]) * 32, payload)
+        at = tmp_path / f"{number:010d}.seg"
+        made = SegmentWriter(at, 0, number, create=True)
+        records.append((number, at, made.append(head, payload), payload))
+        made.close()
+    maps = SegmentMaps(max_maps=1, resident_limit=4)
+    for _ in range(2):
+        for number, at, where, payload in records:
+            assert bytes(maps.read(number, at, where, len(payload)).payload) == payload
 
 
 def test_lmdb_errors_become_cachefs_errors(store: Store) -> None:
