@@ -131,3 +131,19 @@ def test_fsck_finds_a_missing_page_and_a_stray_one(paged: Store) -> None:
     assert check_store(paged).clean, check_store(paged).problems
     assert not paged.contains(lost) and paged.read(kept) == keep
     assert all(key.startswith(kept.hash) for key in _pages(paged))
+
+
+def test_the_layouts_kept_are_bounded_in_chunks(
+    paged: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_reads, "_LAYOUT_ENTRIES", 3 * PAGE)
+    data = random.Random(8).randbytes(300_000)
+    digest = paged.put(data)
+    small = paged.put(b"small object" * 10)
+    reader = paged.reader
+    reader.forget_layouts()
+    for offset in range(0, len(data), 10_000):
+        assert paged.read(digest, offset, 5_000) == data[offset : offset + 5_000]
+        assert paged.read(small) == b"small object" * 10
+        kept = sum(len(chunks) for chunks, _ in reader._layouts.values())
+        assert kept <= 3 * PAGE and kept == reader._layout_entries

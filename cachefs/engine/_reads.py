@@ -40,8 +40,10 @@ from cachefs.format.segment import COMPRESSION_MASK, COMPRESSION_NONE, TAG_CHUNK
 
 #: Zero bytes that holes are read from (in pieces of at most this many).
 _ZEROS = bytes(4 << 20)
-#: Object layouts (chunk offsets; of whole recipes or of pages) kept for reads.
+#: Object layouts (chunk offsets; of whole recipes or of pages) kept for reads,
+#: and the chunks they may hold in all (about 150 bytes each).
 _LAYOUTS = 256
+_LAYOUT_ENTRIES = 1 << 20
 #: An object's chunks and the offset where each starts.
 Layout: TypeAlias = tuple[list[tuple[bytes, int]], list[int]]
 #: Chunks looked up together when reading; compressed ones among them are
@@ -211,6 +213,7 @@ class ObjectReader:
         self.health = health
         #: Layouts of whole recipes (page -1) and of the pages of paged ones.
         self._layouts: OrderedDict[tuple[Digest, int], Layout] = OrderedDict()
+        self._layout_entries = 0
         #: The pages of recently read objects (None: the recipe is not paged).
         self._paging: OrderedDict[Digest, RecipePages | None] = OrderedDict()
         #: The holes of recently asked objects.
@@ -257,7 +260,7 @@ class ObjectReader:
         chunks = self.recipe(digest)
         layout = chunks, list(itertools.accumulate((n for _, n in chunks), initial=0))[:-1]
         if len(chunks) <= RECIPE_PAGE:
-            self._keep(self._layouts, (digest, -1), layout)
+            self._keep_layout((digest, -1), layout)
         return layout
 
     def _cached(self, key: tuple[Digest, int]) -> Layout | None:
@@ -268,10 +271,27 @@ class ObjectReader:
             return layout
 
     def _keep(self, cache: OrderedDict[Any, Any], key: object, value: object) -> None:
+        """Keep ``value`` in an LRU of at most ``_LAYOUTS`` items."""
         with self._lock:
             cache[key] = value
-            if len(cache) > _LAYOUTS:
+            cache.move_to_end(key)
+            while len(cache) > _LAYOUTS:
                 cache.popitem(last=False)
+
+    def _keep_layout(self, key: tuple[Digest, int], layout: Layout) -> None:
+        """Keep a layout: at most ``_LAYOUTS`` of them, of ``_LAYOUT_ENTRIES``
+        chunks in all (the most recent one is kept whatever its size)."""
+        with self._lock:
+            old = self._layouts.pop(key, None)
+            if old is not None:
+                self._layout_entries -= len(old[0])
+            self._layouts[key] = layout
+            self._layout_entries += len(layout[0])
+            while len(self._layouts) > 1 and (
+                len(self._layouts) > _LAYOUTS or self._layout_entries > _LAYOUT_ENTRIES
+            ):
+                _, dropped = self._layouts.popitem(last=False)
+                self._layout_entries -= len(dropped[0])
 
     def _pages(self, digest: Digest) -> RecipePages | None:
         """The pages of an object's recipe (None: it is not paged)."""
@@ -302,7 +322,7 @@ class ObjectReader:
                 )
             )
         layout = chunks, starts[:-1]
-        self._keep(self._layouts, (digest, page), layout)
+        self._keep_layout((digest, page), layout)
         return layout
 
     def _parts(self, digest: Digest, offset: int) -> Iterator[Layout]:
@@ -387,6 +407,7 @@ class ObjectReader:
     def forget_layouts(self) -> None:
         with self._lock:
             self._layouts.clear()
+            self._layout_entries = 0
             self._paging.clear()
             self._holes.clear()
 
