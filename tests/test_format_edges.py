@@ -26,7 +26,15 @@ from cachefs.format.header import (
     set_format_version,
     write_header,
 )
-from cachefs.format.schema import HOLE_MARK, ObjectEntry, sparse_key
+from cachefs.format.schema import (
+    HOLE_MARK,
+    OBJECT,
+    PAGE_SIZE,
+    ObjectEntry,
+    RecipePages,
+    sparse_key,
+    unpack_recipe,
+)
 from tests.test_format import write_segment
 
 
@@ -181,3 +189,21 @@ def test_a_resync_skips_what_only_looks_like_a_record(tmp_path: Path) -> None:
     records = [item.offset for item in items if isinstance(item, seg.Record)]
     assert records == [offsets[0], offsets[2]]
     assert any(isinstance(item, CorruptDataError) for item in items)
+
+
+def test_paged_object_entries_and_their_damage() -> None:
+    pages = RecipePages.of([(b"\1" * 32, 10)] * 20, 8)
+    assert pages.starts == [0, 80, 160] and pages.entries(2) == 4
+    entry = ObjectEntry(200, 3, [], b"\5" * 32, pages)
+    assert ObjectEntry.unpack(entry.pack()) == entry
+    head = OBJECT.pack(200, 3, 20)
+    for raw in [
+        head + b"\0\0",  # neither inline entries nor a page size
+        head + PAGE_SIZE.pack(1) + bytes(8 * 20),  # a page of one entry
+        OBJECT.pack(200, 3, 8) + PAGE_SIZE.pack(8) + bytes(8),  # fits one page: never paged
+        head + PAGE_SIZE.pack(8) + bytes(8 * 2),  # three pages, two starts
+    ]:
+        with pytest.raises(CorruptDataError, match="wrong length"):
+            ObjectEntry.unpack(raw)
+    with pytest.raises(CorruptDataError, match="recipe page has the wrong length"):
+        unpack_recipe(b"x" * 41)
