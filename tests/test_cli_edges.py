@@ -102,3 +102,24 @@ def test_systemd_is_told_when_it_asks(
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
     sd_notify("READY=1")
     assert "could not notify systemd" in caplog.text
+
+
+def test_cat_of_a_large_object_streams_and_stops_quietly_on_a_closed_pipe(
+    tmp_path: Path,
+) -> None:
+    store, data = tmp_path / "store", tmp_path / "data"
+    with open(data, "wb") as f:
+        for i in range(70):  # past the size up to which cat verifies before writing
+            f.write(bytes([i]) * (1 << 20))
+    line = subprocess.run(
+        [*CACHEFS, "put", str(store), str(data)], check=True, capture_output=True, text=True
+    ).stdout
+    digest = line.split()[0]
+    out = subprocess.run(
+        [*CACHEFS, "cat", str(store), digest], check=True, capture_output=True
+    ).stdout
+    assert out == data.read_bytes()
+    script = f"{sys.executable} -m cachefs cat {store} {digest} | head -c 10 >/dev/null; "
+    script += 'echo "${PIPESTATUS[0]}"'
+    shell = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False)
+    assert shell.stdout.strip() == "1" and "Traceback" not in shell.stderr, shell.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -322,3 +323,27 @@ async def test_a_trace_follows_renamed_directories(store_path: Path, tmp_path: P
             fs.close()
     paths = [json.loads(line)["path"] for line in trace.read_text().splitlines()]
     assert "d/f" in paths and "e/g" in paths and "d/g" not in paths
+
+
+def test_extended_attribute_errors(store: Store) -> None:
+    ns = Namespace(store)
+    f = ns.create(ROOT_INODE, b"f", FILE, 0, 0)
+    xattrs = ExtendedAttributes(ns)
+    cases: list[tuple[Callable[[], object], int]] = [
+        (lambda: xattrs.set(f.ino, b"user." + b"n" * 300, b"v"), errno.ERANGE),
+        (lambda: xattrs.set(f.ino, b"user.big", b"v" * (64 * 1024 + 1)), errno.E2BIG),
+        (lambda: xattrs.set(f.ino, b"system.posix_acl_access", b"v"), errno.EOPNOTSUPP),
+        (lambda: xattrs.set(f.ino, b"user.new", b"v", os.XATTR_REPLACE), errno.ENODATA),
+        (lambda: xattrs.remove(f.ino, b"user.none"), errno.ENODATA),
+    ]
+    for call, code in cases:
+        with pytest.raises(FsError) as info:
+            call()
+        assert _errno(info) == code
+    xattrs.set(f.ino, b"user.a", b"1", os.XATTR_CREATE)
+    with pytest.raises(FsError) as info:
+        xattrs.set(f.ino, b"user.a", b"2", os.XATTR_CREATE)
+    assert _errno(info) == errno.EEXIST
+    xattrs.set(f.ino, b"user.a", b"2", os.XATTR_REPLACE)
+    assert xattrs.get(f.ino, b"user.a") == b"2"
+    xattrs.remove(f.ino, b"user.a")
