@@ -361,7 +361,7 @@ class ObjectReader:
             found = self._holes.get(digest)
             if found is not None:
                 self._holes.move_to_end(digest)
-                return found
+                return list(found)
         found = [
             (start, start + length)
             for chunks, starts in self._parts(digest, 0)
@@ -369,7 +369,7 @@ class ObjectReader:
             if chunk == HOLE_MARK
         ]
         self._keep(self._holes, digest, found)
-        return found
+        return list(found)
 
     def content_digest(
         self,

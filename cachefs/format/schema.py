@@ -312,7 +312,10 @@ class ObjectEntry:
         end = OBJECT.size + PAGE_SIZE.size + pages * PAGE_START.size
         if len(raw) not in (end, end + 32):
             raise CorruptDataError("object recipe has the wrong length in the index")
-        starts = [s for (s,) in PAGE_START.iter_unpack(memoryview(raw)[end - pages * 8 : end])]
+        starts = [
+            s
+            for (s,) in PAGE_START.iter_unpack(memoryview(raw)[end - pages * PAGE_START.size : end])
+        ]
         content = bytes(raw[end:]) if len(raw) > end else None
         return cls(size, refcount, [], content, RecipePages(count, per_page, starts))
 
