@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.engine import Store, _index, _reads, check_store, collect_garbage
+from cachefs.engine import ObjectNotFoundError, Store, _index, _reads, check_store, collect_garbage
 from cachefs.format.digest import Digest
 from cachefs.format.schema import PAGE_KEY
 from tests.conftest import SMALL_CONFIG
@@ -23,7 +23,6 @@ PAGE = 8
 @pytest.fixture
 def paged(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
     monkeypatch.setattr(_index, "RECIPE_PAGE", PAGE)
-    monkeypatch.setattr(_reads, "RECIPE_PAGE", PAGE)
     with Store.open(store_path, create=True, config=SMALL_CONFIG) as opened:
         yield opened
 
@@ -147,3 +146,44 @@ def test_the_layouts_kept_are_bounded_in_chunks(
         assert paged.read(small) == b"small object" * 10
         kept = sum(len(chunks) for chunks, _ in reader._layouts.values())
         assert kept <= 3 * PAGE and kept == reader._layout_entries
+
+
+def test_a_read_that_outlives_its_object_ends_without_blaming_the_index(paged: Store) -> None:
+    data = random.Random(9).randbytes(300_000)
+    digest = paged.put(data)
+    paged.reader.forget_layouts()
+    pieces = paged.iter_object(digest)
+    got = b"".join(bytes(next(pieces)) for _ in range(3))
+    assert data.startswith(got)
+    assert paged.unref(digest)  # gone while it was being read
+    with pytest.raises(ObjectNotFoundError):
+        for _ in pieces:
+            pass
+    assert not paged.needs_fsck
+    assert not paged.reader._paging and not paged.reader._layouts
+
+
+def test_a_long_recipe_of_an_older_store_is_kept_whole(
+    paged: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_index, "RECIPE_PAGE", 1 << 20)  # stored as schema 4 did: inline
+    data = random.Random(10).randbytes(300_000)
+    digest = paged.put(data)
+    monkeypatch.setattr(_index, "RECIPE_PAGE", PAGE)
+    paged.reader.forget_layouts()
+    assert paged.read(digest, 1000, 10) == data[1000:1010]
+    assert list(paged.reader._layouts) == [(digest, -1)]  # decoded once, then kept
+    assert paged.read(digest) == data
+
+
+def test_fsck_finds_pages_that_do_not_start_where_the_head_says(paged: Store) -> None:
+    digest = paged.put(random.Random(11).randbytes(200_000))
+    with paged.index.write() as txn:
+        head = paged.index.get_object_head(txn, digest.hash)
+        assert head is not None and head.pages is not None
+        head.pages.starts[1] += 1
+        paged.index.put_object(txn, digest.hash, head)
+    report = check_store(paged)
+    assert any("do not start where it says" in p.message for p in report.problems)
+    check_store(paged, repair=True)
+    assert check_store(paged).clean and not paged.contains(digest)

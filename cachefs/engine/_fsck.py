@@ -53,6 +53,7 @@ from cachefs.format.schema import (
     PAGE_KEY,
     SEGMENT_KEY,
     ChunkEntry,
+    RecipePages,
     SegmentEntry,
     sparse_key,
 )
@@ -408,6 +409,9 @@ def _check_snapshot(
         lost = False
         if sum(n for _, n in obj.chunks) != obj.size:
             report.add("bad-recipe", f"object {obj_digest}: chunk lengths do not add up")
+            lost = True
+        elif obj.pages is not None and obj.pages != RecipePages.of(obj.chunks, obj.pages.per_page):
+            report.add("bad-recipe", f"object {obj_digest}: its pages do not start where it says")
             lost = True
         if obj.sparse and sparse_key(store.digest_function, obj.chunks) != key:
             report.add("bad-recipe", f"object {obj_digest}: its recipe is not the one named")

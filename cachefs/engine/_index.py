@@ -299,7 +299,12 @@ class Index:
         self, txn: lmdb.Transaction, digest: bytes, pages: RecipePages, page: int
     ) -> list[tuple[bytes, int]]:
         """The entries of page ``page`` of a paged object's recipe."""
-        raw = None if self.recipes is None else self.recipes.get(txn, digest + PAGE_KEY.pack(page))
+        if self.recipes is None:  # opened before a writer upgraded the index
+            raise CachefsError(
+                f"the index {self.path} was upgraded while this process read it",
+                hint="run the command again",
+            )
+        raw = self.recipes.get(txn, digest + PAGE_KEY.pack(page))
         if raw is None:
             raise self.damaged(
                 CorruptDataError(

@@ -35,7 +35,7 @@ from cachefs.engine._workers import Workers
 from cachefs.errors import ConfigError, CorruptDataError, ObjectNotFoundError
 from cachefs.format.codec import ChunkCodec
 from cachefs.format.digest import Digest, DigestFunction
-from cachefs.format.schema import HOLE_MARK, RECIPE_PAGE, ChunkEntry, ObjectEntry, RecipePages
+from cachefs.format.schema import HOLE_MARK, ChunkEntry, ObjectEntry, RecipePages
 from cachefs.format.segment import COMPRESSION_MASK, COMPRESSION_NONE, TAG_CHUNK
 
 #: Zero bytes that holes are read from (in pieces of at most this many).
@@ -257,9 +257,10 @@ class ObjectReader:
         found = self._cached((digest, -1))
         if found is not None:
             return found
+        paged = self._pages(digest) is not None
         chunks = self.recipe(digest)
         layout = chunks, list(itertools.accumulate((n for _, n in chunks), initial=0))[:-1]
-        if len(chunks) <= RECIPE_PAGE:
+        if not paged:  # (a long recipe of an older store is not paged: kept too)
             self._keep_layout((digest, -1), layout)
         return layout
 
@@ -310,6 +311,14 @@ class ObjectReader:
         if found is not None:
             return found
         with self.index.read() as txn:
+            # The head and the page in one snapshot: an object deleted since its
+            # pages were looked up is gone, not damaged.
+            head = self.index.get_object_head(txn, digest.hash)
+            if head is None or head.size != digest.size or head.pages != pages:
+                self._forget(digest)
+                raise ObjectNotFoundError(
+                    f"object {digest} is not in the store {self.index.path.parent} (any more)"
+                )
             chunks = self.index.recipe_page(txn, digest.hash, pages, page)
         first = pages.starts[page]
         starts = list(itertools.accumulate((n for _, n in chunks), initial=first))
@@ -324,6 +333,14 @@ class ObjectReader:
         layout = chunks, starts[:-1]
         self._keep_layout((digest, page), layout)
         return layout
+
+    def _forget(self, digest: Digest) -> None:
+        """Drop what is kept of an object (it went)."""
+        with self._lock:
+            self._paging.pop(digest, None)
+            self._holes.pop(digest, None)
+            for key in [key for key in self._layouts if key[0] == digest]:
+                self._layout_entries -= len(self._layouts.pop(key)[0])
 
     def _parts(self, digest: Digest, offset: int) -> Iterator[Layout]:
         """The layout of an object's recipe from the part that holds ``offset``
