@@ -258,6 +258,9 @@ class ObjectReader:
         if found is not None:
             return found
         paged = self._pages(digest) is not None
+        found = self._cached((digest, -1))  # kept by _pages if it read an unpaged head
+        if found is not None:
+            return found
         chunks = self.recipe(digest)
         layout = chunks, list(itertools.accumulate((n for _, n in chunks), initial=0))[:-1]
         if not paged:  # (a long recipe of an older store is not paged: kept too)
@@ -301,7 +304,12 @@ class ObjectReader:
                 self._paging.move_to_end(digest)
                 return self._paging[digest]
         with self.index.read() as txn:
-            pages = self.object_entry(txn, digest, head=True).pages
+            head = self.object_entry(txn, digest, head=True)
+        pages = head.pages
+        if pages is None:  # the head of an unpaged recipe holds it whole: keep its layout
+            chunks = head.chunks
+            starts = list(itertools.accumulate((n for _, n in chunks), initial=0))[:-1]
+            self._keep_layout((digest, -1), (chunks, starts))
         self._keep(self._paging, digest, pages)
         return pages
 
