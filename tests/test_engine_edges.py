@@ -5,6 +5,7 @@ errors of opening a store the wrong way."""
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import random
@@ -14,12 +15,13 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from cachefs import faults
+from cachefs import faults, fsutil
 from cachefs.engine import (
     CachefsError,
     Digest,
     Store,
     StoreOptions,
+    _segments,
     check_store,
     collect_garbage,
     lmdb_error,
@@ -295,6 +297,36 @@ def test_segment_files_that_cannot_be_made_or_read(tmp_path: Path) -> None:
     for _ in range(2):
         for number, at, where, payload in records:
             assert bytes(maps.read(number, at, where, len(payload)).payload) == payload
+
+
+def test_a_growing_segment_starts_its_writeback_as_it_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every WRITEBACK_STEP appended bytes, the writeback of what was appended
+    since the last one is started (so that a sync has little left to wait
+    for): the ranges follow each other, and the bytes are as written."""
+    started: list[tuple[int, int]] = []
+
+    def record(fd: int, offset: int, length: int) -> None:
+        started.append((offset, length))
+        fsutil.start_writeback(fd, offset, length)
+
+    monkeypatch.setattr(_segments, "WRITEBACK_STEP", 10_000)
+    monkeypatch.setattr(_segments, "start_writeback", record)
+    path = tmp_path / "0000000001.seg"
+    writer = SegmentWriter(path, 0, 1, create=True)
+    head_end = writer.length
+    pieces = [os.urandom(random.randrange(1, 6000)) for _ in range(40)]
+    for piece in pieces:
+        writer.append(b"", piece)
+    writer.sync()
+    writer.close()
+    assert path.read_bytes()[head_end:] == b"".join(pieces)
+    assert started and started[0][0] == head_end
+    assert all(length >= 10_000 for _, length in started)
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(started))
+    assert sum(n for _, n in started) > writer.length - head_end - 10_000
+    fsutil.start_writeback(-1, 0, 1)  # a hint: a bad descriptor raises nothing
 
 
 def test_lmdb_errors_become_cachefs_errors(store: Store) -> None:

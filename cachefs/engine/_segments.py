@@ -38,9 +38,13 @@ from cachefs.format.segment import (
     segment_path,
     shard_of,
 )
-from cachefs.fsutil import fsync_dir
+from cachefs.fsutil import fsync_dir, start_writeback
 
 log = logging.getLogger(__name__)
+
+#: A segment's writeback is started every this many appended bytes, so that a
+#: sync (the end of a large put or upload) waits for the last few MiB only.
+WRITEBACK_STEP = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ class SegmentWriter:
         except OSError as exc:
             raise from_oserror(exc, f"opening segment {path}") from None
         self.synced_length = 0 if create else self.length
+        #: Where the last ``start_writeback`` ended.
+        self.written_back = self.length
 
     def append(
         self, head: bytes, payload: bytes | memoryview, point: str = "segment.append"
@@ -107,6 +113,9 @@ class SegmentWriter:
                 os.ftruncate(self.fd, offset)
             raise from_oserror(exc, f"appending to segment {self.path}") from None
         self.length = offset + want
+        if self.length - self.written_back >= WRITEBACK_STEP:
+            start_writeback(self.fd, self.written_back, self.length - self.written_back)
+            self.written_back = self.length
         return offset
 
     def sync(self) -> int:
