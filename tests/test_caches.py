@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -18,6 +19,9 @@ from typing import Any
 
 import pytest
 
+from cachefs.engine import Store
+from cachefs.format.schema import ROOT_INODE
+from cachefs.fs import Filesystem
 from tests.mounting import apparent_size, as_user, cachefs, live_stats, mounted
 
 XATTR = "user.cachefs.cache"
@@ -440,3 +444,51 @@ def test_parallel_writers_into_a_small_cache(tmp_path: Path) -> None:
         figures = cache_figures(mnt, "/cache")
         assert figures["bytes"] <= budget and figures["evictions"] >= 44
         assert check_whole(cache, [f"f{i}" for i in range(48)], size)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "arc"])
+def test_a_batch_of_hits_is_the_hits_one_by_one(store: Store, policy: str) -> None:
+    """A server tells of a batch of hits at once (``opened_many``, runs of one
+    cache directory at a time): each cache's hit count and order of eviction
+    are those of the same hits told one by one."""
+    fs = Filesystem(store)
+    try:
+        twins: list[dict[str, tuple[int, dict[int, str]]]] = []
+        for twin in ("batched", "single"):
+            caches = {}
+            for name in ("a", "b"):
+                d = fs.create(ROOT_INODE, f"{twin}-{name}".encode(), stat.S_IFDIR | 0o755, 0, 0)
+                fs.caches.mark(d.ino, f"max_size=1000000 policy={policy}".encode())
+                files = {
+                    fs.create(d.ino, f"f{i}".encode(), stat.S_IFREG | 0o644, 0, 0).ino: f"f{i}"
+                    for i in range(5)
+                }
+                caches[name] = (d.ino, files)
+            outside = fs.create(ROOT_INODE, f"{twin}-x".encode(), stat.S_IFREG | 0o644, 0, 0)
+            twins.append(caches)
+            inos = {name: list(files) for name, (_, files) in caches.items()}
+            # Runs of one cache, of the other, of a file in none, and repeats.
+            order = [
+                *inos["a"][3:], inos["b"][0], outside.ino, inos["b"][0], inos["a"][1],
+                *inos["b"][2:4], inos["a"][1], outside.ino, inos["a"][0],
+            ]  # fmt: skip
+            hits = [(ino, 0) for ino in order]
+            if twin == "batched":
+                fs.caches.opened_many(hits)
+            else:
+                for ino, size in hits:
+                    fs.caches.opened(ino, size)
+
+        def books(caches: dict[str, tuple[int, dict[int, str]]]) -> dict[str, Any]:
+            out = {}
+            for name, (ino, files) in caches.items():
+                cache = fs.caches.dirs[ino]
+                victims = [files[v] for v in cache.policy.victims()]
+                out[name] = (cache.counters["hits"], victims)
+            return out
+
+        batched, single = (books(c) for c in twins)
+        assert batched == single
+        assert batched["a"][0] == 5 and batched["b"][0] == 4
+    finally:
+        fs.close()

@@ -546,3 +546,17 @@ def test_arc_rename_onto_a_recalled_name_goes_to_t2() -> None:
     other.admit(1, 10)
     other.renamed(1, "x")  # a no-op for the others
     assert list(other.victims()) == [1]
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@settings(max_examples=50, deadline=None)
+@given(keys=st.lists(st.sampled_from("abcdefz"), max_size=30))
+def test_hits_of_a_batch_are_each_hit(name: str, keys: list[str]) -> None:
+    """``hits`` (a server's batch) leaves a policy as ``hit`` of each key does,
+    resident or not ("z" never is)."""
+    one, batch = (apply(make_policy(name, 1000), admits("abcdef")) for _ in range(2))
+    for key in keys:
+        one.hit(key)
+    batch.hits(keys)
+    assert list(one.entries()) == list(batch.entries())
+    assert victims(one) == victims(batch)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import errno
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import trio
@@ -305,6 +305,25 @@ class CacheDirs(FsEvents):
         if cache is not None:
             cache.counters["hits"] += 1
             cache.policy.hit(ino)
+
+    def opened_many(self, files: Sequence[tuple[int, int]]) -> None:
+        # Runs of files of one cache directory (a server's batch is all one)
+        # are told to its policy at once.
+        member = self.members.get
+        run: list[int] = []
+        current: CacheDir | None = None
+        for ino, _ in files:
+            cache = member(ino)
+            if cache is not current:
+                if current is not None:
+                    current.counters["hits"] += len(run)
+                    current.policy.hits(run)
+                current, run = cache, []
+            if cache is not None:
+                run.append(ino)
+        if current is not None:
+            current.counters["hits"] += len(run)
+            current.policy.hits(run)
 
     def created(self, parent: int, name: bytes, inode: Inode) -> None:
         if inode.is_reg:

@@ -9,7 +9,7 @@ the trio thread, after the change they report was made.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from cachefs.engine import Inode
 
@@ -28,6 +28,11 @@ class FsEvents:
 
     def opened(self, ino: int, size: int) -> None:
         """An existing regular file was opened (not one just created)."""
+
+    def opened_many(self, files: Sequence[tuple[int, int]]) -> None:
+        """:meth:`opened` of each ``(ino, size)``, in order (a server's batch)."""
+        for ino, size in files:
+            self.opened(ino, size)
 
     def created(self, parent: int, name: bytes, inode: Inode) -> None:
         """A new inode (of any type) was made with entry ``name``."""

@@ -53,7 +53,7 @@ from __future__ import annotations
 import heapq
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar, TypeAlias
 
 #: A key of a resident file or of a ghost: any hashable value, opaque to the
@@ -128,6 +128,11 @@ class Policy(ABC):
     @abstractmethod
     def hit(self, key: Key) -> None:
         """A request (open) of the resident file ``key``."""
+
+    def hits(self, keys: Iterable[Key]) -> None:
+        """:meth:`hit` of each key, in order (a server's batch of lookups)."""
+        for key in keys:
+            self.hit(key)
 
     def miss(self, key: Key) -> None:  # noqa: B027 - a no-op unless a policy has ghosts
         """A request for ``key``, a ghost key, that is not resident (the
@@ -204,6 +209,13 @@ class LRU(Policy):
         if key in self._sizes:
             self._sizes.move_to_end(key)
             self._counts[key] += 1
+
+    def hits(self, keys: Iterable[Key]) -> None:
+        sizes, counts, to_end = self._sizes, self._counts, self._sizes.move_to_end
+        for key in keys:
+            if key in sizes:
+                to_end(key)
+                counts[key] += 1
 
     def resize(self, key: Key, size: int) -> None:
         _check_size(size)

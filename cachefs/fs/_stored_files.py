@@ -269,8 +269,7 @@ class StoredFiles:
     def hits(self, files: Sequence[tuple[int, int]]) -> None:
         """Stored files ``(ino, size)`` were used (cache hits)."""
         for listener in self.listeners:
-            for ino, size in files:
-                listener.opened(ino, size)
+            listener.opened_many(files)
 
     def miss(self, parent: int, name: bytes) -> None:
         """A file was asked for and is not there (a cache miss)."""

@@ -130,14 +130,15 @@ class RemoteCache:
         return parent, name, inode
 
     def _blob_files(
-        self, instance: str, digests: list[Digest]
+        self, instance: str, hashes: list[bytes]
     ) -> tuple[Parts, list[bytes], dict[bytes, int | None], list[_File | None]]:
-        """The blobs' files, all looked up in one read transaction and one call
-        to the namespace (batches of thousands): the instance's CAS directory,
-        each blob's name, the directories by the first two digits of a name
-        (None: missing), and the regular file at each name, if any."""
+        """The files of the blobs of these hashes, all looked up in one read
+        transaction and one call to the namespace (batches of thousands): the
+        instance's CAS directory, each blob's name, the directories by the
+        first two digits of a name (None: missing), and the regular file at
+        each name, if any."""
         top = (ROOT, instance_directory(instance), CAS)
-        names = [d.hash.hex().encode() for d in digests]
+        names = [h.hex().encode() for h in hashes]
         with self.stored.reading() as txn:
             parents = {
                 hh: self.stored.lookup_path((*top, hh), txn) for hh in {n[:2] for n in names}
@@ -147,7 +148,7 @@ class RemoteCache:
 
     def _find_blobs(self, instance: str, digests: list[Digest]) -> list[_Found]:
         """:meth:`_blob_files`, a :class:`_Found` for each blob."""
-        top, names, parents, files = self._blob_files(instance, digests)
+        top, names, parents, files = self._blob_files(instance, [d.hash for d in digests])
         return [
             _Found((*top, name[:2]), parents[name[:2]], name, file, digest)
             for digest, name, file in zip(digests, names, files, strict=True)
@@ -177,22 +178,24 @@ class RemoteCache:
     def contains(self, instance: str, digest: Digest) -> bool:
         return digest == self.empty or self._blob(instance, digest)[2] is not None
 
-    def find_missing(self, instance: str, digests: list[Digest], *, use: bool = False) -> list[int]:
-        """The indices in ``digests`` of the blobs the instance does not have
-        (all looked up in one read transaction, in one call to the namespace).
-        With ``use``, those it has count as used: their lives are extended
-        (the policy sees a hit), as the API asks for blobs a client was told
-        are there."""
-        files = self._blob_files(instance, digests)[3]
+    def find_missing(
+        self, instance: str, digests: list[tuple[bytes, int]], *, use: bool = False
+    ) -> list[int]:
+        """The indices in ``digests`` (``(hash, size)`` pairs) of the blobs the
+        instance does not have (all looked up in one read transaction, in one
+        call to the namespace).  With ``use``, those it has count as used:
+        their lives are extended (the policy sees a hit), as the API asks for
+        blobs a client was told are there."""
+        files = self._blob_files(instance, [h for h, _ in digests])[3]
         missing: list[int] = []
         used: list[tuple[int, int]] = []
         empty = self.empty.hash
         # The hottest loop of a cache server: no _Found, no calls.
-        for i, (digest, file) in enumerate(zip(digests, files, strict=True)):
-            if file is not None and file[1] == digest.size and file[2] == digest.hash:
+        for i, ((hash_, size), file) in enumerate(zip(digests, files, strict=True)):
+            if file is not None and file[1] == size and file[2] == hash_:
                 if use:
-                    used.append((file[0], file[1]))
-            elif digest.size or digest.hash != empty:  # the empty blob is always there
+                    used.append((file[0], size))
+            elif size or hash_ != empty:  # the empty blob is always there
                 missing.append(i)
         if used:
             self._soon(self.stored.hits, used)
@@ -245,7 +248,7 @@ class RemoteCache:
 
     def touch(self, instance: str, digests: list[Digest]) -> bool:
         """Whether every blob is there; those that are count as used."""
-        return not self.find_missing(instance, digests, use=True)
+        return not self.find_missing(instance, [(d.hash, d.size) for d in digests], use=True)
 
     def write_blob(self, instance: str, digest: Digest, source: Source) -> bool:
         """Store a blob whose content must have ``digest`` (DigestMismatchError

@@ -27,7 +27,7 @@ from cachefs.server._gen.build.bazel.remote.execution.v2 import (
 )
 from cachefs.server._gen.google.rpc import status_pb2
 from cachefs.server._grpc import MAX_BATCH, Service, rpc, status_of
-from cachefs.server._names import BadRequest
+from cachefs.server._names import BadRequest, parse_digests
 
 #: Directories of a GetTree page when the client sets no page size.
 TREE_PAGE = 1000
@@ -81,7 +81,9 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
         self, request: re_pb2.FindMissingBlobsRequest, context: grpc.ServicerContext
     ) -> re_pb2.FindMissingBlobsResponse:
         self.check_function(request.digest_function)
-        wanted = [self.digest(d) for d in request.blob_digests]
+        wanted = parse_digests(
+            ((d.hash, d.size_bytes) for d in request.blob_digests), self.function
+        )
         missing = self.cache.find_missing(request.instance_name, wanted, use=True)
         given = request.blob_digests
         return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[given[i] for i in missing])
@@ -201,7 +203,7 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
                 f"the chunks add up to {sum(c.size for c in chunks)} bytes, not {blob.size}"
             )
         if not self.cache.contains(instance, blob):
-            missing = self.cache.find_missing(instance, chunks)
+            missing = self.cache.find_missing(instance, [(c.hash, c.size) for c in chunks])
             if missing:
                 raise ObjectNotFoundError(
                     f"{len(missing)} of the chunks are not in the cache, e.g. {chunks[missing[0]]}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cachefs.engine import CachefsError, ConfigError, Digest, DigestFunction
@@ -53,6 +54,25 @@ def parse_digest(hash_hex: str, size: int, function: DigestFunction) -> Digest:
     if size < 0:
         raise BadRequest(f"a digest's size may not be negative: {size}")
     return Digest(raw, size)
+
+
+def parse_digests(
+    messages: Iterable[tuple[str, int]], function: DigestFunction
+) -> list[tuple[bytes, int]]:
+    """Many ``(hash_hex, size)`` of a request, each checked as :func:`parse_digest`
+    checks one, as ``(hash, size)`` pairs: a request of thousands of digests
+    (FindMissingBlobs) is not worth thousands of :class:`Digest` objects."""
+    out: list[tuple[bytes, int]] = []
+    fromhex = bytes.fromhex
+    for hash_hex, size in messages:
+        try:
+            raw = fromhex(hash_hex)
+        except ValueError:
+            raw = b""
+        if len(raw) != DIGEST_SIZE or raw.hex() != hash_hex or size < 0:
+            parse_digest(hash_hex, size, function)  # raises the one error
+        out.append((raw, size))
+    return out
 
 
 def parse_hash(text: str) -> bytes:
