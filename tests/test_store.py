@@ -49,7 +49,7 @@ from cachefs.format.segment import (
     segment_path,
     shard_of,
 )
-from tests.conftest import SMALL_CONFIG, compressible
+from tests.conftest import SMALL_CONFIG, compressible, flip_first_chunk
 
 MIN_CHUNK = SMALL_CONFIG.chunking.min_size
 MAX_CHUNK = SMALL_CONFIG.chunking.max_size
@@ -503,6 +503,33 @@ def test_reading_a_missing_object(store: Store) -> None:
     with pytest.raises(ObjectNotFoundError):
         store.read(Digest(digest.hash, digest.size + 1))  # right hash, wrong size
     assert not store.contains(Digest(digest.hash, digest.size + 1))
+
+
+def test_read_objects_of_a_batch(store: Store) -> None:
+    """``read_objects`` (a server's BatchReadBlobs): each object whole, or its
+    own error -- a missing one, a damaged one -- and the others still read."""
+    small, large = b"small object", os.urandom(300_000)  # one chunk; many
+    many = compressible(200_000, seed=3)
+    digests = [store.put(small), store.put(large), store.put(many), store.put(b"")]
+    pieces = {5: b"data", 70_000: b"more data"}
+    sparse = store.put_sparse(
+        80_000,
+        [(o, o + len(p)) for o, p in pieces.items()],
+        lambda start, stop: [pieces[start][: stop - start]],
+    )
+    holes = bytearray(80_000)
+    for offset, piece in pieces.items():
+        holes[offset : offset + len(piece)] = piece
+    missing = Digest(b"\1" * 32, 7)
+    got = store.read_objects([*digests, sparse, missing, digests[0]])
+    assert got[:4] == [small, large, many, b""]
+    assert got[4] == bytes(holes)
+    assert isinstance(got[5], ObjectNotFoundError)
+    assert got[6] == small
+    flip_first_chunk(store, digests[1])
+    got = store.read_objects(digests[:3])
+    assert got[0] == small and got[2] == many
+    assert isinstance(got[1], CorruptDataError)
 
 
 # --- references and counters ------------------------------------------------------------

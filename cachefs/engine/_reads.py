@@ -32,7 +32,7 @@ from cachefs.engine._health import Health
 from cachefs.engine._index import Index
 from cachefs.engine._segments import SegmentStore
 from cachefs.engine._workers import Workers
-from cachefs.errors import ConfigError, CorruptDataError, ObjectNotFoundError
+from cachefs.errors import CachefsError, ConfigError, CorruptDataError, ObjectNotFoundError
 from cachefs.format.codec import ChunkCodec
 from cachefs.format.digest import Digest, DigestFunction
 from cachefs.format.schema import HOLE_MARK, ChunkEntry, ObjectEntry, RecipePages
@@ -435,6 +435,46 @@ class ObjectReader:
             self._layout_entries = 0
             self._paging.clear()
             self._holes.clear()
+
+    def read_objects(self, digests: Sequence[Digest]) -> list[bytes | CachefsError]:
+        """Whole objects of a batch (a server's BatchReadBlobs: many small
+        ones, a few MiB in all): their recipes read in one snapshot, each
+        object's chunks in one call, nothing kept in the layout caches (a
+        batch would flush them).  For each, its verified bytes, or the error
+        that it cannot be read (ObjectNotFoundError; damage, recorded)."""
+        entries: list[ObjectEntry | CachefsError] = []
+        with self.index.read() as txn:
+            for digest in digests:
+                try:
+                    entries.append(self.object_entry(txn, digest))
+                except CachefsError as exc:
+                    entries.append(exc)
+        out: list[bytes | CachefsError] = []
+        for digest, entry in zip(digests, entries, strict=True):
+            try:
+                if isinstance(entry, CachefsError):
+                    raise entry
+                out.append(self._whole(digest, entry.chunks))
+            except CachefsError as exc:
+                out.append(exc)
+        return out
+
+    def _whole(self, digest: Digest, chunks: list[tuple[bytes, int]]) -> bytes:
+        stored = [chunk for chunk, _ in chunks if chunk != HOLE_MARK]
+        pieces = iter(self.chunks.read_chunks(stored) if stored else ())
+        parts: list[bytes | memoryview] = []
+        for chunk, size in chunks:
+            data = bytes(size) if chunk == HOLE_MARK else next(pieces)
+            if len(data) != size:
+                raise self.health.damaged(
+                    CorruptDataError(
+                        f"object {digest}: chunk {chunk.hex()} holds {len(data)} "
+                        f"bytes, its recipe says {size}",
+                        path=str(self.index.path),
+                    )
+                )
+            parts.append(data)
+        return b"".join(parts)
 
     def iter_object(
         self, digest: Digest, offset: int = 0, length: int | None = None

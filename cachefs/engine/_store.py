@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -630,6 +630,10 @@ class Store:
     def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> bytes:
         """An object's bytes (or a range of them) as one ``bytes``."""
         return b"".join(self.iter_object(digest, offset, length))
+
+    def read_objects(self, digests: Sequence[Digest]) -> list[bytes | CachefsError]:
+        """Whole objects of a batch: the bytes or the error of each (``ObjectReader``)."""
+        return self.reader.read_objects(digests)
 
     # --- maintenance, health, space, memory ------------------------------------------
 

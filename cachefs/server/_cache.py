@@ -223,20 +223,23 @@ class RemoteCache:
         out: list[bytes | CachefsError] = []
         hits: list[tuple[int, int]] = []
         misses: list[tuple[int, bytes]] = []
+        present: list[tuple[int, tuple[int, int]]] = []  # (index, file)
         for found in self._find_blobs(instance, digests):
             digest = found.digest
-            try:
-                if digest == self.empty:
-                    out.append(b"")
-                    continue
-                if not found.present:
-                    if found.parent is not None:
-                        misses.append((found.parent, found.name))
-                    raise ObjectNotFoundError(f"blob {digest} is not in the cache")
-                out.append(b"".join(self.store.iter_object(digest)))
-                hits.append(found.used)
-            except CachefsError as exc:
-                out.append(exc)
+            if digest == self.empty:
+                out.append(b"")
+            elif found.present:
+                present.append((len(out), found.used))
+                out.append(b"")  # read below, all together
+            else:
+                if found.parent is not None:
+                    misses.append((found.parent, found.name))
+                out.append(ObjectNotFoundError(f"blob {digest} is not in the cache"))
+        read = self.store.read_objects([digests[i] for i, _ in present])
+        for (i, used), data in zip(present, read, strict=True):
+            out[i] = data
+            if not isinstance(data, CachefsError):
+                hits.append(used)
         if hits or misses:
             self._soon(self._looked_up, hits, misses)
         return out

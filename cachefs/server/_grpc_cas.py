@@ -139,19 +139,23 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
             if re_pb2.Compressor.ZSTD in request.acceptable_compressors
             else None
         )
-        responses = []
         blobs = self.cache.read_blobs(request.instance_name, wanted)
+        # Each answer made in place (a list handed to the message's constructor
+        # would be copied whole: blobs and all).
+        out = re_pb2.BatchReadBlobsResponse()
+        add = out.responses.add
         for message, data in zip(request.digests, blobs, strict=True):
-            response = re_pb2.BatchReadBlobsResponse.Response(digest=message)
             if isinstance(data, CachefsError):
-                response.status.CopyFrom(status(data))
+                add(digest=message, status=status(data))
             elif compressor is not None:
-                response.data = compressor.compress(data)
-                response.compressor = re_pb2.Compressor.ZSTD
+                add(
+                    digest=message,
+                    data=compressor.compress(data),
+                    compressor=re_pb2.Compressor.ZSTD,
+                )
             else:
-                response.data = data
-            responses.append(response)
-        return re_pb2.BatchReadBlobsResponse(responses=responses)
+                add(digest=message, data=data)
+        return out
 
     @rpc
     def GetTree(
