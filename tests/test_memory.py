@@ -79,3 +79,33 @@ def test_pressure_readings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     files["/proc/meminfo"] = "MemTotal: 1000000 kB\nMemAvailable: 10000 kB\n"
     assert "available" in (memory.memory_pressure() or "")
     assert memory.resident_bytes() > 0  # this process, read for real
+
+
+def test_the_allocator_keeps_some_freed_memory_for_the_next_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The governor tunes glibc's allocator to its limit: requests under 8 MiB
+    from the heap, a sixteenth of the limit (at most 32 MiB) of freed heap
+    kept; a shrink gives it back."""
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    class FakeLibc:
+        def mallopt(self, *args: int) -> int:
+            calls.append(("mallopt", args))
+            return 1
+
+        def malloc_trim(self, *args: int) -> int:
+            calls.append(("malloc_trim", args))
+            return 1
+
+    monkeypatch.setattr(memory, "_libc", FakeLibc)
+    gov, _ = governor(monkeypatch, [0], [None])
+    assert calls == [("mallopt", (-3, 8 * MIB)), ("mallopt", (-1, 16 * MIB))]
+    calls.clear()
+    MemoryGovernor(FakeStore(), 4096 * MIB)  # type: ignore[arg-type]
+    assert calls == [("mallopt", (-3, 8 * MIB)), ("mallopt", (-1, 32 * MIB))]
+    calls.clear()
+    gov.shrink("a test")
+    assert calls == [("malloc_trim", (0,))]
+    monkeypatch.undo()
+    memory.tune_malloc(512 * MIB)  # the real glibc takes it

