@@ -9,12 +9,16 @@ ones: spot checks of the wire format against numbers from the specification.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from cachefs.server._gen.google.bytestream import bytestream_pb2 as bs_pb2
+from cachefs.server._grpc import bytes_message
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "cachefs" / "server" / "_gen"
@@ -92,3 +96,16 @@ def test_field_numbers_are_the_published_ones() -> None:
 def test_a_known_encoding() -> None:
     # Digest{hash: "ab", size_bytes: 300}: tag 1 (0x0a) len 2, tag 2 (0x10) varint 300.
     assert re_pb2.Digest(hash="ab", size_bytes=300).SerializeToString() == b"\n\x02ab\x10\xac\x02"
+
+
+@pytest.mark.parametrize("length", [0, 1, 127, 128, 300, 16_383, 16_384, 2_097_151, 2_097_152])
+def test_a_read_response_encoded_by_hand_is_the_message(length: int) -> None:
+    """ByteStream reads send ReadResponses encoded by hand (``bytes_message``):
+    protobuf parses them as the message, and encodes the message the same way,
+    at the lengths where the varint grows."""
+    data = os.urandom(length)
+    cut = length // 3
+    pieces: list[bytes | memoryview] = [data[:cut], memoryview(data)[cut:]]
+    wire = bytes_message(bs_pb2.ReadResponse.DATA_FIELD_NUMBER, pieces, length).wire
+    assert bs_pb2.ReadResponse.FromString(wire).data == data
+    assert wire == bs_pb2.ReadResponse(data=data).SerializeToString() or length == 0

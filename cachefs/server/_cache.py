@@ -478,18 +478,26 @@ def _outcome(store: Callable[..., object], *args: Any) -> CachefsError | None:
     return None
 
 
-def pieces(source: Iterator[bytes | memoryview], size: int) -> Iterator[bytes]:
-    """``source`` again, in pieces of about ``size`` bytes (fewer messages to send)."""
+def groups(
+    source: Iterator[bytes | memoryview], size: int
+) -> Iterator[tuple[list[bytes | memoryview], int]]:
+    """``source``'s pieces in groups of about ``size`` bytes, each with its length."""
     buffer: list[bytes | memoryview] = []
     held = 0
     for piece in source:
         buffer.append(piece)
         held += len(piece)
         if held >= size:
-            yield b"".join(buffer)
+            yield buffer, held
             buffer, held = [], 0
     if buffer:
-        yield b"".join(buffer)
+        yield buffer, held
+
+
+def pieces(source: Iterator[bytes | memoryview], size: int) -> Iterator[bytes]:
+    """``source`` again, in pieces of about ``size`` bytes (fewer messages to send)."""
+    for group, _ in groups(source, size):
+        yield b"".join(group)
 
 
 def unzstd(source: Iterator[bytes], decompressor: Any = None) -> Iterator[bytes]:

@@ -99,6 +99,39 @@ def _abort(context: grpc.ServicerContext, name: str, exc: BaseException) -> NoRe
     context.abort(code, f"internal error in {name}; see the server's log")
 
 
+class Encoded:
+    """A response already in its wire form: sent as it is.  Made by hand only
+    where a large payload would otherwise be copied into a message and out of
+    it again (ByteStream reads, :func:`bytes_message`)."""
+
+    __slots__ = ("wire",)
+
+    def __init__(self, wire: bytes) -> None:
+        self.wire = wire
+
+
+def bytes_message(field: int, pieces: list[bytes | memoryview], length: int) -> Encoded:
+    """The wire form of a message whose only field set is the bytes field
+    number ``field``, holding the pieces (``length`` bytes in all): its key,
+    its length as a varint, the bytes -- made with one copy of the bytes."""
+    head = bytearray([field << 3 | 2])  # wire type 2: length-delimited
+    while length > 0x7F:
+        head.append(length & 0x7F | 0x80)
+        length >>= 7
+    head.append(length)
+    return Encoded(b"".join([head, *pieces]))
+
+
+def _passing(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    if serializer is None:
+        return None
+
+    def serialize(message: Any) -> bytes:
+        return message.wire if type(message) is Encoded else serializer(message)
+
+    return serialize
+
+
 class Malformed:
     """A request message that does not parse (in place of the message)."""
 
@@ -133,7 +166,8 @@ else:
 class MalformedRequests(Interceptor):
     """Hand a request that does not parse to the method as :class:`Malformed`
     (refused with INVALID_ARGUMENT and a log line), not to grpcio, which would
-    answer INTERNAL ("Exception deserializing request!")."""
+    answer INTERNAL ("Exception deserializing request!"); send an
+    :class:`Encoded` response as it is."""
 
     def intercept_service(
         self,
@@ -144,7 +178,7 @@ class MalformedRequests(Interceptor):
         if handler is None:
             return None
         parse = _tolerant(handler.request_deserializer)
-        out = handler.response_serializer
+        out = _passing(handler.response_serializer)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
                 handler.stream_unary, request_deserializer=parse, response_serializer=out
