@@ -3,6 +3,8 @@
 One package per layer; each imports only the layers before it:
 
 1. ``cachefs.format``  every on-disk format, written down once (no I/O policy);
+   ``cachefs.protocol`` beside it: the wire formats (REAPI v2, ByteStream and
+   google.rpc messages, generated from our ``.proto`` files);
 2. ``cachefs.engine``  the storage engine, a library (no trio, no FUSE): the
    public API is ``cachefs.engine`` (``Store``, ``StoreOptions``, ``Digest``, ...);
 3. ``cachefs.aio``     the engine's trio facade;
@@ -15,8 +17,8 @@ One package per layer; each imports only the layers before it:
 
 ``cachefs.errors`` (the one error hierarchy) and ``cachefs.fsutil`` (durable
 file writes) are used by every layer.  Only ``fuse`` and ``daemon`` import
-pyfuse3, only ``server`` grpcio and hypercorn; ``tests/test_layers.py`` holds
-the tree to these rules.
+pyfuse3, only ``protocol`` and ``server`` grpcio, only ``server`` hypercorn;
+``tests/test_layers.py`` holds the tree to these rules.
 """
 
 __version__ = "0.1.0"

@@ -43,14 +43,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cachefs.engine import SHA256
-from cachefs.server._gen.build.bazel.remote.execution.v2 import (
-    remote_execution_pb2 as re_pb2,
-)
-from cachefs.server._gen.build.bazel.remote.execution.v2 import (
-    remote_execution_pb2_grpc as re_grpc,
-)
-from cachefs.server._gen.google.bytestream import bytestream_pb2 as bs_pb2
-from cachefs.server._gen.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from cachefs.protocol import bs_grpc, bs_pb2, re_grpc, re_pb2
 from tests import clients
 from tests.reapi import (
     Client,

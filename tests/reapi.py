@@ -38,12 +38,7 @@ import pytest
 from cachefs.daemon import mount_info
 from cachefs.engine import SHA256, DigestFunction
 from cachefs.format.header import read_header
-from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from cachefs.server._gen.build.bazel.remote.execution.v2 import (
-    remote_execution_pb2_grpc as re_grpc,
-)
-from cachefs.server._gen.google.bytestream import bytestream_pb2 as bs_pb2
-from cachefs.server._gen.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from cachefs.protocol import bs_grpc, bs_pb2, re_grpc, re_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHEFS = [sys.executable, "-m", "cachefs"]

@@ -22,6 +22,7 @@ LAYERS = {
     "cachefs.errors": 0,
     "cachefs.fsutil": 0,
     "cachefs.format": 1,
+    "cachefs.protocol": 1,
     "cachefs.engine": 2,
     "cachefs.aio": 3,
     "cachefs.fs": 4,
@@ -42,7 +43,7 @@ RESTRICTED = {
         "cachefs.daemon",
         "cachefs.cli",
     },
-    "grpc": {"cachefs.server"},
+    "grpc": {"cachefs.protocol", "cachefs.server"},
     "hypercorn": {"cachefs.server"},
 }
 MAX_CLASS_LINES = 500

@@ -1,6 +1,6 @@
 """The protocol's messages: our own ``.proto`` files, and the modules generated from them.
 
-The generated modules in ``cachefs/server/_gen`` are committed; they must be
+The generated modules in ``cachefs/protocol/_gen`` are committed; they must be
 exactly what ``scripts/gen_protos.py`` makes of the ``.proto`` files (so that
 nobody edits them by hand, and a changed ``.proto`` is regenerated).  The
 names and field numbers are the published REAPI v2 / ByteStream / google.rpc
@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from cachefs.server._gen.google.bytestream import bytestream_pb2 as bs_pb2
+from cachefs.protocol import bs_pb2, re_pb2
 from cachefs.server._grpc import bytes_message
 
 ROOT = Path(__file__).resolve().parent.parent
-GENERATED = ROOT / "cachefs" / "server" / "_gen"
+GENERATED = ROOT / "cachefs" / "protocol" / "_gen"
 
 
 def files(directory: Path) -> dict[str, bytes]:

@@ -22,8 +22,7 @@ import grpc
 import pytest
 import zstandard
 
-from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from cachefs.server._gen.google.bytestream import bytestream_pb2 as bs_pb2
+from cachefs.protocol import bs_pb2, re_pb2
 from tests.mounting import cachefs
 from tests.reapi import (
     CACHEFS_FEATURES,

@@ -28,8 +28,7 @@ import pytest
 from cachefs.daemon import mount_info
 from cachefs.engine import ROOT_INODE, SHA256, FsError, Namespace, Store
 from cachefs.format.header import HEADER_NAME
-from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from cachefs.server._gen.google.bytestream import bytestream_pb2 as bs_pb2
+from cachefs.protocol import bs_pb2, re_pb2
 from tests.mounting import cachefs, mounted
 from tests.reapi import Client, read_log, serving, start_serve, stop_serve
 from tests.test_mount_cli import assert_one_line_error, tree_bytes

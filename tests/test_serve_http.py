@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from cachefs.protocol import re_pb2
 from tests.mounting import cachefs
 from tests.reapi import Server, serving
 

@@ -10,8 +10,8 @@ import pytest
 from cachefs.engine._chunker import Chunker, reader_for
 from cachefs.format.digest import SHA256
 from cachefs.format.header import ChunkingParams
+from cachefs.protocol import re_pb2
 from cachefs.server._actions import blobs_of, check_result, complete
-from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from cachefs.server._names import BadRequest
 
 PARAMS = ChunkingParams(min_size=1024, avg_size=4096, max_size=16384)

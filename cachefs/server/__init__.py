@@ -5,9 +5,8 @@ remote cache.
 What clients store is kept as files of the store's namespace under the cache
 directory ``/remote-cache`` (``_cache.py``): eviction, budgets, hit and miss
 figures, the quota, fsck and ``ls`` are the filesystem's own.  The protocols
-are thin translations onto that cache: gRPC in ``_grpc*.py`` (grpcio, messages
-generated from the ``.proto`` files in ``protos/`` into ``_gen/`` by
-``scripts/gen_protos.py``), HTTP in ``_http.py`` (an ASGI app on hypercorn).
+are thin translations onto that cache: gRPC in ``_grpc*.py`` (grpcio, the messages of
+``cachefs.protocol``), HTTP in ``_http.py`` (an ASGI app on hypercorn).
 :func:`run_servers` runs them beside a :class:`~cachefs.fs.Filesystem` in the
 process that owns the store (``cachefs serve``, ``cachefs mount --grpc``).
 """

@@ -17,8 +17,8 @@ import posixpath
 from google.protobuf.message import DecodeError
 
 from cachefs.engine import CachefsError, Digest, DigestFunction
+from cachefs.protocol import re_pb2
 from cachefs.server._cache import RemoteCache
-from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from cachefs.server._names import BadRequest, parse_digest
 
 

@@ -33,8 +33,8 @@ from cachefs.engine import (
     NotFoundError,
     StoreFullError,
 )
+from cachefs.protocol import re_pb2
 from cachefs.server._cache import RemoteCache
-from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from cachefs.server._names import BadRequest, OutOfRange, parse_digest
 
 log = logging.getLogger(__name__)

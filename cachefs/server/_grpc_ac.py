@@ -14,11 +14,8 @@ from __future__ import annotations
 import grpc
 
 from cachefs.engine import Digest
+from cachefs.protocol import re_grpc, re_pb2
 from cachefs.server._actions import blobs_of, check_result, complete, parse_result
-from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from cachefs.server._gen.build.bazel.remote.execution.v2 import (
-    remote_execution_pb2_grpc as re_grpc,
-)
 from cachefs.server._grpc import RpcFailure, Service, rpc
 
 #: Inlined bytes of one answer at the most (stdout, stderr, output files).

@@ -20,9 +20,8 @@ from collections.abc import Iterator
 import grpc
 import zstandard
 
+from cachefs.protocol import bs_grpc, bs_pb2
 from cachefs.server._cache import RemoteCache, groups, pieces, unzstd
-from cachefs.server._gen.google.bytestream import bytestream_pb2 as bs_pb2
-from cachefs.server._gen.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from cachefs.server._grpc import Encoded, Malformed, RpcFailure, Service, bytes_message, rpc
 from cachefs.server._names import BadRequest, OutOfRange, Resource, parse_resource
 from cachefs.server._uploads import Upload, Uploads

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import grpc
 
-from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from cachefs.server._gen.build.bazel.remote.execution.v2 import (
-    remote_execution_pb2_grpc as re_grpc,
-)
-from cachefs.server._gen.build.bazel.semver import semver_pb2
+from cachefs.protocol import re_grpc, re_pb2, semver_pb2
 from cachefs.server._grpc import MAX_BATCH, Service, rpc
 from cachefs.server._grpc_cas import fast_cdc_2020
 

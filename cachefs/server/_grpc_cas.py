@@ -21,11 +21,7 @@ import zstandard
 from google.protobuf.message import DecodeError
 
 from cachefs.engine import CachefsError, ChunkingParams, Digest, ObjectNotFoundError
-from cachefs.server._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from cachefs.server._gen.build.bazel.remote.execution.v2 import (
-    remote_execution_pb2_grpc as re_grpc,
-)
-from cachefs.server._gen.google.rpc import status_pb2
+from cachefs.protocol import re_grpc, re_pb2, status_pb2
 from cachefs.server._grpc import MAX_BATCH, Service, rpc, status_of
 from cachefs.server._names import BadRequest, parse_digests
 
