@@ -16,16 +16,19 @@ import random
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import obstore
+from obstore.store import S3Store
 
 from tests.reapi import read_log, stop_group, unavailable, wait_until
 
 WEED = Path(sys.executable).parent / "weed"
 ACCESS_KEY, SECRET_KEY = "cachefs-test", "cachefs-test-secret"
+#: The bucket the tests use (made by the first write: SeaweedFS makes buckets on demand).
+BUCKET = "cachefs"
 
 
 @dataclass
@@ -36,7 +39,7 @@ class Seaweed:
     process: subprocess.Popen[bytes]
     log: Path
 
-    def url(self, bucket: str, prefix: str = "") -> str:
+    def url(self, bucket: str = BUCKET, prefix: str = "") -> str:
         """An ``s3://`` remote URL of a bucket here."""
         path = f"/{prefix}" if prefix else ""
         return f"s3://{bucket}{path}?endpoint={self.s3}"
@@ -55,7 +58,7 @@ def port_pairs(count: int) -> list[int]:
     """``count`` ports ``p`` whose ``p + 10000`` is free too."""
     out: list[int] = []
     while len(out) < count:
-        port = random.randrange(20000, 30000)
+        port = random.randrange(20000, 22700)  # + 10000: below the ephemeral ports (32768)
         if port not in out and _free(port) and _free(port + 10000):
             out.append(port)
     return out
@@ -85,7 +88,7 @@ def seaweed(directory: Path) -> Iterator[Seaweed]:
         str(WEED), "server", f"-dir={directory / 'data'}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", "-master.volumeSizeLimitMB=64",
-        f"-volume.port={volume}", "-volume.max=20",
+        f"-volume.port={volume}", "-volume.max=30",
         "-filer", f"-filer.port={filer}",
         "-s3", f"-s3.port={s3}", f"-s3.config={directory / 's3.json'}",
         "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed ports otherwise: not wanted
@@ -97,21 +100,24 @@ def seaweed(directory: Path) -> Iterator[Seaweed]:
     endpoint = f"http://127.0.0.1:{s3}"
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     try:
-
-        def ready() -> bool:
-            try:
-                urllib.request.urlopen(endpoint, timeout=2)
-            except urllib.error.HTTPError:
-                return True  # it answers (403: no credentials): it is up
-            except OSError:
-                return False
-            return True
-
-        wait_until(ready, "SeaweedFS", process, log)
         os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = (
             ACCESS_KEY,
             SECRET_KEY,
         )
+        probe = S3Store(
+            BUCKET, endpoint=endpoint, region="us-east-1", virtual_hosted_style_request=False,
+            client_options={"allow_http": True, "timeout": "5s"}, retry_config={"max_retries": 0},
+        )  # fmt: skip
+
+        def ready() -> bool:
+            """A write lands (the gateway answers and a volume takes it)."""
+            try:
+                obstore.put(probe, "probe", b"ready")
+            except (obstore.exceptions.BaseError, OSError, ValueError):  # not up yet
+                return False
+            return True
+
+        wait_until(ready, "SeaweedFS", process, log)
         yield Seaweed(endpoint, process, log)
     finally:
         for key, value in saved.items():

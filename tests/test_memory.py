@@ -107,5 +107,3 @@ def test_the_allocator_keeps_some_freed_memory_for_the_next_request(
     calls.clear()
     gov.shrink("a test")
     assert calls == [("malloc_trim", (0,))]
-    monkeypatch.undo()
-    memory.tune_malloc(512 * MIB)  # the real glibc takes it

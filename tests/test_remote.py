@@ -49,6 +49,8 @@ def blob(data: bytes, function: DigestFunction = SHA256) -> tuple[Digest, bytes]
             ("s3", "http://127.0.0.1:8333", "bucket", "a/b/", ""),
         ),
         ("s3://bucket", ("s3", "", "bucket", "", "")),
+        ("https://h/p", ("http", "https://h:443", "", "p/", "")),
+        ("s3://b?endpoint=https://s3.example/", ("s3", "https://s3.example:443", "b", "", "")),
     ],
 )
 def test_remote_urls(text: str, fields: tuple[str, str, str, str, str]) -> None:
@@ -71,6 +73,12 @@ def test_remote_urls(text: str, fields: tuple[str, str, str, str, str]) -> None:
         ("s3:///prefix", "no bucket"),
         ("s3://b?endpoint=ftp://x", "not an http(s) URL"),
         ("s3://b?acl=private", "unknown parameter 'acl'"),
+        ("grpc://h:0", "port"),
+        ("grpc://h:", "port"),
+        ("http://h/a%3Fb", "escaping"),
+        ("http://[::1", "is not a URL"),
+        ("s3://b?endpoint=http://h:99999", "port"),
+        ("s3://b?endpoint=http://[::1", "is not a URL"),
     ],
 )
 def test_bad_remote_urls_say_what_is_wrong(text: str, why: str) -> None:
@@ -107,6 +115,11 @@ def exercise(remote: Remote, function: DigestFunction = SHA256) -> None:
     with pytest.raises(ObjectNotFoundError, match="not in"):
         remote.read(missing)
     remote.write(*blobs[0])  # again: harmless
+
+
+def test_http_remotes_are_sha256_only() -> None:
+    with pytest.raises(ConfigError, match="SHA-256"):
+        open_remote("http://127.0.0.1:1", BLAKE3)
 
 
 @pytest.mark.parametrize("function", [SHA256, BLAKE3], ids=["sha256", "blake3"])
@@ -154,7 +167,7 @@ def test_an_s3_bucket_is_a_remote(tmp_path: Path) -> None:
                 obstore.put(remote.store, f"cas/{digest.hex}", wrong)
                 with pytest.raises(RemoteError, match="answered"):
                     remote.read(digest)
-            assert remote.find_missing([digest]) == ([digest] if len(wrong) != 5000 else [])
+            assert remote.find_missing([digest]) == [digest]  # its length is not the blob's
         finally:
             remote.close()
 
@@ -214,24 +227,33 @@ def test_a_breaker_opens_after_failures_and_backs_off() -> None:
     now = [100.0]
     breaker = Breaker(lambda: now[0])
     for _ in range(FAILURES - 1):
+        assert breaker.admit()
         assert not breaker.failed("boom")
     assert not breaker.open
     assert breaker.failed("connection refused")
     assert breaker.open and breaker.reason == "connection refused"
+    assert not breaker.admit()
+    assert breaker.failed("late failure of a request sent before")  # changes nothing
+    assert breaker.backoff == BACKOFF
     now[0] += BACKOFF + 0.01
-    assert not breaker.open  # one retry goes through
+    assert not breaker.open
+    assert breaker.admit()  # one retry goes through ...
+    assert not breaker.admit()  # ... and only one
+    assert breaker.open
     assert breaker.failed("still refused")
     assert breaker.open and breaker.backoff == 2 * BACKOFF
     now[0] += 2 * BACKOFF + 0.01
+    assert breaker.admit()
     breaker.succeeded()
     assert not breaker.open and breaker.failures == 0 and breaker.reason == ""
+    assert breaker.admit() and breaker.admit()
 
 
 class Memory:
     """A remote in memory that can be made to fail."""
 
     def __init__(self, name: str) -> None:
-        self.name = name
+        self.name = self.key = name
         self.blobs: dict[Digest, bytes] = {}
         self.down = False
         self.calls = 0
@@ -261,7 +283,8 @@ class Memory:
 
 def test_a_group_keeps_replicas_and_reads_past_a_dead_endpoint() -> None:
     members = [Memory(f"m{i}") for i in range(3)]
-    group = ShardGroup([(m, 1.0) for m in members], replicas=2)
+    now = [0.0]
+    group = ShardGroup([(m, 1.0) for m in members], replicas=2, clock=lambda: now[0])
     blobs = [blob(os.urandom(64)) for _ in range(300)]
     for digest, data in blobs:
         group.write(digest, data)
@@ -275,7 +298,7 @@ def test_a_group_keeps_replicas_and_reads_past_a_dead_endpoint() -> None:
     calls = members[0].calls
     assert all(group.read(d) for d, _ in blobs)
     assert members[0].calls == calls  # its breaker is open: not asked
-    assert members[0] in [m.remote for m in group.members if m.breaker.open]
+    assert [m.remote.name for m in group.members if m.breaker.open] == ["m0"]
     # New blobs still get two copies, on the endpoints that are up.
     digest, data = blob(b"written while m0 is down")
     group.write(digest, data)
@@ -283,9 +306,17 @@ def test_a_group_keeps_replicas_and_reads_past_a_dead_endpoint() -> None:
     # Blobs whose replica is down are missing (a push will complete them).
     on_m0 = [d for d, _ in blobs if d in members[0].blobs]
     assert set(group.find_missing([d for d, _ in blobs])) == set(on_m0)
+    # A blob that only the skipped endpoint has is a failure, not a miss.
+    only_m0 = blob(b"only on m0")
+    members[0].blobs[only_m0[0]] = only_m0[1]
+    with pytest.raises(RemoteError, match="m0 is skipped"):
+        group.read(only_m0[0])
+    now[0] += 100  # the back-off is over and m0 is back: read again
+    members[0].down = False
+    assert group.read(only_m0[0]) == only_m0[1]
     members[1].down = members[2].down = True
-    with pytest.raises(RemoteError, match="0 of 2 copies"):
-        group.write(*blob(b"nowhere to go"))
+    with pytest.raises(RemoteError, match="1 of 2 copies"):
+        group.write(*blob(b"one place to go"))
 
 
 def test_a_blob_placed_before_an_endpoint_was_added_is_still_read() -> None:
@@ -307,18 +338,23 @@ def test_a_group_of_cachefs_serves_with_a_dead_endpoint(tmp_path: Path) -> None:
     try:
         remotes = [open_remote(f"grpc://{s.grpc}", SHA256, timeout=5) for s in servers]
         group = ShardGroup([(r, 1.0) for r in remotes], replicas=2)
-        blobs = [blob(os.urandom(2000)) for _ in range(60)]
-        for digest, data in blobs:
-            group.write(digest, data)
-        stop_serve(servers[1])
-        assert [group.read(d) for d, _ in blobs] == [data for _, data in blobs]
-        group.close()
+        try:
+            blobs = [blob(os.urandom(2000)) for _ in range(60)]
+            for digest, data in blobs:
+                group.write(digest, data)
+            stop_serve(servers[1])
+            assert [group.read(d) for d, _ in blobs] == [data for _, data in blobs]
+            assert group.members[1].breaker.open
+        finally:
+            group.close()
     finally:
         for server in servers:
             stop_serve(server)
 
 
 def test_group_configuration_errors() -> None:
+    with pytest.raises(ConfigError, match="twice"):
+        ShardGroup([(Memory("a"), 1.0), (Memory("a"), 2.0)])
     with pytest.raises(ConfigError, match="at least one"):
         ShardGroup([])
     with pytest.raises(ConfigError, match="cannot keep 3 replicas"):

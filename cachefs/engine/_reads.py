@@ -461,20 +461,25 @@ class ObjectReader:
 
     def _whole(self, digest: Digest, chunks: list[tuple[bytes, int]]) -> bytes:
         stored = [chunk for chunk, _ in chunks if chunk != HOLE_MARK]
-        pieces = iter(self.chunks.read_chunks(stored) if stored else ())
-        parts: list[bytes | memoryview] = []
-        for chunk, size in chunks:
-            data = bytes(size) if chunk == HOLE_MARK else next(pieces)
-            if len(data) != size:
-                raise self.health.damaged(
-                    CorruptDataError(
-                        f"object {digest}: chunk {chunk.hex()} holds {len(data)} "
-                        f"bytes, its recipe says {size}",
-                        path=str(self.index.path),
+        pieces = self.chunks.read_chunks(stored) if stored else iter(())
+        try:
+            parts: list[bytes | memoryview] = []
+            for chunk, size in chunks:
+                data = bytes(size) if chunk == HOLE_MARK else next(pieces)
+                if len(data) != size:
+                    raise self.health.damaged(
+                        CorruptDataError(
+                            f"object {digest}: chunk {chunk.hex()} holds {len(data)} "
+                            f"bytes, its recipe says {size}",
+                            path=str(self.index.path),
+                        )
                     )
-                )
-            parts.append(data)
-        return b"".join(parts)
+                parts.append(data)
+            return b"".join(parts)
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
 
     def iter_object(
         self, digest: Digest, offset: int = 0, length: int | None = None

@@ -17,7 +17,8 @@ above it.
 
 from __future__ import annotations
 
-from cachefs.format.digest import DigestFunction
+from cachefs.errors import ConfigError
+from cachefs.format.digest import SHA256, DigestFunction
 from cachefs.remote._blobs import Remote, verified
 from cachefs.remote._objects import ObjectRemote
 from cachefs.remote._reapi import ReapiRemote
@@ -32,6 +33,11 @@ def open_remote(text: str, function: DigestFunction, timeout: float = DEFAULT_TI
     """The remote a URL names (ConfigError if it names none), for blobs of
     ``function``, each request bounded by ``timeout`` seconds."""
     url = parse_remote(text)
+    if url.kind == "http" and function != SHA256:
+        raise ConfigError(
+            f"remote {text}: the Bazel HTTP cache protocol names blobs by SHA-256 hashes",
+            hint=f"a {function.name} store can use s3:// and grpc:// remotes",
+        )
     if url.kind == "grpc":
         return ReapiRemote(url, function, timeout)
     return ObjectRemote(url, function, timeout)

@@ -21,6 +21,8 @@ class Remote(Protocol):
 
     #: How logs and figures name it (its URL, or the group's name).
     name: str
+    #: What it is, whatever the spelling of its URL (placement hashes it).
+    key: str
 
     def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         """The digests of ``digests`` whose blobs the remote does not have."""

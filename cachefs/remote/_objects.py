@@ -79,8 +79,12 @@ class ObjectRemote:
 
     def __init__(self, url: RemoteUrl, function: DigestFunction, timeout: float = 30.0) -> None:
         self.name = url.text
+        self.key = f"{url.kind}:{url.address}/{url.bucket}/{url.prefix}"
         self.function = function
-        self.store = _s3_store(url, timeout) if url.kind == "s3" else _http_store(url, timeout)
+        try:
+            self.store = _s3_store(url, timeout) if url.kind == "s3" else _http_store(url, timeout)
+        except (BaseError, ValueError) as exc:
+            raise ConfigError(f"remote {url.text}: {exc}") from None
         self._pool = ThreadPoolExecutor(_PARALLEL, thread_name_prefix="cachefs-remote")
 
     def _failed(self, what: str, exc: BaseException) -> RemoteError:
@@ -95,12 +99,15 @@ class ObjectRemote:
             meta = obstore.head(self.store, self._key(digest))
         except (NotFoundError, FileNotFoundError):
             return False
-        except (BaseError, OSError) as exc:
+        except (BaseError, OSError, ValueError, RuntimeError) as exc:
             raise self._failed(f"asking for blob {digest}", exc) from None
         return bool(meta["size"] == digest.size)
 
     def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
-        present = list(self._pool.map(self._present, digests))
+        try:
+            present = list(self._pool.map(self._present, digests))
+        except RuntimeError as exc:  # the pool is shut down: closed
+            raise self._failed("asking for blobs", exc) from None
         return [d for d, there in zip(digests, present, strict=True) if not there]
 
     def read(self, digest: Digest) -> bytes:
@@ -108,14 +115,14 @@ class ObjectRemote:
             data = bytes(obstore.get(self.store, self._key(digest)).bytes())
         except (NotFoundError, FileNotFoundError):
             raise ObjectNotFoundError(f"blob {digest} is not in {self.name}") from None
-        except (BaseError, OSError) as exc:
+        except (BaseError, OSError, ValueError, RuntimeError) as exc:
             raise self._failed(f"reading blob {digest}", exc) from None
         return verified(self.name, self.function, digest, data)
 
     def write(self, digest: Digest, data: bytes) -> None:
         try:
             obstore.put(self.store, self._key(digest), data)
-        except (BaseError, OSError) as exc:
+        except (BaseError, OSError, ValueError, RuntimeError) as exc:
             raise self._failed(f"writing blob {digest}", exc) from None
 
     def close(self) -> None:

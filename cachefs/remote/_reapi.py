@@ -28,6 +28,8 @@ BATCH_BLOB = 1 << 20
 PIECE = 1 << 20
 #: Digests of one FindMissingBlobs call.
 FIND_BATCH = 10_000
+#: The slowest transfer a stream's deadline allows for (bytes per second).
+MIN_RATE = 1 << 20
 #: The largest message taken from a server.
 MAX_MESSAGE = 64 << 20
 
@@ -37,6 +39,7 @@ class ReapiRemote:
 
     def __init__(self, url: RemoteUrl, function: DigestFunction, timeout: float = 30.0) -> None:
         self.name = url.text
+        self.key = f"grpc:{url.address}/{url.instance}"
         self.function = function
         self.instance = url.instance
         self.timeout = timeout
@@ -53,7 +56,7 @@ class ReapiRemote:
         )
         self._path = "blake3/" if function == BLAKE3 else ""
 
-    def _failed(self, what: str, exc: grpc.RpcError) -> RemoteError:
+    def _failed(self, what: str, exc: grpc.RpcError | ValueError) -> RemoteError:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         return RemoteError(f"{self.name}: {what}: {code.name if code else 'error'}: {detail}")
@@ -61,6 +64,10 @@ class ReapiRemote:
     @staticmethod
     def _message(digest: Digest) -> re_pb2.Digest:
         return re_pb2.Digest(hash=digest.hex, size_bytes=digest.size)
+
+    def _deadline(self, digest: Digest) -> float:
+        """A stream's deadline: the timeout, and a second for each ``MIN_RATE`` bytes."""
+        return self.timeout + digest.size / MIN_RATE
 
     def _resource(self, digest: Digest, *, upload: bool) -> str:
         head = f"{self.instance}/" if self.instance else ""
@@ -79,9 +86,9 @@ class ReapiRemote:
             )
             try:
                 response = self.cas.FindMissingBlobs(request, timeout=self.timeout)
-            except grpc.RpcError as exc:
+            except (grpc.RpcError, ValueError) as exc:  # ValueError: a closed channel
                 raise self._failed("asking for blobs", exc) from None
-            gone = {(d.hash, d.size_bytes) for d in response.missing_blob_digests}
+            gone = {(d.hash.lower(), d.size_bytes) for d in response.missing_blob_digests}
             missing.extend(d for d in batch if (d.hex, d.size) in gone)
         return missing
 
@@ -90,7 +97,7 @@ class ReapiRemote:
             data = (
                 self._read_batch(digest) if digest.size <= BATCH_BLOB else self._read_stream(digest)
             )
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, ValueError) as exc:
             if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise ObjectNotFoundError(f"blob {digest} is not in {self.name}") from None
             raise self._failed(f"reading blob {digest}", exc) from None
@@ -117,7 +124,7 @@ class ReapiRemote:
     def _read_stream(self, digest: Digest) -> bytes:
         request = bs_pb2.ReadRequest(resource_name=self._resource(digest, upload=False))
         pieces, held = [], 0
-        for response in self.bytestream.Read(request, timeout=self.timeout):
+        for response in self.bytestream.Read(request, timeout=self._deadline(digest)):
             pieces.append(response.data)
             held += len(response.data)
             if held > digest.size:
@@ -130,7 +137,7 @@ class ReapiRemote:
                 self._write_batch(digest, data)
             else:
                 self._write_stream(digest, data)
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, ValueError) as exc:
             raise self._failed(f"writing blob {digest}", exc) from None
 
     def _write_batch(self, digest: Digest, data: bytes) -> None:
@@ -161,7 +168,7 @@ class ReapiRemote:
                     finish_write=start + len(piece) >= len(data),
                 )
 
-        response = self.bytestream.Write(requests(), timeout=self.timeout)
+        response = self.bytestream.Write(requests(), timeout=self._deadline(digest))
         # -1 (or any size) for a blob the server had already; the size otherwise.
         if response.committed_size not in (-1, digest.size):
             raise RemoteError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,17 +42,20 @@ FAILURES = 3
 BACKOFF = 1.0
 MAX_BACKOFF = 60.0
 
-_SCALE = 1.0 / 2.0**64
+_SCALE = 2.0**-53
 
 
 def score(seed: int, digest: bytes, weight: float) -> float:
     """An endpoint's rendezvous score for a blob (higher: placed there first)."""
-    u = (xxhash.xxh3_64_intdigest(digest, seed) + 0.5) * _SCALE  # in (0, 1)
+    # 53 bits, as many as a float holds: u is in (0, 1), never 1.0 (log 0).
+    u = ((xxhash.xxh3_64_intdigest(digest, seed) >> 11) + 0.5) * _SCALE
     return -weight / math.log(u)
 
 
 def endpoint_seed(name: str) -> int:
-    """The hash seed that stands for an endpoint (from its name: stable across runs)."""
+    """The hash seed that stands for an endpoint (from its identity -- the
+    remote's ``key``: address and instance or prefix, so that two spellings
+    of one URL place blobs alike -- stable across runs)."""
     return xxhash.xxh3_64_intdigest(name.encode())
 
 
@@ -61,35 +65,56 @@ def placement(digest: bytes, seeds: Sequence[int], weights: Sequence[float]) -> 
     return sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
 
 
-@dataclass
 class Breaker:
-    """Whether an endpoint is worth a request now."""
+    """Whether an endpoint is worth a request now; shared by threads."""
 
-    clock: Callable[[], float] = time.monotonic
-    failures: int = 0
-    backoff: float = BACKOFF
-    #: When an open breaker lets the next request through (0: closed).
-    retry_at: float = 0.0
-    #: Why it opened (the last error), for stats and logs.
-    reason: str = ""
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.failures = 0
+        self.backoff = BACKOFF
+        #: When an open breaker lets one request through (0: closed).
+        self.retry_at = 0.0
+        #: Why it opened (the last error), for stats and logs.
+        self.reason = ""
+        self._trying = False
+        self._lock = threading.Lock()
 
     @property
     def open(self) -> bool:
-        return self.retry_at > 0.0 and self.clock() < self.retry_at
+        """Whether it is open now (a look: :meth:`admit` asks for a request)."""
+        with self._lock:
+            return self.retry_at > 0.0 and (self._trying or self.clock() < self.retry_at)
+
+    def admit(self) -> bool:
+        """Whether a request may go: always when closed; when open, only the
+        one retry after the back-off (the others wait for its outcome)."""
+        with self._lock:
+            if self.retry_at == 0.0:
+                return True
+            if self._trying or self.clock() < self.retry_at:
+                return False
+            self._trying = True
+            return True
 
     def succeeded(self) -> None:
-        self.failures, self.backoff, self.retry_at, self.reason = 0, BACKOFF, 0.0, ""
+        with self._lock:
+            self.failures, self.backoff, self.retry_at, self.reason = 0, BACKOFF, 0.0, ""
+            self._trying = False
 
     def failed(self, reason: str) -> bool:
         """Count a failure; True if the breaker opened (or stays open) for it."""
-        self.failures += 1
-        self.reason = reason
-        if self.failures < FAILURES:
-            return False
-        if self.retry_at > 0.0:  # a retry failed: wait longer
-            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
-        self.retry_at = self.clock() + self.backoff
-        return True
+        with self._lock:
+            self.failures += 1
+            self.reason = reason
+            if self.failures < FAILURES and self.retry_at == 0.0:
+                return False
+            if self._trying:  # the retry failed: wait longer
+                self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+            elif self.retry_at > 0.0:
+                return True  # a request from before it opened: nothing new
+            self._trying = False
+            self.retry_at = self.clock() + self.backoff
+            return True
 
 
 @dataclass
@@ -118,12 +143,17 @@ class ShardGroup:
             )
         if any(not (weight > 0 and math.isfinite(weight)) for _, weight in remotes):
             raise ConfigError("a shard group's weights must be positive numbers")
+        keys = [remote.key for remote, _ in remotes]
+        if len(set(keys)) != len(keys):
+            twice = next(k for k in keys if keys.count(k) > 1)
+            raise ConfigError(f"a shard group names endpoint {twice} twice")
         self.members = [
-            Member(remote, weight, endpoint_seed(remote.name), Breaker(clock))
+            Member(remote, weight, endpoint_seed(remote.key), Breaker(clock))
             for remote, weight in remotes
         ]
         self.replicas = replicas
         self.name = "group(" + ", ".join(m.remote.name for m in self.members) + ")"
+        self.key = "group(" + ",".join(sorted(keys)) + f")x{replicas}"
         self._seeds = [m.seed for m in self.members]
         self._weights = [m.weight for m in self.members]
 
@@ -147,7 +177,7 @@ class ShardGroup:
             wanted = asked.get(id(member), [])
             if not wanted:
                 continue
-            if member.breaker.open:
+            if not member.breaker.admit():
                 missing.update(wanted)
                 continue
             try:
@@ -160,9 +190,13 @@ class ShardGroup:
         return [d for d in digests if d in missing]
 
     def read(self, digest: Digest) -> bytes:
+        """The blob from the first endpoint in its order that has it; a miss
+        (ObjectNotFoundError) only if every endpoint was asked and said so."""
         failure: RemoteError | None = None
+        skipped: list[str] = []
         for member in self.order(digest):
-            if member.breaker.open:
+            if not member.breaker.admit():
+                skipped.append(member.remote.name)
                 continue
             try:
                 data = member.remote.read(digest)
@@ -177,6 +211,11 @@ class ShardGroup:
             return data
         if failure is not None:
             raise RemoteError(f"{self.name}: no endpoint could serve blob {digest}: {failure}")
+        if skipped:
+            raise RemoteError(
+                f"{self.name}: blob {digest} is on none of the endpoints asked, and "
+                f"{', '.join(skipped)} {'is' if len(skipped) == 1 else 'are'} skipped (failing)"
+            )
         raise ObjectNotFoundError(f"blob {digest} is not in {self.name}")
 
     def write(self, digest: Digest, data: bytes) -> None:
@@ -184,7 +223,7 @@ class ShardGroup:
         for member in self.order(digest):
             if written == self.replicas:
                 return
-            if member.breaker.open:
+            if not member.breaker.admit():
                 continue
             try:
                 member.remote.write(digest, data)

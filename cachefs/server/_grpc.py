@@ -114,6 +114,7 @@ def bytes_message(field: int, pieces: list[bytes | memoryview], length: int) -> 
     """The wire form of a message whose only field set is the bytes field
     number ``field``, holding the pieces (``length`` bytes in all): its key,
     its length as a varint, the bytes -- made with one copy of the bytes."""
+    assert 1 <= field <= 15, "a one-byte key: field numbers 1 to 15"
     head = bytearray([field << 3 | 2])  # wire type 2: length-delimited
     while length > 0x7F:
         head.append(length & 0x7F | 0x80)
