@@ -77,6 +77,22 @@ def test_a_damaged_object_entry_is_an_error_then_repaired(store_path: Path) -> N
         assert store.put(compressible(60_000, 2)) == damaged  # stored again
 
 
+def test_get_many_is_get_of_each_and_checks_every_seal(store_path: Path) -> None:
+    """``Table.get_many`` (a server's batch of lookups) answers what ``get``
+    does for each key, present or not, and a damaged entry is an error."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digests = [store.put(compressible(20_000, seed)) for seed in range(5)]
+    damage_entry(store_path, b"objects", digests[2].hash)
+    with Store.open(store_path) as store:
+        table = store.index.objects
+        keys = [d.hash for d in digests if d != digests[2]] + [b"\1" * 32]
+        with store.index.read() as txn:
+            assert table.get_many(txn, keys) == [table.get(txn, k) for k in keys]
+            assert table.get_many(txn, keys)[-1] is None
+            with pytest.raises(IndexCorruptError, match=f"objects/{digests[2].hash.hex()}"):
+                table.get_many(txn, [digests[0].hash, digests[2].hash])
+
+
 def test_a_damaged_segment_entry_is_rebuilt_from_its_file(store_path: Path) -> None:
     data = [compressible(40_000, seed) for seed in range(6)]
     with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:

@@ -113,19 +113,18 @@ class StoredFiles:
         size, content)``, or None: many lookups at the cost of few Python calls
         (a server asked about thousands of blobs at once reads the namespace's
         records itself, ``format/schema.py``)."""
-        dirent, inode = self.namespace.dirents.get, self.namespace.inodes.get
         key, value, unpack = INO_KEY.pack, INO_VALUE.unpack, INODE.unpack_from
+        dirents = self.namespace.dirents.get_many(txn, [key(p) + name for p, name in entries])
+        inos = [None if raw is None else value(raw)[0] for raw in dirents]
+        inodes = iter(self.namespace.inodes.get_many(txn, [key(i) for i in inos if i is not None]))
         out: list[tuple[int, int, bytes] | None] = []
-        for parent, name in entries:
-            raw = dirent(txn, key(parent) + name)
+        for ino in inos:
             found = None
-            if raw is not None:
-                ino = value(raw)[0]
-                raw = inode(txn, key(ino))
-                if raw is not None:
-                    mode, _, _, _, size, _, _, _, _, content = unpack(raw)
-                    if stat.S_ISREG(mode):
-                        found = (ino, size, content)
+            raw = None if ino is None else next(inodes)
+            if ino is not None and raw is not None:
+                mode, _, _, _, size, _, _, _, _, content = unpack(raw)
+                if stat.S_ISREG(mode):
+                    found = (ino, size, content)
             out.append(found)
         return out
 
