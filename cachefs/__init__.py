@@ -8,6 +8,8 @@ One package per layer; each imports only the layers before it:
 2. ``cachefs.engine``  the storage engine, a library (no trio, no FUSE): the
    public API is ``cachefs.engine`` (``Store``, ``StoreOptions``, ``Digest``, ...);
 3. ``cachefs.aio``     the engine's trio facade;
+   ``cachefs.remote``  beside it: remote tiers (S3, Bazel HTTP caches, REAPI
+   servers, shard groups), blobs by digest, every answer verified;
 4. ``cachefs.fs``      filesystem semantics over the engine (trio, no pyfuse3);
 5. ``cachefs.fuse``    the pyfuse3 adapter: translation only;
    ``cachefs.server``  beside it: the store served over REAPI v2 (gRPC) and the
@@ -17,7 +19,8 @@ One package per layer; each imports only the layers before it:
 
 ``cachefs.errors`` (the one error hierarchy) and ``cachefs.fsutil`` (durable
 file writes) are used by every layer.  Only ``fuse`` and ``daemon`` import
-pyfuse3, only ``protocol`` and ``server`` grpcio, only ``server`` hypercorn;
+pyfuse3, only ``protocol``, ``remote`` and ``server`` grpcio, only ``server``
+hypercorn, only ``remote`` obstore;
 ``tests/test_layers.py`` holds the tree to these rules.
 """
 
