@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import struct
+import threading
 from pathlib import Path
 
 import lmdb
@@ -327,6 +328,35 @@ def test_a_growing_segment_starts_its_writeback_as_it_goes(
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(started))
     assert sum(n for _, n in started) > writer.length - head_end - 10_000
     fsutil.start_writeback(-1, 0, 1)  # a hint: a bad descriptor raises nothing
+
+
+def test_dirty_segments_are_synced_together_and_a_failed_sync_fails_the_put(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A durable put whose chunks went to several shards' segments syncs them
+    in parallel threads; when one sync fails, the put fails with that error,
+    and what was stored before is intact."""
+    synced: list[tuple[int, str]] = []
+    sync = SegmentWriter.sync
+
+    def record(writer: SegmentWriter) -> int:
+        synced.append((writer.segment_id, threading.current_thread().name))
+        return sync(writer)
+
+    monkeypatch.setattr(SegmentWriter, "sync", record)
+    data = os.urandom(4 << 20)
+    with Store.open(store_path, create=True) as store:  # the default: 16 shards
+        digest = store.put(data)
+        in_parallel = {s for s, name in synced if name.startswith("cachefs-sync")}
+        assert len(in_parallel) > 1
+        faults.arm("segment.sync", "eio", at=2)
+        try:
+            with pytest.raises(CachefsError, match="syncing segment"):
+                store.put(os.urandom(4 << 20))
+        finally:
+            faults.disarm()
+    with Store.open(store_path) as store:
+        assert store.read(digest) == data
 
 
 def test_lmdb_errors_become_cachefs_errors(store: Store) -> None:

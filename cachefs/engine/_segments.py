@@ -22,6 +22,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +44,13 @@ from cachefs.fsutil import fsync_dir, start_writeback
 log = logging.getLogger(__name__)
 
 #: A segment's writeback is started every this many appended bytes, so that a
-#: sync (the end of a large put or upload) waits for the last few MiB only.
-WRITEBACK_STEP = 4 << 20
+#: sync (the end of a large put or upload) waits for the last MiB only.  A
+#: large object's chunks spread over every shard's segment: 64 MiB put into 16
+#: shards is 4 MiB each, so the step is well under that.
+WRITEBACK_STEP = 1 << 20
+#: Threads that fdatasync dirty segments together (the device takes the
+#: flushes at once instead of one after the other).
+SYNC_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -248,6 +254,7 @@ class SegmentStore:
         self._sealed: list[SegmentWriter] = []
         self._next_id = 1
         self._id_lock = threading.Lock()
+        self._syncing = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="cachefs-sync")
         #: Segments found missing or cut short when opening: segment id -> bytes
         #: left.  Chunks whose records lie beyond are not deduplicated against
         #: (a put stores them again) until fsck --repair settles the index.
@@ -306,6 +313,7 @@ class SegmentStore:
         for writer in [s.writer for s in self.shards if s.writer] + self._sealed:
             writer.close()
         self.maps.close()
+        self._syncing.shutdown()
 
     # --- where things are ------------------------------------------------------------
 
@@ -425,7 +433,13 @@ class SegmentStore:
         """Dirty segments with the length to publish (fdatasync'ed first when ``sync``)."""
         with self._dirty_lock:
             dirty = list(self._dirty.values())
-        return {w.segment_id: (w, w.sync() if sync else w.length) for w in dirty}
+        if not sync:
+            return {w.segment_id: (w, w.length) for w in dirty}
+        if len(dirty) == 1:
+            return {dirty[0].segment_id: (dirty[0], dirty[0].sync())}
+        # Several (a large object spreads over every shard): synced together.
+        lengths = list(self._syncing.map(SegmentWriter.sync, dirty))
+        return {w.segment_id: (w, n) for w, n in zip(dirty, lengths, strict=True)}
 
     def published(self, dirty: Dirty) -> None:
         """After commit: segments with nothing newer (and, with fsync, synced) are
