@@ -5,6 +5,7 @@ errors of opening a store the wrong way."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import logging
 import os
@@ -350,13 +351,16 @@ def test_dirty_segments_are_synced_together_and_a_failed_sync_fails_the_put(
         in_parallel = {s for s, name in synced if name.startswith("cachefs-sync")}
         assert len(in_parallel) > 1
         faults.arm("segment.sync", "eio", at=2)
+        failed = os.urandom(4 << 20)
         try:
             with pytest.raises(CachefsError, match="syncing segment"):
-                store.put(os.urandom(4 << 20))
+                store.put(failed)
         finally:
             faults.disarm()
+        assert not store.contains(Digest(hashlib.sha256(failed).digest(), len(failed)))
     with Store.open(store_path) as store:
         assert store.read(digest) == data
+        assert store.stats().objects == 1
 
 
 def test_lmdb_errors_become_cachefs_errors(store: Store) -> None:

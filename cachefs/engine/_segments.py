@@ -22,7 +22,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,10 +310,10 @@ class SegmentStore:
         return bool(self.damaged)
 
     def close(self) -> None:
+        self._syncing.shutdown()  # first: no sync may meet a closed descriptor
         for writer in [s.writer for s in self.shards if s.writer] + self._sealed:
             writer.close()
         self.maps.close()
-        self._syncing.shutdown()
 
     # --- where things are ------------------------------------------------------------
 
@@ -437,9 +437,14 @@ class SegmentStore:
             return {w.segment_id: (w, w.length) for w in dirty}
         if len(dirty) == 1:
             return {dirty[0].segment_id: (dirty[0], dirty[0].sync())}
-        # Several (a large object spreads over every shard): synced together.
-        lengths = list(self._syncing.map(SegmentWriter.sync, dirty))
-        return {w.segment_id: (w, n) for w, n in zip(dirty, lengths, strict=True)}
+        # Several (a large object spreads over every shard): synced together,
+        # all of them finished (failed or not) before the first error is raised.
+        try:
+            futures = [self._syncing.submit(SegmentWriter.sync, w) for w in dirty]
+        except RuntimeError:  # the pool is shut down (closing, interpreter exit)
+            return {w.segment_id: (w, w.sync()) for w in dirty}
+        wait(futures)
+        return {w.segment_id: (w, f.result()) for w, f in zip(dirty, futures, strict=True)}
 
     def published(self, dirty: Dirty) -> None:
         """After commit: segments with nothing newer (and, with fsync, synced) are
