@@ -451,13 +451,29 @@ class ObjectReader:
                     entries.append(exc)
         out: list[bytes | CachefsError] = []
         for digest, entry in zip(digests, entries, strict=True):
+            if isinstance(entry, CachefsError):
+                out.append(entry)
+                continue
             try:
-                if isinstance(entry, CachefsError):
-                    raise entry
                 out.append(self._whole(digest, entry.chunks))
             except CachefsError as exc:
                 out.append(exc)
         return out
+
+    def _sized(
+        self, digest: Digest, chunk: bytes, data: bytes | memoryview, size: int
+    ) -> bytes | memoryview:
+        """``data``, a chunk of an object, if it is as long as the recipe says;
+        else damage, recorded."""
+        if len(data) != size:
+            raise self.health.damaged(
+                CorruptDataError(
+                    f"object {digest}: chunk {chunk.hex()} holds {len(data)} "
+                    f"bytes, its recipe says {size}",
+                    path=str(self.index.path),
+                )
+            )
+        return data
 
     def _whole(self, digest: Digest, chunks: list[tuple[bytes, int]]) -> bytes:
         stored = [chunk for chunk, _ in chunks if chunk != HOLE_MARK]
@@ -466,15 +482,7 @@ class ObjectReader:
             parts: list[bytes | memoryview] = []
             for chunk, size in chunks:
                 data = bytes(size) if chunk == HOLE_MARK else next(pieces)
-                if len(data) != size:
-                    raise self.health.damaged(
-                        CorruptDataError(
-                            f"object {digest}: chunk {chunk.hex()} holds {len(data)} "
-                            f"bytes, its recipe says {size}",
-                            path=str(self.index.path),
-                        )
-                    )
-                parts.append(data)
+                parts.append(self._sized(digest, chunk, data, size))
             return b"".join(parts)
         finally:
             close = getattr(pieces, "close", None)
@@ -498,15 +506,7 @@ class ObjectReader:
                     if chunk == HOLE_MARK:
                         yield from zeros(stop - start)
                         continue
-                    data = next(source)
-                    if len(data) != size:
-                        raise self.health.damaged(
-                            CorruptDataError(
-                                f"object {digest}: chunk {chunk.hex()} holds {len(data)} "
-                                f"bytes, its recipe says {size}",
-                                path=str(self.index.path),
-                            )
-                        )
+                    data = self._sized(digest, chunk, next(source), size)
                     yield data if (start, stop) == (0, size) else memoryview(data)[start:stop]
             finally:
                 close = getattr(pieces, "close", None)
