@@ -14,6 +14,7 @@ import pytest
 
 from cachefs.errors import ConfigError, ObjectNotFoundError, RemoteError
 from cachefs.format.digest import BLAKE3, SHA256, Digest, DigestFunction
+from cachefs.protocol import re_pb2
 from cachefs.remote import (
     Breaker,
     ObjectRemote,
@@ -255,6 +256,7 @@ class Memory:
     def __init__(self, name: str) -> None:
         self.name = self.key = name
         self.blobs: dict[Digest, bytes] = {}
+        self.actions: dict[Digest, re_pb2.ActionResult] = {}
         self.down = False
         self.calls = 0
 
@@ -276,6 +278,14 @@ class Memory:
     def write(self, digest: Digest, data: bytes) -> None:
         self._call()
         self.blobs[digest] = data
+
+    def get_action(self, key: Digest) -> re_pb2.ActionResult | None:
+        self._call()
+        return self.actions.get(key)
+
+    def update_action(self, key: Digest, result: re_pb2.ActionResult) -> None:
+        self._call()
+        self.actions[key] = result
 
     def close(self) -> None:
         pass

@@ -25,6 +25,23 @@ grpc_option = click.option(
     help=f"Serve REAPI v2 over gRPC on ADDR (HOST:PORT, :PORT or HOST; port {GRPC_PORT} "
     "and 127.0.0.1 unless given).",
 )
+remote_option = click.option(
+    "--remote",
+    "remotes",
+    multiple=True,
+    metavar="URL",
+    help="A remote tier, read and written, after those of --config (repeatable, in order): "
+    "s3://BUCKET[/PREFIX]?endpoint=URL, grpc://HOST:PORT[/INSTANCE] (any REAPI server) or "
+    "http://HOST:PORT[/PREFIX] (a Bazel HTTP cache).  What the store publishes is pushed "
+    "there in the background; what it lacks is fetched from there.",
+)
+config_option = click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="A TOML file of tiers (shard groups, directions, timeouts); see the README.",
+)
 http_option = click.option(
     "--http",
     "http_address",

@@ -9,16 +9,19 @@ import click
 from cachefs import daemon
 from cachefs.errors import ConfigError
 from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD
+from cachefs.remote import TierOptions
 from cachefs.server import ServeOptions
 
 from .common import (
     cache_size_option,
+    config_option,
     grpc_option,
     http_option,
     max_store_size_option,
     memory_limit_option,
     parse_size,
     positive_size,
+    remote_option,
     store_argument,
 )
 
@@ -63,6 +66,8 @@ from .common import (
 )
 @grpc_option
 @http_option
+@remote_option
+@config_option
 @click.pass_context
 def command(
     ctx: click.Context,
@@ -78,6 +83,8 @@ def command(
     scrub_rate: str | None,
     grpc_address: str | None,
     http_address: str | None,
+    remotes: tuple[str, ...],
+    config: Path | None,
 ) -> None:
     """Mount STORE on MOUNTPOINT (STORE is created if missing).
 
@@ -96,6 +103,11 @@ def command(
     With --grpc and/or --http the daemon also serves the store to build tools,
     as `cachefs serve` does; what they store is in MOUNTPOINT/remote-cache
     (`cachefs cache set MOUNTPOINT/remote-cache --max-size N` sets its budget).
+
+    With --remote (or tiers in --config) what the store publishes is pushed to
+    the remote tiers in the background, from a queue kept in the store (it
+    survives a crash; `cachefs stats` shows its depth), and objects it lacks
+    are fetched from them.
     """
     verbose = ctx.find_root().params.get("verbose", 0)
     daemon.mount(
@@ -111,6 +123,7 @@ def command(
         trace=trace,
         servers=ServeOptions(grpc=grpc_address, http=http_address),
         scrub_rate=None if scrub_rate is None else positive_size(scrub_rate, "--scrub-rate"),
+        tiers=TierOptions.parse(remotes, config),
     )
 
 

@@ -9,16 +9,19 @@ import click
 from cachefs import daemon
 from cachefs.errors import ConfigError
 from cachefs.fs import POLICIES
+from cachefs.remote import TierOptions
 from cachefs.server import DEFAULT_MAX_SIZE, GRPC_PORT, HTTP_PORT, ServeOptions
 
 from .common import (
     cache_size_option,
+    config_option,
     grpc_option,
     http_option,
     human_bytes,
     max_store_size_option,
     memory_limit_option,
     parse_size,
+    remote_option,
     store_argument,
 )
 from .mount import memory_limit_of
@@ -47,6 +50,8 @@ from .mount import memory_limit_of
 @max_store_size_option
 @cache_size_option
 @memory_limit_option
+@remote_option
+@config_option
 @click.pass_context
 def command(
     ctx: click.Context,
@@ -59,6 +64,8 @@ def command(
     max_store_size: str | None,
     cache_size: str,
     memory_limit: str,
+    remotes: tuple[str, ...],
+    config: Path | None,
 ) -> None:
     """Serve STORE to build tools over REAPI v2 (gRPC) and the Bazel HTTP cache
     protocol, with no mount (STORE is created if missing).
@@ -74,6 +81,9 @@ def command(
     cache directory (`cachefs cache ls STORE`), and a mount of the store shows
     it.  `cachefs stats STORE` and `cachefs gc STORE` talk to the running
     daemon.
+
+    With --remote (or tiers in --config) what clients upload is pushed to the
+    remote tiers in the background, from a queue kept in the store.
 
     \b
     Point a build at it:
@@ -95,4 +105,5 @@ def command(
         cache_size=parse_size(cache_size),
         max_store_size=None if max_store_size is None else parse_size(max_store_size),
         memory_limit=memory_limit_of(memory_limit),
+        tiers=TierOptions.parse(remotes, config),
     )

@@ -35,9 +35,15 @@ import pyfuse3
 import trio
 
 from cachefs.daemon._mounts import FSNAME, FSTYPE, mount_info, mounted_fstype
-from cachefs.daemon._process import LOG_NAME, detach, setup_logging, unwrap_group
+from cachefs.daemon._process import (
+    LOG_NAME,
+    detach,
+    setup_logging,
+    store_options,
+    unwrap_group,
+)
 from cachefs.daemon._systemd import sd_notify
-from cachefs.engine import Store, StoreOptions
+from cachefs.engine import Store
 from cachefs.errors import ConfigError, MountError, NotFoundError
 from cachefs.format.header import read_header
 from cachefs.fs import (
@@ -47,6 +53,7 @@ from cachefs.fs import (
     check_outside,
 )
 from cachefs.fuse import Operations
+from cachefs.remote import TierOptions
 from cachefs.server import ServeOptions, check_addresses, run_servers
 
 log = logging.getLogger(__name__)
@@ -117,11 +124,12 @@ def serve(
     trace: Path | None = None,
     servers: ServeOptions | None = None,
     scrub_rate: int | None = None,
+    tiers: TierOptions | None = None,
 ) -> None:
     """Open the store, mount it, serve until unmounted or signalled (and with
     ``servers``, serve it over gRPC and HTTP too)."""
-    store_options = StoreOptions() if cache_size is None else StoreOptions(cache_size=cache_size)
-    store = Store.open(store_path, create=True, options=store_options)
+    tiers = tiers or TierOptions()
+    store = Store.open(store_path, create=True, options=store_options(cache_size, tiers))
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
         fs = Filesystem(
@@ -129,6 +137,7 @@ def serve(
             publish_threshold=publish_threshold,
             max_store_size=max_store_size,
             memory_limit=memory_limit,
+            tiers=tiers.open(store.digest_function),
         )
         try:
             fs.control.info = {"mountpoint": str(mountpoint), "mount_options": sorted(options)}
@@ -203,6 +212,7 @@ def mount(
     trace: Path | None = None,
     servers: ServeOptions | None = None,
     scrub_rate: int | None = None,
+    tiers: TierOptions | None = None,
 ) -> None:
     """``cachefs mount``: returns once the mount is ready (or raises why not)."""
     mountpoint = check_mountpoint(mountpoint)
@@ -223,6 +233,7 @@ def mount(
         "trace": None if trace is None else check_outside(trace, mountpoint),
         "servers": servers,
         "scrub_rate": scrub_rate,
+        "tiers": tiers,
     }
     if foreground:
         serve(store, mountpoint, options, ready=lambda: None, **kwargs)

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cachefs.engine import StoreOptions
 from cachefs.errors import CachefsError, leaves
+from cachefs.remote import TierOptions
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +109,10 @@ def detach(run: Callable[[Callable[[], None]], None]) -> None:
     finally:
         logging.shutdown()
         os._exit(code)
+
+
+def store_options(cache_size: int | None, tiers: TierOptions) -> StoreOptions:
+    """How a daemon opens its store: with a push queue when a tier takes writes."""
+    if cache_size is None:
+        return StoreOptions(push=tiers.writes)
+    return StoreOptions(cache_size=cache_size, push=tiers.writes)

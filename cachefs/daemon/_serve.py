@@ -30,12 +30,13 @@ from pathlib import Path
 import trio
 
 from cachefs.daemon._mounts import SOCKET_NAME, socket_address
-from cachefs.daemon._process import detach, setup_logging, unwrap_group
+from cachefs.daemon._process import detach, setup_logging, store_options, unwrap_group
 from cachefs.daemon._systemd import sd_notify
-from cachefs.engine import Store, StoreOptions
+from cachefs.engine import Store
 from cachefs.errors import ConfigError
 from cachefs.format.header import read_header
 from cachefs.fs import DEFAULT_MEMORY_LIMIT, Filesystem
+from cachefs.remote import TierOptions
 from cachefs.server import ServeOptions, check_addresses, run_servers
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,19 @@ def serve_store(
     cache_size: int | None = None,
     max_store_size: int | None = None,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    tiers: TierOptions | None = None,
 ) -> None:
     """Open the store and serve it until signalled."""
-    store_options = StoreOptions() if cache_size is None else StoreOptions(cache_size=cache_size)
-    store = Store.open(store_path, create=True, options=store_options)
+    tiers = tiers or TierOptions()
+    store = Store.open(store_path, create=True, options=store_options(cache_size, tiers))
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
-        fs = Filesystem(store, max_store_size=max_store_size, memory_limit=memory_limit)
+        fs = Filesystem(
+            store,
+            max_store_size=max_store_size,
+            memory_limit=memory_limit,
+            tiers=tiers.open(store.digest_function),
+        )
         try:
             trio.run(_main, fs, options, ready)
         except BaseExceptionGroup as group:
@@ -166,6 +173,7 @@ def serve(
     cache_size: int | None = None,
     max_store_size: int | None = None,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    tiers: TierOptions | None = None,
 ) -> None:
     """``cachefs serve``: serve in the foreground, or detach and return once serving."""
     if not options.any:
@@ -185,6 +193,7 @@ def serve(
             cache_size=cache_size,
             max_store_size=max_store_size,
             memory_limit=memory_limit,
+            tiers=tiers,
         )
 
     if daemon:

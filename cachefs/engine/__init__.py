@@ -20,8 +20,9 @@ What it offers:
   :func:`check_store` (fsck, :class:`FsckReport`), :func:`scrub_store`;
 * the filesystem namespace kept in the same index: :class:`Namespace`,
   :class:`Inode`, :class:`ExtendedAttributes`, :class:`CacheRecords`;
-* the store's :class:`Journal` (``Store.journal``), and :class:`ChunkBackend`,
-  the seam where storage tiers plug in;
+* the store's :class:`Journal` (``Store.journal``), its :class:`PushQueue`
+  (``Store.pushes``: what the write tiers are still to receive), and
+  :class:`ChunkBackend`, the seam where storage tiers plug in;
 * the errors of ``cachefs.errors`` (every one a :class:`CachefsError` with an
   errno, an exit code and a hint), and ``lmdb_error``, which turns an error of
   the LMDB library into one of them.
@@ -39,6 +40,7 @@ from cachefs.engine._journal import Journal
 from cachefs.engine._namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
 from cachefs.engine._namespace_check import NamespaceCheck
 from cachefs.engine._publish import PublishHook
+from cachefs.engine._pushes import PushQueue, QueuedPush
 from cachefs.engine._store import Progress, Store, StoreOptions, StoreStats
 from cachefs.engine._xattrs import ExtendedAttributes
 from cachefs.errors import (
@@ -93,6 +95,8 @@ __all__ = [
     "ObjectNotFoundError",
     "Progress",
     "PublishHook",
+    "PushQueue",
+    "QueuedPush",
     "ReadOnlyError",
     "SegmentParams",
     "Source",

@@ -26,6 +26,7 @@ import lmdb
 
 from cachefs.engine._health import Health
 from cachefs.engine._index import Index, lmdb_error
+from cachefs.engine._pushes import PushQueue
 from cachefs.engine._segments import Dirty, Location, SegmentStore
 from cachefs.errors import CachefsError, CorruptDataError
 from cachefs.format.digest import Digest
@@ -87,6 +88,8 @@ class Publisher:
         #: References dropped since the store was opened (whether gc may find
         #: garbage that it did not find last time).
         self.dropped = 0
+        #: Where new objects are queued for the write tiers (None: no tiers).
+        self.pushes: PushQueue | None = None
 
     # --- publishing -----------------------------------------------------------
 
@@ -151,8 +154,14 @@ class Publisher:
                     self.index.add(txn, name, delta)
                 for segment_id, entry in segments.items():
                     self.index.put_segment(txn, segment_id, entry)
-        except lmdb.Error as exc:
-            raise lmdb_error(exc, "publishing objects") from None
+        except BaseException as exc:
+            if self.pushes is not None:
+                self.pushes.aborted()
+            if isinstance(exc, lmdb.Error):
+                raise lmdb_error(exc, "publishing objects") from None
+            raise
+        if self.pushes is not None:
+            self.pushes.committed()
         if sync:
             self.index.sync()
         self.segments.forget_pending(d for obj in objects for d in obj.locations)
@@ -222,6 +231,8 @@ class Publisher:
                 deltas["stored_bytes"] += record_size
             index.put_object(txn, key, ObjectEntry(obj.digest.size, 1, obj.chunks))
             deltas["objects"] += 1
+            if self.pushes is not None:
+                self.pushes.add(txn, obj.digest)
         deltas["files"] += 1
         deltas["logical_bytes"] += obj.digest.size
         if obj.on_publish is not None:

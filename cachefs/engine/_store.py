@@ -49,6 +49,7 @@ from cachefs.engine._ingest import Ingest
 from cachefs.engine._journal import Journal
 from cachefs.engine._maintenance import Maintenance, MaintenanceLock
 from cachefs.engine._publish import PendingObject, Publisher, PublishHook
+from cachefs.engine._pushes import PushQueue
 from cachefs.engine._reads import LocalChunks, ObjectReader
 from cachefs.engine._segments import SegmentStore
 from cachefs.engine._upgrade import check_upgradable, upgrade
@@ -105,6 +106,8 @@ class StoreOptions:
     max_maps: int = 256
     #: Read buffer size of the ingest pipeline.
     buffer_size: int = 4 << 20
+    #: Queue new objects for the write tiers (``Store.pushes``; a writer only).
+    push: bool = False
 
     def validate(self) -> None:
         if self.cache_size < 0:
@@ -255,9 +258,12 @@ class Store:
             self.workers,
         )
         self.reserve = Reserve(path)
+        push = options.push and not readonly
         self._maintenance = MaintenanceLock()
         #: The store's journal (writers only): see ``cachefs.format.journal``.
         self.journal: Journal | None = None
+        #: New objects to push to the write tiers (``options.push``, writers only).
+        self.pushes = self.publisher.pushes = PushQueue(self.index) if push else None
         if not readonly:
             try:
                 self._recover(header)
@@ -672,8 +678,7 @@ class Store:
         return self.health.corruptions
 
     def freeing(self, operation: Callable[[], T]) -> T:
-        """Run an operation that frees space; on a full disk, give the reserve
-        back and try once more (deleting needs room too)."""
+        """Run an operation that frees space; on a full disk, again without the reserve."""
         try:
             return operation()
         except StoreFullError:
@@ -682,10 +687,7 @@ class Store:
             return operation()
 
     def limit_memory(self, limit: int) -> None:
-        """Size the in-memory caches for a process that should stay within
-        ``limit`` bytes: decompressed chunks get at most an eighth of it, and
-        segment pages are dropped from the process after a quarter of it was
-        read through the maps."""
+        """Size the caches to ``limit``: chunks 1/8 of it, pages dropped after 1/4 read."""
         self.chunks.cache.capacity = min(self.options.cache_size, limit // 8)
         self.segments.maps.resident_limit = max(1 << 20, limit // 4)
 

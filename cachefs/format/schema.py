@@ -111,6 +111,20 @@ The namespace (created when a store is first mounted):
     its eviction policy.  Saved at unmount and now and then while mounted;
     advisory: files missing from it are added at mount.
 
+The push queue (created when a store is first opened with write tiers,
+``cachefs.remote``):
+
+``pushes``  key ``PUSH_KEY`` = sequence number Q BE, object key 32s, size Q BE;
+    value ``PUSH`` = when it was queued (ns since the epoch, Q).
+    Objects published while the store had write tiers, to be pushed to them
+    (their chunks, their chunk list, and the whole object where the tier
+    wants it).  The entry is written in the publishing transaction, so a
+    publication and its place in the queue survive a crash together; it is
+    deleted once every write tier holds the object.  Key order is queue
+    order.  An entry whose object is gone (deleted before it was pushed) is
+    dropped.  An older program ignores this database (publications made by
+    it are not queued).
+
 Bump SCHEMA_VERSION (and the store format version) for any change that an
 older program would misread, and add the step that upgrades the previous
 version to ``engine/_upgrade.py``.
@@ -147,7 +161,9 @@ STORE_DATABASES = (b"meta", b"chunks", b"objects", b"segments", b"counters", b"r
 NAMESPACE_DATABASES = (b"inodes", b"dirents", b"parents", b"xattrs", b"orphans")
 #: The databases of cache directories (added after the rest of the namespace).
 CACHE_DATABASES = (b"caches", b"cache_state")
-ALL_DATABASES = STORE_DATABASES + NAMESPACE_DATABASES + CACHE_DATABASES
+#: The push queue of a store with write tiers.
+REMOTE_DATABASES = (b"pushes",)
+ALL_DATABASES = STORE_DATABASES + NAMESPACE_DATABASES + CACHE_DATABASES + REMOTE_DATABASES
 
 CHUNK = struct.Struct("<QQIIB3xQ")
 OBJECT = struct.Struct("<QQI")
@@ -176,6 +192,8 @@ assert INODE.size == 88
 INO_KEY = struct.Struct(">Q")
 INO_VALUE = struct.Struct("<Q")
 CACHE_ENTRY = struct.Struct("<QQ")
+PUSH_KEY = struct.Struct(">Q32sQ")
+PUSH = struct.Struct("<Q")
 
 SCHEMA_VERSION_KEY = b"schema_version"
 COUNTER_NAMES = (

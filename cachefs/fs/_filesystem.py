@@ -41,7 +41,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,9 @@ from cachefs.fs._publish import FilePublisher
 from cachefs.fs._scrub import Scrubber
 from cachefs.fs._sparse import SparseFiles
 from cachefs.fs._stored_files import StoredFiles
+from cachefs.fs._tiers import RemoteTiers
 from cachefs.fs._trace import TraceRecorder
+from cachefs.remote import Tier
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ class Filesystem:
         limiter: trio.CapacityLimiter | None = None,
         max_store_size: int | None = None,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        tiers: Sequence[Tier] = (),
     ) -> None:
         if store.journal is None:
             raise ReadOnlyError(f"store {store.path} is open read-only: it cannot be mounted")
@@ -158,6 +161,8 @@ class Filesystem:
             max_store_size=max_store_size,
         )
         self.listeners.add(self.caches)
+        #: The store's remote tiers (none, unless given).
+        self.remote = RemoteTiers(store, tiers)
         self.memory = MemoryGovernor(store, memory_limit)
         #: Whole files the servers store and read (``_stored_files.py``).
         self.stored = StoredFiles(
@@ -188,6 +193,7 @@ class Filesystem:
     def close(self) -> None:
         """After the last request: every file must have been published (flush_all)."""
         self.caches.save()
+        self.remote.close()
         self.sparse.close()
         self.stop_trace()
         self.journal.closing(self.files)
@@ -201,6 +207,7 @@ class Filesystem:
             self.io.nursery = nursery
             nursery.start_soon(self.caches.eviction.run)
             nursery.start_soon(self.memory.run)
+            self.remote.start()
             task_status.started()
             await trio.sleep_forever()
 
@@ -224,8 +231,7 @@ class Filesystem:
         return report
 
     def damaged(self, exc: CorruptDataError) -> None:
-        """A request failed on damaged data: the store counts it (once) and
-        needs fsck; damage to the index itself makes the filesystem read-only."""
+        """A request met damage: the store counts it; damaged index: read-only."""
         self.store.damaged(exc)
         if isinstance(exc, IndexCorruptError):
             self.enter_failsafe(str(exc))
@@ -272,7 +278,7 @@ class Filesystem:
             "pid": os.getpid(),
             "tracing": None if self.tracer is None else str(self.tracer.path),
         }
-        return doc | self.memory.figures() | self.caches.figures()
+        return doc | self.memory.figures() | self.caches.figures() | self.remote.figures()
 
     # --- events and lookup counts ------------------------------------------------------
 
@@ -281,8 +287,7 @@ class Filesystem:
             listener.published(state.ino, state.size)
 
     def _evicted(self, parent: int, name: bytes, inode: Inode) -> None:
-        """A cache evicted an entry: the kernel must forget it (and the inode,
-        when that was its last entry: it is deleted)."""
+        """A cache evicted an entry: the kernel forgets it (and its inode, if deleted)."""
         if inode.nlink == 0:
             self.files.forget(inode.ino)
         for listener in self.listeners:
@@ -291,8 +296,7 @@ class Filesystem:
             self.invalidate(parent, name, inode.ino if inode.nlink == 0 else 0)
 
     def _changed_here(self, parent: int, name: bytes) -> None:
-        """An entry changed, not through the kernel (a server replaced or
-        removed it): the kernel must look it up again."""
+        """An entry changed, not through the kernel (a server): the kernel looks again."""
         if self.invalidate is not None:
             self.invalidate(parent, name, 0)
 

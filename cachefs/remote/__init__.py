@@ -9,51 +9,45 @@ distributed stores and servers, each a :class:`Remote` of blobs by digest --
 * a shard group of endpoints of either kind, placed by rendezvous hashing with
   weights and replicas, each behind a circuit breaker (``_shards.py``).
 
+A store's tiers (``_tiers.py``; named by ``--remote`` and the config file,
+``_config.py``) push what it publishes, from its durable queue, and fetch
+what it lacks; objects travel as the store's own chunks plus a chunk list
+(``_lists.py``).
+
 Everything a remote answers is verified against its digest before it is used
-(``_blobs.verified``).  Remotes are named by URL (``_urls.py``); this layer
-knows nothing of the store's files: what to push and what to fetch is decided
-above it.
+(``_blobs.verified``).  Remotes are named by URL (``_urls.py``).
 """
 
 from __future__ import annotations
 
-from cachefs.errors import ConfigError
-from cachefs.format.digest import SHA256, DigestFunction
 from cachefs.remote._blobs import Remote, verified
+from cachefs.remote._config import TierOptions, load_tiers, read_config
 from cachefs.remote._objects import ObjectRemote
+from cachefs.remote._open import DEFAULT_TIMEOUT, open_remote
 from cachefs.remote._reapi import ReapiRemote
 from cachefs.remote._shards import Breaker, ShardGroup, placement
+from cachefs.remote._tiers import DIRECTIONS, Pusher, Tier, Tiers, wait_pushed
 from cachefs.remote._urls import FORMS, RemoteUrl, parse_remote
-
-#: Seconds a remote request may take unless the tier says otherwise.
-DEFAULT_TIMEOUT = 30.0
-
-
-def open_remote(text: str, function: DigestFunction, timeout: float = DEFAULT_TIMEOUT) -> Remote:
-    """The remote a URL names (ConfigError if it names none), for blobs of
-    ``function``, each request bounded by ``timeout`` seconds."""
-    url = parse_remote(text)
-    if url.kind == "http" and function != SHA256:
-        raise ConfigError(
-            f"remote {text}: the Bazel HTTP cache protocol names blobs by SHA-256 hashes",
-            hint=f"a {function.name} store can use s3:// and grpc:// remotes",
-        )
-    if url.kind == "grpc":
-        return ReapiRemote(url, function, timeout)
-    return ObjectRemote(url, function, timeout)
-
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "DIRECTIONS",
     "FORMS",
     "Breaker",
     "ObjectRemote",
+    "Pusher",
     "ReapiRemote",
     "Remote",
     "RemoteUrl",
     "ShardGroup",
+    "Tier",
+    "TierOptions",
+    "Tiers",
+    "load_tiers",
     "open_remote",
     "parse_remote",
     "placement",
+    "read_config",
     "verified",
+    "wait_pushed",
 ]

@@ -4,7 +4,9 @@ A remote holds blobs named by their digests (the store's digest function):
 chunks, and the objects and lists made of them.  Whatever a remote answers is
 checked against the digest asked for before a byte of it is used
 (:func:`verified`): a short, long or wrong reply is a :class:`RemoteError`,
-never data.  A blob the remote does not have is ``ObjectNotFoundError``.
+never data.  A blob the remote does not have is ``ObjectNotFoundError``.  A remote also
+keeps action cache entries (an ``ActionResult`` under a key digest), which is
+how the names of things -- an object's chunk list -- reach other machines.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Protocol
 
 from cachefs.errors import RemoteError
 from cachefs.format.digest import Digest, DigestFunction
+from cachefs.protocol import re_pb2
 
 
 class Remote(Protocol):
@@ -34,6 +37,15 @@ class Remote(Protocol):
 
     def write(self, digest: Digest, data: bytes) -> None:
         """Store a blob (its bytes must have ``digest``: the caller made sure)."""
+        ...
+
+    def get_action(self, key: Digest) -> re_pb2.ActionResult | None:
+        """The action cache entry under ``key`` (None: there is none).  Its
+        blobs are not checked: a caller reads and verifies them as blobs."""
+        ...
+
+    def update_action(self, key: Digest, result: re_pb2.ActionResult) -> None:
+        """Store an action cache entry (the blobs it names are written first)."""
         ...
 
     def close(self) -> None: ...

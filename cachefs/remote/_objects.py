@@ -3,11 +3,13 @@
 Both are stores of objects by key, which obstore (the Rust ``object_store``
 crate) speaks: a blob is the object ``PREFIX/cas/<hex>`` -- for an HTTP cache
 that is the Bazel HTTP cache protocol's own ``/cas/<hex>``, for a bucket the
-same layout under its prefix.  The size is not in the key: the object's length
-must match the digest's size (``verified``).  ``find_missing`` asks with HEAD
-requests, many at once (``_PARALLEL`` in flight); reads and writes are single
-GET and PUT requests (obstore uploads large objects in parts).  Timeouts and
-retries are obstore's, set from the tier's timeout.
+same layout under its prefix; action cache entries (serialized
+``ActionResult`` messages) are ``PREFIX/ac/<hex>``, as the HTTP cache keeps
+them.  The size is not in the key: the object's length must match the
+digest's size (``verified``).  ``find_missing`` asks with HEAD requests, many
+at once (``_PARALLEL`` in flight); reads and writes are single GET and PUT
+requests (obstore uploads large objects in parts).  Timeouts and retries are
+obstore's, set from the tier's timeout.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from datetime import timedelta
 from typing import Any
 
 import obstore
+from google.protobuf.message import DecodeError
 from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import HTTPStore, S3Store
 
 from cachefs.errors import ConfigError, ObjectNotFoundError, RemoteError
 from cachefs.format.digest import Digest, DigestFunction
+from cachefs.protocol import re_pb2
 from cachefs.remote._blobs import verified
 from cachefs.remote._urls import RemoteUrl
 
@@ -124,6 +128,29 @@ class ObjectRemote:
             obstore.put(self.store, self._key(digest), data)
         except (BaseError, OSError, ValueError, RuntimeError) as exc:
             raise self._failed(f"writing blob {digest}", exc) from None
+
+    def get_action(self, key: Digest) -> re_pb2.ActionResult | None:
+        try:
+            data = bytes(obstore.get(self.store, f"ac/{key.hex}").bytes())
+        except (NotFoundError, FileNotFoundError):
+            return None
+        except (BaseError, OSError, ValueError, RuntimeError) as exc:
+            raise self._failed(f"reading action cache entry {key}", exc) from None
+        result = re_pb2.ActionResult()
+        try:
+            result.ParseFromString(data)
+        except DecodeError:
+            raise RemoteError(
+                f"{self.name}: action cache entry {key} is not an ActionResult",
+                hint="the remote's copy is damaged, or another tool wrote that key",
+            ) from None
+        return result
+
+    def update_action(self, key: Digest, result: re_pb2.ActionResult) -> None:
+        try:
+            obstore.put(self.store, f"ac/{key.hex}", result.SerializeToString())
+        except (BaseError, OSError, ValueError, RuntimeError) as exc:
+            raise self._failed(f"writing action cache entry {key}", exc) from None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -2,7 +2,9 @@
 
 Another ``cachefs serve``, BuildGrid, Buildbarn, bazel-remote, NativeLink: the
 blobs are the instance's CAS.  ``find_missing`` is FindMissingBlobs in batches;
-a blob of up to ``BATCH_BLOB`` bytes is read and written with
+action cache entries (``get_action``,
+``update_action``) are the instance's ActionCache; a blob of up to
+``BATCH_BLOB`` bytes is read and written with
 BatchReadBlobs / BatchUpdateBlobs, a larger one streamed over ByteStream in
 ``PIECE`` messages (``{instance}/blobs/...`` and ``{instance}/uploads/{uuid}/
 blobs/...``, with ``blake3/`` for a BLAKE3 store, as the API names them).
@@ -51,6 +53,7 @@ class ReapiRemote:
         )
         self.cas = re_grpc.ContentAddressableStorageStub(self.channel)
         self.bytestream = bs_grpc.ByteStreamStub(self.channel)
+        self.ac = re_grpc.ActionCacheStub(self.channel)
         self._function = (
             re_pb2.DigestFunction.BLAKE3 if function == BLAKE3 else re_pb2.DigestFunction.UNKNOWN
         )
@@ -174,6 +177,32 @@ class ReapiRemote:
             raise RemoteError(
                 f"{self.name}: writing blob {digest}: committed {response.committed_size} bytes"
             )
+
+    def get_action(self, key: Digest) -> re_pb2.ActionResult | None:
+        request = re_pb2.GetActionResultRequest(
+            instance_name=self.instance,
+            action_digest=self._message(key),
+            digest_function=self._function,
+        )
+        try:
+            result: re_pb2.ActionResult = self.ac.GetActionResult(request, timeout=self.timeout)
+        except (grpc.RpcError, ValueError) as exc:
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise self._failed(f"reading action cache entry {key}", exc) from None
+        return result
+
+    def update_action(self, key: Digest, result: re_pb2.ActionResult) -> None:
+        request = re_pb2.UpdateActionResultRequest(
+            instance_name=self.instance,
+            action_digest=self._message(key),
+            action_result=result,
+            digest_function=self._function,
+        )
+        try:
+            self.ac.UpdateActionResult(request, timeout=self.timeout)
+        except (grpc.RpcError, ValueError) as exc:
+            raise self._failed(f"writing action cache entry {key}", exc) from None
 
     def close(self) -> None:
         self.channel.close()

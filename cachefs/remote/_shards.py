@@ -13,7 +13,8 @@ An endpoint that fails is skipped for a while by its :class:`Breaker`: after
 with each failed retry (``BACKOFF`` to ``MAX_BACKOFF``); then one request
 tries it again.  Why it is open is kept for stats and logs.
 
-Reads try the endpoints in the blob's order -- its replicas first, then the
+Action cache entries are placed by their key digest as blobs are.  Reads try
+the endpoints in the blob's order -- its replicas first, then the
 others, where a blob placed before an endpoint was added still is.  Writes go
 to the first ``replicas`` endpoints that take them (an open one is passed
 over, the next in the blob's order takes its copy).
@@ -27,14 +28,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import xxhash
 
 from cachefs.errors import ConfigError, ObjectNotFoundError, RemoteError
 from cachefs.format.digest import Digest
+from cachefs.protocol import re_pb2
 from cachefs.remote._blobs import Remote
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Failures in a row that open a breaker.
 FAILURES = 3
@@ -192,6 +196,21 @@ class ShardGroup:
     def read(self, digest: Digest) -> bytes:
         """The blob from the first endpoint in its order that has it; a miss
         (ObjectNotFoundError) only if every endpoint was asked and said so."""
+        return self._first(digest, lambda remote: remote.read(digest), f"blob {digest}")
+
+    def get_action(self, key: Digest) -> re_pb2.ActionResult | None:
+        def get(remote: Remote) -> re_pb2.ActionResult:
+            result = remote.get_action(key)
+            if result is None:
+                raise ObjectNotFoundError(f"action cache entry {key} is not in {remote.name}")
+            return result
+
+        try:
+            return self._first(key, get, f"action cache entry {key}")
+        except ObjectNotFoundError:
+            return None
+
+    def _first(self, digest: Digest, call: Callable[[Remote], T], what: str) -> T:
         failure: RemoteError | None = None
         skipped: list[str] = []
         for member in self.order(digest):
@@ -199,7 +218,7 @@ class ShardGroup:
                 skipped.append(member.remote.name)
                 continue
             try:
-                data = member.remote.read(digest)
+                found = call(member.remote)
             except ObjectNotFoundError:
                 member.breaker.succeeded()
                 continue
@@ -208,17 +227,25 @@ class ShardGroup:
                 failure = exc
                 continue
             member.breaker.succeeded()
-            return data
+            return found
         if failure is not None:
-            raise RemoteError(f"{self.name}: no endpoint could serve blob {digest}: {failure}")
+            raise RemoteError(f"{self.name}: no endpoint could serve {what}: {failure}")
         if skipped:
             raise RemoteError(
-                f"{self.name}: blob {digest} is on none of the endpoints asked, and "
+                f"{self.name}: {what} is on none of the endpoints asked, and "
                 f"{', '.join(skipped)} {'is' if len(skipped) == 1 else 'are'} skipped (failing)"
             )
-        raise ObjectNotFoundError(f"blob {digest} is not in {self.name}")
+        raise ObjectNotFoundError(f"{what} is not in {self.name}")
 
     def write(self, digest: Digest, data: bytes) -> None:
+        self._replicate(digest, lambda remote: remote.write(digest, data), f"blob {digest}")
+
+    def update_action(self, key: Digest, result: re_pb2.ActionResult) -> None:
+        self._replicate(
+            key, lambda remote: remote.update_action(key, result), f"action cache entry {key}"
+        )
+
+    def _replicate(self, digest: Digest, call: Callable[[Remote], None], what: str) -> None:
         written, failure = 0, None
         for member in self.order(digest):
             if written == self.replicas:
@@ -226,7 +253,7 @@ class ShardGroup:
             if not member.breaker.admit():
                 continue
             try:
-                member.remote.write(digest, data)
+                call(member.remote)
             except RemoteError as exc:
                 self._failed(member, exc)
                 failure = exc
@@ -235,7 +262,7 @@ class ShardGroup:
             written += 1
         if written < self.replicas:
             raise RemoteError(
-                f"{self.name}: blob {digest} has {written} of {self.replicas} copies"
+                f"{self.name}: {what} has {written} of {self.replicas} copies"
                 + (f": {failure}" if failure else " (every other endpoint is skipped)")
             )
 

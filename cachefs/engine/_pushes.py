@@ -1,0 +1,108 @@
+"""The push queue: what the write tiers are still to receive (storage engine layer).
+
+A store opened with ``StoreOptions(push=True)`` (a daemon with write tiers)
+queues every object that a publication adds to the store, in the publishing
+transaction itself (schema: ``pushes`` in ``cachefs.format.schema``): an
+object and its place in the queue survive a crash together, and the queue is
+taken up again at the next start.  The pusher above (``cachefs.remote``) takes
+entries in queue order and deletes each once every write tier holds its
+object.  Only new objects are queued: one that was stored already was queued
+when it was (or published while the store had no write tier: not pushed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lmdb
+
+from cachefs.engine._index import Index, Table, lmdb_error
+from cachefs.format.digest import Digest
+from cachefs.format.schema import PUSH, PUSH_KEY
+
+
+@dataclass(frozen=True)
+class QueuedPush:
+    """An object waiting to be pushed."""
+
+    key: bytes  # its entry's key (done() takes it)
+    digest: Digest
+    queued_ns: int
+
+
+class PushQueue:
+    """The ``pushes`` database: objects to push, in the order they were published."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        table = index.open_optional(b"pushes", create=True)
+        assert table is not None  # created: the store is open for writing
+        self.table: Table = table
+        with index.read() as txn:
+            self._next = self._after_last(txn)
+        #: Called after a publication that queued objects has committed.
+        self.on_queued: Callable[[], None] | None = None
+        self._queued = False
+
+    def _after_last(self, txn: lmdb.Transaction) -> int:
+        cursor = txn.cursor(db=self.table.handle)
+        return PUSH_KEY.unpack(cursor.key())[0] + 1 if cursor.last() else 0
+
+    def add(self, txn: lmdb.Transaction, digest: Digest) -> None:
+        """Queue ``digest`` in the publishing transaction ``txn`` (the caller
+        holds the commit lock: one publication at a time numbers entries)."""
+        key = PUSH_KEY.pack(self._next, digest.hash, digest.size)
+        self.table.put(txn, key, PUSH.pack(time.time_ns()))
+        self._next += 1
+        self._queued = True
+
+    def committed(self) -> None:
+        """The publishing transaction committed: tell the pusher if it queued."""
+        if self._queued:
+            self._queued = False
+            if self.on_queued is not None:
+                self.on_queued()
+
+    def aborted(self) -> None:
+        """The publishing transaction failed: its entries are not there (their
+        numbers may be used again)."""
+        if self._queued:
+            self._queued = False
+            with self.index.read() as txn:
+                self._next = self._after_last(txn)
+
+    def peek(self, limit: int) -> list[QueuedPush]:
+        """The first ``limit`` entries, oldest first."""
+        out = []
+        with self.index.read() as txn:
+            for key, value in self.table.items(txn):
+                _, hash_, size = PUSH_KEY.unpack(key)
+                out.append(QueuedPush(key, Digest(hash_, size), PUSH.unpack(value)[0]))
+                if len(out) == limit:
+                    break
+        return out
+
+    def done(self, keys: list[bytes]) -> None:
+        """Delete entries whose objects every write tier now holds (or that are gone)."""
+        if not keys:
+            return
+        try:
+            with self.index.write() as txn:
+                for key in keys:
+                    self.table.delete(txn, key)
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, "updating the push queue") from None
+
+    def depth(self) -> tuple[int, float]:
+        """How many objects wait, and the age in seconds of the oldest (0 if none)."""
+        with self.index.read() as txn:
+            count = self.table.count(txn)
+            first = next(self.table.items(txn), None)
+        if first is None:
+            return 0, 0.0
+        return count, max(0.0, (time.time_ns() - PUSH.unpack(first[1])[0]) / 1e9)
+
+
+__all__ = ["PushQueue", "QueuedPush"]

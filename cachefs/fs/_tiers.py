@@ -1,0 +1,56 @@
+"""The filesystem's remote tiers: pushing what it publishes, figures (filesystem layer).
+
+A mount or a served store with tiers (``cachefs.remote``) runs a
+:class:`~cachefs.remote.Pusher` thread beside its trio loop: the store queues
+every new object in the publishing transaction, and the pusher sends it to the
+write tiers, oldest first, backing off while they fail.  Local reads and
+writes never wait for it (``fsync`` means local durability).  Its queue depth,
+the age of its oldest entry, the tiers' figures and each shard endpoint's
+breaker are in ``stats`` under ``remote``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from cachefs.engine import Store
+from cachefs.remote import Pusher, Tier, Tiers
+
+log = logging.getLogger(__name__)
+
+
+class RemoteTiers:
+    """A store's tiers and, when some take writes, the thread that pushes to them."""
+
+    def __init__(self, store: Store, tiers: Sequence[Tier]) -> None:
+        self.tiers = Tiers(store, tiers)
+        self.pusher = Pusher(self.tiers) if self.tiers.writers and store.pushes else None
+        self._started = False
+
+    def start(self) -> None:
+        if self.pusher is not None and not self._started:
+            self._started = True
+            self.pusher.start()
+            depth, age = self.pusher.queue.depth()
+            if depth:
+                log.info("push queue: %d objects waiting (oldest %.0f s)", depth, age)
+
+    def close(self) -> None:
+        """Stop pushing (what is left stays queued for the next start)."""
+        if self.pusher is not None and self._started:
+            self.pusher.stop()
+        if self.tiers.tiers:
+            self.tiers.close()
+
+    def figures(self) -> dict[str, object]:
+        """``{"remote": ...}`` for ``stats``, or nothing when there are no tiers."""
+        if not self.tiers.tiers:
+            return {}
+        doc = self.tiers.figures()
+        if self.pusher is not None:
+            doc |= self.pusher.figures()
+        return {"remote": doc}
+
+
+__all__ = ["RemoteTiers"]

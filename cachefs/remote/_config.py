@@ -1,0 +1,174 @@
+"""Which tiers a store has: ``--remote URL`` and the ``--config`` file (remote layer).
+
+The config file is TOML (the README has a full example)::
+
+    [remote]
+    timeout = 10            # seconds a request may take (every tier's default)
+
+    [[tier]]                # tiers in order: reads try the first one first
+    url = "s3://cachefs/team?endpoint=http://127.0.0.1:8333"
+    direction = "read-write"    # or "read-only", "write-only"
+    timeout = 20
+    whole_objects = false       # upload whole objects too (REAPI/HTTP: true)
+
+    [[tier]]                # a shard group: blobs placed by rendezvous hashing
+    replicas = 2
+    endpoints = [
+      { url = "grpc://10.0.0.1:9092", weight = 1.0 },
+      { url = "grpc://10.0.0.2:9092", weight = 2.0 },
+    ]
+
+``--remote URL`` (repeatable) adds a read-write tier of one endpoint after the
+file's tiers.  Unknown keys are errors (a misspelt key must not be ignored).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cachefs.errors import ConfigError
+from cachefs.format.digest import DigestFunction
+from cachefs.remote import _tiers
+from cachefs.remote._blobs import Remote
+from cachefs.remote._open import DEFAULT_TIMEOUT, open_remote
+from cachefs.remote._shards import ShardGroup
+from cachefs.remote._urls import parse_remote
+
+_TIER_KEYS = {"url", "endpoints", "replicas", "direction", "timeout", "whole_objects"}
+_REMOTE_KEYS = {"timeout"}
+_ENDPOINT_KEYS = {"url", "weight"}
+
+
+def _check_keys(where: str, table: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}", hint="known keys: " + ", ".join(sorted(allowed))
+        )
+
+
+def _number(where: str, value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{where}: {name} must be a positive number, not {value!r}")
+    return float(value)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The parsed config file (ConfigError naming the problem and the file)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the config file {path} is not valid TOML: {exc}") from None
+    _check_keys(str(path), data, {"remote", "tier"})
+    return data
+
+
+def load_tiers(
+    urls: Sequence[str], config: dict[str, Any] | None, function: DigestFunction
+) -> list[_tiers.Tier]:
+    """The tiers of the config file's ``[[tier]]`` tables, then one per URL."""
+    config = config or {}
+    remote = config.get("remote", {})
+    _check_keys("[remote]", remote, _REMOTE_KEYS)
+    timeout = _number("[remote]", remote.get("timeout", DEFAULT_TIMEOUT), "timeout")
+    tables = config.get("tier", [])
+    if not isinstance(tables, list):
+        raise ConfigError("the config file's tiers are [[tier]] tables")
+    tiers: list[_tiers.Tier] = []
+    try:
+        for n, table in enumerate(tables, 1):
+            tiers.append(_tier(f"[[tier]] {n}", table, function, timeout))
+        for url in urls:
+            remote_ = open_remote(url, function, timeout)
+            tiers.append(_tiers.Tier(remote_, whole=parse_remote(url).kind != "s3"))
+    except BaseException:
+        for tier in tiers:
+            tier.remote.close()
+        raise
+    return tiers
+
+
+def _tier(
+    where: str, table: dict[str, Any], function: DigestFunction, default: float
+) -> _tiers.Tier:
+    _check_keys(where, table, _TIER_KEYS)
+    timeout = _number(where, table.get("timeout", default), "timeout")
+    direction = table.get("direction", "read-write")
+    if ("url" in table) == ("endpoints" in table):
+        raise ConfigError(f"{where}: give either url or endpoints")
+    remote: Remote
+    if "url" in table:
+        if "replicas" in table:
+            raise ConfigError(f"{where}: replicas needs endpoints")
+        kinds = {parse_remote(str(table["url"])).kind}
+        remote = open_remote(str(table["url"]), function, timeout)
+    else:
+        endpoints = table["endpoints"]
+        if not isinstance(endpoints, list) or not endpoints:
+            raise ConfigError(f"{where}: endpoints is a list of {{ url = ..., weight = ... }}")
+        members: list[tuple[Remote, float]] = []
+        kinds = set()
+        try:
+            for endpoint in endpoints:
+                if not isinstance(endpoint, dict) or "url" not in endpoint:
+                    raise ConfigError(f"{where}: an endpoint is {{ url = ..., weight = ... }}")
+                _check_keys(f"{where} endpoint", endpoint, _ENDPOINT_KEYS)
+                weight = _number(where, endpoint.get("weight", 1.0), "weight")
+                kinds.add(parse_remote(str(endpoint["url"])).kind)
+                members.append((open_remote(str(endpoint["url"]), function, timeout), weight))
+            replicas = table.get("replicas", 1)
+            if isinstance(replicas, bool) or not isinstance(replicas, int):
+                raise ConfigError(f"{where}: replicas must be a whole number")
+            remote = ShardGroup(members, replicas)
+        except BaseException:
+            for member, _ in members:
+                member.close()
+            raise
+    whole = table.get("whole_objects", kinds != {"s3"})
+    if not isinstance(whole, bool):
+        raise ConfigError(f"{where}: whole_objects is true or false")
+    try:
+        return _tiers.Tier(remote, direction, whole)
+    except ConfigError:
+        remote.close()
+        raise
+
+
+@dataclass(frozen=True)
+class TierOptions:
+    """The tiers the command line asks for: ``--remote`` URLs and a config file."""
+
+    urls: tuple[str, ...] = ()
+    #: The parsed ``--config`` file (None: none given).
+    config: dict[str, Any] | None = None
+
+    @classmethod
+    def parse(cls, urls: Sequence[str], config: Path | None) -> TierOptions:
+        """Checked as far as can be before the store is open (URLs, the file)."""
+        for url in urls:
+            parse_remote(url)
+        return cls(tuple(urls), None if config is None else read_config(config))
+
+    @property
+    def any(self) -> bool:
+        return bool(self.urls or (self.config or {}).get("tier"))
+
+    @property
+    def writes(self) -> bool:
+        """Whether some tier takes writes (the store then keeps a push queue)."""
+        tables = (self.config or {}).get("tier", [])
+        directions = [t.get("direction", "read-write") for t in tables if isinstance(t, dict)]
+        return bool(self.urls) or any(d != "read-only" for d in directions)
+
+    def open(self, function: DigestFunction) -> list[_tiers.Tier]:
+        return load_tiers(self.urls, self.config, function)
+
+
+__all__ = ["TierOptions", "load_tiers", "read_config"]

@@ -1,0 +1,82 @@
+"""Chunk lists: how an object's chunking reaches a remote (remote layer).
+
+A tier holds an object as its chunks (blobs, by their digests) plus its chunk
+list, so that a changed file sends only its new chunks and a reader on another
+machine fetches only the chunks it lacks.  The chunk list is a blob too::
+
+    LIST_MAGIC (8 bytes: b"CFSLIST1"), then per chunk, in order:
+    LIST_ENTRY = chunk hash 32s, raw length Q (little-endian)
+
+(a hole of a sparse object is an all-zero hash with the hole's length), and it
+is found by an action cache entry: the key is the digest of
+``LIST_DOMAIN + object hash + object size (Q, big-endian)`` (``list_key``); the
+entry is an ``ActionResult`` with one output file, ``LIST_PATH``, whose digest
+is the list blob's.  Every REAPI server, Bazel HTTP cache and bucket keeps such
+entries, and to other clients it is an action result like any other.
+Nothing in a list is trusted: each chunk is verified as a blob, and the object
+assembled from them is verified against its own digest before it is stored.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from cachefs.errors import RemoteError
+from cachefs.format.digest import Digest, DigestFunction
+from cachefs.protocol import re_pb2
+
+LIST_MAGIC = b"CFSLIST1"
+LIST_ENTRY = struct.Struct("<32sQ")
+LIST_DOMAIN = b"cachefs chunk list 1\0"
+LIST_PATH = "cachefs-chunk-list"
+_SIZE = struct.Struct(">Q")
+_HOLE = bytes(32)
+
+
+def list_key(function: DigestFunction, digest: Digest) -> Digest:
+    """The action cache key of an object's chunk list."""
+    document = LIST_DOMAIN + digest.hash + _SIZE.pack(digest.size)
+    return Digest(function.hash(document), len(document))
+
+
+def pack_list(chunks: list[tuple[bytes, int]]) -> bytes:
+    """A chunk list blob of a recipe's (chunk digest, length) entries
+    (a hole's digest is empty)."""
+    return LIST_MAGIC + b"".join(LIST_ENTRY.pack(d or _HOLE, n) for d, n in chunks)
+
+
+def unpack_list(data: bytes, digest: Digest, where: str) -> list[tuple[bytes, int]]:
+    """The entries of a chunk list blob of object ``digest`` (holes with an
+    empty digest); RemoteError if it is not one, or does not add up."""
+    body = memoryview(data)[len(LIST_MAGIC) :]
+    if not data.startswith(LIST_MAGIC) or len(body) % LIST_ENTRY.size:
+        raise RemoteError(f"{where}: the chunk list of object {digest} is malformed")
+    chunks = [(b"" if d == _HOLE else d, n) for d, n in LIST_ENTRY.iter_unpack(body)]
+    if sum(n for _, n in chunks) != digest.size:
+        raise RemoteError(f"{where}: the chunk list of object {digest} does not add up to its size")
+    return chunks
+
+
+def list_result(blob: Digest) -> re_pb2.ActionResult:
+    """The action cache entry that names a chunk list blob."""
+    return re_pb2.ActionResult(
+        output_files=[
+            re_pb2.OutputFile(
+                path=LIST_PATH, digest=re_pb2.Digest(hash=blob.hex, size_bytes=blob.size)
+            )
+        ]
+    )
+
+
+def listed_blob(result: re_pb2.ActionResult, where: str) -> Digest:
+    """The chunk list blob an entry names (RemoteError if it names none)."""
+    for output in result.output_files:
+        if output.path == LIST_PATH:
+            try:
+                return Digest(bytes.fromhex(output.digest.hash), output.digest.size_bytes)
+            except ValueError:
+                break
+    raise RemoteError(f"{where}: an action cache entry is not a chunk list")
+
+
+__all__ = ["list_key", "list_result", "listed_blob", "pack_list", "unpack_list"]

@@ -1,0 +1,340 @@
+"""Tiers: the remotes behind a store, and moving objects to and from them (remote layer).
+
+A store's tiers are remotes in order (``Tier``: one endpoint or a shard group,
+with a direction).  What moves is the store's own chunking (``_lists.py``):
+
+* **Push** (``Tiers.push``): an object's chunks that a write tier lacks
+  (asked first, in batches), then its chunk list and the action cache entry
+  that names it, and -- for tiers that serve other clients, REAPI and Bazel
+  HTTP caches -- the whole object as one blob too, so that Bazel sees it
+  (objects up to ``WHOLE_MAX``; larger ones travel as chunks only).  The
+  :class:`Pusher` thread drains the store's durable queue
+  (``engine.PushQueue``) into the write tiers, oldest first, and backs off
+  while they fail.
+* **Fetch** (``Tiers.fetch``): an object that is not in the local store is
+  looked for in the read tiers in order: its chunk list, then the chunks the
+  local store lacks, ``FETCH_AHEAD`` of them in flight ahead of the consumer;
+  or, with no list, the whole blob.  Each chunk is verified as a blob, and the
+  caller stores the object with its digest as ``expect``: nothing wrong is
+  ever published or served.
+
+Sparse objects (files with holes) are pushed as chunks and list; they are not
+uploaded whole (their key is not the digest of their content).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from cachefs.engine import CachefsError, Digest, ObjectNotFoundError, Store
+from cachefs.errors import ConfigError, RemoteError
+from cachefs.remote._blobs import Remote
+from cachefs.remote._lists import list_key, list_result, listed_blob, pack_list, unpack_list
+
+log = logging.getLogger(__name__)
+
+#: A tier's directions.
+DIRECTIONS = ("read-write", "read-only", "write-only")
+#: Objects at most this large are uploaded whole to tiers that want them.
+WHOLE_MAX = 64 << 20
+#: Chunks fetched or pushed at once.
+FETCH_AHEAD = 16
+#: Digests asked about in one find_missing call.
+ASK_BATCH = 1000
+#: Objects the pusher takes from the queue at a time.
+PUSH_BATCH = 64
+#: The pusher's back-off after a failure (seconds, doubling) and its idle wait.
+RETRY_FIRST, RETRY_MAX, IDLE = 1.0, 60.0, 5.0
+
+
+@dataclass
+class Tier:
+    """One tier: a remote (endpoint or shard group) and which way data flows."""
+
+    remote: Remote
+    direction: str = "read-write"
+    #: Upload whole objects too (for REAPI and HTTP remotes' other clients).
+    whole: bool = False
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(
+                f"tier {self.remote.name}: direction {self.direction!r} is none of "
+                + ", ".join(DIRECTIONS)
+            )
+
+    @property
+    def readable(self) -> bool:
+        return self.direction != "write-only"
+
+    @property
+    def writable(self) -> bool:
+        return self.direction != "read-only"
+
+
+class Tiers:
+    """The tiers of one store, and what has moved through them."""
+
+    def __init__(self, store: Store, tiers: Sequence[Tier]) -> None:
+        self.store = store
+        self.function = store.digest_function
+        self.tiers = list(tiers)
+        self.readers = [t for t in self.tiers if t.readable]
+        self.writers = [t for t in self.tiers if t.writable]
+        self._pool = ThreadPoolExecutor(FETCH_AHEAD, thread_name_prefix="cachefs-tier")
+        self._lock = threading.Lock()
+        self.counts = {
+            "pushed_objects": 0,
+            "pushed_chunks": 0,
+            "pushed_bytes": 0,
+            "fetched_objects": 0,
+            "fetched_chunks": 0,
+            "fetched_bytes": 0,
+            "fetch_misses": 0,
+            "fetch_errors": 0,
+        }
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                self.counts[name] += delta
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for tier in self.tiers:
+            tier.remote.close()
+
+    # --- push ------------------------------------------------------------------
+
+    def push(self, digest: Digest) -> None:
+        """Make every write tier hold the object (ObjectNotFoundError: it is
+        not in the store any more; RemoteError: a tier failed)."""
+        chunks = self.store.recipe(digest)
+        for tier in self.writers:
+            self._push_to(tier, digest, chunks)
+        self._count(pushed_objects=1)
+
+    def _push_to(self, tier: Tier, digest: Digest, chunks: list[tuple[bytes, int]]) -> None:
+        remote = tier.remote
+        blobs = list(dict.fromkeys(Digest(d, n) for d, n in chunks if d))
+        missing: list[Digest] = []
+        for start in range(0, len(blobs), ASK_BATCH):
+            missing.extend(remote.find_missing(blobs[start : start + ASK_BATCH]))
+        sent = 0
+        for done in self._pool.map(lambda d: self._push_chunk(remote, d), missing):
+            sent += done
+        self._count(pushed_chunks=len(missing), pushed_bytes=sent)
+        listing = pack_list(chunks)
+        blob = Digest(self.function.hash(listing), len(listing))
+        whole = tier.whole and digest.size <= WHOLE_MAX and all(d for d, _ in chunks)
+        wanted = [blob, digest] if whole else [blob]
+        lacking = set(remote.find_missing(wanted))
+        if blob in lacking:
+            remote.write(blob, listing)
+        remote.update_action(list_key(self.function, digest), list_result(blob))
+        if digest in lacking:
+            remote.write(digest, self.store.read(digest))
+            self._count(pushed_bytes=digest.size)
+
+    def _push_chunk(self, remote: Remote, digest: Digest) -> int:
+        remote.write(digest, bytes(self.store.read_chunk(digest.hash)))
+        return digest.size
+
+    # --- fetch -----------------------------------------------------------------
+
+    def fetch(self, digest: Digest) -> Iterator[bytes | memoryview]:
+        """The bytes of an object the local store lacks, from the first read
+        tier that has it, each chunk verified (the caller stores them with
+        ``expect=digest``, which checks the whole).  ObjectNotFoundError if no
+        tier has it; RemoteError if none could be asked and one failed."""
+        failure: RemoteError | None = None
+        for tier in self.readers:
+            try:
+                found = self._listed(tier.remote, digest)
+            except RemoteError as exc:
+                failure = exc
+                continue
+            if found is not None:
+                self._count(fetched_objects=1)
+                return self._chunks(tier.remote, digest, found)
+            try:
+                data = tier.remote.read(digest)
+            except ObjectNotFoundError:
+                continue
+            except RemoteError as exc:
+                failure = exc
+                continue
+            self._count(fetched_objects=1, fetched_bytes=len(data))
+            return iter((data,))
+        if failure is not None:
+            self._count(fetch_errors=1)
+            raise failure
+        self._count(fetch_misses=1)
+        raise ObjectNotFoundError(f"object {digest} is in no tier of {self.store.path}")
+
+    def _listed(self, remote: Remote, digest: Digest) -> list[tuple[bytes, int]] | None:
+        """The object's chunk list from ``remote`` (None: it has none)."""
+        entry = remote.get_action(list_key(self.function, digest))
+        if entry is None:
+            return None
+        blob = listed_blob(entry, remote.name)
+        try:
+            data = remote.read(blob)
+        except ObjectNotFoundError:
+            return None
+        return unpack_list(data, digest, remote.name)
+
+    def _chunks(
+        self, remote: Remote, digest: Digest, chunks: list[tuple[bytes, int]]
+    ) -> Iterator[bytes | memoryview]:
+        """The object's bytes: local chunks read here, the others fetched
+        ahead in the pool (at most ``FETCH_AHEAD`` in flight)."""
+        local = self.store.chunks
+        stored = [d for d, _ in chunks if d]
+        absent = local.find_missing(stored) if stored else set()
+        window: deque[tuple[bytes, int, Future[bytes] | None]] = deque()
+        pending = iter(chunks)
+
+        def fill() -> None:
+            while len(window) < FETCH_AHEAD and (item := next(pending, None)) is not None:
+                chunk, size = item
+                fetch = chunk in absent
+                fut = (
+                    self._pool.submit(self._fetch_chunk, remote, Digest(chunk, size))
+                    if fetch
+                    else None
+                )
+                window.append((chunk, size, fut))
+
+        try:
+            fill()
+            while window:
+                chunk, size, fut = window.popleft()
+                if fut is not None:
+                    yield fut.result()
+                elif not chunk:  # a hole
+                    for start in range(0, size, 1 << 22):
+                        yield bytes(min(1 << 22, size - start))
+                else:
+                    yield local.read_chunk(chunk)
+                fill()
+        finally:
+            for _, _, fut in window:
+                if fut is not None:
+                    fut.cancel()
+
+    def _fetch_chunk(self, remote: Remote, digest: Digest) -> bytes:
+        data = remote.read(digest)  # verified
+        self._count(fetched_chunks=1, fetched_bytes=len(data))
+        return data
+
+    def figures(self) -> dict[str, object]:
+        with self._lock:
+            counts = dict(self.counts)
+        return {"tiers": [_describe(t) for t in self.tiers], **counts}
+
+
+def _describe(tier: Tier) -> dict[str, object]:
+    figures: dict[str, object] = {"remote": tier.remote.name, "direction": tier.direction}
+    members = getattr(tier.remote, "members", None)
+    if members is not None:
+        figures["endpoints"] = [
+            {"remote": m.remote.name, "open": m.breaker.open(), "reason": m.breaker.reason}
+            for m in members
+        ]
+    return figures
+
+
+class Pusher:
+    """A thread that drains the store's push queue into the write tiers."""
+
+    def __init__(self, tiers: Tiers) -> None:
+        queue = tiers.store.pushes
+        if queue is None:
+            raise ConfigError("the store was opened without a push queue (StoreOptions.push)")
+        self.queue = queue
+        self.tiers = tiers
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cachefs-pusher", daemon=True)
+        queue.on_queued = self.kick
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def kick(self) -> None:
+        """Something was queued: look now."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        delay = RETRY_FIRST
+        while not self._stop.is_set():
+            try:
+                progressed = self.drain_once()
+            except CachefsError as exc:
+                self.failures += 1
+                self.last_error = exc.message
+                log.warning("push: %s (retrying in %.0f s)", exc.message, delay)
+                self._stop.wait(delay)
+                delay = min(RETRY_MAX, delay * 2)
+                continue
+            delay = RETRY_FIRST
+            if not progressed:
+                self._wake.wait(IDLE)
+                self._wake.clear()
+
+    def drain_once(self) -> bool:
+        """Push the next batch of the queue; whether there was one.  A tier's
+        failure is raised after what was pushed before it is taken off the queue."""
+        batch = self.queue.peek(PUSH_BATCH)
+        done: list[bytes] = []
+        try:
+            for item in batch:
+                if self._stop.is_set():
+                    break
+                with contextlib.suppress(ObjectNotFoundError):  # deleted before it was pushed
+                    self.tiers.push(item.digest)
+                done.append(item.key)
+        finally:
+            self.queue.done(done)
+        if done:
+            self.last_error = None
+        return bool(batch)
+
+    def figures(self) -> dict[str, object]:
+        depth, age = self.queue.depth()
+        return {
+            "queue": depth,
+            "oldest_seconds": round(age, 1),
+            "push_failures": self.failures,
+            "last_error": self.last_error,
+        }
+
+
+def wait_pushed(pusher: Pusher, timeout: float) -> bool:
+    """Whether the queue emptied within ``timeout`` seconds (for tests and
+    ``--remote-durability``-like waits)."""
+    deadline = time.monotonic() + timeout
+    pusher.kick()
+    while time.monotonic() < deadline:
+        if pusher.queue.depth()[0] == 0:
+            return True
+        time.sleep(0.05)
+    return pusher.queue.depth()[0] == 0
+
+
+__all__ = ["DIRECTIONS", "Pusher", "Tier", "Tiers", "wait_pushed"]

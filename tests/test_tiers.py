@@ -1,0 +1,291 @@
+"""Tiers: a store's objects pushed from its durable queue and fetched by
+another store, as chunks plus a chunk list, through a remote in memory and
+through real ones (SeaweedFS's S3 gateway, a ``cachefs serve``, BuildGrid)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cachefs.engine import Digest, DigestMismatchError, ObjectNotFoundError, Store, StoreOptions
+from cachefs.errors import ConfigError, RemoteError
+from cachefs.format.digest import SHA256
+from cachefs.remote import (
+    Pusher,
+    Tier,
+    Tiers,
+    load_tiers,
+    open_remote,
+    read_config,
+    verified,
+)
+from cachefs.remote._lists import list_key, pack_list, unpack_list
+from tests.mounting import content_digest, kill, live_stats, mounted, start
+from tests.reapi import buildgrid, free_port, serving
+from tests.seaweed import seaweed
+from tests.test_remote import Memory
+
+PUSHING = StoreOptions(push=True, fsync=False)
+
+
+def fetch_into(store: Store, tiers: Tiers, digest: Digest) -> bytes:
+    """Fetch an object through ``tiers`` into ``store``, and read it back."""
+    got = store.put(tiers.fetch(digest), expect=digest)
+    assert got == digest
+    return store.read(digest)
+
+
+def drain(pusher: Pusher) -> None:
+    while pusher.queue.depth()[0]:
+        assert pusher.drain_once()
+
+
+def test_objects_go_as_chunks_and_a_list_and_come_back(tmp_path: Path) -> None:
+    remote = Memory("mem")
+    data = os.urandom(3 << 20)
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as a:
+        tiers = Tiers(a, [Tier(remote)])
+        digest = a.put(data)
+        assert a.pushes is not None and a.pushes.depth()[0] == 1
+        drain(Pusher(tiers))
+        chunks = a.recipe(digest)
+        assert len(chunks) > 4
+        assert {Digest(d, n) for d, n in chunks} <= set(remote.blobs)
+        assert digest not in remote.blobs  # whole objects only for tiers that want them
+        assert list_key(SHA256, digest) in remote.actions
+        # A changed file sends only its new chunks.
+        before = len(remote.blobs)
+        changed = data[:1000] + b"changed" + data[1000:]
+        second = a.put(changed)
+        drain(Pusher(tiers))
+        new = len(remote.blobs) - before
+        assert 1 <= new <= 3, new  # one or two chunks, and the list
+        assert a.pushes.depth() == (0, 0.0)
+        tiers.close()
+    with Store.open(tmp_path / "b", create=True, options=StoreOptions(fsync=False)) as b:
+        tiers = Tiers(b, [Tier(remote)])
+        assert fetch_into(b, tiers, digest) == data
+        fetched = tiers.counts["fetched_chunks"]
+        assert fetched == len({d for d, _ in chunks})
+        # The second object shares all but its changed chunks with the first.
+        assert fetch_into(b, tiers, second) == changed
+        assert tiers.counts["fetched_chunks"] - fetched <= 2
+        with pytest.raises(ObjectNotFoundError):
+            tiers.fetch(Digest(SHA256.hash(b"nowhere"), 7))
+        tiers.close()
+
+
+def test_whole_objects_for_tiers_that_want_them(tmp_path: Path) -> None:
+    remote = Memory("mem")
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as a:
+        tiers = Tiers(a, [Tier(remote, whole=True)])
+        digest = a.put(b"x" * 100_000)
+        drain(Pusher(tiers))
+        assert remote.blobs[digest] == b"x" * 100_000
+        # Without a list, a reader takes the whole blob.
+        remote.actions.clear()
+        with Store.open(tmp_path / "b", create=True, options=StoreOptions(fsync=False)) as b:
+            other = Tiers(b, [Tier(remote)])
+            assert fetch_into(b, other, digest) == b"x" * 100_000
+            other.close()
+        tiers.close()
+
+
+def test_the_queue_survives_a_reopen_and_drops_what_went(tmp_path: Path) -> None:
+    remote = Memory("mem")
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as a:
+        kept = a.put(b"kept" * 1000)
+        gone = a.put(b"gone" * 1000)
+        a.unref(gone)
+    with Store.open(tmp_path / "a", options=StoreOptions()) as a:
+        assert a.pushes is None  # opened without tiers: nothing queued ...
+        a.put(b"not queued")
+    with Store.open(tmp_path / "a", options=PUSHING) as a:
+        assert a.pushes is not None
+        assert [p.digest for p in a.pushes.peek(10)] == [kept, gone]  # ... the rest kept
+        tiers = Tiers(a, [Tier(remote)])
+        drain(Pusher(tiers))
+        tiers.close()
+    assert {Digest(d, n) for d, n in [(SHA256.hash(b"kept" * 1000), 4000)]} <= set(remote.blobs)
+
+
+def test_a_failing_tier_keeps_the_queue(tmp_path: Path) -> None:
+    remote = Memory("mem")
+    remote.down = True
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as a:
+        a.put(b"one" * 1000)
+        a.put(b"two" * 1000)
+        pusher = Pusher(Tiers(a, [Tier(remote)]))
+        with pytest.raises(RemoteError):
+            pusher.drain_once()
+        assert a.pushes is not None and a.pushes.depth()[0] == 2
+        remote.down = False
+        drain(pusher)
+        assert len(remote.actions) == 2
+        pusher.tiers.close()
+
+
+class Verifying(Memory):
+    """A remote in memory that checks what it hands back, as real ones do."""
+
+    def read(self, digest: Digest) -> bytes:
+        return verified(self.name, SHA256, digest, super().read(digest))
+
+
+def test_wrong_bytes_from_a_tier_are_never_stored(tmp_path: Path) -> None:
+    remote = Verifying("mem")
+    data = os.urandom(1 << 20)
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as a:
+        tiers = Tiers(a, [Tier(remote, whole=True)])
+        digest = a.put(data)
+        drain(Pusher(tiers))
+        tiers.close()
+    # A list that names the wrong chunks: each chunk is fine, the whole is not.
+    other = Digest(SHA256.hash(b"other" * 100), 500)
+    remote.blobs[other] = b"other" * 100
+    bad = pack_list([(other.hash, 500)])
+    with pytest.raises(RemoteError, match="does not add up"):
+        unpack_list(bad, digest, "mem")
+    with Store.open(tmp_path / "b", create=True, options=StoreOptions(fsync=False)) as b:
+        tiers = Tiers(b, [Tier(remote)])
+        # A chunk damaged on the remote.
+        chunk = next(d for d in remote.blobs if d != digest and d.size > 1000)
+        remote.blobs[chunk] = os.urandom(chunk.size)
+        with pytest.raises(RemoteError, match="not blob"):
+            b.put(tiers.fetch(digest), expect=digest)
+        assert not b.contains(digest)
+        # A whole blob with wrong bytes is refused by the digest it is stored under.
+        remote.actions.clear()
+        remote.blobs[digest] = os.urandom(digest.size)
+        with pytest.raises((RemoteError, DigestMismatchError)):
+            b.put(tiers.fetch(digest), expect=digest)
+        assert not b.contains(digest)
+        tiers.close()
+
+
+def test_config_files(tmp_path: Path) -> None:
+    config = tmp_path / "cachefs.toml"
+    config.write_text(
+        """
+[remote]
+timeout = 3
+
+[[tier]]
+url = "grpc://127.0.0.1:1/main"
+direction = "read-only"
+
+[[tier]]
+replicas = 2
+endpoints = [
+  { url = "http://127.0.0.1:2", weight = 1 },
+  { url = "http://127.0.0.1:3", weight = 2.5 },
+]
+"""
+    )
+    tiers = load_tiers(["grpc://127.0.0.1:4"], read_config(config), SHA256)
+    try:
+        assert [t.direction for t in tiers] == ["read-only", "read-write", "read-write"]
+        assert [t.whole for t in tiers] == [True, True, True]
+        assert tiers[1].remote.name.startswith("group(")
+    finally:
+        for tier in tiers:
+            tier.remote.close()
+    for text, why in [
+        ("[[tier]]\nurl = 'grpc://h'\ndirection = 'sideways'\n", "direction"),
+        ("[[tier]]\nurl = 'grpc://h'\ntimout = 3\n", "unknown key 'timout'"),
+        ("[[tier]]\nreplicas = 2\nendpoints = [{ url = 'grpc://h' }]\n", "cannot keep 2"),
+        ("[[tier]]\n", "either url or endpoints"),
+        ("[remote]\ntimeout = -1\n", "positive number"),
+        ("[[tier]\n", "not valid TOML"),
+        ("[tiers]\n", "unknown key 'tiers'"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            load_tiers([], read_config(config), SHA256)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_config(tmp_path / "missing.toml")
+
+
+def _round_trip(tmp_path: Path, url: str, *, whole: bool) -> None:
+    data = os.urandom(2 << 20) + b"tail"
+    a = Store.open(tmp_path / "a", create=True, options=PUSHING)
+    try:
+        tiers = Tiers(a, [Tier(open_remote(url, SHA256), whole=whole)])
+        digest = a.put(data)
+        small = a.put(b"small file")
+        drain(Pusher(tiers))
+        tiers.close()
+    finally:
+        a.close()
+    with Store.open(tmp_path / "b", create=True, options=StoreOptions(fsync=False)) as b:
+        tiers = Tiers(b, [Tier(open_remote(url, SHA256))])
+        try:
+            assert fetch_into(b, tiers, digest) == data
+            assert fetch_into(b, tiers, small) == b"small file"
+        finally:
+            tiers.close()
+
+
+def test_through_seaweedfs(tmp_path: Path) -> None:
+    with seaweed(tmp_path / "weed") as weed:
+        _round_trip(tmp_path, weed.url("cachefs", "team"), whole=False)
+
+
+def test_through_a_cachefs_serve(tmp_path: Path) -> None:
+    with serving(tmp_path / "server") as server:
+        _round_trip(tmp_path / "grpc", f"grpc://{server.grpc}/team", whole=True)
+        _round_trip(tmp_path / "http", f"http://{server.http}/team", whole=True)
+
+
+def test_through_buildgrid(tmp_path: Path) -> None:
+    with buildgrid(tmp_path / "bgd") as server:
+        _round_trip(tmp_path, f"grpc://{server.grpc}", whole=True)
+
+
+# --- a mount with tiers -----------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out")
+        time.sleep(0.1)
+
+
+def test_a_mount_pushes_from_a_queue_that_survives_kill_9(tmp_path: Path) -> None:
+    """A mount whose remote is down queues what it publishes; killed, then
+    mounted again with the remote up, it drains the queue; another store
+    then fetches every file from the remote."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    files = {f"f{i}": os.urandom(50_000 + i * 70_000) for i in range(12)}
+    dead = f"grpc://127.0.0.1:{free_port()}"
+    mount = start(store, mnt, "--remote", dead)
+    try:
+        for name, data in files.items():
+            with open(mnt / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        digests = {name: Digest.parse(content_digest(mnt / name)) for name in files}
+        remote = live_stats(mnt)["remote"]
+        assert remote["queue"] >= len(files), remote
+        assert remote["tiers"] == [{"remote": dead, "direction": "read-write"}]
+    finally:
+        kill(mount)
+    with seaweed(tmp_path / "weed") as weed:
+        url = weed.url("cachefs", "mount")
+        with mounted(store, mnt, "--remote", url):
+            wait_for(lambda: live_stats(mnt)["remote"]["queue"] == 0)
+            assert live_stats(mnt)["remote"]["pushed_objects"] >= len(files)
+        with Store.open(tmp_path / "other", create=True, options=StoreOptions(fsync=False)) as b:
+            tiers = Tiers(b, [Tier(open_remote(url, SHA256))])
+            try:
+                for name, data in files.items():
+                    assert fetch_into(b, tiers, digests[name]) == data
+            finally:
+                tiers.close()
