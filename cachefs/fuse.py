@@ -11,6 +11,7 @@ import pyfuse3.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -126,11 +127,15 @@ class Operations(pyfuse3.Operations):
         except CachefsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            # A negative entry the kernel may cache for a moment.
-            attr = pyfuse3.EntryAttributes()
-            attr.st_ino = 0
-            attr.entry_timeout = NEGATIVE_TIMEOUT
-            return attr
+        # Not here: in a shared cache directory, a remote tier may have it.
+        if await self.fs.shared.resolve(parent_inode, name):
+            with contextlib.suppress(CachefsError):
+                return self._attributes(self.fs.lookup(parent_inode, name))
+        # A negative entry the kernel may cache for a moment.
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = 0
+        attr.entry_timeout = NEGATIVE_TIMEOUT
+        return attr
 
     @_translate
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

@@ -30,6 +30,10 @@ DIR = stat.S_IFDIR | 0o755
         (b"max_size=10k", "positive"),
         (b"max_size=0", "positive"),
         (b"max_size=10 policy=fifo", "unknown policy"),
+        (b"max_size=10 shared=/abs", "share name"),
+        (b"max_size=10 shared=a//b", "share name"),
+        (b"max_size=10 shared=", "share name"),
+        (b"max_size=10 shared=" + b"x" * 201, "share name"),
     ],
 )
 def test_a_bad_cache_setting_is_einval(value: bytes, message: str) -> None:
@@ -39,8 +43,9 @@ def test_a_bad_cache_setting_is_einval(value: bytes, message: str) -> None:
 
 
 def test_settings_in_either_spelling() -> None:
-    assert parse_setting(b"max-size=100,policy=arc") == (100, "arc")
-    assert parse_setting(b"max_size=7") == (7, "lru")
+    assert parse_setting(b"max-size=100,policy=arc") == (100, "arc", None)
+    assert parse_setting(b"max_size=7") == (7, "lru", None)
+    assert parse_setting(b"max_size=7 shared=team/ccache") == (7, "lru", "team/ccache")
 
 
 def test_damaged_settings_are_ignored_with_a_message(

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from cachefs.remote import (
     verified,
 )
 from cachefs.remote._lists import list_key, pack_list, unpack_list
-from tests.mounting import content_digest, kill, live_stats, mounted, start
+from tests.mounting import cachefs, content_digest, kill, live_stats, mounted, start
 from tests.reapi import buildgrid, free_port, serving
 from tests.seaweed import seaweed
 from tests.test_remote import Memory
@@ -289,3 +290,81 @@ def test_a_mount_pushes_from_a_queue_that_survives_kill_9(tmp_path: Path) -> Non
                     assert fetch_into(b, tiers, digests[name]) == data
             finally:
                 tiers.close()
+
+
+# --- shared cache directories -------------------------------------------------------
+
+
+def settled(mnt: Path) -> bool:
+    remote = live_stats(mnt)["remote"]
+    return bool(remote["queue"] == 0 and remote["shared_settling"] == 0)
+
+
+@contextmanager
+def a_remote(kind: str, directory: Path) -> Iterator[str]:
+    """A remote of each kind, running for the test: its URL."""
+    if kind == "s3":
+        with seaweed(directory / "weed") as weed:
+            yield weed.url("cachefs", "shared")
+    elif kind == "buildgrid":
+        with buildgrid(directory / "bgd") as server:
+            yield f"grpc://{server.grpc}"
+    else:
+        with serving(directory / "server") as server:
+            yield f"grpc://{server.grpc}/team" if kind == "grpc" else f"http://{server.http}/team"
+
+
+@pytest.mark.parametrize("kind", ["s3", "grpc", "http", "buildgrid"])
+def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str) -> None:
+    """Files written in a shared cache directory of one mount (as a tool
+    does: a temporary name, then a rename) are found by name through the
+    other mount, byte-identical, with their mode and mtime; a name that is
+    nowhere misses; deleting is local.  Through SeaweedFS's S3 gateway, a
+    ``cachefs serve`` over gRPC and over HTTP, and BuildGrid."""
+    files = {
+        "a/0/obj1.o": os.urandom(200_000),
+        "a/1/obj2.o": os.urandom(3_000_000),
+        "b/stats": b"x" * 100,
+        "empty": b"",
+    }
+    with a_remote(kind, tmp_path) as url:
+        one, two = tmp_path / "one", tmp_path / "two"
+        with (
+            mounted(tmp_path / "s1", one, "--remote", url),
+            mounted(tmp_path / "s2", two, "--remote", url),
+        ):
+            for mnt in (one, two):
+                (mnt / "cc").mkdir()
+                out = cachefs("cache", "set", str(mnt / "cc"), "--max-size", "1G", "--shared")
+                assert "shared as cc" in out.stdout
+            for path, data in files.items():
+                target = one / "cc" / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                temporary = target.with_name(target.name + ".tmp")
+                with open(temporary, "wb") as f:
+                    f.write(data)
+                    os.fsync(f.fileno())
+                os.chmod(temporary, 0o640)
+                os.rename(temporary, target)
+            os.utime(one / "cc" / "b/stats", ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+            wait_for(lambda: settled(one))
+            assert live_stats(one)["remote"]["shared_entries_queued"] >= len(files)
+            for path, data in files.items():
+                there = two / "cc" / path
+                assert there.read_bytes() == data, path
+                assert there.stat().st_mode & 0o777 == 0o640
+            assert (two / "cc" / "b/stats").stat().st_mtime_ns == 1_600_000_000 * 10**9
+            assert not (two / "cc" / "a/0/obj1.o.tmp").exists()  # the temporary name was not pushed
+            with pytest.raises(FileNotFoundError):
+                (two / "cc" / "a/0/nowhere.o").read_bytes()
+            stats = live_stats(two)
+            assert stats["remote"]["shared_fetches"] == len(files)
+            cache = next(c for c in stats["caches"] if c["path"] == "/cc")
+            assert cache["shared"] == "cc" and cache["files"] == len(files)
+            # Local files now: deleting one is local, reading it again fetches it again.
+            (two / "cc" / "b/stats").unlink()
+            time.sleep(1.1)  # the kernel's negative entry
+            assert (two / "cc" / "b/stats").read_bytes() == b"x" * 100
+            # A directory that is not shared does not look.
+            (two / "plain").mkdir()
+            assert not (two / "plain" / "a").exists()

@@ -61,18 +61,44 @@ def command() -> None:
     help="What to evict first: least recently used, least frequently used (with "
     "aging), or ARC (adapts between recency and frequency).",
 )
-def set_command(directory: Path, max_size: str, policy: str) -> None:
-    """Mark DIR (inside a mounted store) as a cache with a budget, or change it."""
+@click.option(
+    "--shared",
+    is_flag=True,
+    help="Share DIR through the mount's remote tiers (--remote): files published in it "
+    "are pushed with their names; names missing here are looked for there.",
+)
+@click.option(
+    "--share-name",
+    metavar="NAME",
+    help="The share's name on the tiers (default: DIR's path in the mount); machines "
+    "that give the same name share the same entries.",
+)
+def set_command(
+    directory: Path, max_size: str, policy: str, shared: bool, share_name: str | None
+) -> None:
+    """Mark DIR (inside a mounted store) as a cache with a budget, or change it.
+
+    A shared cache directory is one cache for every machine whose mount has
+    the same remote tier: what one builds, the others find (see the README,
+    "Sharing it with a team")."""
     size = parse_size(max_size)
     if size <= 0:
         raise ConfigError("the budget must be more than 0 bytes")
-    _mount_root(directory)
-    value = f"max_size={size} policy={policy}".encode()
+    root = _mount_root(directory)
+    value = f"max_size={size} policy={policy}"
+    if share_name is not None and not shared:
+        raise ConfigError("--share-name goes with --shared")
+    if shared:
+        name = share_name or directory.resolve().relative_to(root).as_posix()
+        if name in ("", "."):
+            raise ConfigError("the mount's root cannot be shared", hint="share a directory in it")
+        value += f" shared={name}"
     try:
-        os.setxattr(directory, _XATTR, value)
+        os.setxattr(directory, _XATTR, value.encode())
     except OSError as exc:
         raise from_oserror(exc, f"marking {directory} as a cache") from None
-    click.echo(f"{directory}: cache of {human_bytes(size)}, {policy}")
+    share = f", shared as {value.rsplit('=', 1)[1]}" if shared else ""
+    click.echo(f"{directory}: cache of {human_bytes(size)}, {policy}{share}")
 
 
 @command.command("unset")

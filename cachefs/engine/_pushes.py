@@ -30,6 +30,8 @@ class QueuedPush:
     key: bytes  # its entry's key (done() takes it)
     digest: Digest
     queued_ns: int
+    #: What the layer above queued with it (b"": the object alone).
+    entry: bytes = b""
 
 
 class PushQueue:
@@ -50,28 +52,32 @@ class PushQueue:
         cursor = txn.cursor(db=self.table.handle)
         return PUSH_KEY.unpack(cursor.key())[0] + 1 if cursor.last() else 0
 
-    def add(self, txn: lmdb.Transaction, digest: Digest) -> None:
-        """Queue ``digest`` in the publishing transaction ``txn`` (the caller
-        holds the commit lock: one publication at a time numbers entries)."""
+    def add(self, txn: lmdb.Transaction, digest: Digest, entry: bytes = b"") -> None:
+        """Queue ``digest`` (and ``entry``) in the write transaction ``txn``
+        (write transactions run one at a time: they number entries in turn)."""
         key = PUSH_KEY.pack(self._next, digest.hash, digest.size)
-        self.table.put(txn, key, PUSH.pack(time.time_ns()))
+        self.table.put(txn, key, PUSH.pack(time.time_ns()) + entry)
         self._next += 1
         self._queued = True
 
     def committed(self) -> None:
-        """The publishing transaction committed: tell the pusher if it queued."""
+        """A transaction that may have queued objects ended: tell the pusher.
+        (Numbers of an aborted one are not used again: gaps do no harm.)"""
         if self._queued:
             self._queued = False
             if self.on_queued is not None:
                 self.on_queued()
 
-    def aborted(self) -> None:
-        """The publishing transaction failed: its entries are not there (their
-        numbers may be used again)."""
-        if self._queued:
-            self._queued = False
-            with self.index.read() as txn:
-                self._next = self._after_last(txn)
+    def add_entry(self, digest: Digest, entry: bytes) -> None:
+        """Queue a name for an object (``entry``: what the layer above pushes
+        with it, e.g. a shared directory's entry), in a transaction of its own."""
+        try:
+            with self.index.write() as txn:
+                self.add(txn, digest, entry)
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, "queueing an entry to push") from None
+        finally:
+            self.committed()
 
     def peek(self, limit: int) -> list[QueuedPush]:
         """The first ``limit`` entries, oldest first."""
@@ -79,7 +85,8 @@ class PushQueue:
         with self.index.read() as txn:
             for key, value in self.table.items(txn):
                 _, hash_, size = PUSH_KEY.unpack(key)
-                out.append(QueuedPush(key, Digest(hash_, size), PUSH.unpack(value)[0]))
+                queued = PUSH.unpack_from(value)[0]
+                out.append(QueuedPush(key, Digest(hash_, size), queued, value[PUSH.size :]))
                 if len(out) == limit:
                     break
         return out
@@ -102,7 +109,7 @@ class PushQueue:
             first = next(self.table.items(txn), None)
         if first is None:
             return 0, 0.0
-        return count, max(0.0, (time.time_ns() - PUSH.unpack(first[1])[0]) / 1e9)
+        return count, max(0.0, (time.time_ns() - PUSH.unpack_from(first[1])[0]) / 1e9)
 
 
 __all__ = ["PushQueue", "QueuedPush"]

@@ -115,7 +115,9 @@ The push queue (created when a store is first opened with write tiers,
 ``cachefs.remote``):
 
 ``pushes``  key ``PUSH_KEY`` = sequence number Q BE, object key 32s, size Q BE;
-    value ``PUSH`` = when it was queued (ns since the epoch, Q).
+    value ``PUSH`` = when it was queued (ns since the epoch, Q), then the
+    entry the layer above queued with the object, if any (a shared
+    directory's entry: JSON, ``cachefs.fs`` ``_shared.py``).
     Objects published while the store had write tiers, to be pushed to them
     (their chunks, their chunk list, and the whole object where the tier
     wants it).  The entry is written in the publishing transaction, so a

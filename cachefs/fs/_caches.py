@@ -61,32 +61,49 @@ CACHE_XATTR = b"user.cachefs.cache"
 _COUNTERS = ("hits", "misses", "evictions", "bytes_evicted", "throttled", "throttled_seconds")
 
 
-def parse_setting(value: bytes) -> tuple[int, str]:
-    """``max_size=N policy=P`` (the xattr's value) -> (max_size, policy)."""
+#: A share's name (``shared=NAME``).
+_SHARE_NAME = r"(?=.{1,200}$)[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*"
+
+
+def parse_setting(value: bytes) -> tuple[int, str, str | None]:
+    """``max_size=N [policy=P] [shared=NAME]`` (the xattr's value) -> (max_size,
+    policy, the share's name or None)."""
     fields: dict[str, str] = {}
     for word in value.decode("ascii", "replace").replace(",", " ").split():
         key, sep, val = word.partition("=")
         if not sep:
             raise FsError(errno.EINVAL, f"cache setting {word!r} is not KEY=VALUE")
         fields[key.replace("-", "_")] = val
-    unknown = set(fields) - {"max_size", "policy"}
+    unknown = set(fields) - {"max_size", "policy", "shared"}
     if unknown or "max_size" not in fields:
-        raise FsError(errno.EINVAL, "a cache setting is max_size=BYTES [policy=lru|lfu|arc]")
+        raise FsError(
+            errno.EINVAL, "a cache setting is max_size=BYTES [policy=lru|lfu|arc] [shared=NAME]"
+        )
+    shared = fields.get("shared")
+    if shared is not None and not re.fullmatch(_SHARE_NAME, shared):
+        raise FsError(
+            errno.EINVAL,
+            f"share name {shared!r}: 1 to 200 of A-Z a-z 0-9 . _ - and / (not first or last)",
+        )
     if not re.fullmatch(r"[0-9]+", fields["max_size"]) or int(fields["max_size"]) <= 0:
         raise FsError(errno.EINVAL, "max_size must be a positive number of bytes")
     policy = fields.get("policy", "lru")
     if policy not in POLICIES:
         raise FsError(errno.EINVAL, f"unknown policy {policy!r}")
-    return int(fields["max_size"]), policy
+    return int(fields["max_size"]), policy, shared
 
 
 class CacheDir:
     """One cache directory: its settings, policy, members and counters."""
 
-    def __init__(self, ino: int, max_size: int, policy: str, record: dict[str, Any]) -> None:
+    def __init__(
+        self, ino: int, max_size: int, policy: str, record: dict[str, Any], shared: str | None
+    ) -> None:
         self.ino = ino
         self.max_size = max_size
         self.policy_name = policy
+        #: The share's name when the directory is shared through the remote tiers.
+        self.shared = shared
         self.policy: Policy = make_policy(policy, max_size)
         #: The entries (parent, name) of each member file inside this cache.
         self.names: dict[int, list[tuple[int, bytes]]] = {}
@@ -99,10 +116,12 @@ class CacheDir:
         return int(self.policy.bytes)
 
     def setting(self) -> bytes:
-        return f"max_size={self.max_size} policy={self.policy_name}".encode()
+        shared = "" if self.shared is None else f" shared={self.shared}"
+        return f"max_size={self.max_size} policy={self.policy_name}{shared}".encode()
 
     def record(self) -> dict[str, Any]:
-        return {"max_size": self.max_size, "policy": self.policy_name, **self.counters}
+        shared = {} if self.shared is None else {"shared": self.shared}
+        return {"max_size": self.max_size, "policy": self.policy_name, **shared, **self.counters}
 
     def state(self) -> list[tuple[int, int]]:
         """(file inode, count) of every member, in the order that rebuilds the policy."""
@@ -115,6 +134,7 @@ class CacheDir:
             "inode": self.ino,
             "max_size": self.max_size,
             "policy": self.policy_name,
+            "shared": self.shared,
             "files": len(self.policy),
             "bytes": self.usage,
             "hits": int(hits),
@@ -163,9 +183,10 @@ class CacheDirs(FsEvents):
         for ino, record in records.items():
             try:
                 max_size, policy = int(record["max_size"]), str(record["policy"])
-                if max_size <= 0 or policy not in POLICIES:
+                shared = record.get("shared")
+                if max_size <= 0 or policy not in POLICIES or not isinstance(shared, str | None):
                     raise ValueError(record)
-                self.dirs[ino] = CacheDir(ino, max_size, policy, record)
+                self.dirs[ino] = CacheDir(ino, max_size, policy, record, shared)
             except (KeyError, ValueError, TypeError):
                 log.error(
                     "ignoring the damaged settings of cache directory %d: %r "
@@ -428,11 +449,11 @@ class CacheDirs(FsEvents):
         """Make directory ``ino`` a cache (or change its budget or policy)."""
         if not self.namespace.get(ino).is_dir:
             raise FsError(errno.ENOTDIR, "only a directory can be a cache")
-        max_size, policy = parse_setting(value)
+        max_size, policy, shared = parse_setting(value)
         cache = self.dirs.get(ino)
         fresh = cache is None
         if cache is None:
-            cache = CacheDir(ino, max_size, policy, {})
+            cache = CacheDir(ino, max_size, policy, {}, shared)
         elif cache.policy_name != policy:
             # The same object (the evictor may hold it): a new policy that
             # starts from the order of eviction the old one had reached.
@@ -440,7 +461,7 @@ class CacheDirs(FsEvents):
             for member, size, _ in list(cache.policy.entries()):
                 replacement.admit(member, size)
             cache.policy, cache.policy_name = replacement, policy
-        cache.max_size = max_size
+        cache.max_size, cache.shared = max_size, shared
         cache.policy.capacity = max_size
         self.records.put({ino: cache.record()})
         self.dirs[ino] = cache

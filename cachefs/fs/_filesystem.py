@@ -120,8 +120,7 @@ class Filesystem:
         self.errors = 0
         #: gc runs started by this filesystem (a publication would wait for them).
         self._collecting = 0
-        #: Why the filesystem went read-only to protect the store (None: it did
-        #: not); a reason recorded before holds until fsck clears it.
+        #: Why it went read-only to protect the store (None: it did not; until fsck).
         self.failsafe: str | None = store.health.failsafe
         self.control = ControlTree(store, self.figures, self)
         self.lookups = Lookups(self.namespace, self.files, self.control)
@@ -174,6 +173,7 @@ class Filesystem:
             unlink=self.unlink,
             changed=self._changed_here,
         )
+        self.shared = self.remote.share(self)  # shared cache directories
         self.io = FileIO(
             store,
             self.namespace,
@@ -207,7 +207,7 @@ class Filesystem:
             self.io.nursery = nursery
             nursery.start_soon(self.caches.eviction.run)
             nursery.start_soon(self.memory.run)
-            self.remote.start()
+            nursery.start_soon(self.remote.run)
             task_status.started()
             await trio.sleep_forever()
 

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from cachefs.engine import Store
+from cachefs.fs._shared import SharedDirs
 from cachefs.remote import Pusher, Tier, Tiers
+
+if TYPE_CHECKING:
+    from cachefs.fs._filesystem import Filesystem
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +29,30 @@ class RemoteTiers:
     """A store's tiers and, when some take writes, the thread that pushes to them."""
 
     def __init__(self, store: Store, tiers: Sequence[Tier]) -> None:
+        self.store = store
         self.tiers = Tiers(store, tiers)
+        self.shared: SharedDirs | None = None
         self.pusher = Pusher(self.tiers) if self.tiers.writers and store.pushes else None
         self._started = False
 
-    def start(self) -> None:
+    def share(self, fs: Filesystem) -> SharedDirs:
+        """Shared cache directories of ``fs`` through these tiers (a listener)."""
+        self.shared = SharedDirs(
+            self.store, fs.namespace, fs.caches, fs.files, fs.stored, fs.listeners, self.tiers
+        )
+        fs.listeners.add(self.shared)
+        return self.shared
+
+    async def run(self) -> None:
+        """Push and queue shared entries in the background, until cancelled."""
         if self.pusher is not None and not self._started:
             self._started = True
             self.pusher.start()
             depth, age = self.pusher.queue.depth()
             if depth:
                 log.info("push queue: %d objects waiting (oldest %.0f s)", depth, age)
+        if self.shared is not None:
+            await self.shared.run()
 
     def close(self) -> None:
         """Stop pushing (what is left stays queued for the next start)."""
@@ -50,6 +68,8 @@ class RemoteTiers:
         doc = self.tiers.figures()
         if self.pusher is not None:
             doc |= self.pusher.figures()
+        if self.shared is not None:
+            doc |= self.shared.figures()
         return {"remote": doc}
 
 

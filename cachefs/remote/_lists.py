@@ -1,4 +1,4 @@
-"""Chunk lists: how an object's chunking reaches a remote (remote layer).
+"""Chunk lists and shared entries: how names reach a remote (remote layer).
 
 A tier holds an object as its chunks (blobs, by their digests) plus its chunk
 list, so that a changed file sends only its new chunks and a reader on another
@@ -13,6 +13,14 @@ is found by an action cache entry: the key is the digest of
 entry is an ``ActionResult`` with one output file, ``LIST_PATH``, whose digest
 is the list blob's.  Every REAPI server, Bazel HTTP cache and bucket keeps such
 entries, and to other clients it is an action result like any other.
+Shared directories put their entries on the tiers the same way: the entry of
+relative path ``PATH`` in share ``SHARE`` is the action cache entry under the
+digest of ``SHARE_DOMAIN + SHARE + NUL + PATH`` (``entry_key``).  A file's is
+an ``ActionResult`` with one output file: its path, its content's digest, and
+its mode and mtime in the file's ``node_properties``; a directory's (made for
+each directory above a file) has no outputs and ``execution_metadata.worker``
+= ``DIRECTORY_MARK``.
+
 Nothing in a list is trusted: each chunk is verified as a blob, and the object
 assembled from them is verified against its own digest before it is stored.
 """
@@ -20,6 +28,7 @@ assembled from them is verified against its own digest before it is stored.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from cachefs.errors import RemoteError
 from cachefs.format.digest import Digest, DigestFunction
@@ -29,6 +38,8 @@ LIST_MAGIC = b"CFSLIST1"
 LIST_ENTRY = struct.Struct("<32sQ")
 LIST_DOMAIN = b"cachefs chunk list 1\0"
 LIST_PATH = "cachefs-chunk-list"
+SHARE_DOMAIN = b"cachefs share entry 1\0"
+DIRECTORY_MARK = "cachefs-directory"
 _SIZE = struct.Struct(">Q")
 _HOLE = bytes(32)
 
@@ -79,4 +90,67 @@ def listed_blob(result: re_pb2.ActionResult, where: str) -> Digest:
     raise RemoteError(f"{where}: an action cache entry is not a chunk list")
 
 
-__all__ = ["list_key", "list_result", "listed_blob", "pack_list", "unpack_list"]
+@dataclass(frozen=True)
+class SharedEntry:
+    """A shared directory's entry as a tier keeps it."""
+
+    path: str
+    #: The file's content (None: a directory).
+    digest: Digest | None
+    mode: int = 0o644
+    mtime_ns: int = 0
+
+
+def entry_key(function: DigestFunction, share: str, path: str) -> Digest:
+    """The action cache key of the entry ``path`` of share ``share``."""
+    document = SHARE_DOMAIN + share.encode() + b"\0" + path.encode()
+    return Digest(function.hash(document), len(document))
+
+
+def entry_result(entry: SharedEntry) -> re_pb2.ActionResult:
+    """The action cache entry that holds a shared directory's entry."""
+    if entry.digest is None:
+        return re_pb2.ActionResult(
+            execution_metadata=re_pb2.ExecutedActionMetadata(worker=DIRECTORY_MARK)
+        )
+    properties = re_pb2.NodeProperties()
+    properties.unix_mode.value = entry.mode & 0o7777
+    properties.mtime.FromNanoseconds(entry.mtime_ns)
+    output = re_pb2.OutputFile(
+        path=entry.path,
+        digest=re_pb2.Digest(hash=entry.digest.hex, size_bytes=entry.digest.size),
+        is_executable=bool(entry.mode & 0o111),
+        node_properties=properties,
+    )
+    return re_pb2.ActionResult(output_files=[output])
+
+
+def parse_entry(result: re_pb2.ActionResult, path: str, where: str) -> SharedEntry:
+    """The shared entry an action cache entry holds (RemoteError if none)."""
+    if result.execution_metadata.worker == DIRECTORY_MARK and not result.output_files:
+        return SharedEntry(path, None)
+    if len(result.output_files) == 1 and result.output_files[0].path == path:
+        output = result.output_files[0]
+        try:
+            digest = Digest(bytes.fromhex(output.digest.hash), output.digest.size_bytes)
+        except ValueError:
+            digest = None
+        properties = output.node_properties
+        if digest is not None and len(digest.hash) == 32 and digest.size >= 0:
+            mode = properties.unix_mode.value if properties.HasField("unix_mode") else 0o644
+            mtime = properties.mtime.ToNanoseconds() if properties.HasField("mtime") else 0
+            return SharedEntry(path, digest, mode & 0o7777, mtime)
+    raise RemoteError(f"{where}: the shared entry {path!r} is malformed")
+
+
+__all__ = [
+    "SharedEntry",
+    "entry_key",
+    "entry_result",
+    "list_key",
+    "list_result",
+    "listed_blob",
+    "pack_list",
+    "parse_entry",
+    "unpack_list",
+]

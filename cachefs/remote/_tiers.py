@@ -25,18 +25,30 @@ uploaded whole (their key is not the digest of their content).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from cachefs.engine import CachefsError, Digest, ObjectNotFoundError, Store
+from cachefs.engine import CachefsError, Digest, ObjectNotFoundError, QueuedPush, Store
 from cachefs.errors import ConfigError, RemoteError
 from cachefs.remote._blobs import Remote
-from cachefs.remote._lists import list_key, list_result, listed_blob, pack_list, unpack_list
+from cachefs.remote._lists import (
+    SharedEntry,
+    entry_key,
+    entry_result,
+    list_key,
+    list_result,
+    listed_blob,
+    pack_list,
+    parse_entry,
+    unpack_list,
+)
+from cachefs.remote._shards import Breaker
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +74,8 @@ class Tier:
     direction: str = "read-write"
     #: Upload whole objects too (for REAPI and HTTP remotes' other clients).
     whole: bool = False
+    #: Skips the tier for a while once it fails (lookups must not hang a build).
+    breaker: Breaker = field(default_factory=Breaker)
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -99,7 +113,10 @@ class Tiers:
             "fetched_bytes": 0,
             "fetch_misses": 0,
             "fetch_errors": 0,
+            "pushed_entries": 0,
         }
+        #: Directory entries of shares put on tiers by this process: (tier, share, path).
+        self._directories: set[tuple[str, str, str]] = set()
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -116,6 +133,8 @@ class Tiers:
     def push(self, digest: Digest) -> None:
         """Make every write tier hold the object (ObjectNotFoundError: it is
         not in the store any more; RemoteError: a tier failed)."""
+        if digest.size == 0:
+            return  # the empty blob: every tier has it
         chunks = self.store.recipe(digest)
         for tier in self.writers:
             self._push_to(tier, digest, chunks)
@@ -154,30 +173,82 @@ class Tiers:
         tier that has it, each chunk verified (the caller stores them with
         ``expect=digest``, which checks the whole).  ObjectNotFoundError if no
         tier has it; RemoteError if none could be asked and one failed."""
+        if digest.size == 0:
+            return iter(())
         failure: RemoteError | None = None
         for tier in self.readers:
+            if not tier.breaker.admit():
+                failure = RemoteError(f"{tier.remote.name} is skipped: {tier.breaker.reason}")
+                continue
             try:
                 found = self._listed(tier.remote, digest)
+                data = None if found is not None else self._whole(tier.remote, digest)
             except RemoteError as exc:
+                self._failed(tier, exc)
                 failure = exc
                 continue
+            tier.breaker.succeeded()
             if found is not None:
                 self._count(fetched_objects=1)
                 return self._chunks(tier.remote, digest, found)
-            try:
-                data = tier.remote.read(digest)
-            except ObjectNotFoundError:
-                continue
-            except RemoteError as exc:
-                failure = exc
-                continue
-            self._count(fetched_objects=1, fetched_bytes=len(data))
-            return iter((data,))
+            if data is not None:
+                self._count(fetched_objects=1, fetched_bytes=len(data))
+                return iter((data,))
         if failure is not None:
             self._count(fetch_errors=1)
             raise failure
         self._count(fetch_misses=1)
         raise ObjectNotFoundError(f"object {digest} is in no tier of {self.store.path}")
+
+    @staticmethod
+    def _whole(remote: Remote, digest: Digest) -> bytes | None:
+        try:
+            return remote.read(digest)
+        except ObjectNotFoundError:
+            return None
+
+    @staticmethod
+    def _failed(tier: Tier, exc: RemoteError) -> None:
+        if tier.breaker.failed(exc.message):
+            log.warning("remote %s skipped for %.0f s: %s", tier.remote.name,
+                        tier.breaker.backoff, exc.message)  # fmt: skip
+
+    # --- shared entries ------------------------------------------------------------
+
+    def find_entry(self, share: str, path: str) -> SharedEntry | None:
+        """The entry ``path`` of share ``share`` in the first read tier that
+        has it; None if none has it, or none could be asked (a lookup then
+        misses: it never waits on a tier that is failing)."""
+        key = entry_key(self.function, share, path)
+        for tier in self.readers:
+            if not tier.breaker.admit():
+                continue
+            try:
+                result = tier.remote.get_action(key)
+                entry = None if result is None else parse_entry(result, path, tier.remote.name)
+            except RemoteError as exc:
+                self._failed(tier, exc)
+                log.warning("shared entry %s/%s: %s", share, path, exc.message)
+                continue
+            tier.breaker.succeeded()
+            if entry is not None:
+                return entry
+        return None
+
+    def push_entry(self, share: str, entry: SharedEntry) -> None:
+        """Put a shared directory's entry (its content pushed before) and the
+        entries of the directories above it on every write tier."""
+        parts = entry.path.split("/")
+        above = ["/".join(parts[:n]) for n in range(1, len(parts))]
+        for tier in self.writers:
+            for path in above:
+                if (tier.remote.key, share, path) not in self._directories:
+                    key = entry_key(self.function, share, path)
+                    tier.remote.update_action(key, entry_result(SharedEntry(path, None)))
+                    self._directories.add((tier.remote.key, share, path))
+            key = entry_key(self.function, share, entry.path)
+            tier.remote.update_action(key, entry_result(entry))
+        self._count(pushed_entries=1)
 
     def _listed(self, remote: Remote, digest: Digest) -> list[tuple[bytes, int]] | None:
         """The object's chunk list from ``remote`` (None: it has none)."""
@@ -243,10 +314,12 @@ class Tiers:
 
 def _describe(tier: Tier) -> dict[str, object]:
     figures: dict[str, object] = {"remote": tier.remote.name, "direction": tier.direction}
+    if tier.breaker.open:
+        figures["skipped"] = tier.breaker.reason
     members = getattr(tier.remote, "members", None)
     if members is not None:
         figures["endpoints"] = [
-            {"remote": m.remote.name, "open": m.breaker.open(), "reason": m.breaker.reason}
+            {"remote": m.remote.name, "open": m.breaker.open, "reason": m.breaker.reason}
             for m in members
         ]
     return figures
@@ -306,14 +379,35 @@ class Pusher:
             for item in batch:
                 if self._stop.is_set():
                     break
-                with contextlib.suppress(ObjectNotFoundError):  # deleted before it was pushed
-                    self.tiers.push(item.digest)
+                if item.entry:
+                    self._push_entry(item)
+                else:
+                    with contextlib.suppress(ObjectNotFoundError):  # deleted before it was pushed
+                        self.tiers.push(item.digest)
                 done.append(item.key)
         finally:
             self.queue.done(done)
         if done:
             self.last_error = None
         return bool(batch)
+
+    def _push_entry(self, item: QueuedPush) -> None:
+        """A shared directory's entry, after its content (an entry whose
+        content is gone, or that is unreadable, is dropped)."""
+        try:
+            doc = json.loads(item.entry)
+            entry = SharedEntry(
+                str(doc["path"]), item.digest, int(doc["mode"]), int(doc["mtime_ns"])
+            )
+            share = str(doc["share"])
+        except (ValueError, KeyError, TypeError):
+            log.error("push queue: dropping an unreadable entry %r", item.entry[:200])
+            return
+        try:
+            self.tiers.push(item.digest)
+        except ObjectNotFoundError:
+            return
+        self.tiers.push_entry(share, entry)
 
     def figures(self) -> dict[str, object]:
         depth, age = self.queue.depth()

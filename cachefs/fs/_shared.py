@@ -1,0 +1,225 @@
+"""Shared cache directories: a cache directory that is one cache for a team (filesystem layer).
+
+A cache directory marked ``shared=NAME`` (``cachefs cache set DIR --shared``)
+is shared through the store's remote tiers (``cachefs.remote``):
+
+* **Out.**  Every file published in it, at any depth, is queued in the
+  store's push queue with its entry -- the path relative to the directory,
+  its mode and mtime -- once it has settled (``SETTLE`` seconds after its last
+  publication, rename or link, so that a tool's temporary name is not pushed
+  in place of its final one).  The pusher sends the content first, then the
+  entry, and the entries of the directories above it (``_lists.py`` in
+  ``cachefs.remote`` says how tiers keep them).  The queue survives a crash;
+  an entry whose file settled in the last ``SETTLE`` seconds before a crash
+  is not pushed (its content is).
+* **In.**  A lookup in the directory that finds no local entry asks the read
+  tiers for one (:meth:`SharedDirs.resolve`); a directory is made, a file is
+  fetched (verified, chunk by chunk) and stored, with the entry's mode and
+  mtime, owned by the directory's owner.  From then on it is a file of the
+  cache directory like any other (budget, eviction, policy).  A tier that
+  fails is skipped for a while (its breaker), so a lookup misses rather than
+  hangs; negative lookups are cached by the kernel for ``NEGATIVE_TIMEOUT``
+  (1 s, ``cachefs.fuse``) at most.
+
+Deleting or evicting a file is local: entries on the tiers age out by the
+tiers' own lifecycle.  Sparse files are not shared.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+
+import trio
+
+from cachefs.engine import CachefsError, Digest, FsError, Inode, Namespace, Store
+from cachefs.format.schema import NO_CONTENT, may_be_sparse
+from cachefs.fs._caches import CacheDir, CacheDirs
+from cachefs.fs._events import Entry, FsEvents, Listeners
+from cachefs.fs._files import OpenFiles
+from cachefs.fs._stored_files import StoredFiles
+from cachefs.remote import Tiers
+
+log = logging.getLogger(__name__)
+
+#: Seconds a file must rest after its last publication, rename or link before
+#: its entry is queued.
+SETTLE = 1.0
+
+
+class SharedDirs(FsEvents):
+    """Pushes the entries of shared cache directories and resolves their misses."""
+
+    def __init__(
+        self,
+        store: Store,
+        namespace: Namespace,
+        caches: CacheDirs,
+        files: OpenFiles,
+        stored: StoredFiles,
+        listeners: Listeners,
+        tiers: Tiers,
+    ) -> None:
+        self.store = store
+        self.namespace = namespace
+        self.caches = caches
+        self.files = files
+        self.stored = stored
+        self.listeners = listeners
+        self.tiers = tiers
+        self.pushes = store.pushes if tiers.writers else None
+        #: Files of shared directories to queue, and when they last changed.
+        self._settling: dict[int, float] = {}
+        #: Files fetched from the tiers (not to be pushed back).
+        self._fetched: set[int] = set()
+        self.counts = {"shared_entries_queued": 0, "shared_fetches": 0, "shared_misses": 0}
+
+    # --- out: entries queued once files settle -----------------------------------------
+
+    def _touched(self, ino: int) -> None:
+        if self.pushes is None:
+            return
+        cache = self.caches.members.get(ino)
+        if cache is not None and cache.shared is not None and ino not in self._fetched:
+            self._settling[ino] = time.monotonic()
+
+    def published(self, ino: int, size: int) -> None:
+        self._touched(ino)
+
+    def renamed(self, moved: Inode, old: Entry, new: Entry, exchanged: Inode | None) -> None:
+        self._touched(moved.ino)
+        if exchanged is not None:
+            self._touched(exchanged.ino)
+
+    def linked(self, parent: int, name: bytes, inode: Inode) -> None:
+        self._touched(inode.ino)
+
+    async def run(self) -> None:
+        """Queue the entries of settled files, until cancelled."""
+        if self.pushes is None:
+            return
+        while True:
+            await trio.sleep(SETTLE / 2)
+            now = time.monotonic()
+            ready = [ino for ino, at in self._settling.items() if now - at >= SETTLE]
+            if not ready:
+                continue
+            for ino in ready:
+                del self._settling[ino]
+            entries = self._entries(ready)
+            if entries:
+                try:
+                    await trio.to_thread.run_sync(self._queue, entries)
+                except CachefsError as exc:
+                    log.error("shared directories: could not queue %d entries: %s",
+                              len(entries), exc)  # fmt: skip
+                else:
+                    self.counts["shared_entries_queued"] += len(entries)
+
+    def _entries(self, inos: list[int]) -> list[tuple[Digest, bytes]]:
+        """(content, entry document) of each name of each settled file."""
+        out = []
+        for ino in inos:
+            cache = self.caches.members.get(ino)
+            state = self.files.get(ino)
+            if cache is None or cache.shared is None or (state and state.unpublished_bytes):
+                continue  # gone, or written again: its publication touches it again
+            try:
+                inode = self.namespace.get(ino)
+            except CachefsError:
+                continue
+            if inode.content == NO_CONTENT:
+                digest = Digest(self.store.digest_function.hash(b""), 0)
+            elif may_be_sparse(inode.content):
+                continue
+            else:
+                digest = Digest(inode.content, inode.size)
+            for parent, name in cache.names.get(ino, []):
+                try:
+                    path = self._path(cache, parent, name)
+                except CachefsError:
+                    continue
+                doc = {
+                    "share": cache.shared,
+                    "path": path,
+                    "mode": stat.S_IMODE(inode.mode),
+                    "mtime_ns": inode.mtime_ns,
+                }
+                out.append((digest, json.dumps(doc).encode()))
+        return out
+
+    def _queue(self, entries: list[tuple[Digest, bytes]]) -> None:
+        assert self.pushes is not None
+        for digest, doc in entries:
+            self.pushes.add_entry(digest, doc)
+
+    def _path(self, cache: CacheDir, parent: int, name: bytes) -> str:
+        """The path of ``name`` in ``parent`` relative to the shared directory."""
+        top = self.namespace.path_of(cache.ino)
+        here = self.namespace.path_of(parent)
+        relative = here[len(top) :].strip(b"/")
+        return os.fsdecode(relative + b"/" + name if relative else name)
+
+    # --- in: lookups that miss ------------------------------------------------------
+
+    async def resolve(self, parent: int, name: bytes) -> bool:
+        """Make ``name`` in ``parent`` from the tiers' entry, if ``parent`` is in a
+        shared directory and a tier has one; whether it is there now."""
+        if not self.tiers.readers:
+            return False
+        cache = self.caches.cache_of(parent)
+        if cache is None or cache.shared is None:
+            return False
+        share = cache.shared
+        try:
+            path = await trio.to_thread.run_sync(self._path, cache, parent, name)
+            entry = await trio.to_thread.run_sync(self.tiers.find_entry, share, path)
+        except CachefsError as exc:
+            log.warning("shared directory %s: lookup of %r: %s", share, name, exc)
+            return False
+        if entry is None:
+            self.counts["shared_misses"] += 1
+            return False
+        top = self.namespace.get(cache.ino)
+        if entry.digest is None:
+            return self._directory(parent, name, top)
+        digest = entry.digest
+        try:
+            await self.stored.make_room(parent, digest.size)
+            inode = await trio.to_thread.run_sync(self._fetch, parent, name, digest)
+        except CachefsError as exc:
+            log.warning("shared directory %s: fetching %s (%s): %s", share, path, digest, exc)
+            return False
+        if inode is None:
+            return True  # made meanwhile
+        self._fetched.add(inode.ino)
+        inode = self.namespace.setattr(
+            inode.ino, mode=entry.mode, uid=top.uid, gid=top.gid, mtime_ns=entry.mtime_ns
+        )
+        self.stored.added(parent, name, inode)
+        self.counts["shared_fetches"] += 1
+        return True
+
+    def _fetch(self, parent: int, name: bytes, digest: Digest) -> Inode | None:
+        source = self.tiers.fetch(digest)
+        return self.stored.store_file(parent, name, source, expect=digest)
+
+    def _directory(self, parent: int, name: bytes, top: Inode) -> bool:
+        mode = stat.S_IFDIR | stat.S_IMODE(top.mode)
+        try:
+            inode = self.namespace.create(parent, name, mode, top.uid, top.gid)
+        except FsError as exc:
+            return exc.errno == errno.EEXIST
+        for listener in self.listeners:
+            listener.created(parent, name, inode)
+        return True
+
+    def figures(self) -> dict[str, int]:
+        return dict(self.counts) | {"shared_settling": len(self._settling)}
+
+
+__all__ = ["SETTLE", "SharedDirs"]
