@@ -25,6 +25,7 @@ from cachefs.remote import (
     verified,
 )
 from cachefs.remote._lists import list_key, pack_list, unpack_list
+from tests import clients
 from tests.mounting import cachefs, content_digest, kill, live_stats, mounted, start
 from tests.reapi import buildgrid, free_port, serving
 from tests.seaweed import seaweed
@@ -368,3 +369,40 @@ def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str) -> None
             # A directory that is not shared does not look.
             (two / "plain").mkdir()
             assert not (two / "plain" / "a").exists()
+
+
+def test_ccache_and_bazel_share_a_cache_across_two_mounts(tmp_path: Path) -> None:
+    """A tool's own cache directory is a team cache with no change to the
+    tool: ``CCACHE_DIR`` and Bazel's ``--disk_cache`` in shared directories
+    of two mounts of one S3 remote; a build on the first, then the same build
+    (sources elsewhere) on the second hits for every object, outputs identical."""
+    clients.require_ccache()
+    clients.require_bazel()
+    with seaweed(tmp_path / "weed") as weed:
+        url = weed.url("cachefs", "team")
+        one, two = tmp_path / "one", tmp_path / "two"
+        with (
+            mounted(tmp_path / "s1", one, "--remote", url),
+            mounted(tmp_path / "s2", two, "--remote", url),
+        ):
+            for mnt in (one, two):
+                for name in ("ccache", "bazel"):
+                    (mnt / name).mkdir()
+                    cachefs("cache", "set", str(mnt / name), "--max-size", "1G", "--shared")
+            src_one = clients.c_project(tmp_path / "src1")
+            first = clients.ccache_build(src_one, one / "ccache")
+            assert first.misses > 30 and first.hits == 0 and not first.errors
+            workspace = clients.bazel_workspace(tmp_path / "ws1")
+            built = clients.bazel_build(workspace, one / "bazel", tmp_path / "out1")
+            assert built.hits == 0 and built.spawns == 33
+            wait_for(lambda: settled(one), timeout=120)
+            src_two = clients.c_project(tmp_path / "src2")
+            second = clients.ccache_build(src_two, two / "ccache")
+            assert second.hits == first.misses and second.misses == 0, second.stats
+            assert not second.errors and second.outputs == first.outputs
+            clients.smoke_test(src_two)
+            workspace = clients.bazel_workspace(tmp_path / "ws2")
+            again = clients.bazel_build(workspace, two / "bazel", tmp_path / "out2")
+            assert again.hits == again.spawns == 33
+            assert again.outputs == built.outputs
+            assert live_stats(two)["remote"]["shared_fetches"] > first.misses
