@@ -10,6 +10,14 @@ messages and the remote tiers' clients send them; both import them from here::
 
 from __future__ import annotations
 
+import os
+
+# grpcio's core would log its own errors (a port it cannot bind, a remote it
+# cannot reach) to stderr, beside ours; set before grpcio is first imported
+# (a variable set by hand wins).  The servers and the remote tiers import this
+# package before grpcio.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 from cachefs.protocol._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from cachefs.protocol._gen.build.bazel.remote.execution.v2 import (
     remote_execution_pb2_grpc as re_grpc,
