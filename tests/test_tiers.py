@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.engine import Digest, DigestMismatchError, ObjectNotFoundError, Store, StoreOptions
+from cachefs.engine import (
+    CorruptDataError,
+    Digest,
+    DigestMismatchError,
+    ObjectNotFoundError,
+    Store,
+    StoreOptions,
+    check_store,
+)
 from cachefs.errors import ConfigError, RemoteError
 from cachefs.format.digest import SHA256
 from cachefs.remote import (
@@ -26,9 +34,11 @@ from cachefs.remote import (
 )
 from cachefs.remote._lists import list_key, pack_list, unpack_list
 from tests import clients
+from tests.conftest import flip_first_chunk
 from tests.mounting import cachefs, content_digest, kill, live_stats, mounted, start
 from tests.reapi import buildgrid, free_port, serving
 from tests.seaweed import seaweed
+from tests.test_cli import flip_byte_of
 from tests.test_remote import Memory
 
 PUSHING = StoreOptions(push=True, fsync=False)
@@ -406,3 +416,88 @@ def test_ccache_and_bazel_share_a_cache_across_two_mounts(tmp_path: Path) -> Non
             assert again.hits == again.spawns == 33
             assert again.outputs == built.outputs
             assert live_stats(two)["remote"]["shared_fetches"] > first.misses
+
+
+# --- self-heal ------------------------------------------------------------------------
+
+
+def test_a_damaged_chunk_heals_from_a_tier(tmp_path: Path) -> None:
+    remote = Verifying("mem")
+    data = os.urandom(1 << 20)
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as store:
+        tiers = Tiers(store, [Tier(remote)])
+        digest = store.put(data)
+        drain(Pusher(tiers))
+        store.chunks.cache.clear()
+        flip_first_chunk(store, digest)
+        assert store.read(digest) == data  # healed, not EIO
+        assert tiers.counts["healed_chunks"] == 1
+        assert store.corruptions == 0 and not store.needs_fsck
+        assert store.read(digest) == data  # the fresh copy, read as any other
+        assert tiers.counts["healed_chunks"] == 1
+        tiers.close()
+        report = check_store(store)
+        assert report.clean, report.problems
+        # Without a tier that has it, damage is damage.
+        other = store.put(os.urandom(100_000))
+        flip_first_chunk(store, other)
+        store.chunks.cache.clear()
+        healing = Tiers(store, [Tier(Verifying("empty"))])
+        with pytest.raises(CorruptDataError):
+            store.read(other)
+        assert store.needs_fsck
+        healing.close()
+
+
+def test_a_record_that_cannot_be_rebuilt_heals_as_a_fresh_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the damaged record's bytes cannot be rebuilt (another codec), the
+    chunk is stored again and the index points at the copy: reads are right
+    from then on, and fsck --repair drops the dead damaged record."""
+    monkeypatch.setattr("cachefs.engine._heal._rewrite", lambda *args: False)
+    remote = Verifying("mem")
+    data = os.urandom(1 << 20)
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as store:
+        tiers = Tiers(store, [Tier(remote)])
+        digest = store.put(data)
+        drain(Pusher(tiers))
+        chunk = store.recipe(digest)[0][0]
+        with store.index.read() as txn:
+            before = store.index.get_chunk(txn, chunk)
+        flip_first_chunk(store, digest)
+        store.chunks.cache.clear()
+        assert store.read(digest) == data
+        with store.index.read() as txn:
+            after = store.index.get_chunk(txn, chunk)
+        assert before is not None and after is not None
+        assert (after.segment_id, after.offset) != (before.segment_id, before.offset)
+        assert tiers.counts["healed_chunks"] == 1 and not store.needs_fsck
+        store.chunks.cache.clear()
+        assert store.read(digest) == data and tiers.counts["healed_chunks"] == 1
+        tiers.close()
+        assert not check_store(store, repair=True).lost_objects
+        assert check_store(store).clean
+        assert store.read(digest) == data
+
+
+def test_a_mount_heals_a_flipped_byte_from_its_remote(tmp_path: Path) -> None:
+    """Bytes flipped in a segment of a mounted store whose S3 remote has the
+    data: the read returns the right bytes, the damage is counted, fsck is
+    clean afterwards."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    data = os.urandom(3 << 20)
+    with seaweed(tmp_path / "weed") as weed:
+        url = weed.url("cachefs", "heal")
+        with mounted(store, mnt, "--remote", url):
+            (mnt / "f").write_bytes(data)
+            digest = content_digest(mnt / "f")
+            wait_for(lambda: settled(mnt))
+        flip_byte_of(store, digest)
+        with mounted(store, mnt, "--remote", url):
+            assert (mnt / "f").read_bytes() == data
+            stats = live_stats(mnt)
+            assert stats["remote"]["healed_chunks"] == 1
+            assert stats["corruptions"] == 0 and not stats["needs_fsck"]
+        result = cachefs("fsck", str(store))  # fails the test unless it exits 0
+        assert result.stdout.strip().endswith("clean")

@@ -17,7 +17,8 @@ What it offers:
 * the store's parameters and names from ``cachefs.format``: :class:`StoreConfig`
   and its parts, :class:`Digest`, :class:`DigestFunction`;
 * maintenance: :func:`collect_garbage` (:class:`GcReport`) and
-  :func:`check_store` (fsck, :class:`FsckReport`), :func:`scrub_store`;
+  :func:`check_store` (fsck, :class:`FsckReport`), :func:`scrub_store`,
+  :func:`heal_chunk` (a damaged chunk stored again from a good copy);
 * the filesystem namespace kept in the same index: :class:`Namespace`,
   :class:`Inode`, :class:`ExtendedAttributes`, :class:`CacheRecords`;
 * the store's :class:`Journal` (``Store.journal``), its :class:`PushQueue`
@@ -35,6 +36,7 @@ from cachefs.engine._cache_records import CacheRecords
 from cachefs.engine._chunker import Source
 from cachefs.engine._fsck import INDEX_PROBLEMS, FsckReport, check_store, scrub_store
 from cachefs.engine._gc import GcReport, collect_garbage
+from cachefs.engine._heal import heal_chunk
 from cachefs.engine._index import lmdb_error
 from cachefs.engine._journal import Journal
 from cachefs.engine._namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
@@ -109,6 +111,7 @@ __all__ = [
     "StoreStats",
     "check_store",
     "collect_garbage",
+    "heal_chunk",
     "lmdb_error",
     "scrub_store",
 ]

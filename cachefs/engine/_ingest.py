@@ -88,6 +88,14 @@ class Ingest:
             stored.append((digest, len(view), location))
         return stored
 
+    def append(self, digest: bytes, view: memoryview) -> Location:
+        """Append a record of chunk ``digest`` whether or not the index has one
+        (a fresh copy of a damaged chunk; it stays pending until published)."""
+        compression, payload = self.codec.encode(view, True)
+        flags = record_flags(compression, self.digest_function.ident)
+        head = encode_record_header(TAG_CHUNK, flags, len(view), digest, payload)
+        return self.segments.append_chunk(self.segments.shard(digest), digest, flags, head, payload)
+
     def _batches(self, source: Source) -> Iterator[Batch]:
         """The chunks of any source, in batches (see ``Chunker.batches``)."""
         if isinstance(source, bytes | bytearray | memoryview):

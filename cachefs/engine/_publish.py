@@ -254,7 +254,31 @@ class Publisher:
         deltas["stored_bytes"] += location.stored_len - entry.stored_len
         entry.segment_id, entry.offset = location.segment_id, location.offset
         entry.stored_len, entry.flags = location.stored_len, location.flags
-        log.warning("chunk %s was lost and is stored again", digest.hex())
+        log.warning("chunk %s was lost or damaged and is stored again", digest.hex())
+
+    def replace_chunk(self, digest: bytes, location: Location) -> bool:
+        """Point the index entry of a damaged chunk at the fresh copy appended
+        at ``location`` (the caller holds the commit lock); False if the chunk
+        is no longer indexed (the copy is then garbage for gc)."""
+        dirty = self.segments.snapshot(self.fsync)
+        with self.write_txn("storing a healed chunk") as txn:
+            entry = self.index.get_chunk(txn, digest)
+            if entry is None:
+                return False
+            segments: dict[int, SegmentEntry] = {}
+            segment = self.publish_lengths(txn, dirty, segments)
+            deltas: Counter[str] = Counter()
+            self._relocate(entry, location, digest, segment, deltas)
+            self.index.put_chunk(txn, digest, entry)
+            for name, delta in deltas.items():
+                self.index.add(txn, name, delta)
+            for segment_id, seg in segments.items():
+                self.index.put_segment(txn, segment_id, seg)
+        if self.fsync:
+            self.index.sync()
+        self.segments.forget_pending([digest])
+        self.segments.published(dirty)
+        return True
 
     def move_records(self, segment_id: int, shard: int, live: list[Record]) -> None:
         """Copy ``live`` (the records of a sealed segment that the index points

@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +38,8 @@ from cachefs.format.codec import ChunkCodec
 from cachefs.format.digest import Digest, DigestFunction
 from cachefs.format.schema import HOLE_MARK, ChunkEntry, ObjectEntry, RecipePages
 from cachefs.format.segment import COMPRESSION_MASK, COMPRESSION_NONE, TAG_CHUNK
+
+log = logging.getLogger(__name__)
 
 #: Zero bytes that holes are read from (in pieces of at most this many).
 _ZEROS = bytes(4 << 20)
@@ -106,6 +109,10 @@ class LocalChunks:
         self.health = health
         self.workers = workers
         self.cache = ChunkCache(cache_size)
+        #: Heals a damaged chunk from elsewhere (the remote tiers): given its
+        #: digest and length, stores a verified copy again and returns its
+        #: bytes, or None (the damage is then recorded as ever).
+        self.healer: Callable[[bytes, int], bytes | None] | None = None
 
     def find_missing(self, digests: Sequence[bytes]) -> set[bytes]:
         """Chunks neither indexed (in bytes that still exist) nor appended and
@@ -163,8 +170,21 @@ class LocalChunks:
             except CorruptDataError as exc:
                 if attempt == 0 and not self.segments.chunk_path(digest, entry.segment_id).exists():
                     continue  # compacted away under us: look it up again
+                healed = self._heal(digest, entry.raw_len, exc)
+                if healed is not None:
+                    return healed
                 raise self.health.damaged(exc) from None
         raise AssertionError("unreachable")
+
+    def _heal(self, digest: bytes, length: int, exc: CorruptDataError) -> bytes | None:
+        if self.healer is None:
+            return None
+        log.warning("%s; looking for a copy in the remote tiers", exc)
+        try:
+            return self.healer(digest, length)
+        except CachefsError as failure:
+            log.warning("chunk %s could not be healed: %s", digest.hex(), failure)
+            return None
 
     def read_entry(self, digest: bytes, entry: ChunkEntry) -> bytes | memoryview:
         """The chunk that index entry ``entry`` points at, verified against the

@@ -34,7 +34,14 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cachefs.engine import CachefsError, Digest, ObjectNotFoundError, QueuedPush, Store
+from cachefs.engine import (
+    CachefsError,
+    Digest,
+    ObjectNotFoundError,
+    QueuedPush,
+    Store,
+    heal_chunk,
+)
 from cachefs.errors import ConfigError, RemoteError
 from cachefs.remote._blobs import Remote
 from cachefs.remote._lists import (
@@ -114,9 +121,12 @@ class Tiers:
             "fetch_misses": 0,
             "fetch_errors": 0,
             "pushed_entries": 0,
+            "healed_chunks": 0,
         }
         #: Directory entries of shares put on tiers by this process: (tier, share, path).
         self._directories: set[tuple[str, str, str]] = set()
+        if self.readers and not store.readonly:
+            store.chunks.healer = self.heal
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -124,6 +134,8 @@ class Tiers:
                 self.counts[name] += delta
 
     def close(self) -> None:
+        if self.store.chunks.healer == self.heal:
+            self.store.chunks.healer = None
         self._pool.shutdown(wait=True, cancel_futures=True)
         for tier in self.tiers:
             tier.remote.close()
@@ -212,6 +224,30 @@ class Tiers:
         if tier.breaker.failed(exc.message):
             log.warning("remote %s skipped for %.0f s: %s", tier.remote.name,
                         tier.breaker.backoff, exc.message)  # fmt: skip
+
+    # --- self-heal -------------------------------------------------------------------
+
+    def heal(self, chunk: bytes, size: int) -> bytes | None:
+        """A chunk damaged here, from the first read tier that has it,
+        verified, stored again (``engine.heal_chunk``); None if no tier has it."""
+        digest = Digest(chunk, size)
+        for tier in self.readers:
+            if not tier.breaker.admit():
+                continue
+            try:
+                data = tier.remote.read(digest)
+            except ObjectNotFoundError:
+                tier.breaker.succeeded()
+                continue
+            except RemoteError as exc:
+                self._failed(tier, exc)
+                continue
+            tier.breaker.succeeded()
+            heal_chunk(self.store, chunk, data)
+            self._count(healed_chunks=1)
+            log.warning("chunk %s was damaged here: healed from %s", chunk.hex(), tier.remote.name)
+            return data
+        return None
 
     # --- shared entries ------------------------------------------------------------
 

@@ -1,0 +1,90 @@
+"""Healing: a damaged chunk rewritten from a good copy (storage engine layer).
+
+When a chunk's record fails its checks (a flipped bit in a segment) and a copy
+can be had elsewhere -- a remote tier that holds it, verified against the
+chunk's digest -- :func:`heal_chunk` writes the record again where it was:
+chunks are encoded deterministically (the same bytes and codec settings give
+the same record), so the record's exact bytes are known and the segment ends
+as it was before the damage; fsck then finds nothing wrong.  When the record
+cannot be rebuilt byte for byte (another compression outcome, a codec of
+another version), a fresh record is appended and the index entry points at it
+in one publication (the damaged bytes are then dead, dropped by gc compaction
+or fsck --repair).  The remote tiers (``cachefs.remote``) set
+``LocalChunks.healer`` to fetch such copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from cachefs.errors import CorruptDataError, from_oserror
+from cachefs.format.schema import ChunkEntry
+from cachefs.format.segment import (
+    COMPRESSION_MASK,
+    COMPRESSION_NONE,
+    TAG_CHUNK,
+    encode_record_header,
+)
+
+if TYPE_CHECKING:
+    from cachefs.engine._store import Store
+
+log = logging.getLogger(__name__)
+
+
+def heal_chunk(store: Store, digest: bytes, data: bytes) -> bool:
+    """Store ``data`` again as chunk ``digest``: in place, or as a fresh copy
+    that the index points at; False if the chunk is no longer indexed.
+    ``data`` is checked against the digest first (CorruptDataError if it is
+    not that chunk)."""
+    if store.digest_function.hash(data) != digest:
+        raise CorruptDataError(f"the copy offered to heal chunk {digest.hex()} is not that chunk")
+    store.check_writable()
+    publisher = store.publisher
+    with publisher.commit_lock:  # no publication, no gc move meanwhile
+        with store.index.read() as txn:
+            entry = store.index.get_chunk(txn, digest)
+        if entry is None:
+            return False
+        if entry.raw_len != len(data):
+            raise CorruptDataError(f"chunk {digest.hex()} is indexed with another length")
+        if _rewrite(store, digest, entry, data):
+            return True
+        location = store.ingest.append(digest, memoryview(data))
+        return publisher.replace_chunk(digest, location)
+
+
+def _rewrite(store: Store, digest: bytes, entry: ChunkEntry, data: bytes) -> bool:
+    """Write the chunk's record again at its place, if its bytes can be rebuilt."""
+    compression = entry.flags & COMPRESSION_MASK
+    payload: bytes | memoryview = data
+    if compression != COMPRESSION_NONE:
+        encoded, payload = store.chunks.codec.encode(memoryview(data), False)
+        if encoded != compression:
+            return False
+    if len(payload) != entry.stored_len:
+        return False
+    record = encode_record_header(TAG_CHUNK, entry.flags, len(data), digest, payload) + payload
+    path = store.segments.chunk_path(digest, entry.segment_id)
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, record, entry.offset)
+            if store.options.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise from_oserror(exc, f"rewriting a damaged record in {path}") from None
+    try:
+        store.chunks.read_entry(digest, entry)
+    except CorruptDataError as exc:
+        log.warning("chunk %s: the rewritten record still fails (%s)", digest.hex(), exc)
+        return False
+    log.warning("chunk %s: the damaged record in %s was written again", digest.hex(), path)
+    return True
+
+
+__all__ = ["heal_chunk"]
