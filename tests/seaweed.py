@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -64,14 +65,8 @@ def port_pairs(count: int) -> list[int]:
     return out
 
 
-@contextlib.contextmanager
-def seaweed(directory: Path) -> Iterator[Seaweed]:
-    """SeaweedFS with its S3 gateway; the S3 credentials are put in this
-    process's environment for the test's duration (and taken out after)."""
-    if not WEED.exists():
-        unavailable(f"SeaweedFS is not installed at {WEED} (run scripts/bootstrap.sh)")
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "data").mkdir(exist_ok=True)
+def _identities(path: Path) -> None:
+    """The S3 gateway's identities (``-s3.config``): the tests' key, every right."""
     identities = {
         "identities": [
             {
@@ -81,7 +76,33 @@ def seaweed(directory: Path) -> Iterator[Seaweed]:
             }
         ]
     }
-    (directory / "s3.json").write_text(json.dumps(identities))
+    path.write_text(json.dumps(identities))
+
+
+@contextlib.contextmanager
+def _credentials() -> Iterator[None]:
+    """The S3 credentials in this process's environment, for the block."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = ACCESS_KEY, SECRET_KEY
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def seaweed(directory: Path) -> Iterator[Seaweed]:
+    """SeaweedFS with its S3 gateway; the S3 credentials are put in this
+    process's environment for the test's duration (and taken out after)."""
+    if not WEED.exists():
+        unavailable(f"SeaweedFS is not installed at {WEED} (run scripts/bootstrap.sh)")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "data").mkdir(exist_ok=True)
+    _identities(directory / "s3.json")
     master, volume, filer, s3 = port_pairs(4)
     log = directory / "weed.log"
     argv = [
@@ -98,34 +119,122 @@ def seaweed(directory: Path) -> Iterator[Seaweed]:
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
         )
     endpoint = f"http://127.0.0.1:{s3}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     try:
-        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = (
-            ACCESS_KEY,
-            SECRET_KEY,
-        )
+        with _credentials():
+            probe = S3Store(
+                BUCKET, endpoint=endpoint, region="us-east-1", virtual_hosted_style_request=False,
+                client_options={"allow_http": True, "timeout": "5s"},
+                retry_config={"max_retries": 0},
+            )  # fmt: skip
+
+            def ready() -> bool:
+                """A write lands (the gateway answers and a volume takes it)."""
+                try:
+                    obstore.put(probe, "probe", b"ready")
+                except (obstore.exceptions.BaseError, OSError, ValueError):  # not up yet
+                    return False
+                return True
+
+            wait_until(ready, "SeaweedFS", process, log)
+            yield Seaweed(endpoint, process, log)
+    finally:
+        stop_group(process)
+
+
+@dataclass
+class Cluster:
+    """A SeaweedFS cluster on 127.0.0.1: one master, three volume servers
+    (replication 001: every volume on two of them), a filer with its S3
+    gateway.  Servers can be killed, stopped and started again (same ports,
+    same data)."""
+
+    directory: Path
+    ports: dict[str, int]
+    s3: str
+    processes: dict[str, subprocess.Popen[bytes]]
+
+    def url(self, bucket: str = BUCKET, prefix: str = "") -> str:
+        path = f"/{prefix}" if prefix else ""
+        return f"s3://{bucket}{path}?endpoint={self.s3}"
+
+    def argv(self, name: str) -> list[str]:
+        d, p = self.directory, self.ports
+        common = ["-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        master = f"-master=127.0.0.1:{p['master']}"
+        if name == "master":
+            return [str(WEED), "master", *common, f"-port={p['master']}",
+                    f"-mdir={d / 'master'}", "-defaultReplication=001",
+                    "-volumeSizeLimitMB=64"]  # fmt: skip
+        if name.startswith("volume"):
+            return [str(WEED), "volume", *common, f"-port={p[name]}", f"-dir={d / name}",
+                    "-max=30", master, "-dataCenter=dc1", "-rack=rack1"]  # fmt: skip
+        return [str(WEED), "filer", *common, f"-port={p['filer']}", master,
+                "-defaultReplicaPlacement=001", "-s3", f"-s3.port={p['s3']}",
+                f"-s3.config={d / 's3.json'}", "-s3.port.iceberg=0",
+                "-s3.port.lance=0"]  # fmt: skip
+
+    def start(self, name: str) -> None:
+        (self.directory / name).mkdir(exist_ok=True)
+        with open(self.directory / f"{name}.log", "ab") as out:
+            self.processes[name] = subprocess.Popen(
+                self.argv(name),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+
+    def kill(self, name: str) -> None:
+        process = self.processes.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            stop_group(self.processes.pop(name))
+
+    def start_all(self) -> None:
+        for name in CLUSTER:
+            self.start(name)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
         probe = S3Store(
-            BUCKET, endpoint=endpoint, region="us-east-1", virtual_hosted_style_request=False,
+            BUCKET, endpoint=self.s3, region="us-east-1", virtual_hosted_style_request=False,
             client_options={"allow_http": True, "timeout": "5s"}, retry_config={"max_retries": 0},
         )  # fmt: skip
 
         def ready() -> bool:
-            """A write lands (the gateway answers and a volume takes it)."""
             try:
                 obstore.put(probe, "probe", b"ready")
-            except (obstore.exceptions.BaseError, OSError, ValueError):  # not up yet
+            except (obstore.exceptions.BaseError, OSError, ValueError):
                 return False
             return True
 
-        wait_until(ready, "SeaweedFS", process, log)
-        yield Seaweed(endpoint, process, log)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        stop_group(process)
+        wait_until(ready, "the SeaweedFS cluster", self.processes["filer"],
+                   self.directory / "filer.log")  # fmt: skip
 
 
-__all__ = ["Seaweed", "port_pairs", "read_log", "seaweed"]
+#: The cluster's servers, in the order they start.
+CLUSTER = ("master", "volume0", "volume1", "volume2", "filer")
+
+
+@contextlib.contextmanager
+def seaweed_cluster(directory: Path) -> Iterator[Cluster]:
+    """A SeaweedFS cluster (``Cluster``), its S3 credentials in the environment."""
+    if not WEED.exists():
+        unavailable(f"SeaweedFS is not installed at {WEED} (run scripts/bootstrap.sh)")
+    directory.mkdir(parents=True, exist_ok=True)
+    _identities(directory / "s3.json")
+    ports = dict(zip((*CLUSTER, "s3"), port_pairs(len(CLUSTER) + 1), strict=True))
+    cluster = Cluster(directory, ports, f"http://127.0.0.1:{ports['s3']}", {})
+    with _credentials():
+        try:
+            cluster.start_all()
+            yield cluster
+        finally:
+            cluster.stop_all()
+
+
+__all__ = ["CLUSTER", "Cluster", "Seaweed", "port_pairs", "read_log", "seaweed", "seaweed_cluster"]

@@ -37,7 +37,7 @@ from tests import clients
 from tests.conftest import flip_first_chunk
 from tests.mounting import cachefs, content_digest, kill, live_stats, mounted, start
 from tests.reapi import buildgrid, free_port, serving
-from tests.seaweed import seaweed
+from tests.seaweed import seaweed, seaweed_cluster
 from tests.test_cli import flip_byte_of
 from tests.test_remote import Memory
 
@@ -501,3 +501,54 @@ def test_a_mount_heals_a_flipped_byte_from_its_remote(tmp_path: Path) -> None:
             assert stats["corruptions"] == 0 and not stats["needs_fsck"]
         result = cachefs("fsck", str(store))  # fails the test unless it exits 0
         assert result.stdout.strip().endswith("clean")
+
+
+def test_two_mounts_over_a_seaweedfs_cluster_that_fails(tmp_path: Path) -> None:
+    """A real cluster (master, three volume servers with replication 001, a
+    filer with its S3 gateway) under two mounts' shared directories: files
+    written on one are read byte-identical through the other; a volume server
+    killed mid-run changes nothing visible; with the whole cluster stopped
+    both mounts keep working locally and the queue grows; restarted, the
+    queue drains by itself and the second mount finds the files."""
+
+    def write(mnt: Path, name: str, data: bytes) -> None:
+        with open(mnt / "cc" / name, "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+
+    with seaweed_cluster(tmp_path / "cluster") as cluster:
+        url = cluster.url("cachefs", "cluster")
+        one, two = tmp_path / "one", tmp_path / "two"
+        with (
+            mounted(tmp_path / "s1", one, "--remote", url),
+            mounted(tmp_path / "s2", two, "--remote", url),
+        ):
+            for mnt in (one, two):
+                (mnt / "cc").mkdir()
+                cachefs("cache", "set", str(mnt / "cc"), "--max-size", "1G", "--shared")
+            first = {f"first{i}": os.urandom(100_000 * (i + 1)) for i in range(5)}
+            for name, data in first.items():
+                write(one, name, data)
+            wait_for(lambda: settled(one), timeout=120)
+            cluster.kill("volume1")  # mid-run: its volumes have a replica elsewhere
+            for name, data in first.items():
+                assert (two / "cc" / name).read_bytes() == data
+            during = {f"during{i}": os.urandom(150_000) for i in range(3)}
+            for name, data in during.items():
+                write(one, name, data)
+            wait_for(lambda: settled(one), timeout=180)
+            for name, data in during.items():
+                assert (two / "cc" / name).read_bytes() == data
+            cluster.stop_all()
+            later = {f"later{i}": os.urandom(80_000) for i in range(4)}
+            for name, data in later.items():  # local work goes on
+                write(one, name, data)
+                assert (one / "cc" / name).read_bytes() == data
+            (two / "cc" / "local-only").write_bytes(b"two works too")
+            wait_for(lambda: live_stats(one)["remote"]["queue"] >= len(later), timeout=30)
+            assert not (two / "cc" / "later0").exists()  # a miss, quickly: the remote is down
+            cluster.start_all()
+            wait_for(lambda: settled(one), timeout=240)
+            time.sleep(1.1)  # the kernel's negative entry for later0
+            for name, data in later.items():
+                assert (two / "cc" / name).read_bytes() == data

@@ -70,7 +70,7 @@ ASK_BATCH = 1000
 #: Objects the pusher takes from the queue at a time.
 PUSH_BATCH = 64
 #: The pusher's back-off after a failure (seconds, doubling) and its idle wait.
-RETRY_FIRST, RETRY_MAX, IDLE = 1.0, 60.0, 5.0
+RETRY_FIRST, RETRY_MAX, IDLE = 1.0, 30.0, 5.0
 
 
 @dataclass
