@@ -4,11 +4,13 @@ through real ones (SeaweedFS's S3 gateway, a ``cachefs serve``, BuildGrid)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,7 @@ from cachefs.engine import (
 )
 from cachefs.errors import ConfigError, RemoteError
 from cachefs.format.digest import SHA256
+from cachefs.protocol import re_pb2
 from cachefs.remote import (
     Pusher,
     Tier,
@@ -36,7 +39,7 @@ from cachefs.remote._lists import list_key, pack_list, unpack_list
 from tests import clients
 from tests.conftest import flip_first_chunk
 from tests.mounting import cachefs, content_digest, kill, live_stats, mounted, start
-from tests.reapi import buildgrid, free_port, serving
+from tests.reapi import Client, buildgrid, free_port, serving
 from tests.seaweed import seaweed, seaweed_cluster
 from tests.test_cli import flip_byte_of
 from tests.test_remote import Memory
@@ -286,7 +289,9 @@ def test_a_mount_pushes_from_a_queue_that_survives_kill_9(tmp_path: Path) -> Non
         digests = {name: Digest.parse(content_digest(mnt / name)) for name in files}
         remote = live_stats(mnt)["remote"]
         assert remote["queue"] >= len(files), remote
-        assert remote["tiers"] == [{"remote": dead, "direction": "read-write"}]
+        assert remote["tiers"][0]["remote"] == dead
+        shown = cachefs("stats", str(mnt)).stdout
+        assert "push queue" in shown and f"{remote['queue']} waiting" in shown
     finally:
         kill(mount)
     with seaweed(tmp_path / "weed") as weed:
@@ -552,3 +557,61 @@ def test_two_mounts_over_a_seaweedfs_cluster_that_fails(tmp_path: Path) -> None:
             time.sleep(1.1)  # the kernel's negative entry for later0
             for name, data in later.items():
                 assert (two / "cc" / name).read_bytes() == data
+
+
+# --- cachefs serve with tiers -----------------------------------------------------------
+
+
+def serve_stats(store: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(cachefs("stats", str(store), "--json").stdout)
+    return doc
+
+
+def test_two_serves_share_one_cache_through_s3(tmp_path: Path) -> None:
+    """What a client stores in one ``cachefs serve --remote`` (blobs and
+    action results) another one with the same remote serves: its misses are
+    looked for in the tiers, fetched, verified and kept."""
+    with seaweed(tmp_path / "weed") as weed:
+        url = weed.url("cachefs", "serve")
+        with (
+            serving(tmp_path / "a", "--remote", url) as a,
+            serving(tmp_path / "b", "--remote", url) as b,
+        ):
+            big, small = os.urandom(3 << 20), b"small output"
+            with Client(a.grpc, SHA256, "team") as client:
+                client.write(big)
+                assert all(r.status.code == 0 for r in client.update_blobs([small]).responses)
+                result = re_pb2.ActionResult(
+                    output_files=[
+                        re_pb2.OutputFile(path="out/big", digest=client.digest(big)),
+                        re_pb2.OutputFile(path="out/small", digest=client.digest(small)),
+                    ]
+                )
+                action = client.digest(b"an action")
+                client.ac.UpdateActionResult(
+                    re_pb2.UpdateActionResultRequest(
+                        instance_name="team", action_digest=action, action_result=result
+                    )
+                )
+
+            def settled_a() -> bool:
+                remote = serve_stats(tmp_path / "a")["remote"]
+                return bool(remote["queue"] == 0 and remote["shared_settling"] == 0)
+
+            wait_for(settled_a)
+            with Client(b.grpc, SHA256, "team") as client:
+                got = client.ac.GetActionResult(
+                    re_pb2.GetActionResultRequest(instance_name="team", action_digest=action)
+                )
+                assert got == result
+                assert client.read(client.digest(big)) == big
+                batch = client.cas.BatchReadBlobs(
+                    re_pb2.BatchReadBlobsRequest(
+                        instance_name="team", digests=[client.digest(small)]
+                    )
+                )
+                assert [r.data for r in batch.responses] == [small]
+                # Another instance is another namespace.
+                assert client.find_missing([client.digest(small)], instance="other")
+            remote = serve_stats(tmp_path / "b")["remote"]
+            assert remote["shared_fetches"] >= 3  # the action result and its two blobs

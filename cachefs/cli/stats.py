@@ -32,7 +32,13 @@ def command(store: Path, as_json: bool) -> None:
     hits, misses, hit_ratio, evictions, bytes_evicted, throttled,
     throttled_seconds), max_store_size, throttle_waits, memory_limit,
     rss_bytes, pid (the daemon's), servers (grpc and http: where they listen,
-    or null).
+    or null), and with remote tiers remote: tiers (each with remote, direction,
+    skipped and why, and a shard group's endpoints), queue and oldest_seconds
+    (what waits to be pushed), pushed_objects, pushed_chunks, pushed_bytes,
+    pushed_entries, push_failures, last_error, fetched_objects,
+    fetched_chunks, fetched_bytes, fetch_misses, fetch_errors,
+    healed_chunks, shared_entries_queued, shared_settling, shared_fetches,
+    shared_misses.
     Works beside a running writer.
     """
     live = mount_info(store)
@@ -57,6 +63,7 @@ def command(store: Path, as_json: bool) -> None:
             "rss_bytes",
             "pid",
             "servers",
+            "remote",
         )
         for key in keys:
             if key in live:
@@ -88,6 +95,29 @@ def command(store: Path, as_json: bool) -> None:
                 f"{human_bytes(cache['bytes'])} of {human_bytes(cache['max_size'])}, "
                 f"{cache['policy']}, hit ratio {cache['hit_ratio']:.1%}, "
                 f"{cache['evictions']} evicted",
+            )
+        )
+    remote: dict[str, Any] | None = doc.get("remote")
+    if remote is not None:
+        tiers = ", ".join(
+            t["remote"] + (f" (skipped: {t['skipped']})" if t.get("skipped") else "")
+            for t in remote["tiers"]
+        )
+        rows.append(("remote tiers", tiers))
+        if "queue" in remote:
+            rows.append(
+                (
+                    "push queue",
+                    f"{remote['queue']} waiting (oldest {remote['oldest_seconds']:.0f} s), "
+                    f"{remote['pushed_objects']} pushed"
+                    + (f", last error: {remote['last_error']}" if remote["last_error"] else ""),
+                )
+            )
+        rows.append(
+            (
+                "fetched",
+                f"{remote['fetched_objects']} objects ({human_bytes(remote['fetched_bytes'])}), "
+                f"{remote['healed_chunks']} chunks healed",
             )
         )
     width = max(len(name) for name, _ in rows)

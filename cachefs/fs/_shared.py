@@ -33,10 +33,11 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Sequence
 
 import trio
 
-from cachefs.engine import CachefsError, Digest, FsError, Inode, Namespace, Store
+from cachefs.engine import ROOT_INODE, CachefsError, Digest, FsError, Inode, Namespace, Store
 from cachefs.format.schema import NO_CONTENT, may_be_sparse
 from cachefs.fs._caches import CacheDir, CacheDirs
 from cachefs.fs._events import Entry, FsEvents, Listeners
@@ -76,6 +77,9 @@ class SharedDirs(FsEvents):
         self._settling: dict[int, float] = {}
         #: Files fetched from the tiers (not to be pushed back).
         self._fetched: set[int] = set()
+        #: (shared directory, first component of a path) not shared: a server's
+        #: uploads in progress.
+        self._private: set[tuple[int, str]] = set()
         self.counts = {"shared_entries_queued": 0, "shared_fetches": 0, "shared_misses": 0}
 
     # --- out: entries queued once files settle -----------------------------------------
@@ -143,6 +147,8 @@ class SharedDirs(FsEvents):
                     path = self._path(cache, parent, name)
                 except CachefsError:
                     continue
+                if (cache.ino, path.split("/", 1)[0]) in self._private:
+                    continue
                 doc = {
                     "share": cache.shared,
                     "path": path,
@@ -164,7 +170,30 @@ class SharedDirs(FsEvents):
         relative = here[len(top) :].strip(b"/")
         return os.fsdecode(relative + b"/" + name if relative else name)
 
+    def keep_private(self, directory: int, name: bytes) -> None:
+        """Files under ``name`` in shared directory ``directory`` are not shared."""
+        self._private.add((directory, os.fsdecode(name)))
+
     # --- in: lookups that miss ------------------------------------------------------
+
+    async def resolve_path(self, parts: Sequence[bytes]) -> bool:
+        """Make the path ``parts`` below the root from the tiers' entries where
+        it is missing here (a server's miss); whether it is there now."""
+        ino = ROOT_INODE
+        for part in parts:
+            try:
+                ino = self.namespace.lookup(ino, part)
+                continue
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    return False
+            if not await self.resolve(ino, part):
+                return False
+            try:
+                ino = self.namespace.lookup(ino, part)
+            except FsError:
+                return False
+        return True
 
     async def resolve(self, parent: int, name: bytes) -> bool:
         """Make ``name`` in ``parent`` from the tiers' entry, if ``parent`` is in a

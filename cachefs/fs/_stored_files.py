@@ -216,11 +216,16 @@ class StoredFiles:
                 listener.created(parent, name, inode)
         return out
 
-    def mark_cache(self, directory: int, max_size: int | None, policy: str) -> None:
-        """Make ``directory`` a cache (unless it is one), or set its budget."""
-        if max_size is not None or directory not in self.caches.dirs:
+    def mark_cache(
+        self, directory: int, max_size: int | None, policy: str, shared: str | None = None
+    ) -> None:
+        """Make ``directory`` a cache (unless it is one), or set its budget, and
+        share it as ``shared`` through the remote tiers (None: not shared)."""
+        cache = self.caches.dirs.get(directory)
+        if max_size is not None or cache is None or cache.shared != shared:
             size = max_size or self.caches.dirs[directory].max_size
-            self.caches.mark(directory, f"max_size={size} policy={policy}".encode())
+            share = "" if shared is None else f" shared={shared}"
+            self.caches.mark(directory, f"max_size={size} policy={policy}{share}".encode())
 
     async def make_room(self, parent: int, size: int) -> None:
         """Wait until a new file of ``size`` bytes fits in ``parent``'s cache

@@ -55,6 +55,8 @@ T = TypeVar("T")
 Parts = tuple[bytes, ...]
 
 ROOT = b"remote-cache"
+#: The share's name when the cache is shared through remote tiers.
+SHARE = "remote-cache"
 CAS = b"cas"
 AC = b"ac"
 #: Uploads in progress (``_uploads.py``): a name no instance directory can have.
@@ -73,6 +75,8 @@ class RemoteCache:
         self.digest_function = fs.store.digest_function
         self._token = token
         self.empty = Digest(self.digest_function.hash(b""), 0)
+        #: Misses are looked for in the remote tiers (the cache is shared).
+        self.tiered = bool(fs.shared.tiers.readers)
 
     @classmethod
     def open(
@@ -84,7 +88,10 @@ class RemoteCache:
         root = fs.stored.directory([ROOT])
         if root not in fs.caches.dirs and max_size is None:
             max_size = DEFAULT_MAX_SIZE
-        fs.stored.mark_cache(root, max_size, policy)
+        # With remote tiers, what clients store is shared through them.
+        shared = SHARE if fs.shared.tiers.tiers else None
+        fs.stored.mark_cache(root, max_size, policy, shared)
+        fs.shared.keep_private(root, UPLOADS)
         uploads = fs.stored.lookup_path([ROOT, UPLOADS])
         if uploads is not None:  # uploads in progress do not outlive the server
             for name, _ in fs.stored.namespace.entries(uploads):
@@ -106,6 +113,11 @@ class RemoteCache:
 
     def _soon(self, fn: Callable[..., object], *args: Any) -> None:
         self._token.run_sync_soon(fn, *args)
+
+    def _from_tiers(self, parts: Parts, name: bytes) -> bool:
+        """A file missing here, made from the remote tiers' entry if they have
+        one (``SharedDirs.resolve_path``, on the trio thread); whether it is."""
+        return self.tiered and bool(self._wait(self.fs.shared.resolve_path, (*parts, name)))
 
     # --- where things are -------------------------------------------------------------
 
@@ -169,6 +181,8 @@ class RemoteCache:
         if hash_ == self.empty.hash:
             return self.empty
         parent, name, inode = self._find(instance, CAS, Digest(hash_, 0))
+        if inode is None and self._from_tiers(*self._place(instance, CAS, Digest(hash_, 0))):
+            parent, name, inode = self._find(instance, CAS, Digest(hash_, 0))
         if inode is None or inode.digest is None or inode.digest.hash != hash_:
             if parent is not None:
                 self._soon(self.stored.miss, parent, name)
@@ -209,6 +223,8 @@ class RemoteCache:
         if digest == self.empty:
             return iter(())
         parent, name, inode = self._blob(instance, digest)
+        if inode is None and self._from_tiers(*self._place(instance, CAS, digest)):
+            parent, name, inode = self._blob(instance, digest)
         if inode is None:
             if parent is not None:
                 self._soon(self.stored.miss, parent, name)
@@ -224,7 +240,16 @@ class RemoteCache:
         hits: list[tuple[int, int]] = []
         misses: list[tuple[int, bytes]] = []
         present: list[tuple[int, tuple[int, int]]] = []  # (index, file)
-        for found in self._find_blobs(instance, digests):
+        found_blobs = self._find_blobs(instance, digests)
+        if self.tiered and any(not f.present and f.digest != self.empty for f in found_blobs):
+            fetched = [
+                self._from_tiers(f.parts, f.name)
+                for f in found_blobs
+                if not f.present and f.digest != self.empty
+            ]
+            if any(fetched):
+                found_blobs = self._find_blobs(instance, digests)
+        for found in found_blobs:
             digest = found.digest
             if digest == self.empty:
                 out.append(b"")
@@ -250,8 +275,13 @@ class RemoteCache:
             self.stored.miss(parent, name)
 
     def touch(self, instance: str, digests: list[Digest]) -> bool:
-        """Whether every blob is there; those that are count as used."""
-        return not self.find_missing(instance, [(d.hash, d.size) for d in digests], use=True)
+        """Whether every blob is there (those only in the remote tiers are
+        fetched); those that are count as used."""
+        missing = self.find_missing(instance, [(d.hash, d.size) for d in digests], use=True)
+        if missing and self.tiered:
+            fetched = [self._from_tiers(*self._place(instance, CAS, digests[i])) for i in missing]
+            return all(fetched)
+        return not missing
 
     def write_blob(self, instance: str, digest: Digest, source: Source) -> bool:
         """Store a blob whose content must have ``digest`` (DigestMismatchError
@@ -407,6 +437,8 @@ class RemoteCache:
     def get_action(self, instance: str, key: Digest) -> bytes | None:
         """The bytes stored under an action key, or None (a miss)."""
         parent, name, inode = self._find(instance, AC, key)
+        if inode is None and self._from_tiers(*self._place(instance, AC, key)):
+            parent, name, inode = self._find(instance, AC, key)
         if inode is None:
             if parent is not None:
                 self._soon(self.stored.miss, parent, name)
