@@ -615,3 +615,46 @@ def test_two_serves_share_one_cache_through_s3(tmp_path: Path) -> None:
                 assert client.find_missing([client.digest(small)], instance="other")
             remote = serve_stats(tmp_path / "b")["remote"]
             assert remote["shared_fetches"] >= 3  # the action result and its two blobs
+
+
+def test_wait_pushed_follows_the_queue(tmp_path: Path) -> None:
+    remote = Memory("mem")
+    remote.down = True
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as store:
+        digest = store.put(b"wanted remotely" * 100)
+        queue = store.pushes
+        assert queue is not None
+        assert not queue.wait_pushed(digest, 0.2)  # nothing pushes it
+        pusher = Pusher(Tiers(store, [Tier(remote)]))
+        with pytest.raises(RemoteError):
+            pusher.drain_once()
+        assert not queue.wait_pushed(digest, 0.1)
+        remote.down = False
+        drain(pusher)
+        assert queue.wait_pushed(digest, 0.1)
+        assert queue.wait_pushed(Digest(SHA256.hash(b"never queued"), 12), 0.0)
+        pusher.tiers.close()
+
+
+def test_fsync_waits_for_the_remote_when_asked(tmp_path: Path) -> None:
+    data = os.urandom(2 << 20)
+    with seaweed(tmp_path / "weed") as weed:
+        url = weed.url("cachefs", "durable")
+        mnt = tmp_path / "mnt"
+        with (
+            mounted(tmp_path / "store", mnt, "--remote", url, "--remote-durability", "remote"),
+            open(mnt / "f", "wb") as f,
+        ):
+            f.write(data)
+            os.fsync(f.fileno())  # returns once S3 has it
+            assert live_stats(mnt)["remote"]["queue"] == 0
+            digest = Digest.parse(content_digest(mnt / "f"))
+            with Store.open(tmp_path / "b", create=True) as other:
+                tiers = Tiers(other, [Tier(open_remote(url, SHA256))])
+                try:
+                    assert fetch_into(other, tiers, digest) == data
+                finally:
+                    tiers.close()
+    result = cachefs("mount", str(tmp_path / "s"), str(mnt), "--remote-durability", "remote",
+                     check=False)  # fmt: skip
+    assert result.returncode != 0 and "needs a tier that takes writes" in result.stderr

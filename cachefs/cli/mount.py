@@ -68,6 +68,14 @@ from .common import (
 @http_option
 @remote_option
 @config_option
+@click.option(
+    "--remote-durability",
+    type=click.Choice(["local", "remote"]),
+    default="local",
+    show_default=True,
+    help="What fsync waits for: the local store, or also the write tiers (at most 60 s, "
+    "then EIO; the data stays safe locally and queued).",
+)
 @click.pass_context
 def command(
     ctx: click.Context,
@@ -85,6 +93,7 @@ def command(
     http_address: str | None,
     remotes: tuple[str, ...],
     config: Path | None,
+    remote_durability: str,
 ) -> None:
     """Mount STORE on MOUNTPOINT (STORE is created if missing).
 
@@ -123,7 +132,7 @@ def command(
         trace=trace,
         servers=ServeOptions(grpc=grpc_address, http=http_address),
         scrub_rate=None if scrub_rate is None else positive_size(scrub_rate, "--scrub-rate"),
-        tiers=TierOptions.parse(remotes, config),
+        tiers=TierOptions.parse(remotes, config, remote_durability),
     )
 
 

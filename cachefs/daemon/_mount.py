@@ -139,6 +139,7 @@ def serve(
             memory_limit=memory_limit,
             tiers=tiers.open(store.digest_function),
         )
+        fs.remote.remote_durability = tiers.durability == "remote"
         try:
             fs.control.info = {"mountpoint": str(mountpoint), "mount_options": sorted(options)}
             if trace is not None:

@@ -154,11 +154,14 @@ class Publisher:
                     self.index.add(txn, name, delta)
                 for segment_id, entry in segments.items():
                     self.index.put_segment(txn, segment_id, entry)
-        except lmdb.Error as exc:
-            raise lmdb_error(exc, "publishing objects") from None
-        finally:
+        except BaseException as exc:
             if self.pushes is not None:
-                self.pushes.committed()
+                self.pushes.ended(False)
+            if isinstance(exc, lmdb.Error):
+                raise lmdb_error(exc, "publishing objects") from None
+            raise
+        if self.pushes is not None:
+            self.pushes.ended(True)
         if sync:
             self.index.sync()
         self.segments.forget_pending(d for obj in objects for d in obj.locations)

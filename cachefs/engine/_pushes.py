@@ -12,7 +12,9 @@ when it was (or published while the store had no write tier: not pushed).
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,11 +44,18 @@ class PushQueue:
         table = index.open_optional(b"pushes", create=True)
         assert table is not None  # created: the store is open for writing
         self.table: Table = table
+        #: How many entries each object has in the queue (``wait_pushed``).
+        self._waiting: Counter[Digest] = Counter()
         with index.read() as txn:
             self._next = self._after_last(txn)
+            for key in self.table.keys(txn):
+                _, hash_, size = PUSH_KEY.unpack(key)
+                self._waiting[Digest(hash_, size)] += 1
         #: Called after a publication that queued objects has committed.
         self.on_queued: Callable[[], None] | None = None
-        self._queued = False
+        #: What the current transaction of each thread queued.
+        self._local = threading.local()
+        self._changed = threading.Condition()
 
     def _after_last(self, txn: lmdb.Transaction) -> int:
         cursor = txn.cursor(db=self.table.handle)
@@ -58,15 +67,27 @@ class PushQueue:
         key = PUSH_KEY.pack(self._next, digest.hash, digest.size)
         self.table.put(txn, key, PUSH.pack(time.time_ns()) + entry)
         self._next += 1
-        self._queued = True
+        self._queued().append(digest)
 
-    def committed(self) -> None:
-        """A transaction that may have queued objects ended: tell the pusher.
-        (Numbers of an aborted one are not used again: gaps do no harm.)"""
-        if self._queued:
-            self._queued = False
-            if self.on_queued is not None:
-                self.on_queued()
+    def _queued(self) -> list[Digest]:
+        queued: list[Digest] | None = getattr(self._local, "queued", None)
+        if queued is None:
+            queued = self._local.queued = []
+        return queued
+
+    def ended(self, committed: bool) -> None:
+        """This thread's transaction ended: what it queued is there if it
+        committed (tell the pusher).  Numbers of an aborted one are not used
+        again: gaps do no harm."""
+        queued = self._queued()
+        if not queued:
+            return
+        if committed:
+            with self._changed:
+                self._waiting.update(queued)
+        queued.clear()
+        if committed and self.on_queued is not None:
+            self.on_queued()
 
     def add_entry(self, digest: Digest, entry: bytes) -> None:
         """Queue a name for an object (``entry``: what the layer above pushes
@@ -75,9 +96,12 @@ class PushQueue:
             with self.index.write() as txn:
                 self.add(txn, digest, entry)
         except lmdb.Error as exc:
+            self.ended(False)
             raise lmdb_error(exc, "queueing an entry to push") from None
-        finally:
-            self.committed()
+        except BaseException:
+            self.ended(False)
+            raise
+        self.ended(True)
 
     def peek(self, limit: int) -> list[QueuedPush]:
         """The first ``limit`` entries, oldest first."""
@@ -101,6 +125,18 @@ class PushQueue:
                     self.table.delete(txn, key)
         except lmdb.Error as exc:
             raise lmdb_error(exc, "updating the push queue") from None
+        with self._changed:
+            for key in keys:
+                _, hash_, size = PUSH_KEY.unpack(key)
+                self._waiting[Digest(hash_, size)] -= 1
+            self._waiting += Counter()  # drop what reached 0
+            self._changed.notify_all()
+
+    def wait_pushed(self, digest: Digest, timeout: float) -> bool:
+        """Wait until no entry of ``digest`` is in the queue (every write tier
+        holds it), at most ``timeout`` seconds; whether that happened."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._waiting[digest], timeout)
 
     def depth(self) -> tuple[int, float]:
         """How many objects wait, and the age in seconds of the oldest (0 if none)."""

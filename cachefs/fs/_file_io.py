@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -256,10 +256,13 @@ class FileIO:
             if state.opens == 0 and state.publishing == 0:
                 self._drop_state(state)
 
-    async def fsync(self, fh: int) -> None:
+    async def fsync(self, fh: int, then: Callable[[int], Awaitable[None]] | None = None) -> None:
+        """Publish the file durably; then ``then(ino)`` (the remote tiers' wait)."""
         handle = self.handles[fh]
         if isinstance(handle, FileHandle):
             await self.publisher.publish(handle.file, durable=True)
+            if then is not None:
+                await then(handle.file.ino)
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)

@@ -483,7 +483,7 @@ class Filesystem:
         await self.io.truncate(ino, size)
 
     async def fsync(self, fh: int) -> None:
-        await self.io.fsync(fh)
+        await self.io.fsync(fh, then=self.remote.durable)
 
     async def release(self, fh: int) -> None:
         await self.io.release(fh)

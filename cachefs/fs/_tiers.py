@@ -4,18 +4,24 @@ A mount or a served store with tiers (``cachefs.remote``) runs a
 :class:`~cachefs.remote.Pusher` thread beside its trio loop: the store queues
 every new object in the publishing transaction, and the pusher sends it to the
 write tiers, oldest first, backing off while they fail.  Local reads and
-writes never wait for it (``fsync`` means local durability).  Its queue depth,
+writes never wait for it: ``fsync`` means local durability, unless
+``remote_durability`` (``--remote-durability remote``) makes it wait until
+the write tiers hold the file's content.  Its queue depth,
 the age of its oldest entry, the tiers' figures and each shard endpoint's
 breaker are in ``stats`` under ``remote``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from cachefs.engine import Store
+import trio
+
+from cachefs.engine import Digest, FsError, Store
+from cachefs.format.schema import NO_CONTENT
 from cachefs.fs._shared import SharedDirs
 from cachefs.remote import Pusher, Tier, Tiers
 
@@ -23,6 +29,9 @@ if TYPE_CHECKING:
     from cachefs.fs._filesystem import Filesystem
 
 log = logging.getLogger(__name__)
+
+#: The longest an fsync waits for the write tiers (``--remote-durability remote``).
+REMOTE_FSYNC_TIMEOUT = 60.0
 
 
 class RemoteTiers:
@@ -32,6 +41,8 @@ class RemoteTiers:
         self.store = store
         self.tiers = Tiers(store, tiers)
         self.shared: SharedDirs | None = None
+        #: fsync waits until the write tiers hold the data (--remote-durability remote).
+        self.remote_durability = False
         self.pusher = Pusher(self.tiers) if self.tiers.writers and store.pushes else None
         self._started = False
 
@@ -60,6 +71,27 @@ class RemoteTiers:
             self.pusher.stop()
         if self.tiers.tiers:
             self.tiers.close()
+
+    async def durable(self, ino: int) -> None:
+        """After an fsync of file ``ino``: with ``remote_durability``, wait until
+        the write tiers hold its content (EIO if they do not within
+        ``REMOTE_FSYNC_TIMEOUT`` seconds: the data is safe locally, not there)."""
+        if not self.remote_durability or self.pusher is None or self.shared is None:
+            return
+        inode = self.shared.namespace.get(ino)
+        if inode.content == NO_CONTENT:
+            return
+        digest = Digest(inode.content, inode.size)
+        queue = self.pusher.queue
+        pushed = await trio.to_thread.run_sync(
+            queue.wait_pushed, digest, REMOTE_FSYNC_TIMEOUT, abandon_on_cancel=True
+        )
+        if not pushed:
+            raise FsError(
+                errno.EIO,
+                f"fsync: the write tiers do not hold {digest} after "
+                f"{REMOTE_FSYNC_TIMEOUT:.0f} s (it is safe locally and stays queued)",
+            )
 
     def figures(self) -> dict[str, object]:
         """``{"remote": ...}`` for ``stats``, or nothing when there are no tiers."""

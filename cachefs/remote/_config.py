@@ -148,13 +148,25 @@ class TierOptions:
     urls: tuple[str, ...] = ()
     #: The parsed ``--config`` file (None: none given).
     config: dict[str, Any] | None = None
+    #: What an fsync waits for: "local" (the local store) or "remote" (the write tiers).
+    durability: str = "local"
 
     @classmethod
-    def parse(cls, urls: Sequence[str], config: Path | None) -> TierOptions:
+    def parse(
+        cls, urls: Sequence[str], config: Path | None, durability: str = "local"
+    ) -> TierOptions:
         """Checked as far as can be before the store is open (URLs, the file)."""
         for url in urls:
             parse_remote(url)
-        return cls(tuple(urls), None if config is None else read_config(config))
+        options = cls(tuple(urls), None if config is None else read_config(config), durability)
+        if durability not in ("local", "remote"):
+            raise ConfigError(f"--remote-durability {durability!r}: local or remote")
+        if durability == "remote" and not options.writes:
+            raise ConfigError(
+                "--remote-durability remote needs a tier that takes writes",
+                hint="give --remote URL (or a read-write tier in --config)",
+            )
+        return options
 
     @property
     def any(self) -> bool:
