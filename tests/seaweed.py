@@ -116,7 +116,12 @@ def seaweed(directory: Path) -> Iterator[Seaweed]:
     ]  # fmt: skip
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            argv,
+            cwd=directory,  # nothing lands in the caller's directory
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
         )
     endpoint = f"http://127.0.0.1:{s3}"
     try:
@@ -169,6 +174,7 @@ class Cluster:
             return [str(WEED), "volume", *common, f"-port={p[name]}", f"-dir={d / name}",
                     "-max=30", master, "-dataCenter=dc1", "-rack=rack1"]  # fmt: skip
         return [str(WEED), "filer", *common, f"-port={p['filer']}", master,
+                f"-defaultStoreDir={d / 'filer'}",
                 "-defaultReplicaPlacement=001", "-s3", f"-s3.port={p['s3']}",
                 f"-s3.config={d / 's3.json'}", "-s3.port.iceberg=0",
                 "-s3.port.lance=0"]  # fmt: skip
@@ -178,6 +184,7 @@ class Cluster:
         with open(self.directory / f"{name}.log", "ab") as out:
             self.processes[name] = subprocess.Popen(
                 self.argv(name),
+                cwd=self.directory / name,  # nothing lands in the caller's directory
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
@@ -191,8 +198,9 @@ class Cluster:
         process.wait()
 
     def stop_all(self) -> None:
+        """Every server, at once (SIGKILL: a power cut; they recover at start)."""
         for name in list(self.processes):
-            stop_group(self.processes.pop(name))
+            self.kill(name)
 
     def start_all(self) -> None:
         for name in CLUSTER:

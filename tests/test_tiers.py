@@ -40,11 +40,18 @@ from tests import clients
 from tests.conftest import flip_first_chunk
 from tests.mounting import cachefs, content_digest, kill, live_stats, mounted, start
 from tests.reapi import Client, buildgrid, free_port, serving
-from tests.seaweed import seaweed, seaweed_cluster
+from tests.seaweed import Seaweed, seaweed, seaweed_cluster
 from tests.test_cli import flip_byte_of
 from tests.test_remote import Memory
 
 PUSHING = StoreOptions(push=True, fsync=False)
+
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    """One SeaweedFS for the module's tests (each uses a prefix of its own)."""
+    with seaweed(tmp_path_factory.mktemp("weed")) as server:
+        yield server
 
 
 def fetch_into(store: Store, tiers: Tiers, digest: Digest) -> bytes:
@@ -245,9 +252,8 @@ def _round_trip(tmp_path: Path, url: str, *, whole: bool) -> None:
             tiers.close()
 
 
-def test_through_seaweedfs(tmp_path: Path) -> None:
-    with seaweed(tmp_path / "weed") as weed:
-        _round_trip(tmp_path, weed.url("cachefs", "team"), whole=False)
+def test_through_seaweedfs(tmp_path: Path, weed: Seaweed) -> None:
+    _round_trip(tmp_path, weed.url("cachefs", tmp_path.name), whole=False)
 
 
 def test_through_a_cachefs_serve(tmp_path: Path) -> None:
@@ -272,7 +278,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-def test_a_mount_pushes_from_a_queue_that_survives_kill_9(tmp_path: Path) -> None:
+def test_a_mount_pushes_from_a_queue_that_survives_kill_9(tmp_path: Path, weed: Seaweed) -> None:
     """A mount whose remote is down queues what it publishes; killed, then
     mounted again with the remote up, it drains the queue; another store
     then fetches every file from the remote."""
@@ -294,18 +300,17 @@ def test_a_mount_pushes_from_a_queue_that_survives_kill_9(tmp_path: Path) -> Non
         assert "push queue" in shown and f"{remote['queue']} waiting" in shown
     finally:
         kill(mount)
-    with seaweed(tmp_path / "weed") as weed:
-        url = weed.url("cachefs", "mount")
-        with mounted(store, mnt, "--remote", url):
-            wait_for(lambda: live_stats(mnt)["remote"]["queue"] == 0)
-            assert live_stats(mnt)["remote"]["pushed_objects"] >= len(files)
-        with Store.open(tmp_path / "other", create=True, options=StoreOptions(fsync=False)) as b:
-            tiers = Tiers(b, [Tier(open_remote(url, SHA256))])
-            try:
-                for name, data in files.items():
-                    assert fetch_into(b, tiers, digests[name]) == data
-            finally:
-                tiers.close()
+    url = weed.url("cachefs", "mount")
+    with mounted(store, mnt, "--remote", url):
+        wait_for(lambda: live_stats(mnt)["remote"]["queue"] == 0)
+        assert live_stats(mnt)["remote"]["pushed_objects"] >= len(files)
+    with Store.open(tmp_path / "other", create=True, options=StoreOptions(fsync=False)) as b:
+        tiers = Tiers(b, [Tier(open_remote(url, SHA256))])
+        try:
+            for name, data in files.items():
+                assert fetch_into(b, tiers, digests[name]) == data
+        finally:
+            tiers.close()
 
 
 # --- shared cache directories -------------------------------------------------------
@@ -317,11 +322,10 @@ def settled(mnt: Path) -> bool:
 
 
 @contextmanager
-def a_remote(kind: str, directory: Path) -> Iterator[str]:
+def a_remote(kind: str, directory: Path, weed: Seaweed) -> Iterator[str]:
     """A remote of each kind, running for the test: its URL."""
     if kind == "s3":
-        with seaweed(directory / "weed") as weed:
-            yield weed.url("cachefs", "shared")
+        yield weed.url("cachefs", directory.name)
     elif kind == "buildgrid":
         with buildgrid(directory / "bgd") as server:
             yield f"grpc://{server.grpc}"
@@ -331,7 +335,7 @@ def a_remote(kind: str, directory: Path) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("kind", ["s3", "grpc", "http", "buildgrid"])
-def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str) -> None:
+def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str, weed: Seaweed) -> None:
     """Files written in a shared cache directory of one mount (as a tool
     does: a temporary name, then a rename) are found by name through the
     other mount, byte-identical, with their mode and mtime; a name that is
@@ -343,7 +347,7 @@ def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str) -> None
         "b/stats": b"x" * 100,
         "empty": b"",
     }
-    with a_remote(kind, tmp_path) as url:
+    with a_remote(kind, tmp_path, weed) as url:
         one, two = tmp_path / "one", tmp_path / "two"
         with (
             mounted(tmp_path / "s1", one, "--remote", url),
@@ -386,41 +390,40 @@ def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str) -> None
             assert not (two / "plain" / "a").exists()
 
 
-def test_ccache_and_bazel_share_a_cache_across_two_mounts(tmp_path: Path) -> None:
+def test_ccache_and_bazel_share_a_cache_across_two_mounts(tmp_path: Path, weed: Seaweed) -> None:
     """A tool's own cache directory is a team cache with no change to the
     tool: ``CCACHE_DIR`` and Bazel's ``--disk_cache`` in shared directories
     of two mounts of one S3 remote; a build on the first, then the same build
     (sources elsewhere) on the second hits for every object, outputs identical."""
     clients.require_ccache()
     clients.require_bazel()
-    with seaweed(tmp_path / "weed") as weed:
-        url = weed.url("cachefs", "team")
-        one, two = tmp_path / "one", tmp_path / "two"
-        with (
-            mounted(tmp_path / "s1", one, "--remote", url),
-            mounted(tmp_path / "s2", two, "--remote", url),
-        ):
-            for mnt in (one, two):
-                for name in ("ccache", "bazel"):
-                    (mnt / name).mkdir()
-                    cachefs("cache", "set", str(mnt / name), "--max-size", "1G", "--shared")
-            src_one = clients.c_project(tmp_path / "src1")
-            first = clients.ccache_build(src_one, one / "ccache")
-            assert first.misses > 30 and first.hits == 0 and not first.errors
-            workspace = clients.bazel_workspace(tmp_path / "ws1")
-            built = clients.bazel_build(workspace, one / "bazel", tmp_path / "out1")
-            assert built.hits == 0 and built.spawns == 33
-            wait_for(lambda: settled(one), timeout=120)
-            src_two = clients.c_project(tmp_path / "src2")
-            second = clients.ccache_build(src_two, two / "ccache")
-            assert second.hits == first.misses and second.misses == 0, second.stats
-            assert not second.errors and second.outputs == first.outputs
-            clients.smoke_test(src_two)
-            workspace = clients.bazel_workspace(tmp_path / "ws2")
-            again = clients.bazel_build(workspace, two / "bazel", tmp_path / "out2")
-            assert again.hits == again.spawns == 33
-            assert again.outputs == built.outputs
-            assert live_stats(two)["remote"]["shared_fetches"] > first.misses
+    url = weed.url("cachefs", "team")
+    one, two = tmp_path / "one", tmp_path / "two"
+    with (
+        mounted(tmp_path / "s1", one, "--remote", url),
+        mounted(tmp_path / "s2", two, "--remote", url),
+    ):
+        for mnt in (one, two):
+            for name in ("ccache", "bazel"):
+                (mnt / name).mkdir()
+                cachefs("cache", "set", str(mnt / name), "--max-size", "1G", "--shared")
+        src_one = clients.c_project(tmp_path / "src1")
+        first = clients.ccache_build(src_one, one / "ccache")
+        assert first.misses > 30 and first.hits == 0 and not first.errors
+        workspace = clients.bazel_workspace(tmp_path / "ws1")
+        built = clients.bazel_build(workspace, one / "bazel", tmp_path / "out1")
+        assert built.hits == 0 and built.spawns == 33
+        wait_for(lambda: settled(one), timeout=120)
+        src_two = clients.c_project(tmp_path / "src2")
+        second = clients.ccache_build(src_two, two / "ccache")
+        assert second.hits == first.misses and second.misses == 0, second.stats
+        assert not second.errors and second.outputs == first.outputs
+        clients.smoke_test(src_two)
+        workspace = clients.bazel_workspace(tmp_path / "ws2")
+        again = clients.bazel_build(workspace, two / "bazel", tmp_path / "out2")
+        assert again.hits == again.spawns == 33
+        assert again.outputs == built.outputs
+        assert live_stats(two)["remote"]["shared_fetches"] > first.misses
 
 
 # --- self-heal ------------------------------------------------------------------------
@@ -486,26 +489,25 @@ def test_a_record_that_cannot_be_rebuilt_heals_as_a_fresh_copy(
         assert store.read(digest) == data
 
 
-def test_a_mount_heals_a_flipped_byte_from_its_remote(tmp_path: Path) -> None:
+def test_a_mount_heals_a_flipped_byte_from_its_remote(tmp_path: Path, weed: Seaweed) -> None:
     """Bytes flipped in a segment of a mounted store whose S3 remote has the
     data: the read returns the right bytes, the damage is counted, fsck is
     clean afterwards."""
     store, mnt = tmp_path / "store", tmp_path / "mnt"
     data = os.urandom(3 << 20)
-    with seaweed(tmp_path / "weed") as weed:
-        url = weed.url("cachefs", "heal")
-        with mounted(store, mnt, "--remote", url):
-            (mnt / "f").write_bytes(data)
-            digest = content_digest(mnt / "f")
-            wait_for(lambda: settled(mnt))
-        flip_byte_of(store, digest)
-        with mounted(store, mnt, "--remote", url):
-            assert (mnt / "f").read_bytes() == data
-            stats = live_stats(mnt)
-            assert stats["remote"]["healed_chunks"] == 1
-            assert stats["corruptions"] == 0 and not stats["needs_fsck"]
-        result = cachefs("fsck", str(store))  # fails the test unless it exits 0
-        assert result.stdout.strip().endswith("clean")
+    url = weed.url("cachefs", "heal")
+    with mounted(store, mnt, "--remote", url):
+        (mnt / "f").write_bytes(data)
+        digest = content_digest(mnt / "f")
+        wait_for(lambda: settled(mnt))
+    flip_byte_of(store, digest)
+    with mounted(store, mnt, "--remote", url):
+        assert (mnt / "f").read_bytes() == data
+        stats = live_stats(mnt)
+        assert stats["remote"]["healed_chunks"] == 1
+        assert stats["corruptions"] == 0 and not stats["needs_fsck"]
+    result = cachefs("fsck", str(store))  # fails the test unless it exits 0
+    assert result.stdout.strip().endswith("clean")
 
 
 def test_two_mounts_over_a_seaweedfs_cluster_that_fails(tmp_path: Path) -> None:
@@ -567,54 +569,51 @@ def serve_stats(store: Path) -> dict[str, Any]:
     return doc
 
 
-def test_two_serves_share_one_cache_through_s3(tmp_path: Path) -> None:
+def test_two_serves_share_one_cache_through_s3(tmp_path: Path, weed: Seaweed) -> None:
     """What a client stores in one ``cachefs serve --remote`` (blobs and
     action results) another one with the same remote serves: its misses are
     looked for in the tiers, fetched, verified and kept."""
-    with seaweed(tmp_path / "weed") as weed:
-        url = weed.url("cachefs", "serve")
-        with (
-            serving(tmp_path / "a", "--remote", url) as a,
-            serving(tmp_path / "b", "--remote", url) as b,
-        ):
-            big, small = os.urandom(3 << 20), b"small output"
-            with Client(a.grpc, SHA256, "team") as client:
-                client.write(big)
-                assert all(r.status.code == 0 for r in client.update_blobs([small]).responses)
-                result = re_pb2.ActionResult(
-                    output_files=[
-                        re_pb2.OutputFile(path="out/big", digest=client.digest(big)),
-                        re_pb2.OutputFile(path="out/small", digest=client.digest(small)),
-                    ]
+    url = weed.url("cachefs", "serve")
+    with (
+        serving(tmp_path / "a", "--remote", url) as a,
+        serving(tmp_path / "b", "--remote", url) as b,
+    ):
+        big, small = os.urandom(3 << 20), b"small output"
+        with Client(a.grpc, SHA256, "team") as client:
+            client.write(big)
+            assert all(r.status.code == 0 for r in client.update_blobs([small]).responses)
+            result = re_pb2.ActionResult(
+                output_files=[
+                    re_pb2.OutputFile(path="out/big", digest=client.digest(big)),
+                    re_pb2.OutputFile(path="out/small", digest=client.digest(small)),
+                ]
+            )
+            action = client.digest(b"an action")
+            client.ac.UpdateActionResult(
+                re_pb2.UpdateActionResultRequest(
+                    instance_name="team", action_digest=action, action_result=result
                 )
-                action = client.digest(b"an action")
-                client.ac.UpdateActionResult(
-                    re_pb2.UpdateActionResultRequest(
-                        instance_name="team", action_digest=action, action_result=result
-                    )
-                )
+            )
 
-            def settled_a() -> bool:
-                remote = serve_stats(tmp_path / "a")["remote"]
-                return bool(remote["queue"] == 0 and remote["shared_settling"] == 0)
+        def settled_a() -> bool:
+            remote = serve_stats(tmp_path / "a")["remote"]
+            return bool(remote["queue"] == 0 and remote["shared_settling"] == 0)
 
-            wait_for(settled_a)
-            with Client(b.grpc, SHA256, "team") as client:
-                got = client.ac.GetActionResult(
-                    re_pb2.GetActionResultRequest(instance_name="team", action_digest=action)
-                )
-                assert got == result
-                assert client.read(client.digest(big)) == big
-                batch = client.cas.BatchReadBlobs(
-                    re_pb2.BatchReadBlobsRequest(
-                        instance_name="team", digests=[client.digest(small)]
-                    )
-                )
-                assert [r.data for r in batch.responses] == [small]
-                # Another instance is another namespace.
-                assert client.find_missing([client.digest(small)], instance="other")
-            remote = serve_stats(tmp_path / "b")["remote"]
-            assert remote["shared_fetches"] >= 3  # the action result and its two blobs
+        wait_for(settled_a)
+        with Client(b.grpc, SHA256, "team") as client:
+            got = client.ac.GetActionResult(
+                re_pb2.GetActionResultRequest(instance_name="team", action_digest=action)
+            )
+            assert got == result
+            assert client.read(client.digest(big)) == big
+            batch = client.cas.BatchReadBlobs(
+                re_pb2.BatchReadBlobsRequest(instance_name="team", digests=[client.digest(small)])
+            )
+            assert [r.data for r in batch.responses] == [small]
+            # Another instance is another namespace.
+            assert client.find_missing([client.digest(small)], instance="other")
+        remote = serve_stats(tmp_path / "b")["remote"]
+        assert remote["shared_fetches"] >= 3  # the action result and its two blobs
 
 
 def test_wait_pushed_follows_the_queue(tmp_path: Path) -> None:
@@ -636,25 +635,24 @@ def test_wait_pushed_follows_the_queue(tmp_path: Path) -> None:
         pusher.tiers.close()
 
 
-def test_fsync_waits_for_the_remote_when_asked(tmp_path: Path) -> None:
+def test_fsync_waits_for_the_remote_when_asked(tmp_path: Path, weed: Seaweed) -> None:
     data = os.urandom(2 << 20)
-    with seaweed(tmp_path / "weed") as weed:
-        url = weed.url("cachefs", "durable")
-        mnt = tmp_path / "mnt"
-        with (
-            mounted(tmp_path / "store", mnt, "--remote", url, "--remote-durability", "remote"),
-            open(mnt / "f", "wb") as f,
-        ):
-            f.write(data)
-            os.fsync(f.fileno())  # returns once S3 has it
-            assert live_stats(mnt)["remote"]["queue"] == 0
-            digest = Digest.parse(content_digest(mnt / "f"))
-            with Store.open(tmp_path / "b", create=True) as other:
-                tiers = Tiers(other, [Tier(open_remote(url, SHA256))])
-                try:
-                    assert fetch_into(other, tiers, digest) == data
-                finally:
-                    tiers.close()
+    url = weed.url("cachefs", "durable")
+    mnt = tmp_path / "mnt"
+    with (
+        mounted(tmp_path / "store", mnt, "--remote", url, "--remote-durability", "remote"),
+        open(mnt / "f", "wb") as f,
+    ):
+        f.write(data)
+        os.fsync(f.fileno())  # returns once S3 has it
+        assert live_stats(mnt)["remote"]["queue"] == 0
+        digest = Digest.parse(content_digest(mnt / "f"))
+        with Store.open(tmp_path / "b", create=True) as other:
+            tiers = Tiers(other, [Tier(open_remote(url, SHA256))])
+            try:
+                assert fetch_into(other, tiers, digest) == data
+            finally:
+                tiers.close()
     result = cachefs("mount", str(tmp_path / "s"), str(mnt), "--remote-durability", "remote",
                      check=False)  # fmt: skip
     assert result.returncode != 0 and "needs a tier that takes writes" in result.stderr
