@@ -6,7 +6,7 @@ with weights and replicas, and circuit breakers."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import obstore
@@ -259,6 +259,7 @@ class Memory:
         self.actions: dict[Digest, re_pb2.ActionResult] = {}
         self.down = False
         self.calls = 0
+        self.streams = True
 
     def _call(self) -> None:
         self.calls += 1
@@ -278,6 +279,11 @@ class Memory:
     def write(self, digest: Digest, data: bytes) -> None:
         self._call()
         self.blobs[digest] = data
+
+    def write_stream(
+        self, digest: Digest, pieces: Callable[[], Iterable[bytes | memoryview]]
+    ) -> None:
+        self.write(digest, b"".join(pieces()))
 
     def get_action(self, key: Digest) -> re_pb2.ActionResult | None:
         self._call()

@@ -656,3 +656,25 @@ def test_fsync_waits_for_the_remote_when_asked(tmp_path: Path, weed: Seaweed) ->
     result = cachefs("mount", str(tmp_path / "s"), str(mnt), "--remote-durability", "remote",
                      check=False)  # fmt: skip
     assert result.returncode != 0 and "needs a tier that takes writes" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["grpc", "s3"])
+def test_large_whole_objects_are_streamed(
+    tmp_path: Path, kind: str, weed: Seaweed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object past WHOLE_MAX goes up whole as a stream (ByteStream, or a
+    multipart upload), never whole in memory; a reader finds the whole blob."""
+    monkeypatch.setattr("cachefs.remote._tiers.WHOLE_MAX", 1 << 20)
+    data = os.urandom(5 << 20) + b"end"
+    with a_remote(kind, tmp_path, weed) as url:
+        with Store.open(tmp_path / "a", create=True, options=PUSHING) as store:
+            tiers = Tiers(store, [Tier(open_remote(url, SHA256), whole=True)])
+            digest = store.put(data)
+            drain(Pusher(tiers))
+            tiers.close()
+        remote = open_remote(url, SHA256)
+        try:
+            assert remote.find_missing([digest]) == []
+            assert remote.read(digest) == data
+        finally:
+            remote.close()

@@ -11,7 +11,7 @@ how the names of things -- an object's chunk list -- reach other machines.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from cachefs.errors import RemoteError
@@ -37,6 +37,16 @@ class Remote(Protocol):
 
     def write(self, digest: Digest, data: bytes) -> None:
         """Store a blob (its bytes must have ``digest``: the caller made sure)."""
+        ...
+
+    #: Whether :meth:`write_stream` keeps memory bounded (else it joins the pieces).
+    streams: bool
+
+    def write_stream(
+        self, digest: Digest, pieces: Callable[[], Iterable[bytes | memoryview]]
+    ) -> None:
+        """Store a large blob from its pieces (``pieces()`` gives them afresh,
+        for each try or copy)."""
         ...
 
     def get_action(self, key: Digest) -> re_pb2.ActionResult | None:

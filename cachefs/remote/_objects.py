@@ -15,7 +15,7 @@ obstore's, set from the tier's timeout.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -90,6 +90,8 @@ class ObjectRemote:
         except (BaseError, ValueError) as exc:
             raise ConfigError(f"remote {url.text}: {exc}") from None
         self._pool = ThreadPoolExecutor(_PARALLEL, thread_name_prefix="cachefs-remote")
+        #: Large blobs go up in parts, never whole in memory (buckets; not HTTP caches).
+        self.streams = url.kind == "s3"
 
     def _failed(self, what: str, exc: BaseException) -> RemoteError:
         return RemoteError(f"{self.name}: {what}: {exc}")
@@ -126,6 +128,16 @@ class ObjectRemote:
     def write(self, digest: Digest, data: bytes) -> None:
         try:
             obstore.put(self.store, self._key(digest), data)
+        except (BaseError, OSError, ValueError, RuntimeError) as exc:
+            raise self._failed(f"writing blob {digest}", exc) from None
+
+    def write_stream(
+        self, digest: Digest, pieces: Callable[[], Iterable[bytes | memoryview]]
+    ) -> None:
+        """A large blob from its pieces: a multipart upload to a bucket (an
+        HTTP cache takes single PUTs: the pieces are joined first)."""
+        try:
+            obstore.put(self.store, self._key(digest), iter(pieces()), use_multipart=self.streams)
         except (BaseError, OSError, ValueError, RuntimeError) as exc:
             raise self._failed(f"writing blob {digest}", exc) from None
 

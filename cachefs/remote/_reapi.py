@@ -14,7 +14,7 @@ Every call has the tier's timeout as its deadline.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import grpc
 
@@ -58,6 +58,8 @@ class ReapiRemote:
             re_pb2.DigestFunction.BLAKE3 if function == BLAKE3 else re_pb2.DigestFunction.UNKNOWN
         )
         self._path = "blake3/" if function == BLAKE3 else ""
+        #: Blobs of any size are written as streams (``write_stream``).
+        self.streams = True
 
     def _failed(self, what: str, exc: grpc.RpcError | ValueError) -> RemoteError:
         code = exc.code() if isinstance(exc, grpc.Call) else None
@@ -157,19 +159,28 @@ class ReapiRemote:
             messages = [r.status.message for r in response.responses]
             raise RemoteError(f"{self.name}: writing blob {digest}: {messages or 'no answer'}")
 
-    def _write_stream(self, digest: Digest, data: bytes) -> None:
+    def write_stream(
+        self, digest: Digest, pieces: Callable[[], Iterable[bytes | memoryview]]
+    ) -> None:
+        try:
+            self._write_stream(digest, pieces())
+        except (grpc.RpcError, ValueError) as exc:
+            raise self._failed(f"writing blob {digest}", exc) from None
+
+    def _write_stream(self, digest: Digest, data: bytes | Iterable[bytes | memoryview]) -> None:
         name = self._resource(digest, upload=True)
-        view = memoryview(data)
+        source = (data,) if isinstance(data, bytes) else data
 
         def requests() -> Iterator[bs_pb2.WriteRequest]:
-            for start in range(0, len(data), PIECE):
-                piece = view[start : start + PIECE]
+            start = 0
+            for piece in pieces_of(source, PIECE):
                 yield bs_pb2.WriteRequest(
                     resource_name=name if start == 0 else "",
                     write_offset=start,
-                    data=bytes(piece),
-                    finish_write=start + len(piece) >= len(data),
+                    data=piece,
+                    finish_write=start + len(piece) >= digest.size,
                 )
+                start += len(piece)
 
         response = self.bytestream.Write(requests(), timeout=self._deadline(digest))
         # -1 (or any size) for a blob the server had already; the size otherwise.
@@ -208,4 +219,16 @@ class ReapiRemote:
         self.channel.close()
 
 
-__all__ = ["ReapiRemote"]
+def pieces_of(source: Iterable[bytes | memoryview], size: int) -> Iterator[bytes]:
+    """The bytes of ``source`` again, in pieces of ``size`` (the last one shorter)."""
+    held = bytearray()
+    for part in source:
+        held += part
+        while len(held) >= size:
+            yield bytes(held[:size])
+            del held[:size]
+    if held:
+        yield bytes(held)
+
+
+__all__ = ["ReapiRemote", "pieces_of"]

@@ -26,7 +26,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -158,6 +158,7 @@ class ShardGroup:
         self.replicas = replicas
         self.name = "group(" + ", ".join(m.remote.name for m in self.members) + ")"
         self.key = "group(" + ",".join(sorted(keys)) + f")x{replicas}"
+        self.streams = all(m.remote.streams for m in self.members)
         self._seeds = [m.seed for m in self.members]
         self._weights = [m.weight for m in self.members]
 
@@ -239,6 +240,13 @@ class ShardGroup:
 
     def write(self, digest: Digest, data: bytes) -> None:
         self._replicate(digest, lambda remote: remote.write(digest, data), f"blob {digest}")
+
+    def write_stream(
+        self, digest: Digest, pieces: Callable[[], Iterable[bytes | memoryview]]
+    ) -> None:
+        self._replicate(
+            digest, lambda remote: remote.write_stream(digest, pieces), f"blob {digest}"
+        )
 
     def update_action(self, key: Digest, result: re_pb2.ActionResult) -> None:
         self._replicate(

@@ -7,7 +7,8 @@ with a direction).  What moves is the store's own chunking (``_lists.py``):
   (asked first, in batches), then its chunk list and the action cache entry
   that names it, and -- for tiers that serve other clients, REAPI and Bazel
   HTTP caches -- the whole object as one blob too, so that Bazel sees it
-  (objects up to ``WHOLE_MAX``; larger ones travel as chunks only).  The
+  (streamed when large; to an HTTP cache, which takes single PUTs, objects up
+  to ``WHOLE_MAX`` only, larger ones travel as chunks only).  The
   :class:`Pusher` thread drains the store's durable queue
   (``engine.PushQueue``) into the write tiers, oldest first, and backs off
   while they fail.
@@ -164,14 +165,18 @@ class Tiers:
         self._count(pushed_chunks=len(missing), pushed_bytes=sent)
         listing = pack_list(chunks)
         blob = Digest(self.function.hash(listing), len(listing))
-        whole = tier.whole and digest.size <= WHOLE_MAX and all(d for d, _ in chunks)
+        fits = digest.size <= WHOLE_MAX or remote.streams
+        whole = tier.whole and fits and all(d for d, _ in chunks)
         wanted = [blob, digest] if whole else [blob]
         lacking = set(remote.find_missing(wanted))
         if blob in lacking:
             remote.write(blob, listing)
         remote.update_action(list_key(self.function, digest), list_result(blob))
         if digest in lacking:
-            remote.write(digest, self.store.read(digest))
+            if digest.size <= WHOLE_MAX:
+                remote.write(digest, self.store.read(digest))
+            else:
+                remote.write_stream(digest, lambda: self.store.iter_object(digest))
             self._count(pushed_bytes=digest.size)
 
     def _push_chunk(self, remote: Remote, digest: Digest) -> int:
