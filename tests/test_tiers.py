@@ -22,6 +22,7 @@ from cachefs.engine import (
     Store,
     StoreOptions,
     check_store,
+    scrub_store,
 )
 from cachefs.errors import ConfigError, RemoteError
 from cachefs.format.digest import SHA256
@@ -455,6 +456,26 @@ def test_a_damaged_chunk_heals_from_a_tier(tmp_path: Path) -> None:
             store.read(other)
         assert store.needs_fsck
         healing.close()
+
+
+def test_scrub_heals_what_it_finds(tmp_path: Path) -> None:
+    """A scrub of a store with tiers heals the damage it finds instead of
+    recording it; without tiers it records it, as ever."""
+    remote = Verifying("mem")
+    data = os.urandom(1 << 20)
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as store:
+        tiers = Tiers(store, [Tier(remote)])
+        digest = store.put(data)
+        drain(Pusher(tiers))
+        flip_first_chunk(store, digest)
+        report = scrub_store(store)
+        assert report.clean, report.problems
+        assert any("healed" in note for note in report.notes)
+        assert tiers.counts["healed_chunks"] == 1 and not store.needs_fsck
+        tiers.close()
+        flip_first_chunk(store, digest)
+        assert not scrub_store(store).clean
+        assert store.needs_fsck
 
 
 def test_a_record_that_cannot_be_rebuilt_heals_as_a_fresh_copy(

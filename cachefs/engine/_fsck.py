@@ -43,7 +43,7 @@ from cachefs.engine._maintenance import Maintenance
 from cachefs.engine._namespace import Namespace
 from cachefs.engine._namespace_check import check_namespace, repair_namespace
 from cachefs.engine._store import Progress, Store
-from cachefs.errors import CorruptDataError, IndexCorruptError
+from cachefs.errors import CachefsError, CorruptDataError, IndexCorruptError
 from cachefs.format.digest import Digest
 from cachefs.format.schema import (
     ALL_DATABASES,
@@ -249,12 +249,40 @@ def scrub_store(
     ``check_store`` does, at most ``rate`` bytes a second (None: as fast as it
     goes), and record what is found in the store's health: each problem counts
     as a damaged read, and the store needs fsck (``cachefs scrub``, and the
-    background scrub of a mount)."""
+    background scrub of a mount).  A store with remote tiers first heals the
+    damaged chunks they hold (``LocalChunks.healer``) and checks again."""
     report = check_store(store, progress=_throttled(progress, rate))
+    if not report.clean and store.chunks.healer is not None and not store.readonly:
+        healed = _heal_damaged(store)
+        if healed:
+            report = check_store(store)
+            report.notes.append(f"{healed} damaged chunks were healed from the remote tiers")
     for problem in report.problems:
         kind = IndexCorruptError if problem.kind in INDEX_PROBLEMS else CorruptDataError
         store.health.damaged(kind(f"scrub found {problem}"))
     return report
+
+
+def _heal_damaged(store: Store) -> int:
+    """Heal every chunk whose record fails its checks through the store's
+    healer (the remote tiers); how many were healed."""
+    healer = store.chunks.healer
+    assert healer is not None
+    with store.index.read() as txn:
+        chunks = list(store.index.iter_chunks(txn))
+    healed = 0
+    for digest, entry in chunks:
+        try:
+            store.chunks.read_entry(digest, entry)
+            continue
+        except CorruptDataError as exc:
+            log.warning("scrub: %s; looking for a copy in the remote tiers", exc)
+        try:
+            if healer(digest, entry.raw_len) is not None:
+                healed += 1
+        except CachefsError as exc:
+            log.warning("scrub: chunk %s could not be healed: %s", digest.hex(), exc)
+    return healed
 
 
 def _throttled(progress: Progress | None, rate: int | None) -> Progress | None:
