@@ -119,6 +119,18 @@ class CorruptDataError(CachefsError):
         self.recorded = False
 
 
+class HealElsewhere(CorruptDataError):
+    """A damaged chunk that a remote tier may hold, met on a thread that must
+    not wait for the network (the filesystem's event loop): the caller heals
+    it in a worker thread (``LocalChunks.healer``) and reads again.  Nothing
+    is recorded as damage yet."""
+
+    def __init__(self, message: str, digest: bytes, length: int) -> None:
+        super().__init__(message)
+        self.digest = digest
+        self.length = length
+
+
 class IndexCorruptError(CorruptDataError):
     """The metadata index itself is damaged (not just one chunk's bytes)."""
 
@@ -184,6 +196,9 @@ class RemoteError(CachefsError):
     errno = _errno.EIO
     exit_code = 9
     default_hint = "check the remote's URL, that it is up, and its credentials"
+    #: The remote refused this request for what it is (it would refuse it
+    #: again): trying later does not help.
+    permanent = False
 
 
 def from_oserror(exc: OSError, what: str) -> CachefsError:

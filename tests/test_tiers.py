@@ -136,6 +136,28 @@ def test_the_queue_survives_a_reopen_and_drops_what_went(tmp_path: Path) -> None
     assert {Digest(d, n) for d, n in [(SHA256.hash(b"kept" * 1000), 4000)]} <= set(remote.blobs)
 
 
+def test_an_item_refused_for_good_does_not_block_the_queue(tmp_path: Path) -> None:
+    """A tier that refuses one object for what it is (not because it is down):
+    that object leaves the queue with an error in the log, the others go."""
+
+    class Refusing(Memory):
+        def write(self, digest: Digest, data: bytes) -> None:
+            if data.startswith(b"refused"):
+                error = RemoteError(f"{self.name}: writing blob {digest}: INVALID_ARGUMENT")
+                error.permanent = True
+                raise error
+            super().write(digest, data)
+
+    remote = Refusing("mem")
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as store:
+        store.put(b"refused" * 100)
+        kept = store.put(b"accepted" * 100)
+        pusher = Pusher(Tiers(store, [Tier(remote)]))
+        drain(pusher)
+        assert pusher.dropped == 1 and kept.hash in {d.hash for d in remote.blobs}
+        pusher.tiers.close()
+
+
 def test_a_failing_tier_keeps_the_queue(tmp_path: Path) -> None:
     remote = Memory("mem")
     remote.down = True
@@ -225,6 +247,9 @@ endpoints = [
         ("[remote]\ntimeout = -1\n", "positive number"),
         ("[[tier]\n", "not valid TOML"),
         ("[tiers]\n", "unknown key 'tiers'"),
+        ("tier = 5\n", "are \\[\\[tier\\]\\] tables"),
+        ("tier = [1]\n", "are \\[\\[tier\\]\\] tables"),
+        ("remote = 5\n", "is a table"),
     ]:
         config.write_text(text)
         with pytest.raises(ConfigError, match=why):
@@ -347,6 +372,7 @@ def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str, weed: S
         "a/1/obj2.o": os.urandom(3_000_000),
         "b/stats": b"x" * 100,
         "empty": b"",
+        os.fsdecode(b"caf\xe9-latin1.o"): b"a name that is not UTF-8",
     }
     with a_remote(kind, tmp_path, weed) as url:
         one, two = tmp_path / "one", tmp_path / "two"

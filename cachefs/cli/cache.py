@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import click
 
 from cachefs import daemon
 from cachefs.errors import ConfigError, MountError, NotFoundError, from_oserror
-from cachefs.fs import CACHE_XATTR, POLICIES
+from cachefs.fs import CACHE_XATTR, POLICIES, SHARE_NAME
 
 from .common import human_bytes, json_option, parse_size
 
@@ -92,6 +93,11 @@ def set_command(
         name = share_name or directory.resolve().relative_to(root).as_posix()
         if name in ("", "."):
             raise ConfigError("the mount's root cannot be shared", hint="share a directory in it")
+        if not re.fullmatch(SHARE_NAME, name):
+            raise ConfigError(
+                f"{name!r} cannot name a share: 1 to 200 of A-Z a-z 0-9 . _ - and /",
+                hint="give --share-name NAME",
+            )
         value += f" shared={name}"
     try:
         os.setxattr(directory, _XATTR, value.encode())

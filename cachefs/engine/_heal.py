@@ -50,10 +50,20 @@ def heal_chunk(store: Store, digest: bytes, data: bytes) -> bool:
             return False
         if entry.raw_len != len(data):
             raise CorruptDataError(f"chunk {digest.hex()} is indexed with another length")
+        if _intact(store, digest, entry):
+            return True  # healed meanwhile (another reader)
         if _rewrite(store, digest, entry, data):
             return True
         location = store.ingest.append(digest, memoryview(data))
         return publisher.replace_chunk(digest, location)
+
+
+def _intact(store: Store, digest: bytes, entry: ChunkEntry) -> bool:
+    try:
+        store.chunks.read_entry(digest, entry)
+    except CorruptDataError:
+        return False
+    return True
 
 
 def _rewrite(store: Store, digest: bytes, entry: ChunkEntry, data: bytes) -> bool:
@@ -76,12 +86,11 @@ def _rewrite(store: Store, digest: bytes, entry: ChunkEntry, data: bytes) -> boo
                 os.fdatasync(fd)
         finally:
             os.close(fd)
-    except OSError as exc:
-        raise from_oserror(exc, f"rewriting a damaged record in {path}") from None
-    try:
-        store.chunks.read_entry(digest, entry)
-    except CorruptDataError as exc:
-        log.warning("chunk %s: the rewritten record still fails (%s)", digest.hex(), exc)
+    except OSError as exc:  # the segment is gone or will not be written: a fresh copy
+        log.warning("chunk %s: %s", digest.hex(), from_oserror(exc, f"rewriting {path}"))
+        return False
+    if not _intact(store, digest, entry):
+        log.warning("chunk %s: the rewritten record still fails its checks", digest.hex())
         return False
     log.warning("chunk %s: the damaged record in %s was written again", digest.hex(), path)
     return True

@@ -257,7 +257,11 @@ class Publisher:
         deltas["stored_bytes"] += location.stored_len - entry.stored_len
         entry.segment_id, entry.offset = location.segment_id, location.offset
         entry.stored_len, entry.flags = location.stored_len, location.flags
-        log.warning("chunk %s was lost or damaged and is stored again", digest.hex())
+        log.warning(
+            "chunk %s was lost or damaged and is stored again (gc or fsck --repair drops "
+            "the damaged record)",
+            digest.hex(),
+        )
 
     def replace_chunk(self, digest: bytes, location: Location) -> bool:
         """Point the index entry of a damaged chunk at the fresh copy appended

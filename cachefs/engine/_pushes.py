@@ -68,6 +68,8 @@ class PushQueue:
         self.table.put(txn, key, PUSH.pack(time.time_ns()) + entry)
         self._next += 1
         self._queued().append(digest)
+        with self._changed:  # counted before the commit: the pusher only sees it after
+            self._waiting[digest] += 1
 
     def _queued(self) -> list[Digest]:
         queued: list[Digest] | None = getattr(self._local, "queued", None)
@@ -82,9 +84,11 @@ class PushQueue:
         queued = self._queued()
         if not queued:
             return
-        if committed:
+        if not committed:
             with self._changed:
-                self._waiting.update(queued)
+                self._waiting.subtract(queued)
+                self._waiting += Counter()  # drop what reached 0
+                self._changed.notify_all()
         queued.clear()
         if committed and self.on_queued is not None:
             self.on_queued()

@@ -33,7 +33,13 @@ from cachefs.engine._health import Health
 from cachefs.engine._index import Index
 from cachefs.engine._segments import SegmentStore
 from cachefs.engine._workers import Workers
-from cachefs.errors import CachefsError, ConfigError, CorruptDataError, ObjectNotFoundError
+from cachefs.errors import (
+    CachefsError,
+    ConfigError,
+    CorruptDataError,
+    HealElsewhere,
+    ObjectNotFoundError,
+)
 from cachefs.format.codec import ChunkCodec
 from cachefs.format.digest import Digest, DigestFunction
 from cachefs.format.schema import HOLE_MARK, ChunkEntry, ObjectEntry, RecipePages
@@ -179,12 +185,16 @@ class LocalChunks:
     def _heal(self, digest: bytes, length: int, exc: CorruptDataError) -> bytes | None:
         if self.healer is None:
             return None
-        log.warning("%s; looking for a copy in the remote tiers", exc)
         try:
-            return self.healer(digest, length)
+            healed = self.healer(digest, length)
+        except HealElsewhere:
+            raise  # healed by the caller, off its thread
         except CachefsError as failure:
-            log.warning("chunk %s could not be healed: %s", digest.hex(), failure)
+            log.warning("%s; no copy in the remote tiers: %s", exc, failure)
             return None
+        if healed is not None:
+            log.warning("%s; healed from the remote tiers", exc)
+        return healed
 
     def read_entry(self, digest: bytes, entry: ChunkEntry) -> bytes | memoryview:
         """The chunk that index entry ``entry`` points at, verified against the

@@ -19,7 +19,7 @@ What it offers:
   ``resident_bytes`` and ``memory_pressure``.
 """
 
-from cachefs.fs._caches import CACHE_XATTR, parse_setting
+from cachefs.fs._caches import CACHE_XATTR, SHARE_NAME, parse_setting
 from cachefs.fs._control import CONTROL_NAME, is_virtual, is_volatile
 from cachefs.fs._events import FsEvents
 from cachefs.fs._files import OpenFile
@@ -46,6 +46,7 @@ __all__ = [
     "LFU",
     "LRU",
     "POLICIES",
+    "SHARE_NAME",
     "Filesystem",
     "FsEvents",
     "MemoryGovernor",

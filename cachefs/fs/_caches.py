@@ -62,7 +62,7 @@ _COUNTERS = ("hits", "misses", "evictions", "bytes_evicted", "throttled", "throt
 
 
 #: A share's name (``shared=NAME``).
-_SHARE_NAME = r"(?=.{1,200}$)[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*"
+SHARE_NAME = r"(?=.{1,200}$)[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*"
 
 
 def parse_setting(value: bytes) -> tuple[int, str, str | None]:
@@ -80,7 +80,7 @@ def parse_setting(value: bytes) -> tuple[int, str, str | None]:
             errno.EINVAL, "a cache setting is max_size=BYTES [policy=lru|lfu|arc] [shared=NAME]"
         )
     shared = fields.get("shared")
-    if shared is not None and not re.fullmatch(_SHARE_NAME, shared):
+    if shared is not None and not re.fullmatch(SHARE_NAME, shared):
         raise FsError(
             errno.EINVAL,
             f"share name {shared!r}: 1 to 200 of A-Z a-z 0-9 . _ - and / (not first or last)",
@@ -540,4 +540,4 @@ def _in_trio() -> bool:
     return True
 
 
-__all__ = ["CACHE_XATTR", "CacheDir", "CacheDirs", "parse_setting"]
+__all__ = ["CACHE_XATTR", "SHARE_NAME", "CacheDir", "CacheDirs", "parse_setting"]

@@ -11,6 +11,7 @@ never wait for publications: they compose the spool and the base.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from cachefs.engine import CachefsError, CorruptDataError, FsError, Namespace, Store
+from cachefs.errors import HealElsewhere
 from cachefs.format.schema import MAX_FILE_SIZE
 from cachefs.fs._caches import CacheDirs
 from cachefs.fs._control import ControlTree, is_virtual
@@ -219,11 +221,26 @@ class FileIO:
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self.handles[fh]
         try:
-            return await self._read(handle, offset, size)
+            try:
+                return await self._read(handle, offset, size)
+            except HealElsewhere as damaged:
+                await self._heal(damaged)
+                return await self._read(handle, offset, size)
         except CorruptDataError as exc:
             # Say which file it hit: the store's message names chunk and segment.
             exc.message = f"reading inode {handle.ino} at offset {offset}: {exc.message}"
             raise
+
+    async def _heal(self, damaged: HealElsewhere) -> None:
+        """Heal a damaged chunk from the remote tiers in a worker thread (they
+        may be slow: never on this one); the damage is recorded if it cannot be."""
+        healer = self.store.chunks.healer
+        healed = None
+        if healer is not None:
+            with contextlib.suppress(CachefsError):  # logged by the tiers
+                healed = await trio.to_thread.run_sync(healer, damaged.digest, damaged.length)
+        if healed is None:
+            raise self.store.health.damaged(CorruptDataError(damaged.message))
 
     async def _read(self, handle: Handle, offset: int, size: int) -> bytes | memoryview:
         if isinstance(handle, CommandHandle):

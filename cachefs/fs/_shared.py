@@ -109,12 +109,10 @@ class SharedDirs(FsEvents):
         while True:
             await trio.sleep(SETTLE / 2)
             now = time.monotonic()
-            ready = [ino for ino, at in self._settling.items() if now - at >= SETTLE]
+            ready = {ino: at for ino, at in self._settling.items() if now - at >= SETTLE}
             if not ready:
                 continue
-            for ino in ready:
-                del self._settling[ino]
-            entries = self._entries(ready)
+            entries = self._entries(list(ready))
             if entries:
                 try:
                     await trio.to_thread.run_sync(self._queue, entries)
@@ -123,6 +121,22 @@ class SharedDirs(FsEvents):
                               len(entries), exc)  # fmt: skip
                 else:
                     self.counts["shared_entries_queued"] += len(entries)
+            # Settled only once queued (stats say so); touched meanwhile: settles again.
+            for ino, at in ready.items():
+                if self._settling.get(ino) == at:
+                    del self._settling[ino]
+
+    def flush(self) -> None:
+        """Queue the entries of every file still settling (the filesystem
+        closes: a runner that writes its cache and unmounts shares it all)."""
+        if self.pushes is None or not self._settling:
+            return
+        entries = self._entries(list(self._settling))
+        self._settling.clear()
+        try:
+            self._queue(entries)
+        except CachefsError as exc:
+            log.error("shared directories: could not queue %d entries: %s", len(entries), exc)
 
     def _entries(self, inos: list[int]) -> list[tuple[Digest, bytes]]:
         """(content, entry document) of each name of each settled file."""
@@ -226,8 +240,8 @@ class SharedDirs(FsEvents):
         if inode is None:
             return True  # made meanwhile
         self._fetched.add(inode.ino)
-        inode = self.namespace.setattr(
-            inode.ino, mode=entry.mode, uid=top.uid, gid=top.gid, mtime_ns=entry.mtime_ns
+        inode = self.namespace.setattr(  # no set-id bits from elsewhere
+            inode.ino, mode=entry.mode & 0o777, uid=top.uid, gid=top.gid, mtime_ns=entry.mtime_ns
         )
         self.stored.added(parent, name, inode)
         self.counts["shared_fetches"] += 1

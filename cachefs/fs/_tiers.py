@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from cachefs.engine import Digest, FsError, Store
+from cachefs.errors import HealElsewhere
 from cachefs.format.schema import NO_CONTENT
+from cachefs.fs._caches import _in_trio
 from cachefs.fs._shared import SharedDirs
 from cachefs.remote import Pusher, Tier, Tiers
 
@@ -40,6 +42,8 @@ class RemoteTiers:
     def __init__(self, store: Store, tiers: Sequence[Tier]) -> None:
         self.store = store
         self.tiers = Tiers(store, tiers)
+        if store.chunks.healer is not None:  # the tiers heal: never on the event loop
+            store.chunks.healer = self._heal
         self.shared: SharedDirs | None = None
         #: fsync waits until the write tiers hold the data (--remote-durability remote).
         self.remote_durability = False
@@ -67,10 +71,19 @@ class RemoteTiers:
 
     def close(self) -> None:
         """Stop pushing (what is left stays queued for the next start)."""
+        if self.store.chunks.healer == self._heal:
+            self.store.chunks.healer = None
+        if self.shared is not None:
+            self.shared.flush()  # queued for the next start if not pushed now
         if self.pusher is not None and self._started:
             self.pusher.stop()
         if self.tiers.tiers:
             self.tiers.close()
+
+    def _heal(self, digest: bytes, length: int) -> bytes | None:
+        if _in_trio():
+            raise HealElsewhere(f"chunk {digest.hex()} is damaged", digest, length)
+        return self.tiers.heal(digest, length)
 
     async def durable(self, ino: int) -> None:
         """After an fsync of file ``ino``: with ``remote_durability``, wait until

@@ -76,10 +76,12 @@ def load_tiers(
     """The tiers of the config file's ``[[tier]]`` tables, then one per URL."""
     config = config or {}
     remote = config.get("remote", {})
+    if not isinstance(remote, dict):
+        raise ConfigError("the config file's [remote] is a table")
     _check_keys("[remote]", remote, _REMOTE_KEYS)
     timeout = _number("[remote]", remote.get("timeout", DEFAULT_TIMEOUT), "timeout")
     tables = config.get("tier", [])
-    if not isinstance(tables, list):
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError("the config file's tiers are [[tier]] tables")
     tiers: list[_tiers.Tier] = []
     try:
@@ -176,6 +178,8 @@ class TierOptions:
     def writes(self) -> bool:
         """Whether some tier takes writes (the store then keeps a push queue)."""
         tables = (self.config or {}).get("tier", [])
+        if not isinstance(tables, list):
+            return bool(self.urls)
         directions = [t.get("direction", "read-write") for t in tables if isinstance(t, dict)]
         return bool(self.urls) or any(d != "read-only" for d in directions)
 

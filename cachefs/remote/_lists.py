@@ -27,6 +27,7 @@ assembled from them is verified against its own digest before it is stored.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -101,9 +102,15 @@ class SharedEntry:
     mtime_ns: int = 0
 
 
+def _wire(path: str) -> str:
+    """A path as a protobuf string (UTF-8): bytes of a name that are not
+    UTF-8 as ``\\xNN`` escapes (the key is made of the bytes themselves)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def entry_key(function: DigestFunction, share: str, path: str) -> Digest:
     """The action cache key of the entry ``path`` of share ``share``."""
-    document = SHARE_DOMAIN + share.encode() + b"\0" + path.encode()
+    document = SHARE_DOMAIN + share.encode() + b"\0" + os.fsencode(path)
     return Digest(function.hash(document), len(document))
 
 
@@ -117,7 +124,7 @@ def entry_result(entry: SharedEntry) -> re_pb2.ActionResult:
     properties.unix_mode.value = entry.mode & 0o7777
     properties.mtime.FromNanoseconds(entry.mtime_ns)
     output = re_pb2.OutputFile(
-        path=entry.path,
+        path=_wire(entry.path),
         digest=re_pb2.Digest(hash=entry.digest.hex, size_bytes=entry.digest.size),
         is_executable=bool(entry.mode & 0o111),
         node_properties=properties,
@@ -129,7 +136,7 @@ def parse_entry(result: re_pb2.ActionResult, path: str, where: str) -> SharedEnt
     """The shared entry an action cache entry holds (RemoteError if none)."""
     if result.execution_metadata.worker == DIRECTORY_MARK and not result.output_files:
         return SharedEntry(path, None)
-    if len(result.output_files) == 1 and result.output_files[0].path == path:
+    if len(result.output_files) == 1 and result.output_files[0].path == _wire(path):
         output = result.output_files[0]
         try:
             digest = Digest(bytes.fromhex(output.digest.hash), output.digest.size_bytes)

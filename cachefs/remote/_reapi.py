@@ -36,6 +36,17 @@ MIN_RATE = 1 << 20
 MAX_MESSAGE = 64 << 20
 
 
+#: Answers that refuse a request for what it is (a retry gets the same).
+_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+
 class ReapiRemote:
     """The CAS of one REAPI instance."""
 
@@ -64,7 +75,9 @@ class ReapiRemote:
     def _failed(self, what: str, exc: grpc.RpcError | ValueError) -> RemoteError:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        return RemoteError(f"{self.name}: {what}: {code.name if code else 'error'}: {detail}")
+        error = RemoteError(f"{self.name}: {what}: {code.name if code else 'error'}: {detail}")
+        error.permanent = code in _REFUSALS
+        return error
 
     @staticmethod
     def _message(digest: Digest) -> re_pb2.Digest:

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cachefs.engine import (
@@ -43,7 +43,7 @@ from cachefs.engine import (
     Store,
     heal_chunk,
 )
-from cachefs.errors import ConfigError, RemoteError
+from cachefs.errors import ConfigError, CorruptDataError, RemoteError
 from cachefs.remote._blobs import Remote
 from cachefs.remote._lists import (
     SharedEntry,
@@ -68,8 +68,8 @@ WHOLE_MAX = 64 << 20
 FETCH_AHEAD = 16
 #: Digests asked about in one find_missing call.
 ASK_BATCH = 1000
-#: Objects the pusher takes from the queue at a time.
-PUSH_BATCH = 64
+#: Objects the pusher takes from the queue at a time, and pushes at once.
+PUSH_BATCH, PUSH_OBJECTS = 64, 4
 #: The pusher's back-off after a failure (seconds, doubling) and its idle wait.
 RETRY_FIRST, RETRY_MAX, IDLE = 1.0, 30.0, 5.0
 
@@ -248,7 +248,11 @@ class Tiers:
                 self._failed(tier, exc)
                 continue
             tier.breaker.succeeded()
-            heal_chunk(self.store, chunk, data)
+            try:
+                heal_chunk(self.store, chunk, data)
+            except CachefsError as exc:  # read-only, or the disk: the bytes are good
+                log.warning("chunk %s: a good copy came, but is not stored: %s", chunk.hex(), exc)
+                return data
             self._count(healed_chunks=1)
             log.warning("chunk %s was damaged here: healed from %s", chunk.hex(), tier.remote.name)
             return data
@@ -266,12 +270,16 @@ class Tiers:
                 continue
             try:
                 result = tier.remote.get_action(key)
-                entry = None if result is None else parse_entry(result, path, tier.remote.name)
             except RemoteError as exc:
                 self._failed(tier, exc)
                 log.warning("shared entry %s/%s: %s", share, path, exc.message)
                 continue
             tier.breaker.succeeded()
+            try:  # a malformed entry is a miss there, not a failing tier
+                entry = None if result is None else parse_entry(result, path, tier.remote.name)
+            except RemoteError as exc:
+                log.warning("shared entry %s/%s: %s", share, path, exc.message)
+                continue
             if entry is not None:
                 return entry
         return None
@@ -379,7 +387,10 @@ class Pusher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cachefs-pusher", daemon=True)
         queue.on_queued = self.kick
+        self._objects = ThreadPoolExecutor(PUSH_OBJECTS, thread_name_prefix="cachefs-push")
         self.failures = 0
+        #: Items dropped from the queue: refused for good, or failing here.
+        self.dropped = 0
         self.last_error: str | None = None
 
     def start(self) -> None:
@@ -392,17 +403,21 @@ class Pusher:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._objects.shutdown(wait=True, cancel_futures=True)
 
     def _run(self) -> None:
         delay = RETRY_FIRST
         while not self._stop.is_set():
             try:
                 progressed = self.drain_once()
-            except CachefsError as exc:
+            except Exception as exc:  # the thread must live on: back off and retry
+                if not isinstance(exc, CachefsError):
+                    log.exception("push: unexpected error")
                 self.failures += 1
-                self.last_error = exc.message
-                log.warning("push: %s (retrying in %.0f s)", exc.message, delay)
+                self.last_error = exc.message if isinstance(exc, CachefsError) else repr(exc)
+                log.warning("push: %s (retrying in %.0f s)", self.last_error, delay)
                 self._stop.wait(delay)
                 delay = min(RETRY_MAX, delay * 2)
                 continue
@@ -412,25 +427,47 @@ class Pusher:
                 self._wake.clear()
 
     def drain_once(self) -> bool:
-        """Push the next batch of the queue; whether there was one.  A tier's
-        failure is raised after what was pushed before it is taken off the queue."""
+        """Push the next batch of the queue, ``PUSH_OBJECTS`` objects at a time;
+        whether there was one.  A tier's failure is raised once what was pushed
+        is taken off the queue (what was not started after it is left)."""
         batch = self.queue.peek(PUSH_BATCH)
+        futures = [(item, self._objects.submit(self._push_item, item)) for item in batch]
         done: list[bytes] = []
+        failure: Exception | None = None
         try:
-            for item in batch:
-                if self._stop.is_set():
-                    break
-                if item.entry:
-                    self._push_entry(item)
-                else:
-                    with contextlib.suppress(ObjectNotFoundError):  # deleted before it was pushed
-                        self.tiers.push(item.digest)
-                done.append(item.key)
+            for item, future in futures:
+                try:
+                    if future.result():
+                        done.append(item.key)
+                except CancelledError:
+                    pass
+                except Exception as exc:
+                    if _permanent(exc):  # it would fail again: it must not block the queue
+                        log.error("push: dropped %s from the queue: %s", item.digest, exc)
+                        self.dropped += 1
+                        done.append(item.key)
+                        continue
+                    failure = failure or exc
+                    for _, later in futures:
+                        later.cancel()
         finally:
             self.queue.done(done)
         if done:
             self.last_error = None
+        if failure is not None:
+            raise failure
         return bool(batch)
+
+    def _push_item(self, item: QueuedPush) -> bool:
+        """Push one queued object (or entry); False if stopping first."""
+        if self._stop.is_set():
+            return False
+        if item.entry:
+            self._push_entry(item)
+        else:
+            with contextlib.suppress(ObjectNotFoundError):  # deleted before it was pushed
+                self.tiers.push(item.digest)
+        return True
 
     def _push_entry(self, item: QueuedPush) -> None:
         """A shared directory's entry, after its content (an entry whose
@@ -456,8 +493,17 @@ class Pusher:
             "queue": depth,
             "oldest_seconds": round(age, 1),
             "push_failures": self.failures,
+            "push_dropped": self.dropped,
             "last_error": self.last_error,
         }
+
+
+def _permanent(exc: Exception) -> bool:
+    """Whether pushing an item failed for what it is (a tier refused it for
+    good, or it cannot be read or named here), not because a tier is down."""
+    if isinstance(exc, RemoteError):
+        return exc.permanent
+    return not isinstance(exc, CachefsError) or isinstance(exc, CorruptDataError)
 
 
 def wait_pushed(pusher: Pusher, timeout: float) -> bool:
