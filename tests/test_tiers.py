@@ -342,6 +342,23 @@ def test_a_mount_pushes_from_a_queue_that_survives_kill_9(tmp_path: Path, weed: 
 # --- shared cache directories -------------------------------------------------------
 
 
+@contextmanager
+def two_mounts(tmp_path: Path, url: str, *shared: str) -> Iterator[tuple[Path, Path]]:
+    """Two mounts of two stores with the remote ``url``, each with the shared
+    cache directories ``shared``: two machines of a team."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    with (
+        mounted(tmp_path / "s1", one, "--remote", url),
+        mounted(tmp_path / "s2", two, "--remote", url),
+    ):
+        for mnt in (one, two):
+            for name in shared:
+                (mnt / name).mkdir()
+                out = cachefs("cache", "set", str(mnt / name), "--max-size", "1G", "--shared")
+                assert f"shared as {name}" in out.stdout
+        yield one, two
+
+
 def settled(mnt: Path) -> bool:
     remote = live_stats(mnt)["remote"]
     return bool(remote["queue"] == 0 and remote["shared_settling"] == 0)
@@ -374,47 +391,38 @@ def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str, weed: S
         "empty": b"",
         os.fsdecode(b"caf\xe9-latin1.o"): b"a name that is not UTF-8",
     }
-    with a_remote(kind, tmp_path, weed) as url:
-        one, two = tmp_path / "one", tmp_path / "two"
-        with (
-            mounted(tmp_path / "s1", one, "--remote", url),
-            mounted(tmp_path / "s2", two, "--remote", url),
-        ):
-            for mnt in (one, two):
-                (mnt / "cc").mkdir()
-                out = cachefs("cache", "set", str(mnt / "cc"), "--max-size", "1G", "--shared")
-                assert "shared as cc" in out.stdout
-            for path, data in files.items():
-                target = one / "cc" / path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                temporary = target.with_name(target.name + ".tmp")
-                with open(temporary, "wb") as f:
-                    f.write(data)
-                    os.fsync(f.fileno())
-                os.chmod(temporary, 0o640)
-                os.rename(temporary, target)
-            os.utime(one / "cc" / "b/stats", ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
-            wait_for(lambda: settled(one))
-            assert live_stats(one)["remote"]["shared_entries_queued"] >= len(files)
-            for path, data in files.items():
-                there = two / "cc" / path
-                assert there.read_bytes() == data, path
-                assert there.stat().st_mode & 0o777 == 0o640
-            assert (two / "cc" / "b/stats").stat().st_mtime_ns == 1_600_000_000 * 10**9
-            assert not (two / "cc" / "a/0/obj1.o.tmp").exists()  # the temporary name was not pushed
-            with pytest.raises(FileNotFoundError):
-                (two / "cc" / "a/0/nowhere.o").read_bytes()
-            stats = live_stats(two)
-            assert stats["remote"]["shared_fetches"] == len(files)
-            cache = next(c for c in stats["caches"] if c["path"] == "/cc")
-            assert cache["shared"] == "cc" and cache["files"] == len(files)
-            # Local files now: deleting one is local, reading it again fetches it again.
-            (two / "cc" / "b/stats").unlink()
-            time.sleep(1.1)  # the kernel's negative entry
-            assert (two / "cc" / "b/stats").read_bytes() == b"x" * 100
-            # A directory that is not shared does not look.
-            (two / "plain").mkdir()
-            assert not (two / "plain" / "a").exists()
+    with a_remote(kind, tmp_path, weed) as url, two_mounts(tmp_path, url, "cc") as (one, two):
+        for path, data in files.items():
+            target = one / "cc" / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(target.name + ".tmp")
+            with open(temporary, "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())
+            os.chmod(temporary, 0o640)
+            os.rename(temporary, target)
+        os.utime(one / "cc" / "b/stats", ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+        wait_for(lambda: settled(one))
+        assert live_stats(one)["remote"]["shared_entries_queued"] >= len(files)
+        for path, data in files.items():
+            there = two / "cc" / path
+            assert there.read_bytes() == data, path
+            assert there.stat().st_mode & 0o777 == 0o640
+        assert (two / "cc" / "b/stats").stat().st_mtime_ns == 1_600_000_000 * 10**9
+        assert not (two / "cc" / "a/0/obj1.o.tmp").exists()  # the temporary name was not pushed
+        with pytest.raises(FileNotFoundError):
+            (two / "cc" / "a/0/nowhere.o").read_bytes()
+        stats = live_stats(two)
+        assert stats["remote"]["shared_fetches"] == len(files)
+        cache = next(c for c in stats["caches"] if c["path"] == "/cc")
+        assert cache["shared"] == "cc" and cache["files"] == len(files)
+        # Local files now: deleting one is local, reading it again fetches it again.
+        (two / "cc" / "b/stats").unlink()
+        time.sleep(1.1)  # the kernel's negative entry
+        assert (two / "cc" / "b/stats").read_bytes() == b"x" * 100
+        # A directory that is not shared does not look.
+        (two / "plain").mkdir()
+        assert not (two / "plain" / "a").exists()
 
 
 def test_ccache_and_bazel_share_a_cache_across_two_mounts(tmp_path: Path, weed: Seaweed) -> None:
@@ -425,15 +433,7 @@ def test_ccache_and_bazel_share_a_cache_across_two_mounts(tmp_path: Path, weed: 
     clients.require_ccache()
     clients.require_bazel()
     url = weed.url("cachefs", "team")
-    one, two = tmp_path / "one", tmp_path / "two"
-    with (
-        mounted(tmp_path / "s1", one, "--remote", url),
-        mounted(tmp_path / "s2", two, "--remote", url),
-    ):
-        for mnt in (one, two):
-            for name in ("ccache", "bazel"):
-                (mnt / name).mkdir()
-                cachefs("cache", "set", str(mnt / name), "--max-size", "1G", "--shared")
+    with two_mounts(tmp_path, url, "ccache", "bazel") as (one, two):
         src_one = clients.c_project(tmp_path / "src1")
         first = clients.ccache_build(src_one, one / "ccache")
         assert first.misses > 30 and first.hits == 0 and not first.errors
@@ -572,14 +572,7 @@ def test_two_mounts_over_a_seaweedfs_cluster_that_fails(tmp_path: Path) -> None:
 
     with seaweed_cluster(tmp_path / "cluster") as cluster:
         url = cluster.url("cachefs", "cluster")
-        one, two = tmp_path / "one", tmp_path / "two"
-        with (
-            mounted(tmp_path / "s1", one, "--remote", url),
-            mounted(tmp_path / "s2", two, "--remote", url),
-        ):
-            for mnt in (one, two):
-                (mnt / "cc").mkdir()
-                cachefs("cache", "set", str(mnt / "cc"), "--max-size", "1G", "--shared")
+        with two_mounts(tmp_path, url, "cc") as (one, two):
             first = {f"first{i}": os.urandom(100_000 * (i + 1)) for i in range(5)}
             for name, data in first.items():
                 write(one, name, data)
