@@ -125,8 +125,10 @@ class HealElsewhere(CorruptDataError):
     it in a worker thread (``LocalChunks.healer``) and reads again.  Nothing
     is recorded as damage yet."""
 
-    def __init__(self, message: str, digest: bytes, length: int) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, *, digest: bytes = b"", length: int = 0, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
         self.digest = digest
         self.length = length
 

@@ -82,7 +82,7 @@ class RemoteTiers:
 
     def _heal(self, digest: bytes, length: int) -> bytes | None:
         if _in_trio():
-            raise HealElsewhere(f"chunk {digest.hex()} is damaged", digest, length)
+            raise HealElsewhere(f"chunk {digest.hex()} is damaged", digest=digest, length=length)
         return self.tiers.heal(digest, length)
 
     async def durable(self, ino: int) -> None:
