@@ -26,7 +26,7 @@ from cachefs.remote._objects import ObjectRemote
 from cachefs.remote._open import DEFAULT_TIMEOUT, open_remote
 from cachefs.remote._reapi import ReapiRemote
 from cachefs.remote._shards import Breaker, ShardGroup, placement
-from cachefs.remote._tiers import DIRECTIONS, Pusher, Tier, Tiers, wait_pushed
+from cachefs.remote._tiers import DIRECTIONS, Pusher, Tier, Tiers
 from cachefs.remote._urls import FORMS, RemoteUrl, parse_remote
 
 __all__ = [
@@ -49,5 +49,4 @@ __all__ = [
     "placement",
     "read_config",
     "verified",
-    "wait_pushed",
 ]

@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -506,16 +505,4 @@ def _permanent(exc: Exception) -> bool:
     return not isinstance(exc, CachefsError) or isinstance(exc, CorruptDataError)
 
 
-def wait_pushed(pusher: Pusher, timeout: float) -> bool:
-    """Whether the queue emptied within ``timeout`` seconds (for tests and
-    ``--remote-durability``-like waits)."""
-    deadline = time.monotonic() + timeout
-    pusher.kick()
-    while time.monotonic() < deadline:
-        if pusher.queue.depth()[0] == 0:
-            return True
-        time.sleep(0.05)
-    return pusher.queue.depth()[0] == 0
-
-
-__all__ = ["DIRECTIONS", "Pusher", "Tier", "Tiers", "wait_pushed"]
+__all__ = ["DIRECTIONS", "Pusher", "Tier", "Tiers"]
