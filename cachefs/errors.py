@@ -123,14 +123,23 @@ class HealElsewhere(CorruptDataError):
     """A damaged chunk that a remote tier may hold, met on a thread that must
     not wait for the network (the filesystem's event loop): the caller heals
     it in a worker thread (``LocalChunks.healer``) and reads again.  Nothing
-    is recorded as damage yet."""
+    is recorded as damage yet.  ``remote``: the chunk is not damaged but held
+    only by the tiers (if they cannot give it, the read fails with a
+    RemoteError, not as damage)."""
 
     def __init__(
-        self, message: str, *, digest: bytes = b"", length: int = 0, hint: str | None = None
+        self,
+        message: str,
+        *,
+        digest: bytes = b"",
+        length: int = 0,
+        remote: bool = False,
+        hint: str | None = None,
     ) -> None:
         super().__init__(message, hint=hint)
         self.digest = digest
         self.length = length
+        self.remote = remote
 
 
 class IndexCorruptError(CorruptDataError):

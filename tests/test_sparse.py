@@ -134,7 +134,7 @@ def test_a_store_of_format_3_is_upgraded_when_opened_for_writing(store_path: Pat
     assert read_header(store_path).format_version == 3
     with Store.open(store_path) as store:
         assert read_header(store_path).format_version == 5
-        assert store.index.schema_version == SCHEMA_VERSION == 5
+        assert store.index.schema_version == SCHEMA_VERSION == 6
         assert store.read(digest) == b"before the upgrade" * 1000
         sparse = put_sparse(store, 32 << 20, {0: b"after"})
         assert store.read(sparse, 0, 5) == b"after"

@@ -18,7 +18,9 @@ What it offers:
   and its parts, :class:`Digest`, :class:`DigestFunction`;
 * maintenance: :func:`collect_garbage` (:class:`GcReport`) and
   :func:`check_store` (fsck, :class:`FsckReport`), :func:`scrub_store`,
-  :func:`heal_chunk` (a damaged chunk stored again from a good copy);
+  :func:`heal_chunk` (a damaged chunk stored again from a good copy),
+  :func:`restore_chunks` (chunks held remotely stored here again) and
+  :func:`drop_held` (chunks the remote tiers hold dropped here, coldest first);
 * the filesystem namespace kept in the same index: :class:`Namespace`,
   :class:`Inode`, :class:`ExtendedAttributes`, :class:`CacheRecords`;
 * the store's :class:`Journal` (``Store.journal``), its :class:`PushQueue`
@@ -34,9 +36,10 @@ What it offers:
 from cachefs.engine._backend import ChunkBackend
 from cachefs.engine._cache_records import CacheRecords
 from cachefs.engine._chunker import Source
+from cachefs.engine._demote import DropReport, drop_held
 from cachefs.engine._fsck import INDEX_PROBLEMS, FsckReport, check_store, scrub_store
 from cachefs.engine._gc import GcReport, collect_garbage
-from cachefs.engine._heal import heal_chunk
+from cachefs.engine._heal import heal_chunk, restore_chunks
 from cachefs.engine._index import lmdb_error
 from cachefs.engine._journal import Journal
 from cachefs.engine._namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
@@ -83,6 +86,7 @@ __all__ = [
     "Digest",
     "DigestFunction",
     "DigestMismatchError",
+    "DropReport",
     "ExtendedAttributes",
     "FormatVersionError",
     "FsError",
@@ -111,7 +115,9 @@ __all__ = [
     "StoreStats",
     "check_store",
     "collect_garbage",
+    "drop_held",
     "heal_chunk",
     "lmdb_error",
+    "restore_chunks",
     "scrub_store",
 ]

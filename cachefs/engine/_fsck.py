@@ -119,7 +119,15 @@ class FsckReport:
 def check_store(
     store: Store, *, repair: bool = False, progress: Progress | None = None
 ) -> FsckReport:
-    """Verify the whole store; with ``repair``, drop what cannot be recovered."""
+    """Verify the whole store; with ``repair``, drop what cannot be recovered
+    (a store with remote tiers, ``LocalChunks.healer``, first heals the
+    damaged chunks they hold, unless index entries are damaged: those are
+    dropped first, and what they named is then lost or missing)."""
+    if repair and store.chunks.healer is not None and not _damaged_entries(store):
+        found = _check_beside_writer(store, progress)
+        healed = _heal_damaged(store) if not found.clean else 0
+        if healed:
+            log.warning("fsck: %d damaged chunks were healed from the remote tiers", healed)
     if not repair:
         damaged = _damaged_entries(store)
         if damaged:
@@ -272,6 +280,8 @@ def _heal_damaged(store: Store) -> int:
         chunks = list(store.index.iter_chunks(txn))
     healed = 0
     for digest, entry in chunks:
+        if entry.remote:
+            continue  # not damaged: fetched when read
         try:
             store.chunks.read_entry(digest, entry)
             continue
@@ -397,10 +407,14 @@ def _check_snapshot(
         done += 1
         if progress is not None and report.chunks_checked % 1024 == 0:
             progress(done, total)
-        record_size = RECORD_HEADER.size + chunk.stored_len
+        record_size = chunk.record_size
         counters["chunks"] += 1
         counters["chunk_bytes"] += chunk.raw_len
         counters["stored_bytes"] += record_size
+        if chunk.remote:  # its bytes are in the remote tiers: nothing here to check
+            kept["chunks"] += 1
+            kept["chunk_bytes"] += chunk.raw_len
+            continue
         where = f"chunk {chunk_digest.hex()} (segment {chunk.segment_id} offset {chunk.offset})"
         seg = published.get(chunk.segment_id)
         if seg is None or chunk.segment_id in recount.missing_segments:

@@ -34,7 +34,6 @@ from cachefs.engine._store import Progress, Store
 from cachefs.errors import CorruptDataError
 from cachefs.format.schema import SegmentEntry
 from cachefs.format.segment import (
-    RECORD_HEADER,
     TAG_ANCILLARY_MIN,
     TAG_CHUNK,
     Record,
@@ -103,9 +102,11 @@ def _drop_unreferenced(maintenance: Maintenance, report: GcReport) -> None:
                 entry = index.get_chunk(txn, digest)
                 if entry is None or entry.refcount != 0:
                     continue
-                record_size = RECORD_HEADER.size + entry.stored_len
+                record_size = entry.record_size
                 index.delete_chunk(txn, digest)
-                seg = segments.get(entry.segment_id) or index.get_segment(txn, entry.segment_id)
+                seg = None
+                if not entry.remote:
+                    seg = segments.get(entry.segment_id) or index.get_segment(txn, entry.segment_id)
                 if seg is not None:
                     seg.live_bytes = max(0, seg.live_bytes - record_size)
                     seg.live_records = max(0, seg.live_records - 1)

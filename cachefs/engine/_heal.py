@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 def heal_chunk(store: Store, digest: bytes, data: bytes) -> bool:
     """Store ``data`` again as chunk ``digest``: in place, or as a fresh copy
-    that the index points at; False if the chunk is no longer indexed.
+    that the index points at (always for a chunk held remotely, fetched back);
+    False if the chunk is no longer indexed.
     ``data`` is checked against the digest first (CorruptDataError if it is
     not that chunk)."""
     if store.digest_function.hash(data) != digest:
@@ -50,12 +51,34 @@ def heal_chunk(store: Store, digest: bytes, data: bytes) -> bool:
             return False
         if entry.raw_len != len(data):
             raise CorruptDataError(f"chunk {digest.hex()} is indexed with another length")
-        if _intact(store, digest, entry):
-            return True  # healed meanwhile (another reader)
-        if _rewrite(store, digest, entry, data):
-            return True
+        if not entry.remote:
+            if _intact(store, digest, entry):
+                return True  # healed meanwhile (another reader)
+            if _rewrite(store, digest, entry, data):
+                return True
         location = store.ingest.append(digest, memoryview(data))
-        return publisher.replace_chunk(digest, location)
+        return publisher.replace_chunks({digest: location}) == 1
+
+
+def restore_chunks(store: Store, fetched: dict[bytes, bytes]) -> int:
+    """Store chunks held remotely (``fetched``: digest -> bytes, from the
+    tiers) here again, in one publication; how many were (one that is no
+    longer indexed, or was stored meanwhile, is left alone).  Each is checked
+    against its digest first (CorruptDataError if one is not that chunk)."""
+    for digest, data in fetched.items():
+        if store.digest_function.hash(data) != digest:
+            raise CorruptDataError(f"the copy offered for chunk {digest.hex()} is not that chunk")
+    store.check_writable()
+    publisher = store.publisher
+    with publisher.commit_lock:
+        with store.index.read() as txn:
+            entries = {d: store.index.get_chunk(txn, d) for d in fetched}
+        locations = {
+            digest: store.ingest.append(digest, memoryview(fetched[digest]))
+            for digest, entry in entries.items()
+            if entry is not None and entry.remote and entry.raw_len == len(fetched[digest])
+        }
+        return publisher.replace_chunks(locations) if locations else 0
 
 
 def _intact(store: Store, digest: bytes, entry: ChunkEntry) -> bool:
@@ -96,4 +119,4 @@ def _rewrite(store: Store, digest: bytes, entry: ChunkEntry, data: bytes) -> boo
     return True
 
 
-__all__ = ["heal_chunk"]
+__all__ = ["heal_chunk", "restore_chunks"]

@@ -176,18 +176,17 @@ class Publisher:
     ) -> None:
         """Publish one object in ``txn``; counter changes are added to ``deltas``."""
         index = self.index
-        damaged = bool(self.segments.damaged)
         key = obj.digest.hash
         existing = index.get_object_head(txn, key)
         if existing is not None and existing.size == obj.digest.size:
             existing.refcount += 1
             index.put_object(txn, key, existing)
-            if damaged:  # chunks of it that were lost have just been stored again
-                for digest, fresh in obj.locations.items():
-                    entry = index.get_chunk(txn, digest)
-                    if entry is not None and not self.segments.usable(entry):
-                        self._relocate(entry, fresh, digest, segment, deltas)
-                        index.put_chunk(txn, digest, entry)
+            # Chunks of it that were lost, or held remotely, have just been stored again.
+            for digest, fresh in obj.locations.items():
+                entry = index.get_chunk(txn, digest)
+                if entry is not None and not self.segments.usable(entry):
+                    self._relocate(entry, fresh, digest, segment, deltas)
+                    index.put_chunk(txn, digest, entry)
         else:
             if existing is not None:
                 raise CorruptDataError(
@@ -199,7 +198,7 @@ class Publisher:
                 entry = index.get_chunk(txn, digest)
                 location = obj.locations.get(digest)
                 if entry is not None:
-                    if location is not None and damaged and not self.segments.usable(entry):
+                    if location is not None and not self.segments.usable(entry):
                         self._relocate(entry, location, digest, segment, deltas)
                     entry.refcount += count
                     index.put_chunk(txn, digest, entry)
@@ -246,46 +245,54 @@ class Publisher:
         segment: SegmentGetter,
         deltas: Counter[str],
     ) -> None:
-        """Point an index entry whose record was lost at a fresh copy."""
+        """Point an index entry whose record was lost, or that is held
+        remotely, at a fresh copy."""
         shard = shard_of(digest, self.segments.params)
-        old = segment(entry.segment_id, shard)
-        old.live_bytes = max(0, old.live_bytes - RECORD_HEADER.size - entry.stored_len)
-        old.live_records = max(0, old.live_records - 1)
+        remote = entry.remote
+        if not remote:
+            old = segment(entry.segment_id, shard)
+            old.live_bytes = max(0, old.live_bytes - entry.record_size)
+            old.live_records = max(0, old.live_records - 1)
         new = segment(location.segment_id, shard)
         new.live_bytes += RECORD_HEADER.size + location.stored_len
         new.live_records += 1
-        deltas["stored_bytes"] += location.stored_len - entry.stored_len
+        deltas["stored_bytes"] += RECORD_HEADER.size + location.stored_len - entry.record_size
         entry.segment_id, entry.offset = location.segment_id, location.offset
         entry.stored_len, entry.flags = location.stored_len, location.flags
-        log.warning(
-            "chunk %s was lost or damaged and is stored again (gc or fsck --repair drops "
-            "the damaged record)",
-            digest.hex(),
-        )
+        if not remote:
+            log.warning(
+                "chunk %s was lost or damaged and is stored again (gc or fsck --repair drops "
+                "the damaged record)",
+                digest.hex(),
+            )
 
-    def replace_chunk(self, digest: bytes, location: Location) -> bool:
-        """Point the index entry of a damaged chunk at the fresh copy appended
-        at ``location`` (the caller holds the commit lock); False if the chunk
-        is no longer indexed (the copy is then garbage for gc)."""
+    def replace_chunks(self, locations: dict[bytes, Location]) -> int:
+        """Point the index entries of damaged (or held-remotely) chunks at the
+        fresh copies appended at ``locations`` (the caller holds the commit
+        lock), in one publication; how many were (a chunk no longer indexed
+        is not: its copy is garbage for gc)."""
         dirty = self.segments.snapshot(self.fsync)
-        with self.write_txn("storing a healed chunk") as txn:
-            entry = self.index.get_chunk(txn, digest)
-            if entry is None:
-                return False
+        replaced = 0
+        with self.write_txn("storing healed or fetched chunks") as txn:
             segments: dict[int, SegmentEntry] = {}
             segment = self.publish_lengths(txn, dirty, segments)
             deltas: Counter[str] = Counter()
-            self._relocate(entry, location, digest, segment, deltas)
-            self.index.put_chunk(txn, digest, entry)
+            for digest, location in locations.items():
+                entry = self.index.get_chunk(txn, digest)
+                if entry is None:
+                    continue
+                self._relocate(entry, location, digest, segment, deltas)
+                self.index.put_chunk(txn, digest, entry)
+                replaced += 1
             for name, delta in deltas.items():
                 self.index.add(txn, name, delta)
             for segment_id, seg in segments.items():
                 self.index.put_segment(txn, segment_id, seg)
         if self.fsync:
             self.index.sync()
-        self.segments.forget_pending([digest])
+        self.segments.forget_pending(locations)
         self.segments.published(dirty)
-        return True
+        return replaced
 
     def move_records(self, segment_id: int, shard: int, live: list[Record]) -> None:
         """Copy ``live`` (the records of a sealed segment that the index points

@@ -39,10 +39,11 @@ from cachefs.errors import (
     CorruptDataError,
     HealElsewhere,
     ObjectNotFoundError,
+    RemoteError,
 )
 from cachefs.format.codec import ChunkCodec
 from cachefs.format.digest import Digest, DigestFunction
-from cachefs.format.schema import HOLE_MARK, ChunkEntry, ObjectEntry, RecipePages
+from cachefs.format.schema import HOLE_MARK, REMOTE_MARK, ChunkEntry, ObjectEntry, RecipePages
 from cachefs.format.segment import COMPRESSION_MASK, COMPRESSION_NONE, TAG_CHUNK
 
 log = logging.getLogger(__name__)
@@ -119,10 +120,17 @@ class LocalChunks:
         #: digest and length, stores a verified copy again and returns its
         #: bytes, or None (the damage is then recorded as ever).
         self.healer: Callable[[bytes, int], bytes | None] | None = None
+        #: Fetches chunks held only by the remote tiers and stores them here
+        #: again, several at once (given (digest, length) pairs; how many were).
+        self.restorer: Callable[[list[tuple[bytes, int]]], int] | None = None
+        #: When each segment was last read from (a rising count): the coldest
+        #: are dropped first under --local-max-size (``_demote.py``).
+        self.read_order: dict[int, int] = {}
+        self._reads = itertools.count(1)
 
     def find_missing(self, digests: Sequence[bytes]) -> set[bytes]:
-        """Chunks neither indexed (in bytes that still exist) nor appended and
-        waiting to be published by this process."""
+        """Chunks neither indexed (in bytes that still exist here: not held
+        remotely) nor appended and waiting to be published by this process."""
         missing = set()
         segments = self.segments
         with self.index.read() as txn:
@@ -130,8 +138,10 @@ class LocalChunks:
                 if digest in segments.shard(digest).pending:
                     continue
                 raw = self.index.chunks.get(txn, digest)
-                if raw is None or (
-                    segments.damaged and not segments.usable(ChunkEntry.unpack(raw))
+                if (
+                    raw is None
+                    or raw[: len(REMOTE_MARK)] == REMOTE_MARK
+                    or (segments.damaged and not segments.usable(ChunkEntry.unpack(raw)))
                 ):
                     missing.add(digest)
         return missing
@@ -139,6 +149,16 @@ class LocalChunks:
     def read_chunks(self, digests: Sequence[bytes]) -> Iterator[bytes | memoryview]:
         with self.index.read() as txn:
             entries = [self.index.get_chunk(txn, digest) for digest in digests]
+        remote = [(d, e.raw_len) for d, e in zip(digests, entries, strict=True) if e and e.remote]
+        if remote and self.restorer is not None:  # fetched together, not one by one
+            try:
+                self.restorer(remote)
+            except HealElsewhere:
+                raise
+            except CachefsError as exc:  # not stored here (a full disk): read one by one
+                log.warning("chunks held by the remote tiers not stored here: %s", exc)
+            with self.index.read() as txn:
+                entries = [self.index.get_chunk(txn, digest) for digest in digests]
         # Compressed chunks are verified and decompressed ahead, in the pool;
         # raw ones cost only their checksum and are read here.
         ahead: dict[int, Future[bytes | memoryview]] = {}
@@ -171,6 +191,9 @@ class LocalChunks:
                         path=str(self.index.path),
                     )
                 )
+            if entry.remote:
+                cached = self.cache.get(digest)
+                return cached if cached is not None else self._fetch(digest, entry.raw_len)
             try:
                 return self.read_entry(digest, entry)
             except CorruptDataError as exc:
@@ -196,9 +219,40 @@ class LocalChunks:
             log.warning("%s; healed from the remote tiers", exc)
         return healed
 
+    def _fetch(self, digest: bytes, length: int) -> bytes:
+        """A chunk held remotely, fetched from the tiers (verified) and stored
+        here again by the healer; RemoteError if it cannot be had."""
+        where = (
+            f"chunk {digest.hex()} is held only by the store's remote tiers "
+            "(dropped here under --local-max-size, or named by another machine's entry)"
+        )
+        if self.healer is None:
+            raise RemoteError(
+                f"{where}, and the store is open without them",
+                hint="open the store with the same --remote or --config",
+            )
+        try:
+            data = self.healer(digest, length)
+        except HealElsewhere as elsewhere:
+            elsewhere.remote = True
+            elsewhere.message = where
+            raise
+        except CachefsError as exc:
+            raise RemoteError(f"{where}, and it could not be fetched: {exc.message}") from None
+        if data is None:
+            raise RemoteError(f"{where}, and none of them has it now")
+        return data
+
+    def held_remotely(self, digest: bytes) -> bool:
+        """Whether chunk ``digest`` is indexed as held remotely."""
+        with self.index.read() as txn:
+            raw = self.index.chunks.get(txn, digest)
+        return raw is not None and raw[: len(REMOTE_MARK)] == REMOTE_MARK
+
     def read_entry(self, digest: bytes, entry: ChunkEntry) -> bytes | memoryview:
         """The chunk that index entry ``entry`` points at, verified against the
         entry (no retry, nothing recorded: fsck uses this to check entries)."""
+        self.read_order[entry.segment_id] = next(self._reads)
         locate = functools.partial(self.segments.chunk_path, digest, entry.segment_id)
         record = self.segments.read_record(entry.segment_id, locate, entry.offset, entry.stored_len)
         if (
@@ -425,6 +479,20 @@ class ObjectReader:
         ]
         self._keep(self._holes, digest, found)
         return list(found)
+
+    def held_remotely(self, digest: Digest, offset: int, length: int) -> list[tuple[bytes, int]]:
+        """The chunks of an object's range that are held only by the remote
+        tiers (digest, length), in order."""
+        end = min(digest.size, offset + length)
+        chunks = [(c, n) for c, _, _, n in self._overlapping(digest, offset, end) if c != HOLE_MARK]
+        mark = len(REMOTE_MARK)
+        with self.index.read() as txn:
+            return [
+                (chunk, n)
+                for chunk, n in chunks
+                if (raw := self.index.chunks.get(txn, chunk)) is not None
+                and raw[:mark] == REMOTE_MARK
+            ]
 
     def content_digest(
         self,

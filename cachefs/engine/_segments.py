@@ -333,7 +333,10 @@ class SegmentStore:
         return self._next_id
 
     def usable(self, entry: ChunkEntry) -> bool:
-        """Whether a chunk's record lies in bytes that still exist (see ``damaged``)."""
+        """Whether a chunk's record lies in bytes that still exist (see
+        ``damaged``): not when it is held remotely."""
+        if entry.remote:
+            return False
         left = self.damaged.get(entry.segment_id)
         return left is None or entry.offset + RECORD_HEADER.size + entry.stored_len <= left
 

@@ -29,6 +29,10 @@ older cachefs, which would read a hole as a chunk, refuses it.
 4 -> 5: every value of the index is sealed (schema 4): one transaction seals
 every entry of every database and records the schema version, so that the
 index is all sealed or all as before, whatever a crash cuts short.
+
+5 -> 6: chunks may be held remotely (index schema 6).  No entry changes: the
+index records its new schema version, so that an older cachefs, which would
+look for such a chunk in a segment, refuses it.
 """
 
 from __future__ import annotations

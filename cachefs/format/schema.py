@@ -27,6 +27,13 @@ a wrong inode.  The layouts below are of the values without their seal.
     Invariant: refcount = number of times the chunk appears in the recipes of
     all objects (each distinct object once).  refcount 0 = garbage that ``gc``
     removes; a new object that needs the chunk may revive it first.
+    A chunk *held remotely* (since schema 6) has segment id ``REMOTE_SEGMENT``
+    and offset, stored length and flags 0: its bytes are only in the store's
+    remote tiers (dropped here under ``--local-max-size`` once a read-write
+    tier held them, ``engine/_demote.py``).  A read fetches it from the tiers
+    (verified) and points the entry at the fresh local record; a put that
+    meets it stores it again.  It counts in ``chunks`` and ``chunk_bytes``,
+    not in ``stored_bytes`` or any segment's live bytes.
 
 ``objects``  key: raw object key (32 bytes)
     value ``OBJECT`` = size Q, reference count Q, chunk count I, then
@@ -144,12 +151,14 @@ import xxhash
 
 from cachefs.errors import CorruptDataError
 from cachefs.format.digest import Digest, DigestFunction
+from cachefs.format.segment import RECORD_HEADER
 
 #: Version of the LMDB schema.  1: cachefs 0.1 (no ``meta``; a ``wal_applied``
 #: database of the engine's staged objects).  2: ``meta``; no ``wal_applied``.
 #: 3: recipes may hold holes (sparse objects).  4: every value is sealed.
-#: 5: long recipes are stored in pages (``recipes``).
-SCHEMA_VERSION = 5
+#: 5: long recipes are stored in pages (``recipes``).  6: chunks may be held
+#: remotely (``REMOTE_SEGMENT``).
+SCHEMA_VERSION = 6
 #: The first schema whose values are sealed.
 SEALED_SINCE = 4
 
@@ -196,6 +205,10 @@ INO_VALUE = struct.Struct("<Q")
 CACHE_ENTRY = struct.Struct("<QQ")
 PUSH_KEY = struct.Struct(">Q32sQ")
 PUSH = struct.Struct("<Q")
+#: The segment id of a chunk held remotely (no segment has it).
+REMOTE_SEGMENT = (1 << 64) - 1
+#: The first bytes of a held-remotely chunk's value (its segment id).
+REMOTE_MARK = struct.Struct("<Q").pack(REMOTE_SEGMENT)
 
 SCHEMA_VERSION_KEY = b"schema_version"
 COUNTER_NAMES = (
@@ -223,6 +236,16 @@ class ChunkEntry:
     stored_len: int
     flags: int
     refcount: int
+
+    @property
+    def remote(self) -> bool:
+        """Whether the chunk is held remotely (no local record)."""
+        return self.segment_id == REMOTE_SEGMENT
+
+    @property
+    def record_size(self) -> int:
+        """The bytes its record takes in a segment (0 when held remotely)."""
+        return 0 if self.remote else RECORD_HEADER.size + self.stored_len
 
     def pack(self) -> bytes:
         return CHUNK.pack(
@@ -482,6 +505,8 @@ __all__ = [
     "NO_CONTENT",
     "PAGE_KEY",
     "RECIPE_PAGE",
+    "REMOTE_MARK",
+    "REMOTE_SEGMENT",
     "ROOT_INODE",
     "SCHEMA_VERSION",
     "STORE_SETTINGS",
