@@ -285,6 +285,11 @@ class Memory:
     ) -> None:
         self.write(digest, b"".join(pieces()))
 
+    splices = False
+
+    def splice(self, digest: Digest, chunks: Sequence[Digest]) -> None:
+        raise RemoteError(f"{self.name}: no splicing")
+
     def get_action(self, key: Digest) -> re_pb2.ActionResult | None:
         self._call()
         return self.actions.get(key)

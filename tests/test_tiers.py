@@ -4,8 +4,10 @@ through real ones (SeaweedFS's S3 gateway, a ``cachefs serve``, BuildGrid)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from cachefs.engine import (
+    ROOT_INODE,
     CorruptDataError,
     Digest,
     DigestMismatchError,
@@ -22,10 +26,13 @@ from cachefs.engine import (
     Store,
     StoreOptions,
     check_store,
+    collect_garbage,
+    drop_held,
     scrub_store,
 )
 from cachefs.errors import ConfigError, RemoteError
 from cachefs.format.digest import SHA256
+from cachefs.fs import Filesystem
 from cachefs.protocol import re_pb2
 from cachefs.remote import (
     Pusher,
@@ -36,9 +43,16 @@ from cachefs.remote import (
     read_config,
     verified,
 )
-from cachefs.remote._lists import list_key, pack_list, unpack_list
+from cachefs.remote._lists import (
+    SharedEntry,
+    entry_result,
+    list_key,
+    pack_list,
+    parse_entry,
+    unpack_list,
+)
 from tests import clients
-from tests.conftest import flip_first_chunk
+from tests.conftest import SMALL_CONFIG, flip_first_chunk
 from tests.mounting import cachefs, content_digest, kill, live_stats, mounted, start
 from tests.reapi import Client, buildgrid, free_port, serving
 from tests.seaweed import Seaweed, seaweed, seaweed_cluster
@@ -88,6 +102,10 @@ def test_objects_go_as_chunks_and_a_list_and_come_back(tmp_path: Path) -> None:
         new = len(remote.blobs) - before
         assert 1 <= new <= 3, new  # one or two chunks, and the list
         assert a.pushes.depth() == (0, 0.0)
+        # An object of one chunk is that chunk's blob: no list, no entry.
+        small = a.put(b"one chunk" * 100)
+        drain(Pusher(tiers))
+        assert small in remote.blobs and list_key(SHA256, small) not in remote.actions
         tiers.close()
     with Store.open(tmp_path / "b", create=True, options=StoreOptions(fsync=False)) as b:
         tiers = Tiers(b, [Tier(remote)])
@@ -97,9 +115,28 @@ def test_objects_go_as_chunks_and_a_list_and_come_back(tmp_path: Path) -> None:
         # The second object shares all but its changed chunks with the first.
         assert fetch_into(b, tiers, second) == changed
         assert tiers.counts["fetched_chunks"] - fetched <= 2
+        calls = remote.calls
+        assert fetch_into(b, tiers, small) == b"one chunk" * 100
+        assert remote.calls == calls + 1  # one request
         with pytest.raises(ObjectNotFoundError):
             tiers.fetch(Digest(SHA256.hash(b"nowhere"), 7))
         tiers.close()
+
+
+def test_shared_entries_carry_small_files() -> None:
+    """A shared entry round-trips through its ActionResult; a small file's
+    bytes ride along, and bytes that cannot be the file's are dropped (the
+    digest is fetched then; stored bytes are checked against it anyway)."""
+    data = b"a small file"
+    digest = Digest(SHA256.hash(data), len(data))
+    entry = SharedEntry("d/f.o", digest, 0o755, 123, data)
+    assert parse_entry(entry_result(entry), "d/f.o", "here") == entry
+    short = entry_result(SharedEntry("d/f.o", digest, 0o644, 0, data[:-1]))
+    assert parse_entry(short, "d/f.o", "here").contents is None
+    with pytest.raises(RemoteError, match="malformed"):
+        parse_entry(entry_result(entry), "d/other.o", "here")
+    directory = parse_entry(entry_result(SharedEntry("d", None)), "d", "here")
+    assert directory.digest is None and directory.contents is None
 
 
 def test_whole_objects_for_tiers_that_want_them(tmp_path: Path) -> None:
@@ -162,15 +199,14 @@ def test_a_failing_tier_keeps_the_queue(tmp_path: Path) -> None:
     remote = Memory("mem")
     remote.down = True
     with Store.open(tmp_path / "a", create=True, options=PUSHING) as a:
-        a.put(b"one" * 1000)
-        a.put(b"two" * 1000)
+        one, two = a.put(b"one" * 1000), a.put(b"two" * 1000)
         pusher = Pusher(Tiers(a, [Tier(remote)]))
         with pytest.raises(RemoteError):
             pusher.drain_once()
         assert a.pushes is not None and a.pushes.depth()[0] == 2
         remote.down = False
         drain(pusher)
-        assert len(remote.actions) == 2
+        assert {one, two} <= set(remote.blobs)  # small: each one chunk, its own blob
         pusher.tiers.close()
 
 
@@ -258,7 +294,9 @@ endpoints = [
         read_config(tmp_path / "missing.toml")
 
 
-def _round_trip(tmp_path: Path, url: str, *, whole: bool) -> None:
+def _round_trip(tmp_path: Path, url: str, *, whole: bool) -> dict[str, Any]:
+    """Push a large and a small object to ``url``, fetch them into another
+    store; what the pushing tiers counted."""
     data = os.urandom(2 << 20) + b"tail"
     a = Store.open(tmp_path / "a", create=True, options=PUSHING)
     try:
@@ -267,6 +305,7 @@ def _round_trip(tmp_path: Path, url: str, *, whole: bool) -> None:
         small = a.put(b"small file")
         drain(Pusher(tiers))
         tiers.close()
+        pushing = dict(tiers.counts)
     finally:
         a.close()
     with Store.open(tmp_path / "b", create=True, options=StoreOptions(fsync=False)) as b:
@@ -276,6 +315,7 @@ def _round_trip(tmp_path: Path, url: str, *, whole: bool) -> None:
             assert fetch_into(b, tiers, small) == b"small file"
         finally:
             tiers.close()
+    return dict(tiers.counts) | {"pushing": pushing}
 
 
 def test_through_seaweedfs(tmp_path: Path, weed: Seaweed) -> None:
@@ -283,9 +323,21 @@ def test_through_seaweedfs(tmp_path: Path, weed: Seaweed) -> None:
 
 
 def test_through_a_cachefs_serve(tmp_path: Path) -> None:
+    data = os.urandom(2 << 20) + b"tail"
     with serving(tmp_path / "server") as server:
-        _round_trip(tmp_path / "grpc", f"grpc://{server.grpc}/team", whole=True)
+        counts = _round_trip(tmp_path / "grpc", f"grpc://{server.grpc}/team", whole=True)
+        # cachefs serve offers SpliceBlob: the large object was spliced from
+        # its chunks, not sent again; its clients read it whole.
+        assert counts["pushing"]["spliced_objects"] == 1
         _round_trip(tmp_path / "http", f"http://{server.http}/team", whole=True)
+        with Store.open(tmp_path / "c", create=True, options=PUSHING) as c:
+            tiers = Tiers(c, [Tier(open_remote(f"grpc://{server.grpc}/team", SHA256), whole=True)])
+            c.put(data)
+            drain(Pusher(tiers))
+            assert tiers.counts["spliced_objects"] == 1
+            tiers.close()
+        with Client(server.grpc, SHA256, "team") as client:
+            assert client.read(client.digest(data)) == data
 
 
 def test_through_buildgrid(tmp_path: Path) -> None:
@@ -414,6 +466,10 @@ def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str, weed: S
             (two / "cc" / "a/0/nowhere.o").read_bytes()
         stats = live_stats(two)
         assert stats["remote"]["shared_fetches"] == len(files)
+        assert stats["remote"]["queue"] == 0  # what came from the tiers is not pushed back
+        assert stats["remote"]["pushed_objects"] == 0
+        if kind == "s3":  # small files came inside their entries: two fetched
+            assert stats["remote"]["fetched_objects"] == 2, stats["remote"]
         cache = next(c for c in stats["caches"] if c["path"] == "/cc")
         assert cache["shared"] == "cc" and cache["files"] == len(files)
         # Local files now: deleting one is local, reading it again fetches it again.
@@ -536,6 +592,152 @@ def test_a_record_that_cannot_be_rebuilt_heals_as_a_fresh_copy(
         assert store.read(digest) == data
 
 
+def segment_bytes(store: Path) -> int:
+    return sum(p.stat().st_size for p in (store / "segments").rglob("*") if p.is_file())
+
+
+def test_chunks_a_tier_holds_are_dropped_here_and_fetched_back(tmp_path: Path) -> None:
+    """drop_held makes the chunks a read-write tier holds held remotely,
+    coldest first, never one that is not pushed; reads fetch them back
+    (verified), fsck is clean at every step, and gc reclaims their records."""
+    remote = Verifying("mem")
+    files = [os.urandom(1 << 20) for _ in range(6)]
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as store:
+        tiers = Tiers(store, [Tier(remote, durable=True)])
+        digests = [store.put(data) for data in files]
+        lost = store.put(os.urandom(1 << 20))
+        drain(Pusher(tiers))
+        for chunk, size in store.recipe(lost):  # the tier lost these: they stay
+            del remote.blobs[Digest(chunk, size)]
+        unpushed = store.put(os.urandom(300_000))  # never pushed: it stays
+        # A tier that evicts (not durable) holds nothing to drop for.
+        tiers.close()
+        evicting = Tiers(store, [Tier(remote)])
+        assert drop_held(store, 0, evicting.held).chunks == 0
+        evicting.close()
+        tiers = Tiers(store, [Tier(remote, durable=True)])
+        report = drop_held(store, 0, tiers.held)
+        assert report.chunks > 0 and report.bytes_reclaimed > 0
+        assert check_store(store).clean
+        for digest in digests:
+            assert store.reader.held_remotely(digest, 0, digest.size) == [
+                (c, n) for c, n in store.recipe(digest)
+            ]
+        for digest in (lost, unpushed):
+            assert not store.reader.held_remotely(digest, 0, digest.size)
+        assert store.stored_bytes() > unpushed.size + lost.size
+        assert store.stored_bytes() < unpushed.size + lost.size + (100 << 10)
+        store.chunks.cache.clear()
+        before = segment_bytes(tmp_path / "a")
+        for digest, data in zip(digests, files, strict=True):
+            assert store.read(digest) == data
+        assert tiers.counts["fetched_chunks"] >= sum(len(store.recipe(d)) for d in digests) // 2
+        assert segment_bytes(tmp_path / "a") > before
+        assert check_store(store).clean and store.corruptions == 0
+        # Dropped again; a put of the same bytes stores them here again.
+        drop_held(store, 0, tiers.held)
+        assert store.put(files[0]) == digests[0]
+        assert not store.reader.held_remotely(digests[0], 0, digests[0].size)
+        # Dropped, then deleted: gc forgets them.
+        drop_held(store, 0, tiers.held)
+        for digest in digests[1:]:
+            store.unref(digest)
+        collect_garbage(store)
+        assert check_store(store).clean
+        tiers.close()
+        # Without its tiers, a dropped chunk is an error that says so, not damage.
+        with pytest.raises(RemoteError, match="held only by the store's remote tiers"):
+            store.read(digests[0])
+        assert not store.needs_fsck
+
+
+async def test_a_chunk_no_tier_gives_back_is_an_error_not_damage(tmp_path: Path) -> None:
+    """A file whose chunks were dropped here, and one of which the tier then
+    lost: a read that reaches it fails with a RemoteError (EIO), the chunks
+    before it read right, and nothing is recorded as damage."""
+    remote = Verifying("mem")
+    data = os.urandom(1 << 20)
+    options = StoreOptions(push=True, fsync=False)
+    with Store.open(tmp_path / "s", create=True, config=SMALL_CONFIG, options=options) as store:
+        fs = Filesystem(store, tiers=[Tier(remote, durable=True)])
+        try:
+            inode = fs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
+            fh, _ = await fs.open(inode.ino, os.O_RDWR)
+            await fs.write(fh, 0, data)
+            await fs.release(fh)
+            await fs.flush_all()
+            digest = fs.digest_of(inode.ino)
+            assert fs.remote.pusher is not None
+            drain(fs.remote.pusher)
+            await trio.to_thread.run_sync(drop_held, store, 0, fs.remote.tiers.held)
+            recipe = store.recipe(digest)
+            del remote.blobs[Digest(*recipe[1])]  # the tier lost the second chunk
+            store.chunks.cache.clear()
+            fh, _ = await fs.open(inode.ino, os.O_RDONLY)
+            assert bytes(await fs.read(fh, 0, 100)) == data[:100]
+            with pytest.raises(RemoteError, match=r"held only by the .*remote tiers"):
+                await fs.read(fh, 0, recipe[0][1] + 10)
+            await fs.release(fh)
+            assert not store.needs_fsck and store.corruptions == 0
+        finally:
+            fs.close()
+
+
+def test_fsck_repair_with_tiers_meets_a_damaged_index_entry(tmp_path: Path) -> None:
+    """fsck --repair with tiers drops damaged index entries first, as without."""
+    remote = Verifying("mem")
+    with Store.open(tmp_path / "s", create=True, options=PUSHING) as store:
+        digest = store.put(os.urandom(1 << 20))
+        tiers = Tiers(store, [Tier(remote)])
+        drain(Pusher(tiers))
+        chunk = store.recipe(digest)[0][0]
+        with store.index.write() as txn:  # a flipped bit in the chunk's index entry
+            found = txn.get(chunk, db=store.index.chunks.handle)
+            assert found is not None
+            raw = bytes(found)
+            txn.put(chunk, raw[:-1] + bytes([raw[-1] ^ 1]), db=store.index.chunks.handle)
+        report = check_store(store, repair=True)
+        assert report.repaired and report.problems
+        assert check_store(store).clean
+        tiers.close()
+
+
+def test_a_local_store_much_smaller_than_its_remote(tmp_path: Path, weed: Seaweed) -> None:
+    """--local-max-size far below the data: the store stays under it (once
+    pushed, chunks are dropped here), and every file still reads right,
+    fetched back from SeaweedFS; fsck is clean afterwards."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    files = {f"f{i}": os.urandom(3 << 20) for i in range(10)}
+    limit = 6 << 20
+    url = weed.url("cachefs", "small")
+    with mounted(store, mnt, "--remote", url, "--local-max-size", "6M"):
+        for name, data in files.items():
+            with open(mnt / name, "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())
+        wait_for(lambda: settled(mnt) and live_stats(mnt)["stored_bytes"] <= limit)
+        wait_for(lambda: segment_bytes(store) <= limit * 1.2)  # gc after each drop
+        for name, data in files.items():
+            assert (mnt / name).read_bytes() == data
+        stats = live_stats(mnt)
+        assert stats["remote"]["fetched_chunks"] > 0, stats["remote"]
+        assert stats["remote"]["dropped_chunks"] > 0
+        assert stats["corruptions"] == 0
+        wait_for(lambda: live_stats(mnt)["stored_bytes"] <= limit)
+        assert (mnt / "f0").read_bytes() == files["f0"]
+    result = cachefs("fsck", str(store))
+    assert result.stdout.strip().endswith("clean")
+    # Without its remote, a file whose chunks are elsewhere fails with EIO
+    # (and says why in the log), and the store is not marked damaged.
+    with mounted(store, mnt):
+        with pytest.raises(OSError) as failed:
+            for name in files:
+                (mnt / name).read_bytes()
+        assert failed.value.errno == errno.EIO
+        assert not live_stats(mnt)["needs_fsck"]
+    assert "held only by the store's remote tiers" in (store / "cachefs.log").read_text()
+
+
 def test_a_mount_heals_a_flipped_byte_from_its_remote(tmp_path: Path, weed: Seaweed) -> None:
     """Bytes flipped in a segment of a mounted store whose S3 remote has the
     data: the read returns the right bytes, the damage is counted, fsck is
@@ -555,6 +757,18 @@ def test_a_mount_heals_a_flipped_byte_from_its_remote(tmp_path: Path, weed: Seaw
         assert stats["corruptions"] == 0 and not stats["needs_fsck"]
     result = cachefs("fsck", str(store))  # fails the test unless it exits 0
     assert result.stdout.strip().endswith("clean")
+    # Offline, fsck --repair heals from the tiers it is given: nothing is lost.
+    flip_byte_of(store, digest)
+    result = cachefs("fsck", str(store), "--repair", "--remote", url)  # exits 0: healed
+    assert "LOST" not in result.stdout, result.stdout
+    result = cachefs("fsck", str(store))
+    assert result.stdout.strip().endswith("clean")
+    with Store.open(store, readonly=True) as opened:
+        assert opened.read(Digest.parse(digest)) == data
+    # Without them, it drops the damaged chunk, and the file is lost.
+    flip_byte_of(store, digest)
+    result = cachefs("fsck", str(store), "--repair", check=False)
+    assert "LOST" in result.stdout
 
 
 def test_two_mounts_over_a_seaweedfs_cluster_that_fails(tmp_path: Path) -> None:
@@ -696,6 +910,14 @@ def test_fsync_waits_for_the_remote_when_asked(tmp_path: Path, weed: Seaweed) ->
     result = cachefs("mount", str(tmp_path / "s"), str(mnt), "--remote-durability", "remote",
                      check=False)  # fmt: skip
     assert result.returncode != 0 and "needs a tier that takes writes" in result.stderr
+    config = tmp_path / "tiers.toml"
+    config.write_text(f'[[tier]]\nurl = "{url}"\ndirection = "read-only"\n')
+    result = cachefs("mount", str(tmp_path / "s"), str(mnt), "--config", str(config),
+                     "--local-max-size", "1G", check=False)  # fmt: skip
+    assert (
+        result.returncode != 0
+        and "--local-max-size needs a durable read-write tier" in result.stderr
+    )
 
 
 @pytest.mark.parametrize("kind", ["grpc", "s3"])

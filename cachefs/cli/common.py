@@ -35,6 +35,13 @@ remote_option = click.option(
     "http://HOST:PORT[/PREFIX] (a Bazel HTTP cache).  What the store publishes is pushed "
     "there in the background; what it lacks is fetched from there.",
 )
+local_max_size_option = click.option(
+    "--local-max-size",
+    metavar="SIZE",
+    help="Keep the local store's chunks under SIZE (e.g. 20G) by dropping, coldest first, "
+    "those a read-write tier already holds; they are fetched back when read.  Nothing not "
+    "yet pushed is ever dropped (default: no limit).",
+)
 config_option = click.option(
     "--config",
     "config",

@@ -14,7 +14,8 @@ import click
 
 from cachefs.daemon import resolve_store
 from cachefs.engine import Store, check_store
-from cachefs.errors import CachefsError, IndexCorruptError
+from cachefs.errors import CachefsError, ConfigError, IndexCorruptError
+from cachefs.remote import TierOptions, Tiers
 
 from .common import ProgressBar, json_option, store_argument
 
@@ -26,23 +27,48 @@ from .common import ProgressBar, json_option, store_argument
     is_flag=True,
     help="Drop what cannot be recovered and fix counts (needs the store's writer lock).",
 )
+@click.option(
+    "--remote",
+    "remotes",
+    multiple=True,
+    metavar="URL",
+    help="With --repair: a remote tier to heal damaged chunks from (repeatable; as mount's).",
+)
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="With --repair: the TOML file of the store's tiers to heal from (as mount's).",
+)
 @json_option
-def command(store: Path, repair: bool, as_json: bool) -> None:
+def command(
+    store: Path, repair: bool, remotes: tuple[str, ...], config: Path | None, as_json: bool
+) -> None:
     """Verify every record checksum, index entry and reference count.
 
     Exits 0 only when the store is clean; 1 when damage was found (also when
     --repair fixed it: run fsck again to confirm).  With --repair, lists the
     objects that lost data.  Without --repair the store is only read, and this
-    works beside a running writer.
+    works beside a running writer.  With --repair and the store's remote tiers
+    (--remote, --config), damaged chunks that a tier holds are fetched,
+    verified and written again first: only what no tier holds is dropped.
     """
     if os.environ.get(_CHILD) is None:
         _check_in_a_child(store)
+    if (remotes or config) and not repair:
+        raise ConfigError(
+            "fsck takes --remote and --config with --repair only (to heal from the tiers)"
+        )
+    options = TierOptions.parse(remotes, config)
     bar = ProgressBar("checking")
     with Store.open(resolve_store(store), readonly=not repair) as opened:
+        tiers = Tiers(opened, options.open(opened.digest_function) if repair else [])
         try:
             report = check_store(opened, repair=repair, progress=bar)
         finally:
             bar.close()
+            tiers.close()
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:

@@ -17,6 +17,7 @@ from .common import (
     config_option,
     grpc_option,
     http_option,
+    local_max_size_option,
     max_store_size_option,
     memory_limit_option,
     parse_size,
@@ -68,6 +69,7 @@ from .common import (
 @http_option
 @remote_option
 @config_option
+@local_max_size_option
 @click.option(
     "--remote-durability",
     type=click.Choice(["local", "remote"]),
@@ -93,6 +95,7 @@ def command(
     http_address: str | None,
     remotes: tuple[str, ...],
     config: Path | None,
+    local_max_size: str | None,
     remote_durability: str,
 ) -> None:
     """Mount STORE on MOUNTPOINT (STORE is created if missing).
@@ -132,7 +135,12 @@ def command(
         trace=trace,
         servers=ServeOptions(grpc=grpc_address, http=http_address),
         scrub_rate=None if scrub_rate is None else positive_size(scrub_rate, "--scrub-rate"),
-        tiers=TierOptions.parse(remotes, config, remote_durability),
+        tiers=TierOptions.parse(
+            remotes,
+            config,
+            remote_durability,
+            None if local_max_size is None else parse_size(local_max_size),
+        ),
     )
 
 

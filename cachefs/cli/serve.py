@@ -18,6 +18,7 @@ from .common import (
     grpc_option,
     http_option,
     human_bytes,
+    local_max_size_option,
     max_store_size_option,
     memory_limit_option,
     parse_size,
@@ -52,6 +53,7 @@ from .mount import memory_limit_of
 @memory_limit_option
 @remote_option
 @config_option
+@local_max_size_option
 @click.pass_context
 def command(
     ctx: click.Context,
@@ -66,6 +68,7 @@ def command(
     memory_limit: str,
     remotes: tuple[str, ...],
     config: Path | None,
+    local_max_size: str | None,
 ) -> None:
     """Serve STORE to build tools over REAPI v2 (gRPC) and the Bazel HTTP cache
     protocol, with no mount (STORE is created if missing).
@@ -105,5 +108,9 @@ def command(
         cache_size=parse_size(cache_size),
         max_store_size=None if max_store_size is None else parse_size(max_store_size),
         memory_limit=memory_limit_of(memory_limit),
-        tiers=TierOptions.parse(remotes, config),
+        tiers=TierOptions.parse(
+            remotes,
+            config,
+            local_max_size=None if local_max_size is None else parse_size(local_max_size),
+        ),
     )

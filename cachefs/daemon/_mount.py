@@ -140,6 +140,7 @@ def serve(
             tiers=tiers.open(store.digest_function),
         )
         fs.remote.remote_durability = tiers.durability == "remote"
+        fs.remote.local_max_size = tiers.local_max_size
         try:
             fs.control.info = {"mountpoint": str(mountpoint), "mount_options": sorted(options)}
             if trace is not None:

@@ -68,6 +68,7 @@ def serve_store(
             memory_limit=memory_limit,
             tiers=tiers.open(store.digest_function),
         )
+        fs.remote.local_max_size = tiers.local_max_size
         try:
             trio.run(_main, fs, options, ready)
         except BaseExceptionGroup as group:

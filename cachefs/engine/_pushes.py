@@ -51,6 +51,8 @@ class PushQueue:
             for key in self.table.keys(txn):
                 _, hash_, size = PUSH_KEY.unpack(key)
                 self._waiting[Digest(hash_, size)] += 1
+        #: Objects being stored from the tiers themselves: not queued.
+        self.from_tiers: set[Digest] = set()
         #: Called after a publication that queued objects has committed.
         self.on_queued: Callable[[], None] | None = None
         #: What the current transaction of each thread queued.
@@ -63,7 +65,10 @@ class PushQueue:
 
     def add(self, txn: lmdb.Transaction, digest: Digest, entry: bytes = b"") -> None:
         """Queue ``digest`` (and ``entry``) in the write transaction ``txn``
-        (write transactions run one at a time: they number entries in turn)."""
+        (write transactions run one at a time: they number entries in turn);
+        not one the tiers gave (``from_tiers``)."""
+        if digest in self.from_tiers:
+            return
         key = PUSH_KEY.pack(self._next, digest.hash, digest.size)
         self.table.put(txn, key, PUSH.pack(time.time_ns()) + entry)
         self._next += 1

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from cachefs.engine import CachefsError, CorruptDataError, FsError, Namespace, Store
-from cachefs.errors import HealElsewhere
+from cachefs.errors import HealElsewhere, RemoteError
 from cachefs.format.schema import MAX_FILE_SIZE
 from cachefs.fs._caches import CacheDirs
 from cachefs.fs._control import ControlTree, is_virtual
@@ -42,6 +42,13 @@ from cachefs.fs._lookups import Lookups
 from cachefs.fs._publish import FilePublisher
 
 log = logging.getLogger(__name__)
+
+
+#: Bytes of a file whose chunks are fetched at once when a read meets one
+#: that only the remote tiers hold.
+READ_AHEAD = 8 << 20
+#: Chunks one read may heal or fetch, one after the other.
+HEAL_ROUNDS = 16
 
 
 class FileIO:
@@ -221,11 +228,21 @@ class FileIO:
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self.handles[fh]
         try:
-            try:
-                return await self._read(handle, offset, size)
-            except HealElsewhere as damaged:
-                await self._heal(damaged)
-                return await self._read(handle, offset, size)
+            # Each round heals or fetches one chunk at least (else it raises):
+            # a read spans a few chunks.
+            for _ in range(HEAL_ROUNDS):
+                try:
+                    return await self._read(handle, offset, size)
+                except HealElsewhere as damaged:
+                    if damaged.remote:
+                        await self._fetch(damaged, handle, offset)
+                    else:
+                        await self._heal(damaged)
+            return await self._read(handle, offset, size)
+        except HealElsewhere as exc:
+            if exc.remote:  # not damage: say what it is
+                raise RemoteError(f"reading inode {handle.ino}: {exc.message}") from None
+            raise
         except CorruptDataError as exc:
             # Say which file it hit: the store's message names chunk and segment.
             exc.message = f"reading inode {handle.ino} at offset {offset}: {exc.message}"
@@ -241,6 +258,33 @@ class FileIO:
                 healed = await trio.to_thread.run_sync(healer, damaged.digest, damaged.length)
         if healed is None:
             raise self.store.health.damaged(CorruptDataError(damaged.message))
+
+    async def _fetch(self, missing: HealElsewhere, handle: Handle, offset: int) -> None:
+        """Fetch a chunk held only by the remote tiers, with those of the next
+        ``READ_AHEAD`` bytes of the file, in a worker thread; RemoteError
+        if the tiers do not give it."""
+        restorer = self.store.chunks.restorer
+        wanted = [(missing.digest, missing.length)]
+        digest = handle.digest if isinstance(handle, ObjectHandle) else None
+        if isinstance(handle, FileHandle):
+            digest = self.namespace.get(handle.ino).digest
+        if digest is not None:
+            ahead = self.store.reader.held_remotely(digest, offset, READ_AHEAD)
+            wanted += [item for item in ahead if item[0] != missing.digest]
+        failure: CachefsError | None = None
+        if restorer is not None:
+            try:
+                await trio.to_thread.run_sync(restorer, wanted)
+            except CachefsError as exc:  # e.g. the disk is full: nothing could be stored
+                failure = exc
+        if self.store.chunks.held_remotely(missing.digest):
+            if failure is not None:
+                failure.message = f"{missing.message}; storing it here failed: {failure.message}"
+                raise failure
+            raise RemoteError(
+                f"{missing.message}, and none of them gave it",
+                hint="check the remote tiers (`cachefs stats` shows their state)",
+            )
 
     async def _read(self, handle: Handle, offset: int, size: int) -> bytes | memoryview:
         if isinstance(handle, CommandHandle):

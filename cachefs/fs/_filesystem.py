@@ -143,6 +143,8 @@ class Filesystem:
             on_published=self._published,
             maintenance=lambda: bool(self._collecting) or store.maintenance_pending,
         )
+        #: The remote tiers (none unless given): the replay may read their chunks.
+        self.remote = RemoteTiers(store, tiers)
         self.journal.replay(
             self.namespace,
             self.files,
@@ -160,8 +162,6 @@ class Filesystem:
             max_store_size=max_store_size,
         )
         self.listeners.add(self.caches)
-        #: The store's remote tiers (none, unless given).
-        self.remote = RemoteTiers(store, tiers)
         self.memory = MemoryGovernor(store, memory_limit)
         #: Whole files the servers store and read (``_stored_files.py``).
         self.stored = StoredFiles(

@@ -19,7 +19,9 @@ is shared through the store's remote tiers (``cachefs.remote``):
   cache directory like any other (budget, eviction, policy).  A tier that
   fails is skipped for a while (its breaker), so a lookup misses rather than
   hangs; negative lookups are cached by the kernel for ``NEGATIVE_TIMEOUT``
-  (1 s, ``cachefs.fuse``) at most.
+  (1 s, ``cachefs.fuse``) at most.  A name in a directory that the tiers
+  have no entry for is a miss without a request (a tool's temporary files);
+  the tiers' answer about a directory is kept ``DIRECTORY_TTL`` seconds.
 
 Deleting or evicting a file is local: entries on the tiers age out by the
 tiers' own lifecycle.  Sparse files are not shared.
@@ -50,6 +52,10 @@ log = logging.getLogger(__name__)
 #: Seconds a file must rest after its last publication, rename or link before
 #: its entry is queued.
 SETTLE = 1.0
+#: Seconds the tiers' answer about a directory (there or not) is kept: a file
+#: that another machine puts in a directory new to the tiers is found this
+#: much later at most.  And how many such answers are kept.
+DIRECTORY_TTL, DIRECTORIES_KEPT = 10.0, 100_000
 
 
 class SharedDirs(FsEvents):
@@ -80,6 +86,8 @@ class SharedDirs(FsEvents):
         #: (shared directory, first component of a path) not shared: a server's
         #: uploads in progress.
         self._private: set[tuple[int, str]] = set()
+        #: (share, directory) -> whether the tiers have it, and since when.
+        self._directories: dict[tuple[str, str], tuple[bool, float]] = {}
         self.counts = {"shared_entries_queued": 0, "shared_fetches": 0, "shared_misses": 0}
 
     # --- out: entries queued once files settle -----------------------------------------
@@ -220,6 +228,10 @@ class SharedDirs(FsEvents):
         share = cache.shared
         try:
             path = await trio.to_thread.run_sync(self._path, cache, parent, name)
+            above = path.rpartition("/")[0]
+            if above and not await self._on_tiers(share, above):
+                self.counts["shared_misses"] += 1  # nothing below a directory they lack
+                return False
             entry = await trio.to_thread.run_sync(self.tiers.find_entry, share, path)
         except CachefsError as exc:
             log.warning("shared directory %s: lookup of %r: %s", share, name, exc)
@@ -233,7 +245,7 @@ class SharedDirs(FsEvents):
         digest = entry.digest
         try:
             await self.stored.make_room(parent, digest.size)
-            inode = await trio.to_thread.run_sync(self._fetch, parent, name, digest)
+            inode = await trio.to_thread.run_sync(self._fetch, parent, name, digest, entry.contents)
         except CachefsError as exc:
             log.warning("shared directory %s: fetching %s (%s): %s", share, path, digest, exc)
             return False
@@ -247,9 +259,36 @@ class SharedDirs(FsEvents):
         self.counts["shared_fetches"] += 1
         return True
 
-    def _fetch(self, parent: int, name: bytes, digest: Digest) -> Inode | None:
-        source = self.tiers.fetch(digest)
-        return self.stored.store_file(parent, name, source, expect=digest)
+    async def _on_tiers(self, share: str, directory: str) -> bool:
+        """Whether the tiers have an entry for ``directory`` of ``share``
+        (every file's entry comes with those of the directories above it, so
+        without one there is nothing below it to ask for); known for
+        ``DIRECTORY_TTL`` seconds."""
+        now = time.monotonic()
+        known = self._directories.get((share, directory))
+        if known is not None and now - known[1] < DIRECTORY_TTL:
+            return known[0]
+        entry = await trio.to_thread.run_sync(self.tiers.find_entry, share, directory)
+        there = entry is not None and entry.digest is None
+        if len(self._directories) >= DIRECTORIES_KEPT:
+            self._directories.clear()
+        self._directories[share, directory] = (there, now)
+        return there
+
+    def _fetch(
+        self, parent: int, name: bytes, digest: Digest, contents: bytes | None = None
+    ) -> Inode | None:
+        """Store the entry's file: its bytes came in the entry (checked as
+        they are stored), or are fetched from the tiers."""
+        source = self.tiers.fetch(digest) if contents is None else [contents]
+        pushes = self.store.pushes
+        if pushes is None:
+            return self.stored.store_file(parent, name, source, expect=digest)
+        pushes.from_tiers.add(digest)  # not pushed back where it came from
+        try:
+            return self.stored.store_file(parent, name, source, expect=digest)
+        finally:
+            pushes.from_tiers.discard(digest)
 
     def _directory(self, parent: int, name: bytes, top: Inode) -> bool:
         mode = stat.S_IFDIR | stat.S_IMODE(top.mode)

@@ -6,7 +6,11 @@ every new object in the publishing transaction, and the pusher sends it to the
 write tiers, oldest first, backing off while they fail.  Local reads and
 writes never wait for it: ``fsync`` means local durability, unless
 ``remote_durability`` (``--remote-durability remote``) makes it wait until
-the write tiers hold the file's content.  Its queue depth,
+the write tiers hold the file's content.  With ``local_max_size``
+(``--local-max-size``) chunks the read-write tiers hold are dropped here,
+coldest first, whenever the store's live records exceed it, and fetched back
+when read (read-ahead: the chunks of the next ``READ_AHEAD`` bytes of the
+file at once, in a worker thread).  Its queue depth,
 the age of its oldest entry, the tiers' figures and each shard endpoint's
 breaker are in ``stats`` under ``remote``.
 """
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from cachefs.engine import Digest, FsError, Store
+from cachefs.engine import CachefsError, Digest, FsError, Store, drop_held
 from cachefs.errors import HealElsewhere
 from cachefs.format.schema import NO_CONTENT
 from cachefs.fs._caches import _in_trio
@@ -34,6 +38,11 @@ log = logging.getLogger(__name__)
 
 #: The longest an fsync waits for the write tiers (``--remote-durability remote``).
 REMOTE_FSYNC_TIMEOUT = 60.0
+#: How often the local store's size is looked at under ``--local-max-size``
+#: (seconds), and the fraction of it that dropping brings it down to.
+DROP_EVERY, DROP_TO = 2.0, 0.9
+#: The wait after a look that found nothing to drop (seconds).
+DROP_IDLE = 15.0
 
 
 class RemoteTiers:
@@ -44,6 +53,12 @@ class RemoteTiers:
         self.tiers = Tiers(store, tiers)
         if store.chunks.healer is not None:  # the tiers heal: never on the event loop
             store.chunks.healer = self._heal
+            store.chunks.restorer = self._restore
+        #: Keep the local store's live records under this many bytes by
+        #: dropping what the read-write tiers hold (--local-max-size).
+        self.local_max_size: int | None = None
+        #: Chunks dropped here so far (held only by the tiers since).
+        self.dropped_chunks = 0
         self.shared: SharedDirs | None = None
         #: fsync waits until the write tiers hold the data (--remote-durability remote).
         self.remote_durability = False
@@ -66,13 +81,17 @@ class RemoteTiers:
             depth, age = self.pusher.queue.depth()
             if depth:
                 log.info("push queue: %d objects waiting (oldest %.0f s)", depth, age)
-        if self.shared is not None:
-            await self.shared.run()
+        async with trio.open_nursery() as nursery:
+            if self.local_max_size is not None and self.tiers.readers:
+                nursery.start_soon(self._keep_small, self.local_max_size)
+            if self.shared is not None:
+                nursery.start_soon(self.shared.run)
 
     def close(self) -> None:
         """Stop pushing (what is left stays queued for the next start)."""
         if self.store.chunks.healer == self._heal:
             self.store.chunks.healer = None
+            self.store.chunks.restorer = None
         if self.shared is not None:
             self.shared.flush()  # queued for the next start if not pushed now
         if self.pusher is not None and self._started:
@@ -84,6 +103,37 @@ class RemoteTiers:
         if _in_trio():
             raise HealElsewhere(f"chunk {digest.hex()} is damaged", digest=digest, length=length)
         return self.tiers.heal(digest, length)
+
+    def _restore(self, chunks: list[tuple[bytes, int]]) -> int:
+        if _in_trio():
+            digest, length = chunks[0]
+            raise HealElsewhere(
+                f"chunk {digest.hex()} is held only by the remote tiers",
+                digest=digest,
+                length=length,
+                remote=True,
+            )
+        return self.tiers.restore(chunks)
+
+    async def _keep_small(self, limit: int) -> None:
+        """Every ``DROP_EVERY`` seconds (``DROP_IDLE`` after a look that found
+        nothing to drop), if the store's live records take more than
+        ``limit`` bytes, drop chunks the durable read-write tiers hold
+        (coldest first) down to ``DROP_TO`` of it (``engine.drop_held``)."""
+        while True:
+            wait = DROP_EVERY
+            if self.store.stored_bytes() > limit:
+                try:
+                    report = await trio.to_thread.run_sync(
+                        drop_held, self.store, int(limit * DROP_TO), self.tiers.held
+                    )
+                    self.dropped_chunks += report.chunks
+                except CachefsError as exc:
+                    log.warning("--local-max-size: dropping chunks the tiers hold failed: %s", exc)
+                    report = None
+                if report is None or not report.chunks:
+                    wait = DROP_IDLE  # nothing held yet (pushes lag): ask again later
+            await trio.sleep(wait)
 
     async def durable(self, ino: int) -> None:
         """After an fsync of file ``ino``: with ``remote_durability``, wait until
@@ -115,6 +165,9 @@ class RemoteTiers:
             doc |= self.pusher.figures()
         if self.shared is not None:
             doc |= self.shared.figures()
+        if self.local_max_size is not None:
+            doc["local_max_size"] = self.local_max_size
+            doc["dropped_chunks"] = self.dropped_chunks
         return {"remote": doc}
 
 

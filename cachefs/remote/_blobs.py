@@ -49,6 +49,16 @@ class Remote(Protocol):
         for each try or copy)."""
         ...
 
+    @property
+    def splices(self) -> bool:
+        """Whether :meth:`splice` works here (a REAPI server that says so)."""
+        ...
+
+    def splice(self, digest: Digest, chunks: Sequence[Digest]) -> None:
+        """Make the blob ``digest`` from chunks the remote holds, in order
+        (REAPI SpliceBlob; the server checks the result's digest)."""
+        ...
+
     def get_action(self, key: Digest) -> re_pb2.ActionResult | None:
         """The action cache entry under ``key`` (None: there is none).  Its
         blobs are not checked: a caller reads and verifies them as blobs."""

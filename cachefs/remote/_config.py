@@ -10,6 +10,7 @@ The config file is TOML (the README has a full example)::
     direction = "read-write"    # or "read-only", "write-only"
     timeout = 20
     whole_objects = false       # upload whole objects too (REAPI/HTTP: true)
+    durable = true              # keeps what it is given (S3: true; REAPI/HTTP: false)
 
     [[tier]]                # a shard group: blobs placed by rendezvous hashing
     replicas = 2
@@ -38,7 +39,7 @@ from cachefs.remote._open import DEFAULT_TIMEOUT, open_remote
 from cachefs.remote._shards import ShardGroup
 from cachefs.remote._urls import parse_remote
 
-_TIER_KEYS = {"url", "endpoints", "replicas", "direction", "timeout", "whole_objects"}
+_TIER_KEYS = {"url", "endpoints", "replicas", "direction", "timeout", "whole_objects", "durable"}
 _REMOTE_KEYS = {"timeout"}
 _ENDPOINT_KEYS = {"url", "weight"}
 
@@ -89,7 +90,8 @@ def load_tiers(
             tiers.append(_tier(f"[[tier]] {n}", table, function, timeout))
         for url in urls:
             remote_ = open_remote(url, function, timeout)
-            tiers.append(_tiers.Tier(remote_, whole=parse_remote(url).kind != "s3"))
+            s3 = parse_remote(url).kind == "s3"
+            tiers.append(_tiers.Tier(remote_, whole=not s3, durable=s3))
     except BaseException:
         for tier in tiers:
             tier.remote.close()
@@ -134,10 +136,11 @@ def _tier(
                 member.close()
             raise
     whole = table.get("whole_objects", kinds != {"s3"})
-    if not isinstance(whole, bool):
-        raise ConfigError(f"{where}: whole_objects is true or false")
+    durable = table.get("durable", kinds == {"s3"})
+    if not isinstance(whole, bool) or not isinstance(durable, bool):
+        raise ConfigError(f"{where}: whole_objects and durable are true or false")
     try:
-        return _tiers.Tier(remote, direction, whole)
+        return _tiers.Tier(remote, direction, whole, durable)
     except ConfigError:
         remote.close()
         raise
@@ -152,17 +155,32 @@ class TierOptions:
     config: dict[str, Any] | None = None
     #: What an fsync waits for: "local" (the local store) or "remote" (the write tiers).
     durability: str = "local"
+    #: Keep the local store's live records under this many bytes (None: no limit).
+    local_max_size: int | None = None
 
     @classmethod
     def parse(
-        cls, urls: Sequence[str], config: Path | None, durability: str = "local"
+        cls,
+        urls: Sequence[str],
+        config: Path | None,
+        durability: str = "local",
+        local_max_size: int | None = None,
     ) -> TierOptions:
         """Checked as far as can be before the store is open (URLs, the file)."""
         for url in urls:
             parse_remote(url)
-        options = cls(tuple(urls), None if config is None else read_config(config), durability)
+        data = None if config is None else read_config(config)
+        options = cls(tuple(urls), data, durability, local_max_size)
         if durability not in ("local", "remote"):
             raise ConfigError(f"--remote-durability {durability!r}: local or remote")
+        if local_max_size is not None and not options.durable_read_write:
+            raise ConfigError(
+                "--local-max-size needs a durable read-write tier to hold what is dropped "
+                "here (REAPI servers and HTTP caches evict what they hold)",
+                hint="give --remote s3://... (or a tier with durable = true in --config)",
+            )
+        if local_max_size is not None and local_max_size <= 0:
+            raise ConfigError("--local-max-size must be more than 0 bytes")
         if durability == "remote" and not options.writes:
             raise ConfigError(
                 "--remote-durability remote needs a tier that takes writes",
@@ -175,13 +193,30 @@ class TierOptions:
         return bool(self.urls or (self.config or {}).get("tier"))
 
     @property
+    def _tables(self) -> list[dict[str, Any]]:
+        """The config file's tiers, then one table per ``--remote`` URL."""
+        tables = (self.config or {}).get("tier", [])
+        given = [t for t in tables if isinstance(t, dict)] if isinstance(tables, list) else []
+        return given + [{"url": url} for url in self.urls]
+
+    @property
     def writes(self) -> bool:
         """Whether some tier takes writes (the store then keeps a push queue)."""
-        tables = (self.config or {}).get("tier", [])
-        if not isinstance(tables, list):
-            return bool(self.urls)
-        directions = [t.get("direction", "read-write") for t in tables if isinstance(t, dict)]
-        return bool(self.urls) or any(d != "read-only" for d in directions)
+        return any(t.get("direction", "read-write") != "read-only" for t in self._tables)
+
+    @property
+    def durable_read_write(self) -> bool:
+        """Whether some tier is read, written and durable (``durable``, by
+        default an S3 bucket: REAPI servers and HTTP caches evict)."""
+        for table in self._tables:
+            endpoints = table.get("endpoints")
+            listed = endpoints if isinstance(endpoints, list) else []
+            urls = [table.get("url")] + [e.get("url") for e in listed if isinstance(e, dict)]
+            kinds = {parse_remote(str(u)).kind for u in urls if isinstance(u, str)}
+            durable = table.get("durable", kinds == {"s3"})
+            if table.get("direction", "read-write") == "read-write" and durable is True:
+                return True
+        return False
 
     def open(self, function: DigestFunction) -> list[_tiers.Tier]:
         return load_tiers(self.urls, self.config, function)

@@ -17,7 +17,9 @@ Shared directories put their entries on the tiers the same way: the entry of
 relative path ``PATH`` in share ``SHARE`` is the action cache entry under the
 digest of ``SHARE_DOMAIN + SHARE + NUL + PATH`` (``entry_key``).  A file's is
 an ``ActionResult`` with one output file: its path, its content's digest, and
-its mode and mtime in the file's ``node_properties``; a directory's (made for
+its mode and mtime in the file's ``node_properties``, and for a file of at
+most ``INLINE_MAX`` bytes its bytes in ``contents`` (one request fetches it;
+a server that drops them leaves the digest to fetch by); a directory's (made for
 each directory above a file) has no outputs and ``execution_metadata.worker``
 = ``DIRECTORY_MARK``.
 
@@ -41,6 +43,8 @@ LIST_DOMAIN = b"cachefs chunk list 1\0"
 LIST_PATH = "cachefs-chunk-list"
 SHARE_DOMAIN = b"cachefs share entry 1\0"
 DIRECTORY_MARK = "cachefs-directory"
+#: Files of at most this many bytes travel inside their shared entries.
+INLINE_MAX = 16 << 10
 _SIZE = struct.Struct(">Q")
 _HOLE = bytes(32)
 
@@ -100,6 +104,9 @@ class SharedEntry:
     digest: Digest | None
     mode: int = 0o644
     mtime_ns: int = 0
+    #: A small file's bytes, carried in the entry (``INLINE_MAX``): one
+    #: request fetches it.  Checked against ``digest`` where it is used.
+    contents: bytes | None = None
 
 
 def _wire(path: str) -> str:
@@ -129,6 +136,8 @@ def entry_result(entry: SharedEntry) -> re_pb2.ActionResult:
         is_executable=bool(entry.mode & 0o111),
         node_properties=properties,
     )
+    if entry.contents is not None:
+        output.contents = entry.contents
     return re_pb2.ActionResult(output_files=[output])
 
 
@@ -146,11 +155,14 @@ def parse_entry(result: re_pb2.ActionResult, path: str, where: str) -> SharedEnt
         if digest is not None and len(digest.hash) == 32 and digest.size >= 0:
             mode = properties.unix_mode.value if properties.HasField("unix_mode") else 0o644
             mtime = properties.mtime.ToNanoseconds() if properties.HasField("mtime") else 0
-            return SharedEntry(path, digest, mode & 0o7777, mtime)
+            # A server may drop inlined bytes; only a whole copy is any use.
+            contents = output.contents if len(output.contents) == digest.size > 0 else None
+            return SharedEntry(path, digest, mode & 0o7777, mtime, contents)
     raise RemoteError(f"{where}: the shared entry {path!r} is malformed")
 
 
 __all__ = [
+    "INLINE_MAX",
     "SharedEntry",
     "entry_key",
     "entry_result",

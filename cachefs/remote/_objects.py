@@ -141,6 +141,13 @@ class ObjectRemote:
         except (BaseError, OSError, ValueError, RuntimeError) as exc:
             raise self._failed(f"writing blob {digest}", exc) from None
 
+    @property
+    def splices(self) -> bool:
+        return False  # neither S3 nor the HTTP cache protocol can
+
+    def splice(self, digest: Digest, chunks: Sequence[Digest]) -> None:
+        raise RemoteError(f"{self.name}: an object store cannot splice blobs")
+
     def get_action(self, key: Digest) -> re_pb2.ActionResult | None:
         try:
             data = bytes(obstore.get(self.store, f"ac/{key.hex}").bytes())

@@ -8,6 +8,8 @@ action cache entries (``get_action``,
 BatchReadBlobs / BatchUpdateBlobs, a larger one streamed over ByteStream in
 ``PIECE`` messages (``{instance}/blobs/...`` and ``{instance}/uploads/{uuid}/
 blobs/...``, with ``blake3/`` for a BLAKE3 store, as the API names them).
+A server that advertises SpliceBlob (GetCapabilities) gets whole objects
+spliced from the chunks it holds (``splice``) instead of uploaded again.
 Every call has the tier's timeout as its deadline.
 """
 
@@ -65,6 +67,8 @@ class ReapiRemote:
         self.cas = re_grpc.ContentAddressableStorageStub(self.channel)
         self.bytestream = bs_grpc.ByteStreamStub(self.channel)
         self.ac = re_grpc.ActionCacheStub(self.channel)
+        self.capabilities = re_grpc.CapabilitiesStub(self.channel)
+        self._splices: bool | None = None
         self._function = (
             re_pb2.DigestFunction.BLAKE3 if function == BLAKE3 else re_pb2.DigestFunction.UNKNOWN
         )
@@ -200,6 +204,38 @@ class ReapiRemote:
         if response.committed_size not in (-1, digest.size):
             raise RemoteError(
                 f"{self.name}: writing blob {digest}: committed {response.committed_size} bytes"
+            )
+
+    @property
+    def splices(self) -> bool:
+        """Whether the server advertises SpliceBlob (asked once, by
+        GetCapabilities; a server that cannot be asked is asked again later)."""
+        if self._splices is None:
+            request = re_pb2.GetCapabilitiesRequest(instance_name=self.instance)
+            try:
+                answer = self.capabilities.GetCapabilities(request, timeout=self.timeout)
+            except (grpc.RpcError, ValueError) as exc:
+                if self._failed("asking for capabilities", exc).permanent:
+                    self._splices = False  # it will not say
+                return False
+            self._splices = bool(answer.cache_capabilities.splice_blob_support)
+        return self._splices
+
+    def splice(self, digest: Digest, chunks: Sequence[Digest]) -> None:
+        request = re_pb2.SpliceBlobRequest(
+            instance_name=self.instance,
+            blob_digest=self._message(digest),
+            chunk_digests=[self._message(c) for c in chunks],
+            digest_function=self._function,
+        )
+        try:
+            answer = self.cas.SpliceBlob(request, timeout=self._deadline(digest))
+        except (grpc.RpcError, ValueError) as exc:
+            raise self._failed(f"splicing blob {digest}", exc) from None
+        made = answer.blob_digest
+        if (made.hash.lower(), made.size_bytes) != (digest.hex, digest.size):
+            raise RemoteError(
+                f"{self.name}: splicing blob {digest} made {made.hash}/{made.size_bytes}"
             )
 
     def get_action(self, key: Digest) -> re_pb2.ActionResult | None:

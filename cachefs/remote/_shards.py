@@ -171,6 +171,13 @@ class ShardGroup:
             log.warning("remote %s skipped for %.0f s: %s", member.remote.name,
                         member.breaker.backoff, exc.message)  # fmt: skip
 
+    @property
+    def splices(self) -> bool:
+        return False  # a blob's chunks lie on other endpoints than the blob
+
+    def splice(self, digest: Digest, chunks: Sequence[Digest]) -> None:
+        raise RemoteError(f"{self.name}: a shard group cannot splice blobs")
+
     def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         """The blobs that some replica endpoint lacks (or cannot be asked now)."""
         asked: dict[int, list[Digest]] = {}

@@ -4,11 +4,13 @@ A store's tiers are remotes in order (``Tier``: one endpoint or a shard group,
 with a direction).  What moves is the store's own chunking (``_lists.py``):
 
 * **Push** (``Tiers.push``): an object's chunks that a write tier lacks
-  (asked first, in batches), then its chunk list and the action cache entry
+  (asked first, in batches), then -- unless it is one chunk, which is then
+  the object's blob itself -- its chunk list and the action cache entry
   that names it, and -- for tiers that serve other clients, REAPI and Bazel
-  HTTP caches -- the whole object as one blob too, so that Bazel sees it
-  (streamed when large; to an HTTP cache, which takes single PUTs, objects up
-  to ``WHOLE_MAX`` only, larger ones travel as chunks only).  The
+  HTTP caches -- the whole object as one blob too, so that Bazel sees it:
+  spliced from its chunks by a REAPI server that offers SpliceBlob, else
+  uploaded (streamed when large; to an HTTP cache, which takes single PUTs,
+  objects up to ``WHOLE_MAX`` only, larger ones travel as chunks only).  The
   :class:`Pusher` thread drains the store's durable queue
   (``engine.PushQueue``) into the write tiers, oldest first, and backs off
   while they fail.
@@ -18,6 +20,10 @@ with a direction).  What moves is the store's own chunking (``_lists.py``):
   or, with no list, the whole blob.  Each chunk is verified as a blob, and the
   caller stores the object with its digest as ``expect``: nothing wrong is
   ever published or served.
+* **Heal and restore** (``Tiers.heal``, ``Tiers.restore``): a chunk damaged
+  here, or held only by the tiers (dropped under ``--local-max-size``:
+  ``Tiers.held`` says which chunks a read-write tier holds), fetched,
+  verified and stored here again.
 
 Sparse objects (files with holes) are pushed as chunks and list; they are not
 uploaded whole (their key is not the digest of their content).
@@ -26,9 +32,11 @@ uploaded whole (their key is not the digest of their content).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -41,10 +49,12 @@ from cachefs.engine import (
     QueuedPush,
     Store,
     heal_chunk,
+    restore_chunks,
 )
 from cachefs.errors import ConfigError, CorruptDataError, RemoteError
 from cachefs.remote._blobs import Remote
 from cachefs.remote._lists import (
+    INLINE_MAX,
     SharedEntry,
     entry_key,
     entry_result,
@@ -63,6 +73,11 @@ log = logging.getLogger(__name__)
 DIRECTIONS = ("read-write", "read-only", "write-only")
 #: Objects at most this large are uploaded whole to tiers that want them.
 WHOLE_MAX = 64 << 20
+#: Objects up to this size are looked for as one blob first, then by their
+#: chunk list (one of at most the largest chunk is pushed as that chunk alone).
+WHOLE_FIRST = 256 << 10
+#: Seconds after which a shared directory's entry is put on a tier again.
+DIRECTORY_REFRESH = 6 * 3600.0
 #: Chunks fetched or pushed at once.
 FETCH_AHEAD = 16
 #: Digests asked about in one find_missing call.
@@ -81,6 +96,9 @@ class Tier:
     direction: str = "read-write"
     #: Upload whole objects too (for REAPI and HTTP remotes' other clients).
     whole: bool = False
+    #: Keeps what it is given (an object store; not a cache that evicts): what
+    #: it holds may be dropped here under --local-max-size.
+    durable: bool = False
     #: Skips the tier for a while once it fails (lookups must not hang a build).
     breaker: Breaker = field(default_factory=Breaker)
 
@@ -122,11 +140,16 @@ class Tiers:
             "fetch_errors": 0,
             "pushed_entries": 0,
             "healed_chunks": 0,
+            "spliced_objects": 0,
         }
         #: Directory entries of shares put on tiers by this process: (tier, share, path).
-        self._directories: set[tuple[str, str, str]] = set()
+        #: When each was put (they are put again after ``DIRECTORY_REFRESH``
+        #: seconds: a tier's lifecycle may have expired them; readers take a
+        #: directory missing on the tier for one with nothing below it).
+        self._directories: dict[tuple[str, str, str], float] = {}
         if self.readers and not store.readonly:
             store.chunks.healer = self.heal
+            store.chunks.restorer = self.restore
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -136,6 +159,8 @@ class Tiers:
     def close(self) -> None:
         if self.store.chunks.healer == self.heal:
             self.store.chunks.healer = None
+        if self.store.chunks.restorer == self.restore:
+            self.store.chunks.restorer = None
         self._pool.shutdown(wait=True, cancel_futures=True)
         for tier in self.tiers:
             tier.remote.close()
@@ -162,6 +187,8 @@ class Tiers:
         for done in self._pool.map(lambda d: self._push_chunk(remote, d), missing):
             sent += done
         self._count(pushed_chunks=len(missing), pushed_bytes=sent)
+        if len(chunks) == 1 and chunks[0][0] == digest.hash:
+            return  # one chunk: the blob is the object (no list needed, nothing else to send)
         listing = pack_list(chunks)
         blob = Digest(self.function.hash(listing), len(listing))
         fits = digest.size <= WHOLE_MAX or remote.streams
@@ -171,12 +198,25 @@ class Tiers:
         if blob in lacking:
             remote.write(blob, listing)
         remote.update_action(list_key(self.function, digest), list_result(blob))
-        if digest in lacking:
+        if digest in lacking and not self._spliced(remote, digest, chunks):
             if digest.size <= WHOLE_MAX:
                 remote.write(digest, self.store.read(digest))
             else:
                 remote.write_stream(digest, lambda: self.store.iter_object(digest))
             self._count(pushed_bytes=digest.size)
+
+    def _spliced(self, remote: Remote, digest: Digest, chunks: list[tuple[bytes, int]]) -> bool:
+        """Whether the remote made the whole object from its chunks (REAPI
+        SpliceBlob, where the server offers it; it holds them all by now)."""
+        if len(chunks) < 2 or not remote.splices:
+            return False
+        try:
+            remote.splice(digest, [Digest(d, n) for d, n in chunks])
+        except RemoteError as exc:
+            log.info("%s: splicing %s failed, uploading it whole: %s", remote.name, digest, exc)
+            return False
+        self._count(spliced_objects=1)
+        return True
 
     def _push_chunk(self, remote: Remote, digest: Digest) -> int:
         remote.write(digest, bytes(self.store.read_chunk(digest.hash)))
@@ -197,8 +237,12 @@ class Tiers:
                 failure = RemoteError(f"{tier.remote.name} is skipped: {tier.breaker.reason}")
                 continue
             try:
-                found = self._listed(tier.remote, digest)
-                data = None if found is not None else self._whole(tier.remote, digest)
+                if digest.size <= WHOLE_FIRST:  # most likely one chunk: the blob is the object
+                    data = self._whole(tier.remote, digest)
+                    found = None if data is not None else self._listed(tier.remote, digest)
+                else:
+                    found = self._listed(tier.remote, digest)
+                    data = None if found is not None else self._whole(tier.remote, digest)
             except RemoteError as exc:
                 self._failed(tier, exc)
                 failure = exc
@@ -232,9 +276,28 @@ class Tiers:
     # --- self-heal -------------------------------------------------------------------
 
     def heal(self, chunk: bytes, size: int) -> bytes | None:
-        """A chunk damaged here, from the first read tier that has it,
-        verified, stored again (``engine.heal_chunk``); None if no tier has it."""
-        digest = Digest(chunk, size)
+        """A chunk damaged here, or held only by the tiers (``--local-max-size``),
+        from the first read tier that has it, verified, stored again
+        (``engine.heal_chunk``); None if no tier has it."""
+        remote = self.store.chunks.held_remotely(chunk)
+        found = self._first_copy(Digest(chunk, size))
+        if found is None:
+            return None
+        data, tier = found
+        try:
+            heal_chunk(self.store, chunk, data)
+        except CachefsError as exc:  # read-only, or the disk: the bytes are good
+            log.warning("chunk %s: a good copy came, but is not stored: %s", chunk.hex(), exc)
+            return data
+        if remote:
+            self._count(fetched_chunks=1, fetched_bytes=len(data))
+        else:
+            self._count(healed_chunks=1)
+            log.warning("chunk %s was damaged here: healed from %s", chunk.hex(), tier)
+        return data
+
+    def _first_copy(self, digest: Digest) -> tuple[bytes, str] | None:
+        """A blob from the first read tier that has it (verified), and that tier's name."""
         for tier in self.readers:
             if not tier.breaker.admit():
                 continue
@@ -247,15 +310,43 @@ class Tiers:
                 self._failed(tier, exc)
                 continue
             tier.breaker.succeeded()
-            try:
-                heal_chunk(self.store, chunk, data)
-            except CachefsError as exc:  # read-only, or the disk: the bytes are good
-                log.warning("chunk %s: a good copy came, but is not stored: %s", chunk.hex(), exc)
-                return data
-            self._count(healed_chunks=1)
-            log.warning("chunk %s was damaged here: healed from %s", chunk.hex(), tier.remote.name)
-            return data
+            return data, tier.remote.name
         return None
+
+    def restore(self, chunks: list[tuple[bytes, int]]) -> int:
+        """Fetch chunks held only by the tiers, ``FETCH_AHEAD`` at a time, and
+        store them here again in one publication (read-ahead for a reader
+        that met one of them); how many were.  One that no tier gives is
+        left held remotely (its own read then says why)."""
+        wanted = [Digest(d, n) for d, n in dict.fromkeys(chunks)]
+        fetched: dict[bytes, bytes] = {}
+        for digest, found in zip(wanted, self._pool.map(self._first_copy, wanted), strict=True):
+            if found is not None:
+                fetched[digest.hash] = found[0]
+        if not fetched:
+            return 0
+        restored = restore_chunks(self.store, fetched)
+        self._count(fetched_chunks=len(fetched), fetched_bytes=sum(map(len, fetched.values())))
+        return restored
+
+    def held(self, digests: Sequence[Digest]) -> set[bytes]:
+        """Which of these chunks a durable read-write tier holds (so that the
+        local store may drop them: they can be fetched back); a tier that
+        cannot be asked holds nothing."""
+        found: set[bytes] = set()
+        for tier in self.readers:
+            if not (tier.writable and tier.durable) or not tier.breaker.admit():
+                continue
+            try:
+                for start in range(0, len(digests), ASK_BATCH):
+                    batch = [d for d in digests[start : start + ASK_BATCH] if d.hash not in found]
+                    missing = set(tier.remote.find_missing(batch)) if batch else set()
+                    found.update(d.hash for d in batch if d not in missing)
+            except RemoteError as exc:
+                self._failed(tier, exc)
+                continue
+            tier.breaker.succeeded()
+        return found
 
     # --- shared entries ------------------------------------------------------------
 
@@ -290,10 +381,11 @@ class Tiers:
         above = ["/".join(parts[:n]) for n in range(1, len(parts))]
         for tier in self.writers:
             for path in above:
-                if (tier.remote.key, share, path) not in self._directories:
+                put = self._directories.get((tier.remote.key, share, path))
+                if put is None or time.monotonic() - put > DIRECTORY_REFRESH:
                     key = entry_key(self.function, share, path)
                     tier.remote.update_action(key, entry_result(SharedEntry(path, None)))
-                    self._directories.add((tier.remote.key, share, path))
+                    self._directories[tier.remote.key, share, path] = time.monotonic()
             key = entry_key(self.function, share, entry.path)
             tier.remote.update_action(key, entry_result(entry))
         self._count(pushed_entries=1)
@@ -482,6 +574,8 @@ class Pusher:
             return
         try:
             self.tiers.push(item.digest)
+            if 0 < item.digest.size <= INLINE_MAX:
+                entry = dataclasses.replace(entry, contents=self.tiers.store.read(item.digest))
         except ObjectNotFoundError:
             return
         self.tiers.push_entry(share, entry)
