@@ -470,12 +470,27 @@ def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str, weed: S
         assert stats["remote"]["pushed_objects"] == 0
         if kind == "s3":  # small files came inside their entries: two fetched
             assert stats["remote"]["fetched_objects"] == 2, stats["remote"]
+            # A fetched file changed here is shared again; a file open for
+            # writing is not shared until it is closed (never half a file).
+            (two / "cc" / "b/stats").write_bytes(b"y" * 100)
+            with open(one / "cc" / "growing", "wb") as f:
+                f.write(b"first half")
+                f.flush()
+                os.fsync(f.fileno())
+                time.sleep(2.5)
+                assert live_stats(one)["remote"]["shared_settling"] == 1
+                f.write(b", second half")
+            wait_for(lambda: settled(one) and settled(two))
+            assert live_stats(two)["remote"]["pushed_entries"] == 1
+            time.sleep(1.1)  # the kernel's negative entry
+            assert (two / "cc" / "growing").read_bytes() == b"first half, second half"
         cache = next(c for c in stats["caches"] if c["path"] == "/cc")
         assert cache["shared"] == "cc" and cache["files"] == len(files)
         # Local files now: deleting one is local, reading it again fetches it again.
+        stats_now = (two / "cc" / "b/stats").read_bytes()  # (changed above for s3)
         (two / "cc" / "b/stats").unlink()
         time.sleep(1.1)  # the kernel's negative entry
-        assert (two / "cc" / "b/stats").read_bytes() == b"x" * 100
+        assert (two / "cc" / "b/stats").read_bytes() == stats_now
         # A directory that is not shared does not look.
         (two / "plain").mkdir()
         assert not (two / "plain" / "a").exists()

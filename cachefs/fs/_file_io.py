@@ -115,6 +115,7 @@ class FileIO:
             self.check_writable(ino)
         state = self.files.state(inode)
         state.opens += 1
+        state.writers += writable
         if not created:
             for listener in self.listeners:
                 listener.opened(ino, state.size)
@@ -331,6 +332,7 @@ class FileIO:
             return
         state = handle.file
         state.opens -= 1
+        state.writers -= handle.writable
         if state.opens > 0:
             return
         try:

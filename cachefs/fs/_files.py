@@ -55,6 +55,8 @@ class OpenFile:
     mtime_ns: int = 0
     ctime_ns: int = 0
     opens: int = 0
+    #: Of the opens, those for writing.
+    writers: int = 0
     publishing: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock)
     #: The content generation handles saw when they opened (for keep_cache).

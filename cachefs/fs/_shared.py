@@ -7,8 +7,9 @@ is shared through the store's remote tiers (``cachefs.remote``):
   store's push queue with its entry -- the path relative to the directory,
   its mode and mtime -- once it has settled (``SETTLE`` seconds after its last
   publication, rename or link, so that a tool's temporary name is not pushed
-  in place of its final one).  The pusher sends the content first, then the
-  entry, and the entries of the directories above it (``_lists.py`` in
+  in place of its final one, and not while it is open for writing).  The
+  pusher sends the content first, then the entry, and the entries of the
+  directories above it (``_lists.py`` in
   ``cachefs.remote`` says how tiers keep them).  The queue survives a crash;
   an entry whose file settled in the last ``SETTLE`` seconds before a crash
   is not pushed (its content is).
@@ -81,8 +82,8 @@ class SharedDirs(FsEvents):
         self.pushes = store.pushes if tiers.writers else None
         #: Files of shared directories to queue, and when they last changed.
         self._settling: dict[int, float] = {}
-        #: Files fetched from the tiers (not to be pushed back).
-        self._fetched: set[int] = set()
+        #: Files being made from the tiers' entries (not to be pushed back).
+        self._arriving: set[int] = set()
         #: (shared directory, first component of a path) not shared: a server's
         #: uploads in progress.
         self._private: set[tuple[int, str]] = set()
@@ -96,7 +97,7 @@ class SharedDirs(FsEvents):
         if self.pushes is None:
             return
         cache = self.caches.members.get(ino)
-        if cache is not None and cache.shared is not None and ino not in self._fetched:
+        if cache is not None and cache.shared is not None and ino not in self._arriving:
             self._settling[ino] = time.monotonic()
 
     def published(self, ino: int, size: int) -> None:
@@ -117,7 +118,11 @@ class SharedDirs(FsEvents):
         while True:
             await trio.sleep(SETTLE / 2)
             now = time.monotonic()
-            ready = {ino: at for ino, at in self._settling.items() if now - at >= SETTLE}
+            ready = {
+                ino: at
+                for ino, at in self._settling.items()
+                if now - at >= SETTLE and not self._writing(ino)
+            }
             if not ready:
                 continue
             entries = self._entries(list(ready))
@@ -133,6 +138,12 @@ class SharedDirs(FsEvents):
             for ino, at in ready.items():
                 if self._settling.get(ino) == at:
                     del self._settling[ino]
+
+    def _writing(self, ino: int) -> bool:
+        """Whether the file is open for writing: it settles once closed (a
+        writer that pauses must not share half a file)."""
+        state = self.files.get(ino)
+        return state is not None and state.writers > 0
 
     def flush(self) -> None:
         """Queue the entries of every file still settling (the filesystem
@@ -243,6 +254,11 @@ class SharedDirs(FsEvents):
         if entry.digest is None:
             return self._directory(parent, name, top)
         digest = entry.digest
+        if digest.size > cache.max_size:  # the size is the tier's word: never evict for it
+            log.warning("shared directory %s: %s (%s) is larger than the cache's budget",
+                        share, path, digest)  # fmt: skip
+            self.counts["shared_misses"] += 1
+            return False
         try:
             await self.stored.make_room(parent, digest.size)
             inode = await trio.to_thread.run_sync(self._fetch, parent, name, digest, entry.contents)
@@ -251,11 +267,14 @@ class SharedDirs(FsEvents):
             return False
         if inode is None:
             return True  # made meanwhile
-        self._fetched.add(inode.ino)
         inode = self.namespace.setattr(  # no set-id bits from elsewhere
             inode.ino, mode=entry.mode & 0o777, uid=top.uid, gid=top.gid, mtime_ns=entry.mtime_ns
         )
-        self.stored.added(parent, name, inode)
+        self._arriving.add(inode.ino)  # its arrival is not pushed back; later changes are
+        try:
+            self.stored.added(parent, name, inode)
+        finally:
+            self._arriving.discard(inode.ino)
         self.counts["shared_fetches"] += 1
         return True
 
