@@ -252,6 +252,7 @@ class SharedDirs(FsEvents):
             return False
         top = self.namespace.get(cache.ino)
         if entry.digest is None:
+            self._keep_answer(share, path, True)
             return self._directory(parent, name, top)
         digest = entry.digest
         if digest.size > cache.max_size:  # the size is the tier's word: never evict for it
@@ -289,10 +290,13 @@ class SharedDirs(FsEvents):
             return known[0]
         entry = await trio.to_thread.run_sync(self.tiers.find_entry, share, directory)
         there = entry is not None and entry.digest is None
+        self._keep_answer(share, directory, there)
+        return there
+
+    def _keep_answer(self, share: str, directory: str, there: bool) -> None:
         if len(self._directories) >= DIRECTORIES_KEPT:
             self._directories.clear()
-        self._directories[share, directory] = (there, now)
-        return there
+        self._directories[share, directory] = (there, time.monotonic())
 
     def _fetch(
         self, parent: int, name: bytes, digest: Digest, contents: bytes | None = None

@@ -44,7 +44,7 @@ LIST_PATH = "cachefs-chunk-list"
 SHARE_DOMAIN = b"cachefs share entry 1\0"
 DIRECTORY_MARK = "cachefs-directory"
 #: Files of at most this many bytes travel inside their shared entries.
-INLINE_MAX = 16 << 10
+INLINE_MAX = 64 << 10
 _SIZE = struct.Struct(">Q")
 _HOLE = bytes(32)
 

@@ -37,7 +37,7 @@ import json
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -76,6 +76,8 @@ WHOLE_MAX = 64 << 20
 #: Objects up to this size are looked for as one blob first, then by their
 #: chunk list (one of at most the largest chunk is pushed as that chunk alone).
 WHOLE_FIRST = 256 << 10
+#: Objects pushed lately that a second push (their shared entry's) skips.
+PUSHED_KEPT = 4096
 #: Seconds after which a shared directory's entry is put on a tier again.
 DIRECTORY_REFRESH = 6 * 3600.0
 #: Chunks fetched or pushed at once.
@@ -143,6 +145,8 @@ class Tiers:
             "spliced_objects": 0,
         }
         #: Directory entries of shares put on tiers by this process: (tier, share, path).
+        #: Objects this process pushed lately (not asked about again).
+        self._pushed: OrderedDict[Digest, None] = OrderedDict()
         #: When each was put (they are put again after ``DIRECTORY_REFRESH``
         #: seconds: a tier's lifecycle may have expired them; readers take a
         #: directory missing on the tier for one with nothing below it).
@@ -172,10 +176,17 @@ class Tiers:
         not in the store any more; RemoteError: a tier failed)."""
         if digest.size == 0:
             return  # the empty blob: every tier has it
+        with self._lock:
+            if digest in self._pushed:
+                return  # just pushed (a shared entry follows its object in the queue)
         chunks = self.store.recipe(digest)
         for tier in self.writers:
             self._push_to(tier, digest, chunks)
         self._count(pushed_objects=1)
+        with self._lock:
+            self._pushed[digest] = None
+            if len(self._pushed) > PUSHED_KEPT:
+                self._pushed.popitem(last=False)
 
     def _push_to(self, tier: Tier, digest: Digest, chunks: list[tuple[bytes, int]]) -> None:
         remote = tier.remote
