@@ -7,7 +7,7 @@ write tiers, oldest first, backing off while they fail.  Local reads and
 writes never wait for it: ``fsync`` means local durability, unless
 ``remote_durability`` (``--remote-durability remote``) makes it wait until
 the write tiers hold the file's content.  With ``local_max_size``
-(``--local-max-size``) chunks the read-write tiers hold are dropped here,
+(``--local-max-size``) chunks the durable read-write tiers hold are dropped here,
 coldest first, whenever the store's live records exceed it, and fetched back
 when read (read-ahead: the chunks of the next ``READ_AHEAD`` bytes of the
 file at once, in a worker thread).  Its queue depth,
