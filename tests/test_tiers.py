@@ -738,6 +738,8 @@ def test_a_local_store_much_smaller_than_its_remote(tmp_path: Path, weed: Seawee
         assert stats["remote"]["fetched_chunks"] > 0, stats["remote"]
         assert stats["remote"]["dropped_chunks"] > 0
         assert stats["corruptions"] == 0
+        shown = cachefs("stats", str(mnt)).stdout
+        assert "local max size" in shown and "chunks dropped here" in shown
         wait_for(lambda: live_stats(mnt)["stored_bytes"] <= limit)
         assert (mnt / "f0").read_bytes() == files["f0"]
     result = cachefs("fsck", str(store))

@@ -37,8 +37,9 @@ def command(store: Path, as_json: bool) -> None:
     (what waits to be pushed), pushed_objects, pushed_chunks, pushed_bytes,
     pushed_entries, push_failures, last_error, fetched_objects,
     fetched_chunks, fetched_bytes, fetch_misses, fetch_errors,
-    healed_chunks, shared_entries_queued, shared_settling, shared_fetches,
-    shared_misses.
+    healed_chunks, spliced_objects, shared_entries_queued, shared_settling,
+    shared_fetches, shared_misses, and under --local-max-size local_max_size
+    and dropped_chunks.
     Works beside a running writer.
     """
     live = mount_info(store)
@@ -120,6 +121,14 @@ def command(store: Path, as_json: bool) -> None:
                 f"{remote['healed_chunks']} chunks healed",
             )
         )
+        if "local_max_size" in remote:
+            rows.append(
+                (
+                    "local max size",
+                    f"{human_bytes(remote['local_max_size'])}, {remote['dropped_chunks']} chunks "
+                    "dropped here (held by the tiers)",
+                )
+            )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
