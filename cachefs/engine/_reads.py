@@ -43,7 +43,7 @@ from cachefs.errors import (
 )
 from cachefs.format.codec import ChunkCodec
 from cachefs.format.digest import Digest, DigestFunction
-from cachefs.format.schema import HOLE_MARK, REMOTE_MARK, ChunkEntry, ObjectEntry, RecipePages
+from cachefs.format.schema import HOLE_MARK, ChunkEntry, ObjectEntry, RecipePages, held_remotely
 from cachefs.format.segment import COMPRESSION_MASK, COMPRESSION_NONE, TAG_CHUNK
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class LocalChunks:
                 raw = self.index.chunks.get(txn, digest)
                 if (
                     raw is None
-                    or raw[: len(REMOTE_MARK)] == REMOTE_MARK
+                    or held_remotely(raw)
                     or (segments.damaged and not segments.usable(ChunkEntry.unpack(raw)))
                 ):
                     missing.add(digest)
@@ -247,7 +247,7 @@ class LocalChunks:
         """Whether chunk ``digest`` is indexed as held remotely."""
         with self.index.read() as txn:
             raw = self.index.chunks.get(txn, digest)
-        return raw is not None and raw[: len(REMOTE_MARK)] == REMOTE_MARK
+        return held_remotely(raw)
 
     def read_entry(self, digest: bytes, entry: ChunkEntry) -> bytes | memoryview:
         """The chunk that index entry ``entry`` points at, verified against the
@@ -485,14 +485,8 @@ class ObjectReader:
         tiers (digest, length), in order."""
         end = min(digest.size, offset + length)
         chunks = [(c, n) for c, _, _, n in self._overlapping(digest, offset, end) if c != HOLE_MARK]
-        mark = len(REMOTE_MARK)
         with self.index.read() as txn:
-            return [
-                (chunk, n)
-                for chunk, n in chunks
-                if (raw := self.index.chunks.get(txn, chunk)) is not None
-                and raw[:mark] == REMOTE_MARK
-            ]
+            return [(c, n) for c, n in chunks if held_remotely(self.index.chunks.get(txn, c))]
 
     def content_digest(
         self,

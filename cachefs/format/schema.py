@@ -210,6 +210,13 @@ REMOTE_SEGMENT = (1 << 64) - 1
 #: The first bytes of a held-remotely chunk's value (its segment id).
 REMOTE_MARK = struct.Struct("<Q").pack(REMOTE_SEGMENT)
 
+
+def held_remotely(value: bytes | memoryview | None) -> bool:
+    """Whether a ``chunks`` value (unsealed; None: no entry) is of a chunk held
+    remotely, without unpacking it."""
+    return value is not None and value[: len(REMOTE_MARK)] == REMOTE_MARK
+
+
 SCHEMA_VERSION_KEY = b"schema_version"
 COUNTER_NAMES = (
     "objects",
@@ -517,6 +524,7 @@ __all__ = [
     "SegmentEntry",
     "chunk_uses",
     "dirent_key",
+    "held_remotely",
     "may_be_sparse",
     "pack_recipe",
     "seal",
