@@ -251,12 +251,15 @@ def test_a_breaker_opens_after_failures_and_backs_off() -> None:
 
 
 class Memory:
-    """A remote in memory that can be made to fail."""
+    """A remote in memory that can be made to fail; with ``documents``, it keeps
+    documents too, as a bucket does."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, documents: bool = False) -> None:
         self.name = self.key = name
         self.blobs: dict[Digest, bytes] = {}
         self.actions: dict[Digest, re_pb2.ActionResult] = {}
+        self.docs: dict[str, bytes] = {}
+        self.documents = self if documents else None
         self.down = False
         self.calls = 0
         self.streams = True
@@ -297,6 +300,19 @@ class Memory:
     def update_action(self, key: Digest, result: re_pb2.ActionResult) -> None:
         self._call()
         self.actions[key] = result
+
+    def get_document(self, key: str) -> bytes | None:
+        self._call()
+        return self.docs.get(key)
+
+    def put_document(self, key: str, data: bytes) -> None:
+        self._call()
+        self.docs[key] = data
+
+    def list_documents(self, prefix: str, limit: int) -> list[str] | None:
+        self._call()
+        keys = [k[len(prefix) + 1 :] for k in sorted(self.docs) if k.startswith(prefix + "/")]
+        return keys if len(keys) <= limit else None
 
     def close(self) -> None:
         pass

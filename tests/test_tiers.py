@@ -38,6 +38,7 @@ from cachefs.remote import (
     Pusher,
     Tier,
     Tiers,
+    _tiers,
     load_tiers,
     open_remote,
     read_config,
@@ -137,6 +138,81 @@ def test_shared_entries_carry_small_files() -> None:
         parse_entry(entry_result(entry), "d/other.o", "here")
     directory = parse_entry(entry_result(SharedEntry("d", None)), "d", "here")
     assert directory.digest is None and directory.contents is None
+
+
+@pytest.mark.parametrize("documents", [True, False], ids=["bucket", "action-cache"])
+def test_shared_entries_are_found_with_few_requests(
+    tmp_path: Path, documents: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a tier keeps documents (a bucket), a directory's entries are under
+    one prefix: one listing answers every lookup in it (a directory from the
+    listing alone, a file with one read; such answers are known without a
+    thread); a name no tier has is not asked about again for a second,
+    wherever entries are kept."""
+    remote = Memory("mem", documents=documents)
+    data = b"x" * 100
+    digest = Digest(SHA256.hash(data), len(data))
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+
+    def requests(fn: Callable[[], bool], directory: str = "a/b") -> int:
+        """The requests ``fn`` made (with the listing it may have started in
+        the background, once it is kept); ``fn`` must answer right."""
+        calls = remote.calls
+        assert fn()
+        deadline = time.perf_counter() + 10
+        while documents and not tiers._listing_of(remote, "team", directory)[0]:
+            assert time.perf_counter() < deadline, "the listing did not end"
+            time.sleep(0.001)
+        return remote.calls - calls
+
+    f_o = SharedEntry("a/b/f.o", digest, 0o640, 5)
+    with Store.open(tmp_path / "s", create=True, options=StoreOptions(fsync=False)) as store:
+        tiers = Tiers(store, [Tier(remote)])
+        tiers.push_entry("team", f_o)
+        tiers.push_entry("team", SharedEntry("a/b/g.o", digest, 0o644, 6))
+        assert bool(remote.docs) == documents and bool(remote.actions) != documents
+        if documents:
+            assert all(k.startswith("shares/") for k in remote.docs)
+        assert tiers.known_entry("team", "a/b/f.o") == (False, None)
+        assert requests(lambda: tiers.find_entry("team", "a/b/f.o") == f_o) == (
+            2 if documents else 1  # the entry, and the listing beside it
+        )
+        assert tiers.known_entry("team", "a/b/f.o") == (False, None)  # a file: a request
+        for name in ("a/b/f.o.tmp.XYZ", "a/b/lock"):  # a tool's temporary files
+            assert tiers.known_entry("team", name) == (documents, None)
+            assert requests(lambda: tiers.find_entry("team", name) is None) == (  # noqa: B023
+                0 if documents else 1
+            )
+        # No tier had it a moment ago: known, wherever entries are kept.
+        assert tiers.known_entry("team", "a/b/lock") == (True, None)
+        assert requests(lambda: tiers.find_entry("team", "a/b/lock") is None) == 0
+        assert tiers.find_entry("team", "a/b") == SharedEntry("a/b", None)
+        assert tiers.find_entry("team", "a") == SharedEntry("a", None)
+        if documents:
+            assert tiers.known_entry("team", "a/b") == (True, SharedEntry("a/b", None))
+        assert tiers.find_entry("team", "a/nowhere") is None
+        assert tiers.find_entry("other", "a/b/f.o") is None  # shares are apart
+        clock[0] += 1.5  # a name another machine put there is found a moment later
+        tiers.push_entry("team", SharedEntry("a/b/lock", digest, 0o600, 7))
+        assert tiers.known_entry("team", "a/b/lock") == (False, None)
+        lock = SharedEntry("a/b/lock", digest, 0o600, 7)
+        assert requests(lambda: tiers.find_entry("team", "a/b/lock") == lock) == (
+            2 if documents else 1
+        )
+        if documents:  # a directory too large to list is asked about by name
+            monkeypatch.setattr(_tiers, "LISTING_MAX", 1)
+            clock[0] += 1.5
+            g_o = SharedEntry("a/b/g.o", digest, 0o644, 6)
+            assert requests(lambda: tiers.find_entry("team", "a/b/g.o") == g_o) == 2
+            assert (
+                requests(lambda: tiers.find_entry("team", "a/b") == SharedEntry("a/b", None)) == 2
+            )
+            assert requests(lambda: tiers.find_entry("team", "a/b/none") is None) == 2
+            remote.docs[next(k for k in remote.docs if k.endswith(b"g.o".hex()))] = b"\xff"
+            clock[0] += 1.5
+            assert tiers.find_entry("team", "a/b/g.o") is None  # not an ActionResult: a miss
+        tiers.close()
 
 
 def test_whole_objects_for_tiers_that_want_them(tmp_path: Path) -> None:
@@ -694,6 +770,50 @@ async def test_a_chunk_no_tier_gives_back_is_an_error_not_damage(tmp_path: Path)
                 await fs.read(fh, 0, recipe[0][1] + 10)
             await fs.release(fh)
             assert not store.needs_fsck and store.corruptions == 0
+        finally:
+            fs.close()
+
+
+async def test_lookups_in_a_shared_directory_follow_a_moved_directory(tmp_path: Path) -> None:
+    """A lookup that misses in a shared directory asks the tiers by the path
+    relative to it (kept per directory, never by a path the directory had
+    before it moved); a directory made from the tiers' entry is known by
+    its path at once."""
+    remote = Memory("mem", documents=True)
+    data = b"from elsewhere"
+    digest = Digest(SHA256.hash(data), len(data))
+    with Store.open(tmp_path / "s", create=True, options=PUSHING) as store:
+        fs = Filesystem(store, tiers=[Tier(remote)])
+        try:
+            tiers = fs.remote.tiers
+            dir_mode = stat.S_IFDIR | 0o755
+            top = fs.create(ROOT_INODE, b"cc", dir_mode, 0, 0).ino
+            fs.setxattr(top, b"user.cachefs.cache", b"max_size=1000000 shared=team")
+            old = fs.create(top, b"old", dir_mode, 0, 0).ino
+            for path in ("old/f", "made/deep/f"):
+                tiers.push_entry("team", SharedEntry(path, digest, 0o644, 1, data))
+            moved = b"under its new name"
+            tiers.push_entry(
+                "team",
+                SharedEntry("new/f", Digest(SHA256.hash(moved), len(moved)), 0o644, 1, moved),
+            )
+            assert await fs.shared.resolve(old, b"f")  # "old/f"
+            assert fs.namespace.lookup(old, b"f")
+            fs.unlink(old, b"f")
+            fs.rename(top, b"old", top, b"new", 0)
+            tiers._absent.clear()
+            assert await fs.shared.resolve(old, b"f")  # now "new/f"
+            ino = fs.namespace.lookup(old, b"f")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            assert bytes(await fs.read(fh, 0, 100)) == moved
+            await fs.release(fh)
+            assert await fs.shared.resolve(top, b"made")
+            made = fs.namespace.lookup(top, b"made")
+            assert fs.shared._paths[top, made] == b"made"
+            assert await fs.shared.resolve(made, b"deep")
+            deep = fs.namespace.lookup(made, b"deep")
+            assert await fs.shared.resolve(deep, b"f")
+            assert not await fs.shared.resolve(deep, b"nothing")
         finally:
             fs.close()
 

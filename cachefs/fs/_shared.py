@@ -20,9 +20,13 @@ is shared through the store's remote tiers (``cachefs.remote``):
   cache directory like any other (budget, eviction, policy).  A tier that
   fails is skipped for a while (its breaker), so a lookup misses rather than
   hangs; negative lookups are cached by the kernel for ``NEGATIVE_TIMEOUT``
-  (1 s, ``cachefs.fuse``) at most.  A name in a directory that the tiers
+  (1 s, ``cachefs.fuse``) at most, and the tiers' answers as long
+  (``Tiers.known_entry``: what a bucket's listing of the directory says,
+  answered here without a thread).  A name in a directory that the tiers
   have no entry for is a miss without a request (a tool's temporary files);
-  the tiers' answer about a directory is kept ``DIRECTORY_TTL`` seconds.
+  the tiers' answer about a directory is kept ``DIRECTORY_TTL`` seconds.  A
+  file made from the tiers is durable at the store's next sync (lost in a
+  crash, it is fetched again).
 
 Deleting or evicting a file is local: entries on the tiers age out by the
 tiers' own lifecycle.  Sparse files are not shared.
@@ -89,6 +93,11 @@ class SharedDirs(FsEvents):
         self._private: set[tuple[int, str]] = set()
         #: (share, directory) -> whether the tiers have it, and since when.
         self._directories: dict[tuple[str, str], tuple[bool, float]] = {}
+        #: (shared directory, directory in it) -> the latter's path relative to
+        #: the former (inodes are never reused; forgotten when a directory
+        #: moves: ``_moves`` counts those).
+        self._paths: dict[tuple[int, int], bytes] = {}
+        self._moves = 0
         self.counts = {"shared_entries_queued": 0, "shared_fetches": 0, "shared_misses": 0}
 
     # --- out: entries queued once files settle -----------------------------------------
@@ -107,6 +116,9 @@ class SharedDirs(FsEvents):
         self._touched(moved.ino)
         if exchanged is not None:
             self._touched(exchanged.ino)
+        if stat.S_ISDIR(moved.mode) or (exchanged is not None and stat.S_ISDIR(exchanged.mode)):
+            self._moves += 1
+            self._paths.clear()
 
     def linked(self, parent: int, name: bytes, inode: Inode) -> None:
         self._touched(inode.ino)
@@ -177,7 +189,7 @@ class SharedDirs(FsEvents):
                 digest = Digest(inode.content, inode.size)
             for parent, name in cache.names.get(ino, []):
                 try:
-                    path = self._path(cache, parent, name)
+                    path = self._path_here(cache, parent, name)
                 except CachefsError:
                     continue
                 if (cache.ino, path.split("/", 1)[0]) in self._private:
@@ -196,12 +208,31 @@ class SharedDirs(FsEvents):
         for digest, doc in entries:
             self.pushes.add_entry(digest, doc)
 
-    def _path(self, cache: CacheDir, parent: int, name: bytes) -> str:
+    async def _path(self, cache: CacheDir, parent: int, name: bytes) -> str:
         """The path of ``name`` in ``parent`` relative to the shared directory."""
-        top = self.namespace.path_of(cache.ino)
-        here = self.namespace.path_of(parent)
-        relative = here[len(top) :].strip(b"/")
+        if (cache.ino, parent) not in self._paths:
+            moves = self._moves
+            relative = await trio.to_thread.run_sync(self._relative, cache.ino, parent)
+            if moves == self._moves:
+                self._keep_path(cache.ino, parent, relative)
+        return self._path_here(cache, parent, name)
+
+    def _path_here(self, cache: CacheDir, parent: int, name: bytes) -> str:
+        """:meth:`_path` in a worker thread (what it does not know, it reads)."""
+        relative = self._paths.get((cache.ino, parent))
+        if relative is None:
+            relative = self._relative(cache.ino, parent)
         return os.fsdecode(relative + b"/" + name if relative else name)
+
+    def _relative(self, top: int, directory: int) -> bytes:
+        """The path of ``directory`` relative to ``top``, from the namespace
+        (each step scans a directory: not on the trio thread)."""
+        return self.namespace.path_of(directory)[len(self.namespace.path_of(top)) :].strip(b"/")
+
+    def _keep_path(self, top: int, directory: int, relative: bytes) -> None:
+        if len(self._paths) >= DIRECTORIES_KEPT:
+            self._paths.clear()
+        self._paths[top, directory] = relative
 
     def keep_private(self, directory: int, name: bytes) -> None:
         """Files under ``name`` in shared directory ``directory`` are not shared."""
@@ -238,12 +269,14 @@ class SharedDirs(FsEvents):
             return False
         share = cache.shared
         try:
-            path = await trio.to_thread.run_sync(self._path, cache, parent, name)
+            path = await self._path(cache, parent, name)
             above = path.rpartition("/")[0]
             if above and not await self._on_tiers(share, above):
                 self.counts["shared_misses"] += 1  # nothing below a directory they lack
                 return False
-            entry = await trio.to_thread.run_sync(self.tiers.find_entry, share, path)
+            known, entry = self.tiers.known_entry(share, path)
+            if not known:
+                entry = await trio.to_thread.run_sync(self.tiers.find_entry, share, path)
         except CachefsError as exc:
             log.warning("shared directory %s: lookup of %r: %s", share, name, exc)
             return False
@@ -253,7 +286,7 @@ class SharedDirs(FsEvents):
         top = self.namespace.get(cache.ino)
         if entry.digest is None:
             self._keep_answer(share, path, True)
-            return self._directory(parent, name, top)
+            return self._directory(cache, parent, name, top, path)
         digest = entry.digest
         if digest.size > cache.max_size:  # the size is the tier's word: never evict for it
             log.warning("shared directory %s: %s (%s) is larger than the cache's budget",
@@ -285,10 +318,12 @@ class SharedDirs(FsEvents):
         without one there is nothing below it to ask for); known for
         ``DIRECTORY_TTL`` seconds."""
         now = time.monotonic()
-        known = self._directories.get((share, directory))
-        if known is not None and now - known[1] < DIRECTORY_TTL:
-            return known[0]
-        entry = await trio.to_thread.run_sync(self.tiers.find_entry, share, directory)
+        kept = self._directories.get((share, directory))
+        if kept is not None and now - kept[1] < DIRECTORY_TTL:
+            return kept[0]
+        known, entry = self.tiers.known_entry(share, directory)
+        if not known:
+            entry = await trio.to_thread.run_sync(self.tiers.find_entry, share, directory)
         there = entry is not None and entry.digest is None
         self._keep_answer(share, directory, there)
         return there
@@ -302,23 +337,27 @@ class SharedDirs(FsEvents):
         self, parent: int, name: bytes, digest: Digest, contents: bytes | None = None
     ) -> Inode | None:
         """Store the entry's file: its bytes came in the entry (checked as
-        they are stored), or are fetched from the tiers."""
+        they are stored), or are fetched from the tiers.  Durable at the
+        store's next sync, not before (lost in a crash, it is fetched again)."""
         source = self.tiers.fetch(digest) if contents is None else [contents]
         pushes = self.store.pushes
         if pushes is None:
-            return self.stored.store_file(parent, name, source, expect=digest)
+            return self.stored.store_file(parent, name, source, expect=digest, durable=False)
         pushes.from_tiers.add(digest)  # not pushed back where it came from
         try:
-            return self.stored.store_file(parent, name, source, expect=digest)
+            return self.stored.store_file(parent, name, source, expect=digest, durable=False)
         finally:
             pushes.from_tiers.discard(digest)
 
-    def _directory(self, parent: int, name: bytes, top: Inode) -> bool:
+    def _directory(self, cache: CacheDir, parent: int, name: bytes, top: Inode, path: str) -> bool:
         mode = stat.S_IFDIR | stat.S_IMODE(top.mode)
+        moves = self._moves
         try:
             inode = self.namespace.create(parent, name, mode, top.uid, top.gid)
         except FsError as exc:
             return exc.errno == errno.EEXIST
+        if moves == self._moves:
+            self._keep_path(cache.ino, inode.ino, os.fsencode(path))
         for listener in self.listeners:
             listener.created(parent, name, inode)
         return True

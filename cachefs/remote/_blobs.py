@@ -7,6 +7,10 @@ checked against the digest asked for before a byte of it is used
 never data.  A blob the remote does not have is ``ObjectNotFoundError``.  A remote also
 keeps action cache entries (an ``ActionResult`` under a key digest), which is
 how the names of things -- an object's chunk list -- reach other machines.
+A remote that can list what it holds by prefix (an S3 bucket) also keeps
+documents by key (:class:`Documents`): shared directories keep their entries
+there, a directory's under one prefix, so that one listing answers every
+lookup in it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,21 @@ from typing import Protocol
 from cachefs.errors import RemoteError
 from cachefs.format.digest import Digest, DigestFunction
 from cachefs.protocol import re_pb2
+
+
+class Documents(Protocol):
+    """Small documents by key, listable by prefix (a bucket's objects)."""
+
+    def get_document(self, key: str) -> bytes | None:
+        """The document (None: there is none)."""
+        ...
+
+    def put_document(self, key: str, data: bytes) -> None: ...
+
+    def list_documents(self, prefix: str, limit: int) -> list[str] | None:
+        """The keys below ``prefix/``, relative to it; None if there are
+        more than ``limit``."""
+        ...
 
 
 class Remote(Protocol):
@@ -66,6 +85,11 @@ class Remote(Protocol):
 
     def update_action(self, key: Digest, result: re_pb2.ActionResult) -> None:
         """Store an action cache entry (the blobs it names are written first)."""
+        ...
+
+    @property
+    def documents(self) -> Documents | None:
+        """Its documents, if it keeps them (else None: the action cache only)."""
         ...
 
     def close(self) -> None: ...

@@ -23,6 +23,18 @@ a server that drops them leaves the digest to fetch by); a directory's (made for
 each directory above a file) has no outputs and ``execution_metadata.worker``
 = ``DIRECTORY_MARK``.
 
+A remote that keeps documents (an S3 bucket, ``Documents`` in ``_blobs.py``)
+keeps shared entries there instead, the same ``ActionResult`` bytes, one
+directory's under one prefix so that a single listing answers every lookup
+in it (a tool's temporary and lock files cost no request)::
+
+    shares/<hex of the digest of SHARE_DIRECTORY_DOMAIN + SHARE + NUL + DIRECTORY>/
+        f<hex of the name's bytes>      a file's entry
+        d<hex of the name's bytes>      a directory's entry
+
+(``DIRECTORY`` is the parent's relative path, empty at the top of the
+share; ``entry_document``, ``listed_names``).
+
 Nothing in a list is trusted: each chunk is verified as a blob, and the object
 assembled from them is verified against its own digest before it is stored.
 """
@@ -42,6 +54,7 @@ LIST_ENTRY = struct.Struct("<32sQ")
 LIST_DOMAIN = b"cachefs chunk list 1\0"
 LIST_PATH = "cachefs-chunk-list"
 SHARE_DOMAIN = b"cachefs share entry 1\0"
+SHARE_DIRECTORY_DOMAIN = b"cachefs share directory 1\0"
 DIRECTORY_MARK = "cachefs-directory"
 #: Files of at most this many bytes travel inside their shared entries.
 INLINE_MAX = 64 << 10
@@ -121,6 +134,36 @@ def entry_key(function: DigestFunction, share: str, path: str) -> Digest:
     return Digest(function.hash(document), len(document))
 
 
+def directory_prefix(function: DigestFunction, share: str, directory: str) -> str:
+    """The document prefix of the entries in ``directory`` of share ``share``."""
+    document = SHARE_DIRECTORY_DOMAIN + share.encode() + b"\0" + os.fsencode(directory)
+    return f"shares/{function.hash(document).hex()}"
+
+
+def entry_document(function: DigestFunction, share: str, path: str, directory: bool) -> str:
+    """The document key of the entry ``path`` of share ``share``."""
+    parent, _, name = path.rpartition("/")
+    kind = "d" if directory else "f"
+    return f"{directory_prefix(function, share, parent)}/{kind}{os.fsencode(name).hex()}"
+
+
+def listed_names(keys: list[str]) -> dict[str, bool]:
+    """The names a directory's listing holds, and whether each is a
+    directory (a name that is both counts as a file); other keys are
+    ignored."""
+    names: dict[str, bool] = {}
+    for key in keys:
+        kind, hexed = key[:1], key[1:]
+        if kind not in ("d", "f"):
+            continue
+        try:
+            name = os.fsdecode(bytes.fromhex(hexed))
+        except ValueError:
+            continue
+        names[name] = names.get(name, True) and kind == "d"
+    return names
+
+
 def entry_result(entry: SharedEntry) -> re_pb2.ActionResult:
     """The action cache entry that holds a shared directory's entry."""
     if entry.digest is None:
@@ -164,11 +207,14 @@ def parse_entry(result: re_pb2.ActionResult, path: str, where: str) -> SharedEnt
 __all__ = [
     "INLINE_MAX",
     "SharedEntry",
+    "directory_prefix",
+    "entry_document",
     "entry_key",
     "entry_result",
     "list_key",
     "list_result",
     "listed_blob",
+    "listed_names",
     "pack_list",
     "parse_entry",
     "unpack_list",

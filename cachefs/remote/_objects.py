@@ -8,8 +8,11 @@ same layout under its prefix; action cache entries (serialized
 them.  The size is not in the key: the object's length must match the
 digest's size (``verified``).  ``find_missing`` asks with HEAD requests, many
 at once (``_PARALLEL`` in flight); reads and writes are single GET and PUT
-requests (obstore uploads large objects in parts).  Timeouts and retries are
-obstore's, set from the tier's timeout.
+requests (obstore uploads large objects in parts).  A bucket also keeps
+documents (``Documents``: shared directories' entries, see ``_lists.py``)
+under ``PREFIX/shares/``, listed a page of ``_PAGE`` keys at a time; an HTTP
+cache keeps only ``cas/`` and ``ac/``.  Timeouts and retries are obstore's,
+set from the tier's timeout.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from cachefs.remote._urls import RemoteUrl
 
 #: HEAD requests in flight at once for ``find_missing``.
 _PARALLEL = 16
+#: Keys asked for per listing request (S3's most).
+_PAGE = 1000
 
 
 def _options(url: RemoteUrl, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,6 +97,8 @@ class ObjectRemote:
         self._pool = ThreadPoolExecutor(_PARALLEL, thread_name_prefix="cachefs-remote")
         #: Large blobs go up in parts, never whole in memory (buckets; not HTTP caches).
         self.streams = url.kind == "s3"
+        #: Documents, listable (buckets; an HTTP cache has only ``ac/`` and ``cas/``).
+        self.documents: ObjectRemote | None = self if url.kind == "s3" else None
 
     def _failed(self, what: str, exc: BaseException) -> RemoteError:
         return RemoteError(f"{self.name}: {what}: {exc}")
@@ -170,6 +177,32 @@ class ObjectRemote:
             obstore.put(self.store, f"ac/{key.hex}", result.SerializeToString())
         except (BaseError, OSError, ValueError, RuntimeError) as exc:
             raise self._failed(f"writing action cache entry {key}", exc) from None
+
+    def get_document(self, key: str) -> bytes | None:
+        try:
+            return bytes(obstore.get(self.store, key).bytes())
+        except (NotFoundError, FileNotFoundError):
+            return None
+        except (BaseError, OSError, ValueError, RuntimeError) as exc:
+            raise self._failed(f"reading {key}", exc) from None
+
+    def put_document(self, key: str, data: bytes) -> None:
+        try:
+            obstore.put(self.store, key, data)
+        except (BaseError, OSError, ValueError, RuntimeError) as exc:
+            raise self._failed(f"writing {key}", exc) from None
+
+    def list_documents(self, prefix: str, limit: int) -> list[str] | None:
+        keys: list[str] = []
+        start = len(prefix) + 1
+        try:
+            for page in obstore.list(self.store, prefix, chunk_size=min(limit + 1, _PAGE)):
+                keys.extend(meta["path"][start:] for meta in page)
+                if len(keys) > limit:
+                    return None
+        except (BaseError, OSError, ValueError, RuntimeError) as exc:
+            raise self._failed(f"listing {prefix}/", exc) from None
+        return keys
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

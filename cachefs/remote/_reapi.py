@@ -75,6 +75,7 @@ class ReapiRemote:
         self._path = "blake3/" if function == BLAKE3 else ""
         #: Blobs of any size are written as streams (``write_stream``).
         self.streams = True
+        self.documents = None  # entries in the action cache
 
     def _failed(self, what: str, exc: grpc.RpcError | ValueError) -> RemoteError:
         code = exc.code() if isinstance(exc, grpc.Call) else None

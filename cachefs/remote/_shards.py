@@ -159,6 +159,7 @@ class ShardGroup:
         self.name = "group(" + ", ".join(m.remote.name for m in self.members) + ")"
         self.key = "group(" + ",".join(sorted(keys)) + f")x{replicas}"
         self.streams = all(m.remote.streams for m in self.members)
+        self.documents = None  # an entry's place would be each listing's too
         self._seeds = [m.seed for m in self.members]
         self._weights = [m.weight for m in self.members]
 

@@ -25,6 +25,13 @@ with a direction).  What moves is the store's own chunking (``_lists.py``):
   ``Tiers.held`` says which chunks a read-write tier holds), fetched,
   verified and stored here again.
 
+* **Shared entries** (``Tiers.find_entry``, ``Tiers.push_entry``): in the
+  action cache, or as documents where a tier keeps them (a bucket): there a
+  directory's listing, kept ``LISTING_TTL`` seconds, answers every lookup in
+  it, and only a file's entry is read.  A name no tier has is not asked
+  about again for ``ABSENT_TTL`` seconds (the kernel looks a name up afresh
+  before it creates it, whatever its negative cache says).
+
 Sparse objects (files with holes) are pushed as chunks and list; they are not
 uploaded whole (their key is not the digest of their content).
 """
@@ -42,6 +49,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from google.protobuf.message import DecodeError
+
 from cachefs.engine import (
     CachefsError,
     Digest,
@@ -52,15 +61,19 @@ from cachefs.engine import (
     restore_chunks,
 )
 from cachefs.errors import ConfigError, CorruptDataError, RemoteError
+from cachefs.protocol import re_pb2
 from cachefs.remote._blobs import Remote
 from cachefs.remote._lists import (
     INLINE_MAX,
     SharedEntry,
+    directory_prefix,
+    entry_document,
     entry_key,
     entry_result,
     list_key,
     list_result,
     listed_blob,
+    listed_names,
     pack_list,
     parse_entry,
     unpack_list,
@@ -84,6 +97,14 @@ DIRECTORY_REFRESH = 6 * 3600.0
 FETCH_AHEAD = 16
 #: Digests asked about in one find_missing call.
 ASK_BATCH = 1000
+#: Seconds a tier's listing of a shared directory is kept, and a name that no
+#: tier has is a miss without asking: as long as the kernel keeps a negative
+#: lookup there (``cachefs.fuse.NEGATIVE_TIMEOUT``), so that a file another
+#: machine puts there is found as soon as without them.  Names listed at most
+#: per directory (a larger one is asked about name by name); listings and
+#: names kept.
+LISTING_TTL, LISTING_MAX, LISTINGS_KEPT = 1.0, 4000, 10_000
+ABSENT_TTL, ABSENT_KEPT = 1.0, 10_000
 #: Objects the pusher takes from the queue at a time, and pushes at once.
 PUSH_BATCH, PUSH_OBJECTS = 64, 4
 #: The pusher's back-off after a failure (seconds, doubling) and its idle wait.
@@ -151,6 +172,11 @@ class Tiers:
         #: seconds: a tier's lifecycle may have expired them; readers take a
         #: directory missing on the tier for one with nothing below it).
         self._directories: dict[tuple[str, str, str], float] = {}
+        #: Tiers' listings of shared directories, (tier, share, directory) ->
+        #: (name -> is a directory, or None: too large to list; when listed).
+        self._listings: dict[tuple[str, str, str], tuple[dict[str, bool] | None, float]] = {}
+        #: Names that no tier had, (share, path) -> when that was the answer.
+        self._absent: dict[tuple[str, str], float] = {}
         if self.readers and not store.readonly:
             store.chunks.healer = self.heal
             store.chunks.restorer = self.restore
@@ -361,29 +387,122 @@ class Tiers:
 
     # --- shared entries ------------------------------------------------------------
 
+    def known_entry(self, share: str, path: str) -> tuple[bool, SharedEntry | None]:
+        """``(True, find_entry(share, path))`` when that needs no request (a
+        name no tier had a moment ago, or what recent listings say: absent, a
+        directory); else ``(False, None)``.  Never blocks: a caller on an
+        event loop asks this before it hands :meth:`find_entry` to a thread."""
+        if self._recently_absent(share, path):
+            return True, None
+        parent, _, name = path.rpartition("/")
+        for tier in self.readers:
+            if tier.breaker.reason:
+                return False, None  # failing: find_entry decides whether to try it
+            names = self._listing_of(tier.remote, share, parent)[1]
+            if names is None or names.get(name) is False:
+                return False, None  # a request would say (the file's entry)
+            if name in names:
+                return True, SharedEntry(path, None)
+        return True, None
+
+    def _recently_absent(self, share: str, path: str) -> bool:
+        with self._lock:
+            since = self._absent.get((share, path))
+        return since is not None and time.monotonic() - since < ABSENT_TTL
+
     def find_entry(self, share: str, path: str) -> SharedEntry | None:
         """The entry ``path`` of share ``share`` in the first read tier that
         has it; None if none has it, or none could be asked (a lookup then
         misses: it never waits on a tier that is failing)."""
-        key = entry_key(self.function, share, path)
+        if self._recently_absent(share, path):
+            return None
         for tier in self.readers:
             if not tier.breaker.admit():
                 continue
             try:
-                result = tier.remote.get_action(key)
+                found = self._entry_on(tier.remote, share, path)
             except RemoteError as exc:
                 self._failed(tier, exc)
                 log.warning("shared entry %s/%s: %s", share, path, exc.message)
                 continue
             tier.breaker.succeeded()
             try:  # a malformed entry is a miss there, not a failing tier
-                entry = None if result is None else parse_entry(result, path, tier.remote.name)
+                entry = found if not isinstance(found, re_pb2.ActionResult) else (
+                    parse_entry(found, path, tier.remote.name)
+                )  # fmt: skip
             except RemoteError as exc:
                 log.warning("shared entry %s/%s: %s", share, path, exc.message)
                 continue
             if entry is not None:
                 return entry
+        with self._lock:
+            if len(self._absent) >= ABSENT_KEPT:
+                self._absent.clear()
+            self._absent[share, path] = time.monotonic()
         return None
+
+    def _entry_on(
+        self, remote: Remote, share: str, path: str
+    ) -> SharedEntry | re_pb2.ActionResult | None:
+        """What ``remote`` keeps of the entry: from its action cache, or its
+        documents (a listing made lately answers for absent names and
+        directories; else the file's entry is read while the directory is
+        listed, and a file found does not wait for the listing)."""
+        documents = remote.documents
+        if documents is None:
+            return remote.get_action(entry_key(self.function, share, path))
+        parent, _, name = path.rpartition("/")
+        listed, names = self._listing_of(remote, share, parent)
+        if names is not None and name not in names:
+            return None
+        if names is not None and names[name]:
+            return SharedEntry(path, None)
+        listing: Future[dict[str, bool] | None] | None = None
+        if not listed:
+            try:
+                listing = self._pool.submit(self._list, remote, share, parent)
+            except RuntimeError:  # the pool is shut down
+                raise RemoteError(f"{remote.name}: the tiers are closed") from None
+        data = documents.get_document(entry_document(self.function, share, path, False))
+        if data is None:
+            if listing is not None:
+                names = listing.result()
+            if names is not None:
+                return SharedEntry(path, None) if names.get(name) else None
+            # Too large to list: a directory, maybe.
+            directory = documents.get_document(entry_document(self.function, share, path, True))
+            return SharedEntry(path, None) if directory else None
+        result = re_pb2.ActionResult()
+        try:
+            result.ParseFromString(data)
+        except DecodeError:
+            log.warning("shared entry %s/%s on %s is not an ActionResult", share, path, remote.name)
+            return None
+        return result
+
+    def _listing_of(
+        self, remote: Remote, share: str, directory: str
+    ) -> tuple[bool, dict[str, bool] | None]:
+        """Whether the directory was listed lately, and its names (None:
+        not listed, or too large to list)."""
+        with self._lock:
+            known = self._listings.get((remote.key, share, directory))
+        if known is None or time.monotonic() - known[1] >= LISTING_TTL:
+            return False, None
+        return True, known[0]
+
+    def _list(self, remote: Remote, share: str, directory: str) -> dict[str, bool] | None:
+        """The names in ``directory`` of ``share`` on ``remote`` (None: too
+        many to list), kept ``LISTING_TTL`` seconds."""
+        assert remote.documents is not None
+        prefix = directory_prefix(self.function, share, directory)
+        keys = remote.documents.list_documents(prefix, LISTING_MAX)
+        names = None if keys is None else listed_names(keys)
+        with self._lock:
+            if len(self._listings) >= LISTINGS_KEPT:
+                self._listings.clear()
+            self._listings[remote.key, share, directory] = (names, time.monotonic())
+        return names
 
     def push_entry(self, share: str, entry: SharedEntry) -> None:
         """Put a shared directory's entry (its content pushed before) and the
@@ -394,12 +513,18 @@ class Tiers:
             for path in above:
                 put = self._directories.get((tier.remote.key, share, path))
                 if put is None or time.monotonic() - put > DIRECTORY_REFRESH:
-                    key = entry_key(self.function, share, path)
-                    tier.remote.update_action(key, entry_result(SharedEntry(path, None)))
+                    self._put_entry(tier.remote, share, SharedEntry(path, None))
                     self._directories[tier.remote.key, share, path] = time.monotonic()
-            key = entry_key(self.function, share, entry.path)
-            tier.remote.update_action(key, entry_result(entry))
+            self._put_entry(tier.remote, share, entry)
         self._count(pushed_entries=1)
+
+    def _put_entry(self, remote: Remote, share: str, entry: SharedEntry) -> None:
+        result = entry_result(entry)
+        if remote.documents is None:
+            remote.update_action(entry_key(self.function, share, entry.path), result)
+        else:
+            key = entry_document(self.function, share, entry.path, entry.digest is None)
+            remote.documents.put_document(key, result.SerializeToString())
 
     def _listed(self, remote: Remote, digest: Digest) -> list[tuple[bytes, int]] | None:
         """The object's chunk list from ``remote`` (None: it has none)."""
