@@ -145,45 +145,43 @@ def test_shared_entries_are_found_with_few_requests(
     tmp_path: Path, documents: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where a tier keeps documents (a bucket), a directory's entries are under
-    one prefix: one listing answers every lookup in it (a directory from the
-    listing alone, a file with one read; such answers are known without a
-    thread); a name no tier has is not asked about again for a second,
-    wherever entries are kept."""
+    one prefix: a file's entry is read by its key, and the first name missing
+    there lists the directory, which then answers every lookup in it (absent
+    names, directories: known without a thread); a name no tier has is not
+    asked about again for a second, wherever entries are kept."""
     remote = Memory("mem", documents=documents)
     data = b"x" * 100
     digest = Digest(SHA256.hash(data), len(data))
     clock = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
 
-    def requests(fn: Callable[[], bool], directory: str = "a/b") -> int:
-        """The requests ``fn`` made (with the listing it may have started in
-        the background, once it is kept); ``fn`` must answer right."""
+    def requests(fn: Callable[[], bool]) -> int:
+        """The requests ``fn`` made; ``fn`` must answer right."""
         calls = remote.calls
         assert fn()
-        deadline = time.perf_counter() + 10
-        while documents and not tiers._listing_of(remote, "team", directory)[0]:
-            assert time.perf_counter() < deadline, "the listing did not end"
-            time.sleep(0.001)
         return remote.calls - calls
 
-    f_o = SharedEntry("a/b/f.o", digest, 0o640, 5)
+    f_o, g_o = SharedEntry("a/b/f.o", digest, 0o640, 5), SharedEntry("a/b/g.o", digest, 0o644, 6)
     with Store.open(tmp_path / "s", create=True, options=StoreOptions(fsync=False)) as store:
         tiers = Tiers(store, [Tier(remote)])
         tiers.push_entry("team", f_o)
-        tiers.push_entry("team", SharedEntry("a/b/g.o", digest, 0o644, 6))
+        tiers.push_entry("team", g_o)
         assert bool(remote.docs) == documents and bool(remote.actions) != documents
         if documents:
             assert all(k.startswith("shares/") for k in remote.docs)
         assert tiers.known_entry("team", "a/b/f.o") == (False, None)
-        assert requests(lambda: tiers.find_entry("team", "a/b/f.o") == f_o) == (
-            2 if documents else 1  # the entry, and the listing beside it
+        assert requests(lambda: tiers.find_entry("team", "a/b/f.o") == f_o) == 1
+        # A tool's temporary files: the first lists the directory.
+        assert tiers.known_entry("team", "a/b/f.o.tmp.XYZ") == (False, None)
+        assert requests(lambda: tiers.find_entry("team", "a/b/f.o.tmp.XYZ") is None) == (
+            2 if documents else 1
         )
-        assert tiers.known_entry("team", "a/b/f.o") == (False, None)  # a file: a request
-        for name in ("a/b/f.o.tmp.XYZ", "a/b/lock"):  # a tool's temporary files
-            assert tiers.known_entry("team", name) == (documents, None)
-            assert requests(lambda: tiers.find_entry("team", name) is None) == (  # noqa: B023
-                0 if documents else 1
-            )
+        assert tiers.known_entry("team", "a/b/lock") == (documents, None)
+        assert requests(lambda: tiers.find_entry("team", "a/b/lock") is None) == (
+            0 if documents else 1
+        )
+        assert tiers.known_entry("team", "a/b/g.o") == (False, None)  # a file: its entry
+        assert requests(lambda: tiers.find_entry("team", "a/b/g.o") == g_o) == 1
         # No tier had it a moment ago: known, wherever entries are kept.
         assert tiers.known_entry("team", "a/b/lock") == (True, None)
         assert requests(lambda: tiers.find_entry("team", "a/b/lock") is None) == 0
@@ -194,23 +192,20 @@ def test_shared_entries_are_found_with_few_requests(
         assert tiers.find_entry("team", "a/nowhere") is None
         assert tiers.find_entry("other", "a/b/f.o") is None  # shares are apart
         clock[0] += 1.5  # a name another machine put there is found a moment later
-        tiers.push_entry("team", SharedEntry("a/b/lock", digest, 0o600, 7))
-        assert tiers.known_entry("team", "a/b/lock") == (False, None)
         lock = SharedEntry("a/b/lock", digest, 0o600, 7)
-        assert requests(lambda: tiers.find_entry("team", "a/b/lock") == lock) == (
-            2 if documents else 1
-        )
+        tiers.push_entry("team", lock)
+        assert tiers.known_entry("team", "a/b/lock") == (False, None)
+        assert requests(lambda: tiers.find_entry("team", "a/b/lock") == lock) == 1
         if documents:  # a directory too large to list is asked about by name
             monkeypatch.setattr(_tiers, "LISTING_MAX", 1)
             clock[0] += 1.5
-            g_o = SharedEntry("a/b/g.o", digest, 0o644, 6)
-            assert requests(lambda: tiers.find_entry("team", "a/b/g.o") == g_o) == 2
-            assert (
-                requests(lambda: tiers.find_entry("team", "a/b") == SharedEntry("a/b", None)) == 2
-            )
+            tiers.push_entry("team", SharedEntry("a/b/c/h.o", digest, 0o644, 8))
+            directory = SharedEntry("a/b/c", None)
+            # The entry, the listing (too long), the directory's entry.
+            assert requests(lambda: tiers.find_entry("team", "a/b/c") == directory) == 3
             assert requests(lambda: tiers.find_entry("team", "a/b/none") is None) == 2
+            assert requests(lambda: tiers.find_entry("team", "a/b/g.o") == g_o) == 1
             remote.docs[next(k for k in remote.docs if k.endswith(b"g.o".hex()))] = b"\xff"
-            clock[0] += 1.5
             assert tiers.find_entry("team", "a/b/g.o") is None  # not an ActionResult: a miss
         tiers.close()
 

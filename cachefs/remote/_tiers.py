@@ -27,8 +27,9 @@ with a direction).  What moves is the store's own chunking (``_lists.py``):
 
 * **Shared entries** (``Tiers.find_entry``, ``Tiers.push_entry``): in the
   action cache, or as documents where a tier keeps them (a bucket): there a
-  directory's listing, kept ``LISTING_TTL`` seconds, answers every lookup in
-  it, and only a file's entry is read.  A name no tier has is not asked
+  file's entry is read by its key, and the first name that is not a file
+  lists the directory, which then answers every lookup in it (absent names,
+  directories) for ``LISTING_TTL`` seconds.  A name no tier has is not asked
   about again for ``ABSENT_TTL`` seconds (the kernel looks a name up afresh
   before it creates it, whatever its negative cache says).
 
@@ -446,8 +447,8 @@ class Tiers:
     ) -> SharedEntry | re_pb2.ActionResult | None:
         """What ``remote`` keeps of the entry: from its action cache, or its
         documents (a listing made lately answers for absent names and
-        directories; else the file's entry is read while the directory is
-        listed, and a file found does not wait for the listing)."""
+        directories; else the file's entry is read, and only if there is none
+        is the directory listed)."""
         documents = remote.documents
         if documents is None:
             return remote.get_action(entry_key(self.function, share, path))
@@ -457,16 +458,10 @@ class Tiers:
             return None
         if names is not None and names[name]:
             return SharedEntry(path, None)
-        listing: Future[dict[str, bool] | None] | None = None
-        if not listed:
-            try:
-                listing = self._pool.submit(self._list, remote, share, parent)
-            except RuntimeError:  # the pool is shut down
-                raise RemoteError(f"{remote.name}: the tiers are closed") from None
         data = documents.get_document(entry_document(self.function, share, path, False))
         if data is None:
-            if listing is not None:
-                names = listing.result()
+            if not listed:
+                names = self._list(remote, share, parent)
             if names is not None:
                 return SharedEntry(path, None) if names.get(name) else None
             # Too large to list: a directory, maybe.
