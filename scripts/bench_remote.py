@@ -25,7 +25,10 @@ endpoint, with the client library cachefs uses (obstore) and its parallelism
   Baseline: ``obstore.put`` of the same bytes (a multipart upload with obstore's
   defaults: 5 MiB parts, 12 in flight) to a second fresh SeaweedFS started the same way
   (one holds less than 2 GiB: ``tests/seaweed.py`` gives it 30 volumes of 64 MiB).
-  Ratio: baseline s / cachefs s (goal >= 0.7);
+  Ratio: baseline s / cachefs s (goal >= 0.7).  And against what the issue's layout
+  (each chunk an object, asked about first) allows at best: a HEAD, then a PUT, of each
+  of the file's chunks, read from A's store, on ``--threads`` threads, to a third fresh
+  SeaweedFS (no goal: it shows how much of the gap is the layout's and how much ours);
 * ccache (``tests/clients.py``: ``make`` of zstd with ``CC="ccache gcc"``): a build on
   A fills A's shared ``ccache`` directory and is pushed; then the same project (another
   copy of the sources) is built on B with B's shared ``ccache`` directory, which starts
@@ -337,6 +340,34 @@ def direct_put(s3: S3Store, pieces: list[bytes]) -> float:
     return seconds
 
 
+def direct_chunk_put(s3: S3Store, store: Path, digest: str, threads: int) -> float:
+    """Seconds to send an object's distinct chunks as objects ``cas/<hex>`` as
+    the issue's layout has cachefs do it, with nothing else: a HEAD of each
+    (all missing), then a PUT of each, read from the store, on ``threads``
+    threads -- the most that layout allows with this client and server."""
+    with Store.open(store, readonly=True) as s:
+        chunks = [Digest(h, n) for h, n in s.recipe(Digest.parse(digest)) if h]
+        chunks = list(dict.fromkeys(chunks))
+
+        def missing(chunk: Digest) -> bool:
+            try:
+                obstore.head(s3, f"cas/{chunk.hex}")
+            except (obstore.exceptions.NotFoundError, FileNotFoundError):
+                return True
+            return False
+
+        def put(chunk: Digest) -> None:
+            obstore.put(s3, f"cas/{chunk.hex}", bytes(s.read_chunk(chunk.hash)))
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            lacking = [c for c, m in zip(chunks, pool.map(missing, chunks), strict=True) if m]
+            list(pool.map(put, lacking))
+        seconds = time.perf_counter() - start
+    assert len(lacking) == len(chunks), "the fresh SeaweedFS had some chunks already"
+    return seconds
+
+
 # --- through the mounts ------------------------------------------------------------------
 
 
@@ -417,6 +448,8 @@ class Run:
         self.out = Results()
         self.mounts: dict[str, Mount] = {}
         self.stores = {"A": work / "store-a", "B": work / "store-b"}
+        #: The large file's digest (once A holds it).
+        self.large = ""
 
     def log(self, message: str) -> None:
         log(f"run {self.number + 1}: {message}")
@@ -447,6 +480,16 @@ class Run:
             self.monitor.during("direct multipart PUT"),
         ):
             out.figures["push base"] = direct_put(direct_store(weed.s3), pieces)
+        self.log("direct HEAD and PUT of the large file's chunks to that SeaweedFS")
+        with (
+            throwaway_seaweed(self.work / "weed-chunks") as weed,
+            self.monitor.watching("SeaweedFS", weed.process.pid),
+            self.monitor.during("direct chunk PUTs"),
+        ):
+            out.figures["push chunks base"] = direct_chunk_put(
+                direct_store(weed.s3), self.stores["A"], self.large, self.args.threads
+            )
+        out.figures["push chunks"] = out.figures["push"]
         return out
 
     def start(self, label: str, url: str) -> Mount:
@@ -477,7 +520,7 @@ class Run:
         self.log(f"push of {human(args.large)} from A")
         with monitor.during("push large (A)"):
             out.info["push: write + fsync s"], out.figures["push"] = write_and_push(a.path, pieces)
-        large = content_digest(a.path / "large" / "blob")
+        large = self.large = content_digest(a.path / "large" / "blob")
         self.log(f"{args.small_count:,} small files written on A and pushed")
         with monitor.during("push tree (A)"):
             out.info["tree: write until pushed s"] = write_tree(a.path, tree)
@@ -563,6 +606,13 @@ def figures(args: argparse.Namespace) -> list[Figure]:
         Figure("large", f"cold read, {human(args.large)} file", "direct GETs", True, 0.7),
         Figure("tree", f"cold read, {args.small_count:,} small files", "direct GETs", True, None),
         Figure("push", f"push of a {human(args.large)} write", "multipart PUT", True, 0.7),
+        Figure(
+            "push chunks",
+            f"push of a {human(args.large)} write",
+            "its chunks as objects: HEAD + PUT",
+            True,
+            None,
+        ),
         Figure("ccache", "ccache build, warm-shared on B", "warm on A", False, 1.3),
     ]
 
