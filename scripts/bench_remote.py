@@ -462,7 +462,12 @@ class Run:
         self.log(f"generating {human(args.large)} and {args.small_count:,} small files")
         pieces = random_pieces(args.large)
         tree = random_tree(args.small_count, random.Random(self.number))
-        out.sizes = {"large": args.large, "push": args.large, "tree": sum(map(len, tree.values()))}
+        out.sizes = {
+            "large": args.large,
+            "push": args.large,
+            "push chunks": args.large,
+            "tree": sum(map(len, tree.values())),
+        }
         with (
             throwaway_seaweed(self.work / "weed") as weed,
             self.monitor.watching("SeaweedFS", weed.process.pid),
@@ -608,7 +613,7 @@ def figures(args: argparse.Namespace) -> list[Figure]:
         Figure("push", f"push of a {human(args.large)} write", "multipart PUT", True, 0.7),
         Figure(
             "push chunks",
-            f"push of a {human(args.large)} write",
+            f"push of a {human(args.large)} write (the layout's best)",
             "its chunks as objects: HEAD + PUT",
             True,
             None,

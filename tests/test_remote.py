@@ -169,6 +169,22 @@ def test_an_s3_bucket_is_a_remote(tmp_path: Path) -> None:
                 with pytest.raises(RemoteError, match="answered"):
                     remote.read(digest)
             assert remote.find_missing([digest]) == [digest]  # its length is not the blob's
+            # Documents (shared entries): by key, listed by prefix under the bucket's.
+            documents = remote.documents
+            assert documents is not None
+            for name in ("f1", "f2", "d3"):
+                documents.put_document(f"shares/abc/{name}", name.encode())
+            documents.put_document("shares/abcd/f4", b"elsewhere")
+            assert documents.get_document("shares/abc/f2") == b"f2"
+            assert documents.get_document("shares/abc/f9") is None
+            assert sorted(documents.list_documents("shares/abc", 3) or []) == ["d3", "f1", "f2"]
+            assert documents.list_documents("shares/abc", 2) is None  # more than that
+            assert documents.list_documents("shares/none", 10) == []
+            documents.delete_document("shares/abc/f1")
+            documents.delete_document("shares/abc/f1")  # gone already: fine
+            assert sorted(documents.list_documents("shares/abc", 3) or []) == ["d3", "f2"]
+            listed = obstore.list(remote.store, "shares/abc").collect()
+            assert all(not m["path"].startswith("team/") for m in listed)  # the store's prefix
         finally:
             remote.close()
 
@@ -308,6 +324,10 @@ class Memory:
     def put_document(self, key: str, data: bytes) -> None:
         self._call()
         self.docs[key] = data
+
+    def delete_document(self, key: str) -> None:
+        self._call()
+        self.docs.pop(key, None)
 
     def list_documents(self, prefix: str, limit: int) -> list[str] | None:
         self._call()

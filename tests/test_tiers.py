@@ -207,6 +207,11 @@ def test_shared_entries_are_found_with_few_requests(
             assert requests(lambda: tiers.find_entry("team", "a/b/g.o") == g_o) == 1
             remote.docs[next(k for k in remote.docs if k.endswith(b"g.o".hex()))] = b"\xff"
             assert tiers.find_entry("team", "a/b/g.o") is None  # not an ActionResult: a miss
+        # A name that was a file and is now a directory is a directory.
+        clock[0] += 400
+        tiers.push_entry("team", SharedEntry("a/x", digest, 0o644, 9))
+        tiers.push_entry("team", SharedEntry("a/x/y", digest, 0o644, 9))
+        assert tiers.find_entry("team", "a/x") == SharedEntry("a/x", None)
         tiers.close()
 
 
@@ -796,7 +801,6 @@ async def test_lookups_in_a_shared_directory_follow_a_moved_directory(tmp_path: 
             assert fs.namespace.lookup(old, b"f")
             fs.unlink(old, b"f")
             fs.rename(top, b"old", top, b"new", 0)
-            tiers._absent.clear()
             assert await fs.shared.resolve(old, b"f")  # now "new/f"
             ino = fs.namespace.lookup(old, b"f")
             fh, _ = await fs.open(ino, os.O_RDONLY)

@@ -24,9 +24,7 @@ is shared through the store's remote tiers (``cachefs.remote``):
   (``Tiers.known_entry``: what a bucket's listing of the directory says,
   answered here without a thread).  A name in a directory that the tiers
   have no entry for is a miss without a request (a tool's temporary files);
-  the tiers' answer about a directory is kept ``DIRECTORY_TTL`` seconds.  A
-  file made from the tiers is durable at the store's next sync (lost in a
-  crash, it is fetched again).
+  the tiers' answer about a directory is kept ``DIRECTORY_TTL`` seconds.
 
 Deleting or evicting a file is local: entries on the tiers age out by the
 tiers' own lifecycle.  Sparse files are not shared.
@@ -218,7 +216,8 @@ class SharedDirs(FsEvents):
         return self._path_here(cache, parent, name)
 
     def _path_here(self, cache: CacheDir, parent: int, name: bytes) -> str:
-        """:meth:`_path` in a worker thread (what it does not know, it reads)."""
+        """:meth:`_path` without a thread: what it does not know, it reads
+        from the namespace here (a directory that moved since its last lookup)."""
         relative = self._paths.get((cache.ino, parent))
         if relative is None:
             relative = self._relative(cache.ino, parent)
@@ -268,6 +267,7 @@ class SharedDirs(FsEvents):
         if cache is None or cache.shared is None:
             return False
         share = cache.shared
+        moves = self._moves  # a directory moved meanwhile: the path is not kept
         try:
             path = await self._path(cache, parent, name)
             above = path.rpartition("/")[0]
@@ -286,7 +286,10 @@ class SharedDirs(FsEvents):
         top = self.namespace.get(cache.ino)
         if entry.digest is None:
             self._keep_answer(share, path, True)
-            return self._directory(cache, parent, name, top, path)
+            made = self._directory(parent, name, top)
+            if made is not None and moves == self._moves:
+                self._keep_path(cache.ino, made, os.fsencode(path))
+            return made is not None
         digest = entry.digest
         if digest.size > cache.max_size:  # the size is the tier's word: never evict for it
             log.warning("shared directory %s: %s (%s) is larger than the cache's budget",
@@ -337,30 +340,33 @@ class SharedDirs(FsEvents):
         self, parent: int, name: bytes, digest: Digest, contents: bytes | None = None
     ) -> Inode | None:
         """Store the entry's file: its bytes came in the entry (checked as
-        they are stored), or are fetched from the tiers.  Durable at the
-        store's next sync, not before (lost in a crash, it is fetched again)."""
+        they are stored), or are fetched from the tiers."""
         source = self.tiers.fetch(digest) if contents is None else [contents]
         pushes = self.store.pushes
         if pushes is None:
-            return self.stored.store_file(parent, name, source, expect=digest, durable=False)
+            return self.stored.store_file(parent, name, source, expect=digest)
         pushes.from_tiers.add(digest)  # not pushed back where it came from
         try:
-            return self.stored.store_file(parent, name, source, expect=digest, durable=False)
+            return self.stored.store_file(parent, name, source, expect=digest)
         finally:
             pushes.from_tiers.discard(digest)
 
-    def _directory(self, cache: CacheDir, parent: int, name: bytes, top: Inode, path: str) -> bool:
+    def _directory(self, parent: int, name: bytes, top: Inode) -> int | None:
+        """Make the directory ``name`` (made meanwhile: fine); its inode
+        number (None: it could not be made)."""
         mode = stat.S_IFDIR | stat.S_IMODE(top.mode)
-        moves = self._moves
         try:
             inode = self.namespace.create(parent, name, mode, top.uid, top.gid)
         except FsError as exc:
-            return exc.errno == errno.EEXIST
-        if moves == self._moves:
-            self._keep_path(cache.ino, inode.ino, os.fsencode(path))
+            if exc.errno != errno.EEXIST:
+                return None
+            try:
+                return self.namespace.lookup(parent, name)
+            except FsError:
+                return None
         for listener in self.listeners:
             listener.created(parent, name, inode)
-        return True
+        return inode.ino
 
     def figures(self) -> dict[str, int]:
         return dict(self.counts) | {"shared_settling": len(self._settling)}

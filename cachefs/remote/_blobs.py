@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
+from google.protobuf.message import DecodeError
+
 from cachefs.errors import RemoteError
 from cachefs.format.digest import Digest, DigestFunction
 from cachefs.protocol import re_pb2
@@ -35,6 +37,10 @@ class Documents(Protocol):
     def list_documents(self, prefix: str, limit: int) -> list[str] | None:
         """The keys below ``prefix/``, relative to it; None if there are
         more than ``limit``."""
+        ...
+
+    def delete_document(self, key: str) -> None:
+        """Remove the document, if it is there."""
         ...
 
 
@@ -95,6 +101,20 @@ class Remote(Protocol):
     def close(self) -> None: ...
 
 
+def action_result(data: bytes, name: str, what: str) -> re_pb2.ActionResult:
+    """``data`` parsed as an ``ActionResult``; RemoteError naming ``name`` and
+    ``what`` (the key it was under) if it is not one."""
+    result = re_pb2.ActionResult()
+    try:
+        result.ParseFromString(data)
+    except DecodeError:
+        raise RemoteError(
+            f"{name}: {what} is not an ActionResult",
+            hint="the remote's copy is damaged, or another tool wrote that key",
+        ) from None
+    return result
+
+
 def verified(name: str, function: DigestFunction, digest: Digest, data: bytes) -> bytes:
     """``data`` if it is the blob of ``digest``; else RemoteError naming ``name``."""
     if len(data) != digest.size:
@@ -110,4 +130,4 @@ def verified(name: str, function: DigestFunction, digest: Digest, data: bytes) -
     return data
 
 
-__all__ = ["Remote", "verified"]
+__all__ = ["Documents", "Remote", "action_result", "verified"]

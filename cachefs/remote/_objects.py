@@ -10,8 +10,8 @@ digest's size (``verified``).  ``find_missing`` asks with HEAD requests, many
 at once (``_PARALLEL`` in flight); reads and writes are single GET and PUT
 requests (obstore uploads large objects in parts).  A bucket also keeps
 documents (``Documents``: shared directories' entries, see ``_lists.py``)
-under ``PREFIX/shares/``, listed a page of ``_PAGE`` keys at a time; an HTTP
-cache keeps only ``cas/`` and ``ac/``.  Timeouts and retries are obstore's,
+under ``PREFIX/shares/``, listed by prefix; an HTTP cache keeps only ``cas/``
+and ``ac/``.  Timeouts and retries are obstore's,
 set from the tier's timeout.
 """
 
@@ -24,19 +24,18 @@ from datetime import timedelta
 from typing import Any
 
 import obstore
-from google.protobuf.message import DecodeError
 from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import HTTPStore, S3Store
 
 from cachefs.errors import ConfigError, ObjectNotFoundError, RemoteError
 from cachefs.format.digest import Digest, DigestFunction
 from cachefs.protocol import re_pb2
-from cachefs.remote._blobs import verified
+from cachefs.remote._blobs import action_result, verified
 from cachefs.remote._urls import RemoteUrl
 
 #: HEAD requests in flight at once for ``find_missing``.
 _PARALLEL = 16
-#: Keys asked for per listing request (S3's most).
+#: Keys handed over per batch of a listing (obstore asks S3 for pages of its own).
 _PAGE = 1000
 
 
@@ -162,15 +161,7 @@ class ObjectRemote:
             return None
         except (BaseError, OSError, ValueError, RuntimeError) as exc:
             raise self._failed(f"reading action cache entry {key}", exc) from None
-        result = re_pb2.ActionResult()
-        try:
-            result.ParseFromString(data)
-        except DecodeError:
-            raise RemoteError(
-                f"{self.name}: action cache entry {key} is not an ActionResult",
-                hint="the remote's copy is damaged, or another tool wrote that key",
-            ) from None
-        return result
+        return action_result(data, self.name, f"action cache entry {key}")
 
     def update_action(self, key: Digest, result: re_pb2.ActionResult) -> None:
         try:
@@ -192,11 +183,19 @@ class ObjectRemote:
         except (BaseError, OSError, ValueError, RuntimeError) as exc:
             raise self._failed(f"writing {key}", exc) from None
 
+    def delete_document(self, key: str) -> None:
+        try:
+            obstore.delete(self.store, key)
+        except (NotFoundError, FileNotFoundError):
+            pass
+        except (BaseError, OSError, ValueError, RuntimeError) as exc:
+            raise self._failed(f"removing {key}", exc) from None
+
     def list_documents(self, prefix: str, limit: int) -> list[str] | None:
         keys: list[str] = []
         start = len(prefix) + 1
         try:
-            for page in obstore.list(self.store, prefix, chunk_size=min(limit + 1, _PAGE)):
+            for page in obstore.list(self.store, prefix, chunk_size=_PAGE):
                 keys.extend(meta["path"][start:] for meta in page)
                 if len(keys) > limit:
                     return None

@@ -50,8 +50,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from google.protobuf.message import DecodeError
-
 from cachefs.engine import (
     CachefsError,
     Digest,
@@ -63,7 +61,7 @@ from cachefs.engine import (
 )
 from cachefs.errors import ConfigError, CorruptDataError, RemoteError
 from cachefs.protocol import re_pb2
-from cachefs.remote._blobs import Remote
+from cachefs.remote._blobs import Remote, action_result
 from cachefs.remote._lists import (
     INLINE_MAX,
     SharedEntry,
@@ -100,11 +98,11 @@ FETCH_AHEAD = 16
 ASK_BATCH = 1000
 #: Seconds a tier's listing of a shared directory is kept, and a name that no
 #: tier has is a miss without asking: as long as the kernel keeps a negative
-#: lookup there (``cachefs.fuse.NEGATIVE_TIMEOUT``), so that a file another
-#: machine puts there is found as soon as without them.  Names listed at most
-#: per directory (a larger one is asked about name by name); listings and
-#: names kept.
-LISTING_TTL, LISTING_MAX, LISTINGS_KEPT = 1.0, 4000, 10_000
+#: lookup there (``cachefs.fuse.NEGATIVE_TIMEOUT``; a file another machine
+#: puts there is found within both, about 2 s).  Names listed at most per
+#: directory: a larger one is asked about name by name, and listed again only
+#: after ``TOO_LARGE_TTL`` seconds.  Listings and names kept.
+LISTING_TTL, LISTING_MAX, TOO_LARGE_TTL, LISTINGS_KEPT = 1.0, 4000, 300.0, 10_000
 ABSENT_TTL, ABSENT_KEPT = 1.0, 10_000
 #: Objects the pusher takes from the queue at a time, and pushes at once.
 PUSH_BATCH, PUSH_OBJECTS = 64, 4
@@ -397,8 +395,8 @@ class Tiers:
             return True, None
         parent, _, name = path.rpartition("/")
         for tier in self.readers:
-            if tier.breaker.reason:
-                return False, None  # failing: find_entry decides whether to try it
+            if tier.breaker.open:
+                return False, None  # find_entry decides whether to try it
             names = self._listing_of(tier.remote, share, parent)[1]
             if names is None or names.get(name) is False:
                 return False, None  # a request would say (the file's entry)
@@ -454,26 +452,20 @@ class Tiers:
             return remote.get_action(entry_key(self.function, share, path))
         parent, _, name = path.rpartition("/")
         listed, names = self._listing_of(remote, share, parent)
-        if names is not None and name not in names:
-            return None
-        if names is not None and names[name]:
-            return SharedEntry(path, None)
-        data = documents.get_document(entry_document(self.function, share, path, False))
-        if data is None:
+        if names is None or names.get(name) is False:  # not listed, or a file
+            data = documents.get_document(entry_document(self.function, share, path, False))
+            if data is not None:
+                try:
+                    return action_result(data, remote.name, f"shared entry {share}/{path}")
+                except RemoteError as exc:  # a miss there, not a failing tier
+                    log.warning("%s", exc.message)
+                    return None
             if not listed:
                 names = self._list(remote, share, parent)
-            if names is not None:
-                return SharedEntry(path, None) if names.get(name) else None
-            # Too large to list: a directory, maybe.
-            directory = documents.get_document(entry_document(self.function, share, path, True))
-            return SharedEntry(path, None) if directory else None
-        result = re_pb2.ActionResult()
-        try:
-            result.ParseFromString(data)
-        except DecodeError:
-            log.warning("shared entry %s/%s on %s is not an ActionResult", share, path, remote.name)
-            return None
-        return result
+            if names is None:  # too large to list: a directory, maybe
+                key = entry_document(self.function, share, path, True)
+                return SharedEntry(path, None) if documents.get_document(key) else None
+        return SharedEntry(path, None) if names.get(name) else None
 
     def _listing_of(
         self, remote: Remote, share: str, directory: str
@@ -482,9 +474,12 @@ class Tiers:
         not listed, or too large to list)."""
         with self._lock:
             known = self._listings.get((remote.key, share, directory))
-        if known is None or time.monotonic() - known[1] >= LISTING_TTL:
+        if known is None:
             return False, None
-        return True, known[0]
+        names, when = known
+        if time.monotonic() - when >= (LISTING_TTL if names is not None else TOO_LARGE_TTL):
+            return False, None
+        return True, names
 
     def _list(self, remote: Remote, share: str, directory: str) -> dict[str, bool] | None:
         """The names in ``directory`` of ``share`` on ``remote`` (None: too
@@ -515,11 +510,16 @@ class Tiers:
 
     def _put_entry(self, remote: Remote, share: str, entry: SharedEntry) -> None:
         result = entry_result(entry)
-        if remote.documents is None:
+        documents = remote.documents
+        if documents is None:
             remote.update_action(entry_key(self.function, share, entry.path), result)
-        else:
-            key = entry_document(self.function, share, entry.path, entry.digest is None)
-            remote.documents.put_document(key, result.SerializeToString())
+            return
+        directory = entry.digest is None
+        documents.put_document(
+            entry_document(self.function, share, entry.path, directory), result.SerializeToString()
+        )
+        if directory:  # a file's entry there before would hide it (a file is read first)
+            documents.delete_document(entry_document(self.function, share, entry.path, False))
 
     def _listed(self, remote: Remote, digest: Digest) -> list[tuple[bytes, int]] | None:
         """The object's chunk list from ``remote`` (None: it has none)."""
