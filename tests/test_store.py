@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cachefs import errors
-from cachefs.engine import Journal, Source, Store, StoreOptions, collect_garbage
+from cachefs.engine import Journal, KnownChunks, Source, Store, StoreOptions, collect_garbage
 from cachefs.engine._chunker import Chunker, reader_for
 from cachefs.errors import (
     CachefsError,
@@ -929,6 +929,47 @@ def test_put_with_an_expected_digest(store_path: Path) -> None:
     with Store.open(store_path) as store:
         check_invariants(store)
         assert store.read(digest) == data
+
+
+def known(data: bytes, size: int) -> list[tuple[bytes, bytes]]:
+    """``data`` cut every ``size`` bytes, each piece with its digest."""
+    pieces = [data[i : i + size] for i in range(0, len(data), size)]
+    return [(hashlib.sha256(p).digest(), p) for p in pieces]
+
+
+def test_put_of_known_chunks(store: Store) -> None:
+    """Chunks that come with their digests are stored as they are: not cut
+    again (a cut the store's own chunker would not make stays), deduplicated
+    against what is stored, and the whole object's digest is still checked."""
+    block = rand(5000, seed=50)
+    data = rand(300_000, seed=51) + block * 4 + compressible(300_000, seed=52)
+    pairs = known(data, 5000)  # fixed-size pieces: no FastCDC cut looks like this
+    assert len(pairs) > 64  # more than one round of worker tasks
+    digest = Digest(hashlib.sha256(data).digest(), len(data))
+    assert store.put(KnownChunks(pairs), expect=digest) == digest
+    assert store.recipe(digest) == [(d, len(p)) for d, p in pairs]
+    assert store.read(digest) == data
+    stats = store.stats()
+    assert stats.chunks == len({d for d, _ in pairs})  # the repeated piece once
+    # Known chunks of stored content store nothing new.
+    other = data[:100_000]
+    assert store.put(KnownChunks(known(other, 5000))) == Digest(
+        hashlib.sha256(other).digest(), len(other)
+    )
+    assert store.stats().chunk_bytes == stats.chunk_bytes
+    # One chunk, and none at all.
+    assert store.put(KnownChunks(known(b"one", 5000))) == Digest(hashlib.sha256(b"one").digest(), 3)
+    assert store.put(KnownChunks([])) == Digest(hashlib.sha256(b"").digest(), 0)
+    # Pairs out of order are not the object: refused, nothing published.
+    shuffled = [*pairs[1:], pairs[0]]
+    before = store.stats()
+    with pytest.raises(DigestMismatchError, match="digest"):
+        store.put(KnownChunks(shuffled), expect=Digest(digest.hash, len(data)))
+    after = store.stats()
+    assert (after.objects, after.files) == (before.objects, before.files)
+    # A plain iteration of them gives the bytes, to be cut like any source.
+    assert b"".join(KnownChunks(pairs)) == data
+    check_invariants(store)
 
 
 def test_put_many_publishes_together(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ from cachefs.engine import (
     CorruptDataError,
     Digest,
     DigestMismatchError,
+    KnownChunks,
     ObjectNotFoundError,
     Store,
     StoreOptions,
@@ -110,7 +111,9 @@ def test_objects_go_as_chunks_and_a_list_and_come_back(tmp_path: Path) -> None:
         tiers.close()
     with Store.open(tmp_path / "b", create=True, options=StoreOptions(fsync=False)) as b:
         tiers = Tiers(b, [Tier(remote)])
+        assert isinstance(tiers.fetch(digest), KnownChunks)  # stored with no cut again
         assert fetch_into(b, tiers, digest) == data
+        assert b.recipe(digest) == chunks
         fetched = tiers.counts["fetched_chunks"]
         assert fetched == len({d for d, _ in chunks})
         # The second object shares all but its changed chunks with the first.

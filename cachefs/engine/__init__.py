@@ -35,7 +35,7 @@ What it offers:
 
 from cachefs.engine._backend import ChunkBackend
 from cachefs.engine._cache_records import CacheRecords
-from cachefs.engine._chunker import Source
+from cachefs.engine._chunker import KnownChunks, Source
 from cachefs.engine._demote import DropReport, drop_held
 from cachefs.engine._fsck import INDEX_PROBLEMS, FsckReport, check_store, scrub_store
 from cachefs.engine._gc import GcReport, collect_garbage
@@ -95,6 +95,7 @@ __all__ = [
     "IndexCorruptError",
     "Inode",
     "Journal",
+    "KnownChunks",
     "Namespace",
     "NamespaceCheck",
     "NotFoundError",

@@ -32,7 +32,27 @@ class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
-#: What ``Store.put`` accepts: bytes, a binary file object, or an iterable of byte strings.
+class KnownChunks:
+    """A source already cut into chunks whose digests are known: ``(digest,
+    bytes)`` pairs in order, each chunk's bytes verified against its digest by
+    whoever made the pairs (a fetch from the tiers).  ``Store.put`` stores them
+    as they are, without cutting or digesting them again; the whole object's
+    digest is still computed (it checks the order and the chunk list).  A
+    chunk of another store's chunking is stored as it is: any cut reads the
+    same bytes."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: Iterable[tuple[bytes, bytes | memoryview]]) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        """The bytes alone: a plain source of them (for callers that cut again)."""
+        return (data for _, data in self.chunks)
+
+
+#: What ``Store.put`` accepts: bytes, a binary file object, or an iterable of byte
+#: strings (``KnownChunks`` among them).
 Source = bytes | bytearray | memoryview | BinaryIO | Readable | Iterable[bytes | memoryview]
 
 ReadInto = Callable[[memoryview], int]

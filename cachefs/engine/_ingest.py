@@ -7,6 +7,9 @@ Ingest of one object::
         shard's segment
     --> recipe (chunk digests in order) --> a PendingObject, for the publisher
 
+Chunks that come with their digests (``KnownChunks``: fetched and verified) skip
+the cut and the digest per chunk.
+
 Nothing here makes anything visible: publication does (``_publish.py``).  The
 caller holds the store's maintenance lock shared, so that a chunk found in the
 index cannot be collected before the object that found it is published.
@@ -24,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any
 
-from cachefs.engine._chunker import Batch, Chunker, Source, reader_for
+from cachefs.engine._chunker import Batch, Chunker, KnownChunks, Source, reader_for
 from cachefs.engine._publish import PendingObject
 from cachefs.engine._reads import LocalChunks, ObjectReader
 from cachefs.engine._segments import Location, SegmentStore
@@ -39,6 +42,8 @@ from cachefs.format.segment import COMPRESSION_NONE, TAG_CHUNK, encode_record_he
 _INLINE_LIMIT = 1 << 20
 #: Chunks stored by one worker task (fewer, longer tasks: less GIL traffic).
 _TASK_CHUNKS = 8
+#: Tasks of ``Ingest.ingest_known`` in flight at most.
+_KNOWN_TASKS = 8
 
 #: A stored chunk: (digest, raw length, location if appended by this process).
 Stored = tuple[bytes, int, Location | None]
@@ -71,7 +76,13 @@ class Ingest:
         The first chunk, and any after one that did not compress, is probed on
         a sample first; a chunk after one that compressed is compressed straight
         away (no probe on compressible data)."""
-        digests = [self.digest_function.hash(view) for view in views]
+        return self._store_digested(views, [self.digest_function.hash(view) for view in views])
+
+    def _store_known(self, chunks: list[tuple[bytes, memoryview]]) -> list[Stored]:
+        """``store_chunks`` of chunks whose digests are known (``KnownChunks``)."""
+        return self._store_digested([view for _, view in chunks], [d for d, _ in chunks])
+
+    def _store_digested(self, views: list[memoryview], digests: list[bytes]) -> list[Stored]:
         missing = self.chunks.find_missing(digests)
         stored: list[Stored] = []
         probe = True
@@ -112,8 +123,11 @@ class Ingest:
     def ingest(self, source: Source) -> PendingObject:
         """Chunk, digest and store every chunk of a source; nothing is published yet.
 
-        See ``_store_batches`` for who does what.
+        See ``_store_batches`` for who does what; ``KnownChunks`` are not cut
+        or digested again (``ingest_known``).
         """
+        if isinstance(source, KnownChunks):
+            return self.ingest_known(source)
         batches = self._batches(source)
         first = next(batches)
         second = next(batches, None)
@@ -126,6 +140,43 @@ class Ingest:
         whole = self.digest_function.new()
         batches = itertools.chain([first], [] if second is None else [second], batches)
         size, results = self._store_batches(batches, whole, inline=inline)
+        return _pending(Digest(whole.digest(), size), results)
+
+    def ingest_known(self, source: KnownChunks) -> PendingObject:
+        """Store chunks whose digests are known, as they come: no cutting and
+        no digest per chunk, only the whole object's (in this thread, between
+        chunks: hashing runs without the GIL).  Worker threads store the
+        chunks, ``_TASK_CHUNKS`` per task, at most ``_KNOWN_TASKS`` tasks in
+        flight (so at most that many chunks' bytes are held); an object of
+        one task is stored here, with no pool hop."""
+        whole = self.digest_function.new()
+        size = 0
+        results: list[Stored] = []
+        in_flight: deque[Future[list[Stored]]] = deque()
+        group: list[tuple[bytes, memoryview]] = []
+        try:
+            for digest, data in source.chunks:
+                view = memoryview(data).cast("B")
+                whole.update(view)
+                size += len(view)
+                group.append((digest, view))
+                if len(group) == _TASK_CHUNKS:
+                    in_flight.append(self.workers.pool().submit(self._store_known, group))
+                    group = []
+                    while len(in_flight) > _KNOWN_TASKS:
+                        results.extend(in_flight.popleft().result())
+            while in_flight:
+                results.extend(in_flight.popleft().result())
+        except BaseException:
+            for fut in in_flight:
+                fut.cancel()
+            for fut in in_flight:
+                with suppress(BaseException):
+                    fut.result()
+            raise
+        if not results and not group:
+            return self.ingest(b"")  # no chunk at all: the empty object
+        results.extend(self._store_known(group))
         return _pending(Digest(whole.digest(), size), results)
 
     def _store_batches(

@@ -46,13 +46,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cachefs.engine import (
     CachefsError,
     Digest,
+    KnownChunks,
     ObjectNotFoundError,
     QueuedPush,
     Store,
@@ -260,11 +261,14 @@ class Tiers:
 
     # --- fetch -----------------------------------------------------------------
 
-    def fetch(self, digest: Digest) -> Iterator[bytes | memoryview]:
+    def fetch(self, digest: Digest) -> Iterable[bytes | memoryview]:
         """The bytes of an object the local store lacks, from the first read
         tier that has it, each chunk verified (the caller stores them with
-        ``expect=digest``, which checks the whole).  ObjectNotFoundError if no
-        tier has it; RemoteError if none could be asked and one failed."""
+        ``expect=digest``, which checks the whole).  An object fetched by its
+        chunk list comes as ``KnownChunks`` (the store keeps the chunks as
+        they are, with no cut and no digest of each again) unless the list has
+        holes.  ObjectNotFoundError if no tier has it; RemoteError if none
+        could be asked and one failed."""
         if digest.size == 0:
             return iter(())
         failure: RemoteError | None = None
@@ -286,7 +290,10 @@ class Tiers:
             tier.breaker.succeeded()
             if found is not None:
                 self._count(fetched_objects=1)
-                return self._chunks(tier.remote, digest, found)
+                chunks = self._chunks(tier.remote, found)
+                if all(chunk for chunk, _ in found):
+                    return KnownChunks(chunks)
+                return (data for _, data in chunks)  # holes: zeroes to cut like any bytes
             if data is not None:
                 self._count(fetched_objects=1, fetched_bytes=len(data))
                 return iter((data,))
@@ -534,10 +541,11 @@ class Tiers:
         return unpack_list(data, digest, remote.name)
 
     def _chunks(
-        self, remote: Remote, digest: Digest, chunks: list[tuple[bytes, int]]
-    ) -> Iterator[bytes | memoryview]:
-        """The object's bytes: local chunks read here, the others fetched
-        ahead in the pool (at most ``FETCH_AHEAD`` in flight)."""
+        self, remote: Remote, chunks: list[tuple[bytes, int]]
+    ) -> Iterator[tuple[bytes, bytes | memoryview]]:
+        """The object's chunks, ``(digest, bytes)`` in order: local chunks
+        read here, the others fetched ahead in the pool (at most
+        ``FETCH_AHEAD`` in flight); a hole's zeroes come with an empty digest."""
         local = self.store.chunks
         stored = [d for d, _ in chunks if d]
         absent = local.find_missing(stored) if stored else set()
@@ -560,12 +568,12 @@ class Tiers:
             while window:
                 chunk, size, fut = window.popleft()
                 if fut is not None:
-                    yield fut.result()
+                    yield chunk, fut.result()
                 elif not chunk:  # a hole
                     for start in range(0, size, 1 << 22):
-                        yield bytes(min(1 << 22, size - start))
+                        yield chunk, bytes(min(1 << 22, size - start))
                 else:
-                    yield local.read_chunk(chunk)
+                    yield chunk, local.read_chunk(chunk)
                 fill()
         finally:
             for _, _, fut in window:
