@@ -8,8 +8,10 @@ import errno
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -818,6 +820,80 @@ async def test_lookups_in_a_shared_directory_follow_a_moved_directory(tmp_path: 
             assert not await fs.shared.resolve(deep, b"nothing")
         finally:
             fs.close()
+
+
+async def test_lookups_of_one_name_at_once_fetch_it_once(tmp_path: Path) -> None:
+    """Lookups of a name that another lookup is fetching wait for it: one
+    fetch for all of them, and each finds the file."""
+    remote = Memory("mem", documents=True)
+    data = os.urandom(100_000)  # too large to ride in its entry: a blob to fetch
+    digest = Digest(SHA256.hash(data), len(data))
+    remote.blobs[digest] = data
+    with Store.open(tmp_path / "s", create=True, options=PUSHING) as store:
+        fs = Filesystem(store, tiers=[Tier(remote)])
+        try:
+            top = fs.create(ROOT_INODE, b"cc", stat.S_IFDIR | 0o755, 0, 0).ino
+            fs.setxattr(top, b"user.cachefs.cache", b"max_size=1000000 shared=team")
+            fs.remote.tiers.push_entry("team", SharedEntry("f", digest, 0o644, 1, None))
+            found: list[bool] = []
+
+            async def look(name: bytes) -> None:
+                found.append(await fs.shared.resolve(top, name))
+
+            async with trio.open_nursery() as nursery:
+                for name in (b"f", b"f", b"f", b"absent", b"absent"):
+                    nursery.start_soon(look, name)
+            assert sorted(found) == [False, False, True, True, True]
+            assert fs.remote.tiers.counts["fetched_objects"] == 1
+            assert fs.shared.counts["shared_fetches"] == 1
+            fh, _ = await fs.open(fs.namespace.lookup(top, b"f"), os.O_RDONLY)
+            assert bytes(await fs.read(fh, 0, len(data))) == data
+            await fs.release(fh)
+            assert not fs.shared._resolving
+        finally:
+            fs.close()
+
+
+def test_misses_in_one_directory_at_once_list_it_once(tmp_path: Path) -> None:
+    """Threads that miss names of one directory at once wait for the one
+    listing it; if that listing fails, they list it themselves."""
+
+    class Gated(Memory):
+        def __init__(self) -> None:
+            super().__init__("mem", documents=True)
+            self.lists, self.fail = 0, False
+            self.gate = threading.Event()
+
+        def list_documents(self, prefix: str, limit: int) -> list[str] | None:
+            self.lists += 1
+            self.gate.wait(10)
+            if self.fail:
+                self.fail = False
+                raise RemoteError("mem: listing refused")
+            return super().list_documents(prefix, limit)
+
+    remote = Gated()
+    data = b"a file"
+    with Store.open(tmp_path / "s", create=True, options=PUSHING) as store:
+        tiers = Tiers(store, [Tier(remote)])
+        tiers.push_entry("team", SharedEntry("d/f", Digest(SHA256.hash(data), 6), 0o644, 1, data))
+        for fail in (False, True):
+            remote.lists, remote.fail = 0, fail
+            remote.gate.clear()
+            tiers._listings.clear()
+            tiers._absent.clear()
+            with ThreadPoolExecutor(4) as pool:
+                found = [pool.submit(tiers.find_entry, "team", f"d/x{i}") for i in range(4)]
+                while remote.lists == 0:
+                    time.sleep(0.01)
+                remote.gate.set()
+                assert [f.result() for f in found] == [None] * 4
+            # Once, or a failed listing and then the waiters' own.
+            assert remote.lists >= 2 if fail else remote.lists == 1
+            assert not tiers._listing_now
+            for tier in tiers.tiers:
+                tier.breaker.succeeded()
+        tiers.close()
 
 
 def test_fsck_repair_with_tiers_meets_a_damaged_index_entry(tmp_path: Path) -> None:

@@ -91,6 +91,8 @@ class SharedDirs(FsEvents):
         self._private: set[tuple[int, str]] = set()
         #: (share, directory) -> whether the tiers have it, and since when.
         self._directories: dict[tuple[str, str], tuple[bool, float]] = {}
+        #: (directory, name) being resolved: set when that is done.
+        self._resolving: dict[tuple[int, bytes], trio.Event] = {}
         #: (shared directory, directory in it) -> the latter's path relative to
         #: the former (inodes are never reused; forgotten when a directory
         #: moves: ``_moves`` counts those).
@@ -260,9 +262,27 @@ class SharedDirs(FsEvents):
 
     async def resolve(self, parent: int, name: bytes) -> bool:
         """Make ``name`` in ``parent`` from the tiers' entry, if ``parent`` is in a
-        shared directory and a tier has one; whether it is there now."""
+        shared directory and a tier has one; whether it is there now.  Lookups
+        of a name that one is resolving wait for it (one fetch, not one each)."""
         if not self.tiers.readers:
             return False
+        key = (parent, name)
+        running = self._resolving.get(key)
+        if running is not None:
+            await running.wait()
+            try:
+                self.namespace.lookup(parent, name)
+            except FsError:
+                return False
+            return True
+        done = self._resolving[key] = trio.Event()
+        try:
+            return await self._resolve(parent, name)
+        finally:
+            del self._resolving[key]
+            done.set()
+
+    async def _resolve(self, parent: int, name: bytes) -> bool:
         cache = self.caches.cache_of(parent)
         if cache is None or cache.shared is None:
             return False

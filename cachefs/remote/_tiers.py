@@ -175,6 +175,8 @@ class Tiers:
         #: Tiers' listings of shared directories, (tier, share, directory) ->
         #: (name -> is a directory, or None: too large to list; when listed).
         self._listings: dict[tuple[str, str, str], tuple[dict[str, bool] | None, float]] = {}
+        #: Listings in progress, set when done (the same key as ``_listings``).
+        self._listing_now: dict[tuple[str, str, str], threading.Event] = {}
         #: Names that no tier had, (share, path) -> when that was the answer.
         self._absent: dict[tuple[str, str], float] = {}
         if self.readers and not store.readonly:
@@ -490,16 +492,34 @@ class Tiers:
 
     def _list(self, remote: Remote, share: str, directory: str) -> dict[str, bool] | None:
         """The names in ``directory`` of ``share`` on ``remote`` (None: too
-        many to list), kept ``LISTING_TTL`` seconds."""
+        many to list), kept ``LISTING_TTL`` seconds.  A thread that finds the
+        directory being listed by another waits for that listing."""
         assert remote.documents is not None
-        prefix = directory_prefix(self.function, share, directory)
-        keys = remote.documents.list_documents(prefix, LISTING_MAX)
-        names = None if keys is None else listed_names(keys)
+        key = (remote.key, share, directory)
+        mine: threading.Event | None = None
         with self._lock:
-            if len(self._listings) >= LISTINGS_KEPT:
-                self._listings.clear()
-            self._listings[remote.key, share, directory] = (names, time.monotonic())
-        return names
+            running = self._listing_now.get(key)
+            if running is None:
+                mine = self._listing_now[key] = threading.Event()
+        if running is not None:
+            running.wait()
+            listed, names = self._listing_of(remote, share, directory)
+            if listed:
+                return names  # else that listing failed: this thread lists, on its own
+        try:
+            prefix = directory_prefix(self.function, share, directory)
+            keys = remote.documents.list_documents(prefix, LISTING_MAX)
+            names = None if keys is None else listed_names(keys)
+            with self._lock:
+                if len(self._listings) >= LISTINGS_KEPT:
+                    self._listings.clear()
+                self._listings[key] = (names, time.monotonic())
+            return names
+        finally:
+            if mine is not None:
+                with self._lock:
+                    del self._listing_now[key]
+                mine.set()
 
     def push_entry(self, share: str, entry: SharedEntry) -> None:
         """Put a shared directory's entry (its content pushed before) and the
