@@ -168,11 +168,7 @@ class Ingest:
             while in_flight:
                 results.extend(in_flight.popleft().result())
         except BaseException:
-            for fut in in_flight:
-                fut.cancel()
-            for fut in in_flight:
-                with suppress(BaseException):
-                    fut.result()
+            _abandon(in_flight)
             raise
         if not results and not group:
             return self.ingest(b"")  # no chunk at all: the empty object
@@ -228,12 +224,7 @@ class Ingest:
                 drain(tasks, 1)
             drain(0, 0)
         except BaseException:
-            outstanding: list[Future[Any]] = [*in_flight, *hashed]
-            for fut in outstanding:
-                fut.cancel()
-            for fut in outstanding:
-                with suppress(BaseException):
-                    fut.result()
+            _abandon([*in_flight, *hashed])
             raise
         finally:
             if lane is not None:
@@ -355,6 +346,16 @@ class Ingest:
                 hint="the content changed while it was being stored; this is a bug",
             )
         return _pending(Digest(whole.digest(), size), out)
+
+
+def _abandon(futures: Iterable[Future[Any]]) -> None:
+    """Cancel what has not started and wait for what has (an ingest that failed)."""
+    futures = list(futures)
+    for fut in futures:
+        fut.cancel()
+    for fut in futures:
+        with suppress(BaseException):
+            fut.result()
 
 
 def _pending(digest: Digest, stored: list[Stored]) -> PendingObject:
