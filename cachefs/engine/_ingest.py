@@ -147,8 +147,9 @@ class Ingest:
         no digest per chunk, only the whole object's (in this thread, between
         chunks: hashing runs without the GIL).  Worker threads store the
         chunks, ``_TASK_CHUNKS`` per task, at most ``_KNOWN_TASKS`` tasks in
-        flight (so at most that many chunks' bytes are held); an object of
-        one task is stored here, with no pool hop."""
+        flight (at most ``_KNOWN_TASKS * _TASK_CHUNKS`` chunks of the store's
+        size held: ``Tiers.fetch`` gives larger ones as plain bytes); an
+        object of one task is stored here, with no pool hop."""
         whole = self.digest_function.new()
         size = 0
         results: list[Stored] = []
@@ -169,6 +170,9 @@ class Ingest:
                 results.extend(in_flight.popleft().result())
         except BaseException:
             _abandon(in_flight)
+            close = getattr(source.chunks, "close", None)
+            if close is not None:
+                close()  # a generator of fetches: stop them
             raise
         if not results and not group:
             return self.ingest(b"")  # no chunk at all: the empty object

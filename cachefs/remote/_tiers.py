@@ -293,9 +293,11 @@ class Tiers:
             if found is not None:
                 self._count(fetched_objects=1)
                 chunks = self._chunks(tier.remote, found)
-                if all(chunk for chunk, _ in found):
+                largest = self.store.chunker.params.max_size
+                if all(chunk and 0 < size <= largest for chunk, size in found):
                     return KnownChunks(chunks)
-                return (data for _, data in chunks)  # holes: zeroes to cut like any bytes
+                # Holes, or chunks this store would not make: bytes to cut again.
+                return (data for _, data in chunks)
             if data is not None:
                 self._count(fetched_objects=1, fetched_bytes=len(data))
                 return iter((data,))
