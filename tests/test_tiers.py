@@ -884,7 +884,8 @@ def test_misses_in_one_directory_at_once_list_it_once(tmp_path: Path) -> None:
             tiers._absent.clear()
             with ThreadPoolExecutor(4) as pool:
                 found = [pool.submit(tiers.find_entry, "team", f"d/x{i}") for i in range(4)]
-                while remote.lists == 0:
+                deadline = time.monotonic() + 10
+                while remote.lists == 0 and time.monotonic() < deadline:
                     time.sleep(0.01)
                 remote.gate.set()
                 assert [f.result() for f in found] == [None] * 4

@@ -91,8 +91,9 @@ class SharedDirs(FsEvents):
         self._private: set[tuple[int, str]] = set()
         #: (share, directory) -> whether the tiers have it, and since when.
         self._directories: dict[tuple[str, str], tuple[bool, float]] = {}
-        #: (directory, name) being resolved: set when that is done.
-        self._resolving: dict[tuple[int, bytes], trio.Event] = {}
+        #: (directory, name) being resolved: set when that is done, and its
+        #: answer (none: it failed or was cancelled).
+        self._resolving: dict[tuple[int, bytes], tuple[trio.Event, list[bool]]] = {}
         #: (shared directory, directory in it) -> the latter's path relative to
         #: the former (inodes are never reused; forgotten when a directory
         #: moves: ``_moves`` counts those).
@@ -269,15 +270,20 @@ class SharedDirs(FsEvents):
         key = (parent, name)
         running = self._resolving.get(key)
         if running is not None:
-            await running.wait()
+            done, answer = running
+            await done.wait()
+            if not answer:  # that lookup failed or was cancelled: ask again
+                return await self.resolve(parent, name)
             try:
                 self.namespace.lookup(parent, name)
             except FsError:
                 return False
             return True
-        done = self._resolving[key] = trio.Event()
+        done, answer = self._resolving[key] = (trio.Event(), [])
         try:
-            return await self._resolve(parent, name)
+            there = await self._resolve(parent, name)
+            answer.append(there)
+            return there
         finally:
             del self._resolving[key]
             done.set()

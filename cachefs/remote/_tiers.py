@@ -484,7 +484,11 @@ class Tiers:
         """Whether the directory was listed lately, and its names (None:
         not listed, or too large to list)."""
         with self._lock:
-            known = self._listings.get((remote.key, share, directory))
+            return self._fresh((remote.key, share, directory))
+
+    def _fresh(self, key: tuple[str, str, str]) -> tuple[bool, dict[str, bool] | None]:
+        """``_listing_of`` by key, with ``_lock`` held."""
+        known = self._listings.get(key)
         if known is None:
             return False, None
         names, when = known
@@ -495,19 +499,20 @@ class Tiers:
     def _list(self, remote: Remote, share: str, directory: str) -> dict[str, bool] | None:
         """The names in ``directory`` of ``share`` on ``remote`` (None: too
         many to list), kept ``LISTING_TTL`` seconds.  A thread that finds the
-        directory being listed by another waits for that listing."""
+        directory being listed by another waits for that listing (listed
+        lately meanwhile: that listing is the answer)."""
         assert remote.documents is not None
         key = (remote.key, share, directory)
-        mine: threading.Event | None = None
-        with self._lock:
-            running = self._listing_now.get(key)
-            if running is None:
-                mine = self._listing_now[key] = threading.Event()
-        if running is not None:
-            running.wait()
-            listed, names = self._listing_of(remote, share, directory)
-            if listed:
-                return names  # else that listing failed: this thread lists, on its own
+        while True:  # until listed lately, or this thread is the one to list it
+            with self._lock:
+                listed, names = self._fresh(key)
+                if listed:
+                    return names
+                running = self._listing_now.get(key)
+                if running is None:
+                    mine = self._listing_now[key] = threading.Event()
+                    break
+            running.wait()  # that listing failed: one of the waiters lists next
         try:
             prefix = directory_prefix(self.function, share, directory)
             keys = remote.documents.list_documents(prefix, LISTING_MAX)
@@ -518,10 +523,9 @@ class Tiers:
                 self._listings[key] = (names, time.monotonic())
             return names
         finally:
-            if mine is not None:
-                with self._lock:
-                    del self._listing_now[key]
-                mine.set()
+            with self._lock:
+                del self._listing_now[key]
+            mine.set()
 
     def push_entry(self, share: str, entry: SharedEntry) -> None:
         """Put a shared directory's entry (its content pushed before) and the
