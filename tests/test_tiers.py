@@ -28,6 +28,7 @@ from cachefs.engine import (
     ObjectNotFoundError,
     Store,
     StoreOptions,
+    _ingest,
     check_store,
     collect_garbage,
     drop_held,
@@ -88,7 +89,8 @@ def drain(pusher: Pusher) -> None:
 def test_objects_go_as_chunks_and_a_list_and_come_back(tmp_path: Path) -> None:
     remote = Memory("mem")
     data = os.urandom(3 << 20)
-    with Store.open(tmp_path / "a", create=True, options=PUSHING) as a:
+    # A cuts smaller chunks than B would: B keeps A's (its own cut would differ).
+    with Store.open(tmp_path / "a", create=True, config=SMALL_CONFIG, options=PUSHING) as a:
         tiers = Tiers(a, [Tier(remote)])
         digest = a.put(data)
         assert a.pushes is not None and a.pushes.depth()[0] == 1
@@ -127,6 +129,42 @@ def test_objects_go_as_chunks_and_a_list_and_come_back(tmp_path: Path) -> None:
         with pytest.raises(ObjectNotFoundError):
             tiers.fetch(Digest(SHA256.hash(b"nowhere"), 7))
         tiers.close()
+
+
+def test_a_chunk_another_ingest_has_not_published_is_fetched(tmp_path: Path) -> None:
+    """A chunk that an ingest running meanwhile appended, but has not published
+    yet, cannot be read from this store: the fetch takes it from the tier."""
+    remote = Memory("mem")
+    data = os.urandom(1 << 20)
+    with Store.open(tmp_path / "a", create=True, config=SMALL_CONFIG, options=PUSHING) as a:
+        tiers = Tiers(a, [Tier(remote)])
+        digest = a.put(data)
+        # As many chunks as the other ingest gives its workers at once.
+        firsts = [(d, bytes(a.read_chunk(d))) for d, _ in a.recipe(digest)[: _ingest._TASK_CHUNKS]]
+        drain(Pusher(tiers))
+        tiers.close()
+    with Store.open(tmp_path / "b", create=True, options=StoreOptions(fsync=False)) as b:
+        release = threading.Event()
+
+        def stalled() -> Iterator[tuple[bytes, bytes | memoryview]]:
+            yield from firsts
+            release.wait(30)
+            raise OSError(errno.EIO, "the source of the other ingest failed")
+
+        other = ThreadPoolExecutor(1).submit(b.put, KnownChunks(stalled()))
+        first = firsts[0][0]
+        pending = b.chunks.segments.shard(first).pending
+        wait_for(lambda: first in pending, 10)
+        tiers = Tiers(b, [Tier(remote)])
+        try:
+            assert fetch_into(b, tiers, digest) == data
+        finally:
+            release.set()
+            tiers.close()
+        with pytest.raises(OSError):
+            other.result(30)
+        assert b.read(digest) == data
+        assert check_store(b).clean
 
 
 def test_shared_entries_carry_small_files() -> None:

@@ -128,14 +128,16 @@ class LocalChunks:
         self.read_order: dict[int, int] = {}
         self._reads = itertools.count(1)
 
-    def find_missing(self, digests: Sequence[bytes]) -> set[bytes]:
+    def find_missing(self, digests: Sequence[bytes], *, pending: bool = True) -> set[bytes]:
         """Chunks neither indexed (in bytes that still exist here: not held
-        remotely) nor appended and waiting to be published by this process."""
+        remotely) nor, with ``pending``, appended and waiting to be published
+        by this process (an ingest may count on those; ``read_chunk`` cannot
+        read them yet)."""
         missing = set()
         segments = self.segments
         with self.index.read() as txn:
             for digest in digests:
-                if digest in segments.shard(digest).pending:
+                if pending and digest in segments.shard(digest).pending:
                     continue
                 raw = self.index.chunks.get(txn, digest)
                 if (

@@ -574,7 +574,9 @@ class Tiers:
         ``FETCH_AHEAD`` in flight); a hole's zeroes come with an empty digest."""
         local = self.store.chunks
         stored = [d for d, _ in chunks if d]
-        absent = local.find_missing(stored) if stored else set()
+        # Only published chunks can be read here: one that another ingest
+        # appended and has not published yet is fetched too.
+        absent = local.find_missing(stored, pending=False) if stored else set()
         window: deque[tuple[bytes, int, Future[bytes] | None]] = deque()
         pending = iter(chunks)
 
