@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from cachefs.engine import (
     ROOT_INODE,
@@ -863,7 +864,23 @@ async def test_lookups_in_a_shared_directory_follow_a_moved_directory(tmp_path: 
 async def test_lookups_of_one_name_at_once_fetch_it_once(tmp_path: Path) -> None:
     """Lookups of a name that another lookup is fetching wait for it: one
     fetch for all of them, and each finds the file."""
-    remote = Memory("mem", documents=True)
+    with one_shared_file(tmp_path, Memory("mem", documents=True)) as (fs, top, data):
+        found: list[bool] = []
+
+        async def look(name: bytes) -> None:
+            found.append(await fs.shared.resolve(top, name))
+
+        async with trio.open_nursery() as nursery:
+            for name in (b"f", b"f", b"f", b"absent", b"absent"):
+                nursery.start_soon(look, name)
+        assert sorted(found) == [False, False, True, True, True]
+        await fetched_once(fs, top, data)
+
+
+@contextmanager
+def one_shared_file(tmp_path: Path, remote: Memory) -> Iterator[tuple[Filesystem, int, bytes]]:
+    """A filesystem whose shared directory ``top`` (share "team") has the
+    file ``f`` only on ``remote``: ``(fs, top, its bytes)``."""
     data = os.urandom(100_000)  # too large to ride in its entry: a blob to fetch
     digest = Digest(SHA256.hash(data), len(data))
     remote.blobs[digest] = data
@@ -873,23 +890,19 @@ async def test_lookups_of_one_name_at_once_fetch_it_once(tmp_path: Path) -> None
             top = fs.create(ROOT_INODE, b"cc", stat.S_IFDIR | 0o755, 0, 0).ino
             fs.setxattr(top, b"user.cachefs.cache", b"max_size=1000000 shared=team")
             fs.remote.tiers.push_entry("team", SharedEntry("f", digest, 0o644, 1, None))
-            found: list[bool] = []
-
-            async def look(name: bytes) -> None:
-                found.append(await fs.shared.resolve(top, name))
-
-            async with trio.open_nursery() as nursery:
-                for name in (b"f", b"f", b"f", b"absent", b"absent"):
-                    nursery.start_soon(look, name)
-            assert sorted(found) == [False, False, True, True, True]
-            assert fs.remote.tiers.counts["fetched_objects"] == 1
-            assert fs.shared.counts["shared_fetches"] == 1
-            fh, _ = await fs.open(fs.namespace.lookup(top, b"f"), os.O_RDONLY)
-            assert bytes(await fs.read(fh, 0, len(data))) == data
-            await fs.release(fh)
-            assert not fs.shared._resolving
+            yield fs, top, data
         finally:
             fs.close()
+
+
+async def fetched_once(fs: Filesystem, top: int, data: bytes) -> None:
+    """``f`` of ``one_shared_file`` was fetched once, and reads right."""
+    assert fs.remote.tiers.counts["fetched_objects"] == 1
+    assert fs.shared.counts["shared_fetches"] == 1
+    fh, _ = await fs.open(fs.namespace.lookup(top, b"f"), os.O_RDONLY)
+    assert bytes(await fs.read(fh, 0, len(data))) == data
+    await fs.release(fh)
+    assert not fs.shared._resolving
 
 
 def test_misses_in_one_directory_at_once_list_it_once(tmp_path: Path) -> None:
@@ -926,12 +939,185 @@ def test_misses_in_one_directory_at_once_list_it_once(tmp_path: Path) -> None:
                 while remote.lists == 0 and time.monotonic() < deadline:
                     time.sleep(0.01)
                 remote.gate.set()
-                assert [f.result() for f in found] == [None] * 4
+                answers = [f.exception() or f.result() for f in found]
+            # The thread whose listing failed has no answer; the others miss.
+            failed = [a for a in answers if isinstance(a, RemoteError)]
+            assert len(failed) == fail and answers.count(None) == 4 - fail
             # Once, or a failed listing and then the waiters' own.
             assert remote.lists >= 2 if fail else remote.lists == 1
             assert not tiers._listing_now
             for tier in tiers.tiers:
                 tier.breaker.succeeded()
+        tiers.close()
+
+
+class Stalling(Memory):
+    """A remote in memory whose first call of ``stalls`` ("get_document": a
+    shared entry asked for, or "read": a blob fetched) waits for ``go``,
+    then raises ``error`` if there is one; ``counted`` counts both calls."""
+
+    def __init__(self, stalls: str, error: Exception | None) -> None:
+        super().__init__("mem", documents=True)
+        self.stalls, self.error = stalls, error
+        self.counted = {"get_document": 0, "read": 0}
+        self.stalled, self.go = threading.Event(), threading.Event()
+
+    def _stall(self, call: str) -> None:
+        self.counted[call] += 1
+        if call == self.stalls and not self.stalled.is_set():
+            self.stalled.set()
+            self.go.wait(10)
+            if self.error is not None:
+                raise self.error
+
+    def get_document(self, key: str) -> bytes | None:
+        self._stall("get_document")
+        return super().get_document(key)
+
+    def read(self, digest: Digest) -> bytes:
+        self._stall("read")
+        return super().read(digest)
+
+
+@pytest.mark.parametrize(
+    ("stalls", "error", "leader_ends"),
+    [
+        # An error nothing expects while it fetches; an interrupted lookup.
+        pytest.param("read", ConnectionResetError("mem: reset"), "raised", id="raised"),
+        pytest.param("get_document", None, "cancelled", id="cancelled"),
+        # A tier that fails once, while it fetches or asks for the entry.
+        pytest.param(
+            "read", RemoteError("mem: connection reset"), "missed", id="tier-failed-fetching"
+        ),
+        pytest.param(
+            "get_document",
+            RemoteError("mem: connection reset"),
+            "missed",
+            id="tier-failed-asking",
+        ),
+    ],
+)
+async def test_lookups_that_waited_for_one_that_failed_ask_again(
+    tmp_path: Path, stalls: str, error: Exception | None, leader_ends: str
+) -> None:
+    """Lookups of a name that wait for another lookup of it which ends with
+    no answer ask again: one of them asks the tier (one more request for
+    the entry, one fetch in all), the others wait for it, and each finds
+    the file (not ENOENT)."""
+    remote = Stalling(stalls, error)
+    with one_shared_file(tmp_path, remote) as (fs, top, data):
+        leader = trio.CancelScope()
+        ended: list[str] = []
+        found: list[bool] = []
+
+        async def lead() -> None:
+            try:
+                with leader:
+                    ended.append("found" if await fs.shared.resolve(top, b"f") else "missed")
+            except ConnectionResetError:
+                ended.append("raised")
+            if leader.cancelled_caught:
+                ended.append("cancelled")
+
+        async def wait() -> None:
+            found.append(await fs.shared.resolve(top, b"f"))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lead)
+                assert await trio.to_thread.run_sync(remote.stalled.wait, 10)
+                for _ in range(3):
+                    nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                done, _ = fs.shared._resolving[top, b"f"]
+                assert done.statistics().tasks_waiting == 3
+                if leader_ends == "cancelled":
+                    leader.cancel()  # it ends at its next checkpoint, once the tier answers
+                remote.go.set()
+        assert ended == [leader_ends]
+        assert found == [True, True, True]
+        assert remote.counted == {"get_document": 2, "read": 1 + (stalls == "read")}
+        await fetched_once(fs, top, data)
+
+
+class ListingFailsOnce(Memory):
+    """A remote in memory whose first listing fails once ``go`` is set; the
+    listings after it wait for ``again``.  ``started`` counts listings begun."""
+
+    def __init__(self) -> None:
+        super().__init__("mem", documents=True)
+        self.lists = 0
+        self.started = threading.Semaphore(0)
+        self.go, self.again = threading.Event(), threading.Event()
+        self._counting = threading.Lock()
+
+    def list_documents(self, prefix: str, limit: int) -> list[str] | None:
+        with self._counting:
+            self.lists += 1
+            first = self.lists == 1
+        self.started.release()
+        if first:
+            self.go.wait(10)
+            raise RemoteError("mem: listing refused")
+        self.again.wait(10)
+        return super().list_documents(prefix, limit)
+
+
+class WaitedFor(threading.Event):
+    """A listing in progress that counts the threads that wait for it."""
+
+    def __init__(self, listing: threading.Event, waiting: threading.Semaphore) -> None:
+        super().__init__()
+        self.listing, self.waiting = listing, waiting
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.release()
+        return self.listing.wait(timeout)
+
+
+class Listings(dict[tuple[str, str, str], threading.Event]):
+    """``Tiers._listing_now`` that says when threads wait for a listing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Semaphore(0)
+
+    def __setitem__(self, key: tuple[str, str, str], listing: threading.Event) -> None:
+        super().__setitem__(key, WaitedFor(listing, self.waiting))
+
+
+def test_misses_that_waited_for_a_failed_listing_list_it_once_more(tmp_path: Path) -> None:
+    """Threads that miss names of a directory while its listing fails wait
+    for it; then one of them lists it again and the others take that
+    listing: two listings in all, not one per thread.  Each waiter gets the
+    listing's answer; the thread whose listing failed has none."""
+    remote = ListingFailsOnce()
+    data = b"a file"
+    digest = Digest(SHA256.hash(data), len(data))
+    with Store.open(tmp_path / "s", create=True, options=PUSHING) as store:
+        tiers = Tiers(store, [Tier(remote)])
+        for path in ("d/f", "d/sub/g"):
+            tiers.push_entry("team", SharedEntry(path, digest, 0o644, 1, data))
+        listings = tiers._listing_now = Listings()
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(tiers.find_entry, "team", "d/sub")
+            assert remote.started.acquire(timeout=10)
+            asked = ["d/sub", "d/x", "d/sub"]
+            waiters = [pool.submit(tiers.find_entry, "team", path) for path in asked]
+            for _ in asked:
+                assert listings.waiting.acquire(timeout=10)  # for the first listing
+            remote.go.set()
+            with pytest.raises(RemoteError):  # its tier failed: no answer (a miss above)
+                first.result(10)
+            assert remote.started.acquire(timeout=10)  # one waiter lists again...
+            for _ in asked[1:]:
+                assert listings.waiting.acquire(timeout=10)  # ...and the others wait for it
+            remote.again.set()
+            directory = SharedEntry("d/sub", None)
+            assert [f.result(10) for f in waiters] == [directory, None, directory]
+        assert remote.lists == 2
+        assert not tiers._listing_now
+        assert tiers.known_entry("team", "d/z") == (True, None)  # the listing is kept
         tiers.close()
 
 

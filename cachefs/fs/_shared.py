@@ -43,6 +43,7 @@ from collections.abc import Sequence
 import trio
 
 from cachefs.engine import ROOT_INODE, CachefsError, Digest, FsError, Inode, Namespace, Store
+from cachefs.errors import RemoteError
 from cachefs.format.schema import NO_CONTENT, may_be_sparse
 from cachefs.fs._caches import CacheDir, CacheDirs
 from cachefs.fs._events import Entry, FsEvents, Listeners
@@ -264,7 +265,9 @@ class SharedDirs(FsEvents):
     async def resolve(self, parent: int, name: bytes) -> bool:
         """Make ``name`` in ``parent`` from the tiers' entry, if ``parent`` is in a
         shared directory and a tier has one; whether it is there now.  Lookups
-        of a name that one is resolving wait for it (one fetch, not one each)."""
+        of a name that one is resolving wait for it (one fetch, not one each);
+        if it got no answer (a tier or the store failed, or it was cancelled)
+        they ask again."""
         if not self.tiers.readers:
             return False
         key = (parent, name)
@@ -272,7 +275,7 @@ class SharedDirs(FsEvents):
         if running is not None:
             done, answer = running
             await done.wait()
-            if not answer:  # that lookup failed or was cancelled: ask again
+            if not answer:  # that lookup got no answer: ask again
                 return await self.resolve(parent, name)
             try:
                 self.namespace.lookup(parent, name)
@@ -282,13 +285,16 @@ class SharedDirs(FsEvents):
         done, answer = self._resolving[key] = (trio.Event(), [])
         try:
             there = await self._resolve(parent, name)
-            answer.append(there)
-            return there
+            if there is not None:
+                answer.append(there)
+            return bool(there)
         finally:
             del self._resolving[key]
             done.set()
 
-    async def _resolve(self, parent: int, name: bytes) -> bool:
+    async def _resolve(self, parent: int, name: bytes) -> bool | None:
+        """Whether ``name`` is there now; None if that could not be known (a
+        tier or the store failed: logged)."""
         cache = self.caches.cache_of(parent)
         if cache is None or cache.shared is None:
             return False
@@ -303,9 +309,11 @@ class SharedDirs(FsEvents):
             known, entry = self.tiers.known_entry(share, path)
             if not known:
                 entry = await trio.to_thread.run_sync(self.tiers.find_entry, share, path)
+        except RemoteError:
+            return None  # the tiers logged it
         except CachefsError as exc:
             log.warning("shared directory %s: lookup of %r: %s", share, name, exc)
-            return False
+            return None
         if entry is None:
             self.counts["shared_misses"] += 1
             return False
@@ -327,7 +335,7 @@ class SharedDirs(FsEvents):
             inode = await trio.to_thread.run_sync(self._fetch, parent, name, digest, entry.contents)
         except CachefsError as exc:
             log.warning("shared directory %s: fetching %s (%s): %s", share, path, digest, exc)
-            return False
+            return None
         if inode is None:
             return True  # made meanwhile
         inode = self.namespace.setattr(  # no set-id bits from elsewhere

@@ -422,10 +422,13 @@ class Tiers:
 
     def find_entry(self, share: str, path: str) -> SharedEntry | None:
         """The entry ``path`` of share ``share`` in the first read tier that
-        has it; None if none has it, or none could be asked (a lookup then
-        misses: it never waits on a tier that is failing)."""
+        has it; None if none has it, or none could be asked (a tier that is
+        failing is skipped: a lookup then misses, it never waits on one).
+        RemoteError if none has it and one failed to answer now (logged
+        here): that is no answer, and the name is not kept as absent."""
         if self._recently_absent(share, path):
             return None
+        failure: RemoteError | None = None
         for tier in self.readers:
             if not tier.breaker.admit():
                 continue
@@ -434,6 +437,7 @@ class Tiers:
             except RemoteError as exc:
                 self._failed(tier, exc)
                 log.warning("shared entry %s/%s: %s", share, path, exc.message)
+                failure = exc
                 continue
             tier.breaker.succeeded()
             try:  # a malformed entry is a miss there, not a failing tier
@@ -445,6 +449,8 @@ class Tiers:
                 continue
             if entry is not None:
                 return entry
+        if failure is not None:
+            raise failure
         with self._lock:
             if len(self._absent) >= ABSENT_KEPT:
                 self._absent.clear()
