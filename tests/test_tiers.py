@@ -879,27 +879,33 @@ async def test_lookups_of_one_name_at_once_fetch_it_once(tmp_path: Path) -> None
 
 @contextmanager
 def one_shared_file(tmp_path: Path, remote: Memory) -> Iterator[tuple[Filesystem, int, bytes]]:
-    """A filesystem whose shared directory ``top`` (share "team") has the
-    file ``f`` only on ``remote``: ``(fs, top, its bytes)``."""
+    """A filesystem whose shared directory ``top`` (share "team", owned by
+    1234:5678) has the file ``f`` (mode 0640, mtime 1 ns) only on
+    ``remote``: ``(fs, top, its bytes)``."""
     data = os.urandom(100_000)  # too large to ride in its entry: a blob to fetch
     digest = Digest(SHA256.hash(data), len(data))
     remote.blobs[digest] = data
     with Store.open(tmp_path / "s", create=True, options=PUSHING) as store:
         fs = Filesystem(store, tiers=[Tier(remote)])
         try:
-            top = fs.create(ROOT_INODE, b"cc", stat.S_IFDIR | 0o755, 0, 0).ino
+            top = fs.create(ROOT_INODE, b"cc", stat.S_IFDIR | 0o755, 1234, 5678).ino
             fs.setxattr(top, b"user.cachefs.cache", b"max_size=1000000 shared=team")
-            fs.remote.tiers.push_entry("team", SharedEntry("f", digest, 0o644, 1, None))
+            fs.remote.tiers.push_entry("team", SharedEntry("f", digest, 0o4640, 1, None))
             yield fs, top, data
         finally:
             fs.close()
 
 
 async def fetched_once(fs: Filesystem, top: int, data: bytes) -> None:
-    """``f`` of ``one_shared_file`` was fetched once, and reads right."""
+    """``f`` of ``one_shared_file`` was fetched once, was made with its
+    entry's mode (no set-id bits) and mtime and its directory's owner, and
+    reads right."""
     assert fs.remote.tiers.counts["fetched_objects"] == 1
     assert fs.shared.counts["shared_fetches"] == 1
-    fh, _ = await fs.open(fs.namespace.lookup(top, b"f"), os.O_RDONLY)
+    inode = fs.namespace.get(fs.namespace.lookup(top, b"f"))
+    assert (inode.mode, inode.uid, inode.gid) == (stat.S_IFREG | 0o640, 1234, 5678)
+    assert inode.mtime_ns == 1
+    fh, _ = await fs.open(inode.ino, os.O_RDONLY)
     assert bytes(await fs.read(fh, 0, len(data))) == data
     await fs.release(fh)
     assert not fs.shared._resolving

@@ -180,6 +180,7 @@ class Namespace:
         rdev: int = 0,
         target: bytes = b"",
         content: Digest | None = None,
+        mtime_ns: int | None = None,
         txn: lmdb.Transaction | None = None,
     ) -> Inode:
         """Make a new inode of any type and its entry ``name`` in ``parent``.
@@ -188,14 +189,16 @@ class Namespace:
         a directory, the set-gid bit) when the parent is set-gid.  With ``txn``
         it runs in the caller's write transaction: in a publication's hook,
         ``content`` names the object just published, whose reference the new
-        file takes.
+        file takes.  ``mtime_ns``: a modification time other than now (a
+        file that was made elsewhere).
         """
         _check_name(name)
         if txn is None:
             with self.store.transaction("creating a file") as own:
                 return self.create(
-                    parent, name, mode, uid, gid, rdev=rdev, target=target, content=content, txn=own
-                )
+                    parent, name, mode, uid, gid, rdev=rdev, target=target, content=content,
+                    mtime_ns=mtime_ns, txn=own,
+                )  # fmt: skip
         dir_inode, key = self._new_entry(txn, parent, name)
         if dir_inode.mode & stat.S_ISGID:
             gid = dir_inode.gid
@@ -208,7 +211,8 @@ class Namespace:
         now = time.time_ns()
         is_dir = stat.S_ISDIR(mode)
         size = len(target) if content is None else content.size
-        inode = Inode(ino, mode, uid, gid, 2 if is_dir else 1, size, rdev, now, now, now)
+        mtime = now if mtime_ns is None else mtime_ns
+        inode = Inode(ino, mode, uid, gid, 2 if is_dir else 1, size, rdev, now, mtime, now)
         inode.target = target
         if content is not None:
             inode.content = content.hash

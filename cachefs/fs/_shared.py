@@ -48,7 +48,7 @@ from cachefs.format.schema import NO_CONTENT, may_be_sparse
 from cachefs.fs._caches import CacheDir, CacheDirs
 from cachefs.fs._events import Entry, FsEvents, Listeners
 from cachefs.fs._files import OpenFiles
-from cachefs.fs._stored_files import StoredFiles
+from cachefs.fs._stored_files import FileAttrs, StoredFiles
 from cachefs.remote import Tiers
 
 log = logging.getLogger(__name__)
@@ -332,15 +332,16 @@ class SharedDirs(FsEvents):
             return False
         try:
             await self.stored.make_room(parent, digest.size)
-            inode = await trio.to_thread.run_sync(self._fetch, parent, name, digest, entry.contents)
+            # The directory's owner's, with no set-id bits from elsewhere.
+            attrs = FileAttrs(entry.mode & 0o777, top.uid, top.gid, entry.mtime_ns)
+            inode = await trio.to_thread.run_sync(
+                self._fetch, parent, name, digest, attrs, entry.contents
+            )
         except CachefsError as exc:
             log.warning("shared directory %s: fetching %s (%s): %s", share, path, digest, exc)
             return None
         if inode is None:
             return True  # made meanwhile
-        inode = self.namespace.setattr(  # no set-id bits from elsewhere
-            inode.ino, mode=entry.mode & 0o777, uid=top.uid, gid=top.gid, mtime_ns=entry.mtime_ns
-        )
         self._arriving.add(inode.ino)  # its arrival is not pushed back; later changes are
         try:
             self.stored.added(parent, name, inode)
@@ -371,17 +372,22 @@ class SharedDirs(FsEvents):
         self._directories[share, directory] = (there, time.monotonic())
 
     def _fetch(
-        self, parent: int, name: bytes, digest: Digest, contents: bytes | None = None
+        self,
+        parent: int,
+        name: bytes,
+        digest: Digest,
+        attrs: FileAttrs,
+        contents: bytes | None = None,
     ) -> Inode | None:
-        """Store the entry's file: its bytes came in the entry (checked as
-        they are stored), or are fetched from the tiers."""
+        """Store the entry's file, made with ``attrs``: its bytes came in the
+        entry (checked as they are stored), or are fetched from the tiers."""
         source = self.tiers.fetch(digest) if contents is None else [contents]
         pushes = self.store.pushes
         if pushes is None:
-            return self.stored.store_file(parent, name, source, expect=digest)
+            return self.stored.store_file(parent, name, source, expect=digest, attrs=attrs)
         pushes.from_tiers.add(digest)  # not pushed back where it came from
         try:
-            return self.stored.store_file(parent, name, source, expect=digest)
+            return self.stored.store_file(parent, name, source, expect=digest, attrs=attrs)
         finally:
             pushes.from_tiers.discard(digest)
 

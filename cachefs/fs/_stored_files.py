@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import stat
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import lmdb
 
@@ -49,6 +50,17 @@ from cachefs.fs._events import Listeners
 #: Mode of the files and directories the servers make.
 FILE_MODE = stat.S_IFREG | 0o644
 DIRECTORY_MODE = stat.S_IFDIR | 0o755
+
+
+@dataclass(frozen=True)
+class FileAttrs:
+    """What stored files are made with, where ``FILE_MODE``, root and now
+    will not do (a file of another machine's shared directory)."""
+
+    permissions: int  # the mode's permission bits
+    uid: int
+    gid: int
+    mtime_ns: int
 
 
 class StoredFiles:
@@ -136,6 +148,7 @@ class StoredFiles:
         *,
         expect: Digest | None = None,
         durable: bool = True,
+        attrs: FileAttrs | None = None,
     ) -> Inode | None:
         """Ingest ``source`` and publish it as the new file ``name`` of
         ``parent`` in one transaction; returns the file, or None when an entry
@@ -144,28 +157,39 @@ class StoredFiles:
         is published; a directory that went meanwhile is FsError(ENOENT).  Tell
         the filesystem afterwards (:meth:`added`).  Without ``durable`` it is
         durable at the store's next sync."""
-        (result,) = self.store_files([(parent, name, source, expect)], durable=durable)
+        (result,) = self.store_files([(parent, name, source, expect)], durable=durable, attrs=attrs)
         if isinstance(result, CachefsError):
             raise result
         return result
 
     def store_files(
-        self, files: Sequence[tuple[int, bytes, Source, Digest | None]], *, durable: bool = True
+        self,
+        files: Sequence[tuple[int, bytes, Source, Digest | None]],
+        *,
+        durable: bool = True,
+        attrs: FileAttrs | None = None,
     ) -> list[Inode | CachefsError | None]:
         """:meth:`store_file` of several files ``(parent, name, source,
         expect)``, published together (one transaction, one fdatasync): for
         each, in order, the file, None, or the error that refused it
         (DigestMismatchError, FsError).  An error of the store itself (full,
-        read-only) is raised and stores none."""
+        read-only) is raised and stores none.  Each file is made with
+        ``attrs`` if given (in the same transaction: never seen without)."""
         made: list[Inode | CachefsError | None] = [None] * len(files)
         namespace, store = self.namespace, self.store
+        mode, uid, gid, mtime_ns = (
+            (FILE_MODE, 0, 0, None)
+            if attrs is None
+            else (stat.S_IFREG | stat.S_IMODE(attrs.permissions), attrs.uid, attrs.gid,
+                  attrs.mtime_ns)
+        )  # fmt: skip
 
         def hook(i: int, parent: int, name: bytes) -> PublishHook:
             def create(txn: lmdb.Transaction, digest: Digest) -> None:
                 # Runs in a transaction other publications share: it must not fail.
                 try:
                     made[i] = namespace.create(
-                        parent, name, FILE_MODE, 0, 0, content=digest, txn=txn
+                        parent, name, mode, uid, gid, content=digest, mtime_ns=mtime_ns, txn=txn
                     )
                 except FsError as exc:
                     store.drop_ref(txn, digest)  # the reference nobody took
