@@ -26,7 +26,6 @@ import pytest
 
 from cachefs.daemon import _mount as mounting
 from cachefs.daemon import mounted_fstype
-from cachefs.daemon._mounts import mounted_at
 from cachefs.errors import MountError
 from cachefs.format.header import HEADER_NAME
 from tests.mounting import CACHEFS, cachefs, require_fuse
@@ -396,9 +395,8 @@ def test_default_options_as_root(tmp_path: Path, mounts: Mounts) -> None:
     assert "default_permissions" in options
     assert "rw" in options
     # The kernel reads ahead a FUSE request's largest, not its default 128 KiB.
-    found = mounted_at(mnt)
-    assert found is not None
-    setting = Path("/sys/class/bdi") / found[1] / "read_ahead_kb"
+    device = mnt.stat().st_dev
+    setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
     assert int(setting.read_text()) == mounting.READ_AHEAD_KB > 128
 
 

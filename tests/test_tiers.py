@@ -10,7 +10,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -1014,7 +1014,6 @@ async def test_lookups_that_waited_for_one_that_failed_ask_again(
     with one_shared_file(tmp_path, remote) as (fs, top, data):
         leader = trio.CancelScope()
         ended: list[str] = []
-        found: list[bool] = []
 
         async def lead() -> None:
             try:
@@ -1025,25 +1024,104 @@ async def test_lookups_that_waited_for_one_that_failed_ask_again(
             if leader.cancelled_caught:
                 ended.append("cancelled")
 
-        async def wait() -> None:
-            found.append(await fs.shared.resolve(top, b"f"))
+        def cancel() -> None:
+            if leader_ends == "cancelled":
+                leader.cancel()  # it ends at its next checkpoint, once the tier answers
 
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(lead)
-                assert await trio.to_thread.run_sync(remote.stalled.wait, 10)
-                for _ in range(3):
-                    nursery.start_soon(wait)
-                await trio.testing.wait_all_tasks_blocked()
-                done, _ = fs.shared._resolving[top, b"f"]
-                assert done.statistics().tasks_waiting == 3
-                if leader_ends == "cancelled":
-                    leader.cancel()  # it ends at its next checkpoint, once the tier answers
-                remote.go.set()
+        found = await three_wait_for_one(fs, top, remote, lead, cancel)
         assert ended == [leader_ends]
         assert found == [True, True, True]
         assert remote.counted == {"get_document": 2, "read": 1 + (stalls == "read")}
         await fetched_once(fs, top, data)
+
+
+async def three_wait_for_one(
+    fs: Filesystem,
+    top: int,
+    remote: Stalling,
+    lead: Callable[[], Awaitable[None]],
+    meanwhile: Callable[[], None] = lambda: None,
+) -> list[bool]:
+    """Run ``lead`` (a lookup of ``f``) until ``remote`` stalls it, then three
+    lookups of ``f`` that wait for it; call ``meanwhile`` and let the remote
+    go on.  What the three found."""
+    found: list[bool] = []
+
+    async def wait() -> None:
+        found.append(await fs.shared.resolve(top, b"f"))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lead)
+            assert await trio.to_thread.run_sync(remote.stalled.wait, 10)
+            for _ in range(3):
+                nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            done, _ = fs.shared._resolving[top, b"f"]
+            assert done.statistics().tasks_waiting == 3
+            meanwhile()
+            remote.go.set()
+    return found
+
+
+class Failing(Stalling):
+    """``Stalling`` whose every call of ``stalls`` raises ``error`` (the first
+    once ``go`` is set)."""
+
+    def _stall(self, call: str) -> None:
+        first = not self.stalled.is_set()
+        super()._stall(call)
+        if call == self.stalls and not first and self.error is not None:
+            raise self.error
+
+
+@pytest.mark.parametrize(
+    ("remote", "reads"),
+    [
+        # The tier fails every time: the waiters ask once more, together.
+        pytest.param(Failing("read", RemoteError("mem: connection reset")), 2, id="tier-fails"),
+        # The tier has the entry but not the content: an answer, asked for once.
+        pytest.param(Stalling("read", None), 1, id="content-gone"),
+    ],
+)
+async def test_lookups_that_waited_ask_once_more_at_most(
+    tmp_path: Path, remote: Stalling, reads: int
+) -> None:
+    """Lookups that waited for one that got no answer ask once more, and not
+    again: a failure that stays costs two fetches, not one per waiter.  One
+    that got an answer (the tier lacks the content) is not asked again."""
+    with one_shared_file(tmp_path, remote) as (fs, top, _):
+        if reads == 1:
+            remote.blobs.clear()
+        first: list[bool] = []
+
+        async def lead() -> None:
+            first.append(await fs.shared.resolve(top, b"f"))
+
+        assert await three_wait_for_one(fs, top, remote, lead) == [False] * 3
+        assert first == [False]
+        assert remote.counted["read"] == reads
+        assert not fs.shared._resolving
+
+
+def test_a_skipped_tier_is_no_answer(tmp_path: Path) -> None:
+    """While a tier is skipped (its breaker open), a name it may have is not
+    answered, and not kept as absent: it is found once the tier is back."""
+    remote = Memory("mem", documents=True)
+    data = b"a file"
+    with Store.open(tmp_path / "s", create=True, options=PUSHING) as store:
+        tiers = Tiers(store, [Tier(remote)])
+        tiers.push_entry("team", SharedEntry("d/f", Digest(SHA256.hash(data), 6), 0o644, 1, data))
+        (tier,) = tiers.tiers
+        while tier.breaker.admit():
+            tier.breaker.failed("down")
+        with pytest.raises(RemoteError, match="skipped"):
+            tiers.find_entry("team", "d/f")
+        assert tiers.known_entry("team", "d/f") == (False, None)
+        tier.breaker.succeeded()
+        found = tiers.find_entry("team", "d/f")
+        assert found is not None and found.contents == data
+        tiers.close()
 
 
 class ListingFailsOnce(Memory):

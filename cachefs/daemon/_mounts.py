@@ -30,43 +30,35 @@ FSNAME = "cachefs"
 FSTYPE = f"fuse.{FSNAME}"
 
 
-def mount_table() -> Iterator[tuple[str, str, str]]:
-    """(mount point, file system type, device ``major:minor``) of every mount of
-    this process's mount namespace, in the order they were made
-    (``/proc/self/mountinfo``)."""
+def mount_table() -> Iterator[tuple[str, str]]:
+    """(mount point, file system type) of every mount of this process's mount
+    namespace, in the order they were made (``/proc/self/mountinfo``)."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
         for line in table:
             fields = line.split()
             separator = fields.index("-")
-            yield _unescape(fields[4]), fields[separator + 1], fields[2]
+            yield _unescape(fields[4]), fields[separator + 1]
 
 
-def mounted_at(path: Path) -> tuple[str, str] | None:
-    """(file system type, device ``major:minor``) of the mount exactly at
-    ``path`` (from the mount table: never touches the mount itself, which may
-    be dead)."""
+def mounted_fstype(path: Path) -> str | None:
+    """The type of the file system mounted exactly at ``path`` (from the mount
+    table: never touches the mount itself, which may be dead)."""
     # Resolve symlinks in the parent only: a stat of a dead (or our own) mount hangs.
     absolute = Path(os.path.abspath(path))
     target = os.path.join(os.path.realpath(absolute.parent), absolute.name)
     found = None
     try:
-        for point, fstype, device in mount_table():
+        for point, fstype in mount_table():
             if point == target:
-                found = fstype, device  # the last mount on a path wins
+                found = fstype  # the last mount on a path wins
     except (OSError, ValueError):
         return None
     return found
 
 
-def mounted_fstype(path: Path) -> str | None:
-    """The type of the file system mounted exactly at ``path`` (``mounted_at``)."""
-    found = mounted_at(path)
-    return None if found is None else found[0]
-
-
 def cachefs_mounts() -> list[Path]:
     """The mount points of every cachefs mount."""
-    return [Path(point) for point, fstype, _ in mount_table() if fstype == FSTYPE]
+    return [Path(point) for point, fstype in mount_table() if fstype == FSTYPE]
 
 
 def _unescape(field: str) -> str:

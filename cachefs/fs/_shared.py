@@ -15,8 +15,10 @@ is shared through the store's remote tiers (``cachefs.remote``):
   is not pushed (its content is).
 * **In.**  A lookup in the directory that finds no local entry asks the read
   tiers for one (:meth:`SharedDirs.resolve`); a directory is made, a file is
-  fetched (verified, chunk by chunk) and stored, with the entry's mode and
-  mtime, owned by the directory's owner.  From then on it is a file of the
+  fetched (verified, chunk by chunk) and stored, with the entry's mode (no
+  set-id bits) and mtime, owned by the directory's owner (in the group of a
+  set-gid directory, as POSIX has it), all in the one transaction that
+  publishes it.  From then on it is a file of the
   cache directory like any other (budget, eviction, policy).  A tier that
   fails is skipped for a while (its breaker), so a lookup misses rather than
   hangs; negative lookups are cached by the kernel for ``NEGATIVE_TIMEOUT``
@@ -262,12 +264,12 @@ class SharedDirs(FsEvents):
                 return False
         return True
 
-    async def resolve(self, parent: int, name: bytes) -> bool:
+    async def resolve(self, parent: int, name: bytes, *, again: bool = True) -> bool:
         """Make ``name`` in ``parent`` from the tiers' entry, if ``parent`` is in a
         shared directory and a tier has one; whether it is there now.  Lookups
         of a name that one is resolving wait for it (one fetch, not one each);
-        if it got no answer (a tier or the store failed, or it was cancelled)
-        they ask again."""
+        if it got no answer (a tier failed, or it was cancelled) they ask once
+        more (``again``), together again."""
         if not self.tiers.readers:
             return False
         key = (parent, name)
@@ -275,8 +277,8 @@ class SharedDirs(FsEvents):
         if running is not None:
             done, answer = running
             await done.wait()
-            if not answer:  # that lookup got no answer: ask again
-                return await self.resolve(parent, name)
+            if not answer and again:  # that lookup got no answer: ask once more
+                return await self.resolve(parent, name, again=False)
             try:
                 self.namespace.lookup(parent, name)
             except FsError:
@@ -294,7 +296,9 @@ class SharedDirs(FsEvents):
 
     async def _resolve(self, parent: int, name: bytes) -> bool | None:
         """Whether ``name`` is there now; None if that could not be known (a
-        tier or the store failed: logged)."""
+        tier failed or was skipped: logged by the tiers).  Any other failure
+        (the store is full, the tiers lack the content or give other bytes)
+        is logged here and answers False."""
         cache = self.caches.cache_of(parent)
         if cache is None or cache.shared is None:
             return False
@@ -313,7 +317,7 @@ class SharedDirs(FsEvents):
             return None  # the tiers logged it
         except CachefsError as exc:
             log.warning("shared directory %s: lookup of %r: %s", share, name, exc)
-            return None
+            return False
         if entry is None:
             self.counts["shared_misses"] += 1
             return False
@@ -339,7 +343,7 @@ class SharedDirs(FsEvents):
             )
         except CachefsError as exc:
             log.warning("shared directory %s: fetching %s (%s): %s", share, path, digest, exc)
-            return None
+            return None if isinstance(exc, RemoteError) else False
         if inode is None:
             return True  # made meanwhile
         self._arriving.add(inode.ino)  # its arrival is not pushed back; later changes are

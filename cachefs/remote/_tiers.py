@@ -422,15 +422,16 @@ class Tiers:
 
     def find_entry(self, share: str, path: str) -> SharedEntry | None:
         """The entry ``path`` of share ``share`` in the first read tier that
-        has it; None if none has it, or none could be asked (a tier that is
-        failing is skipped: a lookup then misses, it never waits on one).
-        RemoteError if none has it and one failed to answer now (logged
-        here): that is no answer, and the name is not kept as absent."""
+        has it; None if none has it.  RemoteError if none has it and one
+        could not say: it failed now (logged here), or it is failing and
+        skipped (a lookup then misses at once: it never waits on such a
+        tier).  That is no answer: the name is not kept as absent."""
         if self._recently_absent(share, path):
             return None
         failure: RemoteError | None = None
         for tier in self.readers:
             if not tier.breaker.admit():
+                failure = RemoteError(f"{tier.remote.name} is skipped: {tier.breaker.reason}")
                 continue
             try:
                 found = self._entry_on(tier.remote, share, path)
