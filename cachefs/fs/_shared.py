@@ -296,9 +296,10 @@ class SharedDirs(FsEvents):
 
     async def _resolve(self, parent: int, name: bytes) -> bool | None:
         """Whether ``name`` is there now; None if that could not be known (a
-        tier failed or was skipped: logged by the tiers).  Any other failure
-        (the store is full, the tiers lack the content or give other bytes)
-        is logged here and answers False."""
+        tier failed, gave a chunk of other bytes, or was skipped: logged by
+        the tiers).  Any other failure (the store is full, the tiers lack the
+        content, the whole of it has another digest) is logged here and
+        answers False."""
         cache = self.caches.cache_of(parent)
         if cache is None or cache.shared is None:
             return False
