@@ -41,10 +41,15 @@ The cold reads and their baselines take turns going first, run by run; after a c
 the script waits (untimed) until B has pushed what it fetched back to the remote.  The
 SeaweedFS volume files were just written and are in the page cache for cachefs and the
 baselines alike: the cold figures measure the client path (HTTP, hashing, storing), not a
-disk.  Under the table: the CPU seconds of the daemons and of SeaweedFS in each phase, the
-daemons' memory in each phase, ERROR and WARNING lines of their logs (STORE/cachefs.log)
-and their error counters, and the CPU that other processes used meanwhile (figures taken
-on a busy machine are not worth much).  Run from the repository root, as root (FUSE)::
+disk.  The large cold read puts the file in B's page cache twice (B's segments, and the
+FUSE file the reader reads through) where the baseline keeps nothing: on a virtual machine
+that returns freed memory to its host (free page reporting) the first touch of those pages
+is slow (seen here: 3 GiB in 7-8 s), and the read of 1 GiB took 2.35 s in a first round
+and 0.81 s in a second on the same machine.  Under the table: the CPU seconds of the
+daemons and of SeaweedFS in each phase, the daemons' memory in each phase, ERROR and
+WARNING lines of their logs (STORE/cachefs.log) and their error counters, and the CPU
+that other processes used meanwhile (figures taken on a busy machine are not worth much).
+Run from the repository root, as root (FUSE)::
 
     .venv/bin/python scripts/bench_remote.py                 # 1 GiB, 5,000 files, 3 runs
     .venv/bin/python scripts/bench_remote.py --large 64M --small-count 500 --runs 1
