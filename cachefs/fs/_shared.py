@@ -95,7 +95,7 @@ class SharedDirs(FsEvents):
         #: (share, directory) -> whether the tiers have it, and since when.
         self._directories: dict[tuple[str, str], tuple[bool, float]] = {}
         #: (directory, name) being resolved: set when that is done, and its
-        #: answer (none: it failed or was cancelled).
+        #: answer (none: no answer, a tier failed or it was cancelled).
         self._resolving: dict[tuple[int, bytes], tuple[trio.Event, list[bool]]] = {}
         #: (shared directory, directory in it) -> the latter's path relative to
         #: the former (inodes are never reused; forgotten when a directory
