@@ -17,10 +17,11 @@ One package per layer; each imports only the layers before it:
 6. ``cachefs.daemon``  mounting, serving, detaching, systemd, the mount table;
 7. ``cachefs.cli``     the command line, one module per subcommand.
 
-``cachefs.errors`` (the one error hierarchy) and ``cachefs.fsutil`` (durable
-file writes) are used by every layer.  Only ``fuse`` and ``daemon`` import
+``cachefs.errors`` (the one error hierarchy), ``cachefs.fsutil`` (durable
+file writes) and ``cachefs.metrics`` (Prometheus instruments, handed down by
+the daemon when ``--metrics`` is on) are used by every layer.  Only ``fuse`` and ``daemon`` import
 pyfuse3, only ``protocol``, ``remote`` and ``server`` grpcio, only ``server``
-hypercorn, only ``remote`` obstore;
+hypercorn, only ``remote`` obstore, only ``metrics`` prometheus_client;
 ``tests/test_layers.py`` holds the tree to these rules.
 """
 

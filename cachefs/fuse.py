@@ -7,6 +7,10 @@ takes the mount down.  A request that fails on damaged data is answered with
 EIO and reported to the filesystem (``Filesystem.damaged``); the engine
 already counted the damage where it found it.  Only this module and the daemon
 import pyfuse3.
+
+With metrics (``--metrics``), each handler is wrapped on the instance
+(:func:`_measured`): its latency by operation, its errors by errno, and the
+bytes read and written.  Without, the handlers are called as they are.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -26,6 +31,9 @@ from pyfuse3 import FUSEError
 from cachefs.engine import Inode
 from cachefs.errors import CachefsError, CorruptDataError
 from cachefs.fs import Filesystem, is_virtual, is_volatile
+
+if TYPE_CHECKING:
+    from cachefs.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,47 @@ def _translate(
     return wrapper
 
 
+#: The handlers measured with metrics (every request pyfuse3 hands us).
+OPERATIONS = (
+    "lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink",
+    "rmdir", "symlink", "rename", "link", "open", "create", "read", "write", "flush",
+    "release", "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs",
+    "setxattr", "getxattr", "listxattr", "removexattr",
+)  # fmt: skip
+
+
+def _measured(
+    handler: Callable[..., Coroutine[Any, Any, Any]], name: str, metrics: Metrics
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """``handler`` timed under ``name``, its FUSEErrors counted by errno, and
+    the bytes of reads and writes counted."""
+    latency = metrics.fuse_requests.labels(name)
+    errors = metrics.fuse_errors
+    clock = time.perf_counter
+    size: Callable[[Any], int] | None = None
+    if name == "read":
+        counter = metrics.fuse_read_bytes
+        size = len
+    elif name == "write":
+        counter = metrics.fuse_written_bytes
+        size = int
+
+    async def measured(*args: Any) -> Any:
+        start = clock()
+        try:
+            result = await handler(*args)
+        except FUSEError as exc:
+            errors.labels(name, errno.errorcode.get(exc.errno, str(exc.errno))).inc()
+            raise
+        finally:
+            latency.observe(clock() - start)
+        if size is not None:
+            counter.inc(size(result))
+        return result
+
+    return measured
+
+
 def _invalidate_entry(parent: int, name: bytes, deleted: int) -> None:
     """Make the kernel drop an entry the filesystem removed on its own
     (eviction); ``deleted``: the inode, if it went with it (else 0: the
@@ -113,10 +162,13 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(self, fs: Filesystem, metrics: Metrics | None = None) -> None:
         super().__init__()
         self.fs = fs
         fs.invalidate = _invalidate_entry
+        if metrics is not None:
+            for name in OPERATIONS:
+                setattr(self, name, _measured(getattr(self, name), name, metrics))
 
     @_translate
     async def lookup(

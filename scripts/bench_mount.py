@@ -8,7 +8,10 @@ the same bytes, on the same filesystem:
 * ``passthrough``: the minimal pyfuse3 + trio passthrough of ``shared/baselines``
   (``passthrough.py BACKING MOUNTPOINT``), its backing directory beside the others;
 * ``pt kc+wb``: the same with ``--keep-cache --writeback --timeout 60``;
-* ``cachefs``: ``cachefs mount STORE MOUNTPOINT`` (a fresh store for every run).
+* ``cachefs``: ``cachefs mount STORE MOUNTPOINT`` (a fresh store for every run);
+* ``cachefs+metrics`` (``--targets ...,cachefsm``, not by default): the same with
+  ``--metrics``, its ``/metrics`` scraped every second: "cachefs / cachefs+metrics" is
+  then what metrics cost.
 
 By default everything lives on a tmpfs that the script mounts in a temporary directory
 of its own (``mount -t tmpfs``; this needs root, as FUSE mounts and drop_caches do) and
@@ -80,6 +83,7 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +113,9 @@ MIX_SHARES = {"so": 0.45, "a": 0.30, "pyc": 0.25}
 MIX_ROOTS = (ROOT / ".venv" / "lib", Path("/usr/lib"))
 
 WORKLOADS = ("seq", "small", "build")
-TARGET_KEYS = ("native", "pt", "ptkc", "cachefs")
+TARGET_KEYS = ("native", "pt", "ptkc", "cachefs", "cachefsm")
+#: Measured unless --targets says otherwise (cachefsm: the cost of --metrics).
+DEFAULT_TARGETS = ("native", "pt", "ptkc", "cachefs")
 
 
 #: The C projects the build workload can build (sources: ``tests/clients.py``).
@@ -377,8 +383,8 @@ class Cachefs(Target):
     def __init__(self, base: Path, caches: Caches, extra: list[str]) -> None:
         super().__init__(base, caches)
         self.extra = extra
-        self.store = base / "cachefs-store"
-        self.root = base / "cachefs-mnt"
+        self.store = base / f"{self.key}-store"
+        self.root = base / f"{self.key}-mnt"
         self.pid: int | None = None
         self.run = 0
         self.last_stats: dict[str, Any] = {}
@@ -528,12 +534,49 @@ def python_stacks(pid: int, path: Path) -> bool:
     return path.exists() and path.stat().st_size > 0
 
 
+class CachefsMetrics(Cachefs):
+    """cachefs with ``--metrics``, scraped every second as Prometheus would (more often)."""
+
+    key = "cachefsm"
+    label = "cachefs+metrics"
+
+    def __init__(self, base: Path, caches: Caches, extra: list[str]) -> None:
+        super().__init__(base, caches, [*extra, "--metrics", "127.0.0.1:0"])
+        self._stop_scraping = threading.Event()
+        self._scraper: threading.Thread | None = None
+        self.scrapes = 0
+
+    def start(self) -> None:
+        super().start()
+        address = str(self.read_stats()["metrics"])
+        self._stop_scraping.clear()
+        self._scraper = threading.Thread(target=self._scrape, args=(address,), daemon=True)
+        self._scraper.start()
+
+    def _scrape(self, address: str) -> None:
+        while not self._stop_scraping.wait(1.0):
+            try:
+                with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as r:
+                    r.read()
+                self.scrapes += 1
+            except OSError as exc:
+                self.problems.append(f"run {self.run}: scrape failed: {exc}")
+
+    def stop(self) -> None:
+        self._stop_scraping.set()
+        if self._scraper is not None:
+            self._scraper.join()
+            self._scraper = None
+        super().stop()
+
+
 def make_targets(args: argparse.Namespace, base: Path, caches: Caches) -> list[Target]:
     made: dict[str, Target] = {
         "native": Native(base, caches),
         "pt": Passthrough(base, caches, args.passthrough),
         "ptkc": PassthroughCached(base, caches, args.passthrough),
         "cachefs": Cachefs(base, caches, args.cachefs_arg),
+        "cachefsm": CachefsMetrics(base, caches, args.cachefs_arg),
     }
     return [made[key] for key in TARGET_KEYS if key in args.targets]
 
@@ -1084,8 +1127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--targets",
-        default=",".join(TARGET_KEYS),
-        help="comma-separated subset of: native,pt,ptkc,cachefs",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated subset of: native,pt,ptkc,cachefs,cachefsm (cachefs with "
+        "--metrics, scraped every second; not by default)",
     )
     parser.add_argument(
         "--build", choices=[*BUILDS, "none"], default=None, help="C project (zstd; --quick lz4)"

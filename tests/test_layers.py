@@ -21,6 +21,7 @@ LAYERS = {
     "cachefs": 0,
     "cachefs.errors": 0,
     "cachefs.fsutil": 0,
+    "cachefs.metrics": 0,
     "cachefs.format": 1,
     "cachefs.protocol": 1,
     "cachefs.engine": 2,
@@ -47,6 +48,7 @@ RESTRICTED = {
     "grpc": {"cachefs.protocol", "cachefs.remote", "cachefs.server"},
     "obstore": {"cachefs.remote"},
     "hypercorn": {"cachefs.server"},
+    "prometheus_client": {"cachefs.metrics"},
 }
 MAX_CLASS_LINES = 500
 

@@ -16,7 +16,20 @@ import click
 import lmdb
 
 from cachefs import __version__
-from cachefs.cli import cache, cat, fsck, gc, init, mount, put, scrub, serve, stats, umount
+from cachefs.cli import (
+    cache,
+    cat,
+    fsck,
+    gc,
+    init,
+    metrics,
+    mount,
+    put,
+    scrub,
+    serve,
+    stats,
+    umount,
+)
 from cachefs.engine import lmdb_error
 from cachefs.errors import CachefsError, from_oserror
 
@@ -64,7 +77,7 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="cachefs: %(message)s", stream=sys.stderr)
 
 
-for _module in (mount, umount, serve, cache, init, put, cat, stats, fsck, scrub, gc):
+for _module in (mount, umount, serve, cache, init, put, cat, stats, fsck, scrub, gc, metrics):
     cli.add_command(_module.command)
 
 

@@ -49,6 +49,13 @@ config_option = click.option(
     metavar="FILE",
     help="A TOML file of tiers (shard groups, directions, timeouts); see the README.",
 )
+metrics_option = click.option(
+    "--metrics",
+    "metrics_address",
+    metavar="ADDR",
+    help="Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, :PORT or HOST; port "
+    "9464 and 127.0.0.1 unless given).  `cachefs metrics rules` prints alerting rules.",
+)
 http_option = click.option(
     "--http",
     "http_address",

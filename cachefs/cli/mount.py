@@ -20,6 +20,7 @@ from .common import (
     local_max_size_option,
     max_store_size_option,
     memory_limit_option,
+    metrics_option,
     parse_size,
     positive_size,
     remote_option,
@@ -67,6 +68,7 @@ from .common import (
 )
 @grpc_option
 @http_option
+@metrics_option
 @remote_option
 @config_option
 @local_max_size_option
@@ -97,6 +99,7 @@ def command(
     config: Path | None,
     local_max_size: str | None,
     remote_durability: str,
+    metrics_address: str | None,
 ) -> None:
     """Mount STORE on MOUNTPOINT (STORE is created if missing).
 
@@ -120,6 +123,9 @@ def command(
     the remote tiers in the background, from a queue kept in the store (it
     survives a crash; `cachefs stats` shows its depth), and objects it lacks
     are fetched from them.
+
+    With --metrics ADDR the daemon serves Prometheus metrics on
+    http://ADDR/metrics (the README lists them).
     """
     verbose = ctx.find_root().params.get("verbose", 0)
     daemon.mount(
@@ -141,6 +147,7 @@ def command(
             remote_durability,
             None if local_max_size is None else parse_size(local_max_size),
         ),
+        metrics=metrics_address,
     )
 
 

@@ -21,6 +21,7 @@ from .common import (
     local_max_size_option,
     max_store_size_option,
     memory_limit_option,
+    metrics_option,
     parse_size,
     remote_option,
     store_argument,
@@ -32,6 +33,7 @@ from .mount import memory_limit_of
 @store_argument
 @grpc_option
 @http_option
+@metrics_option
 @click.option(
     "--max-size",
     metavar="SIZE",
@@ -69,6 +71,7 @@ def command(
     remotes: tuple[str, ...],
     config: Path | None,
     local_max_size: str | None,
+    metrics_address: str | None,
 ) -> None:
     """Serve STORE to build tools over REAPI v2 (gRPC) and the Bazel HTTP cache
     protocol, with no mount (STORE is created if missing).
@@ -87,6 +90,8 @@ def command(
 
     With --remote (or tiers in --config) what clients upload is pushed to the
     remote tiers in the background, from a queue kept in the store.
+
+    With --metrics ADDR it serves Prometheus metrics on http://ADDR/metrics.
 
     \b
     Point a build at it:
@@ -113,4 +118,5 @@ def command(
             config,
             local_max_size=None if local_max_size is None else parse_size(local_max_size),
         ),
+        metrics=metrics_address,
     )

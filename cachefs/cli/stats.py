@@ -32,8 +32,9 @@ def command(store: Path, as_json: bool) -> None:
     hits, misses, hit_ratio, evictions, bytes_evicted, throttled,
     throttled_seconds), max_store_size, throttle_waits, memory_limit,
     rss_bytes, pid (the daemon's), servers (grpc and http: where they listen,
-    or null), and with remote tiers remote: tiers (each with remote, direction,
-    skipped and why, and a shard group's endpoints), queue and oldest_seconds
+    or null), metrics (where --metrics serves them, if it does), and with
+    remote tiers remote: tiers (each with remote, direction, skipped and why,
+    and a shard group's endpoints), queue and oldest_seconds
     (what waits to be pushed), pushed_objects, pushed_chunks, pushed_bytes,
     pushed_entries, push_failures, last_error, fetched_objects,
     fetched_chunks, fetched_bytes, fetch_misses, fetch_errors,
@@ -64,6 +65,7 @@ def command(store: Path, as_json: bool) -> None:
             "rss_bytes",
             "pid",
             "servers",
+            "metrics",
             "remote",
         )
         for key in keys:

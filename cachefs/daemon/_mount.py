@@ -9,7 +9,8 @@ largest, ``READ_AHEAD_KB``, just before).  Under systemd (``Type=notify``)
 readiness is also sent to ``$NOTIFY_SOCKET``.
 
 With ``--grpc``/``--http`` the daemon also serves the store to build tools
-(``cachefs.server``), since one process owns a store.
+(``cachefs.server``), since one process owns a store; with ``--metrics`` it
+serves Prometheus metrics (``_metrics.py``).
 
 On SIGTERM or SIGINT, or when the file system is unmounted from outside, the
 daemon stops its servers, publishes every unpublished write, syncs the store,
@@ -36,6 +37,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address
 from cachefs.daemon._mounts import FSNAME, FSTYPE, mount_info, mounted_fstype
 from cachefs.daemon._process import (
     LOG_NAME,
@@ -132,19 +134,25 @@ def serve(
     servers: ServeOptions | None = None,
     scrub_rate: int | None = None,
     tiers: TierOptions | None = None,
+    metrics: str | None = None,
 ) -> None:
     """Open the store, mount it, serve until unmounted or signalled (and with
-    ``servers``, serve it over gRPC and HTTP too)."""
+    ``servers``, serve it over gRPC and HTTP too; with ``metrics``, an address,
+    Prometheus metrics)."""
     tiers = tiers or TierOptions()
+    observed = None if metrics is None else DaemonMetrics(metrics)
     store = Store.open(store_path, create=True, options=store_options(cache_size, tiers))
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
+        remotes = tiers.open(store.digest_function)
+        if observed is not None:
+            observed.measure_tiers(remotes)
         fs = Filesystem(
             store,
             publish_threshold=publish_threshold,
             max_store_size=max_store_size,
             memory_limit=memory_limit,
-            tiers=tiers.open(store.digest_function),
+            tiers=remotes,
         )
         fs.remote.remote_durability = tiers.durability == "remote"
         fs.remote.local_max_size = tiers.local_max_size
@@ -152,7 +160,7 @@ def serve(
             fs.control.info = {"mountpoint": str(mountpoint), "mount_options": sorted(options)}
             if trace is not None:
                 fs.start_trace(trace)
-            operations = Operations(fs)
+            operations = Operations(fs, None if observed is None else observed.metrics)
             try:
                 pyfuse3.init(operations, str(mountpoint), options)
             except RuntimeError as exc:
@@ -162,7 +170,9 @@ def serve(
             # the GIL for the default 5 ms at a time.
             sys.setswitchinterval(0.0005)
             try:
-                trio.run(_main, fs, mountpoint, ready, servers or ServeOptions(), scrub_rate)
+                trio.run(
+                    _main, fs, mountpoint, ready, servers or ServeOptions(), scrub_rate, observed
+                )
             except BaseExceptionGroup as group:
                 raise unwrap_group(group) from None
             finally:
@@ -210,15 +220,22 @@ async def _main(
     ready: Callable[[], None],
     options: ServeOptions,
     scrub_rate: int | None,
+    observed: DaemonMetrics | None,
 ) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run)
         if scrub_rate is not None:
             nursery.start_soon(functools.partial(fs.scrubber.run, scrub_rate))
         await nursery.start(_stop_on_signal)  # before READY: a SIGTERM then stops cleanly
+        metrics = None
+        if observed is not None:
+            fs.control.info["metrics"] = await nursery.start(observed.run, fs, "mount")
+            metrics = observed.metrics
         async with trio.open_nursery() as servers:
             if options.any:
-                listening = await servers.start(run_servers, fs, options)
+                listening = await servers.start(
+                    functools.partial(run_servers, fs, options, metrics=metrics)
+                )
                 fs.control.info["servers"] = listening.as_dict()
             servers.start_soon(_ready_when_answering, mountpoint, ready)
             await pyfuse3.main()
@@ -252,6 +269,7 @@ def mount(
     servers: ServeOptions | None = None,
     scrub_rate: int | None = None,
     tiers: TierOptions | None = None,
+    metrics: str | None = None,
 ) -> None:
     """``cachefs mount``: returns once the mount is ready (or raises why not)."""
     mountpoint = check_mountpoint(mountpoint)
@@ -262,6 +280,7 @@ def mount(
     options = mount_options(store, extra_options)
     if servers is not None:
         check_addresses(servers)
+    check_metrics_address(metrics)
     kwargs: dict[str, Any] = {
         "foreground": foreground,
         "verbose": verbose,
@@ -273,6 +292,7 @@ def mount(
         "servers": servers,
         "scrub_rate": scrub_rate,
         "tiers": tiers,
+        "metrics": metrics,
     }
     if foreground:
         serve(store, mountpoint, options, ready=lambda: None, **kwargs)

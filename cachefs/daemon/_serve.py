@@ -12,6 +12,8 @@ control socket ``STORE/control.sock`` (root only), which speaks the commands of
 ``/.cachefs/control`` plus ``stats``.  It is bound through ``/proc/self/fd`` so
 that a long store path does not pass the 108 bytes a socket address may have.
 
+With ``--metrics ADDR`` it serves Prometheus metrics too (``_metrics.py``).
+
 On SIGTERM or SIGINT the servers stop (calls in flight get a grace period),
 the filesystem publishes what is left, the store is synced and closed, exit 0.
 """
@@ -19,6 +21,7 @@ the filesystem publishes what is left, the store is synced and closed, exit 0.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -26,9 +29,11 @@ import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address
 from cachefs.daemon._mounts import SOCKET_NAME, socket_address
 from cachefs.daemon._process import detach, setup_logging, store_options, unwrap_group
 from cachefs.daemon._systemd import sd_notify
@@ -56,21 +61,27 @@ def serve_store(
     max_store_size: int | None = None,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     tiers: TierOptions | None = None,
+    metrics: str | None = None,
 ) -> None:
-    """Open the store and serve it until signalled."""
+    """Open the store and serve it until signalled (with ``metrics``, an
+    address, Prometheus metrics too)."""
     tiers = tiers or TierOptions()
+    observed = None if metrics is None else DaemonMetrics(metrics)
     store = Store.open(store_path, create=True, options=store_options(cache_size, tiers))
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
+        remotes = tiers.open(store.digest_function)
+        if observed is not None:
+            observed.measure_tiers(remotes)
         fs = Filesystem(
             store,
             max_store_size=max_store_size,
             memory_limit=memory_limit,
-            tiers=tiers.open(store.digest_function),
+            tiers=remotes,
         )
         fs.remote.local_max_size = tiers.local_max_size
         try:
-            trio.run(_main, fs, options, ready)
+            trio.run(_main, fs, options, ready, observed)
         except BaseExceptionGroup as group:
             raise unwrap_group(group) from None
         finally:
@@ -80,12 +91,24 @@ def serve_store(
     log.info("stopped serving %s; store closed cleanly", store_path)
 
 
-async def _main(fs: Filesystem, options: ServeOptions, ready: Callable[[], None]) -> None:
+async def _main(
+    fs: Filesystem,
+    options: ServeOptions,
+    ready: Callable[[], None],
+    observed: DaemonMetrics | None,
+) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run)
+        metrics = None
+        info: dict[str, Any] = {"pid": os.getpid()}
+        if observed is not None:
+            info["metrics"] = await nursery.start(observed.run, fs, "serve")
+            metrics = observed.metrics
         async with trio.open_nursery() as servers:
-            listening = await servers.start(run_servers, fs, options)
-            fs.control.info = {"servers": listening.as_dict(), "pid": os.getpid()}
+            listening = await servers.start(
+                functools.partial(run_servers, fs, options, metrics=metrics)
+            )
+            fs.control.info = info | {"servers": listening.as_dict()}
             await servers.start(_control_socket, fs)
             log.info(
                 "serving %s (pid %d): gRPC %s, HTTP %s",
@@ -175,11 +198,13 @@ def serve(
     max_store_size: int | None = None,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     tiers: TierOptions | None = None,
+    metrics: str | None = None,
 ) -> None:
     """``cachefs serve``: serve in the foreground, or detach and return once serving."""
     if not options.any:
         raise ConfigError("nothing to serve", hint="give --grpc ADDR, --http ADDR or both")
     check_addresses(options)
+    check_metrics_address(metrics)
     store = store.absolute()
     if store.exists() and any(store.iterdir()):
         read_header(store)  # a newer or foreign store fails here, untouched
@@ -195,6 +220,7 @@ def serve(
             max_store_size=max_store_size,
             memory_limit=memory_limit,
             tiers=tiers,
+            metrics=metrics,
         )
 
     if daemon:

@@ -23,6 +23,9 @@ What it offers:
   :func:`drop_held` (chunks the remote tiers hold dropped here, coldest first);
 * the filesystem namespace kept in the same index: :class:`Namespace`,
   :class:`Inode`, :class:`ExtendedAttributes`, :class:`CacheRecords`;
+* what the store did, for metrics: ``Store.activity()`` (counters that only
+  grow), ``Store.on_publish`` (a :class:`PublishObserver` told of each
+  publication) and ``Store.disk_free()``;
 * the store's :class:`Journal` (``Store.journal``), its :class:`PushQueue`
   (``Store.pushes``: what the write tiers are still to receive), and
   :class:`ChunkBackend`, the seam where storage tiers plug in;
@@ -44,7 +47,7 @@ from cachefs.engine._index import lmdb_error
 from cachefs.engine._journal import Journal
 from cachefs.engine._namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
 from cachefs.engine._namespace_check import NamespaceCheck
-from cachefs.engine._publish import PublishHook
+from cachefs.engine._publish import PublishHook, PublishObserver
 from cachefs.engine._pushes import PushQueue, QueuedPush
 from cachefs.engine._store import Progress, Store, StoreOptions, StoreStats
 from cachefs.engine._xattrs import ExtendedAttributes
@@ -102,6 +105,7 @@ __all__ = [
     "ObjectNotFoundError",
     "Progress",
     "PublishHook",
+    "PublishObserver",
     "PushQueue",
     "QueuedPush",
     "ReadOnlyError",

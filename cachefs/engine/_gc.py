@@ -22,6 +22,7 @@ is reported: run ``fsck``).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,18 +78,29 @@ class GcReport:
 def collect_garbage(
     store: Store, *, threshold: float | None = None, progress: Progress | None = None
 ) -> GcReport:
-    """Remove unreferenced chunks and compact sparse segments; see the module doc."""
+    """Remove unreferenced chunks and compact sparse segments; see the module doc.
+    The run is counted in ``Store.activity()``, failed or not."""
     threshold = store.options.gc_live_threshold if threshold is None else threshold
     report = GcReport()
     with store.maintenance() as maintenance:
+        start = time.monotonic()
         try:
-            _drop_unreferenced(maintenance, report)
-            _compact(maintenance, threshold, report, progress)
-        except lmdb.Error as exc:
-            raise lmdb_error(exc, "collecting garbage") from None
-        _delete_orphans(maintenance, report)
-        maintenance.sync_index()
+            _collect(maintenance, threshold, report, progress)
+        finally:
+            maintenance.activity.collected(time.monotonic() - start, report.bytes_reclaimed)
     return report
+
+
+def _collect(
+    maintenance: Maintenance, threshold: float, report: GcReport, progress: Progress | None
+) -> None:
+    try:
+        _drop_unreferenced(maintenance, report)
+        _compact(maintenance, threshold, report, progress)
+    except lmdb.Error as exc:
+        raise lmdb_error(exc, "collecting garbage") from None
+    _delete_orphans(maintenance, report)
+    maintenance.sync_index()
 
 
 def _drop_unreferenced(maintenance: Maintenance, report: GcReport) -> None:

@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any
 
+from cachefs.engine._activity import Activity
 from cachefs.engine._chunker import Batch, Chunker, KnownChunks, Source, reader_for
 from cachefs.engine._publish import PendingObject
 from cachefs.engine._reads import LocalChunks, ObjectReader
@@ -61,6 +62,7 @@ class Ingest:
         chunks: LocalChunks,
         reader: ObjectReader,
         workers: Workers,
+        activity: Activity,
     ) -> None:
         self.digest_function = digest_function
         self.chunker = chunker
@@ -69,6 +71,7 @@ class Ingest:
         self.chunks = chunks
         self.reader = reader
         self.workers = workers
+        self.activity = activity
 
     def store_chunks(self, views: list[memoryview]) -> list[Stored]:
         """Digest consecutive chunks of one object and store those that are missing.
@@ -87,6 +90,7 @@ class Ingest:
         stored: list[Stored] = []
         probe = True
         ident = self.digest_function.ident
+        unique = appended = 0
         for view, digest in zip(views, digests, strict=True):
             shard = self.segments.shard(digest)
             location = shard.pending.get(digest)
@@ -95,8 +99,13 @@ class Ingest:
                 probe = compression == COMPRESSION_NONE
                 flags = record_flags(compression, ident)
                 head = encode_record_header(TAG_CHUNK, flags, len(view), digest, payload)
-                location = self.segments.append_chunk(shard, digest, flags, head, payload)
+                location, new = self.segments.append_chunk(shard, digest, flags, head, payload)
+                if new:
+                    unique += len(view)
+                    appended += len(head) + len(payload)
             stored.append((digest, len(view), location))
+        if unique:
+            self.activity.appended(unique, appended)
         return stored
 
     def append(self, digest: bytes, view: memoryview) -> Location:
@@ -105,7 +114,9 @@ class Ingest:
         compression, payload = self.codec.encode(view, True)
         flags = record_flags(compression, self.digest_function.ident)
         head = encode_record_header(TAG_CHUNK, flags, len(view), digest, payload)
-        return self.segments.append_chunk(self.segments.shard(digest), digest, flags, head, payload)
+        shard = self.segments.shard(digest)
+        location, _ = self.segments.append_chunk(shard, digest, flags, head, payload)
+        return location
 
     def _batches(self, source: Source) -> Iterator[Batch]:
         """The chunks of any source, in batches (see ``Chunker.batches``)."""
@@ -133,14 +144,14 @@ class Ingest:
         second = next(batches, None)
         if second is None and len(first.chunks) == 1:
             # One chunk: its digest is the object's digest; no second hash.
-            ((digest, raw_len, location),) = self.store_chunks(first.chunks)
-            locations = {} if location is None else {digest: location}
-            return PendingObject(Digest(digest, raw_len), [(digest, raw_len)], locations)
+            stored = self.store_chunks(first.chunks)
+            ((digest, raw_len, _),) = stored
+            return self._pending(Digest(digest, raw_len), stored)
         inline = second is None and len(first.span) <= _INLINE_LIMIT
         whole = self.digest_function.new()
         batches = itertools.chain([first], [] if second is None else [second], batches)
         size, results = self._store_batches(batches, whole, inline=inline)
-        return _pending(Digest(whole.digest(), size), results)
+        return self._pending(Digest(whole.digest(), size), results)
 
     def ingest_known(self, source: KnownChunks) -> PendingObject:
         """Store chunks whose digests are known, as they come: no cutting and
@@ -177,7 +188,7 @@ class Ingest:
         if not results and not group:
             return self.ingest(b"")  # no chunk at all: the empty object
         results.extend(self._store_known(group))
-        return _pending(Digest(whole.digest(), size), results)
+        return self._pending(Digest(whole.digest(), size), results)
 
     def _store_batches(
         self, batches: Iterable[Batch], whole: Any | None, *, inline: bool = False
@@ -274,7 +285,7 @@ class Ingest:
             raise CachefsError(
                 "a sparse object without a hole", hint="this is a bug in cachefs; please report it"
             )
-        return _pending(Digest(sparse_key(self.digest_function, chunks), size), out)
+        return self._pending(Digest(sparse_key(self.digest_function, chunks), size), out)
 
     def ingest_file(self, path: os.PathLike[str] | str) -> PendingObject:
         with open(path, "rb", buffering=0) as f:
@@ -349,7 +360,14 @@ class Ingest:
                 f"a revision of {base} came out {position} bytes long, not {size}",
                 hint="the content changed while it was being stored; this is a bug",
             )
-        return _pending(Digest(whole.digest(), size), out)
+        return self._pending(Digest(whole.digest(), size), out)
+
+    def _pending(self, digest: Digest, stored: list[Stored]) -> PendingObject:
+        """The ingested object ``digest`` (every ingest ends here: counted once)."""
+        self.activity.ingested(digest.size)
+        chunks = [(chunk, raw_len) for chunk, raw_len, _ in stored]
+        locations = {chunk: loc for chunk, _, loc in stored if loc is not None}
+        return PendingObject(digest, chunks, locations)
 
 
 def _abandon(futures: Iterable[Future[Any]]) -> None:
@@ -360,9 +378,3 @@ def _abandon(futures: Iterable[Future[Any]]) -> None:
     for fut in futures:
         with suppress(BaseException):
             fut.result()
-
-
-def _pending(digest: Digest, stored: list[Stored]) -> PendingObject:
-    chunks = [(chunk, raw_len) for chunk, raw_len, _ in stored]
-    locations = {chunk: loc for chunk, _, loc in stored if loc is not None}
-    return PendingObject(digest, chunks, locations)

@@ -68,6 +68,8 @@ class Journal:
         #: Bytes cut off the tail when the journal was opened.
         self.truncated_bytes = size - end
         self._end = end
+        #: Checkpoints since the journal was opened (``Store.activity``).
+        self.checkpoints = 0
         self.next_seq = self.base_seq + len(self._records)
         self.synced_seq = self.next_seq - 1
 
@@ -114,6 +116,7 @@ class Journal:
 
     @property
     def size(self) -> int:
+        """The file's size: its header and the records since the last checkpoint."""
         return self._end
 
     def checkpoint(self) -> None:
@@ -135,6 +138,7 @@ class Journal:
             self._end = fmt.HEADER.size
             self._records = []
             self.synced_seq = self.next_seq - 1
+            self.checkpoints += 1
 
     def close(self) -> None:
         if self._fd >= 0:

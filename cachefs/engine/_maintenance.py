@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cachefs.engine._activity import Activity
 from cachefs.engine._health import Health
 from cachefs.engine._index import Index
 from cachefs.engine._publish import Publisher
@@ -95,10 +96,13 @@ class Maintenance:
         publisher: Publisher,
         chunks: LocalChunks,
         health: Health,
+        activity: Activity,
         *,
         fsync: bool,
     ) -> None:
         self.index = index
+        #: Where gc counts its runs.
+        self.activity = activity
         self._segments = segments
         self._publisher = publisher
         self._chunks = chunks

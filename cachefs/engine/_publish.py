@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import lmdb
 
+from cachefs.engine._activity import Activity
 from cachefs.engine._health import Health
 from cachefs.engine._index import Index, lmdb_error
 from cachefs.engine._pushes import PushQueue
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 #: Called with the publishing transaction and the object's digest; it may
 #: record the reference it now owns elsewhere in the index (the namespace).
 PublishHook = Callable[[lmdb.Transaction, Digest], None]
+#: Told of each publication once it is committed: (seconds, objects, logical
+#: bytes); see ``Store.on_publish``.
+PublishObserver = Callable[[float, int, int], None]
 #: Gets (or makes) the entry of a segment being published: (segment id, shard).
 SegmentGetter = Callable[[int, int], SegmentEntry]
 
@@ -73,6 +78,7 @@ class Publisher:
         segments: SegmentStore,
         health: Health,
         object_entry: Callable[..., ObjectEntry],
+        activity: Activity,
         *,
         fsync: bool,
     ) -> None:
@@ -81,6 +87,7 @@ class Publisher:
         self.object_entry = object_entry
         self.segments = segments
         self.health = health
+        self.activity = activity
         self.fsync = fsync
         self.commit_lock = threading.Lock()
         self._queue: list[_Ticket] = []
@@ -90,23 +97,28 @@ class Publisher:
         self.dropped = 0
         #: Where new objects are queued for the write tiers (None: no tiers).
         self.pushes: PushQueue | None = None
+        #: Told of each publication (``Store.on_publish``).
+        self.on_publish: PublishObserver | None = None
 
     # --- publishing -----------------------------------------------------------
 
     def publish(self, objects: list[PendingObject], *, durable: bool) -> None:
-        """Make ``objects`` visible, atomically each (group commit with other threads)."""
+        """Make ``objects`` visible, atomically each (group commit with other threads).
+
+        The thread that commits counts the publication in ``activity`` and
+        then, out of the commit lock, tells ``on_publish`` of it."""
         ticket = _Ticket(objects, durable)
         with self._queue_lock:
             self._queue.append(ticket)
+        committed: tuple[float, int, int] | None = None
         with self.commit_lock:
             if not ticket.done:
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
+                published = [o for t in batch for o in t.objects]
                 try:
-                    self._commit(
-                        [o for t in batch for o in t.objects],
-                        durable=any(t.durable for t in batch),
-                    )
+                    start = time.monotonic()
+                    self._commit(published, durable=any(t.durable for t in batch))
                 except BaseException as exc:
                     for t in batch:
                         t.error = exc
@@ -114,8 +126,18 @@ class Publisher:
                 finally:
                     for t in batch:
                         t.done = True
+                if published:
+                    size = sum(o.digest.size for o in published)
+                    committed = (time.monotonic() - start, len(published), size)
+                    self.activity.published(*committed)
         if ticket.error is not None:
             raise ticket.error
+        observer = self.on_publish
+        if committed is not None and observer is not None:
+            try:
+                observer(*committed)
+            except Exception:  # an observer's bug: the objects are published all the same
+                log.exception("the observer of publications failed")
 
     def publish_lengths(
         self, txn: lmdb.Transaction, dirty: Dirty, segments: dict[int, SegmentEntry]

@@ -28,6 +28,7 @@ from typing import Any, TypeAlias
 
 import lmdb
 
+from cachefs.engine._activity import Activity
 from cachefs.engine._backend import ChunkBackend
 from cachefs.engine._health import Health
 from cachefs.engine._index import Index
@@ -62,10 +63,12 @@ READ_WINDOW = 16
 
 
 class ChunkCache:
-    """LRU of decompressed chunks, bounded in bytes."""
+    """LRU of decompressed chunks, bounded in bytes; its hits and misses are
+    counted in ``activity`` (under the cache's lock)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, activity: Activity | None = None) -> None:
         self.capacity = capacity
+        self.activity = Activity() if activity is None else activity
         self._lock = threading.Lock()
         self._items: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
         self._size = 0
@@ -73,7 +76,10 @@ class ChunkCache:
     def get(self, key: bytes) -> bytes | memoryview | None:
         with self._lock:
             value = self._items.get(key)
-            if value is not None:
+            if value is None:
+                self.activity.chunk_cache_misses += 1
+            else:
+                self.activity.chunk_cache_hits += 1
                 self._items.move_to_end(key)
             return value
 
@@ -108,6 +114,7 @@ class LocalChunks:
         health: Health,
         workers: Workers,
         cache_size: int,
+        activity: Activity,
     ) -> None:
         self.index = index
         self.segments = segments
@@ -115,7 +122,7 @@ class LocalChunks:
         self.digest_function = digest_function
         self.health = health
         self.workers = workers
-        self.cache = ChunkCache(cache_size)
+        self.cache = ChunkCache(cache_size, activity)
         #: Heals a damaged chunk from elsewhere (the remote tiers): given its
         #: digest and length, stores a verified copy again and returns its
         #: bytes, or None (the damage is then recorded as ever).

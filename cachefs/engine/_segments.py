@@ -396,16 +396,17 @@ class SegmentStore:
 
     def append_chunk(
         self, shard: Shard, digest: bytes, flags: int, head: bytes, payload: bytes | memoryview
-    ) -> Location:
+    ) -> tuple[Location, bool]:
         """Append a chunk's record unless another thread just did; its location
-        stays pending until published."""
+        stays pending until published.  Whether this call appended it."""
         with shard.lock:
             location = shard.pending.get(digest)
-            if location is None:
-                segment_id, offset = self._append(shard, head, payload)
-                location = Location(segment_id, offset, len(payload), flags)
-                shard.pending[digest] = location
-        return location
+            if location is not None:
+                return location, False
+            segment_id, offset = self._append(shard, head, payload)
+            location = Location(segment_id, offset, len(payload), flags)
+            shard.pending[digest] = location
+        return location, True
 
     def copy_records(self, shard_number: int, records: Iterable[Record]) -> dict[bytes, Location]:
         """Append verbatim copies of records (headers and checksums hold no

@@ -10,6 +10,7 @@ lives in a module of its own:
 * ``_reads.py``       reads of chunks (the local :class:`ChunkBackend`) and objects;
 * ``_maintenance.py`` the lock and the interface of gc and fsck;
 * ``_journal.py``     the store's journal, for the layers above;
+* ``_activity.py``    the counters of what the store did (``Store.activity()``);
 * ``_upgrade.py``     bringing stores of an older layout up to date.
 
 Concurrency invariants:
@@ -42,13 +43,14 @@ from typing import TypeVar
 
 import lmdb
 
+from cachefs.engine._activity import Activity
 from cachefs.engine._chunker import Chunker, Source
 from cachefs.engine._health import HEALTH_NAME, Health
 from cachefs.engine._index import Index
 from cachefs.engine._ingest import Ingest
 from cachefs.engine._journal import Journal
 from cachefs.engine._maintenance import Maintenance, MaintenanceLock
-from cachefs.engine._publish import PendingObject, Publisher, PublishHook
+from cachefs.engine._publish import PendingObject, Publisher, PublishHook, PublishObserver
 from cachefs.engine._pushes import PushQueue
 from cachefs.engine._reads import LocalChunks, ObjectReader
 from cachefs.engine._segments import SegmentStore
@@ -226,6 +228,7 @@ class Store:
         self.digest_function = config.digest
         self.segments_root = path / "segments"
         self.tmp_root = path / "tmp"
+        self._activity = activity = Activity()
         self.health = Health(path / HEALTH_NAME, readonly=readonly)
         self.workers = Workers(options.workers)
         self.index = Index(path, self.health, readonly=readonly, fsync=options.fsync)
@@ -241,10 +244,16 @@ class Store:
             self.health,
             self.workers,
             options.cache_size,
+            activity,
         )
         self.reader = ObjectReader(self.index, self.chunks, self.health)
         self.publisher = Publisher(
-            self.index, self.segments, self.health, self.reader.object_entry, fsync=options.fsync
+            self.index,
+            self.segments,
+            self.health,
+            self.reader.object_entry,
+            activity,
+            fsync=options.fsync,
         )
         #: Cuts content into chunks with the store's parameters.
         self.chunker = Chunker(config.chunking, options.buffer_size)
@@ -256,6 +265,7 @@ class Store:
             self.chunks,
             self.reader,
             self.workers,
+            activity,
         )
         self.reserve = Reserve(path)
         push = options.push and not readonly
@@ -340,6 +350,7 @@ class Store:
         if self.segments.recover(published, next_id, unreadable) or unreadable:
             self.health.suspect()
         self.journal = Journal(self.path / journal_format.DIRECTORY, fsync=self.options.fsync)
+        self._activity.journal = self.journal
 
     def close(self) -> None:
         """Publish nothing new; make what was published durable; release everything."""
@@ -494,52 +505,9 @@ class Store:
         file that could not be read.
         """
         self.check_writable()
-
-        def ingest(group: list[Path]) -> list[PendingObject | CachefsError]:
-            results: list[PendingObject | CachefsError] = []
-            for path in group:
-                try:
-                    results.append(self.ingest.ingest_file(path))
-                except OSError as exc:  # this file could not be read; the others go on
-                    results.append(from_oserror(exc, f"reading {path}"))
-            return results
-
-        with (
-            self._maintenance.shared(),
-            ThreadPoolExecutor(self.options.workers, thread_name_prefix="cachefs-put") as files,
-        ):
-            # Files go to the threads in groups: a hand-over between threads costs
-            # more than ingesting a small file does.
-            window: deque[tuple[list[Path], Future[list[PendingObject | CachefsError]]]] = deque()
-            ready: list[tuple[Path, PendingObject | CachefsError]] = []
-            ready_bytes = 0
-
-            def flush() -> Iterator[tuple[Path, Digest | CachefsError]]:
-                nonlocal ready, ready_bytes
-                objects = [r for _, r in ready if isinstance(r, PendingObject)]
-                if objects:
-                    self.publisher.publish(objects, durable=durable)
-                for path, result in ready:
-                    yield path, result.digest if isinstance(result, PendingObject) else result
-                ready, ready_bytes = [], 0
-
-            def collect(keep: int) -> Iterator[tuple[Path, Digest | CachefsError]]:
-                nonlocal ready_bytes
-                while len(window) > keep:
-                    group, fut = window.popleft()
-                    for path, result in zip(group, fut.result(), strict=True):
-                        ready.append((path, result))
-                        if isinstance(result, PendingObject):
-                            ready_bytes += result.digest.size
-                    if ready_bytes >= batch_bytes or len(ready) >= 4096:
-                        yield from flush()
-
-            remaining = iter(paths)
-            while group := list(itertools.islice(remaining, _FILES_PER_TASK)):
-                window.append((group, files.submit(ingest, group)))
-                yield from collect(2 * self.options.workers)
-            yield from collect(0)
-            yield from flush()
+        publish = functools.partial(self.publisher.publish, durable=durable)
+        with self._maintenance.shared():
+            yield from _put_files(self.ingest, publish, paths, self.options.workers, batch_bytes)
 
     # --- references --------------------------------------------------------------
 
@@ -656,6 +624,7 @@ class Store:
                 self.publisher,
                 self.chunks,
                 self.health,
+                self._activity,
                 fsync=self.options.fsync,
             )
 
@@ -704,6 +673,31 @@ class Store:
 
     def stats(self) -> StoreStats:
         return _stats(self.index, self.options.gc_live_threshold)
+
+    def disk_free(self) -> int:
+        """Bytes available to the store on its filesystem (``statvfs``: ``f_bavail``)."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError as exc:
+            raise from_oserror(exc, f"asking the free space of {self.path}") from None
+        return st.f_bavail * st.f_frsize
+
+    def activity(self) -> dict[str, float]:
+        """What the store did since it was opened, by stable keys (publications,
+        ingest, the chunk cache, the journal, gc: each one documented in
+        ``cachefs/engine/_activity.py``); cheap: no index read, no system call."""
+        return self._activity.snapshot()
+
+    @property
+    def on_publish(self) -> PublishObserver | None:
+        """Called with (seconds, objects, logical bytes) after each commit that
+        published objects, by the thread that committed, out of the store's
+        locks; an exception it raises is logged.  None (the default): nothing."""
+        return self.publisher.on_publish
+
+    @on_publish.setter
+    def on_publish(self, observer: PublishObserver | None) -> None:
+        self.publisher.on_publish = observer
 
 
 def _stats(index: Index, threshold: float) -> StoreStats:
@@ -754,6 +748,60 @@ def _lock_store(path: Path) -> int:
             raise StoreLockedError(f"store {path} is open for writing by another process") from None
         raise from_oserror(exc, f"locking store {path}") from None
     return fd
+
+
+def _put_files(
+    ingest: Ingest,
+    publish: Callable[[list[PendingObject]], None],
+    paths: Iterable[Path],
+    workers: int,
+    batch_bytes: int,
+) -> Iterator[tuple[Path, Digest | CachefsError]]:
+    """``Store.put_files`` (whose caller holds the maintenance lock shared):
+    files ingested by ``workers`` threads, published about ``batch_bytes`` at a time."""
+
+    def ingest_group(group: list[Path]) -> list[PendingObject | CachefsError]:
+        results: list[PendingObject | CachefsError] = []
+        for path in group:
+            try:
+                results.append(ingest.ingest_file(path))
+            except OSError as exc:  # this file could not be read; the others go on
+                results.append(from_oserror(exc, f"reading {path}"))
+        return results
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="cachefs-put") as files:
+        # Files go to the threads in groups: a hand-over between threads costs
+        # more than ingesting a small file does.
+        window: deque[tuple[list[Path], Future[list[PendingObject | CachefsError]]]] = deque()
+        ready: list[tuple[Path, PendingObject | CachefsError]] = []
+        ready_bytes = 0
+
+        def flush() -> Iterator[tuple[Path, Digest | CachefsError]]:
+            nonlocal ready, ready_bytes
+            objects = [r for _, r in ready if isinstance(r, PendingObject)]
+            if objects:
+                publish(objects)
+            for path, result in ready:
+                yield path, result.digest if isinstance(result, PendingObject) else result
+            ready, ready_bytes = [], 0
+
+        def collect(keep: int) -> Iterator[tuple[Path, Digest | CachefsError]]:
+            nonlocal ready_bytes
+            while len(window) > keep:
+                group, fut = window.popleft()
+                for path, result in zip(group, fut.result(), strict=True):
+                    ready.append((path, result))
+                    if isinstance(result, PendingObject):
+                        ready_bytes += result.digest.size
+                if ready_bytes >= batch_bytes or len(ready) >= 4096:
+                    yield from flush()
+
+        remaining = iter(paths)
+        while group := list(itertools.islice(remaining, _FILES_PER_TASK)):
+            window.append((group, files.submit(ingest_group, group)))
+            yield from collect(2 * workers)
+        yield from collect(0)
+        yield from flush()
 
 
 def _one(results: list[Digest | DigestMismatchError]) -> Digest:

@@ -12,7 +12,8 @@ distributed stores and servers, each a :class:`Remote` of blobs by digest --
 A store's tiers (``_tiers.py``; named by ``--remote`` and the config file,
 ``_config.py``) push what it publishes, from its durable queue, and fetch
 what it lacks; objects travel as the store's own chunks plus a chunk list
-(``_lists.py``).
+(``_lists.py``).  With metrics, every endpoint's requests are measured
+(``_metered.py``).
 
 Everything a remote answers is verified against its digest before it is used
 (``_blobs.verified``).  Remotes are named by URL (``_urls.py``).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from cachefs.remote._blobs import Remote, verified
 from cachefs.remote._config import TierOptions, load_tiers, read_config
+from cachefs.remote._metered import Metered, measure
 from cachefs.remote._objects import ObjectRemote
 from cachefs.remote._open import DEFAULT_TIMEOUT, open_remote
 from cachefs.remote._reapi import ReapiRemote
@@ -34,6 +36,7 @@ __all__ = [
     "DIRECTIONS",
     "FORMS",
     "Breaker",
+    "Metered",
     "ObjectRemote",
     "Pusher",
     "ReapiRemote",
@@ -44,6 +47,7 @@ __all__ = [
     "TierOptions",
     "Tiers",
     "load_tiers",
+    "measure",
     "open_remote",
     "parse_remote",
     "placement",

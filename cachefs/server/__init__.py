@@ -28,6 +28,7 @@ from cachefs.server._options import (
 
 if TYPE_CHECKING:
     from cachefs.fs import Filesystem
+    from cachefs.metrics import Metrics
 
 
 def check_addresses(options: ServeOptions) -> None:
@@ -42,14 +43,16 @@ async def run_servers(
     fs: Filesystem,
     options: ServeOptions,
     *,
+    metrics: Metrics | None = None,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the store's cache over gRPC and HTTP until cancelled (``_serve.py``)."""
+    """Serve the store's cache over gRPC and HTTP until cancelled (``_serve.py``);
+    with ``metrics``, every request is measured."""
     # Imported here: grpcio and hypercorn take a while to load, and every command
     # line imports this package for its options.
     from cachefs.server._serve import serve  # noqa: PLC0415
 
-    await serve(fs, options, task_status=task_status)
+    await serve(fs, options, metrics=metrics, task_status=task_status)
 
 
 __all__ = [
@@ -59,5 +62,6 @@ __all__ = [
     "Listening",
     "ServeOptions",
     "check_addresses",
+    "parse_address",
     "run_servers",
 ]

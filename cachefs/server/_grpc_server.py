@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 # grpcio's core would log its own errors (a port it cannot bind, ...) to stderr,
 # beside ours; set before grpcio is first imported (a variable set by hand wins).
@@ -19,18 +20,28 @@ from cachefs.server._grpc_ac import ActionCacheService
 from cachefs.server._grpc_bytestream import ByteStreamService
 from cachefs.server._grpc_capabilities import CapabilitiesService
 from cachefs.server._grpc_cas import CasService
+from cachefs.server._measure import MeasuredRpcs
 from cachefs.server._names import parse_address
 from cachefs.server._options import GRPC_PORT
+
+if TYPE_CHECKING:
+    from cachefs.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
-def serve_grpc(cache: RemoteCache, address: str, *, workers: int = 16) -> tuple[grpc.Server, str]:
+def serve_grpc(
+    cache: RemoteCache, address: str, *, workers: int = 16, metrics: Metrics | None = None
+) -> tuple[grpc.Server, str]:
     """Start the REAPI services (CAS, action cache, ByteStream, capabilities)
-    on ``address``; the server and the address it got (``HOST:PORT``)."""
+    on ``address``; the server and the address it got (``HOST:PORT``).  With
+    ``metrics``, every call is measured."""
+    interceptors: list[grpc.ServerInterceptor] = [MalformedRequests()]  # type: ignore[type-arg]
+    if metrics is not None:
+        interceptors.insert(0, MeasuredRpcs(metrics))  # outermost: sees what goes on the wire
     server = grpc.server(
         ThreadPoolExecutor(workers, thread_name_prefix="cachefs-grpc"),
-        interceptors=[MalformedRequests()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import hypercorn.config
 import hypercorn.trio
@@ -26,8 +26,12 @@ from cachefs.fs import Filesystem
 from cachefs.server._cache import RemoteCache
 from cachefs.server._grpc_server import serve_grpc
 from cachefs.server._http import HttpCache
+from cachefs.server._measure import MeasuredHttp
 from cachefs.server._names import parse_address
 from cachefs.server._options import GRPC_PORT, HTTP_PORT, Listening, ServeOptions
+
+if TYPE_CHECKING:
+    from cachefs.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,11 @@ async def serve(
     fs: Filesystem,
     options: ServeOptions,
     *,
+    metrics: Metrics | None = None,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the store's cache over gRPC and HTTP until cancelled (see the module doc)."""
+    """Serve the store's cache over gRPC and HTTP until cancelled (see the module
+    doc); with ``metrics``, every request is measured (``_measure.py``)."""
     cache = RemoteCache.open(fs, max_size=options.max_size, policy=options.policy)
     listening = Listening()
 
@@ -66,11 +72,13 @@ async def serve(
         if options.grpc is not None:
             address = parse_address(options.grpc, GRPC_PORT)
             grpc_server, listening.grpc = await trio.to_thread.run_sync(
-                lambda: serve_grpc(cache, address)
+                lambda: serve_grpc(cache, address, metrics=metrics)
             )
         async with trio.open_nursery() as nursery:
             if options.http is not None:
-                app = HttpCache(cache, status)
+                app: Any = HttpCache(cache, status)
+                if metrics is not None:
+                    app = MeasuredHttp(app, metrics)
                 listening.http = await _start_http(
                     nursery, app, parse_address(options.http, HTTP_PORT)
                 )
@@ -93,7 +101,7 @@ def _http_config(address: str) -> hypercorn.config.Config:
     return config
 
 
-async def _start_http(nursery: trio.Nursery, app: HttpCache, address: str) -> str:
+async def _start_http(nursery: trio.Nursery, app: Any, address: str) -> str:
     """Start the HTTP server in ``nursery``; the address it listens on."""
     config = _http_config(address)
     try:
