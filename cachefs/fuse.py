@@ -10,7 +10,9 @@ import pyfuse3.
 
 With metrics (``--metrics``), each handler is wrapped on the instance
 (:func:`_measured`): its latency by operation, its errors by errno, and the
-bytes read and written.  Without, the handlers are called as they are.
+bytes read and written.  With traces on, a sampled share of the requests
+(``--otlp-fuse-ratio``) are spans (:func:`_traced`).  Without either, the
+handlers are called as they are.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from cachefs import tracing
 from cachefs.engine import Inode
 from cachefs.errors import CachefsError, CorruptDataError
 from cachefs.fs import Filesystem, is_virtual, is_volatile
@@ -123,6 +126,21 @@ def _measured(
     return measured
 
 
+def _traced(
+    handler: Callable[..., Coroutine[Any, Any, Any]], name: str
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """``handler``, a span (``fuse <name>``) for a sampled share of its requests."""
+    span_name = f"fuse {name}"
+
+    async def traced(*args: Any) -> Any:
+        if not tracing.fuse_sampled():
+            return await handler(*args)
+        with tracing.span(span_name, kind="server", attributes={"fuse.operation": name}):
+            return await handler(*args)
+
+    return traced
+
+
 def _invalidate_entry(parent: int, name: bytes, deleted: int) -> None:
     """Make the kernel drop an entry the filesystem removed on its own
     (eviction); ``deleted``: the inode, if it went with it (else 0: the
@@ -166,9 +184,11 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         fs.invalidate = _invalidate_entry
-        if metrics is not None:
-            for name in OPERATIONS:
+        for name in OPERATIONS:
+            if metrics is not None:
                 setattr(self, name, _measured(getattr(self, name), name, metrics))
+            if tracing.fuse_ratio() > 0:
+                setattr(self, name, _traced(getattr(self, name), name))
 
     @_translate
     async def lookup(

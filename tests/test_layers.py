@@ -22,6 +22,7 @@ LAYERS = {
     "cachefs.errors": 0,
     "cachefs.fsutil": 0,
     "cachefs.metrics": 0,
+    "cachefs.tracing": 0,
     "cachefs.format": 1,
     "cachefs.protocol": 1,
     "cachefs.engine": 2,
@@ -49,6 +50,7 @@ RESTRICTED = {
     "obstore": {"cachefs.remote"},
     "hypercorn": {"cachefs.server"},
     "prometheus_client": {"cachefs.metrics"},
+    "opentelemetry": {"cachefs.tracing"},
 }
 MAX_CLASS_LINES = 500
 

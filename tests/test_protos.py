@@ -108,3 +108,20 @@ def test_a_read_response_encoded_by_hand_is_the_message(length: int) -> None:
     wire = bytes_message(bs_pb2.ReadResponse.DATA_FIELD_NUMBER, pieces, length).wire
     assert bs_pb2.ReadResponse.FromString(wire).data == data
     assert wire == bs_pb2.ReadResponse(data=data).SerializeToString() or length == 0
+
+
+def test_google_rpc_status_can_be_imported_beside_ours() -> None:
+    """googleapis-common-protos' google/rpc/status.proto (which gRPC's and
+    OpenTelemetry's libraries import) registers the file ours does in
+    protobuf's descriptor pool: they must be identical, or the second import
+    fails ("duplicate file name")."""
+    code = (
+        "from cachefs.protocol import re_pb2\n"
+        "import google.rpc.status_pb2 as theirs\n"
+        "from cachefs.protocol._gen.google.rpc import status_pb2 as ours\n"
+        "assert theirs.DESCRIPTOR.serialized_pb == ours.DESCRIPTOR.serialized_pb\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr

@@ -56,6 +56,13 @@ metrics_option = click.option(
     help="Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, :PORT or HOST; port "
     "9464 and 127.0.0.1 unless given).  `cachefs metrics rules` prints alerting rules.",
 )
+otlp_option = click.option(
+    "--otlp-endpoint",
+    metavar="URL",
+    help="Send OpenTelemetry traces to this OTLP endpoint (http://HOST:4317 for OTLP/gRPC; "
+    "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf for OTLP/HTTP). Off by default; the standard "
+    "OTEL_EXPORTER_OTLP_ENDPOINT and other OTEL_* variables work too.",
+)
 http_option = click.option(
     "--http",
     "http_address",

@@ -11,6 +11,7 @@ from cachefs.errors import ConfigError
 from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD
 from cachefs.remote import TierOptions
 from cachefs.server import ServeOptions
+from cachefs.tracing import DEFAULT_FUSE_RATIO
 
 from .common import (
     cache_size_option,
@@ -21,6 +22,7 @@ from .common import (
     max_store_size_option,
     memory_limit_option,
     metrics_option,
+    otlp_option,
     parse_size,
     positive_size,
     remote_option,
@@ -69,6 +71,15 @@ from .common import (
 @grpc_option
 @http_option
 @metrics_option
+@otlp_option
+@click.option(
+    "--otlp-fuse-ratio",
+    type=click.FloatRange(0.0, 1.0),
+    default=DEFAULT_FUSE_RATIO,
+    show_default=True,
+    metavar="SHARE",
+    help="With traces on, the share of FUSE requests traced (0 to 1).",
+)
 @remote_option
 @config_option
 @local_max_size_option
@@ -100,6 +111,8 @@ def command(
     local_max_size: str | None,
     remote_durability: str,
     metrics_address: str | None,
+    otlp_endpoint: str | None,
+    otlp_fuse_ratio: float,
 ) -> None:
     """Mount STORE on MOUNTPOINT (STORE is created if missing).
 
@@ -125,7 +138,8 @@ def command(
     are fetched from them.
 
     With --metrics ADDR the daemon serves Prometheus metrics on
-    http://ADDR/metrics (the README lists them).
+    http://ADDR/metrics (the README lists them); with --otlp-endpoint URL it
+    sends OpenTelemetry traces there.
     """
     verbose = ctx.find_root().params.get("verbose", 0)
     daemon.mount(
@@ -148,6 +162,8 @@ def command(
             None if local_max_size is None else parse_size(local_max_size),
         ),
         metrics=metrics_address,
+        otlp_endpoint=otlp_endpoint,
+        otlp_fuse_ratio=otlp_fuse_ratio,
     )
 
 

@@ -22,6 +22,7 @@ from .common import (
     max_store_size_option,
     memory_limit_option,
     metrics_option,
+    otlp_option,
     parse_size,
     remote_option,
     store_argument,
@@ -34,6 +35,7 @@ from .mount import memory_limit_of
 @grpc_option
 @http_option
 @metrics_option
+@otlp_option
 @click.option(
     "--max-size",
     metavar="SIZE",
@@ -72,6 +74,7 @@ def command(
     config: Path | None,
     local_max_size: str | None,
     metrics_address: str | None,
+    otlp_endpoint: str | None,
 ) -> None:
     """Serve STORE to build tools over REAPI v2 (gRPC) and the Bazel HTTP cache
     protocol, with no mount (STORE is created if missing).
@@ -91,7 +94,8 @@ def command(
     With --remote (or tiers in --config) what clients upload is pushed to the
     remote tiers in the background, from a queue kept in the store.
 
-    With --metrics ADDR it serves Prometheus metrics on http://ADDR/metrics.
+    With --metrics ADDR it serves Prometheus metrics on http://ADDR/metrics;
+    with --otlp-endpoint URL it sends OpenTelemetry traces there.
 
     \b
     Point a build at it:
@@ -119,4 +123,5 @@ def command(
             local_max_size=None if local_max_size is None else parse_size(local_max_size),
         ),
         metrics=metrics_address,
+        otlp_endpoint=otlp_endpoint,
     )

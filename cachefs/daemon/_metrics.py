@@ -14,7 +14,6 @@ behind FUSE requests for more than that one hop onto the loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -22,7 +21,6 @@ import trio
 from cachefs.errors import ConfigError
 from cachefs.fs import Filesystem
 from cachefs.metrics import METRICS_PORT, FiguresCollector, Metrics, serve_metrics
-from cachefs.remote import Tier, measure
 from cachefs.server import parse_address
 
 log = logging.getLogger(__name__)
@@ -39,9 +37,6 @@ class DaemonMetrics:
     def __init__(self, address: str) -> None:
         self.address = parse_address(address, METRICS_PORT)
         self.metrics = Metrics()
-
-    def measure_tiers(self, tiers: Sequence[Tier]) -> None:
-        measure(tiers, self.metrics.remote_meter)
 
     async def run(
         self,

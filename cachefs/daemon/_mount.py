@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from cachefs import tracing
 from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address
 from cachefs.daemon._mounts import FSNAME, FSTYPE, mount_info, mounted_fstype
 from cachefs.daemon._process import (
@@ -57,7 +59,7 @@ from cachefs.fs import (
     check_outside,
 )
 from cachefs.fuse import Operations
-from cachefs.remote import TierOptions
+from cachefs.remote import TierOptions, measure
 from cachefs.server import ServeOptions, check_addresses, run_servers
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,8 @@ def serve(
     scrub_rate: int | None = None,
     tiers: TierOptions | None = None,
     metrics: str | None = None,
+    otlp_endpoint: str | None = None,
+    otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
 ) -> None:
     """Open the store, mount it, serve until unmounted or signalled (and with
     ``servers``, serve it over gRPC and HTTP too; with ``metrics``, an address,
@@ -144,9 +148,14 @@ def serve(
     store = Store.open(store_path, create=True, options=store_options(cache_size, tiers))
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
+        tracing.configure(
+            otlp_endpoint,
+            service="cachefs-mount",
+            instance=f"{socket.gethostname()}:{store.path}",
+            fuse_ratio=otlp_fuse_ratio,
+        )
         remotes = tiers.open(store.digest_function)
-        if observed is not None:
-            observed.measure_tiers(remotes)
+        measure(remotes, None if observed is None else observed.metrics.remote_meter)
         fs = Filesystem(
             store,
             publish_threshold=publish_threshold,
@@ -184,6 +193,7 @@ def serve(
             fs.close()
     finally:
         store.close()
+        tracing.shutdown()  # what is left goes out
     log.info("unmounted %s; store closed cleanly", mountpoint)
 
 
@@ -270,6 +280,8 @@ def mount(
     scrub_rate: int | None = None,
     tiers: TierOptions | None = None,
     metrics: str | None = None,
+    otlp_endpoint: str | None = None,
+    otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
 ) -> None:
     """``cachefs mount``: returns once the mount is ready (or raises why not)."""
     mountpoint = check_mountpoint(mountpoint)
@@ -281,6 +293,7 @@ def mount(
     if servers is not None:
         check_addresses(servers)
     check_metrics_address(metrics)
+    tracing.check_options(otlp_endpoint, otlp_fuse_ratio)
     kwargs: dict[str, Any] = {
         "foreground": foreground,
         "verbose": verbose,
@@ -293,6 +306,8 @@ def mount(
         "scrub_rate": scrub_rate,
         "tiers": tiers,
         "metrics": metrics,
+        "otlp_endpoint": otlp_endpoint,
+        "otlp_fuse_ratio": otlp_fuse_ratio,
     }
     if foreground:
         serve(store, mountpoint, options, ready=lambda: None, **kwargs)

@@ -33,6 +33,7 @@ from typing import Any
 
 import trio
 
+from cachefs import tracing
 from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address
 from cachefs.daemon._mounts import SOCKET_NAME, socket_address
 from cachefs.daemon._process import detach, setup_logging, store_options, unwrap_group
@@ -41,7 +42,7 @@ from cachefs.engine import Store
 from cachefs.errors import ConfigError
 from cachefs.format.header import read_header
 from cachefs.fs import DEFAULT_MEMORY_LIMIT, Filesystem
-from cachefs.remote import TierOptions
+from cachefs.remote import TierOptions, measure
 from cachefs.server import ServeOptions, check_addresses, run_servers
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ def serve_store(
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     tiers: TierOptions | None = None,
     metrics: str | None = None,
+    otlp_endpoint: str | None = None,
+    otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
 ) -> None:
     """Open the store and serve it until signalled (with ``metrics``, an
     address, Prometheus metrics too)."""
@@ -70,9 +73,14 @@ def serve_store(
     store = Store.open(store_path, create=True, options=store_options(cache_size, tiers))
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
+        tracing.configure(
+            otlp_endpoint,
+            service="cachefs-serve",
+            instance=f"{socket.gethostname()}:{store.path}",
+            fuse_ratio=otlp_fuse_ratio,
+        )
         remotes = tiers.open(store.digest_function)
-        if observed is not None:
-            observed.measure_tiers(remotes)
+        measure(remotes, None if observed is None else observed.metrics.remote_meter)
         fs = Filesystem(
             store,
             max_store_size=max_store_size,
@@ -88,6 +96,7 @@ def serve_store(
             fs.close()
     finally:
         store.close()
+        tracing.shutdown()  # what is left goes out
     log.info("stopped serving %s; store closed cleanly", store_path)
 
 
@@ -199,12 +208,15 @@ def serve(
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     tiers: TierOptions | None = None,
     metrics: str | None = None,
+    otlp_endpoint: str | None = None,
+    otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
 ) -> None:
     """``cachefs serve``: serve in the foreground, or detach and return once serving."""
     if not options.any:
         raise ConfigError("nothing to serve", hint="give --grpc ADDR, --http ADDR or both")
     check_addresses(options)
     check_metrics_address(metrics)
+    tracing.check_options(otlp_endpoint, otlp_fuse_ratio)
     store = store.absolute()
     if store.exists() and any(store.iterdir()):
         read_header(store)  # a newer or foreign store fails here, untouched
@@ -221,6 +233,8 @@ def serve(
             memory_limit=memory_limit,
             tiers=tiers,
             metrics=metrics,
+            otlp_endpoint=otlp_endpoint,
+            otlp_fuse_ratio=otlp_fuse_ratio,
         )
 
     if daemon:

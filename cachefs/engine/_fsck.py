@@ -38,6 +38,7 @@ from pathlib import Path
 
 import lmdb
 
+from cachefs import tracing
 from cachefs.engine._index import Index, lmdb_error
 from cachefs.engine._maintenance import Maintenance
 from cachefs.engine._namespace import Namespace
@@ -259,6 +260,13 @@ def scrub_store(
     as a damaged read, and the store needs fsck (``cachefs scrub``, and the
     background scrub of a mount).  A store with remote tiers first heals the
     damaged chunks they hold (``LocalChunks.healer``) and checks again."""
+    with tracing.span("cachefs scrub") as span:
+        report = _scrub(store, rate, progress)
+        tracing.set_attribute(span, "cachefs.problems", len(report.problems))
+    return report
+
+
+def _scrub(store: Store, rate: int | None, progress: Progress | None) -> FsckReport:
     report = check_store(store, progress=_throttled(progress, rate))
     if not report.clean and store.chunks.healer is not None and not store.readonly:
         healed = _heal_damaged(store)

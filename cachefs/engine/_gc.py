@@ -29,6 +29,7 @@ from typing import Any
 
 import lmdb
 
+from cachefs import tracing
 from cachefs.engine._index import lmdb_error
 from cachefs.engine._maintenance import Maintenance
 from cachefs.engine._store import Progress, Store
@@ -79,15 +80,16 @@ def collect_garbage(
     store: Store, *, threshold: float | None = None, progress: Progress | None = None
 ) -> GcReport:
     """Remove unreferenced chunks and compact sparse segments; see the module doc.
-    The run is counted in ``Store.activity()``, failed or not."""
+    The run is counted in ``Store.activity()``, failed or not, and traced."""
     threshold = store.options.gc_live_threshold if threshold is None else threshold
     report = GcReport()
-    with store.maintenance() as maintenance:
+    with tracing.span("cachefs gc") as span, store.maintenance() as maintenance:
         start = time.monotonic()
         try:
             _collect(maintenance, threshold, report, progress)
         finally:
             maintenance.activity.collected(time.monotonic() - start, report.bytes_reclaimed)
+            tracing.set_attribute(span, "cachefs.bytes_reclaimed", report.bytes_reclaimed)
     return report
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import lmdb
 
+from cachefs import tracing
 from cachefs.engine._activity import Activity
 from cachefs.engine._health import Health
 from cachefs.engine._index import Index, lmdb_error
@@ -105,8 +106,9 @@ class Publisher:
     def publish(self, objects: list[PendingObject], *, durable: bool) -> None:
         """Make ``objects`` visible, atomically each (group commit with other threads).
 
-        The thread that commits counts the publication in ``activity`` and
-        then, out of the commit lock, tells ``on_publish`` of it."""
+        The thread that commits traces the commit (``cachefs publish``), counts
+        the publication in ``activity`` and then, out of the commit lock, tells
+        ``on_publish`` of it."""
         ticket = _Ticket(objects, durable)
         with self._queue_lock:
             self._queue.append(ticket)
@@ -116,9 +118,11 @@ class Publisher:
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
                 published = [o for t in batch for o in t.objects]
+                attributes = {"cachefs.objects": len(published)}
                 try:
                     start = time.monotonic()
-                    self._commit(published, durable=any(t.durable for t in batch))
+                    with tracing.span("cachefs publish", attributes=attributes):
+                        self._commit(published, durable=any(t.durable for t in batch))
                 except BaseException as exc:
                     for t in batch:
                         t.error = exc

@@ -1,11 +1,12 @@
-"""Remote requests measured (remote layer).
+"""Remote requests measured and traced (remote layer).
 
 :func:`measure` puts a :class:`Metered` in front of every endpoint of a
 store's tiers (each member of a shard group, so that each is measured on its
-own) when the process has metrics: every request's latency, whether it
-failed, and the bytes of blobs that crossed.  A miss (NotFoundError,
-an absent entry) is an answer, not a failure.  Without metrics nothing is
-wrapped and nothing is counted.
+own) when the process has metrics or traces: every request's latency,
+whether it failed, and the bytes of blobs that crossed; each request is a
+client span (``remote read``, ``remote find_missing``, ...) under the span in
+progress.  A miss (NotFoundError, an absent entry) is an answer, not a
+failure.  Without either nothing is wrapped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
+from cachefs import tracing
 from cachefs.errors import NotFoundError
 from cachefs.format.digest import Digest
 from cachefs.protocol import re_pb2
@@ -28,10 +30,12 @@ T = TypeVar("T")
 
 
 class _Timed:
-    """Runs requests through a meter: ``call(operation, fn, sent=)``."""
+    """Runs requests to one endpoint, measured and traced:
+    ``call(operation, fn, sent=, received=)``."""
 
-    def __init__(self, meter: RemoteMeter) -> None:
+    def __init__(self, meter: RemoteMeter | None, tier: str, endpoint: str) -> None:
         self.meter = meter
+        self.attributes = {"cachefs.tier": tier, "cachefs.endpoint": endpoint}
 
     def call(
         self,
@@ -41,31 +45,41 @@ class _Timed:
         sent: int = 0,
         received: Callable[[T], int] | None = None,
     ) -> T:
-        start = time.perf_counter()
-        try:
-            result = fn()
-        except NotFoundError:  # a miss is an answer
-            self.meter.request(operation, time.perf_counter() - start, failed=False, sent=sent)
-            raise
-        except BaseException:
-            self.meter.request(operation, time.perf_counter() - start, failed=True)
-            raise
+        miss: NotFoundError | None = None
+        with tracing.span(f"remote {operation}", kind="client", attributes=self.attributes) as span:
+            start = time.perf_counter()
+            try:
+                result = fn()
+            except NotFoundError as exc:  # a miss is an answer
+                miss = exc
+                tracing.set_attribute(span, "cachefs.found", False)
+            except BaseException:
+                self._count(operation, start, failed=True)
+                raise
+        if miss is not None:
+            self._count(operation, start, failed=False, sent=sent)
+            raise miss
         got = received(result) if received is not None else 0
-        self.meter.request(
-            operation, time.perf_counter() - start, failed=False, received=got, sent=sent
-        )
+        self._count(operation, start, failed=False, received=got, sent=sent)
         return result
+
+    def _count(
+        self, operation: str, start: float, *, failed: bool, received: int = 0, sent: int = 0
+    ) -> None:
+        if self.meter is not None:
+            seconds = time.perf_counter() - start
+            self.meter.request(operation, seconds, failed=failed, received=received, sent=sent)
 
 
 class Metered:
     """A remote whose every request is measured (see the module doc)."""
 
-    def __init__(self, remote: Remote, meter: RemoteMeter) -> None:
+    def __init__(self, remote: Remote, meter: RemoteMeter | None, tier: str) -> None:
         self.inner = remote
         self.name = remote.name
         self.key = remote.key
         self.streams = remote.streams
-        self._timed = _Timed(meter)
+        self._timed = _Timed(meter, tier, remote.name)
         documents = remote.documents
         self._documents = None if documents is None else MeteredDocuments(documents, self._timed)
 
@@ -134,16 +148,23 @@ class MeteredDocuments:
         self._timed.call("delete_document", lambda: self.inner.delete_document(key))
 
 
-def measure(tiers: Sequence[Tier], meter: Callable[[str, str], RemoteMeter]) -> None:
-    """Measure every endpoint of ``tiers``; ``meter(tier, endpoint)`` gives the
-    instruments of one (a tier is named by its remote's name)."""
+def measure(tiers: Sequence[Tier], meter: Callable[[str, str], RemoteMeter] | None = None) -> None:
+    """Measure (with ``meter(tier, endpoint)``, the instruments of one) and
+    trace every endpoint of ``tiers``; a tier is named by its remote's name.
+    Nothing is wrapped when there is neither a meter nor tracing."""
+    if meter is None and not tracing.active():
+        return
+
+    def metered(remote: Remote, tier: str) -> Metered:
+        return Metered(remote, None if meter is None else meter(tier, remote.name), tier)
+
     for tier in tiers:
         remote = tier.remote
         if isinstance(remote, ShardGroup):
             for member in remote.members:
-                member.remote = Metered(member.remote, meter(remote.name, member.remote.name))
+                member.remote = metered(member.remote, remote.name)
         else:
-            tier.remote = Metered(remote, meter(remote.name, remote.name))
+            tier.remote = metered(remote, remote.name)
 
 
 __all__ = ["Metered", "MeteredDocuments", "measure"]

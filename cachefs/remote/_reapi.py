@@ -15,11 +15,14 @@ Every call has the tier's timeout as its deadline.
 
 from __future__ import annotations
 
+import collections
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import grpc
 
+from cachefs import tracing
 from cachefs.errors import ObjectNotFoundError, RemoteError
 from cachefs.format.digest import BLAKE3, Digest, DigestFunction
 from cachefs.protocol import bs_grpc, bs_pb2, re_grpc, re_pb2
@@ -49,6 +52,39 @@ _REFUSALS = frozenset(
 )
 
 
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready")
+    ),
+    grpc.ClientCallDetails,
+):
+    """A call's details with metadata of our own."""
+
+
+class TraceContext(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+):
+    """Send the W3C trace context of the span in progress with every call
+    (``traceparent`` metadata), so that a traced server continues the trace."""
+
+    def _details(self, details: Any) -> _CallDetails:
+        metadata = [*(details.metadata or ()), *tracing.headers()]
+        return _CallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
 class ReapiRemote:
     """The CAS of one REAPI instance."""
 
@@ -64,6 +100,8 @@ class ReapiRemote:
             if url.tls
             else grpc.insecure_channel(url.address, options=options)
         )
+        if tracing.active():  # calls carry the trace context
+            self.channel = grpc.intercept_channel(self.channel, TraceContext())
         self.cas = re_grpc.ContentAddressableStorageStub(self.channel)
         self.bytestream = bs_grpc.ByteStreamStub(self.channel)
         self.ac = re_grpc.ActionCacheStub(self.channel)

@@ -50,6 +50,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from cachefs import tracing
 from cachefs.engine import (
     CachefsError,
     Digest,
@@ -208,8 +209,9 @@ class Tiers:
             if digest in self._pushed:
                 return  # just pushed (a shared entry follows its object in the queue)
         chunks = self.store.recipe(digest)
-        for tier in self.writers:
-            self._push_to(tier, digest, chunks)
+        with tracing.span("cachefs push", attributes={"cachefs.digest": str(digest)}):
+            for tier in self.writers:
+                self._push_to(tier, digest, chunks)
         self._count(pushed_objects=1)
         with self._lock:
             self._pushed[digest] = None
@@ -223,7 +225,8 @@ class Tiers:
         for start in range(0, len(blobs), ASK_BATCH):
             missing.extend(remote.find_missing(blobs[start : start + ASK_BATCH]))
         sent = 0
-        for done in self._pool.map(lambda d: self._push_chunk(remote, d), missing):
+        push = tracing.in_context(lambda d: self._push_chunk(remote, d))
+        for done in self._pool.map(push, missing):
             sent += done
         self._count(pushed_chunks=len(missing), pushed_bytes=sent)
         if len(chunks) == 1 and chunks[0][0] == digest.hash:
@@ -327,7 +330,8 @@ class Tiers:
         from the first read tier that has it, verified, stored again
         (``engine.heal_chunk``); None if no tier has it."""
         remote = self.store.chunks.held_remotely(chunk)
-        found = self._first_copy(Digest(chunk, size))
+        with tracing.span("cachefs heal", attributes={"cachefs.chunk": chunk.hex()}):
+            found = self._first_copy(Digest(chunk, size))
         if found is None:
             return None
         data, tier = found
@@ -367,7 +371,8 @@ class Tiers:
         left held remotely (its own read then says why)."""
         wanted = [Digest(d, n) for d, n in dict.fromkeys(chunks)]
         fetched: dict[bytes, bytes] = {}
-        for digest, found in zip(wanted, self._pool.map(self._first_copy, wanted), strict=True):
+        first = tracing.in_context(self._first_copy)
+        for digest, found in zip(wanted, self._pool.map(first, wanted), strict=True):
             if found is not None:
                 fetched[digest.hash] = found[0]
         if not fetched:
@@ -587,15 +592,13 @@ class Tiers:
         window: deque[tuple[bytes, int, Future[bytes] | None]] = deque()
         pending = iter(chunks)
 
+        fetch_chunk = tracing.in_context(self._fetch_chunk)
+
         def fill() -> None:
             while len(window) < FETCH_AHEAD and (item := next(pending, None)) is not None:
                 chunk, size = item
                 fetch = chunk in absent
-                fut = (
-                    self._pool.submit(self._fetch_chunk, remote, Digest(chunk, size))
-                    if fetch
-                    else None
-                )
+                fut = self._pool.submit(fetch_chunk, remote, Digest(chunk, size)) if fetch else None
                 window.append((chunk, size, fut))
 
         try:

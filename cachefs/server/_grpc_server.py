@@ -13,6 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
 
+from cachefs import tracing
 from cachefs.engine import ConfigError
 from cachefs.server._cache import RemoteCache
 from cachefs.server._grpc import MAX_MESSAGE, MalformedRequests
@@ -35,9 +36,9 @@ def serve_grpc(
 ) -> tuple[grpc.Server, str]:
     """Start the REAPI services (CAS, action cache, ByteStream, capabilities)
     on ``address``; the server and the address it got (``HOST:PORT``).  With
-    ``metrics``, every call is measured."""
+    ``metrics``, every call is measured; with tracing on, traced."""
     interceptors: list[grpc.ServerInterceptor] = [MalformedRequests()]  # type: ignore[type-arg]
-    if metrics is not None:
+    if metrics is not None or tracing.active():
         interceptors.insert(0, MeasuredRpcs(metrics))  # outermost: sees what goes on the wire
     server = grpc.server(
         ThreadPoolExecutor(workers, thread_name_prefix="cachefs-grpc"),

@@ -1,12 +1,19 @@
-"""The servers measured (server layer): every request's latency, status and bytes.
+"""The servers measured and traced (server layer).
 
-Only when the process has metrics (``--metrics``): :class:`MeasuredRpcs` is
-the gRPC server's outermost interceptor, :class:`MeasuredHttp` wraps the ASGI
-app.  Each request is counted once, when it ends, under ``protocol`` (grpc,
+Only when the process has metrics (``--metrics``) or traces (``cachefs.tracing``):
+:class:`MeasuredRpcs` is the gRPC server's outermost interceptor,
+:class:`MeasuredHttp` wraps the ASGI app.
+
+Metrics: each request is counted once, when it ends, under ``protocol`` (grpc,
 http), ``method`` (the RPC's name, e.g. ``GetActionResult``; for HTTP the
 method and the kind of resource, e.g. ``GET /ac``) and ``status`` (the gRPC
 status code's name, or the HTTP status).  Bytes are those of the messages
 (gRPC: serialized protobufs, framing not counted) and bodies (HTTP).
+
+Traces: each request is a server span (``grpc <Service>/<Method>``, ``HTTP
+GET /cas``) that continues the client's trace when its metadata or headers
+carry a W3C ``traceparent``; what the request does (a fetch from a remote
+tier, a publication) is traced beneath it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from cachefs import tracing
 from cachefs.server._grpc import Handler, Interceptor
 from cachefs.server._http import Receive, Scope, Send
 
@@ -25,12 +33,11 @@ if TYPE_CHECKING:
 
 
 class MeasuredRpcs(Interceptor):
-    """Time every RPC, and count its status and bytes (the outermost interceptor)."""
+    """Time and trace every RPC, and count its status and bytes (the outermost
+    interceptor); ``metrics`` None: traces only."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics | None) -> None:
         self.metrics = metrics
-        self._received = metrics.server_received.labels("grpc")
-        self._sent = metrics.server_sent.labels("grpc")
 
     def intercept_service(
         self,
@@ -40,94 +47,95 @@ class MeasuredRpcs(Interceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        method = details.method.rsplit("/", 1)[-1]
-        requests = self.metrics.server_requests
-        received, sent = self._received, self._sent
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        name = f"grpc {service.rsplit('.', 1)[-1]}/{method}"
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        metrics = self.metrics
         parse, out = handler.request_deserializer, handler.response_serializer
+        if metrics is not None:
+            received = metrics.server_received.labels("grpc")
+            sent = metrics.server_sent.labels("grpc")
+            parse, out = _counting_in(parse, received.inc), _counting_out(out, sent.inc)
 
-        def deserialize(data: bytes) -> Any:
-            received.inc(len(data))
-            return parse(data) if parse is not None else data
+        def finish(context: grpc.ServicerContext, start: float, span: Any, failed: bool) -> None:
+            code = context.code()  # type: ignore[attr-defined]
+            status = code.name if code is not None else "UNKNOWN" if failed else "OK"
+            tracing.set_attribute(span, "rpc.grpc.status_code", status)
+            if metrics is not None:
+                latency = time.perf_counter() - start
+                metrics.server_requests.labels("grpc", method, status).observe(latency)
 
-        def serialize(message: Any) -> bytes:
-            data: bytes = out(message) if out is not None else message
-            sent.inc(len(data))
-            return data
+        def call(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
+            def observed(request: Any, context: grpc.ServicerContext) -> Any:
+                start = time.perf_counter()
+                metadata = context.invocation_metadata() if tracing.active() else ()
+                with tracing.server_span(name, metadata, attributes) as span:
+                    failed = True
+                    try:
+                        result = behaviour(request, context)
+                        failed = False
+                        return result
+                    finally:
+                        finish(context, start, span, failed)
 
-        def finish(context: grpc.ServicerContext, start: float, status: str | None) -> None:
-            if status is None:
-                code = context.code()  # type: ignore[attr-defined]
-                status = code.name if code is not None else "OK"
-            requests.labels("grpc", method, status).observe(time.perf_counter() - start)
+            return observed
 
+        def stream(behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Any:
+            def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                start = time.perf_counter()
+                metadata = context.invocation_metadata() if tracing.active() else ()
+                with tracing.server_span(name, metadata, attributes) as span:
+                    failed = True
+                    try:
+                        yield from behaviour(request, context)
+                        failed = False
+                    finally:
+                        finish(context, start, span, failed)
+
+            return observed
+
+        kinds = {"request_deserializer": parse, "response_serializer": out}
         if handler.unary_unary is not None:
-            behaviour = handler.unary_unary
-
-            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                start = time.perf_counter()
-                failed = None
-                try:
-                    return behaviour(request, context)
-                except Exception:
-                    failed = _failure(context)
-                    raise
-                finally:
-                    finish(context, start, failed)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=deserialize, response_serializer=serialize
-            )
+            return grpc.unary_unary_rpc_method_handler(call(handler.unary_unary), **kinds)
         if handler.unary_stream is not None:
-            streaming = handler.unary_stream
-
-            def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start = time.perf_counter()
-                failed = None
-                try:
-                    yield from streaming(request, context)
-                except Exception:
-                    failed = _failure(context)
-                    raise
-                finally:
-                    finish(context, start, failed)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=deserialize, response_serializer=serialize
-            )
+            return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kinds)
         if handler.stream_unary is not None:
-            taking = handler.stream_unary
-
-            def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                start = time.perf_counter()
-                failed = None
-                try:
-                    return taking(requests, context)
-                except Exception:
-                    failed = _failure(context)
-                    raise
-                finally:
-                    finish(context, start, failed)
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, request_deserializer=deserialize, response_serializer=serialize
-            )
+            return grpc.stream_unary_rpc_method_handler(call(handler.stream_unary), **kinds)
         return handler  # no service of ours streams both ways
 
 
-def _failure(context: grpc.ServicerContext) -> str:
-    """The status of a call that raised: the one it aborted with, else UNKNOWN."""
-    code = context.code()  # type: ignore[attr-defined]
-    return code.name if code is not None else "UNKNOWN"
+def _counting_in(
+    parse: Callable[[bytes], Any] | None, count: Callable[[int], None]
+) -> Callable[[bytes], Any]:
+    """A deserializer that counts the bytes it is given."""
+
+    def counted(data: bytes) -> Any:
+        count(len(data))
+        return parse(data) if parse is not None else data
+
+    return counted
+
+
+def _counting_out(
+    serialize: Callable[[Any], bytes] | None, count: Callable[[int], None]
+) -> Callable[[Any], bytes]:
+    """A serializer that counts the bytes it makes."""
+
+    def counted(message: Any) -> bytes:
+        data: bytes = serialize(message) if serialize is not None else message
+        count(len(data))
+        return data
+
+    return counted
 
 
 class MeasuredHttp:
-    """The HTTP app, each request timed and counted by status and bytes."""
+    """The HTTP app, each request timed, traced and counted by status and
+    bytes; ``metrics`` None: traces only."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Any], metrics: Metrics) -> None:
+    def __init__(self, app: Callable[[Scope, Receive, Send], Any], metrics: Metrics | None) -> None:
         self.app = app
         self.metrics = metrics
-        self._received = metrics.server_received.labels("http")
-        self._sent = metrics.server_sent.labels("http")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -135,27 +143,36 @@ class MeasuredHttp:
             return
         start = time.perf_counter()
         status = "500"  # unless the app answers
-        received, sent = self._received, self._sent
+        metrics = self.metrics
+        received = None if metrics is None else metrics.server_received.labels("http")
+        sent = None if metrics is None else metrics.server_sent.labels("http")
 
         async def counted_receive() -> Any:
             message = await receive()
-            received.inc(len(message.get("body", b"")))
+            if received is not None:
+                received.inc(len(message.get("body", b"")))
             return message
 
         async def counted_send(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = str(message["status"])
-            elif message["type"] == "http.response.body":
+            elif message["type"] == "http.response.body" and sent is not None:
                 sent.inc(len(message.get("body", b"")))
             await send(message)
 
-        try:
-            await self.app(scope, counted_receive, counted_send)
-        finally:
-            self.metrics.server_requests.labels("http", _resource(scope), status).observe(
-                time.perf_counter() - start
-            )
+        resource = _resource(scope)
+        headers = [(k.decode("latin-1"), v) for k, v in scope["headers"]]
+        attributes = {"http.request.method": scope.get("method", ""), "url.path": scope["path"]}
+        with tracing.server_span(f"HTTP {resource}", headers, attributes) as span:
+            try:
+                await self.app(scope, counted_receive, counted_send)
+            finally:
+                tracing.set_attribute(span, "http.response.status_code", int(status))
+                if metrics is not None:
+                    metrics.server_requests.labels("http", resource, status).observe(
+                        time.perf_counter() - start
+                    )
 
 
 def _resource(scope: Scope) -> str:

@@ -20,7 +20,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from cachefs import __version__
+from cachefs import __version__, tracing
 from cachefs.errors import ConfigError, leaves
 from cachefs.fs import Filesystem
 from cachefs.server._cache import RemoteCache
@@ -47,7 +47,8 @@ async def serve(
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the store's cache over gRPC and HTTP until cancelled (see the module
-    doc); with ``metrics``, every request is measured (``_measure.py``)."""
+    doc); with ``metrics``, every request is measured, and with tracing on,
+    traced (``_measure.py``)."""
     cache = RemoteCache.open(fs, max_size=options.max_size, policy=options.policy)
     listening = Listening()
 
@@ -77,7 +78,7 @@ async def serve(
         async with trio.open_nursery() as nursery:
             if options.http is not None:
                 app: Any = HttpCache(cache, status)
-                if metrics is not None:
+                if metrics is not None or tracing.active():
                     app = MeasuredHttp(app, metrics)
                 listening.http = await _start_http(
                     nursery, app, parse_address(options.http, HTTP_PORT)

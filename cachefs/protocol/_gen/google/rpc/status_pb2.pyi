@@ -4,6 +4,11 @@
 isort:skip_file
 google/rpc/status.proto of https://github.com/googleapis/googleapis: the
 status of one blob in a batch (codes: google.rpc.Code, the gRPC codes).
+Its file options are those of PyPI's googleapis-common-protos, whose
+google/rpc/status_pb2 (imported by other libraries, e.g. gRPC's status
+helpers) registers the same file in protobuf's descriptor pool: an identical
+descriptor may be registered twice, a different one may not
+(tests/test_protos.py imports both).
 """
 
 from collections import abc as _abc
