@@ -11,7 +11,8 @@ the same bytes, on the same filesystem:
 * ``cachefs``: ``cachefs mount STORE MOUNTPOINT`` (a fresh store for every run);
 * ``cachefs+metrics`` (``--targets ...,cachefsm``, not by default): the same with
   ``--metrics``, its ``/metrics`` scraped every second: "cachefs / cachefs+metrics" is
-  then what metrics cost.
+  then what metrics cost; ``cachefs+traces`` (``cachefst``): with ``--otlp-endpoint``,
+  spans sent to an OTLP/gRPC receiver in this process (``tests/otlp.py``).
 
 By default everything lives on a tmpfs that the script mounts in a temporary directory
 of its own (``mount -t tmpfs``; this needs root, as FUSE mounts and drop_caches do) and
@@ -92,7 +93,7 @@ from typing import Any
 from bench_engine import kind_of  # the same artifact kinds as the engine benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests import clients
+from tests import clients, otlp
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -113,8 +114,9 @@ MIX_SHARES = {"so": 0.45, "a": 0.30, "pyc": 0.25}
 MIX_ROOTS = (ROOT / ".venv" / "lib", Path("/usr/lib"))
 
 WORKLOADS = ("seq", "small", "build")
-TARGET_KEYS = ("native", "pt", "ptkc", "cachefs", "cachefsm")
-#: Measured unless --targets says otherwise (cachefsm: the cost of --metrics).
+TARGET_KEYS = ("native", "pt", "ptkc", "cachefs", "cachefsm", "cachefst")
+#: Measured unless --targets says otherwise (cachefsm, cachefst: the cost of
+#: --metrics and of --otlp-endpoint).
 DEFAULT_TARGETS = ("native", "pt", "ptkc", "cachefs")
 
 
@@ -570,6 +572,26 @@ class CachefsMetrics(Cachefs):
         super().stop()
 
 
+class CachefsTraced(Cachefs):
+    """cachefs with ``--otlp-endpoint``, its spans sent to an OTLP receiver
+    in this process (the default share of FUSE requests traced)."""
+
+    key = "cachefst"
+    label = "cachefs+traces"
+
+    def __init__(self, base: Path, caches: Caches, extra: list[str]) -> None:
+        super().__init__(base, caches, extra)
+        self._receiver = contextlib.ExitStack()
+        spans, endpoint = self._receiver.enter_context(otlp.receiver())
+        self.spans = spans
+        self.extra = [*extra, "--otlp-endpoint", endpoint]
+
+    def close(self) -> None:
+        super().close()
+        log(f"{self.label}: the receiver got {len(self.spans.spans)} spans")
+        self._receiver.close()
+
+
 def make_targets(args: argparse.Namespace, base: Path, caches: Caches) -> list[Target]:
     made: dict[str, Target] = {
         "native": Native(base, caches),
@@ -578,6 +600,8 @@ def make_targets(args: argparse.Namespace, base: Path, caches: Caches) -> list[T
         "cachefs": Cachefs(base, caches, args.cachefs_arg),
         "cachefsm": CachefsMetrics(base, caches, args.cachefs_arg),
     }
+    if "cachefst" in args.targets:
+        made["cachefst"] = CachefsTraced(base, caches, args.cachefs_arg)
     return [made[key] for key in TARGET_KEYS if key in args.targets]
 
 
@@ -1128,8 +1152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default=",".join(DEFAULT_TARGETS),
-        help="comma-separated subset of: native,pt,ptkc,cachefs,cachefsm (cachefs with "
-        "--metrics, scraped every second; not by default)",
+        help="comma-separated subset of: native,pt,ptkc,cachefs,cachefsm,cachefst (cachefs "
+        "with --metrics, scraped every second; with --otlp-endpoint to a receiver here; "
+        "not by default)",
     )
     parser.add_argument(
         "--build", choices=[*BUILDS, "none"], default=None, help="C project (zstd; --quick lz4)"
