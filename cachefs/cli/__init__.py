@@ -28,6 +28,7 @@ from cachefs.cli import (
     scrub,
     serve,
     stats,
+    top,
     umount,
 )
 from cachefs.engine import lmdb_error
@@ -77,7 +78,9 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="cachefs: %(message)s", stream=sys.stderr)
 
 
-for _module in (mount, umount, serve, cache, init, put, cat, stats, fsck, scrub, gc, metrics):
+for _module in (
+    mount, umount, serve, cache, init, put, cat, stats, top, fsck, scrub, gc, metrics,
+):  # fmt: skip
     cli.add_command(_module.command)
 
 

@@ -31,6 +31,7 @@ from cachefs.metrics._instruments import (
     RemoteMeter,
     serve_metrics,
 )
+from cachefs.metrics._parse import Labels, parse_samples
 from cachefs.metrics._rules import RULES_FILE, rules_text
 
 __all__ = [
@@ -38,8 +39,10 @@ __all__ = [
     "NAMES",
     "RULES_FILE",
     "FiguresCollector",
+    "Labels",
     "Metrics",
     "RemoteMeter",
+    "parse_samples",
     "rules_text",
     "serve_metrics",
 ]
