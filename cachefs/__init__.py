@@ -18,10 +18,12 @@ One package per layer; each imports only the layers before it:
 7. ``cachefs.cli``     the command line, one module per subcommand.
 
 ``cachefs.errors`` (the one error hierarchy), ``cachefs.fsutil`` (durable
-file writes) and ``cachefs.metrics`` (Prometheus instruments, handed down by
-the daemon when ``--metrics`` is on) are used by every layer.  Only ``fuse`` and ``daemon`` import
-pyfuse3, only ``protocol``, ``remote`` and ``server`` grpcio, only ``server``
-hypercorn, only ``remote`` obstore, only ``metrics`` prometheus_client;
+file writes), ``cachefs.metrics`` (Prometheus instruments, handed down by the
+daemon when ``--metrics`` is on) and ``cachefs.tracing`` (OpenTelemetry spans,
+off unless ``--otlp-endpoint``) are used by every layer.  Only ``fuse`` and
+``daemon`` import pyfuse3, only ``protocol``, ``remote`` and ``server``
+grpcio, only ``server`` hypercorn, only ``remote`` obstore, only ``metrics``
+prometheus_client, only ``tracing`` opentelemetry;
 ``tests/test_layers.py`` holds the tree to these rules.
 """
 

@@ -36,7 +36,7 @@ from cachefs.errors import CachefsError, CorruptDataError
 from cachefs.fs import Filesystem, is_virtual, is_volatile
 
 if TYPE_CHECKING:
-    from cachefs.metrics import Metrics
+    from cachefs.metrics import FuseMeter
 
 log = logging.getLogger(__name__)
 
@@ -95,32 +95,35 @@ OPERATIONS = (
 
 
 def _measured(
-    handler: Callable[..., Coroutine[Any, Any, Any]], name: str, metrics: Metrics
+    handler: Callable[..., Coroutine[Any, Any, Any]], name: str, meter: FuseMeter
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
     """``handler`` timed under ``name``, its FUSEErrors counted by errno, and
-    the bytes of reads and writes counted."""
-    latency = metrics.fuse_requests.labels(name)
-    errors = metrics.fuse_errors
+    the bytes of reads and writes counted (on the event loop's thread, as
+    every handler runs: ``FuseMeter`` takes no lock)."""
+    latency = meter.operation(name)
     clock = time.perf_counter
-    size: Callable[[Any], int] | None = None
+    counted: Callable[[Any], None] | None = None
     if name == "read":
-        counter = metrics.fuse_read_bytes
-        size = len
+
+        def counted(data: Any) -> None:
+            meter.read_bytes += len(data)
+
     elif name == "write":
-        counter = metrics.fuse_written_bytes
-        size = int
+
+        def counted(written: Any) -> None:
+            meter.written_bytes += int(written)
 
     async def measured(*args: Any) -> Any:
         start = clock()
         try:
             result = await handler(*args)
         except FUSEError as exc:
-            errors.labels(name, errno.errorcode.get(exc.errno, str(exc.errno))).inc()
+            meter.failed(name, errno.errorcode.get(exc.errno, str(exc.errno)))
             raise
         finally:
             latency.observe(clock() - start)
-        if size is not None:
-            counter.inc(size(result))
+        if counted is not None:
+            counted(result)
         return result
 
     return measured
@@ -180,7 +183,7 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: Filesystem, metrics: Metrics | None = None) -> None:
+    def __init__(self, fs: Filesystem, metrics: FuseMeter | None = None) -> None:
         super().__init__()
         self.fs = fs
         fs.invalidate = _invalidate_entry

@@ -103,6 +103,9 @@ def configure(
     machine and the store).  Call it in the process that will trace (after
     detaching: the SDK starts a thread)."""
     check_options(endpoint, fuse_ratio)
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is the traces' URL as it is; the others
+    # are a base URL, to which OTLP/HTTP adds /v1/traces.
+    whole = endpoint is None and bool(os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
     if endpoint is None:
         endpoint = endpoint_from_environment()
         if endpoint is None:
@@ -128,7 +131,7 @@ def configure(
             OTLPSpanExporter as HttpExporter,
         )
 
-        if not endpoint.rstrip("/").endswith("/v1/traces"):
+        if not whole:
             endpoint = endpoint.rstrip("/") + "/v1/traces"
         exporter = HttpExporter(endpoint=endpoint)
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override the service name.
@@ -149,10 +152,18 @@ def _named() -> bool:
     return bool(os.environ.get("OTEL_SERVICE_NAME")) or "service.name=" in attributes
 
 
+#: Milliseconds a stopping daemon gives its last spans to go out.
+FLUSH_TIMEOUT_MS = 3000
+
+
 def shutdown() -> None:
-    """Send what is left and stop exporting (tracing is off afterwards)."""
+    """Send what is left (for ``FLUSH_TIMEOUT_MS`` at most: a collector that
+    is away must not hold a stopping daemon) and stop exporting; tracing is
+    off afterwards."""
     provider, _state.provider, _state.tracer = _state.provider, None, None
-    if provider is not None:
+    # If the flush times out, what is left is dropped with the exporter's
+    # thread (a daemon thread) when the process exits.
+    if provider is not None and provider.force_flush(timeout_millis=FLUSH_TIMEOUT_MS):
         provider.shutdown()
 
 
@@ -182,22 +193,41 @@ def span(
     )
 
 
+def child_span(
+    name: str, *, attributes: Mapping[str, Any] | None = None
+) -> AbstractContextManager[Any]:
+    """A span only inside a trace that is being recorded (a no-op outside
+    one): for work as frequent as a publication, which is worth a span when
+    a request it serves is traced, and not a trace of its own every time."""
+    tracer = _state.tracer
+    if tracer is None:
+        return _NOOP
+    from opentelemetry import trace  # noqa: PLC0415
+
+    if not trace.get_current_span().is_recording():
+        return _NOOP
+    return tracer.start_as_current_span(  # type: ignore[no-any-return]
+        name, kind=_kind("internal"), attributes=dict(attributes or {})
+    )
+
+
 def server_span(
     name: str,
     headers: Iterable[tuple[str, str | bytes]],
     attributes: Mapping[str, Any] | None = None,
 ) -> AbstractContextManager[Any]:
-    """A server span continuing the trace whose W3C context ``headers`` carry
-    (``traceparent``, ``tracestate``; a new trace without them)."""
+    """A server span continuing the trace whose context ``headers`` carry
+    (W3C ``traceparent``, or what ``OTEL_PROPAGATORS`` names; a new trace
+    without)."""
     tracer = _state.tracer
     if tracer is None:
         return _NOOP
     from opentelemetry import propagate  # noqa: PLC0415
 
+    # All of them: the propagators (OTEL_PROPAGATORS: W3C by default, B3, ...) pick.
     carrier = {
         key.lower(): value.decode("latin-1") if isinstance(value, bytes) else value
         for key, value in headers
-        if key.lower() in ("traceparent", "tracestate")
     }
     context = propagate.extract(carrier)
     return tracer.start_as_current_span(  # type: ignore[no-any-return]
@@ -255,6 +285,7 @@ __all__ = [
     "PROTOCOLS",
     "active",
     "check_options",
+    "child_span",
     "configure",
     "endpoint_from_environment",
     "fuse_ratio",

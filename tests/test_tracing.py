@@ -131,8 +131,11 @@ def test_a_mount_traces_a_share_of_fuse_requests_and_gc(
         args = ("--otlp-endpoint", endpoint, "--otlp-fuse-ratio", "0")
         with mounted(tmp_path / "store", mnt, *args):
             (mnt / "g").write_bytes(b"x")
+            cachefs("gc", str(mnt))
         assert not [s for s in spans.spans if s.name.startswith("fuse ")]
-        assert spans.named("cachefs publish")  # the rest is traced all the same
+        # Publications are traced inside traced requests only; gc all the same.
+        assert not spans.named("cachefs publish")
+        assert spans.named("cachefs gc")
 
 
 def test_tracing_off_imports_nothing_and_wraps_nothing() -> None:

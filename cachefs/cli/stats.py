@@ -30,11 +30,12 @@ def command(store: Path, as_json: bool) -> None:
     Given a mount point, or a store that `cachefs serve` serves, also: caches
     (one object per cache directory: path, max_size, policy, files, bytes,
     hits, misses, hit_ratio, evictions, bytes_evicted, throttled,
-    throttled_seconds), max_store_size, throttle_waits, memory_limit,
+    throttled_seconds, and since_start: those counters since the daemon
+    started), max_store_size, quota_stuck, throttle_waits, memory_limit,
     rss_bytes, pid (the daemon's), servers (grpc and http: where they listen,
     or null), metrics (where --metrics serves them, if it does), and with
-    remote tiers remote: tiers (each with remote, direction, skipped and why,
-    and a shard group's endpoints), queue and oldest_seconds
+    remote tiers remote: tiers (each with remote, direction, failing, skipped
+    and why, and a shard group's endpoints), queue and oldest_seconds
     (what waits to be pushed), pushed_objects, pushed_chunks, pushed_bytes,
     pushed_entries, push_failures, last_error, fetched_objects,
     fetched_chunks, fetched_bytes, fetch_misses, fetch_errors,

@@ -6,9 +6,7 @@ Three parts, kept apart:
   Prometheus text format, version 0.0.4) into a :class:`Scrape`: every
   sample by name and labels, and when it was read.  :func:`scrape` fetches
   one, :func:`metrics_url` finds where (a mount, a served store, an address).
-  ``prometheus_client`` has a parser, but only ``cachefs.metrics`` may import
-  that library (``tests/test_layers.py``); the format is small, and
-  ``tests/test_top.py`` holds this parser to that one on a live exposition.
+  The parsing is prometheus_client's (``cachefs.metrics.parse_samples``).
 * **Computing** -- :func:`compute` turns two scrapes into a :class:`Frame`:
   rates are the increase of a counter between the scrapes divided by the time
   between them (a counter that went down was reset, by a restart: its
@@ -49,8 +47,6 @@ from cachefs.metrics import METRICS_PORT, Labels, parse_samples
 from cachefs.server import parse_address
 
 from .common import human_bytes, json_option
-
-#: A sample's labels, sorted by name.
 
 # --- reading -----------------------------------------------------------------------------
 

@@ -14,16 +14,22 @@ behind FUSE requests for more than that one hop onto the loop.
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import trio
 
 from cachefs.errors import ConfigError
 from cachefs.fs import Filesystem
-from cachefs.metrics import METRICS_PORT, FiguresCollector, Metrics, serve_metrics
+from cachefs.metrics import METRICS_PORT, FiguresCollector, FuseMeter, Metrics, serve_metrics
 from cachefs.server import parse_address
 
 log = logging.getLogger(__name__)
+
+#: Seconds a scrape waits for the daemon's figures before it fails.
+SNAPSHOT_TIMEOUT = 10.0
 
 
 def check_metrics_address(address: str | None) -> str | None:
@@ -47,10 +53,8 @@ class DaemonMetrics:
     ) -> None:
         """Serve ``/metrics`` until cancelled; started with where it listens."""
         fs.store.on_publish = self.metrics.published
-        token = trio.lowlevel.current_trio_token()
-
-        def snapshot() -> dict[str, Any]:
-            return trio.from_thread.run_sync(lambda: _figures(fs), trio_token=token)
+        fuse = self.metrics.fuse if role == "mount" else None
+        snapshot = _Snapshots(fs, fuse, trio.lowlevel.current_trio_token())
 
         info = {
             "store": str(fs.store.path),
@@ -79,10 +83,59 @@ class DaemonMetrics:
             server.server_close()
 
 
-def _figures(fs: Filesystem) -> dict[str, Any]:
+class _Snapshots:
+    """The daemon's figures for a scrape, taken on its event loop.
+
+    A scrape waits at most ``SNAPSHOT_TIMEOUT`` for the loop: a loop that does
+    not answer makes the scrape fail (HTTP 500, ``up`` 0), not hang.  One
+    snapshot is in flight at a time: scrapes that come meanwhile wait for the
+    same one, so a stuck loop holds one thread, not one per scrape.  A daemon
+    that is stopping (its loop gone) answers without these figures.
+    """
+
+    def __init__(
+        self, fs: Filesystem, fuse: FuseMeter | None, token: trio.lowlevel.TrioToken
+    ) -> None:
+        self.fs = fs
+        self.fuse = fuse
+        self.token = token
+        self._lock = threading.Lock()
+        self._pending: Future[dict[str, Any]] | None = None
+
+    def __call__(self) -> dict[str, Any] | None:
+        with self._lock:
+            pending = self._pending
+            if pending is None or pending.done():
+                pending = self._pending = Future()
+                threading.Thread(
+                    target=self._take, args=(pending,), name="cachefs-metrics-snapshot", daemon=True
+                ).start()
+        try:
+            return pending.result(timeout=SNAPSHOT_TIMEOUT)
+        except trio.RunFinishedError:
+            return None  # stopping: no figures this time
+        except FutureTimeout:
+            raise TimeoutError(
+                f"the daemon's event loop did not answer within {SNAPSHOT_TIMEOUT:.0f} s"
+            ) from None
+
+    def _take(self, pending: Future[dict[str, Any]]) -> None:
+        try:
+            pending.set_result(
+                trio.from_thread.run_sync(
+                    lambda: _figures(self.fs, self.fuse), trio_token=self.token
+                )
+            )
+        except BaseException as exc:
+            pending.set_exception(exc)
+
+
+def _figures(fs: Filesystem, fuse: FuseMeter | None) -> dict[str, Any]:
     doc = fs.figures()
     doc["activity"] = fs.store.activity()
     doc["disk_free"] = fs.store.disk_free()
+    if fuse is not None:
+        doc["fuse"] = fuse.snapshot()
     return doc
 
 

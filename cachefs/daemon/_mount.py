@@ -169,7 +169,7 @@ def serve(
             fs.control.info = {"mountpoint": str(mountpoint), "mount_options": sorted(options)}
             if trace is not None:
                 fs.start_trace(trace)
-            operations = Operations(fs, None if observed is None else observed.metrics)
+            operations = Operations(fs, None if observed is None else observed.metrics.fuse)
             try:
                 pyfuse3.init(operations, str(mountpoint), options)
             except RuntimeError as exc:

@@ -106,7 +106,8 @@ class Publisher:
     def publish(self, objects: list[PendingObject], *, durable: bool) -> None:
         """Make ``objects`` visible, atomically each (group commit with other threads).
 
-        The thread that commits traces the commit (``cachefs publish``), counts
+        The thread that commits traces the commit (``cachefs publish``, inside
+        a traced request), counts
         the publication in ``activity`` and then, out of the commit lock, tells
         ``on_publish`` of it."""
         ticket = _Ticket(objects, durable)
@@ -121,7 +122,7 @@ class Publisher:
                 attributes = {"cachefs.objects": len(published)}
                 try:
                     start = time.monotonic()
-                    with tracing.span("cachefs publish", attributes=attributes):
+                    with tracing.child_span("cachefs publish", attributes=attributes):
                         self._commit(published, durable=any(t.durable for t in batch))
                 except BaseException as exc:
                     for t in batch:

@@ -28,6 +28,7 @@ from typing import Any, TypeAlias
 
 import lmdb
 
+from cachefs import tracing
 from cachefs.engine._activity import Activity
 from cachefs.engine._backend import ChunkBackend
 from cachefs.engine._health import Health
@@ -173,9 +174,10 @@ class LocalChunks:
         ahead: dict[int, Future[bytes | memoryview]] = {}
         if len(digests) > 2:
             pool = self.workers.pool()
+            read = tracing.in_context(self.read_chunk)  # a heal from a tier is traced in place
             for i, (digest, entry) in enumerate(zip(digests, entries, strict=True)):
                 if entry is not None and entry.flags & COMPRESSION_MASK != COMPRESSION_NONE:
-                    ahead[i] = pool.submit(self.read_chunk, digest, entry)
+                    ahead[i] = pool.submit(read, digest, entry)
         try:
             for i, (digest, entry) in enumerate(zip(digests, entries, strict=True)):
                 fut = ahead.pop(i, None)

@@ -108,6 +108,10 @@ class CacheDir:
         #: The entries (parent, name) of each member file inside this cache.
         self.names: dict[int, list[tuple[int, bytes]]] = {}
         self.counters: dict[str, float] = {k: float(record.get(k, 0)) for k in _COUNTERS}
+        #: The counters when this process took the cache up: the figures since
+        #: then only grow (metrics), where the kept ones restart from the last
+        #: save after a crash.
+        self.opened = dict(self.counters)
         #: Bytes that writers waiting for room want to add.
         self.wanted = 0
 
@@ -144,6 +148,7 @@ class CacheDir:
             "bytes_evicted": int(self.counters["bytes_evicted"]),
             "throttled": int(self.counters["throttled"]),
             "throttled_seconds": round(self.counters["throttled_seconds"], 6),
+            "since_start": {k: self.counters[k] - self.opened[k] for k in _COUNTERS},
         }
 
 
@@ -519,6 +524,7 @@ class CacheDirs(FsEvents):
             caches.append(cache.figures(path))
         return {
             "max_store_size": self.max_store_size,
+            "quota_stuck": self.eviction.quota_stuck(),
             "caches": caches,
             "throttle_waits": self.eviction.figures(),
         }

@@ -145,7 +145,7 @@ class Eviction:
                 stuck = cache is not None and not self._evictable(cache)
                 if over and stuck and cache is not None and not self._closing(cache):
                     raise _full(f"the cache's budget of {cache.max_size} bytes is used")
-                if not over and self._quota_stuck():
+                if not over and self.quota_stuck():
                     raise _full(f"the store quota of {self.quota} bytes is used")
                 if trio.current_time() >= deadline:
                     raise _full(f"eviction made no room within {THROTTLE_LIMIT:g} s")
@@ -192,7 +192,7 @@ class Eviction:
             if not self.files.busy(ino) and ino in cache.names:
                 yield ino
 
-    def _quota_stuck(self) -> bool:
+    def quota_stuck(self) -> bool:
         """Over the quota, nothing evictable, and gc ran since the last reference
         to stored data was dropped (so it cannot free anything either)."""
         if self.quota is None or self.stored < self.quota:

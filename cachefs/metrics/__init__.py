@@ -24,6 +24,7 @@ a live ``/metrics`` to it.  Only this package imports ``prometheus_client``.
 from __future__ import annotations
 
 from cachefs.metrics._figures import FiguresCollector
+from cachefs.metrics._fuse import FuseMeter
 from cachefs.metrics._instruments import (
     METRICS_PORT,
     NAMES,
@@ -39,6 +40,7 @@ __all__ = [
     "NAMES",
     "RULES_FILE",
     "FiguresCollector",
+    "FuseMeter",
     "Labels",
     "Metrics",
     "RemoteMeter",

@@ -1,9 +1,10 @@
 """The daemon's figures as metric families, made at each scrape.
 
 The snapshot is the document ``stats.json`` shows (``Filesystem.figures``),
-plus ``activity`` (``Store.activity()``: the engine's counters) and
-``disk_free``; the daemon takes it on its event loop, where those figures
-live, so that a scrape never reads them half-changed.  Nothing here runs on
+plus ``activity`` (``Store.activity()``: the engine's counters),
+``disk_free`` and, for a mount, ``fuse`` (``FuseMeter.snapshot()``); the
+daemon takes it on its event loop, where those figures live, so that a
+scrape never reads them half-changed.  Nothing here runs on
 the hot path: a mount without scrapes pays nothing for these.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -37,6 +39,7 @@ STORE = {
     "segment_bytes": "cachefs_store_segment_bytes",
     "segments_below_gc_threshold": "cachefs_store_segments_below_gc_threshold",
     "max_store_size": "cachefs_store_quota_bytes",
+    "quota_stuck": "cachefs_store_quota_stuck",
     "disk_free": "cachefs_store_disk_free_bytes",
     "inodes": "cachefs_store_inodes",
     "corruptions": "cachefs_store_corruptions",
@@ -107,12 +110,16 @@ def _family(name: str) -> CounterMetricFamily | GaugeMetricFamily:
 class FiguresCollector(Collector):
     """Metric families from a snapshot of the daemon's figures, at each scrape.
 
-    ``snapshot()`` returns the figures (see the module doc), or raises when
-    the daemon is going away (that scrape then has none of these); ``info``
-    names the store (``store``, ``digest_function``, ``role``).
+    ``snapshot()`` returns the figures (see the module doc), or None when
+    the daemon is going away (that scrape then has none of these); when it
+    raises, the scrape fails (HTTP 500: Prometheus's ``up`` is 0), so that
+    figures that cannot be read are never taken for figures that are fine.
+    ``info`` names the store (``store``, ``digest_function``, ``role``).
     """
 
-    def __init__(self, snapshot: Callable[[], Mapping[str, Any]], info: dict[str, str]) -> None:
+    def __init__(
+        self, snapshot: Callable[[], Mapping[str, Any] | None], info: dict[str, str]
+    ) -> None:
         self._snapshot = snapshot
         self._info = info
 
@@ -122,8 +129,10 @@ class FiguresCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             doc = self._snapshot()
-        except Exception as exc:  # the loop is gone (stopping): no figures this time
-            log.debug("metrics: no figures: %s", exc)
+        except Exception as exc:
+            log.warning("metrics: the daemon's figures cannot be read: %s", exc)
+            raise
+        if doc is None:
             return
         store = InfoMetricFamily("cachefs_store", NAMES["cachefs_store"].help)
         store.add_metric([], self._info)
@@ -149,13 +158,46 @@ class FiguresCollector(Collector):
                 yield family
         yield from _caches(doc.get("caches", []))
         yield from _remote(doc.get("remote"))
+        if "fuse" in doc:
+            yield from _fuse(doc["fuse"])
+
+
+def _fuse(fuse: dict[str, Any]) -> Iterator[Metric]:
+    """The FUSE adapter's counts (``FuseMeter.snapshot``) as families."""
+    name = "cachefs_fuse_request_duration_seconds"
+    spec = NAMES[name]
+    requests = HistogramMetricFamily(name, spec.help, labels=spec.labels)
+    bounds = [*(repr(float(b)) for b in fuse["bounds"]), "+Inf"]
+    for operation, (counts, seconds) in sorted(fuse["operations"].items()):
+        cumulative, buckets = 0, []
+        for bound, count in zip(bounds, counts, strict=True):
+            cumulative += count
+            buckets.append((bound, float(cumulative)))
+        requests.add_metric([operation], buckets, seconds)
+    yield requests
+    errors = _family("cachefs_fuse_errors")
+    for (operation, errno_name), count in sorted(fuse["errors"].items()):
+        errors.add_metric([operation, errno_name], float(count))
+    yield errors
+    for key, metric in (
+        ("read_bytes", "cachefs_fuse_read_bytes"),
+        ("written_bytes", "cachefs_fuse_written_bytes"),
+    ):
+        family = _family(metric)
+        family.add_metric([], float(fuse[key]))
+        yield family
 
 
 def _caches(caches: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Levels as they are; counters since the daemon started (``since_start``):
+    the totals a cache keeps restart from its last save after a crash, and a
+    counter must not go down but through a restart."""
     families = {key: _family(name) for key, name in CACHE.items()}
     for cache in caches:
+        since = cache.get("since_start", {})
         for key, family in families.items():
-            family.add_metric([str(cache["path"])], float(cache[key]))
+            value = since[key] if isinstance(family, CounterMetricFamily) else cache[key]
+            family.add_metric([str(cache["path"])], float(value))
     yield from families.values()
 
 
@@ -168,17 +210,20 @@ def _remote(remote: dict[str, Any] | None) -> Iterator[Metric]:
             family.add_metric([], float(remote[key]))
             yield family
     breakers = _family("cachefs_remote_breaker_open")
+    failing = _family("cachefs_remote_failing")
     for tier in remote.get("tiers", []):
         # A tier's own breaker: the endpoint's, or the shard group's as a whole
         # (endpoint ""); then each endpoint of a group.
         endpoints = tier.get("endpoints", [])
         whole = "" if endpoints else tier["remote"]
         breakers.add_metric([tier["remote"], whole], 1.0 if tier.get("skipped") else 0.0)
+        failing.add_metric([tier["remote"], whole], 1.0 if tier.get("failing") else 0.0)
         for endpoint in endpoints:
-            breakers.add_metric(
-                [tier["remote"], endpoint["remote"]], 1.0 if endpoint["open"] else 0.0
-            )
+            labels = [tier["remote"], endpoint["remote"]]
+            breakers.add_metric(labels, 1.0 if endpoint["open"] else 0.0)
+            failing.add_metric(labels, 1.0 if endpoint.get("failing") else 0.0)
     yield breakers
+    yield failing
 
 
 __all__ = ["ACTIVITY", "CACHE", "REMOTE", "STORE", "FiguresCollector"]

@@ -16,6 +16,7 @@ from prometheus_client import (
 from prometheus_client.exposition import start_http_server
 
 from cachefs import __version__
+from cachefs.metrics._fuse import FuseMeter
 
 #: Default port of ``--metrics`` (the one OpenTelemetry's Prometheus exporter uses).
 METRICS_PORT = 9464
@@ -59,7 +60,9 @@ NAMES: dict[str, Name] = {
     "cachefs_fuse_errors": _n(
         "counter", "FUSE requests answered with an error, by errno", "operation", "errno"
     ),
-    "cachefs_fuse_read_bytes": _n("counter", "Bytes read through the mount"),
+    "cachefs_fuse_read_bytes": _n(
+        "counter", "Bytes read through the mount that the kernel's page cache did not have"
+    ),
     "cachefs_fuse_written_bytes": _n("counter", "Bytes written through the mount"),
     "cachefs_publish_duration_seconds": _n(
         "histogram", "Publications (group commits of new content), and how long they took"
@@ -102,6 +105,9 @@ NAMES: dict[str, Name] = {
         "gauge", "Segments gc would compact (live share under the threshold)"
     ),
     "cachefs_store_quota_bytes": _n("gauge", "The store quota (--max-store-size), when set"),
+    "cachefs_store_quota_stuck": _n(
+        "gauge", "1 while over the quota with nothing left to evict or collect"
+    ),
     "cachefs_store_disk_free_bytes": _n("gauge", "Bytes free on the store's filesystem"),
     "cachefs_store_inodes": _n("gauge", "Inodes in the namespace"),
     "cachefs_store_corruptions": _n("gauge", "Damaged reads since the last fsck"),
@@ -144,6 +150,12 @@ NAMES: dict[str, Name] = {
     # --- remote tiers ------------------------------------------------------------------------
     "cachefs_remote_breaker_open": _n(
         "gauge", "1 while a tier or endpoint is skipped by its circuit breaker", "tier", "endpoint"
+    ),
+    "cachefs_remote_failing": _n(
+        "gauge",
+        "1 from when a tier or endpoint's breaker opens until a request to it succeeds",
+        "tier",
+        "endpoint",
     ),
     "cachefs_remote_push_queue_items": _n("gauge", "Items waiting to be pushed"),
     "cachefs_remote_push_queue_oldest_seconds": _n(
@@ -189,10 +201,8 @@ class Metrics:
         # shows as a counter reset, as Prometheus expects.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
-        self.fuse_requests = self._histogram("cachefs_fuse_request_duration_seconds")
-        self.fuse_errors = self._counter("cachefs_fuse_errors")
-        self.fuse_read_bytes = self._counter("cachefs_fuse_read_bytes")
-        self.fuse_written_bytes = self._counter("cachefs_fuse_written_bytes")
+        #: FUSE requests, counted on the event loop (``_fuse.py``), read at scrapes.
+        self.fuse = FuseMeter(LOCAL_BUCKETS)
         self.publications = self._histogram("cachefs_publish_duration_seconds")
         self.server_requests = self._histogram("cachefs_server_request_duration_seconds")
         self.server_received = self._counter("cachefs_server_received_bytes")
@@ -217,16 +227,6 @@ class Metrics:
     def published(self, seconds: float, objects: int, size: int) -> None:
         """A publication took ``seconds`` (``Store.on_publish``)."""
         self.publications.observe(seconds)
-
-    def server_request(
-        self, protocol: str, method: str, status: str, seconds: float, received: int, sent: int
-    ) -> None:
-        """A server answered a request."""
-        self.server_requests.labels(protocol, method, status).observe(seconds)
-        if received:
-            self.server_received.labels(protocol).inc(received)
-        if sent:
-            self.server_sent.labels(protocol).inc(sent)
 
     def remote_meter(self, tier: str, endpoint: str) -> RemoteMeter:
         """The instruments of one remote endpoint (of tier ``tier``)."""

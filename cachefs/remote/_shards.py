@@ -89,6 +89,13 @@ class Breaker:
         with self._lock:
             return self.retry_at > 0.0 and (self._trying or self.clock() < self.retry_at)
 
+    @property
+    def tripped(self) -> bool:
+        """Whether it opened and no request has succeeded since (open, or
+        between its retries: an endpoint that is down, however seldom asked)."""
+        with self._lock:
+            return self.retry_at > 0.0
+
     def admit(self) -> bool:
         """Whether a request may go: always when closed; when open, only the
         one retry after the back-off (the others wait for its outcome)."""

@@ -630,13 +630,22 @@ class Tiers:
 
 
 def _describe(tier: Tier) -> dict[str, object]:
-    figures: dict[str, object] = {"remote": tier.remote.name, "direction": tier.direction}
+    figures: dict[str, object] = {
+        "remote": tier.remote.name,
+        "direction": tier.direction,
+        "failing": tier.breaker.tripped,
+    }
     if tier.breaker.open:
         figures["skipped"] = tier.breaker.reason
     members = getattr(tier.remote, "members", None)
     if members is not None:
         figures["endpoints"] = [
-            {"remote": m.remote.name, "open": m.breaker.open, "reason": m.breaker.reason}
+            {
+                "remote": m.remote.name,
+                "open": m.breaker.open,
+                "failing": m.breaker.tripped,
+                "reason": m.breaker.reason,
+            }
             for m in members
         ]
     return figures

@@ -57,9 +57,12 @@ class MeasuredRpcs(Interceptor):
             sent = metrics.server_sent.labels("grpc")
             parse, out = _counting_in(parse, received.inc), _counting_out(out, sent.inc)
 
-        def finish(context: grpc.ServicerContext, start: float, span: Any, failed: bool) -> None:
+        def finish(
+            context: grpc.ServicerContext, start: float, span: Any, failure: str | None
+        ) -> None:
+            """The call ended: with the status it set, else ``failure`` (None: OK)."""
             code = context.code()  # type: ignore[attr-defined]
-            status = code.name if code is not None else "UNKNOWN" if failed else "OK"
+            status = code.name if code is not None else failure or "OK"
             tracing.set_attribute(span, "rpc.grpc.status_code", status)
             if metrics is not None:
                 latency = time.perf_counter() - start
@@ -70,13 +73,17 @@ class MeasuredRpcs(Interceptor):
                 start = time.perf_counter()
                 metadata = context.invocation_metadata() if tracing.active() else ()
                 with tracing.server_span(name, metadata, attributes) as span:
-                    failed = True
+                    failure: str | None = "UNKNOWN"
                     try:
                         result = behaviour(request, context)
-                        failed = False
+                        failure = None
                         return result
+                    except Exception:
+                        if not context.is_active():
+                            failure = "CANCELLED"  # the client went away
+                        raise
                     finally:
-                        finish(context, start, span, failed)
+                        finish(context, start, span, failure)
 
             return observed
 
@@ -85,12 +92,15 @@ class MeasuredRpcs(Interceptor):
                 start = time.perf_counter()
                 metadata = context.invocation_metadata() if tracing.active() else ()
                 with tracing.server_span(name, metadata, attributes) as span:
-                    failed = True
+                    failure: str | None = "UNKNOWN"
                     try:
                         yield from behaviour(request, context)
-                        failed = False
+                        failure = None
+                    except GeneratorExit:  # grpcio closes the stream: the client went away
+                        failure = "CANCELLED"
+                        raise
                     finally:
-                        finish(context, start, span, failed)
+                        finish(context, start, span, failure)
 
             return observed
 
