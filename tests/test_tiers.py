@@ -590,6 +590,7 @@ def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str, weed: S
         assert stats["remote"]["pushed_objects"] == 0
         if kind == "s3":  # small files came inside their entries: two fetched
             assert stats["remote"]["fetched_objects"] == 2, stats["remote"]
+            assert stats["remote"]["tiers"][0]["fetched_objects"] == 2
             # A fetched file changed here is shared again; a file open for
             # writing is not shared until it is closed (never half a file).
             (two / "cc" / "b/stats").write_bytes(b"y" * 100)
@@ -658,6 +659,7 @@ def test_a_damaged_chunk_heals_from_a_tier(tmp_path: Path) -> None:
         flip_first_chunk(store, digest)
         assert store.read(digest) == data  # healed, not EIO
         assert tiers.counts["healed_chunks"] == 1
+        assert tiers.by_tier["mem"]["healed_chunks"] == 1  # and by the tier it came from
         assert store.corruptions == 0 and not store.needs_fsck
         assert store.read(digest) == data  # the fresh copy, read as any other
         assert tiers.counts["healed_chunks"] == 1
@@ -767,6 +769,9 @@ def test_chunks_a_tier_holds_are_dropped_here_and_fetched_back(tmp_path: Path) -
         for digest, data in zip(digests, files, strict=True):
             assert store.read(digest) == data
         assert tiers.counts["fetched_chunks"] >= sum(len(store.recipe(d)) for d in digests) // 2
+        described: Any = tiers.figures()["tiers"]
+        assert described[0]["fetched_chunks"] == tiers.counts["fetched_chunks"]
+        assert described[0]["fetched_bytes"] == tiers.counts["fetched_bytes"]
         assert segment_bytes(tmp_path / "a") > before
         assert check_store(store).clean and store.corruptions == 0
         # Dropped again; a put of the same bytes stores them here again.

@@ -35,7 +35,9 @@ def command(store: Path, as_json: bool) -> None:
     rss_bytes, pid (the daemon's), servers (grpc and http: where they listen,
     or null), metrics (where --metrics serves them, if it does), and with
     remote tiers remote: tiers (each with remote, direction, failing, skipped
-    and why, and a shard group's endpoints), queue and oldest_seconds
+    and why, a shard group's endpoints, and what came from it:
+    fetched_objects, fetched_chunks, fetched_bytes, healed_chunks), queue and
+    oldest_seconds
     (what waits to be pushed), pushed_objects, pushed_chunks, pushed_bytes,
     pushed_entries, push_failures, last_error, fetched_objects,
     fetched_chunks, fetched_bytes, fetch_misses, fetch_errors,

@@ -77,6 +77,13 @@ CACHE = {
     "throttled": "cachefs_cache_throttled_writes",
     "throttled_seconds": "cachefs_cache_throttled_seconds",
 }
+#: What came from each tier (key of a tier's figures -> metric, by ``tier``).
+REMOTE_BY_TIER = {
+    "fetched_objects": "cachefs_remote_fetched_objects",
+    "fetched_chunks": "cachefs_remote_fetched_chunks",
+    "fetched_bytes": "cachefs_remote_fetched_bytes",
+    "healed_chunks": "cachefs_remote_healed_chunks",
+}
 #: The remote tiers' figures (key of ``remote`` -> metric).
 REMOTE = {
     "queue": "cachefs_remote_push_queue_items",
@@ -88,12 +95,8 @@ REMOTE = {
     "spliced_objects": "cachefs_remote_spliced_objects",
     "push_failures": "cachefs_remote_push_failures",
     "push_dropped": "cachefs_remote_push_dropped",
-    "fetched_objects": "cachefs_remote_fetched_objects",
-    "fetched_chunks": "cachefs_remote_fetched_chunks",
-    "fetched_bytes": "cachefs_remote_fetched_bytes",
     "fetch_misses": "cachefs_remote_fetch_misses",
     "fetch_errors": "cachefs_remote_fetch_errors",
-    "healed_chunks": "cachefs_remote_healed_chunks",
     "shared_entries_queued": "cachefs_remote_shared_entries_queued",
     "shared_fetches": "cachefs_remote_shared_fetches",
     "shared_misses": "cachefs_remote_shared_misses",
@@ -209,9 +212,12 @@ def _remote(remote: dict[str, Any] | None) -> Iterator[Metric]:
             family = _family(name)
             family.add_metric([], float(remote[key]))
             yield family
+    by_tier = {key: _family(name) for key, name in REMOTE_BY_TIER.items()}
     breakers = _family("cachefs_remote_breaker_open")
     failing = _family("cachefs_remote_failing")
     for tier in remote.get("tiers", []):
+        for key, family in by_tier.items():
+            family.add_metric([tier["remote"]], float(tier.get(key, 0)))
         # A tier's own breaker: the endpoint's, or the shard group's as a whole
         # (endpoint ""); then each endpoint of a group.
         endpoints = tier.get("endpoints", [])
@@ -222,8 +228,9 @@ def _remote(remote: dict[str, Any] | None) -> Iterator[Metric]:
             labels = [tier["remote"], endpoint["remote"]]
             breakers.add_metric(labels, 1.0 if endpoint["open"] else 0.0)
             failing.add_metric(labels, 1.0 if endpoint.get("failing") else 0.0)
+    yield from by_tier.values()
     yield breakers
     yield failing
 
 
-__all__ = ["ACTIVITY", "CACHE", "REMOTE", "STORE", "FiguresCollector"]
+__all__ = ["ACTIVITY", "CACHE", "REMOTE", "REMOTE_BY_TIER", "STORE", "FiguresCollector"]

@@ -168,12 +168,14 @@ NAMES: dict[str, Name] = {
     "cachefs_remote_spliced_objects": _n("counter", "Objects made on a tier by SpliceBlob"),
     "cachefs_remote_push_failures": _n("counter", "Push attempts that failed (and are retried)"),
     "cachefs_remote_push_dropped": _n("counter", "Queue items dropped: refused for good"),
-    "cachefs_remote_fetched_objects": _n("counter", "Objects fetched from the tiers"),
-    "cachefs_remote_fetched_chunks": _n("counter", "Chunks fetched from the tiers"),
-    "cachefs_remote_fetched_bytes": _n("counter", "Bytes fetched from the tiers"),
+    "cachefs_remote_fetched_objects": _n("counter", "Objects fetched from a tier", "tier"),
+    "cachefs_remote_fetched_chunks": _n("counter", "Chunks fetched from a tier", "tier"),
+    "cachefs_remote_fetched_bytes": _n("counter", "Bytes fetched from a tier", "tier"),
     "cachefs_remote_fetch_misses": _n("counter", "Fetches no tier could answer"),
     "cachefs_remote_fetch_errors": _n("counter", "Fetches that failed on a tier error"),
-    "cachefs_remote_healed_chunks": _n("counter", "Damaged local chunks healed from a tier"),
+    "cachefs_remote_healed_chunks": _n(
+        "counter", "Damaged local chunks healed from a tier", "tier"
+    ),
     "cachefs_remote_shared_entries_queued": _n(
         "counter", "Shared-directory entries queued for the tiers"
     ),

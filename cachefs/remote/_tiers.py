@@ -112,6 +112,10 @@ PUSH_BATCH, PUSH_OBJECTS = 64, 4
 RETRY_FIRST, RETRY_MAX, IDLE = 1.0, 30.0, 5.0
 
 
+#: What each tier's figures count of what came from it.
+TIER_COUNTS = ("fetched_objects", "fetched_chunks", "fetched_bytes", "healed_chunks")
+
+
 @dataclass
 class Tier:
     """One tier: a remote (endpoint or shard group) and which way data flows."""
@@ -166,6 +170,8 @@ class Tiers:
             "healed_chunks": 0,
             "spliced_objects": 0,
         }
+        #: What came from each tier (``TIER_COUNTS``), by its name.
+        self.by_tier: dict[str, dict[str, int]] = {}
         #: Directory entries of shares put on tiers by this process: (tier, share, path).
         #: Objects this process pushed lately (not asked about again).
         self._pushed: OrderedDict[Digest, None] = OrderedDict()
@@ -184,10 +190,15 @@ class Tiers:
             store.chunks.healer = self.heal
             store.chunks.restorer = self.restore
 
-    def _count(self, **deltas: int) -> None:
+    def _count(self, tier: str | None = None, **deltas: int) -> None:
+        """Add to the counts, and to ``tier``'s (a tier's name: what came from it)."""
         with self._lock:
             for name, delta in deltas.items():
                 self.counts[name] += delta
+            if tier is not None:
+                mine = self.by_tier.setdefault(tier, dict.fromkeys(TIER_COUNTS, 0))
+                for name, delta in deltas.items():
+                    mine[name] += delta
 
     def close(self) -> None:
         if self.store.chunks.healer == self.heal:
@@ -294,7 +305,7 @@ class Tiers:
                 continue
             tier.breaker.succeeded()
             if found is not None:
-                self._count(fetched_objects=1)
+                self._count(tier.remote.name, fetched_objects=1)
                 chunks = self._chunks(tier.remote, found)
                 largest = self.store.chunker.params.max_size
                 if all(chunk and 0 < size <= largest for chunk, size in found):
@@ -302,7 +313,7 @@ class Tiers:
                 # Holes, or chunks this store would not make: bytes to cut again.
                 return (data for _, data in chunks)
             if data is not None:
-                self._count(fetched_objects=1, fetched_bytes=len(data))
+                self._count(tier.remote.name, fetched_objects=1, fetched_bytes=len(data))
                 return iter((data,))
         if failure is not None:
             self._count(fetch_errors=1)
@@ -341,9 +352,9 @@ class Tiers:
             log.warning("chunk %s: a good copy came, but is not stored: %s", chunk.hex(), exc)
             return data
         if remote:
-            self._count(fetched_chunks=1, fetched_bytes=len(data))
+            self._count(tier, fetched_chunks=1, fetched_bytes=len(data))
         else:
-            self._count(healed_chunks=1)
+            self._count(tier, healed_chunks=1)
             log.warning("chunk %s was damaged here: healed from %s", chunk.hex(), tier)
         return data
 
@@ -371,14 +382,17 @@ class Tiers:
         left held remotely (its own read then says why)."""
         wanted = [Digest(d, n) for d, n in dict.fromkeys(chunks)]
         fetched: dict[bytes, bytes] = {}
+        sources: dict[str, list[int]] = {}
         first = tracing.in_context(self._first_copy)
         for digest, found in zip(wanted, self._pool.map(first, wanted), strict=True):
             if found is not None:
                 fetched[digest.hash] = found[0]
+                sources.setdefault(found[1], []).append(len(found[0]))
         if not fetched:
             return 0
         restored = restore_chunks(self.store, fetched)
-        self._count(fetched_chunks=len(fetched), fetched_bytes=sum(map(len, fetched.values())))
+        for tier, sizes in sources.items():
+            self._count(tier, fetched_chunks=len(sizes), fetched_bytes=sum(sizes))
         return restored
 
     def held(self, digests: Sequence[Digest]) -> set[bytes]:
@@ -620,13 +634,19 @@ class Tiers:
 
     def _fetch_chunk(self, remote: Remote, digest: Digest) -> bytes:
         data = remote.read(digest)  # verified
-        self._count(fetched_chunks=1, fetched_bytes=len(data))
+        self._count(remote.name, fetched_chunks=1, fetched_bytes=len(data))
         return data
 
     def figures(self) -> dict[str, object]:
         with self._lock:
             counts = dict(self.counts)
-        return {"tiers": [_describe(t) for t in self.tiers], **counts}
+            by_tier = {name: dict(mine) for name, mine in self.by_tier.items()}
+        tiers = []
+        for tier in self.tiers:
+            described = _describe(tier)
+            described |= by_tier.get(tier.remote.name, dict.fromkeys(TIER_COUNTS, 0))
+            tiers.append(described)
+        return {"tiers": tiers, **counts}
 
 
 def _describe(tier: Tier) -> dict[str, object]:
