@@ -641,11 +641,8 @@ class Tiers:
         with self._lock:
             counts = dict(self.counts)
             by_tier = {name: dict(mine) for name, mine in self.by_tier.items()}
-        tiers = []
-        for tier in self.tiers:
-            described = _describe(tier)
-            described |= by_tier.get(tier.remote.name, dict.fromkeys(TIER_COUNTS, 0))
-            tiers.append(described)
+        zero = dict.fromkeys(TIER_COUNTS, 0)
+        tiers = [_describe(t) | by_tier.get(t.remote.name, zero) for t in self.tiers]
         return {"tiers": tiers, **counts}
 
 
