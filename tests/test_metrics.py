@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachefs.metrics import NAMES, RULES_FILE
+from cachefs.metrics import NAMES, RULES_FILE, parse_samples
 from tests.mounting import cachefs, live_stats, mounted
-from tests.reapi import free_port, serving
+from tests.reapi import free_port, serving, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -45,10 +45,7 @@ SUFFIXES = {
 def require(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        message = f"{tool} is not installed (Debian package prometheus; scripts/bootstrap.sh)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{tool} is not installed (Debian package prometheus; scripts/bootstrap.sh)")
     return path
 
 
@@ -58,20 +55,11 @@ def scrape(address: str) -> str:
     return text
 
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """``{(sample name, sorted labels): value}`` of an exposition."""
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
-
-
 def value(text: str, name: str, **labels: str) -> float:
     """The sum of the samples ``name`` whose labels include ``labels``."""
     total = 0.0
-    for (sample, have), number in samples(text).items():
-        if sample == name and set(labels.items()) <= set(have):
+    for have, number in parse_samples(text).get(name, {}).items():
+        if set(labels.items()) <= set(have):
             total += number
     return total
 

@@ -14,6 +14,7 @@ behind FUSE requests for more than that one hop onto the loop.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -21,9 +22,12 @@ from typing import Any
 
 import trio
 
+from cachefs import tracing
+from cachefs.engine import Store
 from cachefs.errors import ConfigError
 from cachefs.fs import Filesystem
 from cachefs.metrics import METRICS_PORT, FiguresCollector, FuseMeter, Metrics, serve_metrics
+from cachefs.remote import Tier, TierOptions, measure
 from cachefs.server import parse_address
 
 log = logging.getLogger(__name__)
@@ -130,6 +134,28 @@ class _Snapshots:
             pending.set_exception(exc)
 
 
+def observed_tiers(
+    store: Store,
+    tiers: TierOptions,
+    observed: DaemonMetrics | None,
+    *,
+    role: str,
+    otlp_endpoint: str | None,
+    fuse_ratio: float,
+) -> list[Tier]:
+    """Turn tracing on if asked (in the daemon's own process: the SDK starts a
+    thread), then open the store's tiers, every endpoint measured and traced."""
+    tracing.configure(
+        otlp_endpoint,
+        service=f"cachefs-{role}",
+        instance=f"{socket.gethostname()}:{store.path}",
+        fuse_ratio=fuse_ratio,
+    )
+    remotes = tiers.open(store.digest_function)
+    measure(remotes, None if observed is None else observed.metrics.remote_meter)
+    return remotes
+
+
 def _figures(fs: Filesystem, fuse: FuseMeter | None) -> dict[str, Any]:
     doc = fs.figures()
     doc["activity"] = fs.store.activity()
@@ -139,4 +165,4 @@ def _figures(fs: Filesystem, fuse: FuseMeter | None) -> dict[str, Any]:
     return doc
 
 
-__all__ = ["DaemonMetrics", "check_metrics_address"]
+__all__ = ["DaemonMetrics", "check_metrics_address", "observed_tiers"]

@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ import pyfuse3
 import trio
 
 from cachefs import tracing
-from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address
+from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address, observed_tiers
 from cachefs.daemon._mounts import FSNAME, FSTYPE, mount_info, mounted_fstype
 from cachefs.daemon._process import (
     LOG_NAME,
@@ -59,7 +58,7 @@ from cachefs.fs import (
     check_outside,
 )
 from cachefs.fuse import Operations
-from cachefs.remote import TierOptions, measure
+from cachefs.remote import TierOptions
 from cachefs.server import ServeOptions, check_addresses, run_servers
 
 log = logging.getLogger(__name__)
@@ -148,14 +147,14 @@ def serve(
     store = Store.open(store_path, create=True, options=store_options(cache_size, tiers))
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
-        tracing.configure(
-            otlp_endpoint,
-            service="cachefs-mount",
-            instance=f"{socket.gethostname()}:{store.path}",
+        remotes = observed_tiers(
+            store,
+            tiers,
+            observed,
+            role="mount",
+            otlp_endpoint=otlp_endpoint,
             fuse_ratio=otlp_fuse_ratio,
         )
-        remotes = tiers.open(store.digest_function)
-        measure(remotes, None if observed is None else observed.metrics.remote_meter)
         fs = Filesystem(
             store,
             publish_threshold=publish_threshold,

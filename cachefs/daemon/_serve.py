@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from cachefs import tracing
-from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address
+from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address, observed_tiers
 from cachefs.daemon._mounts import SOCKET_NAME, socket_address
 from cachefs.daemon._process import detach, setup_logging, store_options, unwrap_group
 from cachefs.daemon._systemd import sd_notify
@@ -42,7 +42,7 @@ from cachefs.engine import Store
 from cachefs.errors import ConfigError
 from cachefs.format.header import read_header
 from cachefs.fs import DEFAULT_MEMORY_LIMIT, Filesystem
-from cachefs.remote import TierOptions, measure
+from cachefs.remote import TierOptions
 from cachefs.server import ServeOptions, check_addresses, run_servers
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,14 @@ def serve_store(
     store = Store.open(store_path, create=True, options=store_options(cache_size, tiers))
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
-        tracing.configure(
-            otlp_endpoint,
-            service="cachefs-serve",
-            instance=f"{socket.gethostname()}:{store.path}",
+        remotes = observed_tiers(
+            store,
+            tiers,
+            observed,
+            role="serve",
+            otlp_endpoint=otlp_endpoint,
             fuse_ratio=otlp_fuse_ratio,
         )
-        remotes = tiers.open(store.digest_function)
-        measure(remotes, None if observed is None else observed.metrics.remote_meter)
         fs = Filesystem(
             store,
             max_store_size=max_store_size,
