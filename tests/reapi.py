@@ -103,8 +103,8 @@ class Server:
     def has(self, feature: str) -> bool:
         return feature in self.features
 
-    def client(self, instance: str = "") -> Client:
-        return Client(self.grpc, self.function, instance)
+    def client(self, instance: str = "", *, token: str | None = None) -> Client:
+        return Client(self.grpc, self.function, instance, token=token)
 
 
 CACHEFS_FEATURES = frozenset({ZSTD, SPLIT, INLINE, NESTED, RESUMABLE, VALIDATES})
@@ -276,10 +276,42 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
 # --- a client ---------------------------------------------------------------------------
 
 
+class _Header(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds ``authorization`` to the metadata of every call."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def _with(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("authorization", self.value)]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with(details), requests)
+
+
 class Client:
     """The REAPI stubs on one channel, and helpers."""
 
-    def __init__(self, address: str, function: DigestFunction, instance: str = "") -> None:
+    def __init__(
+        self,
+        address: str,
+        function: DigestFunction,
+        instance: str = "",
+        *,
+        token: str | None = None,
+    ) -> None:
+        """With ``token``, every call carries ``authorization: Bearer <token>``."""
         self.channel = grpc.insecure_channel(
             address,
             options=[
@@ -287,6 +319,8 @@ class Client:
                 ("grpc.max_send_message_length", MAX_MESSAGE),
             ],
         )
+        if token is not None:
+            self.channel = grpc.intercept_channel(self.channel, _Header("Bearer " + token))
         self.function = function
         self.instance = instance
         self.cas = re_grpc.ContentAddressableStorageStub(self.channel)

@@ -51,7 +51,8 @@ def test_help_says_how_to_point_a_build_at_it() -> None:
         (["--http", "127.0.0.1:99999"], "bad port"),
         (["--max-size", "0"], "--max-size"),
         (["--max-size", "lots"], "not a size"),
-        (["--grpc", "192.0.2.1:9092"], "cannot serve gRPC"),  # not this machine's
+        (["--grpc", "192.0.2.1:9092", "--allow-unauthenticated"], "cannot serve gRPC"),
+        (["--grpc", "192.0.2.1:9092"], "without authentication"),
     ],
 )
 def test_bad_options(tmp_path: Path, args: list[str], words: str) -> None:

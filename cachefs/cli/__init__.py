@@ -17,6 +17,7 @@ import lmdb
 
 from cachefs import __version__
 from cachefs.cli import (
+    audit,
     cache,
     cat,
     fsck,
@@ -28,6 +29,7 @@ from cachefs.cli import (
     scrub,
     serve,
     stats,
+    token,
     top,
     umount,
 )
@@ -79,7 +81,8 @@ def cli(verbose: int) -> None:
 
 
 for _module in (
-    mount, umount, serve, cache, init, put, cat, stats, top, fsck, scrub, gc, metrics,
+    mount, umount, serve, cache, init, put, cat, stats, top, fsck, scrub, gc, metrics, audit,
+    token,
 ):  # fmt: skip
     cli.add_command(_module.command)
 

@@ -70,6 +70,18 @@ http_option = click.option(
     help=f"Serve the Bazel HTTP cache protocol on ADDR (port {HTTP_PORT} and 127.0.0.1 "
     "unless given).",
 )
+tokens_option = click.option(
+    "--tokens",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="Serve only requests with a bearer token of FILE (`cachefs token add`; the "
+    "Authorization header, or gRPC metadata); read tokens may not write.",
+)
+unauthenticated_option = click.option(
+    "--allow-unauthenticated",
+    is_flag=True,
+    help="Serve an address other than loopback with no --tokens (refused otherwise).",
+)
 
 # What a daemon that holds a store takes, whether it mounts it or serves it.
 cache_size_option = click.option(

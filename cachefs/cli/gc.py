@@ -39,6 +39,7 @@ def command(store: Path, threshold: float | None, as_json: bool) -> None:
                 report = collect_garbage(opened, threshold=threshold, progress=bar)
             finally:
                 bar.close()
+            opened.audit.record("gc", via="cli", **report.as_dict())
         doc = report.as_dict()
     if as_json:
         click.echo(json.dumps(doc, indent=2))

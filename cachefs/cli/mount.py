@@ -27,6 +27,8 @@ from .common import (
     positive_size,
     remote_option,
     store_argument,
+    tokens_option,
+    unauthenticated_option,
 )
 
 
@@ -70,6 +72,8 @@ from .common import (
 )
 @grpc_option
 @http_option
+@tokens_option
+@unauthenticated_option
 @metrics_option
 @otlp_option
 @click.option(
@@ -106,6 +110,8 @@ def command(
     scrub_rate: str | None,
     grpc_address: str | None,
     http_address: str | None,
+    tokens: Path | None,
+    allow_unauthenticated: bool,
     remotes: tuple[str, ...],
     config: Path | None,
     local_max_size: str | None,
@@ -141,6 +147,8 @@ def command(
     http://ADDR/metrics (the README lists them); with --otlp-endpoint URL it
     sends OpenTelemetry traces there.
     """
+    if tokens is not None and grpc_address is None and http_address is None:
+        raise ConfigError("--tokens is for the servers", hint="give --grpc ADDR or --http ADDR")
     verbose = ctx.find_root().params.get("verbose", 0)
     daemon.mount(
         store,
@@ -153,7 +161,12 @@ def command(
         max_store_size=None if max_store_size is None else parse_size(max_store_size),
         memory_limit=memory_limit_of(memory_limit),
         trace=trace,
-        servers=ServeOptions(grpc=grpc_address, http=http_address),
+        servers=ServeOptions(
+            grpc=grpc_address,
+            http=http_address,
+            tokens=None if tokens is None else tokens.absolute(),
+            allow_unauthenticated=allow_unauthenticated,
+        ),
         scrub_rate=None if scrub_rate is None else positive_size(scrub_rate, "--scrub-rate"),
         tiers=TierOptions.parse(
             remotes,

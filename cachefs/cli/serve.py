@@ -26,6 +26,8 @@ from .common import (
     parse_size,
     remote_option,
     store_argument,
+    tokens_option,
+    unauthenticated_option,
 )
 from .mount import memory_limit_of
 
@@ -34,6 +36,8 @@ from .mount import memory_limit_of
 @store_argument
 @grpc_option
 @http_option
+@tokens_option
+@unauthenticated_option
 @metrics_option
 @otlp_option
 @click.option(
@@ -64,6 +68,8 @@ def command(
     store: Path,
     grpc_address: str | None,
     http_address: str | None,
+    tokens: Path | None,
+    allow_unauthenticated: bool,
     max_size: str | None,
     policy: str,
     detach: bool,
@@ -94,6 +100,10 @@ def command(
     With --remote (or tiers in --config) what clients upload is pushed to the
     remote tiers in the background, from a queue kept in the store.
 
+    With --tokens FILE every request must carry a token of FILE
+    (Authorization: Bearer ...; `cachefs token add`).  Without it only
+    loopback addresses are served, unless --allow-unauthenticated.
+
     With --metrics ADDR it serves Prometheus metrics on http://ADDR/metrics;
     with --otlp-endpoint URL it sends OpenTelemetry traces there.
 
@@ -111,7 +121,14 @@ def command(
     verbose = ctx.find_root().params.get("verbose", 0)
     daemon.serve(
         store,
-        ServeOptions(grpc=grpc_address, http=http_address, max_size=budget, policy=policy),
+        ServeOptions(
+            grpc=grpc_address,
+            http=http_address,
+            max_size=budget,
+            policy=policy,
+            tokens=None if tokens is None else tokens.absolute(),
+            allow_unauthenticated=allow_unauthenticated,
+        ),
         daemon=detach,
         verbose=verbose,
         cache_size=parse_size(cache_size),

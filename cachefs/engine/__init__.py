@@ -36,6 +36,7 @@ What it offers:
 ``cachefs.aio.AsyncStore`` wraps a store for trio programs.
 """
 
+from cachefs.engine._audit import AuditLog
 from cachefs.engine._backend import ChunkBackend
 from cachefs.engine._cache_records import CacheRecords
 from cachefs.engine._chunker import KnownChunks, Source
@@ -78,6 +79,7 @@ __all__ = [
     "RENAME_NOREPLACE",
     "ROOT_INODE",
     "SHA256",
+    "AuditLog",
     "BadDigestError",
     "CacheRecords",
     "CachefsError",

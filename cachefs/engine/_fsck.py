@@ -153,6 +153,7 @@ def check_store(
                 raise lmdb_error(exc, "repairing the index") from None
         maintenance.settle()
         maintenance.sync_index()
+    store.audit.record("fsck.repair", clean=report.clean, problems=len(report.problems))
     return report
 
 
@@ -276,6 +277,8 @@ def _scrub(store: Store, rate: int | None, progress: Progress | None) -> FsckRep
     for problem in report.problems:
         kind = IndexCorruptError if problem.kind in INDEX_PROBLEMS else CorruptDataError
         store.health.damaged(kind(f"scrub found {problem}"))
+    if not store.readonly:
+        store.audit.record("scrub", clean=report.clean, problems=len(report.problems))
     return report
 
 

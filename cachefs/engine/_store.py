@@ -44,6 +44,8 @@ from typing import TypeVar
 import lmdb
 
 from cachefs.engine._activity import Activity
+from cachefs.engine._audit import DEFAULT_MAX_SIZE as AUDIT_MAX_SIZE
+from cachefs.engine._audit import AuditLog
 from cachefs.engine._chunker import Chunker, Source
 from cachefs.engine._health import HEALTH_NAME, Health
 from cachefs.engine._index import Index
@@ -110,6 +112,9 @@ class StoreOptions:
     buffer_size: int = 4 << 20
     #: Queue new objects for the write tiers (``Store.pushes``; a writer only).
     push: bool = False
+    #: The audit log's directory (None: ``STORE/audit``) and rotation size.
+    audit_dir: Path | None = None
+    audit_max_size: int = AUDIT_MAX_SIZE
 
     def validate(self) -> None:
         if self.cache_size < 0:
@@ -268,6 +273,12 @@ class Store:
             activity,
         )
         self.reserve = Reserve(path)
+        #: Security-relevant events (``format/audit.py``); writers record to it.
+        self.audit = AuditLog(
+            options.audit_dir or path / "audit",
+            max_size=options.audit_max_size,
+            fsync=options.fsync,
+        )
         push = options.push and not readonly
         self._maintenance = MaintenanceLock()
         #: The store's journal (writers only): see ``cachefs.format.journal``.
@@ -371,6 +382,7 @@ class Store:
                 self._lock_fd = None
 
     def _release(self) -> None:
+        self.audit.close()
         self.workers.shutdown()
         self.segments.close()
         self.chunks.cache.clear()

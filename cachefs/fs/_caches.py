@@ -470,6 +470,7 @@ class CacheDirs(FsEvents):
         cache.policy.capacity = max_size
         self.records.put({ino: cache.record()})
         self.dirs[ino] = cache
+        self._audit("cache.set", ino, max_size=max_size, policy=policy, shared=shared)
         if fresh:
             self._moved()
             # Files of an enclosing cache below this directory are this one's now.
@@ -486,6 +487,11 @@ class CacheDirs(FsEvents):
             raise FsError(errno.ENODATA, "the directory is not a cache")
         self._unmark(ino)
         self.records.put({ino: None})
+        self._audit("cache.unset", ino)
+
+    def _audit(self, event: str, ino: int, **fields: object) -> None:
+        path = self.namespace.path_of(ino).decode("utf-8", "surrogateescape")
+        self.namespace.store.audit.record(event, path=path, **fields)
 
     def _unmark(self, ino: int) -> None:
         cache = self.dirs.pop(ino)

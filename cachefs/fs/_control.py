@@ -183,6 +183,7 @@ class ControlTree:
                 threshold = float(words[1]) if len(words) == 2 else None
                 report = await commands.collect_garbage(threshold)
                 answer = {"ok": True, "report": report.as_dict()}
+                self.store.audit.record("gc", via="control", **answer["report"])
             elif words[:1] == ["scrub"] and len(words) <= 2:
                 rate = int(words[1]) if len(words) == 2 else None
                 if rate is not None and rate <= 0:

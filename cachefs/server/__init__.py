@@ -24,7 +24,9 @@ from cachefs.server._options import (
     HTTP_PORT,
     Listening,
     ServeOptions,
+    check_exposure,
 )
+from cachefs.server._tokens import PERMISSIONS, add_token, read_tokens, remove_token
 
 if TYPE_CHECKING:
     from cachefs.fs import Filesystem
@@ -33,10 +35,12 @@ if TYPE_CHECKING:
 
 def check_addresses(options: ServeOptions) -> None:
     """Refuse (ConfigError) addresses that cannot be bound, before anything starts."""
+    addresses = []
     if options.grpc is not None:
-        parse_address(options.grpc, GRPC_PORT)
+        addresses.append(parse_address(options.grpc, GRPC_PORT))
     if options.http is not None:
-        parse_address(options.http, HTTP_PORT)
+        addresses.append(parse_address(options.http, HTTP_PORT))
+    check_exposure(addresses, tokens=options.tokens, allow=options.allow_unauthenticated)
 
 
 async def run_servers(
@@ -59,9 +63,13 @@ __all__ = [
     "DEFAULT_MAX_SIZE",
     "GRPC_PORT",
     "HTTP_PORT",
+    "PERMISSIONS",
     "Listening",
     "ServeOptions",
+    "add_token",
     "check_addresses",
     "parse_address",
+    "read_tokens",
+    "remove_token",
     "run_servers",
 ]

@@ -450,13 +450,18 @@ class RemoteCache:
         self._soon(self.stored.hit, inode)
         return data
 
-    def put_action(self, instance: str, key: Digest, data: bytes) -> None:
-        """Store ``data`` under an action key, in the place of what was there."""
+    def put_action(self, instance: str, key: Digest, data: bytes, *, by: str) -> None:
+        """Store ``data`` under an action key, in the place of what was there;
+        the write is audited (``by``: who asked, as the server knows them)."""
         parts, name = self._place(instance, AC, key)
         parent = self._directory(parts, make=True)
         assert parent is not None
         self._wait(self.stored.make_room, parent, len(data))
         self._store_replacing(parent, name, data, None)
+        result = Digest(self.digest_function.hash(data), len(data))
+        self.store.audit.record(
+            "ac.write", instance=instance, key=key.hash.hex(), result=str(result), by=by
+        )
 
     def _store_replacing(
         self, parent: int, name: bytes, source: Source, expect: Digest | None

@@ -164,6 +164,34 @@ else:
     Interceptor = grpc.ServerInterceptor
 
 
+def _same(behaviour: Any) -> Any:
+    return behaviour
+
+
+def rebuilt(
+    handler: Handler,
+    *,
+    call: Callable[[Any], Any] = _same,
+    stream: Callable[[Any], Any] = _same,
+    parse: Callable[[bytes], Any] | None = None,
+    out: Callable[[Any], bytes] | None = None,
+) -> Handler:
+    """An interceptor's handler in the place of ``handler``: its behaviour
+    wrapped by ``call`` (one response) or ``stream`` (a stream of them), and
+    ``parse``/``out`` (None: the handler's) as its (de)serializers."""
+    kinds = {
+        "request_deserializer": parse or handler.request_deserializer,
+        "response_serializer": out or handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(call(handler.unary_unary), **kinds)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kinds)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(call(handler.stream_unary), **kinds)
+    return handler  # no service of ours streams both ways
+
+
 class MalformedRequests(Interceptor):
     """Hand a request that does not parse to the method as :class:`Malformed`
     (refused with INVALID_ARGUMENT and a log line), not to grpcio, which would
@@ -179,20 +207,7 @@ class MalformedRequests(Interceptor):
         if handler is None:
             return None
         parse = _tolerant(handler.request_deserializer)
-        out = _passing(handler.response_serializer)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                handler.stream_unary, request_deserializer=parse, response_serializer=out
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                handler.unary_stream, request_deserializer=parse, response_serializer=out
-            )
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                handler.unary_unary, request_deserializer=parse, response_serializer=out
-            )
-        return handler  # no service of ours streams both ways
+        return rebuilt(handler, parse=parse, out=_passing(handler.response_serializer))
 
 
 def rpc(method: F) -> F:

@@ -16,6 +16,7 @@ import grpc
 from cachefs.engine import Digest
 from cachefs.protocol import re_grpc, re_pb2
 from cachefs.server._actions import blobs_of, check_result, complete, parse_result
+from cachefs.server._auth import who
 from cachefs.server._grpc import RpcFailure, Service, rpc
 
 #: Inlined bytes of one answer at the most (stdout, stderr, output files).
@@ -82,7 +83,7 @@ class ActionCacheService(Service, re_grpc.ActionCacheServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the action result names blobs the CAS does not have: {', '.join(missing[:5])}",
             )
-        self.cache.put_action(instance, key, result.SerializeToString())
+        self.cache.put_action(instance, key, result.SerializeToString(), by=who(context.peer()))
         return result
 
     def _store_inlined(self, instance: str, result: re_pb2.ActionResult) -> None:

@@ -15,6 +15,7 @@ import grpc
 
 from cachefs import tracing
 from cachefs.engine import ConfigError
+from cachefs.server._auth import Authenticating, Gate
 from cachefs.server._cache import RemoteCache
 from cachefs.server._grpc import MAX_MESSAGE, MalformedRequests
 from cachefs.server._grpc_ac import ActionCacheService
@@ -32,12 +33,20 @@ log = logging.getLogger(__name__)
 
 
 def serve_grpc(
-    cache: RemoteCache, address: str, *, workers: int = 16, metrics: Metrics | None = None
+    cache: RemoteCache,
+    address: str,
+    *,
+    workers: int = 16,
+    metrics: Metrics | None = None,
+    gate: Gate | None = None,
 ) -> tuple[grpc.Server, str]:
     """Start the REAPI services (CAS, action cache, ByteStream, capabilities)
     on ``address``; the server and the address it got (``HOST:PORT``).  With
-    ``metrics``, every call is measured; with tracing on, traced."""
+    ``metrics``, every call is measured; with tracing on, traced; with a
+    ``gate``, every call must carry a token it knows (``_auth.py``)."""
     interceptors: list[grpc.ServerInterceptor] = [MalformedRequests()]  # type: ignore[type-arg]
+    if gate is not None:
+        interceptors.insert(0, Authenticating(gate))
     if metrics is not None or tracing.active():
         interceptors.insert(0, MeasuredRpcs(metrics))  # outermost: sees what goes on the wire
     server = grpc.server(

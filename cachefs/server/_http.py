@@ -53,6 +53,7 @@ from cachefs.engine import (
     StoreFullError,
 )
 from cachefs.server._actions import get_entry
+from cachefs.server._auth import Gate, Refused, current, who
 from cachefs.server._cache import RemoteCache, pieces, unzstd
 from cachefs.server._names import BadRequest, instance_directory, parse_hash
 
@@ -141,10 +142,14 @@ def accepts_zstd(value: str | None) -> bool:
 class HttpCache:
     """The ASGI app: the HTTP cache protocol over a :class:`RemoteCache`."""
 
-    def __init__(self, cache: RemoteCache, status: Callable[[], dict[str, Any]]) -> None:
-        """``status`` gives the figures of ``/status`` (called on the trio thread)."""
+    def __init__(
+        self, cache: RemoteCache, status: Callable[[], dict[str, Any]], gate: Gate | None = None
+    ) -> None:
+        """``status`` gives the figures of ``/status`` (called on the trio thread);
+        with a ``gate``, every request must carry a token it knows (``_auth.py``)."""
         self.cache = cache
         self.status = status
+        self.gate = gate
         self.spool_dir = cache.store.tmp_root
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -203,6 +208,11 @@ class HttpCache:
 
     async def _handle(self, scope: Scope, receive: Receive, response: _Response) -> None:
         method = scope["method"]
+        if self.gate is not None:
+            try:
+                current.set(self.gate.http(scope))
+            except Refused as exc:
+                raise _refusal(exc) from None
         raw_path = scope.get("raw_path") or scope["path"].encode()
         raw_path = raw_path.split(b"?", 1)[0]
         if raw_path == b"/status":
@@ -307,7 +317,8 @@ class HttpCache:
         if encoding == "zstd":
             data = _decompress_entry(data)
         key = Digest(hash_, 0)
-        await trio.to_thread.run_sync(self.cache.put_action, instance, key, data)
+        by = who(_peer(scope))
+        await trio.to_thread.run_sync(lambda: self.cache.put_action(instance, key, data, by=by))
 
 
 class _Response:
@@ -457,3 +468,18 @@ def _decompress_entry(data: bytes) -> bytes:
     if len(out) > MAX_ENTRY:
         raise HttpError(413, f"an action cache entry of more than {MAX_ENTRY} bytes")
     return out
+
+
+def _peer(scope: Scope) -> str:
+    """Who sent a request, as far as the connection tells (``HOST:PORT``)."""
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "unknown"
+
+
+def _refusal(exc: Refused) -> HttpError:
+    """The answer to a request refused for its credentials (``_auth.py``)."""
+    if exc.kind == "unauthenticated":
+        return HttpError(401, str(exc), [(b"www-authenticate", b'Bearer realm="cachefs"')])
+    if exc.kind == "denied":
+        return HttpError(403, str(exc))
+    return HttpError(429, str(exc), [(b"retry-after", str(exc.retry_after).encode())])

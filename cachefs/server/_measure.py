@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from cachefs import tracing
-from cachefs.server._grpc import Handler, Interceptor
+from cachefs.server._grpc import Handler, Interceptor, rebuilt
 from cachefs.server._http import Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -104,14 +104,7 @@ class MeasuredRpcs(Interceptor):
 
             return observed
 
-        kinds = {"request_deserializer": parse, "response_serializer": out}
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(call(handler.unary_unary), **kinds)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kinds)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(call(handler.stream_unary), **kinds)
-        return handler  # no service of ours streams both ways
+        return rebuilt(handler, call=call, stream=stream, parse=parse, out=out)
 
 
 def _counting_in(

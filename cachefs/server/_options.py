@@ -7,8 +7,12 @@ hypercorn for that would slow every command down.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from cachefs.errors import ConfigError
 
 #: Default ports, as bazel-remote's.
 GRPC_PORT = 9092
@@ -26,6 +30,10 @@ class ServeOptions:
     #: Budget of the cache directory (None: 10 GiB when it is made, else as it is).
     max_size: int | None = None
     policy: str = "lru"
+    #: The token file (``_tokens.py``): None, nobody authenticates.
+    tokens: Path | None = None
+    #: Serve addresses beyond loopback with no authentication.
+    allow_unauthenticated: bool = False
 
     @property
     def any(self) -> bool:
@@ -41,3 +49,27 @@ class Listening:
 
     def as_dict(self) -> dict[str, Any]:
         return {"grpc": self.grpc, "http": self.http}
+
+
+def check_exposure(addresses: list[str], *, tokens: Path | None, allow: bool) -> None:
+    """ConfigError for an address beyond this machine served to anyone."""
+    if tokens is not None or allow:
+        return
+    for address in addresses:
+        host = address.rsplit(":", 1)[0].strip("[]")
+        if not _loopback(host):
+            raise ConfigError(
+                f"refusing to serve {address} without authentication: anyone who can "
+                "reach it could read and write the cache",
+                hint="give --tokens FILE (`cachefs token add FILE NAME ...`), bind "
+                "127.0.0.1, or say --allow-unauthenticated",
+            )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may be any address

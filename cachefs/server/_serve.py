@@ -23,6 +23,7 @@ import trio
 from cachefs import __version__, tracing
 from cachefs.errors import ConfigError, leaves
 from cachefs.fs import Filesystem
+from cachefs.server._auth import Gate
 from cachefs.server._cache import RemoteCache
 from cachefs.server._grpc_server import serve_grpc
 from cachefs.server._http import HttpCache
@@ -50,6 +51,7 @@ async def serve(
     doc); with ``metrics``, every request is measured, and with tracing on,
     traced (``_measure.py``)."""
     cache = RemoteCache.open(fs, max_size=options.max_size, policy=options.policy)
+    gate = None if options.tokens is None else Gate(options.tokens, fs.store.audit)
     listening = Listening()
 
     def status() -> dict[str, Any]:
@@ -73,16 +75,21 @@ async def serve(
         if options.grpc is not None:
             address = parse_address(options.grpc, GRPC_PORT)
             grpc_server, listening.grpc = await trio.to_thread.run_sync(
-                lambda: serve_grpc(cache, address, metrics=metrics)
+                lambda: serve_grpc(cache, address, metrics=metrics, gate=gate)
             )
         async with trio.open_nursery() as nursery:
             if options.http is not None:
-                app: Any = HttpCache(cache, status)
+                app: Any = HttpCache(cache, status, gate)
                 if metrics is not None or tracing.active():
                     app = MeasuredHttp(app, metrics)
                 listening.http = await _start_http(
                     nursery, app, parse_address(options.http, HTTP_PORT)
                 )
+            fs.store.audit.record(
+                "servers.start",
+                **listening.as_dict(),
+                tokens=None if options.tokens is None else str(options.tokens),
+            )
             task_status.started(listening)
             await trio.sleep_forever()
     finally:
