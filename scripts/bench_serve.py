@@ -8,6 +8,8 @@ Figures, each the median of ``--runs`` runs, each run on fresh servers and fresh
   BatchUpdateBlobs and downloaded with BatchReadBlobs, in batches of at most 4 MiB
   (BuildGrid's limit, so that every server gets the same requests);
 * FindMissingBlobs of ``--small-count`` digests (all present) in one request;
+* with ``--tls``, cachefs serve again behind TLS with a bearer token on every
+  call (``--tls-cert``, ``--tokens``): the cost of both, as ratios;
 * Bazel (tests/data/bazel): the wall time of a clean rebuild with
   ``--remote_cache=grpc://`` cachefs serve against one with ``--disk_cache`` on local
   disk (``--no-bazel`` skips it).
@@ -42,9 +44,12 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cachefs.engine import SHA256
+from cachefs.engine import SHA256, Digest
 from cachefs.protocol import bs_grpc, bs_pb2, re_grpc, re_pb2
+from cachefs.server import add_token
+from cachefs.signing import Signer, Verifier, generate_key
 from tests import clients
+from tests.certs import Authority
 from tests.reapi import (
     Client,
     Server,
@@ -179,9 +184,16 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def run_workloads(address: str, args: argparse.Namespace) -> dict[str, float]:
-    """MB/s of each figure against the server at ``address`` (fresh random data)."""
-    client = Client(address, SHA256)
+def run_workloads(
+    address: str,
+    args: argparse.Namespace,
+    *,
+    tls: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
+) -> dict[str, float]:
+    """MB/s of each figure against the server at ``address`` (fresh random data;
+    over TLS with a token when given)."""
+    client = Client(address, SHA256, tls=tls, token=token)
     out: dict[str, float] = {}
     count = args.large_total // args.large_blob
     large = [os.urandom(args.large_blob) for _ in range(count)]
@@ -248,6 +260,47 @@ def bench_cachefs(args: argparse.Namespace, work: Path) -> dict[str, float]:
         shutil.rmtree(work / "store", ignore_errors=True)
 
 
+def bench_cachefs_tls(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    """cachefs serve behind TLS, every call with a bearer token (--tls)."""
+    ca = Authority(work / "ca")
+    pem = ca.issue("server", server=True)
+    token = add_token(work / "tokens", "bench", "bench", "read-write")
+    secured = ["--tls-cert", str(pem.cert), "--tls-key", str(pem.key)]
+    server = start_serve(work / "store", *secured, "--tokens", str(work / "tokens"), http_on=False)
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.pem.cert.read_bytes())
+        return run_workloads(server.grpc, args, tls=credentials, token=token)
+    finally:
+        stop_serve(server)
+        shutil.rmtree(work / "store", ignore_errors=True)
+        shutil.rmtree(work / "ca", ignore_errors=True)
+        (work / "tokens").unlink()
+
+
+def signing_costs(work: Path, runs: int, count: int = 2000) -> tuple[float, float]:
+    """Microseconds to sign and to verify one action result (five outputs):
+    medians of ``runs`` runs of ``count`` each (``cachefs.signing``)."""
+    generate_key(work / "bench.key")
+    signer = Signer.load(work / "bench.key")
+    verifier = Verifier.load([work / "bench.key.pub"], [])
+    key = Digest(SHA256.hash(b"an action"), 9)
+    result = re_pb2.ActionResult(
+        output_files=[
+            re_pb2.OutputFile(path=f"out/{i}.o", digest=re_pb2.Digest(hash="ab" * 32, size_bytes=i))
+            for i in range(5)
+        ]
+    )
+    signs, checks = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        signed = [signer.sign(key, result) for _ in range(count)]
+        signs.append((time.perf_counter() - start) / count * 1e6)
+        start = time.perf_counter()
+        assert all(verifier.check(key, entry) is None for entry in signed)
+        checks.append((time.perf_counter() - start) / count * 1e6)
+    return statistics.median(signs), statistics.median(checks)
+
+
 def bench_buildgrid(args: argparse.Namespace, work: Path) -> dict[str, float]:
     with buildgrid(work / "bgd") as server:
         figures = run_workloads(server.grpc, args)
@@ -299,6 +352,9 @@ def main() -> int:
     parser.add_argument("--small-size", type=size, default=16 << 10)
     parser.add_argument("--no-buildgrid", action="store_true")
     parser.add_argument("--no-bazel", action="store_true")
+    parser.add_argument(
+        "--tls", action="store_true", help="also cachefs behind TLS with a token (its cost)"
+    )
     parser.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_server:
@@ -308,6 +364,8 @@ def main() -> int:
         "cachefs": bench_cachefs,
         "floor": bench_floor,
     }
+    if args.tls:
+        servers["cachefs+tls"] = bench_cachefs_tls
     if not args.no_buildgrid:
         servers["buildgrid"] = bench_buildgrid
     results: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
@@ -335,6 +393,15 @@ def main() -> int:
             f"{'-' if bgd is None else f'{bgd:.1f}':>10} {value / floor:>8.2f} "
             f"{'-' if bgd is None else f'{value / bgd:.2f}':>8}"
         )
+    if args.tls:
+        with tempfile.TemporaryDirectory(prefix="bench-keys-") as keys:
+            sign, verify = signing_costs(Path(keys), max(args.runs, 5))
+        print(f"\nsigning an action result: {sign:.0f} us, verifying it: {verify:.0f} us")
+    if "cachefs+tls" in medians:
+        print(f"\n{'figure':<30} {'plain':>10} {'TLS+token':>10} {'ratio':>8}")
+        for key, value in medians["cachefs"].items():
+            secured = medians["cachefs+tls"][key]
+            print(f"{key:<30} {value:>10.1f} {secured:>10.1f} {secured / value:>8.2f}")
     if bazel:
         remote = statistics.median(b["bazel rebuild, remote cache s"] for b in bazel)
         disk = statistics.median(b["bazel rebuild, disk cache s"] for b in bazel)

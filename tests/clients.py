@@ -477,10 +477,16 @@ def _bazel_env() -> dict[str, str]:
     return env
 
 
-def bazel_clean(workspace: Path, output_root: Path, *, timeout: float = BUILD_TIMEOUT) -> None:
+def bazel_clean(
+    workspace: Path,
+    output_root: Path,
+    *,
+    timeout: float = BUILD_TIMEOUT,
+    startup: tuple[str, ...] = (),
+) -> None:
     """``bazel clean``: the outputs and the local action cache go; the disk cache stays."""
     _run(
-        ["bazel", *BAZEL_STARTUP, f"--output_user_root={output_root}", "clean"],
+        ["bazel", *BAZEL_STARTUP, *startup, f"--output_user_root={output_root}", "clean"],
         cwd=workspace,
         env=_bazel_env(),
         timeout=timeout,
@@ -518,6 +524,7 @@ def bazel_build(
     targets: tuple[str, ...] = ("//...",),
     extra: tuple[str, ...] = (),
     timeout: float = BUILD_TIMEOUT,
+    startup: tuple[str, ...] = (),
 ) -> BazelBuild:
     """``bazel build //...`` of ``workspace`` (from ``bazel_workspace``) with
     ``--disk_cache=disk_cache`` (or none: a remote cache in ``extra``) and its
@@ -528,12 +535,13 @@ def bazel_build(
     whose ``remoteCacheHit`` is true came from the disk cache (Bazel 4 calls the disk
     cache a remote cache; its summary line says "N remote cache hit")."""
     if clean and output_root.exists():
-        bazel_clean(workspace, output_root, timeout=timeout)
+        bazel_clean(workspace, output_root, timeout=timeout, startup=startup)
     output_root.mkdir(parents=True, exist_ok=True)
     exec_log = output_root / f"exec-{time.time_ns()}.json"
     cmd = [
         "bazel",
         *BAZEL_STARTUP,
+        *startup,
         f"--output_user_root={output_root}",
         "build",
         *BAZEL_BUILD,

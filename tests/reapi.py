@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 
 import grpc
 import pytest
+from grpc import ChannelCredentials
 
 from cachefs.daemon import mount_info
 from cachefs.engine import SHA256, DigestFunction
@@ -103,8 +104,14 @@ class Server:
     def has(self, feature: str) -> bool:
         return feature in self.features
 
-    def client(self, instance: str = "", *, token: str | None = None) -> Client:
-        return Client(self.grpc, self.function, instance, token=token)
+    def client(
+        self,
+        instance: str = "",
+        *,
+        token: str | None = None,
+        tls: ChannelCredentials | None = None,
+    ) -> Client:
+        return Client(self.grpc, self.function, instance, token=token, tls=tls)
 
 
 CACHEFS_FEATURES = frozenset({ZSTD, SPLIT, INLINE, NESTED, RESUMABLE, VALIDATES})
@@ -310,14 +317,18 @@ class Client:
         instance: str = "",
         *,
         token: str | None = None,
+        tls: grpc.ChannelCredentials | None = None,
     ) -> None:
-        """With ``token``, every call carries ``authorization: Bearer <token>``."""
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-            ],
+        """With ``token``, every call carries ``authorization: Bearer <token>``;
+        with ``tls``, the channel is TLS."""
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
+        self.channel = (
+            grpc.insecure_channel(address, options=options)
+            if tls is None
+            else grpc.secure_channel(address, tls, options=options)
         )
         if token is not None:
             self.channel = grpc.intercept_channel(self.channel, _Header("Bearer " + token))

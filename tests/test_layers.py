@@ -25,6 +25,7 @@ LAYERS = {
     "cachefs.tracing": 0,
     "cachefs.format": 1,
     "cachefs.protocol": 1,
+    "cachefs.signing": 1,
     "cachefs.engine": 2,
     "cachefs.aio": 3,
     "cachefs.remote": 3,
@@ -51,6 +52,7 @@ RESTRICTED = {
     "hypercorn": {"cachefs.server"},
     "prometheus_client": {"cachefs.metrics"},
     "opentelemetry": {"cachefs.tracing"},
+    "cryptography": {"cachefs.signing"},
 }
 MAX_CLASS_LINES = 500
 

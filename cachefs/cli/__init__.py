@@ -23,6 +23,7 @@ from cachefs.cli import (
     fsck,
     gc,
     init,
+    key,
     metrics,
     mount,
     put,
@@ -82,7 +83,7 @@ def cli(verbose: int) -> None:
 
 for _module in (
     mount, umount, serve, cache, init, put, cat, stats, top, fsck, scrub, gc, metrics, audit,
-    token,
+    token, key,
 ):  # fmt: skip
     cli.add_command(_module.command)
 

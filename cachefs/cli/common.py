@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ import click
 from cachefs.errors import ConfigError
 from cachefs.fs import DEFAULT_MEMORY_LIMIT
 from cachefs.server import GRPC_PORT, HTTP_PORT
+from cachefs.signing import TrustOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -80,8 +82,109 @@ tokens_option = click.option(
 unauthenticated_option = click.option(
     "--allow-unauthenticated",
     is_flag=True,
-    help="Serve an address other than loopback with no --tokens (refused otherwise).",
+    help="Serve an address other than loopback with no --tokens or --tls-client-ca "
+    "(refused otherwise).",
 )
+_PEM = click.Path(path_type=Path, dir_okay=False)
+
+
+def tls_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--tls-cert, --tls-key and --tls-client-ca (the servers' TLS)."""
+    for option in reversed(
+        [
+            click.option(
+                "--tls-cert",
+                type=_PEM,
+                metavar="PEM",
+                help="TLS on both servers: the server's certificate chain (with --tls-key).",
+            ),
+            click.option("--tls-key", type=_PEM, metavar="PEM", help="The certificate's key."),
+            click.option(
+                "--tls-client-ca",
+                type=_PEM,
+                metavar="PEM",
+                help="Mutual TLS: serve "
+                "only clients with a certificate of this CA (its subject names them).",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def trust_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--sign-key, --trust, --revoked-key and --max-signature-age (``cachefs.signing``)."""
+    for option in reversed(
+        [
+            click.option(
+                "--sign-key",
+                type=_PEM,
+                metavar="FILE",
+                help="Sign the entries published to the tiers (shared directories, and "
+                "action results the servers store) with this key (`cachefs key generate`).",
+            ),
+            click.option(
+                "--trust",
+                "trusted",
+                type=_PEM,
+                multiple=True,
+                metavar="FILE.pub",
+                help="Take entries from the tiers, and serve action results, only if a "
+                "key of these signed them (repeatable); others are misses.",
+            ),
+            click.option(
+                "--revoked-key",
+                "revoked",
+                multiple=True,
+                metavar="ID",
+                help="A key id (16 hex digits) whose signatures are refused (repeatable).",
+            ),
+            click.option(
+                "--max-signature-age",
+                type=click.FloatRange(min=0, min_open=True),
+                metavar="SECONDS",
+                help="Refuse entries signed longer ago than this.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def trust_of(
+    sign_key: Path | None,
+    trusted: tuple[Path, ...],
+    revoked: tuple[str, ...],
+    max_age: float | None,
+) -> TrustOptions:
+    return TrustOptions(
+        None if sign_key is None else sign_key.absolute(),
+        tuple(p.absolute() for p in trusted),
+        revoked,
+        max_age,
+    )
+
+
+def security(
+    tokens: Path | None,
+    allow_unauthenticated: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+) -> dict[str, Any]:
+    """What the servers are told of authentication (ServeOptions' fields)."""
+
+    def absolute(path: Path | None) -> Path | None:
+        return None if path is None else path.absolute()
+
+    return {
+        "tokens": absolute(tokens),
+        "allow_unauthenticated": allow_unauthenticated,
+        "tls_cert": absolute(tls_cert),
+        "tls_key": absolute(tls_key),
+        "tls_client_ca": absolute(tls_client_ca),
+    }
+
 
 # What a daemon that holds a store takes, whether it mounts it or serves it.
 cache_size_option = click.option(
@@ -165,3 +268,31 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
             self._bar = None
+
+
+def security_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The servers' authentication (--tokens, --allow-unauthenticated, --tls-*)
+    and signing (--sign-key, --trust, ...), handed to ``command`` as
+    ``secured`` (ServeOptions' fields) and ``trust`` (TrustOptions)."""
+
+    @functools.wraps(command)
+    def wrapper(
+        *args: Any,
+        tokens: Path | None,
+        allow_unauthenticated: bool,
+        tls_cert: Path | None,
+        tls_key: Path | None,
+        tls_client_ca: Path | None,
+        sign_key: Path | None,
+        trusted: tuple[Path, ...],
+        revoked: tuple[str, ...],
+        max_signature_age: float | None,
+        **kwargs: Any,
+    ) -> Any:
+        kwargs["secured"] = security(
+            tokens, allow_unauthenticated, tls_cert, tls_key, tls_client_ca
+        )
+        kwargs["trust"] = trust_of(sign_key, trusted, revoked, max_signature_age)
+        return command(*args, **kwargs)
+
+    return tokens_option(unauthenticated_option(tls_options(trust_options(wrapper))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -11,6 +12,7 @@ from cachefs.errors import ConfigError
 from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD
 from cachefs.remote import TierOptions
 from cachefs.server import ServeOptions
+from cachefs.signing import TrustOptions
 from cachefs.tracing import DEFAULT_FUSE_RATIO
 
 from .common import (
@@ -26,9 +28,8 @@ from .common import (
     parse_size,
     positive_size,
     remote_option,
+    security_options,
     store_argument,
-    tokens_option,
-    unauthenticated_option,
 )
 
 
@@ -72,8 +73,7 @@ from .common import (
 )
 @grpc_option
 @http_option
-@tokens_option
-@unauthenticated_option
+@security_options
 @metrics_option
 @otlp_option
 @click.option(
@@ -110,8 +110,8 @@ def command(
     scrub_rate: str | None,
     grpc_address: str | None,
     http_address: str | None,
-    tokens: Path | None,
-    allow_unauthenticated: bool,
+    secured: dict[str, Any],
+    trust: TrustOptions,
     remotes: tuple[str, ...],
     config: Path | None,
     local_max_size: str | None,
@@ -147,8 +147,11 @@ def command(
     http://ADDR/metrics (the README lists them); with --otlp-endpoint URL it
     sends OpenTelemetry traces there.
     """
-    if tokens is not None and grpc_address is None and http_address is None:
-        raise ConfigError("--tokens is for the servers", hint="give --grpc ADDR or --http ADDR")
+    wanted = [secured[k] for k in ("tokens", "tls_cert", "tls_key", "tls_client_ca")]
+    if any(wanted) and grpc_address is None and http_address is None:
+        raise ConfigError(
+            "--tokens and --tls-* are for the servers", hint="give --grpc ADDR or --http ADDR"
+        )
     verbose = ctx.find_root().params.get("verbose", 0)
     daemon.mount(
         store,
@@ -164,8 +167,7 @@ def command(
         servers=ServeOptions(
             grpc=grpc_address,
             http=http_address,
-            tokens=None if tokens is None else tokens.absolute(),
-            allow_unauthenticated=allow_unauthenticated,
+            **secured,
         ),
         scrub_rate=None if scrub_rate is None else positive_size(scrub_rate, "--scrub-rate"),
         tiers=TierOptions.parse(
@@ -173,6 +175,7 @@ def command(
             config,
             remote_durability,
             None if local_max_size is None else parse_size(local_max_size),
+            trust,
         ),
         metrics=metrics_address,
         otlp_endpoint=otlp_endpoint,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -11,6 +12,7 @@ from cachefs.errors import ConfigError
 from cachefs.fs import POLICIES
 from cachefs.remote import TierOptions
 from cachefs.server import DEFAULT_MAX_SIZE, GRPC_PORT, HTTP_PORT, ServeOptions
+from cachefs.signing import TrustOptions
 
 from .common import (
     cache_size_option,
@@ -25,9 +27,8 @@ from .common import (
     otlp_option,
     parse_size,
     remote_option,
+    security_options,
     store_argument,
-    tokens_option,
-    unauthenticated_option,
 )
 from .mount import memory_limit_of
 
@@ -36,8 +37,7 @@ from .mount import memory_limit_of
 @store_argument
 @grpc_option
 @http_option
-@tokens_option
-@unauthenticated_option
+@security_options
 @metrics_option
 @otlp_option
 @click.option(
@@ -68,8 +68,8 @@ def command(
     store: Path,
     grpc_address: str | None,
     http_address: str | None,
-    tokens: Path | None,
-    allow_unauthenticated: bool,
+    secured: dict[str, Any],
+    trust: TrustOptions,
     max_size: str | None,
     policy: str,
     detach: bool,
@@ -126,8 +126,7 @@ def command(
             http=http_address,
             max_size=budget,
             policy=policy,
-            tokens=None if tokens is None else tokens.absolute(),
-            allow_unauthenticated=allow_unauthenticated,
+            **secured,
         ),
         daemon=detach,
         verbose=verbose,
@@ -138,6 +137,7 @@ def command(
             remotes,
             config,
             local_max_size=None if local_max_size is None else parse_size(local_max_size),
+            trust=trust,
         ),
         metrics=metrics_address,
         otlp_endpoint=otlp_endpoint,

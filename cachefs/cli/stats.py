@@ -70,6 +70,7 @@ def command(store: Path, as_json: bool) -> None:
             "servers",
             "metrics",
             "remote",
+            "signatures",
         )
         for key in keys:
             if key in live:
@@ -134,6 +135,12 @@ def command(store: Path, as_json: bool) -> None:
                     "dropped here (held by the tiers)",
                 )
             )
+    signatures: dict[str, int] | None = doc.get("signatures")
+    if signatures is not None:
+        refused = ", ".join(f"{n} {k}" for k, n in signatures.items() if k != "accepted" and n)
+        rows.append(
+            ("signed entries", f"{signatures['accepted']} accepted; refused: {refused or 'none'}")
+        )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")

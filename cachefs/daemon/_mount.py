@@ -164,6 +164,7 @@ def serve(
         )
         fs.remote.remote_durability = tiers.durability == "remote"
         fs.remote.local_max_size = tiers.local_max_size
+        fs.remote.trust(tiers.trust)
         try:
             fs.control.info = {"mountpoint": str(mountpoint), "mount_options": sorted(options)}
             if trace is not None:

@@ -88,6 +88,7 @@ def serve_store(
             tiers=remotes,
         )
         fs.remote.local_max_size = tiers.local_max_size
+        fs.remote.trust(tiers.trust)
         try:
             trio.run(_main, fs, options, ready, observed)
         except BaseExceptionGroup as group:

@@ -30,6 +30,7 @@ from cachefs.format.schema import NO_CONTENT
 from cachefs.fs._caches import _in_trio
 from cachefs.fs._shared import SharedDirs
 from cachefs.remote import Pusher, Tier, Tiers
+from cachefs.signing import TrustOptions
 
 if TYPE_CHECKING:
     from cachefs.fs._filesystem import Filesystem
@@ -64,6 +65,21 @@ class RemoteTiers:
         self.remote_durability = False
         self.pusher = Pusher(self.tiers) if self.tiers.writers and store.pushes else None
         self._started = False
+
+    def trust(self, options: TrustOptions) -> None:
+        """Sign what is published and take only what trusted keys signed, as
+        ``options`` say (``cachefs.signing``); the keys go to the audit log."""
+        signer, verifier = options.load()
+        self.tiers.signer, self.tiers.verifier = signer, verifier
+        if signer is None and verifier is None:
+            return
+        self.store.audit.record(
+            "trust.keys",
+            sign_key=None if signer is None else signer.key_id.hex(),
+            trusted=[] if verifier is None else sorted(k.hex() for k in verifier.trusted),
+            revoked=[] if verifier is None else sorted(k.hex() for k in verifier.revoked),
+            max_age=options.max_age,
+        )
 
     def share(self, fs: Filesystem) -> SharedDirs:
         """Shared cache directories of ``fs`` through these tiers (a listener)."""
@@ -157,9 +173,13 @@ class RemoteTiers:
             )
 
     def figures(self) -> dict[str, object]:
-        """``{"remote": ...}`` for ``stats``, or nothing when there are no tiers."""
+        """``{"remote": ...}`` for ``stats``, or nothing when there are no tiers;
+        and ``{"signatures": ...}`` when only signed entries are taken: what was
+        accepted and what refused, by reason (``cachefs.signing``)."""
+        verifier = self.tiers.verifier
+        signed: dict[str, object] = {} if verifier is None else {"signatures": verifier.figures()}
         if not self.tiers.tiers:
-            return {}
+            return signed
         doc = self.tiers.figures()
         if self.pusher is not None:
             doc |= self.pusher.figures()
@@ -168,7 +188,7 @@ class RemoteTiers:
         if self.local_max_size is not None:
             doc["local_max_size"] = self.local_max_size
             doc["dropped_chunks"] = self.dropped_chunks
-        return {"remote": doc}
+        return {"remote": doc, **signed}
 
 
 __all__ = ["RemoteTiers"]

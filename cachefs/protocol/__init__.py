@@ -5,7 +5,7 @@ the published names and field numbers; ``scripts/gen_protos.py`` compiles them
 into ``_gen/`` (committed).  The servers (``cachefs.server``) answer with these
 messages and the remote tiers' clients send them; both import them from here::
 
-    from cachefs.protocol import re_pb2, re_grpc, bs_pb2, bs_grpc, status_pb2
+    from cachefs.protocol import re_pb2, re_grpc, bs_pb2, bs_grpc, status_pb2, signature_pb2
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from cachefs.protocol._gen.build.bazel.remote.execution.v2 import (
     remote_execution_pb2_grpc as re_grpc,
 )
 from cachefs.protocol._gen.build.bazel.semver import semver_pb2
+from cachefs.protocol._gen.cachefs.trust.v1 import signature_pb2
 from cachefs.protocol._gen.google.bytestream import bytestream_pb2 as bs_pb2
 from cachefs.protocol._gen.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from cachefs.protocol._gen.google.rpc import status_pb2
 
-__all__ = ["bs_grpc", "bs_pb2", "re_grpc", "re_pb2", "semver_pb2", "status_pb2"]
+__all__ = ["bs_grpc", "bs_pb2", "re_grpc", "re_pb2", "semver_pb2", "signature_pb2", "status_pb2"]

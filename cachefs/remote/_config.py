@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from cachefs.remote._blobs import Remote
 from cachefs.remote._open import DEFAULT_TIMEOUT, open_remote
 from cachefs.remote._shards import ShardGroup
 from cachefs.remote._urls import parse_remote
+from cachefs.signing import TrustOptions
 
 _TIER_KEYS = {"url", "endpoints", "replicas", "direction", "timeout", "whole_objects", "durable"}
 _REMOTE_KEYS = {"timeout"}
@@ -157,6 +158,8 @@ class TierOptions:
     durability: str = "local"
     #: Keep the local store's live records under this many bytes (None: no limit).
     local_max_size: int | None = None
+    #: Signing what is published, and trusting only what is signed (``cachefs.signing``).
+    trust: TrustOptions = field(default_factory=TrustOptions)
 
     @classmethod
     def parse(
@@ -165,12 +168,16 @@ class TierOptions:
         config: Path | None,
         durability: str = "local",
         local_max_size: int | None = None,
+        trust: TrustOptions | None = None,
     ) -> TierOptions:
-        """Checked as far as can be before the store is open (URLs, the file)."""
+        """Checked as far as can be before the store is open (URLs, the file,
+        the keys)."""
         for url in urls:
             parse_remote(url)
         data = None if config is None else read_config(config)
-        options = cls(tuple(urls), data, durability, local_max_size)
+        trust = trust or TrustOptions()
+        trust.load()
+        options = cls(tuple(urls), data, durability, local_max_size, trust)
         if durability not in ("local", "remote"):
             raise ConfigError(f"--remote-durability {durability!r}: local or remote")
         if local_max_size is not None and not options.durable_read_write:

@@ -80,6 +80,7 @@ from cachefs.remote._lists import (
     unpack_list,
 )
 from cachefs.remote._shards import Breaker
+from cachefs.signing import Signer, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,27 @@ class Tier:
         return self.direction != "read-only"
 
 
+def _whole(remote: Remote, digest: Digest) -> bytes | None:
+    try:
+        return remote.read(digest)
+    except ObjectNotFoundError:
+        return None
+
+
+def _failed(tier: Tier, exc: RemoteError) -> None:
+    if tier.breaker.failed(exc.message):
+        log.warning("remote %s skipped for %.0f s: %s", tier.remote.name,
+                    tier.breaker.backoff, exc.message)  # fmt: skip
+
+
+def _trusted(verifier: Verifier, key: Digest, found: object, where: str) -> None:
+    """RemoteError unless a file's entry is signed by a trusted key (``--trust``)."""
+    assert isinstance(found, re_pb2.ActionResult)
+    reason = verifier.check(key, found)
+    if reason is not None:
+        raise RemoteError(f"{where}: the entry is refused: {reason}")
+
+
 class Tiers:
     """The tiers of one store, and what has moved through them."""
 
@@ -172,6 +194,10 @@ class Tiers:
         }
         #: What came from each tier (``TIER_COUNTS``), by its name.
         self.by_tier: dict[str, dict[str, int]] = {}
+        #: Signs the entries this process publishes (``--sign-key``); takes only
+        #: entries signed by trusted keys (``--trust``): ``cachefs.signing``.
+        self.signer: Signer | None = None
+        self.verifier: Verifier | None = None
         #: Directory entries of shares put on tiers by this process: (tier, share, path).
         #: Objects this process pushed lately (not asked about again).
         self._pushed: OrderedDict[Digest, None] = OrderedDict()
@@ -294,13 +320,13 @@ class Tiers:
                 continue
             try:
                 if digest.size <= WHOLE_FIRST:  # most likely one chunk: the blob is the object
-                    data = self._whole(tier.remote, digest)
+                    data = _whole(tier.remote, digest)
                     found = None if data is not None else self._listed(tier.remote, digest)
                 else:
                     found = self._listed(tier.remote, digest)
-                    data = None if found is not None else self._whole(tier.remote, digest)
+                    data = None if found is not None else _whole(tier.remote, digest)
             except RemoteError as exc:
-                self._failed(tier, exc)
+                _failed(tier, exc)
                 failure = exc
                 continue
             tier.breaker.succeeded()
@@ -320,19 +346,6 @@ class Tiers:
             raise failure
         self._count(fetch_misses=1)
         raise ObjectNotFoundError(f"object {digest} is in no tier of {self.store.path}")
-
-    @staticmethod
-    def _whole(remote: Remote, digest: Digest) -> bytes | None:
-        try:
-            return remote.read(digest)
-        except ObjectNotFoundError:
-            return None
-
-    @staticmethod
-    def _failed(tier: Tier, exc: RemoteError) -> None:
-        if tier.breaker.failed(exc.message):
-            log.warning("remote %s skipped for %.0f s: %s", tier.remote.name,
-                        tier.breaker.backoff, exc.message)  # fmt: skip
 
     # --- self-heal -------------------------------------------------------------------
 
@@ -369,7 +382,7 @@ class Tiers:
                 tier.breaker.succeeded()
                 continue
             except RemoteError as exc:
-                self._failed(tier, exc)
+                _failed(tier, exc)
                 continue
             tier.breaker.succeeded()
             return data, tier.remote.name
@@ -409,7 +422,7 @@ class Tiers:
                     missing = set(tier.remote.find_missing(batch)) if batch else set()
                     found.update(d.hash for d in batch if d not in missing)
             except RemoteError as exc:
-                self._failed(tier, exc)
+                _failed(tier, exc)
                 continue
             tier.breaker.succeeded()
         return found
@@ -455,15 +468,18 @@ class Tiers:
             try:
                 found = self._entry_on(tier.remote, share, path)
             except RemoteError as exc:
-                self._failed(tier, exc)
+                _failed(tier, exc)
                 log.warning("shared entry %s/%s: %s", share, path, exc.message)
                 failure = exc
                 continue
             tier.breaker.succeeded()
-            try:  # a malformed entry is a miss there, not a failing tier
+            try:  # a malformed or untrusted entry is a miss there, not a failing tier
                 entry = found if not isinstance(found, re_pb2.ActionResult) else (
                     parse_entry(found, path, tier.remote.name)
                 )  # fmt: skip
+                if entry is not None and entry.digest is not None and self.verifier:
+                    key = entry_key(self.function, share, path)
+                    _trusted(self.verifier, key, found, tier.remote.name)
             except RemoteError as exc:
                 log.warning("shared entry %s/%s: %s", share, path, exc.message)
                 continue
@@ -569,6 +585,8 @@ class Tiers:
 
     def _put_entry(self, remote: Remote, share: str, entry: SharedEntry) -> None:
         result = entry_result(entry)
+        if self.signer is not None and entry.digest is not None:
+            result = self.signer.sign(entry_key(self.function, share, entry.path), result)
         documents = remote.documents
         if documents is None:
             remote.update_action(entry_key(self.function, share, entry.path), result)

@@ -40,7 +40,12 @@ def check_addresses(options: ServeOptions) -> None:
         addresses.append(parse_address(options.grpc, GRPC_PORT))
     if options.http is not None:
         addresses.append(parse_address(options.http, HTTP_PORT))
-    check_exposure(addresses, tokens=options.tokens, allow=options.allow_unauthenticated)
+    options.check_tls()
+    check_exposure(
+        addresses,
+        authenticated=options.tokens is not None or options.tls_client_ca is not None,
+        allow=options.allow_unauthenticated,
+    )
 
 
 async def run_servers(

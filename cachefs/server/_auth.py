@@ -1,6 +1,9 @@
 """Who may use the servers: bearer tokens checked on every request (server layer).
 
-With ``--tokens FILE`` (``_tokens.py``) every gRPC call and HTTP request must
+With ``--tls-client-ca`` a client must present a certificate of that CA (the
+TLS handshake refuses others before any request); its subject names the
+client, which may read and write unless ``--tokens`` is given too.  With
+``--tokens FILE`` (``_tokens.py``) every gRPC call and HTTP request must
 carry ``authorization: Bearer <token>`` of a token in the file: without one, or
 with one the file does not have, it is refused with UNAUTHENTICATED / 401; a
 ``read`` token asking to write (BatchUpdateBlobs, SpliceBlob, ByteStream Write
@@ -75,21 +78,33 @@ class Refused(CachefsError):
 class Gate:
     """The token file and the failures of each client (see the module doc)."""
 
-    def __init__(self, tokens: Path, audit: AuditLog) -> None:
+    def __init__(self, tokens: Path | None, audit: AuditLog) -> None:
+        """``tokens`` None: clients are known by their certificates alone (mutual
+        TLS, checked before a request reaches the gate), and may write."""
         self.path = tokens
         self.audit = audit
         self._lock = threading.Lock()
-        self._tokens = read_tokens(tokens)
-        self._stamp = _stamp(tokens)
+        self._tokens = {} if tokens is None else read_tokens(tokens)
+        self._stamp = None if tokens is None else _stamp(tokens)
         self._checked = time.monotonic()
         self._failures: dict[str, collections.deque[float]] = {}
-        audit.record("tokens.loaded", file=str(tokens), tokens=len(self._tokens))
-        log.info("%d tokens from %s", len(self._tokens), tokens)
+        if tokens is not None:
+            audit.record("tokens.loaded", file=str(tokens), tokens=len(self._tokens))
+            log.info("%d tokens from %s", len(self._tokens), tokens)
 
     def identify(
-        self, authorization: str | None, client: str, *, write: bool, what: str
+        self,
+        authorization: str | None,
+        client: str,
+        *,
+        write: bool,
+        what: str,
+        subject: str | None = None,
     ) -> Identity:
-        """The identity of a request, or Refused (counted against ``client``)."""
+        """The identity of a request, or Refused (counted against ``client``);
+        ``subject``: its client certificate's, when TLS tells."""
+        if self.path is None:
+            return Identity(subject or "a client certificate", "-", "read-write")
         now = time.monotonic()
         with self._lock:
             self._reload(now)
@@ -131,7 +146,7 @@ class Gate:
                 del self._failures[stale]
 
     def _reload(self, now: float) -> None:
-        if now - self._checked < RELOAD_EVERY:
+        if self.path is None or now - self._checked < RELOAD_EVERY:
             return
         self._checked = now
         stamp = _stamp(self.path)
@@ -207,7 +222,11 @@ class Authenticating(Interceptor):
         def check(context: grpc.ServicerContext) -> None:
             try:
                 identity = gate.identify(
-                    authorization, peer_host(context.peer()), write=write, what=method
+                    authorization,
+                    peer_host(context.peer()),
+                    write=write,
+                    what=method,
+                    subject=_subject(context),
                 )
             except Refused as exc:
                 context.abort(_GRPC_CODES[exc.kind], str(exc))
@@ -228,6 +247,16 @@ class Authenticating(Interceptor):
             return checked
 
         return rebuilt(handler, call=call, stream=stream)
+
+
+def _subject(context: grpc.ServicerContext) -> str | None:
+    """The subject of the client's certificate (mutual TLS), if any."""
+    properties = context.auth_context()
+    for key in ("x509_subject", "x509_common_name"):
+        values = properties.get(key)
+        if values:
+            return bytes(values[0]).decode("utf-8", "replace")
+    return None
 
 
 def who(peer: str) -> str:

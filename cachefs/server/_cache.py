@@ -29,12 +29,14 @@ file, a hit, a miss).
 from __future__ import annotations
 
 import errno
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
 import trio
 import zstandard
+from google.protobuf.message import DecodeError
 
 from cachefs.engine import (
     CachefsError,
@@ -46,9 +48,12 @@ from cachefs.engine import (
     Source,
 )
 from cachefs.fs import Filesystem
+from cachefs.protocol import re_pb2
 from cachefs.server._names import BadRequest, instance_directory
 from cachefs.server._options import DEFAULT_MAX_SIZE
 from cachefs.server._uploads import StoredUpload
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 #: Where a file's directory is, below the namespace's root.
@@ -447,20 +452,52 @@ class RemoteCache:
             data = b"".join(self.store.iter_object(inode.digest)) if inode.digest else b""
         except ObjectNotFoundError:  # replaced meanwhile
             return None
+        if not self._trusted(key, data):
+            return None
         self._soon(self.stored.hit, inode)
         return data
 
+    def _trusted(self, key: Digest, data: bytes) -> bool:
+        """Whether an entry may be served: always, unless the server trusts only
+        signed entries (``--trust``; ``cachefs.signing``): then only an
+        ``ActionResult`` signed by a trusted key is (anything else is a miss)."""
+        verifier = self.fs.shared.tiers.verifier
+        if verifier is None:
+            return True
+        result = re_pb2.ActionResult()
+        try:
+            result.ParseFromString(data)
+        except DecodeError:
+            result = re_pb2.ActionResult()  # no ActionResult: it cannot be signed
+        reason = verifier.check(key, result)
+        if reason is not None:
+            log.info("action cache entry %s is refused: %s", key.hex, reason)
+        return reason is None
+
     def put_action(self, instance: str, key: Digest, data: bytes, *, by: str) -> None:
         """Store ``data`` under an action key, in the place of what was there;
-        the write is audited (``by``: who asked, as the server knows them)."""
+        the write is audited (``by``: who asked, as the server knows them).
+        With a signing key, an ``ActionResult`` is stored signed; bytes that do
+        not come back the same from parsing are another client's own (ccache's,
+        over HTTP) and are stored as they came."""
+        signer = self.fs.shared.tiers.signer
+        if signer is not None:
+            result = re_pb2.ActionResult()
+            try:
+                result.ParseFromString(data)
+            except DecodeError:
+                pass
+            else:
+                if result.SerializeToString() == data:
+                    data = signer.sign(key, result).SerializeToString()
         parts, name = self._place(instance, AC, key)
         parent = self._directory(parts, make=True)
         assert parent is not None
         self._wait(self.stored.make_room, parent, len(data))
         self._store_replacing(parent, name, data, None)
-        result = Digest(self.digest_function.hash(data), len(data))
+        entry = Digest(self.digest_function.hash(data), len(data))
         self.store.audit.record(
-            "ac.write", instance=instance, key=key.hash.hex(), result=str(result), by=by
+            "ac.write", instance=instance, key=key.hash.hex(), result=str(entry), by=by
         )
 
     def _store_replacing(

@@ -24,7 +24,7 @@ from cachefs.server._grpc_capabilities import CapabilitiesService
 from cachefs.server._grpc_cas import CasService
 from cachefs.server._measure import MeasuredRpcs
 from cachefs.server._names import parse_address
-from cachefs.server._options import GRPC_PORT
+from cachefs.server._options import GRPC_PORT, ServeOptions
 
 if TYPE_CHECKING:
     from cachefs.metrics import Metrics
@@ -39,6 +39,7 @@ def serve_grpc(
     workers: int = 16,
     metrics: Metrics | None = None,
     gate: Gate | None = None,
+    tls: ServeOptions | None = None,
 ) -> tuple[grpc.Server, str]:
     """Start the REAPI services (CAS, action cache, ByteStream, capabilities)
     on ``address``; the server and the address it got (``HOST:PORT``).  With
@@ -61,8 +62,12 @@ def serve_grpc(
         service.add_to(server)
     CapabilitiesService(cache).add_to(server)
     bound = parse_address(address, GRPC_PORT)
+    credentials = None if tls is None or tls.tls_cert is None else _credentials(tls)
     try:
-        port = server.add_insecure_port(bound)
+        if credentials is None:
+            port = server.add_insecure_port(bound)
+        else:
+            port = server.add_secure_port(bound, credentials)
     except RuntimeError:  # grpcio says only "Failed to bind", whatever the reason
         port = 0
     if port == 0:
@@ -73,3 +78,16 @@ def serve_grpc(
     where = bound.rsplit(":", 1)[0] + f":{port}"
     log.info("serving REAPI v2 over gRPC on %s", where)
     return server, where
+
+
+def _credentials(tls: ServeOptions) -> grpc.ServerCredentials:
+    """The server's TLS (mutual, with a client CA) from PEM files."""
+    assert tls.tls_cert is not None and tls.tls_key is not None
+    try:
+        chain, key = tls.tls_cert.read_bytes(), tls.tls_key.read_bytes()
+        ca = None if tls.tls_client_ca is None else tls.tls_client_ca.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the TLS files: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=ca, require_client_auth=ca is not None
+    )

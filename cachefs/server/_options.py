@@ -34,6 +34,21 @@ class ServeOptions:
     tokens: Path | None = None
     #: Serve addresses beyond loopback with no authentication.
     allow_unauthenticated: bool = False
+    #: TLS on both servers: the certificate chain and its key (PEM files).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Client certificates required, issued by this CA (PEM): mutual TLS.
+    tls_client_ca: Path | None = None
+
+    def check_tls(self) -> None:
+        """ConfigError for TLS options that do not go together."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together", hint="give both")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca needs TLS", hint="give --tls-cert and --tls-key too")
+        for path in (self.tls_cert, self.tls_key, self.tls_client_ca):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"no such file {path}", hint="name a PEM file")
 
     @property
     def any(self) -> bool:
@@ -51,9 +66,9 @@ class Listening:
         return {"grpc": self.grpc, "http": self.http}
 
 
-def check_exposure(addresses: list[str], *, tokens: Path | None, allow: bool) -> None:
+def check_exposure(addresses: list[str], *, authenticated: bool, allow: bool) -> None:
     """ConfigError for an address beyond this machine served to anyone."""
-    if tokens is not None or allow:
+    if authenticated or allow:
         return
     for address in addresses:
         host = address.rsplit(":", 1)[0].strip("[]")
@@ -61,8 +76,8 @@ def check_exposure(addresses: list[str], *, tokens: Path | None, allow: bool) ->
             raise ConfigError(
                 f"refusing to serve {address} without authentication: anyone who can "
                 "reach it could read and write the cache",
-                hint="give --tokens FILE (`cachefs token add FILE NAME ...`), bind "
-                "127.0.0.1, or say --allow-unauthenticated",
+                hint="give --tokens FILE (`cachefs token add FILE NAME ...`) or "
+                "--tls-client-ca, bind 127.0.0.1, or say --allow-unauthenticated",
             )
 
 

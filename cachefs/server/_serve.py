@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import ssl
 from typing import TYPE_CHECKING, Any, cast
 
 import hypercorn.config
@@ -51,7 +52,8 @@ async def serve(
     doc); with ``metrics``, every request is measured, and with tracing on,
     traced (``_measure.py``)."""
     cache = RemoteCache.open(fs, max_size=options.max_size, policy=options.policy)
-    gate = None if options.tokens is None else Gate(options.tokens, fs.store.audit)
+    authenticates = options.tokens is not None or options.tls_client_ca is not None
+    gate = Gate(options.tokens, fs.store.audit) if authenticates else None
     listening = Listening()
 
     def status() -> dict[str, Any]:
@@ -75,7 +77,7 @@ async def serve(
         if options.grpc is not None:
             address = parse_address(options.grpc, GRPC_PORT)
             grpc_server, listening.grpc = await trio.to_thread.run_sync(
-                lambda: serve_grpc(cache, address, metrics=metrics, gate=gate)
+                lambda: serve_grpc(cache, address, metrics=metrics, gate=gate, tls=options)
             )
         async with trio.open_nursery() as nursery:
             if options.http is not None:
@@ -83,12 +85,14 @@ async def serve(
                 if metrics is not None or tracing.active():
                     app = MeasuredHttp(app, metrics)
                 listening.http = await _start_http(
-                    nursery, app, parse_address(options.http, HTTP_PORT)
+                    nursery, app, parse_address(options.http, HTTP_PORT), options
                 )
             fs.store.audit.record(
                 "servers.start",
                 **listening.as_dict(),
                 tokens=None if options.tokens is None else str(options.tokens),
+                tls=options.tls_cert is not None,
+                client_ca=None if options.tls_client_ca is None else str(options.tls_client_ca),
             )
             task_status.started(listening)
             await trio.sleep_forever()
@@ -99,9 +103,14 @@ async def serve(
             log.info("stopped the gRPC server on %s", listening.grpc)
 
 
-def _http_config(address: str) -> hypercorn.config.Config:
+def _http_config(address: str, tls: ServeOptions) -> hypercorn.config.Config:
     config = hypercorn.config.Config()
     config.bind = [address]
+    if tls.tls_cert is not None:
+        config.certfile, config.keyfile = str(tls.tls_cert), str(tls.tls_key)
+        if tls.tls_client_ca is not None:
+            config.ca_certs = str(tls.tls_client_ca)
+            config.verify_mode = ssl.CERT_REQUIRED
     config.accesslog = None
     config.errorlog = logging.getLogger("cachefs.server.hypercorn")
     config.graceful_timeout = GRACE
@@ -109,9 +118,17 @@ def _http_config(address: str) -> hypercorn.config.Config:
     return config
 
 
-async def _start_http(nursery: trio.Nursery, app: Any, address: str) -> str:
-    """Start the HTTP server in ``nursery``; the address it listens on."""
-    config = _http_config(address)
+async def _start_http(nursery: trio.Nursery, app: Any, address: str, tls: ServeOptions) -> str:
+    """Start the HTTP server in ``nursery`` (with TLS as ``tls`` says); the
+    address it listens on."""
+    try:
+        config = _http_config(address, tls)
+        config.create_ssl_context()  # a certificate or key that does not load fails here
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot use the TLS certificate {tls.tls_cert} and key {tls.tls_key}: {exc}",
+            hint="give PEM files: the certificate chain and its private key",
+        ) from None
     try:
         # The app's messages are plain dicts: hypercorn's TypedDicts are the same.
         serve = functools.partial(hypercorn.trio.serve, cast(Any, app), config)
@@ -122,7 +139,7 @@ async def _start_http(nursery: trio.Nursery, app: Any, address: str) -> str:
             f"cannot serve HTTP on {address}: {', '.join(sorted(reasons))}",
             hint="the address is taken or not this machine's",
         ) from None
-    where = bound[0].removeprefix("http://")
+    where = bound[0].removeprefix("http://").removeprefix("https://")
     log.info("serving the Bazel HTTP cache protocol on %s", where)
     return where
 
