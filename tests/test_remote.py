@@ -70,7 +70,7 @@ def test_remote_urls(text: str, fields: tuple[str, str, str, str, str]) -> None:
         ("grpc://host:99999", "port"),
         ("grpc://host/a/../b", "'..'"),
         ("http://user:secret@host/", "credentials"),
-        ("http://host/?x=1", "parameters"),
+        ("http://host/?x=1", "unknown parameter 'x' (token_file)"),
         ("s3:///prefix", "no bucket"),
         ("s3://b?endpoint=ftp://x", "not an http(s) URL"),
         ("s3://b?acl=private", "unknown parameter 'acl'"),

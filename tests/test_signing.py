@@ -248,3 +248,7 @@ def test_a_producer_signs_and_consumers_trust_through_a_shared_remote(
             refused = json.loads(cachefs("stats", "--json", str(tmp_path / "c")).stdout)
             assert refused["signatures"]["unknown key"] >= 1
             assert refused["signatures"]["accepted"] == 0
+        events = [
+            e for e in lines_of(tmp_path / "c" / "audit") if e["event"] == "signature.refused"
+        ]
+        assert events and all(e["reason"] == "unknown key" for e in events)

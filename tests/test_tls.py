@@ -13,7 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cachefs.engine import Digest
+from cachefs.errors import ConfigError, RemoteError
+from cachefs.format.digest import SHA256
 from cachefs.protocol import re_pb2
+from cachefs.remote import open_remote
 from tests.certs import Authority, Pem
 from tests.mounting import cachefs
 from tests.reapi import Server, serving
@@ -132,3 +136,40 @@ def test_bad_tls_options(tmp_path: Path, which: str, words: str) -> None:
         "serve", str(tmp_path / "store"), "--http", "127.0.0.1:0", *args, check=False, timeout=60
     )
     assert result.returncode == 2 and words in result.stderr, result.stderr
+
+
+def test_remote_tiers_present_tokens_and_certificates(tmp_path: Path) -> None:
+    """A tier that wants credentials gets them from the files its URL names:
+    a token (gRPC and HTTP), a CA to trust, a client certificate (gRPC)."""
+    ca = Authority(tmp_path / "ca")
+    tokens = tmp_path / "tokens"
+    token_file = tmp_path / "token"
+    token_file.write_text(add(tokens, "tier", "read-write") + "\n")
+    client_pem = ca.issue("a-runner", server=False)
+    args = [*_tls_args(ca.issue("server", server=True)), "--tokens", str(tokens)]
+    data = os.urandom(3000)
+    digest = Digest(SHA256.hash(data), len(data))
+    with serving(tmp_path / "tier", *args) as tier:
+        files = f"token_file={token_file}&ca={ca.pem.cert}"
+        for url in (
+            f"grpcs://{tier.grpc}?{files}",
+            f"grpcs://{tier.grpc}?{files}&cert={client_pem.cert}&key={client_pem.key}",
+            f"https://{tier.http}?{files}",
+        ):
+            remote = open_remote(url, SHA256)
+            remote.write(digest, data)
+            assert remote.find_missing([digest]) == [] and remote.read(digest) == data
+        for url in (
+            f"grpcs://{tier.grpc}?ca={ca.pem.cert}",
+            f"https://{tier.http}?ca={ca.pem.cert}",
+        ):
+            with pytest.raises(RemoteError):
+                open_remote(url, SHA256).find_missing([digest])
+    for url, words in [
+        (f"grpc://h:1?ca={ca.pem.cert}", "unknown parameter 'ca'"),
+        (f"https://h?cert={client_pem.cert}", "unknown parameter 'cert'"),
+        (f"grpcs://h:1?cert={client_pem.cert}", "cert and key go together"),
+        (f"grpcs://h:1?token_file={tmp_path / 'none'}", "cannot read its token file"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            open_remote(url, SHA256)

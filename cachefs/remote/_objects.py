@@ -41,12 +41,17 @@ _PAGE = 1000
 
 def _options(url: RemoteUrl, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """obstore's client and retry options for a tier with this timeout."""
-    client = {
+    client: dict[str, Any] = {
         "allow_http": not url.tls,
         "connect_timeout": timedelta(seconds=min(timeout, 5.0)),
         "timeout": timedelta(seconds=timeout),
     }
     retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=timeout)}
+    token, ca, _, _ = url.credentials()
+    if token is not None:
+        client["default_headers"] = {"authorization": f"Bearer {token}"}
+    if ca is not None:
+        client["root_certificate"] = ca
     return client, retry
 
 

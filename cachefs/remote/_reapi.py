@@ -61,16 +61,20 @@ class _CallDetails(
     """A call's details with metadata of our own."""
 
 
-class TraceContext(
+class CallMetadata(
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
     grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
 ):
-    """Send the W3C trace context of the span in progress with every call
-    (``traceparent`` metadata), so that a traced server continues the trace."""
+    """Send with every call the W3C trace context of the span in progress
+    (``traceparent`` metadata), so that a traced server continues the trace,
+    and the bearer token the server asks for, if any."""
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = [] if token is None else [("authorization", f"Bearer {token}")]
 
     def _details(self, details: Any) -> _CallDetails:
-        metadata = [*(details.metadata or ()), *tracing.headers()]
+        metadata = [*(details.metadata or ()), *tracing.headers(), *self.token]
         return _CallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
@@ -95,13 +99,18 @@ class ReapiRemote:
         self.instance = url.instance
         self.timeout = timeout
         options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        token, ca, cert, key = url.credentials()
         self.channel = (
-            grpc.secure_channel(url.address, grpc.ssl_channel_credentials(), options=options)
+            grpc.secure_channel(
+                url.address,
+                grpc.ssl_channel_credentials(ca, private_key=key, certificate_chain=cert),
+                options=options,
+            )
             if url.tls
             else grpc.insecure_channel(url.address, options=options)
         )
-        if tracing.active():  # calls carry the trace context
-            self.channel = grpc.intercept_channel(self.channel, TraceContext())
+        if tracing.active() or token is not None:  # calls carry the trace context, a token
+            self.channel = grpc.intercept_channel(self.channel, CallMetadata(token))
         self.cas = re_grpc.ContentAddressableStorageStub(self.channel)
         self.bytestream = bs_grpc.ByteStreamStub(self.channel)
         self.ac = re_grpc.ActionCacheStub(self.channel)

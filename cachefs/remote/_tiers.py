@@ -160,14 +160,6 @@ def _failed(tier: Tier, exc: RemoteError) -> None:
                     tier.breaker.backoff, exc.message)  # fmt: skip
 
 
-def _trusted(verifier: Verifier, key: Digest, found: object, where: str) -> None:
-    """RemoteError unless a file's entry is signed by a trusted key (``--trust``)."""
-    assert isinstance(found, re_pb2.ActionResult)
-    reason = verifier.check(key, found)
-    if reason is not None:
-        raise RemoteError(f"{where}: the entry is refused: {reason}")
-
-
 class Tiers:
     """The tiers of one store, and what has moved through them."""
 
@@ -194,16 +186,13 @@ class Tiers:
         }
         #: What came from each tier (``TIER_COUNTS``), by its name.
         self.by_tier: dict[str, dict[str, int]] = {}
-        #: Signs the entries this process publishes (``--sign-key``); takes only
-        #: entries signed by trusted keys (``--trust``): ``cachefs.signing``.
+        #: Signs what is published; takes only what trusted keys signed (``cachefs.signing``).
         self.signer: Signer | None = None
         self.verifier: Verifier | None = None
-        #: Directory entries of shares put on tiers by this process: (tier, share, path).
         #: Objects this process pushed lately (not asked about again).
         self._pushed: OrderedDict[Digest, None] = OrderedDict()
-        #: When each was put (they are put again after ``DIRECTORY_REFRESH``
-        #: seconds: a tier's lifecycle may have expired them; readers take a
-        #: directory missing on the tier for one with nothing below it).
+        #: Directory entries of shares this process put, (tier, share, path) -> when
+        #: (put again after ``DIRECTORY_REFRESH`` s: a tier's lifecycle may expire them).
         self._directories: dict[tuple[str, str, str], float] = {}
         #: Tiers' listings of shared directories, (tier, share, directory) ->
         #: (name -> is a directory, or None: too large to list; when listed).
@@ -478,8 +467,7 @@ class Tiers:
                     parse_entry(found, path, tier.remote.name)
                 )  # fmt: skip
                 if entry is not None and entry.digest is not None and self.verifier:
-                    key = entry_key(self.function, share, path)
-                    _trusted(self.verifier, key, found, tier.remote.name)
+                    self._trusted(share, path, found, tier.remote.name)
             except RemoteError as exc:
                 log.warning("shared entry %s/%s: %s", share, path, exc.message)
                 continue
@@ -582,6 +570,15 @@ class Tiers:
                     self._directories[tier.remote.key, share, path] = time.monotonic()
             self._put_entry(tier.remote, share, entry)
         self._count(pushed_entries=1)
+
+    def _trusted(self, share: str, path: str, found: object, where: str) -> None:
+        """RemoteError (audited) unless signed by a trusted key (``--trust``)."""
+        assert self.verifier is not None and isinstance(found, re_pb2.ActionResult)
+        reason = self.verifier.check(entry_key(self.function, share, path), found)
+        if reason is not None:
+            self.store.audit.record("signature.refused", entry=f"{share}/{path}", tier=where,
+                                    reason=reason)  # fmt: skip
+            raise RemoteError(f"{where}: the entry is refused: {reason}")
 
     def _put_entry(self, remote: Remote, share: str, entry: SharedEntry) -> None:
         result = entry_result(entry)

@@ -9,6 +9,12 @@ Three kinds, as the command line takes them (``--remote URL``):
 * ``http://HOST[:PORT][/PREFIX]`` -- a Bazel HTTP cache (port 8080 unless
   given; ``https://``: 443).
 
+A server that wants credentials (``cachefs serve --tokens``/``--tls-client-ca``)
+is given them by files named in the URL's parameters (names of files, never
+secrets): ``token_file=PATH`` (a bearer token, sent as ``authorization``),
+``ca=PEM`` (a CA to trust besides the system's, TLS only) and, for
+``grpcs://``, ``cert=PEM&key=PEM`` (a client certificate: mutual TLS).
+
 A URL that is none of these is a ConfigError that shows the three forms.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 
 from cachefs.errors import ConfigError
 
@@ -43,6 +50,28 @@ class RemoteUrl:
     instance: str = ""
     region: str = "us-east-1"
     tls: bool = False
+    #: Files of the credentials a server asks for (see the module doc); "" none.
+    token_file: str = ""
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    def credentials(self) -> tuple[str | None, bytes | None, bytes | None, bytes | None]:
+        """The token, CA, certificate and key the URL names, read (ConfigError
+        naming the file that cannot be)."""
+        out: list[bytes | None] = []
+        for what, path in (("token", self.token_file), ("CA", self.ca),
+                           ("certificate", self.cert), ("key", self.key)):  # fmt: skip
+            try:
+                out.append(Path(path).read_bytes() if path else None)
+            except OSError as exc:
+                raise ConfigError(
+                    f"remote {self.text}: cannot read its {what} file {path}: {exc.strerror}"
+                ) from None
+        token = None if out[0] is None else out[0].decode("utf-8", "replace").strip()
+        if token == "":
+            raise ConfigError(f"remote {self.text}: its token file {self.token_file} is empty")
+        return token, out[1], out[2], out[3]
 
 
 def _bad(text: str, why: str) -> ConfigError:
@@ -117,16 +146,29 @@ def parse_remote(text: str) -> RemoteUrl:
             region=query.get("region", ["us-east-1"])[-1] or "us-east-1",
             tls=endpoint.startswith("https") or not endpoint,
         )
-    if parts.query or parts.fragment:
-        raise _bad(text, "only s3:// remotes take parameters")
+    if parts.fragment:
+        raise _bad(text, "a remote URL has no fragment")
+    given = {
+        k: v[-1] for k, v in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items()
+    }
+    tls = scheme in ("grpcs", "https")
+    allowed = (
+        {"token_file"}
+        | ({"ca"} if tls else set())
+        | ({"cert", "key"} if scheme == "grpcs" else set())
+    )
+    unknown = set(given) - allowed
+    if unknown:
+        raise _bad(text, f"unknown parameter {sorted(unknown)[0]!r} ({', '.join(sorted(allowed))})")
+    if ("cert" in given) != ("key" in given):
+        raise _bad(text, "cert and key go together")
+    files = {k: given.get(k, "") for k in ("token_file", "ca", "cert", "key")}
     if scheme in ("grpc", "grpcs"):
         address = _host_port(text, parts, GRPC_PORT)
-        return RemoteUrl("grpc", text, address, instance=prefix.rstrip("/"), tls=scheme == "grpcs")
+        return RemoteUrl("grpc", text, address, instance=prefix.rstrip("/"), tls=tls, **files)
     if scheme in ("http", "https"):
         address = _host_port(text, parts, HTTP_PORT if scheme == "http" else 443)
-        return RemoteUrl(
-            "http", text, f"{scheme}://{address}", prefix=prefix, tls=scheme == "https"
-        )
+        return RemoteUrl("http", text, f"{scheme}://{address}", prefix=prefix, tls=tls, **files)
     raise _bad(text, f"unknown kind {parts.scheme!r}" if scheme else "it is not a URL")
 
 

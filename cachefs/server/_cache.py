@@ -472,6 +472,7 @@ class RemoteCache:
         reason = verifier.check(key, result)
         if reason is not None:
             log.info("action cache entry %s is refused: %s", key.hex, reason)
+            self.store.audit.record("signature.refused", entry=f"ac {key.hex}", reason=reason)
         return reason is None
 
     def put_action(self, instance: str, key: Digest, data: bytes, *, by: str) -> None:
