@@ -8,6 +8,8 @@ changes the store; a server beyond loopback with no tokens does not start."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import json
 import os
@@ -17,13 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import grpc
 import pytest
 
-from cachefs.protocol import bs_pb2, re_pb2
+from cachefs.protocol import bs_pb2, re_grpc, re_pb2
 from cachefs.server import _auth
 from tests.mounting import cachefs
-from tests.reapi import Client, Server, serving
+from tests.reapi import Client, Server, _Header, serving
 from tests.test_audit import lines_of
 
 
@@ -241,3 +244,55 @@ def test_a_missing_token_file_is_a_clear_error(tmp_path: Path) -> None:
         and "no token file" in result.stderr
         and "cachefs token add" in result.stderr
     )
+
+
+def htpasswd(path: Path, users: dict[str, str]) -> Path:
+    lines = [
+        f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=4)).decode()}"
+        for u, p in users.items()
+    ]
+    path.write_text("# users\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_http_basic_auth_from_htpasswd(tmp_path: Path) -> None:
+    users = htpasswd(tmp_path / "htpasswd", {"ci": "s3cret", "dev": "other"})
+    store = tmp_path / "store"
+    data = b"some bytes"
+    key = hashlib.sha256(data).hexdigest()
+    with serving(store, "--htpasswd", str(users)) as server:
+        assert server.http is not None
+        host, port = server.http.rsplit(":", 1)
+
+        def request(method: str, path: str, authorization: str | None) -> tuple[int, list[str]]:
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            headers = {} if authorization is None else {"Authorization": authorization}
+            conn.request(method, path, body=data if method == "PUT" else None, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            challenges = [v for k, v in response.getheaders() if k.lower() == "www-authenticate"]
+            return response.status, challenges
+
+        status, challenges = request("GET", "/status", None)
+        assert status == 401 and any(c.startswith("Basic") for c in challenges)
+        assert request("PUT", f"/cas/{key}", _basic("ci", "wrong"))[0] == 401
+        assert request("PUT", f"/cas/{key}", _basic("nobody", "s3cret"))[0] == 401
+        assert request("PUT", f"/cas/{key}", "Basic !!notbase64")[0] == 401
+        assert request("PUT", f"/cas/{key}", _basic("ci", "s3cret"))[0] == 200
+        assert request("GET", f"/cas/{key}", _basic("dev", "other"))[0] == 200
+        # gRPC clients may send the same header.
+        with server.client() as client:
+            client.channel = grpc.intercept_channel(client.channel, _Header(_basic("ci", "s3cret")))
+            client.cas = re_grpc.ContentAddressableStorageStub(client.channel)
+            assert client.find_missing([client.digest(data)]) == []
+    kinds = [e["event"] for e in lines_of(store / "audit")]
+    assert "htpasswd.loaded" in kinds and kinds.count("auth.failed") == 4
+    bad = tmp_path / "md5"
+    bad.write_text("ci:$apr1$abc$def\n")
+    result = cachefs("serve", str(store), "--htpasswd", str(bad), check=False, timeout=60)
+    assert result.returncode == 2 and "md5:1: not USER:BCRYPT-HASH" in result.stderr

@@ -19,7 +19,7 @@ from tests.certs import Authority
 from tests.mounting import cachefs, mounted
 from tests.reapi import serving
 from tests.test_audit import lines_of
-from tests.test_auth import add
+from tests.test_auth import add, htpasswd
 
 SPAWNS = 33  # the genrules of tests/data/bazel
 
@@ -120,6 +120,17 @@ def test_bazel_with_tls_and_a_token(tmp_path: Path) -> None:
         )
     writes = [e for e in lines_of(store / "audit") if e["event"] == "ac.write"]
     assert len(writes) == SPAWNS and all("token bazel" in str(w["by"]) for w in writes)
+
+
+def test_bazel_with_basic_auth(tmp_path: Path) -> None:
+    """bazel-remote's way: a user of an htpasswd file, named in the URL."""
+    clients.require_bazel()
+    workspace = clients.bazel_workspace(tmp_path)
+    users = htpasswd(tmp_path / "htpasswd", {"builder": "pa55word"})
+    with serving(tmp_path / "store", "--htpasswd", str(users), grpc_on=False) as server:
+        check_rebuild_hits(
+            workspace, tmp_path / "out", f"--remote_cache=http://builder:pa55word@{server.http}"
+        )
 
 
 def test_ccache_remote_storage_over_http(tmp_path: Path) -> None:

@@ -165,8 +165,18 @@ def trust_of(
     )
 
 
+htpasswd_option = click.option(
+    "--htpasswd",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="Also take HTTP basic auth of the users of FILE (bcrypt: `htpasswd -B`); they "
+    "may read and write.",
+)
+
+
 def security(
     tokens: Path | None,
+    htpasswd: Path | None,
     allow_unauthenticated: bool,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -179,6 +189,7 @@ def security(
 
     return {
         "tokens": absolute(tokens),
+        "htpasswd": absolute(htpasswd),
         "allow_unauthenticated": allow_unauthenticated,
         "tls_cert": absolute(tls_cert),
         "tls_key": absolute(tls_key),
@@ -279,6 +290,7 @@ def security_options(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(
         *args: Any,
         tokens: Path | None,
+        htpasswd: Path | None,
         allow_unauthenticated: bool,
         tls_cert: Path | None,
         tls_key: Path | None,
@@ -290,9 +302,11 @@ def security_options(command: Callable[..., Any]) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> Any:
         kwargs["secured"] = security(
-            tokens, allow_unauthenticated, tls_cert, tls_key, tls_client_ca
+            tokens, htpasswd, allow_unauthenticated, tls_cert, tls_key, tls_client_ca
         )
         kwargs["trust"] = trust_of(sign_key, trusted, revoked, max_signature_age)
         return command(*args, **kwargs)
 
-    return tokens_option(unauthenticated_option(tls_options(trust_options(wrapper))))
+    return tokens_option(
+        htpasswd_option(unauthenticated_option(tls_options(trust_options(wrapper))))
+    )

@@ -147,10 +147,11 @@ def command(
     http://ADDR/metrics (the README lists them); with --otlp-endpoint URL it
     sends OpenTelemetry traces there.
     """
-    wanted = [secured[k] for k in ("tokens", "tls_cert", "tls_key", "tls_client_ca")]
+    wanted = [secured[k] for k in ("tokens", "htpasswd", "tls_cert", "tls_key", "tls_client_ca")]
     if any(wanted) and grpc_address is None and http_address is None:
         raise ConfigError(
-            "--tokens and --tls-* are for the servers", hint="give --grpc ADDR or --http ADDR"
+            "--tokens, --htpasswd and --tls-* are for the servers",
+            hint="give --grpc ADDR or --http ADDR",
         )
     verbose = ctx.find_root().params.get("verbose", 0)
     daemon.mount(

@@ -43,7 +43,7 @@ def check_addresses(options: ServeOptions) -> None:
     options.check_tls()
     check_exposure(
         addresses,
-        authenticated=options.tokens is not None or options.tls_client_ca is not None,
+        authenticated=options.authenticates,
         allow=options.allow_unauthenticated,
     )
 

@@ -1,29 +1,34 @@
-"""Who may use the servers: bearer tokens checked on every request (server layer).
+"""Who may use the servers: credentials checked on every request (server layer).
 
 With ``--tls-client-ca`` a client must present a certificate of that CA (the
 TLS handshake refuses others before any request); its subject names the
-client, which may read and write unless ``--tokens`` is given too.  With
-``--tokens FILE`` (``_tokens.py``) every gRPC call and HTTP request must
-carry ``authorization: Bearer <token>`` of a token in the file: without one, or
-with one the file does not have, it is refused with UNAUTHENTICATED / 401; a
-``read`` token asking to write (BatchUpdateBlobs, SpliceBlob, ByteStream Write
-and QueryWriteStatus, UpdateActionResult; HTTP PUT) gets PERMISSION_DENIED /
-403.  Neither answer says more than that.  A client (an address) with
-:data:`MAX_FAILURES` failed attempts in :data:`WINDOW` seconds is refused
-outright, RESOURCE_EXHAUSTED / 429, until the window has passed.  Failures,
-denials and rate limits are written to the audit log; the file is read again
-when it changes (a token added or removed needs no restart).
+client, which may read and write unless credential files are given too.  With
+``--tokens FILE`` (``_tokens.py``) a gRPC call or HTTP request may carry
+``authorization: Bearer <token>`` of a token in the file, and with
+``--htpasswd FILE`` ``authorization: Basic ...`` of a user of that file
+(bcrypt, checked once and then remembered for VERIFIED_TTL seconds); with
+either file, one that carries neither, or ones the files do not have, is
+refused with UNAUTHENTICATED / 401; a ``read`` token asking to write
+(BatchUpdateBlobs, SpliceBlob, ByteStream Write and QueryWriteStatus,
+UpdateActionResult; HTTP PUT) gets PERMISSION_DENIED / 403.  Neither answer
+says more than that.  A client (an address) with :data:`MAX_FAILURES` failed
+attempts in :data:`WINDOW` seconds is refused outright, RESOURCE_EXHAUSTED /
+429, until the window has passed.  Failures, denials and rate limits are
+written to the audit log; the files are read again when they change (a token
+or user added or removed needs no restart).
 
 :class:`Gate` decides; :class:`Authenticating` is the gRPC server's interceptor
-and :meth:`Gate.http` the HTTP app's check.  Without ``--tokens``, everyone is
+and :meth:`Gate.http` the HTTP app's check.  With no authentication, everyone is
 served: ``_options.check_exposure`` refuses, before anything starts, to serve an
 address other than loopback that way unless ``--allow-unauthenticated`` says so.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextvars
+import hashlib
 import logging
 import os
 import threading
@@ -32,11 +37,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import bcrypt
 import grpc
 
 from cachefs.errors import CachefsError
 from cachefs.server._grpc import Handler, Interceptor, rebuilt
-from cachefs.server._tokens import Identity, read_tokens, token_hash
+from cachefs.server._tokens import Identity, read_htpasswd, read_tokens, token_hash
 
 if TYPE_CHECKING:
     from cachefs.engine import AuditLog
@@ -46,8 +52,10 @@ log = logging.getLogger(__name__)
 #: Failed attempts a client may make in WINDOW seconds before it is refused outright.
 MAX_FAILURES = 64
 WINDOW = 60.0
-#: Seconds between looks at the token file for changes.
+#: Seconds between looks at the credential files for changes.
 RELOAD_EVERY = 2.0
+#: Seconds basic credentials bcrypt accepted are taken without checking again.
+VERIFIED_TTL = 300.0
 #: gRPC methods that write (the rest read).
 WRITES = frozenset(
     {
@@ -76,21 +84,26 @@ class Refused(CachefsError):
 
 
 class Gate:
-    """The token file and the failures of each client (see the module doc)."""
+    """The credential files and the failures of each client (see the module doc)."""
 
-    def __init__(self, tokens: Path | None, audit: AuditLog) -> None:
-        """``tokens`` None: clients are known by their certificates alone (mutual
+    def __init__(
+        self, audit: AuditLog, tokens: Path | None = None, htpasswd: Path | None = None
+    ) -> None:
+        """Neither file: clients are known by their certificates alone (mutual
         TLS, checked before a request reaches the gate), and may write."""
-        self.path = tokens
         self.audit = audit
+        self.files = {k: p for k, p in (("tokens", tokens), ("htpasswd", htpasswd)) if p}
         self._lock = threading.Lock()
-        self._tokens = {} if tokens is None else read_tokens(tokens)
-        self._stamp = None if tokens is None else _stamp(tokens)
+        self._tokens: dict[str, Identity] = {}
+        self._users: dict[str, bytes] = {}
+        self._stamps: dict[str, object] = {}
         self._checked = time.monotonic()
         self._failures: dict[str, collections.deque[float]] = {}
-        if tokens is not None:
-            audit.record("tokens.loaded", file=str(tokens), tokens=len(self._tokens))
-            log.info("%d tokens from %s", len(self._tokens), tokens)
+        #: Basic credentials bcrypt accepted lately (it costs ~0.1 s a check):
+        #: SHA-256 of the header's value -> (identity, when).
+        self._verified: dict[bytes, tuple[Identity, float]] = {}
+        for kind in self.files:
+            self._load(kind)
 
     def identify(
         self,
@@ -103,7 +116,7 @@ class Gate:
     ) -> Identity:
         """The identity of a request, or Refused (counted against ``client``);
         ``subject``: its client certificate's, when TLS tells."""
-        if self.path is None:
+        if not self.files:
             return Identity(subject or "a client certificate", "-", "read-write")
         now = time.monotonic()
         with self._lock:
@@ -115,20 +128,59 @@ class Gate:
                 if len(failures) >= MAX_FAILURES:
                     retry = int(failures[0] + WINDOW - now) + 1
                     raise Refused("limited", "too many failed attempts; try again later", retry)
-            scheme, _, token = (authorization or "").partition(" ")
-            identity = (
-                self._tokens.get(token_hash(token.strip())) if scheme.lower() == "bearer" else None
-            )
-            if identity is None:
-                self._failed(client, now)
+        identity = self._check(authorization or "", now)
         if identity is None:
-            reason = "no credentials" if not authorization else "a token that is not known"
+            with self._lock:
+                self._failed(client, now)
+            reason = "no credentials" if not authorization else "credentials that are not known"
             self.audit.record("auth.failed", client=client, request=what, reason=reason)
             raise Refused("unauthenticated", "authentication required")
         if write and not identity.writes:
             self.audit.record("auth.denied", client=client, request=what, by=str(identity))
             raise Refused("denied", "permission denied")
         return identity
+
+    def _check(self, authorization: str, now: float) -> Identity | None:
+        """Whom a bearer token or basic credentials name, if anyone."""
+        scheme, _, value = authorization.partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer":
+            with self._lock:
+                return self._tokens.get(token_hash(value))
+        if scheme.lower() != "basic" or not self._users:
+            return None
+        seen = hashlib.sha256(value.encode()).digest()
+        with self._lock:
+            known = self._verified.get(seen)
+            if known is not None and now - known[1] < VERIFIED_TTL:
+                return known[0]
+        try:
+            user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        hashed = self._users.get(user)
+        if hashed is None or not bcrypt.checkpw(password.encode(), hashed):
+            return None
+        identity = Identity(user, "-", "read-write")
+        with self._lock:
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified[seen] = (identity, now)
+        return identity
+
+    def _load(self, kind: str) -> None:
+        path = self.files[kind]
+        stamp = _stamp(path)
+        if kind == "tokens":
+            self._tokens = read_tokens(path)
+            count = len(self._tokens)
+        else:
+            self._users = read_htpasswd(path)
+            count = len(self._users)
+        self._stamps[kind] = stamp
+        self._verified.clear()
+        self.audit.record(f"{kind}.loaded", file=str(path), entries=count)
+        log.info("%d %s from %s", count, "tokens" if kind == "tokens" else "users", path)
 
     def _failed(self, client: str, now: float) -> None:
         failures = self._failures.setdefault(client, collections.deque())
@@ -146,20 +198,19 @@ class Gate:
                 del self._failures[stale]
 
     def _reload(self, now: float) -> None:
-        if self.path is None or now - self._checked < RELOAD_EVERY:
+        """Read a credential file again if it changed (looked at every
+        RELOAD_EVERY seconds); one that no longer reads leaves the old ones."""
+        if now - self._checked < RELOAD_EVERY:
             return
         self._checked = now
-        stamp = _stamp(self.path)
-        if stamp == self._stamp:
-            return
-        try:
-            tokens = read_tokens(self.path)
-        except CachefsError as exc:
-            log.error("the token file changed and is not readable, the old tokens stay: %s", exc)
-            return
-        self._tokens, self._stamp = tokens, stamp
-        self.audit.record("tokens.loaded", file=str(self.path), tokens=len(tokens))
-        log.info("%d tokens from %s (changed)", len(tokens), self.path)
+        for kind, path in self.files.items():
+            if _stamp(path) == self._stamps.get(kind):
+                continue
+            try:
+                self._load(kind)
+            except CachefsError as exc:
+                log.error("%s changed and is not readable; the old entries stay: %s", path, exc)
+                self._stamps[kind] = _stamp(path)
 
     # --- the HTTP app's check -----------------------------------------------------------
 

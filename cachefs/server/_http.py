@@ -212,7 +212,7 @@ class HttpCache:
             try:
                 current.set(self.gate.http(scope))
             except Refused as exc:
-                raise _refusal(exc) from None
+                raise _refusal(exc, basic="htpasswd" in self.gate.files) from None
         raw_path = scope.get("raw_path") or scope["path"].encode()
         raw_path = raw_path.split(b"?", 1)[0]
         if raw_path == b"/status":
@@ -476,10 +476,14 @@ def _peer(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "unknown"
 
 
-def _refusal(exc: Refused) -> HttpError:
-    """The answer to a request refused for its credentials (``_auth.py``)."""
+def _refusal(exc: Refused, *, basic: bool) -> HttpError:
+    """The answer to a request refused for its credentials (``_auth.py``);
+    ``basic``: basic auth is taken too (a browser or curl asks for a password)."""
     if exc.kind == "unauthenticated":
-        return HttpError(401, str(exc), [(b"www-authenticate", b'Bearer realm="cachefs"')])
+        challenges = [(b"www-authenticate", b'Bearer realm="cachefs"')]
+        if basic:
+            challenges.append((b"www-authenticate", b'Basic realm="cachefs"'))
+        return HttpError(401, str(exc), challenges)
     if exc.kind == "denied":
         return HttpError(403, str(exc))
     return HttpError(429, str(exc), [(b"retry-after", str(exc.retry_after).encode())])

@@ -32,6 +32,8 @@ class ServeOptions:
     policy: str = "lru"
     #: The token file (``_tokens.py``): None, nobody authenticates.
     tokens: Path | None = None
+    #: Users and bcrypt hashes for HTTP basic auth (``_tokens.py``).
+    htpasswd: Path | None = None
     #: Serve addresses beyond loopback with no authentication.
     allow_unauthenticated: bool = False
     #: TLS on both servers: the certificate chain and its key (PEM files).
@@ -39,6 +41,11 @@ class ServeOptions:
     tls_key: Path | None = None
     #: Client certificates required, issued by this CA (PEM): mutual TLS.
     tls_client_ca: Path | None = None
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether clients must show who they are (a token, a password, a certificate)."""
+        return any(p is not None for p in (self.tokens, self.htpasswd, self.tls_client_ca))
 
     def check_tls(self) -> None:
         """ConfigError for TLS options that do not go together."""
@@ -76,8 +83,8 @@ def check_exposure(addresses: list[str], *, authenticated: bool, allow: bool) ->
             raise ConfigError(
                 f"refusing to serve {address} without authentication: anyone who can "
                 "reach it could read and write the cache",
-                hint="give --tokens FILE (`cachefs token add FILE NAME ...`) or "
-                "--tls-client-ca, bind 127.0.0.1, or say --allow-unauthenticated",
+                hint="give --tokens FILE (`cachefs token add FILE NAME ...`), --htpasswd "
+                "or --tls-client-ca, bind 127.0.0.1, or say --allow-unauthenticated",
             )
 
 

@@ -52,8 +52,7 @@ async def serve(
     doc); with ``metrics``, every request is measured, and with tracing on,
     traced (``_measure.py``)."""
     cache = RemoteCache.open(fs, max_size=options.max_size, policy=options.policy)
-    authenticates = options.tokens is not None or options.tls_client_ca is not None
-    gate = Gate(options.tokens, fs.store.audit) if authenticates else None
+    gate = Gate(fs.store.audit, options.tokens, options.htpasswd) if options.authenticates else None
     listening = Listening()
 
     def status() -> dict[str, Any]:
@@ -91,6 +90,7 @@ async def serve(
                 "servers.start",
                 **listening.as_dict(),
                 tokens=None if options.tokens is None else str(options.tokens),
+                htpasswd=None if options.htpasswd is None else str(options.htpasswd),
                 tls=options.tls_cert is not None,
                 client_ca=None if options.tls_client_ca is None else str(options.tls_client_ca),
             )

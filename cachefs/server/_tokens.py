@@ -1,4 +1,4 @@
-"""Bearer tokens: the file that keeps their hashes (server layer).
+"""Credential files: bearer tokens, and htpasswd for HTTP basic auth (server layer).
 
 ``cachefs token add FILE NAME --tenant T --permission read|read-write`` makes a
 token, prints it once and keeps only its hash in FILE, as htpasswd keeps
@@ -15,6 +15,10 @@ PERMISSION is ``read`` or ``read-write``; HEX is the SHA-256 of the token's
 text.  A token is ``cfs_`` and 43 characters of URL-safe base64 (32 random
 bytes): too many to guess, so one fast hash keeps it safe (a password of a
 person's choosing would need bcrypt).  The file is written with mode 0600.
+
+``--htpasswd FILE`` (as bazel-remote has it) takes Apache's htpasswd format,
+``USER:HASH`` a line, with bcrypt hashes only (``htpasswd -B``; ``$2y$``,
+``$2b$``, ``$2a$``): a user so named may read and write.
 """
 
 from __future__ import annotations
@@ -131,3 +135,34 @@ def _write(path: Path, text: str) -> None:
         atomic_write(path, text.encode(), mode=0o600)
     except OSError as exc:
         raise from_oserror(exc, f"writing the token file {path}") from None
+
+
+_BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+
+
+def read_htpasswd(path: Path) -> dict[str, bytes]:
+    """The users of an htpasswd file and their bcrypt hashes; ConfigError
+    naming a line that is not ``USER:BCRYPT-HASH``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no htpasswd file {path}", hint="make one: htpasswd -B -c FILE USER"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        if isinstance(exc, OSError):
+            raise from_oserror(exc, f"reading the htpasswd file {path}") from None
+        raise ConfigError(f"the htpasswd file {path} is not UTF-8 text") from None
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, _, hashed = line.partition(":")
+        if not user or not _BCRYPT.fullmatch(hashed):
+            raise ConfigError(
+                f"{path}:{number}: not USER:BCRYPT-HASH",
+                hint="only bcrypt hashes are taken: htpasswd -B FILE USER",
+            )
+        users[user] = hashed.encode()
+    return users
