@@ -26,9 +26,11 @@ other REAPI clients ignore it.  What is signed, the statement::
     key id (8 bytes), signed_at_ns (8 bytes, big-endian, signed)
 
 An entry is accepted when one of its signatures is by a trusted key that is
-not revoked, verifies, and (with a maximum age) is recent enough.  What is
-refused is named (``unsigned``, ``unknown key``, ``revoked key``,
-``tampered``, ``expired``), logged and counted by the caller.
+not revoked, verifies, is not dated more than CLOCK_SKEW in the future and
+(with a maximum age) is recent enough.  What is refused is named
+(``REASONS``), logged and counted by the caller.  A signed entry stays valid
+for its key: an older signed entry put back under the same key is accepted
+(a maximum age bounds how old).
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ DOMAIN = b"cachefs entry signature 1\0"
 TYPE_URL = "type.googleapis.com/cachefs.trust.v1.EntrySignature"
 _WHEN = struct.Struct(">q")
 #: Why an entry is refused (the counts' keys).
-REASONS = ("unsigned", "unknown key", "revoked key", "tampered", "expired")
+REASONS = ("unsigned", "unknown key", "revoked key", "tampered", "expired", "from the future")
+#: Seconds a signature may seem to come from the future (clocks differ).
+CLOCK_SKEW = 300.0
 
 
 def key_id(public: Ed25519PublicKey) -> bytes:
@@ -140,6 +144,8 @@ def _statement(key: Digest, result: re_pb2.ActionResult, kid: bytes, when: int) 
         output.ClearField("contents")
     canonical.ClearField("stdout_raw")
     canonical.ClearField("stderr_raw")
+    if canonical.execution_metadata == re_pb2.ExecutedActionMetadata():
+        canonical.ClearField("execution_metadata")  # present but empty: as if absent
     body = hashlib.sha256(canonical.SerializeToString(deterministic=True)).digest()
     return DOMAIN + key.hash + body + kid + _WHEN.pack(when)
 
@@ -236,6 +242,9 @@ class Verifier:
                 reason = "tampered"
                 continue
             age = (time.time_ns() - signature.signed_at_ns) / 1e9
+            if age < -CLOCK_SKEW:
+                reason = "from the future"
+                continue
             if self.max_age is not None and age > self.max_age:
                 reason = "expired"
                 continue

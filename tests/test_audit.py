@@ -8,6 +8,7 @@ the admin operations are in it."""
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.engine import AuditLog, Store
+from cachefs.engine import AuditLog, CachefsError, Store
 from cachefs.format.audit import GENESIS, log_files, verify
 from cachefs.protocol import re_pb2
 from tests.mounting import cachefs
@@ -216,3 +217,35 @@ def test_servers_and_admin_operations_are_audited(tmp_path: Path) -> None:
     assert verify_cli(store / "audit")[0] == 0
     with Store.open(store) as opened:
         assert opened.audit.head()[0] == len(events)
+
+
+def test_a_full_disk_leaves_no_half_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = AuditLog(tmp_path / "audit")
+    log.record("test.event", n=0)
+    real = os.write
+    calls = []
+
+    def short_then_full(fd: int, data: bytes | memoryview) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real(fd, bytes(data)[:10])  # a short write...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    with pytest.raises(CachefsError, match="audit log"):
+        log.record("test.event", n=1)
+    monkeypatch.undo()
+    log.record("test.event", n=2)
+    log.close()
+    verdict = verify(log_files(tmp_path / "audit"))
+    assert verdict.intact and verdict.lines == 2
+
+
+def test_a_damaged_last_line_is_named_not_fatal(tmp_path: Path) -> None:
+    directory = tmp_path / "audit"
+    written(directory, 3)
+    with open(directory / "audit.log", "ab") as f:
+        f.write(b"garbage that is no audit line\n")
+    written(directory, 2)  # the log goes on
+    verdict = verify(log_files(directory))
+    assert verdict.broken is not None and verdict.broken[1] == 4

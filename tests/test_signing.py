@@ -84,7 +84,7 @@ def test_sign_and_verify(keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch)
     assert verifier.check(key, changed) == "tampered"
     assert verifier.figures() == {
         "accepted": 2, "unsigned": 1, "unknown key": 1, "revoked key": 0,
-        "tampered": 2, "expired": 0,
+        "tampered": 2, "expired": 0, "from the future": 0,
     }  # fmt: skip
     # Serialized, one byte flipped anywhere in the signed bytes: never accepted.
     raw = bytearray(signed.SerializeToString())
@@ -108,6 +108,14 @@ def test_sign_and_verify(keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch)
     monkeypatch.undo()
     assert len(old.execution_metadata.auxiliary_metadata) == 1
     assert aged.check(key, old) == "expired" and aged.check(key, alice.sign(key, old)) is None
+    monkeypatch.setattr(time, "time_ns", lambda: now + 3600 * 10**9)
+    ahead = alice.sign(key, signed)
+    monkeypatch.undo()
+    assert verifier.check(key, ahead) == "from the future"
+    # An empty execution_metadata signs and verifies like any other.
+    empty = _result()
+    empty.execution_metadata.SetInParent()
+    assert verifier.check(key, alice.sign(key, empty)) is None
 
 
 def test_shared_entries_through_the_tiers(tmp_path: Path, keys: dict[str, Path]) -> None:

@@ -11,7 +11,7 @@ from cachefs import daemon
 from cachefs.errors import ConfigError
 from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD
 from cachefs.remote import TierOptions
-from cachefs.server import ServeOptions
+from cachefs.server import ServeOptions, parse_tenants
 from cachefs.signing import TrustOptions
 from cachefs.tracing import DEFAULT_FUSE_RATIO
 
@@ -154,6 +154,14 @@ def command(
             hint="give --grpc ADDR or --http ADDR",
         )
     verbose = ctx.find_root().params.get("verbose", 0)
+    serving = grpc_address or http_address
+    tiers = TierOptions.parse(
+        remotes,
+        config,
+        remote_durability,
+        None if local_max_size is None else parse_size(local_max_size),
+        trust,
+    )
     daemon.mount(
         store,
         mountpoint,
@@ -168,16 +176,11 @@ def command(
         servers=ServeOptions(
             grpc=grpc_address,
             http=http_address,
+            tenants=None if serving is None else parse_tenants(tiers.config, parse_size),
             **secured,
         ),
         scrub_rate=None if scrub_rate is None else positive_size(scrub_rate, "--scrub-rate"),
-        tiers=TierOptions.parse(
-            remotes,
-            config,
-            remote_durability,
-            None if local_max_size is None else parse_size(local_max_size),
-            trust,
-        ),
+        tiers=tiers,
         metrics=metrics_address,
         otlp_endpoint=otlp_endpoint,
         otlp_fuse_ratio=otlp_fuse_ratio,

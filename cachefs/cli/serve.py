@@ -11,7 +11,7 @@ from cachefs import daemon
 from cachefs.errors import ConfigError
 from cachefs.fs import POLICIES
 from cachefs.remote import TierOptions
-from cachefs.server import DEFAULT_MAX_SIZE, GRPC_PORT, HTTP_PORT, ServeOptions
+from cachefs.server import DEFAULT_MAX_SIZE, GRPC_PORT, HTTP_PORT, ServeOptions, parse_tenants
 from cachefs.signing import TrustOptions
 
 from .common import (
@@ -119,6 +119,12 @@ def command(
     if budget is not None and budget <= 0:
         raise ConfigError("--max-size must be more than 0 bytes")
     verbose = ctx.find_root().params.get("verbose", 0)
+    tiers = TierOptions.parse(
+        remotes,
+        config,
+        local_max_size=None if local_max_size is None else parse_size(local_max_size),
+        trust=trust,
+    )
     daemon.serve(
         store,
         ServeOptions(
@@ -126,6 +132,7 @@ def command(
             http=http_address,
             max_size=budget,
             policy=policy,
+            tenants=parse_tenants(tiers.config, parse_size),
             **secured,
         ),
         daemon=detach,
@@ -133,12 +140,7 @@ def command(
         cache_size=parse_size(cache_size),
         max_store_size=None if max_store_size is None else parse_size(max_store_size),
         memory_limit=memory_limit_of(memory_limit),
-        tiers=TierOptions.parse(
-            remotes,
-            config,
-            local_max_size=None if local_max_size is None else parse_size(local_max_size),
-            trust=trust,
-        ),
+        tiers=tiers,
         metrics=metrics_address,
         otlp_endpoint=otlp_endpoint,
     )

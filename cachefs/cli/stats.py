@@ -71,6 +71,7 @@ def command(store: Path, as_json: bool) -> None:
             "metrics",
             "remote",
             "signatures",
+            "tenants",
         )
         for key in keys:
             if key in live:

@@ -188,7 +188,7 @@ async def _answer(fs: Filesystem, stream: trio.abc.Stream) -> None:
                 request += piece
             line = request.split(b"\n", 1)[0]
             if line.strip() == b"stats":
-                answer = fs.control.render(fs.figures() | fs.control.info)
+                answer = fs.control.render(fs.figures() | fs.control.live())
             else:
                 answer = await fs.control.run(line)
             await stream.send_all(answer)

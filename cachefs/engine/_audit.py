@@ -46,6 +46,8 @@ class AuditLog:
         self._prev = GENESIS
         self._dirty = False
         self._closed = False
+        #: The seq of the current file's first line (its name once rotated).
+        self._first = 0
         self._wake = threading.Condition(self._lock)
         self._syncer: threading.Thread | None = None
 
@@ -96,9 +98,17 @@ class AuditLog:
     # --- under the lock ----------------------------------------------------------------
 
     def _append(self, event: str, fields: dict[str, Any]) -> None:
+        """Write one whole line, or none: a failed or short write (a full
+        disk) is cut off again, so that the file never holds half a line."""
         assert self._fd is not None
         line = encode(self._seq, self._prev, event, fields, datetime.now(UTC))
-        os.write(self._fd, line + b"\n")
+        view = memoryview(line + b"\n")
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            os.ftruncate(self._fd, self._size)
+            raise
         self._size += len(line) + 1
         self._seq += 1
         self._prev = line_hash(line)
@@ -131,11 +141,16 @@ class AuditLog:
             log.warning("audit log %s: cutting off a torn last line of %d bytes", self.path, torn)
             os.ftruncate(fd, end)
         self._size = end
+        if last is not None and _seq_of(last) is None:
+            # A last line that is no line of ours (damage): kept, and the chain
+            # goes on from it, so that verify names it.
+            log.error("audit log %s: the last line is not an audit line", self.path)
         if last is None:
             last = self._last_rotated_line()
         if last is not None:
-            self._seq = int(json.loads(last)["seq"]) + 1
+            self._seq = (_seq_of(last) or 0) + 1
             self._prev = line_hash(last)
+        self._first = self._seq - _lines_in(self.path)
         return torn
 
     def _last_rotated_line(self) -> bytes | None:
@@ -151,8 +166,8 @@ class AuditLog:
             os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
-        first = self._seq - _lines_in(self.path)
-        os.rename(self.path, self.directory / rotated_name(first))
+        os.rename(self.path, self.directory / rotated_name(self._first))
+        self._first = self._seq
         log.info(
             "audit log rotated at seq %d: head sha256 %s (%s)", self._seq - 1, self._prev, self.path
         )
@@ -215,3 +230,11 @@ def _last_line(fd: int, size: int) -> tuple[bytes | None, int]:
 def _lines_in(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _seq_of(line: bytes) -> int | None:
+    try:
+        seq = json.loads(line)["seq"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return seq if isinstance(seq, int) else None

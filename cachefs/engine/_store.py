@@ -382,13 +382,13 @@ class Store:
                 self._lock_fd = None
 
     def _release(self) -> None:
-        self.audit.close()
         self.workers.shutdown()
         self.segments.close()
         self.chunks.cache.clear()
         if self.journal is not None:
             self.journal.close()
         self.index.close()
+        self.audit.close()  # last: what closes before it may still record
 
     def __enter__(self) -> Store:
         return self

@@ -79,6 +79,8 @@ class ControlTree:
         self._next = _OBJECT_BASE
         #: Extra figures for stats.json (the mount adds its own).
         self.info: dict[str, Any] = {}
+        #: More live figures, each read when the figures are (the servers' tenants).
+        self.sources: list[Callable[[], dict[str, Any]]] = []
 
     def _node(self, ino: int, mode: int, size: int = 0, nlink: int = 1) -> Inode:
         t = self.started
@@ -164,8 +166,15 @@ class ControlTree:
         if writable:
             raise FsError(errno.EACCES)
         if ino == STATS_INO:
-            return ContentHandle(ino, self.render(self.figures() | self.info))
+            return ContentHandle(ino, self.render(self.figures() | self.live()))
         return ObjectHandle(ino, self.digest(ino))
+
+    def live(self) -> dict[str, Any]:
+        """What the daemon adds to the filesystem's figures."""
+        doc = dict(self.info)
+        for source in self.sources:
+            doc |= source()
+        return doc
 
     @staticmethod
     def render(doc: dict[str, Any]) -> bytes:

@@ -68,7 +68,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"the config file {path} is not valid TOML: {exc}") from None
-    _check_keys(str(path), data, {"remote", "tier"})
+    _check_keys(str(path), data, {"remote", "tier", "tenants"})  # tenants: the servers
     return data
 
 

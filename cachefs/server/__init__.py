@@ -26,6 +26,7 @@ from cachefs.server._options import (
     ServeOptions,
     check_exposure,
 )
+from cachefs.server._tenants import parse_tenants
 from cachefs.server._tokens import PERMISSIONS, add_token, read_tokens, remove_token
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ __all__ = [
     "add_token",
     "check_addresses",
     "parse_address",
+    "parse_tenants",
     "read_tokens",
     "remove_token",
     "run_servers",

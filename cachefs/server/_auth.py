@@ -29,6 +29,7 @@ import base64
 import collections
 import contextvars
 import hashlib
+import itertools
 import logging
 import os
 import threading
@@ -41,7 +42,11 @@ import bcrypt
 import grpc
 
 from cachefs.errors import CachefsError
+from cachefs.format.digest import DigestFunction
+from cachefs.protocol import re_pb2
 from cachefs.server._grpc import Handler, Interceptor, rebuilt
+from cachefs.server._names import parse_resource
+from cachefs.server._tenants import Tenants
 from cachefs.server._tokens import Identity, read_htpasswd, read_tokens, token_hash
 
 if TYPE_CHECKING:
@@ -56,6 +61,8 @@ WINDOW = 60.0
 RELOAD_EVERY = 2.0
 #: Seconds basic credentials bcrypt accepted are taken without checking again.
 VERIFIED_TTL = 300.0
+#: What a user no file names is checked against (so that it takes as long).
+_DUMMY = bcrypt.hashpw(b"no such user", bcrypt.gensalt(rounds=10))
 #: gRPC methods that write (the rest read).
 WRITES = frozenset(
     {
@@ -87,11 +94,18 @@ class Gate:
     """The credential files and the failures of each client (see the module doc)."""
 
     def __init__(
-        self, audit: AuditLog, tokens: Path | None = None, htpasswd: Path | None = None
+        self,
+        audit: AuditLog,
+        tokens: Path | None = None,
+        htpasswd: Path | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         """Neither file: clients are known by their certificates alone (mutual
-        TLS, checked before a request reaches the gate), and may write."""
+        TLS, checked before a request reaches the gate), and may write.  With
+        ``tenants``, what instance names each may use, and how much
+        (``_tenants.py``)."""
         self.audit = audit
+        self.tenants = tenants
         self.files = {k: p for k, p in (("tokens", tokens), ("htpasswd", htpasswd)) if p}
         self._lock = threading.Lock()
         self._tokens: dict[str, Identity] = {}
@@ -100,8 +114,10 @@ class Gate:
         self._checked = time.monotonic()
         self._failures: dict[str, collections.deque[float]] = {}
         #: Basic credentials bcrypt accepted lately (it costs ~0.1 s a check):
-        #: SHA-256 of the header's value -> (identity, when).
+        #: SHA-256 of the header's value -> (identity, when); and how many times
+        #: the files were read (a check that began before a reload is not kept).
         self._verified: dict[bytes, tuple[Identity, float]] = {}
+        self._generation = 0
         for kind in self.files:
             self._load(kind)
 
@@ -117,21 +133,20 @@ class Gate:
         """The identity of a request, or Refused (counted against ``client``);
         ``subject``: its client certificate's, when TLS tells."""
         if not self.files:
-            return Identity(subject or "a client certificate", "-", "read-write")
+            return Identity(subject or "(subject not known)", None, "read-write", "certificate")
         now = time.monotonic()
         with self._lock:
             self._reload(now)
-            failures = self._failures.get(client)
-            if failures is not None:
-                while failures and failures[0] < now - WINDOW:
-                    failures.popleft()
-                if len(failures) >= MAX_FAILURES:
-                    retry = int(failures[0] + WINDOW - now) + 1
-                    raise Refused("limited", "too many failed attempts; try again later", retry)
-        identity = self._check(authorization or "", now)
+            retry = self._limited(client, now)
+        # Credentials that are right let anyone in; an address that keeps failing
+        # gets no bcrypt check (its cost) until its window has passed.
+        identity = self._check(authorization or "", now, costly=not retry)
         if identity is None:
             with self._lock:
-                self._failed(client, now)
+                if not retry:
+                    self._failed(client, now)
+            if retry:  # an address that keeps failing is not even answered why
+                raise Refused("limited", "too many failed attempts; try again later", retry)
             reason = "no credentials" if not authorization else "credentials that are not known"
             self.audit.record("auth.failed", client=client, request=what, reason=reason)
             raise Refused("unauthenticated", "authentication required")
@@ -140,7 +155,28 @@ class Gate:
             raise Refused("denied", "permission denied")
         return identity
 
-    def _check(self, authorization: str, now: float) -> Identity | None:
+    def enter(self, identity: Identity, instance: str | None, incoming: int, what: str) -> None:
+        """Refused unless ``identity``'s tenant owns ``instance`` (None: the
+        request names none that parses; the method refuses it) and
+        ``incoming`` bytes fit its quota."""
+        tenants = self.tenants
+        if tenants is None or instance is None:
+            return
+        if not tenants.allows(identity.tenant, instance):
+            self.audit.record("auth.denied", request=what, instance=instance, by=str(identity))
+            raise Refused("denied", "permission denied")
+        if incoming:
+            reason = tenants.admit(identity.tenant, incoming)
+            if reason is not None:
+                self.audit.record("tenant.quota", tenant=identity.tenant, request=what,
+                                  incoming=incoming)  # fmt: skip
+                raise Refused("quota", reason)
+
+    def stored(self, identity: Identity, incoming: int) -> None:
+        if self.tenants is not None and incoming:
+            self.tenants.added(identity.tenant, incoming)
+
+    def _check(self, authorization: str, now: float, *, costly: bool) -> Identity | None:
         """Whom a bearer token or basic credentials name, if anyone."""
         scheme, _, value = authorization.partition(" ")
         value = value.strip()
@@ -154,15 +190,24 @@ class Gate:
             known = self._verified.get(seen)
             if known is not None and now - known[1] < VERIFIED_TTL:
                 return known[0]
+            users, generation = self._users, self._generation
+        if not costly:
+            return None
         try:
             user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return None
-        hashed = self._users.get(user)
-        if hashed is None or not bcrypt.checkpw(password.encode(), hashed):
+        hashed = users.get(user)
+        try:  # an unknown user costs a check too: the time tells no names
+            good = bcrypt.checkpw(password.encode(), hashed or _DUMMY) and hashed is not None
+        except ValueError:  # a password bcrypt does not take (over 72 bytes)
+            good = False
+        if not good:
             return None
-        identity = Identity(user, "-", "read-write")
+        identity = Identity(user, None, "read-write", "user")
         with self._lock:
+            if self._generation != generation:
+                return None  # the file changed meanwhile: ask again
             if len(self._verified) > 10_000:
                 self._verified.clear()
             self._verified[seen] = (identity, now)
@@ -179,8 +224,18 @@ class Gate:
             count = len(self._users)
         self._stamps[kind] = stamp
         self._verified.clear()
+        self._generation += 1
         self.audit.record(f"{kind}.loaded", file=str(path), entries=count)
         log.info("%d %s from %s", count, "tokens" if kind == "tokens" else "users", path)
+
+    def _limited(self, client: str, now: float) -> int:
+        """Seconds until ``client`` may fail again (0: now), by its failures in WINDOW."""
+        failures = self._failures.get(client)
+        if failures is None:
+            return 0
+        while failures and failures[0] < now - WINDOW:
+            failures.popleft()
+        return int(failures[0] + WINDOW - now) + 1 if len(failures) >= MAX_FAILURES else 0
 
     def _failed(self, client: str, now: float) -> None:
         failures = self._failures.setdefault(client, collections.deque())
@@ -209,8 +264,15 @@ class Gate:
             try:
                 self._load(kind)
             except CachefsError as exc:
-                log.error("%s changed and is not readable; the old entries stay: %s", path, exc)
+                # Fail closed: a file removed or broken takes its entries with it.
+                log.error("%s changed and is not readable; nobody it named is let in: %s",
+                          path, exc)  # fmt: skip
+                self.audit.record(f"{kind}.unreadable", file=str(path), error=str(exc))
                 self._stamps[kind] = _stamp(path)
+                self._tokens = {} if kind == "tokens" else self._tokens
+                self._users = {} if kind == "htpasswd" else self._users
+                self._verified.clear()
+                self._generation += 1
 
     # --- the HTTP app's check -----------------------------------------------------------
 
@@ -238,6 +300,7 @@ _GRPC_CODES = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "denied": grpc.StatusCode.PERMISSION_DENIED,
     "limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "quota": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -252,8 +315,9 @@ def peer_host(peer: str) -> str:
 class Authenticating(Interceptor):
     """Check each call's token before its method runs (see the module doc)."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, function: DigestFunction) -> None:
         self.gate = gate
+        self.function = function
 
     def intercept_service(
         self,
@@ -261,8 +325,8 @@ class Authenticating(Interceptor):
         details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = continuation(details)
-        if handler is None:
-            return None
+        if handler is None or handler.stream_stream is not None:
+            return None  # none of ours streams both ways: UNIMPLEMENTED, never unchecked
         method = details.method
         write = method in WRITES
         authorization = next(
@@ -270,7 +334,9 @@ class Authenticating(Interceptor):
         )
         gate = self.gate
 
-        def check(context: grpc.ServicerContext) -> None:
+        def enter(request: Any, context: grpc.ServicerContext) -> tuple[Identity, int]:
+            """The caller's identity, once it may make this call, and the bytes
+            the call brings (``_tenants.py``); the call is aborted otherwise."""
             try:
                 identity = gate.identify(
                     authorization,
@@ -279,25 +345,65 @@ class Authenticating(Interceptor):
                     what=method,
                     subject=_subject(context),
                 )
+                instance, incoming = self.instance_of(method, request)
+                gate.enter(identity, instance, incoming, method)
             except Refused as exc:
                 context.abort(_GRPC_CODES[exc.kind], str(exc))
             current.set(identity)
+            return identity, incoming
 
         def call(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
             def checked(request: Any, context: grpc.ServicerContext) -> Any:
-                check(context)
-                return behaviour(request, context)
+                identity, incoming = enter(request, context)
+                result = behaviour(request, context)
+                gate.stored(identity, incoming)
+                return result
 
             return checked
 
         def stream(behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Any:
             def checked(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                check(context)
+                enter(request, context)
                 yield from behaviour(request, context)
 
             return checked
 
-        return rebuilt(handler, call=call, stream=stream)
+        def upload(behaviour: Callable[[Iterator[Any], grpc.ServicerContext], Any]) -> Any:
+            def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                first = next(requests, None)  # it names the resource and its size
+                identity, incoming = enter(first, context)
+                head = [] if first is None else [first]
+                result = behaviour(itertools.chain(head, requests), context)
+                gate.stored(identity, incoming)
+                return result
+
+            return checked
+
+        return rebuilt(handler, call=call, stream=stream, upload=upload)
+
+    def instance_of(self, method: str, request: Any) -> tuple[str | None, int]:
+        """The instance name a request names (None: none that parses) and
+        the bytes it brings, as far as its first message tells."""
+        if self.gate.tenants is None or request is None:
+            return None, 0
+        name = getattr(request, "instance_name", None)
+        if isinstance(name, str):
+            if isinstance(request, re_pb2.BatchUpdateBlobsRequest):
+                return name, sum(len(r.data) for r in request.requests)
+            if isinstance(request, re_pb2.SpliceBlobRequest):
+                return name, request.blob_digest.size_bytes
+            if isinstance(request, re_pb2.UpdateActionResultRequest):
+                return name, request.action_result.ByteSize()
+            return name, 0
+        resource = getattr(request, "resource_name", None)
+        if not isinstance(resource, str):
+            return None, 0
+        writing = method.endswith(("/Write", "/QueryWriteStatus"))
+        try:
+            parsed = parse_resource(resource, self.function, write=writing)
+        except CachefsError:
+            return None, 0
+        return parsed.instance, parsed.digest.size if method.endswith("/Write") else 0
 
 
 def _subject(context: grpc.ServicerContext) -> str | None:

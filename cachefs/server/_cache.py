@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
@@ -82,6 +83,8 @@ class RemoteCache:
         self.empty = Digest(self.digest_function.hash(b""), 0)
         #: Misses are looked for in the remote tiers (the cache is shared).
         self.tiered = bool(fs.shared.tiers.readers)
+        #: When an entry was last audited as refused (``_trusted``), by key.
+        self._refusals: dict[bytes, float] = {}
 
     @classmethod
     def open(
@@ -472,7 +475,12 @@ class RemoteCache:
         reason = verifier.check(key, result)
         if reason is not None:
             log.info("action cache entry %s is refused: %s", key.hex, reason)
-            self.store.audit.record("signature.refused", entry=f"ac {key.hex}", reason=reason)
+            now = time.monotonic()  # audited once a minute a key: lookups repeat
+            if now - self._refusals.get(key.hash, -60.0) >= 60.0:
+                if len(self._refusals) > 10_000:
+                    self._refusals.clear()
+                self._refusals[key.hash] = now
+                self.store.audit.record("signature.refused", entry=f"ac {key.hex}", reason=reason)
         return reason is None
 
     def put_action(self, instance: str, key: Digest, data: bytes, *, by: str) -> None:

@@ -173,11 +173,13 @@ def rebuilt(
     *,
     call: Callable[[Any], Any] = _same,
     stream: Callable[[Any], Any] = _same,
+    upload: Callable[[Any], Any] | None = None,
     parse: Callable[[bytes], Any] | None = None,
     out: Callable[[Any], bytes] | None = None,
 ) -> Handler:
     """An interceptor's handler in the place of ``handler``: its behaviour
-    wrapped by ``call`` (one response) or ``stream`` (a stream of them), and
+    wrapped by ``call`` (one response), ``stream`` (a stream of them) or
+    ``upload`` (a stream of requests, one response; ``call`` unless given), and
     ``parse``/``out`` (None: the handler's) as its (de)serializers."""
     kinds = {
         "request_deserializer": parse or handler.request_deserializer,
@@ -188,7 +190,8 @@ def rebuilt(
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kinds)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(call(handler.stream_unary), **kinds)
+        wrap = call if upload is None else upload
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **kinds)
     return handler  # no service of ours streams both ways
 
 

@@ -47,7 +47,7 @@ def serve_grpc(
     ``gate``, every call must carry a token it knows (``_auth.py``)."""
     interceptors: list[grpc.ServerInterceptor] = [MalformedRequests()]  # type: ignore[type-arg]
     if gate is not None:
-        interceptors.insert(0, Authenticating(gate))
+        interceptors.insert(0, Authenticating(gate, cache.digest_function))
     if metrics is not None or tracing.active():
         interceptors.insert(0, MeasuredRpcs(metrics))  # outermost: sees what goes on the wire
     server = grpc.server(

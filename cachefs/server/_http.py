@@ -56,6 +56,7 @@ from cachefs.server._actions import get_entry
 from cachefs.server._auth import Gate, Refused, current, who
 from cachefs.server._cache import RemoteCache, pieces, unzstd
 from cachefs.server._names import BadRequest, instance_directory, parse_hash
+from cachefs.server._tokens import Identity
 
 log = logging.getLogger(__name__)
 
@@ -208,20 +209,25 @@ class HttpCache:
 
     async def _handle(self, scope: Scope, receive: Receive, response: _Response) -> None:
         method = scope["method"]
-        if self.gate is not None:
-            try:
-                current.set(self.gate.http(scope))
-            except Refused as exc:
-                raise _refusal(exc, basic="htpasswd" in self.gate.files) from None
+        gate = self.gate
+        # A bcrypt check or a tenant's usage walk takes a while: not on the loop.
+        identity = None if gate is None else await self._admitted(gate, scope, None, 0)
         raw_path = scope.get("raw_path") or scope["path"].encode()
         raw_path = raw_path.split(b"?", 1)[0]
         if raw_path == b"/status":
             if method not in ("GET", "HEAD"):
                 raise HttpError(405, "/status is read with GET", [(b"allow", b"GET, HEAD")])
-            body = (json.dumps(self.status(), indent=2) + "\n").encode()
+            status = self.status()
+            if gate is not None and gate.tenants is not None and identity and identity.tenant:
+                # A tenant learns nothing of what others store.
+                status = {k: v for k, v in status.items() if k not in ("cache", "store", "tenants")}
+            body = (json.dumps(status, indent=2) + "\n").encode()
             await response.send_whole(200, body, [], json_body=True, head=method == "HEAD")
             return
         instance, kind, hash_ = parse_path(raw_path)
+        incoming = (_content_length(scope) or 0) if method == "PUT" else 0
+        if gate is not None and gate.tenants is not None and identity is not None:
+            await self._admitted(gate, scope, instance, incoming, identity)
         if method in ("GET", "HEAD"):
             head = method == "HEAD"
             if kind == "cas":
@@ -233,11 +239,37 @@ class HttpCache:
                 await self._put_blob(scope, receive, instance, hash_)
             else:
                 await self._put_entry(scope, receive, instance, hash_)
+            if gate is not None and identity is not None:
+                gate.stored(identity, incoming)
             await response.send_whole(200, b"", [])
         else:
             raise HttpError(
                 405, f"method {method} is not one of this cache's", [(b"allow", b"GET, HEAD, PUT")]
             )
+
+    async def _admitted(
+        self,
+        gate: Gate,
+        scope: Scope,
+        instance: str | None,
+        incoming: int,
+        identity: Identity | None = None,
+    ) -> Identity:
+        """The request's identity (known already, or from its credentials),
+        once it may use ``instance`` with ``incoming`` bytes; else the answer
+        that refuses it (``_auth.py``)."""
+
+        def admit() -> Identity:
+            known = gate.http(scope) if identity is None else identity
+            gate.enter(known, instance, incoming, f"HTTP {scope['method']} {scope.get('path')}")
+            return known
+
+        try:
+            admitted = await trio.to_thread.run_sync(admit)
+        except Refused as exc:
+            raise _refusal(exc, basic="htpasswd" in gate.files) from None
+        current.set(admitted)
+        return admitted
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -486,4 +518,6 @@ def _refusal(exc: Refused, *, basic: bool) -> HttpError:
         return HttpError(401, str(exc), challenges)
     if exc.kind == "denied":
         return HttpError(403, str(exc))
+    if exc.kind == "quota":
+        return HttpError(507, str(exc))
     return HttpError(429, str(exc), [(b"retry-after", str(exc.retry_after).encode())])

@@ -41,6 +41,8 @@ class ServeOptions:
     tls_key: Path | None = None
     #: Client certificates required, issued by this CA (PEM): mutual TLS.
     tls_client_ca: Path | None = None
+    #: The tenants of the config file (``_tenants.Tenants``; None: none).
+    tenants: Any = None
 
     @property
     def authenticates(self) -> bool:
@@ -53,6 +55,11 @@ class ServeOptions:
             raise ConfigError("--tls-cert and --tls-key go together", hint="give both")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-client-ca needs TLS", hint="give --tls-cert and --tls-key too")
+        if self.tenants is not None and self.tokens is None:
+            raise ConfigError(
+                "tenants need --tokens: a token says which tenant a request acts for",
+                hint="give --tokens FILE (`cachefs token add FILE NAME --tenant T ...`)",
+            )
         for path in (self.tls_cert, self.tls_key, self.tls_client_ca):
             if path is not None and not path.is_file():
                 raise ConfigError(f"no such file {path}", hint="name a PEM file")

@@ -31,6 +31,7 @@ from cachefs.server._http import HttpCache
 from cachefs.server._measure import MeasuredHttp
 from cachefs.server._names import parse_address
 from cachefs.server._options import GRPC_PORT, HTTP_PORT, Listening, ServeOptions
+from cachefs.server._tenants import instance_bytes
 
 if TYPE_CHECKING:
     from cachefs.metrics import Metrics
@@ -52,7 +53,15 @@ async def serve(
     doc); with ``metrics``, every request is measured, and with tracing on,
     traced (``_measure.py``)."""
     cache = RemoteCache.open(fs, max_size=options.max_size, policy=options.policy)
-    gate = Gate(fs.store.audit, options.tokens, options.htpasswd) if options.authenticates else None
+    tenants = options.tenants
+    if tenants is not None:
+        tenants.measure = functools.partial(instance_bytes, cache)
+        fs.control.sources.append(lambda: {"tenants": tenants.figures()})
+    gate = (
+        Gate(fs.store.audit, options.tokens, options.htpasswd, tenants)
+        if options.authenticates
+        else None
+    )
     listening = Listening()
 
     def status() -> dict[str, Any]:
@@ -69,6 +78,7 @@ async def serve(
                 if key in figures
             },
             "max_store_size": figures.get("max_store_size"),
+            **({} if tenants is None else {"tenants": tenants.figures()}),
         }
 
     grpc_server = None

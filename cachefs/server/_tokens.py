@@ -43,34 +43,41 @@ class Identity:
     """Who a request comes from, as its credentials say."""
 
     name: str
-    tenant: str
+    #: The tenant a token acts for; None for users and certificates (no tenant).
+    tenant: str | None
     permission: str
+    #: What named it: "token", "user" (htpasswd) or "certificate".
+    kind: str = "token"
 
     @property
     def writes(self) -> bool:
         return self.permission == "read-write"
 
     def __str__(self) -> str:
-        return f"token {self.name} (tenant {self.tenant})"
+        tenant = "" if self.tenant is None else f" (tenant {self.tenant})"
+        return f"{self.kind} {self.name}{tenant}"
 
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _read(path: Path, what: str, hint: str) -> str:
+    """A credential file's text; ConfigError naming it and what is wrong."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"no {what} {path}", hint=hint) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the {what} {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise from_oserror(exc, f"reading the {what} {path}") from None
+
+
 def read_tokens(path: Path) -> dict[str, Identity]:
     """The tokens of a file, by the hash of each; ConfigError naming the line
     that is not of the format."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"no token file {path}", hint="make one with `cachefs token add FILE NAME ...`"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        if isinstance(exc, OSError):
-            raise from_oserror(exc, f"reading the token file {path}") from None
-        raise ConfigError(f"the token file {path} is not UTF-8 text") from None
+    text = _read(path, "token file", "make one with `cachefs token add FILE NAME ...`")
     tokens: dict[str, Identity] = {}
     names: set[str] = set()
     for number, line in enumerate(text.splitlines(), 1):
@@ -143,16 +150,7 @@ _BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 def read_htpasswd(path: Path) -> dict[str, bytes]:
     """The users of an htpasswd file and their bcrypt hashes; ConfigError
     naming a line that is not ``USER:BCRYPT-HASH``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"no htpasswd file {path}", hint="make one: htpasswd -B -c FILE USER"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        if isinstance(exc, OSError):
-            raise from_oserror(exc, f"reading the htpasswd file {path}") from None
-        raise ConfigError(f"the htpasswd file {path} is not UTF-8 text") from None
+    text = _read(path, "htpasswd file", "make one: htpasswd -B -c FILE USER")
     users: dict[str, bytes] = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
