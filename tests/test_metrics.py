@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachefs.metrics import NAMES, RULES_FILE, parse_samples
+from cachefs.metrics import NAMES, RULES_FILE, FiguresCollector, parse_samples
 from tests.mounting import cachefs, live_stats, mounted
 from tests.reapi import free_port, serving, unavailable
 
@@ -534,4 +535,34 @@ def test_prometheus_scrapes_a_mount_and_a_server(tmp_path: Path) -> None:
                 check=False,
             )  # fmt: skip
             assert result.returncode == 0, result.stdout + result.stderr
-        assert set(NAMES) - seen == {"cachefs_remote_dropped_chunks"}
+        # (and what tenants and --trust add: test_tenants_and_signatures_as_families)
+        assert set(NAMES) - seen == {
+            "cachefs_remote_dropped_chunks",
+            "cachefs_tenant_bytes",
+            "cachefs_tenant_quota_bytes",
+            "cachefs_tenant_quota_refusals",
+            "cachefs_signed_entries",
+        }
+
+
+def test_tenants_and_signatures_as_families() -> None:
+    """What a server with tenants and a daemon that trusts signed entries add
+    to the figures are families of NAMES, in the text promtool reads."""
+    doc = {
+        "tenants": {
+            "a": {"instances": ["a"], "quota": 1 << 20, "bytes": 5000, "quota_refusals": 2},
+            "b": {"instances": ["b"], "quota": None, "bytes": 0, "quota_refusals": 0},
+        },
+        "signatures": {"accepted": 3, "unsigned": 1, "tampered": 0},
+    }
+    registry = CollectorRegistry()
+    registry.register(
+        FiguresCollector(lambda: doc, {"store": "s", "digest_function": "sha256", "role": "serve"})
+    )
+    text = generate_latest(registry).decode()
+    check_names(text)
+    samples = parse_samples(text)
+    assert samples["cachefs_tenant_bytes"][(("tenant", "a"),)] == 5000
+    assert samples["cachefs_tenant_quota_bytes"][(("tenant", "b"),)] == 0
+    assert samples["cachefs_tenant_quota_refusals_total"][(("tenant", "a"),)] == 2
+    assert samples["cachefs_signed_entries_total"][(("outcome", "unsigned"),)] == 1

@@ -16,9 +16,10 @@ import grpc
 import pytest
 
 from cachefs.engine import Digest, Store, StoreOptions
+from cachefs.errors import ConfigError
 from cachefs.format.digest import SHA256
 from cachefs.protocol import re_pb2
-from cachefs.remote import Tier, Tiers
+from cachefs.remote import Tier, TierOptions, Tiers
 from cachefs.remote._lists import SharedEntry, entry_key
 from cachefs.signing import TYPE_URL, Signer, TrustOptions, Verifier
 from tests.mounting import cachefs
@@ -260,3 +261,21 @@ def test_a_producer_signs_and_consumers_trust_through_a_shared_remote(
             e for e in lines_of(tmp_path / "c" / "audit") if e["event"] == "signature.refused"
         ]
         assert events and all(e["reason"] == "unknown key" for e in events)
+
+
+def test_a_trust_list_in_the_config(tmp_path: Path, keys: dict[str, Path]) -> None:
+    config = tmp_path / "cachefs.toml"
+    config.write_text(
+        '[trust]\nsign_key = "keys/alice"\ntrust = ["keys/alice.pub", "keys/bob.pub"]\n'
+        'revoked = ["00112233445566ff"]\nmax_age = 86400\n'
+    )
+    options = TierOptions.parse(
+        [], config, trust=TrustOptions(trusted=(Path(f"{keys['mallory']}.pub"),))
+    )
+    signer, verifier = options.trust.load()
+    assert signer is not None and signer.key_id == Signer.load(keys["alice"]).key_id
+    assert verifier is not None and len(verifier.trusted) == 3 and verifier.max_age == 86400
+    assert verifier.revoked == {bytes.fromhex("00112233445566ff")}
+    config.write_text('[trust]\nkeys = ["x"]\n')
+    with pytest.raises(ConfigError, match="unknown key 'keys'"):
+        TierOptions.parse([], config)

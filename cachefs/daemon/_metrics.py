@@ -157,7 +157,7 @@ def observed_tiers(
 
 
 def _figures(fs: Filesystem, fuse: FuseMeter | None) -> dict[str, Any]:
-    doc = fs.figures()
+    doc = fs.figures() | fs.control.live()  # the servers' tenants among them
     doc["activity"] = fs.store.activity()
     doc["disk_free"] = fs.store.disk_free()
     if fuse is not None:

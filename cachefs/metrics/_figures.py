@@ -160,6 +160,7 @@ class FiguresCollector(Collector):
                 family.add_metric([], float(activity[key]))
                 yield family
         yield from _caches(doc.get("caches", []))
+        yield from _trust(doc.get("tenants"), doc.get("signatures"))
         yield from _remote(doc.get("remote"))
         if "fuse" in doc:
             yield from _fuse(doc["fuse"])
@@ -202,6 +203,27 @@ def _caches(caches: list[dict[str, Any]]) -> Iterator[Metric]:
             value = since[key] if isinstance(family, CounterMetricFamily) else cache[key]
             family.add_metric([str(cache["path"])], float(value))
     yield from families.values()
+
+
+def _trust(
+    tenants: dict[str, dict[str, Any]] | None, signatures: dict[str, int] | None
+) -> Iterator[Metric]:
+    """Each tenant's usage, quota and refusals; signed entries by outcome."""
+    if tenants:
+        families = [
+            (_family("cachefs_tenant_bytes"), "bytes"),
+            (_family("cachefs_tenant_quota_bytes"), "quota"),
+            (_family("cachefs_tenant_quota_refusals"), "quota_refusals"),
+        ]
+        for family, key in families:
+            for name, figures in sorted(tenants.items()):
+                family.add_metric([name], float(figures.get(key) or 0))
+            yield family
+    if signatures is not None:
+        family = _family("cachefs_signed_entries")
+        for outcome, count in sorted(signatures.items()):
+            family.add_metric([outcome], float(count))
+        yield family
 
 
 def _remote(remote: dict[str, Any] | None) -> Iterator[Metric]:

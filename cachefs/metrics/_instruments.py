@@ -147,6 +147,17 @@ NAMES: dict[str, Name] = {
     "cachefs_cache_throttled_seconds": _n(
         "counter", "Time writers waited for eviction to make room", "cache"
     ),
+    # --- trust ------------------------------------------------------------------------------
+    "cachefs_tenant_bytes": _n("gauge", "Logical bytes of a tenant's instances", "tenant"),
+    "cachefs_tenant_quota_bytes": _n("gauge", "A tenant's quota (0: none)", "tenant"),
+    "cachefs_tenant_quota_refusals": _n(
+        "counter", "Writes refused for passing a tenant's quota", "tenant"
+    ),
+    "cachefs_signed_entries": _n(
+        "counter",
+        "Entries checked for a trusted signature: accepted, or why refused",
+        "outcome",
+    ),
     # --- remote tiers ------------------------------------------------------------------------
     "cachefs_remote_breaker_open": _n(
         "gauge", "1 while a tier or endpoint is skipped by its circuit breaker", "tier", "endpoint"

@@ -53,6 +53,44 @@ def _check_keys(where: str, table: dict[str, Any], allowed: set[str]) -> None:
         )
 
 
+def _with_config(
+    given: TrustOptions, data: dict[str, Any] | None, path: Path | None
+) -> TrustOptions:
+    """The command line's signing options and the config file's ``[trust]``
+    table together: its keys are trusted besides those of ``--trust``, its
+    revoked ids besides ``--revoked-key``; ``--sign-key`` and
+    ``--max-signature-age`` win over ``sign_key`` and ``max_age``.  Relative
+    paths are the config file's directory's."""
+    table = (data or {}).get("trust")
+    if table is None or path is None:
+        return given
+    if not isinstance(table, dict):
+        raise ConfigError("the config file's [trust] is a table")
+    _check_keys("[trust]", table, {"sign_key", "trust", "revoked", "max_age"})
+    here = path.parent
+
+    def paths(key: str) -> list[Path]:
+        value = table.get(key, [])
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"[trust]: {key} is a path or a list of paths")
+        return [here / v for v in values]
+
+    revoked = table.get("revoked", [])
+    if not isinstance(revoked, list) or not all(isinstance(r, str) for r in revoked):
+        raise ConfigError("[trust]: revoked is a list of key ids")
+    max_age = table.get("max_age")
+    if max_age is not None:
+        max_age = _number("[trust]", max_age, "max_age")
+    sign_key = paths("sign_key")
+    return TrustOptions(
+        given.sign_key or (sign_key[0] if sign_key else None),
+        given.trusted + tuple(paths("trust")),
+        given.revoked + tuple(revoked),
+        given.max_age if given.max_age is not None else max_age,
+    )
+
+
 def _number(where: str, value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ConfigError(f"{where}: {name} must be a positive number, not {value!r}")
@@ -68,7 +106,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"the config file {path} is not valid TOML: {exc}") from None
-    _check_keys(str(path), data, {"remote", "tier", "tenants"})  # tenants: the servers
+    _check_keys(str(path), data, {"remote", "tier", "tenants", "trust"})  # tenants: the servers
     return data
 
 
@@ -175,7 +213,7 @@ class TierOptions:
         for url in urls:
             parse_remote(url)
         data = None if config is None else read_config(config)
-        trust = trust or TrustOptions()
+        trust = _with_config(trust or TrustOptions(), data, config)
         trust.load()
         options = cls(tuple(urls), data, durability, local_max_size, trust)
         if durability not in ("local", "remote"):
