@@ -249,3 +249,12 @@ def test_a_damaged_last_line_is_named_not_fatal(tmp_path: Path) -> None:
     written(directory, 2)  # the log goes on
     verdict = verify(log_files(directory))
     assert verdict.broken is not None and verdict.broken[1] == 4
+
+
+def test_the_log_where_audit_log_says(tmp_path: Path) -> None:
+    store, elsewhere = tmp_path / "store", tmp_path / "var-log-cachefs"
+    with serving(store, "--audit-log", str(elsewhere)):
+        pass
+    assert [e["event"] for e in lines_of(elsewhere)][-1] == "servers.start"
+    assert not (store / "audit").exists()
+    assert verify_cli(elsewhere)[0] == 0

@@ -165,6 +165,13 @@ def trust_of(
     )
 
 
+audit_log_option = click.option(
+    "--audit-log",
+    "audit_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help="Keep the audit log in DIR (default: STORE/audit).",
+)
 htpasswd_option = click.option(
     "--htpasswd",
     type=click.Path(path_type=Path, dir_okay=False),

@@ -16,6 +16,7 @@ from cachefs.signing import TrustOptions
 from cachefs.tracing import DEFAULT_FUSE_RATIO
 
 from .common import (
+    audit_log_option,
     cache_size_option,
     config_option,
     grpc_option,
@@ -74,6 +75,7 @@ from .common import (
 @grpc_option
 @http_option
 @security_options
+@audit_log_option
 @metrics_option
 @otlp_option
 @click.option(
@@ -112,6 +114,7 @@ def command(
     http_address: str | None,
     secured: dict[str, Any],
     trust: TrustOptions,
+    audit_dir: Path | None,
     remotes: tuple[str, ...],
     config: Path | None,
     local_max_size: str | None,
@@ -183,6 +186,7 @@ def command(
         tiers=tiers,
         metrics=metrics_address,
         otlp_endpoint=otlp_endpoint,
+        audit_dir=None if audit_dir is None else audit_dir.absolute(),
         otlp_fuse_ratio=otlp_fuse_ratio,
     )
 

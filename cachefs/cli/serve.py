@@ -15,6 +15,7 @@ from cachefs.server import DEFAULT_MAX_SIZE, GRPC_PORT, HTTP_PORT, ServeOptions,
 from cachefs.signing import TrustOptions
 
 from .common import (
+    audit_log_option,
     cache_size_option,
     config_option,
     grpc_option,
@@ -38,6 +39,7 @@ from .mount import memory_limit_of
 @grpc_option
 @http_option
 @security_options
+@audit_log_option
 @metrics_option
 @otlp_option
 @click.option(
@@ -70,6 +72,7 @@ def command(
     http_address: str | None,
     secured: dict[str, Any],
     trust: TrustOptions,
+    audit_dir: Path | None,
     max_size: str | None,
     policy: str,
     detach: bool,
@@ -143,4 +146,5 @@ def command(
         tiers=tiers,
         metrics=metrics_address,
         otlp_endpoint=otlp_endpoint,
+        audit_dir=None if audit_dir is None else audit_dir.absolute(),
     )

@@ -138,13 +138,14 @@ def serve(
     metrics: str | None = None,
     otlp_endpoint: str | None = None,
     otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
+    audit_dir: Path | None = None,
 ) -> None:
     """Open the store, mount it, serve until unmounted or signalled (and with
     ``servers``, serve it over gRPC and HTTP too; with ``metrics``, an address,
     Prometheus metrics)."""
     tiers = tiers or TierOptions()
     observed = None if metrics is None else DaemonMetrics(metrics)
-    store = Store.open(store_path, create=True, options=store_options(cache_size, tiers))
+    store = Store.open(store_path, create=True, options=store_options(cache_size, tiers, audit_dir))
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
         remotes = observed_tiers(
@@ -282,6 +283,7 @@ def mount(
     metrics: str | None = None,
     otlp_endpoint: str | None = None,
     otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
+    audit_dir: Path | None = None,
 ) -> None:
     """``cachefs mount``: returns once the mount is ready (or raises why not)."""
     mountpoint = check_mountpoint(mountpoint)
@@ -308,6 +310,7 @@ def mount(
         "metrics": metrics,
         "otlp_endpoint": otlp_endpoint,
         "otlp_fuse_ratio": otlp_fuse_ratio,
+        "audit_dir": audit_dir,
     }
     if foreground:
         serve(store, mountpoint, options, ready=lambda: None, **kwargs)

@@ -111,8 +111,11 @@ def detach(run: Callable[[Callable[[], None]], None]) -> None:
         os._exit(code)
 
 
-def store_options(cache_size: int | None, tiers: TierOptions) -> StoreOptions:
-    """How a daemon opens its store: with a push queue when a tier takes writes."""
+def store_options(
+    cache_size: int | None, tiers: TierOptions, audit_dir: Path | None = None
+) -> StoreOptions:
+    """How a daemon opens its store: with a push queue when a tier takes
+    writes, and its audit log where ``--audit-log`` says (None: in the store)."""
     if cache_size is None:
-        return StoreOptions(push=tiers.writes)
-    return StoreOptions(cache_size=cache_size, push=tiers.writes)
+        return StoreOptions(push=tiers.writes, audit_dir=audit_dir)
+    return StoreOptions(cache_size=cache_size, push=tiers.writes, audit_dir=audit_dir)

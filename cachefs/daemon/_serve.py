@@ -65,12 +65,13 @@ def serve_store(
     metrics: str | None = None,
     otlp_endpoint: str | None = None,
     otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
+    audit_dir: Path | None = None,
 ) -> None:
     """Open the store and serve it until signalled (with ``metrics``, an
     address, Prometheus metrics too)."""
     tiers = tiers or TierOptions()
     observed = None if metrics is None else DaemonMetrics(metrics)
-    store = Store.open(store_path, create=True, options=store_options(cache_size, tiers))
+    store = Store.open(store_path, create=True, options=store_options(cache_size, tiers, audit_dir))
     try:
         setup_logging(store.path, foreground=foreground, verbose=verbose)
         remotes = observed_tiers(
@@ -211,6 +212,7 @@ def serve(
     metrics: str | None = None,
     otlp_endpoint: str | None = None,
     otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
+    audit_dir: Path | None = None,
 ) -> None:
     """``cachefs serve``: serve in the foreground, or detach and return once serving."""
     if not options.any:
@@ -236,6 +238,7 @@ def serve(
             metrics=metrics,
             otlp_endpoint=otlp_endpoint,
             otlp_fuse_ratio=otlp_fuse_ratio,
+            audit_dir=audit_dir,
         )
 
     if daemon:
