@@ -25,9 +25,9 @@ A tenant's quota bounds the logical bytes of its instances (blobs and action
 results).  A write that would pass it is refused with RESOURCE_EXHAUSTED / 507
 and audited (``tenant.quota``).  What a write brings is known before it
 starts (the size in a ByteStream resource name, a batch's bytes, an HTTP
-``Content-Length``; an HTTP body of unknown length is counted after it); what
-is stored is counted as it is, and the instances are walked again every
-RESCAN seconds (eviction and deletions free room there).
+``Content-Length``; an HTTP body of unknown length is let in and counted at
+the next walk); what is stored is counted as it is, and the instances are
+walked again every RESCAN seconds (eviction and deletions free room there).
 """
 
 from __future__ import annotations
