@@ -49,7 +49,8 @@ config_option = click.option(
     "config",
     type=click.Path(dir_okay=False, path_type=Path),
     metavar="FILE",
-    help="A TOML file of tiers (shard groups, directions, timeouts); see the README.",
+    help="A TOML file of tiers (shard groups, directions, timeouts), [trust] (signing keys) "
+    "and the servers' [tenants.NAME]; see the README.",
 )
 metrics_option = click.option(
     "--metrics",

@@ -304,12 +304,16 @@ _GRPC_CODES = {
 }
 
 
-def peer_host(peer: str) -> str:
-    """The address of a gRPC peer (``ipv4:127.0.0.1:5000`` → ``127.0.0.1``)."""
+def peer_address(peer: str) -> str:
+    """A gRPC peer as ``HOST:PORT`` (``ipv4:127.0.0.1:5000`` → ``127.0.0.1:5000``)."""
     kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6"):
-        return rest.rsplit(":", 1)[0].strip("[]")
-    return peer
+    return rest if kind in ("ipv4", "ipv6") else peer
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer (``ipv4:127.0.0.1:5000`` → ``127.0.0.1``)."""
+    address = peer_address(peer)
+    return address.rsplit(":", 1)[0].strip("[]") if address != peer else peer
 
 
 class Authenticating(Interceptor):
@@ -420,7 +424,6 @@ def who(peer: str) -> str:
     """The identity of the request being served, for the audit log: its token
     and the peer's address (``HOST:PORT``; gRPC's ``ipv4:`` dropped), or the
     address alone when nobody authenticates."""
-    kind, _, rest = peer.partition(":")
-    address = rest if kind in ("ipv4", "ipv6") else peer
+    address = peer_address(peer)
     identity = current.get()
     return f"{identity} from {address}" if identity is not None else address
