@@ -32,6 +32,12 @@ class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
+class ReadableInto(Protocol):
+    """Fills the buffer's start; 0 only at the end (it may wait for bytes)."""
+
+    def readinto(self, buf: memoryview, /) -> int: ...
+
+
 class KnownChunks:
     """A source already cut into chunks whose digests are known: ``(digest,
     bytes)`` pairs in order, each chunk's bytes verified against its digest by
@@ -51,9 +57,18 @@ class KnownChunks:
         return (data for _, data in self.chunks)
 
 
-#: What ``Store.put`` accepts: bytes, a binary file object, or an iterable of byte
-#: strings (``KnownChunks`` among them).
-Source = bytes | bytearray | memoryview | BinaryIO | Readable | Iterable[bytes | memoryview]
+#: What ``Store.put`` accepts: bytes, a binary file object (or anything with
+#: ``read`` or ``readinto``), or an iterable of byte strings (``KnownChunks``
+#: among them).
+Source = (
+    bytes
+    | bytearray
+    | memoryview
+    | BinaryIO
+    | Readable
+    | ReadableInto
+    | Iterable[bytes | memoryview]
+)
 
 ReadInto = Callable[[memoryview], int]
 

@@ -150,8 +150,11 @@ class FileIO:
                     data = _fitting(offset, data)
             self.journal.changing(state)
             self.journal.write(state, offset, data)
+            old_size = state.size
             written = state.apply_write(offset, data)
             state.unpublished += written
+            if self.nursery is not None:
+                self.publisher.streams.wrote(state, offset, old_size, self.nursery)
         if growth > 0:
             self._resized(state)
         if self.nursery is not None:
@@ -224,6 +227,7 @@ class FileIO:
 
     def truncate_locked(self, state: OpenFile, size: int) -> None:
         """Apply a truncation to a file whose lock the caller holds."""
+        self.publisher.streams.truncated(state, size)
         truncate_state(self.store, self.namespace, state, size)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
@@ -352,6 +356,7 @@ class FileIO:
             return
         if state.changed and not self.publisher.orphaned(state.ino):
             return  # publication failed: keep the data for the next attempt
+        self.publisher.streams.abandon(state, "dropped")
         self.files.remove(state)
         self.lookups.release([state.ino])
         if not self.store.reserve.held:

@@ -26,12 +26,16 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from cachefs.engine import Digest, Inode
 from cachefs.errors import from_oserror
 from cachefs.faults import fault
+
+if TYPE_CHECKING:
+    from cachefs.fs._streams import Stream
 
 #: Pieces in which content is read from the spool and the base.
 PIECE = 4 << 20
@@ -63,6 +67,9 @@ class OpenFile:
     generation: int = 0
     #: Where the spool is made.
     spool_dir: Path | None = None
+    #: Its ingest as it is written (``_streams.py``), and whether it may have one.
+    stream: Stream | None = None
+    streamable: bool = True
 
     # --- extents ------------------------------------------------------------------
 

@@ -270,6 +270,7 @@ class Filesystem:
             "store": str(store.path),
             "inodes": used,
             "open_files": len(self.files),
+            "ingest_streams": self.publisher.streams.figures(),
             "corruptions": store.corruptions,
             "needs_fsck": store.needs_fsck,
             "recent_damage": store.health.recent,
@@ -469,8 +470,7 @@ class Filesystem:
     # --- open files ------------------------------------------------------------------------
 
     async def open(self, ino: int, flags: int, *, created: bool = False) -> tuple[int, bool]:
-        """Open a file; returns (handle, whether the kernel may keep its cached pages).
-        ``created``: the file was just created (not a cache hit)."""
+        """(handle, whether the kernel may keep its cached pages); ``created``: not a hit."""
         return await self.io.open(ino, flags, created=created)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:

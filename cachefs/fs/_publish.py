@@ -10,6 +10,9 @@ filesystem publishes a file
 * when the last handle of the file is released,
 * when a file's unpublished bytes pass the publish threshold (in the background).
 
+A new file written from start to end has been ingested while it was written
+(``_streams.py``): its publication takes that object when it can.
+
 Holes (``HOLE_MIN`` bytes or more that were never written: truncated up,
 skipped by a seek) are stored as holes, so that publication reads and stores
 only a file's data, whatever its size: ``Store.put_sparse``.
@@ -34,6 +37,7 @@ import trio
 from cachefs.engine import CachefsError, Digest, FsError, Namespace, Store
 from cachefs.errors import from_oserror
 from cachefs.fs._files import OpenFile
+from cachefs.fs._streams import Hook, Streams
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,20 @@ class FilePublisher:
         self.limiter = limiter
         self.on_published = on_published
         self.maintenance = maintenance
+        #: Files ingested as they are written (``_streams.py``).
+        self.streams = Streams(store, self.hook)
+
+    def hook(self, state: OpenFile) -> Hook:
+        """What a publication of ``state`` runs in its transaction: the inode
+        points at the object."""
+        namespace = self.namespace
+
+        def hook(txn: lmdb.Transaction, digest: Digest) -> None:
+            # The times as they are when the publication commits: a utimensat()
+            # that came in meanwhile (rsync does one right after close) wins.
+            namespace.set_content(txn, state.ino, digest, state.mtime_ns, state.ctime_ns)
+
+        return hook
 
     def store_content(self, state: OpenFile, *, durable: bool) -> Digest | None:
         """Store a file's content and point its inode at it (in a worker thread:
@@ -97,13 +115,7 @@ class FilePublisher:
             if durable:
                 store.sync()
             return None
-        namespace = self.namespace
-
-        def hook(txn: lmdb.Transaction, digest: Digest) -> None:
-            # The times as they are when the publication commits: a utimensat()
-            # that came in meanwhile (rsync does one right after close) wins.
-            namespace.set_content(txn, state.ino, digest, state.mtime_ns, state.ctime_ns)
-
+        hook = self.hook(state)
         base = state.base
         base_holes = [] if base is None or state.base_limit == 0 else store.holes(base)
         holes = [] if state.size < HOLE_MIN else state.holes(base_holes, HOLE_MIN)
@@ -148,22 +160,29 @@ class FilePublisher:
         try:
             async with state.lock:
                 if state.changed and self.orphaned(state.ino):
-                    return  # unlinked: its writes stay readable in the spool, never stored
+                    # Unlinked: its writes stay readable in the spool, never stored.
+                    self.streams.abandon(state, "unlinked")
+                    return
                 if not state.changed:
                     if durable:
                         await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
                     return
-                store = functools.partial(self.store_content, state, durable=durable)
-                if state.size <= INLINE_PUBLISH and not self.maintenance():
-                    # Cheaper than a hop to a worker thread and back (and than
-                    # the wait for the GIL that the hop would cost the loop).
-                    digest = store()
-                else:
-                    digest = await trio.to_thread.run_sync(store, limiter=self.limiter)
+                digest = await self.streams.take(state)  # ingested as it was written
+                if digest is None:
+                    digest = await self._store(state, durable=durable)
                 state.stored(digest)
                 self.on_published(state)
         finally:
             state.publishing -= 1
+
+    async def _store(self, state: OpenFile, *, durable: bool) -> Digest | None:
+        """``store_content`` where it is cheapest (the caller holds the lock)."""
+        store = functools.partial(self.store_content, state, durable=durable)
+        if state.size <= INLINE_PUBLISH and not self.maintenance():
+            # Cheaper than a hop to a worker thread and back (and than the wait
+            # for the GIL that the hop would cost the loop).
+            return store()
+        return await trio.to_thread.run_sync(store, limiter=self.limiter)
 
     async def flush_all(self, files: Iterable[OpenFile]) -> None:
         """Publish every file with unpublished writes, durably (unmount, sync).
