@@ -105,6 +105,7 @@ Run from the repository root, as root::
     .venv/bin/python scripts/bench_mount.py --quick
     .venv/bin/python scripts/bench_mount.py --only seq,small --targets native,cachefs --runs 1
     .venv/bin/python scripts/bench_mount.py --dir /var/tmp --json bench-mount.json
+    .venv/bin/python scripts/bench_mount.py --only seq --cachefs-init-arg=--digest-function=blake3
     .venv/bin/python scripts/bench_mount.py --only tree --targets pt,squashfuse,cachefs
 
 With the defaults and every peer installed it takes about 30 minutes on a 2-core machine
@@ -607,6 +608,9 @@ class Cachefs(Target):
     def __init__(self, base: Path, caches: Caches, extra: list[str]) -> None:
         super().__init__(base, caches)
         self.extra = extra
+        #: Arguments of the `cachefs init` that makes each fresh store (none: the
+        #: mount makes it, with the defaults).
+        self.init_args: list[str] = []
         self.store = base / f"{self.key}-store"
         self.root = base / f"{self.key}-mnt"
         self.pid: int | None = None
@@ -619,6 +623,8 @@ class Cachefs(Target):
 
     def start(self) -> None:
         self.root.mkdir(exist_ok=True)
+        if self.init_args and not self.store.exists():
+            run_cmd([str(CACHEFS), "init", *self.init_args, str(self.store)])
         run_cmd([str(CACHEFS), "mount", str(self.store), str(self.root), *self.extra])
         stats = self.read_stats()
         self.pid = int(str(stats["pid"]))
@@ -827,6 +833,9 @@ def make_targets(args: argparse.Namespace, base: Path, caches: Caches) -> list[T
     }
     if "cachefst" in args.targets:
         made["cachefst"] = CachefsTraced(base, caches, args.cachefs_arg)
+    for target in made.values():
+        if isinstance(target, Cachefs):
+            target.init_args = args.cachefs_init_arg
     return [made[key] for key in TARGET_KEYS if key in args.targets]
 
 
@@ -1576,13 +1585,15 @@ only drops caches: on tmpfs its files stay in memory, so its cold figures are wa
 Warm figures are the second of two passes; every read pass opens each file anew."""
 
 
-def tool_version(cmd: list[str]) -> str:
-    """The first line that a tool's version command prints naming the tool, or "TOOL ?"."""
+def tool_version(cmd: list[str], name: str | None = None) -> str:
+    """The first line that a tool's version command prints naming the tool
+    (``name``, by default the command), or "TOOL ?"."""
+    name = name or cmd[0]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
         for line in (result.stderr + result.stdout).splitlines():
-            if line.strip().startswith(cmd[0]):
-                return line.strip()
+            if line.strip().startswith(name):
+                return line.strip() if cmd[0] == name else f"{cmd[0]}: {line.strip()}"
     return f"{cmd[0]} ?"
 
 
@@ -1592,7 +1603,7 @@ def peer_versions(targets: list[Target]) -> list[str]:
         "squashfuse": ["squashfuse_ll", "--version"],
         "borg": ["borg", "--version"],
     }
-    found = [tool_version(versions[t.key]) for t in targets if t.key in versions]
+    found = [tool_version(versions[t.key], t.key) for t in targets if t.key in versions]
     if any(t.key == "squashfuse" for t in targets):
         found.append(tool_version(["mksquashfs", "-version"]))
     return found
@@ -1620,6 +1631,8 @@ def summary_lines(
     if tree is not None:
         kinds = ", ".join(f"{n} .{k} ({b / MiB:.0f} MiB)" for k, (n, b) in tree.kinds.items())
         lines.append(f"tree: {len(tree.files):,} files, {tree.nbytes / MiB:.0f} MiB: {kinds}")
+    if args.cachefs_init_arg:
+        lines.append(f"cachefs stores made by: cachefs init {' '.join(args.cachefs_init_arg)}")
     if args.cachefs_arg:
         lines.append(f"cachefs mount options: {' '.join(args.cachefs_arg)}")
     if args.bindfs_arg:
@@ -1754,6 +1767,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tmpfs-size", default="8G", help="size of the tmpfs (8G)")
     parser.add_argument(
         "--passthrough", type=Path, default=DEFAULT_PASSTHROUGH, help="passthrough.py"
+    )
+    parser.add_argument(
+        "--cachefs-init-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="argument for the `cachefs init` that makes each fresh store (repeatable): "
+        "--cachefs-init-arg=--digest-function=blake3",
     )
     parser.add_argument(
         "--cachefs-arg",
