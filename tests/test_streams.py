@@ -6,6 +6,7 @@ with the same content.  No FUSE needed."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from cachefs.engine import ROOT_INODE, Store, check_store
+from cachefs import faults
+from cachefs.engine import ROOT_INODE, CachefsError, Store, check_store
 from cachefs.fs import Filesystem, _streams
 from cachefs.fs._files import OpenFile
 from tests import mounting
@@ -218,6 +220,51 @@ async def test_a_stream_ends_when_the_filesystem_stops(store_path: Path) -> None
                 nursery.cancel_scope.cancel()  # the stream waits for bytes: it is abandoned
         assert streams(fs).running == 0
         await fs.release(fh)  # published the usual way
+        await fs.flush_all()
+        assert fs.digest_of(ino).hash == hashlib.sha256(data).digest()
+        fs.close()
+        assert check_store(store).clean
+
+
+async def test_a_failed_sync_of_a_streamed_file_fails_its_fsync(store_path: Path) -> None:
+    """The disk fails the stream's sync: the fsync says so (EIO), rather than
+    a second ingest finding the same appended chunks and syncing nothing."""
+    data = random.Random(10).randbytes(1 << 20)
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        async with mounted(store) as fs:
+            ino, fh = await create(fs, b"f")
+            await write(fs, fh, 0, data)
+            await until_read(state_of(fs, ino), len(data))
+            # Once, as Linux reports a writeback error once: a second ingest's
+            # sync would then succeed and say nothing of the lost bytes.
+            faults.arm("segment.sync", "eio")
+            try:
+                with pytest.raises(CachefsError) as raised:
+                    await fs.fsync(fh)
+                assert raised.value.errno == errno.EIO
+            finally:
+                faults.disarm()
+            assert streams(fs).used == 0
+            assert state_of(fs, ino).changed  # kept, published again at close
+            await fs.release(fh)
+            assert await read_all(fs, ino, len(data)) == data
+        assert check_store(store).clean
+
+
+async def test_writes_after_the_filesystem_stopped_do_not_stream(store_path: Path) -> None:
+    """Its nursery is closed: a stream cannot start, and the write that would
+    have started it still succeeds; the file is published the usual way."""
+    data = random.Random(11).randbytes(1 << 20)
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            nursery.cancel_scope.cancel()
+        ino, fh = await create(fs, b"late")
+        await write(fs, fh, 0, data)
+        assert state_of(fs, ino).stream is None and streams(fs).running == 0
+        with trio.fail_after(20):
+            await fs.release(fh)
         await fs.flush_all()
         assert fs.digest_of(ino).hash == hashlib.sha256(data).digest()
         fs.close()

@@ -178,9 +178,10 @@ class FilePublisher:
     async def _store(self, state: OpenFile, *, durable: bool) -> Digest | None:
         """``store_content`` where it is cheapest (the caller holds the lock)."""
         store = functools.partial(self.store_content, state, durable=durable)
-        if state.size <= INLINE_PUBLISH and not self.maintenance():
+        if state.size <= INLINE_PUBLISH and not self.maintenance() and not self.streams.running:
             # Cheaper than a hop to a worker thread and back (and than the wait
-            # for the GIL that the hop would cost the loop).
+            # for the GIL that the hop would cost the loop); not while files
+            # stream, whose appended bytes the publication's sync would wait for.
             return store()
         return await trio.to_thread.run_sync(store, limiter=self.limiter)
 

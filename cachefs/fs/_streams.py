@@ -147,7 +147,7 @@ class Stream:
                     self.digest = await trio.to_thread.run_sync(put, limiter=limiter)
                 except (Abandoned, CachefsError) as exc:
                     self.failure = exc
-                except Exception as exc:  # a bug: the publication goes the usual way
+                except Exception as exc:  # a bug: the publication raises it
                     log.exception("ingest as written failed")
                     self.failure = exc
                 finally:
@@ -193,11 +193,16 @@ class Streams:
             self._start(state, nursery)
 
     def _start(self, state: OpenFile, nursery: trio.Nursery) -> None:
-        spool = GrowingSpool(state.spool_fd(), lambda: self.store.maintenance_pending)
+        """Start a file's stream; if it cannot start (no descriptor left, the
+        filesystem stopping), the file is published the usual way: the write
+        that asked has happened and must not fail for it."""
+        try:
+            spool = GrowingSpool(state.spool_fd(), lambda: self.store.maintenance_pending)
+        except OSError as exc:
+            log.debug("inode %d: ingest as written not started: %s", state.ino, exc)
+            return
         spool.grow(state.size)
-        stream = state.stream = Stream(spool)
-        self.running += 1
-
+        stream = Stream(spool)
         hook = self.hook(state)
 
         def put() -> Digest:
@@ -209,7 +214,13 @@ class Streams:
             finally:
                 self.running -= 1
 
-        nursery.start_soon(run)
+        try:
+            nursery.start_soon(run)
+        except RuntimeError:  # the nursery is closed: the filesystem has stopped
+            spool.close()
+            return
+        self.running += 1
+        state.stream = stream
 
     def abandon(self, state: OpenFile, why: str) -> None:
         """Stop a file's stream, if it has one; it does not stream again
@@ -228,17 +239,23 @@ class Streams:
 
     async def take(self, state: OpenFile) -> Digest | None:
         """End a file's stream at its size and wait for the object it published
-        (its lock held); None if there is none or it failed (the caller then
-        publishes the usual way)."""
+        (its lock held); None if there is none or it was abandoned (the caller
+        then publishes the usual way).  An error of the store (a failed sync:
+        the disk may have dropped bytes the stream appended, which another
+        ingest would find and count on) is raised, as a publication's is."""
         stream, state.stream = state.stream, None
         if stream is None:
             return None
         stream.spool.finish(state.size)
         await stream.done.wait()
-        if stream.failure is not None:
+        failure = stream.failure
+        if failure is not None and not isinstance(failure, Abandoned):
+            state.streamable = False
+            raise failure
+        if failure is not None or stream.digest is None:
             state.streamable = False
             self.abandoned += 1
-            log.debug("inode %d: ingest as written failed: %s", state.ino, stream.failure)
+            log.debug("inode %d: ingest as written abandoned: %s", state.ino, failure)
             return None
         self.used += 1
         return stream.digest
