@@ -160,7 +160,7 @@ class FilePublisher:
         try:
             async with state.lock:
                 if state.changed and self.orphaned(state.ino):
-                    # Unlinked: its writes stay readable in the spool, never stored.
+                    # Unlinked: its writes stay readable in the spool, never published.
                     self.streams.abandon(state, "unlinked")
                     return
                 if not state.changed:
