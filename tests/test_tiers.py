@@ -25,6 +25,7 @@ from cachefs.engine import (
     CorruptDataError,
     Digest,
     DigestMismatchError,
+    FsError,
     KnownChunks,
     ObjectNotFoundError,
     Store,
@@ -880,6 +881,62 @@ async def test_lookups_of_one_name_at_once_fetch_it_once(tmp_path: Path) -> None
                 nursery.start_soon(look, name)
         assert sorted(found) == [False, False, True, True, True]
         await fetched_once(fs, top, data)
+
+
+async def test_files_inside_their_entries_arrive_in_one_hop_within_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that comes inside its shared entry is stored by the thread hop
+    that found it while it fits in the cache; once the cache is full, room
+    is made first (eviction) and the budget holds.  Bytes inside an entry
+    that are not its content are never stored."""
+    remote = Memory("mem", documents=True)
+    files = [os.urandom(30_000) for _ in range(6)]
+    fetch_hops: list[str] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__name__", "") == "_fetch":
+            fetch_hops.append(args[1].decode())
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    with Store.open(tmp_path / "s", create=True, options=PUSHING) as store:
+        fs = Filesystem(store, tiers=[Tier(remote)])
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fs.run)
+                top = fs.create(ROOT_INODE, b"cc", stat.S_IFDIR | 0o755, 1234, 5678).ino
+                fs.setxattr(top, b"user.cachefs.cache", b"max_size=160000 shared=team")
+                cache = fs.caches.cache_of(top)
+                assert cache is not None
+                for i, data in enumerate(files):
+                    digest = Digest(SHA256.hash(data), len(data))
+                    fs.remote.tiers.push_entry("team", SharedEntry(f"f{i}", digest, 0o640, 1, data))
+                other = bytes(20)
+                wrong = Digest(SHA256.hash(b"x" * 20), 20)  # the entry's bytes are not these
+                fs.remote.tiers.push_entry("team", SharedEntry("bad", wrong, 0o644, 1, other))
+                for i, data in enumerate(files):
+                    assert await fs.shared.resolve(top, f"f{i}".encode())
+                    inode = fs.namespace.get(fs.namespace.lookup(top, f"f{i}".encode()))
+                    assert (inode.mode, inode.uid, inode.gid) == (stat.S_IFREG | 0o640, 1234, 5678)
+                    fh, _ = await fs.open(inode.ino, os.O_RDONLY)
+                    assert bytes(await fs.read(fh, 0, len(data))) == data
+                    await fs.release(fh)
+                    assert cache.usage <= cache.max_size
+                # While a file of up to INLINE_MAX fit, one hop each; then room
+                # was made first (f5's by evicting).
+                assert fetch_hops == ["f4", "f5"]
+                assert cache.counters["evictions"] >= 1
+                objects = store.stats().objects
+                assert not await fs.shared.resolve(top, b"bad")
+                with pytest.raises(FsError) as err:
+                    fs.namespace.lookup(top, b"bad")
+                assert err.value.errno == errno.ENOENT
+                assert store.stats().objects == objects
+                nursery.cancel_scope.cancel()
+        finally:
+            fs.close()
 
 
 @contextmanager

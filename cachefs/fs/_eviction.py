@@ -163,6 +163,11 @@ class Eviction:
                 cache.counters["throttled"] += 1
                 cache.counters["throttled_seconds"] += waited
 
+    def fits(self, cache: CacheDir | None, growth: int) -> bool:
+        """Whether a file of ``cache`` may grow by ``growth`` bytes now, with
+        no wait (what :meth:`make_room` would return at once for)."""
+        return not self._short(cache, growth)
+
     def _short(self, cache: CacheDir | None, growth: int) -> bool:
         if cache is not None and cache.usage + growth > cache.max_size:
             return True

@@ -51,7 +51,7 @@ from cachefs.fs._caches import CacheDir, CacheDirs
 from cachefs.fs._events import Entry, FsEvents, Listeners
 from cachefs.fs._files import OpenFiles
 from cachefs.fs._stored_files import FileAttrs, StoredFiles
-from cachefs.remote import Tiers
+from cachefs.remote import INLINE_MAX, SharedEntry, Tiers
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +312,16 @@ class SharedDirs(FsEvents):
                 self.counts["shared_misses"] += 1  # nothing below a directory they lack
                 return False
             known, entry = self.tiers.known_entry(share, path)
+            arrived: _Arrival | None = None
             if not known:
-                entry = await trio.to_thread.run_sync(self.tiers.find_entry, share, path)
+                # A file that comes inside its entry is stored in the same hop
+                # when it fits now (one thread hop per file, not two).
+                room = min(INLINE_MAX, cache.max_size)
+                fits = self.caches.eviction.fits(cache, room)
+                top = self.namespace.get(cache.ino)
+                entry, arrived = await trio.to_thread.run_sync(
+                    self._find_entry, share, path, parent, name, top, room if fits else 0
+                )
         except RemoteError:
             return None  # the tiers logged it
         except CachefsError as exc:
@@ -322,38 +330,64 @@ class SharedDirs(FsEvents):
         if entry is None:
             self.counts["shared_misses"] += 1
             return False
-        top = self.namespace.get(cache.ino)
         if entry.digest is None:
             self._keep_answer(share, path, True)
-            made = self._directory(parent, name, top)
+            made = self._directory(parent, name, self.namespace.get(cache.ino))
             if made is not None and moves == self._moves:
                 self._keep_path(cache.ino, made, os.fsencode(path))
             return made is not None
         digest = entry.digest
-        if digest.size > cache.max_size:  # the size is the tier's word: never evict for it
-            log.warning("shared directory %s: %s (%s) is larger than the cache's budget",
-                        share, path, digest)  # fmt: skip
-            self.counts["shared_misses"] += 1
-            return False
+        if arrived is None:
+            if digest.size > cache.max_size:  # the size is the tier's word: never evict for it
+                log.warning("shared directory %s: %s (%s) is larger than the cache's budget",
+                            share, path, digest)  # fmt: skip
+                self.counts["shared_misses"] += 1
+                return False
+            try:
+                await self.stored.make_room(parent, digest.size)
+                attrs = self._attrs(entry, self.namespace.get(cache.ino))
+                inode = await trio.to_thread.run_sync(
+                    self._fetch, parent, name, digest, attrs, entry.contents
+                )
+                arrived = _MEANWHILE if inode is None else inode
+            except CachefsError as exc:
+                arrived = exc
+        if isinstance(arrived, CachefsError):
+            log.warning("shared directory %s: fetching %s (%s): %s", share, path, digest, arrived)
+            return None if isinstance(arrived, RemoteError) else False
+        if isinstance(arrived, _Meanwhile):
+            return True
+        self._arriving.add(arrived.ino)  # its arrival is not pushed back; later changes are
         try:
-            await self.stored.make_room(parent, digest.size)
-            # The directory's owner's, with no set-id bits from elsewhere.
-            attrs = FileAttrs(entry.mode & 0o777, top.uid, top.gid, entry.mtime_ns)
-            inode = await trio.to_thread.run_sync(
-                self._fetch, parent, name, digest, attrs, entry.contents
-            )
-        except CachefsError as exc:
-            log.warning("shared directory %s: fetching %s (%s): %s", share, path, digest, exc)
-            return None if isinstance(exc, RemoteError) else False
-        if inode is None:
-            return True  # made meanwhile
-        self._arriving.add(inode.ino)  # its arrival is not pushed back; later changes are
-        try:
-            self.stored.added(parent, name, inode)
+            self.stored.added(parent, name, arrived)
         finally:
-            self._arriving.discard(inode.ino)
+            self._arriving.discard(arrived.ino)
         self.counts["shared_fetches"] += 1
         return True
+
+    @staticmethod
+    def _attrs(entry: SharedEntry, top: Inode) -> FileAttrs:
+        """A fetched file's: the entry's mode and mtime, the directory's
+        owner, no set-id bits from elsewhere."""
+        return FileAttrs(entry.mode & 0o777, top.uid, top.gid, entry.mtime_ns)
+
+    def _find_entry(
+        self, share: str, path: str, parent: int, name: bytes, top: Inode, room: int
+    ) -> tuple[SharedEntry | None, _Arrival | None]:
+        """The tiers' entry of ``path``, and the file stored when its bytes came
+        inside the entry and it takes at most ``room`` bytes (what fits in the
+        cache now; an error storing it is returned, not raised); else None:
+        the caller makes room and fetches it."""
+        entry = self.tiers.find_entry(share, path)
+        if entry is None or entry.digest is None or entry.contents is None:
+            return entry, None
+        if entry.digest.size > room:
+            return entry, None
+        try:
+            inode = self._fetch(parent, name, entry.digest, self._attrs(entry, top), entry.contents)
+        except CachefsError as exc:
+            return entry, exc
+        return entry, _MEANWHILE if inode is None else inode
 
     async def _on_tiers(self, share: str, directory: str) -> bool:
         """Whether the tiers have an entry for ``directory`` of ``share``
@@ -415,6 +449,15 @@ class SharedDirs(FsEvents):
 
     def figures(self) -> dict[str, int]:
         return dict(self.counts) | {"shared_settling": len(self._settling)}
+
+
+class _Meanwhile:
+    """A fetched file's name was made meanwhile (by another lookup, or here)."""
+
+
+_MEANWHILE = _Meanwhile()
+#: What a fetch came to: the file stored, the name made meanwhile, or the error.
+_Arrival = Inode | CachefsError | _Meanwhile
 
 
 __all__ = ["SETTLE", "SharedDirs"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from cachefs.remote._blobs import Remote, verified
 from cachefs.remote._config import TierOptions, load_tiers, read_config
+from cachefs.remote._lists import INLINE_MAX, SharedEntry
 from cachefs.remote._metered import Metered, measure
 from cachefs.remote._objects import ObjectRemote
 from cachefs.remote._open import DEFAULT_TIMEOUT, open_remote
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DIRECTIONS",
     "FORMS",
+    "INLINE_MAX",
     "Breaker",
     "Metered",
     "ObjectRemote",
@@ -43,6 +45,7 @@ __all__ = [
     "Remote",
     "RemoteUrl",
     "ShardGroup",
+    "SharedEntry",
     "Tier",
     "TierOptions",
     "Tiers",
