@@ -420,7 +420,7 @@ class SharedDirs(FsEvents):
     ) -> Inode | None:
         """Store the entry's file, made with ``attrs``: its bytes came in the
         entry (checked as they are stored), or are fetched from the tiers."""
-        source = self.tiers.fetch(digest) if contents is None else [contents]
+        source = self.tiers.fetch(digest) if contents is None else contents
         pushes = self.store.pushes
         if pushes is None:
             return self.stored.store_file(parent, name, source, expect=digest, attrs=attrs)
