@@ -65,6 +65,20 @@ pip_quiet() {
     { "$@" 2>&1 1>&3 3>&- | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2; } 3>&1
 }
 
+# apt_install WHAT PACKAGE...: install missing Debian packages (WHAT names them
+# in the messages: "system", "benchmark"), or say why that cannot be done here.
+apt_install() {
+    local what=$1
+    shift
+    command -v apt-get >/dev/null 2>&1 \
+        || die "missing $what packages ($*) and no apt-get to install them; install them by hand"
+    [ "$(id -u)" -eq 0 ] || die "missing $what packages ($*); run as root to install them"
+    say "installing $what packages: $* ..."
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
 have_cc() { command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; }
 
 # The tools the test suite runs, as "Debian package:command it provides".  Checked by
@@ -127,13 +141,7 @@ else
 fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
-    command -v apt-get >/dev/null 2>&1 \
-        || die "missing system packages (${missing[*]}) and no apt-get to install them; install them by hand"
-    [ "$(id -u)" -eq 0 ] || die "missing system packages (${missing[*]}); run as root to install them"
-    say "installing system packages: ${missing[*]} ..."
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt_install system "${missing[@]}"
     for pkg in fuse3 libfuse3-dev pkg-config; do
         have_pkg "$pkg" || die "apt-get install finished but $pkg is still missing"
     done
@@ -276,13 +284,7 @@ if [ "$BENCH" -eq 1 ]; then
     done
     borg_has_fuse || missing+=(python3-llfuse)
     if [ "${#missing[@]}" -gt 0 ]; then
-        command -v apt-get >/dev/null 2>&1 \
-            || die "missing benchmark packages (${missing[*]}) and no apt-get to install them; install them by hand"
-        [ "$(id -u)" -eq 0 ] || die "missing benchmark packages (${missing[*]}); run as root to install them"
-        say "installing benchmark packages: ${missing[*]} ..."
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        apt_install benchmark "${missing[@]}"
         for tool in "${BENCH_TOOLS[@]}"; do
             command -v "${tool#*:}" >/dev/null 2>&1 \
                 || die "apt-get install finished but ${tool#*:} (package ${tool%%:*}) is still missing"
