@@ -10,14 +10,17 @@ ones: spot checks of the wire format against numbers from the specification.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import DecodeError
 
 from cachefs.protocol import bs_pb2, re_pb2
 from cachefs.server._grpc import bytes_message
+from cachefs.server._grpc_bytestream import WriteView, parse_write
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "cachefs" / "protocol" / "_gen"
@@ -108,6 +111,60 @@ def test_a_read_response_encoded_by_hand_is_the_message(length: int) -> None:
     wire = bytes_message(bs_pb2.ReadResponse.DATA_FIELD_NUMBER, pieces, length).wire
     assert bs_pb2.ReadResponse.FromString(wire).data == data
     assert wire == bs_pb2.ReadResponse(data=data).SerializeToString() or length == 0
+
+
+def written(parse: object, raw: bytes) -> tuple[str, int, bool, bytes] | str:
+    """What a parser makes of a WriteRequest's wire form (or the error's kind)."""
+    try:
+        message = parse(raw)  # type: ignore[operator]
+    except DecodeError:
+        return "DecodeError"
+    return (message.resource_name, message.write_offset, message.finish_write, bytes(message.data))
+
+
+WRITES = [
+    bs_pb2.WriteRequest(resource_name="uploads/u/blobs/ab/3", write_offset=7, data=b"abc"),
+    bs_pb2.WriteRequest(write_offset=-1, finish_write=True, data=os.urandom(300)),
+    bs_pb2.WriteRequest(resource_name="\u00e9t\u00e9", data=b""),
+    bs_pb2.WriteRequest(resource_name="r", write_offset=1 << 40),
+]
+#: Wire forms protobuf's parser must be the judge of: a field given twice (the
+#: last counts), the data field with another wire type, unknown fields of each
+#: wire type, a group, a string that is not UTF-8, lengths that run past the end.
+ODD_WIRES = [
+    b"R\x02ab" + b"R\x03xyz",
+    b"P\x05" + b"R\x01a",
+    b"\x0a\x01r" + b"\x58\x05" + b"\x61" + bytes(8) + b"\x6d" + bytes(4) + b"R\x01z" + b"\x72\x00",
+    b"\x5b\x60\x01\x5c" + b"R\x01a",
+    b"\x0a\x02\xff\xfe" + b"R\x01a",
+    b"R\x05ab",
+    b"R\xff\xff\xff\xff\x0f",
+    b"\x12\xff\xff\xff\xff\x0f",
+    b"\x10" + b"\xff" * 11 + b"R\x01a",
+    b"\x00\x01R\x01a",
+]
+
+
+@pytest.mark.parametrize("raw", [m.SerializeToString() for m in WRITES] + ODD_WIRES)
+def test_a_write_request_parsed_without_copying_its_data_is_the_message(raw: bytes) -> None:
+    """ByteStream writes take each WriteRequest's data as a view of the message
+    (``parse_write``): whatever the wire form, what they read from it (or the
+    error) is what protobuf's parser makes of it."""
+    assert written(parse_write, raw) == written(bs_pb2.WriteRequest.FromString, raw)
+
+
+def test_write_requests_cut_anywhere_or_mangled_parse_as_protobuf_parses_them() -> None:
+    rng = random.Random(7)
+    message = bs_pb2.WriteRequest(
+        resource_name="i/uploads/u/blobs/ab/9", write_offset=300, finish_write=True, data=b"x" * 200
+    ).SerializeToString()
+    for raw in [message[:cut] for cut in range(len(message))] + [
+        bytes(b ^ rng.randrange(256) if rng.random() < 0.05 else b for b in message)
+        for _ in range(300)
+    ]:
+        assert written(parse_write, raw) == written(bs_pb2.WriteRequest.FromString, raw), raw
+    viewed = parse_write(message)
+    assert isinstance(viewed, WriteView) and isinstance(viewed.data, memoryview)
 
 
 def test_google_rpc_status_can_be_imported_beside_ours() -> None:

@@ -583,7 +583,7 @@ def pieces(source: Iterator[bytes | memoryview], size: int) -> Iterator[bytes]:
         yield b"".join(group)
 
 
-def unzstd(source: Iterator[bytes], decompressor: Any = None) -> Iterator[bytes]:
+def unzstd(source: Iterator[bytes | memoryview], decompressor: Any = None) -> Iterator[bytes]:
     """``source``, a zstd stream, decompressed (BadRequest if it is not one);
     ``decompressor``: one that has taken the stream's beginning already."""
     if decompressor is None:

@@ -18,7 +18,7 @@ import errno
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
@@ -123,6 +123,58 @@ def bytes_message(field: int, pieces: list[bytes | memoryview], length: int) -> 
     return Encoded(b"".join([head, *pieces]))
 
 
+def bytes_field(raw: bytes, field: int) -> tuple[bytes, memoryview] | None:
+    """The reverse of :func:`bytes_message`, for a request that brings a large
+    payload: the wire form of message ``raw`` without its bytes field number
+    ``field``, and a view of that field's value in ``raw`` (its bytes are not
+    copied).  None when the field is not there once, or the wire form is not
+    one walked here (groups, or it ends short): the caller parses ``raw``
+    whole, and the protobuf parser says what is wrong with it."""
+    found: tuple[int, int, int] | None = None
+    end = len(raw)
+    i = 0
+    try:
+        while i < end:
+            start = i
+            key, i = _varint(raw, i)
+            kind = key & 7
+            if kind == 0:
+                i = _varint(raw, i)[1]
+            elif kind == 1:
+                i += 8
+            elif kind == 5:
+                i += 4
+            elif kind == 2:
+                length, i = _varint(raw, i)
+                if key >> 3 == field:
+                    if found is not None:
+                        return None  # twice: the parser's rule (the last one counts)
+                    found = (start, i, i + length)
+                i += length
+            else:
+                return None
+    except IndexError:
+        return None
+    if found is None or i != end:
+        return None
+    start, begin, stop = found
+    return raw[:start] + raw[stop:], memoryview(raw)[begin:stop]
+
+
+def _varint(raw: bytes, i: int) -> tuple[int, int]:
+    """The varint at ``raw[i:]`` and where it ends; IndexError if it does not
+    end within ten bytes, or within ``raw``."""
+    value = shift = 0
+    while shift < 70:
+        byte = raw[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+    raise IndexError("a varint of more than ten bytes")
+
+
 def _passing(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
     if serializer is None:
         return None
@@ -199,7 +251,11 @@ class MalformedRequests(Interceptor):
     """Hand a request that does not parse to the method as :class:`Malformed`
     (refused with INVALID_ARGUMENT and a log line), not to grpcio, which would
     answer INTERNAL ("Exception deserializing request!"); send an
-    :class:`Encoded` response as it is."""
+    :class:`Encoded` response as it is.  ``parsers``: the parser of the
+    requests of a method (by its full name), in place of the generated one."""
+
+    def __init__(self, parsers: Mapping[str, Callable[[bytes], Any]] | None = None) -> None:
+        self.parsers = dict(parsers or {})
 
     def intercept_service(
         self,
@@ -209,7 +265,7 @@ class MalformedRequests(Interceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        parse = _tolerant(handler.request_deserializer)
+        parse = _tolerant(self.parsers.get(details.method, handler.request_deserializer))
         return rebuilt(handler, parse=parse, out=_passing(handler.response_serializer))
 
 

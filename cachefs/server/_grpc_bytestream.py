@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import zstandard
 
 from cachefs.protocol import bs_grpc, bs_pb2
 from cachefs.server._cache import RemoteCache, groups, pieces, unzstd
-from cachefs.server._grpc import Encoded, Malformed, RpcFailure, Service, bytes_message, rpc
+from cachefs.server._grpc import (
+    Encoded,
+    Malformed,
+    RpcFailure,
+    Service,
+    bytes_field,
+    bytes_message,
+    rpc,
+)
 from cachefs.server._names import BadRequest, OutOfRange, Resource, parse_resource
 from cachefs.server._uploads import Upload, Uploads
 
@@ -30,6 +39,32 @@ from cachefs.server._uploads import Upload, Uploads
 READ_PIECE = 1 << 20
 #: The field number of ``ReadResponse.data``.
 READ_DATA = bs_pb2.ReadResponse.DATA_FIELD_NUMBER
+#: The full name of the Write method, and the field number of ``WriteRequest.data``.
+WRITE, WRITE_DATA = "/google.bytestream.ByteStream/Write", bs_pb2.WriteRequest.DATA_FIELD_NUMBER
+
+
+@dataclass(frozen=True, slots=True)
+class WriteView:
+    """A WriteRequest whose ``data`` is a view of the message as it came off
+    the wire: an upload's bytes are copied once on their way into the store
+    (into the chunker's buffer), not out of each message first."""
+
+    resource_name: str
+    write_offset: int
+    finish_write: bool
+    data: memoryview
+
+
+def parse_write(raw: bytes) -> bs_pb2.WriteRequest | WriteView:
+    """A WriteRequest from its wire form, its data not copied (``bytes_field``;
+    the other fields parsed as protobuf parses them).  DecodeError if it is
+    not one."""
+    split = bytes_field(raw, WRITE_DATA)
+    if split is None:
+        return bs_pb2.WriteRequest.FromString(raw)
+    rest, data = split
+    message = bs_pb2.WriteRequest.FromString(rest)
+    return WriteView(message.resource_name, message.write_offset, message.finish_write, data)
 
 
 class ByteStreamService(Service, bs_grpc.ByteStreamServicer):
@@ -73,7 +108,9 @@ class ByteStreamService(Service, bs_grpc.ByteStreamServicer):
 
     @rpc
     def Write(
-        self, request_iterator: Iterator[bs_pb2.WriteRequest], context: grpc.ServicerContext
+        self,
+        request_iterator: Iterator[bs_pb2.WriteRequest | WriteView | Malformed],
+        context: grpc.ServicerContext,
     ) -> bs_pb2.WriteResponse:
         requests = iter(request_iterator)
         first = next(requests, None)
@@ -134,8 +171,8 @@ class _Arriving:
     def __init__(
         self,
         name: str,
-        first: bs_pb2.WriteRequest,
-        requests: Iterator[bs_pb2.WriteRequest | Malformed],
+        first: bs_pb2.WriteRequest | WriteView,
+        requests: Iterator[bs_pb2.WriteRequest | WriteView | Malformed],
         upload: Upload,
         resource: Resource,
     ) -> None:
@@ -149,11 +186,11 @@ class _Arriving:
         #: Whether the client finished the write.
         self.finished = False
 
-    def pieces(self) -> Iterator[bytes]:
+    def pieces(self) -> Iterator[bytes | memoryview]:
         """The blob's bytes that this write brings (decompressed when the upload
         is compressed); they end where the client finishes the write, or stops
         sending (it may resume later)."""
-        data = self._data()
+        data: Iterator[bytes | memoryview] = self._data()
         if self.upload.decompressor is not None:
             data = unzstd(data, self.upload.decompressor)
         size = self.resource.digest.size
@@ -164,8 +201,8 @@ class _Arriving:
                 raise BadRequest(f"the upload is longer than the digest's {size} bytes")
             yield piece
 
-    def _data(self) -> Iterator[bytes]:
-        request: bs_pb2.WriteRequest | Malformed | None = self.first
+    def _data(self) -> Iterator[bytes | memoryview]:
+        request: bs_pb2.WriteRequest | WriteView | Malformed | None = self.first
         while request is not None:
             if isinstance(request, Malformed):
                 request.refuse("Write")

@@ -19,7 +19,7 @@ from cachefs.server._auth import Authenticating, Gate
 from cachefs.server._cache import RemoteCache
 from cachefs.server._grpc import MAX_MESSAGE, MalformedRequests
 from cachefs.server._grpc_ac import ActionCacheService
-from cachefs.server._grpc_bytestream import ByteStreamService
+from cachefs.server._grpc_bytestream import WRITE, ByteStreamService, parse_write
 from cachefs.server._grpc_capabilities import CapabilitiesService
 from cachefs.server._grpc_cas import CasService
 from cachefs.server._measure import MeasuredRpcs
@@ -45,7 +45,8 @@ def serve_grpc(
     on ``address``; the server and the address it got (``HOST:PORT``).  With
     ``metrics``, every call is measured; with tracing on, traced; with a
     ``gate``, every call must carry a token it knows (``_auth.py``)."""
-    interceptors: list[grpc.ServerInterceptor] = [MalformedRequests()]  # type: ignore[type-arg]
+    parsers = {WRITE: parse_write}  # an upload's bytes are not copied out of its messages
+    interceptors: list[grpc.ServerInterceptor] = [MalformedRequests(parsers)]  # type: ignore[type-arg]
     if gate is not None:
         interceptors.insert(0, Authenticating(gate, cache.digest_function))
     if metrics is not None or tracing.active():
