@@ -1,12 +1,16 @@
 """Small pure parts checked on their own: the chunker's readers and buffers,
-and what the action cache takes from an ``ActionResult``."""
+what the action cache takes from an ``ActionResult``, and how a daemon settles
+its heap once it is up."""
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import pytest
 
+from cachefs.daemon._process import settle_heap
 from cachefs.engine._chunker import Chunker, reader_for
 from cachefs.format.digest import SHA256
 from cachefs.format.header import ChunkingParams
@@ -62,3 +66,23 @@ def test_the_blobs_an_action_result_names() -> None:
         digest_function = SHA256
 
     assert not complete(NoCache(), "", malformed)  # type: ignore[arg-type]
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_settled_heap_is_collected_then_frozen() -> None:
+    """``settle_heap``: garbage that starting left behind is collected, not
+    frozen for ever; what is alive is frozen (full collections pass it by)."""
+    cycle = _Node()
+    gone = weakref.ref(cycle)
+    del cycle
+    before = gc.get_freeze_count()
+    try:
+        settle_heap()
+        assert gone() is None
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()

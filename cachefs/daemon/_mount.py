@@ -43,6 +43,7 @@ from cachefs.daemon._mounts import FSNAME, FSTYPE, mount_info, mounted_fstype
 from cachefs.daemon._process import (
     LOG_NAME,
     detach,
+    settle_heap,
     setup_logging,
     store_options,
     unwrap_group,
@@ -221,6 +222,7 @@ async def _ready_when_answering(mountpoint: Path, ready: Callable[[], None]) -> 
         log.warning("the new mount %s does not answer: %s", mountpoint, exc)
     else:
         raise_read_ahead(mountpoint, root.st_dev)
+    settle_heap()
     ready()
     sd_notify("READY=1")
 

@@ -36,7 +36,13 @@ import trio
 from cachefs import tracing
 from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address, observed_tiers
 from cachefs.daemon._mounts import SOCKET_NAME, socket_address
-from cachefs.daemon._process import detach, setup_logging, store_options, unwrap_group
+from cachefs.daemon._process import (
+    detach,
+    settle_heap,
+    setup_logging,
+    store_options,
+    unwrap_group,
+)
 from cachefs.daemon._systemd import sd_notify
 from cachefs.engine import Store
 from cachefs.errors import ConfigError
@@ -128,6 +134,7 @@ async def _main(
                 listening.grpc or "off",
                 listening.http or "off",
             )
+            settle_heap()
             ready()
             sd_notify("READY=1")
             await _until_signalled()
