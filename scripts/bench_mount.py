@@ -1505,7 +1505,7 @@ def metrics(args: argparse.Namespace, tree: Tree | None = None) -> list[Metric]:
         Metric("small_delete", f"{n}: delete", "files/s", (("pt", 0.8),)),
         Metric("tree_write", f"{tree_label}: cp -a + fsync", "MB/s"),
         Metric("tree_read_cold", f"{tree_label}: read cold (tar)", "MB/s", (("squashfuse", 1.0),)),
-        Metric("build", f"{build}, wall time", "s", (("native", 1.10),)),
+        Metric("build", f"{build}, wall time", "s", (("native", 1.05),)),
     ]
 
 
