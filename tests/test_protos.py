@@ -19,7 +19,7 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from cachefs.protocol import bs_pb2, re_pb2
-from cachefs.server._grpc import bytes_message
+from cachefs.server._grpc import bytes_field, bytes_message
 from cachefs.server._grpc_bytestream import WriteView, parse_write
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,12 +125,15 @@ def written(parse: object, raw: bytes) -> tuple[str, int, bool, bytes] | str:
 WRITES = [
     bs_pb2.WriteRequest(resource_name="uploads/u/blobs/ab/3", write_offset=7, data=b"abc"),
     bs_pb2.WriteRequest(write_offset=-1, finish_write=True, data=os.urandom(300)),
+    bs_pb2.WriteRequest(resource_name="\u00e9t\u00e9", data=b"x"),
     bs_pb2.WriteRequest(resource_name="\u00e9t\u00e9", data=b""),
     bs_pb2.WriteRequest(resource_name="r", write_offset=1 << 40),
 ]
 #: Wire forms protobuf's parser must be the judge of: a field given twice (the
 #: last counts), the data field with another wire type, unknown fields of each
-#: wire type, a group, a string that is not UTF-8, lengths that run past the end.
+#: wire type, a group, a string that is not UTF-8, lengths that run past the end,
+#: the data field's key or length in longer forms than their shortest (up to five
+#: bytes protobuf takes them, past that it refuses them), a field number 0.
 ODD_WIRES = [
     b"R\x02ab" + b"R\x03xyz",
     b"P\x05" + b"R\x01a",
@@ -142,6 +145,13 @@ ODD_WIRES = [
     b"\x12\xff\xff\xff\xff\x0f",
     b"\x10" + b"\xff" * 11 + b"R\x01a",
     b"\x00\x01R\x01a",
+    b"\xd2\x00\x01a",
+    b"\xd2\x80\x80\x80\x00\x01a",
+    b"\xd2\x80\x80\x80\x80\x00\x01a",
+    b"R\x81\x80\x80\x80\x00a",
+    b"R\x81\x80\x80\x80\x80\x00a",
+    b"R\x01a" + b"\xd2\x00\x01b",
+    b"\x08\x80\x80\x80\x80\x80\x00" + b"R\x01a",
 ]
 
 
@@ -158,13 +168,26 @@ def test_write_requests_cut_anywhere_or_mangled_parse_as_protobuf_parses_them() 
     message = bs_pb2.WriteRequest(
         resource_name="i/uploads/u/blobs/ab/9", write_offset=300, finish_write=True, data=b"x" * 200
     ).SerializeToString()
-    for raw in [message[:cut] for cut in range(len(message))] + [
+    data_first = bs_pb2.WriteRequest(data=b"y" * 20).SerializeToString() + message[:-203]
+    cuts = [m[:cut] for m in (message, data_first) for cut in range(len(m) + 1)]
+    for raw in cuts + [
         bytes(b ^ rng.randrange(256) if rng.random() < 0.05 else b for b in message)
         for _ in range(300)
     ]:
         assert written(parse_write, raw) == written(bs_pb2.WriteRequest.FromString, raw), raw
-    viewed = parse_write(message)
-    assert isinstance(viewed, WriteView) and isinstance(viewed.data, memoryview)
+    for raw in (message, data_first):
+        viewed = parse_write(raw)
+        assert isinstance(viewed, WriteView) and isinstance(viewed.data, memoryview)
+
+
+def test_a_write_request_of_many_fields_is_left_to_protobuf() -> None:
+    """A WriteRequest has four fields: one padded with thousands of others is
+    not walked field by field here (far slower than protobuf), but parsed whole."""
+    few = b"\x08\x01" * 15 + b"R\x01a"
+    many = b"\x08\x01" * 100_000 + b"R\x01a"
+    assert bytes_field(few, bs_pb2.WriteRequest.DATA_FIELD_NUMBER) is not None
+    assert bytes_field(many, bs_pb2.WriteRequest.DATA_FIELD_NUMBER) is None
+    assert written(parse_write, many) == written(bs_pb2.WriteRequest.FromString, many)
 
 
 def test_google_rpc_status_can_be_imported_beside_ours() -> None:

@@ -123,20 +123,33 @@ def bytes_message(field: int, pieces: list[bytes | memoryview], length: int) -> 
     return Encoded(b"".join([head, *pieces]))
 
 
-def bytes_field(raw: bytes, field: int) -> tuple[bytes, memoryview] | None:
+def bytes_field(
+    raw: bytes, field: int, *, most_fields: int = 16
+) -> tuple[bytes, memoryview] | None:
     """The reverse of :func:`bytes_message`, for a request that brings a large
     payload: the wire form of message ``raw`` without its bytes field number
     ``field``, and a view of that field's value in ``raw`` (its bytes are not
     copied).  None when the field is not there once, or the wire form is not
-    one walked here (groups, or it ends short): the caller parses ``raw``
-    whole, and the protobuf parser says what is wrong with it."""
+    one walked here: groups, a key or length of more than five bytes (which
+    protobuf refuses), the field's key in other than its shortest form, more
+    than ``most_fields`` fields (a message padded with thousands of small
+    fields, which this loop would walk far slower than protobuf does), or it
+    ends short.  The caller then parses ``raw`` whole, and the protobuf parser
+    says what is wrong with it."""
     found: tuple[int, int, int] | None = None
     end = len(raw)
-    i = 0
+    wanted = field << 3 | 2
+    wanted_size = 1 + sum(wanted >= n for n in _VARINT_SIZES)  # its key's shortest form
+    i = fields = 0
     try:
         while i < end:
+            fields += 1
+            if fields > most_fields:
+                return None
             start = i
             key, i = _varint(raw, i)
+            if i - start > 5 or key >> 32:
+                return None
             kind = key & 7
             if kind == 0:
                 i = _varint(raw, i)[1]
@@ -145,10 +158,13 @@ def bytes_field(raw: bytes, field: int) -> tuple[bytes, memoryview] | None:
             elif kind == 5:
                 i += 4
             elif kind == 2:
+                at = i
                 length, i = _varint(raw, i)
+                if i - at > 5:
+                    return None
                 if key >> 3 == field:
-                    if found is not None:
-                        return None  # twice: the parser's rule (the last one counts)
+                    if found is not None or at - start != wanted_size:
+                        return None  # twice (the last counts), or a key not as it is written
                     found = (start, i, i + length)
                 i += length
             else:
@@ -159,6 +175,10 @@ def bytes_field(raw: bytes, field: int) -> tuple[bytes, memoryview] | None:
         return None
     start, begin, stop = found
     return raw[:start] + raw[stop:], memoryview(raw)[begin:stop]
+
+
+#: The values from which a varint takes 2, 3, ... 10 bytes.
+_VARINT_SIZES = [1 << 7 * n for n in range(1, 10)]
 
 
 def _varint(raw: bytes, i: int) -> tuple[int, int]:
