@@ -345,6 +345,24 @@ def test_mount_metrics_move_with_the_workload(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_close_sends_the_daemon_no_flush(tmp_path: Path) -> None:
+    """A file is published at its release, which close(2) does not wait for:
+    the daemon answers the first FLUSH with ENOSYS and the kernel sends no
+    more, so that a close costs no round trip; the files are all there."""
+    mnt = tmp_path / "mnt"
+    files = {f"f{n}": os.urandom(n * 1000) for n in range(20)}
+    with mounted(tmp_path / "store", mnt, "--metrics", "127.0.0.1:0") as mount:
+        address = live_stats(mount.path)["metrics"]
+        for name, data in files.items():
+            (mnt / name).write_bytes(data)
+        assert {name: (mnt / name).read_bytes() for name in files} == files
+        after = scrape(address)
+    count = "cachefs_fuse_request_duration_seconds_count"
+    assert value(after, count, operation="open") + value(after, count, operation="create") >= 40
+    assert value(after, count, operation="flush") <= 1
+    assert value(after, "cachefs_fuse_errors_total", operation="flush", errno="ENOSYS") <= 1
+
+
 def test_metrics_address_is_checked_before_anything_starts(tmp_path: Path) -> None:
     result = cachefs(
         "serve", str(tmp_path / "store"), "--http", "127.0.0.1:0", "--metrics", "x:port",
