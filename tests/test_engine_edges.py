@@ -301,6 +301,44 @@ def test_segment_files_that_cannot_be_made_or_read(tmp_path: Path) -> None:
             assert bytes(maps.read(number, at, where, len(payload)).payload) == payload
 
 
+def _mapped_kib(path: Path) -> int:
+    """The resident KiB of this process's mappings of ``path`` (smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_a_record_s_pages_are_mapped_in_one_call_where_the_kernel_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before a record is read, its pages are mapped with MADV_POPULATE_READ
+    (not a page fault every few pages); a kernel that does not know the
+    advice (EINVAL) is not asked again, and reads go on as before."""
+    path = tmp_path / "0000000001.seg"
+    writer = SegmentWriter(path, 0, 1, create=True)
+    payload = os.urandom(1 << 20)
+    head = encode_record_header(1, 0, len(payload), bytes(32), payload)
+    offset = writer.append(head, payload)
+    writer.close()
+    maps = SegmentMaps()
+    mapping, _ = maps._map(1, path, offset + len(head) + len(payload))
+    assert _mapped_kib(path) < 512
+    maps._map_pages(mapping, offset, offset + len(head) + len(payload))
+    assert maps._populate
+    assert _mapped_kib(path) >= 1024  # mapped, though nothing touched them
+    assert bytes(maps.read(1, path, offset, len(payload)).payload) == payload
+
+    monkeypatch.setattr(_segments, "MADV_POPULATE_READ", 0x7FFF)  # advice no kernel has
+    maps = SegmentMaps()
+    for _ in range(2):
+        assert bytes(maps.read(1, path, offset, len(payload)).payload) == payload
+        assert not maps._populate
+
+
 def test_a_growing_segment_starts_its_writeback_as_it_goes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -142,6 +142,11 @@ class SegmentWriter:
             self.fd = -1
 
 
+#: ``madvise`` advice that maps a range's pages in one call (Linux 5.14; the
+#: mmap module of Python 3.11 does not name it).
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
 class SegmentMaps:
     """Read access to segments through memory maps, shared by all reader threads.
 
@@ -149,6 +154,11 @@ class SegmentMaps:
     the segment again (appends happen while readers read).  Old mappings stay
     valid for as long as a returned view points into them.  At most
     ``max_maps`` mappings are kept (each holds a file descriptor).
+
+    A record's pages are mapped in one call before it is read
+    (``MADV_POPULATE_READ``), not by a page fault every few pages: a cold
+    sequential read of 1 GiB through a mount on tmpfs spent a fifth of the
+    daemon's time in those faults (perf).
     """
 
     def __init__(self, max_maps: int = 256, resident_limit: int | None = None) -> None:
@@ -160,6 +170,8 @@ class SegmentMaps:
         #: process touched count in its resident set.  None: never.
         self.resident_limit = resident_limit
         self._touched = 0
+        #: Whether the kernel takes MADV_POPULATE_READ (before 5.14: EINVAL).
+        self._populate = True
 
     def _map(
         self, segment_id: int, locate: Path | Callable[[], Path], need: int
@@ -204,7 +216,21 @@ class SegmentMaps:
             self._touched += stored_len
             if self._touched > self.resident_limit:
                 self.drop_pages()
+        if self._populate:
+            self._map_pages(mapping, offset, need)
         return parse_record(mapping, offset, need, name)
+
+    def _map_pages(self, mapping: mmap.mmap, start: int, end: int) -> None:
+        """Map the pages of ``[start, end)`` in one call; a failure here is
+        left to the read itself (the fault reports what is wrong)."""
+        aligned = start - start % mmap.PAGESIZE
+        try:
+            mapping.madvise(MADV_POPULATE_READ, aligned, min(end, len(mapping)) - aligned)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS):
+                self._populate = False  # an older kernel: page faults then
+        except ValueError:
+            pass  # closed meanwhile: the read says so
 
     def drop_pages(self) -> None:
         """Unmap the pages touched so far from this process (``MADV_DONTNEED``:
