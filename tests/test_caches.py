@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
-from cachefs.engine import Store
+from cachefs.engine import Digest, Store
 from cachefs.format.schema import ROOT_INODE
-from cachefs.fs import Filesystem
+from cachefs.fs import Filesystem, _eviction
+from cachefs.fs._files import OpenFile
 from tests.mounting import apparent_size, as_user, cachefs, live_stats, mounted
 
 XATTR = "user.cachefs.cache"
@@ -492,3 +495,102 @@ def test_a_batch_of_hits_is_the_hits_one_by_one(store: Store, policy: str) -> No
         assert batched["a"][0] == 5 and batched["b"][0] == 4
     finally:
         fs.close()
+
+
+async def test_a_writer_waiting_for_a_file_being_published_is_woken_when_it_may_go(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write past the budget waits while the closed file that would make
+    room is still being published; it goes on as soon as that file is let go
+    and evicted, not when the wait for room runs out with ENOSPC (builds
+    writing their outputs one after the other into a small cache failed so)."""
+    monkeypatch.setattr(_eviction, "THROTTLE_LIMIT", 3600.0)
+    size = 600_000
+    fs = Filesystem(store)
+    published, let_go = trio.Event(), trio.Event()
+    publish = fs.publisher.publish
+
+    async def held_publish(state: OpenFile, *, durable: bool) -> None:
+        # Held before the publication, and between it and the file's release.
+        await published.wait()
+        await publish(state, durable=durable)
+        await let_go.wait()
+
+    monkeypatch.setattr(fs.publisher, "publish", held_publish)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run)
+        cache = fs.create(ROOT_INODE, b"cache", stat.S_IFDIR | 0o755, 0, 0)
+        fs.caches.mark(cache.ino, b"max_size=1000000")
+        first = fs.create(cache.ino, b"f0", stat.S_IFREG | 0o644, 0, 0)
+        fh, _ = await fs.open(first.ino, os.O_WRONLY)
+        await fs.write(fh, 0, content("f0", size))
+        nursery.start_soon(fs.release, fh)
+        await trio.testing.wait_all_tasks_blocked()
+        second = fs.create(cache.ino, b"f1", stat.S_IFREG | 0o644, 0, 0)
+        fh2, _ = await fs.open(second.ino, os.O_WRONLY)
+        written = trio.Event()
+
+        async def write_second() -> None:
+            await fs.write(fh2, 0, content("f1", size))
+            written.set()
+
+        nursery.start_soon(write_second)
+        with trio.fail_after(60):  # the writer and the evictor do not wake each other in turn
+            await trio.testing.wait_all_tasks_blocked()
+        assert fs.caches.eviction.blocked == 1 and not written.is_set()  # waits for f0
+        published.set()
+        state = fs.files.get(first.ino)
+        assert state is not None
+        with trio.fail_after(60):
+            while state.publishing or state.changed:
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the evictor found f0 still busy
+        assert not written.is_set() and fs.files.get(first.ino) is state
+        let_go.set()
+        with trio.fail_after(60):  # an hour without a wake-up when f0 is let go
+            await written.wait()
+        await fs.release(fh2)
+        assert first.ino not in fs.caches.members  # evicted
+        await fs.flush_all()
+        nursery.cancel_scope.cancel()
+    fs.close()
+    assert fs.errors == 0
+
+
+async def test_a_writer_waits_past_the_limit_while_a_publication_that_makes_room_runs(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait for room runs out only when nothing is in flight: a closed file
+    whose publication takes longer than the limit (a slow disk's sync) is
+    waited for, then evicted, and the write goes on."""
+    monkeypatch.setattr(_eviction, "THROTTLE_LIMIT", 0.05)
+    size = 600_000
+    fs = Filesystem(store)
+    store_content = fs.publisher._store
+
+    async def slow_store(state: OpenFile, *, durable: bool) -> Digest | None:
+        await trio.sleep(0.5)  # ten times the limit
+        return await store_content(state, durable=durable)
+
+    monkeypatch.setattr(fs.publisher, "_store", slow_store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run)
+        cache = fs.create(ROOT_INODE, b"cache", stat.S_IFDIR | 0o755, 0, 0)
+        fs.caches.mark(cache.ino, b"max_size=1000000")
+        inos = []
+        for n in range(3):
+            inode = fs.create(cache.ino, f"f{n}".encode(), stat.S_IFREG | 0o644, 0, 0)
+            fh, _ = await fs.open(inode.ino, os.O_WRONLY)
+            await fs.write(fh, 0, content(f"f{n}", size))  # f1 and f2 wait for room
+            nursery.start_soon(fs.release, fh)
+            await trio.testing.wait_all_tasks_blocked()
+            inos.append(inode.ino)
+        with trio.fail_after(60):
+            while fs.files.get(inos[-1]) is not None:
+                await trio.sleep(0.01)
+        assert [ino in fs.caches.members for ino in inos] == [False, False, True]
+        assert fs.caches.eviction.blocked == 2
+        await fs.flush_all()
+        nursery.cancel_scope.cancel()
+    fs.close()
+    assert fs.errors == 0

@@ -444,6 +444,9 @@ class CacheDirs(FsEvents):
     def published(self, ino: int, size: int) -> None:
         self.eviction.published()
 
+    def closed(self, ino: int) -> None:
+        self.eviction.changed()  # it may be evicted now
+
     # --- settings ----------------------------------------------------------------------
 
     def setting_of(self, ino: int) -> bytes | None:

@@ -58,6 +58,10 @@ class FsEvents:
     def published(self, ino: int, size: int) -> None:
         """A file's new content was published."""
 
+    def closed(self, ino: int) -> None:
+        """A file is let go: closed by every handle, its writes published (a
+        cache directory may evict it now)."""
+
     def evicted(self, parent: int, name: bytes, inode: Inode) -> None:
         """A cache directory evicted an entry."""
 

@@ -8,6 +8,10 @@ with the request loop served between batches.  A write that would take a
 cache past its budget waits for eviction (the writer is throttled) for at
 most ``THROTTLE_LIMIT`` seconds and fails with ENOSPC when nothing is
 evictable or no room came: the budget is a hard limit, like bazel-remote's.
+Closed files still being published will be evictable: while some are, the
+wait goes on (a slow disk's sync must not fail the next write).  A writer
+wakes the evictor once; the evictor passes again when something that may make
+room happens (``changed``: a publication, a file let go).
 
 What may go.  Only whole files of cache directories, never a file that is
 open or has unpublished writes (those are busy in ``OpenFiles``), never part
@@ -111,14 +115,19 @@ class Eviction:
             self.wake()
 
     def published(self) -> None:
-        """A file was published: one that waited for that may go now, and the
-        store may have passed its quota."""
-        if self._waiting:
-            self.wake()
+        """A file was published: the store may have passed its quota."""
+        self.changed()
         if self.quota is not None:
             self.refresh_stored()
             if self.stored >= self.quota * HIGH_WATERMARK:
                 self.wake()
+
+    def changed(self) -> None:
+        """Something that may make room for a waiting writer happened (a file
+        was published or let go): the evictor looks again.  Writers wake it
+        once and then wait for these."""
+        if self._waiting:
+            self.wake()
 
     # --- room for writes --------------------------------------------------------------
 
@@ -139,6 +148,7 @@ class Eviction:
         self._waiting += 1
         if cache is not None:
             cache.wanted += growth
+        woke = False
         try:
             while self._short(cache, growth):
                 over = cache is not None and cache.usage + growth > cache.max_size
@@ -148,9 +158,19 @@ class Eviction:
                 if not over and self.quota_stuck():
                     raise _full(f"the store quota of {self.quota} bytes is used")
                 if trio.current_time() >= deadline:
-                    raise _full(f"eviction made no room within {THROTTLE_LIMIT:g} s")
+                    if cache is None or not self._publishing(cache):
+                        raise _full(f"eviction made no room within {THROTTLE_LIMIT:g} s")
+                    # Files that will be evictable are being published (a slow
+                    # disk's sync): they end in a publication or an error.
+                    deadline = trio.current_time() + THROTTLE_LIMIT
                 progress = self._progress
-                self.wake()
+                if not woke:
+                    # Once: the evictor signals progress after each pass, and
+                    # passes again when something changed (``changed``).
+                    # Waking it at every signal would spin both on the CPU
+                    # the publications that make room need.
+                    self.wake()
+                    woke = True
                 with trio.move_on_at(deadline):
                     await progress.wait()
         finally:
@@ -188,6 +208,14 @@ class Eviction:
         """Whether files of the cache are closed but still being published
         (evictable once that is done)."""
         return any(not opens for opens, _ in self._members_open(cache))
+
+    def _publishing(self, cache: CacheDir) -> bool:
+        """Whether closed files of the cache are being published now."""
+        members = self.caches.members
+        return any(
+            not state.opens and state.publishing and members.get(state.ino) is cache
+            for state in self.files
+        )
 
     def _evictable(self, cache: CacheDir) -> bool:
         return next(self._victims(cache), None) is not None

@@ -359,6 +359,8 @@ class FileIO:
         self.publisher.streams.abandon(state, "dropped")
         self.files.remove(state)
         self.lookups.release([state.ino])
+        for listener in self.listeners:
+            listener.closed(state.ino)
         if not self.store.reserve.held:
             self.store.reserve.ensure()
         if not self._carrying_over:
