@@ -91,6 +91,51 @@ def test_unlinked_file_in_use_is_an_orphan_until_released(store: Store) -> None:
     assert store.stats().files == 0 and ns.orphan_inodes() == []
 
 
+async def test_orphans_released_together_are_deleted_in_one_transaction(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rm`` of many files the kernel knows: each becomes an orphan at unlink
+    and is released when the kernel forgets it; those released within
+    ``RELEASE_DELAY`` are deleted in one transaction.  A sync deletes them at
+    once; one that is open again is kept until it is closed."""
+    fs = Filesystem(store)
+    releases: list[tuple[int, ...]] = []
+    release = fs.namespace.release
+
+    def counted(*inos: int) -> list[int]:
+        releases.append(inos)
+        return release(*inos)
+
+    monkeypatch.setattr(fs.namespace, "release", counted)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run)
+        inos = []
+        for n in range(20):
+            inode = fs.create(ROOT_INODE, f"f{n}".encode(), FILE, 0, 0)
+            fh, _ = await fs.open(inode.ino, os.O_WRONLY)
+            await fs.write(fh, 0, f"content {n}".encode())
+            await fs.release(fh)
+            inos.append(inode.ino)
+        await fs.flush_all()
+        reopened, _ = await fs.open(inos[0], os.O_RDONLY)
+        for n, ino in enumerate(inos):
+            fs.unlink(ROOT_INODE, f"f{n}".encode())
+            fs.forget([(ino, 1)])
+        assert releases == [] and set(fs.namespace.orphan_inodes()) == set(inos)
+        with trio.fail_after(60):
+            while not releases:
+                await trio.sleep(0.01)
+        assert releases == [tuple(inos[1:])]
+        assert fs.namespace.orphan_inodes() == [inos[0]]
+        assert bytes(await fs.read(reopened, 0, 100)) == b"content 0"
+        await fs.release(reopened)
+        await fs.flush_all()  # a sync: at once
+        assert releases[1:] == [(inos[0],)] and fs.namespace.orphan_inodes() == []
+        nursery.cancel_scope.cancel()
+    fs.close()
+    assert store.stats().files == 0 and check_store(store).clean
+
+
 def test_fsck_finds_and_repairs_namespace_damage(store: Store) -> None:
     ns = Namespace(store)
     d = ns.create(ROOT_INODE, b"d", DIR, 0, 0)

@@ -97,6 +97,9 @@ class Eviction:
         self.stored = 0
         #: ``Store.dropped`` when gc last ran for the quota (None: not yet).
         self._gc_dropped: int | None = None
+        #: Deletes the orphans released but not deleted yet (set by the
+        #: filesystem): their references go before the quota is judged stuck.
+        self.release_orphans: Callable[[], None] = lambda: None
         self.refresh_stored()
 
     @property
@@ -230,6 +233,7 @@ class Eviction:
         to stored data was dropped (so it cannot free anything either)."""
         if self.quota is None or self.stored < self.quota:
             return False
+        self.release_orphans()
         if any(self._evictable(cache) for cache in self.caches.dirs.values()):
             return False
         return self._gc_dropped == self.store.dropped
@@ -297,6 +301,7 @@ class Eviction:
     async def _enforce_quota(self, quota: int) -> None:
         """Evict from the caches (fullest first) and collect garbage until the
         store is below the quota's low watermark, or nothing is left to do."""
+        self.release_orphans()
         while self.stored >= quota * LOW_WATERMARK:
             stats = self.store.stats()
             excess = self.stored - int(quota * LOW_WATERMARK)

@@ -350,6 +350,7 @@ class FileIO:
         for state in self.files:
             if state.opens == 0 and state.publishing == 0:
                 self._drop_state(state)
+        self.lookups.flush()
 
     def _drop_state(self, state: OpenFile) -> None:
         if self.files.get(state.ino) is not state or state.opens or state.publishing:

@@ -131,9 +131,7 @@ class Filesystem:
         self.tracer: TraceRecorder | None = None
         if self.failsafe is not None:
             log.critical("read-only: damage was found (%s); fsck --repair clears it", self.failsafe)
-        purged = self.namespace.purge_orphans()
-        if purged:
-            log.info("deleted %d files that were unlinked while open when last mounted", purged)
+        self.lookups.purge()
         store.reserve.ensure()
         self.journal = FileJournal(store.journal, log_limit=log_limit)
         self.publisher = FilePublisher(
@@ -162,6 +160,7 @@ class Filesystem:
             max_store_size=max_store_size,
         )
         self.listeners.add(self.caches)
+        self.caches.eviction.release_orphans = self.lookups.flush
         self.memory = MemoryGovernor(store, memory_limit)
         #: Whole files the servers store and read (``_stored_files.py``).
         self.stored = StoredFiles(
@@ -196,6 +195,7 @@ class Filesystem:
         self.remote.close()
         self.sparse.close()
         self.stop_trace()
+        self.lookups.flush()
         self.journal.closing(self.files)
         self.files.close()
 
@@ -204,7 +204,7 @@ class Filesystem:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve background publications, eviction and the memory limit until cancelled."""
         async with trio.open_nursery() as nursery:
-            self.io.nursery = nursery
+            self.io.nursery = self.lookups.nursery = nursery
             nursery.start_soon(self.caches.eviction.run)
             nursery.start_soon(self.memory.run)
             nursery.start_soon(self.remote.run)
@@ -220,6 +220,7 @@ class Filesystem:
 
     async def collect_garbage(self, threshold: float | None = None) -> GcReport:
         """Run gc in a worker thread (``/.cachefs/control``, the store quota)."""
+        self.lookups.flush()  # orphans released but not yet deleted
         self._collecting += 1
         try:
             report = await trio.to_thread.run_sync(
@@ -263,17 +264,16 @@ class Filesystem:
 
     def figures(self) -> dict[str, Any]:
         """The live figures of the store and the mount (``stats.json``)."""
-        store = self.store
         used, _ = self.namespace.counts()
-        doc: dict[str, Any] = store.stats().as_dict()
+        doc: dict[str, Any] = self.store.stats().as_dict()
         doc |= {
-            "store": str(store.path),
+            "store": str(self.store.path),
             "inodes": used,
             "open_files": len(self.files),
             "ingest_streams": self.publisher.streams.figures(),
-            "corruptions": store.corruptions,
-            "needs_fsck": store.needs_fsck,
-            "recent_damage": store.health.recent,
+            "corruptions": self.store.corruptions,
+            "needs_fsck": self.store.needs_fsck,
+            "recent_damage": self.store.health.recent,
             "errors": self.errors,
             "failsafe": self.failsafe,
             "pid": os.getpid(),
