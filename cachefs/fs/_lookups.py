@@ -50,7 +50,7 @@ class Lookups:
         """Delete every orphan (at mount: nothing can be using them)."""
         purged = self.namespace.purge_orphans()
         if purged:
-            log.info("deleted %d files that were unlinked while open when last mounted", purged)
+            log.info("deleted %d files unlinked while open, or just before the last stop", purged)
 
     def remember(self, ino: int, count: int = 1) -> None:
         self.counts[ino] = self.counts.get(ino, 0) + count
