@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from cachefs.engine import CachefsError, GcReport, Inode, Namespace, Store, StoreFullError
-from cachefs.fs._files import OpenFiles
+from cachefs.fs._files import OpenFile, OpenFiles
 
 if TYPE_CHECKING:
     from cachefs.fs._caches import CacheDir, CacheDirs
@@ -196,29 +196,25 @@ class Eviction:
             return True
         return self.quota is not None and self.stored >= self.quota
 
-    def _members_open(self, cache: CacheDir) -> Iterator[tuple[int, int]]:
-        """(opens, size) of the cache's files that are busy."""
+    def _busy_members(self, cache: CacheDir) -> Iterator[OpenFile]:
+        """The cache's files that are busy (open, written or being published)."""
         members = self.caches.members
         for state in self.files:
             if members.get(state.ino) is cache:
-                yield state.opens, state.size
+                yield state
 
     def _pinned(self, cache: CacheDir) -> int:
         """Bytes of the cache's files that are open (they may not go)."""
-        return sum(size for opens, size in self._members_open(cache) if opens)
+        return sum(state.size for state in self._busy_members(cache) if state.opens)
 
     def _closing(self, cache: CacheDir) -> bool:
-        """Whether files of the cache are closed but still being published
-        (evictable once that is done)."""
-        return any(not opens for opens, _ in self._members_open(cache))
+        """Whether files of the cache are closed but still busy (evictable once
+        their publication is done)."""
+        return any(not state.opens for state in self._busy_members(cache))
 
     def _publishing(self, cache: CacheDir) -> bool:
         """Whether closed files of the cache are being published now."""
-        members = self.caches.members
-        return any(
-            not state.opens and state.publishing and members.get(state.ino) is cache
-            for state in self.files
-        )
+        return any(not s.opens and s.publishing for s in self._busy_members(cache))
 
     def _evictable(self, cache: CacheDir) -> bool:
         return next(self._victims(cache), None) is not None
