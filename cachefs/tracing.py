@@ -25,6 +25,7 @@ it with :func:`in_context`.  Only this module imports ``opentelemetry``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -202,9 +203,7 @@ def child_span(
     tracer = _state.tracer
     if tracer is None:
         return _NOOP
-    from opentelemetry import trace  # noqa: PLC0415
-
-    if not trace.get_current_span().is_recording():
+    if not _in_sampled_trace():
         return _NOOP
     return tracer.start_as_current_span(  # type: ignore[no-any-return]
         name, kind=_kind("internal"), attributes=dict(attributes or {})
@@ -263,13 +262,43 @@ def in_context(fn: Callable[..., T]) -> Callable[..., T]:
     captured = context.get_current()
 
     def run(*args: Any, **kwargs: Any) -> T:
-        token = context.attach(captured)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            context.detach(token)
+        return run_in(captured, functools.partial(fn, *args, **kwargs))
 
     return run
+
+
+def recorded_context() -> Any:
+    """The trace context of the caller when a span is being recorded there
+    (None otherwise): for work done later on its behalf (:func:`run_in`), such
+    as the publication of files released together."""
+    if _state.tracer is None or not _in_sampled_trace():
+        return None
+    from opentelemetry import context  # noqa: PLC0415
+
+    return context.get_current()
+
+
+def _in_sampled_trace() -> bool:
+    """Whether the span in progress (or the one a context taken earlier names,
+    ended since) belongs to a trace that is recorded."""
+    from opentelemetry import trace  # noqa: PLC0415
+
+    current = trace.get_current_span().get_span_context()
+    return bool(current.is_valid and current.trace_flags.sampled)
+
+
+def run_in(captured: Any, fn: Callable[[], T]) -> T:
+    """``fn()`` in a trace context :func:`in_context` or
+    :func:`recorded_context` took (None: in the caller's)."""
+    if captured is None:
+        return fn()
+    from opentelemetry import context  # noqa: PLC0415
+
+    token = context.attach(captured)
+    try:
+        return fn()
+    finally:
+        context.detach(token)
 
 
 def _kind(kind: str) -> Any:
@@ -292,6 +321,8 @@ __all__ = [
     "fuse_sampled",
     "headers",
     "in_context",
+    "recorded_context",
+    "run_in",
     "server_span",
     "set_attribute",
     "shutdown",

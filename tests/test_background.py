@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -34,6 +35,16 @@ async def _write(fs: Filesystem, name: bytes, data: bytes) -> tuple[int, int]:
     for at in range(0, len(data), PIECE):
         await fs.write(fh, at, data[at : at + PIECE])
     return inode.ino, fh
+
+
+async def _write_closed(fs: Filesystem, contents: list[bytes]) -> list[int]:
+    """Files ``f0``, ``f1``... with ``contents``, each written and closed; their inodes."""
+    inos = []
+    for n, data in enumerate(contents):
+        ino, fh = await _write(fs, f"f{n}".encode(), data)
+        await fs.release(fh)
+        inos.append(ino)
+    return inos
 
 
 async def _wait_for(condition: object, what: str, seconds: float = 20.0) -> None:
@@ -95,6 +106,74 @@ async def test_a_failed_background_publication_is_retried_at_close(
             nursery.cancel_scope.cancel()
         fs.close()
         assert check_store(store).clean
+
+
+async def test_small_files_released_together_are_published_together(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small new files released within ``BATCH_DELAY`` of each other (a build's
+    outputs) are published in one publication: one transaction and one sync
+    for all.  One unlinked meanwhile is never published; one opened again
+    meanwhile is published once; readers see every file's bytes throughout."""
+    fs = Filesystem(store)
+    publications: list[int] = []
+    publish = store.publisher.publish
+
+    def counted(objects: list[Any], *, durable: bool) -> None:
+        publications.append(len(objects))
+        publish(objects, durable=durable)
+
+    monkeypatch.setattr(store.publisher, "publish", counted)
+    rng = random.Random(3)
+    contents = [rng.randbytes(rng.randrange(1, 20_000)) for _ in range(12)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run)
+        inos = await _write_closed(fs, contents)
+        fs.unlink(ROOT_INODE, b"f11")
+        assert await _read_all(fs, inos[0], 1 << 20) == contents[0]  # opened again
+        assert publications == [] and all(fs.digest_of(ino).size == 0 for ino in inos[:11])
+        await _wait_for(lambda: publications, "the publication of the files released")
+        assert publications == [11]
+        for ino, data in zip(inos[:11], contents, strict=False):
+            assert fs.digest_of(ino).size == len(data)
+            assert await _read_all(fs, ino, 1 << 20) == data
+        assert len(fs.files) == 0  # every file let go, the unlinked one too
+        await fs.flush_all()
+        assert [n for n in publications if n] == [11]  # a sync: nothing left to publish
+        nursery.cancel_scope.cancel()
+    fs.close()
+    assert fs.errors == 0 and store.stats().files == 11
+    assert check_store(store).clean
+
+
+async def test_files_released_together_that_the_disk_fails_are_published_one_by_one(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A publication of files released together that fails (a full disk)
+    publishes each on its own: those that fit are published, the others keep
+    their writes for the next try, and the error is the file's own."""
+    fs = Filesystem(store)
+    contents = [bytes([n]) * 5000 for n in range(1, 5)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run)
+        inos = await _write_closed(fs, contents)
+        caplog.set_level(logging.INFO)
+        faults.arm("segment.append", "enospc", at=4, repeat=True)  # the 4th file's chunk
+        try:
+            await _wait_for(lambda: fs.errors > 0, "a failed publication")
+            await _wait_for(lambda: len(fs.files) == 1, "the files that fit let go")
+        finally:
+            faults.disarm()
+        assert "publishing 4 files together failed" in caplog.text
+        assert "kept for the next sync, open or unmount" in caplog.text
+        assert [fs.digest_of(ino).size for ino in inos] == [5000, 5000, 5000, 0]
+        assert await _read_all(fs, inos[3], 1 << 20) == contents[3]  # kept its writes
+        await fs.flush_all()  # the next try
+        assert fs.digest_of(inos[3]).size == 5000
+        await _wait_for(lambda: len(fs.files) == 0, "the last file let go")
+        nursery.cancel_scope.cancel()
+    fs.close()
+    assert check_store(store).clean
 
 
 #: A child writes two files that stay open and unpublished until the journal

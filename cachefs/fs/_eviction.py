@@ -221,7 +221,7 @@ class Eviction:
 
     def _victims(self, cache: CacheDir) -> Iterator[int]:
         for ino in cache.policy.victims():
-            if not self.files.busy(ino) and ino in cache.names:
+            if not self.files.held(ino) and ino in cache.names:
                 yield ino
 
     def quota_stuck(self) -> bool:
@@ -339,12 +339,10 @@ class Eviction:
         An evicted file loses every entry it has in the cache, in one
         transaction, and is deleted at once unless it has entries elsewhere
         (a file the kernel still knows reads as gone: its entry is invalidated)."""
-        chosen: list[int] = []
-        planned = 0
+        chosen: dict[int, int] = {}  # inode: size
         for ino in self._victims(cache):
-            chosen.append(ino)
-            planned += self._size_of(ino)
-            if cache.usage - planned <= target or len(chosen) >= _BATCH:
+            chosen[ino] = self._size_of(ino)
+            if cache.usage - sum(chosen.values()) <= target or len(chosen) >= _BATCH:
                 break
         if not chosen:
             return 0, 0
@@ -353,25 +351,29 @@ class Eviction:
         went = {(parent, name, inode.ino) for parent, name, inode in removed}
         final = {inode.ino: inode for _, _, inode in removed}  # the last state of each
         files = freed = 0
-        for ino in chosen:
+        for ino, size in chosen.items():
             inode = final.get(ino)
             if inode is None:  # its entries changed under us: stop following it
                 self.caches.drop(ino)
                 continue
             names = cache.names.get(ino, [])
             files += 1
-            freed += inode.size
+            freed += size
             cache.policy.evict(ino, ghost=names[0] if names else None)
             cache.names.pop(ino, None)
             self.caches.members.pop(ino, None)
             cache.counters["evictions"] += 1
-            cache.counters["bytes_evicted"] += inode.size
+            cache.counters["bytes_evicted"] += size
             for parent, name in names:
                 if (parent, name, ino) in went:
                     self.on_evicted(parent, name, inode)
         return files, freed
 
     def _size_of(self, ino: int) -> int:
+        """A file's size (a closed file waiting to be published: as written)."""
+        size = self.files.size(ino)
+        if size is not None:
+            return size
         try:
             return self.namespace.get(ino).size
         except CachefsError:

@@ -5,8 +5,10 @@ then applied to the file's spool (``_files.py``).  This module also decides
 when a file is published (``_publish.py`` says how): on ``fsync``, when the
 last handle is released, when its unpublished bytes pass the publish
 threshold (in the background), and when the journal passes its limit (the
-files with the most unpublished bytes first, the rest carried over).  Reads
-never wait for publications: they compose the spool and the base.
+files with the most unpublished bytes first, the rest carried over).  Small
+new files released one after another are published together, a moment
+later (``FilePublisher.publish_together``).  Reads never wait for
+publications: they compose the spool and the base.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from cachefs.engine import CachefsError, CorruptDataError, FsError, Namespace, Store
+from cachefs.engine import CachefsError, CorruptDataError, FsError, Inode, Namespace, Store
 from cachefs.errors import HealElsewhere, RemoteError
 from cachefs.format.schema import MAX_FILE_SIZE
 from cachefs.fs._caches import CacheDirs
@@ -39,7 +41,7 @@ from cachefs.fs._files import (
 )
 from cachefs.fs._journal import FileJournal
 from cachefs.fs._lookups import Lookups
-from cachefs.fs._publish import FilePublisher
+from cachefs.fs._publish import BATCH_BYTES, BATCH_DELAY, BATCH_FILES, FilePublisher
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +89,23 @@ class FileIO:
         #: Where background publications run (set while the filesystem runs).
         self.nursery: trio.Nursery | None = None
         self._carrying_over = False
+        #: Released files waiting to be published together, and their bytes.
+        self._released: dict[int, OpenFile] = {}
+        self._released_bytes = 0
+        self._batch_full = trio.Event()
 
-    def unlinked(self, ino: int) -> None:
-        """A file lost its last name: it is an orphan until the kernel forgets it
-        and it is closed; unpublished writes nobody can reach are dropped (an
-        open file keeps them, readable, until it is closed)."""
-        self.lookups.orphans.add(ino)
-        state = self.files.get(ino)
+    def unlinked(self, inode: Inode) -> None:
+        """A file lost an entry (``inode`` as it is now, its size made the size
+        it has with its unpublished writes).  Without a name left it is an
+        orphan until the kernel forgets it and it is closed; unpublished
+        writes nobody can reach are dropped (an open file keeps them, readable,
+        until it is closed)."""
+        state = self.files.get(inode.ino)
+        if state is not None:
+            inode.size = state.size
+        if inode.nlink > 0:
+            return
+        self.lookups.orphans.add(inode.ino)
         if state is not None and state.opens == 0 and state.publishing == 0:
             self._drop_state(state)
 
@@ -311,21 +323,26 @@ class FileIO:
             return b""
         return state.read(offset, end, self.store.iter_object)
 
-    async def _publish_in_background(self, state: OpenFile) -> None:
+    async def _publish_in_background(self, state: OpenFile, *, counted: bool = True) -> None:
+        """Publish a file; ``counted``: this publication holds one of the
+        file's ``publishing`` counts and lets it go when done."""
         try:
             await self.publisher.publish(state, durable=False)
         except CachefsError as exc:
             self.on_error(exc)
-            log.error("publishing inode %d failed (it is retried at close): %s", state.ino, exc)
+            retry = (
+                "it is retried at close" if counted else "kept for the next sync, open or unmount"
+            )
+            log.error("publishing inode %d failed (%s): %s", state.ino, retry, exc)
         finally:
-            state.publishing -= 1
-            if state.opens == 0 and state.publishing == 0:
-                self._drop_state(state)
+            if counted:
+                self._published(state)
 
     async def fsync(self, fh: int, then: Callable[[int], Awaitable[None]] | None = None) -> None:
         """Publish the file durably; then ``then(ino)`` (the remote tiers' wait)."""
         handle = self.handles[fh]
         if isinstance(handle, FileHandle):
+            self._written(handle.file)
             await self.publisher.publish(handle.file, durable=True)
             if then is not None:
                 await then(handle.file.ino)
@@ -339,11 +356,70 @@ class FileIO:
         state.writers -= handle.writable
         if state.opens > 0:
             return
+        self._written(state, writable=handle.writable)
+        if (
+            self.nursery is not None
+            and os.environ.get("CACHEFS_AB_BATCH") != "0"
+            and self.publisher.batchable(state)
+            and self._publish_soon(state, self.nursery)
+        ):
+            return
         try:
             await self.publisher.publish(state, durable=False)
         finally:
             if state.opens == 0 and state.publishing == 0:
                 self._drop_state(state)
+
+    def _written(self, state: OpenFile, *, writable: bool = True) -> None:
+        """Tell the listeners that a file's new content is complete; a file
+        waiting to be published is told of again only after a writer."""
+        if state.changed and (writable or self._released.get(state.ino) is not state):
+            for listener in self.listeners:
+                listener.written(state.ino, state.size)
+
+    def _publish_soon(self, state: OpenFile, nursery: trio.Nursery) -> bool:
+        """Publish a released file with the others released within ``BATCH_DELAY``
+        (False: the filesystem has stopped, publish it now)."""
+        if self._released.get(state.ino) is state:
+            return True  # opened and released again meanwhile
+        if not self._released:
+            try:
+                nursery.start_soon(self._publish_released)
+            except RuntimeError:  # the nursery is closed
+                return False
+        state.publishing += 1
+        state.waiting = True
+        self._released[state.ino] = state
+        self._released_bytes += state.size
+        if self._released_bytes >= BATCH_BYTES or len(self._released) >= BATCH_FILES:
+            self._batch_full.set()
+        return True
+
+    async def _publish_released(self) -> None:
+        states: list[OpenFile] | None = None
+        try:
+            with trio.move_on_after(BATCH_DELAY):
+                await self._batch_full.wait()
+            states = self._take_released()
+            for state in await self.publisher.publish_together(states):
+                await self._publish_in_background(state, counted=False)
+        finally:  # cancelled while waiting: the filesystem stops (flush_all published them)
+            for state in self._take_released() if states is None else states:
+                self._published(state)
+
+    def _take_released(self) -> list[OpenFile]:
+        states = list(self._released.values())
+        self._released = {}
+        self._released_bytes = 0
+        self._batch_full = trio.Event()
+        for state in states:
+            state.waiting = False
+        return states
+
+    def _published(self, state: OpenFile) -> None:
+        state.publishing -= 1
+        if state.opens == 0 and state.publishing == 0:
+            self._drop_state(state)
 
     def settle(self) -> None:
         """Let go of the files nothing holds open any more (after a sync)."""

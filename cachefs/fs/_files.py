@@ -62,6 +62,8 @@ class OpenFile:
     #: Of the opens, those for writing.
     writers: int = 0
     publishing: int = 0
+    #: Released, waiting to be published with others (it may be evicted meanwhile).
+    waiting: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
     #: The content generation handles saw when they opened (for keep_cache).
     generation: int = 0
@@ -310,6 +312,13 @@ class OpenFiles:
     def busy(self, ino: int) -> bool:
         """Whether the file is open, being written or being published."""
         return ino in self._files
+
+    def held(self, ino: int) -> bool:
+        """Whether the file may not be evicted: it is busy, and not a closed
+        file waiting to be published with others (whose publication then
+        finds it gone)."""
+        state = self._files.get(ino)
+        return state is not None and (state.opens > 0 or not state.waiting)
 
     def size(self, ino: int) -> int | None:
         """The size of an open file as it is now (None: not open)."""

@@ -398,8 +398,7 @@ class Filesystem:
         inode = self.store.freeing(
             lambda: self.namespace.remove(parent, name, directory=directory, in_use=in_use)
         )
-        if inode.nlink == 0:
-            self.io.unlinked(ino)
+        self.io.unlinked(inode)
         for listener in self.listeners:
             listener.removed(parent, name, inode)
 
@@ -424,8 +423,7 @@ class Filesystem:
             )
         )
         if replaced is not None:
-            if replaced.nlink == 0:
-                self.io.unlinked(replaced.ino)
+            self.io.unlinked(replaced)
             for listener in self.listeners:
                 listener.replaced(new_parent, new_name, replaced)
         exchanged = target if flags & RENAME_EXCHANGE else None

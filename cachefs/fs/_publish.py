@@ -22,14 +22,23 @@ so that the index never names bytes a machine crash could lose.  Files up to
 ``INLINE_PUBLISH`` bytes are published on the loop's thread (cheaper than a
 hop to a worker thread and back), unless maintenance holds the store: a
 publication then waits for it, which the loop's thread must never do.
+
+Small new files released within ``BATCH_DELAY`` of each other (a build's
+outputs, an unpacked tree) are published together (:meth:`FilePublisher.
+publish_together`): one transaction, and one sync of each segment and of the
+index for all of them, where each file alone costs its own.  A release
+promises nothing durable (``fsync`` does), and the journal keeps their writes
+meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
 import lmdb
 import trio
@@ -43,6 +52,11 @@ log = logging.getLogger(__name__)
 
 #: Files up to this size are published on the event loop's thread.
 INLINE_PUBLISH = 256 * 1024
+#: Seconds a small file released waits to be published with the others of the moment.
+BATCH_DELAY = 0.02
+#: Released files (or their bytes) published together however recent.
+BATCH_FILES = 256
+BATCH_BYTES = 4 * INLINE_PUBLISH
 #: Runs of zeros at least this long that a file never had written (truncated
 #: up, or skipped by a seek) are stored as holes; shorter ones as data.
 HOLE_MIN = 1 << 20
@@ -52,6 +66,15 @@ def _spool_size(state: OpenFile) -> int | None:
     """The length of a file's spool (None: it has none); shorter than the file
     when the file was truncated up (past its end the spool reads as zeros)."""
     return None if state.spool is None else os.fstat(state.spool).st_size
+
+
+def _reading(state: OpenFile) -> BinaryIO:
+    """A file's spool opened for reading on its own (others move the offset of
+    the spool's descriptor: SEEK_DATA)."""
+    try:
+        return open(f"/proc/self/fd/{state.spool}", "rb", buffering=0)
+    except OSError as exc:
+        raise from_oserror(exc, "opening a spool file") from None
 
 
 def _between(holes: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
@@ -130,11 +153,7 @@ class FilePublisher:
         if state.base_limit == 0 and _spool_size(state) == state.size:
             # All of it is in the spool: read it straight, through an open file
             # of its own (others move the offset of the spool's: SEEK_DATA).
-            try:
-                spool = open(f"/proc/self/fd/{state.spool}", "rb", buffering=0)  # noqa: SIM115
-            except OSError as exc:
-                raise from_oserror(exc, "opening a spool file") from None
-            with spool:
+            with _reading(state) as spool:
                 return store.put(spool, on_publish=hook)
         if base is None or state.base_limit == 0 or base_holes:
             return store.put(state.compose(store.iter_object), on_publish=hook)
@@ -174,6 +193,66 @@ class FilePublisher:
                 self.on_published(state)
         finally:
             state.publishing -= 1
+
+    def batchable(self, state: OpenFile) -> bool:
+        """Whether a released file may wait to be published with others: new
+        (no base), small, all of it in the spool, changed."""
+        return (
+            state.changed
+            and 0 < state.size <= INLINE_PUBLISH
+            and state.base_limit == 0
+            and state.stream is None
+            and _spool_size(state) == state.size
+        )
+
+    async def publish_together(self, states: list[OpenFile]) -> list[OpenFile]:
+        """Publish released files in one publication (those ``batchable`` still,
+        once their locks are taken); return those left to :meth:`publish`."""
+        taken: list[OpenFile] = []
+        left: list[OpenFile] = []
+        batch: list[OpenFile] = []
+        for state in states:
+            try:
+                state.lock.acquire_nowait()  # else busy: published alone
+            except trio.WouldBlock:
+                left.append(state)
+            else:
+                taken.append(state)
+        try:
+            for state in taken:
+                if state.changed and self.orphaned(state.ino):
+                    self.streams.abandon(state, "unlinked")
+                elif self.batchable(state):
+                    batch.append(state)
+                elif state.changed:
+                    left.append(state)
+            if len(batch) > 1:
+                digests = await self._store_together(batch)
+                for state, digest in zip(batch, digests, strict=True):
+                    state.stored(digest)
+                    self.on_published(state)
+            else:
+                left += batch
+        except CachefsError as exc:  # e.g. the disk is full: each on its own tells
+            log.info("publishing %d files together failed (%s): one at a time", len(batch), exc)
+            left += batch
+        finally:
+            for state in taken:
+                state.lock.release()
+        return left
+
+    async def _store_together(self, states: list[OpenFile]) -> list[Digest]:
+        """The content of files wholly in their spools, in one publication."""
+
+        def store() -> list[Digest]:
+            with contextlib.ExitStack() as stack:
+                items = [(stack.enter_context(_reading(s)), None, self.hook(s)) for s in states]
+                digests = self.store.put_many(items)
+            return [d for d in digests if isinstance(d, Digest)]
+
+        if not self.maintenance() and not self.streams.running:
+            return store()
+        return await trio.to_thread.run_sync(store, limiter=self.limiter)
 
     async def _store(self, state: OpenFile, *, durable: bool) -> Digest | None:
         """``store_content`` where it is cheapest (the caller holds the lock)."""

@@ -113,6 +113,9 @@ class SharedDirs(FsEvents):
         if cache is not None and cache.shared is not None and ino not in self._arriving:
             self._settling[ino] = time.monotonic()
 
+    def written(self, ino: int, size: int) -> None:
+        self._touched(ino)  # settling from now: its publication may wait a moment
+
     def published(self, ino: int, size: int) -> None:
         self._touched(ino)
 

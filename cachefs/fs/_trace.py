@@ -9,7 +9,8 @@ for ``scripts/bench_cache.py`` to replay through the eviction policies::
 ``t`` is seconds since the recording started; ``path`` is relative to the
 mount's root.  Ops: ``open`` (an existing file opened: a request of ``size``
 bytes), ``miss`` (the lookup of a missing name), ``create`` (a file created),
-``write`` (a file's new content published, ``size`` its length), ``rename``
+``write`` (a file's new content complete: closed or fsynced after writes,
+``size`` its length), ``rename``
 (``path`` moved to ``dest``), ``unlink`` (an entry removed).  Files under a
 cache directory carry ``"cache"``: that directory's path.
 
@@ -165,7 +166,7 @@ class TraceRecorder(FsEvents):
         self._emit("rename", old[0], old[1], 0, dest=self._path(*new))
         self._named(moved.ino, *new)
 
-    def published(self, ino: int, size: int) -> None:
+    def written(self, ino: int, size: int) -> None:
         self._file_event("write", ino, size)
 
     def evicted(self, parent: int, name: bytes, inode: Inode) -> None:
