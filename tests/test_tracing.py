@@ -116,6 +116,9 @@ def test_a_mount_traces_a_share_of_fuse_requests_and_gc(
         with mounted(tmp_path / "store", mnt, *args):
             for n in range(5):
                 (mnt / f"f{n}").write_bytes(os.urandom(10_000))
+            # Published a moment after their releases, together, in the trace
+            # of the first (unlinked before, they would not be published).
+            wait_for(lambda: spans.named("cachefs publish"))
             for n in range(5):
                 (mnt / f"f{n}").unlink()
             cachefs("gc", str(mnt))

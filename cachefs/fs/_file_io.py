@@ -19,9 +19,11 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
+from cachefs import tracing
 from cachefs.engine import CachefsError, CorruptDataError, FsError, Inode, Namespace, Store
 from cachefs.errors import HealElsewhere, RemoteError
 from cachefs.format.schema import MAX_FILE_SIZE
@@ -93,6 +95,9 @@ class FileIO:
         self._released: dict[int, OpenFile] = {}
         self._released_bytes = 0
         self._batch_full = trio.Event()
+        #: The trace context of the first traced release among them (its
+        #: request's span is the parent of their publication's).
+        self._released_trace: Any = None
 
     def unlinked(self, inode: Inode) -> None:
         """A file lost an entry (``inode`` as it is now, its size made the size
@@ -359,7 +364,6 @@ class FileIO:
         self._written(state, writable=handle.writable)
         if (
             self.nursery is not None
-            and os.environ.get("CACHEFS_AB_BATCH") != "0"
             and self.publisher.batchable(state)
             and self._publish_soon(state, self.nursery)
         ):
@@ -389,6 +393,8 @@ class FileIO:
                 return False
         state.publishing += 1
         state.waiting = True
+        if self._released_trace is None:
+            self._released_trace = tracing.recorded_context()
         self._released[state.ino] = state
         self._released_bytes += state.size
         if self._released_bytes >= BATCH_BYTES or len(self._released) >= BATCH_FILES:
@@ -400,8 +406,9 @@ class FileIO:
         try:
             with trio.move_on_after(BATCH_DELAY):
                 await self._batch_full.wait()
+            trace = self._released_trace
             states = self._take_released()
-            for state in await self.publisher.publish_together(states):
+            for state in await self.publisher.publish_together(states, trace):
                 await self._publish_in_background(state, counted=False)
         finally:  # cancelled while waiting: the filesystem stops (flush_all published them)
             for state in self._take_released() if states is None else states:
@@ -412,6 +419,7 @@ class FileIO:
         self._released = {}
         self._released_bytes = 0
         self._batch_full = trio.Event()
+        self._released_trace = None
         for state in states:
             state.waiting = False
         return states

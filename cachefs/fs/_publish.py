@@ -38,11 +38,12 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Iterable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import lmdb
 import trio
 
+from cachefs import tracing
 from cachefs.engine import CachefsError, Digest, FsError, Namespace, Store
 from cachefs.errors import from_oserror
 from cachefs.fs._files import OpenFile
@@ -205,9 +206,10 @@ class FilePublisher:
             and _spool_size(state) == state.size
         )
 
-    async def publish_together(self, states: list[OpenFile]) -> list[OpenFile]:
+    async def publish_together(self, states: list[OpenFile], trace: Any = None) -> list[OpenFile]:
         """Publish released files in one publication (those ``batchable`` still,
-        once their locks are taken); return those left to :meth:`publish`."""
+        once their locks are taken); return those left to :meth:`publish`.
+        ``trace``: the trace context to publish in (``tracing.recorded_context``)."""
         taken: list[OpenFile] = []
         left: list[OpenFile] = []
         batch: list[OpenFile] = []
@@ -227,7 +229,7 @@ class FilePublisher:
                 elif state.changed:
                     left.append(state)
             if len(batch) > 1:
-                digests = await self._store_together(batch)
+                digests = await self._store_together(batch, trace)
                 for state, digest in zip(batch, digests, strict=True):
                     state.stored(digest)
                     self.on_published(state)
@@ -241,14 +243,17 @@ class FilePublisher:
                 state.lock.release()
         return left
 
-    async def _store_together(self, states: list[OpenFile]) -> list[Digest]:
+    async def _store_together(self, states: list[OpenFile], trace: Any) -> list[Digest]:
         """The content of files wholly in their spools, in one publication."""
 
-        def store() -> list[Digest]:
+        def put() -> list[Digest]:
             with contextlib.ExitStack() as stack:
                 items = [(stack.enter_context(_reading(s)), None, self.hook(s)) for s in states]
                 digests = self.store.put_many(items)
             return [d for d in digests if isinstance(d, Digest)]
+
+        def store() -> list[Digest]:
+            return tracing.run_in(trace, put)
 
         if not self.maintenance() and not self.streams.running:
             return store()
