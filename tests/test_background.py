@@ -5,6 +5,7 @@ unpublished.  Each one also when the disk fails it (``cachefs.faults``)."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -22,7 +23,7 @@ import trio
 
 from cachefs import faults
 from cachefs.engine import ROOT_INODE, CachefsError, FsError, Store, check_store
-from cachefs.fs import Filesystem
+from cachefs.fs import Filesystem, FsEvents
 from tests.conftest import SMALL_CONFIG, flip_first_chunk
 
 PIECE = 64 * 1024
@@ -63,15 +64,28 @@ async def _read_all(fs: Filesystem, ino: int, size: int) -> bytes:
         await fs.release(fh)
 
 
+class _Written(FsEvents):
+    """Counts the ``written`` events of each inode."""
+
+    def __init__(self) -> None:
+        self.told: collections.Counter[int] = collections.Counter()
+
+    def written(self, ino: int, size: int) -> None:
+        self.told[ino] += 1
+
+
 async def test_a_file_past_the_threshold_is_published_while_open(store_path: Path) -> None:
     data = random.Random(1).randbytes(1 << 20)
     with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
         fs = Filesystem(store, publish_threshold=256 * 1024)
+        written = _Written()
+        fs.listeners.add(written)
         async with trio.open_nursery() as nursery:
             await nursery.start(fs.run)
             ino, fh = await _write(fs, b"big", data)
             # Published in the background, the handle still open.
             await _wait_for(lambda: fs.digest_of(ino).size > 0, "a background publication")
+            assert written.told[ino] >= 1  # a trace records each such write
             await fs.fsync(fh)
             assert fs.digest_of(ino).size == len(data)
             await fs.release(fh)
@@ -124,6 +138,8 @@ async def test_small_files_released_together_are_published_together(
         publish(objects, durable=durable)
 
     monkeypatch.setattr(store.publisher, "publish", counted)
+    written = _Written()
+    fs.listeners.add(written)
     rng = random.Random(3)
     contents = [rng.randbytes(rng.randrange(1, 20_000)) for _ in range(12)]
     async with trio.open_nursery() as nursery:
@@ -132,6 +148,7 @@ async def test_small_files_released_together_are_published_together(
         fs.unlink(ROOT_INODE, b"f11")
         assert await _read_all(fs, inos[0], 1 << 20) == contents[0]  # opened again
         assert publications == [] and all(fs.digest_of(ino).size == 0 for ino in inos[:11])
+        assert written.told == dict.fromkeys(inos, 1)  # at each close, not again at a reader's
         await _wait_for(lambda: publications, "the publication of the files released")
         assert publications == [11]
         for ino, data in zip(inos[:11], contents, strict=False):
@@ -184,7 +201,7 @@ CHILD = textwrap.dedent(
     import os, stat, sys
     import trio
     from cachefs.engine import ROOT_INODE, Store
-    from cachefs.fs import Filesystem
+    from cachefs.fs import Filesystem, FsEvents
 
     async def main(path, seed):
         import random

@@ -56,8 +56,9 @@ class FsEvents:
         """A file's size changed (writes past its end, truncation)."""
 
     def written(self, ino: int, size: int) -> None:
-        """A file's new content is complete: ``fsync``, or its last close, found
-        writes to publish (published now, or moments later with others)."""
+        """A file's new content is complete: ``fsync``, its last close, or its
+        unpublished bytes passing the publish threshold found writes to
+        publish (published now, or moments later with others)."""
 
     def published(self, ino: int, size: int) -> None:
         """A file's new content was published."""

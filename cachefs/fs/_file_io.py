@@ -329,8 +329,11 @@ class FileIO:
         return state.read(offset, end, self.store.iter_object)
 
     async def _publish_in_background(self, state: OpenFile, *, counted: bool = True) -> None:
-        """Publish a file; ``counted``: this publication holds one of the
-        file's ``publishing`` counts and lets it go when done."""
+        """Publish a file; ``counted``: this publication (past the publish
+        threshold) holds one of the file's ``publishing`` counts and lets it go
+        when done, and its content so far is told of as written."""
+        if counted:
+            self._written(state)
         try:
             await self.publisher.publish(state, durable=False)
         except CachefsError as exc:
