@@ -23,6 +23,7 @@ import trio
 
 from cachefs import faults
 from cachefs.engine import ROOT_INODE, CachefsError, FsError, Store, check_store
+from cachefs.errors import IndexCorruptError
 from cachefs.fs import Filesystem, FsEvents
 from tests.conftest import SMALL_CONFIG, flip_first_chunk
 
@@ -147,8 +148,12 @@ async def test_small_files_released_together_are_published_together(
         inos = await _write_closed(fs, contents)
         fs.unlink(ROOT_INODE, b"f11")
         assert await _read_all(fs, inos[0], 1 << 20) == contents[0]  # opened again
+        gone, fh = await _write(fs, b"gone", b"unlinked while open")
+        fs.unlink(ROOT_INODE, b"gone")
+        await fs.release(fh)  # closed without a name: not written, never published
         assert publications == [] and all(fs.digest_of(ino).size == 0 for ino in inos[:11])
         assert written.told == dict.fromkeys(inos, 1)  # at each close, not again at a reader's
+        assert gone not in written.told
         await _wait_for(lambda: publications, "the publication of the files released")
         assert publications == [11]
         for ino, data in zip(inos[:11], contents, strict=False):
@@ -161,6 +166,31 @@ async def test_small_files_released_together_are_published_together(
     fs.close()
     assert fs.errors == 0 and store.stats().files == 11
     assert check_store(store).clean
+
+
+async def test_damage_met_by_files_released_together_is_the_store_s_to_know(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A publication of files released together that meets a damaged index
+    counts the damage and turns the mount read-only, as a request would; the
+    files keep their writes."""
+    fs = Filesystem(store)
+
+    def damaged(*args: Any, **kwargs: Any) -> None:
+        raise IndexCorruptError("index page 7 fails its checksum")
+
+    monkeypatch.setattr(store, "put_many", damaged)
+    contents = [b"one" * 100, b"two" * 100]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run)
+        inos = await _write_closed(fs, contents)
+        await _wait_for(lambda: fs.errors > 0, "the failed publication")
+        assert fs.failsafe is not None and store.needs_fsck
+        assert "publishing 2 files released together failed" in caplog.text
+        assert [fs.digest_of(ino).size for ino in inos] == [0, 0]
+        assert [await _read_all(fs, ino, 1000) for ino in inos] == contents
+        nursery.cancel_scope.cancel()
+    fs.close()
 
 
 async def test_files_released_together_that_the_disk_fails_are_published_one_by_one(

@@ -356,6 +356,7 @@ class Eviction:
             if inode is None:  # its entries changed under us: stop following it
                 self.caches.drop(ino)
                 continue
+            inode.size = size  # with the writes of a file that waited to be published
             names = cache.names.get(ino, [])
             files += 1
             freed += size

@@ -25,7 +25,7 @@ import trio
 
 from cachefs import tracing
 from cachefs.engine import CachefsError, CorruptDataError, FsError, Inode, Namespace, Store
-from cachefs.errors import HealElsewhere, RemoteError
+from cachefs.errors import HealElsewhere, RemoteError, from_oserror
 from cachefs.format.schema import MAX_FILE_SIZE
 from cachefs.fs._caches import CacheDirs
 from cachefs.fs._control import ControlTree, is_virtual
@@ -98,6 +98,7 @@ class FileIO:
         #: The trace context of the first traced release among them (its
         #: request's span is the parent of their publication's).
         self._released_trace: Any = None
+        publisher.on_written = self._written
 
     def unlinked(self, inode: Inode) -> None:
         """A file lost an entry (``inode`` as it is now, its size made the size
@@ -329,19 +330,18 @@ class FileIO:
         return state.read(offset, end, self.store.iter_object)
 
     async def _publish_in_background(self, state: OpenFile, *, counted: bool = True) -> None:
-        """Publish a file; ``counted``: this publication (past the publish
-        threshold) holds one of the file's ``publishing`` counts and lets it go
-        when done, and its content so far is told of as written."""
-        if counted:
-            self._written(state)
+        """Publish a file; ``counted``: this publication holds one of the
+        file's ``publishing`` counts and lets it go when done (else it is one
+        that a batch left, whose content was told of as written)."""
         try:
-            await self.publisher.publish(state, durable=False)
-        except CachefsError as exc:
-            self.on_error(exc)
+            await self.publisher.publish(state, durable=False, told=not counted)
+        except (CachefsError, OSError) as exc:  # OSError: the spool's disk
+            error = exc if isinstance(exc, CachefsError) else from_oserror(exc, "publishing")
+            self.on_error(error)
             retry = (
                 "it is retried at close" if counted else "kept for the next sync, open or unmount"
             )
-            log.error("publishing inode %d failed (%s): %s", state.ino, retry, exc)
+            log.error("publishing inode %d failed (%s): %s", state.ino, retry, error)
         finally:
             if counted:
                 self._published(state)
@@ -350,7 +350,6 @@ class FileIO:
         """Publish the file durably; then ``then(ino)`` (the remote tiers' wait)."""
         handle = self.handles[fh]
         if isinstance(handle, FileHandle):
-            self._written(handle.file)
             await self.publisher.publish(handle.file, durable=True)
             if then is not None:
                 await then(handle.file.ino)
@@ -364,11 +363,10 @@ class FileIO:
         state.writers -= handle.writable
         if state.opens > 0:
             return
-        self._written(state, writable=handle.writable)
         if (
             self.nursery is not None
             and self.publisher.batchable(state)
-            and self._publish_soon(state, self.nursery)
+            and self._publish_soon(state, self.nursery, writable=handle.writable)
         ):
             return
         try:
@@ -377,23 +375,26 @@ class FileIO:
             if state.opens == 0 and state.publishing == 0:
                 self._drop_state(state)
 
-    def _written(self, state: OpenFile, *, writable: bool = True) -> None:
-        """Tell the listeners that a file's new content is complete; a file
-        waiting to be published is told of again only after a writer."""
-        if state.changed and (writable or self._released.get(state.ino) is not state):
-            for listener in self.listeners:
-                listener.written(state.ino, state.size)
+    def _written(self, state: OpenFile) -> None:
+        """Tell the listeners that a file's new content is complete."""
+        for listener in self.listeners:
+            listener.written(state.ino, state.size)
 
-    def _publish_soon(self, state: OpenFile, nursery: trio.Nursery) -> bool:
+    def _publish_soon(self, state: OpenFile, nursery: trio.Nursery, *, writable: bool) -> bool:
         """Publish a released file with the others released within ``BATCH_DELAY``
-        (False: the filesystem has stopped, publish it now)."""
-        if self._released.get(state.ino) is state:
-            return True  # opened and released again meanwhile
+        (False: the filesystem has stopped, publish it now).  Its content is
+        told of as written now (again only after a writer's release), unless
+        it has no name left."""
+        waiting = self._released.get(state.ino) is state
         if not self._released:
             try:
                 nursery.start_soon(self._publish_released)
             except RuntimeError:  # the nursery is closed
                 return False
+        if (writable or not waiting) and state.ino not in self.lookups.orphans:
+            self._written(state)
+        if waiting:
+            return True  # opened and released again meanwhile
         state.publishing += 1
         state.waiting = True
         if self._released_trace is None:
@@ -411,7 +412,13 @@ class FileIO:
                 await self._batch_full.wait()
             trace = self._released_trace
             states = self._take_released()
-            for state in await self.publisher.publish_together(states, trace):
+            try:
+                left = await self.publisher.publish_together(states, trace)
+            except CachefsError as exc:  # damage: counted (the index's: read-only)
+                self.on_error(exc)
+                log.error("publishing %d files released together failed: %s", len(states), exc)
+                return
+            for state in left:
                 await self._publish_in_background(state, counted=False)
         finally:  # cancelled while waiting: the filesystem stops (flush_all published them)
             for state in self._take_released() if states is None else states:

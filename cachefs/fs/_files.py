@@ -316,9 +316,9 @@ class OpenFiles:
     def held(self, ino: int) -> bool:
         """Whether the file may not be evicted: it is busy, and not a closed
         file waiting to be published with others (whose publication then
-        finds it gone)."""
+        finds it gone) while no publication of it runs (its lock free)."""
         state = self._files.get(ino)
-        return state is not None and (state.opens > 0 or not state.waiting)
+        return state is not None and (state.opens > 0 or not state.waiting or state.lock.locked())
 
     def size(self, ino: int) -> int | None:
         """The size of an open file as it is now (None: not open)."""

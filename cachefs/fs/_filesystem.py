@@ -261,6 +261,8 @@ class Filesystem:
 
     def _background_error(self, exc: CachefsError) -> None:
         self.errors += 1
+        if isinstance(exc, CorruptDataError):  # as a request's: counted; the index's: read-only
+            self.damaged(exc)
 
     def figures(self) -> dict[str, Any]:
         """The live figures of the store and the mount (``stats.json``)."""

@@ -44,7 +44,7 @@ import lmdb
 import trio
 
 from cachefs import tracing
-from cachefs.engine import CachefsError, Digest, FsError, Namespace, Store
+from cachefs.engine import CachefsError, CorruptDataError, Digest, FsError, Namespace, Store
 from cachefs.errors import from_oserror
 from cachefs.fs._files import OpenFile
 from cachefs.fs._streams import Hook, Streams
@@ -112,6 +112,9 @@ class FilePublisher:
         self.maintenance = maintenance
         #: Files ingested as they are written (``_streams.py``).
         self.streams = Streams(store, self.hook)
+        #: Told of a file whose new content a publication is about to store
+        #: (set by the file I/O: it tells the listeners).
+        self.on_written: Callable[[OpenFile], None] = lambda state: None
 
     def hook(self, state: OpenFile) -> Hook:
         """What a publication of ``state`` runs in its transaction: the inode
@@ -174,8 +177,9 @@ class FilePublisher:
         """Store a state's content durably, here and now (journal replay)."""
         state.stored(self.store_content(state, durable=True))
 
-    async def publish(self, state: OpenFile, *, durable: bool) -> None:
-        """Store the file's new content and point its inode at it."""
+    async def publish(self, state: OpenFile, *, durable: bool, told: bool = False) -> None:
+        """Store the file's new content and point its inode at it (``on_written``
+        first, unless the caller has ``told`` of it)."""
         state.publishing += 1
         try:
             async with state.lock:
@@ -187,6 +191,8 @@ class FilePublisher:
                     if durable:
                         await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
                     return
+                if not told:
+                    self.on_written(state)
                 digest = await self.streams.take(state)  # ingested as it was written
                 if digest is None:
                     digest = await self._store(state, durable=durable)
@@ -235,7 +241,9 @@ class FilePublisher:
                     self.on_published(state)
             else:
                 left += batch
-        except CachefsError as exc:  # e.g. the disk is full: each on its own tells
+        except (CachefsError, OSError) as exc:  # e.g. the disk is full: each alone tells
+            if isinstance(exc, CorruptDataError):
+                raise  # damage: the caller tells the store; the files keep their writes
             log.info("publishing %d files together failed (%s): one at a time", len(batch), exc)
             left += batch
         finally:

@@ -260,6 +260,7 @@ class StoredFiles:
         """File ``inode`` was stored as ``name`` in ``parent`` (:meth:`store_file`)."""
         for listener in self.listeners:
             listener.created(parent, name, inode)
+            listener.written(inode.ino, inode.size)
             listener.published(inode.ino, inode.size)
 
     def replace(self, parent: int, temporary: bytes, name: bytes) -> None:
