@@ -9,6 +9,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -24,7 +25,7 @@ from cachefs.engine import (
     check_store,
 )
 from cachefs.format.schema import INO_KEY, INO_VALUE, ROOT_INODE, dirent_key
-from cachefs.fs import Filesystem, OpenFile
+from cachefs.fs import Filesystem, OpenFile, _files
 
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
@@ -198,6 +199,31 @@ def test_open_file_extents_match_a_bytearray(base: bytes, operations: list) -> N
     extents = state.dirty
     assert all(s < e <= state.base_limit for s, e in extents)
     assert all(a[1] < b[0] for a, b in itertools.pairwise(extents))
+
+
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "without"])
+def test_a_spool_has_no_name_with_or_without_o_tmpfile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
+) -> None:
+    """A spool is a file with no name: made with O_TMPFILE, or, on a file
+    system without it (tried once), made and unlinked at once."""
+    real_open = os.open
+
+    def opening(path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        if not tmpfile and flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(_files, "_tmpfile", {"usable": True})
+    monkeypatch.setattr(os, "open", opening)
+    states = [OpenFile(n, None, 0, 0, spool_dir=tmp_path) for n in (1, 2)]
+    for n, state in enumerate(states):
+        assert state.apply_write(0, b"spooled %d" % n) == 9
+    assert [os.pread(state.spool_fd(), 100, 0) for state in states] == [b"spooled 0", b"spooled 1"]
+    assert os.listdir(tmp_path) == []
+    assert _files._tmpfile == {"usable": tmpfile}
+    for state in states:
+        state.close()
 
 
 async def test_filesystem_write_publish_and_read(store_path: Path) -> None:

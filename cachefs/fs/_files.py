@@ -123,14 +123,12 @@ class OpenFile:
     # --- the spool ---------------------------------------------------------------
 
     def spool_fd(self) -> int:
-        """The spool's descriptor, made on first use (scratch space: its name is
-        unlinked at once, so it goes with the descriptor)."""
+        """The spool's descriptor, made on first use (scratch space with no
+        name, so it goes with the descriptor: ``_scratch_file``)."""
         if self.spool is None:
             assert self.spool_dir is not None, "an OpenFile made without a spool directory"
-            path = self.spool_dir / f"file-{self.ino}"
             try:
-                self.spool = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-                os.unlink(path)
+                self.spool = _scratch_file(self.spool_dir, f"file-{self.ino}")
             except OSError as exc:
                 raise from_oserror(exc, "creating a spool file") from None
         return self.spool
@@ -265,6 +263,33 @@ class OpenFile:
         if self.spool is not None:
             os.close(self.spool)
             self.spool = None
+
+
+#: Whether ``O_TMPFILE`` may work where the spools are (a file system without
+#: it fails the first try; the spools are then made and unlinked at once).
+_tmpfile = {"usable": hasattr(os, "O_TMPFILE")}
+
+
+def _scratch_file(directory: Path, name: str) -> int:
+    """A new file in ``directory`` with no name: one call with ``O_TMPFILE``
+    (no directory entry made and removed per file), else ``name`` made and
+    unlinked at once."""
+    if _tmpfile["usable"]:
+        try:
+            return os.open(directory, os.O_RDWR | os.O_TMPFILE, 0o600)
+        except OSError as exc:
+            # EISDIR: a kernel without O_TMPFILE; EOPNOTSUPP: a file system without it.
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            _tmpfile["usable"] = False
+    path = directory / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.unlink(path)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def joined(pieces: Iterator[bytes | memoryview]) -> bytes | memoryview:
