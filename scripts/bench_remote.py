@@ -6,14 +6,15 @@ both ``--remote s3://...`` of one SeaweedFS S3 gateway on 127.0.0.1, both under
 --shared``.  Every figure is the median of ``--runs`` runs, each run on a fresh SeaweedFS
 and fresh stores, and each baseline is measured in the same run, against the same
 endpoint, with the client library cachefs uses (obstore) and its parallelism
-(``--threads``, 16: ``FETCH_AHEAD`` of cachefs/remote/_tiers.py):
+(``--threads``, 16: ``FETCH_AHEAD`` of cachefs/remote/_transfer.py):
 
 * cold read of a ``--large`` file (1 GiB of random bytes) that only the remote holds
   for B: written on A, pushed, then opened and read on B in 1 MiB pieces (the lookup
   fetches it, verified, into B's store).  Baseline: the same chunks (A's recipe of the
-  file: the objects ``PREFIX/cas/<hex>``) fetched with ``obstore.get`` on ``--threads``
-  threads, each checked against its SHA-256.  Ratio: baseline s / cachefs s (goal
-  >= 0.7);
+  file) fetched with ``obstore.get`` on ``--threads`` threads as the bucket holds them
+  -- the packs that hold them whole (cachefs/remote/_packs.py), the others as the
+  objects ``PREFIX/cas/<hex>`` -- each checked against its SHA-256.  Ratio: baseline
+  s / cachefs s (goal >= 0.7);
 * cold read of a tree of ``--small-count`` files of 4-16 KiB (random bytes, in 256
   directories ``x/y/`` as ccache lays out its cache) that only the remote holds for B,
   read by name on ``--threads`` threads (a listing of a shared directory shows only what
@@ -84,6 +85,7 @@ from obstore.store import S3Store
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cachefs.engine import Digest, Store
+from cachefs.remote._packs import parse_index
 from tests import clients
 from tests.mounting import Mount, cachefs, content_digest, live_stats, start, stop
 from tests.seaweed import BUCKET, Seaweed, seaweed
@@ -319,17 +321,41 @@ def chunks_of(store: Path, digests: list[str]) -> list[Digest]:
 
 
 def direct_get(s3: S3Store, chunks: list[Digest], threads: int) -> float:
-    """Seconds to GET every chunk on ``threads`` threads, each checked as cachefs does."""
+    """Seconds to GET every chunk on ``threads`` threads, each checked as cachefs
+    does, as the bucket holds it: the packs that hold chunks (their indexes read
+    first, untimed), whole, and the other chunks one object each."""
+    places: dict[bytes, tuple[str, int]] = {}
+    for page in obstore.list(s3, "index"):
+        for meta in page:
+            for record in parse_index(bytes(obstore.get(s3, meta["path"]).bytes())):
+                offset = 0
+                for chunk in record.chunks:
+                    places.setdefault(chunk.hash, (f"packs/{record.name.hex()}", offset))
+                    offset += chunk.size
+    packs: dict[str, list[tuple[Digest, int]]] = {}
+    loose: list[Digest] = []
+    for chunk in chunks:
+        if chunk.hash in places:
+            key, offset = places[chunk.hash]
+            packs.setdefault(key, []).append((chunk, offset))
+        else:
+            loose.append(chunk)
 
-    def get(chunk: Digest) -> int:
-        data = obstore.get(s3, f"cas/{chunk.hex}").bytes()
+    def check(chunk: Digest, data: bytes | memoryview) -> int:
         if len(data) != chunk.size or hashlib.sha256(data).digest() != chunk.hash:
             raise RuntimeError(f"direct GET of {chunk} came back wrong")
         return len(data)
 
+    def get(chunk: Digest) -> int:
+        return check(chunk, memoryview(obstore.get(s3, f"cas/{chunk.hex}").bytes()))
+
+    def get_pack(key: str) -> int:
+        data = memoryview(obstore.get(s3, key).bytes())
+        return sum(check(c, data[at : at + c.size]) for c, at in packs[key])
+
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        got = sum(pool.map(get, chunks))
+        got = sum(pool.map(get_pack, packs)) + sum(pool.map(get, loose))
     seconds = time.perf_counter() - start
     assert got == sum(c.size for c in chunks)
     return seconds

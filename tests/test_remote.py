@@ -276,6 +276,7 @@ class Memory:
         self.actions: dict[Digest, re_pb2.ActionResult] = {}
         self.docs: dict[str, bytes] = {}
         self.documents = self if documents else None
+        self.packs = None
         self.down = False
         self.calls = 0
         self.streams = True

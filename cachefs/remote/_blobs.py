@@ -16,13 +16,18 @@ lookup in it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError
 
 from cachefs.errors import RemoteError
 from cachefs.format.digest import Digest, DigestFunction
 from cachefs.protocol import re_pb2
+
+if TYPE_CHECKING:
+    from cachefs.remote._packs import PackStore
+
+B = TypeVar("B", bytes, memoryview)
 
 
 class Documents(Protocol):
@@ -98,6 +103,11 @@ class Remote(Protocol):
         """Its documents, if it keeps them (else None: the action cache only)."""
         ...
 
+    @property
+    def packs(self) -> PackStore | None:
+        """Its packs of chunks, if it keeps them (a bucket: ``_packs.py``)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -115,7 +125,7 @@ def action_result(data: bytes, name: str, what: str) -> re_pb2.ActionResult:
     return result
 
 
-def verified(name: str, function: DigestFunction, digest: Digest, data: bytes) -> bytes:
+def verified(name: str, function: DigestFunction, digest: Digest, data: B) -> B:
     """``data`` if it is the blob of ``digest``; else RemoteError naming ``name``."""
     if len(data) != digest.size:
         raise RemoteError(

@@ -20,6 +20,7 @@ from cachefs.errors import NotFoundError
 from cachefs.format.digest import Digest
 from cachefs.protocol import re_pb2
 from cachefs.remote._blobs import Documents, Remote
+from cachefs.remote._packs import RUN_BYTES, SYNC_PUSH, PackRecord, PackStore
 from cachefs.remote._shards import ShardGroup
 from cachefs.remote._tiers import Tier
 
@@ -82,6 +83,8 @@ class Metered:
         self._timed = _Timed(meter, tier, remote.name)
         documents = remote.documents
         self._documents = None if documents is None else MeteredDocuments(documents, self._timed)
+        packs = remote.packs
+        self._packs = None if packs is None else MeteredPacks(packs, self._timed)
 
     def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         return self._timed.call("find_missing", lambda: self.inner.find_missing(digests))
@@ -120,6 +123,10 @@ class Metered:
     def documents(self) -> Documents | None:
         return self._documents
 
+    @property
+    def packs(self) -> PackStore | None:
+        return self._packs
+
     def close(self) -> None:
         self.inner.close()
 
@@ -148,6 +155,35 @@ class MeteredDocuments:
         self._timed.call("delete_document", lambda: self.inner.delete_document(key))
 
 
+class MeteredPacks:
+    """A remote's packs, measured (what only asks the index here is not a request)."""
+
+    def __init__(self, packs: PackStore, timed: _Timed) -> None:
+        self.inner = packs
+        self._timed = timed
+
+    def missing(self, digests: Sequence[Digest], age: float = SYNC_PUSH) -> list[Digest]:
+        return self.inner.missing(digests, age)
+
+    def placed(self, digest: Digest, age: float | None = None) -> bool:
+        return self.inner.placed(digest, age)
+
+    def run(self, digests: Sequence[Digest], limit: int = RUN_BYTES) -> int:
+        return self.inner.run(digests, limit)
+
+    def read_run(self, digests: Sequence[Digest]) -> list[memoryview]:
+        return self._timed.call(
+            "read_pack", lambda: self.inner.read_run(digests), received=lambda c: sum(map(len, c))
+        )
+
+    def put_pack(self, blobs: Sequence[tuple[Digest, bytes | memoryview]]) -> PackRecord:
+        sent = sum(len(data) for _, data in blobs)
+        return self._timed.call("write_pack", lambda: self.inner.put_pack(blobs), sent=sent)
+
+    def put_index(self, records: Sequence[PackRecord]) -> None:
+        self._timed.call("write_pack_index", lambda: self.inner.put_index(records))
+
+
 def measure(tiers: Sequence[Tier], meter: Callable[[str, str], RemoteMeter] | None = None) -> None:
     """Measure (with ``meter(tier, endpoint)``, the instruments of one) and
     trace every endpoint of ``tiers``; a tier is named by its remote's name.
@@ -167,4 +203,4 @@ def measure(tiers: Sequence[Tier], meter: Callable[[str, str], RemoteMeter] | No
             tier.remote = metered(remote, remote.name)
 
 
-__all__ = ["Metered", "MeteredDocuments", "measure"]
+__all__ = ["Metered", "MeteredDocuments", "MeteredPacks", "measure"]

@@ -13,6 +13,11 @@ documents (``Documents``: shared directories' entries, see ``_lists.py``)
 under ``PREFIX/shares/``, listed by prefix; an HTTP cache keeps only ``cas/``
 and ``ac/``.  Timeouts and retries are obstore's,
 set from the tier's timeout.
+
+A bucket also keeps chunks in packs (``_packs.py``): a push of many chunks
+sends them as a few large objects and an index.  ``find_missing`` asks the
+index first (only what no pack holds is asked for by HEAD), and ``read``
+takes a chunk from its pack where the index places it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from cachefs.errors import ConfigError, ObjectNotFoundError, RemoteError
 from cachefs.format.digest import Digest, DigestFunction
 from cachefs.protocol import re_pb2
 from cachefs.remote._blobs import action_result, verified
+from cachefs.remote._packs import SYNC_READ, Packs
 from cachefs.remote._urls import RemoteUrl
 
 #: HEAD requests in flight at once for ``find_missing``.
@@ -103,6 +109,10 @@ class ObjectRemote:
         self.streams = url.kind == "s3"
         #: Documents, listable (buckets; an HTTP cache has only ``ac/`` and ``cas/``).
         self.documents: ObjectRemote | None = self if url.kind == "s3" else None
+        #: Chunks in packs (buckets; an HTTP cache is Bazel's, blob by blob).
+        self.packs: Packs | None = None
+        if isinstance(self.store, S3Store):
+            self.packs = Packs(self.store, self.name, function, self._pool)
 
     def _failed(self, what: str, exc: BaseException) -> RemoteError:
         return RemoteError(f"{self.name}: {what}: {exc}")
@@ -121,6 +131,8 @@ class ObjectRemote:
         return bool(meta["size"] == digest.size)
 
     def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        if self.packs is not None:
+            digests = self.packs.missing(digests)
         try:
             present = list(self._pool.map(self._present, digests))
         except RuntimeError as exc:  # the pool is shut down: closed
@@ -128,9 +140,16 @@ class ObjectRemote:
         return [d for d, there in zip(digests, present, strict=True) if not there]
 
     def read(self, digest: Digest) -> bytes:
+        """The blob: from its pack, where one holds it, else its own object
+        (and if there is none, from a pack the index did not know of yet)."""
+        packs = self.packs
+        if packs is not None and packs.placed(digest):
+            return bytes(packs.read_run([digest])[0])
         try:
             data = bytes(obstore.get(self.store, self._key(digest)).bytes())
         except (NotFoundError, FileNotFoundError):
+            if packs is not None and packs.placed(digest, SYNC_READ):
+                return bytes(packs.read_run([digest])[0])
             raise ObjectNotFoundError(f"blob {digest} is not in {self.name}") from None
         except (BaseError, OSError, ValueError, RuntimeError) as exc:
             raise self._failed(f"reading blob {digest}", exc) from None

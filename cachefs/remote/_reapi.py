@@ -123,6 +123,7 @@ class ReapiRemote:
         #: Blobs of any size are written as streams (``write_stream``).
         self.streams = True
         self.documents = None  # entries in the action cache
+        self.packs = None  # a CAS keeps blobs one by one
 
     def _failed(self, what: str, exc: grpc.RpcError | ValueError) -> RemoteError:
         code = exc.code() if isinstance(exc, grpc.Call) else None

@@ -167,6 +167,7 @@ class ShardGroup:
         self.key = "group(" + ",".join(sorted(keys)) + f")x{replicas}"
         self.streams = all(m.remote.streams for m in self.members)
         self.documents = None  # an entry's place would be each listing's too
+        self.packs = None  # a chunk's place is its own endpoints, pack by pack
         self._seeds = [m.seed for m in self.members]
         self._weights = [m.weight for m in self.members]
 

@@ -13,10 +13,13 @@ with a direction).  What moves is the store's own chunking (``_lists.py``):
   objects up to ``WHOLE_MAX`` only, larger ones travel as chunks only).  The
   :class:`Pusher` thread drains the store's durable queue
   (``engine.PushQueue``) into the write tiers, oldest first, and backs off
-  while they fail.
+  while they fail.  A bucket takes the chunks of a push of ``PACK_MIN`` or
+  more in packs (``_packs.py``: a few large PUTs and an index, not one PUT
+  and a HEAD per chunk); what its packs hold is not asked about again.
 * **Fetch** (``Tiers.fetch``): an object that is not in the local store is
   looked for in the read tiers in order: its chunk list, then the chunks the
-  local store lacks, ``FETCH_AHEAD`` of them in flight ahead of the consumer;
+  local store lacks, ``FETCH_AHEAD`` requests in flight ahead of the consumer
+  (from a bucket's packs, chunks that lie back to back come in one request);
   or, with no list, the whole blob.  Each chunk is verified as a blob, and the
   caller stores the object with its digest as ``expect``: nothing wrong is
   ever published or served.
@@ -45,9 +48,9 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cachefs import tracing
@@ -79,7 +82,9 @@ from cachefs.remote._lists import (
     parse_entry,
     unpack_list,
 )
+from cachefs.remote._packs import PACK_MIN
 from cachefs.remote._shards import Breaker
+from cachefs.remote._transfer import FETCH_AHEAD, fetch_chunks, push_packed
 from cachefs.signing import Signer, Verifier
 
 log = logging.getLogger(__name__)
@@ -95,8 +100,6 @@ WHOLE_FIRST = 256 << 10
 PUSHED_KEPT = 4096
 #: Seconds after which a shared directory's entry is put on a tier again.
 DIRECTORY_REFRESH = 6 * 3600.0
-#: Chunks fetched or pushed at once.
-FETCH_AHEAD = 16
 #: Digests asked about in one find_missing call.
 ASK_BATCH = 1000
 #: Seconds a tier's listing of a shared directory is kept, and a name that no
@@ -215,6 +218,9 @@ class Tiers:
                 for name, delta in deltas.items():
                     mine[name] += delta
 
+    def _fetched(self, tier: str, chunks: int, size: int) -> None:
+        self._count(tier, fetched_chunks=chunks, fetched_bytes=size)
+
     def close(self) -> None:
         if self.store.chunks.healer == self.heal:
             self.store.chunks.healer = None
@@ -247,14 +253,19 @@ class Tiers:
     def _push_to(self, tier: Tier, digest: Digest, chunks: list[tuple[bytes, int]]) -> None:
         remote = tier.remote
         blobs = list(dict.fromkeys(Digest(d, n) for d, n in chunks if d))
-        missing: list[Digest] = []
-        for start in range(0, len(blobs), ASK_BATCH):
-            missing.extend(remote.find_missing(blobs[start : start + ASK_BATCH]))
-        sent = 0
-        push = tracing.in_context(lambda d: self._push_chunk(remote, d))
-        for done in self._pool.map(push, missing):
-            sent += done
-        self._count(pushed_chunks=len(missing), pushed_bytes=sent)
+        packs = remote.packs
+        if packs is not None:  # what a pack holds is not asked about again
+            blobs = packs.missing(blobs)
+        if packs is not None and len(blobs) >= PACK_MIN:
+            push_packed(self._pool, self.store, packs, blobs)
+            self._count(pushed_chunks=len(blobs), pushed_bytes=sum(d.size for d in blobs))
+        else:
+            missing: list[Digest] = []
+            for start in range(0, len(blobs), ASK_BATCH):
+                missing.extend(remote.find_missing(blobs[start : start + ASK_BATCH]))
+            push = tracing.in_context(lambda d: self._push_chunk(remote, d))
+            sent = sum(self._pool.map(push, missing))
+            self._count(pushed_chunks=len(missing), pushed_bytes=sent)
         if len(chunks) == 1 and chunks[0][0] == digest.hash:
             return  # one chunk: the blob is the object (no list needed, nothing else to send)
         listing = pack_list(chunks)
@@ -321,7 +332,7 @@ class Tiers:
             tier.breaker.succeeded()
             if found is not None:
                 self._count(tier.remote.name, fetched_objects=1)
-                chunks = self._chunks(tier.remote, found)
+                chunks = fetch_chunks(self._pool, self.store, tier.remote, found, self._fetched)
                 largest = self.store.chunker.params.max_size
                 if all(chunk and 0 < size <= largest for chunk, size in found):
                     return KnownChunks(chunks)
@@ -606,51 +617,6 @@ class Tiers:
         except ObjectNotFoundError:
             return None
         return unpack_list(data, digest, remote.name)
-
-    def _chunks(
-        self, remote: Remote, chunks: list[tuple[bytes, int]]
-    ) -> Iterator[tuple[bytes, bytes | memoryview]]:
-        """The object's chunks, ``(digest, bytes)`` in order: local chunks
-        read here, the others fetched ahead in the pool (at most
-        ``FETCH_AHEAD`` in flight); a hole's zeroes come with an empty digest."""
-        local = self.store.chunks
-        stored = [d for d, _ in chunks if d]
-        # Only published chunks can be read here: one that another ingest
-        # appended and has not published yet is fetched too.
-        absent = local.find_missing(stored, pending=False) if stored else set()
-        window: deque[tuple[bytes, int, Future[bytes] | None]] = deque()
-        pending = iter(chunks)
-
-        fetch_chunk = tracing.in_context(self._fetch_chunk)
-
-        def fill() -> None:
-            while len(window) < FETCH_AHEAD and (item := next(pending, None)) is not None:
-                chunk, size = item
-                fetch = chunk in absent
-                fut = self._pool.submit(fetch_chunk, remote, Digest(chunk, size)) if fetch else None
-                window.append((chunk, size, fut))
-
-        try:
-            fill()
-            while window:
-                chunk, size, fut = window.popleft()
-                if fut is not None:
-                    yield chunk, fut.result()
-                elif not chunk:  # a hole
-                    for start in range(0, size, 1 << 22):
-                        yield chunk, bytes(min(1 << 22, size - start))
-                else:
-                    yield chunk, local.read_chunk(chunk)
-                fill()
-        finally:
-            for _, _, fut in window:
-                if fut is not None:
-                    fut.cancel()
-
-    def _fetch_chunk(self, remote: Remote, digest: Digest) -> bytes:
-        data = remote.read(digest)  # verified
-        self._count(remote.name, fetched_chunks=1, fetched_bytes=len(data))
-        return data
 
     def figures(self) -> dict[str, object]:
         with self._lock:

@@ -1,0 +1,318 @@
+"""Pack files: many chunks in one object of a bucket (remote layer).
+
+An object store answers a request for 75 KB about as slowly as one for
+2 MB: pushed as one object each, the chunks of a 1 GiB file are 14,000 PUTs
+(and HEADs first), a third of the speed of one multipart upload of the same
+bytes, and a cold read of them is 14,000 GETs.  So a bucket keeps the chunks
+of a large push in packs, as restic and borg keep theirs, and an index that
+says where each chunk is; a chunk stays a blob by digest for everything above
+(dedup, fetch, heal, ``--local-max-size``), only its place changes.
+
+Layout under the remote's prefix (names are 32 random hex digits):
+
+* ``packs/<name>``: chunks back to back, nothing else (at most about
+  ``PACK_BYTES``; every chunk read from it is verified against its digest).
+* ``index/<name>``: where the chunks of one push are, written after every
+  pack it names (a failed push leaves packs that no index names: garbage a
+  lifecycle rule removes)::
+
+      b"cachefs-packs 1\\n"
+      per pack:  b"P" | pack name (16 bytes) | chunk count (u32 LE)
+                 per chunk, in the pack's order:
+                            hash (32 bytes) | size (u64 LE)
+
+  A chunk's offset is the sum of the sizes before it.  An index that cannot
+  be parsed is logged and left out (its chunks are pushed again).
+
+A process keeps the index of the whole bucket in memory (about 130 bytes a
+chunk: some 1.8 MB per GiB of distinct chunks the bucket holds), loaded
+lazily: the keys under ``index/`` are listed and the ones not seen yet are
+read, at most every ``SYNC_PUSH`` seconds for a push's question "which of
+these does the bucket lack" (an index a moment old only costs a chunk sent
+twice) and every ``SYNC_READ`` seconds when a read meets a chunk it cannot
+place.  An index no longer listed has expired (a lifecycle rule on the whole
+prefix expires an index after its packs, which were written before it), and
+a pack that is gone is a miss: the chunks of either are forgotten here, so
+they are pushed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Protocol
+
+import obstore
+from obstore.exceptions import BaseError, NotFoundError
+from obstore.store import S3Store
+
+from cachefs.errors import ObjectNotFoundError, RemoteError
+from cachefs.format.digest import Digest, DigestFunction
+from cachefs.remote._blobs import verified
+
+log = logging.getLogger(__name__)
+
+#: A pack is closed at this many bytes (2 MiB PUTs, 8 at once, measured as
+#: fast as a multipart upload on SeaweedFS).
+PACK_BYTES = 2 << 20
+#: A push packs its chunks when at least this many are missing (fewer go up
+#: one object each: a pack and an index would be two requests for one).
+PACK_MIN = 4
+#: Seconds an index loaded is good for: a push's question, a read that misses.
+SYNC_PUSH, SYNC_READ = 30.0, 1.0
+#: A read of chunks that lie back to back in a pack asks for at most this much.
+RUN_BYTES = 1 << 20
+MAGIC = b"cachefs-packs 1\n"
+_PACK = struct.Struct("<c16sI")
+_CHUNK = struct.Struct("<32sQ")
+_ERRORS = (BaseError, OSError, ValueError, RuntimeError)
+
+
+@dataclass(frozen=True)
+class PackRecord:
+    """A pack written: its name and its chunks, in order (not indexed yet)."""
+
+    name: bytes
+    chunks: tuple[Digest, ...]
+
+
+def parse_index(data: bytes) -> list[PackRecord]:
+    """The packs an index object names (ValueError if it is not one)."""
+    if not data.startswith(MAGIC):
+        raise ValueError("it does not start with the pack index's magic line")
+    records: list[PackRecord] = []
+    at = len(MAGIC)
+    while at < len(data):
+        kind, name, count = _PACK.unpack_from(data, at)
+        if kind != b"P":
+            raise ValueError(f"byte {at}: a pack record starts with {kind!r}")
+        at += _PACK.size
+        end = at + count * _CHUNK.size
+        if end > len(data):
+            raise ValueError("it ends inside a pack record")
+        chunks = tuple(Digest(*_CHUNK.unpack_from(data, p)) for p in range(at, end, _CHUNK.size))
+        records.append(PackRecord(name, chunks))
+        at = end
+    return records
+
+
+def index_bytes(records: Sequence[PackRecord]) -> bytes:
+    parts = [MAGIC]
+    for record in records:
+        parts.append(_PACK.pack(b"P", record.name, len(record.chunks)))
+        parts.extend(_CHUNK.pack(d.hash, d.size) for d in record.chunks)
+    return b"".join(parts)
+
+
+class PackStore(Protocol):
+    """What the tiers use of a remote's packs (:class:`Packs`, or it measured)."""
+
+    def missing(self, digests: Sequence[Digest], age: float = SYNC_PUSH) -> list[Digest]: ...
+
+    def placed(self, digest: Digest, age: float | None = None) -> bool: ...
+
+    def run(self, digests: Sequence[Digest], limit: int = RUN_BYTES) -> int: ...
+
+    def read_run(self, digests: Sequence[Digest]) -> list[memoryview]: ...
+
+    def put_pack(self, blobs: Sequence[tuple[Digest, bytes | memoryview]]) -> PackRecord: ...
+
+    def put_index(self, records: Sequence[PackRecord]) -> None: ...
+
+
+class Packs:
+    """The packs of one bucket, and where each chunk in them is."""
+
+    def __init__(self, store: S3Store, name: str, function: DigestFunction, pool: Executor) -> None:
+        self.store = store
+        self.name = name
+        self.function = function
+        self._pool = pool
+        self._lock = threading.Lock()
+        #: One sync at a time; when the last one began (monotonic; never: -inf).
+        self._syncing = threading.Lock()
+        self._synced = float("-inf")
+        #: Index objects read (or unreadable), by key: when, and their packs' numbers.
+        self._seen: dict[str, tuple[float, list[int]]] = {}
+        #: Pack names by number, and each chunk's place: pack number << 40 | offset.
+        self._packs: list[str] = []
+        self._where: dict[bytes, int] = {}
+
+    def _failed(self, what: str, exc: BaseException) -> RemoteError:
+        return RemoteError(f"{self.name}: {what}: {exc}")
+
+    # --- where chunks are ------------------------------------------------------
+
+    def _add(self, key: str, records: Sequence[PackRecord]) -> None:
+        with self._lock:
+            numbers: list[int] = []
+            self._seen[key] = (time.monotonic(), numbers)
+            for record in records:
+                number = len(self._packs)
+                numbers.append(number)
+                self._packs.append(record.name.hex())
+                offset = 0
+                for digest in record.chunks:
+                    self._where.setdefault(digest.hash, number << 40 | offset)
+                    offset += digest.size
+
+    def _place(self, digest: Digest) -> tuple[int, int] | None:
+        where = self._where.get(digest.hash)
+        return None if where is None else (where >> 40, where & ((1 << 40) - 1))
+
+    def sync(self, age: float) -> None:
+        """Read the index objects not seen yet, unless a sync began less than
+        ``age`` seconds ago (one that is running is waited for)."""
+        with self._syncing:
+            began = time.monotonic()
+            if began - self._synced < age:
+                return
+            try:
+                keys = [
+                    meta["path"]
+                    for page in obstore.list(self.store, "index", chunk_size=1000)
+                    for meta in page
+                ]
+            except _ERRORS as exc:
+                raise self._failed("listing the pack indexes", exc) from None
+            listed = set(keys)
+            with self._lock:  # expired (a lifecycle rule): so are their packs, written before
+                old = [k for k, (when, _) in self._seen.items() if k not in listed and when < began]
+                gone = {n for key in old for n in self._seen.pop(key)[1]}
+            if gone:
+                self._forget(gone)
+            new = [key for key in keys if key not in self._seen]
+            for key, records in zip(new, self._pool.map(self._read_index, new), strict=True):
+                self._add(key, records)
+            self._synced = began
+
+    def _read_index(self, key: str) -> list[PackRecord]:
+        try:
+            data = bytes(obstore.get(self.store, key).bytes())
+        except (NotFoundError, FileNotFoundError):
+            return []  # expired since the listing
+        except _ERRORS as exc:
+            raise self._failed(f"reading {key}", exc) from None
+        try:
+            return parse_index(data)
+        except (ValueError, struct.error) as exc:
+            log.warning("%s: %s is not a pack index, left out: %s", self.name, key, exc)
+            return []
+
+    def missing(self, digests: Sequence[Digest], age: float = SYNC_PUSH) -> list[Digest]:
+        """The digests no pack holds (after a sync at most ``age`` s old)."""
+        self.sync(age)
+        with self._lock:
+            return [d for d in digests if d.hash not in self._where]
+
+    def placed(self, digest: Digest, age: float | None = None) -> bool:
+        """Whether a pack holds the chunk (with ``age``: after a sync at
+        most that old, if this process cannot place it now)."""
+        if digest.hash in self._where:
+            return True
+        if age is None:
+            return False
+        self.sync(age)
+        return digest.hash in self._where
+
+    def run(self, digests: Sequence[Digest], limit: int = RUN_BYTES) -> int:
+        """How many of ``digests``, from the first, lie back to back in one
+        pack and come to at most ``limit`` bytes (the first always counts);
+        0 if no pack holds the first."""
+        with self._lock:
+            first = self._place(digests[0]) if digests else None
+            if first is None:
+                return 0
+            pack, end = first[0], first[1] + digests[0].size
+            count, total = 1, digests[0].size
+            for digest in digests[1:]:
+                if self._place(digest) != (pack, end) or total + digest.size > limit:
+                    break
+                count, total, end = count + 1, total + digest.size, end + digest.size
+            return count
+
+    # --- reading and writing -------------------------------------------------------
+
+    def read_run(self, digests: Sequence[Digest]) -> list[memoryview]:
+        """Chunks that lie back to back in one pack (``run`` says how many),
+        in one ranged GET, each verified; ObjectNotFoundError if the pack is
+        gone (its chunks are then forgotten here)."""
+        with self._lock:
+            place = self._place(digests[0])
+            pack = "" if place is None else self._packs[place[0]]
+        if place is None:
+            raise ObjectNotFoundError(f"blob {digests[0]} is in no pack of {self.name}")
+        total = sum(d.size for d in digests)
+        key = f"packs/{pack}"
+        try:
+            data = memoryview(obstore.get_range(self.store, key, start=place[1], length=total))
+        except (NotFoundError, FileNotFoundError):
+            log.warning("%s: pack %s is gone; its chunks will be pushed again", self.name, pack)
+            self._forget({place[0]})
+            raise ObjectNotFoundError(f"{self.name}: pack {pack} is gone") from None
+        except _ERRORS as exc:
+            raise self._failed(f"reading {key}", exc) from None
+        chunks, at = [], 0
+        for digest in digests:
+            chunks.append(verified(self.name, self.function, digest, data[at : at + digest.size]))
+            at += digest.size
+        return chunks
+
+    def _forget(self, numbers: set[int]) -> None:
+        """Chunks of these packs are no longer placed (nor pushed as held)."""
+        with self._lock:
+            for chunk in [c for c, w in self._where.items() if w >> 40 in numbers]:
+                del self._where[chunk]
+
+    def put_pack(self, blobs: Sequence[tuple[Digest, bytes | memoryview]]) -> PackRecord:
+        """Upload one pack of ``blobs`` (not indexed until ``put_index``)."""
+        name = os.urandom(16)
+        try:
+            obstore.put(self.store, f"packs/{name.hex()}", b"".join(data for _, data in blobs))
+        except _ERRORS as exc:
+            raise self._failed(f"writing pack {name.hex()}", exc) from None
+        return PackRecord(name, tuple(d for d, _ in blobs))
+
+    def put_index(self, records: Sequence[PackRecord]) -> None:
+        """Upload the index of packs written (``put_pack``): they count from now on."""
+        key = f"index/{os.urandom(16).hex()}"
+        try:
+            obstore.put(self.store, key, index_bytes(records))
+        except _ERRORS as exc:
+            raise self._failed(f"writing {key}", exc) from None
+        self._add(key, records)
+
+
+def pack_groups(digests: Sequence[Digest], limit: int = PACK_BYTES) -> list[list[Digest]]:
+    """``digests`` in order, cut into packs of at most ``limit`` bytes (a
+    larger chunk is a pack of its own)."""
+    groups: list[list[Digest]] = []
+    size = 0
+    for digest in digests:
+        if not groups or (size + digest.size > limit and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(digest)
+        size += digest.size
+    return groups
+
+
+__all__ = [
+    "PACK_BYTES",
+    "PACK_MIN",
+    "RUN_BYTES",
+    "SYNC_PUSH",
+    "SYNC_READ",
+    "PackRecord",
+    "PackStore",
+    "Packs",
+    "index_bytes",
+    "pack_groups",
+    "parse_index",
+]

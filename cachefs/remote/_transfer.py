@@ -1,0 +1,131 @@
+"""Moving an object's chunks to and from a remote, many at once (remote layer).
+
+``fetch_chunks`` keeps ``FETCH_AHEAD`` requests in flight ahead of the
+consumer; from a bucket's packs (``_packs.py``) chunks that lie back to back
+come in one request.  ``push_packed`` uploads chunks as packs,
+``PACKS_AHEAD`` at once, then the index that names them.  Both run in the
+tiers' thread pool (``Tiers``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
+
+from cachefs import tracing
+from cachefs.engine import Digest, Store
+from cachefs.remote._blobs import Remote
+from cachefs.remote._packs import SYNC_READ, PackRecord, PackStore, pack_groups
+
+#: Requests to fetch chunks in flight at once (a run of chunks back to back
+#: in a pack is one: at most ``RUN_BYTES``, so 16 MiB in flight at most),
+#: chunks a run takes at most, and chunks kept ahead at most.
+FETCH_AHEAD, RUN_MAX, WINDOW_MAX = 16, 64, 1024
+#: Packs read and uploaded at once by one push (``PACK_BYTES`` each).
+PACKS_AHEAD = 8
+
+#: What a fetch tells of the chunks it brought: (the remote's name, chunks, bytes).
+Fetched = Callable[[str, int, int], None]
+Got = list[bytes | memoryview]
+
+
+def push_packed(pool: Executor, store: Store, packs: PackStore, missing: list[Digest]) -> None:
+    """Chunks no pack holds, read from ``store``, uploaded in packs (several
+    at once), then the index that names them all."""
+    put = tracing.in_context(
+        lambda group: packs.put_pack([(d, store.read_chunk(d.hash)) for d in group])
+    )
+    records: list[PackRecord] = []
+    flying: deque[Future[PackRecord]] = deque()
+    try:
+        for group in pack_groups(missing):
+            if len(flying) == PACKS_AHEAD:
+                records.append(flying.popleft().result())
+            flying.append(pool.submit(put, group))
+        records.extend(f.result() for f in list(flying))
+    finally:
+        for future in flying:
+            future.cancel()
+    packs.put_index(records)
+
+
+def fetch_chunks(
+    pool: Executor,
+    store: Store,
+    remote: Remote,
+    chunks: list[tuple[bytes, int]],
+    fetched: Fetched,
+) -> Iterator[tuple[bytes, bytes | memoryview]]:
+    """An object's chunks, ``(digest, bytes)`` in order: chunks of ``store``
+    read there, the others fetched from ``remote`` ahead in ``pool``, each
+    verified; a hole's zeroes come with an empty digest."""
+    local = store.chunks
+    stored = [d for d, _ in chunks if d]
+    # Only published chunks can be read here: one that another ingest
+    # appended and has not published yet is fetched too.
+    absent = local.find_missing(stored, pending=False) if stored else set()
+    packs = remote.packs if absent else None
+    if packs is not None:  # an index a moment old, if it cannot place one
+        packs.placed(next(Digest(d, n) for d, n in chunks if d in absent), SYNC_READ)
+
+    def fetch_run(run: list[Digest]) -> Got:
+        assert packs is not None
+        got: Got = list(packs.read_run(run))  # verified
+        fetched(remote.name, len(run), sum(d.size for d in run))
+        return got
+
+    def fetch_chunk(digest: Digest) -> Got:
+        data = remote.read(digest)  # verified
+        fetched(remote.name, 1, len(data))
+        return [data]
+
+    #: (chunk, size, its request or None: local, its place in what that gives).
+    window: deque[tuple[bytes, int, Future[Got] | None, int]] = deque()
+    position, flying = 0, 0
+    traced_run, traced_chunk = tracing.in_context(fetch_run), tracing.in_context(fetch_chunk)
+
+    def fill() -> None:
+        nonlocal position, flying
+        while flying < FETCH_AHEAD and len(window) < WINDOW_MAX and position < len(chunks):
+            chunk, size = chunks[position]
+            if chunk not in absent:
+                window.append((chunk, size, None, 0))
+                position += 1
+                continue
+            wanted = [Digest(chunk, size)]
+            for after, length in chunks[position + 1 : position + RUN_MAX]:
+                if after not in absent:
+                    break
+                wanted.append(Digest(after, length))
+            count = max(1, packs.run(wanted)) if packs is not None else 1
+            if count > 1:
+                fut = pool.submit(traced_run, wanted[:count])
+            else:
+                fut = pool.submit(traced_chunk, wanted[0])
+            window.extend((d.hash, d.size, fut, k) for k, d in enumerate(wanted[:count]))
+            position += count
+            flying += 1
+
+    try:
+        fill()
+        while window:
+            chunk, size, fut, k = window.popleft()
+            if fut is not None:
+                got = fut.result()
+                if k == len(got) - 1:
+                    flying -= 1
+                yield chunk, got[k]
+            elif not chunk:  # a hole
+                for start in range(0, size, 1 << 22):
+                    yield chunk, bytes(min(1 << 22, size - start))
+            else:
+                yield chunk, local.read_chunk(chunk)
+            fill()
+    finally:
+        for _, _, fut, _ in window:
+            if fut is not None:
+                fut.cancel()
+
+
+__all__ = ["FETCH_AHEAD", "PACKS_AHEAD", "fetch_chunks", "push_packed"]

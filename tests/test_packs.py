@@ -1,0 +1,189 @@
+"""Pack files on a bucket: a large push goes up as a few packs and an index,
+its chunks stay blobs by digest for dedup, fetch and heal, and a pack that is
+damaged or gone is a miss, never wrong bytes (``cachefs/remote/_packs.py``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import obstore
+import pytest
+
+from cachefs.engine import Digest, ObjectNotFoundError, Store, StoreOptions
+from cachefs.errors import RemoteError
+from cachefs.format.digest import SHA256
+from cachefs.remote import ObjectRemote, Pusher, Tier, Tiers, measure, open_remote
+from cachefs.remote._packs import (
+    PACK_BYTES,
+    RUN_BYTES,
+    PackRecord,
+    Packs,
+    index_bytes,
+    pack_groups,
+    parse_index,
+)
+from tests.seaweed import Seaweed, seaweed
+from tests.test_tiers import PUSHING, drain, fetch_into
+
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    with seaweed(tmp_path_factory.mktemp("weed")) as server:
+        yield server
+
+
+class Requests:
+    """A meter of remote requests that counts them by operation."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def request(
+        self, operation: str, seconds: float, *, failed: bool, received: int = 0, sent: int = 0
+    ) -> None:
+        self.counts[operation] += 1
+
+
+def _tiers(store: Store, url: str) -> tuple[Tiers, Requests]:
+    requests = Requests()
+    tiers = Tiers(store, [Tier(open_remote(url, SHA256))])
+    measure(tiers.tiers, lambda tier, endpoint: requests)  # type: ignore[arg-type,return-value]
+    return tiers, requests
+
+
+def _keys(remote: ObjectRemote, prefix: str) -> list[str]:
+    return [m["path"] for page in obstore.list(remote.store, prefix) for m in page]
+
+
+def _inner(tiers: Tiers) -> ObjectRemote:
+    remote = tiers.tiers[0].remote
+    inner = getattr(remote, "inner", remote)
+    assert isinstance(inner, ObjectRemote)
+    return inner
+
+
+def _push(
+    path: Path, url: str, *objects: bytes
+) -> tuple[list[Digest], dict[str, int], Counter[str]]:
+    """Put ``objects`` in a fresh store and push them: digests, counts, requests."""
+    with Store.open(path, create=True, options=PUSHING) as store:
+        tiers, requests = _tiers(store, url)
+        try:
+            digests = [store.put(data) for data in objects]
+            drain(Pusher(tiers))
+        finally:
+            tiers.close()
+    return digests, dict(tiers.counts), requests.counts
+
+
+def test_an_index_says_where_chunks_are_and_a_damaged_one_is_refused() -> None:
+    records = [
+        PackRecord(b"p" * 16, (Digest(b"a" * 32, 5), Digest(b"b" * 32, 70_000))),
+        PackRecord(b"q" * 16, (Digest(b"c" * 32, 1),)),
+    ]
+    data = index_bytes(records)
+    assert parse_index(data) == records
+    assert parse_index(index_bytes([])) == []
+    for damaged, why in [
+        (b"garbage" + data, "magic"),
+        (data[:-3], "ends inside"),
+        (data.replace(b"Pq", b"Xq"), "starts with"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            parse_index(damaged)
+
+
+def test_chunks_are_cut_into_packs_in_order() -> None:
+    sizes = [PACK_BYTES // 3] * 7 + [PACK_BYTES * 2, 10]
+    digests = [Digest(bytes([n]) * 32, size) for n, size in enumerate(sizes)]
+    groups = pack_groups(digests)
+    assert [d for group in groups for d in group] == digests
+    assert [len(g) for g in groups] == [3, 3, 1, 1, 1]  # a chunk above the size: a pack alone
+    assert all(sum(d.size for d in g) <= PACK_BYTES for g in groups if len(g) > 1)
+
+
+def test_a_large_push_goes_up_in_packs_and_comes_back_in_runs(
+    tmp_path: Path, weed: Seaweed
+) -> None:
+    url = weed.url("cachefs", tmp_path.name)
+    data = random.Random(7).randbytes(5 << 20)
+    (digest,), counts, requests = _push(tmp_path / "a", url, data)
+    chunks = counts["pushed_chunks"]
+    assert chunks > 40 and counts["pushed_bytes"] == len(data)
+    packs = math.ceil(len(data) / PACK_BYTES)
+    # A few packs and one index, not a PUT per chunk (the chunk list is a blob of its own).
+    assert packs <= requests["write_pack"] <= packs + 1
+    assert requests["write_pack_index"] == 1 and requests["write"] == 1
+    with Store.open(tmp_path / "b", create=True, options=StoreOptions(fsync=False)) as b:
+        tiers, got = _tiers(b, url)
+        try:
+            remote = _inner(tiers)
+            assert len(_keys(remote, "packs")) == requests["write_pack"]
+            assert len(_keys(remote, "index")) == 1
+            assert len(_keys(remote, "cas")) == 1  # the list alone
+            assert fetch_into(b, tiers, digest) == data
+        finally:
+            tiers.close()
+    assert tiers.counts["fetched_chunks"] == chunks
+    assert (
+        got.counts["read_pack"] <= math.ceil(len(data) / RUN_BYTES) + packs + 1
+    )  # not one a chunk
+
+    # Another store with the same bytes sends nothing; an insertion sends its new chunks only.
+    changed = data[: 3 << 20] + b"inserted" + data[3 << 20 :]
+    _, counts, requests = _push(tmp_path / "c", url, data, changed)
+    assert 1 <= counts["pushed_chunks"] <= 3 and requests["write_pack"] == 0
+
+
+def test_a_pack_that_is_damaged_or_gone_is_a_miss_never_wrong_bytes(
+    tmp_path: Path, weed: Seaweed, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = weed.url("cachefs", tmp_path.name)
+    data = random.Random(8).randbytes(3 << 20)
+    (digest,), _, _ = _push(tmp_path / "a", url, data)
+
+    def fetch_fresh(name: str) -> None:
+        """Fetch the object into a fresh store (nothing of it may be stored)."""
+        with Store.open(tmp_path / name, create=True, options=StoreOptions(fsync=False)) as b:
+            tiers = Tiers(b, [Tier(open_remote(url, SHA256))])
+            try:
+                b.put(tiers.fetch(digest), expect=digest)
+            finally:
+                tiers.close()
+                assert not b.contains(digest)
+
+    remote = open_remote(url, SHA256)
+    assert isinstance(remote, ObjectRemote) and isinstance(remote.packs, Packs)
+    try:
+        (index,) = _keys(remote, "index")
+        records = parse_index(bytes(obstore.get(remote.store, index).bytes()))
+        # An index object that is not one is left out, with a warning.
+        obstore.put(remote.store, "index/" + "0" * 32, b"not an index")
+        pack = records[0]
+        key = f"packs/{pack.name.hex()}"
+        flipped = bytearray(obstore.get(remote.store, key).bytes())
+        flipped[len(flipped) // 2] ^= 0x40
+        obstore.put(remote.store, key, bytes(flipped))
+        with caplog.at_level(logging.WARNING), pytest.raises(RemoteError, match="not blob"):
+            fetch_fresh("b")
+        assert "is not a pack index, left out" in caplog.text
+
+        obstore.delete(remote.store, key)
+        with pytest.raises(ObjectNotFoundError, match="is gone"):
+            fetch_fresh("c")
+        # The chunks of a pack that is gone are missing again: a push sends them anew.
+        everything = [d for record in records for d in record.chunks]
+        assert remote.packs.missing(everything, 0) == []  # the index still names them
+        with pytest.raises(ObjectNotFoundError, match="is gone"):
+            remote.packs.read_run(pack.chunks[:1])
+        assert remote.packs.missing(everything) == list(pack.chunks)
+        # An index that expired (a lifecycle rule) takes its packs' chunks with it.
+        obstore.delete(remote.store, index)
+        assert remote.packs.missing(everything, 0) == everything
+    finally:
+        remote.close()
