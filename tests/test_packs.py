@@ -4,21 +4,34 @@ damaged or gone is a miss, never wrong bytes (``cachefs/remote/_packs.py``)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import obstore
 import pytest
+from obstore.store import MemoryStore, S3Store
 
 from cachefs.engine import Digest, ObjectNotFoundError, Store, StoreOptions
 from cachefs.errors import RemoteError
 from cachefs.format.digest import SHA256
-from cachefs.remote import ObjectRemote, Pusher, Tier, Tiers, measure, open_remote
+from cachefs.remote import (
+    ObjectRemote,
+    Pusher,
+    Tier,
+    Tiers,
+    _transfer,
+    load_tiers,
+    measure,
+    open_remote,
+)
 from cachefs.remote._packs import (
+    MAGIC,
     PACK_BYTES,
     RUN_BYTES,
     PackRecord,
@@ -89,13 +102,105 @@ def test_an_index_says_where_chunks_are_and_a_damaged_one_is_refused() -> None:
     data = index_bytes(records)
     assert parse_index(data) == records
     assert parse_index(index_bytes([])) == []
+
+    def sealed(body: bytes) -> bytes:
+        return body + hashlib.sha256(body).digest()
+
+    body = data[:-32]
+    flipped = bytearray(data)
+    flipped[len(MAGIC) + 40] ^= 0x01  # a size
     for damaged, why in [
         (b"garbage" + data, "magic"),
-        (data[:-3], "ends inside"),
-        (data.replace(b"Pq", b"Xq"), "starts with"),
-    ]:
+        (data[:-3], "checksum"),
+        (bytes(flipped), "checksum"),
+        (sealed(body.replace(b"Pq", b"Xq")), "starts with"),
+        (sealed(body[:-5]), "ends inside"),
+        (sealed(body[: len(MAGIC) + 10]), "ends inside"),
+        (sealed(MAGIC + b"P" + b"r" * 16 + (1).to_bytes(4, "little") + b"d" * 32 + bytes(8)),
+         "out of bounds"),
+        (sealed(MAGIC + b"P" + b"r" * 16 + (1).to_bytes(4, "little") + b"d" * 32
+                + (1 << 40).to_bytes(8, "little")), "out of bounds"),
+    ]:  # fmt: skip
         with pytest.raises(ValueError, match=why):
             parse_index(damaged)
+
+
+def _digested(data: bytes) -> Digest:
+    return Digest(hashlib.sha256(data).digest(), len(data))
+
+
+def test_an_index_met_twice_is_placed_once_and_forgotten_once() -> None:
+    """A sync may list a push's index before the push adds it itself: the
+    chunks are placed once, and forgotten when the index expires."""
+    store = MemoryStore()
+    with ThreadPoolExecutor(4) as pool:
+        packs = Packs(store, "mem", SHA256, pool)  # type: ignore[arg-type]
+        blobs = [random.Random(n).randbytes(1000 + n) for n in range(5)]
+        chunks = [_digested(b) for b in blobs]
+        record = packs.put_pack(list(zip(chunks, blobs, strict=True)))
+        key = "index/" + "1" * 32
+        obstore.put(store, key, index_bytes([record]))
+        packs.sync(0)  # listed by a sync first ...
+        packs._add(key, [record])  # ... then its writer adds it: nothing twice
+        assert packs.missing(chunks, 1e9) == []
+        assert packs.run(chunks) == 5
+        assert [bytes(c) for c in packs.read_run(chunks)] == blobs
+        obstore.delete(store, key)
+        assert packs.missing(chunks, 0) == chunks  # expired: every chunk is pushed again
+
+
+def test_a_bucket_that_cannot_list_asks_chunk_by_chunk(caplog: pytest.LogCaptureFixture) -> None:
+    """A sync that fails is logged, not raised, and not tried again at once."""
+    dead = S3Store(
+        "b", endpoint="http://127.0.0.1:9", region="us-east-1", skip_signature=True,
+        client_options={"allow_http": True}, retry_config={"max_retries": 0},
+    )  # fmt: skip
+    with ThreadPoolExecutor(2) as pool:
+        packs = Packs(dead, "dead", SHA256, pool)
+        chunk = _digested(b"x" * 100)
+        with caplog.at_level(logging.WARNING):
+            assert packs.missing([chunk], 0) == [chunk]
+            assert not packs.placed(chunk, 60)  # no second try within the minute
+        assert caplog.text.count("listing the pack indexes") == 1
+
+
+def test_a_large_push_writes_an_index_every_so_many_packs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_transfer, "INDEX_PACKS", 2)
+    store = MemoryStore()
+    with (
+        Store.open(tmp_path / "a", create=True, options=StoreOptions(fsync=False)) as local,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        data = random.Random(3).randbytes(12 << 20)
+        digest = local.put(data)
+        chunks = list(dict.fromkeys(Digest(h, n) for h, n in local.recipe(digest)))
+        packs = Packs(store, "mem", SHA256, pool)  # type: ignore[arg-type]
+        _transfer.push_packed(pool, local, packs, chunks)
+        written = len(pack_groups(chunks))
+        keys = [m["path"] for page in obstore.list(store, "index") for m in page]
+        assert written >= 6 and len(keys) == math.ceil(written / 2)
+        fresh = Packs(store, "mem", SHA256, pool)  # type: ignore[arg-type]
+        assert fresh.missing(chunks, 0) == []
+
+
+def test_members_of_a_shard_group_keep_no_packs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    url = "s3://bucket?endpoint=http://127.0.0.1:9"
+    alone = open_remote(url, SHA256)
+    assert alone.packs is not None
+    alone.close()
+    config = {
+        "tier": [{"endpoints": [{"url": url}, {"url": "s3://other?endpoint=http://127.0.0.1:9"}]}]
+    }
+    (tier,) = load_tiers([], config, SHA256)
+    try:
+        assert tier.remote.packs is None
+        assert all(m.remote.packs is None for m in tier.remote.members)  # type: ignore[attr-defined]
+    finally:
+        tier.remote.close()
 
 
 def test_chunks_are_cut_into_packs_in_order() -> None:
@@ -182,6 +287,12 @@ def test_a_pack_that_is_damaged_or_gone_is_a_miss_never_wrong_bytes(
         with pytest.raises(ObjectNotFoundError, match="is gone"):
             remote.packs.read_run(pack.chunks[:1])
         assert remote.packs.missing(everything) == list(pack.chunks)
+        # A chunk of a pack that is gone is still read from an object of its own.
+        lost = pack.chunks[1]
+        with Store.open(tmp_path / "a", options=PUSHING) as a:
+            obstore.put(remote.store, f"cas/{lost.hex}", bytes(a.read_chunk(lost.hash)))
+        remote.packs._add("index/again", [pack])  # placed again, in the pack that is gone
+        assert hashlib.sha256(remote.read(lost)).digest() == lost.hash
         # An index that expired (a lifecycle rule) takes its packs' chunks with it.
         obstore.delete(remote.store, index)
         assert remote.packs.missing(everything, 0) == everything

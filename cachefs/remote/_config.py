@@ -165,7 +165,9 @@ def _tier(
                 _check_keys(f"{where} endpoint", endpoint, _ENDPOINT_KEYS)
                 weight = _number(where, endpoint.get("weight", 1.0), "weight")
                 kinds.add(parse_remote(str(endpoint["url"])).kind)
-                members.append((open_remote(str(endpoint["url"]), function, timeout), weight))
+                members.append(
+                    (open_remote(str(endpoint["url"]), function, timeout, False), weight)
+                )
             replicas = table.get("replicas", 1)
             if isinstance(replicas, bool) or not isinstance(replicas, int):
                 raise ConfigError(f"{where}: replicas must be a whole number")

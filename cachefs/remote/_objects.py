@@ -22,6 +22,7 @@ takes a chunk from its pack where the index places it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +97,9 @@ def _http_store(url: RemoteUrl, timeout: float) -> HTTPStore:
 class ObjectRemote:
     """A remote of objects by key: an S3 bucket or a Bazel HTTP cache."""
 
-    def __init__(self, url: RemoteUrl, function: DigestFunction, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: RemoteUrl, function: DigestFunction, timeout: float = 30.0, packs: bool = True
+    ) -> None:
         self.name = url.text
         self.key = f"{url.kind}:{url.address}/{url.bucket}/{url.prefix}"
         self.function = function
@@ -109,9 +112,10 @@ class ObjectRemote:
         self.streams = url.kind == "s3"
         #: Documents, listable (buckets; an HTTP cache has only ``ac/`` and ``cas/``).
         self.documents: ObjectRemote | None = self if url.kind == "s3" else None
-        #: Chunks in packs (buckets; an HTTP cache is Bazel's, blob by blob).
+        #: Chunks in packs (buckets, unless a shard group's member: a chunk's
+        #: place is its endpoints there; an HTTP cache is Bazel's, blob by blob).
         self.packs: Packs | None = None
-        if isinstance(self.store, S3Store):
+        if packs and isinstance(self.store, S3Store):
             self.packs = Packs(self.store, self.name, function, self._pool)
 
     def _failed(self, what: str, exc: BaseException) -> RemoteError:
@@ -144,7 +148,8 @@ class ObjectRemote:
         (and if there is none, from a pack the index did not know of yet)."""
         packs = self.packs
         if packs is not None and packs.placed(digest):
-            return bytes(packs.read_run([digest])[0])
+            with contextlib.suppress(ObjectNotFoundError):  # the pack is gone: its own object?
+                return bytes(packs.read_run([digest])[0])
         try:
             data = bytes(obstore.get(self.store, self._key(digest)).bytes())
         except (NotFoundError, FileNotFoundError):

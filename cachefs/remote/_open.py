@@ -14,9 +14,13 @@ from cachefs.remote._urls import parse_remote
 DEFAULT_TIMEOUT = 10.0
 
 
-def open_remote(text: str, function: DigestFunction, timeout: float = DEFAULT_TIMEOUT) -> Remote:
+def open_remote(
+    text: str, function: DigestFunction, timeout: float = DEFAULT_TIMEOUT, packs: bool = True
+) -> Remote:
     """The remote a URL names (ConfigError if it names none), for blobs of
-    ``function``, each request bounded by ``timeout`` seconds."""
+    ``function``, each request bounded by ``timeout`` seconds; with
+    ``packs``, a bucket keeps chunks in packs (``_packs.py``; not for the
+    members of a shard group)."""
     url = parse_remote(text)
     if url.kind == "http" and function != SHA256:
         raise ConfigError(
@@ -25,7 +29,7 @@ def open_remote(text: str, function: DigestFunction, timeout: float = DEFAULT_TI
         )
     if url.kind == "grpc":
         return ReapiRemote(url, function, timeout)
-    return ObjectRemote(url, function, timeout)
+    return ObjectRemote(url, function, timeout, packs)
 
 
 __all__ = ["DEFAULT_TIMEOUT", "open_remote"]

@@ -19,10 +19,13 @@ Layout under the remote's prefix (names are 32 random hex digits):
       b"cachefs-packs 1\\n"
       per pack:  b"P" | pack name (16 bytes) | chunk count (u32 LE)
                  per chunk, in the pack's order:
-                            hash (32 bytes) | size (u64 LE)
+                            hash (32 bytes) | size (u64 LE, 1 to 2**32)
+      SHA-256 of all the bytes before it (32 bytes)
 
-  A chunk's offset is the sum of the sizes before it.  An index that cannot
-  be parsed is logged and left out (its chunks are pushed again).
+  A chunk's offset is the sum of the sizes before it (a pack is less than
+  2**40 bytes).  An index that cannot be parsed, or whose checksum is wrong,
+  is logged and left out (its chunks are pushed again).  A large push writes
+  an index every ``INDEX_PACKS`` packs, so that a failure loses little.
 
 A process keeps the index of the whole bucket in memory (about 130 bytes a
 chunk: some 1.8 MB per GiB of distinct chunks the bucket holds), loaded
@@ -30,14 +33,17 @@ lazily: the keys under ``index/`` are listed and the ones not seen yet are
 read, at most every ``SYNC_PUSH`` seconds for a push's question "which of
 these does the bucket lack" (an index a moment old only costs a chunk sent
 twice) and every ``SYNC_READ`` seconds when a read meets a chunk it cannot
-place.  An index no longer listed has expired (a lifecycle rule on the whole
-prefix expires an index after its packs, which were written before it), and
-a pack that is gone is a miss: the chunks of either are forgotten here, so
-they are pushed again.
+place; a sync that fails is logged, and counts as one (what is not placed
+is asked for as an object of its own meanwhile).  An index no longer listed
+has expired, and a pack that a read finds gone or damaged is a miss: the
+chunks of either are forgotten here, so they are pushed again.  Lifecycle
+rules must expire ``index/`` before ``packs/`` (the README's example): an
+index that names a pack gone would keep its chunks from being pushed again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import struct
@@ -68,7 +74,11 @@ PACK_MIN = 4
 SYNC_PUSH, SYNC_READ = 30.0, 1.0
 #: A read of chunks that lie back to back in a pack asks for at most this much.
 RUN_BYTES = 1 << 20
+#: Packs a push names in one index at most.
+INDEX_PACKS = 64
 MAGIC = b"cachefs-packs 1\n"
+_SUM = 32  # SHA-256
+_LARGEST, _PACK_LIMIT = 1 << 32, 1 << 40
 _PACK = struct.Struct("<c16sI")
 _CHUNK = struct.Struct("<32sQ")
 _ERRORS = (BaseError, OSError, ValueError, RuntimeError)
@@ -86,17 +96,26 @@ def parse_index(data: bytes) -> list[PackRecord]:
     """The packs an index object names (ValueError if it is not one)."""
     if not data.startswith(MAGIC):
         raise ValueError("it does not start with the pack index's magic line")
+    body = len(data) - _SUM
+    if body < len(MAGIC) or hashlib.sha256(data[:body]).digest() != data[body:]:
+        raise ValueError("its checksum is wrong (damaged or cut short)")
     records: list[PackRecord] = []
     at = len(MAGIC)
-    while at < len(data):
+    while at < body:
+        if at + _PACK.size > body:
+            raise ValueError("it ends inside a pack record")
         kind, name, count = _PACK.unpack_from(data, at)
         if kind != b"P":
             raise ValueError(f"byte {at}: a pack record starts with {kind!r}")
         at += _PACK.size
         end = at + count * _CHUNK.size
-        if end > len(data):
+        if end > body:
             raise ValueError("it ends inside a pack record")
         chunks = tuple(Digest(*_CHUNK.unpack_from(data, p)) for p in range(at, end, _CHUNK.size))
+        if any(not 0 < d.size <= _LARGEST for d in chunks) or (
+            sum(d.size for d in chunks) >= _PACK_LIMIT
+        ):
+            raise ValueError(f"pack {name.hex()}: a chunk size is out of bounds")
         records.append(PackRecord(name, chunks))
         at = end
     return records
@@ -107,7 +126,8 @@ def index_bytes(records: Sequence[PackRecord]) -> bytes:
     for record in records:
         parts.append(_PACK.pack(b"P", record.name, len(record.chunks)))
         parts.extend(_CHUNK.pack(d.hash, d.size) for d in record.chunks)
-    return b"".join(parts)
+    body = b"".join(parts)
+    return body + hashlib.sha256(body).digest()
 
 
 class PackStore(Protocol):
@@ -151,6 +171,8 @@ class Packs:
 
     def _add(self, key: str, records: Sequence[PackRecord]) -> None:
         with self._lock:
+            if key in self._seen:  # a sync listed it before its writer got here
+                return
             numbers: list[int] = []
             self._seen[key] = (time.monotonic(), numbers)
             for record in records:
@@ -168,29 +190,43 @@ class Packs:
 
     def sync(self, age: float) -> None:
         """Read the index objects not seen yet, unless a sync began less than
-        ``age`` seconds ago (one that is running is waited for)."""
+        ``age`` seconds ago (one that is running is waited for; one that
+        failed counts too: its error is logged, and until the next one this
+        process places what it placed before, and asks for the rest as
+        objects of their own)."""
         with self._syncing:
             began = time.monotonic()
             if began - self._synced < age:
                 return
             try:
-                keys = [
-                    meta["path"]
-                    for page in obstore.list(self.store, "index", chunk_size=1000)
-                    for meta in page
-                ]
-            except _ERRORS as exc:
-                raise self._failed("listing the pack indexes", exc) from None
-            listed = set(keys)
-            with self._lock:  # expired (a lifecycle rule): so are their packs, written before
-                old = [k for k, (when, _) in self._seen.items() if k not in listed and when < began]
-                gone = {n for key in old for n in self._seen.pop(key)[1]}
-            if gone:
-                self._forget(gone)
-            new = [key for key in keys if key not in self._seen]
-            for key, records in zip(new, self._pool.map(self._read_index, new), strict=True):
-                self._add(key, records)
-            self._synced = began
+                self._sync(began)
+            except RemoteError as exc:
+                log.warning("%s (until the next try, chunks are asked for one by one)", exc)
+            finally:
+                self._synced = began
+
+    def _sync(self, began: float) -> None:
+        try:
+            keys = [
+                meta["path"]
+                for page in obstore.list(self.store, "index", chunk_size=1000)
+                for meta in page
+            ]
+        except _ERRORS as exc:
+            raise self._failed("listing the pack indexes", exc) from None
+        listed = set(keys)
+        with self._lock:  # expired (a lifecycle rule)
+            old = [k for k, (when, _) in self._seen.items() if k not in listed and when < began]
+            gone = {n for key in old for n in self._seen.pop(key)[1]}
+        if gone:
+            self._forget(gone)
+        new = [key for key in keys if key not in self._seen]
+        try:
+            found = list(self._pool.map(self._read_index, new))
+        except RuntimeError as exc:  # the pool is shut down: closed
+            raise self._failed("reading the pack indexes", exc) from None
+        for key, records in zip(new, found, strict=True):
+            self._add(key, records)
 
     def _read_index(self, key: str) -> list[PackRecord]:
         try:
@@ -259,9 +295,16 @@ class Packs:
         except _ERRORS as exc:
             raise self._failed(f"reading {key}", exc) from None
         chunks, at = [], 0
-        for digest in digests:
-            chunks.append(verified(self.name, self.function, digest, data[at : at + digest.size]))
-            at += digest.size
+        try:
+            for digest in digests:
+                chunks.append(
+                    verified(self.name, self.function, digest, data[at : at + digest.size])
+                )
+                at += digest.size
+        except RemoteError:  # a damaged pack: what it holds is pushed again
+            log.warning("%s: pack %s is damaged; its chunks will be pushed again", self.name, pack)
+            self._forget({place[0]})
+            raise
         return chunks
 
     def _forget(self, numbers: set[int]) -> None:
@@ -304,6 +347,7 @@ def pack_groups(digests: Sequence[Digest], limit: int = PACK_BYTES) -> list[list
 
 
 __all__ = [
+    "INDEX_PACKS",
     "PACK_BYTES",
     "PACK_MIN",
     "RUN_BYTES",

@@ -3,7 +3,8 @@
 ``fetch_chunks`` keeps ``FETCH_AHEAD`` requests in flight ahead of the
 consumer; from a bucket's packs (``_packs.py``) chunks that lie back to back
 come in one request.  ``push_packed`` uploads chunks as packs,
-``PACKS_AHEAD`` at once, then the index that names them.  Both run in the
+``PACKS_AHEAD`` at once, and the index that names them (one every
+``INDEX_PACKS`` packs).  Both run in the
 tiers' thread pool (``Tiers``).
 """
 
@@ -16,7 +17,7 @@ from concurrent.futures import Executor, Future
 from cachefs import tracing
 from cachefs.engine import Digest, Store
 from cachefs.remote._blobs import Remote
-from cachefs.remote._packs import SYNC_READ, PackRecord, PackStore, pack_groups
+from cachefs.remote._packs import INDEX_PACKS, SYNC_READ, PackRecord, PackStore, pack_groups
 
 #: Requests to fetch chunks in flight at once (a run of chunks back to back
 #: in a pack is one: at most ``RUN_BYTES``, so 16 MiB in flight at most),
@@ -38,16 +39,25 @@ def push_packed(pool: Executor, store: Store, packs: PackStore, missing: list[Di
     )
     records: list[PackRecord] = []
     flying: deque[Future[PackRecord]] = deque()
+
+    def landed() -> None:
+        records.append(flying.popleft().result())
+        if len(records) == INDEX_PACKS:  # a failure later loses none of these
+            packs.put_index(records)
+            records.clear()
+
     try:
         for group in pack_groups(missing):
             if len(flying) == PACKS_AHEAD:
-                records.append(flying.popleft().result())
+                landed()
             flying.append(pool.submit(put, group))
-        records.extend(f.result() for f in list(flying))
+        while flying:
+            landed()
     finally:
         for future in flying:
             future.cancel()
-    packs.put_index(records)
+    if records:
+        packs.put_index(records)
 
 
 def fetch_chunks(
