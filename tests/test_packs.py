@@ -235,9 +235,9 @@ def test_a_large_push_goes_up_in_packs_and_comes_back_in_runs(
         finally:
             tiers.close()
     assert tiers.counts["fetched_chunks"] == chunks
-    assert (
-        got.counts["read_pack"] <= math.ceil(len(data) / RUN_BYTES) + packs + 1
-    )  # not one a chunk
+    runs = math.ceil(len(data) / RUN_BYTES) + packs + 1
+    assert got.counts["read_pack"] <= runs  # not one a chunk
+    assert got.counts["list_pack_indexes"] >= 1 and got.counts["read_pack_index"] == 1
 
     # Another store with the same bytes sends nothing; an insertion sends its new chunks only.
     changed = data[: 3 << 20] + b"inserted" + data[3 << 20 :]

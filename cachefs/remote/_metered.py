@@ -20,7 +20,7 @@ from cachefs.errors import NotFoundError
 from cachefs.format.digest import Digest
 from cachefs.protocol import re_pb2
 from cachefs.remote._blobs import Documents, Remote
-from cachefs.remote._packs import RUN_BYTES, SYNC_PUSH, PackRecord, PackStore
+from cachefs.remote._packs import RUN_BYTES, SYNC_PUSH, PackRecord, Packs, PackStore
 from cachefs.remote._shards import ShardGroup
 from cachefs.remote._tiers import Tier
 
@@ -156,11 +156,14 @@ class MeteredDocuments:
 
 
 class MeteredPacks:
-    """A remote's packs, measured (what only asks the index here is not a request)."""
+    """A remote's packs, measured (what only asks the index here is not a
+    request; a sync's requests are measured by the packs themselves)."""
 
     def __init__(self, packs: PackStore, timed: _Timed) -> None:
         self.inner = packs
         self._timed = timed
+        if isinstance(packs, Packs):  # a sync's listing and index reads
+            packs.measure = timed.call
 
     def missing(self, digests: Sequence[Digest], age: float = SYNC_PUSH) -> list[Digest]:
         return self.inner.missing(digests, age)

@@ -49,10 +49,10 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import obstore
 from obstore.exceptions import BaseError, NotFoundError
@@ -130,6 +130,15 @@ def index_bytes(records: Sequence[PackRecord]) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
+T = TypeVar("T")
+
+
+class Measure(Protocol):
+    """Runs one request, measured (``_metered._Timed.call``)."""
+
+    def __call__(self, operation: str, fn: Callable[[], T]) -> T: ...
+
+
 class PackStore(Protocol):
     """What the tiers use of a remote's packs (:class:`Packs`, or it measured)."""
 
@@ -154,6 +163,8 @@ class Packs:
         self.name = name
         self.function = function
         self._pool = pool
+        #: Measures the requests a sync makes (``_metered.MeteredPacks`` sets it).
+        self.measure: Measure | None = None
         self._lock = threading.Lock()
         #: One sync at a time; when the last one began (monotonic; never: -inf).
         self._syncing = threading.Lock()
@@ -205,15 +216,18 @@ class Packs:
             finally:
                 self._synced = began
 
+    def _request(self, operation: str, fn: Callable[[], T]) -> T:
+        return fn() if self.measure is None else self.measure(operation, fn)
+
     def _sync(self, began: float) -> None:
-        try:
-            keys = [
-                meta["path"]
-                for page in obstore.list(self.store, "index", chunk_size=1000)
-                for meta in page
-            ]
-        except _ERRORS as exc:
-            raise self._failed("listing the pack indexes", exc) from None
+        def listing() -> list[str]:
+            try:
+                pages = obstore.list(self.store, "index", chunk_size=1000)
+                return [meta["path"] for page in pages for meta in page]
+            except _ERRORS as exc:
+                raise self._failed("listing the pack indexes", exc) from None
+
+        keys = self._request("list_pack_indexes", listing)
         listed = set(keys)
         with self._lock:  # expired (a lifecycle rule)
             old = [k for k, (when, _) in self._seen.items() if k not in listed and when < began]
@@ -229,12 +243,17 @@ class Packs:
             self._add(key, records)
 
     def _read_index(self, key: str) -> list[PackRecord]:
-        try:
-            data = bytes(obstore.get(self.store, key).bytes())
-        except (NotFoundError, FileNotFoundError):
-            return []  # expired since the listing
-        except _ERRORS as exc:
-            raise self._failed(f"reading {key}", exc) from None
+        def get() -> bytes | None:
+            try:
+                return bytes(obstore.get(self.store, key).bytes())
+            except (NotFoundError, FileNotFoundError):
+                return None  # expired since the listing
+            except _ERRORS as exc:
+                raise self._failed(f"reading {key}", exc) from None
+
+        data = self._request("read_pack_index", get)
+        if data is None:
+            return []
         try:
             return parse_index(data)
         except (ValueError, struct.error) as exc:
