@@ -187,3 +187,24 @@ def test_fsck_finds_pages_that_do_not_start_where_the_head_says(paged: Store) ->
     assert any("do not start where it says" in p.message for p in report.problems)
     check_store(paged, repair=True)
     assert check_store(paged).clean and not paged.contains(digest)
+
+
+def test_whole_reads_keep_no_layouts_and_drop_none(paged: Store) -> None:
+    """A layout is kept for a file read in pieces; objects read whole (a
+    server's or ``cat``'s reads, many objects once each) keep none, so they
+    neither churn that cache nor pay for it."""
+    data = random.Random(12).randbytes(300_000)
+    digest = paged.put(data)
+    others = [(b"object %d " % i) * 5000 for i in range(20)]
+    digests = [paged.put(other) for other in others]
+    reader = paged.reader
+    reader.forget_layouts()
+    assert paged.read(digest, 1000, 10) == data[1000:1010]
+    kept = dict(reader._layouts)
+    assert kept
+    for other, d in zip(others, digests, strict=True):
+        assert b"".join(map(bytes, paged.iter_object(d))) == other
+    assert dict(reader._layouts) == kept
+    # Whole, paged: page by page, as a range read would.
+    assert b"".join(map(bytes, paged.iter_object(digest))) == data
+    assert all(page >= 0 for _, page in reader._layouts)
