@@ -208,3 +208,19 @@ def test_whole_reads_keep_no_layouts_and_drop_none(paged: Store) -> None:
     # Whole, paged: page by page, as a range read would.
     assert b"".join(map(bytes, paged.iter_object(digest))) == data
     assert all(page >= 0 for _, page in reader._layouts)
+
+
+@pytest.mark.parametrize("size", [3_000, 300_000], ids=["whole recipe", "paged"])
+def test_a_read_of_an_object_gone_is_not_found_not_damage(paged: Store, size: int) -> None:
+    """What a range read kept of an object does not outlive it: a read after
+    it went and gc took its chunks is a miss, not damage to the index."""
+    data = random.Random(13).randbytes(size)
+    digest = paged.put(data)
+    assert paged.read(digest, 10, 10) == data[10:20]  # keeps its layout
+    assert paged.unref(digest)
+    collect_garbage(paged)
+    with pytest.raises(ObjectNotFoundError):
+        b"".join(map(bytes, paged.iter_object(digest)))
+    with pytest.raises(ObjectNotFoundError):
+        paged.read(digest, 10, 10)
+    assert not paged.needs_fsck

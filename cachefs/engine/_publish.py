@@ -82,10 +82,13 @@ class Publisher:
         activity: Activity,
         *,
         fsync: bool,
+        forget: Callable[[Digest], None],
     ) -> None:
         self.index = index
         #: The checked index entry of an object (ObjectNotFoundError if absent).
         self.object_entry = object_entry
+        #: Told of an object that went (the reader's kept layouts of it go too).
+        self.forget = forget
         self.segments = segments
         self.health = health
         self.activity = activity
@@ -383,6 +386,7 @@ class Publisher:
             entry = self.object_entry(txn, digest)
         self.index.delete_object(txn, digest.hash)
         self.index.add(txn, "objects", -1)
+        self.forget(digest)  # (a cache: forgotten even if the transaction fails)
         for chunk, count in entry.chunk_uses().items():
             chunk_entry = self.index.get_chunk(txn, chunk)
             if chunk_entry is None:

@@ -259,6 +259,7 @@ class Store:
             self.reader.object_entry,
             activity,
             fsync=options.fsync,
+            forget=self.reader.forget,
         )
         #: Cuts content into chunks with the store's parameters.
         self.chunker = Chunker(config.chunking, options.buffer_size)
