@@ -46,15 +46,16 @@ disk.  The large cold read puts the file in B's page cache twice (B's segments, 
 FUSE file the reader reads through) where the baseline keeps nothing, and a write through
 the mount fills the page cache three or four times over (the kernel's copy of the file,
 the journal, the spool, the segments).  On a virtual machine that returns free memory to
-its host (free page reporting: this one, ``page_reporting.page_reporting_order=11``) the
-first touch of memory that was free for a few seconds is slow: 2 GiB written into the page
-cache took 3.4-4.2 s after 8 s of rest and 0.42 s right after 2 GiB were freed; perf of a
-cold read's read phase showed 36% of the machine's samples in the kernel's copy into the
-FUSE file's new pages (``fuse_copy_folio``) with the daemon otherwise idle.  How much free
-memory is "rested" depends on what ran before (the first run of a sitting gets the most),
-so ``--warm-memory SIZE`` touches and frees SIZE of memory right before each timed step,
-cachefs and baselines alike: what the figures would be on a machine without that cost
-(off by default).  Under the table: the CPU seconds of the
+its host (free page reporting), memory that stayed free for a few seconds is slow to touch
+again: here 2 GiB written into the page cache took 3.4-4.2 s after 8 s of rest and 0.42 s
+right after 2 GiB were freed, and perf of a cold read's read phase in such a sitting put
+36% of the machine's samples in the kernel's copy into the FUSE file's new pages
+(``fuse_copy_folio``), the daemon otherwise idle.  How much free memory rested depends on
+what ran before (the first run of a sitting gets the most), and it moves the figures more
+than the changes measured with them: compare sittings by the per-run figures.  (Touching
+and freeing memory before each timed step was tried: it slowed the baselines, native reads
+to half, as the freed memory was reported back during the next step.)  Under the table:
+the CPU seconds of the
 daemons and of SeaweedFS in each phase, the daemons' memory in each phase, ERROR and
 WARNING lines of their logs (STORE/cachefs.log) and their error counters, and the CPU
 that other processes used meanwhile (figures taken on a busy machine are not worth much).
@@ -62,7 +63,6 @@ Run from the repository root, as root (FUSE)::
 
     .venv/bin/python scripts/bench_remote.py                 # 1 GiB, 5,000 files, 3 runs
     .venv/bin/python scripts/bench_remote.py --large 64M --small-count 500 --runs 1
-    .venv/bin/python scripts/bench_remote.py --warm-memory 4G    # no first-touch cost
 
 With the defaults it takes about 15 minutes on a 2-core machine, and needs about 4 GiB of
 disk (per run, in --dir) and 2 GiB of memory in this process (the random bytes).
@@ -73,7 +73,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import mmap
 import os
 import random
 import shutil
@@ -412,16 +411,6 @@ def direct_chunk_put(s3: S3Store, store: Path, digest: str, threads: int) -> flo
 # --- through the mounts ------------------------------------------------------------------
 
 
-def warm_free_memory(total: int) -> None:
-    """Touch ``total`` bytes of new memory and free them (``--warm-memory``): the
-    pages a step takes next are then pages freed a moment ago."""
-    if total:
-        block = b"\1" * (64 * MIB)
-        with mmap.mmap(-1, total) as memory:
-            while memory.tell() < total:
-                memory.write(block[: total - memory.tell()])
-
-
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -535,9 +524,7 @@ class Run:
             self.monitor.watching("SeaweedFS", weed.process.pid),
             self.monitor.during("direct multipart PUT"),
         ):
-            s3 = direct_store(weed.s3)
-            warm_free_memory(args.warm_memory)
-            out.figures["push base"] = direct_put(s3, pieces)
+            out.figures["push base"] = direct_put(direct_store(weed.s3), pieces)
         self.log("direct HEAD and PUT of the large file's chunks to that SeaweedFS")
         with (
             throwaway_seaweed(self.work / "weed-chunks") as weed,
@@ -576,7 +563,6 @@ class Run:
         url = weed.url(BUCKET, PREFIX)
         a = self.start("A", url)
         self.log(f"push of {human(args.large)} from A")
-        warm_free_memory(args.warm_memory)
         with monitor.during("push large (A)"):
             out.info["push: write + fsync s"], out.figures["push"] = write_and_push(a.path, pieces)
         large = self.large = content_digest(a.path / "large" / "blob")
@@ -591,7 +577,6 @@ class Run:
                 entries = remote(a.path)["pushed_entries"]
                 first = clients.ccache_build(src, a.path / "ccache", jobs=args.jobs)
                 wait_pushed(a.path, entries + file_count(a.path / "ccache"))
-            warm_free_memory(args.warm_memory)
             with monitor.during("ccache build warm (A)"):
                 warm = clients.ccache_build(src, a.path / "ccache", jobs=args.jobs)
             out.info["ccache: cold build on A s"] = first.seconds
@@ -605,7 +590,6 @@ class Run:
         if not args.no_ccache:
             self.log("ccache build on B (warm-shared)")
             src = clients.c_project(self.work / "src-b")
-            warm_free_memory(args.warm_memory)
             with monitor.during("ccache build warm-shared (B)"):
                 shared = clients.ccache_build(src, b.path / "ccache", jobs=args.jobs)
             out.figures["ccache"] = shared.seconds
@@ -641,7 +625,6 @@ class Run:
         for kind, pair in steps.items():
             self.log(f"cold read of the {kind} file(s) on B and direct GETs")
             for who, step in pair[:: -1 if self.number % 2 else 1]:
-                warm_free_memory(args.warm_memory)
                 with monitor.during(f"cold read {kind}: {who}"):
                     out.figures[kind if who == "cachefs" else f"{kind} base"] = step()
                 if who == "cachefs":
@@ -683,8 +666,7 @@ def report(args: argparse.Namespace, runs: list[Results], monitor: Monitor) -> N
     limit = size(args.memory_limit)
     print(
         f"\ncachefs remote benchmark: {len(runs)} run(s), medians; {os.cpu_count()} CPUs; "
-        f"--memory-limit {args.memory_limit}; --threads {args.threads}; "
-        f"--warm-memory {human(args.warm_memory) if args.warm_memory else 'off'}\n"
+        f"--memory-limit {args.memory_limit}; --threads {args.threads}\n"
     )
     print("| figure | cachefs | baseline | ratio | goal | result |")
     print("|---|---:|---:|---:|---|---|")
@@ -768,13 +750,6 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="make -jN")
     parser.add_argument("--no-ccache", action="store_true", help="skip the ccache builds")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="for the temp dirs")
-    parser.add_argument(
-        "--warm-memory",
-        type=size,
-        default=0,
-        metavar="SIZE",
-        help="before each timed step, touch and free SIZE of memory (see above; off: 0)",
-    )
     args = parser.parse_args()
     if min(args.runs, args.large, args.small_count, args.threads, args.jobs) < 1:
         parser.error("--runs, --large, --small-count, --threads and --jobs must be positive")
