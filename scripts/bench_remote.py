@@ -54,11 +54,11 @@ right after 2 GiB were freed, and perf of a cold read's read phase in such a sit
 what ran before (the first run of a sitting gets the most), and it moves the figures more
 than the changes measured with them: compare sittings by the per-run figures.  (Touching
 and freeing memory before each timed step was tried: it slowed the baselines, native reads
-to half, as the freed memory was reported back during the next step.)  Under the table:
-the CPU seconds of the
-daemons and of SeaweedFS in each phase, the daemons' memory in each phase, ERROR and
-WARNING lines of their logs (STORE/cachefs.log) and their error counters, and the CPU
-that other processes used meanwhile (figures taken on a busy machine are not worth much).
+to half, probably as the freed memory was reported back during the next step.)  Under the
+table: the CPU seconds of the daemons and of SeaweedFS in each phase, the daemons' memory
+in each phase, ERROR and WARNING lines of their logs (STORE/cachefs.log) and their error
+counters, and the CPU that other processes used meanwhile (figures taken on a busy machine
+are not worth much).
 Run from the repository root, as root (FUSE)::
 
     .venv/bin/python scripts/bench_remote.py                 # 1 GiB, 5,000 files, 3 runs

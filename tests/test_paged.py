@@ -224,3 +224,23 @@ def test_a_read_of_an_object_gone_is_not_found_not_damage(paged: Store, size: in
     with pytest.raises(ObjectNotFoundError):
         paged.read(digest, 10, 10)
     assert not paged.needs_fsck
+
+
+def test_a_whole_read_of_a_paged_object_reads_its_head_once(
+    paged: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = random.Random(14).randbytes(300_000)
+    digest = paged.put(data)
+    paged.reader.forget_layouts()
+    heads = 0
+    get_head = paged.index.get_object_head
+
+    def counted(txn: object, key: bytes) -> object:
+        nonlocal heads
+        heads += key == digest.hash
+        return get_head(txn, key)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(paged.index, "get_object_head", counted)
+    assert b"".join(map(bytes, paged.iter_object(digest))) == data
+    pages = len(_pages(paged))
+    assert heads == 1 + pages  # the pages' own checks: one head read each

@@ -449,7 +449,10 @@ class ObjectReader:
                 return None
         with self.index.read() as txn:
             head = self.object_entry(txn, digest, head=True)
-        return head.chunks if head.pages is None else None
+        if head.pages is not None:  # kept, as ``_pages`` keeps it: read by pages next
+            self._keep(self._paging, digest, head.pages)
+            return None
+        return head.chunks
 
     def forget(self, digest: Digest) -> None:
         """Drop what is kept of an object (it went: a layout kept would send
