@@ -298,3 +298,64 @@ def test_a_pack_that_is_damaged_or_gone_is_a_miss_never_wrong_bytes(
         assert remote.packs.missing(everything, 0) == everything
     finally:
         remote.close()
+
+
+def _pushed_while_put(
+    path: Path, url: str, data: bytes
+) -> tuple[Digest, dict[str, int], Counter[str]]:
+    """Put ``data`` in a fresh store while a pusher runs (chunks go up as they
+    are appended), then drain the queue: digest, counts, requests."""
+    with Store.open(path, create=True, options=PUSHING) as store:
+        tiers, requests = _tiers(store, url)
+        pusher = Pusher(tiers)  # its early push takes what the ingest appends
+        try:
+            digest = store.put(data)
+            drain(pusher)
+        finally:
+            pusher.stop()
+            tiers.close()
+    return digest, dict(tiers.counts), requests.counts
+
+
+def _fetched_fresh(path: Path, url: str, digest: Digest) -> bytes:
+    with Store.open(path, create=True, options=StoreOptions(fsync=False)) as b:
+        tiers, _ = _tiers(b, url)
+        try:
+            return fetch_into(b, tiers, digest)
+        finally:
+            tiers.close()
+
+
+def test_chunks_go_up_as_they_are_written_and_the_push_sends_only_the_rest(
+    tmp_path: Path, weed: Seaweed
+) -> None:
+    url = weed.url("cachefs", tmp_path.name)
+    data = random.Random(11).randbytes(7 << 20)
+    digest, counts, requests = _pushed_while_put(tmp_path / "a", url, data)
+    # Three packs' worth went up while the put ran; the push sent the rest, no chunk twice.
+    assert counts["early_chunks"] > 0 and counts["pushed_bytes"] == len(data)
+    assert requests["write_pack"] >= 4 and requests["write_pack_index"] == 2
+    assert _fetched_fresh(tmp_path / "b", url, digest) == data
+
+
+def test_an_early_push_that_fails_leaves_its_chunks_to_the_push(
+    tmp_path: Path, weed: Seaweed, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = weed.url("cachefs", tmp_path.name)
+    data = random.Random(12).randbytes(7 << 20)
+    put_pack = Packs.put_pack
+    refused: list[list[tuple[Digest, bytes]]] = []
+
+    def failing(self: Packs, blobs: list[tuple[Digest, bytes]]) -> PackRecord:
+        if len(refused) < 2:  # the first two early packs
+            refused.append(blobs)
+            raise RemoteError("a pack refused")
+        return put_pack(self, blobs)
+
+    monkeypatch.setattr(Packs, "put_pack", failing)
+    with caplog.at_level(logging.INFO):
+        digest, counts, _ = _pushed_while_put(tmp_path / "a", url, data)
+    assert len(refused) == 2 and "early push of" in caplog.text
+    assert counts["pushed_bytes"] == len(data)  # the refused chunks went with the push
+    assert counts["early_chunks"] < counts["pushed_chunks"]
+    assert _fetched_fresh(tmp_path / "b", url, digest) == data

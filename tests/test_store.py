@@ -1266,3 +1266,32 @@ def test_from_oserror(
     if code == errno.EACCES:
         assert "permission denied" in str(err)
         assert err.hint
+
+
+def test_a_large_ingest_tells_of_the_chunks_it_appends_readable_before_publication(
+    tmp_path: Path,
+) -> None:
+    data = random.Random(5).randbytes(3 << 20)
+    options = StoreOptions(fsync=False)
+    with Store.open(tmp_path / "s", create=True, config=SMALL_CONFIG, options=options) as store:
+        told: list[tuple[bytes, int]] = []
+        read: list[bytes] = []
+
+        def tell(chunks: list[tuple[bytes, int]]) -> None:
+            told.extend(chunks)
+            for digest, size in chunks:  # pending, not published yet: readable all the same
+                got = store.chunks.read_new(digest, size)
+                assert got is not None
+                read.append(bytes(got))
+
+        store.ingest.on_appended = tell
+        digest = store.put(data)
+        assert told == store.recipe(digest) and b"".join(read) == data
+        first, size = told[0]
+        assert store.chunks.read_new(first, size) == read[0]  # published: from the index
+        assert store.chunks.read_new(first, size + 1) is None  # not that chunk
+        assert store.chunks.read_new(b"\x01" * 32, size) is None  # not here at all
+        told.clear()
+        store.put(data)  # nothing new to tell
+        store.put(b"small" * 100)  # small objects are stored in one go, untold
+        assert told == []

@@ -41,7 +41,8 @@ def command(store: Path, as_json: bool) -> None:
     (what waits to be pushed), pushed_objects, pushed_chunks, pushed_bytes,
     pushed_entries, push_failures, last_error, fetched_objects,
     fetched_chunks, fetched_bytes, fetch_misses, fetch_errors,
-    healed_chunks, spliced_objects, shared_entries_queued, shared_settling,
+    healed_chunks, spliced_objects, early_chunks (of pushed_chunks: sent while
+    their file was written), shared_entries_queued, shared_settling,
     shared_fetches, shared_misses, and under --local-max-size local_max_size
     and dropped_chunks.
     Works beside a running writer.

@@ -8,7 +8,9 @@ Ingest of one object::
     --> recipe (chunk digests in order) --> a PendingObject, for the publisher
 
 Chunks that come with their digests (``KnownChunks``: fetched and verified) skip
-the cut and the digest per chunk.
+the cut and the digest per chunk.  The chunks a large ingest appends are told,
+as they are stored, to ``Ingest.on_appended`` (the early push of the remote
+tiers: chunks of a file being written go up before it is published).
 
 Nothing here makes anything visible: publication does (``_publish.py``).  The
 caller holds the store's maintenance lock shared, so that a chunk found in the
@@ -72,6 +74,10 @@ class Ingest:
         self.reader = reader
         self.workers = workers
         self.activity = activity
+        #: Told of the chunks a large ingest appends, (digest, length) in order,
+        #: as they are (the early push, ``cachefs.remote``); called in the
+        #: ingest's thread, so it must be quick and must not fail.
+        self.on_appended: Callable[[list[tuple[bytes, int]]], None] | None = None
 
     def store_chunks(self, views: list[memoryview]) -> list[Stored]:
         """Digest consecutive chunks of one object and store those that are missing.
@@ -205,6 +211,7 @@ class Ingest:
         results: list[Stored] = []
         in_flight: deque[Future[list[Stored]]] = deque()
         hashed: deque[Future[object]] = deque()
+        tell = None if inline else self.on_appended
         # The whole-object hash is sequential: its own lane, a thread that takes
         # the buffers in order, so that the reading thread only reads and cuts.
         lane = (
@@ -215,7 +222,10 @@ class Ingest:
 
         def drain(keep: int, keep_hashed: int) -> None:
             while len(in_flight) > keep:
-                results.extend(in_flight.popleft().result())
+                stored = in_flight.popleft().result()
+                results.extend(stored)
+                if tell is not None:  # appended (pending) ones: new to the store
+                    tell([(digest, size) for digest, size, where in stored if where is not None])
             while len(hashed) > keep_hashed:
                 hashed.popleft().result()
 

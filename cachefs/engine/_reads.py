@@ -291,6 +291,34 @@ class LocalChunks:
         self.cache.put(digest, data)
         return data
 
+    def read_new(self, digest: bytes, raw_len: int) -> bytes | memoryview | None:
+        """A chunk this process appended, published or still pending: its
+        bytes, checked against its record (digest, length, checksum); None
+        if it is no longer here (an abandoned put's, collected) or reads
+        damaged.  Nothing is recorded or healed: the early push
+        (``cachefs.remote``) sends what it can, an object's push the rest."""
+        location = self.segments.shard(digest).pending.get(digest)
+        try:
+            if location is None:
+                with self.index.read() as txn:
+                    entry = self.index.get_chunk(txn, digest)
+                if entry is None or entry.remote:
+                    return None
+                segment_id, offset, stored_len = entry.segment_id, entry.offset, entry.stored_len
+            else:
+                segment_id, offset, stored_len = (
+                    location.segment_id, location.offset, location.stored_len
+                )  # fmt: skip
+            locate = functools.partial(self.segments.chunk_path, digest, segment_id)
+            record = self.segments.read_record(segment_id, locate, offset, stored_len)
+            if (record.digest, record.raw_len, record.tag) != (digest, raw_len, TAG_CHUNK):
+                return None
+            if record.compression == COMPRESSION_NONE and len(record.payload) == raw_len:
+                return record.payload
+            return self.codec.decode(record.compression, record.payload, raw_len)
+        except (CachefsError, OSError):
+            return None
+
 
 def zeros(length: int) -> Iterator[memoryview]:
     """``length`` zero bytes, in pieces (a hole; it may be larger than memory)."""

@@ -93,6 +93,7 @@ REMOTE = {
     "pushed_bytes": "cachefs_remote_pushed_bytes",
     "pushed_entries": "cachefs_remote_pushed_entries",
     "spliced_objects": "cachefs_remote_spliced_objects",
+    "early_chunks": "cachefs_remote_early_chunks",
     "push_failures": "cachefs_remote_push_failures",
     "push_dropped": "cachefs_remote_push_dropped",
     "fetch_misses": "cachefs_remote_fetch_misses",

@@ -177,6 +177,9 @@ NAMES: dict[str, Name] = {
     "cachefs_remote_pushed_bytes": _n("counter", "Bytes pushed to the write tiers"),
     "cachefs_remote_pushed_entries": _n("counter", "Shared-directory entries pushed"),
     "cachefs_remote_spliced_objects": _n("counter", "Objects made on a tier by SpliceBlob"),
+    "cachefs_remote_early_chunks": _n(
+        "counter", "Chunks pushed while their file was written, before it was published"
+    ),
     "cachefs_remote_push_failures": _n("counter", "Push attempts that failed (and are retried)"),
     "cachefs_remote_push_dropped": _n("counter", "Queue items dropped: refused for good"),
     "cachefs_remote_fetched_objects": _n("counter", "Objects fetched from a tier", "tier"),

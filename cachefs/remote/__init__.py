@@ -13,7 +13,8 @@ A store's tiers (``_tiers.py``; named by ``--remote`` and the config file,
 ``_config.py``) push what it publishes, from its durable queue, and fetch
 what it lacks; objects travel as the store's own chunks plus a chunk list
 (``_lists.py``), many chunks at once (``_transfer.py``), and in a bucket in
-pack files with an index (``_packs.py``).  With metrics, every endpoint's requests are measured
+pack files with an index (``_packs.py``), the chunks of a large file going up as
+it is written (``_early.py``).  With metrics, every endpoint's requests are measured
 (``_metered.py``).
 
 Everything a remote answers is verified against its digest before it is used

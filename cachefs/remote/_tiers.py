@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -67,6 +68,7 @@ from cachefs.engine import (
 from cachefs.errors import ConfigError, CorruptDataError, RemoteError
 from cachefs.protocol import re_pb2
 from cachefs.remote._blobs import Remote, action_result
+from cachefs.remote._early import EarlyPush
 from cachefs.remote._lists import (
     INLINE_MAX,
     SharedEntry,
@@ -157,6 +159,11 @@ def _whole(remote: Remote, digest: Digest) -> bytes | None:
         return None
 
 
+def _healthy(tier: Tier) -> bool:
+    """Whether no failure of ``tier`` waits for a request that succeeds."""
+    return not tier.breaker.tripped
+
+
 def _failed(tier: Tier, exc: RemoteError) -> None:
     if tier.breaker.failed(exc.message):
         log.warning("remote %s skipped for %.0f s: %s", tier.remote.name,
@@ -186,6 +193,7 @@ class Tiers:
             "pushed_entries": 0,
             "healed_chunks": 0,
             "spliced_objects": 0,
+            "early_chunks": 0,
         }
         #: What came from each tier (``TIER_COUNTS``), by its name.
         self.by_tier: dict[str, dict[str, int]] = {}
@@ -204,6 +212,8 @@ class Tiers:
         self._listing_now: dict[tuple[str, str, str], threading.Event] = {}
         #: Names that no tier had, (share, path) -> when that was the answer.
         self._absent: dict[tuple[str, str], float] = {}
+        #: The early push to each write tier that keeps packs, by ``id(tier)``.
+        self.early: dict[int, EarlyPush] = {}
         if self.readers and not store.readonly:
             store.chunks.healer = self.heal
             store.chunks.restorer = self.restore
@@ -221,7 +231,32 @@ class Tiers:
     def _fetched(self, tier: str, chunks: int, size: int) -> None:
         self._count(tier, fetched_chunks=chunks, fetched_bytes=size)
 
+    def push_early(self) -> None:
+        """Send the chunks the store appends to each write tier that keeps
+        packs as they come, before their objects are published (``_early.py``)."""
+        for tier in self.writers:
+            packs = tier.remote.packs
+            if packs is not None and not self.store.readonly:
+                self.early[id(tier)] = EarlyPush(
+                    tier.remote.name, packs, self.store, self._pool,
+                    functools.partial(_healthy, tier),
+                    functools.partial(_failed, tier), self._sent_early,
+                )  # fmt: skip
+        if self.early:
+            self.store.ingest.on_appended = self._appended
+
+    def _appended(self, chunks: list[tuple[bytes, int]]) -> None:
+        for early in self.early.values():
+            early.offer(chunks)
+
+    def _sent_early(self, chunks: int, size: int) -> None:
+        self._count(pushed_chunks=chunks, pushed_bytes=size, early_chunks=chunks)
+
     def close(self) -> None:
+        if self.store.ingest.on_appended == self._appended:
+            self.store.ingest.on_appended = None
+        for early in self.early.values():
+            early.close()
         if self.store.chunks.healer == self.heal:
             self.store.chunks.healer = None
         if self.store.chunks.restorer == self.restore:
@@ -252,6 +287,9 @@ class Tiers:
 
     def _push_to(self, tier: Tier, digest: Digest, chunks: list[tuple[bytes, int]]) -> None:
         remote = tier.remote
+        early = self.early.get(id(tier))
+        if early is not None:  # what it sent counts, what waits is this push's
+            early.settle({d for d, _ in chunks if d})
         blobs = list(dict.fromkeys(Digest(d, n) for d, n in chunks if d))
         packs = remote.packs
         if packs is not None:  # what a pack holds is not asked about again
@@ -662,6 +700,7 @@ class Pusher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cachefs-pusher", daemon=True)
         queue.on_queued = self.kick
+        tiers.push_early()
         self._objects = ThreadPoolExecutor(PUSH_OBJECTS, thread_name_prefix="cachefs-push")
         self.failures = 0
         #: Items dropped from the queue: refused for good, or failing here.
