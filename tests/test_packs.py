@@ -8,8 +8,10 @@ import hashlib
 import logging
 import math
 import random
+import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from cachefs.remote import (
     measure,
     open_remote,
 )
+from cachefs.remote._early import INDEX_WITHIN, EarlyPush
 from cachefs.remote._packs import (
     MAGIC,
     PACK_BYTES,
@@ -343,19 +346,110 @@ def test_an_early_push_that_fails_leaves_its_chunks_to_the_push(
 ) -> None:
     url = weed.url("cachefs", tmp_path.name)
     data = random.Random(12).randbytes(7 << 20)
-    put_pack = Packs.put_pack
-    refused: list[list[tuple[Digest, bytes]]] = []
+    put_pack, refusing = Packs.put_pack, [True]
 
     def failing(self: Packs, blobs: list[tuple[Digest, bytes]]) -> PackRecord:
-        if len(refused) < 2:  # the first two early packs
-            refused.append(blobs)
+        if refusing[0]:  # while the put runs: the early packs
             raise RemoteError("a pack refused")
         return put_pack(self, blobs)
 
     monkeypatch.setattr(Packs, "put_pack", failing)
-    with caplog.at_level(logging.INFO):
-        digest, counts, _ = _pushed_while_put(tmp_path / "a", url, data)
-    assert len(refused) == 2 and "early push of" in caplog.text
-    assert counts["pushed_bytes"] == len(data)  # the refused chunks went with the push
-    assert counts["early_chunks"] < counts["pushed_chunks"]
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as store:
+        tiers, _ = _tiers(store, url)
+        pusher = Pusher(tiers)
+        try:
+            with caplog.at_level(logging.INFO):
+                digest = store.put(data)
+                tiers.early[id(tiers.tiers[0])].settle(set())  # nothing to wait for
+                refusing[0] = False
+                drain(pusher)
+        finally:
+            pusher.stop()
+            tiers.close()
+    assert "early push of" in caplog.text and "resting 30 s" in caplog.text
+    # The push sent every chunk, and the tier's breaker knows nothing of the early failures.
+    assert tiers.counts["pushed_bytes"] == len(data) and tiers.counts["early_chunks"] == 0
+    assert tiers.tiers[0].breaker.failures == 0
     assert _fetched_fresh(tmp_path / "b", url, digest) == data
+
+
+class _Bucket:
+    """A bucket's packs in memory (a ``PackStore`` for the early push)."""
+
+    def __init__(self, has: Iterable[Digest] = ()) -> None:
+        self.has = set(has)
+        self.packs: list[list[Digest]] = []
+        self.indexes: list[list[PackRecord]] = []
+
+    def missing(self, digests: Sequence[Digest], age: float = 0) -> list[Digest]:
+        return [d for d in digests if d not in self.has]
+
+    def put_pack(self, blobs: Sequence[tuple[Digest, bytes | memoryview]]) -> PackRecord:
+        self.packs.append([d for d, _ in blobs])
+        return PackRecord(bytes(16), tuple(d for d, _ in blobs))
+
+    def put_index(self, records: Sequence[PackRecord]) -> None:
+        self.indexes.append(list(records))
+        self.has.update(d for record in records for d in record.chunks)
+
+
+def _early(
+    store: Store, bucket: _Bucket, pool: ThreadPoolExecutor, now: list[float]
+) -> tuple[EarlyPush, list[int]]:
+    sent: list[int] = []
+    early = EarlyPush(
+        "mem", bucket, store, pool, lambda: True,  # type: ignore[arg-type]
+        lambda chunks, size: sent.append(size), clock=lambda: now[0],
+    )  # fmt: skip
+    return early, sent
+
+
+def test_an_early_push_indexes_its_packs_when_needed_never_late_and_never_hangs(
+    tmp_path: Path,
+) -> None:
+    options = StoreOptions(fsync=False)
+    with (
+        Store.open(tmp_path / "a", create=True, options=options) as store,
+        ThreadPoolExecutor(16) as pool,
+    ):
+        one, two = (random.Random(n).randbytes(5 << 20) for n in (1, 2))
+        chunks = [[Digest(h, n) for h, n in store.recipe(store.put(d))] for d in (one, two)]
+        told = [[(d.hash, d.size) for d in c] for c in chunks]
+        now = [0.0]
+        # A bucket that has every chunk: each pack's task ends at once (it
+        # used to come back into a lock its caller held), nothing is sent.
+        early, sent = _early(store, _Bucket(chunks[0]), pool, now)
+        offering = threading.Thread(target=early.offer, args=(told[0],))
+        offering.start()
+        offering.join(10)
+        assert not offering.is_alive()
+        early.settle({d.hash for d in chunks[0]})
+        early.close()
+        assert sent == []
+
+        # The push of an object waits for its packs and indexes them.
+        bucket = _Bucket()
+        early, sent = _early(store, bucket, pool, now)
+        early.offer(told[0])
+        early.settle({d.hash for d in chunks[0]})
+        assert len(bucket.indexes) == 1 and sum(sent) >= 2 * PACK_BYTES
+        assert {d for d in chunks[0] if d not in bucket.has} == set(
+            bucket.missing(chunks[0])
+        )  # the rest: less than a pack, for the push
+        assert sum(d.size for d in bucket.missing(chunks[0])) < PACK_BYTES
+
+        # Packs of content nobody pushed are indexed at close, unless it is too late.
+        def landed(early: EarlyPush) -> None:
+            while early._flying:  # close() would cancel what has not started
+                time.sleep(0.01)
+
+        early.offer(told[1])
+        landed(early)
+        now[0] += INDEX_WITHIN + 1
+        early.close()
+        assert len(bucket.indexes) == 1 and len(bucket.packs) >= 4
+        early, sent = _early(store, bucket, pool, now)
+        early.offer(told[1][::-1])  # told afresh (another process)
+        landed(early)
+        early.close()
+        assert len(bucket.indexes) == 2 and sum(sent) >= 2 * PACK_BYTES

@@ -311,12 +311,14 @@ class LocalChunks:
                 )  # fmt: skip
             locate = functools.partial(self.segments.chunk_path, digest, segment_id)
             record = self.segments.read_record(segment_id, locate, offset, stored_len)
-            if (record.digest, record.raw_len, record.tag) != (digest, raw_len, TAG_CHUNK):
+            if (record.digest, record.raw_len, record.tag, record.digest_id) != (
+                digest, raw_len, TAG_CHUNK, self.digest_function.ident
+            ):  # fmt: skip
                 return None
             if record.compression == COMPRESSION_NONE and len(record.payload) == raw_len:
                 return record.payload
             return self.codec.decode(record.compression, record.payload, raw_len)
-        except (CachefsError, OSError):
+        except (CachefsError, OSError, ValueError):  # ValueError: a mapping closed
             return None
 
 

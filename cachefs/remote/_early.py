@@ -9,27 +9,36 @@ and the push starts from nothing when the writer is done.  So while a
 :class:`EarlyPush` of every chunk it appends (``Ingest.on_appended``), and
 each write tier that keeps packs (``_packs.py``) gets them in packs as soon as
 a pack's worth (``PACK_BYTES``) has come, ``EARLY_AHEAD`` packs in flight at
-most.  A pack is made when it goes: its chunks are read from the store then
-(``LocalChunks.read_new``), and those the bucket has are left out.
+most per tier.  A pack is made when it goes: its chunks are read from the
+store then (``LocalChunks.read_new``), and those the bucket has are left out.
 
 When an object's push begins (``Tiers.push``), :meth:`EarlyPush.settle` takes
 its chunks off the waiting list, waits for the packs in flight that hold any
 of them and writes the index of the packs sent: the push then sends only
 what is still missing.  Nothing here is durable or retried, and nothing
 waits for it but that push: a pack that failed, chunks still waiting and
-chunks dropped (more than ``EARLY_WAITING`` waiting) are the object's push's
-business as ever.  Chunks of content that is never published go up all the
-same, in packs that an index names or not: garbage that the bucket's
-lifecycle rule removes (the README's example), as it removes a failed push's.
+chunks dropped (more than ``EARLY_WAITING`` waiting, or told while the early
+push rests after a failure) are the object's push's business as ever.  A
+failure does not count against the tier's breaker (the push's own requests
+say whether it is down); it makes the early push rest ``EARLY_REST`` seconds.
+
+Chunks of content that is never published go up all the same: their packs
+are indexed with the next ones, or not at all (garbage that the bucket's
+lifecycle rule removes, as it removes a failed push's).  A pack is never
+indexed more than ``INDEX_WITHIN`` seconds after it was written: the
+lifecycle rule expires indexes a day before packs, which holds only for an
+index written soon after its packs.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor, Future
 
 from cachefs.engine import Digest, Store
 from cachefs.errors import RemoteError
@@ -42,6 +51,21 @@ log = logging.getLogger(__name__)
 EARLY_AHEAD, EARLY_WAITING = 4, 1 << 16
 #: Chunks told lately, not taken again (an abandoned stream's come twice).
 TOLD_KEPT = 1 << 16
+#: Seconds the early push rests after a failure.
+EARLY_REST = 30.0
+#: Seconds after its upload within which a pack may be indexed (else never).
+INDEX_WITHIN = 3600.0
+
+
+class _Flight:
+    """A pack on its way: its chunks, and set once it landed or failed."""
+
+    __slots__ = ("chunks", "done", "future")
+
+    def __init__(self, chunks: frozenset[bytes]) -> None:
+        self.chunks = chunks
+        self.done = threading.Event()
+        self.future: Future[None] | None = None
 
 
 class EarlyPush:
@@ -49,27 +73,31 @@ class EarlyPush:
 
     def __init__(
         self, name: str, packs: PackStore, store: Store, pool: Executor,
-        admit: Callable[[], bool], failed: Callable[[RemoteError], None],
-        sent: Callable[[int, int], None],
+        healthy: Callable[[], bool], sent: Callable[[int, int], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
         self.name, self.packs, self.store, self.pool = name, packs, store, pool
-        #: Whether the tier takes a request now (its breaker); tell it of a failure.
-        self._admit, self._failed = admit, failed
-        #: Told of what went up: (chunks, bytes).
-        self._sent = sent
+        #: Whether the tier is up (its breaker), and what to tell of what
+        #: went up, (chunks, bytes), once indexed.
+        self._healthy, self._sent, self._clock = healthy, sent, clock
         self._lock = threading.Lock()
+        #: Held while an index of landed packs is written: a settle waits for it.
+        self._indexing = threading.Lock()
         self._waiting: list[Digest] = []
         self._waiting_bytes = 0
         self._told: OrderedDict[bytes, None] = OrderedDict()
-        #: Packs in flight, with the chunks each was made of.
-        self._flying: dict[Future[None], frozenset[bytes]] = {}
-        #: Packs sent that no index names yet.
-        self._landed: list[PackRecord] = []
+        self._flying: dict[int, _Flight] = {}
+        self._numbers = itertools.count()
+        #: Packs sent that no index names yet, with when they landed.
+        self._landed: list[tuple[float, PackRecord]] = []
+        self._resting_until = 0.0
         self._closed = False
 
     def offer(self, chunks: list[tuple[bytes, int]]) -> None:
         """Chunks just appended to the store (the ingest's thread: quick, never fails)."""
-        if not chunks or self._closed or not self._admit():
+        if not chunks or self._closed or self._clock() < self._resting_until:
+            return
+        if not self._healthy():
             return
         with self._lock:
             for digest, size in chunks:
@@ -85,7 +113,7 @@ class EarlyPush:
 
     def _launch(self) -> None:
         """Send a pack for each pack's worth waiting, as room in flight allows
-        (holding the lock)."""
+        (holding the lock; the task takes it only once it is done)."""
         while (
             not self._closed and len(self._flying) < EARLY_AHEAD
             and self._waiting_bytes >= PACK_BYTES
@@ -97,80 +125,96 @@ class EarlyPush:
                     break
             group, self._waiting = self._waiting[:taken], self._waiting[taken:]
             self._waiting_bytes -= size
+            number, flight = next(self._numbers), _Flight(frozenset(d.hash for d in group))
             try:
-                future = self.pool.submit(self._send, group)
-            except RuntimeError:  # the pool is shut down: the pusher stops
+                flight.future = self.pool.submit(self._send, number, group)
+            except RuntimeError:  # the pool is shut down: the tiers are closing
                 self._closed = True
                 return
-            self._flying[future] = frozenset(d.hash for d in group)
-            future.add_done_callback(self._done)
+            self._flying[number] = flight
 
-    def _send(self, group: list[Digest]) -> None:
+    def _send(self, number: int, group: list[Digest]) -> None:
         """Upload one pack of the chunks of ``group`` the bucket lacks and
         this store still has (a worker thread)."""
+        record: PackRecord | None = None
         try:
             blobs = []
             for digest in self.packs.missing(group):
                 data = self.store.chunks.read_new(digest.hash, digest.size)
                 if data is not None:
                     blobs.append((digest, data))
-            if not blobs:
+            if blobs:
+                record = self.packs.put_pack(blobs)
+        except RemoteError as exc:
+            self._rest(f"early push of {len(group)} chunks", exc)
+        except Exception:  # a bug: logged, and the push sends them
+            log.exception("%s: early push of %d chunks failed", self.name, len(group))
+        finally:
+            with self._lock:
+                if record is not None:
+                    self._landed.append((self._clock(), record))
+                flight = self._flying.pop(number)
+                full = len(self._landed) >= INDEX_PACKS
+                self._launch()
+            flight.done.set()
+        if full:
+            self._index()
+
+    def _rest(self, what: str, exc: RemoteError) -> None:
+        self._resting_until = self._clock() + EARLY_REST
+        with self._lock:
+            self._waiting, self._waiting_bytes = [], 0
+        log.info("%s: %s failed (the pushes of their objects send them; resting %.0f s): %s",
+                 self.name, what, EARLY_REST, exc.message)  # fmt: skip
+
+    def _index(self, chunks: frozenset[bytes] | None = None) -> None:
+        """Write the index of the packs landed (if any holds one of
+        ``chunks``, when given): their chunks count from now on."""
+        with self._indexing:
+            with self._lock:
+                if chunks is not None and not any(
+                    not chunks.isdisjoint(d.hash for d in r.chunks) for _, r in self._landed
+                ):
+                    return
+                landed, self._landed = self._landed, []
+            oldest = self._clock() - INDEX_WITHIN
+            records = [record for when, record in landed if when >= oldest]
+            if not records:
                 return
-            record = self.packs.put_pack(blobs)
-        except RemoteError as exc:
-            self._failed(exc)
-            log.info("%s: early push of %d chunks failed (their objects' pushes send them): %s",
-                     self.name, len(group), exc.message)  # fmt: skip
-            return
-        with self._lock:
-            self._landed.append(record)
-            full = len(self._landed) >= INDEX_PACKS
-            records, self._landed = (self._landed, []) if full else ([], self._landed)
-        self._sent(len(blobs), sum(d.size for d, _ in blobs))
-        if records:
-            self._index(records)
-
-    def _done(self, future: Future[None]) -> None:
-        with self._lock:
-            self._flying.pop(future, None)
-            self._launch()
-        if not future.cancelled() and future.exception() is not None:
-            log.error("%s: early push failed", self.name, exc_info=future.exception())
-
-    def _index(self, records: list[PackRecord]) -> None:
-        """Write the index of packs sent: their chunks count from now on."""
-        try:
-            self.packs.put_index(records)
-        except RemoteError as exc:
-            self._failed(exc)
-            log.info("%s: the index of %d early packs was not written (their chunks go again): %s",
-                     self.name, len(records), exc.message)  # fmt: skip
+            try:
+                self.packs.put_index(records)
+            except RemoteError as exc:
+                self._rest(f"the index of {len(records)} early packs", exc)
+                return
+            sent = [d for record in records for d in record.chunks]
+            self._sent(len(sent), sum(d.size for d in sent))
 
     def settle(self, chunks: set[bytes]) -> None:
         """An object of ``chunks`` is about to be pushed: none of them waits
         any more, the packs in flight with any of them land, and the packs
         sent are indexed (what the push asks for next is what they lack)."""
+        ours = frozenset(chunks)
         with self._lock:
-            if self._waiting and not chunks.isdisjoint(d.hash for d in self._waiting):
-                kept = [d for d in self._waiting if d.hash not in chunks]
+            if self._waiting and not ours.isdisjoint(d.hash for d in self._waiting):
+                kept = [d for d in self._waiting if d.hash not in ours]
                 self._waiting, self._waiting_bytes = kept, sum(d.size for d in kept)
-            mine = [f for f, held in self._flying.items() if not chunks.isdisjoint(held)]
-        wait(mine)
-        with self._lock:
-            ours = any(not chunks.isdisjoint(d.hash for d in r.chunks) for r in self._landed)
-            records, self._landed = (self._landed, []) if ours else ([], self._landed)
-        if records:
-            self._index(records)
+            mine = [f for f in self._flying.values() if not ours.isdisjoint(f.chunks)]
+        for flight in mine:
+            flight.done.wait()
+        self._index(ours)  # waits too for an index of them being written
 
     def close(self) -> None:
-        """Send nothing more (the pusher stops); what flies is cancelled or lands."""
+        """Send nothing more (the tiers close): packs not started are
+        cancelled, those in flight land, and what landed is indexed."""
         with self._lock:
             self._closed = True
             self._waiting, self._waiting_bytes = [], 0
-            flying = list(self._flying)
-        for future in flying:
-            future.cancel()
-        wait(flying)
+            flying = list(self._flying.values())
+        for flight in flying:
+            if flight.future is not None and flight.future.cancel():
+                flight.done.set()  # it never runs
+            flight.done.wait()
+        self._index()
 
 
 __all__ = ["EARLY_AHEAD", "EARLY_WAITING", "EarlyPush"]

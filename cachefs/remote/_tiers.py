@@ -236,11 +236,10 @@ class Tiers:
         packs as they come, before their objects are published (``_early.py``)."""
         for tier in self.writers:
             packs = tier.remote.packs
-            if packs is not None and not self.store.readonly:
+            if packs is not None and not self.store.readonly and id(tier) not in self.early:
                 self.early[id(tier)] = EarlyPush(
                     tier.remote.name, packs, self.store, self._pool,
-                    functools.partial(_healthy, tier),
-                    functools.partial(_failed, tier), self._sent_early,
+                    functools.partial(_healthy, tier), self._sent_early,
                 )  # fmt: skip
         if self.early:
             self.store.ingest.on_appended = self._appended
