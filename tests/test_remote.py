@@ -74,6 +74,7 @@ def test_remote_urls(text: str, fields: tuple[str, str, str, str, str]) -> None:
         ("s3:///prefix", "no bucket"),
         ("s3://b?endpoint=ftp://x", "not an http(s) URL"),
         ("s3://b?acl=private", "unknown parameter 'acl'"),
+        ("s3://b?sign_payload=maybe", "sign_payload is yes or no"),
         ("grpc://h:0", "port"),
         ("grpc://h:", "port"),
         ("http://h/a%3Fb", "escaping"),
@@ -87,6 +88,21 @@ def test_bad_remote_urls_say_what_is_wrong(text: str, why: str) -> None:
         parse_remote(text)
     assert why in info.value.message
     assert "grpc://HOST" in info.value.hint
+
+
+def test_s3_bodies_are_not_signed_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    for text, unsigned in [
+        ("s3://b?endpoint=http://127.0.0.1:1", "true"),
+        ("s3://b?endpoint=http://127.0.0.1:1&sign_payload=yes", "false"),
+    ]:
+        remote = open_remote(text, SHA256)
+        try:
+            assert isinstance(remote, ObjectRemote)
+            assert remote.store.config["unsigned_payload"] == unsigned  # type: ignore[union-attr]
+        finally:
+            remote.close()
 
 
 def test_s3_without_credentials_says_which_variables(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,6 +80,7 @@ def _s3_store(url: RemoteUrl, timeout: float) -> S3Store:
         secret_access_key=secret,
         region=url.region,
         virtual_hosted_style_request=False,
+        unsigned_payload=not url.sign_payload,  # see _urls.py
         **extra,
     )
 

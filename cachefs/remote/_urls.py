@@ -2,8 +2,15 @@
 
 Three kinds, as the command line takes them (``--remote URL``):
 
-* ``s3://BUCKET[/PREFIX]?endpoint=URL[&region=R]`` -- any S3-compatible object
-  store; credentials from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``;
+* ``s3://BUCKET[/PREFIX]?endpoint=URL[&region=R][&sign_payload=yes]`` -- any
+  S3-compatible object store; credentials from ``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY``.  Requests are signed, their bodies are not
+  (``UNSIGNED-PAYLOAD``: a SHA-256 of every body costs the client and the
+  server a core-second per GiB, and adds nothing to what is read back: every
+  blob is verified against its digest, every pack's chunk too, an index
+  against its checksum, and a signed entry against its signature; a
+  response, which no signature covers, could be changed as well as a
+  request).  ``sign_payload=yes`` signs them too, for a store that wants it;
 * ``grpc://HOST[:PORT][/INSTANCE]`` -- any REAPI v2 server (port 9092 unless
   given; ``grpcs://`` for TLS);
 * ``http://HOST[:PORT][/PREFIX]`` -- a Bazel HTTP cache (port 8080 unless
@@ -20,6 +27,7 @@ A URL that is none of these is a ConfigError that shows the three forms.
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +58,8 @@ class RemoteUrl:
     instance: str = ""
     region: str = "us-east-1"
     tls: bool = False
+    #: s3: sign the bodies of requests too (``sign_payload=yes``).
+    sign_payload: bool = False
     #: Files of the credentials a server asks for (see the module doc); "" none.
     token_file: str = ""
     ca: str = ""
@@ -125,9 +135,15 @@ def parse_remote(text: str) -> RemoteUrl:
         ) from None
     if scheme == "s3":
         query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-        unknown = set(query) - {"endpoint", "region"}
+        unknown = set(query) - {"endpoint", "region", "sign_payload"}
         if unknown:
-            raise _bad(text, f"unknown parameter {sorted(unknown)[0]!r} (endpoint, region)")
+            raise _bad(
+                text,
+                f"unknown parameter {sorted(unknown)[0]!r} (endpoint, region, sign_payload)",
+            )
+        sign = query.get("sign_payload", ["no"])[-1].lower()
+        if sign not in ("yes", "no", "true", "false", "1", "0"):
+            raise _bad(text, f"sign_payload is yes or no, not {sign!r}")
         if not parts.netloc:
             raise _bad(text, "it names no bucket")
         endpoint = query.get("endpoint", [""])[-1]
@@ -145,6 +161,7 @@ def parse_remote(text: str) -> RemoteUrl:
             prefix=prefix,
             region=query.get("region", ["us-east-1"])[-1] or "us-east-1",
             tls=endpoint.startswith("https") or not endpoint,
+            sign_payload=sign in ("yes", "true", "1"),
         )
     if parts.fragment:
         raise _bad(text, "a remote URL has no fragment")
@@ -162,13 +179,16 @@ def parse_remote(text: str) -> RemoteUrl:
         raise _bad(text, f"unknown parameter {sorted(unknown)[0]!r} ({', '.join(sorted(allowed))})")
     if ("cert" in given) != ("key" in given):
         raise _bad(text, "cert and key go together")
-    files = {k: given.get(k, "") for k in ("token_file", "ca", "cert", "key")}
+    files = functools.partial(
+        RemoteUrl, tls=tls, token_file=given.get("token_file", ""), ca=given.get("ca", ""),
+        cert=given.get("cert", ""), key=given.get("key", ""),
+    )  # fmt: skip
     if scheme in ("grpc", "grpcs"):
         address = _host_port(text, parts, GRPC_PORT)
-        return RemoteUrl("grpc", text, address, instance=prefix.rstrip("/"), tls=tls, **files)
+        return files("grpc", text, address, instance=prefix.rstrip("/"))
     if scheme in ("http", "https"):
         address = _host_port(text, parts, HTTP_PORT if scheme == "http" else 443)
-        return RemoteUrl("http", text, f"{scheme}://{address}", prefix=prefix, tls=tls, **files)
+        return files("http", text, f"{scheme}://{address}", prefix=prefix)
     raise _bad(text, f"unknown kind {parts.scheme!r}" if scheme else "it is not a URL")
 
 
