@@ -317,8 +317,7 @@ def direct_store(endpoint: str) -> S3Store:
         endpoint=endpoint,
         region="us-east-1",
         virtual_hosted_style_request=False,
-        client_options={"allow_http": True},
-        unsigned_payload=True,  # as cachefs's own client (cachefs/remote/_urls.py)
+        client_options={"allow_http": True},  # bodies signed, as cachefs signs them over http
     )
 
 

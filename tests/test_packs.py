@@ -360,7 +360,8 @@ def test_an_early_push_that_fails_leaves_its_chunks_to_the_push(
         try:
             with caplog.at_level(logging.INFO):
                 digest = store.put(data)
-                tiers.early[id(tiers.tiers[0])].settle(set())  # nothing to wait for
+                chunks = {h for h, _ in store.recipe(digest)}
+                tiers.early[id(tiers.tiers[0])].settle(chunks)  # the early packs failed
                 refusing[0] = False
                 drain(pusher)
         finally:
@@ -453,3 +454,42 @@ def test_an_early_push_indexes_its_packs_when_needed_never_late_and_never_hangs(
         landed(early)
         early.close()
         assert len(bucket.indexes) == 2 and sum(sent) >= 2 * PACK_BYTES
+
+
+def test_an_early_push_that_rests_or_fails_oddly_never_fails_its_closing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(_Bucket):
+        def put_pack(self, blobs: Sequence[tuple[Digest, bytes | memoryview]]) -> PackRecord:
+            if not self.packs:  # the first pack fails: the early push rests
+                self.packs.append([])
+                raise RemoteError("refused")
+            return super().put_pack(blobs)
+
+        def put_index(self, records: Sequence[PackRecord]) -> None:
+            raise ValueError("a bug")
+
+    options = StoreOptions(fsync=False)
+    with (
+        Store.open(tmp_path / "a", create=True, options=options) as store,
+        ThreadPoolExecutor(1) as pool,  # one pack at a time: the first fails alone
+        caplog.at_level(logging.INFO),
+    ):
+        data = random.Random(3).randbytes(7 << 20)
+        told = [(h, n) for h, n in store.recipe(store.put(data))]
+        now = [0.0]
+        bucket = Broken()
+        early, sent = _early(store, bucket, pool, now)
+        early.offer(told)
+        while early._flying:  # the first pack failed, the others landed
+            time.sleep(0.01)
+        early.offer(told[::-1])  # resting: not taken
+        early.close()  # resting: no index is written at close
+        assert "resting 30 s" in caplog.text and len(bucket.packs) > 1
+        assert "writing the index" not in caplog.text and sent == []
+        now[0] += 31  # rested: packs go, and an index that fails oddly is logged, not raised
+        early, sent = _early(store, bucket, pool, now)
+        early.offer(told)
+        early.settle({h for h, _ in told})
+        early.close()
+        assert "writing the index of" in caplog.text and sent == []

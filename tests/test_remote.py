@@ -90,12 +90,14 @@ def test_bad_remote_urls_say_what_is_wrong(text: str, why: str) -> None:
     assert "grpc://HOST" in info.value.hint
 
 
-def test_s3_bodies_are_not_signed_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_bodies_are_signed_where_no_tls_covers_them(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     for text, unsigned in [
-        ("s3://b?endpoint=http://127.0.0.1:1", "true"),
-        ("s3://b?endpoint=http://127.0.0.1:1&sign_payload=yes", "false"),
+        ("s3://b?endpoint=http://127.0.0.1:1", "false"),
+        ("s3://b?endpoint=https://127.0.0.1:1", "true"),
+        ("s3://b?endpoint=http://127.0.0.1:1&sign_payload=No", "true"),
+        ("s3://b?endpoint=https://127.0.0.1:1&sign_payload=yes", "false"),
     ]:
         remote = open_remote(text, SHA256)
         try:

@@ -74,7 +74,7 @@ class EarlyPush:
     def __init__(
         self, name: str, packs: PackStore, store: Store, pool: Executor,
         healthy: Callable[[], bool], sent: Callable[[int, int], None],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,  # wall time: it runs on in a suspend
     ) -> None:  # fmt: skip
         self.name, self.packs, self.store, self.pool = name, packs, store, pool
         #: Whether the tier is up (its breaker), and what to tell of what
@@ -95,11 +95,11 @@ class EarlyPush:
 
     def offer(self, chunks: list[tuple[bytes, int]]) -> None:
         """Chunks just appended to the store (the ingest's thread: quick, never fails)."""
-        if not chunks or self._closed or self._clock() < self._resting_until:
-            return
-        if not self._healthy():
+        if not chunks or self._closed or self._resting() or not self._healthy():
             return
         with self._lock:
+            if self._closed:
+                return
             for digest, size in chunks:
                 if digest in self._told:
                     continue
@@ -153,12 +153,16 @@ class EarlyPush:
             with self._lock:
                 if record is not None:
                     self._landed.append((self._clock(), record))
-                flight = self._flying.pop(number)
+                flight = self._flying.pop(number, None)  # None: the pool failed to start it
                 full = len(self._landed) >= INDEX_PACKS
                 self._launch()
-            flight.done.set()
+            if flight is not None:
+                flight.done.set()
         if full:
             self._index()
+
+    def _resting(self) -> bool:
+        return self._clock() < self._resting_until
 
     def _rest(self, what: str, exc: RemoteError) -> None:
         self._resting_until = self._clock() + EARLY_REST
@@ -185,6 +189,9 @@ class EarlyPush:
                 self.packs.put_index(records)
             except RemoteError as exc:
                 self._rest(f"the index of {len(records)} early packs", exc)
+                return
+            except Exception:  # a bug: logged, and the pushes send their chunks
+                log.exception("%s: writing the index of %d early packs", self.name, len(records))
                 return
             sent = [d for record in records for d in record.chunks]
             self._sent(len(sent), sum(d.size for d in sent))
@@ -214,7 +221,8 @@ class EarlyPush:
             if flight.future is not None and flight.future.cancel():
                 flight.done.set()  # it never runs
             flight.done.wait()
-        self._index()
+        if self._healthy() and not self._resting():  # never a wait on a tier that is down
+            self._index()
 
 
 __all__ = ["EARLY_AHEAD", "EARLY_WAITING", "EarlyPush"]

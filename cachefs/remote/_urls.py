@@ -2,15 +2,14 @@
 
 Three kinds, as the command line takes them (``--remote URL``):
 
-* ``s3://BUCKET[/PREFIX]?endpoint=URL[&region=R][&sign_payload=yes]`` -- any
-  S3-compatible object store; credentials from ``AWS_ACCESS_KEY_ID`` /
-  ``AWS_SECRET_ACCESS_KEY``.  Requests are signed, their bodies are not
-  (``UNSIGNED-PAYLOAD``: a SHA-256 of every body costs the client and the
-  server a core-second per GiB, and adds nothing to what is read back: every
-  blob is verified against its digest, every pack's chunk too, an index
-  against its checksum, and a signed entry against its signature; a
-  response, which no signature covers, could be changed as well as a
-  request).  ``sign_payload=yes`` signs them too, for a store that wants it;
+* ``s3://BUCKET[/PREFIX]?endpoint=URL[&region=R][&sign_payload=yes|no]`` --
+  any S3-compatible object store; credentials from ``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY``.  Requests are signed; their bodies too unless
+  the endpoint is ``https`` (TLS covers them there, and a SHA-256 of every
+  body costs close to a core-second per GiB pushed) or ``sign_payload=no``
+  says so (over plain ``http`` a changed body would then be stored: safe
+  for blobs and packs, verified against their digests when read, not for
+  unsigned shared entries or pack indexes);
 * ``grpc://HOST[:PORT][/INSTANCE]`` -- any REAPI v2 server (port 9092 unless
   given; ``grpcs://`` for TLS);
 * ``http://HOST[:PORT][/PREFIX]`` -- a Bazel HTTP cache (port 8080 unless
@@ -39,7 +38,7 @@ GRPC_PORT = 9092
 HTTP_PORT = 8080
 
 FORMS = (
-    "s3://BUCKET[/PREFIX]?endpoint=URL[&region=R], "
+    "s3://BUCKET[/PREFIX]?endpoint=URL[&region=R][&sign_payload=yes|no], "
     "grpc://HOST[:PORT][/INSTANCE] or http://HOST[:PORT][/PREFIX]"
 )
 
@@ -58,7 +57,7 @@ class RemoteUrl:
     instance: str = ""
     region: str = "us-east-1"
     tls: bool = False
-    #: s3: sign the bodies of requests too (``sign_payload=yes``).
+    #: s3: sign the bodies of requests too (over ``http`` unless ``sign_payload=no``).
     sign_payload: bool = False
     #: Files of the credentials a server asks for (see the module doc); "" none.
     token_file: str = ""
@@ -141,12 +140,13 @@ def parse_remote(text: str) -> RemoteUrl:
                 text,
                 f"unknown parameter {sorted(unknown)[0]!r} (endpoint, region, sign_payload)",
             )
-        sign = query.get("sign_payload", ["no"])[-1].lower()
-        if sign not in ("yes", "no", "true", "false", "1", "0"):
+        sign = query.get("sign_payload", [""])[-1]
+        if sign.lower() not in ("", "yes", "no", "true", "false", "1", "0"):
             raise _bad(text, f"sign_payload is yes or no, not {sign!r}")
         if not parts.netloc:
             raise _bad(text, "it names no bucket")
         endpoint = query.get("endpoint", [""])[-1]
+        tls = endpoint.startswith("https") or not endpoint
         if endpoint:
             where = _split(endpoint, text)
             if where.scheme not in ("http", "https"):
@@ -160,8 +160,8 @@ def parse_remote(text: str) -> RemoteUrl:
             bucket=parts.netloc,
             prefix=prefix,
             region=query.get("region", ["us-east-1"])[-1] or "us-east-1",
-            tls=endpoint.startswith("https") or not endpoint,
-            sign_payload=sign in ("yes", "true", "1"),
+            tls=tls,
+            sign_payload=sign.lower() in ("yes", "true", "1") if sign else not tls,
         )
     if parts.fragment:
         raise _bad(text, "a remote URL has no fragment")
@@ -179,16 +179,16 @@ def parse_remote(text: str) -> RemoteUrl:
         raise _bad(text, f"unknown parameter {sorted(unknown)[0]!r} ({', '.join(sorted(allowed))})")
     if ("cert" in given) != ("key" in given):
         raise _bad(text, "cert and key go together")
-    files = functools.partial(
+    made = functools.partial(
         RemoteUrl, tls=tls, token_file=given.get("token_file", ""), ca=given.get("ca", ""),
         cert=given.get("cert", ""), key=given.get("key", ""),
     )  # fmt: skip
     if scheme in ("grpc", "grpcs"):
         address = _host_port(text, parts, GRPC_PORT)
-        return files("grpc", text, address, instance=prefix.rstrip("/"))
+        return made("grpc", text, address, instance=prefix.rstrip("/"))
     if scheme in ("http", "https"):
         address = _host_port(text, parts, HTTP_PORT if scheme == "http" else 443)
-        return files("http", text, f"{scheme}://{address}", prefix=prefix)
+        return made("http", text, f"{scheme}://{address}", prefix=prefix)
     raise _bad(text, f"unknown kind {parts.scheme!r}" if scheme else "it is not a URL")
 
 
