@@ -260,10 +260,15 @@ class LocalChunks:
             raw = self.index.chunks.get(txn, digest)
         return held_remotely(raw)
 
-    def read_entry(self, digest: bytes, entry: ChunkEntry) -> bytes | memoryview:
+    def read_entry(
+        self, digest: bytes, entry: ChunkEntry, *, keep: bool = True
+    ) -> bytes | memoryview:
         """The chunk that index entry ``entry`` points at, verified against the
-        entry (no retry, nothing recorded: fsck uses this to check entries)."""
-        self.read_order[entry.segment_id] = next(self._reads)
+        entry (no retry, nothing recorded: fsck uses this to check entries).
+        Without ``keep`` the read leaves no trace: not in the read order,
+        not in the cache of decompressed chunks."""
+        if keep:
+            self.read_order[entry.segment_id] = next(self._reads)
         locate = functools.partial(self.segments.chunk_path, digest, entry.segment_id)
         record = self.segments.read_record(entry.segment_id, locate, entry.offset, entry.stored_len)
         if (
@@ -279,7 +284,7 @@ class LocalChunks:
             )
         if record.compression == COMPRESSION_NONE and len(record.payload) == entry.raw_len:
             return record.payload  # the common case of a raw chunk: a view, no copy
-        cached = self.cache.get(digest)
+        cached = self.cache.get(digest) if keep else None
         if cached is not None:
             return cached
         try:
@@ -288,7 +293,8 @@ class LocalChunks:
             raise CorruptDataError(
                 f"chunk {digest.hex()}: {exc.message}", path=str(locate()), offset=entry.offset
             ) from None
-        self.cache.put(digest, data)
+        if keep:
+            self.cache.put(digest, data)
         return data
 
     def read_new(self, digest: bytes, raw_len: int) -> bytes | memoryview | None:
@@ -302,22 +308,14 @@ class LocalChunks:
             if location is None:
                 with self.index.read() as txn:
                     entry = self.index.get_chunk(txn, digest)
-                if entry is None or entry.remote:
+                if entry is None or entry.remote or entry.raw_len != raw_len:
                     return None
-                segment_id, offset, stored_len = entry.segment_id, entry.offset, entry.stored_len
             else:
-                segment_id, offset, stored_len = (
-                    location.segment_id, location.offset, location.stored_len
+                entry = ChunkEntry(
+                    location.segment_id, location.offset, raw_len, location.stored_len,
+                    location.flags, 0,
                 )  # fmt: skip
-            locate = functools.partial(self.segments.chunk_path, digest, segment_id)
-            record = self.segments.read_record(segment_id, locate, offset, stored_len)
-            if (record.digest, record.raw_len, record.tag, record.digest_id) != (
-                digest, raw_len, TAG_CHUNK, self.digest_function.ident
-            ):  # fmt: skip
-                return None
-            if record.compression == COMPRESSION_NONE and len(record.payload) == raw_len:
-                return record.payload
-            return self.codec.decode(record.compression, record.payload, raw_len)
+            return self.read_entry(digest, entry, keep=False)
         except (CachefsError, OSError, ValueError):  # ValueError: a mapping closed
             return None
 
