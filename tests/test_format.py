@@ -633,6 +633,35 @@ def test_wal_newer_version_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "journal.log").read_bytes() == before
 
 
+def test_a_journal_of_version_1_is_read_and_the_next_is_version_2(tmp_path: Path) -> None:
+    """Version 2 added FILE_WRITE_SPOOLED (which version 1 would skip): a
+    version 1 journal is replayed as it is; a checkpoint writes version 2."""
+    body = jfmt.HEADER.pack(jfmt.MAGIC, 1, jfmt.HEADER.size, 0, 7, 0)[:24]
+    record = jfmt.encode_record(7, jfmt.FILE_TRUNCATE, b"x" * 24)
+    (tmp_path / "journal.log").write_bytes(
+        body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)) + record + b"x" * 24
+    )
+
+    def version() -> int:
+        return int(jfmt.HEADER.unpack_from((tmp_path / "journal.log").read_bytes())[1])
+
+    wal = Journal(tmp_path, fsync=False)
+    assert [(r.seq, r.kind) for r in wal.replay()] == [(7, jfmt.FILE_TRUNCATE)]
+    assert version() == 1  # not rewritten: it has records
+    wal.checkpoint()
+    assert version() == jfmt.FORMAT_VERSION == 2
+    # A clean close leaves an empty journal that any cachefs reads; the next
+    # writer makes it version 2 again before it appends anything.
+    wal.checkpoint(last=True)
+    wal.close()
+    assert version() == 1
+    wal = Journal(tmp_path, fsync=False)
+    assert version() == 2
+    assert wal.append(jfmt.FILE_TRUNCATE, b"y" * 24) == 8  # the sequence goes on
+    assert wal.checkpoints == 0
+    wal.close()
+
+
 def test_wal_sequence_continues_after_checkpoint_and_reopen(tmp_path: Path) -> None:
     wal = Journal(tmp_path, fsync=False)
     assert [wal.append(1, b"a"), wal.append(1, b"b"), wal.append(1, b"c")] == [1, 2, 3]

@@ -293,12 +293,22 @@ def test_kill9_while_streaming_loses_nothing_that_was_written(tmp_path: Path) ->
         for at in range(0, 12 << 20, 1 << 20):
             os.write(fd, data[at : at + (1 << 20)])
         wait_for("running", "the open file does not stream")
+        for at in range(12 << 20, 16 << 20, 1 << 20):
+            os.write(fd, data[at : at + (1 << 20)])
+        # The streaming file's writes are logged by reference to its spool,
+        # which has a name in the journal's directory: the bytes are not in
+        # the journal (it holds the first ones, written before the stream began).
+        (spool,) = (store / "journal" / "spools").iterdir()
+        assert spool.name.startswith(f"{os.fstat(fd).st_ino}-")
+        assert spool.stat().st_size == 16 << 20
+        assert (store / "journal" / "journal.log").stat().st_size < 14 << 20
     finally:
         mounting.kill(mount)
     with contextlib.suppress(OSError):  # its mount is gone
         os.close(fd)
     with mounting.mounted(store, mountpoint):
         assert (mountpoint / "done.o").read_bytes() == data
-        assert (mountpoint / "half.o").read_bytes() == data[: 12 << 20]
+        assert (mountpoint / "half.o").read_bytes() == data[: 16 << 20]
+        assert not (store / "journal" / "spools").exists()  # gone with the records
     result = mounting.cachefs("fsck", str(store), check=False)
     assert result.returncode == 0, result.stdout + result.stderr

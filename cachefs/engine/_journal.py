@@ -4,8 +4,9 @@ The file format and every record kind are in ``cachefs.format.journal``.  The
 engine opens the journal for the writing process (``Store.journal``) and cuts a
 torn tail off; what the records mean is up to the layer that logged them,
 which replays them (the mount: ``cachefs.fs``).  The engine never checkpoints
-the journal on its own: only a writer that has replayed (or published) what it
-logged knows that its records are no longer needed.
+the journal on its own (but to write an empty one of an older version anew):
+only a writer that has replayed (or published) what it logged knows that its
+records are no longer needed.
 
 Group commit: ``append`` only writes; ``commit(seq)`` makes every record up to
 ``seq`` durable with one ``fdatasync`` shared by all threads waiting at the same
@@ -24,7 +25,7 @@ import os
 import threading
 from pathlib import Path
 
-from cachefs.errors import from_oserror
+from cachefs.errors import CachefsError, from_oserror
 from cachefs.faults import fault
 from cachefs.format import journal as fmt
 from cachefs.fsutil import atomic_write
@@ -49,7 +50,9 @@ class Journal:
         except OSError as exc:
             raise from_oserror(exc, f"opening the journal {self.path}") from None
         try:
-            self.base_seq, self._records, end = fmt.parse(_read_all(self._fd), str(self.path))
+            data = _read_all(self._fd)
+            self.base_seq, self._records, end = fmt.parse(data, str(self.path))
+            version = fmt.HEADER.unpack_from(data)[1]
             size = os.fstat(self._fd).st_size
             if end < size:
                 log.warning(
@@ -68,10 +71,20 @@ class Journal:
         #: Bytes cut off the tail when the journal was opened.
         self.truncated_bytes = size - end
         self._end = end
-        #: Checkpoints since the journal was opened (``Store.activity``).
-        self.checkpoints = 0
         self.next_seq = self.base_seq + len(self._records)
         self.synced_seq = self.next_seq - 1
+        #: Checkpoints since the journal was opened (``Store.activity``).
+        self.checkpoints = 0
+        if version < fmt.FORMAT_VERSION and not self._records:
+            try:  # empty, of an older version: records of this one may follow
+                self._start(fmt.FORMAT_VERSION)
+            except CachefsError as exc:  # an older cachefs may then misread it
+                log.warning(
+                    "journal %s: could not write it in version %d: %s",
+                    self.path,
+                    fmt.FORMAT_VERSION,
+                    exc,
+                )
 
     def replay(self) -> list[fmt.JournalRecord]:
         """The records past the last checkpoint, found when the journal was opened."""
@@ -119,16 +132,23 @@ class Journal:
         """The file's size: its header and the records since the last checkpoint."""
         return self._end
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, *, last: bool = False) -> None:
         """Start an empty journal: every record so far has been applied elsewhere.
+        ``last``: nothing more is appended before the journal is opened again
+        (a clean close), so it may be written in the version every cachefs reads.
 
         Raises StoreFullError (or another CachefsError) when the new file cannot
         be written; the old one then stays in place, whole.
         """
+        self._start(fmt.EMPTY_VERSION if last else fmt.FORMAT_VERSION)
+        self.checkpoints += 1
+
+    def _start(self, version: int) -> None:
+        """Replace the journal by an empty one of ``version`` (atomically)."""
         with self._lock, self._sync_lock:
             try:
                 fault("journal.checkpoint")
-                atomic_write(self.path, fmt.encode_header(self.next_seq))
+                atomic_write(self.path, fmt.encode_header(self.next_seq, version))
                 fd = os.open(self.path, os.O_RDWR)
             except OSError as exc:
                 raise from_oserror(exc, f"checkpointing the journal {self.path}") from None
@@ -138,7 +158,6 @@ class Journal:
             self._end = fmt.HEADER.size
             self._records = []
             self.synced_seq = self.next_seq - 1
-            self.checkpoints += 1
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -45,13 +45,24 @@ the writes it has not published (``FileJournal.carry_over``).
   file with nothing unpublished is first changed.
 * ``FILE_WRITE`` (2): inode Q, offset Q, mtime ns q, then the bytes written.
 * ``FILE_TRUNCATE`` (3): inode Q, size Q, mtime ns q.
+* ``FILE_WRITE_SPOOLED`` (4): inode Q, offset Q, length Q, mtime ns q, spool Q --
+  a write whose bytes are not in the journal but in the file's spool, named
+  ``journal/spools/<inode>-<spool>`` (``spool_name``), at the same offset: a
+  large file written in order logs its writes so (no second copy of every
+  byte).  The spool is written before the record, and its name stays until the
+  file's content is published (or it is emptied, or closed); a spool cut
+  shorter since reads as zeros past its end (a later record truncates).  The
+  spools are scratch space again once the journal holds no record of them.
 
 Replay applies, for every inode, the records after its last ``FILE_BASE`` to
 that base, unless the inode's content is no longer that base (it was published
 since) or the inode is gone.
 
 Bump FORMAT_VERSION (and the store format version) for any change to the
-layout or to the payload of a kind; a new kind only needs a new number.
+layout or to the payload of a kind.  A new kind only needs a new number when
+an older cachefs may skip its records; one whose records it must not skip
+(``FILE_WRITE_SPOOLED``: the writes would be lost) bumps FORMAT_VERSION alone,
+so that an older cachefs refuses the journal before it replays anything.
 """
 
 from __future__ import annotations
@@ -68,7 +79,13 @@ DIRECTORY = "journal"
 FILE_NAME = "journal.log"
 
 MAGIC = b"CFSWAL\r\n"
-FORMAT_VERSION = 1
+#: 1: FILE_BASE, FILE_WRITE, FILE_TRUNCATE.  2: FILE_WRITE_SPOOLED, whose
+#: records a cachefs of version 1 would skip (losing the writes): it refuses
+#: the journal instead.  Both are read.  An empty journal left by a clean close
+#: is written as version 1 (EMPTY_VERSION), which any cachefs reads, and made
+#: version 2 again when a writer opens it.
+FORMAT_VERSION = 2
+EMPTY_VERSION = 1
 HEADER = struct.Struct("<8sHHIQQ")
 assert HEADER.size == 32
 RECORD = struct.Struct("<QQIB3x")
@@ -78,11 +95,15 @@ MAX_PAYLOAD = 64 << 20
 FILE_BASE = 1
 FILE_WRITE = 2
 FILE_TRUNCATE = 3
+FILE_WRITE_SPOOLED = 4
 #: The kinds the mount's files log (their payloads start with the inode, Q).
-FILE_KINDS = frozenset((FILE_BASE, FILE_WRITE, FILE_TRUNCATE))
+FILE_KINDS = frozenset((FILE_BASE, FILE_WRITE, FILE_TRUNCATE, FILE_WRITE_SPOOLED))
 FILE_BASE_PAYLOAD = struct.Struct("<QQ32s")
 FILE_WRITE_HEAD = struct.Struct("<QQq")
 FILE_TRUNCATE_PAYLOAD = struct.Struct("<QQq")
+FILE_WRITE_SPOOLED_PAYLOAD = struct.Struct("<QQQqQ")
+#: Where the spools that FILE_WRITE_SPOOLED records name live, in the journal's directory.
+SPOOLS = "spools"
 
 _DAMAGED_HINT = "move the file away to start a new journal (unpublished writes in it are lost)"
 
@@ -94,8 +115,8 @@ class JournalRecord:
     payload: bytes
 
 
-def encode_header(base_seq: int) -> bytes:
-    head = HEADER.pack(MAGIC, FORMAT_VERSION, HEADER.size, 0, base_seq, 0)[:24]
+def encode_header(base_seq: int, version: int = FORMAT_VERSION) -> bytes:
+    head = HEADER.pack(MAGIC, version, HEADER.size, 0, base_seq, 0)[:24]
     return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
 
 
@@ -135,6 +156,11 @@ def parse(data: bytes, path: str) -> tuple[int, list[JournalRecord], int]:
         expected += 1
         offset = end
     return base_seq, records, offset
+
+
+def spool_name(ino: int, spool: int) -> str:
+    """The file name of spool ``spool`` of inode ``ino`` (FILE_WRITE_SPOOLED)."""
+    return f"{ino}-{spool}"
 
 
 def file_inode(record: JournalRecord) -> int:

@@ -167,9 +167,20 @@ class FileIO:
                     offset = state.size
                     data = _fitting(offset, data)
             self.journal.changing(state)
-            self.journal.write(state, offset, data)
             old_size = state.size
-            written = state.apply_write(offset, data)
+            if state.stream is not None and offset == old_size and self.journal.spooled(state):
+                # Streaming: the bytes go to the spool only, and the record
+                # that follows names them there.
+                written = state.apply_write(offset, data)
+                try:
+                    self.journal.wrote(state, offset, written)
+                except BaseException:  # not logged: the write did not happen
+                    state.cut_spool(old_size)
+                    state.size = old_size
+                    raise
+            else:
+                self.journal.write(state, offset, data)
+                written = state.apply_write(offset, data)
             state.unpublished += written
             if self.nursery is not None:
                 self.publisher.streams.wrote(state, offset, old_size, self.nursery)
@@ -198,12 +209,12 @@ class FileIO:
         """
         try:
             changed = [state for state in self.files if state.changed]
-            changed.sort(key=lambda state: state.unpublished_bytes, reverse=True)
-            carried = sum(state.unpublished_bytes for state in changed)
+            changed.sort(key=lambda state: state.journal_bytes, reverse=True)
+            carried = sum(state.journal_bytes for state in changed)
             for state in changed:
                 if carried <= self.journal.log_limit // 2:
                     break
-                carried -= state.unpublished_bytes
+                carried -= state.journal_bytes
                 await self.publisher.publish(state, durable=False)
             self.journal.carry_over(self.files)  # no await in there
         except CachefsError as exc:
@@ -231,7 +242,10 @@ class FileIO:
                 if size not in (0, state.size):
                     self.journal.changing(state)
                     self.journal.truncate(state, size)
+                emptying = size == 0 and (state.size or state.base is not None or state.changed)
                 self.truncate_locked(state, size)
+                if emptying:
+                    self.journal.emptied(state)
         except BaseException:
             state.publishing -= 1
             if state.opens == 0 and state.publishing == 0:

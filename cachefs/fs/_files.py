@@ -9,7 +9,9 @@ lowers ``base_limit`` and cuts the spool.  An ``OpenFile`` lives while the
 file has open handles or a publication in flight (:class:`OpenFiles`); its
 ``lock`` is held while publishing, so writes wait and never race the
 composition of the content being stored.  Reads never wait: they see the spool
-and base, which only change under the lock.
+and base, which only change under the lock.  A spool has no name, unless the
+journal logs the file's writes by reference to it (``name_spool``): it then has
+one in ``STORE/journal/spools`` until its content is published.
 
 A handle is one of: :class:`FileHandle` (a regular file), :class:`DirHandle`
 (a directory, stored or of the control directory), :class:`ContentHandle` (a
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +39,8 @@ from cachefs.faults import fault
 
 if TYPE_CHECKING:
     from cachefs.fs._streams import Stream
+
+log = logging.getLogger(__name__)
 
 #: Pieces in which content is read from the spool and the base.
 PIECE = 4 << 20
@@ -72,6 +77,9 @@ class OpenFile:
     #: Its ingest as it is written (``_streams.py``), and whether it may have one.
     stream: Stream | None = None
     streamable: bool = True
+    #: The spool's number and name while it has one (``name_spool``).
+    spool_id: int | None = None
+    spool_path: Path | None = None
 
     # --- extents ------------------------------------------------------------------
 
@@ -120,6 +128,11 @@ class OpenFile:
         """Bytes that only the spool holds."""
         return sum(stop - start for start, stop in self.dirty) + self.size - self.base_limit
 
+    @property
+    def journal_bytes(self) -> int:
+        """Bytes that carrying the file over into a new journal would log."""
+        return 0 if self.spool_id is not None else self.unpublished_bytes
+
     # --- the spool ---------------------------------------------------------------
 
     def spool_fd(self) -> int:
@@ -132,6 +145,39 @@ class OpenFile:
             except OSError as exc:
                 raise from_oserror(exc, "creating a spool file") from None
         return self.spool
+
+    def name_spool(self, path: Path, spool: int) -> bool:
+        """Give the spool the name ``path`` (a hard link to it), so that it
+        outlives the daemon and the journal may log writes by reference to it;
+        False when it cannot have one (a spool made without ``O_TMPFILE``,
+        another file system): the journal then logs the bytes."""
+        fd = self.spool_fd()
+        try:
+            # linkat(2) following the /proc link (plain link(2) would not).
+            directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=directory)
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            log.debug(
+                "inode %d: the spool cannot have a name (%s): writes logged whole", self.ino, exc
+            )
+            return False
+        self.spool_id, self.spool_path = spool, path
+        return True
+
+    def unname_spool(self) -> None:
+        """The journal needs the spool's name no longer (its content is published)."""
+        path, self.spool_id, self.spool_path = self.spool_path, None, None
+        if path is None:
+            return
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # scratch space, removed at the next checkpoint
+            log.warning("could not remove the spool %s: %s", path, exc)
 
     def apply_write(self, offset: int, data: bytes | memoryview) -> int:
         try:
@@ -244,6 +290,7 @@ class OpenFile:
         self.dirty.clear()
         if self.spool is not None:
             os.ftruncate(self.spool, 0)
+        self.unname_spool()
         self.changed = False
         self.unpublished = 0
 
@@ -260,6 +307,8 @@ class OpenFile:
         self.generation += 1
 
     def close(self) -> None:
+        if not self.changed:  # else the journal may need it at the next start
+            self.unname_spool()
         if self.spool is not None:
             os.close(self.spool)
             self.spool = None

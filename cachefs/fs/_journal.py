@@ -12,6 +12,12 @@ death of the daemon, and with ``sync`` (which flushes the store's own files) a
 crash of the machine.  The store stays consistent whatever the moment: spools
 are scratch space that the next start discards.
 
+A file that streams (a new file written in order, ``_streams.py``) logs its
+writes by reference to its spool, which gets a name in ``journal/spools``
+(``FILE_WRITE_SPOOLED``): every byte is written once, to the spool, instead of
+to both the journal and the spool.  Replay reads those bytes from the named
+spools, which go at the checkpoint that follows.
+
 The journal restarts whenever it passed ``RESTART_SIZE`` bytes and nothing is
 unpublished; once it passes ``log_limit``, the files with the most
 unpublished bytes are published and it restarts carrying over the rest
@@ -21,10 +27,13 @@ unpublished bytes are published and it restarts carrying over the rest
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 
 from cachefs.engine import CachefsError, FsError, Journal, Namespace
+from cachefs.errors import from_oserror
 from cachefs.format import journal as fmt
 from cachefs.format.schema import NO_CONTENT
 from cachefs.fs._files import PIECE, OpenFile, OpenFiles
@@ -43,6 +52,10 @@ class FileJournal:
     def __init__(self, journal: Journal, *, log_limit: int = DEFAULT_LOG_LIMIT) -> None:
         self.journal = journal
         self.log_limit = log_limit
+        #: Where spools get the names that FILE_WRITE_SPOOLED records refer to,
+        #: and whether they can (not when the first try failed).
+        self.spools = journal.directory / fmt.SPOOLS
+        self.naming = True
 
     @property
     def size(self) -> int:
@@ -68,9 +81,42 @@ class FileJournal:
         content, size = (NO_CONTENT, 0) if base is None else (base.hash, base.size)
         self.journal.append(fmt.FILE_BASE, fmt.FILE_BASE_PAYLOAD.pack(state.ino, size, content))
 
+    def emptied(self, state: OpenFile) -> None:
+        """A file was truncated to nothing, which dropped its content at once
+        (in the index): what was logged of it before must not be replayed over
+        that.  (Killed before this, a replay gives the file as it was before the
+        truncation, or empty.)"""
+        self._log_base(state)
+
     def write(self, state: OpenFile, offset: int, data: bytes | memoryview) -> None:
         head = fmt.FILE_WRITE_HEAD.pack(state.ino, offset, state.mtime_ns)
         self.journal.append(fmt.FILE_WRITE, head, data)
+
+    def spooled(self, state: OpenFile) -> bool:
+        """Whether the file's writes may be logged by reference to its spool
+        (:meth:`wrote`): its spool has a name, given now if need be."""
+        if state.spool_id is not None:
+            return True
+        if not self.naming:
+            return False
+        spool = self.journal.next_seq  # sequence numbers never repeat: a new name
+        try:
+            self.spools.mkdir(exist_ok=True)
+        except OSError as exc:
+            log.warning("no directory for named spools (%s): writes logged whole", exc)
+            self.naming = False
+            return False
+        if not state.name_spool(self.spools / fmt.spool_name(state.ino, spool), spool):
+            self.naming = False  # the store's file system or kernel: same for every file
+        return self.naming
+
+    def wrote(self, state: OpenFile, offset: int, length: int) -> None:
+        """Log a write that is in the file's named spool already (:meth:`spooled`)."""
+        assert state.spool_id is not None
+        payload = fmt.FILE_WRITE_SPOOLED_PAYLOAD.pack(
+            state.ino, offset, length, state.mtime_ns, state.spool_id
+        )
+        self.journal.append(fmt.FILE_WRITE_SPOOLED, payload)
 
     def truncate(self, state: OpenFile, size: int) -> None:
         payload = fmt.FILE_TRUNCATE_PAYLOAD.pack(state.ino, size, state.mtime_ns)
@@ -92,6 +138,7 @@ class FileJournal:
         the journal, kept in it until then; the others go on."""
         records = self.journal.replay()
         if not records:
+            self._drop_spools()
             return
         logs: dict[int, list[fmt.JournalRecord]] = {}
         for record in records:
@@ -114,16 +161,20 @@ class FileJournal:
                 continue  # published (or emptied) after these writes
             state = files.new(ino, inode)
             state.changed = True
-            for record in entries[1:]:
-                if record.kind == fmt.FILE_WRITE:
-                    _, offset, mtime = fmt.FILE_WRITE_HEAD.unpack_from(record.payload)
-                    data = memoryview(record.payload)[fmt.FILE_WRITE_HEAD.size :]
-                    state.apply_write(offset, data)
-                else:
-                    _, new_size, mtime = fmt.FILE_TRUNCATE_PAYLOAD.unpack_from(record.payload)
-                    truncate(state, new_size)
-                state.mtime_ns = state.ctime_ns = mtime
-                state.changed = True
+            try:
+                for record in entries[1:]:
+                    mtime = self._apply(record, state, truncate)
+                    state.mtime_ns = state.ctime_ns = mtime
+                    state.changed = True
+            except _SpoolLost as exc:
+                log.error(
+                    "journal: the spool of inode %d is gone (%s): its writes since it was "
+                    "last published are lost, it keeps its published content",
+                    ino,
+                    exc,
+                )
+                state.close()
+                continue
             try:
                 publish(state)
             except CachefsError as exc:
@@ -141,8 +192,43 @@ class FileJournal:
         namespace.store.sync()  # what was replayed is durable before the records go
         if not failed:
             self.journal.checkpoint()
+            self._drop_spools()
         if replayed:
             log.info("journal: published the logged writes of %d files", replayed)
+
+    def _apply(
+        self, record: fmt.JournalRecord, state: OpenFile, truncate: Callable[[OpenFile, int], None]
+    ) -> int:
+        """Apply one logged change to a state in replay; returns its mtime."""
+        if record.kind == fmt.FILE_WRITE:
+            _, offset, mtime = fmt.FILE_WRITE_HEAD.unpack_from(record.payload)
+            state.apply_write(offset, memoryview(record.payload)[fmt.FILE_WRITE_HEAD.size :])
+        elif record.kind == fmt.FILE_WRITE_SPOOLED:
+            ino, offset, length, mtime, spool = fmt.FILE_WRITE_SPOOLED_PAYLOAD.unpack(
+                record.payload
+            )
+            path = self.spools / fmt.spool_name(ino, spool)
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    data = _read_upto(f.fileno(), offset, length)
+            except FileNotFoundError:
+                raise _SpoolLost(path) from None
+            except OSError as exc:
+                raise from_oserror(exc, f"reading the spool {path}") from None
+            # A spool cut shorter since gives what it has: a later record
+            # truncates the file, or (a machine that crashed before the spool
+            # reached its disk) the file ends where its bytes do, as a torn
+            # journal would leave it.
+            state.apply_write(offset, data)
+        else:
+            _, new_size, mtime = fmt.FILE_TRUNCATE_PAYLOAD.unpack_from(record.payload)
+            truncate(state, new_size)
+        return int(mtime)
+
+    def _drop_spools(self) -> None:
+        """The journal refers to no named spool any more: remove them all."""
+        if self.spools.exists():
+            shutil.rmtree(self.spools, ignore_errors=True)
 
     def restart(self, files: Iterable[OpenFile]) -> None:
         """Empty the journal if it passed ``RESTART_SIZE`` and everything it
@@ -153,6 +239,8 @@ class FileJournal:
             self.journal.checkpoint()
         except CachefsError as exc:
             log.warning("could not restart the journal: %s", exc)
+        else:
+            self._drop_spools()
 
     def carry_over(self, files: Iterable[OpenFile]) -> None:
         """Restart the journal, logging again what is still unpublished (no
@@ -172,6 +260,9 @@ class FileJournal:
             return
         for start, stop in list(state.data_regions()):
             for piece in range(start, stop, PIECE):
+                if state.spool_id is not None:  # the bytes stay where they are
+                    self.wrote(state, piece, min(stop, piece + PIECE) - piece)
+                    continue
                 data = state.read_spool(piece, min(stop, piece + PIECE))
                 self.write(state, piece, data)
 
@@ -180,6 +271,25 @@ class FileJournal:
         if any(state.changed for state in files):
             return
         try:
-            self.journal.checkpoint()
+            self.journal.checkpoint(last=True)
         except CachefsError as exc:
             log.warning("could not checkpoint the journal: %s", exc)
+        else:
+            self._drop_spools()
+
+
+def _read_upto(fd: int, offset: int, length: int) -> bytes:
+    """Up to ``length`` bytes at ``offset``: fewer only at the end of the file."""
+    pieces = []
+    while length > 0:
+        piece = os.pread(fd, min(length, PIECE), offset)
+        if not piece:
+            break
+        pieces.append(piece)
+        offset += len(piece)
+        length -= len(piece)
+    return b"".join(pieces)
+
+
+class _SpoolLost(Exception):
+    """A named spool that a FILE_WRITE_SPOOLED record refers to is missing."""
