@@ -151,7 +151,7 @@ class Eviction:
         self._waiting += 1
         if cache is not None:
             cache.wanted += growth
-        woke = False
+        woke = last_pass = False
         try:
             while self._short(cache, growth):
                 over = cache is not None and cache.usage + growth > cache.max_size
@@ -161,10 +161,15 @@ class Eviction:
                 if not over and self.quota_stuck():
                     raise _full(f"the store quota of {self.quota} bytes is used")
                 if trio.current_time() >= deadline:
-                    if cache is None or not self._publishing(cache):
-                        raise _full(f"eviction made no room within {THROTTLE_LIMIT:g} s")
                     # Files that will be evictable are being published (a slow
                     # disk's sync): they end in a publication or an error.
+                    if cache is None or not self._publishing(cache):
+                        # Or one was, past the limit, and the evictor has not
+                        # passed since: one more pass for it, once.
+                        if cache is None or last_pass or not self._evictable(cache):
+                            raise _full(f"eviction made no room within {THROTTLE_LIMIT:g} s")
+                        last_pass = True
+                        self.wake()
                     deadline = trio.current_time() + THROTTLE_LIMIT
                 progress = self._progress
                 if not woke:
