@@ -35,7 +35,7 @@ CHILD = textwrap.dedent(
     import os, random, signal, stat, sys
     import trio
     from cachefs.engine import ROOT_INODE, Store
-    from cachefs.fs import Filesystem, _streams
+    from cachefs.fs import Filesystem, _journal, _streams
 
     _streams.STREAM_MIN = 256 * 1024
     PIECE = 64 * 1024
@@ -85,10 +85,18 @@ CHILD = textwrap.dedent(
             if scenario == "truncated":
                 await fs.truncate(ino, 700_000)
                 await fs.write(fh, 800_000, b"tail")
-            if scenario.endswith("emptied"):
+            if scenario.endswith("emptied") or scenario == "restarted":
                 await fs.truncate(ino, 0)
+            if scenario == "restarted":
+                # Emptied (its spool keeps its name), the journal restarts
+                # (which drops the names), then the file streams again.
+                _journal.RESTART_SIZE = 0
+                fs.io.journal.restart(fs.files)
+                await stream(fh, data[: 512 * 1024])
             state = fs.files.get(ino)
-            if not scenario.endswith("emptied") and state.spool_id is None:
+            if scenario == "restarted" and not fs.io.journal.naming:
+                raise SystemExit("one file's spool named twice turned naming off")
+            if not scenario.endswith(("emptied", "restarted")) and state.spool_id is None:
                 raise SystemExit("the spool has no name")
             nursery.cancel_scope.cancel()  # nothing published, nothing closed
         if scenario == "closed":
@@ -165,6 +173,14 @@ def test_a_streamed_file_is_carried_over_by_reference(store_path: Path) -> None:
     assert logged[0] == fmt.FILE_BASE  # a new journal, the streamed file carried over
     assert fmt.FILE_WRITE_SPOOLED in logged
     assert replayed(store_path) == {b"f": DATA[: 512 * 1024], b"big": DATA[: 960 * 1024]}
+
+
+def test_a_file_that_streams_again_after_a_restart_is_logged_whole(store_path: Path) -> None:
+    """Its spool's name went with the restart's checkpoint, and a spool made
+    with O_TMPFILE cannot be linked twice: its bytes are logged again."""
+    crash(store_path, "restarted")
+    assert fmt.FILE_WRITE_SPOOLED not in kinds(store_path)
+    assert replayed(store_path) == {b"f": DATA[: 512 * 1024]}
 
 
 def test_a_file_closed_unpublished_keeps_its_named_spool(store_path: Path) -> None:

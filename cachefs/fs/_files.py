@@ -77,9 +77,11 @@ class OpenFile:
     #: Its ingest as it is written (``_streams.py``), and whether it may have one.
     stream: Stream | None = None
     streamable: bool = True
-    #: The spool's number and name while it has one (``name_spool``).
+    #: The spool's number and name while it has one (``name_spool``), and
+    #: whether it had one: a file made with ``O_TMPFILE`` can be linked once.
     spool_id: int | None = None
     spool_path: Path | None = None
+    spool_was_named: bool = False
 
     # --- extents ------------------------------------------------------------------
 
@@ -165,6 +167,7 @@ class OpenFile:
             )
             return False
         self.spool_id, self.spool_path = spool, path
+        self.spool_was_named = True
         return True
 
     def unname_spool(self) -> None:
@@ -312,6 +315,7 @@ class OpenFile:
         if self.spool is not None:
             os.close(self.spool)
             self.spool = None
+            self.spool_was_named = False
 
 
 #: Whether ``O_TMPFILE`` may work where the spools are (a file system without

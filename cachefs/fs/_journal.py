@@ -97,7 +97,7 @@ class FileJournal:
         (:meth:`wrote`): its spool has a name, given now if need be."""
         if state.spool_id is not None:
             return True
-        if not self.naming:
+        if not self.naming or state.spool_was_named:  # named and published since
             return False
         spool = self.journal.next_seq  # sequence numbers never repeat: a new name
         try:
@@ -225,22 +225,27 @@ class FileJournal:
             truncate(state, new_size)
         return int(mtime)
 
-    def _drop_spools(self) -> None:
-        """The journal refers to no named spool any more: remove them all."""
+    def _drop_spools(self, files: Iterable[OpenFile] = ()) -> None:
+        """The journal refers to no named spool any more: remove them all.  An
+        open file's spool (one emptied since it was named) gets a new name
+        if it is logged by reference again."""
+        for state in files:
+            state.unname_spool()
         if self.spools.exists():
             shutil.rmtree(self.spools, ignore_errors=True)
 
     def restart(self, files: Iterable[OpenFile]) -> None:
         """Empty the journal if it passed ``RESTART_SIZE`` and everything it
         holds has been published."""
-        if self.journal.size < RESTART_SIZE or any(state.changed for state in files):
+        states = list(files)
+        if self.journal.size < RESTART_SIZE or any(state.changed for state in states):
             return
         try:
             self.journal.checkpoint()
         except CachefsError as exc:
             log.warning("could not restart the journal: %s", exc)
         else:
-            self._drop_spools()
+            self._drop_spools(states)
 
     def carry_over(self, files: Iterable[OpenFile]) -> None:
         """Restart the journal, logging again what is still unpublished (no
@@ -268,14 +273,15 @@ class FileJournal:
 
     def closing(self, files: Iterable[OpenFile]) -> None:
         """At unmount: start an empty journal if nothing is left unpublished."""
-        if any(state.changed for state in files):
+        states = list(files)
+        if any(state.changed for state in states):
             return
         try:
             self.journal.checkpoint(last=True)
         except CachefsError as exc:
             log.warning("could not checkpoint the journal: %s", exc)
         else:
-            self._drop_spools()
+            self._drop_spools(states)
 
 
 def _read_upto(fd: int, offset: int, length: int) -> bytes:
