@@ -227,8 +227,8 @@ class FileJournal:
 
     def _drop_spools(self, files: Iterable[OpenFile] = ()) -> None:
         """The journal refers to no named spool any more: remove them all.  An
-        open file's spool (one emptied since it was named) gets a new name
-        if it is logged by reference again."""
+        open file's spool (one emptied since it was named) loses its name too;
+        it cannot have another (``spool_was_named``): its writes are logged whole."""
         for state in files:
             state.unname_spool()
         if self.spools.exists():
