@@ -50,9 +50,10 @@ the writes it has not published (``FileJournal.carry_over``).
   ``journal/spools/<inode>-<spool>`` (``spool_name``), at the same offset: a
   large file written in order logs its writes so (no second copy of every
   byte).  The spool is written before the record, and its name stays until the
-  file's content is published (or it is emptied, or closed); a spool cut
-  shorter since reads as zeros past its end (a later record truncates).  The
-  spools are scratch space again once the journal holds no record of them.
+  file's content is published (or the file is closed with nothing unpublished);
+  replay takes what a spool cut shorter since still holds (a later record
+  truncates the file, or it ends where its bytes do, as after a torn journal).
+  The spools are scratch space again once the journal holds no record of them.
 
 Replay applies, for every inode, the records after its last ``FILE_BASE`` to
 that base, unless the inode's content is no longer that base (it was published
