@@ -10,6 +10,7 @@ import filecmp
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from pathlib import Path
 import lmdb
 import pytest
 
+from cachefs.cli import fsck as fsck_cli
 from cachefs.engine import Store, check_store
-from cachefs.errors import IndexCorruptError
+from cachefs.errors import CachefsError, IndexCorruptError
 from cachefs.format.schema import INDEX_NAME, INO_KEY, SEGMENT_KEY, seal, unseal
 from tests.conftest import SMALL_CONFIG, compressible
 from tests.mounting import mounted
@@ -176,7 +178,8 @@ def test_flipped_bits_in_the_index_are_found_or_harmless(tmp_path: Path) -> None
         )
         if fsck.returncode != 0:
             # Damage is named: entries by their seals, the tree's structure by the
-            # check that LMDB could not finish (a child of fsck, killed by SIGBUS).
+            # check that LMDB could not finish (a child of fsck, killed by SIGBUS
+            # or SIGSEGV, or aborted by an assertion of LMDB).
             assert fsck.returncode > 0, f"fsck crashed: {fsck.stderr}"
             assert "DAMAGE" in fsck.stdout or "damaged" in fsck.stderr, fsck
             rounds["found"] += 1
@@ -228,3 +231,33 @@ def test_names_whose_entries_were_damaged_are_found_in_lost_and_found(tmp_path: 
         assert not (m.path / "tree" / "dir2" / "text3.txt").exists()
         os.rename(found / str(dir_ino), m.path / "tree" / "dir1")  # put back by hand
         assert trees_equal(source / "dir1", m.path / "tree" / "dir1")
+
+
+@pytest.mark.parametrize("signame", ["SIGBUS", "SIGSEGV", "SIGABRT"])
+def test_a_check_killed_by_reading_a_damaged_tree_names_the_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signame: str
+) -> None:
+    """LMDB reading a tree damaged in its structure dies of SIGBUS or SIGSEGV, or
+    fails one of its own assertions and aborts (seen in CI: ``mdb.c: Assertion
+    'IS_BRANCH(...)' failed``): fsck names the damage and the remedy."""
+
+    def died(*args: object, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.CompletedProcess([], -getattr(signal, signame))
+
+    monkeypatch.setattr(subprocess, "run", died)
+    with pytest.raises(IndexCorruptError, match="damaged in its structure") as caught:
+        fsck_cli._check_in_a_child(tmp_path)
+    assert signame in str(caught.value)
+    assert "restore" in (caught.value.hint or "")
+
+
+def test_a_check_killed_from_outside_is_not_called_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def killed(*args: object, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.CompletedProcess([], -signal.SIGKILL)
+
+    monkeypatch.setattr(subprocess, "run", killed)
+    with pytest.raises(CachefsError, match="stopped by SIGKILL") as caught:
+        fsck_cli._check_in_a_child(tmp_path)
+    assert not isinstance(caught.value, IndexCorruptError)

@@ -104,8 +104,9 @@ def _check_in_a_child(store: Path) -> NoReturn:
     LMDB reads its file through a memory map and trusts the page numbers it
     finds there: an index damaged in its tree structure (not in an entry, which
     the seals catch) can make it read past the end of the file, and the process
-    dies of SIGBUS or SIGSEGV.  The child may die so; this process then says
-    what happened instead of vanishing."""
+    dies of SIGBUS or SIGSEGV, or fail one of LMDB's own consistency assertions,
+    which abort (SIGABRT).  The child may die so; this process then says what
+    happened instead of vanishing."""
     child = subprocess.run(
         [sys.executable, "-m", "cachefs", *sys.argv[1:]],
         env={**os.environ, _CHILD: "1"},
@@ -114,7 +115,7 @@ def _check_in_a_child(store: Path) -> NoReturn:
     if child.returncode >= 0:
         sys.exit(child.returncode)
     signame = signal.Signals(-child.returncode).name
-    if -child.returncode not in (signal.SIGBUS, signal.SIGSEGV):
+    if -child.returncode not in (signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT):
         raise CachefsError(f"the check of {store} was stopped by {signame}")
     raise IndexCorruptError(
         f"the index of {store} is damaged in its structure: reading it killed the check "
