@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import lmdb
@@ -239,12 +240,10 @@ def test_a_check_killed_by_reading_a_damaged_tree_names_the_damage(
 ) -> None:
     """LMDB reading a tree damaged in its structure dies of SIGBUS or SIGSEGV, or
     fails one of its own assertions and aborts (seen in CI: ``mdb.c: Assertion
-    'IS_BRANCH(...)' failed``): fsck names the damage and the remedy."""
-
-    def died(*args: object, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.CompletedProcess([], -getattr(signal, signame))
-
-    monkeypatch.setattr(subprocess, "run", died)
+    'IS_BRANCH(...)' failed``): fsck names the damage and the remedy.  (The
+    child, forked, is told to have died so.)"""
+    monkeypatch.setattr(os, "fork", lambda: 4_000_000)
+    monkeypatch.setattr(os, "waitpid", lambda pid, options: (pid, getattr(signal, signame)))
     with pytest.raises(IndexCorruptError, match="damaged in its structure") as caught:
         fsck_cli._check_in_a_child(tmp_path)
     assert signame in str(caught.value)
@@ -254,9 +253,12 @@ def test_a_check_killed_by_reading_a_damaged_tree_names_the_damage(
 def test_a_check_killed_from_outside_is_not_called_damage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With another thread running, the check is this command run again."""
+
     def killed(*args: object, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
         return subprocess.CompletedProcess([], -signal.SIGKILL)
 
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
     monkeypatch.setattr(subprocess, "run", killed)
     with pytest.raises(CachefsError, match="stopped by SIGKILL") as caught:
         fsck_cli._check_in_a_child(tmp_path)

@@ -7,8 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
@@ -56,6 +56,12 @@ def command(
     """
     if os.environ.get(_CHILD) is None:
         _check_in_a_child(store)
+    _check(store, repair, remotes, config, as_json)
+
+
+def _check(
+    store: Path, repair: bool, remotes: tuple[str, ...], config: Path | None, as_json: bool
+) -> None:
     if (remotes or config) and not repair:
         raise ConfigError(
             "fsck takes --remote and --config with --repair only (to heal from the tiers)"
@@ -98,24 +104,35 @@ def command(
 _CHILD = "CACHEFS_FSCK_CHILD"
 
 
-def _check_in_a_child(store: Path) -> NoReturn:
-    """Run this very command again in a child process, and answer for it.
+def _check_in_a_child(store: Path) -> None:
+    """Run the check in a child process, and answer for it: returns in the
+    child, exits in this process with the child's status.
 
     LMDB reads its file through a memory map and trusts the page numbers it
     finds there: an index damaged in its tree structure (not in an entry, which
     the seals catch) can make it read past the end of the file, and the process
     dies of SIGBUS or SIGSEGV, or fail one of LMDB's own consistency assertions,
     which abort (SIGABRT).  The child may die so; this process then says what
-    happened instead of vanishing."""
-    child = subprocess.run(
-        [sys.executable, "-m", "cachefs", *sys.argv[1:]],
-        env={**os.environ, _CHILD: "1"},
-        check=False,
-    )
-    if child.returncode >= 0:
-        sys.exit(child.returncode)
-    signame = signal.Signals(-child.returncode).name
-    if -child.returncode not in (signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT):
+    happened instead of vanishing.  The child is a fork when this process runs
+    one thread (it is, from the command line): that saves starting Python and
+    importing cachefs again.  Otherwise this very command is run again."""
+    if threading.active_count() == 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            return
+        returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    else:
+        returncode = subprocess.run(
+            [sys.executable, "-m", "cachefs", *sys.argv[1:]],
+            env={**os.environ, _CHILD: "1"},
+            check=False,
+        ).returncode
+    if returncode >= 0:
+        sys.exit(returncode)
+    signame = signal.Signals(-returncode).name
+    if -returncode not in (signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT):
         raise CachefsError(f"the check of {store} was stopped by {signame}")
     raise IndexCorruptError(
         f"the index of {store} is damaged in its structure: reading it killed the check "
