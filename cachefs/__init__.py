@@ -15,7 +15,8 @@ One package per layer; each imports only the layers before it:
    ``cachefs.server``  beside it: the store served over REAPI v2 (gRPC) and the
    Bazel HTTP cache protocol, what clients store kept in the filesystem;
 6. ``cachefs.daemon``  mounting, serving, detaching, systemd, the mount table;
-7. ``cachefs.cli``     the command line, one module per subcommand.
+7. ``cachefs.cli``     the command line, one module per subcommand (imported
+   when it runs: ``cachefs stats`` imports neither the servers nor FUSE).
 
 ``cachefs.errors`` (the one error hierarchy), ``cachefs.fsutil`` (durable
 file writes), ``cachefs.metrics`` (Prometheus instruments, handed down by the

@@ -7,6 +7,7 @@ stderr (what went wrong, where, what to do) and the error's exit code; see
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -16,29 +17,28 @@ import click
 import lmdb
 
 from cachefs import __version__
-from cachefs.cli import (
-    audit,
-    cache,
-    cat,
-    fsck,
-    gc,
-    init,
-    key,
-    metrics,
-    mount,
-    put,
-    scrub,
-    serve,
-    stats,
-    token,
-    top,
-    umount,
-)
 from cachefs.engine import lmdb_error
 from cachefs.errors import CachefsError, from_oserror
 
+#: The subcommands, each defined by the module of its name as ``command``.  A
+#: module is imported when its command is run (or listed by --help), so that
+#: ``cachefs stats`` does not import the servers and the file system.
+COMMANDS = (
+    "mount", "umount", "serve", "cache", "init", "put", "cat", "stats", "top", "fsck", "scrub",
+    "gc", "metrics", "audit", "token", "key",
+)  # fmt: skip
+
 
 class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        command: click.Command = importlib.import_module(f"cachefs.cli.{cmd_name}").command
+        return command
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -79,13 +79,6 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="cachefs: %(message)s", stream=sys.stderr)
-
-
-for _module in (
-    mount, umount, serve, cache, init, put, cat, stats, top, fsck, scrub, gc, metrics, audit,
-    token, key,
-):  # fmt: skip
-    cli.add_command(_module.command)
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ from cachefs.server import ServeOptions, parse_tenants
 from cachefs.signing import TrustOptions
 from cachefs.tracing import DEFAULT_FUSE_RATIO
 
-from .common import (
+from .common import parse_size, positive_size, store_argument
+from .daemon_options import (
     audit_log_option,
     cache_size_option,
     config_option,
@@ -26,11 +27,8 @@ from .common import (
     memory_limit_option,
     metrics_option,
     otlp_option,
-    parse_size,
-    positive_size,
     remote_option,
     security_options,
-    store_argument,
 )
 
 

@@ -14,22 +14,20 @@ from cachefs.remote import TierOptions
 from cachefs.server import DEFAULT_MAX_SIZE, GRPC_PORT, HTTP_PORT, ServeOptions, parse_tenants
 from cachefs.signing import TrustOptions
 
-from .common import (
+from .common import human_bytes, parse_size, store_argument
+from .daemon_options import (
     audit_log_option,
     cache_size_option,
     config_option,
     grpc_option,
     http_option,
-    human_bytes,
     local_max_size_option,
     max_store_size_option,
     memory_limit_option,
     metrics_option,
     otlp_option,
-    parse_size,
     remote_option,
     security_options,
-    store_argument,
 )
 from .mount import memory_limit_of
 

@@ -7,19 +7,38 @@ and HTTP with no mount); ``mount_info``, ``resolve_store``,
 daemons; ``mounted_fstype``; ``sd_notify``; ``LOG_NAME``, ``FSNAME``.
 """
 
-from cachefs.daemon._mount import mount, umount
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from cachefs.daemon._mounts import (
     FSNAME,
     FSTYPE,
+    LOG_NAME,
     cachefs_mounts,
     control,
     mount_info,
     mounted_fstype,
     resolve_store,
+    umount,
 )
-from cachefs.daemon._process import LOG_NAME
-from cachefs.daemon._serve import serve
 from cachefs.daemon._systemd import sd_notify
+
+if TYPE_CHECKING:
+    from cachefs.daemon._mount import mount
+    from cachefs.daemon._serve import serve
+
+
+#: Imported when first used: they bring the file system, FUSE and the servers,
+#: which the commands that only find a daemon or talk to it (``stats``,
+#: ``umount``, ``gc`` ...) do without.
+_LAZY = {"mount": "cachefs.daemon._mount", "serve": "cachefs.daemon._serve"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FSNAME",

@@ -16,8 +16,7 @@ On SIGTERM or SIGINT, or when the file system is unmounted from outside, the
 daemon stops its servers, publishes every unpublished write, syncs the store,
 unmounts if still mounted and exits 0.
 
-``umount`` unmounts through ``fusermount3 -u`` and waits for the daemon to
-exit; the daemon's pid and store are found in ``MOUNT/.cachefs/stats.json``.
+``umount`` is in ``_mounts.py``: it needs none of this.
 """
 
 from __future__ import annotations
@@ -27,9 +26,7 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,9 +36,8 @@ import trio
 
 from cachefs import tracing
 from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address, observed_tiers
-from cachefs.daemon._mounts import FSNAME, FSTYPE, mount_info, mounted_fstype
+from cachefs.daemon._mounts import FSNAME, mounted_fstype
 from cachefs.daemon._process import (
-    LOG_NAME,
     detach,
     settle_heap,
     setup_logging,
@@ -50,7 +46,7 @@ from cachefs.daemon._process import (
 )
 from cachefs.daemon._systemd import sd_notify
 from cachefs.engine import Store
-from cachefs.errors import ConfigError, MountError, NotFoundError
+from cachefs.errors import MountError
 from cachefs.format.header import read_header
 from cachefs.fs import (
     DEFAULT_MEMORY_LIMIT,
@@ -318,56 +314,3 @@ def mount(
         serve(store, mountpoint, options, ready=lambda: None, **kwargs)
         return
     detach(lambda ready: serve(store, mountpoint, options, ready=ready, **kwargs))
-
-
-def umount(mountpoint: Path, *, timeout: float = 120.0) -> None:
-    """Unmount a cachefs mount and wait until its daemon has exited."""
-    mountpoint = mountpoint.absolute()
-    # The mount table first: a dead mount's root cannot even be stat'ed (ENOTCONN).
-    if mounted_fstype(mountpoint) is None and not os.path.lexists(mountpoint):
-        raise NotFoundError(f"{mountpoint} does not exist")
-    info = mount_info(mountpoint)
-    if info is None and mounted_fstype(mountpoint) == FSTYPE:
-        # A cachefs mount whose daemon died (kill -9, crash): detach it.
-        subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True, check=False)
-        if mounted_fstype(mountpoint) is None:
-            log.warning("%s was a dead cachefs mount (its daemon was gone): detached", mountpoint)
-            return
-    if info is None:
-        raise ConfigError(
-            f"{mountpoint} is not a cachefs mount",
-            hint="give the directory the store is mounted on",
-        )
-    pid = int(info["pid"])
-    result = subprocess.run(
-        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        hint = "check that no process uses it"
-        if "busy" in reason.lower():
-            hint = f"close the files and programs using it (`fuser -vm {mountpoint}`), then retry"
-        raise MountError(f"cannot unmount {mountpoint}: {reason}", hint=hint)
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            raise MountError(
-                f"{mountpoint} is unmounted but its daemon (pid {pid}) is still running",
-                hint=f"it may still be publishing data; see {info['store']}/{LOG_NAME}",
-            )
-        time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours (in tests) counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return False

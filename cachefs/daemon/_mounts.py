@@ -6,22 +6,35 @@ without touching the mounts (a dead one hangs a ``stat``); a live mount's
 ``/.cachefs/control`` runs commands in that daemon.  A store served with no
 mount (``cachefs serve``) answers the same on ``STORE/control.sock``: a
 command line in, a JSON answer out (``stats`` gives the live figures).
+
+``umount`` unmounts through ``fusermount3 -u`` and waits for the daemon to
+exit; the daemon's pid and store are found in ``MOUNT/.cachefs/stats.json``.
+
+Nothing here imports the engine, the file system or the servers: the commands
+that only find or talk to a daemon start quickly.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cachefs.errors import CachefsError
+from cachefs.errors import CachefsError, ConfigError, MountError, NotFoundError
+
+log = logging.getLogger(__name__)
 
 #: The control socket of a served store (``_serve.py``).
 SOCKET_NAME = "control.sock"
+#: The daemon's log in its store (``_process.setup_logging``).
+LOG_NAME = "cachefs.log"
 #: Seconds to wait for a served store's daemon to answer (gc may take long).
 _TIMEOUT = 3600.0
 
@@ -161,3 +174,56 @@ def _ask_mount(mountpoint: Path, command: str) -> bytes:
     finally:
         os.close(fd)
     return b"".join(pieces)
+
+
+def umount(mountpoint: Path, *, timeout: float = 120.0) -> None:
+    """Unmount a cachefs mount and wait until its daemon has exited."""
+    mountpoint = mountpoint.absolute()
+    # The mount table first: a dead mount's root cannot even be stat'ed (ENOTCONN).
+    if mounted_fstype(mountpoint) is None and not os.path.lexists(mountpoint):
+        raise NotFoundError(f"{mountpoint} does not exist")
+    info = mount_info(mountpoint)
+    if info is None and mounted_fstype(mountpoint) == FSTYPE:
+        # A cachefs mount whose daemon died (kill -9, crash): detach it.
+        subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True, check=False)
+        if mounted_fstype(mountpoint) is None:
+            log.warning("%s was a dead cachefs mount (its daemon was gone): detached", mountpoint)
+            return
+    if info is None:
+        raise ConfigError(
+            f"{mountpoint} is not a cachefs mount",
+            hint="give the directory the store is mounted on",
+        )
+    pid = int(info["pid"])
+    result = subprocess.run(
+        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        hint = "check that no process uses it"
+        if "busy" in reason.lower():
+            hint = f"close the files and programs using it (`fuser -vm {mountpoint}`), then retry"
+        raise MountError(f"cannot unmount {mountpoint}: {reason}", hint=hint)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise MountError(
+                f"{mountpoint} is unmounted but its daemon (pid {pid}) is still running",
+                hint=f"it may still be publishing data; see {info['store']}/{LOG_NAME}",
+            )
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours (in tests) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return False

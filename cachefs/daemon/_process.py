@@ -18,13 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cachefs.daemon._mounts import LOG_NAME
 from cachefs.engine import StoreOptions
 from cachefs.errors import CachefsError, leaves
 from cachefs.remote import TierOptions
 
 log = logging.getLogger(__name__)
-
-LOG_NAME = "cachefs.log"
 
 
 def setup_logging(store: Path, *, foreground: bool, verbose: int) -> None:
