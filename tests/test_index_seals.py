@@ -242,11 +242,13 @@ def test_a_check_killed_by_reading_a_damaged_tree_names_the_damage(
     fails one of its own assertions and aborts (seen in CI: ``mdb.c: Assertion
     'IS_BRANCH(...)' failed``): fsck names the damage and the remedy.  (The
     child, forked, is told to have died so.)"""
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     monkeypatch.setattr(os, "fork", lambda: 4_000_000)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)
     monkeypatch.setattr(os, "waitpid", lambda pid, options: (pid, getattr(signal, signame)))
     with pytest.raises(IndexCorruptError, match="damaged in its structure") as caught:
         fsck_cli._check_in_a_child(tmp_path)
-    assert signame in str(caught.value)
+    assert signame in str(caught.value) and str(tmp_path) in str(caught.value)
     assert "restore" in (caught.value.hint or "")
 
 

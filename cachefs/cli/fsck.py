@@ -117,11 +117,15 @@ def _check_in_a_child(store: Path) -> None:
     one thread (it is, from the command line): that saves starting Python and
     importing cachefs again.  Otherwise this very command is run again."""
     if threading.active_count() == 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None when the descriptor was closed (`>&-`)
+                stream.flush()
         pid = os.fork()
         if pid == 0:
             return
+        # Ctrl-C reaches the child too, which stops and says so: wait for it
+        # rather than leave it running (perhaps holding the store's lock).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     else:
         returncode = subprocess.run(
@@ -132,10 +136,18 @@ def _check_in_a_child(store: Path) -> None:
     if returncode >= 0:
         sys.exit(returncode)
     signame = signal.Signals(-returncode).name
-    if -returncode not in (signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT):
-        raise CachefsError(f"the check of {store} was stopped by {signame}")
-    raise IndexCorruptError(
-        f"the index of {store} is damaged in its structure: reading it killed the check "
-        f"({signame})",
-        hint="restore STORE/index.lmdb from a backup (the segments hold the chunk data)",
-    )
+    hint = "restore STORE/index.lmdb from a backup (the segments hold the chunk data)"
+    if -returncode in (signal.SIGBUS, signal.SIGSEGV):
+        raise IndexCorruptError(
+            f"the index of {store} is damaged in its structure: reading it killed the check "
+            f"({signame})",
+            hint=hint,
+        )
+    if -returncode == signal.SIGABRT:
+        # LMDB's assertions print "mdb.c:LINE: Assertion '...' failed" first.
+        raise IndexCorruptError(
+            f"the check of {store} aborted (SIGABRT): the index is likely damaged in its "
+            "structure (LMDB aborts on a broken page)",
+            hint=f"if an `mdb.c` assertion is printed above, {hint}",
+        )
+    raise CachefsError(f"the check of {store} was stopped by {signame}")

@@ -1,4 +1,4 @@
-"""Mounting and unmounting a store (daemon layer).
+"""Mounting a store (daemon layer).
 
 ``mount`` checks what can be checked before anything changes (the mount point,
 ``/dev/fuse``, ``fusermount3``), then, unless in the foreground, detaches
