@@ -8,8 +8,9 @@ whatever the machine:
 * single-core ``zstandard.ZstdCompressor(level=L).compress`` of each whole file,
   single-core decompression of those frames, single-core ``hashlib.sha256`` of
   each file, and a plain copy of each file (``bytes(memoryview(data))``);
-* ingest: ``Store.open(create=True)`` + ``list(store.put_files(paths))`` +
-  ``close()`` (the parallel path the CLI uses), timed wall-clock;
+* ingest: ``Store.open(create=True)`` + ``list(store.put_files(paths,
+  processes=N))`` + ``close()`` (the parallel path the CLI uses, with its worker
+  processes: ``--processes``, one per CPU by default), timed wall-clock;
 * re-ingest of the same paths into the same (reopened) store: all dedup hits;
 * reads: every object read back through ``iter_object`` (pieces, no join) and
   through ``read`` (joined into one ``bytes``), from a freshly opened store; the
@@ -18,7 +19,8 @@ whatever the machine:
 * space: ``stats()`` after one and after two ingests of the build-artifact mix,
   compared with the sum of the whole-file zstd frames;
 * peak RSS of a child process (this script with a hidden ``--child-ingest``
-  mode) that ingests the build-artifact mix.
+  mode) that ingests the build-artifact mix, and the peak of its RSS and its
+  worker processes' together (sampled every 20 ms).
 
 Two data sets, both copied to a temporary directory on tmpfs (``/dev/shm`` when
 it exists) so that disk noise does not dominate:
@@ -64,6 +66,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -76,7 +79,7 @@ if str(_ROOT) not in sys.path:
 
 import zstandard  # noqa: E402
 
-from cachefs.engine import Store, StoreOptions  # noqa: E402
+from cachefs.engine import Store, StoreOptions, default_put_processes  # noqa: E402
 from cachefs.errors import CachefsError  # noqa: E402
 from cachefs.format.digest import DIGEST_FUNCTIONS, Digest, digest_function  # noqa: E402
 from cachefs.format.header import CompressionParams, StoreConfig  # noqa: E402
@@ -269,6 +272,8 @@ def timed(fn: Callable[[], object]) -> float:
 
 #: Digest function of the stores under test (--digest-function).
 DIGEST_FUNCTION = "sha256"
+#: Worker processes of put_files (--processes; the default is the CLI's).
+PROCESSES = default_put_processes()
 
 
 def store_config(level: int) -> StoreConfig:
@@ -279,7 +284,7 @@ def put_all(store: Store, paths: list[Path]) -> list[Digest]:
     """put_files over ``paths``; an error result is a failure of the benchmark."""
     digests: list[Digest] = []
     errors: list[tuple[Path, CachefsError]] = []
-    for path, result in store.put_files(paths):
+    for path, result in store.put_files(paths, processes=PROCESSES):
         if isinstance(result, Digest):
             digests.append(result)
         else:
@@ -410,6 +415,8 @@ def child_rss(src_dir: Path, store_path: Path, level: int) -> dict[str, float]:
         str(Path(__file__).resolve()),
         "--level",
         str(level),
+        "--processes",
+        str(PROCESSES),
         "--child-ingest",
         str(src_dir),
         str(store_path),
@@ -429,17 +436,44 @@ def _status_kib(field_name: str) -> int:
     return 0
 
 
+def _rss_with_descendants_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and of every process below it (the put's worker processes)."""
+    total, todo = 0, [pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except (OSError, ValueError):
+            continue  # it ended meanwhile
+    return total
+
+
 def child_main(src_dir: Path, store_path: Path, level: int) -> int:
     rss_start = _status_kib("VmRSS")
     paths = sorted(p for p in src_dir.iterdir() if p.is_file())
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _rss_with_descendants_kib(os.getpid()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     store = Store.open(store_path, create=True, config=store_config(level))
     try:
         digests = put_all(store, paths)
     finally:
         store.close()
+        done.set()
+        sampler.join()
     seconds = time.perf_counter() - start
     result = {
+        "with_workers_peak_kib": peak[0],
         "vmhwm_kib": _status_kib("VmHWM"),
         "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "rss_before_ingest_kib": rss_start,
@@ -487,6 +521,7 @@ def run_once(
         log(f"run {number}: peak RSS of a child ingesting the mix")
         child = child_rss(mix.paths[0].parent, run_dir / "store-child", level)
         r["child_vmhwm_kib"] = child["vmhwm_kib"]
+        r["child_with_workers_peak_kib"] = child["with_workers_peak_kib"]
         r["child_ru_maxrss_kib"] = child["ru_maxrss_kib"]
         r["child_rss_before_ingest_kib"] = child["rss_before_ingest_kib"]
         r["child_ingest_s"] = child["seconds"]
@@ -706,6 +741,13 @@ def build_report(
     )
     rows.append(
         Row(
+            f"  peak RSS, child + {PROCESSES} worker processes",
+            f"{med['child_with_workers_peak_kib'] / 1024:7.1f} MiB",
+            "(sum, sampled every 20 ms)",
+        )
+    )
+    rows.append(
+        Row(
             "  RSS of the child before ingest",
             f"{med['child_rss_before_ingest_kib'] / 1024:7.1f} MiB",
             "(interpreter + imports)",
@@ -836,6 +878,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="sha256",
         help="digest function of the stores (the baselines stay single-core SHA-256)",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=PROCESSES,
+        help="worker processes of put_files (default: the CLI's, one per CPU; 0: threads only)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument("--child-ingest", nargs=2, metavar=("DIR", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -846,8 +894,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    global DIGEST_FUNCTION  # noqa: PLW0603  (a setting of the whole run)
-    DIGEST_FUNCTION = args.digest_function
+    global DIGEST_FUNCTION, PROCESSES  # settings of the whole run
+    DIGEST_FUNCTION, PROCESSES = args.digest_function, args.processes
     if args.child_ingest:
         return child_main(Path(args.child_ingest[0]), Path(args.child_ingest[1]), args.level)
 
@@ -879,7 +927,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"store: {args.digest_function}, zstd level {args.level}, "
             f"StoreOptions defaults (workers="
-            f"{StoreOptions().workers}, cache_size={cache_size // MiB} MiB, fsync=True); "
+            f"{StoreOptions().workers}, cache_size={cache_size // MiB} MiB, fsync=True), "
+            f"put_files with {PROCESSES} worker processes; "
             f"data and stores on {fs_type(workdir)} ({base})"
         )
         print(f"random: {len(rand.paths)} files, {rand.total:,} bytes")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from cachefs.engine import Store
+from cachefs.engine import Store, default_put_processes
 from cachefs.errors import CachefsError, ConfigError, from_oserror
 
 from .common import store_argument
@@ -60,7 +60,15 @@ def _walk(paths: tuple[Path, ...], errors: list[CachefsError]) -> Iterator[Path]
 @click.argument(
     "paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="PATH..."
 )
-def command(store: Path, paths: tuple[Path, ...]) -> None:
+@click.option(
+    "--processes",
+    type=click.IntRange(min=0),
+    default=default_put_processes(),
+    show_default="the number of CPUs, 0 on one",
+    help="Worker processes that cut, hash and compress the small files (up to 16 MiB) "
+    "of a put of more than 256 files; 0: threads only.",
+)
+def command(store: Path, paths: tuple[Path, ...], processes: int) -> None:
     """Store files (directories recursively) and print `DIGEST  PATH` for each.
 
     DIGEST is the REAPI form `<hex>/<size>`.  A line is printed once the file
@@ -71,7 +79,8 @@ def command(store: Path, paths: tuple[Path, ...]) -> None:
     """
     errors: list[CachefsError] = []
     with Store.open(store, create=True) as opened:
-        for path, result in opened.put_files(_walk(paths, errors)):
+        files = _walk(paths, errors)
+        for path, result in opened.put_files(files, processes=processes):
             if isinstance(result, CachefsError):
                 click.echo(f"cachefs: error: {result}", err=True)
                 errors.append(result)

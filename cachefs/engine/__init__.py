@@ -14,6 +14,8 @@ objects addressed by their digests::
 What it offers:
 
 * :class:`Store`, :class:`StoreOptions` (run-time settings), :class:`StoreStats`;
+  ``Store.put_files`` of many files, with worker processes for the small ones
+  (:func:`default_put_processes`: how many unless told);
 * the store's parameters and names from ``cachefs.format``: :class:`StoreConfig`
   and its parts, :class:`Digest`, :class:`DigestFunction`;
 * maintenance: :func:`collect_garbage` (:class:`GcReport`) and
@@ -50,6 +52,7 @@ from cachefs.engine._namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespa
 from cachefs.engine._namespace_check import NamespaceCheck
 from cachefs.engine._publish import PublishHook, PublishObserver
 from cachefs.engine._pushes import PushQueue, QueuedPush
+from cachefs.engine._put import default_processes as default_put_processes
 from cachefs.engine._store import Progress, Store, StoreOptions, StoreStats
 from cachefs.engine._xattrs import ExtendedAttributes
 from cachefs.errors import (
@@ -122,6 +125,7 @@ __all__ = [
     "StoreStats",
     "check_store",
     "collect_garbage",
+    "default_put_processes",
     "drop_held",
     "heal_chunk",
     "lmdb_error",

@@ -33,7 +33,7 @@ from cachefs.engine._activity import Activity
 from cachefs.engine._chunker import Batch, Chunker, KnownChunks, Source, reader_for
 from cachefs.engine._publish import PendingObject
 from cachefs.engine._reads import LocalChunks, ObjectReader
-from cachefs.engine._segments import Location, SegmentStore
+from cachefs.engine._segments import Location, SegmentStore, Shard
 from cachefs.engine._workers import Workers
 from cachefs.errors import CachefsError
 from cachefs.format.codec import ChunkCodec
@@ -50,6 +50,9 @@ _KNOWN_TASKS = 8
 
 #: A stored chunk: (digest, raw length, location if appended by this process).
 Stored = tuple[bytes, int, Location | None]
+#: A chunk cut, digested and encoded, not stored: (digest, raw length,
+#: compression, payload); no payload: the store had the chunk, it was not encoded.
+PreparedChunk = tuple[bytes, int, int, bytes | None]
 
 
 class Ingest:
@@ -95,34 +98,66 @@ class Ingest:
         missing = self.chunks.find_missing(digests)
         stored: list[Stored] = []
         probe = True
-        ident = self.digest_function.ident
-        unique = appended = 0
+        counts = [0, 0]  # bytes new to the store, and the records' bytes appended
         for view, digest in zip(views, digests, strict=True):
             shard = self.segments.shard(digest)
             location = shard.pending.get(digest)
             if digest in missing and location is None:
                 compression, payload = self.codec.encode(view, probe)
                 probe = compression == COMPRESSION_NONE
-                flags = record_flags(compression, ident)
-                head = encode_record_header(TAG_CHUNK, flags, len(view), digest, payload)
-                location, new = self.segments.append_chunk(shard, digest, flags, head, payload)
-                if new:
-                    unique += len(view)
-                    appended += len(head) + len(payload)
+                location = self._append(shard, digest, len(view), compression, payload, counts)
             stored.append((digest, len(view), location))
-        if unique:
-            self.activity.appended(unique, appended)
+        if counts[0]:
+            self.activity.appended(*counts)
         return stored
+
+    def _append(
+        self,
+        shard: Shard,
+        digest: bytes,
+        raw_len: int,
+        compression: int,
+        payload: bytes | memoryview,
+        counts: list[int],
+    ) -> Location:
+        """Append the record of an encoded chunk to its shard's segment; what
+        was new to the store is added to ``counts`` (raw bytes, record bytes)."""
+        flags = record_flags(compression, self.digest_function.ident)
+        head = encode_record_header(TAG_CHUNK, flags, raw_len, digest, payload)
+        location, new = self.segments.append_chunk(shard, digest, flags, head, payload)
+        if new:
+            counts[0] += raw_len
+            counts[1] += len(head) + len(payload)
+        return location
+
+    def store_prepared(self, digest: Digest, chunks: list[PreparedChunk]) -> PendingObject | None:
+        """The object ``digest`` whose chunks were cut, digested and encoded
+        elsewhere (:func:`prepare`, in a worker process): the chunks the store
+        lacks are appended; nothing is published yet.  None, and nothing
+        appended, when the store lacks a chunk that came without its payload
+        (it went since it was looked up there): the caller ingests it again."""
+        missing = self.chunks.find_missing([chunk[0] for chunk in chunks])
+        if any(chunk[3] is None for chunk in chunks if chunk[0] in missing):
+            return None
+        stored: list[Stored] = []
+        counts = [0, 0]
+        for chunk, raw_len, compression, payload in chunks:
+            shard = self.segments.shard(chunk)
+            location = shard.pending.get(chunk)
+            if chunk in missing and location is None:
+                assert payload is not None
+                location = self._append(shard, chunk, raw_len, compression, payload, counts)
+            stored.append((chunk, raw_len, location))
+        if counts[0]:
+            self.activity.appended(*counts)
+        return self._pending(digest, stored)
 
     def append(self, digest: bytes, view: memoryview) -> Location:
         """Append a record of chunk ``digest`` whether or not the index has one
         (a fresh copy of a damaged chunk; it stays pending until published)."""
         compression, payload = self.codec.encode(view, True)
-        flags = record_flags(compression, self.digest_function.ident)
-        head = encode_record_header(TAG_CHUNK, flags, len(view), digest, payload)
         shard = self.segments.shard(digest)
-        location, _ = self.segments.append_chunk(shard, digest, flags, head, payload)
-        return location
+        return self._append(shard, digest, len(view), compression, payload, [0, 0])
 
     def _batches(self, source: Source) -> Iterator[Batch]:
         """The chunks of any source, in batches (see ``Chunker.batches``)."""
@@ -378,6 +413,35 @@ class Ingest:
         chunks = [(chunk, raw_len) for chunk, raw_len, _ in stored]
         locations = {chunk: loc for chunk, _, loc in stored if loc is not None}
         return PendingObject(digest, chunks, locations)
+
+
+def prepare(
+    chunker: Chunker,
+    function: DigestFunction,
+    codec: ChunkCodec,
+    data: memoryview,
+    have: Callable[[list[bytes]], set[bytes]] | None = None,
+) -> tuple[Digest, list[PreparedChunk]]:
+    """Cut, digest and encode an object held whole in memory, storing nothing
+    (in a worker process: ``_put.py``): the chunks and the digest that
+    :meth:`Ingest.ingest` finds for the same bytes, for
+    :meth:`Ingest.store_prepared`.  ``have``: which of these chunks the store
+    has (they are not encoded)."""
+    views = chunker.cut(data)
+    digests = [function.hash(view) for view in views]
+    there = have(digests) if have is not None else set()
+    chunks: list[PreparedChunk] = []
+    probe = True
+    for view, digest in zip(views, digests, strict=True):
+        if digest in there:
+            chunks.append((digest, len(view), COMPRESSION_NONE, None))
+            continue
+        compression, payload = codec.encode(view, probe)
+        probe = compression == COMPRESSION_NONE
+        chunks.append((digest, len(view), compression, bytes(payload)))
+    # One chunk: its digest is the object's (as in ``Ingest.ingest``).
+    whole = digests[0] if len(digests) == 1 else function.hash(data)
+    return Digest(whole, len(data)), chunks
 
 
 def _abandon(futures: Iterable[Future[Any]]) -> None:

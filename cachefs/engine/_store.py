@@ -29,13 +29,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
-import itertools
 import logging
 import os
 import shutil
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +51,7 @@ from cachefs.engine._journal import Journal
 from cachefs.engine._maintenance import Maintenance, MaintenanceLock
 from cachefs.engine._publish import PendingObject, Publisher, PublishHook, PublishObserver
 from cachefs.engine._pushes import PushQueue
+from cachefs.engine._put import put_files
 from cachefs.engine._reads import LocalChunks, ObjectReader
 from cachefs.engine._segments import SegmentStore
 from cachefs.engine._upgrade import check_upgradable, upgrade
@@ -88,9 +86,6 @@ RESERVE_NAME = "reserve"
 RESERVE_SIZE = 8 << 20
 
 T = TypeVar("T")
-
-#: Files ingested by one task of ``put_files``.
-_FILES_PER_TASK = 16
 
 
 @dataclass(frozen=True)
@@ -509,18 +504,22 @@ class Store:
         return results
 
     def put_files(
-        self, paths: Iterable[Path], *, durable: bool = True, batch_bytes: int = 256 << 20
+        self,
+        paths: Iterable[Path],
+        *,
+        durable: bool = True,
+        batch_bytes: int = 256 << 20,
+        processes: int = 0,
     ) -> Iterator[tuple[Path, Digest | CachefsError]]:
-        """Store many files, several at a time, publishing them in groups.
-
-        Yields ``(path, digest)`` in the order given once the file's group is
-        published (and durable, with ``durable``), or ``(path, error)`` for a
-        file that could not be read.
-        """
+        """Store many files, several at a time, publishing them in groups: yields
+        ``(path, digest)`` in the order given once the file's group is published
+        (and durable, with ``durable``), or ``(path, error)`` for a file that
+        could not be read.  ``processes``: see ``_put.py``."""
         self.check_writable()
         publish = functools.partial(self.publisher.publish, durable=durable)
         with self._maintenance.shared():
-            yield from _put_files(self.ingest, publish, paths, self.options.workers, batch_bytes)
+            root, workers = self.path, self.options.workers
+            yield from put_files(root, self.ingest, publish, paths, workers, processes, batch_bytes)
 
     # --- references --------------------------------------------------------------
 
@@ -689,11 +688,7 @@ class Store:
 
     def disk_free(self) -> int:
         """Bytes available to the store on its filesystem (``statvfs``: ``f_bavail``)."""
-        try:
-            st = os.statvfs(self.path)
-        except OSError as exc:
-            raise from_oserror(exc, f"asking the free space of {self.path}") from None
-        return st.f_bavail * st.f_frsize
+        return _disk_free(self.path)
 
     def activity(self) -> dict[str, float]:
         """What the store did since it was opened, by stable keys (publications,
@@ -711,6 +706,14 @@ class Store:
     @on_publish.setter
     def on_publish(self, observer: PublishObserver | None) -> None:
         self.publisher.on_publish = observer
+
+
+def _disk_free(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        raise from_oserror(exc, f"asking the free space of {path}") from None
+    return st.f_bavail * st.f_frsize
 
 
 def _stats(index: Index, threshold: float) -> StoreStats:
@@ -761,60 +764,6 @@ def _lock_store(path: Path) -> int:
             raise StoreLockedError(f"store {path} is open for writing by another process") from None
         raise from_oserror(exc, f"locking store {path}") from None
     return fd
-
-
-def _put_files(
-    ingest: Ingest,
-    publish: Callable[[list[PendingObject]], None],
-    paths: Iterable[Path],
-    workers: int,
-    batch_bytes: int,
-) -> Iterator[tuple[Path, Digest | CachefsError]]:
-    """``Store.put_files`` (whose caller holds the maintenance lock shared):
-    files ingested by ``workers`` threads, published about ``batch_bytes`` at a time."""
-
-    def ingest_group(group: list[Path]) -> list[PendingObject | CachefsError]:
-        results: list[PendingObject | CachefsError] = []
-        for path in group:
-            try:
-                results.append(ingest.ingest_file(path))
-            except OSError as exc:  # this file could not be read; the others go on
-                results.append(from_oserror(exc, f"reading {path}"))
-        return results
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="cachefs-put") as files:
-        # Files go to the threads in groups: a hand-over between threads costs
-        # more than ingesting a small file does.
-        window: deque[tuple[list[Path], Future[list[PendingObject | CachefsError]]]] = deque()
-        ready: list[tuple[Path, PendingObject | CachefsError]] = []
-        ready_bytes = 0
-
-        def flush() -> Iterator[tuple[Path, Digest | CachefsError]]:
-            nonlocal ready, ready_bytes
-            objects = [r for _, r in ready if isinstance(r, PendingObject)]
-            if objects:
-                publish(objects)
-            for path, result in ready:
-                yield path, result.digest if isinstance(result, PendingObject) else result
-            ready, ready_bytes = [], 0
-
-        def collect(keep: int) -> Iterator[tuple[Path, Digest | CachefsError]]:
-            nonlocal ready_bytes
-            while len(window) > keep:
-                group, fut = window.popleft()
-                for path, result in zip(group, fut.result(), strict=True):
-                    ready.append((path, result))
-                    if isinstance(result, PendingObject):
-                        ready_bytes += result.digest.size
-                if ready_bytes >= batch_bytes or len(ready) >= 4096:
-                    yield from flush()
-
-        remaining = iter(paths)
-        while group := list(itertools.islice(remaining, _FILES_PER_TASK)):
-            window.append((group, files.submit(ingest_group, group)))
-            yield from collect(2 * workers)
-        yield from collect(0)
-        yield from flush()
 
 
 def _one(results: list[Digest | DigestMismatchError]) -> Digest:

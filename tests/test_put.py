@@ -1,0 +1,214 @@
+"""Putting many files: small files prepared in worker processes (``engine/_put.py``)
+store what the threads store, in the order given, errors included."""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from cachefs.cli import cli
+from cachefs.engine import Store, _put
+from cachefs.engine._ingest import prepare
+from cachefs.errors import CachefsError, NotFoundError
+from cachefs.format.digest import BLAKE3, Digest
+from cachefs.format.header import StoreConfig
+from tests.conftest import SMALL_CONFIG, compressible
+from tests.test_store import check_invariants
+
+
+def rand(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def contents() -> list[bytes]:
+    """Sizes around the chunker's: empty, one byte, below the minimum, one
+    chunk, many; random and compressible."""
+    small = SMALL_CONFIG.chunking
+    sizes = [0, 1, small.min_size - 1, small.min_size, small.max_size, small.max_size + 1]
+    out = [rand(n, seed=n) for n in sizes]
+    out += [rand(i * 9000, seed=i) + compressible(i * 4000, seed=i) for i in range(1, 9)]
+    out.append(out[-1])  # a duplicate
+    return out
+
+
+@pytest.mark.parametrize("config", [SMALL_CONFIG, StoreConfig(digest_function=BLAKE3.name)])
+def test_prepared_chunks_are_those_of_an_ingest(tmp_path: Path, config: StoreConfig) -> None:
+    """``prepare`` cuts and digests as ``Ingest.ingest`` does; what it encoded
+    reads back as the bytes."""
+    with (
+        Store.open(tmp_path / "a", create=True, config=config) as a,
+        Store.open(tmp_path / "b", create=True, config=config) as b,
+    ):
+        ingest = b.ingest
+        for data in contents():
+            pending = a.ingest.ingest(data)
+            digest, chunks = prepare(ingest.chunker, ingest.digest_function, ingest.codec,
+                                     memoryview(data))  # fmt: skip
+            assert digest == pending.digest
+            assert [(c[0], c[1]) for c in chunks] == pending.chunks
+            prepared = ingest.store_prepared(digest, chunks)
+            assert prepared is not None and prepared.chunks == pending.chunks
+            b.publisher.publish([prepared], durable=True)
+            assert b.read(digest) == data
+        check_invariants(b)
+
+
+def test_chunks_the_store_has_are_not_encoded(store: Store) -> None:
+    """With ``have``, a chunk the store has comes without a payload; if the
+    store lacks it after all, nothing is appended and the caller ingests again."""
+    ingest = store.ingest
+    tools = (ingest.chunker, ingest.digest_function, ingest.codec)
+    old = rand(200_000, seed=3)
+    store.put(old)
+    data = old + rand(50_000, seed=4)
+    asked: list[list[bytes]] = []
+
+    def have(digests: list[bytes]) -> set[bytes]:
+        asked.append(digests)
+        return set(digests) - store.chunks.find_missing(digests)
+
+    digest, chunks = prepare(*tools, memoryview(data), have)
+    assert asked and [c[0] for c in chunks] == asked[0]
+    skipped = [c for c in chunks if c[3] is None]
+    assert skipped and len(skipped) < len(chunks)  # the old file's chunks but the last
+    before = store.stats().stored_bytes
+    pending = ingest.store_prepared(digest, chunks)
+    assert pending is not None
+    store.publisher.publish([pending], durable=True)
+    assert store.read(digest) == data
+    # A chunk said to be there that is not: nothing appended, None.
+    _, lying = prepare(*tools, memoryview(rand(90_000, seed=5)), set)
+    assert ingest.store_prepared(Digest(b"\0" * 32, 90_000), lying) is None
+    assert not any(shard.pending for shard in store.segments.shards)
+    assert store.stats().stored_bytes > before
+    check_invariants(store)
+
+
+def tree(directory: Path, count: int) -> list[Path]:
+    directory.mkdir()
+    paths: list[Path] = []
+    for i, data in enumerate(contents() * (count // len(contents()) + 1)):
+        if len(paths) == count:
+            break
+        path = directory / f"f{i:03d}"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def test_put_files_with_processes_stores_what_threads_store(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the pool started at once and a small limit (the parent's), small
+    files go to the processes, a large one to the threads, errors stay in
+    place; digests, order and the store's counts are those of the threads."""
+    monkeypatch.setattr(_put, "START_AFTER", 3)
+    monkeypatch.setattr(_put, "PREPARE_MAX", 40_000)
+    monkeypatch.setattr(_put, "TASK_FILES", 4)
+    paths = tree(tmp_path / "tree", 30)
+    large = tmp_path / "tree" / "large"
+    large.write_bytes(rand(200_000, seed=7))
+    missing = tmp_path / "tree" / "missing"
+    paths[10:10] = [large, missing, tmp_path / "tree"]  # a directory is no file either
+
+    threads = list(store.put_files(paths))
+    started = []
+    start = _put._processes
+
+    def spied(*args: Any) -> Any:
+        started.append(args)
+        return start(*args)
+
+    monkeypatch.setattr(_put, "_processes", spied)
+    with Store.open(tmp_path / "other", create=True, config=SMALL_CONFIG) as other:
+        processes = list(other.put_files(paths, processes=2, batch_bytes=50_000))
+        assert [p for p, _ in processes] == paths
+        assert len(started) == 1  # the processes did prepare files
+        assert [str(r) if isinstance(r, Digest) else type(r) for _, r in processes] == [
+            str(r) if isinstance(r, Digest) else type(r) for _, r in threads
+        ]
+        assert isinstance(dict(processes)[missing], NotFoundError)
+        assert "missing" in str(dict(processes)[missing])
+        for path, digest in processes:
+            if isinstance(digest, Digest):
+                assert other.read(digest) == path.read_bytes()
+        assert other.stats().chunk_bytes == store.stats().chunk_bytes
+        assert other.stats().objects == store.stats().objects
+        # Again: the processes find every chunk in the index and encode none.
+        stored = other.stats().stored_bytes
+        again = list(other.put_files(paths, processes=2))
+        assert [str(r) for _, r in again] == [str(r) for _, r in processes]
+        assert other.stats().stored_bytes == stored
+        check_invariants(other)
+
+
+def test_a_worker_process_prepares_reports_and_gives_back_large_files(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's own function, run here: a file it cannot read is its
+    error, one grown past the limit is given back (and ingested here)."""
+    ingest = store.ingest
+    _put._start_worker(
+        ingest.chunker.params, ingest.digest_function, ingest.codec.params, store.path
+    )
+    monkeypatch.setattr(_put, "PREPARE_MAX", 1000)
+    small, grown = tmp_path / "small", tmp_path / "grown"
+    small.write_bytes(b"x" * 1000)
+    grown.write_bytes(rand(5000, seed=1))
+    group = [small, tmp_path / "missing", grown]
+    prepared = _put.prepare_files([str(p) for p in group])
+    assert isinstance(prepared[0], tuple) and isinstance(prepared[1], FileNotFoundError)
+    assert prepared[2] is None
+    # A chunk the index was said to have, gone since: the file is ingested here.
+    digest, chunks = prepared[0]
+    prepared[0] = (digest, [(d, n, c, None) for d, n, c, _ in chunks])
+    done: Future[list[_put.Prepared]] = Future()
+    done.set_result(prepared)
+    results = _put._stored(ingest, group, done)
+    assert isinstance(results[1], NotFoundError)
+    store.publisher.publish([results[0], results[2]], durable=True)  # type: ignore[list-item]
+    for path, result in zip(group[::2], results[::2], strict=True):
+        assert not isinstance(result, CachefsError)
+        assert store.read(result.digest) == path.read_bytes()
+
+
+def _die(paths: list[str]) -> None:
+    """A worker that dies (as the kernel's OOM killer would make it)."""
+    os._exit(9)
+
+
+def test_a_worker_process_that_dies_is_an_error_and_loses_nothing_told(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_put, "START_AFTER", 2)
+    monkeypatch.setattr(_put, "prepare_files", _die)
+    paths = tree(tmp_path / "tree", 6)
+    told = []
+    with pytest.raises(CachefsError, match="ended unexpectedly"):
+        for path, digest in store.put_files(paths, processes=2, batch_bytes=1):
+            told.append((path, digest))
+    assert [p for p, _ in told] == paths[: len(told)]
+    for path, digest in told:
+        assert isinstance(digest, Digest) and store.read(digest) == path.read_bytes()
+    check_invariants(store)
+
+
+def test_cli_put_with_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_put, "START_AFTER", 2)
+    tree(tmp_path / "tree", 12)
+    runner = CliRunner()
+    outputs = []
+    for processes in ("0", "2"):
+        store = tmp_path / f"store-{processes}"
+        result = runner.invoke(cli, ["put", str(store), str(tmp_path / "tree"),
+                                      "--processes", processes])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output)
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0].splitlines()) == 12
