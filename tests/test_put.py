@@ -3,8 +3,14 @@ store what the threads store, in the order given, errors included."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,8 @@ from cachefs.format.digest import BLAKE3, Digest
 from cachefs.format.header import StoreConfig
 from tests.conftest import SMALL_CONFIG, compressible
 from tests.test_store import check_invariants
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def rand(size: int, seed: int) -> bytes:
@@ -148,23 +156,32 @@ def test_put_files_with_processes_stores_what_threads_store(
         check_invariants(other)
 
 
-def test_a_worker_process_prepares_reports_and_gives_back_large_files(
+def test_a_worker_process_prepares_reports_and_gives_back_what_changed(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The worker's own function, run here: a file it cannot read is its
-    error, one grown past the limit is given back (and ingested here)."""
+    error; one that is not what the parent saw (resized, replaced) is given
+    back, and ingested here."""
     ingest = store.ingest
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # not pytest's SIGINT
     _put._start_worker(
         ingest.chunker.params, ingest.digest_function, ingest.codec.params, store.path
     )
-    monkeypatch.setattr(_put, "PREPARE_MAX", 1000)
-    small, grown = tmp_path / "small", tmp_path / "grown"
+    small, grown, other = tmp_path / "small", tmp_path / "grown", tmp_path / "other"
     small.write_bytes(b"x" * 1000)
     grown.write_bytes(rand(5000, seed=1))
-    group = [small, tmp_path / "missing", grown]
-    prepared = _put.prepare_files([str(p) for p in group])
+    other.write_bytes(b"y" * 10)
+    group = [small, tmp_path / "missing", grown, other]
+    seen = [os.stat(p) for p in (small, grown, other)]
+    wanted = [
+        (str(small), 1000, seen[0].st_dev, seen[0].st_ino),
+        (str(tmp_path / "missing"), 0, 0, 0),
+        (str(grown), 1000, seen[1].st_dev, seen[1].st_ino),  # 1000 bytes when looked at
+        (str(other), 10, seen[2].st_dev, seen[0].st_ino),  # another file by then
+    ]
+    prepared = _put.prepare_files(wanted)
     assert isinstance(prepared[0], tuple) and isinstance(prepared[1], FileNotFoundError)
-    assert prepared[2] is None
+    assert prepared[2] is None and prepared[3] is None
     # A chunk the index was said to have, gone since: the file is ingested here.
     digest, chunks = prepared[0]
     prepared[0] = (digest, [(d, n, c, None) for d, n, c, _ in chunks])
@@ -172,10 +189,71 @@ def test_a_worker_process_prepares_reports_and_gives_back_large_files(
     done.set_result(prepared)
     results = _put._stored(ingest, group, done)
     assert isinstance(results[1], NotFoundError)
-    store.publisher.publish([results[0], results[2]], durable=True)  # type: ignore[list-item]
-    for path, result in zip(group[::2], results[::2], strict=True):
+    made = [results[0], results[2], results[3]]
+    store.publisher.publish(made, durable=True)  # type: ignore[arg-type]
+    for path, result in zip((small, grown, other), made, strict=True):
         assert not isinstance(result, CachefsError)
         assert store.read(result.digest) == path.read_bytes()
+
+
+def test_a_pool_that_cannot_start_leaves_it_to_the_threads(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_put, "START_AFTER", 2)
+
+    def cannot(*args: Any) -> Any:
+        raise OSError(errno.ENAMETOOLONG, "AF_UNIX path too long")
+
+    monkeypatch.setattr(_put, "_processes", cannot)
+    paths = tree(tmp_path / "tree", 10)
+    results = list(store.put_files(paths, processes=2))
+    assert [p for p, _ in results] == paths
+    assert all(isinstance(d, Digest) and store.read(d) == p.read_bytes() for p, d in results)
+    assert "worker processes cannot start (" in caplog.text
+    assert caplog.text.count("cannot start") == 1
+    with pytest.raises(ValueError, match="0 or more"):
+        next(store.put_files(paths, processes=-1))
+
+
+def test_workers_go_when_the_put_is_killed(tmp_path: Path) -> None:
+    """SIGKILL of the process that puts: its workers (blocked waiting for
+    work, holding the index) do not stay behind."""
+    script = tmp_path / "put.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from cachefs.engine import Store, _put
+
+        if __name__ == "__main__":
+            with Store.open(Path({str(tmp_path / "store")!r}), create=True) as store:
+                pool = _put._processes(2, store.ingest, store.path)
+                for done in [pool.submit(_put.prepare_files, []) for _ in range(4)]:
+                    done.result()
+                print(*pool._processes, flush=True)
+                time.sleep(60)
+        """)
+    )
+    child = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # the resource tracker's words on leaked semaphores
+        text=True,
+        cwd=REPO,
+    )
+    with child:
+        try:
+            assert child.stdout is not None
+            workers = [int(pid) for pid in child.stdout.readline().split()]
+            assert workers
+            child.kill()
+            child.wait()
+            deadline = time.monotonic() + 20
+            while any(Path(f"/proc/{pid}").exists() for pid in workers):
+                assert time.monotonic() < deadline, f"workers {workers} outlived the put"
+                time.sleep(0.05)
+        finally:
+            child.kill()
 
 
 def _die(paths: list[str]) -> None:

@@ -64,9 +64,9 @@ def _walk(paths: tuple[Path, ...], errors: list[CachefsError]) -> Iterator[Path]
     "--processes",
     type=click.IntRange(min=0),
     default=default_put_processes(),
-    show_default="the number of CPUs, 0 on one",
+    show_default="one per CPU, at most 4; 0 on one CPU",
     help="Worker processes that cut, hash and compress the small files (up to 16 MiB) "
-    "of a put of more than 256 files; 0: threads only.",
+    "of a put of more than 256 of them or 16 MiB; 0: threads only.",
 )
 def command(store: Path, paths: tuple[Path, ...], processes: int) -> None:
     """Store files (directories recursively) and print `DIGEST  PATH` for each.

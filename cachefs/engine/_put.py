@@ -21,11 +21,18 @@ put again; each worker takes about 65 MiB).  The pool starts after
 ``START_AFTER`` small files or ``START_AFTER_BYTES`` of them (starting it
 takes about 0.14 s: a put of a few files never pays for it); larger files
 stay with the threads, which read them in buffers and never hold one whole.
-Nothing the workers do needs undoing when they fail: they only read.  They
-are forked from multiprocessing's fork server, not from this process and its
-threads, and ignore SIGINT (Ctrl-C stops the put, which stops them); like every
-``multiprocessing`` child they import the program's main module, which must
-keep its work under ``if __name__ == "__main__":``.
+Nothing the workers do needs undoing when they fail: they only read, and only
+the file the parent looked at (its device, inode and size: a file replaced or
+resized since, or a name such as ``/dev/fd/N`` that means another file in
+another process, is given back and ingested here).  They are forked from
+multiprocessing's fork server, not from this process and its threads; they
+ignore SIGINT (Ctrl-C stops the put, which stops them) and exit when this
+process does, however it ends.  A pool that cannot start (no ``/dev/shm``, a
+temporary directory whose path is too long for the fork server's socket) is
+logged and the threads do the work.  Like every ``multiprocessing`` child the
+workers import the program's main module, which must keep its work under
+``if __name__ == "__main__":``; the fork server stays for the rest of the
+program.
 """
 
 from __future__ import annotations
@@ -33,9 +40,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import stat
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -53,6 +64,8 @@ from cachefs.format.digest import Digest, DigestFunction
 from cachefs.format.header import ChunkingParams, CompressionParams
 from cachefs.format.schema import held_remotely
 
+log = logging.getLogger(__name__)
+
 #: Files ingested by one task of the threads.
 FILES_PER_TASK = 16
 #: Files of at most this many bytes are prepared in processes, in tasks of at
@@ -64,14 +77,24 @@ TASK_FILES, TASK_BYTES = 32, 8 << 20
 START_AFTER, START_AFTER_BYTES = 256, 16 << 20
 
 
+#: Worker processes at most unless told (each takes about 65 MiB).
+DEFAULT_MAX = 4
+
+
 def default_processes() -> int:
-    """Worker processes a put uses unless told: one per CPU, none on one CPU."""
-    cpus = os.cpu_count() or 1
+    """Worker processes a put uses unless told: one per CPU this process may
+    run on, at most ``DEFAULT_MAX``; none on one CPU."""
+    cpus = min(len(os.sched_getaffinity(0)), DEFAULT_MAX)
     return cpus if cpus > 1 else 0
 
 
+#: A file for a process: its path, and the size, device and inode the parent
+#: saw (a worker reads no other file, and no more than that).
+Wanted = tuple[str, int, int, int]
 #: A file prepared in a process: its digest and chunks; the error that kept it
-#: from being read; or None: it grew past ``PREPARE_MAX`` (ingested here).
+#: from being read; or None: it is not the file the parent saw (replaced,
+#: resized, or a name that means another file in another process, such as
+#: ``/dev/fd/N``), which is ingested there.
 Prepared = tuple[Digest, list[PreparedChunk]] | OSError | None
 #: What a task gives back for each of its files, in order.
 Result = PendingObject | CachefsError
@@ -87,10 +110,20 @@ def _start_worker(
 ) -> None:
     # Ctrl-C reaches the whole process group: the put stops its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent killed (SIGKILL, the OOM killer) cannot stop them: they go when
+    # it does, not wait for work forever holding the index and its pipes.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
     index = None
     with contextlib.suppress(CachefsError):
         index = Index(store, readonly=True)
     _tools[:] = [(Chunker(chunking), function, ChunkCodec(codec), index)]
+
+
+def _exit_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
 def _present(index: Index, digests: list[bytes]) -> set[bytes]:
@@ -101,19 +134,21 @@ def _present(index: Index, digests: list[bytes]) -> set[bytes]:
     return {d for d, raw in zip(digests, found, strict=True) if raw and not held_remotely(raw)}
 
 
-def prepare_files(paths: list[str]) -> list[Prepared]:
+def prepare_files(wanted: list[Wanted]) -> list[Prepared]:
     """The work of a worker process: each file read whole and prepared."""
     ((chunker, function, codec, index),) = _tools  # set by _start_worker
     have = None if index is None else functools.partial(_present, index)
     out: list[Prepared] = []
-    for path in paths:
+    for path, size, device, inode in wanted:
         try:
             with open(path, "rb") as f:
-                data = f.read(PREPARE_MAX + 1)
+                st = os.fstat(f.fileno())
+                same = (st.st_dev, st.st_ino) == (device, inode)
+                data = f.read(size + 1) if same else b""
         except OSError as exc:
             out.append(exc)
             continue
-        if len(data) > PREPARE_MAX:
+        if not same or len(data) != size:
             out.append(None)
             continue
         out.append(prepare(chunker, function, codec, memoryview(data), have))
@@ -122,50 +157,55 @@ def prepare_files(paths: list[str]) -> list[Prepared]:
 
 class _Tasks:
     """Paths grouped into tasks, each for the threads or for the processes
-    (``processes`` 0: all for the threads), in the order given."""
+    (``processes`` 0, or set to 0 on the way: the rest for the threads), in
+    the order given."""
 
     def __init__(self, paths: Iterable[Path], processes: int) -> None:
         self.paths = iter(paths)
         self.processes = processes
         self.small = self.small_bytes = 0
 
-    def __iter__(self) -> Iterator[tuple[list[Path], bool]]:
-        """``(paths, prepared)``: ``prepared``, a task for the processes."""
+    def __iter__(self) -> Iterator[tuple[list[Path], list[Wanted] | None]]:
+        """``(paths, wanted)``: ``wanted``, what a task for the processes reads."""
         if not self.processes:
             while some := list(itertools.islice(self.paths, FILES_PER_TASK)):
-                yield some, False
+                yield some, None
             return
         group: list[Path] = []
-        prepared, size = False, 0
+        wanted: list[Wanted] | None = None
+        size = 0
         for path in self.paths:
             small = self._small(path)
             started = self.small >= START_AFTER or self.small_bytes >= START_AFTER_BYTES
-            if small is not None and started:
-                if not prepared or len(group) == TASK_FILES or size + small > TASK_BYTES:
+            if small is not None and started and self.processes:
+                if wanted is None or len(group) == TASK_FILES or size + small[1] > TASK_BYTES:
                     if group:
-                        yield group, prepared
-                    group, prepared, size = [], True, 0
-                size += small
-            elif prepared or len(group) == FILES_PER_TASK:
+                        yield group, wanted
+                    group, wanted, size = [], [], 0
+                wanted.append(small)
+                size += small[1]
+            elif wanted is not None or len(group) == FILES_PER_TASK:
                 if group:
-                    yield group, prepared
-                group, prepared = [], False
+                    yield group, wanted
+                group, wanted = [], None
             if small is not None:
                 self.small += 1
-                self.small_bytes += small
+                self.small_bytes += small[1]
             group.append(path)
         if group:
-            yield group, prepared
+            yield group, wanted
 
     @staticmethod
-    def _small(path: Path) -> int | None:
-        """Its size if it is a file for the processes (one that cannot be
-        looked at goes to the threads, whose error names it)."""
+    def _small(path: Path) -> Wanted | None:
+        """What a process reads of it, if it is a file for the processes (one
+        that cannot be looked at goes to the threads, whose error names it)."""
         try:
-            size = os.stat(path).st_size
+            st = os.stat(path)
         except OSError:
             return None
-        return size if size <= PREPARE_MAX else None
+        if not stat.S_ISREG(st.st_mode) or st.st_size > PREPARE_MAX:
+            return None
+        return (str(path), st.st_size, st.st_dev, st.st_ino)
 
 
 def _processes(count: int, ingest: Ingest, store: Path) -> ProcessPoolExecutor:
@@ -219,25 +259,37 @@ def put_files(
             if ready_bytes >= batch_bytes or len(ready) >= 4096:
                 yield from flush()
 
+    if processes < 0:
+        raise ValueError(f"processes must be 0 or more, not {processes}")
     files = ThreadPoolExecutor(workers, thread_name_prefix="cachefs-put")
+    tasks = _Tasks(paths, processes)
     try:
-        for group, prepared in _Tasks(paths, processes):
-            if prepared:
-                if pool is None:
-                    pool = _processes(processes, ingest, store)
-                done = pool.submit(prepare_files, [str(path) for path in group])
-                window.append((group, done, functools.partial(_stored, ingest, group, done)))
-            else:
-                fut = files.submit(ingest_group, group)
-                window.append((group, fut, fut.result))
+        for group, wanted in tasks:
+            if wanted is not None:
+                try:
+                    if pool is None:
+                        pool = _processes(processes, ingest, store)
+                    done = pool.submit(prepare_files, wanted)
+                except (OSError, ImportError, RuntimeError) as exc:
+                    # No processes here (a socket path too long for the fork
+                    # server, no /dev/shm, ...): the threads do it all.
+                    log.warning("worker processes cannot start (%s): using threads only", exc)
+                    tasks.processes = 0
+                else:
+                    window.append((group, done, functools.partial(_stored, ingest, group, done)))
+                    yield from collect(2 * max(workers, processes))
+                    continue
+            fut = files.submit(ingest_group, group)
+            window.append((group, fut, fut.result))
             yield from collect(2 * max(workers, processes))
         yield from collect(0)
         yield from flush()
     except BrokenProcessPool:
         raise CachefsError(
-            "a process preparing files for the store ended unexpectedly (killed?); "
-            "the files told of before are stored, the others not",
-            hint="check the system log (out of memory?) and put the rest again",
+            "a worker process preparing files for the store ended unexpectedly or could "
+            "not start; the files told of before are stored, the others not",
+            hint="see its error above or the system log (killed, out of memory?); put the "
+            "rest again, with --processes 0 to use threads only",
         ) from None
     finally:
         for _, fut, _ in window:
@@ -258,7 +310,7 @@ def _stored(ingest: Ingest, group: list[Path], done: Future[list[Prepared]]) -> 
     """A process's work on ``group`` stored here (not published)."""
     results: list[Result] = []
     for path, item in zip(group, done.result(), strict=True):
-        if item is None:  # it grew since it was looked at
+        if item is None:  # not the file that was looked at: read it here
             results.append(_ingest_file(ingest, path))
         elif isinstance(item, OSError):
             results.append(from_oserror(item, f"reading {path}"))
