@@ -10,7 +10,7 @@ whatever the machine:
   each file, and a plain copy of each file (``bytes(memoryview(data))``);
 * ingest: ``Store.open(create=True)`` + ``list(store.put_files(paths,
   processes=N))`` + ``close()`` (the parallel path the CLI uses, with its worker
-  processes: ``--processes``, one per CPU by default), timed wall-clock;
+  processes: ``--processes``, one per CPU and at most 4 by default), timed wall-clock;
 * re-ingest of the same paths into the same (reopened) store: all dedup hits;
 * reads: every object read back through ``iter_object`` (pieces, no join) and
   through ``read`` (joined into one ``bytes``), from a freshly opened store; the
@@ -882,7 +882,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--processes",
         type=int,
         default=PROCESSES,
-        help="worker processes of put_files (default: the CLI's, one per CPU; 0: threads only)",
+        help="worker processes of put_files (default: the CLI's, one per CPU, at most 4; "
+        "0: threads only)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument("--child-ingest", nargs=2, metavar=("DIR", "STORE"), help=argparse.SUPPRESS)

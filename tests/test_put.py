@@ -179,9 +179,15 @@ def test_a_worker_process_prepares_reports_and_gives_back_what_changed(
         (str(grown), 1000, seen[1].st_dev, seen[1].st_ino),  # 1000 bytes when looked at
         (str(other), 10, seen[2].st_dev, seen[0].st_ino),  # another file by then
     ]
-    prepared = _put.prepare_files(wanted)
-    assert isinstance(prepared[0], tuple) and isinstance(prepared[1], FileNotFoundError)
-    assert prepared[2] is None and prepared[3] is None
+    try:
+        prepared = _put.prepare_files(wanted)
+    finally:
+        index = _put._tools[0][3]
+        if index is not None:
+            index.close()
+        _put._tools.clear()
+    assert isinstance(prepared[0], tuple)
+    assert prepared[1:] == [None, None, None]  # the parent reads them (and names the error)
     # A chunk the index was said to have, gone since: the file is ingested here.
     digest, chunks = prepared[0]
     prepared[0] = (digest, [(d, n, c, None) for d, n, c, _ in chunks])
@@ -191,6 +197,7 @@ def test_a_worker_process_prepares_reports_and_gives_back_what_changed(
     assert isinstance(results[1], NotFoundError)
     made = [results[0], results[2], results[3]]
     store.publisher.publish(made, durable=True)  # type: ignore[arg-type]
+    assert "missing" in str(results[1])
     for path, result in zip((small, grown, other), made, strict=True):
         assert not isinstance(result, CachefsError)
         assert store.read(result.digest) == path.read_bytes()
@@ -200,17 +207,20 @@ def test_a_pool_that_cannot_start_leaves_it_to_the_threads(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(_put, "START_AFTER", 2)
+    monkeypatch.setattr(_put, "TASK_FILES", 2)  # several tasks for the processes
+    tries = []
 
     def cannot(*args: Any) -> Any:
+        tries.append(args)
         raise OSError(errno.ENAMETOOLONG, "AF_UNIX path too long")
 
     monkeypatch.setattr(_put, "_processes", cannot)
-    paths = tree(tmp_path / "tree", 10)
+    paths = tree(tmp_path / "tree", 12)
     results = list(store.put_files(paths, processes=2))
     assert [p for p, _ in results] == paths
     assert all(isinstance(d, Digest) and store.read(d) == p.read_bytes() for p, d in results)
     assert "worker processes cannot start (" in caplog.text
-    assert caplog.text.count("cannot start") == 1
+    assert caplog.text.count("cannot start") == 1 and len(tries) == 1
     with pytest.raises(ValueError, match="0 or more"):
         next(store.put_files(paths, processes=-1))
 
@@ -241,19 +251,33 @@ def test_workers_go_when_the_put_is_killed(tmp_path: Path) -> None:
         text=True,
         cwd=REPO,
     )
+    workers: list[int] = []
     with child:
         try:
             assert child.stdout is not None
-            workers = [int(pid) for pid in child.stdout.readline().split()]
+            workers += [int(pid) for pid in child.stdout.readline().split()]
             assert workers
             child.kill()
             child.wait()
             deadline = time.monotonic() + 20
-            while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            while any(map(_running, workers)):
                 assert time.monotonic() < deadline, f"workers {workers} outlived the put"
                 time.sleep(0.05)
         finally:
             child.kill()
+            for pid in workers:
+                if _running(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether the process is there and not a zombie (its parent, the fork
+    server, may be gone and leave it to an init that does not reap)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _die(paths: list[str]) -> None:
@@ -290,3 +314,27 @@ def test_cli_put_with_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         outputs.append(result.output)
     assert outputs[0] == outputs[1]
     assert len(outputs[0].splitlines()) == 12
+
+
+def test_the_fork_server_imports_nothing_from_the_current_directory(tmp_path: Path) -> None:
+    """Python 3.11 starts multiprocessing's fork server with the current
+    directory first on its path: a ``json.py`` there ran in it."""
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(_put.START_AFTER + 20):
+        (files / f"f{i:04d}").write_bytes(rand(3000, seed=i))
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = tmp_path / "imported"
+    (work / "json.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    command = Path(sys.executable).parent / "cachefs"
+    done = subprocess.run(
+        [str(command), "put", str(tmp_path / "store"), str(files), "--processes", "2"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == _put.START_AFTER + 20
+    assert not marker.exists()

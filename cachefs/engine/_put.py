@@ -23,8 +23,8 @@ takes about 0.14 s: a put of a few files never pays for it); larger files
 stay with the threads, which read them in buffers and never hold one whole.
 Nothing the workers do needs undoing when they fail: they only read, and only
 the file the parent looked at (its device, inode and size: a file replaced or
-resized since, or a name such as ``/dev/fd/N`` that means another file in
-another process, is given back and ingested here).  They are forked from
+resized since, a name such as ``/dev/fd/N`` that means another file in
+another process, or one they cannot open is given back and ingested here).  They are forked from
 multiprocessing's fork server, not from this process and its threads; they
 ignore SIGINT (Ctrl-C stops the put, which stops them) and exit when this
 process does, however it ends.  A pool that cannot start (no ``/dev/shm``, a
@@ -43,6 +43,7 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import signal
 import stat
@@ -91,11 +92,11 @@ def default_processes() -> int:
 #: A file for a process: its path, and the size, device and inode the parent
 #: saw (a worker reads no other file, and no more than that).
 Wanted = tuple[str, int, int, int]
-#: A file prepared in a process: its digest and chunks; the error that kept it
-#: from being read; or None: it is not the file the parent saw (replaced,
-#: resized, or a name that means another file in another process, such as
-#: ``/dev/fd/N``), which is ingested there.
-Prepared = tuple[Digest, list[PreparedChunk]] | OSError | None
+#: A file prepared in a process: its digest and chunks; or None: it could not
+#: be read there, or is not the file the parent saw (replaced, resized, or a
+#: name that means another file in another process, such as ``/dev/fd/N``),
+#: and the parent ingests it (or names its error).
+Prepared = tuple[Digest, list[PreparedChunk]] | None
 #: What a task gives back for each of its files, in order.
 Result = PendingObject | CachefsError
 
@@ -145,9 +146,8 @@ def prepare_files(wanted: list[Wanted]) -> list[Prepared]:
                 st = os.fstat(f.fileno())
                 same = (st.st_dev, st.st_ino) == (device, inode)
                 data = f.read(size + 1) if same else b""
-        except OSError as exc:
-            out.append(exc)
-            continue
+        except OSError:  # the parent reads it, and names its error
+            same = False
         if not same or len(data) != size:
             out.append(None)
             continue
@@ -210,9 +210,21 @@ class _Tasks:
 
 def _processes(count: int, ingest: Ingest, store: Path) -> ProcessPoolExecutor:
     # A fork of this process would copy its threads' locks in whatever state
-    # they are: the workers are forked from a fresh server process instead.
+    # they are: the workers are forked from a fresh server process instead,
+    # which imports this module only (not the program's main module).  Python
+    # before 3.12.8 starts it with the current directory first on its path
+    # (gh-117378): PYTHONSAFEPATH keeps a file there from being imported.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
+    saved = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONSAFEPATH"]
+        else:
+            os.environ["PYTHONSAFEPATH"] = saved
     tools = (ingest.chunker.params, ingest.digest_function, ingest.codec.params, store)
     return ProcessPoolExecutor(count, mp_context=context, initializer=_start_worker, initargs=tools)
 
@@ -265,12 +277,14 @@ def put_files(
     tasks = _Tasks(paths, processes)
     try:
         for group, wanted in tasks:
-            if wanted is not None:
+            if wanted is not None and tasks.processes:
                 try:
                     if pool is None:
                         pool = _processes(processes, ingest, store)
                     done = pool.submit(prepare_files, wanted)
-                except (OSError, ImportError, RuntimeError) as exc:
+                except BrokenProcessPool:
+                    raise
+                except (OSError, EOFError, ImportError, RuntimeError) as exc:
                     # No processes here (a socket path too long for the fork
                     # server, no /dev/shm, ...): the threads do it all.
                     log.warning("worker processes cannot start (%s): using threads only", exc)
@@ -289,7 +303,7 @@ def put_files(
             "a worker process preparing files for the store ended unexpectedly or could "
             "not start; the files told of before are stored, the others not",
             hint="see its error above or the system log (killed, out of memory?); put the "
-            "rest again, with --processes 0 to use threads only",
+            "rest again, with fewer worker processes or none (`cachefs put --processes 0`)",
         ) from None
     finally:
         for _, fut, _ in window:
@@ -310,10 +324,8 @@ def _stored(ingest: Ingest, group: list[Path], done: Future[list[Prepared]]) -> 
     """A process's work on ``group`` stored here (not published)."""
     results: list[Result] = []
     for path, item in zip(group, done.result(), strict=True):
-        if item is None:  # not the file that was looked at: read it here
+        if item is None:  # read it here
             results.append(_ingest_file(ingest, path))
-        elif isinstance(item, OSError):
-            results.append(from_oserror(item, f"reading {path}"))
         else:
             stored = ingest.store_prepared(*item)
             results.append(_ingest_file(ingest, path) if stored is None else stored)
