@@ -6,6 +6,7 @@ with weights and replicas, and circuit breakers."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -197,7 +198,9 @@ def test_an_s3_bucket_is_a_remote(tmp_path: Path) -> None:
             assert documents.get_document("shares/abc/f9") is None
             assert sorted(documents.list_documents("shares/abc", 3) or []) == ["d3", "f1", "f2"]
             assert documents.list_documents("shares/abc", 2) is None  # more than that
-            assert documents.list_documents("shares/none", 10) == []
+            assert documents.list_documents("shares/none", 10) == {}
+            written = documents.list_documents("shares/abc", 3) or {}
+            assert all(abs(at - time.time()) < 600 for at in written.values())  # the store's clock
             documents.delete_document("shares/abc/f1")
             documents.delete_document("shares/abc/f1")  # gone already: fine
             assert sorted(documents.list_documents("shares/abc", 3) or []) == ["d3", "f2"]
@@ -293,6 +296,8 @@ class Memory:
         self.blobs: dict[Digest, bytes] = {}
         self.actions: dict[Digest, re_pb2.ActionResult] = {}
         self.docs: dict[str, bytes] = {}
+        #: When each document was last put (seconds since the epoch).
+        self.written: dict[str, float] = {}
         self.documents = self if documents else None
         self.packs = None
         self.down = False
@@ -343,14 +348,16 @@ class Memory:
     def put_document(self, key: str, data: bytes) -> None:
         self._call()
         self.docs[key] = data
+        self.written[key] = time.time()
 
     def delete_document(self, key: str) -> None:
         self._call()
         self.docs.pop(key, None)
 
-    def list_documents(self, prefix: str, limit: int) -> list[str] | None:
+    def list_documents(self, prefix: str, limit: int) -> dict[str, float] | None:
         self._call()
-        keys = [k[len(prefix) + 1 :] for k in sorted(self.docs) if k.startswith(prefix + "/")]
+        start = len(prefix) + 1
+        keys = {k[start:]: self.written[k] for k in sorted(self.docs) if k.startswith(prefix + "/")}
         return keys if len(keys) <= limit else None
 
     def close(self) -> None:

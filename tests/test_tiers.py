@@ -263,6 +263,76 @@ def test_shared_entries_are_found_with_few_requests(
         tiers.close()
 
 
+def test_directories_found_listed_are_not_put_again_until_they_are_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A machine that found a shared directory in a bucket's listing takes
+    its entry for put when it was written: a file it pushes below puts only
+    its own entry (no PUT and DELETE of each directory above), until the
+    directory's entry is ``DIRECTORY_REFRESH`` old, as with one it put."""
+
+    class Counting(Memory):
+        def __init__(self) -> None:
+            super().__init__("mem", documents=True)
+            self.puts: list[str] = []
+            self.deletes = 0
+
+        def put_document(self, key: str, data: bytes) -> None:
+            super().put_document(key, data)
+            self.puts.append(key)
+
+        def delete_document(self, key: str) -> None:
+            super().delete_document(key)
+            self.deletes += 1
+
+    remote = Counting()
+    data = b"x" * 100
+    digest = Digest(SHA256.hash(data), len(data))
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    options = StoreOptions(fsync=False)
+
+    def pushed(tiers: Tiers, path: str) -> tuple[int, int]:
+        """(PUTs, DELETEs) of pushing a file's entry at ``path``."""
+        puts, deletes = len(remote.puts), remote.deletes
+        tiers.push_entry("team", SharedEntry(path, digest, 0o644, 1, data))
+        return len(remote.puts) - puts, remote.deletes - deletes
+
+    with (
+        Store.open(tmp_path / "a", create=True, options=options) as a,
+        Store.open(tmp_path / "b", create=True, options=options) as b,
+    ):
+        first, second = Tiers(a, [Tier(remote)]), Tiers(b, [Tier(remote)])
+        assert pushed(first, "x/y/f.o") == (3, 2)  # x, x/y and the file
+        assert pushed(first, "x/y/g.o") == (1, 0)  # put lately by this machine
+        # The other machine finds them by lookups that list x's parent and x.
+        assert second.find_entry("team", "x") == SharedEntry("x", None)
+        assert second.find_entry("team", "x/y") == SharedEntry("x/y", None)
+        assert pushed(second, "x/y/stats") == (1, 0)
+        # Directories it did not see listed are put as before.
+        assert pushed(second, "x/z/stats") == (2, 1)
+        # Once old, a directory's entry is put again (the lifecycle may expire it).
+        clock[0] += _tiers.DIRECTORY_REFRESH + 1
+        assert pushed(second, "x/y/h.o") == (3, 2)
+        # A listing that finds an old entry: put again at once.
+        third = Tiers(b, [Tier(remote)])
+        old = time.time() - _tiers.DIRECTORY_REFRESH - 60
+        remote.written = dict.fromkeys(remote.written, old)
+        assert third.find_entry("team", "x/y") == SharedEntry("x/y", None)
+        assert pushed(third, "x/y/i.o") == (3, 2)
+        # A name that is a file's and a directory's: the directory is put, the file goes.
+        z = next(k for k in remote.docs if k.endswith("/d" + b"z".hex()))
+        remote.put_document(z.rpartition("/")[0] + "/f" + b"z".hex(), b"")
+        fourth = Tiers(b, [Tier(remote)])
+        remote.written = dict.fromkeys(remote.written, time.time())
+        assert fourth.find_entry("team", "x") == SharedEntry("x", None)  # lists x's parent
+        assert fourth.find_entry("team", "x/q") is None  # lists x
+        assert pushed(fourth, "x/y/j.o") == (1, 0)
+        assert pushed(fourth, "x/z/j.o") == (2, 1)
+        for tiers in (first, second, third, fourth):
+            tiers.close()
+
+
 def test_whole_objects_for_tiers_that_want_them(tmp_path: Path) -> None:
     remote = Memory("mem")
     with Store.open(tmp_path / "a", create=True, options=PUSHING) as a:
@@ -986,7 +1056,7 @@ def test_misses_in_one_directory_at_once_list_it_once(tmp_path: Path) -> None:
             self.lists, self.fail = 0, False
             self.gate = threading.Event()
 
-        def list_documents(self, prefix: str, limit: int) -> list[str] | None:
+        def list_documents(self, prefix: str, limit: int) -> dict[str, float] | None:
             self.lists += 1
             self.gate.wait(10)
             if self.fail:
@@ -1200,7 +1270,7 @@ class ListingFailsOnce(Memory):
         self.go, self.again = threading.Event(), threading.Event()
         self._counting = threading.Lock()
 
-    def list_documents(self, prefix: str, limit: int) -> list[str] | None:
+    def list_documents(self, prefix: str, limit: int) -> dict[str, float] | None:
         with self._counting:
             self.lists += 1
             first = self.lists == 1

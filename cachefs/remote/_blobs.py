@@ -39,9 +39,10 @@ class Documents(Protocol):
 
     def put_document(self, key: str, data: bytes) -> None: ...
 
-    def list_documents(self, prefix: str, limit: int) -> list[str] | None:
-        """The keys below ``prefix/``, relative to it; None if there are
-        more than ``limit``."""
+    def list_documents(self, prefix: str, limit: int) -> dict[str, float] | None:
+        """The keys below ``prefix/``, relative to it, and when each was last
+        written (seconds since the epoch, the store's clock); None if there
+        are more than ``limit``."""
         ...
 
     def delete_document(self, key: str) -> None:

@@ -148,7 +148,7 @@ class MeteredDocuments:
     def put_document(self, key: str, data: bytes) -> None:
         self._timed.call("put_document", lambda: self.inner.put_document(key, data), sent=len(data))
 
-    def list_documents(self, prefix: str, limit: int) -> list[str] | None:
+    def list_documents(self, prefix: str, limit: int) -> dict[str, float] | None:
         return self._timed.call("list_documents", lambda: self.inner.list_documents(prefix, limit))
 
     def delete_document(self, key: str) -> None:

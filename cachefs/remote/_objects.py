@@ -221,12 +221,14 @@ class ObjectRemote:
         except (BaseError, OSError, ValueError, RuntimeError) as exc:
             raise self._failed(f"removing {key}", exc) from None
 
-    def list_documents(self, prefix: str, limit: int) -> list[str] | None:
-        keys: list[str] = []
+    def list_documents(self, prefix: str, limit: int) -> dict[str, float] | None:
+        keys: dict[str, float] = {}
         start = len(prefix) + 1
         try:
             for page in obstore.list(self.store, prefix, chunk_size=_PAGE):
-                keys.extend(meta["path"][start:] for meta in page)
+                keys.update(
+                    (meta["path"][start:], meta["last_modified"].timestamp()) for meta in page
+                )
                 if len(keys) > limit:
                     return None
         except (BaseError, OSError, ValueError, RuntimeError) as exc:

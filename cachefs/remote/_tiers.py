@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -79,6 +80,7 @@ from cachefs.remote._lists import (
     list_key,
     list_result,
     listed_blob,
+    listed_directories,
     listed_names,
     pack_list,
     parse_entry,
@@ -100,8 +102,9 @@ WHOLE_MAX = 64 << 20
 WHOLE_FIRST = 256 << 10
 #: Objects pushed lately that a second push (their shared entry's) skips.
 PUSHED_KEPT = 4096
-#: Seconds after which a shared directory's entry is put on a tier again.
-DIRECTORY_REFRESH = 6 * 3600.0
+#: Seconds after which a shared directory's entry is put on a tier again, and
+#: how many directories' are kept in mind.
+DIRECTORY_REFRESH, DIRECTORIES_KEPT = 6 * 3600.0, 100_000
 #: Digests asked about in one find_missing call.
 ASK_BATCH = 1000
 #: Seconds a tier's listing of a shared directory is kept, and a name that no
@@ -202,9 +205,8 @@ class Tiers:
         self.verifier: Verifier | None = None
         #: Objects this process pushed lately (not asked about again).
         self._pushed: OrderedDict[Digest, None] = OrderedDict()
-        #: Directory entries of shares this process put, (tier, share, path) -> when
-        #: (put again after ``DIRECTORY_REFRESH`` s: a tier's lifecycle may expire them).
-        self._directories: dict[tuple[str, str, str], float] = {}
+        #: Directory entries of shares this process put, or found listed.
+        self._directories = _DirectoryEntries()
         #: Tiers' listings of shared directories, (tier, share, directory) ->
         #: (name -> is a directory, or None: too large to list; when listed).
         self._listings: dict[tuple[str, str, str], tuple[dict[str, bool] | None, float]] = {}
@@ -599,6 +601,8 @@ class Tiers:
                 if len(self._listings) >= LISTINGS_KEPT:
                     self._listings.clear()
                 self._listings[key] = (names, time.monotonic())
+            if keys is not None:
+                self._directories.listed(remote.key, share, directory, listed_directories(keys))
             return names
         finally:
             with self._lock:
@@ -607,15 +611,15 @@ class Tiers:
 
     def push_entry(self, share: str, entry: SharedEntry) -> None:
         """Put a shared directory's entry (its content pushed before) and the
-        entries of the directories above it on every write tier."""
+        entries of the directories above it on every write tier (those not
+        put, or found listed, in the last ``DIRECTORY_REFRESH`` seconds)."""
         parts = entry.path.split("/")
         above = ["/".join(parts[:n]) for n in range(1, len(parts))]
         for tier in self.writers:
             for path in above:
-                put = self._directories.get((tier.remote.key, share, path))
-                if put is None or time.monotonic() - put > DIRECTORY_REFRESH:
+                if self._directories.due(tier.remote.key, share, path):
                     self._put_entry(tier.remote, share, SharedEntry(path, None))
-                    self._directories[tier.remote.key, share, path] = time.monotonic()
+                    self._directories.put(tier.remote.key, share, path)
             self._put_entry(tier.remote, share, entry)
         self._count(pushed_entries=1)
 
@@ -662,6 +666,41 @@ class Tiers:
         zero = dict.fromkeys(TIER_COUNTS, 0)
         tiers = [_describe(t) | by_tier.get(t.remote.name, zero) for t in self.tiers]
         return {"tiers": tiers, **counts}
+
+
+class _DirectoryEntries:
+    """When each shared directory's entry on a tier was written, as far as
+    this process knows: it put it, or a listing showed it (a push under it
+    puts it again once it is ``DIRECTORY_REFRESH`` old: a tier's lifecycle may
+    expire it).  Safe to use from several threads (a lost update puts an
+    entry once more)."""
+
+    def __init__(self) -> None:
+        #: (tier, share, path) -> when written (``time.monotonic``'s clock).
+        self._written: dict[tuple[str, str, str], float] = {}
+
+    def due(self, tier: str, share: str, path: str) -> bool:
+        """Whether to put the entry of directory ``path`` on ``tier`` now."""
+        written = self._written.get((tier, share, path))
+        return written is None or time.monotonic() - written > DIRECTORY_REFRESH
+
+    def put(self, tier: str, share: str, path: str) -> None:
+        self._keep((tier, share, path), time.monotonic())
+
+    def listed(self, tier: str, share: str, directory: str, written: dict[str, float]) -> None:
+        """A listing of ``directory`` showed these directories' entries, written
+        then (seconds since the epoch, the tier's clock)."""
+        now, wall = time.monotonic(), time.time()
+        for name, at in written.items():
+            path = f"{directory}/{name}" if directory else name
+            # Written "in the future" (the clocks differ): taken for now.
+            self._keep((tier, share, path), now - max(0.0, wall - at))
+
+    def _keep(self, key: tuple[str, str, str], written: float) -> None:
+        if len(self._written) >= DIRECTORIES_KEPT:
+            self._written.clear()
+        if written > self._written.get(key, -math.inf):
+            self._written[key] = written
 
 
 def _describe(tier: Tier) -> dict[str, object]:
