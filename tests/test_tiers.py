@@ -329,7 +329,28 @@ def test_directories_found_listed_are_not_put_again_until_they_are_old(
         assert fourth.find_entry("team", "x/q") is None  # lists x
         assert pushed(fourth, "x/y/j.o") == (1, 0)
         assert pushed(fourth, "x/z/j.o") == (2, 1)
-        for tiers in (first, second, third, fourth):
+        # Written further "in the future" than clocks differ: not taken, put.
+        fifth = Tiers(b, [Tier(remote)])
+        remote.written = dict.fromkeys(remote.written, time.time() + 3600)
+        assert fifth.find_entry("team", "x") == SharedEntry("x", None)
+        assert fifth.find_entry("team", "x/q") is None
+        assert pushed(fifth, "x/y/k.o") == (3, 2)
+        # A directory too large to list: nothing taken from it.
+        monkeypatch.setattr(_tiers, "LISTING_MAX", 1)
+        sixth = Tiers(b, [Tier(remote)])
+        remote.written = dict.fromkeys(remote.written, time.time())
+        assert sixth.find_entry("team", "x/q") is None
+        assert pushed(sixth, "x/y/l.o") == (3, 2)
+        # What a read-only tier's listing shows says nothing of a write tier.
+        other = Counting()
+        other.name = other.key = "another bucket"
+        seventh = Tiers(b, [Tier(remote, "read-only"), Tier(other, "write-only")])
+        monkeypatch.setattr(_tiers, "LISTING_MAX", 4000)
+        assert seventh.find_entry("team", "x") == SharedEntry("x", None)
+        assert seventh.find_entry("team", "x/q") is None
+        seventh.push_entry("team", SharedEntry("x/y/m.o", digest, 0o644, 1, data))
+        assert len(other.puts) == 3 and other.deletes == 2
+        for tiers in (first, second, third, fourth, fifth, sixth, seventh):
             tiers.close()
 
 

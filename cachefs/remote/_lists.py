@@ -161,10 +161,10 @@ def listed_names(keys: Iterable[str]) -> dict[str, bool]:
     return names
 
 
-def listed_directories(keys: Mapping[str, float]) -> dict[str, float]:
-    """The names that a directory's listing (key -> when it was written)
-    holds as directories alone, and when each directory's entry was written."""
-    names = listed_names(keys)
+def listed_directories(keys: Mapping[str, float], names: dict[str, bool]) -> dict[str, float]:
+    """The names that a directory's listing (key -> when it was written; its
+    ``listed_names``) holds as directories alone, and when each directory's
+    entry was written."""
     out = {}
     for key, written in keys.items():
         found = _listed(key)

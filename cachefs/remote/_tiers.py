@@ -104,7 +104,9 @@ WHOLE_FIRST = 256 << 10
 PUSHED_KEPT = 4096
 #: Seconds after which a shared directory's entry is put on a tier again, and
 #: how many directories' are kept in mind.
-DIRECTORY_REFRESH, DIRECTORIES_KEPT = 6 * 3600.0, 100_000
+DIRECTORY_REFRESH, DIRECTORY_ENTRIES_KEPT = 6 * 3600.0, 100_000
+#: Seconds that a tier's clock may be ahead of this machine's.
+CLOCK_SKEW = 300.0
 #: Digests asked about in one find_missing call.
 ASK_BATCH = 1000
 #: Seconds a tier's listing of a shared directory is kept, and a name that no
@@ -206,7 +208,7 @@ class Tiers:
         #: Objects this process pushed lately (not asked about again).
         self._pushed: OrderedDict[Digest, None] = OrderedDict()
         #: Directory entries of shares this process put, or found listed.
-        self._directories = _DirectoryEntries()
+        self._directories = _DirectoryEntries({t.remote.key for t in self.writers})
         #: Tiers' listings of shared directories, (tier, share, directory) ->
         #: (name -> is a directory, or None: too large to list; when listed).
         self._listings: dict[tuple[str, str, str], tuple[dict[str, bool] | None, float]] = {}
@@ -601,8 +603,9 @@ class Tiers:
                 if len(self._listings) >= LISTINGS_KEPT:
                     self._listings.clear()
                 self._listings[key] = (names, time.monotonic())
-            if keys is not None:
-                self._directories.listed(remote.key, share, directory, listed_directories(keys))
+            if keys is not None and names is not None:
+                written = listed_directories(keys, names)
+                self._directories.listed(remote.key, share, directory, written)
             return names
         finally:
             with self._lock:
@@ -669,38 +672,53 @@ class Tiers:
 
 
 class _DirectoryEntries:
-    """When each shared directory's entry on a tier was written, as far as
-    this process knows: it put it, or a listing showed it (a push under it
+    """When each shared directory's entry on a write tier was written, as far
+    as this process knows: it put it, or a listing showed it (a push under it
     puts it again once it is ``DIRECTORY_REFRESH`` old: a tier's lifecycle may
-    expire it).  Safe to use from several threads (a lost update puts an
-    entry once more)."""
+    expire it).  A listing is trusted that long: a file's entry that another
+    machine puts at the directory's path meanwhile is not replaced before.
+    Safe to use from several threads."""
 
-    def __init__(self) -> None:
-        #: (tier, share, path) -> when written (``time.monotonic``'s clock).
-        self._written: dict[tuple[str, str, str], float] = {}
+    def __init__(self, writers: set[str]) -> None:
+        #: The write tiers' keys (listings of other tiers are not kept).
+        self.writers = writers
+        #: (tier, share, path) -> when written (``time.monotonic``'s clock);
+        #: the least recently written first.
+        self._written: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._lock = threading.Lock()
 
     def due(self, tier: str, share: str, path: str) -> bool:
         """Whether to put the entry of directory ``path`` on ``tier`` now."""
-        written = self._written.get((tier, share, path))
+        with self._lock:
+            written = self._written.get((tier, share, path))
         return written is None or time.monotonic() - written > DIRECTORY_REFRESH
 
     def put(self, tier: str, share: str, path: str) -> None:
-        self._keep((tier, share, path), time.monotonic())
+        self._keep([((tier, share, path), time.monotonic())])
 
     def listed(self, tier: str, share: str, directory: str, written: dict[str, float]) -> None:
-        """A listing of ``directory`` showed these directories' entries, written
-        then (seconds since the epoch, the tier's clock)."""
+        """A listing of ``directory`` on ``tier`` showed these directories'
+        entries, written then (seconds since the epoch, the tier's clock).
+        One written up to ``CLOCK_SKEW`` s "in the future" (the clocks differ)
+        is taken for written now; one further ahead is not kept (it stays due)."""
+        if tier not in self.writers:
+            return
         now, wall = time.monotonic(), time.time()
-        for name, at in written.items():
-            path = f"{directory}/{name}" if directory else name
-            # Written "in the future" (the clocks differ): taken for now.
-            self._keep((tier, share, path), now - max(0.0, wall - at))
+        self._keep(
+            ((tier, share, f"{directory}/{name}" if directory else name), now - max(0.0, wall - at))
+            for name, at in written.items()
+            if at <= wall + CLOCK_SKEW
+        )
 
-    def _keep(self, key: tuple[str, str, str], written: float) -> None:
-        if len(self._written) >= DIRECTORIES_KEPT:
-            self._written.clear()
-        if written > self._written.get(key, -math.inf):
-            self._written[key] = written
+    def _keep(self, written: Iterable[tuple[tuple[str, str, str], float]]) -> None:
+        with self._lock:
+            for key, at in written:
+                if at <= self._written.get(key, -math.inf):
+                    continue
+                self._written[key] = at
+                self._written.move_to_end(key)
+                if len(self._written) > DIRECTORY_ENTRIES_KEPT:
+                    self._written.popitem(last=False)
 
 
 def _describe(tier: Tier) -> dict[str, object]:
