@@ -263,6 +263,39 @@ def test_shared_entries_are_found_with_few_requests(
         tiers.close()
 
 
+def test_a_listing_answers_for_its_directories_longer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing answers lookups of absent names for a second, and of the
+    directories it shows for ten (entries leave a tier only by its lifecycle):
+    a tool that looks up ``x/y`` after ``x/z`` makes no request."""
+    remote = Memory("mem", documents=True)
+    data = b"x" * 100
+    digest = Digest(SHA256.hash(data), len(data))
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    with Store.open(tmp_path / "s", create=True, options=StoreOptions(fsync=False)) as store:
+        tiers = Tiers(store, [Tier(remote)])
+        for path in ("x/y/f.o", "x/z/f.o"):
+            tiers.push_entry("team", SharedEntry(path, digest, 0o644, 1, data))
+        calls = remote.calls
+        assert tiers.find_entry("team", "x/y") == SharedEntry("x/y", None)
+        assert remote.calls - calls == 2  # the file's entry it is not, the listing of x
+        clock[0] += _tiers.LISTING_TTL + 0.5
+        calls = remote.calls
+        assert tiers.known_entry("team", "x/z") == (True, SharedEntry("x/z", None))
+        assert tiers.find_entry("team", "x/z") == SharedEntry("x/z", None)
+        assert remote.calls == calls
+        # Absent names are not answered from it any more, nor files.
+        assert tiers.known_entry("team", "x/new") == (False, None)
+        assert tiers.known_entry("team", "x/y/f.o") == (False, None)
+        clock[0] += _tiers.LISTED_DIRECTORY_TTL
+        assert tiers.known_entry("team", "x/z") == (False, None)
+        assert tiers.find_entry("team", "x/z") == SharedEntry("x/z", None)
+        assert remote.calls > calls
+        tiers.close()
+
+
 def test_directories_found_listed_are_not_put_again_until_they_are_old(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1093,7 +1126,7 @@ def test_misses_in_one_directory_at_once_list_it_once(tmp_path: Path) -> None:
         for fail in (False, True):
             remote.lists, remote.fail = 0, fail
             remote.gate.clear()
-            tiers._listings.clear()
+            tiers._listings.kept.clear()
             tiers._absent.clear()
             with ThreadPoolExecutor(4) as pool:
                 found = [pool.submit(tiers.find_entry, "team", f"d/x{i}") for i in range(4)]
@@ -1107,7 +1140,7 @@ def test_misses_in_one_directory_at_once_list_it_once(tmp_path: Path) -> None:
             assert len(failed) == fail and answers.count(None) == 4 - fail
             # Once, or a failed listing and then the waiters' own.
             assert remote.lists >= 2 if fail else remote.lists == 1
-            assert not tiers._listing_now
+            assert not tiers._listings.running
             for tier in tiers.tiers:
                 tier.breaker.succeeded()
         tiers.close()
@@ -1316,7 +1349,7 @@ class WaitedFor(threading.Event):
 
 
 class Listings(dict[tuple[str, str, str], threading.Event]):
-    """``Tiers._listing_now`` that says when threads wait for a listing."""
+    """``Tiers._listings.running`` that says when threads wait for a listing."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1338,7 +1371,7 @@ def test_misses_that_waited_for_a_failed_listing_list_it_once_more(tmp_path: Pat
         tiers = Tiers(store, [Tier(remote)])
         for path in ("d/f", "d/sub/g"):
             tiers.push_entry("team", SharedEntry(path, digest, 0o644, 1, data))
-        listings = tiers._listing_now = Listings()
+        listings = tiers._listings.running = Listings()
         with ThreadPoolExecutor(4) as pool:
             first = pool.submit(tiers.find_entry, "team", "d/sub")
             assert remote.started.acquire(timeout=10)
@@ -1356,7 +1389,7 @@ def test_misses_that_waited_for_a_failed_listing_list_it_once_more(tmp_path: Pat
             directory = SharedEntry("d/sub", None)
             assert [f.result(10) for f in waiters] == [directory, None, directory]
         assert remote.lists == 2
-        assert not tiers._listing_now
+        assert not tiers._listings.running
         assert tiers.known_entry("team", "d/z") == (True, None)  # the listing is kept
         tiers.close()
 

@@ -31,10 +31,11 @@ with a direction).  What moves is the store's own chunking (``_lists.py``):
 * **Shared entries** (``Tiers.find_entry``, ``Tiers.push_entry``): in the
   action cache, or as documents where a tier keeps them (a bucket): there a
   file's entry is read by its key, and the first name that is not a file
-  lists the directory, which then answers every lookup in it (absent names,
-  directories) for ``LISTING_TTL`` seconds.  A name no tier has is not asked
-  about again for ``ABSENT_TTL`` seconds (the kernel looks a name up afresh
-  before it creates it, whatever its negative cache says).
+  lists the directory, which then answers every lookup in it: absent names
+  for ``LISTING_TTL`` seconds, directories for ``LISTED_DIRECTORY_TTL``.  A
+  name no tier has is not asked about again for ``ABSENT_TTL`` seconds (the
+  kernel looks a name up afresh before it creates it, whatever its negative
+  cache says).
 
 Sparse objects (files with holes) are pushed as chunks and list; they are not
 uploaded whole (their key is not the digest of their content).
@@ -59,6 +60,7 @@ from cachefs import tracing
 from cachefs.engine import (
     CachefsError,
     Digest,
+    DigestFunction,
     KnownChunks,
     ObjectNotFoundError,
     QueuedPush,
@@ -116,6 +118,10 @@ ASK_BATCH = 1000
 #: directory: a larger one is asked about name by name, and listed again only
 #: after ``TOO_LARGE_TTL`` seconds.  Listings and names kept.
 LISTING_TTL, LISTING_MAX, TOO_LARGE_TTL, LISTINGS_KEPT = 1.0, 4000, 300.0, 10_000
+#: Seconds the directories a listing shows are taken for there (as long as the
+#: filesystem keeps the tiers' answer about a directory: ``DIRECTORY_TTL`` of
+#: ``cachefs.fs._shared``).  Entries leave a tier only by its lifecycle.
+LISTED_DIRECTORY_TTL = 10.0
 ABSENT_TTL, ABSENT_KEPT = 1.0, 10_000
 #: Objects the pusher takes from the queue at a time, and pushes at once.
 PUSH_BATCH, PUSH_OBJECTS = 64, 4
@@ -209,11 +215,8 @@ class Tiers:
         self._pushed: OrderedDict[Digest, None] = OrderedDict()
         #: Directory entries of shares this process put, or found listed.
         self._directories = _DirectoryEntries({t.remote.key for t in self.writers})
-        #: Tiers' listings of shared directories, (tier, share, directory) ->
-        #: (name -> is a directory, or None: too large to list; when listed).
-        self._listings: dict[tuple[str, str, str], tuple[dict[str, bool] | None, float]] = {}
-        #: Listings in progress, set when done (the same key as ``_listings``).
-        self._listing_now: dict[tuple[str, str, str], threading.Event] = {}
+        #: Tiers' listings of shared directories.
+        self._listings = _Listings(self.function, self._directories)
         #: Names that no tier had, (share, path) -> when that was the answer.
         self._absent: dict[tuple[str, str], float] = {}
         #: The early push to each write tier that keeps packs, by ``id(tier)``.
@@ -481,7 +484,9 @@ class Tiers:
         for tier in self.readers:
             if tier.breaker.open:
                 return False, None  # find_entry decides whether to try it
-            names = self._listing_of(tier.remote, share, parent)[1]
+            if self._listings.shows_directory(tier.remote, share, parent, name):
+                return True, SharedEntry(path, None)
+            names = self._listings.recent(tier.remote, share, parent)[1]
             if names is None or names.get(name) is False:
                 return False, None  # a request would say (the file's entry)
             if name in names:
@@ -544,7 +549,9 @@ class Tiers:
         if documents is None:
             return remote.get_action(entry_key(self.function, share, path))
         parent, _, name = path.rpartition("/")
-        listed, names = self._listing_of(remote, share, parent)
+        if self._listings.shows_directory(remote, share, parent, name):
+            return SharedEntry(path, None)
+        listed, names = self._listings.recent(remote, share, parent)
         if names is None or names.get(name) is False:  # not listed, or a file
             data = documents.get_document(entry_document(self.function, share, path, False))
             if data is not None:
@@ -554,63 +561,11 @@ class Tiers:
                     log.warning("%s", exc.message)
                     return None
             if not listed:
-                names = self._list(remote, share, parent)
+                names = self._listings.list(remote, share, parent)
             if names is None:  # too large to list: a directory, maybe
                 key = entry_document(self.function, share, path, True)
                 return SharedEntry(path, None) if documents.get_document(key) else None
         return SharedEntry(path, None) if names.get(name) else None
-
-    def _listing_of(
-        self, remote: Remote, share: str, directory: str
-    ) -> tuple[bool, dict[str, bool] | None]:
-        """Whether the directory was listed lately, and its names (None:
-        not listed, or too large to list)."""
-        with self._lock:
-            return self._fresh((remote.key, share, directory))
-
-    def _fresh(self, key: tuple[str, str, str]) -> tuple[bool, dict[str, bool] | None]:
-        """``_listing_of`` by key, with ``_lock`` held."""
-        known = self._listings.get(key)
-        if known is None:
-            return False, None
-        names, when = known
-        if time.monotonic() - when >= (LISTING_TTL if names is not None else TOO_LARGE_TTL):
-            return False, None
-        return True, names
-
-    def _list(self, remote: Remote, share: str, directory: str) -> dict[str, bool] | None:
-        """The names in ``directory`` of ``share`` on ``remote`` (None: too
-        many to list), kept ``LISTING_TTL`` seconds.  A thread that finds the
-        directory being listed by another waits for that listing (listed
-        lately meanwhile: that listing is the answer)."""
-        assert remote.documents is not None
-        key = (remote.key, share, directory)
-        while True:  # until listed lately, or this thread is the one to list it
-            with self._lock:
-                listed, names = self._fresh(key)
-                if listed:
-                    return names
-                running = self._listing_now.get(key)
-                if running is None:
-                    mine = self._listing_now[key] = threading.Event()
-                    break
-            running.wait()  # that listing failed: one of the waiters lists next
-        try:
-            prefix = directory_prefix(self.function, share, directory)
-            keys = remote.documents.list_documents(prefix, LISTING_MAX)
-            names = None if keys is None else listed_names(keys)
-            with self._lock:
-                if len(self._listings) >= LISTINGS_KEPT:
-                    self._listings.clear()
-                self._listings[key] = (names, time.monotonic())
-            if keys is not None and names is not None:
-                written = listed_directories(keys, names)
-                self._directories.listed(remote.key, share, directory, written)
-            return names
-        finally:
-            with self._lock:
-                del self._listing_now[key]
-            mine.set()
 
     def push_entry(self, share: str, entry: SharedEntry) -> None:
         """Put a shared directory's entry (its content pushed before) and the
@@ -719,6 +674,86 @@ class _DirectoryEntries:
                 self._written.move_to_end(key)
                 if len(self._written) > DIRECTORY_ENTRIES_KEPT:
                     self._written.popitem(last=False)
+
+
+class _Listings:
+    """Tiers' listings of shared directories (where a tier keeps documents),
+    kept ``LISTING_TTL`` seconds (``TOO_LARGE_TTL`` for a directory too large
+    to list); the directories one shows are taken for there
+    ``LISTED_DIRECTORY_TTL`` seconds.  Safe to use from several threads."""
+
+    def __init__(self, function: DigestFunction, directories: _DirectoryEntries) -> None:
+        self.function = function
+        #: Told when each directory a listing shows was written.
+        self.directories = directories
+        #: (tier, share, directory) -> (name -> is a directory, or None: too
+        #: large to list; when listed).
+        self.kept: dict[tuple[str, str, str], tuple[dict[str, bool] | None, float]] = {}
+        #: Listings in progress, set when done (the same key as ``kept``).
+        self.running: dict[tuple[str, str, str], threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def recent(
+        self, remote: Remote, share: str, directory: str
+    ) -> tuple[bool, dict[str, bool] | None]:
+        """Whether the directory was listed lately, and its names (None:
+        not listed, or too large to list)."""
+        with self._lock:
+            return self._fresh((remote.key, share, directory))
+
+    def shows_directory(self, remote: Remote, share: str, directory: str, name: str) -> bool:
+        """Whether a listing of ``directory`` made in the last
+        ``LISTED_DIRECTORY_TTL`` seconds shows ``name`` as a directory."""
+        with self._lock:
+            known = self.kept.get((remote.key, share, directory))
+        if known is None or known[0] is None:
+            return False
+        names, when = known[0], known[1]
+        return names.get(name) is True and time.monotonic() - when < LISTED_DIRECTORY_TTL
+
+    def _fresh(self, key: tuple[str, str, str]) -> tuple[bool, dict[str, bool] | None]:
+        """``recent`` by key, with ``_lock`` held."""
+        known = self.kept.get(key)
+        if known is None:
+            return False, None
+        names, when = known
+        if time.monotonic() - when >= (LISTING_TTL if names is not None else TOO_LARGE_TTL):
+            return False, None
+        return True, names
+
+    def list(self, remote: Remote, share: str, directory: str) -> dict[str, bool] | None:
+        """The names in ``directory`` of ``share`` on ``remote`` (None: too
+        many to list), kept ``LISTING_TTL`` seconds.  A thread that finds the
+        directory being listed by another waits for that listing (listed
+        lately meanwhile: that listing is the answer)."""
+        assert remote.documents is not None
+        key = (remote.key, share, directory)
+        while True:  # until listed lately, or this thread is the one to list it
+            with self._lock:
+                listed, names = self._fresh(key)
+                if listed:
+                    return names
+                running = self.running.get(key)
+                if running is None:
+                    mine = self.running[key] = threading.Event()
+                    break
+            running.wait()  # that listing failed: one of the waiters lists next
+        try:
+            prefix = directory_prefix(self.function, share, directory)
+            keys = remote.documents.list_documents(prefix, LISTING_MAX)
+            names = None if keys is None else listed_names(keys)
+            with self._lock:
+                if len(self.kept) >= LISTINGS_KEPT:
+                    self.kept.clear()
+                self.kept[key] = (names, time.monotonic())
+            if keys is not None and names is not None:
+                written = listed_directories(keys, names)
+                self.directories.listed(remote.key, share, directory, written)
+            return names
+        finally:
+            with self._lock:
+                del self.running[key]
+            mine.set()
 
 
 def _describe(tier: Tier) -> dict[str, object]:
