@@ -6,6 +6,7 @@ used to give a wrong name or wrong metadata that fsck did not notice.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import os
 import random
@@ -257,11 +258,94 @@ def test_a_check_killed_from_outside_is_not_called_damage(
 ) -> None:
     """With another thread running, the check is this command run again."""
 
-    def killed(*args: object, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.CompletedProcess([], -signal.SIGKILL)
+    class Killed:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def __enter__(self) -> Killed:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def send_signal(self, signum: int) -> None:
+            pass
+
+        def wait(self) -> int:
+            return -signal.SIGKILL
 
     monkeypatch.setattr(threading, "active_count", lambda: 2)
-    monkeypatch.setattr(subprocess, "run", killed)
+    monkeypatch.setattr(subprocess, "Popen", Killed)
     with pytest.raises(CachefsError, match="stopped by SIGKILL") as caught:
         fsck_cli._check_in_a_child(tmp_path)
     assert not isinstance(caught.value, IndexCorruptError)
+
+
+def test_a_check_stops_with_the_command_that_runs_it(tmp_path: Path) -> None:
+    """SIGTERM or SIGHUP sent to fsck alone (``timeout``, ``kill``, a closed
+    terminal) is passed on to the forked process that runs the check, which
+    stops: it does not run on (perhaps repairing) after the command is gone."""
+    # The check: a process that waits (the child returns from _check_in_a_child).
+    probe = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from cachefs.cli import fsck\n"
+        "fsck._check_in_a_child(Path(sys.argv[1]))\n"
+        "print('checking', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    for signum in fsck_cli.PASSED_ON:
+        children: list[str] = []
+        command = subprocess.Popen(
+            [sys.executable, "-c", probe, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert command.stdout is not None
+            assert command.stdout.readline() == "checking\n"
+            children = Path(f"/proc/{command.pid}/task/{command.pid}/children").read_text().split()
+            assert len(children) == 1
+            command.send_signal(signum)
+            _, err = command.communicate(timeout=30)
+            assert f"stopped by {signal.Signals(signum).name}" in err
+            assert command.returncode == 1
+            assert not Path(f"/proc/{children[0]}").exists()
+        finally:
+            for pid in [command.pid, *map(int, children)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            command.wait()
+
+
+def test_a_check_run_again_stops_with_the_command_that_runs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same when the check is this command run again (another thread runs)."""
+    sent: list[int] = []
+
+    class Check:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def __enter__(self) -> Check:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def send_signal(self, signum: int) -> None:
+            sent.append(signum)
+
+        def wait(self) -> int:
+            os.kill(os.getpid(), signal.SIGTERM)  # to this process alone, while it waits
+            return -signal.SIGTERM
+
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
+    monkeypatch.setattr(subprocess, "Popen", Check)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(CachefsError, match="stopped by SIGTERM"):
+        fsck_cli._check_in_a_child(tmp_path)
+    assert sent == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before  # as it was

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -102,6 +104,29 @@ def _check(
 
 #: Set in the process that runs the check (see ``_check_in_a_child``).
 _CHILD = "CACHEFS_FSCK_CHILD"
+#: Signals that this process passes on to the check's (``timeout``, ``kill``
+#: and a closed terminal reach this process alone; the check then stops too,
+#: instead of running on, perhaps repairing, with the store's lock).
+PASSED_ON = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _passing_on(send: Callable[[int], None]) -> Iterator[None]:
+    """While waiting for the check's process: ``PASSED_ON`` signals go to it
+    (``send``), and Ctrl-C, which reaches it too (it stops and says so), is
+    not taken here (this process waits for it rather than leave it running)."""
+
+    def pass_on(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            send(signum)
+
+    handlers = {signum: signal.signal(signum, pass_on) for signum in PASSED_ON}
+    handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def _check_in_a_child(store: Path) -> None:
@@ -123,16 +148,16 @@ def _check_in_a_child(store: Path) -> None:
         pid = os.fork()
         if pid == 0:
             return
-        # Ctrl-C reaches the child too, which stops and says so: wait for it
-        # rather than leave it running (perhaps holding the store's lock).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        with _passing_on(lambda signum: os.kill(pid, signum)):
+            returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     else:
-        returncode = subprocess.run(
-            [sys.executable, "-m", "cachefs", *sys.argv[1:]],
-            env={**os.environ, _CHILD: "1"},
-            check=False,
-        ).returncode
+        with (
+            subprocess.Popen(
+                [sys.executable, "-m", "cachefs", *sys.argv[1:]], env={**os.environ, _CHILD: "1"}
+            ) as child,
+            _passing_on(child.send_signal),
+        ):
+            returncode = child.wait()
     if returncode >= 0:
         sys.exit(returncode)
     signame = signal.Signals(-returncode).name
