@@ -119,6 +119,38 @@ def test_a_damaged_segment_entry_is_rebuilt_from_its_file(store_path: Path) -> N
         assert check_store(store).clean
 
 
+@pytest.mark.parametrize("table", [b"chunks", b"objects", b"segments", b"counters"])
+def test_an_index_that_lost_a_table_is_damaged_not_made_anew(
+    store_path: Path, table: bytes
+) -> None:
+    """A flipped bit in the index's main database can lose a table's record
+    (seen in the flip experiment: ``mdb_dbi_open: MDB_NOTFOUND``).  Every open
+    says the index is damaged, with the remedy; a writer does not make the
+    table anew (empty: every chunk of the store would be lost)."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        store.put(compressible(40_000, 1))
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(table, txn=txn), delete=True)
+    env.close()
+    for readonly in (True, False):
+        with pytest.raises(IndexCorruptError, match=f"damaged: its table {table.decode()}") as e:
+            Store.open(store_path, readonly=readonly)
+        assert "restore index.lmdb" in (e.value.hint or "")
+    fsck = subprocess.run(
+        [sys.executable, "-m", "cachefs", "fsck", str(store_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert fsck.returncode == IndexCorruptError.exit_code and "damaged" in fsck.stderr, fsck
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=16, readonly=True)
+    with env.begin() as txn:
+        assert txn.get(table) is None  # not made again
+    env.close()
+
+
 # --- the flip experiment -------------------------------------------------------------
 
 

@@ -181,10 +181,13 @@ class Index:
             self.meta = self.open_optional(b"meta", create=not readonly)
             version = self.schema_version
             self.sealed = version is not None and version >= SEALED_SINCE
-            self.chunks = self._open(b"chunks")
-            self.objects = self._open(b"objects")
-            self.segments = self._open(b"segments")
-            self.counters = self._open(b"counters")
+            # The tables are made with a new index; missing from one that
+            # records its version, the index is damaged (its main database).
+            make = not readonly and version is None
+            self.chunks = self._open(b"chunks", make=make)
+            self.objects = self._open(b"objects", make=make)
+            self.segments = self._open(b"segments", make=make)
+            self.counters = self._open(b"counters", make=make)
             #: Paged recipes (schema 5); None in a read-only open of an older index.
             self.recipes = self.open_optional(b"recipes", create=not readonly)
             if version is not None and version > SCHEMA_VERSION:
@@ -200,9 +203,16 @@ class Index:
         """Record damage met in the index (once); returns ``exc`` to raise."""
         return exc if self.health is None else self.health.damaged(exc)
 
-    def _open(self, name: bytes) -> Table:
+    def _open(self, name: bytes, *, make: bool) -> Table:
+        """A table every index has (made when ``make``)."""
         try:
-            return Table(self, name, self.env.open_db(name, create=not self.readonly))
+            return Table(self, name, self.env.open_db(name, create=make))
+        except (lmdb.NotFoundError, lmdb.IncompatibleError) as exc:
+            raise IndexCorruptError(
+                f"the index {self.path} is damaged: its table {name.decode()} cannot be "
+                f"opened ({exc})",
+                hint="restore index.lmdb from a backup; segments hold the chunk data",
+            ) from None
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"opening the index database {name.decode()}") from None
 
