@@ -119,6 +119,16 @@ def test_a_damaged_segment_entry_is_rebuilt_from_its_file(store_path: Path) -> N
         assert check_store(store).clean
 
 
+def run_fsck(store: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cachefs", "fsck", str(store)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize("table", [b"chunks", b"objects", b"segments", b"counters"])
 def test_an_index_that_lost_a_table_is_damaged_not_made_anew(
     store_path: Path, table: bytes
@@ -137,13 +147,7 @@ def test_an_index_that_lost_a_table_is_damaged_not_made_anew(
         with pytest.raises(IndexCorruptError, match=f"damaged: its table {table.decode()}") as e:
             Store.open(store_path, readonly=readonly)
         assert "restore index.lmdb" in (e.value.hint or "")
-    fsck = subprocess.run(
-        [sys.executable, "-m", "cachefs", "fsck", str(store_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    fsck = run_fsck(store_path)
     assert fsck.returncode == IndexCorruptError.exit_code and "damaged" in fsck.stderr, fsck
     env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=16, readonly=True)
     with env.begin() as txn:
@@ -203,13 +207,7 @@ def test_flipped_bits_in_the_index_are_found_or_harmless(tmp_path: Path) -> None
             bit = rng.randrange(2 * 4096 * 8, len(raw) * 8)
             raw[bit // 8] ^= 1 << (bit % 8)
         index.write_bytes(bytes(raw))
-        fsck = subprocess.run(
-            [sys.executable, "-m", "cachefs", "fsck", str(store)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+        fsck = run_fsck(store)
         if fsck.returncode != 0:
             # Damage is named: entries by their seals, the tree's structure by the
             # check that LMDB could not finish (a child of fsck, killed by SIGBUS
@@ -285,29 +283,37 @@ def test_a_check_killed_by_reading_a_damaged_tree_names_the_damage(
     assert "restore" in (caught.value.hint or "")
 
 
+class CheckRunAgain:
+    """The process of a check run again (``subprocess.Popen``): it ends with
+    ``returncode``; with ``signum``, that signal comes to this process alone
+    while it waits."""
+
+    def __init__(self, returncode: int, signum: int | None = None) -> None:
+        self.returncode, self.signum = returncode, signum
+        self.sent: list[int] = []
+
+    def __enter__(self) -> CheckRunAgain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def send_signal(self, signum: int) -> None:
+        self.sent.append(signum)
+
+    def wait(self) -> int:
+        if self.signum is not None:
+            os.kill(os.getpid(), self.signum)
+        return self.returncode
+
+
 def test_a_check_killed_from_outside_is_not_called_damage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With another thread running, the check is this command run again."""
 
-    class Killed:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            pass
-
-        def __enter__(self) -> Killed:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def send_signal(self, signum: int) -> None:
-            pass
-
-        def wait(self) -> int:
-            return -signal.SIGKILL
-
     monkeypatch.setattr(threading, "active_count", lambda: 2)
-    monkeypatch.setattr(subprocess, "Popen", Killed)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: CheckRunAgain(-signal.SIGKILL))
     with pytest.raises(CachefsError, match="stopped by SIGKILL") as caught:
         fsck_cli._check_in_a_child(tmp_path)
     assert not isinstance(caught.value, IndexCorruptError)
@@ -355,29 +361,11 @@ def test_a_check_run_again_stops_with_the_command_that_runs_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same when the check is this command run again (another thread runs)."""
-    sent: list[int] = []
-
-    class Check:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            pass
-
-        def __enter__(self) -> Check:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def send_signal(self, signum: int) -> None:
-            sent.append(signum)
-
-        def wait(self) -> int:
-            os.kill(os.getpid(), signal.SIGTERM)  # to this process alone, while it waits
-            return -signal.SIGTERM
-
+    check = CheckRunAgain(-signal.SIGTERM, signal.SIGTERM)
     monkeypatch.setattr(threading, "active_count", lambda: 2)
-    monkeypatch.setattr(subprocess, "Popen", Check)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: check)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(CachefsError, match="stopped by SIGTERM"):
         fsck_cli._check_in_a_child(tmp_path)
-    assert sent == [signal.SIGTERM]
+    assert check.sent == [signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) is before  # as it was
