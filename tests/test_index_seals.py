@@ -10,6 +10,7 @@ import contextlib
 import filecmp
 import os
 import random
+import select
 import shutil
 import signal
 import stat
@@ -276,6 +277,7 @@ def test_a_check_killed_by_reading_a_damaged_tree_names_the_damage(
     monkeypatch.setattr(threading, "active_count", lambda: 1)
     monkeypatch.setattr(os, "fork", lambda: 4_000_000)
     monkeypatch.setattr(signal, "signal", lambda signum, handler: None)
+    monkeypatch.setattr(os, "waitid", lambda *args: None)
     monkeypatch.setattr(os, "waitpid", lambda pid, options: (pid, getattr(signal, signame)))
     with pytest.raises(IndexCorruptError, match="damaged in its structure") as caught:
         fsck_cli._check_in_a_child(tmp_path)
@@ -284,26 +286,19 @@ def test_a_check_killed_by_reading_a_damaged_tree_names_the_damage(
 
 
 class CheckRunAgain:
-    """The process of a check run again (``subprocess.Popen``): it ends with
-    ``returncode``; with ``signum``, that signal comes to this process alone
-    while it waits."""
+    """The process of a check run again (``subprocess.Popen``), which ends
+    with ``returncode``."""
 
-    def __init__(self, returncode: int, signum: int | None = None) -> None:
-        self.returncode, self.signum = returncode, signum
+    pid = 4_000_000
+
+    def __init__(self, returncode: int) -> None:
+        self.returncode = returncode
         self.sent: list[int] = []
-
-    def __enter__(self) -> CheckRunAgain:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
     def send_signal(self, signum: int) -> None:
         self.sent.append(signum)
 
     def wait(self) -> int:
-        if self.signum is not None:
-            os.kill(os.getpid(), self.signum)
         return self.returncode
 
 
@@ -314,6 +309,7 @@ def test_a_check_killed_from_outside_is_not_called_damage(
 
     monkeypatch.setattr(threading, "active_count", lambda: 2)
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: CheckRunAgain(-signal.SIGKILL))
+    monkeypatch.setattr(os, "waitid", lambda *args: None)
     with pytest.raises(CachefsError, match="stopped by SIGKILL") as caught:
         fsck_cli._check_in_a_child(tmp_path)
     assert not isinstance(caught.value, IndexCorruptError)
@@ -325,9 +321,12 @@ def test_a_check_stops_with_the_command_that_runs_it(tmp_path: Path) -> None:
     stops: it does not run on (perhaps repairing) after the command is gone."""
     # The check: a process that waits (the child returns from _check_in_a_child).
     probe = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
         "from pathlib import Path\n"
         "from cachefs.cli import fsck\n"
+        "for signum in fsck.PASSED_ON:  # as a shell would start it, whatever pytest's are\n"
+        "    signal.signal(signum, signal.SIG_DFL)\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, fsck.PASSED_ON)\n"
         "fsck._check_in_a_child(Path(sys.argv[1]))\n"
         "print('checking', flush=True)\n"
         "time.sleep(60)\n"
@@ -342,6 +341,7 @@ def test_a_check_stops_with_the_command_that_runs_it(tmp_path: Path) -> None:
         )
         try:
             assert command.stdout is not None
+            assert select.select([command.stdout], [], [], 60)[0], "the check did not start"
             assert command.stdout.readline() == "checking\n"
             children = Path(f"/proc/{command.pid}/task/{command.pid}/children").read_text().split()
             assert len(children) == 1
@@ -351,21 +351,32 @@ def test_a_check_stops_with_the_command_that_runs_it(tmp_path: Path) -> None:
             assert command.returncode == 1
             assert not Path(f"/proc/{children[0]}").exists()
         finally:
-            for pid in [command.pid, *map(int, children)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            for pid in map(int, children):  # the check, if it runs on (a pid reused is not it)
+                with contextlib.suppress(OSError):
+                    if probe.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGKILL)
+            command.kill()  # if it runs on
             command.wait()
 
 
 def test_a_check_run_again_stops_with_the_command_that_runs_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same when the check is this command run again (another thread runs)."""
-    check = CheckRunAgain(-signal.SIGTERM, signal.SIGTERM)
+    """The same when the check is this command run again (another thread runs);
+    every handler is as it was afterwards."""
+    check = CheckRunAgain(-signal.SIGTERM)
+
+    def signalled_while_waiting(*args: object) -> None:
+        assert callable(signal.getsignal(signal.SIGTERM))  # else it would end pytest
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # to this process alone
+
     monkeypatch.setattr(threading, "active_count", lambda: 2)
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: check)
-    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(os, "waitid", signalled_while_waiting)
+    handled = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    before = [signal.getsignal(signum) for signum in handled]
     with pytest.raises(CachefsError, match="stopped by SIGTERM"):
         fsck_cli._check_in_a_child(tmp_path)
     assert check.sent == [signal.SIGTERM]
-    assert signal.getsignal(signal.SIGTERM) is before  # as it was
+    assert [signal.getsignal(signum) for signum in handled] == before

@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -110,23 +111,52 @@ _CHILD = "CACHEFS_FSCK_CHILD"
 PASSED_ON = (signal.SIGTERM, signal.SIGHUP)
 
 
-@contextlib.contextmanager
-def _passing_on(send: Callable[[int], None]) -> Iterator[None]:
-    """While waiting for the check's process: ``PASSED_ON`` signals go to it
-    (``send``), and Ctrl-C, which reaches it too (it stops and says so), is
-    not taken here (this process waits for it rather than leave it running)."""
+class _PassingOn:
+    """While this process waits for the check's: ``PASSED_ON`` signals go to
+    that process (one that comes before it is known, once it is), and Ctrl-C,
+    which reaches it too (it stops and says so), is not taken here (this
+    process waits for it rather than leave it running).  The caller reaps the
+    check's process only after the block: never a signal to a pid reused."""
 
-    def pass_on(signum: int, frame: object) -> None:
+    def __init__(self) -> None:
+        self._send: Callable[[int], None] | None = None
+        self._pending: list[int] = []
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _PassingOn:
+        if threading.current_thread() is threading.main_thread():  # else: signals stay as they are
+            try:
+                for signum in PASSED_ON:
+                    self._saved[signum] = signal.signal(signum, self._pass_on)
+            except BaseException:
+                self.__exit__()
+                raise
+        return self
+
+    def started(self, send: Callable[[int], None]) -> None:
+        """The check's process is running: ``send`` signals it."""
+        self._send = send
+        for signum in self._pending:
+            self._pass_on(signum, None)
+        if threading.current_thread() is threading.main_thread():
+            self._saved[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _pass_on(self, signum: int, frame: object) -> None:
+        if self._send is None:
+            self._pending.append(signum)
+            return
         with contextlib.suppress(ProcessLookupError):
-            send(signum)
+            self._send(signum)
 
-    handlers = {signum: signal.signal(signum, pass_on) for signum in PASSED_ON}
-    handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._saved.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
+
+
+def _wait_unreaped(pid: int) -> None:
+    """Wait until process ``pid`` ends, leaving it to be reaped."""
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
 
 
 def _check_in_a_child(store: Path) -> None:
@@ -145,19 +175,28 @@ def _check_in_a_child(store: Path) -> None:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:  # None when the descriptor was closed (`>&-`)
                 stream.flush()
-        pid = os.fork()
-        if pid == 0:
-            return
-        with _passing_on(lambda signum: os.kill(pid, signum)):
-            returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        # Signals to pass on wait, blocked, until this process can pass them on.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_ON)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                return
+            with _PassingOn() as passing:
+                passing.started(lambda signum: os.kill(pid, signum))
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                _wait_unreaped(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     else:
-        with (
-            subprocess.Popen(
+        # (A blocked mask would outlive exec: the handlers take what comes early.)
+        with _PassingOn() as passing:
+            child = subprocess.Popen(
                 [sys.executable, "-m", "cachefs", *sys.argv[1:]], env={**os.environ, _CHILD: "1"}
-            ) as child,
-            _passing_on(child.send_signal),
-        ):
-            returncode = child.wait()
+            )
+            passing.started(child.send_signal)
+            _wait_unreaped(child.pid)
+        returncode = child.wait()
     if returncode >= 0:
         sys.exit(returncode)
     signame = signal.Signals(-returncode).name
