@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cachefs.errors import RemoteError
@@ -148,40 +148,24 @@ def entry_document(function: DigestFunction, share: str, path: str, directory: b
     return f"{directory_prefix(function, share, parent)}/{kind}{os.fsencode(name).hex()}"
 
 
-def listed_names(keys: Iterable[str]) -> dict[str, bool]:
-    """The names a directory's listing holds, and whether each is a
-    directory (a name that is both counts as a file); other keys are
-    ignored."""
+def listed_names(keys: Mapping[str, float]) -> tuple[dict[str, bool], dict[str, float]]:
+    """The names a directory's listing (key -> when it was written) holds,
+    and whether each is a directory (a name that is both counts as a file);
+    and when the entry of each directory was written.  Other keys are ignored."""
     names: dict[str, bool] = {}
-    for key in keys:
-        found = _listed(key)
-        if found is not None:
-            name, directory = found
-            names[name] = names.get(name, True) and directory
-    return names
-
-
-def listed_directories(keys: Mapping[str, float], names: dict[str, bool]) -> dict[str, float]:
-    """The names that a directory's listing (key -> when it was written; its
-    ``listed_names``) holds as directories alone, and when each directory's
-    entry was written."""
-    out = {}
-    for key, written in keys.items():
-        found = _listed(key)
-        if found is not None and found[1] and names[found[0]]:
-            out[found[0]] = written
-    return out
-
-
-def _listed(key: str) -> tuple[str, bool] | None:
-    """The name a listed key stands for, and whether it is a directory's."""
-    kind, hexed = key[:1], key[1:]
-    if kind not in ("d", "f"):
-        return None
-    try:
-        return os.fsdecode(bytes.fromhex(hexed)), kind == "d"
-    except ValueError:
-        return None
+    written: dict[str, float] = {}
+    for key, at in keys.items():
+        kind, hexed = key[:1], key[1:]
+        if kind not in ("d", "f"):
+            continue
+        try:
+            name = os.fsdecode(bytes.fromhex(hexed))
+        except ValueError:
+            continue
+        names[name] = names.get(name, True) and kind == "d"
+        if kind == "d":
+            written[name] = at
+    return names, {name: at for name, at in written.items() if names[name]}
 
 
 def entry_result(entry: SharedEntry) -> re_pb2.ActionResult:

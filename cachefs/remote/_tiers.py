@@ -82,7 +82,6 @@ from cachefs.remote._lists import (
     list_key,
     list_result,
     listed_blob,
-    listed_directories,
     listed_names,
     pack_list,
     parse_entry,
@@ -741,14 +740,12 @@ class _Listings:
         try:
             prefix = directory_prefix(self.function, share, directory)
             keys = remote.documents.list_documents(prefix, LISTING_MAX)
-            names = None if keys is None else listed_names(keys)
+            names, written = (None, {}) if keys is None else listed_names(keys)
             with self._lock:
                 if len(self.kept) >= LISTINGS_KEPT:
                     self.kept.clear()
                 self.kept[key] = (names, time.monotonic())
-            if keys is not None and names is not None:
-                written = listed_directories(keys, names)
-                self.directories.listed(remote.key, share, directory, written)
+            self.directories.listed(remote.key, share, directory, written)
             return names
         finally:
             with self._lock:
