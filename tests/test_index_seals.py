@@ -23,9 +23,20 @@ import lmdb
 import pytest
 
 from cachefs.cli import fsck as fsck_cli
-from cachefs.engine import Store, check_store
+from cachefs.engine import CacheRecords, Namespace, Store, check_store
 from cachefs.errors import CachefsError, IndexCorruptError
-from cachefs.format.schema import INDEX_NAME, INO_KEY, SEGMENT_KEY, seal, unseal
+from cachefs.format.schema import (
+    INDEX_NAME,
+    INO_KEY,
+    NAMESPACE_DATABASES,
+    ROOT_INODE,
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_KEY,
+    SEGMENT_KEY,
+    STORE_SETTINGS,
+    seal,
+    unseal,
+)
 from tests.conftest import SMALL_CONFIG, compressible
 from tests.mounting import mounted
 
@@ -130,7 +141,7 @@ def run_fsck(store: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("table", [b"chunks", b"objects", b"segments", b"counters"])
+@pytest.mark.parametrize("table", [b"chunks", b"objects", b"segments", b"counters", b"recipes"])
 def test_an_index_that_lost_a_table_is_damaged_not_made_anew(
     store_path: Path, table: bytes
 ) -> None:
@@ -154,6 +165,95 @@ def test_an_index_that_lost_a_table_is_damaged_not_made_anew(
     with env.begin() as txn:
         assert txn.get(table) is None  # not made again
     env.close()
+
+
+def index_contents(store_path: Path) -> dict[bytes, dict[bytes, bytes]]:
+    """Every entry of every table of the (closed) store's index, as stored."""
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=32, readonly=True)
+    try:
+        with env.begin() as txn:
+            names = [bytes(name) for name in txn.cursor().iternext(values=False)]
+        out = {}
+        for name in names:
+            handle = env.open_db(name, create=False)
+            with env.begin(db=handle) as txn:
+                out[name] = {bytes(k): bytes(v) for k, v in txn.cursor()}
+        return out
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("loss", ["the meta table", "the version"])
+def test_an_index_that_lost_its_schema_version_is_damaged_not_sealed_again(
+    store_path: Path, loss: str
+) -> None:
+    """An index that records no schema version was taken for a new one: a
+    writer made ``meta`` anew, then sealed every value a second time (the
+    upgrade to schema 4), and every entry of the store failed to parse after.
+    Now every open says the index is damaged, and nothing is written."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        store.put(compressible(40_000, 1))
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=16)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        if loss == "the meta table":
+            txn.drop(meta, delete=True)
+        else:
+            assert txn.delete(SCHEMA_VERSION_KEY, db=meta)
+    env.close()
+    before = index_contents(store_path)
+    for readonly in (True, False):
+        with pytest.raises(IndexCorruptError, match="records no schema version") as e:
+            Store.open(store_path, readonly=readonly)
+        assert "restore index.lmdb" in (e.value.hint or "")
+    fsck = run_fsck(store_path)
+    assert fsck.returncode == IndexCorruptError.exit_code, fsck
+    assert "no schema version" in fsck.stderr, fsck
+    assert index_contents(store_path) == before
+
+
+def test_an_index_whose_making_was_cut_short_is_made_whole(store_path: Path) -> None:
+    """A crash while a new index is made leaves some of its tables and no
+    version: that index holds nothing, so a writer makes the rest."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG):
+        pass
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=16)
+    with env.begin(write=True) as txn:
+        assert txn.delete(SCHEMA_VERSION_KEY, db=env.open_db(b"meta", txn=txn))
+        for name in (b"segments", b"counters", b"recipes"):
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+    env.close()
+    with Store.open(store_path) as store:
+        assert store.index.schema_version == SCHEMA_VERSION and store.index.sealed
+        digest = store.put(compressible(40_000, 2))
+    with Store.open(store_path, readonly=True) as store:
+        assert store.read(digest) == compressible(40_000, 2)
+        assert check_store(store).clean
+
+
+@pytest.mark.parametrize("table", [*NAMESPACE_DATABASES, b"cache_state"])
+def test_a_namespace_that_lost_a_table_is_damaged_not_made_anew(
+    store_path: Path, table: bytes
+) -> None:
+    """The namespace's tables (and the cache directories') are made together:
+    one missing beside others that hold entries lost its record.  Made anew it
+    would be empty: a lost ``inodes`` gave an empty tree with a new root."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        namespace = Namespace(store)
+        namespace.create(ROOT_INODE, b"file", stat.S_IFREG | 0o644, 0, 0)
+        CacheRecords(namespace).put({STORE_SETTINGS: {"max_size": 1 << 20}})
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=32)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(table, txn=txn), delete=True)
+    env.close()
+    for readonly in (True, False):
+        with Store.open(store_path, readonly=readonly) as store:
+            assert Namespace.exists(store)
+            with pytest.raises(IndexCorruptError, match=f"its table {table.decode()} is missing"):
+                Namespace(store)
+    fsck = run_fsck(store_path)
+    assert fsck.returncode == IndexCorruptError.exit_code and "is missing" in fsck.stderr, fsck
+    assert table not in index_contents(store_path)  # not made again
 
 
 # --- the flip experiment -------------------------------------------------------------

@@ -32,6 +32,7 @@ from cachefs.format.schema import (
     MAX_DBS,
     PAGE_KEY,
     RECIPE_PAGE,
+    RECIPES_SINCE,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
     SEALED_SINCE,
@@ -48,6 +49,9 @@ from cachefs.format.schema import (
 
 #: A named database of the environment (what ``lmdb.Environment.open_db`` returns).
 Database: TypeAlias = Any
+
+#: The remedy for damage to the index's own structure (its main database).
+RESTORE_INDEX = "restore index.lmdb from a backup; segments hold the chunk data"
 
 
 class Table:
@@ -177,9 +181,20 @@ class Index:
                 ) from None
             raise lmdb_error(exc, f"opening the index {self.path}") from None
         try:
-            #: Missing in a read-only open of an index of schema version 1.
-            self.meta = self.open_optional(b"meta", create=not readonly)
+            #: Missing in an index of schema version 1 (until a writer upgrades
+            #: it) and in a new one that a reader opens.
+            self.meta = self.open_optional(b"meta", create=False)
             version = self.schema_version
+            if version is None and self._holds_entries():
+                # Its ``meta`` table's record or the version in it was lost: a
+                # writer would take the index for new and seal every value again.
+                raise IndexCorruptError(
+                    f"the index {self.path} is damaged: it holds entries but records no "
+                    "schema version (its table meta, or the version in it, is lost)",
+                    hint=RESTORE_INDEX,
+                )
+            if self.meta is None and not readonly:
+                self.meta = self.open_optional(b"meta", create=True)
             self.sealed = version is not None and version >= SEALED_SINCE
             # The tables are made with a new index; missing from one that
             # records its version, the index is damaged (its main database).
@@ -189,7 +204,10 @@ class Index:
             self.segments = self._open(b"segments", make=make)
             self.counters = self._open(b"counters", make=make)
             #: Paged recipes (schema 5); None in a read-only open of an older index.
-            self.recipes = self.open_optional(b"recipes", create=not readonly)
+            if version is not None and version >= RECIPES_SINCE:
+                self.recipes: Table | None = self._open(b"recipes", make=False)
+            else:
+                self.recipes = self.open_optional(b"recipes", create=not readonly)
             if version is not None and version > SCHEMA_VERSION:
                 raise FormatVersionError(
                     f"the index {self.path} has schema version {version}; this cachefs "
@@ -208,13 +226,52 @@ class Index:
         try:
             return Table(self, name, self.env.open_db(name, create=make))
         except (lmdb.NotFoundError, lmdb.IncompatibleError) as exc:
-            raise IndexCorruptError(
-                f"the index {self.path} is damaged: its table {name.decode()} cannot be "
-                f"opened ({exc})",
-                hint="restore index.lmdb from a backup; segments hold the chunk data",
-            ) from None
+            raise self._lost(name, exc) from None
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"opening the index database {name.decode()}") from None
+
+    def _lost(self, name: bytes, exc: lmdb.Error) -> IndexCorruptError:
+        return IndexCorruptError(
+            f"the index {self.path} is damaged: its table {name.decode()} cannot be opened ({exc})",
+            hint=RESTORE_INDEX,
+        )
+
+    def _holds_entries(self) -> bool:
+        """Whether a table of the index holds an entry (a new index holds none,
+        nor one whose making a crash cut short)."""
+        with self.read() as txn:
+            names = [cast(bytes, name) for name in txn.cursor().iternext(values=False)]
+        for name in names:
+            try:
+                handle = self.env.open_db(name, create=False)
+            except (lmdb.NotFoundError, lmdb.IncompatibleError) as exc:
+                raise self._lost(name, exc) from None
+            except lmdb.Error as exc:
+                raise lmdb_error(exc, f"opening the index database {name.decode()}") from None
+            with self.read() as txn:
+                if txn.stat(handle)["entries"]:
+                    return True
+        return False
+
+    def open_together(self, names: Sequence[bytes], *, create: bool) -> list[Table | None]:
+        """Tables that are made together, at once (the namespace's, the cache
+        directories'): those missing are made (``create``) only while none of
+        the others holds an entry.  One missing beside one that holds entries
+        lost its record in the main database: IndexCorruptError, and nothing
+        is made (it would be made empty, and what it named lost)."""
+        found = self.open_databases(names, create=False)
+        missing = [name.decode() for name, table in zip(names, found, strict=True) if table is None]
+        if not missing:
+            return found
+        with self.read() as txn:
+            held = [table.name.decode() for table in found if table and table.count(txn)]
+        if held:
+            raise IndexCorruptError(
+                f"the index {self.path} is damaged: its table {', '.join(missing)} is "
+                f"missing, and {', '.join(held)}, made with it, holds entries",
+                hint=RESTORE_INDEX,
+            )
+        return self.open_databases(names, create=True) if create else found
 
     def _open_raw(self, name: bytes, *, create: bool) -> Database | None:
         try:
@@ -241,19 +298,20 @@ class Index:
     def schema_version(self) -> int | None:
         """The schema version the index records (None: none recorded yet; an
         index of schema version 1 has no ``meta`` database)."""
-        if self.meta is None:
-            return 1
-        with self.read() as txn:
-            raw = txn.get(SCHEMA_VERSION_KEY, db=self.meta.handle)
+        raw = None
+        if self.meta is not None:
+            with self.read() as txn:
+                raw = txn.get(SCHEMA_VERSION_KEY, db=self.meta.handle)
         if raw is None:
-            return None
+            # Schema 1 had ``wal_applied`` (which the upgrade drops as it
+            # records the version) and no ``meta``.
+            return 1 if self.exists(b"wal_applied") else None
         if len(raw) == COUNTER.size:  # before schema 4: not sealed
             return int(COUNTER.unpack(raw)[0])
         value = unseal(SCHEMA_VERSION_KEY, cast(bytes, raw))
         if value is None or len(value) != COUNTER.size:
             raise IndexCorruptError(
-                f"the schema version in {self.path} fails its checksum",
-                hint="restore index.lmdb from a backup; segments hold the chunk data",
+                f"the schema version in {self.path} fails its checksum", hint=RESTORE_INDEX
             )
         return int(COUNTER.unpack(value)[0])
 

@@ -52,7 +52,7 @@ class Namespace:
         self.store = store
         index = store.index
         create = not store.readonly
-        found = index.open_databases(NAMESPACE_DATABASES, create=create)
+        found = index.open_together(NAMESPACE_DATABASES, create=create)
         if any(db is None for db in found):
             raise CorruptDataError(
                 f"store {store.path} has no namespace yet",
@@ -61,14 +61,15 @@ class Namespace:
         tables = [table for table in found if table is not None]
         self.inodes, self.dirents, self.parents, self.xattrs, self.orphans = tables
         # Missing in a read-only open of a store last mounted before they existed.
-        self.caches, self.cache_state = index.open_databases(CACHE_DATABASES, create=create)
+        self.caches, self.cache_state = index.open_together(CACHE_DATABASES, create=create)
         if create:
             self._ensure_root()
 
     @staticmethod
     def exists(store: Store) -> bool:
-        """Whether the store has a namespace (it was mounted at least once)."""
-        return store.index.exists(NAMESPACE_DATABASES[0])
+        """Whether the store has a namespace (it was mounted at least once;
+        a table of it is there)."""
+        return any(store.index.exists(name) for name in NAMESPACE_DATABASES)
 
     def _ensure_root(self) -> None:
         with self.store.transaction("creating the root directory") as txn:

@@ -18,8 +18,15 @@ a wrong inode.  The layouts below are of the values without their seal.
 
 ``meta``  key: ASCII name; value Q.
     ``schema_version``: SCHEMA_VERSION of the program that wrote the index
-    (version 1 had no ``meta``).  A program refuses an index with a newer
-    schema version, and opens an older one only to upgrade it.
+    (version 1 had no ``meta`` and had ``wal_applied``).  A program refuses an
+    index with a newer schema version, and opens an older one only to upgrade
+    it.  An index that records no version is new only while none of its
+    tables holds an entry; one that does lost its version (damage).
+
+The tables of one group (the store's, the namespace's, the cache
+directories') are made together.  One missing beside a table of its group that
+holds entries lost its record in LMDB's main database: it is damage, and is
+never made anew (empty).
 
 ``chunks``  key: raw chunk digest (32 bytes)
     value ``CHUNK`` = segment id Q, record offset Q, raw length I, stored length I,
@@ -161,6 +168,8 @@ from cachefs.format.segment import RECORD_HEADER
 SCHEMA_VERSION = 6
 #: The first schema whose values are sealed.
 SEALED_SINCE = 4
+#: The first schema that has the ``recipes`` table.
+RECIPES_SINCE = 5
 
 INDEX_NAME = "index.lmdb"
 MAX_DBS = 32
