@@ -413,6 +413,7 @@ def test_a_check_killed_from_outside_is_not_called_damage(
     with pytest.raises(CachefsError, match="stopped by SIGKILL") as caught:
         fsck_cli._check_in_a_child(tmp_path)
     assert not isinstance(caught.value, IndexCorruptError)
+    assert caught.value.exit_code == 128 + signal.SIGKILL
 
 
 def test_a_check_stops_with_the_command_that_runs_it(tmp_path: Path) -> None:
@@ -427,7 +428,11 @@ def test_a_check_stops_with_the_command_that_runs_it(tmp_path: Path) -> None:
         "for signum in fsck.PASSED_ON:  # as a shell would start it, whatever pytest's are\n"
         "    signal.signal(signum, signal.SIG_DFL)\n"
         "signal.pthread_sigmask(signal.SIG_UNBLOCK, fsck.PASSED_ON)\n"
-        "fsck._check_in_a_child(Path(sys.argv[1]))\n"
+        "try:\n"
+        "    fsck._check_in_a_child(Path(sys.argv[1]))\n"
+        "except fsck.CachefsError as e:  # as the command line reports it\n"
+        "    print(f'error: {e}', file=sys.stderr)\n"
+        "    sys.exit(e.exit_code)\n"
         "print('checking', flush=True)\n"
         "time.sleep(60)\n"
     )
@@ -448,7 +453,7 @@ def test_a_check_stops_with_the_command_that_runs_it(tmp_path: Path) -> None:
             command.send_signal(signum)
             _, err = command.communicate(timeout=30)
             assert f"stopped by {signal.Signals(signum).name}" in err
-            assert command.returncode == 1
+            assert command.returncode == 128 + signum  # not 1: damage found
             assert not Path(f"/proc/{children[0]}").exists()
         finally:
             for pid in map(int, children):  # the check, if it runs on (a pid reused is not it)

@@ -214,4 +214,6 @@ def _check_in_a_child(store: Path) -> None:
             "structure (LMDB aborts on a broken page)",
             hint=f"if an `mdb.c` assertion is printed above, {hint}",
         )
-    raise CachefsError(f"the check of {store} was stopped by {signame}")
+    stopped = CachefsError(f"the check of {store} was stopped by {signame}")
+    stopped.exit_code = 128 - returncode  # as a shell reports a command a signal ended
+    raise stopped
