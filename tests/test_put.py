@@ -67,6 +67,28 @@ def test_prepared_chunks_are_those_of_an_ingest(tmp_path: Path, config: StoreCon
         check_invariants(b)
 
 
+def test_prepared_chunks_appended_are_told_as_an_ingest_tells_them(tmp_path: Path) -> None:
+    """A pusher's early push hears of the chunks a large object appends
+    (``on_appended``), whether the object was cut here or in a worker."""
+    told: dict[str, list[tuple[bytes, int]]] = {"a": [], "b": []}
+    with (
+        Store.open(tmp_path / "a", create=True, config=SMALL_CONFIG) as a,
+        Store.open(tmp_path / "b", create=True, config=SMALL_CONFIG) as b,
+    ):
+        a.ingest.on_appended = told["a"].extend
+        b.ingest.on_appended = told["b"].extend
+        ingest = b.ingest
+        tools = (ingest.chunker, ingest.digest_function, ingest.codec)
+        for data in (rand(3 << 20, seed=7), rand(50_000, seed=8), rand(3 << 20, seed=7)):
+            pending = a.ingest.ingest(data)
+            a.publisher.publish([pending], durable=True)
+            prepared = ingest.store_prepared(*prepare(*tools, memoryview(data)))
+            assert prepared is not None
+            b.publisher.publish([prepared], durable=True)
+        # The large one, once: small objects go untold, and a second time appends nothing.
+        assert told["b"] == told["a"] == a.recipe(pending.digest)
+
+
 def test_chunks_the_store_has_are_not_encoded(store: Store) -> None:
     """With ``have``, a chunk the store has comes without a payload; if the
     store lacks it after all, nothing is appended and the caller ingests again."""

@@ -135,7 +135,9 @@ class Ingest:
         elsewhere (:func:`prepare`, in a worker process): the chunks the store
         lacks are appended; nothing is published yet.  None, and nothing
         appended, when the store lacks a chunk that came without its payload
-        (it went since it was looked up there): the caller ingests it again."""
+        (it went since it was looked up there): the caller ingests it again.
+        The chunks appended are told (``on_appended``) as an ingest of the same
+        object in this process would tell them."""
         missing = self.chunks.find_missing([chunk[0] for chunk in chunks])
         if any(chunk[3] is None for chunk in chunks if chunk[0] in missing):
             return None
@@ -150,6 +152,9 @@ class Ingest:
             stored.append((chunk, raw_len, location))
         if counts[0]:
             self.activity.appended(*counts)
+        tell = self.on_appended
+        if tell is not None and len(stored) > 1 and digest.size > _INLINE_LIMIT:
+            tell([(chunk, raw_len) for chunk, raw_len, where in stored if where is not None])
         return self._pending(digest, stored)
 
     def append(self, digest: bytes, view: memoryview) -> Location:
