@@ -14,6 +14,7 @@ import select
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -24,8 +25,9 @@ import pytest
 
 from cachefs.cli import fsck as fsck_cli
 from cachefs.engine import CacheRecords, Namespace, Store, check_store
-from cachefs.errors import CachefsError, IndexCorruptError
+from cachefs.errors import CachefsError, FormatVersionError, IndexCorruptError
 from cachefs.format.schema import (
+    CACHE_DATABASES,
     INDEX_NAME,
     INO_KEY,
     NAMESPACE_DATABASES,
@@ -214,15 +216,21 @@ def test_an_index_that_lost_its_schema_version_is_damaged_not_sealed_again(
 
 def test_an_index_whose_making_was_cut_short_is_made_whole(store_path: Path) -> None:
     """A crash while a new index is made leaves some of its tables and no
-    version: that index holds nothing, so a writer makes the rest."""
+    version: that index holds nothing, so a writer makes the rest (a reader
+    is told so)."""
     with Store.open(store_path, create=True, config=SMALL_CONFIG):
         pass
     env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=16)
     with env.begin(write=True) as txn:
         assert txn.delete(SCHEMA_VERSION_KEY, db=env.open_db(b"meta", txn=txn))
+        # (counters too: a finished open wrote its first entry, which a crash
+        # before the version is recorded would not have)
         for name in (b"segments", b"counters", b"recipes"):
             txn.drop(env.open_db(name, txn=txn), delete=True)
     env.close()
+    with pytest.raises(CachefsError, match="not made yet: it has no table segments") as e:
+        Store.open(store_path, readonly=True)
+    assert not isinstance(e.value, IndexCorruptError) and "for writing" in (e.value.hint or "")
     with Store.open(store_path) as store:
         assert store.index.schema_version == SCHEMA_VERSION and store.index.sealed
         digest = store.put(compressible(40_000, 2))
@@ -231,7 +239,38 @@ def test_an_index_whose_making_was_cut_short_is_made_whole(store_path: Path) -> 
         assert check_store(store).clean
 
 
-@pytest.mark.parametrize("table", [*NAMESPACE_DATABASES, b"cache_state"])
+def test_an_index_too_new_is_refused_as_such_whatever_its_tables(store_path: Path) -> None:
+    """A newer schema may lack a table this one requires: it is too new, not
+    damaged."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        store.put(compressible(40_000, 1))
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"recipes", txn=txn), delete=True)
+        newer = seal(SCHEMA_VERSION_KEY, struct.pack("<Q", SCHEMA_VERSION + 1))
+        txn.put(SCHEMA_VERSION_KEY, newer, db=env.open_db(b"meta", txn=txn))
+    env.close()
+    for readonly in (True, False):
+        with pytest.raises(FormatVersionError, match=f"schema version {SCHEMA_VERSION + 1}"):
+            Store.open(store_path, readonly=readonly)
+
+
+def test_a_damaged_name_in_the_main_database_is_damage(store_path: Path) -> None:
+    """A key of the main database that is no table's name (any bytes), in an
+    index that lost its version: damage, said in words."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG):
+        pass
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=16)
+    with env.begin(write=True) as txn:
+        assert txn.delete(SCHEMA_VERSION_KEY, db=env.open_db(b"meta", txn=txn))
+        txn.put(b"\xff\xfe", b"not a table")
+    env.close()
+    for readonly in (True, False):
+        with pytest.raises(IndexCorruptError, match="records no schema version"):
+            Store.open(store_path, readonly=readonly)
+
+
+@pytest.mark.parametrize("table", [*NAMESPACE_DATABASES, *CACHE_DATABASES])
 def test_a_namespace_that_lost_a_table_is_damaged_not_made_anew(
     store_path: Path, table: bytes
 ) -> None:
@@ -249,7 +288,7 @@ def test_a_namespace_that_lost_a_table_is_damaged_not_made_anew(
     for readonly in (True, False):
         with Store.open(store_path, readonly=readonly) as store:
             assert Namespace.exists(store)
-            with pytest.raises(IndexCorruptError, match=f"its table {table.decode()} is missing"):
+            with pytest.raises(IndexCorruptError, match=f"table {table.decode()} is missing"):
                 Namespace(store)
     fsck = run_fsck(store_path)
     assert fsck.returncode == IndexCorruptError.exit_code and "is missing" in fsck.stderr, fsck

@@ -25,6 +25,7 @@ from cachefs.errors import (
 )
 from cachefs.faults import fault
 from cachefs.format.schema import (
+    ALL_DATABASES,
     COUNTER,
     COUNTER_NAMES,
     INDEX_NAME,
@@ -181,10 +182,15 @@ class Index:
                 ) from None
             raise lmdb_error(exc, f"opening the index {self.path}") from None
         try:
-            #: Missing in an index of schema version 1 (until a writer upgrades
-            #: it) and in a new one that a reader opens.
-            self.meta = self.open_optional(b"meta", create=False)
+            #: Missing in an index of schema version 1 until a writer opens it,
+            #: and in a new one that a reader opens.
+            self.meta: Table | None = None
             version = self.schema_version
+            if version is not None and version > SCHEMA_VERSION:
+                raise FormatVersionError(
+                    f"the index {self.path} has schema version {version}; this cachefs "
+                    f"reads versions up to {SCHEMA_VERSION}"
+                )
             if version is None and self._holds_entries():
                 # Its ``meta`` table's record or the version in it was lost: a
                 # writer would take the index for new and seal every value again.
@@ -196,23 +202,20 @@ class Index:
             if self.meta is None and not readonly:
                 self.meta = self.open_optional(b"meta", create=True)
             self.sealed = version is not None and version >= SEALED_SINCE
-            # The tables are made with a new index; missing from one that
-            # records its version, the index is damaged (its main database).
-            make = not readonly and version is None
-            self.chunks = self._open(b"chunks", make=make)
-            self.objects = self._open(b"objects", make=make)
-            self.segments = self._open(b"segments", make=make)
-            self.counters = self._open(b"counters", make=make)
+            # The tables are made with a new index (one that records no version
+            # and holds nothing); missing from one that records its version, the
+            # index is damaged (its main database).
+            new = version is None
+            make = not readonly and new
+            self.chunks = self._open(b"chunks", make=make, new=new)
+            self.objects = self._open(b"objects", make=make, new=new)
+            self.segments = self._open(b"segments", make=make, new=new)
+            self.counters = self._open(b"counters", make=make, new=new)
             #: Paged recipes (schema 5); None in a read-only open of an older index.
             if version is not None and version >= RECIPES_SINCE:
-                self.recipes: Table | None = self._open(b"recipes", make=False)
+                self.recipes: Table | None = self._open(b"recipes", make=False, new=False)
             else:
                 self.recipes = self.open_optional(b"recipes", create=not readonly)
-            if version is not None and version > SCHEMA_VERSION:
-                raise FormatVersionError(
-                    f"the index {self.path} has schema version {version}; this cachefs "
-                    f"reads versions up to {SCHEMA_VERSION}"
-                )
         except BaseException:
             self.env.close()
             raise
@@ -221,54 +224,75 @@ class Index:
         """Record damage met in the index (once); returns ``exc`` to raise."""
         return exc if self.health is None else self.health.damaged(exc)
 
-    def _open(self, name: bytes, *, make: bool) -> Table:
-        """A table every index has (made when ``make``)."""
+    def _open(self, name: bytes, *, make: bool, new: bool) -> Table:
+        """A table every index has (made when ``make``; ``new``: the index
+        records no version and holds nothing yet)."""
         try:
             return Table(self, name, self.env.open_db(name, create=make))
-        except (lmdb.NotFoundError, lmdb.IncompatibleError) as exc:
+        except lmdb.NotFoundError as exc:
+            if new:  # a reader of an index whose making a crash cut short
+                raise CachefsError(
+                    f"the index {self.path} is not made yet: it has no table {_name(name)}",
+                    hint="open the store once for writing (`cachefs gc STORE`), which makes it",
+                ) from None
+            raise self._lost(name, exc) from None
+        except lmdb.IncompatibleError as exc:
             raise self._lost(name, exc) from None
         except lmdb.Error as exc:
-            raise lmdb_error(exc, f"opening the index database {name.decode()}") from None
+            raise lmdb_error(exc, f"opening the index database {_name(name)}") from None
 
     def _lost(self, name: bytes, exc: lmdb.Error) -> IndexCorruptError:
         return IndexCorruptError(
-            f"the index {self.path} is damaged: its table {name.decode()} cannot be opened ({exc})",
+            f"the index {self.path} is damaged: its table {_name(name)} cannot be opened ({exc})",
             hint=RESTORE_INDEX,
         )
 
     def _holds_entries(self) -> bool:
         """Whether a table of the index holds an entry (a new index holds none,
-        nor one whose making a crash cut short)."""
+        nor one whose making a crash cut short).  A name in the main database
+        that is no table of this version's counts as entries (it is not opened:
+        each open table keeps one of the ``MAX_DBS`` handles)."""
         with self.read() as txn:
             names = [cast(bytes, name) for name in txn.cursor().iternext(values=False)]
         for name in names:
+            if name not in ALL_DATABASES:
+                return True
             try:
                 handle = self.env.open_db(name, create=False)
-            except (lmdb.NotFoundError, lmdb.IncompatibleError) as exc:
+            except lmdb.IncompatibleError:
+                return True  # a plain entry of the main database
+            except lmdb.NotFoundError as exc:  # listed, not found: a damaged main database
                 raise self._lost(name, exc) from None
             except lmdb.Error as exc:
-                raise lmdb_error(exc, f"opening the index database {name.decode()}") from None
+                raise lmdb_error(exc, f"opening the index database {_name(name)}") from None
             with self.read() as txn:
                 if txn.stat(handle)["entries"]:
                     return True
         return False
 
     def open_together(self, names: Sequence[bytes], *, create: bool) -> list[Table | None]:
-        """Tables that are made together, at once (the namespace's, the cache
-        directories'): those missing are made (``create``) only while none of
-        the others holds an entry.  One missing beside one that holds entries
-        lost its record in the main database: IndexCorruptError, and nothing
-        is made (it would be made empty, and what it named lost)."""
+        """Tables that are made together, one after the other in the order of
+        ``names`` (the namespace's, the cache directories'): those missing are
+        made (``create``) only after the last one there, and only while none
+        holds an entry.  Any other missing one lost its record in the main
+        database: IndexCorruptError, and nothing is made (it would be made
+        empty, and what it named lost)."""
         found = self.open_databases(names, create=False)
-        missing = [name.decode() for name, table in zip(names, found, strict=True) if table is None]
-        if not missing:
+        if all(found):
             return found
+        there = [n for n, table in enumerate(found) if table is not None]
+        last = there[-1] if there else 0
+        missing = [_name(name) for name, table in zip(names, found, strict=True) if not table]
         with self.read() as txn:
-            held = [table.name.decode() for table in found if table and table.count(txn)]
-        if held:
+            held = [_name(table.name) for table in found if table and table.count(txn)]
+        if held or any(table is None for table in found[:last]):
+            # A writer may have made them meanwhile (a first mount).
+            found = self.open_databases(names, create=False)
+            if all(found):
+                return found
+            detail = f"; {', '.join(held)}, made with it, hold entries" if held else ""
             raise IndexCorruptError(
-                f"the index {self.path} is damaged: its table {', '.join(missing)} is "
-                f"missing, and {', '.join(held)}, made with it, holds entries",
+                f"the index {self.path} is damaged: table {', '.join(missing)} is missing{detail}",
                 hint=RESTORE_INDEX,
             )
         return self.open_databases(names, create=True) if create else found
@@ -298,14 +322,22 @@ class Index:
     def schema_version(self) -> int | None:
         """The schema version the index records (None: none recorded yet; an
         index of schema version 1 has no ``meta`` database)."""
-        raw = None
-        if self.meta is not None:
+        # Schema 1 had ``wal_applied`` and no ``meta``; a writer makes ``meta``
+        # when it opens the index, then drops ``wal_applied`` in the transaction
+        # that records the version.  Both are read in one snapshot, and
+        # ``meta`` is looked for again if it was not there.
+        for _ in range(2):
+            if self.meta is None:
+                self.meta = self.open_optional(b"meta", create=False)
             with self.read() as txn:
-                raw = txn.get(SCHEMA_VERSION_KEY, db=self.meta.handle)
+                applied = txn.get(b"wal_applied") is not None
+                raw = (
+                    None if self.meta is None else txn.get(SCHEMA_VERSION_KEY, db=self.meta.handle)
+                )
+            if raw is not None or applied or self.meta is not None:
+                break
         if raw is None:
-            # Schema 1 had ``wal_applied`` (which the upgrade drops as it
-            # records the version) and no ``meta``.
-            return 1 if self.exists(b"wal_applied") else None
+            return 1 if applied else None
         if len(raw) == COUNTER.size:  # before schema 4: not sealed
             return int(COUNTER.unpack(raw)[0])
         value = unseal(SCHEMA_VERSION_KEY, cast(bytes, raw))
@@ -500,6 +532,11 @@ def _injected(point: str, call: str) -> None:
         fault(point)
     except OSError as exc:
         raise lmdb.Error(f"{call}: {exc.strerror}") from None
+
+
+def _name(name: bytes) -> str:
+    """A table's name, as printed (a damaged one may be any bytes)."""
+    return name.decode(errors="backslashreplace")
 
 
 def lmdb_error(exc: lmdb.Error, what: str) -> CachefsError:

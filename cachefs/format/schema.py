@@ -18,15 +18,19 @@ a wrong inode.  The layouts below are of the values without their seal.
 
 ``meta``  key: ASCII name; value Q.
     ``schema_version``: SCHEMA_VERSION of the program that wrote the index
-    (version 1 had no ``meta`` and had ``wal_applied``).  A program refuses an
-    index with a newer schema version, and opens an older one only to upgrade
-    it.  An index that records no version is new only while none of its
-    tables holds an entry; one that does lost its version (damage).
+    (an index with ``wal_applied`` and no version is of version 1, which had
+    no ``meta``).  A program refuses an index with a newer schema version, and
+    opens an older one only to upgrade it.  An index that records no version
+    is new only while none of its tables holds an entry; one that does lost
+    its version (damage).
 
-The tables of one group (the store's, the namespace's, the cache
-directories') are made together.  One missing beside a table of its group that
-holds entries lost its record in LMDB's main database: it is damage, and is
-never made anew (empty).
+The store's tables (``STORE_DATABASES``) are made with a new index; once it
+records its version they are all there (``recipes`` from version 5 on), and
+one missing lost its record in LMDB's main database: damage.  The namespace's
+tables and the cache directories' are each made together, in the order of
+their tuple, when first needed: one missing before one that is there, or
+beside one that holds entries, is damage too.  A lost table is never made
+anew (empty, it would lose what it named).
 
 ``chunks``  key: raw chunk digest (32 bytes)
     value ``CHUNK`` = segment id Q, record offset Q, raw length I, stored length I,
