@@ -21,8 +21,11 @@ endpoint, with the client library cachefs uses (obstore) and its parallelism
   is local: tools look files up by name).  Baseline: their chunks fetched as above.
   Ratio: baseline s / cachefs s (no goal);
 * push of a ``--large`` write: from the first write into A's shared directory (1 MiB
-  writes, fsync, close) until the remote holds the file and its entry (the push queue
-  is empty and the entry was pushed; a file is queued once it has rested for 1 s).
+  writes, fsync, close) until the remote holds the file's content (A's one object
+  pushed: the chunks sent while it was written, the rest, its chunk list) -- and, a
+  figure of its own with no goal, until its entry is there too (the push queue is
+  empty and the entry was pushed; an entry is queued once its file has rested for 1 s,
+  so that a tool's temporary name is not shared in place of its final one).
   Baseline: ``obstore.put`` of the same bytes (a multipart upload with obstore's
   defaults: 5 MiB parts, 12 in flight) to a second fresh SeaweedFS started the same way
   (one holds less than 2 GiB: ``tests/seaweed.py`` gives it 30 volumes of 64 MiB).
@@ -417,17 +420,28 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def write_and_push(mnt: Path, pieces: list[bytes]) -> tuple[float, float]:
-    """Write the large file in A's shared directory: (seconds until written and
-    fsynced, seconds until pushed with its entry)."""
-    entries = remote(mnt)["pushed_entries"] + 1
+def write_and_push(mnt: Path, pieces: list[bytes]) -> tuple[float, float, float]:
+    """Write the large file in A's shared directory: seconds until written and
+    fsynced, until its content is on the remote (the mount's one object pushed),
+    and until its entry is too (queued once the file has rested ``SETTLE``)."""
+    before = remote(mnt)
     start = time.perf_counter()
     with open(mnt / "large" / "blob", "wb", buffering=0) as f:
         for piece in pieces:
             f.write(piece)
         os.fsync(f.fileno())
     written = time.perf_counter()
-    return written - start, wait_pushed(mnt, entries) - start
+    deadline = time.monotonic() + PUSH_TIMEOUT
+    while remote(mnt)["pushed_objects"] <= before["pushed_objects"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{mnt}: the large file not pushed after {PUSH_TIMEOUT:.0f} s")
+        time.sleep(0.01)
+    content = time.perf_counter()
+    with_entry = wait_pushed(mnt, before["pushed_entries"] + 1)
+    pushed = remote(mnt)["pushed_objects"] - before["pushed_objects"]
+    if pushed != 1:  # published in parts: the content figure stopped at the first
+        raise RuntimeError(f"{mnt}: the large file was pushed as {pushed} objects, not 1")
+    return written - start, content - start, with_entry - start
 
 
 def write_tree(mnt: Path, tree: dict[str, bytes]) -> float:
@@ -505,6 +519,7 @@ class Run:
         out.sizes = {
             "large": args.large,
             "push": args.large,
+            "push entry": args.large,
             "push chunks": args.large,
             "tree": sum(map(len, tree.values())),
         }
@@ -535,6 +550,7 @@ class Run:
                 direct_store(weed.s3), self.stores["A"], self.large, self.args.threads
             )
         out.figures["push chunks"] = out.figures["push"]
+        out.figures["push entry base"] = out.figures["push base"]
         return out
 
     def start(self, label: str, url: str) -> Mount:
@@ -564,7 +580,9 @@ class Run:
         a = self.start("A", url)
         self.log(f"push of {human(args.large)} from A")
         with monitor.during("push large (A)"):
-            out.info["push: write + fsync s"], out.figures["push"] = write_and_push(a.path, pieces)
+            out.info["push: write + fsync s"], out.figures["push"], out.figures["push entry"] = (
+                write_and_push(a.path, pieces)
+            )
         large = self.large = content_digest(a.path / "large" / "blob")
         self.log(f"{args.small_count:,} small files written on A and pushed")
         with monitor.during("push tree (A)"):
@@ -651,6 +669,13 @@ def figures(args: argparse.Namespace) -> list[Figure]:
         Figure("large", f"cold read, {human(args.large)} file", "direct GETs", True, 0.7),
         Figure("tree", f"cold read, {args.small_count:,} small files", "direct GETs", True, None),
         Figure("push", f"push of a {human(args.large)} write", "multipart PUT", True, 0.7),
+        Figure(
+            "push entry",
+            f"push of a {human(args.large)} write and its shared entry",
+            "multipart PUT",
+            True,
+            None,
+        ),
         Figure(
             "push chunks",
             f"push of a {human(args.large)} write (the layout's best)",
