@@ -135,7 +135,12 @@ class SharedDirs(FsEvents):
         if self.pushes is None:
             return
         while True:
-            await trio.sleep(SETTLE / 2)
+            # Until the next file settles (a file touched meanwhile settles
+            # later), looking again at least every SETTLE / 2: a file that
+            # settled open for writing is queued once it is closed.
+            now = time.monotonic()
+            due = [at + SETTLE - now for at in self._settling.values() if now - at < SETTLE]
+            await trio.sleep(min([SETTLE / 2, *due]))
             now = time.monotonic()
             ready = {
                 ino: at
