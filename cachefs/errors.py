@@ -23,6 +23,9 @@ Exit codes (stable, documented in the README):
 8  cannot mount (mount point, FUSE missing) or unmount (busy)
 9  a remote tier could not serve (unreachable, refused, wrong bytes)
 == =====================================================================
+
+128+N: ``fsck``'s check was ended by signal N (stopped, or a crash other
+than the index damage that SIGBUS, SIGSEGV and SIGABRT mean: 4).
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from click.testing import CliRunner
 
+from cachefs.cli import cli
 from cachefs.cli import fsck as fsck_cli
 from cachefs.engine import CacheRecords, Namespace, Store, check_store
 from cachefs.errors import CachefsError, FormatVersionError, IndexCorruptError
@@ -453,6 +455,44 @@ def test_a_check_killed_from_outside_is_not_called_damage(
         fsck_cli._check_in_a_child(tmp_path)
     assert not isinstance(caught.value, IndexCorruptError)
     assert caught.value.exit_code == 128 + signal.SIGKILL
+
+
+@pytest.mark.parametrize(
+    ("signum", "said", "code"),
+    [
+        (signal.SIGKILL, "stopped by SIGKILL", 137),
+        (signal.SIGILL, "crashed (SIGILL)", 132),
+        (
+            signal.SIGRTMIN + 2,
+            f"stopped by signal {signal.SIGRTMIN + 2}",
+            128 + signal.SIGRTMIN + 2,
+        ),
+    ],
+)
+def test_a_check_ended_by_a_signal_exits_128_plus_its_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int, said: str, code: int
+) -> None:
+    """As a shell reports a command a signal ended; not 1, which is damage found."""
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: CheckRunAgain(-signum))
+    monkeypatch.setattr(os, "waitid", lambda *args: None)
+    result = CliRunner().invoke(cli, ["fsck", str(tmp_path)])
+    assert result.exit_code == code and said in result.output, result.output
+
+
+def test_ctrl_c_stops_the_check_with_exit_code_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C reaches the check's process (fsck's own waits for it): the check
+    stops and says so, with 130, not click's "Aborted!" and 1 (damage found)."""
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv(fsck_cli._CHILD, "1")  # this is the check's process
+    monkeypatch.setattr(fsck_cli, "_check", interrupted)
+    result = CliRunner().invoke(cli, ["fsck", str(tmp_path)])
+    assert result.exit_code == 130 and "stopped by SIGINT" in result.output, result.output
 
 
 def test_a_check_stops_with_the_command_that_runs_it(tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ def cli(verbose: int) -> None:
     Exit codes: 0 ok, 1 damage found (fsck, scrub) or failure, 2 usage or
     configuration, 3 not found, 4 corrupt data, 5 store locked by another
     writer, 6 store format too new, 7 no space left, 8 cannot mount or unmount,
-    9 a remote tier failed.
+    9 a remote tier failed, 128+N fsck's check ended by signal N.
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="cachefs: %(message)s", stream=sys.stderr)

@@ -51,7 +51,10 @@ def command(
     """Verify every record checksum, index entry and reference count.
 
     Exits 0 only when the store is clean; 1 when damage was found (also when
-    --repair fixed it: run fsck again to confirm).  With --repair, lists the
+    --repair fixed it: run fsck again to confirm); 4 when the index cannot be
+    read for damage to its structure; 128+N when the check was stopped by
+    signal N (Ctrl-C: 130; SIGTERM and SIGHUP sent to fsck are passed on to
+    the check).  With --repair, lists the
     objects that lost data.  Without --repair the store is only read, and this
     works beside a running writer.  With --repair and the store's remote tiers
     (--remote, --config), damaged chunks that a tier holds are fetched,
@@ -59,7 +62,10 @@ def command(
     """
     if os.environ.get(_CHILD) is None:
         _check_in_a_child(store)
-    _check(store, repair, remotes, config, as_json)
+    try:
+        _check(store, repair, remotes, config, as_json)
+    except KeyboardInterrupt:  # Ctrl-C: what was repaired so far is committed
+        raise _stopped(store, signal.SIGINT) from None
 
 
 def _check(
@@ -199,7 +205,7 @@ def _check_in_a_child(store: Path) -> None:
         returncode = child.wait()
     if returncode >= 0:
         sys.exit(returncode)
-    signame = signal.Signals(-returncode).name
+    signame = _signal_name(-returncode)
     hint = "restore STORE/index.lmdb from a backup (the segments hold the chunk data)"
     if -returncode in (signal.SIGBUS, signal.SIGSEGV):
         raise IndexCorruptError(
@@ -214,6 +220,30 @@ def _check_in_a_child(store: Path) -> None:
             "structure (LMDB aborts on a broken page)",
             hint=f"if an `mdb.c` assertion is printed above, {hint}",
         )
-    stopped = CachefsError(f"the check of {store} was stopped by {signame}")
-    stopped.exit_code = 128 - returncode  # as a shell reports a command a signal ended
-    raise stopped
+    raise _stopped(store, -returncode)
+
+
+#: Signals that end a process from within (a bug, not a request to stop).
+_CRASHES = (signal.SIGILL, signal.SIGFPE, signal.SIGSYS, signal.SIGTRAP)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal
+        return f"signal {signum}"
+
+
+def _stopped(store: Path, signum: int) -> CachefsError:
+    """The error of a check that signal ``signum`` ended: exit code 128+N,
+    as a shell reports a command a signal ended (not 1: damage found)."""
+    signame = _signal_name(signum)
+    if signum in _CRASHES:
+        error = CachefsError(
+            f"the check of {store} crashed ({signame})",
+            hint="please report it, with the output of `cachefs -vv fsck`",
+        )
+    else:
+        error = CachefsError(f"the check of {store} was stopped by {signame}")
+    error.exit_code = 128 + signum
+    return error
