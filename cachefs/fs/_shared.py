@@ -136,11 +136,13 @@ class SharedDirs(FsEvents):
             return
         while True:
             # Until the next file settles (a file touched meanwhile settles
-            # later), looking again at least every SETTLE / 2: a file that
-            # settled open for writing is queued once it is closed.
+            # later), looking again at least every SETTLE / 2 (a file that
+            # settled open for writing is queued once it is closed) and at
+            # most every SETTLE / 10 (files written one after the other settle
+            # together, in one look over them all).
             now = time.monotonic()
             due = [at + SETTLE - now for at in self._settling.values() if now - at < SETTLE]
-            await trio.sleep(min([SETTLE / 2, *due]))
+            await trio.sleep(max(SETTLE / 10, min([SETTLE / 2, *due])))
             now = time.monotonic()
             ready = {
                 ino: at
