@@ -41,7 +41,7 @@ from cachefs.format.schema import (
     seal,
     unseal,
 )
-from tests.conftest import SMALL_CONFIG, compressible
+from tests.conftest import SMALL_CONFIG, compressible, strip_seals
 from tests.mounting import mounted
 
 
@@ -135,9 +135,9 @@ def test_a_damaged_segment_entry_is_rebuilt_from_its_file(store_path: Path) -> N
         assert check_store(store).clean
 
 
-def run_fsck(store: Path) -> subprocess.CompletedProcess[str]:
+def run_fsck(store: Path, *options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cachefs", "fsck", str(store)],
+        [sys.executable, "-m", "cachefs", "fsck", *options, str(store)],
         capture_output=True,
         text=True,
         check=False,
@@ -209,11 +209,38 @@ def test_an_index_that_lost_its_schema_version_is_damaged_not_sealed_again(
     for readonly in (True, False):
         with pytest.raises(IndexCorruptError, match="records no schema version") as e:
             Store.open(store_path, readonly=readonly)
-        assert "restore index.lmdb" in (e.value.hint or "")
+        assert "fsck --repair" in (e.value.hint or "")
     fsck = run_fsck(store_path)
     assert fsck.returncode == IndexCorruptError.exit_code, fsck
     assert "no schema version" in fsck.stderr, fsck
     assert index_contents(store_path) == before
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_fsck_repair_records_a_lost_schema_version_from_the_entries(
+    store_path: Path, sealed: bool
+) -> None:
+    """``fsck --repair`` records the version again: this one's where entries
+    are sealed (every later schema only allows more), the last unsealed one
+    where none is (the writer's upgrade then seals them).  Nothing is lost."""
+    data = [compressible(40_000, seed) for seed in range(3)]
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digests = [store.put(d) for d in data]
+        file = Namespace(store).create(ROOT_INODE, b"file", stat.S_IFREG | 0o644, 0, 0).ino
+    if not sealed:
+        strip_seals(store_path)
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"meta", txn=txn), delete=True)
+    env.close()
+    repair = run_fsck(store_path, "--repair")
+    assert repair.returncode == 1 and "lost its schema version: recorded" in repair.stdout, repair
+    assert f"recorded {SCHEMA_VERSION if sealed else 3} again" in repair.stdout, repair
+    assert run_fsck(store_path).returncode == 0
+    with Store.open(store_path, readonly=True) as store:
+        assert store.index.schema_version == SCHEMA_VERSION and store.index.sealed
+        assert [store.read(d) for d in digests] == data
+        assert Namespace(store).lookup(ROOT_INODE, b"file") == file
 
 
 def test_an_index_whose_making_was_cut_short_is_made_whole(store_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from cachefs.daemon import resolve_store
-from cachefs.engine import Store, check_store
+from cachefs.engine import Store, StoreOptions, check_store
 from cachefs.errors import CachefsError, ConfigError, IndexCorruptError
 from cachefs.remote import TierOptions, Tiers
 
@@ -77,7 +77,9 @@ def _check(
         )
     options = TierOptions.parse(remotes, config)
     bar = ProgressBar("checking")
-    with Store.open(resolve_store(store), readonly=not repair) as opened:
+    with Store.open(
+        resolve_store(store), readonly=not repair, options=StoreOptions(recover_version=repair)
+    ) as opened:
         tiers = Tiers(opened, options.open(opened.digest_function) if repair else [])
         try:
             report = check_store(opened, repair=repair, progress=bar)

@@ -151,6 +151,13 @@ def check_store(
                 _repair_namespace(store)
             except lmdb.Error as exc:
                 raise lmdb_error(exc, "repairing the index") from None
+        if store.index.recovered_version is not None:  # at the open (``recover_version``)
+            report.add(
+                "lost-version",
+                "the index had lost its schema version: recorded "
+                f"{store.index.recovered_version} again from its entries",
+            )
+            report.repaired = True
         maintenance.settle()
         maintenance.sync_index()
     store.audit.record("fsck.repair", clean=report.clean, problems=len(report.problems))

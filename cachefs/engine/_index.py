@@ -8,6 +8,7 @@ transactions are kept short.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,8 @@ from cachefs.format.schema import (
     unpack_recipe,
     unseal,
 )
+
+log = logging.getLogger(__name__)
 
 #: A named database of the environment (what ``lmdb.Environment.open_db`` returns).
 Database: TypeAlias = Any
@@ -151,11 +154,19 @@ class Index:
     """The LMDB environment of a store and its named databases."""
 
     def __init__(
-        self, store: Path, health: Health | None = None, *, readonly: bool, fsync: bool = True
+        self,
+        store: Path,
+        health: Health | None = None,
+        *,
+        readonly: bool,
+        fsync: bool = True,
+        recover_version: bool = False,
     ) -> None:
         self.path = store / INDEX_NAME
         self.readonly = readonly
         self.health = health
+        #: The schema version recorded again at this open (``recover_version``).
+        self.recovered_version: int | None = None
         #: Whether values are sealed (schema 4 on; an upgrade seals them).
         self.sealed = False
         try:
@@ -194,11 +205,14 @@ class Index:
             if version is None and self._holds_entries():
                 # Its ``meta`` table's record or the version in it was lost: a
                 # writer would take the index for new and seal every value again.
-                raise IndexCorruptError(
-                    f"the index {self.path} is damaged: it holds entries but records no "
-                    "schema version (its table meta, or the version in it, is lost)",
-                    hint=RESTORE_INDEX,
-                )
+                if not recover_version or readonly:
+                    raise IndexCorruptError(
+                        f"the index {self.path} is damaged: it holds entries but records no "
+                        "schema version (its table meta, or the version in it, is lost)",
+                        hint="run `cachefs fsck --repair STORE` (unmounted), which records "
+                        f"it again from what the entries show; or {RESTORE_INDEX}",
+                    )
+                version = self.recovered_version = self._recover_version()
             if self.meta is None and not readonly:
                 self.meta = self.open_optional(b"meta", create=True)
             self.sealed = version is not None and version >= SEALED_SINCE
@@ -269,6 +283,47 @@ class Index:
                 if txn.stat(handle)["entries"]:
                     return True
         return False
+
+    def _recover_version(self) -> int:
+        """Record again the schema version of an index that lost it, from its
+        entries: sealed ones make it this version's (every schema after the
+        first sealed one only allows more), none sealed the last unsealed one
+        (the writer's upgrade then seals them).  Entries that fail their seals
+        in a sealed index are damage that fsck finds after."""
+        with self.read() as txn:
+            names = [cast(bytes, name) for name in txn.cursor().iternext(values=False)]
+        sealed = 0
+        for name in names:
+            if name not in ALL_DATABASES:
+                raise IndexCorruptError(
+                    f"the index {self.path} is damaged: it lost its schema version, and its "
+                    f"main database names {_name(name)}, no table of this version's",
+                    hint=RESTORE_INDEX,
+                )
+            try:
+                handle = self.env.open_db(name, create=False)
+            except (lmdb.NotFoundError, lmdb.IncompatibleError) as exc:
+                raise self._lost(name, exc) from None
+            with self.read() as txn:
+                entries = cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=handle))
+                sealed += sum(unseal(key, raw) is not None for key, raw in entries)
+        version = SCHEMA_VERSION if sealed else SEALED_SINCE - 1
+        self.meta = self.open_optional(b"meta", create=True)
+        if version >= RECIPES_SINCE:
+            self.open_optional(b"recipes", create=True)
+        try:
+            with self.write() as txn:
+                self.set_schema_version(txn, version)
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, "recording the index's schema version") from None
+        self.sync()
+        log.warning(
+            "the index %s had lost its schema version; recorded %d again (%d entries sealed)",
+            self.path,
+            version,
+            sealed,
+        )
+        return version
 
     def open_together(self, names: Sequence[bytes], *, create: bool) -> list[Table | None]:
         """Tables that are made together, one after the other in the order of

@@ -107,6 +107,9 @@ class StoreOptions:
     buffer_size: int = 4 << 20
     #: Queue new objects for the write tiers (``Store.pushes``; a writer only).
     push: bool = False
+    #: A writer records again the schema version of an index that lost it,
+    #: from its entries (``cachefs fsck --repair``), instead of refusing it.
+    recover_version: bool = False
     #: The audit log's directory (None: ``STORE/audit``) and rotation size.
     audit_dir: Path | None = None
     audit_max_size: int = AUDIT_MAX_SIZE
@@ -231,7 +234,10 @@ class Store:
         self._activity = activity = Activity()
         self.health = Health(path / HEALTH_NAME, readonly=readonly)
         self.workers = Workers(options.workers)
-        self.index = Index(path, self.health, readonly=readonly, fsync=options.fsync)
+        recover = options.recover_version
+        self.index = Index(
+            path, self.health, readonly=readonly, fsync=options.fsync, recover_version=recover
+        )
         self.segments = SegmentStore(
             self.segments_root, config.segments, fsync=options.fsync, max_maps=options.max_maps
         )
@@ -270,11 +276,8 @@ class Store:
         )
         self.reserve = Reserve(path)
         #: Security-relevant events (``format/audit.py``); writers record to it.
-        self.audit = AuditLog(
-            options.audit_dir or path / "audit",
-            max_size=options.audit_max_size,
-            fsync=options.fsync,
-        )
+        audit_dir = options.audit_dir or path / "audit"
+        self.audit = AuditLog(audit_dir, max_size=options.audit_max_size, fsync=options.fsync)
         push = options.push and not readonly
         self._maintenance = MaintenanceLock()
         #: The store's journal (writers only): see ``cachefs.format.journal``.
