@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from cachefs.cli import cli
 from cachefs.cli import fsck as fsck_cli
-from cachefs.engine import CacheRecords, Namespace, Store, check_store
+from cachefs.engine import CacheRecords, Namespace, Store, StoreOptions, _index, check_store
 from cachefs.errors import CachefsError, FormatVersionError, IndexCorruptError
 from cachefs.format.schema import (
     CACHE_DATABASES,
@@ -216,31 +216,94 @@ def test_an_index_that_lost_its_schema_version_is_damaged_not_sealed_again(
     assert index_contents(store_path) == before
 
 
-@pytest.mark.parametrize("sealed", [True, False])
+def lose_version(store_path: Path, *tables: bytes, key_only: bool = False) -> None:
+    """Drop the (closed) store's ``meta`` table (or only its version) and ``tables``."""
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=32)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        if key_only:
+            assert txn.delete(SCHEMA_VERSION_KEY, db=meta)
+        else:
+            txn.drop(meta, delete=True)
+        for name in tables:
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+    env.close()
+
+
+@pytest.mark.parametrize("key_only", [False, True])
+@pytest.mark.parametrize("layout", ["sealed", "schema 4", "unsealed"])
 def test_fsck_repair_records_a_lost_schema_version_from_the_entries(
-    store_path: Path, sealed: bool
+    store_path: Path, layout: str, key_only: bool
 ) -> None:
     """``fsck --repair`` records the version again: this one's where entries
-    are sealed (every later schema only allows more), the last unsealed one
-    where none is (the writer's upgrade then seals them).  Nothing is lost."""
+    are sealed (every later schema only allows more; a schema 4 index, which
+    had no ``recipes``, gets it), the last unsealed one where none is (the
+    writer's upgrade then seals them).  Nothing is lost."""
     data = [compressible(40_000, seed) for seed in range(3)]
     with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
         digests = [store.put(d) for d in data]
         file = Namespace(store).create(ROOT_INODE, b"file", stat.S_IFREG | 0o644, 0, 0).ino
-    if not sealed:
+    if layout == "unsealed":
         strip_seals(store_path)
-    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=16)
-    with env.begin(write=True) as txn:
-        txn.drop(env.open_db(b"meta", txn=txn), delete=True)
-    env.close()
+    lose_version(store_path, *([b"recipes"] if layout == "schema 4" else []), key_only=key_only)
     repair = run_fsck(store_path, "--repair")
-    assert repair.returncode == 1 and "lost its schema version: recorded" in repair.stdout, repair
-    assert f"recorded {SCHEMA_VERSION if sealed else 3} again" in repair.stdout, repair
+    assert repair.returncode == 1 and "problems repaired" in repair.stdout, repair
+    said = "recorded 3 again from its entries, then upgraded to" if layout == "unsealed" else (
+        f"recorded {SCHEMA_VERSION} again from its entries"
+    )  # fmt: skip
+    assert said in repair.stdout, repair
     assert run_fsck(store_path).returncode == 0
     with Store.open(store_path, readonly=True) as store:
         assert store.index.schema_version == SCHEMA_VERSION and store.index.sealed
+        assert store.index.recipes is not None
         assert [store.read(d) for d in digests] == data
         assert Namespace(store).lookup(ROOT_INODE, b"file") == file
+
+
+def flip_every_value(store_path: Path) -> None:
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=32)
+    with env.begin() as txn:
+        names = [bytes(name) for name in txn.cursor().iternext(values=False)]
+    for name in names:
+        handle = env.open_db(name)
+        with env.begin(write=True, db=handle) as txn:
+            for key, value in list(txn.cursor()):
+                if value:
+                    txn.put(key, bytes([value[0] ^ 1]) + value[1:])
+    env.close()
+
+
+@pytest.mark.parametrize("also", ["every value damaged", "chunks lost", "paged, recipes lost"])
+def test_fsck_repair_refuses_a_lost_version_it_cannot_tell(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, also: str
+) -> None:
+    """Where the entries cannot say the version (not one seal verifies, yet
+    values have their sealed lengths), where another table is lost too, or
+    where ``recipes`` is lost while objects need it, the repair refuses and
+    writes nothing (sealing damaged values again, or making a table empty,
+    would leave nothing to restore from)."""
+    if also == "paged, recipes lost":
+        monkeypatch.setattr(_index, "RECIPE_PAGE", 8)  # this object's recipe in pages
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        store.put(random.Random(1).randbytes(300_000))
+    lose_version(store_path, *{"chunks lost": [b"chunks"], "paged, recipes lost": [b"recipes"]}.get(
+        also, []
+    ))  # fmt: skip
+    if also == "every value damaged":
+        flip_every_value(store_path)
+    before = index_contents(store_path)
+    with pytest.raises(IndexCorruptError) as e:
+        Store.open(store_path, options=StoreOptions(recover_version=True))
+    assert "restore index.lmdb" in (e.value.hint or "")
+    assert {
+        "every value damaged": "no entry shows whether",
+        "chunks lost": "its table chunks cannot be opened",
+        "paged, recipes lost": "recipes is lost (1 objects need it)",
+    }[also] in str(e.value)
+    assert index_contents(store_path) == before
+    repair = run_fsck(store_path, "--repair")
+    assert repair.returncode == IndexCorruptError.exit_code, repair
+    assert index_contents(store_path) == before
 
 
 def test_an_index_whose_making_was_cut_short_is_made_whole(store_path: Path) -> None:

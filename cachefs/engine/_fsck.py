@@ -52,6 +52,7 @@ from cachefs.format.schema import (
     HOLE_MARK,
     INO_KEY,
     PAGE_KEY,
+    SCHEMA_VERSION,
     SEGMENT_KEY,
     ChunkEntry,
     RecipePages,
@@ -151,11 +152,13 @@ def check_store(
                 _repair_namespace(store)
             except lmdb.Error as exc:
                 raise lmdb_error(exc, "repairing the index") from None
-        if store.index.recovered_version is not None:  # at the open (``recover_version``)
+        recovered = store.index.recovered_version  # at the open (``recover_version``)
+        if recovered is not None:
+            upgraded = f", then upgraded to {SCHEMA_VERSION}" if recovered < SCHEMA_VERSION else ""
             report.add(
                 "lost-version",
-                "the index had lost its schema version: recorded "
-                f"{store.index.recovered_version} again from its entries",
+                f"the index had lost its schema version: recorded {recovered} again from its "
+                f"entries{upgraded}",
             )
             report.repaired = True
         maintenance.settle()

@@ -27,17 +27,22 @@ from cachefs.errors import (
 from cachefs.faults import fault
 from cachefs.format.schema import (
     ALL_DATABASES,
+    CACHE_DATABASES,
+    CHUNK,
     COUNTER,
     COUNTER_NAMES,
     INDEX_NAME,
+    INO_VALUE,
     MAP_SIZE,
     MAX_DBS,
+    NAMESPACE_DATABASES,
     PAGE_KEY,
     RECIPE_PAGE,
     RECIPES_SINCE,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
     SEALED_SINCE,
+    SEGMENT,
     SEGMENT_KEY,
     ChunkEntry,
     ObjectEntry,
@@ -53,6 +58,15 @@ log = logging.getLogger(__name__)
 
 #: A named database of the environment (what ``lmdb.Environment.open_db`` returns).
 Database: TypeAlias = Any
+
+#: The length of every (unsealed) value of these tables.
+_FIXED_SIZES = {
+    b"chunks": CHUNK.size,
+    b"segments": SEGMENT.size,
+    b"counters": COUNTER.size,
+    b"parents": INO_VALUE.size,
+    b"dirents": INO_VALUE.size,
+}
 
 #: The remedy for damage to the index's own structure (its main database).
 RESTORE_INDEX = "restore index.lmdb from a backup; segments hold the chunk data"
@@ -266,9 +280,7 @@ class Index:
         nor one whose making a crash cut short).  A name in the main database
         that is no table of this version's counts as entries (it is not opened:
         each open table keeps one of the ``MAX_DBS`` handles)."""
-        with self.read() as txn:
-            names = [cast(bytes, name) for name in txn.cursor().iternext(values=False)]
-        for name in names:
+        for name in self._names():
             if name not in ALL_DATABASES:
                 return True
             try:
@@ -286,44 +298,71 @@ class Index:
 
     def _recover_version(self) -> int:
         """Record again the schema version of an index that lost it, from its
-        entries: sealed ones make it this version's (every schema after the
-        first sealed one only allows more), none sealed the last unsealed one
-        (the writer's upgrade then seals them).  Entries that fail their seals
-        in a sealed index are damage that fsck finds after."""
-        with self.read() as txn:
-            names = [cast(bytes, name) for name in txn.cursor().iternext(values=False)]
-        sealed = 0
-        for name in names:
+        entries: any sealed one makes it this version's (every schema after
+        the first sealed one only allows more), and entries that fail their
+        seals are damage that fsck finds after; none sealed, the last unsealed
+        one (3; the writer's upgrade then seals them) -- if the values of the
+        tables whose values have one length have that length unsealed.
+        Anything else is refused (IndexCorruptError) with nothing written:
+        another table lost, entries that cannot tell, or a sealed index that
+        lost ``recipes`` while an object's recipe is in pages."""
+        sealed = unsealed = paged = 0
+        for name in self._names():
             if name not in ALL_DATABASES:
-                raise IndexCorruptError(
-                    f"the index {self.path} is damaged: it lost its schema version, and its "
-                    f"main database names {_name(name)}, no table of this version's",
-                    hint=RESTORE_INDEX,
-                )
+                raise self._cannot_tell(f"its main database names {_name(name)}")
             try:
                 handle = self.env.open_db(name, create=False)
             except (lmdb.NotFoundError, lmdb.IncompatibleError) as exc:
                 raise self._lost(name, exc) from None
+            size = _FIXED_SIZES.get(name)
             with self.read() as txn:
-                entries = cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=handle))
-                sealed += sum(unseal(key, raw) is not None for key, raw in entries)
+                for key, raw in cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=handle)):
+                    value = unseal(key, raw)
+                    if value is not None:
+                        sealed += 1
+                        paged += name == b"objects" and ObjectEntry.unpack(value).pages is not None
+                    elif size is not None and len(raw) == size:
+                        unsealed += 1
+        if not sealed and not unsealed:
+            raise self._cannot_tell("no entry shows whether its values are sealed")
         version = SCHEMA_VERSION if sealed else SEALED_SINCE - 1
-        self.meta = self.open_optional(b"meta", create=True)
-        if version >= RECIPES_SINCE:
-            self.open_optional(b"recipes", create=True)
+        for name in (b"chunks", b"objects", b"segments", b"counters"):
+            self._open(name, make=False, new=False)  # each there, or damage
+        self.open_together(NAMESPACE_DATABASES, create=False)
+        self.open_together(CACHE_DATABASES, create=False)
+        make_recipes = version >= RECIPES_SINCE and not self.exists(b"recipes")
+        if make_recipes and paged:
+            raise self._cannot_tell(f"its table recipes is lost ({paged} objects need it)")
         try:
-            with self.write() as txn:
+            with self.write() as txn:  # all of it, or nothing
+                self.meta = Table(self, b"meta", self.env.open_db(b"meta", txn=txn, create=True))
+                if make_recipes:  # a schema 4 index had none
+                    self.env.open_db(b"recipes", txn=txn, create=True)
                 self.set_schema_version(txn, version)
         except lmdb.Error as exc:
+            self.meta = None
             raise lmdb_error(exc, "recording the index's schema version") from None
         self.sync()
         log.warning(
-            "the index %s had lost its schema version; recorded %d again (%d entries sealed)",
+            "the index %s had lost its schema version; recorded %d again (%d entries sealed, "
+            "%d unsealed)",
             self.path,
             version,
             sealed,
+            unsealed,
         )
         return version
+
+    def _names(self) -> list[bytes]:
+        """The names in the main database (the tables, unless it is damaged)."""
+        with self.read() as txn:
+            return [cast(bytes, name) for name in txn.cursor().iternext(values=False)]
+
+    def _cannot_tell(self, why: str) -> IndexCorruptError:
+        return IndexCorruptError(
+            f"the index {self.path} lost its schema version, which cannot be recorded again: {why}",
+            hint=RESTORE_INDEX,
+        )
 
     def open_together(self, names: Sequence[bytes], *, create: bool) -> list[Table | None]:
         """Tables that are made together, one after the other in the order of

@@ -22,7 +22,9 @@ a wrong inode.  The layouts below are of the values without their seal.
     no ``meta``).  A program refuses an index with a newer schema version, and
     opens an older one only to upgrade it.  An index that records no version
     is new only while none of its tables holds an entry; one that does lost
-    its version (damage).
+    its version (damage, which ``fsck --repair`` records again when the
+    entries say it: sealed ones make it the current version, values of the
+    unsealed lengths make it 3).
 
 The store's tables (``STORE_DATABASES``) are made with a new index; once it
 records its version they are all there (``recipes`` from version 5 on), and
@@ -30,7 +32,9 @@ one missing lost its record in LMDB's main database: damage.  The namespace's
 tables and the cache directories' are each made together, in the order of
 their tuple, when first needed: one missing before one that is there, or
 beside one that holds entries, is damage too.  A lost table is never made
-anew (empty, it would lose what it named).
+anew (empty, it would lose what it named); ``recipes`` alone is made when a
+lost version is recorded again as 5 or later and no object's recipe is in
+pages (a schema 4 index had none).
 
 ``chunks``  key: raw chunk digest (32 bytes)
     value ``CHUNK`` = segment id Q, record offset Q, raw length I, stored length I,
