@@ -387,6 +387,26 @@ def test_a_namespace_that_lost_a_table_is_damaged_not_made_anew(
     assert table not in index_contents(store_path)  # not made again
 
 
+def test_a_table_record_that_is_no_table_is_damage(store_path: Path) -> None:
+    """A flipped bit can turn a table's record in the main database into a
+    plain entry (MDB_INCOMPATIBLE where it is opened; the flip experiment met
+    it): the index is damaged, not "written by an incompatible LMDB"."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        Namespace(store).create(ROOT_INODE, b"file", stat.S_IFREG | 0o644, 0, 0)
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=32)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"xattrs", txn=txn), delete=True)
+        txn.put(b"xattrs", b"a plain entry")
+    env.close()
+    with (
+        Store.open(store_path, readonly=True) as store,
+        pytest.raises(IndexCorruptError, match="its table xattrs cannot be opened"),
+    ):
+        Namespace(store)
+    fsck = run_fsck(store_path)
+    assert fsck.returncode == IndexCorruptError.exit_code and "damaged" in fsck.stderr, fsck
+
+
 # --- the flip experiment -------------------------------------------------------------
 
 

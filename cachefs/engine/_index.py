@@ -396,6 +396,8 @@ class Index:
             return self.env.open_db(name, create=create)
         except lmdb.NotFoundError:
             return None
+        except lmdb.IncompatibleError as exc:  # its record in the main database is damaged
+            raise self._lost(name, exc) from None
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"opening the index database {name.decode()}") from None
 
