@@ -238,8 +238,8 @@ def test_a_large_push_goes_up_in_packs_and_comes_back_in_runs(
         finally:
             tiers.close()
     assert tiers.counts["fetched_chunks"] == chunks
-    runs = math.ceil(len(data) / RUN_BYTES) + packs + 1
-    assert got.counts["read_pack"] <= runs  # not one a chunk
+    assert RUN_BYTES >= PACK_BYTES
+    assert got.counts["read_pack"] == requests["write_pack"]  # a whole pack in one request
     assert got.counts["list_pack_indexes"] >= 1 and got.counts["read_pack_index"] == 1
 
     # Another store with the same bytes sends nothing; an insertion sends its new chunks only.
@@ -394,6 +394,10 @@ class _Bucket:
         self.has.update(d for record in records for d in record.chunks)
 
 
+def _bytes(pack: list[Digest]) -> int:
+    return sum(d.size for d in pack)
+
+
 def _early(
     store: Store, bucket: _Bucket, pool: ThreadPoolExecutor, now: list[float]
 ) -> tuple[EarlyPush, list[int]]:
@@ -433,7 +437,10 @@ def test_an_early_push_indexes_its_packs_when_needed_never_late_and_never_hangs(
         early, sent = _early(store, bucket, pool, now)
         early.offer(told[0])
         early.settle({d.hash for d in chunks[0]})
-        assert len(bucket.indexes) == 1 and sum(sent) >= 2 * PACK_BYTES
+        # Two packs of at most PACK_BYTES each (a read asks for a whole pack at once).
+        assert len(bucket.indexes) == 1 and len(bucket.packs) == 2
+        assert all(0 < _bytes(p) <= PACK_BYTES for p in bucket.packs)
+        assert sum(sent) > 2 * PACK_BYTES - (1 << 20)
         assert {d for d in chunks[0] if d not in bucket.has} == set(
             bucket.missing(chunks[0])
         )  # the rest: less than a pack, for the push
@@ -453,7 +460,8 @@ def test_an_early_push_indexes_its_packs_when_needed_never_late_and_never_hangs(
         early.offer(told[1][::-1])  # told afresh (another process)
         landed(early)
         early.close()
-        assert len(bucket.indexes) == 2 and sum(sent) >= 2 * PACK_BYTES
+        assert len(bucket.indexes) == 2 and sum(sent) > 2 * PACK_BYTES - (1 << 20)
+        assert all(0 < _bytes(p) <= PACK_BYTES for p in bucket.packs)
 
 
 def test_an_early_push_that_rests_or_fails_oddly_never_fails_its_closing(
@@ -493,3 +501,69 @@ def test_an_early_push_that_rests_or_fails_oddly_never_fails_its_closing(
         early.settle({h for h, _ in told})
         early.close()
         assert "writing the index of" in caplog.text and sent == []
+
+
+class _Flying:
+    """A remote whose packs hold ``blobs`` in packs of ``PACK_BYTES``
+    (``packed``) or that has them one by one, and that counts what a fetch
+    asks for at once."""
+
+    name = "slow"
+
+    def __init__(self, blobs: dict[Digest, bytes], packed: bool) -> None:
+        self.blobs = blobs
+        self.packs = self if packed else None
+        self.pack_of = {d: n for n, g in enumerate(pack_groups(list(blobs))) for d in g}
+        self.requests = self.bytes = self.most_requests = self.most_bytes = 0
+        self._lock = threading.Lock()
+
+    def placed(self, digest: Digest, age: float) -> bool:
+        return True
+
+    def run(self, digests: Sequence[Digest], limit: int = RUN_BYTES) -> int:
+        count, total = 0, 0
+        for d in digests:
+            if self.pack_of[d] != self.pack_of[digests[0]] or (count and total + d.size > limit):
+                break
+            count, total = count + 1, total + d.size
+        return count
+
+    def read_run(self, digests: Sequence[Digest]) -> list[bytes]:
+        return self._flying(digests)
+
+    def read(self, digest: Digest) -> bytes:
+        return self._flying([digest])[0]
+
+    def _flying(self, digests: Sequence[Digest]) -> list[bytes]:
+        size = sum(d.size for d in digests)
+        with self._lock:
+            self.requests, self.bytes = self.requests + 1, self.bytes + size
+            self.most_requests = max(self.most_requests, self.requests)
+            self.most_bytes = max(self.most_bytes, self.bytes)
+        time.sleep(0.005)
+        with self._lock:
+            self.requests, self.bytes = self.requests - 1, self.bytes - size
+        return [self.blobs[d] for d in digests]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_fetch_keeps_so_many_requests_and_bytes_in_flight(tmp_path: Path, packed: bool) -> None:
+    rng = random.Random(5)
+    sizes = [rng.randrange(40_000, 120_000) for _ in range(500)] if packed else [4096] * 300
+    blobs = {}
+    for size in sizes:
+        data = rng.randbytes(size)
+        blobs[Digest(hashlib.sha256(data).digest(), size)] = data
+    remote = _Flying(blobs, packed)
+    chunks = [(d.hash, d.size) for d in blobs]
+    with (
+        Store.open(tmp_path / "s", create=True, options=StoreOptions(fsync=False)) as store,
+        ThreadPoolExecutor(32) as pool,
+    ):
+        got = _transfer.fetch_chunks(pool, store, remote, chunks, lambda *_: None)  # type: ignore[arg-type]
+        assert b"".join(bytes(data) for _, data in got) == b"".join(blobs.values())
+    if packed:  # whole packs, fewer than FETCH_AHEAD of them: as many as the bytes allow
+        assert _transfer.FETCH_BYTES + RUN_BYTES < _transfer.FETCH_AHEAD * PACK_BYTES
+        assert 4 * PACK_BYTES < remote.most_bytes <= _transfer.FETCH_BYTES + RUN_BYTES
+    else:  # small blobs: as many requests as allowed
+        assert remote.most_requests == _transfer.FETCH_AHEAD

@@ -118,11 +118,13 @@ class EarlyPush:
             not self._closed and len(self._flying) < EARLY_AHEAD
             and self._waiting_bytes >= PACK_BYTES
         ):  # fmt: skip
+            # At most PACK_BYTES, as ``pack_groups`` cuts them (a read asks for
+            # a whole pack at once); a larger chunk is a pack of its own.
             size = taken = 0
-            for taken, digest in enumerate(self._waiting, 1):  # noqa: B007
-                size += digest.size
-                if size >= PACK_BYTES:
+            for digest in self._waiting:
+                if taken and size + digest.size > PACK_BYTES:
                     break
+                size, taken = size + digest.size, taken + 1
             group, self._waiting = self._waiting[:taken], self._waiting[taken:]
             self._waiting_bytes -= size
             number, flight = next(self._numbers), _Flight(frozenset(d.hash for d in group))

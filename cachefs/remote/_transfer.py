@@ -20,9 +20,11 @@ from cachefs.remote._blobs import Remote
 from cachefs.remote._packs import INDEX_PACKS, SYNC_READ, PackRecord, PackStore, pack_groups
 
 #: Requests to fetch chunks in flight at once (a run of chunks back to back
-#: in a pack is one: at most ``RUN_BYTES``, so 16 MiB in flight at most),
-#: chunks a run takes at most, and chunks kept ahead at most.
-FETCH_AHEAD, RUN_MAX, WINDOW_MAX = 16, 64, 1024
+#: in a pack is one, of at most ``RUN_BYTES``), and the bytes in flight past
+#: which no other starts (the daemon's memory: 8 runs of a whole pack, or 16
+#: requests of smaller ones); chunks a run takes at most, and chunks kept
+#: ahead at most.
+FETCH_AHEAD, FETCH_BYTES, RUN_MAX, WINDOW_MAX = 16, 16 << 20, 64, 1024
 #: Packs read and uploaded at once by one push (``PACK_BYTES`` each).
 PACKS_AHEAD = 8
 
@@ -92,12 +94,15 @@ def fetch_chunks(
 
     #: (chunk, size, its request or None: local, its place in what that gives).
     window: deque[tuple[bytes, int, Future[Got] | None, int]] = deque()
-    position, flying = 0, 0
+    position, flying, flying_bytes = 0, 0, 0
     traced_run, traced_chunk = tracing.in_context(fetch_run), tracing.in_context(fetch_chunk)
 
     def fill() -> None:
-        nonlocal position, flying
-        while flying < FETCH_AHEAD and len(window) < WINDOW_MAX and position < len(chunks):
+        nonlocal position, flying, flying_bytes
+        while (
+            flying < FETCH_AHEAD and flying_bytes < FETCH_BYTES
+            and len(window) < WINDOW_MAX and position < len(chunks)
+        ):  # fmt: skip
             chunk, size = chunks[position]
             if chunk not in absent:
                 window.append((chunk, size, None, 0))
@@ -116,6 +121,7 @@ def fetch_chunks(
             window.extend((d.hash, d.size, fut, k) for k, d in enumerate(wanted[:count]))
             position += count
             flying += 1
+            flying_bytes += sum(d.size for d in wanted[:count])
 
     try:
         fill()
@@ -123,6 +129,7 @@ def fetch_chunks(
             chunk, size, fut, k = window.popleft()
             if fut is not None:
                 got = fut.result()
+                flying_bytes -= size
                 if k == len(got) - 1:
                     flying -= 1
                 yield chunk, got[k]
