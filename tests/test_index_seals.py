@@ -33,6 +33,8 @@ from cachefs.format.schema import (
     INDEX_NAME,
     INO_KEY,
     NAMESPACE_DATABASES,
+    REBUILDING_KEY,
+    REBUILT_TABLES,
     ROOT_INODE,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
@@ -159,16 +161,90 @@ def test_an_index_that_lost_a_table_is_damaged_not_made_anew(
     with env.begin(write=True) as txn:
         txn.drop(env.open_db(table, txn=txn), delete=True)
     env.close()
+    remedy = "fsck --repair" if table in REBUILT_TABLES else "restore index.lmdb"
     for readonly in (True, False):
         with pytest.raises(IndexCorruptError, match=f"damaged: its table {table.decode()}") as e:
             Store.open(store_path, readonly=readonly)
-        assert "restore index.lmdb" in (e.value.hint or "")
+        assert remedy in (e.value.hint or "")
     fsck = run_fsck(store_path)
     assert fsck.returncode == IndexCorruptError.exit_code and "damaged" in fsck.stderr, fsck
     env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=16, readonly=True)
     with env.begin() as txn:
         assert txn.get(table) is None  # not made again
     env.close()
+
+
+def drop_tables(store_path: Path, *tables: bytes) -> None:
+    env = lmdb.open(str(store_path / INDEX_NAME), subdir=False, max_dbs=32)
+    with env.begin(write=True) as txn:
+        for table in tables:
+            txn.drop(env.open_db(table, txn=txn), delete=True)
+    env.close()
+
+
+@pytest.mark.parametrize("lost", [(b"segments",), (b"counters",), (b"segments", b"counters")])
+def test_fsck_repair_rebuilds_a_lost_segments_or_counters_table(
+    store_path: Path, lost: tuple[bytes, ...]
+) -> None:
+    """``segments`` and ``counters`` say nothing the segment files and the
+    other tables do not: ``fsck --repair`` makes them whole again (each
+    segment's entry from its file, the counters recounted) where the only
+    remedy was a backup.  Nothing stored is lost, and the store goes on."""
+    data = [random.Random(n).randbytes(120_000) for n in range(3)]
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digests = [store.put(d) for d in data]
+        namespace = Namespace(store)
+        made = [
+            namespace.create(ROOT_INODE, b"f%d" % n, stat.S_IFREG | 0o644, 0, 0) for n in (1, 2)
+        ]
+        with store.index.read() as txn:
+            counters = store.index.counters_dict(txn)
+            segments = dict(store.index.iter_segments(txn))
+    drop_tables(store_path, *lost)
+    check = run_fsck(store_path)
+    assert check.returncode == IndexCorruptError.exit_code and "fsck --repair" in check.stderr
+    repair = run_fsck(store_path, "--repair")
+    assert repair.returncode == 1, repair  # problems found, all repaired
+    for table in lost:
+        assert f"had lost its table {table.decode()}" in repair.stdout, repair
+    again = run_fsck(store_path)
+    assert again.returncode == 0, again
+    with Store.open(store_path) as store:
+        assert not store.index.rebuilding
+        assert [store.read(d) for d in digests] == data
+        with store.index.read() as txn:
+            assert store.index.counters_dict(txn) == counters
+            assert dict(store.index.iter_segments(txn)) == segments
+        # New inodes and segments do not reuse numbers in use.
+        inode = Namespace(store).create(ROOT_INODE, b"after", stat.S_IFREG | 0o644, 0, 0)
+        assert inode.ino > max(m.ino for m in made)
+        store.put(random.Random(9).randbytes(120_000))
+        assert check_store(store).clean
+
+
+def test_a_rebuild_that_fsck_did_not_finish_is_finished_by_the_next(store_path: Path) -> None:
+    """The tables are made anew (empty) with a mark that names them; until a
+    repair has rebuilt them only ``fsck --repair`` opens the index: a writer
+    would take every segment file for unpublished and delete it."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digest = store.put(random.Random(1).randbytes(120_000))
+    files = sorted((store_path / "segments").rglob("*"))
+    drop_tables(store_path, b"segments")
+    with Store.open(store_path, options=StoreOptions(recover_index=True)) as store:
+        assert store.index.rebuilding == {b"segments"}  # and the repair stops here
+    contents = index_contents(store_path)
+    assert contents[b"segments"] == {} and REBUILDING_KEY in contents[b"meta"]
+    for readonly in (True, False):
+        with pytest.raises(IndexCorruptError, match="stopped before it had rebuilt") as e:
+            Store.open(store_path, readonly=readonly)
+        assert "fsck --repair" in (e.value.hint or "")
+    assert sorted((store_path / "segments").rglob("*")) == files  # nothing deleted
+    repair = run_fsck(store_path, "--repair")
+    assert repair.returncode == 1 and "had lost its table segments" in repair.stdout, repair
+    assert REBUILDING_KEY not in index_contents(store_path)[b"meta"]
+    with Store.open(store_path, readonly=True) as store:
+        assert store.read(digest) == random.Random(1).randbytes(120_000)
+        assert check_store(store).clean
 
 
 def index_contents(store_path: Path) -> dict[bytes, dict[bytes, bytes]]:
@@ -293,7 +369,7 @@ def test_fsck_repair_refuses_a_lost_version_it_cannot_tell(
         flip_every_value(store_path)
     before = index_contents(store_path)
     with pytest.raises(IndexCorruptError) as e:
-        Store.open(store_path, options=StoreOptions(recover_version=True))
+        Store.open(store_path, options=StoreOptions(recover_index=True))
     assert "restore index.lmdb" in (e.value.hint or "")
     assert {
         "every value damaged": "no entry shows whether",

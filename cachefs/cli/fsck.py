@@ -59,6 +59,10 @@ def command(
     works beside a running writer.  With --repair and the store's remote tiers
     (--remote, --config), damaged chunks that a tier holds are fetched,
     verified and written again first: only what no tier holds is dropped.
+    --repair also makes whole again what the index lost that the rest shows
+    (exit 1, repaired): a lost segments or counters table, a lost schema
+    version; for any other damage to its structure (exit 4), restore
+    index.lmdb from a backup.
     """
     if os.environ.get(_CHILD) is None:
         _check_in_a_child(store)
@@ -78,7 +82,7 @@ def _check(
     options = TierOptions.parse(remotes, config)
     bar = ProgressBar("checking")
     with Store.open(
-        resolve_store(store), readonly=not repair, options=StoreOptions(recover_version=repair)
+        resolve_store(store), readonly=not repair, options=StoreOptions(recover_index=repair)
     ) as opened:
         tiers = Tiers(opened, options.open(opened.digest_function) if repair else [])
         try:

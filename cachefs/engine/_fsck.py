@@ -25,7 +25,10 @@ whose chunk is damaged or missing, drops every object that needed one of them
 (these are listed: their data is lost), and rewrites reference counts, segment
 statistics and counters from the recount without them.  Then every segment
 holding a damaged record is rewritten without it (as ``gc`` compacts), so a
-second check is clean.
+second check is clean.  Before all that, a repair makes whole again the
+tables the index had lost that can be (``Index.rebuilding``: each segment's
+entry from its file, the counters from the largest ids in use and the
+recount), and reports them as problems repaired.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pathlib import Path
 import lmdb
 
 from cachefs import tracing
-from cachefs.engine._index import Index, lmdb_error
+from cachefs.engine._index import Index, Table, lmdb_error
 from cachefs.engine._maintenance import Maintenance
 from cachefs.engine._namespace import Namespace
 from cachefs.engine._namespace_check import check_namespace, repair_namespace
@@ -125,7 +128,13 @@ def check_store(
     (a store with remote tiers, ``LocalChunks.healer``, first heals the
     damaged chunks they hold, unless index entries are damaged: those are
     dropped first, and what they named is then lost or missing)."""
-    if repair and store.chunks.healer is not None and not _damaged_entries(store):
+    rebuilding = store.index.rebuilding
+    if (
+        repair
+        and store.chunks.healer is not None
+        and not rebuilding
+        and not _damaged_entries(store)
+    ):
         found = _check_beside_writer(store, progress)
         healed = _heal_damaged(store) if not found.clean else 0
         if healed:
@@ -141,6 +150,8 @@ def check_store(
             return report
         return _check_beside_writer(store, progress)
     with store.maintenance() as maintenance:
+        if rebuilding:
+            _rebuild_tables(store)
         damaged = _damaged_entries(store)
         if damaged:
             _drop_damaged(store, damaged)
@@ -152,7 +163,14 @@ def check_store(
                 _repair_namespace(store)
             except lmdb.Error as exc:
                 raise lmdb_error(exc, "repairing the index") from None
-        recovered = store.index.recovered_version  # at the open (``recover_version``)
+        if rebuilding:
+            store.index.rebuilt()
+            for name in sorted(rebuilding):
+                report.add(
+                    "lost-table", f"the index had lost its table {name.decode()}: {_HOW[name]}"
+                )
+            report.repaired = True
+        recovered = store.index.recovered_version  # at the open (``recover_index``)
         if recovered is not None:
             upgraded = f", then upgraded to {SCHEMA_VERSION}" if recovered < SCHEMA_VERSION else ""
             report.add(
@@ -199,12 +217,48 @@ def _drop_damaged(store: Store, damaged: dict[bytes, list[bytes]]) -> None:
                 if name == b"segments":
                     _rebuild_segment(store, txn, SEGMENT_KEY.unpack(key)[0], on_disk)
                 elif (name, key) == (b"counters", b"next_segment_id"):
-                    ids = [*on_disk, *(i for i, _ in index.iter_segments(txn))]
-                    index.set_counter(txn, "next_segment_id", max(ids, default=0) + 1)
-                elif (name, key) == (b"counters", b"next_inode") and inodes is not None:
-                    last = max((INO_KEY.unpack(k)[0] for k in inodes.keys(txn)), default=0)
-                    index.set_counter(txn, "next_inode", last + 1)
+                    _next_segment_id(index, txn, on_disk)
+                elif (name, key) == (b"counters", b"next_inode"):
+                    _next_inode(index, txn, inodes)
     index.sync()
+
+
+#: How each table of ``REBUILT_TABLES`` is made whole again (the report says).
+_HOW = {
+    b"segments": "each segment's entry was rebuilt from its file",
+    b"counters": "the counters were recounted",
+}
+
+
+def _rebuild_tables(store: Store) -> None:
+    """Make whole again the tables the index lost, made anew at the open
+    (``Index.rebuilding``): every segment's entry from its file, and the
+    counters that name the next segment and inode; the check after recounts
+    the rest (segments' live figures, the other counters) and the repair
+    writes them.  All in one transaction: a repair stopped before it ends
+    does it all again."""
+    index = store.index
+    on_disk = dict(list_segment_files(store.segments.root))
+    inodes = index.open_optional(b"inodes", create=False)  # not inside the transaction
+    with index.write() as txn:
+        if b"segments" in index.rebuilding:
+            for segment_id in sorted(on_disk):
+                _rebuild_segment(store, txn, segment_id, on_disk)
+        if b"counters" in index.rebuilding:
+            _next_segment_id(index, txn, on_disk)
+            _next_inode(index, txn, inodes)
+    index.sync()
+
+
+def _next_segment_id(index: Index, txn: lmdb.Transaction, on_disk: dict[int, Path]) -> None:
+    ids = [*on_disk, *(i for i, _ in index.iter_segments(txn))]
+    index.set_counter(txn, "next_segment_id", max(ids, default=0) + 1)
+
+
+def _next_inode(index: Index, txn: lmdb.Transaction, inodes: Table | None) -> None:
+    if inodes is not None:
+        last = max((INO_KEY.unpack(k)[0] for k in inodes.keys(txn)), default=0)
+        index.set_counter(txn, "next_inode", last + 1)
 
 
 def _rebuild_segment(

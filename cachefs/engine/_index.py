@@ -37,6 +37,8 @@ from cachefs.format.schema import (
     MAX_DBS,
     NAMESPACE_DATABASES,
     PAGE_KEY,
+    REBUILDING_KEY,
+    REBUILT_TABLES,
     RECIPE_PAGE,
     RECIPES_SINCE,
     SCHEMA_VERSION,
@@ -53,6 +55,7 @@ from cachefs.format.schema import (
     unpack_recipe,
     unseal,
 )
+from cachefs.format.segment import list_segment_files
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,11 @@ _FIXED_SIZES = {
 
 #: The remedy for damage to the index's own structure (its main database).
 RESTORE_INDEX = "restore index.lmdb from a backup; segments hold the chunk data"
+#: The remedy for a lost table of ``REBUILT_TABLES``.
+_REPAIR_REBUILDS = (
+    "run `cachefs fsck --repair STORE` (unmounted), which rebuilds it from the segment files "
+    "and the other tables"
+)
 
 
 class Table:
@@ -174,13 +182,19 @@ class Index:
         *,
         readonly: bool,
         fsync: bool = True,
-        recover_version: bool = False,
+        recover: bool = False,
     ) -> None:
+        """``recover`` (a writer: ``cachefs fsck --repair``): record again a
+        lost schema version from the entries, and make anew, empty, the
+        ``REBUILT_TABLES`` the index lost, for fsck to rebuild."""
         self.path = store / INDEX_NAME
         self.readonly = readonly
         self.health = health
-        #: The schema version recorded again at this open (``recover_version``).
+        #: The schema version recorded again at this open (``recover``).
         self.recovered_version: int | None = None
+        #: Tables being rebuilt (``REBUILDING_KEY``): made anew at this open
+        #: (``recover``), or at an earlier one whose repair did not finish.
+        self.rebuilding: set[bytes] = set()
         #: Whether values are sealed (schema 4 on; an upgrade seals them).
         self.sealed = False
         try:
@@ -216,17 +230,17 @@ class Index:
                     f"the index {self.path} has schema version {version}; this cachefs "
                     f"reads versions up to {SCHEMA_VERSION}"
                 )
-            if version is None and self._holds_entries():
+            if version is None and _holds_entries(self):
                 # Its ``meta`` table's record or the version in it was lost: a
                 # writer would take the index for new and seal every value again.
-                if not recover_version or readonly:
+                if not recover or readonly:
                     raise IndexCorruptError(
                         f"the index {self.path} is damaged: it holds entries but records no "
                         "schema version (its table meta, or the version in it, is lost)",
                         hint="run `cachefs fsck --repair STORE` (unmounted), which records "
                         f"it again from what the entries show; or {RESTORE_INDEX}",
                     )
-                version = self.recovered_version = self._recover_version()
+                version = self.recovered_version = _recover_version(self)
             if self.meta is None and not readonly:
                 self.meta = self.open_optional(b"meta", create=True)
             self.sealed = version is not None and version >= SEALED_SINCE
@@ -235,13 +249,15 @@ class Index:
             # index is damaged (its main database).
             new = version is None
             make = not readonly and new
-            self.chunks = self._open(b"chunks", make=make, new=new)
-            self.objects = self._open(b"objects", make=make, new=new)
-            self.segments = self._open(b"segments", make=make, new=new)
-            self.counters = self._open(b"counters", make=make, new=new)
+            if not new:
+                self.rebuilding = _rebuild_lost(self, recover=recover and not readonly)
+            self.chunks = self.open_table(b"chunks", make=make, new=new)
+            self.objects = self.open_table(b"objects", make=make, new=new)
+            self.segments = self.open_table(b"segments", make=make, new=new)
+            self.counters = self.open_table(b"counters", make=make, new=new)
             #: Paged recipes (schema 5); None in a read-only open of an older index.
             if version is not None and version >= RECIPES_SINCE:
-                self.recipes: Table | None = self._open(b"recipes", make=False, new=False)
+                self.recipes: Table | None = self.open_table(b"recipes", make=False, new=False)
             else:
                 self.recipes = self.open_optional(b"recipes", create=not readonly)
         except BaseException:
@@ -252,7 +268,7 @@ class Index:
         """Record damage met in the index (once); returns ``exc`` to raise."""
         return exc if self.health is None else self.health.damaged(exc)
 
-    def _open(self, name: bytes, *, make: bool, new: bool) -> Table:
+    def open_table(self, name: bytes, *, make: bool, new: bool) -> Table:
         """A table every index has (made when ``make``; ``new``: the index
         records no version and holds nothing yet)."""
         try:
@@ -263,106 +279,33 @@ class Index:
                     f"the index {self.path} is not made yet: it has no table {_name(name)}",
                     hint="open the store once for writing (`cachefs gc STORE`), which makes it",
                 ) from None
-            raise self._lost(name, exc) from None
+            raise self.lost_table(name, exc) from None
         except lmdb.IncompatibleError as exc:
-            raise self._lost(name, exc) from None
+            raise self.lost_table(name, exc) from None
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"opening the index database {_name(name)}") from None
 
-    def _lost(self, name: bytes, exc: lmdb.Error) -> IndexCorruptError:
+    def lost_table(self, name: bytes, exc: lmdb.Error) -> IndexCorruptError:
+        """The error of table ``name`` that cannot be opened (``exc``)."""
+        rebuilt = name in REBUILT_TABLES and not self.exists(name)  # its record is gone
         return IndexCorruptError(
             f"the index {self.path} is damaged: its table {_name(name)} cannot be opened ({exc})",
-            hint=RESTORE_INDEX,
+            hint=_REPAIR_REBUILDS if rebuilt else RESTORE_INDEX,
         )
 
-    def _holds_entries(self) -> bool:
-        """Whether a table of the index holds an entry (a new index holds none,
-        nor one whose making a crash cut short).  A name in the main database
-        that is no table of this version's counts as entries (it is not opened:
-        each open table keeps one of the ``MAX_DBS`` handles)."""
-        for name in self._names():
-            if name not in ALL_DATABASES:
-                return True
-            try:
-                handle = self.env.open_db(name, create=False)
-            except lmdb.IncompatibleError:
-                return True  # a plain entry of the main database
-            except lmdb.NotFoundError as exc:  # listed, not found: a damaged main database
-                raise self._lost(name, exc) from None
-            except lmdb.Error as exc:
-                raise lmdb_error(exc, f"opening the index database {_name(name)}") from None
-            with self.read() as txn:
-                if txn.stat(handle)["entries"]:
-                    return True
-        return False
-
-    def _recover_version(self) -> int:
-        """Record again the schema version of an index that lost it, from its
-        entries: any sealed one makes it this version's (every schema after
-        the first sealed one only allows more), and entries that fail their
-        seals are damage that fsck finds after; none sealed, the last unsealed
-        one (3; the writer's upgrade then seals them) -- if the values of the
-        tables whose values have one length have that length unsealed.
-        Anything else is refused (IndexCorruptError) with nothing written:
-        another table lost, entries that cannot tell, or a sealed index that
-        lost ``recipes`` while an object's recipe is in pages."""
-        sealed = unsealed = paged = 0
-        for name in self._names():
-            if name not in ALL_DATABASES:
-                raise self._cannot_tell(f"its main database names {_name(name)}")
-            try:
-                handle = self.env.open_db(name, create=False)
-            except (lmdb.NotFoundError, lmdb.IncompatibleError) as exc:
-                raise self._lost(name, exc) from None
-            size = _FIXED_SIZES.get(name)
-            with self.read() as txn:
-                for key, raw in cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=handle)):
-                    value = unseal(key, raw)
-                    if value is not None:
-                        sealed += 1
-                        paged += name == b"objects" and ObjectEntry.unpack(value).pages is not None
-                    elif size is not None and len(raw) == size:
-                        unsealed += 1
-        if not sealed and not unsealed:
-            raise self._cannot_tell("no entry shows whether its values are sealed")
-        version = SCHEMA_VERSION if sealed else SEALED_SINCE - 1
-        for name in (b"chunks", b"objects", b"segments", b"counters"):
-            self._open(name, make=False, new=False)  # each there, or damage
-        self.open_together(NAMESPACE_DATABASES, create=False)
-        self.open_together(CACHE_DATABASES, create=False)
-        make_recipes = version >= RECIPES_SINCE and not self.exists(b"recipes")
-        if make_recipes and paged:
-            raise self._cannot_tell(f"its table recipes is lost ({paged} objects need it)")
-        try:
-            with self.write() as txn:  # all of it, or nothing
-                self.meta = Table(self, b"meta", self.env.open_db(b"meta", txn=txn, create=True))
-                if make_recipes:  # a schema 4 index had none
-                    self.env.open_db(b"recipes", txn=txn, create=True)
-                self.set_schema_version(txn, version)
-        except lmdb.Error as exc:
-            self.meta = None
-            raise lmdb_error(exc, "recording the index's schema version") from None
+    def rebuilt(self) -> None:
+        """The tables being rebuilt are whole again (``fsck --repair``, after
+        its repair): the index opens as any other again."""
+        assert self.meta is not None
+        with self.write() as txn:
+            self.meta.delete(txn, REBUILDING_KEY)
         self.sync()
-        log.warning(
-            "the index %s had lost its schema version; recorded %d again (%d entries sealed, "
-            "%d unsealed)",
-            self.path,
-            version,
-            sealed,
-            unsealed,
-        )
-        return version
+        self.rebuilding = set()
 
-    def _names(self) -> list[bytes]:
+    def table_names(self) -> list[bytes]:
         """The names in the main database (the tables, unless it is damaged)."""
         with self.read() as txn:
             return [cast(bytes, name) for name in txn.cursor().iternext(values=False)]
-
-    def _cannot_tell(self, why: str) -> IndexCorruptError:
-        return IndexCorruptError(
-            f"the index {self.path} lost its schema version, which cannot be recorded again: {why}",
-            hint=RESTORE_INDEX,
-        )
 
     def open_together(self, names: Sequence[bytes], *, create: bool) -> list[Table | None]:
         """Tables that are made together, one after the other in the order of
@@ -397,7 +340,7 @@ class Index:
         except lmdb.NotFoundError:
             return None
         except lmdb.IncompatibleError as exc:  # its record in the main database is damaged
-            raise self._lost(name, exc) from None
+            raise self.lost_table(name, exc) from None
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"opening the index database {name.decode()}") from None
 
@@ -568,12 +511,15 @@ class Index:
         for key, raw in self.segments.items(txn):
             yield SEGMENT_KEY.unpack(key)[0], SegmentEntry.unpack(raw)
 
-    def segments_at_open(self) -> tuple[dict[int, SegmentEntry], int, set[int]]:
+    def segments_at_open(self, root: Path) -> tuple[dict[int, SegmentEntry], int, set[int]]:
         """For a writer's start-up: the segments' entries, the next segment id
         (0 if its counter is damaged: the files on disk say), and the ids whose
-        entries are damaged (their files must be kept as they are for fsck)."""
+        entries are damaged (their files must be kept as they are for fsck):
+        every file's in ``root`` while fsck rebuilds the table."""
         published: dict[int, SegmentEntry] = {}
         unreadable: set[int] = set()
+        if b"segments" in self.rebuilding:
+            unreadable.update(segment_id for segment_id, _ in list_segment_files(root))
         with self.read() as txn:
             for key, raw in cast(
                 Iterator[tuple[bytes, bytes]], txn.cursor(db=self.segments.handle)
@@ -620,6 +566,150 @@ class Index:
 
     def set_counter(self, txn: lmdb.Transaction, name: str, value: int) -> None:
         self.counters.put(txn, name.encode(), COUNTER.pack(value))
+
+
+# --- what a repair's open records again (``recover``) ----------------------
+
+
+def _rebuild_lost(index: Index, *, recover: bool) -> set[bytes]:
+    """The tables ``fsck --repair`` is rebuilding: those an earlier repair
+    made anew (``REBUILDING_KEY``), and, when ``recover``, those of
+    ``REBUILT_TABLES`` the index lost now, made anew, empty, in the
+    transaction that adds them to the key.  Any other open of an index
+    being rebuilt is refused (IndexCorruptError): a writer would take the
+    segment files for unpublished ones and delete them."""
+    marked = _marked_rebuilding(index)
+    if not recover:
+        if marked:
+            raise IndexCorruptError(
+                f"the index {index.path} is being repaired: `cachefs fsck --repair` stopped "
+                f"before it had rebuilt its table {', '.join(map(_name, sorted(marked)))}",
+                hint=_REPAIR_REBUILDS,
+            )
+        return set()
+    lost = {name for name in REBUILT_TABLES if not index.exists(name)}
+    if not lost:
+        return marked
+    assert index.meta is not None  # a writer's open of an index with a version
+    names = b",".join(sorted(marked | lost))
+    try:
+        with index.write() as txn:  # the tables and the key, or neither
+            for name in sorted(lost):
+                index.env.open_db(name, txn=txn, create=True)
+            index.meta.put(txn, REBUILDING_KEY, names)
+    except lmdb.Error as exc:
+        raise lmdb_error(exc, "making lost tables of the index anew") from None
+    index.sync()
+    log.warning(
+        "the index %s had lost its table %s: made anew, for fsck to rebuild",
+        index.path,
+        ", ".join(map(_name, sorted(lost))),
+    )
+    return marked | lost
+
+
+def _marked_rebuilding(index: Index) -> set[bytes]:
+    """The tables ``REBUILDING_KEY`` names (none: no repair is under way)."""
+    if index.meta is None:
+        return set()
+    with index.read() as txn:
+        raw = index.meta.get(txn, REBUILDING_KEY)  # damaged: IndexCorruptError
+    if raw is None:
+        return set()
+    names = set(raw.split(b","))
+    if not names <= set(REBUILT_TABLES):
+        raise IndexCorruptError(
+            f"the index {index.path} is damaged: its repair mark names {raw!r}",
+            hint=RESTORE_INDEX,
+        )
+    return names
+
+
+def _holds_entries(index: Index) -> bool:
+    """Whether a table of the index holds an entry (a new index holds none,
+    nor one whose making a crash cut short).  A name in the main database
+    that is no table of this version's counts as entries (it is not opened:
+    each open table keeps one of the ``MAX_DBS`` handles)."""
+    for name in index.table_names():
+        if name not in ALL_DATABASES:
+            return True
+        try:
+            handle = index.env.open_db(name, create=False)
+        except lmdb.IncompatibleError:
+            return True  # a plain entry of the main database
+        except lmdb.NotFoundError as exc:  # listed, not found: a damaged main database
+            raise index.lost_table(name, exc) from None
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, f"opening the index database {_name(name)}") from None
+        with index.read() as txn:
+            if txn.stat(handle)["entries"]:
+                return True
+    return False
+
+
+def _recover_version(index: Index) -> int:
+    """Record again the schema version of an index that lost it, from its
+    entries: any sealed one makes it this version's (every schema after
+    the first sealed one only allows more), and entries that fail their
+    seals are damage that fsck finds after; none sealed, the last unsealed
+    one (3; the writer's upgrade then seals them) -- if the values of the
+    tables whose values have one length have that length unsealed.
+    Anything else is refused (IndexCorruptError) with nothing written:
+    another table lost, entries that cannot tell, or a sealed index that
+    lost ``recipes`` while an object's recipe is in pages."""
+    sealed = unsealed = paged = 0
+    for name in index.table_names():
+        if name not in ALL_DATABASES:
+            raise _cannot_tell(index, f"its main database names {_name(name)}")
+        try:
+            handle = index.env.open_db(name, create=False)
+        except (lmdb.NotFoundError, lmdb.IncompatibleError) as exc:
+            raise index.lost_table(name, exc) from None
+        size = _FIXED_SIZES.get(name)
+        with index.read() as txn:
+            for key, raw in cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=handle)):
+                value = unseal(key, raw)
+                if value is not None:
+                    sealed += 1
+                    paged += name == b"objects" and ObjectEntry.unpack(value).pages is not None
+                elif size is not None and len(raw) == size:
+                    unsealed += 1
+    if not sealed and not unsealed:
+        raise _cannot_tell(index, "no entry shows whether its values are sealed")
+    version = SCHEMA_VERSION if sealed else SEALED_SINCE - 1
+    for name in (b"chunks", b"objects"):  # each there, or damage (the others are rebuilt)
+        index.open_table(name, make=False, new=False)
+    index.open_together(NAMESPACE_DATABASES, create=False)
+    index.open_together(CACHE_DATABASES, create=False)
+    make_recipes = version >= RECIPES_SINCE and not index.exists(b"recipes")
+    if make_recipes and paged:
+        raise _cannot_tell(index, f"its table recipes is lost ({paged} objects need it)")
+    try:
+        with index.write() as txn:  # all of it, or nothing
+            index.meta = Table(index, b"meta", index.env.open_db(b"meta", txn=txn, create=True))
+            if make_recipes:  # a schema 4 index had none
+                index.env.open_db(b"recipes", txn=txn, create=True)
+            index.set_schema_version(txn, version)
+    except lmdb.Error as exc:
+        index.meta = None
+        raise lmdb_error(exc, "recording the index's schema version") from None
+    index.sync()
+    log.warning(
+        "the index %s had lost its schema version; recorded %d again (%d entries sealed, "
+        "%d unsealed)",
+        index.path,
+        version,
+        sealed,
+        unsealed,
+    )
+    return version
+
+
+def _cannot_tell(index: Index, why: str) -> IndexCorruptError:
+    return IndexCorruptError(
+        f"the index {index.path} lost its schema version, which cannot be recorded again: {why}",
+        hint=RESTORE_INDEX,
+    )
 
 
 def _injected(point: str, call: str) -> None:

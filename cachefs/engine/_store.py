@@ -107,9 +107,11 @@ class StoreOptions:
     buffer_size: int = 4 << 20
     #: Queue new objects for the write tiers (``Store.pushes``; a writer only).
     push: bool = False
-    #: A writer records again the schema version of an index that lost it,
-    #: from its entries (``cachefs fsck --repair``), instead of refusing it.
-    recover_version: bool = False
+    #: A writer records again what the index lost where its entries and the
+    #: segment files show it (``cachefs fsck --repair``), instead of refusing
+    #: the index: its schema version, its ``segments`` and ``counters`` tables
+    #: (made anew, empty; ``check_store`` rebuilds them).
+    recover_index: bool = False
     #: The audit log's directory (None: ``STORE/audit``) and rotation size.
     audit_dir: Path | None = None
     audit_max_size: int = AUDIT_MAX_SIZE
@@ -234,9 +236,9 @@ class Store:
         self._activity = activity = Activity()
         self.health = Health(path / HEALTH_NAME, readonly=readonly)
         self.workers = Workers(options.workers)
-        recover = options.recover_version
+        recover = options.recover_index
         self.index = Index(
-            path, self.health, readonly=readonly, fsync=options.fsync, recover_version=recover
+            path, self.health, readonly=readonly, fsync=options.fsync, recover=recover
         )
         self.segments = SegmentStore(
             self.segments_root, config.segments, fsync=options.fsync, max_maps=options.max_maps
@@ -356,7 +358,7 @@ class Store:
         upgrade(self.path, self.index, header.format_version)
         shutil.rmtree(self.tmp_root, ignore_errors=True)
         self.tmp_root.mkdir(exist_ok=True)
-        published, next_id, unreadable = self.index.segments_at_open()
+        published, next_id, unreadable = self.index.segments_at_open(self.segments_root)
         if self.segments.recover(published, next_id, unreadable) or unreadable:
             self.health.suspect()
         self.journal = Journal(self.path / journal_format.DIRECTORY, fsync=self.options.fsync)

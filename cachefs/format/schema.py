@@ -25,6 +25,13 @@ a wrong inode.  The layouts below are of the values without their seal.
     its version (damage, which ``fsck --repair`` records again when the
     entries say it: sealed ones make it the current version, values of the
     unsealed lengths make it 3).
+    ``rebuilding`` (value: table names, comma-separated ASCII, not a Q):
+    tables that ``fsck --repair`` made anew, empty, because the index had
+    lost them (``REBUILT_TABLES``: ``segments``, rebuilt from the segment
+    files, and ``counters``, recounted), made in the transaction that writes
+    this key and deleted once they are whole again.  While it is there, only
+    ``fsck --repair`` opens the index (it goes on with the rebuild): an empty
+    ``segments`` would make a writer delete every segment file as unpublished.
 
 The store's tables (``STORE_DATABASES``) are made with a new index; once it
 records its version they are all there (``recipes`` from version 5 on), and
@@ -235,6 +242,10 @@ def held_remotely(value: bytes | memoryview | None) -> bool:
 
 
 SCHEMA_VERSION_KEY = b"schema_version"
+#: ``meta`` key of the tables ``fsck --repair`` is rebuilding (see above).
+REBUILDING_KEY = b"rebuilding"
+#: Tables an index can lose and ``fsck --repair`` make whole again.
+REBUILT_TABLES = (b"segments", b"counters")
 COUNTER_NAMES = (
     "objects",
     "files",
