@@ -26,14 +26,21 @@ from click.testing import CliRunner
 
 from cachefs.cli import cli
 from cachefs.cli import fsck as fsck_cli
-from cachefs.engine import CacheRecords, Namespace, Store, StoreOptions, _index, check_store
+from cachefs.engine import (
+    CacheRecords,
+    Namespace,
+    Store,
+    StoreOptions,
+    _index,
+    check_store,
+    collect_garbage,
+)
 from cachefs.errors import CachefsError, FormatVersionError, IndexCorruptError
 from cachefs.format.schema import (
     CACHE_DATABASES,
     INDEX_NAME,
     INO_KEY,
     NAMESPACE_DATABASES,
-    REBUILDING_KEY,
     REBUILT_TABLES,
     ROOT_INODE,
     SCHEMA_VERSION,
@@ -210,7 +217,6 @@ def test_fsck_repair_rebuilds_a_lost_segments_or_counters_table(
     again = run_fsck(store_path)
     assert again.returncode == 0, again
     with Store.open(store_path) as store:
-        assert not store.index.rebuilding
         assert [store.read(d) for d in digests] == data
         with store.index.read() as txn:
             assert store.index.counters_dict(txn) == counters
@@ -222,29 +228,77 @@ def test_fsck_repair_rebuilds_a_lost_segments_or_counters_table(
         assert check_store(store).clean
 
 
-def test_a_rebuild_that_fsck_did_not_finish_is_finished_by_the_next(store_path: Path) -> None:
-    """The tables are made anew (empty) with a mark that names them; until a
-    repair has rebuilt them only ``fsck --repair`` opens the index: a writer
-    would take every segment file for unpublished and delete it."""
+def test_a_repair_stopped_after_its_open_leaves_a_whole_index(store_path: Path) -> None:
+    """The lost tables are made whole in the transaction that makes them: a
+    repair stopped right after its open leaves an index that any writer can
+    use (an empty ``segments`` would have made it delete every segment file
+    as unpublished, and entries with no live records would be gc's)."""
+    data = random.Random(1).randbytes(300_000)
     with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
-        digest = store.put(random.Random(1).randbytes(120_000))
-    files = sorted((store_path / "segments").rglob("*"))
-    drop_tables(store_path, b"segments")
+        digest = store.put(data)
+    files = {p: p.read_bytes() for p in (store_path / "segments").rglob("*") if p.is_file()}
+    drop_tables(store_path, b"segments", b"counters")
     with Store.open(store_path, options=StoreOptions(recover_index=True)) as store:
-        assert store.index.rebuilding == {b"segments"}  # and the repair stops here
-    contents = index_contents(store_path)
-    assert contents[b"segments"] == {} and REBUILDING_KEY in contents[b"meta"]
-    for readonly in (True, False):
-        with pytest.raises(IndexCorruptError, match="stopped before it had rebuilt") as e:
-            Store.open(store_path, readonly=readonly)
-        assert "fsck --repair" in (e.value.hint or "")
-    assert sorted((store_path / "segments").rglob("*")) == files  # nothing deleted
+        assert store.index.rebuilt_tables == {b"segments", b"counters"}  # and it stops here
+    with Store.open(store_path) as store:
+        assert not store.index.rebuilt_tables
+        assert {p: p.read_bytes() for p in files} == files  # none deleted or cut
+        assert store.read(digest) == data
+        assert check_store(store).clean
+        collect_garbage(store)  # live figures from the chunk entries: nothing dropped
+        assert store.read(digest) == data
+
+
+@pytest.mark.parametrize("damage", ["a chunk entry", "a segment's header"])
+def test_a_lost_table_beside_damage_is_made_from_what_is_intact(
+    store_path: Path, damage: str
+) -> None:
+    """Entries that fail their seals are left out of the recount (fsck drops
+    them after), and a segment whose header is damaged still gets its entry
+    from the chunk entries that name it: its intact records are kept."""
+    data = [random.Random(n).randbytes(100_000) for n in range(4)]
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digests = [store.put(d) for d in data]
+        with store.index.read() as txn:
+            damaged, entry = next(iter(store.index.iter_chunks(txn)))
+            path = store.segments.chunk_path(damaged, entry.segment_id)
+    if damage == "a chunk entry":
+        damage_entry(store_path, b"chunks", damaged)
+    else:
+        with open(path, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0x40]))
+    drop_tables(store_path, b"segments", b"counters")
     repair = run_fsck(store_path, "--repair")
     assert repair.returncode == 1 and "had lost its table segments" in repair.stdout, repair
-    assert REBUILDING_KEY not in index_contents(store_path)[b"meta"]
+    assert run_fsck(store_path).returncode == 0
     with Store.open(store_path, readonly=True) as store:
-        assert store.read(digest) == random.Random(1).randbytes(120_000)
-        assert check_store(store).clean
+        readable = []
+        for d, expected in zip(digests, data, strict=True):
+            with contextlib.suppress(CachefsError):
+                readable.append(store.read(d) == expected)
+    if damage == "a chunk entry":  # what needed the damaged chunk is lost, nothing else
+        assert readable.count(True) == len(data) - 1 and False not in readable
+    else:
+        assert readable == [True] * len(data)
+
+
+@pytest.mark.parametrize("other", [b"objects", b"inodes"])
+def test_a_lost_table_beside_another_lost_one_is_refused_with_nothing_written(
+    store_path: Path, other: bytes
+) -> None:
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        store.put(compressible(40_000, 1))
+        Namespace(store).create(ROOT_INODE, b"file", stat.S_IFREG | 0o644, 0, 0)
+    drop_tables(store_path, b"segments", other)
+    before = index_contents(store_path)
+    with pytest.raises(IndexCorruptError, match=other.decode()) as e:
+        Store.open(store_path, options=StoreOptions(recover_index=True))
+    assert "restore index.lmdb" in (e.value.hint or "")
+    repair = run_fsck(store_path, "--repair")
+    assert repair.returncode == IndexCorruptError.exit_code, repair
+    assert index_contents(store_path) == before
 
 
 def index_contents(store_path: Path) -> dict[bytes, dict[bytes, bytes]]:

@@ -25,10 +25,9 @@ whose chunk is damaged or missing, drops every object that needed one of them
 (these are listed: their data is lost), and rewrites reference counts, segment
 statistics and counters from the recount without them.  Then every segment
 holding a damaged record is rewritten without it (as ``gc`` compacts), so a
-second check is clean.  Before all that, a repair makes whole again the
-tables the index had lost that can be (``Index.rebuilding``: each segment's
-entry from its file, the counters from the largest ids in use and the
-recount), and reports them as problems repaired.
+second check is clean.  What the repair's open recorded again (a lost schema
+version, lost tables made anew: ``StoreOptions.recover_index``) is reported
+as problems repaired.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ from pathlib import Path
 import lmdb
 
 from cachefs import tracing
-from cachefs.engine._index import Index, Table, lmdb_error
+from cachefs.engine._index import Index, lmdb_error
 from cachefs.engine._maintenance import Maintenance
 from cachefs.engine._namespace import Namespace
 from cachefs.engine._namespace_check import check_namespace, repair_namespace
@@ -128,13 +127,7 @@ def check_store(
     (a store with remote tiers, ``LocalChunks.healer``, first heals the
     damaged chunks they hold, unless index entries are damaged: those are
     dropped first, and what they named is then lost or missing)."""
-    rebuilding = store.index.rebuilding
-    if (
-        repair
-        and store.chunks.healer is not None
-        and not rebuilding
-        and not _damaged_entries(store)
-    ):
+    if repair and store.chunks.healer is not None and not _damaged_entries(store):
         found = _check_beside_writer(store, progress)
         healed = _heal_damaged(store) if not found.clean else 0
         if healed:
@@ -150,8 +143,6 @@ def check_store(
             return report
         return _check_beside_writer(store, progress)
     with store.maintenance() as maintenance:
-        if rebuilding:
-            _rebuild_tables(store)
         damaged = _damaged_entries(store)
         if damaged:
             _drop_damaged(store, damaged)
@@ -163,12 +154,12 @@ def check_store(
                 _repair_namespace(store)
             except lmdb.Error as exc:
                 raise lmdb_error(exc, "repairing the index") from None
-        if rebuilding:
-            store.index.rebuilt()
-            for name in sorted(rebuilding):
-                report.add(
-                    "lost-table", f"the index had lost its table {name.decode()}: {_HOW[name]}"
-                )
+        for name in sorted(store.index.rebuilt_tables):  # at the open (``recover_index``)
+            report.add(
+                "lost-table",
+                f"the index had lost its table {name.decode()}: made anew from the chunk "
+                "entries, the segment files and a recount",
+            )
             report.repaired = True
         recovered = store.index.recovered_version  # at the open (``recover_index``)
         if recovered is not None:
@@ -217,48 +208,12 @@ def _drop_damaged(store: Store, damaged: dict[bytes, list[bytes]]) -> None:
                 if name == b"segments":
                     _rebuild_segment(store, txn, SEGMENT_KEY.unpack(key)[0], on_disk)
                 elif (name, key) == (b"counters", b"next_segment_id"):
-                    _next_segment_id(index, txn, on_disk)
-                elif (name, key) == (b"counters", b"next_inode"):
-                    _next_inode(index, txn, inodes)
+                    ids = [*on_disk, *(i for i, _ in index.iter_segments(txn))]
+                    index.set_counter(txn, "next_segment_id", max(ids, default=0) + 1)
+                elif (name, key) == (b"counters", b"next_inode") and inodes is not None:
+                    last = max((INO_KEY.unpack(k)[0] for k in inodes.keys(txn)), default=0)
+                    index.set_counter(txn, "next_inode", last + 1)
     index.sync()
-
-
-#: How each table of ``REBUILT_TABLES`` is made whole again (the report says).
-_HOW = {
-    b"segments": "each segment's entry was rebuilt from its file",
-    b"counters": "the counters were recounted",
-}
-
-
-def _rebuild_tables(store: Store) -> None:
-    """Make whole again the tables the index lost, made anew at the open
-    (``Index.rebuilding``): every segment's entry from its file, and the
-    counters that name the next segment and inode; the check after recounts
-    the rest (segments' live figures, the other counters) and the repair
-    writes them.  All in one transaction: a repair stopped before it ends
-    does it all again."""
-    index = store.index
-    on_disk = dict(list_segment_files(store.segments.root))
-    inodes = index.open_optional(b"inodes", create=False)  # not inside the transaction
-    with index.write() as txn:
-        if b"segments" in index.rebuilding:
-            for segment_id in sorted(on_disk):
-                _rebuild_segment(store, txn, segment_id, on_disk)
-        if b"counters" in index.rebuilding:
-            _next_segment_id(index, txn, on_disk)
-            _next_inode(index, txn, inodes)
-    index.sync()
-
-
-def _next_segment_id(index: Index, txn: lmdb.Transaction, on_disk: dict[int, Path]) -> None:
-    ids = [*on_disk, *(i for i, _ in index.iter_segments(txn))]
-    index.set_counter(txn, "next_segment_id", max(ids, default=0) + 1)
-
-
-def _next_inode(index: Index, txn: lmdb.Transaction, inodes: Table | None) -> None:
-    if inodes is not None:
-        last = max((INO_KEY.unpack(k)[0] for k in inodes.keys(txn)), default=0)
-        index.set_counter(txn, "next_inode", last + 1)
 
 
 def _rebuild_segment(

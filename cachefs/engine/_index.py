@@ -25,6 +25,7 @@ from cachefs.errors import (
     StoreFullError,
 )
 from cachefs.faults import fault
+from cachefs.format.header import SegmentParams
 from cachefs.format.schema import (
     ALL_DATABASES,
     CACHE_DATABASES,
@@ -32,15 +33,16 @@ from cachefs.format.schema import (
     COUNTER,
     COUNTER_NAMES,
     INDEX_NAME,
+    INO_KEY,
     INO_VALUE,
     MAP_SIZE,
     MAX_DBS,
     NAMESPACE_DATABASES,
     PAGE_KEY,
-    REBUILDING_KEY,
     REBUILT_TABLES,
     RECIPE_PAGE,
     RECIPES_SINCE,
+    ROOT_INODE,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
     SEALED_SINCE,
@@ -55,7 +57,7 @@ from cachefs.format.schema import (
     unpack_recipe,
     unseal,
 )
-from cachefs.format.segment import list_segment_files
+from cachefs.format.segment import Record, list_segment_files, scan_segment, segment_path, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -182,19 +184,18 @@ class Index:
         *,
         readonly: bool,
         fsync: bool = True,
-        recover: bool = False,
+        recover: tuple[Path, SegmentParams] | None = None,
     ) -> None:
-        """``recover`` (a writer: ``cachefs fsck --repair``): record again a
-        lost schema version from the entries, and make anew, empty, the
-        ``REBUILT_TABLES`` the index lost, for fsck to rebuild."""
+        """``recover`` (a writer: ``cachefs fsck --repair``; the segment files'
+        directory and parameters): record again a lost schema version from the
+        entries, and make anew, whole, the ``REBUILT_TABLES`` the index lost."""
         self.path = store / INDEX_NAME
         self.readonly = readonly
         self.health = health
         #: The schema version recorded again at this open (``recover``).
         self.recovered_version: int | None = None
-        #: Tables being rebuilt (``REBUILDING_KEY``): made anew at this open
-        #: (``recover``), or at an earlier one whose repair did not finish.
-        self.rebuilding: set[bytes] = set()
+        #: Tables the index had lost, made anew at this open (``recover``).
+        self.rebuilt_tables: set[bytes] = set()
         #: Whether values are sealed (schema 4 on; an upgrade seals them).
         self.sealed = False
         try:
@@ -249,8 +250,8 @@ class Index:
             # index is damaged (its main database).
             new = version is None
             make = not readonly and new
-            if not new:
-                self.rebuilding = _rebuild_lost(self, recover=recover and not readonly)
+            if not new and recover is not None and not readonly:
+                self.rebuilt_tables = _rebuild_lost(self, *recover)
             self.chunks = self.open_table(b"chunks", make=make, new=new)
             self.objects = self.open_table(b"objects", make=make, new=new)
             self.segments = self.open_table(b"segments", make=make, new=new)
@@ -292,15 +293,6 @@ class Index:
             f"the index {self.path} is damaged: its table {_name(name)} cannot be opened ({exc})",
             hint=_REPAIR_REBUILDS if rebuilt else RESTORE_INDEX,
         )
-
-    def rebuilt(self) -> None:
-        """The tables being rebuilt are whole again (``fsck --repair``, after
-        its repair): the index opens as any other again."""
-        assert self.meta is not None
-        with self.write() as txn:
-            self.meta.delete(txn, REBUILDING_KEY)
-        self.sync()
-        self.rebuilding = set()
 
     def table_names(self) -> list[bytes]:
         """The names in the main database (the tables, unless it is damaged)."""
@@ -511,15 +503,12 @@ class Index:
         for key, raw in self.segments.items(txn):
             yield SEGMENT_KEY.unpack(key)[0], SegmentEntry.unpack(raw)
 
-    def segments_at_open(self, root: Path) -> tuple[dict[int, SegmentEntry], int, set[int]]:
+    def segments_at_open(self) -> tuple[dict[int, SegmentEntry], int, set[int]]:
         """For a writer's start-up: the segments' entries, the next segment id
         (0 if its counter is damaged: the files on disk say), and the ids whose
-        entries are damaged (their files must be kept as they are for fsck):
-        every file's in ``root`` while fsck rebuilds the table."""
+        entries are damaged (their files must be kept as they are for fsck)."""
         published: dict[int, SegmentEntry] = {}
         unreadable: set[int] = set()
-        if b"segments" in self.rebuilding:
-            unreadable.update(segment_id for segment_id, _ in list_segment_files(root))
         with self.read() as txn:
             for key, raw in cast(
                 Iterator[tuple[bytes, bytes]], txn.cursor(db=self.segments.handle)
@@ -571,58 +560,101 @@ class Index:
 # --- what a repair's open records again (``recover``) ----------------------
 
 
-def _rebuild_lost(index: Index, *, recover: bool) -> set[bytes]:
-    """The tables ``fsck --repair`` is rebuilding: those an earlier repair
-    made anew (``REBUILDING_KEY``), and, when ``recover``, those of
-    ``REBUILT_TABLES`` the index lost now, made anew, empty, in the
-    transaction that adds them to the key.  Any other open of an index
-    being rebuilt is refused (IndexCorruptError): a writer would take the
-    segment files for unpublished ones and delete them."""
-    marked = _marked_rebuilding(index)
-    if not recover:
-        if marked:
-            raise IndexCorruptError(
-                f"the index {index.path} is being repaired: `cachefs fsck --repair` stopped "
-                f"before it had rebuilt its table {', '.join(map(_name, sorted(marked)))}",
-                hint=_REPAIR_REBUILDS,
-            )
-        return set()
+def _rebuild_lost(index: Index, root: Path, params: SegmentParams) -> set[bytes]:
+    """Make anew the ``REBUILT_TABLES`` the index lost (their records in the
+    main database), whole, in the transaction that makes them: ``segments``
+    from the chunk entries (where each record lies, its shard, the live
+    figures) and the segment files (a file's length: the end of its last
+    intact record, or of the last record a chunk names); ``counters`` from a
+    recount of the chunks, the objects and the namespace.  Entries that fail
+    their seals are left out (fsck drops them after, and checks the rest).
+    Refused (IndexCorruptError), with nothing written, if another table is
+    lost too.  Returns the tables made."""
     lost = {name for name in REBUILT_TABLES if not index.exists(name)}
     if not lost:
-        return marked
-    assert index.meta is not None  # a writer's open of an index with a version
-    names = b",".join(sorted(marked | lost))
+        return lost
+    chunks = index.open_table(b"chunks", make=False, new=False)  # each there, or damage
+    objects = index.open_table(b"objects", make=False, new=False)
+    if index.exists(b"recipes") or (index.schema_version or 0) >= RECIPES_SINCE:
+        index.open_table(b"recipes", make=False, new=False)
+    inodes = index.open_together(NAMESPACE_DATABASES, create=False)[0]
+    index.open_together(CACHE_DATABASES, create=False)
     try:
-        with index.write() as txn:  # the tables and the key, or neither
+        with index.write() as txn:  # the tables, whole, or nothing
+            segments, counters = _recount(index, txn, (chunks, objects, inodes), root, params)
             for name in sorted(lost):
-                index.env.open_db(name, txn=txn, create=True)
-            index.meta.put(txn, REBUILDING_KEY, names)
+                table = Table(index, name, index.env.open_db(name, txn=txn, create=True))
+                if name == b"segments":
+                    for segment_id, entry in segments.items():
+                        table.put(txn, SEGMENT_KEY.pack(segment_id), entry.pack())
+                else:
+                    for counter, value in counters.items():
+                        table.put(txn, counter.encode(), COUNTER.pack(value))
     except lmdb.Error as exc:
         raise lmdb_error(exc, "making lost tables of the index anew") from None
     index.sync()
     log.warning(
-        "the index %s had lost its table %s: made anew, for fsck to rebuild",
+        "the index %s had lost its table %s: made anew from the rest (%d segments)",
         index.path,
         ", ".join(map(_name, sorted(lost))),
+        len(segments),
     )
-    return marked | lost
+    return lost
 
 
-def _marked_rebuilding(index: Index) -> set[bytes]:
-    """The tables ``REBUILDING_KEY`` names (none: no repair is under way)."""
-    if index.meta is None:
-        return set()
-    with index.read() as txn:
-        raw = index.meta.get(txn, REBUILDING_KEY)  # damaged: IndexCorruptError
-    if raw is None:
-        return set()
-    names = set(raw.split(b","))
-    if not names <= set(REBUILT_TABLES):
-        raise IndexCorruptError(
-            f"the index {index.path} is damaged: its repair mark names {raw!r}",
-            hint=RESTORE_INDEX,
+def _recount(
+    index: Index,
+    txn: lmdb.Transaction,
+    tables: tuple[Table, Table, Table | None],
+    root: Path,
+    params: SegmentParams,
+) -> tuple[dict[int, SegmentEntry], dict[str, int]]:
+    """The segments' entries and the counters as the chunks, objects and
+    inodes ``tables`` and the segment files say (see ``_rebuild_lost``)."""
+    chunks, objects, inodes = tables
+    sealed = index.sealed
+    segments: dict[int, SegmentEntry] = {}
+    counters = dict.fromkeys(COUNTER_NAMES, 0)
+    for key, raw in cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=chunks.handle)):
+        value = unseal(key, raw) if sealed else raw
+        if value is None:
+            continue  # damaged: fsck drops it
+        chunk = ChunkEntry.unpack(value)
+        counters["chunks"] += 1
+        counters["chunk_bytes"] += chunk.raw_len
+        counters["stored_bytes"] += chunk.record_size
+        if not chunk.remote:
+            entry = segments.setdefault(
+                chunk.segment_id, SegmentEntry(shard_of(key, params), 0, 0, 0)
+            )
+            entry.length = max(entry.length, chunk.offset + chunk.record_size)
+            entry.live_bytes += chunk.record_size
+            entry.live_records += 1
+    for key, raw in cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=objects.handle)):
+        value = unseal(key, raw) if sealed else raw
+        if value is not None:
+            obj = ObjectEntry.unpack(value)
+            counters["objects"] += 1
+            counters["files"] += obj.refcount
+            counters["logical_bytes"] += obj.size * obj.refcount
+    shards = {segment_path(root, n, 0, params).parent.parent: n for n in range(params.shard_count)}
+    for segment_id, path in list_segment_files(root):
+        shard = shards.get(path.parent.parent)
+        if shard is None:
+            continue  # not where this store keeps segments
+        end = max(
+            (r.offset + r.size for r in scan_segment(path) if isinstance(r, Record)), default=0
         )
-    return names
+        entry = segments.setdefault(segment_id, SegmentEntry(shard, 0, 0, 0))
+        entry.length = max(entry.length, end)
+    counters["next_segment_id"] = max(segments, default=0) + 1
+    if inodes is not None:  # keys carry no seal: damaged values do not hide an inode
+        numbers = [
+            INO_KEY.unpack(k)[0] for k in txn.cursor(db=inodes.handle).iternext(values=False)
+        ]
+        counters["inodes"] = len(numbers)
+        counters["next_inode"] = max(numbers, default=ROOT_INODE) + 1
+    return segments, counters
 
 
 def _holds_entries(index: Index) -> bool:

@@ -236,7 +236,7 @@ class Store:
         self._activity = activity = Activity()
         self.health = Health(path / HEALTH_NAME, readonly=readonly)
         self.workers = Workers(options.workers)
-        recover = options.recover_index
+        recover = (self.segments_root, config.segments) if options.recover_index else None
         self.index = Index(
             path, self.health, readonly=readonly, fsync=options.fsync, recover=recover
         )
@@ -358,7 +358,7 @@ class Store:
         upgrade(self.path, self.index, header.format_version)
         shutil.rmtree(self.tmp_root, ignore_errors=True)
         self.tmp_root.mkdir(exist_ok=True)
-        published, next_id, unreadable = self.index.segments_at_open(self.segments_root)
+        published, next_id, unreadable = self.index.segments_at_open()
         if self.segments.recover(published, next_id, unreadable) or unreadable:
             self.health.suspect()
         self.journal = Journal(self.path / journal_format.DIRECTORY, fsync=self.options.fsync)

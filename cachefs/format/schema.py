@@ -25,13 +25,6 @@ a wrong inode.  The layouts below are of the values without their seal.
     its version (damage, which ``fsck --repair`` records again when the
     entries say it: sealed ones make it the current version, values of the
     unsealed lengths make it 3).
-    ``rebuilding`` (value: table names, comma-separated ASCII, not a Q):
-    tables that ``fsck --repair`` made anew, empty, because the index had
-    lost them (``REBUILT_TABLES``: ``segments``, rebuilt from the segment
-    files, and ``counters``, recounted), made in the transaction that writes
-    this key and deleted once they are whole again.  While it is there, only
-    ``fsck --repair`` opens the index (it goes on with the rebuild): an empty
-    ``segments`` would make a writer delete every segment file as unpublished.
 
 The store's tables (``STORE_DATABASES``) are made with a new index; once it
 records its version they are all there (``recipes`` from version 5 on), and
@@ -39,9 +32,12 @@ one missing lost its record in LMDB's main database: damage.  The namespace's
 tables and the cache directories' are each made together, in the order of
 their tuple, when first needed: one missing before one that is there, or
 beside one that holds entries, is damage too.  A lost table is never made
-anew (empty, it would lose what it named); ``recipes`` alone is made when a
-lost version is recorded again as 5 or later and no object's recipe is in
-pages (a schema 4 index had none).
+anew empty (it would lose what it named).  ``fsck --repair`` makes anew those
+that say nothing the rest does not (``REBUILT_TABLES``): ``segments`` from
+the chunk entries and the segment files, ``counters`` from a recount, filled
+in the transaction that makes them; and ``recipes``, empty, when a lost
+version is recorded again as 5 or later and no object's recipe is in pages
+(a schema 4 index had none).
 
 ``chunks``  key: raw chunk digest (32 bytes)
     value ``CHUNK`` = segment id Q, record offset Q, raw length I, stored length I,
@@ -242,9 +238,7 @@ def held_remotely(value: bytes | memoryview | None) -> bool:
 
 
 SCHEMA_VERSION_KEY = b"schema_version"
-#: ``meta`` key of the tables ``fsck --repair`` is rebuilding (see above).
-REBUILDING_KEY = b"rebuilding"
-#: Tables an index can lose and ``fsck --repair`` make whole again.
+#: Tables an index can lose and ``fsck --repair`` make anew, whole (see above).
 REBUILT_TABLES = (b"segments", b"counters")
 COUNTER_NAMES = (
     "objects",
