@@ -6,7 +6,8 @@ both ``--remote s3://...`` of one SeaweedFS S3 gateway on 127.0.0.1, both under
 --shared``.  Every figure is the median of ``--runs`` runs, each run on a fresh SeaweedFS
 and fresh stores, and each baseline is measured in the same run, against the same
 endpoint, with the client library cachefs uses (obstore) and its parallelism
-(``--threads``, 16: ``FETCH_AHEAD`` of cachefs/remote/_transfer.py):
+(``--threads``, 16: ``FETCH_AHEAD`` of cachefs/remote/_transfer.py; a cold read of
+packs has at most ``FETCH_BYTES`` in flight, 8 whole packs):
 
 * cold read of a ``--large`` file (1 GiB of random bytes) that only the remote holds
   for B: written on A, pushed, then opened and read on B in 1 MiB pieces (the lookup

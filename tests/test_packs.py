@@ -540,7 +540,7 @@ class _Flying:
             self.requests, self.bytes = self.requests + 1, self.bytes + size
             self.most_requests = max(self.most_requests, self.requests)
             self.most_bytes = max(self.most_bytes, self.bytes)
-        time.sleep(0.005)
+        time.sleep(0.05)  # long enough for every request allowed to start meanwhile
         with self._lock:
             self.requests, self.bytes = self.requests - 1, self.bytes - size
         return [self.blobs[d] for d in digests]
@@ -564,6 +564,6 @@ def test_a_fetch_keeps_so_many_requests_and_bytes_in_flight(tmp_path: Path, pack
         assert b"".join(bytes(data) for _, data in got) == b"".join(blobs.values())
     if packed:  # whole packs, fewer than FETCH_AHEAD of them: as many as the bytes allow
         assert _transfer.FETCH_BYTES + RUN_BYTES < _transfer.FETCH_AHEAD * PACK_BYTES
-        assert 4 * PACK_BYTES < remote.most_bytes <= _transfer.FETCH_BYTES + RUN_BYTES
+        assert _transfer.FETCH_BYTES // 2 < remote.most_bytes <= _transfer.FETCH_BYTES
     else:  # small blobs: as many requests as allowed
         assert remote.most_requests == _transfer.FETCH_AHEAD

@@ -18,8 +18,9 @@ with a direction).  What moves is the store's own chunking (``_lists.py``):
   and a HEAD per chunk); what its packs hold is not asked about again.
 * **Fetch** (``Tiers.fetch``): an object that is not in the local store is
   looked for in the read tiers in order: its chunk list, then the chunks the
-  local store lacks, ``FETCH_AHEAD`` requests in flight ahead of the consumer
-  (from a bucket's packs, chunks that lie back to back come in one request);
+  local store lacks, ``FETCH_AHEAD`` requests (``FETCH_BYTES``) in flight
+  ahead of the consumer (from a bucket's packs, chunks that lie back to back
+  come in one request);
   or, with no list, the whole blob.  Each chunk is verified as a blob, and the
   caller stores the object with its digest as ``expect``: nothing wrong is
   ever published or served.

@@ -1,10 +1,10 @@
 """Moving an object's chunks to and from a remote, many at once (remote layer).
 
-``fetch_chunks`` keeps ``FETCH_AHEAD`` requests in flight ahead of the
-consumer; from a bucket's packs (``_packs.py``) chunks that lie back to back
-come in one request.  ``push_packed`` uploads chunks as packs,
-``PACKS_AHEAD`` at once, and the index that names them (one every
-``INDEX_PACKS`` packs).  Both run in the
+``fetch_chunks`` keeps ``FETCH_AHEAD`` requests (``FETCH_BYTES`` at most) in
+flight ahead of the consumer; from a bucket's packs (``_packs.py``) chunks
+that lie back to back come in one request, a whole pack at most.
+``push_packed`` uploads chunks as packs, ``PACKS_AHEAD`` at once, and the
+index that names them (one every ``INDEX_PACKS`` packs).  Both run in the
 tiers' thread pool (``Tiers``).
 """
 
@@ -20,11 +20,12 @@ from cachefs.remote._blobs import Remote
 from cachefs.remote._packs import INDEX_PACKS, SYNC_READ, PackRecord, PackStore, pack_groups
 
 #: Requests to fetch chunks in flight at once (a run of chunks back to back
-#: in a pack is one, of at most ``RUN_BYTES``), and the bytes in flight past
-#: which no other starts (the daemon's memory: 8 runs of a whole pack, or 16
-#: requests of smaller ones); chunks a run takes at most, and chunks kept
-#: ahead at most.
-FETCH_AHEAD, FETCH_BYTES, RUN_MAX, WINDOW_MAX = 16, 16 << 20, 64, 1024
+#: in a pack is one, of at most ``RUN_BYTES``), and the bytes they ask for
+#: at most (the daemon's memory: 8 runs of a whole pack, or 16 requests of
+#: smaller ones; a request holds its bytes until its last chunk is taken, and
+#: one larger than this goes alone); chunks a run takes at most (a pack of
+#: chunks of 16 KiB on average holds about 128), and chunks kept ahead at most.
+FETCH_AHEAD, FETCH_BYTES, RUN_MAX, WINDOW_MAX = 16, 16 << 20, 256, 2048
 #: Packs read and uploaded at once by one push (``PACK_BYTES`` each).
 PACKS_AHEAD = 8
 
@@ -95,14 +96,13 @@ def fetch_chunks(
     #: (chunk, size, its request or None: local, its place in what that gives).
     window: deque[tuple[bytes, int, Future[Got] | None, int]] = deque()
     position, flying, flying_bytes = 0, 0, 0
+    #: The bytes each request in flight asks for.
+    asked: dict[Future[Got], int] = {}
     traced_run, traced_chunk = tracing.in_context(fetch_run), tracing.in_context(fetch_chunk)
 
     def fill() -> None:
         nonlocal position, flying, flying_bytes
-        while (
-            flying < FETCH_AHEAD and flying_bytes < FETCH_BYTES
-            and len(window) < WINDOW_MAX and position < len(chunks)
-        ):  # fmt: skip
+        while flying < FETCH_AHEAD and len(window) < WINDOW_MAX and position < len(chunks):
             chunk, size = chunks[position]
             if chunk not in absent:
                 window.append((chunk, size, None, 0))
@@ -114,14 +114,16 @@ def fetch_chunks(
                     break
                 wanted.append(Digest(after, length))
             count = max(1, packs.run(wanted)) if packs is not None else 1
-            if count > 1:
-                fut = pool.submit(traced_run, wanted[:count])
-            else:
-                fut = pool.submit(traced_chunk, wanted[0])
-            window.extend((d.hash, d.size, fut, k) for k, d in enumerate(wanted[:count]))
+            run = wanted[:count]
+            nbytes = sum(d.size for d in run)
+            if flying and flying_bytes + nbytes > FETCH_BYTES:
+                return  # when the oldest request is taken
+            fut = pool.submit(traced_run, run) if count > 1 else pool.submit(traced_chunk, run[0])
+            window.extend((d.hash, d.size, fut, k) for k, d in enumerate(run))
             position += count
             flying += 1
-            flying_bytes += sum(d.size for d in wanted[:count])
+            flying_bytes += nbytes
+            asked[fut] = nbytes
 
     try:
         fill()
@@ -129,9 +131,9 @@ def fetch_chunks(
             chunk, size, fut, k = window.popleft()
             if fut is not None:
                 got = fut.result()
-                flying_bytes -= size
-                if k == len(got) - 1:
+                if k == len(got) - 1:  # its last chunk: what it holds is let go
                     flying -= 1
+                    flying_bytes -= asked.pop(fut)
                 yield chunk, got[k]
             elif not chunk:  # a hole
                 for start in range(0, size, 1 << 22):
