@@ -228,6 +228,69 @@ def test_fsck_repair_rebuilds_a_lost_segments_or_counters_table(
         assert check_store(store).clean
 
 
+def test_a_root_made_again_gives_out_no_inode_number_in_use(store_path: Path) -> None:
+    """fsck drops a damaged root inode and the namespace makes it again: that
+    used to set the next inode back to 2, so the next file took the number
+    (and replaced the inode) of a file that was there."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        namespace = Namespace(store)
+        made = [
+            namespace.create(ROOT_INODE, b"f%d" % n, stat.S_IFREG | 0o644, 0, 0) for n in (1, 2)
+        ]
+    damage_entry(store_path, b"inodes", INO_KEY.pack(ROOT_INODE))
+    assert run_fsck(store_path, "--repair").returncode == 1
+    with Store.open(store_path) as store:
+        namespace = Namespace(store)
+        new = namespace.create(ROOT_INODE, b"new", stat.S_IFREG | 0o644, 0, 0)
+        assert new.ino > max(m.ino for m in made)
+        assert [namespace.get(m.ino).ino for m in made] == [m.ino for m in made]
+
+
+def test_damaged_counters_beside_damaged_entries_they_are_counted_from(store_path: Path) -> None:
+    """The next inode and segment are counted again once every damaged entry
+    is dropped: counted before, a damaged inode or segment entry made every
+    repair fail on it (and the hint said to run the repair)."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        store.put(random.Random(4).randbytes(100_000))
+        namespace = Namespace(store)
+        made = [
+            namespace.create(ROOT_INODE, b"f%d" % n, stat.S_IFREG | 0o644, 0, 0) for n in (1, 2)
+        ]
+        with store.index.read() as txn:
+            segment = next(iter(dict(store.index.iter_segments(txn))))
+    for db, key in [
+        (b"counters", b"next_inode"),
+        (b"counters", b"next_segment_id"),
+        (b"inodes", INO_KEY.pack(made[0].ino)),
+        (b"segments", SEGMENT_KEY.pack(segment)),
+    ]:
+        damage_entry(store_path, db, key)
+    assert run_fsck(store_path, "--repair").returncode == 1
+    assert run_fsck(store_path).returncode == 0
+    with Store.open(store_path) as store:
+        new = Namespace(store).create(ROOT_INODE, b"new", stat.S_IFREG | 0o644, 0, 0)
+        assert new.ino > max(m.ino for m in made)
+
+
+def test_a_rebuilt_index_leaves_a_segment_without_records_to_the_writer(store_path: Path) -> None:
+    """A segment file with no intact record (a writer that died right after
+    making it) gets no entry: the writer's open deletes it as before."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digest = store.put(random.Random(3).randbytes(100_000))
+        some = next(iter((store_path / "segments").rglob("*.seg")))
+    leftover = some.with_name("9999999999.seg")
+    leftover.write_bytes(some.read_bytes()[:48])  # a header, no record
+    drop_tables(store_path, b"segments")
+    with (
+        Store.open(store_path, options=StoreOptions(recover_index=True)) as store,
+        store.index.read() as txn,
+    ):
+        assert 9999999999 not in dict(store.index.iter_segments(txn))
+    with Store.open(store_path) as store:
+        assert not leftover.exists() and store.read(digest)
+        assert check_store(store).clean
+
+
 def test_a_repair_stopped_after_its_open_leaves_a_whole_index(store_path: Path) -> None:
     """The lost tables are made whole in the transaction that makes them: a
     repair stopped right after its open leaves an index that any writer can

@@ -41,7 +41,7 @@ from pathlib import Path
 import lmdb
 
 from cachefs import tracing
-from cachefs.engine._index import Index, lmdb_error
+from cachefs.engine._index import Index, inode_numbers, lmdb_error
 from cachefs.engine._maintenance import Maintenance
 from cachefs.engine._namespace import Namespace
 from cachefs.engine._namespace_check import check_namespace, repair_namespace
@@ -52,7 +52,6 @@ from cachefs.format.schema import (
     ALL_DATABASES,
     COUNTER_NAMES,
     HOLE_MARK,
-    INO_KEY,
     PAGE_KEY,
     SCHEMA_VERSION,
     SEGMENT_KEY,
@@ -197,7 +196,8 @@ def _drop_damaged(store: Store, damaged: dict[bytes, list[bytes]]) -> None:
     (from the largest in use); the other counters are recounted after."""
     index = store.index
     tables = {t.name: t for t in index.open_databases(damaged, create=False) if t is not None}
-    inodes = index.open_optional(b"inodes", create=False)  # not inside the transaction
+    # (not inside the transaction)
+    inodes, dirents = (index.open_optional(n, create=False) for n in (b"inodes", b"dirents"))
     on_disk = dict(list_segment_files(store.segments.root))
     with index.write() as txn:
         for name, keys in damaged.items():
@@ -207,12 +207,13 @@ def _drop_damaged(store: Store, damaged: dict[bytes, list[bytes]]) -> None:
                 log.error("fsck: dropped index entry %s/%s (damaged)", name.decode(), key.hex())
                 if name == b"segments":
                     _rebuild_segment(store, txn, SEGMENT_KEY.unpack(key)[0], on_disk)
-                elif (name, key) == (b"counters", b"next_segment_id"):
-                    ids = [*on_disk, *(i for i, _ in index.iter_segments(txn))]
-                    index.set_counter(txn, "next_segment_id", max(ids, default=0) + 1)
-                elif (name, key) == (b"counters", b"next_inode") and inodes is not None:
-                    last = max((INO_KEY.unpack(k)[0] for k in inodes.keys(txn)), default=0)
-                    index.set_counter(txn, "next_inode", last + 1)
+        # Once every damaged entry is gone (reading the others meets none).
+        counters = set(damaged.get(b"counters", ()))
+        if b"next_segment_id" in counters:
+            ids = [*on_disk, *(i for i, _ in index.iter_segments(txn))]
+            index.set_counter(txn, "next_segment_id", max(ids, default=0) + 1)
+        if b"next_inode" in counters and inodes is not None:
+            index.set_counter(txn, "next_inode", inode_numbers(index, txn, inodes, dirents)[1])
     index.sync()
 
 

@@ -78,7 +78,7 @@ RESTORE_INDEX = "restore index.lmdb from a backup; segments hold the chunk data"
 #: The remedy for a lost table of ``REBUILT_TABLES``.
 _REPAIR_REBUILDS = (
     "run `cachefs fsck --repair STORE` (unmounted), which rebuilds it from the segment files "
-    "and the other tables"
+    f"and the other tables (if another table is lost too: {RESTORE_INDEX})"
 )
 
 
@@ -577,11 +577,14 @@ def _rebuild_lost(index: Index, root: Path, params: SegmentParams) -> set[bytes]
     objects = index.open_table(b"objects", make=False, new=False)
     if index.exists(b"recipes") or (index.schema_version or 0) >= RECIPES_SINCE:
         index.open_table(b"recipes", make=False, new=False)
-    inodes = index.open_together(NAMESPACE_DATABASES, create=False)[0]
+    namespace = index.open_together(NAMESPACE_DATABASES, create=False)
+    inodes, dirents = namespace[0], namespace[NAMESPACE_DATABASES.index(b"dirents")]
     index.open_together(CACHE_DATABASES, create=False)
     try:
         with index.write() as txn:  # the tables, whole, or nothing
-            segments, counters = _recount(index, txn, (chunks, objects, inodes), root, params)
+            tables = (chunks, objects, inodes, dirents)
+            scan = b"segments" in lost  # the counters need only the files' ids
+            segments, counters = _recount(index, txn, tables, root, params, scan=scan)
             for name in sorted(lost):
                 table = Table(index, name, index.env.open_db(name, txn=txn, create=True))
                 if name == b"segments":
@@ -605,13 +608,16 @@ def _rebuild_lost(index: Index, root: Path, params: SegmentParams) -> set[bytes]
 def _recount(
     index: Index,
     txn: lmdb.Transaction,
-    tables: tuple[Table, Table, Table | None],
+    tables: tuple[Table, Table, Table | None, Table | None],
     root: Path,
     params: SegmentParams,
+    *,
+    scan: bool,
 ) -> tuple[dict[int, SegmentEntry], dict[str, int]]:
-    """The segments' entries and the counters as the chunks, objects and
-    inodes ``tables`` and the segment files say (see ``_rebuild_lost``)."""
-    chunks, objects, inodes = tables
+    """The segments' entries and the counters as the chunks, objects, inodes
+    and dirents ``tables`` and the segment files say (see ``_rebuild_lost``;
+    the files are read only when ``scan``)."""
+    chunks, objects, inodes, dirents = tables
     sealed = index.sealed
     segments: dict[int, SegmentEntry] = {}
     counters = dict.fromkeys(COUNTER_NAMES, 0)
@@ -638,23 +644,41 @@ def _recount(
             counters["files"] += obj.refcount
             counters["logical_bytes"] += obj.size * obj.refcount
     shards = {segment_path(root, n, 0, params).parent.parent: n for n in range(params.shard_count)}
-    for segment_id, path in list_segment_files(root):
+    files = list(list_segment_files(root))
+    for segment_id, path in files if scan else ():
         shard = shards.get(path.parent.parent)
         if shard is None:
             continue  # not where this store keeps segments
-        end = max(
-            (r.offset + r.size for r in scan_segment(path) if isinstance(r, Record)), default=0
-        )
-        entry = segments.setdefault(segment_id, SegmentEntry(shard, 0, 0, 0))
-        entry.length = max(entry.length, end)
-    counters["next_segment_id"] = max(segments, default=0) + 1
-    if inodes is not None:  # keys carry no seal: damaged values do not hide an inode
-        numbers = [
-            INO_KEY.unpack(k)[0] for k in txn.cursor(db=inodes.handle).iternext(values=False)
-        ]
-        counters["inodes"] = len(numbers)
-        counters["next_inode"] = max(numbers, default=ROOT_INODE) + 1
+        records = scan_segment(path)
+        end = max((r.offset + r.size for r in records if isinstance(r, Record)), default=0)
+        if end:  # no intact record: a writer's leftover (deleted at its open), or named below
+            entry = segments.setdefault(segment_id, SegmentEntry(shard, 0, 0, 0))
+            entry.length = max(entry.length, end)
+    counters["next_segment_id"] = max([*segments, *(i for i, _ in files)], default=0) + 1
+    if inodes is not None:
+        counters["inodes"], counters["next_inode"] = inode_numbers(index, txn, inodes, dirents)
     return segments, counters
+
+
+def inode_numbers(
+    index: Index, txn: lmdb.Transaction, inodes: Table, dirents: Table | None
+) -> tuple[int, int]:
+    """The inodes that are there (intact entries) and the next number to give
+    out: past every intact inode and every inode an intact entry of a
+    directory names (a damaged key must not push it far out, nor a damaged
+    value let its number be given out again while a name still points at it)."""
+    sealed = index.sealed
+    count, highest = 0, ROOT_INODE
+    for key, raw in cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=inodes.handle)):
+        if not sealed or unseal(key, raw) is not None:
+            count += 1
+            highest = max(highest, INO_KEY.unpack(key)[0])
+    named = () if dirents is None else txn.cursor(db=dirents.handle)
+    for key, raw in cast(Iterator[tuple[bytes, bytes]], named):
+        value = unseal(key, raw) if sealed else raw
+        if value is not None:
+            highest = max(highest, INO_VALUE.unpack(value)[0])
+    return count, highest + 1
 
 
 def _holds_entries(index: Index) -> bool:

@@ -79,8 +79,13 @@ class Namespace:
             root = Inode(ROOT_INODE, stat.S_IFDIR | 0o755, 0, 0, 2, 0, 0, now, now, now)
             self.put_inode(txn, root)
             self.parents.put(txn, INO_KEY.pack(ROOT_INODE), INO_VALUE.pack(ROOT_INODE))
-            self.store.index.set_counter(txn, "next_inode", ROOT_INODE + 1)
-            self.store.index.set_counter(txn, "inodes", 1)
+            # A root made again (fsck dropped a damaged one) leaves the other
+            # inodes and their numbers as they are: none is given out again.
+            index = self.store.index
+            index.set_counter(
+                txn, "next_inode", max(index.counter(txn, "next_inode"), ROOT_INODE + 1)
+            )
+            index.add(txn, "inodes", 1)
 
     # --- reading ---------------------------------------------------------------
 

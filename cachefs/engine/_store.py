@@ -110,7 +110,7 @@ class StoreOptions:
     #: A writer records again what the index lost where its entries and the
     #: segment files show it (``cachefs fsck --repair``), instead of refusing
     #: the index: its schema version, its ``segments`` and ``counters`` tables
-    #: (made anew, empty; ``check_store`` rebuilds them).
+    #: (made anew, whole, at the open; ``Index.rebuilt_tables``).
     recover_index: bool = False
     #: The audit log's directory (None: ``STORE/audit``) and rotation size.
     audit_dir: Path | None = None
