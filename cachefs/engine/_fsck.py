@@ -196,8 +196,8 @@ def _drop_damaged(store: Store, damaged: dict[bytes, list[bytes]]) -> None:
     (from the largest in use); the other counters are recounted after."""
     index = store.index
     tables = {t.name: t for t in index.open_databases(damaged, create=False) if t is not None}
-    # (not inside the transaction)
-    inodes, dirents = (index.open_optional(n, create=False) for n in (b"inodes", b"dirents"))
+    inodes = index.open_optional(b"inodes", create=False)  # not inside the transaction
+    dirents = index.open_optional(b"dirents", create=False)
     on_disk = dict(list_segment_files(store.segments.root))
     with index.write() as txn:
         for name, keys in damaged.items():

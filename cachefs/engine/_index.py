@@ -711,8 +711,9 @@ def _recover_version(index: Index) -> int:
     one (3; the writer's upgrade then seals them) -- if the values of the
     tables whose values have one length have that length unsealed.
     Anything else is refused (IndexCorruptError) with nothing written:
-    another table lost, entries that cannot tell, or a sealed index that
-    lost ``recipes`` while an object's recipe is in pages."""
+    another table lost (but ``segments`` and ``counters``, which
+    ``_rebuild_lost`` makes anew after), entries that cannot tell, or a
+    sealed index that lost ``recipes`` while an object's recipe is in pages."""
     sealed = unsealed = paged = 0
     for name in index.table_names():
         if name not in ALL_DATABASES:
