@@ -515,12 +515,14 @@ class _Flying:
         self.packs = self if packed else None
         self.pack_of = {d: n for n, g in enumerate(pack_groups(list(blobs))) for d in g}
         self.requests = self.bytes = self.most_requests = self.most_bytes = 0
+        self.asked = self.planned = 0  # requests made; runs planned (``run`` calls)
         self._lock = threading.Lock()
 
     def placed(self, digest: Digest, age: float) -> bool:
         return True
 
     def run(self, digests: Sequence[Digest], limit: int = RUN_BYTES) -> int:
+        self.planned += 1
         count, total = 0, 0
         for d in digests:
             if self.pack_of[d] != self.pack_of[digests[0]] or (count and total + d.size > limit):
@@ -537,6 +539,7 @@ class _Flying:
     def _flying(self, digests: Sequence[Digest]) -> list[bytes]:
         size = sum(d.size for d in digests)
         with self._lock:
+            self.asked += 1
             self.requests, self.bytes = self.requests + 1, self.bytes + size
             self.most_requests = max(self.most_requests, self.requests)
             self.most_bytes = max(self.most_bytes, self.bytes)
@@ -563,6 +566,9 @@ def test_a_fetch_keeps_so_many_requests_and_bytes_in_flight(tmp_path: Path, pack
         got = _transfer.fetch_chunks(pool, store, remote, chunks, lambda *_: None)  # type: ignore[arg-type]
         assert b"".join(bytes(data) for _, data in got) == b"".join(blobs.values())
     if packed:  # whole packs, fewer than FETCH_AHEAD of them: as many as the bytes allow
+        # A request that waits for room is planned once, not at every chunk
+        # taken meanwhile (that was a core-second per GiB).
+        assert remote.planned <= remote.asked + 1
         assert _transfer.FETCH_BYTES + RUN_BYTES < _transfer.FETCH_AHEAD * PACK_BYTES
         assert _transfer.FETCH_BYTES // 2 < remote.most_bytes <= _transfer.FETCH_BYTES
     else:  # small blobs: as many requests as allowed

@@ -73,8 +73,8 @@ PACK_MIN = 4
 #: Seconds an index loaded is good for: a push's question, a read that misses.
 SYNC_PUSH, SYNC_READ = 30.0, 1.0
 #: A read of chunks that lie back to back in a pack asks for at most this much:
-#: a whole pack in one request (half a pack, as before, fetched 1 GiB about a
-#: tenth slower on SeaweedFS, twice the requests).
+#: a whole pack in one request (half a pack, as before, fetched 1 GiB about an
+#: eighth slower on SeaweedFS, with twice the requests).
 RUN_BYTES = PACK_BYTES
 #: Packs a push names in one index at most.
 INDEX_PACKS = 64

@@ -98,29 +98,37 @@ def fetch_chunks(
     position, flying, flying_bytes = 0, 0, 0
     #: The bytes each request in flight asks for.
     asked: dict[Future[Got], int] = {}
+    #: The next request (its chunks from ``position``, and its bytes), planned
+    #: and waiting for room: planned once, not at every chunk taken meanwhile.
+    planned: tuple[list[Digest], int] | None = None
     traced_run, traced_chunk = tracing.in_context(fetch_run), tracing.in_context(fetch_chunk)
 
+    def plan(chunk: bytes, size: int) -> tuple[list[Digest], int]:
+        wanted = [Digest(chunk, size)]
+        for after, length in chunks[position + 1 : position + RUN_MAX]:
+            if after not in absent:
+                break
+            wanted.append(Digest(after, length))
+        run = wanted[: max(1, packs.run(wanted)) if packs is not None else 1]
+        return run, sum(d.size for d in run)
+
     def fill() -> None:
-        nonlocal position, flying, flying_bytes
+        nonlocal position, flying, flying_bytes, planned
         while flying < FETCH_AHEAD and len(window) < WINDOW_MAX and position < len(chunks):
             chunk, size = chunks[position]
             if chunk not in absent:
                 window.append((chunk, size, None, 0))
                 position += 1
                 continue
-            wanted = [Digest(chunk, size)]
-            for after, length in chunks[position + 1 : position + RUN_MAX]:
-                if after not in absent:
-                    break
-                wanted.append(Digest(after, length))
-            count = max(1, packs.run(wanted)) if packs is not None else 1
-            run = wanted[:count]
-            nbytes = sum(d.size for d in run)
+            run, nbytes = planned = planned or plan(chunk, size)
             if flying and flying_bytes + nbytes > FETCH_BYTES:
                 return  # when the oldest request is taken
-            fut = pool.submit(traced_run, run) if count > 1 else pool.submit(traced_chunk, run[0])
+            planned = None
+            fut = (
+                pool.submit(traced_run, run) if len(run) > 1 else pool.submit(traced_chunk, run[0])
+            )
             window.extend((d.hash, d.size, fut, k) for k, d in enumerate(run))
-            position += count
+            position += len(run)
             flying += 1
             flying_bytes += nbytes
             asked[fut] = nbytes
