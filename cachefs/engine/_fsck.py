@@ -213,7 +213,7 @@ def _drop_damaged(store: Store, damaged: dict[bytes, list[bytes]]) -> None:
             ids = [*on_disk, *(i for i, _ in index.iter_segments(txn))]
             index.set_counter(txn, "next_segment_id", max(ids, default=0) + 1)
         if b"next_inode" in counters and inodes is not None:
-            index.set_counter(txn, "next_inode", inode_numbers(index, txn, inodes, dirents)[1])
+            index.set_counter(txn, "next_inode", inode_numbers(txn, inodes, dirents)[1])
     index.sync()
 
 

@@ -157,6 +157,14 @@ class Table:
     def count(self, txn: lmdb.Transaction) -> int:
         return int(txn.stat(self.handle)["entries"])
 
+    def intact_items(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
+        """Every entry but those that fail their seal (a repair's recount)."""
+        sealed = self.index.sealed
+        for key, raw in cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=self.handle)):
+            value = unseal(key, raw) if sealed else raw
+            if value is not None:
+                yield key, value
+
     def damaged_keys(self, txn: lmdb.Transaction) -> list[bytes]:
         """The keys of the entries that fail their seal (fsck)."""
         if not self.index.sealed:
@@ -584,7 +592,7 @@ def _rebuild_lost(index: Index, root: Path, params: SegmentParams) -> set[bytes]
         with index.write() as txn:  # the tables, whole, or nothing
             tables = (chunks, objects, inodes, dirents)
             scan = b"segments" in lost  # the counters need only the files' ids
-            segments, counters = _recount(index, txn, tables, root, params, scan=scan)
+            segments, counters = _recount(txn, tables, root, params, scan=scan)
             for name in sorted(lost):
                 table = Table(index, name, index.env.open_db(name, txn=txn, create=True))
                 if name == b"segments":
@@ -606,7 +614,6 @@ def _rebuild_lost(index: Index, root: Path, params: SegmentParams) -> set[bytes]
 
 
 def _recount(
-    index: Index,
     txn: lmdb.Transaction,
     tables: tuple[Table, Table, Table | None, Table | None],
     root: Path,
@@ -618,13 +625,9 @@ def _recount(
     and dirents ``tables`` and the segment files say (see ``_rebuild_lost``;
     the files are read only when ``scan``)."""
     chunks, objects, inodes, dirents = tables
-    sealed = index.sealed
     segments: dict[int, SegmentEntry] = {}
     counters = dict.fromkeys(COUNTER_NAMES, 0)
-    for key, raw in cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=chunks.handle)):
-        value = unseal(key, raw) if sealed else raw
-        if value is None:
-            continue  # damaged: fsck drops it
+    for key, value in chunks.intact_items(txn):  # damaged ones: fsck drops them
         chunk = ChunkEntry.unpack(value)
         counters["chunks"] += 1
         counters["chunk_bytes"] += chunk.raw_len
@@ -636,13 +639,11 @@ def _recount(
             entry.length = max(entry.length, chunk.offset + chunk.record_size)
             entry.live_bytes += chunk.record_size
             entry.live_records += 1
-    for key, raw in cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=objects.handle)):
-        value = unseal(key, raw) if sealed else raw
-        if value is not None:
-            obj = ObjectEntry.unpack(value)
-            counters["objects"] += 1
-            counters["files"] += obj.refcount
-            counters["logical_bytes"] += obj.size * obj.refcount
+    for _, value in objects.intact_items(txn):
+        obj = ObjectEntry.unpack(value)
+        counters["objects"] += 1
+        counters["files"] += obj.refcount
+        counters["logical_bytes"] += obj.size * obj.refcount
     shards = {segment_path(root, n, 0, params).parent.parent: n for n in range(params.shard_count)}
     files = list(list_segment_files(root))
     for segment_id, path in files if scan else ():
@@ -656,28 +657,21 @@ def _recount(
             entry.length = max(entry.length, end)
     counters["next_segment_id"] = max([*segments, *(i for i, _ in files)], default=0) + 1
     if inodes is not None:
-        counters["inodes"], counters["next_inode"] = inode_numbers(index, txn, inodes, dirents)
+        counters["inodes"], counters["next_inode"] = inode_numbers(txn, inodes, dirents)
     return segments, counters
 
 
-def inode_numbers(
-    index: Index, txn: lmdb.Transaction, inodes: Table, dirents: Table | None
-) -> tuple[int, int]:
+def inode_numbers(txn: lmdb.Transaction, inodes: Table, dirents: Table | None) -> tuple[int, int]:
     """The inodes that are there (intact entries) and the next number to give
     out: past every intact inode and every inode an intact entry of a
     directory names (a damaged key must not push it far out, nor a damaged
     value let its number be given out again while a name still points at it)."""
-    sealed = index.sealed
     count, highest = 0, ROOT_INODE
-    for key, raw in cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=inodes.handle)):
-        if not sealed or unseal(key, raw) is not None:
-            count += 1
-            highest = max(highest, INO_KEY.unpack(key)[0])
-    named = () if dirents is None else txn.cursor(db=dirents.handle)
-    for key, raw in cast(Iterator[tuple[bytes, bytes]], named):
-        value = unseal(key, raw) if sealed else raw
-        if value is not None:
-            highest = max(highest, INO_VALUE.unpack(value)[0])
+    for key, _ in inodes.intact_items(txn):
+        count += 1
+        highest = max(highest, INO_KEY.unpack(key)[0])
+    for _, value in () if dirents is None else dirents.intact_items(txn):
+        highest = max(highest, INO_VALUE.unpack(value)[0])
     return count, highest + 1
 
 
