@@ -38,7 +38,10 @@ packs has at most ``FETCH_BYTES`` in flight, 8 whole packs):
   A fills A's shared ``ccache`` directory and is pushed; then the same project (another
   copy of the sources) is built on B with B's shared ``ccache`` directory, which starts
   empty (warm-shared).  Baseline: a second build on A (local warm).  Ratio: B s / A s
-  (goal <= 1.3); B must hit for every compilation A missed;
+  (goal <= 1.3); B must hit for every compilation A missed.  ccache's own log of both
+  builds (``CCACHE_LOGFILE``) gives where the time goes: milliseconds per compilation
+  that ccache spent reading the manifest and the result, locking and updating its stats
+  file, and in all (``CCACHE_STEPS``);
 * memory: the resident set (``VmRSS`` of /proc/PID/status, and of it ``RssAnon``) of
   both daemons, sampled every 0.2 s during every phase; the peak against the limit.
 
@@ -76,6 +79,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import os
 import random
@@ -450,6 +454,50 @@ def write_and_push(mnt: Path, pieces: list[bytes]) -> tuple[float, float, float]
     return written - start, content - start, with_entry - start
 
 
+def ccache_log(stem: Path) -> dict[str, str]:
+    """The environment that has ccache log every step to ``stem``.log (with times)."""
+    return {"CCACHE_LOGFILE": str(stem.with_suffix(".log"))}
+
+
+#: ccache's steps (the log line that begins one, the one that ends it) that
+#: touch the cache directory: where a warm-shared build's time goes.
+CCACHE_STEPS = {
+    "manifest looked up and read": ("Manifest key:", ""),
+    "result looked up and read": ("Result key:", ""),
+    "stats file locked": ("Acquiring ", "Acquired "),
+    "stats file updated": ("Acquired ", "Releasing "),
+    "all of ccache": ("=== CCACHE", None),
+}
+
+
+def ccache_steps(log: Path) -> dict[str, float]:
+    """Milliseconds per compilation that ccache's processes spent in each of
+    ``CCACHE_STEPS`` (a step with no end line ends at the next line; the
+    last, at the process's last line), from a ``CCACHE_LOGFILE`` log."""
+    lines: dict[str, list[tuple[float, str]]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        head, _, message = line.partition("] ")
+        stamp, _, pid = head.lstrip("[").partition(" ")
+        with contextlib.suppress(ValueError):
+            at = datetime.datetime.fromisoformat(stamp).timestamp()
+            lines.setdefault(pid.strip(), []).append((at, message))
+    spent = dict.fromkeys(CCACHE_STEPS, 0.0)
+    compilations = 0
+    for process in lines.values():
+        compilations += any(m.startswith("Result key:") for _, m in process)
+        for step, (begins, ends) in CCACHE_STEPS.items():
+            for i, (at, message) in enumerate(process):
+                if not message.startswith(begins):
+                    continue
+                if ends is None:
+                    spent[step] += process[-1][0] - at
+                else:
+                    after = process[i + 1 :]
+                    end = next((t for t, m in after if m.startswith(ends)), None)
+                    spent[step] += (end if end is not None else at) - at
+    return {step: 1000 * s / max(1, compilations) for step, s in spent.items()}
+
+
 def write_tree(mnt: Path, tree: dict[str, bytes]) -> float:
     """Write the tree in A's shared directory: seconds until it is pushed."""
     entries = remote(mnt)["pushed_entries"] + len(tree)
@@ -602,7 +650,9 @@ class Run:
                 first = clients.ccache_build(src, a.path / "ccache", jobs=args.jobs)
                 wait_pushed(a.path, entries + file_count(a.path / "ccache"))
             with monitor.during("ccache build warm (A)"):
-                warm = clients.ccache_build(src, a.path / "ccache", jobs=args.jobs)
+                warm = clients.ccache_build(
+                    src, a.path / "ccache", jobs=args.jobs, env=ccache_log(self.work / "warm-a")
+                )
             out.info["ccache: cold build on A s"] = first.seconds
             out.info["ccache: misses of the cold build"] = first.misses
             out.figures["ccache base"] = warm.seconds
@@ -615,8 +665,17 @@ class Run:
             self.log("ccache build on B (warm-shared)")
             src = clients.c_project(self.work / "src-b")
             with monitor.during("ccache build warm-shared (B)"):
-                shared = clients.ccache_build(src, b.path / "ccache", jobs=args.jobs)
+                shared = clients.ccache_build(
+                    src, b.path / "ccache", jobs=args.jobs, env=ccache_log(self.work / "shared-b")
+                )
             out.figures["ccache"] = shared.seconds
+            for (step, on_a), on_b in zip(
+                ccache_steps(self.work / "warm-a.log").items(),
+                ccache_steps(self.work / "shared-b.log").values(),
+                strict=True,
+            ):
+                out.info[f"ccache per compilation, {step}: A's warm, ms"] = on_a
+                out.info[f"ccache per compilation, {step}: B's warm-shared, ms"] = on_b
             out.info["ccache: hits on B"] = shared.hits
             if shared.hits != first.misses or shared.misses or shared.errors:
                 self.problem(f"B's build hit {shared.hits} of A's {first.misses}: {shared.stats}")
