@@ -669,13 +669,14 @@ class Run:
                     src, b.path / "ccache", jobs=args.jobs, env=ccache_log(self.work / "shared-b")
                 )
             out.figures["ccache"] = shared.seconds
-            for (step, on_a), on_b in zip(
-                ccache_steps(self.work / "warm-a.log").items(),
-                ccache_steps(self.work / "shared-b.log").values(),
-                strict=True,
-            ):
-                out.info[f"ccache per compilation, {step}: A's warm, ms"] = on_a
-                out.info[f"ccache per compilation, {step}: B's warm-shared, ms"] = on_b
+            logs = [self.work / "warm-a.log", self.work / "shared-b.log"]
+            if not all(log.exists() for log in logs):
+                self.problem(f"ccache wrote no log: {[str(p) for p in logs if not p.exists()]}")
+            else:
+                on_a, on_b = (ccache_steps(log) for log in logs)
+                for step in CCACHE_STEPS:
+                    out.info[f"ccache per compilation, {step}: A's warm, ms"] = on_a[step]
+                    out.info[f"ccache per compilation, {step}: B's warm-shared, ms"] = on_b[step]
             out.info["ccache: hits on B"] = shared.hits
             if shared.hits != first.misses or shared.misses or shared.errors:
                 self.problem(f"B's build hit {shared.hits} of A's {first.misses}: {shared.stats}")
