@@ -41,7 +41,8 @@ packs has at most ``FETCH_BYTES`` in flight, 8 whole packs):
   (goal <= 1.3); B must hit for every compilation A missed.  ccache's own log of both
   builds (``CCACHE_LOGFILE``) gives where the time goes: milliseconds per compilation
   that ccache spent reading the manifest and the result, locking and updating its stats
-  file, and in all (``CCACHE_STEPS``);
+  file, and in all (``CCACHE_STEPS``).  The log costs both builds alike (about a hundred
+  lines per ccache process, written outside the mounts);
 * memory: the resident set (``VmRSS`` of /proc/PID/status, and of it ``RssAnon``) of
   both daemons, sampled every 0.2 s during every phase; the peak against the limit.
 
