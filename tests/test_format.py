@@ -47,6 +47,7 @@ from cachefs.format.segment import (
     TAG_CHUNK,
     Record,
     SegmentHeader,
+    check_record,
     encode_record_header,
     encode_segment_header,
     parse_record,
@@ -220,6 +221,49 @@ def test_any_single_bit_flip_in_a_record_is_detected(
     with pytest.raises(CorruptDataError) as info:
         parse_record(memoryview(buf), prefix, len(buf), "/seg")
     assert info.value.offset == prefix
+
+
+@given(
+    payload=st.binary(min_size=1, max_size=600),
+    digest=digests,
+    data=st.data(),
+)
+def test_a_record_read_in_pieces_is_checked_as_a_whole(
+    payload: bytes, digest: bytes, data: st.DataObject
+) -> None:
+    """``check_record``: the header and the payload in consecutive buffers
+    (a reader's buffer between two scratch ones); any bit flipped is found."""
+    rec = bytearray(segment_record(TAG_CHUNK, 0, len(payload), digest, payload))
+    cut1 = data.draw(st.integers(0, len(payload)), label="cut1")
+    cut2 = data.draw(st.integers(cut1, len(payload)), label="cut2")
+
+    def pieces(buf: bytes | bytearray) -> tuple[bytes, list[bytes]]:
+        head, body = bytes(buf[: RECORD_HEADER.size]), bytes(buf[RECORD_HEADER.size :])
+        return head, [body[:cut1], body[cut1:cut2], body[cut2:]]
+
+    head = check_record(*pieces(rec), "seg", 7)
+    assert (head.tag, head.raw_len, head.digest, head.compression) == (
+        TAG_CHUNK,
+        len(payload),
+        digest,
+        COMPRESSION_NONE,
+    )
+    bit = data.draw(st.integers(0, len(rec) * 8 - 1), label="bit")
+    flipped = bytearray(rec)
+    flip_bit(flipped, bit)
+    with pytest.raises(CorruptDataError) as info:
+        check_record(*pieces(flipped), "seg", 7)
+    assert info.value.offset == 7
+    # Pieces that are not the record's length, a header cut short, a longer header.
+    header, body = pieces(rec)
+    with pytest.raises(CorruptDataError):
+        check_record(header, [*body, b"x"], "seg", 7)
+    with pytest.raises(CorruptDataError):
+        check_record(header[:-1], body, "seg", 7)
+    longer = bytearray(header)
+    struct.pack_into("<H", longer, 2, RECORD_HEADER.size + 8)
+    with pytest.raises(CorruptDataError):
+        check_record(longer, body, "seg", 7)
 
 
 def write_segment(

@@ -77,6 +77,16 @@ def test_a_sparse_object_stores_its_data_and_reads_its_holes_as_zeros(store: Sto
     assert report.clean, report.problems
 
 
+def test_a_range_read_into_one_buffer_has_zeros_for_the_holes(store: Store) -> None:
+    rng = random.Random(2)
+    pieces = {0: rng.randbytes(50_000), 3 << 20: rng.randbytes(70_000)}
+    size = 4 << 20
+    digest = put_sparse(store, size, pieces)
+    data = dense(size, pieces)
+    for offset, length in [(40_000, 1 << 20), ((3 << 20) - 5, 100_000), (0, size), (10, 60_000)]:
+        assert bytes(store.read_range(digest, offset, length)) == data[offset : offset + length]
+
+
 def test_the_content_digest_of_a_sparse_object_is_found_on_request_and_kept(
     store_path: Path,
 ) -> None:

@@ -684,6 +684,92 @@ def test_damaged_record_header_is_corrupt(store: Store) -> None:
     assert store.needs_fsck
 
 
+def mixed(size: int, seed: int) -> bytes:
+    """Pieces of random and of compressible bytes: chunks stored raw and zstd."""
+    rng = random.Random(seed)
+    out = bytearray()
+    while len(out) < size:
+        n = rng.randrange(2_000, 40_000)
+        out += (
+            rng.randbytes(n) if rng.random() < 0.6 else compressible(n, seed=rng.randrange(1 << 30))
+        )
+    return bytes(out[:size])
+
+
+def test_read_range_copies_raw_chunks_straight_into_one_buffer(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = mixed(600_000, seed=3)
+    digest = store.put(data)
+    kinds = {entry.flags & COMPRESSION_MASK for _, entry in chunk_entries(store, digest)}
+    assert kinds == {COMPRESSION_NONE, COMPRESSION_ZSTD}
+    maps = store.segments.maps
+    calls = Counter[str]()
+    for name in ("read_into", "read"):
+        method = getattr(maps, name)
+
+        def counted(*args: Any, _method: Any = method, _name: str = name) -> Any:
+            calls[_name] += 1
+            return _method(*args)
+
+        monkeypatch.setattr(maps, name, counted)
+    rng = random.Random(4)
+    ranges = [(0, len(data)), (len(data) - 10, 100), (len(data), 5), (7, 0)]
+    ranges += [(rng.randrange(len(data)), rng.randrange(1, 200_000)) for _ in range(200)]
+    for offset, length in ranges:
+        got = store.read_range(digest, offset, length)
+        assert bytes(got) == data[offset : offset + length], (offset, length)
+    assert calls["read_into"] > 0  # raw chunks of a range of several: copied in, not mapped
+    # Inside one raw chunk: a view on the mapping, no copy.
+    recipe = store.recipe(digest)
+    i = next(i for i, (_, e) in enumerate(chunk_entries(store, digest)) if not e.flags & 3)
+    start, size = sum(n for _, n in recipe[:i]), recipe[i][1]
+    piece = store.read_range(digest, start + 1, size - 2)
+    assert isinstance(piece, memoryview) and piece == data[start + 1 : start + size - 1]
+    with pytest.raises(ConfigError):
+        store.read_range(digest, -1, 10)
+
+
+@pytest.mark.parametrize("kind", ["raw", "zstd"])
+def test_read_range_meets_damage_as_every_read_does(store_path: Path, kind: str) -> None:
+    data = mixed(300_000, seed=5)
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        digest = store.put(data)
+        recipe = store.recipe(digest)
+        entries = chunk_entries(store, digest)
+        want = COMPRESSION_NONE if kind == "raw" else COMPRESSION_ZSTD
+        i = next(i for i, (_, e) in enumerate(entries) if i > 0 and e.flags & 3 == want)
+        chunk, entry = entries[i]
+    path = corrupt_payload(store, chunk, entry, at=entry.stored_len - 1)
+    start = sum(n for _, n in recipe[:i])
+    with Store.open(store_path) as store:
+        # A range that takes only the first byte of the damaged chunk: its
+        # checksum covers the whole record, so the damage is found.
+        with pytest.raises(CorruptDataError) as info:
+            store.read_range(digest, max(0, start - 5000), min(start, 5000) + 1)
+        assert info.value.path == str(path) and info.value.offset == entry.offset
+        assert store.needs_fsck and store.corruptions == 1
+        # Ranges around it still read, from the chunks before and after.
+        assert bytes(store.read_range(digest, 0, start)) == data[:start]
+        after = start + entry.raw_len
+        assert bytes(store.read_range(digest, after, 50_000)) == data[after : after + 50_000]
+
+
+def test_read_range_reads_a_chunk_whose_segment_went_meanwhile(store: Store) -> None:
+    """A segment file open for reads that gc deletes: the next read looks the
+    chunks up again (their new place) and reads them there."""
+    data = rand(200_000, seed=8)
+    keep = store.put(data)
+    gone = store.put(rand(200_000, seed=9))
+    assert bytes(store.read_range(keep, 1000, 100_000)) == data[1000:101_000]
+    before = {entry.segment_id for _, entry in chunk_entries(store, keep)}
+    store.unref(gone)
+    collect_garbage(store, threshold=0.99)
+    assert not before & {entry.segment_id for _, entry in chunk_entries(store, keep)}
+    assert bytes(store.read_range(keep, 1000, 100_000)) == data[1000:101_000]
+    check_invariants(store)
+
+
 # --- locking and read-only stores -------------------------------------------------------
 
 

@@ -32,5 +32,14 @@ class ChunkBackend(Protocol):
         stops early closes the iterator."""
         ...
 
+    def read_into(self, wanted: Sequence[tuple[bytes, int, memoryview]]) -> list[bool]:
+        """For each (digest, start, buffer): bytes ``[start, start + len(buffer))``
+        of the chunk copied into ``buffer``, verified, if this backend can do
+        it without a copy of its own (a raw chunk stored here); whether each
+        was.  What a buffer holds where the answer is False means nothing:
+        the caller reads those chunks with :meth:`read_chunks`, which says
+        why any cannot be read."""
+        ...
+
 
 __all__ = ["ChunkBackend"]

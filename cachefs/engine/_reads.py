@@ -61,6 +61,9 @@ Layout: TypeAlias = tuple[list[tuple[bytes, int]], list[int]]
 #: Chunks looked up together when reading; compressed ones among them are
 #: decompressed ahead of the reader, in the worker pool.
 READ_WINDOW = 16
+#: The largest range ``ObjectReader.read_range`` reads into one buffer of its
+#: own (a FUSE read is at most 1 MiB).
+READ_INTO_MAX = 4 << 20
 
 
 class ChunkCache:
@@ -185,6 +188,51 @@ class LocalChunks:
         finally:
             for fut in ahead.values():
                 fut.cancel()
+
+    def read_into(self, wanted: Sequence[tuple[bytes, int, memoryview]]) -> list[bool]:
+        """See ``ChunkBackend.read_into``: raw chunks stored here are read
+        straight into the buffers (``SegmentMaps.read_into``).  A chunk that is
+        compressed, held remotely, or not found as its entry says (damaged,
+        compacted away meanwhile) is left to ``read_chunks``, which handles,
+        heals and records each of those as ever."""
+        with self.index.read() as txn:
+            entries = [self.index.get_chunk(txn, digest) for digest, _, _ in wanted]
+        done = []
+        for (digest, start, buffer), entry in zip(wanted, entries, strict=True):
+            done.append(
+                entry is not None
+                and not entry.remote
+                and entry.flags & COMPRESSION_MASK == COMPRESSION_NONE
+                and entry.stored_len == entry.raw_len
+                and self._read_raw_into(digest, entry, start, buffer)
+            )
+        return done
+
+    def _read_raw_into(
+        self, digest: bytes, entry: ChunkEntry, start: int, buffer: memoryview
+    ) -> bool:
+        stop = start + len(buffer)
+        if stop > entry.raw_len:
+            return False
+        # The bytes of the chunk around the wanted ones are read too (the
+        # checksum covers them all), into a scratch buffer.
+        around = memoryview(bytearray(entry.raw_len - len(buffer)))
+        payload = [part for part in (around[:start], buffer, around[start:]) if len(part)]
+        locate = functools.partial(self.segments.chunk_path, digest, entry.segment_id)
+        try:
+            head = self.segments.read_into(entry.segment_id, locate, entry.offset, payload)
+        except CachefsError:
+            return False
+        if (
+            head.digest != digest
+            or head.raw_len != entry.raw_len
+            or head.tag != TAG_CHUNK
+            or head.compression != COMPRESSION_NONE
+            or head.digest_id != self.digest_function.ident
+        ):
+            return False
+        self.read_order[entry.segment_id] = next(self._reads)
+        return True
 
     def read_chunk(self, digest: bytes, entry: ChunkEntry | None = None) -> bytes | memoryview:
         """A chunk's bytes, verified.  A raw chunk is a view on the segment mapping.
@@ -642,6 +690,43 @@ class ObjectReader:
             close = getattr(pieces, "close", None)
             if close is not None:
                 close()
+
+    def read_range(self, digest: Digest, offset: int, length: int) -> bytes | memoryview:
+        """A range of an object (of at most ``READ_INTO_MAX`` bytes; larger ones
+        are joined from ``iter_object``) as one buffer: a view when one
+        chunk stored raw holds it all, else its chunks copied into a new
+        buffer, raw ones read straight into it (``ChunkBackend.read_into``:
+        one copy from the page cache instead of a mapping and a copy), the
+        others decoded as ``iter_object`` does and copied in."""
+        if offset < 0 or length < 0:
+            raise ConfigError("offset and length must not be negative")
+        end = min(digest.size, offset + length)
+        if end - offset > READ_INTO_MAX:
+            return b"".join(self.iter_object(digest, offset, length))
+        window = list(self._overlapping(digest, offset, end)) if end > offset else []
+        if len(window) <= 1:
+            single = list(self.iter_object(digest, offset, length))
+            return single[0] if len(single) == 1 else b"".join(single)
+        view = memoryview(bytearray(end - offset))  # holes stay zeros
+        wanted: list[tuple[bytes, int, memoryview, int]] = []
+        position = 0
+        for chunk, start, stop, size in window:
+            if chunk != HOLE_MARK:
+                wanted.append((chunk, start, view[position : position + stop - start], size))
+            position += stop - start
+        done = self.chunks.read_into([(chunk, start, part) for chunk, start, part, _ in wanted])
+        rest = [item for item, ok in zip(wanted, done, strict=True) if not ok]
+        if rest:
+            pieces = self.chunks.read_chunks([chunk for chunk, *_ in rest])
+            try:
+                for (chunk, start, part, size), data in zip(rest, pieces, strict=True):
+                    data = self._sized(digest, chunk, data, size)
+                    part[:] = memoryview(data)[start : start + len(part)]
+            finally:
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()
+        return view
 
     def iter_object(
         self, digest: Digest, offset: int = 0, length: int | None = None

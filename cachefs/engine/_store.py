@@ -583,8 +583,7 @@ class Store:
         return self.reader.contains(digest)
 
     def find_object(self, digest_hash: bytes) -> Digest | None:
-        """The digest (with its size) of the stored object whose hash is
-        ``digest_hash``, or None."""
+        """The digest (with its size) of the stored object ``digest_hash``, or None."""
         with self.index.read() as txn:
             entry = self.index.get_object_head(txn, digest_hash)
         return None if entry is None else Digest(digest_hash, entry.size)
@@ -613,10 +612,13 @@ class Store:
     def iter_object(
         self, digest: Digest, offset: int = 0, length: int | None = None
     ) -> Iterator[memoryview | bytes]:
-        """The bytes of an object (or of a range of it) as a sequence of pieces
-        (views on segment mappings where chunks are stored raw); chunks ahead
-        are verified and decompressed in worker threads (``ObjectReader``)."""
+        """An object's bytes (or a range's) in pieces: views on segment mappings
+        where chunks are raw; chunks ahead decoded in threads (``ObjectReader``)."""
         return self.reader.iter_object(digest, offset, length)
+
+    def read_range(self, digest: Digest, offset: int, length: int) -> bytes | memoryview:
+        """A range of an object as one buffer (a FUSE read; ``ObjectReader``)."""
+        return self.reader.read_range(digest, offset, length)
 
     def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> bytes:
         """An object's bytes (or a range of them) as one ``bytes``."""
@@ -630,8 +632,7 @@ class Store:
 
     @contextmanager
     def maintenance(self) -> Iterator[Maintenance]:
-        """Hold the store exclusively (no put, no publication) for gc or fsck
-        --repair; see :class:`Maintenance`."""
+        """The store held alone (no put, no publication: gc, fsck --repair)."""
         self.check_writable()
         with self._maintenance.exclusive(), self.publisher.commit_lock:
             self.segments.clear_pending()  # no ingest runs: these belong to abandoned puts

@@ -60,7 +60,7 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,22 +152,13 @@ def parse_segment_header(buf: bytes | memoryview | mmap.mmap, path: str) -> Segm
 
 
 @dataclass(frozen=True)
-class Record:
-    """A parsed, checksum-verified record inside a mapping."""
+class RecordHead:
+    """The header fields of a checksum-verified record."""
 
-    offset: int
     tag: int
     flags: int
     raw_len: int
     digest: bytes
-    payload: memoryview
-    #: The whole record as stored (header and payload), e.g. to copy it verbatim.
-    raw: memoryview
-
-    @property
-    def size(self) -> int:
-        """Bytes the whole record occupies in the segment."""
-        return len(self.raw)
 
     @property
     def compression(self) -> int:
@@ -176,6 +167,21 @@ class Record:
     @property
     def digest_id(self) -> int:
         return (self.flags & DIGEST_MASK) >> DIGEST_SHIFT
+
+
+@dataclass(frozen=True)
+class Record(RecordHead):
+    """A parsed, checksum-verified record inside a mapping."""
+
+    offset: int
+    payload: memoryview
+    #: The whole record as stored (header and payload), e.g. to copy it verbatim.
+    raw: memoryview
+
+    @property
+    def size(self) -> int:
+        """Bytes the whole record occupies in the segment."""
+        return len(self.raw)
 
 
 def parse_record(buf: mmap.mmap | memoryview, offset: int, limit: int, path: str) -> Record:
@@ -196,7 +202,33 @@ def parse_record(buf: mmap.mmap | memoryview, offset: int, limit: int, path: str
     hasher.update(payload)
     if hasher.intdigest() != checksum:
         raise CorruptDataError("record checksum mismatch", path=path, offset=offset)
-    return Record(offset, tag, flags, raw_len, digest, payload, view[offset : start + stored_len])
+    raw = view[offset : start + stored_len]
+    return Record(tag, flags, raw_len, digest, offset=offset, payload=payload, raw=raw)
+
+
+def check_record(
+    header: bytes | bytearray | memoryview,
+    payload: Sequence[bytes | bytearray | memoryview],
+    path: str,
+    offset: int,
+) -> RecordHead:
+    """Verify a record read in pieces: its 56-byte ``header``, then its payload
+    as consecutive ``payload`` buffers (read with one ``preadv``, the payload
+    landing where its reader wants it).  A record with a longer header (a
+    later version) is refused here too: ``parse_record`` reads those."""
+    if len(header) != RECORD_HEADER.size:
+        raise CorruptDataError("record header is truncated", path=path, offset=offset)
+    tag, flags, hsize, raw_len, stored_len, _res, digest, checksum = RECORD_HEADER.unpack_from(
+        header
+    )
+    if hsize != RECORD_HEADER.size or stored_len != sum(len(part) for part in payload):
+        raise CorruptDataError("record is not the one expected here", path=path, offset=offset)
+    hasher = xxhash.xxh3_64(memoryview(header)[:RECORD_CHECKED])
+    for part in payload:
+        hasher.update(part)
+    if hasher.intdigest() != checksum:
+        raise CorruptDataError("record checksum mismatch", path=path, offset=offset)
+    return RecordHead(tag, flags, raw_len, digest)
 
 
 def shard_of(digest: bytes, params: SegmentParams) -> int:

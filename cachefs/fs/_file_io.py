@@ -39,7 +39,6 @@ from cachefs.fs._files import (
     ObjectHandle,
     OpenFile,
     OpenFiles,
-    joined,
 )
 from cachefs.fs._journal import FileJournal
 from cachefs.fs._lookups import Lookups
@@ -334,14 +333,14 @@ class FileIO:
             end = min(handle.digest.size, offset + size)
             if offset >= end:
                 return b""
-            return joined(self.store.iter_object(handle.digest, offset, end - offset))
+            return self.store.read_range(handle.digest, offset, end - offset)
         if not isinstance(handle, FileHandle):
             raise FsError(errno.EISDIR)
         state = handle.file
         end = min(state.size, offset + size)
         if offset >= end:
             return b""
-        return state.read(offset, end, self.store.iter_object)
+        return state.read(offset, end, self.store.read_range)
 
     async def _publish_in_background(self, state: OpenFile, *, counted: bool = True) -> None:
         """Publish a file; ``counted``: this publication holds one of the

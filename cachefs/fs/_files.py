@@ -47,6 +47,8 @@ PIECE = 4 << 20
 
 #: Reads ``length`` bytes of an object from ``offset``, in pieces.
 ObjectRange = Callable[[Digest, int, int], Iterator[bytes | memoryview]]
+#: Reads ``length`` bytes of an object from ``offset`` as one buffer.
+RangeReader = Callable[[Digest, int, int], bytes | memoryview]
 
 
 @dataclass
@@ -214,17 +216,22 @@ class OpenFile:
             data += bytes(stop - start - len(data))
         return data
 
-    def read(self, offset: int, end: int, read_base: ObjectRange) -> bytes | memoryview:
+    def read(self, offset: int, end: int, read_range: RangeReader) -> bytes | memoryview:
         """Bytes [offset, end) of the file as it is now."""
         if not self.changed:
-            return joined(self._base(offset, end, read_base))
-        pieces: list[bytes | memoryview] = []
-        for from_spool, start, stop in self.ranges(offset, end):
-            if from_spool:
-                pieces.append(self.read_spool(start, stop))
-            else:
-                pieces.append(joined(self._base(start, stop, read_base)))
+            return self._base_range(offset, end, read_range)
+        pieces = [
+            self.read_spool(start, stop)
+            if from_spool
+            else self._base_range(start, stop, read_range)
+            for from_spool, start, stop in self.ranges(offset, end)
+        ]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _base_range(self, start: int, stop: int, read_range: RangeReader) -> bytes | memoryview:
+        return (
+            bytes(stop - start) if self.base is None else read_range(self.base, start, stop - start)
+        )
 
     def _base(self, start: int, stop: int, read_base: ObjectRange) -> Iterator[bytes | memoryview]:
         if self.base is None:
@@ -343,12 +350,6 @@ def _scratch_file(directory: Path, name: str) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def joined(pieces: Iterator[bytes | memoryview]) -> bytes | memoryview:
-    """Pieces as one buffer (the piece itself when there is one: no copy)."""
-    parts = list(pieces)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _data_regions(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
