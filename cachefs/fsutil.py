@@ -53,6 +53,47 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
+#: cachestat(2)'s system call number (Linux 6.5; the same on every architecture).
+_SYS_CACHESTAT = 451
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
+    ]
+
+
+def _syscall() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    call.restype = ctypes.c_long
+    return call
+
+
+_SYSCALL = _syscall()
+
+
+def cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """How many of the pages that ``length`` bytes of a file from ``offset``
+    touch are in the page cache (Linux ``cachestat``, which reads nothing);
+    None if the kernel cannot tell (before Linux 6.5)."""
+    if _SYSCALL is None:
+        return None
+    span = _CachestatRange(offset, length)
+    stat = _Cachestat()
+    flags = ctypes.c_uint(0)
+    if _SYSCALL(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), flags) != 0:
+        return None
+    return int(stat.nr_cache)
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` (a new file of ``mode``): after a crash it
     holds the old or the new bytes."""

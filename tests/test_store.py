@@ -8,6 +8,7 @@ import hashlib
 import io
 import mmap
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 
 from cachefs import errors
 from cachefs.engine import Journal, KnownChunks, Source, Store, StoreOptions, collect_garbage
+from cachefs.engine import _segments as segments_module
 from cachefs.engine._chunker import Chunker, reader_for
 from cachefs.errors import (
     CachefsError,
@@ -49,6 +51,7 @@ from cachefs.format.segment import (
     segment_path,
     shard_of,
 )
+from cachefs.fsutil import cached_pages
 from tests.conftest import SMALL_CONFIG, compressible, flip_first_chunk
 
 MIN_CHUNK = SMALL_CONFIG.chunking.min_size
@@ -696,21 +699,34 @@ def mixed(size: int, seed: int) -> bytes:
     return bytes(out[:size])
 
 
+@pytest.mark.parametrize("cached", ["all", "none", "unknown"])
 def test_read_range_copies_raw_chunks_straight_into_one_buffer(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, monkeypatch: pytest.MonkeyPatch, cached: str
 ) -> None:
+    """Raw chunks in the page cache are copied into the buffer (``preadv``);
+    the others (``cachestat`` says they are not there, or cannot say) are
+    read through the mapping, as are compressed ones: the same bytes."""
     data = mixed(600_000, seed=3)
     digest = store.put(data)
     kinds = {entry.flags & COMPRESSION_MASK for _, entry in chunk_entries(store, digest)}
     assert kinds == {COMPRESSION_NONE, COMPRESSION_ZSTD}
+    asked = []
+
+    def cached_pages(*args: int) -> int | None:
+        asked.append(args)
+        return 0 if cached == "none" else None
+
+    if cached != "all":
+        monkeypatch.setattr(segments_module, "cached_pages", cached_pages)
     maps = store.segments.maps
-    calls = Counter[str]()
+    calls = Counter[tuple[str, bool]]()
     for name in ("read_into", "read"):
         method = getattr(maps, name)
 
         def counted(*args: Any, _method: Any = method, _name: str = name) -> Any:
-            calls[_name] += 1
-            return _method(*args)
+            answer = _method(*args)
+            calls[_name, answer is not None] += 1
+            return answer
 
         monkeypatch.setattr(maps, name, counted)
     rng = random.Random(4)
@@ -719,7 +735,13 @@ def test_read_range_copies_raw_chunks_straight_into_one_buffer(
     for offset, length in ranges:
         got = store.read_range(digest, offset, length)
         assert bytes(got) == data[offset : offset + length], (offset, length)
-    assert calls["read_into"] > 0  # raw chunks of a range of several: copied in, not mapped
+    # Raw chunks of a range of several: copied in when cached, else mapped.
+    assert (calls["read_into", True] > 0) is (cached == "all")
+    assert calls["read", True] > 0  # the compressed ones, at least
+    if cached == "unknown":  # asked once, then not again
+        assert len(asked) == 1
+    elif cached == "none":
+        assert len(asked) == calls["read_into", False] > 0
     # Inside one raw chunk: a view on the mapping, no copy.
     recipe = store.recipe(digest)
     i = next(i for i, (_, e) in enumerate(chunk_entries(store, digest)) if not e.flags & 3)
@@ -728,6 +750,26 @@ def test_read_range_copies_raw_chunks_straight_into_one_buffer(
     assert isinstance(piece, memoryview) and piece == data[start + 1 : start + size - 1]
     with pytest.raises(ConfigError):
         store.read_range(digest, -1, 10)
+
+
+def test_cached_pages_says_what_the_page_cache_holds(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(64 << 10))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        major, minor = (int(n) for n in platform.release().split(".")[:2])
+        if (major, minor) < (6, 5):  # no cachestat(2): the caller maps the pages
+            assert cached_pages(fd, 0, 64 << 10) is None
+            return
+        assert cached_pages(fd, 0, 64 << 10) == 16
+        assert cached_pages(fd, 4095, 2) == 2  # the pages a range touches
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
+        assert cached_pages(fd, 0, 64 << 10) == 0
+        assert os.pread(fd, 10, 5000)
+        assert (cached_pages(fd, 0, 64 << 10) or 0) > 0
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("kind", ["raw", "zstd"])

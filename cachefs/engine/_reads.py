@@ -190,23 +190,22 @@ class LocalChunks:
                 fut.cancel()
 
     def read_into(self, wanted: Sequence[tuple[bytes, int, memoryview]]) -> list[bool]:
-        """See ``ChunkBackend.read_into``: raw chunks stored here are read
-        straight into the buffers (``SegmentMaps.read_into``).  A chunk that is
-        compressed, held remotely, or not found as its entry says (damaged,
-        compacted away meanwhile) is left to ``read_chunks``, which handles,
-        heals and records each of those as ever."""
+        """See ``ChunkBackend.read_into``: raw chunks stored here whose pages
+        are in the page cache are read straight into the buffers
+        (``SegmentMaps.read_into``).  A chunk that is compressed, held
+        remotely, on the disk only, or not found as its entry says (damaged,
+        compacted away meanwhile) is left to ``read_chunks``, which maps,
+        decodes, fetches, heals and records each of those as ever."""
         with self.index.read() as txn:
             entries = [self.index.get_chunk(txn, digest) for digest, _, _ in wanted]
-        done = []
-        for (digest, start, buffer), entry in zip(wanted, entries, strict=True):
-            done.append(
-                entry is not None
-                and not entry.remote
-                and entry.flags & COMPRESSION_MASK == COMPRESSION_NONE
-                and entry.stored_len == entry.raw_len
-                and self._read_raw_into(digest, entry, start, buffer)
-            )
-        return done
+        return [
+            entry is not None
+            and not entry.remote
+            and entry.flags & COMPRESSION_MASK == COMPRESSION_NONE
+            and entry.stored_len == entry.raw_len
+            and self._read_raw_into(digest, entry, start, buffer)
+            for (digest, start, buffer), entry in zip(wanted, entries, strict=True)
+        ]
 
     def _read_raw_into(
         self, digest: bytes, entry: ChunkEntry, start: int, buffer: memoryview
@@ -224,7 +223,8 @@ class LocalChunks:
         except CachefsError:
             return False
         if (
-            head.digest != digest
+            head is None
+            or head.digest != digest
             or head.raw_len != entry.raw_len
             or head.tag != TAG_CHUNK
             or head.compression != COMPRESSION_NONE
