@@ -772,6 +772,44 @@ def test_cached_pages_says_what_the_page_cache_holds(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_a_record_is_copied_only_well_behind_what_the_kernel_read_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_SegmentFile.in_cache``: cached, and cached ``READ_AHEAD`` past it
+    (else the mapping, whose faults start the next read-ahead); asked once
+    for the records up to twice that far."""
+    path = tmp_path / "seg"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+    page = mmap.PAGESIZE
+    cached_upto = [20 << 20]  # the pages before it are in the page cache
+    asked = []
+
+    def cached_pages(fd: int, offset: int, length: int) -> int:
+        asked.append((offset, length))
+        first, last = offset // page, (offset + length - 1) // page
+        return max(0, min(last, cached_upto[0] // page - 1) - first + 1)
+
+    monkeypatch.setattr(segments_module, "cached_pages", cached_pages)
+    file = segments_module._SegmentFile(path)
+    ahead = segments_module.READ_AHEAD
+    record = 64 << 10
+    assert file.in_cache(0, record) is True
+    assert len(asked) == 2  # the record, then a page 2 * READ_AHEAD past it
+    for start in range(record, 2 * ahead - record, record):
+        assert file.in_cache(start, start + record) is True
+    assert len(asked) == 2 * 2  # asked again once, READ_AHEAD before the page
+    near = cached_upto[0] - ahead  # the page READ_AHEAD past it is not cached
+    assert file.in_cache(near, near + record) is False
+    assert file.in_cache(cached_upto[0], cached_upto[0] + record) is False  # not cached
+    cached_upto[0] = 64 << 20  # the whole file: near its end, the end is the limit
+    end = (64 << 20) - record
+    assert file.in_cache(end, end + record) is True
+    asked.clear()
+    assert file.in_cache(0, record) is True  # before what was found last: asked
+    assert asked
+
+
 @pytest.mark.parametrize("kind", ["raw", "zstd"])
 def test_read_range_meets_damage_as_every_read_does(store_path: Path, kind: str) -> None:
     data = mixed(300_000, seed=5)

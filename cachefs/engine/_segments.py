@@ -147,6 +147,8 @@ class SegmentWriter:
 #: ``madvise`` advice that maps a range's pages in one call (Linux 5.14; the
 #: mmap module of Python 3.11 does not name it).
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+#: How far past a record its pages must be cached for ``SegmentMaps.read_into``.
+READ_AHEAD = 4 << 20
 
 
 class _SegmentFile:
@@ -154,7 +156,7 @@ class _SegmentFile:
     holds it (a read that holds it is never left with a descriptor that was
     closed, or reused for another file, under it)."""
 
-    __slots__ = ("fd", "path")
+    __slots__ = ("cached", "fd", "path")
 
     def __init__(self, path: Path) -> None:
         self.path = str(path)
@@ -164,6 +166,35 @@ class _SegmentFile:
             raise CorruptDataError("segment file is missing", path=self.path) from None
         except OSError as exc:
             raise from_oserror(exc, f"opening segment {path}") from None
+        #: The range whose pages were found cached last: records inside it
+        #: (but for its last ``READ_AHEAD`` bytes) are not asked about.
+        self.cached = (0, 0)
+
+    def in_cache(self, start: int, end: int) -> bool | None:
+        """Whether the pages of ``[start, end)`` are in the page cache, and
+        those ``READ_AHEAD`` past it too: a sequential reader nearing the end
+        of what the kernel read ahead reads through the mapping, whose faults
+        there start the next read-ahead (a ``preadv`` of cached pages starts
+        none that far ahead).  None if the kernel cannot tell.  The kernel is
+        asked about a page twice that far, so that the records up to it need
+        not ask (``cachestat`` costs a system call)."""
+        low, high = self.cached
+        if low <= start and end + READ_AHEAD <= high:
+            return True
+        pages = (end - 1) // mmap.PAGESIZE - start // mmap.PAGESIZE + 1
+        cached = cached_pages(self.fd, start, end - start)
+        if cached is None or cached < pages:
+            return None if cached is None else False
+        try:
+            size = os.fstat(self.fd).st_size
+        except OSError:
+            return False  # the mapping's read says what is wrong
+        for ahead in (2 * READ_AHEAD, READ_AHEAD):
+            probe = min(end + ahead, size) - 1
+            if probe < end or cached_pages(self.fd, probe, 1) == 1:
+                self.cached = (start, probe + 1)
+                return True
+        return False
 
     def __del__(self) -> None:
         with contextlib.suppress(AttributeError, OSError):  # not opened; closed at exit
@@ -281,12 +312,10 @@ class SegmentMaps:
         file = self._file(segment_id, locate)
         header = bytearray(RECORD_HEADER.size)
         length = len(header) + sum(len(part) for part in payload)
-        first, last = offset // mmap.PAGESIZE, (offset + length - 1) // mmap.PAGESIZE
-        cached = cached_pages(file.fd, offset, length)
+        cached = file.in_cache(offset, offset + length)
         if cached is None:
             self._cachestat = False
-            return None
-        if cached <= last - first:
+        if not cached:
             return None
         try:
             got = os.preadv(file.fd, [header, *payload], offset)
