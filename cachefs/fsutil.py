@@ -73,6 +73,8 @@ def _syscall() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
         call = ctypes.CDLL(None, use_errno=True).syscall
     except (OSError, AttributeError):
         return None
+    # syscall(2) takes the number and each argument as a long (the pointers too).
+    call.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long)
     call.restype = ctypes.c_long
     return call
 
@@ -88,8 +90,7 @@ def cached_pages(fd: int, offset: int, length: int) -> int | None:
         return None
     span = _CachestatRange(offset, length)
     stat = _Cachestat()
-    flags = ctypes.c_uint(0)
-    if _SYSCALL(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), flags) != 0:
+    if _SYSCALL(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
         return None
     return int(stat.nr_cache)
 
