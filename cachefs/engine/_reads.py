@@ -219,7 +219,7 @@ class LocalChunks:
         payload = [part for part in (around[:start], buffer, around[start:]) if len(part)]
         locate = functools.partial(self.segments.chunk_path, digest, entry.segment_id)
         try:
-            head = self.segments.read_into(entry.segment_id, locate, entry.offset, payload)
+            head = self.segments.maps.read_into(entry.segment_id, locate, entry.offset, payload)
         except CachefsError:
             return False
         if (
@@ -703,9 +703,9 @@ class ObjectReader:
         end = min(digest.size, offset + length)
         if end - offset > READ_INTO_MAX:
             return b"".join(self.iter_object(digest, offset, length))
-        window = list(self._overlapping(digest, offset, end)) if end > offset else []
+        window = list(self._wanted(digest, offset, end)) if end > offset else []
         if len(window) <= 1:
-            single = list(self.iter_object(digest, offset, length))
+            single = list(self._pieces(digest, iter(window)))
             return single[0] if len(single) == 1 else b"".join(single)
         view = memoryview(bytearray(end - offset))  # holes stay zeros
         wanted: list[tuple[bytes, int, memoryview, int]] = []
@@ -735,12 +735,23 @@ class ObjectReader:
         if offset < 0 or (length is not None and length < 0):
             raise ConfigError("offset and length must not be negative")
         end = digest.size if length is None else min(digest.size, offset + length)
+        yield from self._pieces(digest, self._wanted(digest, offset, end))
+
+    def _wanted(
+        self, digest: Digest, offset: int, end: int
+    ) -> Iterator[tuple[bytes, int, int, int]]:
+        """(chunk digest, start, stop, size) of the chunks that overlap
+        ``[offset, end)``; for the whole object, from its recipe read once
+        and not kept (``_unpaged``)."""
         chunks = self._unpaged(digest) if offset == 0 and end == digest.size else None
-        wanted: Iterator[tuple[bytes, int, int, int]]
         if chunks is not None:
-            wanted = ((chunk, 0, size, size) for chunk, size in chunks)
-        else:
-            wanted = self._overlapping(digest, offset, end)
+            return ((chunk, 0, size, size) for chunk, size in chunks)
+        return self._overlapping(digest, offset, end)
+
+    def _pieces(
+        self, digest: Digest, wanted: Iterator[tuple[bytes, int, int, int]]
+    ) -> Iterator[memoryview | bytes]:
+        """The bytes of the ``wanted`` chunks' ranges, a window of them at a time."""
         while window := list(itertools.islice(wanted, READ_WINDOW)):
             stored = [chunk for chunk, *_ in window if chunk != HOLE_MARK]
             pieces = self.chunks.read_chunks(stored) if stored else ()

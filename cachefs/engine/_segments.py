@@ -634,17 +634,6 @@ class SegmentStore:
         """The verified record at ``offset`` of a segment (see ``SegmentMaps.read``)."""
         return self.maps.read(segment_id, locate, offset, stored_len)
 
-    def read_into(
-        self,
-        segment_id: int,
-        locate: Path | Callable[[], Path],
-        offset: int,
-        payload: Sequence[memoryview],
-    ) -> RecordHead | None:
-        """The record at ``offset`` of a segment read into ``payload`` from the
-        page cache, verified; None if it is not there (``SegmentMaps.read_into``)."""
-        return self.maps.read_into(segment_id, locate, offset, payload)
-
     def delete(self, segment_id: int, path: Path) -> int:
         """Delete a segment file nothing refers to; returns the bytes freed."""
         self.maps.forget(segment_id)
