@@ -166,11 +166,19 @@ class Table:
                 yield key, value
 
     def damaged_keys(self, txn: lmdb.Transaction) -> list[bytes]:
-        """The keys of the entries that fail their seal (fsck)."""
+        """The keys of the entries that fail their seal (fsck).  A table whose
+        tree cannot be walked (its root or a page broken) is IndexCorruptError."""
         if not self.index.sealed:
             return []
-        entries = cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=self.handle))
-        return [key for key, raw in entries if unseal(key, raw) is None]
+        try:
+            entries = cast(Iterator[tuple[bytes, bytes]], txn.cursor(db=self.handle))
+            return [key for key, raw in entries if unseal(key, raw) is None]
+        except lmdb.Error as exc:
+            raise IndexCorruptError(
+                f"the index {self.index.path} is damaged: its table {_name(self.name)} "
+                f"cannot be read ({exc})",
+                hint=RESTORE_INDEX,
+            ) from None
 
     def seal_all(self, txn: lmdb.Transaction) -> None:
         """Seal every entry (the upgrade to schema 4, in one transaction)."""
@@ -780,7 +788,11 @@ def lmdb_error(exc: lmdb.Error, what: str) -> CachefsError:
     """Translate an LMDB error into the cachefs hierarchy."""
     if isinstance(exc, lmdb.MapFullError | lmdb.DiskError) or "No space" in str(exc):
         return StoreFullError(f"no space left while {what}")
-    if isinstance(exc, lmdb.CorruptedError | lmdb.InvalidError | lmdb.PageNotFoundError):
+    # MDB_BAD_TXN: LMDB met a broken page earlier in the transaction (a table's
+    # root past the end of the file, seen in the flip experiment) and refuses to
+    # go on; cachefs never uses a transaction again after an error of its own.
+    damage = lmdb.CorruptedError | lmdb.InvalidError | lmdb.PageNotFoundError | lmdb.BadTxnError
+    if isinstance(exc, damage):
         return IndexCorruptError(
             f"the index is damaged while {what}: {exc}",
             hint="restore index.lmdb from a backup; segments hold the chunk data",
