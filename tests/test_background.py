@@ -15,11 +15,13 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from cachefs import faults
 from cachefs.engine import ROOT_INODE, CachefsError, FsError, Store, check_store
@@ -439,3 +441,56 @@ async def test_a_sparse_digest_that_meets_damage_fails_once_computed(
             assert "could not compute the digest" in caplog.text
             nursery.cancel_scope.cancel()
         fs.close()
+
+
+async def test_a_read_while_a_publication_commits_reads_the_new_content(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publication in a worker thread commits a file's new content, which
+    drops its old object, before the loop makes the new one the file's base.
+    A read in between found no object: ENOENT, which the kernel's read-ahead
+    took for the end of the file (a stress run read files short).  The read
+    waits for the publication and gives the new content."""
+    rng = random.Random(5)
+    old = rng.randbytes(600_000)  # past INLINE_PUBLISH: published in a worker thread
+    patch = rng.randbytes(10_000)
+    new = old[:300_000] + patch + old[310_000:]
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store)
+        committed, go_on = threading.Event(), threading.Event()
+        store_content = fs.publisher.store_content
+
+        def held(state: Any, *, durable: bool) -> Any:
+            digest = store_content(state, durable=durable)
+            committed.set()
+            go_on.wait(20)
+            return digest
+
+        got: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            ino, fh = await _write(fs, b"f", old)
+            await fs.release(fh)
+            reader, _ = await fs.open(ino, os.O_RDONLY)
+            writer, _ = await fs.open(ino, os.O_RDWR)
+            await fs.write(writer, 300_000, patch)
+            monkeypatch.setattr(fs.publisher, "store_content", held)
+            nursery.start_soon(fs.fsync, writer)
+            assert await trio.to_thread.run_sync(committed.wait, 20)
+
+            async def read() -> None:
+                got.append(bytes(await fs.read(reader, 0, len(new))))
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not got  # waiting for the publication
+            go_on.set()
+            await _wait_for(lambda: got, "the read")
+            assert got == [new]
+            await fs.release(reader)
+            await fs.release(writer)
+            await fs.flush_all()
+            nursery.cancel_scope.cancel()
+        fs.close()
+        assert fs.errors == 0
+        assert check_store(store).clean

@@ -24,7 +24,15 @@ from typing import Any
 import trio
 
 from cachefs import tracing
-from cachefs.engine import CachefsError, CorruptDataError, FsError, Inode, Namespace, Store
+from cachefs.engine import (
+    CachefsError,
+    CorruptDataError,
+    FsError,
+    Inode,
+    Namespace,
+    ObjectNotFoundError,
+    Store,
+)
 from cachefs.errors import HealElsewhere, RemoteError, from_oserror
 from cachefs.format.schema import MAX_FILE_SIZE
 from cachefs.fs._caches import CacheDirs
@@ -337,6 +345,18 @@ class FileIO:
         if not isinstance(handle, FileHandle):
             raise FsError(errno.EISDIR)
         state = handle.file
+        try:
+            return self._read_file(state, offset, size)
+        except ObjectNotFoundError:
+            if not state.lock.locked():
+                raise
+        # A publication of the file has committed its new content, which dropped
+        # the old one (the base read here), and makes it the base once it has
+        # the loop again: read once it has.
+        async with state.lock:
+            return self._read_file(state, offset, size)
+
+    def _read_file(self, state: OpenFile, offset: int, size: int) -> bytes | memoryview:
         end = min(state.size, offset + size)
         if offset >= end:
             return b""
