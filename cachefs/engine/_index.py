@@ -795,7 +795,7 @@ def lmdb_error(exc: lmdb.Error, what: str) -> CachefsError:
     if isinstance(exc, damage):
         return IndexCorruptError(
             f"the index is damaged while {what}: {exc}",
-            hint="restore index.lmdb from a backup; segments hold the chunk data",
+            hint=RESTORE_INDEX,
         )
     if isinstance(exc, lmdb.VersionMismatchError | lmdb.IncompatibleError):
         return CorruptDataError(f"the index was written by an incompatible LMDB: {exc}")
