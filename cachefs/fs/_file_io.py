@@ -106,13 +106,14 @@ class FileIO:
         #: request's span is the parent of their publication's).
         self._released_trace: Any = None
         publisher.on_written = self._written
+        lookups.forgotten = self.forgotten
 
     def unlinked(self, inode: Inode) -> None:
         """A file lost an entry (``inode`` as it is now, its size made the size
         it has with its unpublished writes).  Without a name left it is an
-        orphan until the kernel forgets it and it is closed; unpublished
-        writes nobody can reach are dropped (an open file keeps them, readable,
-        until it is closed)."""
+        orphan until the kernel forgets it and it is closed; its unpublished
+        writes are never published, and stay readable while it is open or the
+        kernel knows it (a process that found its name before may open it)."""
         state = self.files.get(inode.ino)
         if state is not None:
             inode.size = state.size
@@ -479,11 +480,23 @@ class FileIO:
                 self._drop_state(state)
         self.lookups.flush()
 
+    def forgotten(self, ino: int) -> None:
+        """The kernel forgot inode ``ino``: an orphan's unpublished writes kept
+        for it (``_drop_state``) can go, unless it is open or being published."""
+        state = self.files.get(ino)
+        if state is not None:
+            self._drop_state(state)
+
     def _drop_state(self, state: OpenFile) -> None:
         if self.files.get(state.ino) is not state or state.opens or state.publishing:
             return
         if state.changed and not self.publisher.orphaned(state.ino):
             return  # publication failed: keep the data for the next attempt
+        if state.changed and state.ino in self.lookups.counts:
+            # An orphan the kernel still knows: a process that found its name
+            # before the unlink (or the rename over it) may open it yet, and
+            # must read what was written (``forgotten`` drops it).
+            return
         self.publisher.streams.abandon(state, "dropped")
         self.files.remove(state)
         self.lookups.release([state.ino])

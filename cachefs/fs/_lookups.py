@@ -16,6 +16,7 @@ orphans a crash leaves are deleted at the next mount (:meth:`purge`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -45,6 +46,9 @@ class Lookups:
         self.nursery: trio.Nursery | None = None
         #: Orphans released, to be deleted (in order).
         self._released: dict[int, None] = {}
+        #: Told of each inode the kernel forgets, before it is counted as
+        #: unused (the file I/O drops what it kept of an orphan for the kernel).
+        self.forgotten: Callable[[int], None] = lambda ino: None
 
     def purge(self) -> None:
         """Delete every orphan (at mount: nothing can be using them)."""
@@ -72,6 +76,8 @@ class Lookups:
                 self.counts[ino] = left
                 continue
             self.counts.pop(ino, None)
+            if ino in self.orphans:
+                self.forgotten(ino)
             if ino in self.orphans and not self.files.busy(ino):
                 released.append(ino)
         self.release(released)
