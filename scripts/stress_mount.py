@@ -12,20 +12,27 @@ and with ``--kill`` the daemon killed with SIGKILL between two operations (a
 write that returned survives the daemon's death: every file is then compared
 whole).  Every read is compared with the model; at the end each file is read
 whole, again after a remount, and ``cachefs fsck`` must find the store clean.
-A failure prints the seed, the operation and the last ones before it, and the
-script exits 1.  It found the race of December 7 (a read between a
-publication's commit and its new base read files short).
+``--renames`` runs readers against writers that rename whole files over three
+names instead (every read must be one whole version).  A failure prints the
+seed, the operation and the last ones before it, and the script exits 1.
+
+The two runs found two races on December 7: a read between a publication's
+commit and its new base read files short, and a reader racing a rename read
+the file it replaced as empty (its writes dropped before the kernel forgot it).
 
 Run from the repository root, as root (it mounts FUSE file systems)::
 
     .venv/bin/python scripts/stress_mount.py                         # 5 seeds x 90 s
     .venv/bin/python scripts/stress_mount.py --dir /var/tmp --kill --seeds 3
+    .venv/bin/python scripts/stress_mount.py --renames --seconds 60
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import itertools
 import mmap
 import os
 import random
@@ -33,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -258,6 +266,73 @@ def run_seed(base: Path, seed: int, seconds: float, *, with_kill: bool) -> Count
     return Counter(str(done[0]) for done in stress.done)
 
 
+def run_renames(base: Path, seed: int, seconds: float) -> Counter[str]:
+    """``--renames``: two writers each write whole files (a SHA-256 of the
+    rest first) under names of their own and rename them over three shared
+    names, as ccache and Bazel publish; two readers read the shared names
+    whole.  Every read must be one whole version, never empty or mixed (a
+    reader that found a name just before a rename opens the file it
+    replaced).  Mismatch on a failure; how many renames and reads."""
+    mount = start(base / "store", base / "mnt")
+    deadline = time.monotonic() + seconds
+    done: Counter[str] = Counter()
+    errors: list[str] = []
+
+    def writer(number: int) -> None:
+        rng = random.Random(seed * 100 + number)
+        for version in itertools.count():
+            if time.monotonic() > deadline or errors:
+                return
+            size = rng.randrange(1, rng.choice([100, 5000, 60_000, 200_000, 700_000, 3 << 20]))
+            body = rng.randbytes(size)
+            temporary = mount.path / f"w{number}.{version}.tmp"
+            try:
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    os.write(fd, hashlib.sha256(body).digest() + body)
+                    if rng.random() < 0.2:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(temporary, mount.path / f"f{rng.randrange(3)}")
+            except OSError as exc:
+                errors.append(f"writing {temporary.name}: {exc}")
+                return
+            done["renames"] += 1
+
+    def reader(number: int) -> None:
+        rng = random.Random(seed * 100 + 50 + number)
+        while time.monotonic() < deadline and not errors:
+            path = mount.path / f"f{rng.randrange(3)}"
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue  # not written yet
+            except OSError as exc:
+                errors.append(f"reading {path.name}: {exc}")
+                return
+            done["reads"] += 1
+            if len(data) < 33 or hashlib.sha256(data[32:]).digest() != data[:32]:
+                errors.append(f"{path.name}: {len(data)} bytes that are no whole version")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(2)]
+    threads += [threading.Thread(target=reader, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if stop(mount) != 0:
+        errors.append(f"the daemon did not exit cleanly: {mount.stderr()[-2000:]}")
+    fsck = subprocess.run(
+        [*CACHEFS, "fsck", str(base / "store")], capture_output=True, text=True, check=False
+    )
+    if fsck.returncode != 0:
+        errors.append(f"cachefs fsck: {fsck.stdout[-2000:]}{fsck.stderr[-2000:]}")
+    if errors:
+        raise Mismatch(f"seed {seed}, after {done['reads']} reads: {errors[0]}")
+    return done
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=90.0, help="per seed (default 90)")
@@ -267,19 +342,28 @@ def main() -> int:
         "--dir", type=Path, default=Path("/dev/shm"), help="where stores go (default /dev/shm)"
     )
     parser.add_argument("--kill", action="store_true", help="also kill -9 the daemon at times")
+    parser.add_argument(
+        "--renames", action="store_true", help="readers against writers that rename over names"
+    )
     args = parser.parse_args()
     failed = 0
     for seed in range(args.seed, args.seed + args.seeds):
         base = Path(tempfile.mkdtemp(prefix="cachefs-stress-", dir=args.dir))
         try:
-            done = run_seed(base, seed, args.seconds, with_kill=args.kill)
+            if args.renames:
+                done = run_renames(base, seed, args.seconds)
+            else:
+                done = run_seed(base, seed, args.seconds, with_kill=args.kill)
         except Mismatch as exc:
             failed += 1
             print(f"FAILED {exc}", flush=True)
             continue
-        rare = ", ".join(f"{done[op]} {op}" for op in ("remount", "kill") if done[op])
-        total = sum(done.values())
-        print(f"seed {seed}: {total} operations ({rare}), every read as the model", flush=True)
+        if args.renames:
+            print(f"seed {seed}: {done['renames']} renames, {done['reads']} reads, each whole")
+        else:
+            rare = ", ".join(f"{done[op]} {op}" for op in ("remount", "kill") if done[op])
+            total = sum(done.values())
+            print(f"seed {seed}: {total} operations ({rare}), every read as the model", flush=True)
         shutil.rmtree(base)
     print(f"{args.seeds - failed} of {args.seeds} seeds passed")
     return 1 if failed else 0
