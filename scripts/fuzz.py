@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,13 @@ from cachefs.format.segment import (  # noqa: E402
 from cachefs.fs._control import ControlTree  # noqa: E402
 from cachefs.server._names import parse_resource  # noqa: E402
 
-_SCRATCH = Path(tempfile.mkdtemp(prefix="cachefs-fuzz-", dir="/dev/shm"))
+#: Where the header target writes, once per input (so on tmpfs).  A child of
+#: ``run_target`` uses the directory its parent made and removes: libFuzzer
+#: ends the child with exit(), past any cleanup of Python's.
+SCRATCH_VARIABLE = "CACHEFS_FUZZ_SCRATCH"
+_SCRATCH = Path(
+    os.environ.get(SCRATCH_VARIABLE) or tempfile.mkdtemp(prefix="cachefs-fuzz-", dir="/dev/shm")
+)
 
 
 def fuzz_segment(data: bytes) -> None:
@@ -210,6 +217,7 @@ def write_seeds() -> None:
 def run_target(target: str, seconds: float, runs: int | None) -> int:
     """Fuzz one target in a child process (libFuzzer owns its process)."""
     work = Path(tempfile.mkdtemp(prefix=f"cachefs-fuzz-{target}-"))
+    scratch = tempfile.mkdtemp(prefix=f"cachefs-fuzz-{target}-", dir="/dev/shm")
     try:
         shutil.copytree(CORPUS / target, work / "corpus")
         args = [
@@ -227,7 +235,8 @@ def run_target(target: str, seconds: float, runs: int | None) -> int:
         if runs is not None:
             args.append(f"-runs={runs}")
         start = time.monotonic()
-        child = subprocess.run(args, capture_output=True, text=True, check=False)
+        env = {**os.environ, SCRATCH_VARIABLE: scratch}
+        child = subprocess.run(args, capture_output=True, text=True, check=False, env=env)
         elapsed = time.monotonic() - start
         execs = next(
             (
@@ -244,6 +253,7 @@ def run_target(target: str, seconds: float, runs: int | None) -> int:
         return child.returncode
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def child(target: str, libfuzzer_args: list[str]) -> None:
