@@ -480,6 +480,15 @@ def _bazel_env() -> dict[str, str]:
     return env
 
 
+def _jvm_tmp(output_root: Path) -> str:
+    """A startup option giving Bazel's JVM a temporary directory under ``output_root``:
+    Bazel 4 writes the raw log behind ``--execution_log_json_file`` to ``java.io.tmpdir``
+    (``/tmp/exec*.log``) and leaves it there."""
+    tmp = output_root / "jvm-tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return f"--host_jvm_args=-Djava.io.tmpdir={tmp}"
+
+
 def bazel_clean(
     workspace: Path,
     output_root: Path,
@@ -489,7 +498,14 @@ def bazel_clean(
 ) -> None:
     """``bazel clean``: the outputs and the local action cache go; the disk cache stays."""
     _run(
-        ["bazel", *BAZEL_STARTUP, *startup, f"--output_user_root={output_root}", "clean"],
+        [
+            "bazel",
+            *BAZEL_STARTUP,
+            *startup,
+            _jvm_tmp(output_root),
+            f"--output_user_root={output_root}",
+            "clean",
+        ],
         cwd=workspace,
         env=_bazel_env(),
         timeout=timeout,
@@ -545,6 +561,7 @@ def bazel_build(
         "bazel",
         *BAZEL_STARTUP,
         *startup,
+        _jvm_tmp(output_root),
         f"--output_user_root={output_root}",
         "build",
         *BAZEL_BUILD,
