@@ -46,8 +46,8 @@ class Lookups:
         self.nursery: trio.Nursery | None = None
         #: Orphans released, to be deleted (in order).
         self._released: dict[int, None] = {}
-        #: Told of each inode the kernel forgets, before it is counted as
-        #: unused (the file I/O drops what it kept of an orphan for the kernel).
+        #: Told of each orphan the kernel forgets, before it is counted as
+        #: unused (the file I/O drops what it kept of it for the kernel).
         self.forgotten: Callable[[int], None] = lambda ino: None
 
     def purge(self) -> None:
