@@ -17,7 +17,6 @@ import click
 import lmdb
 
 from cachefs import __version__
-from cachefs.engine import lmdb_error
 from cachefs.errors import CachefsError, from_oserror
 
 #: The subcommands, each defined by the module of its name as ``command``.  A
@@ -29,9 +28,54 @@ COMMANDS = (
 )  # fmt: skip
 
 
+#: The first sentence of each command's help, which ``cachefs --help`` lists:
+#: kept here so that listing them imports no command (tests/test_cli.py checks
+#: that each lists as its command's own help would).
+SUMMARIES = {
+    "audit": (
+        "The audit log: security-relevant events, one JSON line each, each line carrying"
+        " the SHA-256 of the line before it."
+    ),
+    "cache": "Cache directories: budgets and eviction inside a mounted store.",
+    "cat": "Write the object DIGEST (`<hex>/<size>`) to stdout.",
+    "fsck": "Verify every record checksum, index entry and reference count.",
+    "gc": "Remove chunks nothing refers to and compact sparse segments.",
+    "init": "Create an empty STORE.",
+    "key": "Signing keys.",
+    "metrics": "Prometheus metrics: `mount` and `serve` serve them with --metrics ADDR.",
+    "mount": "Mount STORE on MOUNTPOINT (STORE is created if missing).",
+    "put": "Store files (directories recursively) and print `DIGEST PATH` for each.",
+    "scrub": "Verify every segment record and every index entry of a store.",
+    "serve": (
+        "Serve STORE to build tools over REAPI v2 (gRPC) and the Bazel HTTP cache protocol,"
+        " with no mount (STORE is created if missing)."
+    ),
+    "stats": "Show objects, logical and stored bytes, chunks, dedup and compression ratios.",
+    "token": (
+        "Bearer tokens that `cachefs serve --tokens FILE` (and `mount --grpc/--http --tokens"
+        " FILE`) accept."
+    ),
+    "top": "Watch a daemon live: requests, throughput, hit ratios, errors, memory.",
+    "umount": "Unmount MOUNTPOINT: publish everything, unmount, wait for the daemon to exit.",
+}
+
+
+def _summary(name: str) -> click.Command:
+    """A stand-in for the command ``name`` that has only its summary."""
+    return click.Command(name, help=SUMMARIES[name])
+
+
 class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The list of commands, as click makes it, from ``SUMMARIES``."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = [(name, _summary(name).get_short_help_str(limit)) for name in names]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in COMMANDS:
@@ -53,6 +97,8 @@ class _Group(click.Group):
         except OSError as exc:  # last resort: an OS error the engine did not classify
             _fail(ctx, from_oserror(exc, "running the command"))
         except lmdb.Error as exc:  # last resort: an index error the engine did not classify
+            from cachefs.engine import lmdb_error  # noqa: PLC0415 (heavy: only when needed)
+
             _fail(ctx, lmdb_error(exc, "reading the index"))
 
 
