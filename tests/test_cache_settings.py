@@ -15,7 +15,7 @@ from cachefs import faults
 from cachefs.engine import ROOT_INODE, FsError, Store
 from cachefs.format.schema import INO_KEY, STORE_SETTINGS
 from cachefs.fs import Filesystem
-from cachefs.fs._caches import CACHE_XATTR, parse_setting
+from cachefs.fs._settings import CACHE_XATTR, parse_setting
 
 DIR = stat.S_IFDIR | 0o755
 

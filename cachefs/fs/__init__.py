@@ -19,21 +19,53 @@ What it offers:
   ``resident_bytes`` and ``memory_pressure``.
 """
 
-from cachefs.fs._caches import CACHE_XATTR, SHARE_NAME, parse_setting
-from cachefs.fs._control import CONTROL_NAME, is_virtual, is_volatile
-from cachefs.fs._events import FsEvents
-from cachefs.fs._files import OpenFile
-from cachefs.fs._filesystem import DEFAULT_PUBLISH_THRESHOLD, DIGEST_XATTR, Filesystem
-from cachefs.fs._journal import DEFAULT_LOG_LIMIT
-from cachefs.fs._memory import (
-    DEFAULT_MEMORY_LIMIT,
-    MemoryGovernor,
-    memory_pressure,
-    resident_bytes,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from cachefs.fs._policy import ARC, LFU, LRU, POLICIES, Policy, make_policy
-from cachefs.fs._stored_files import StoredFiles
-from cachefs.fs._trace import check_outside
+from cachefs.fs._settings import CACHE_XATTR, SHARE_NAME, parse_setting
+
+if TYPE_CHECKING:
+    from cachefs.fs._control import CONTROL_NAME, is_virtual, is_volatile
+    from cachefs.fs._events import FsEvents
+    from cachefs.fs._files import OpenFile
+    from cachefs.fs._filesystem import DEFAULT_PUBLISH_THRESHOLD, DIGEST_XATTR, Filesystem
+    from cachefs.fs._journal import DEFAULT_LOG_LIMIT
+    from cachefs.fs._memory import (
+        DEFAULT_MEMORY_LIMIT,
+        MemoryGovernor,
+        memory_pressure,
+        resident_bytes,
+    )
+    from cachefs.fs._stored_files import StoredFiles
+    from cachefs.fs._trace import check_outside
+
+#: Imported when first used: they bring the engine and trio, which the command
+#: lines that only name a setting or a policy (``cachefs cache``) do without.
+_LAZY = {
+    "CONTROL_NAME": "_control",
+    "is_virtual": "_control",
+    "is_volatile": "_control",
+    "FsEvents": "_events",
+    "OpenFile": "_files",
+    "DEFAULT_PUBLISH_THRESHOLD": "_filesystem",
+    "DIGEST_XATTR": "_filesystem",
+    "Filesystem": "_filesystem",
+    "DEFAULT_LOG_LIMIT": "_journal",
+    "DEFAULT_MEMORY_LIMIT": "_memory",
+    "MemoryGovernor": "_memory",
+    "memory_pressure": "_memory",
+    "resident_bytes": "_memory",
+    "StoredFiles": "_stored_files",
+    "check_outside": "_trace",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ARC",

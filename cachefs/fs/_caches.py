@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -52,45 +51,12 @@ from cachefs.fs._events import Entry, FsEvents
 from cachefs.fs._eviction import Eviction, OnEvicted
 from cachefs.fs._files import OpenFiles
 from cachefs.fs._policy import POLICIES, Policy, make_policy
+from cachefs.fs._settings import parse_setting
 
 log = logging.getLogger(__name__)
 
-#: The xattr that marks a directory as a cache (value: ``max_size=N policy=P``).
-CACHE_XATTR = b"user.cachefs.cache"
 #: Counters kept in a cache's record.
 _COUNTERS = ("hits", "misses", "evictions", "bytes_evicted", "throttled", "throttled_seconds")
-
-
-#: A share's name (``shared=NAME``).
-SHARE_NAME = r"(?=.{1,200}$)[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*"
-
-
-def parse_setting(value: bytes) -> tuple[int, str, str | None]:
-    """``max_size=N [policy=P] [shared=NAME]`` (the xattr's value) -> (max_size,
-    policy, the share's name or None)."""
-    fields: dict[str, str] = {}
-    for word in value.decode("ascii", "replace").replace(",", " ").split():
-        key, sep, val = word.partition("=")
-        if not sep:
-            raise FsError(errno.EINVAL, f"cache setting {word!r} is not KEY=VALUE")
-        fields[key.replace("-", "_")] = val
-    unknown = set(fields) - {"max_size", "policy", "shared"}
-    if unknown or "max_size" not in fields:
-        raise FsError(
-            errno.EINVAL, "a cache setting is max_size=BYTES [policy=lru|lfu|arc] [shared=NAME]"
-        )
-    shared = fields.get("shared")
-    if shared is not None and not re.fullmatch(SHARE_NAME, shared):
-        raise FsError(
-            errno.EINVAL,
-            f"share name {shared!r}: 1 to 200 of A-Z a-z 0-9 . _ - and / (not first or last)",
-        )
-    if not re.fullmatch(r"[0-9]+", fields["max_size"]) or int(fields["max_size"]) <= 0:
-        raise FsError(errno.EINVAL, "max_size must be a positive number of bytes")
-    policy = fields.get("policy", "lru")
-    if policy not in POLICIES:
-        raise FsError(errno.EINVAL, f"unknown policy {policy!r}")
-    return int(fields["max_size"]), policy, shared
 
 
 class CacheDir:
@@ -555,4 +521,4 @@ def _in_trio() -> bool:
     return True
 
 
-__all__ = ["CACHE_XATTR", "SHARE_NAME", "CacheDir", "CacheDirs", "parse_setting"]
+__all__ = ["CacheDir", "CacheDirs"]

@@ -64,7 +64,7 @@ from cachefs.engine import (
     collect_garbage,
 )
 from cachefs.errors import from_oserror
-from cachefs.fs._caches import CACHE_XATTR, CacheDirs
+from cachefs.fs._caches import CacheDirs
 from cachefs.fs._control import CONTROL_INO, CONTROL_NAME, ControlTree, is_virtual
 from cachefs.fs._events import Listeners
 from cachefs.fs._file_io import FileIO, truncate_state
@@ -79,6 +79,7 @@ from cachefs.fs._lookups import Lookups
 from cachefs.fs._memory import DEFAULT_MEMORY_LIMIT, MemoryGovernor
 from cachefs.fs._publish import FilePublisher
 from cachefs.fs._scrub import Scrubber
+from cachefs.fs._settings import CACHE_XATTR
 from cachefs.fs._sparse import SparseFiles
 from cachefs.fs._stored_files import StoredFiles
 from cachefs.fs._tiers import RemoteTiers

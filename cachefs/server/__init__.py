@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import trio
-
 from cachefs.server._names import parse_address
 from cachefs.server._options import (
     DEFAULT_MAX_SIZE,
@@ -30,6 +28,8 @@ from cachefs.server._tenants import parse_tenants
 from cachefs.server._tokens import PERMISSIONS, add_token, read_tokens, remove_token
 
 if TYPE_CHECKING:
+    import trio
+
     from cachefs.fs import Filesystem
     from cachefs.metrics import Metrics
 
@@ -54,12 +54,13 @@ async def run_servers(
     options: ServeOptions,
     *,
     metrics: Metrics | None = None,
-    task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Listening],
 ) -> None:
     """Serve the store's cache over gRPC and HTTP until cancelled (``_serve.py``);
-    with ``metrics``, every request is measured."""
-    # Imported here: grpcio and hypercorn take a while to load, and every command
-    # line imports this package for its options.
+    with ``metrics``, every request is measured.  Started with ``nursery.start``,
+    which gives ``task_status``: it is told where the servers listen."""
+    # Imported here: grpcio, hypercorn and trio take a while to load, and every
+    # command line imports this package for its options.
     from cachefs.server._serve import serve  # noqa: PLC0415
 
     await serve(fs, options, metrics=metrics, task_status=task_status)

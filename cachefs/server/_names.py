@@ -16,7 +16,8 @@ import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cachefs.engine import CachefsError, ConfigError, Digest, DigestFunction
+from cachefs.errors import CachefsError, ConfigError
+from cachefs.format.digest import Digest, DigestFunction
 
 _HEX = re.compile(r"[0-9a-f]{64}")
 #: Bytes of a hash: SHA-256 and BLAKE3 alike.
