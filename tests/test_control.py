@@ -110,3 +110,30 @@ async def test_control_commands_answer_in_json(store: Store, tmp_path: Path) -> 
         assert json.loads(stats.content)["mountpoint"] == str(tmp_path / "mnt")  # type: ignore[union-attr]
     finally:
         fs.close()
+
+
+async def test_an_object_deleted_while_open_reads_as_stale(store: Store) -> None:
+    """An open object of ``cas/`` does not keep it: once its last file is gone,
+    a read says so with ESTALE (a read may not answer ENOENT)."""
+    data = random.Random(5).randbytes(300_000)
+    fs = Filesystem(store)
+    try:
+        inode = fs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
+        fh, _ = await fs.open(inode.ino, os.O_RDWR)
+        await fs.write(fh, 0, data)
+        await fs.release(fh)
+        digest = fs.digest_of(inode.ino)
+        found = fs.lookup(FUNCTION_INO, digest.hash.hex().encode())
+        fh, _ = await fs.open(found.ino, os.O_RDONLY)
+        assert bytes(await fs.read(fh, 0, 1000)) == data[:1000]
+        fs.unlink(ROOT_INODE, b"f")
+        fs.forget([(inode.ino, 1)])
+        await fs.flush_all()
+        assert not store.contains(digest)
+        with pytest.raises(FsError) as raised:
+            await fs.read(fh, 1000, 1000)
+        assert raised.value.errno == errno.ESTALE
+        assert str(digest) in str(raised.value)
+        await fs.release(fh)
+    finally:
+        fs.close()

@@ -342,7 +342,14 @@ class FileIO:
             end = min(handle.digest.size, offset + size)
             if offset >= end:
                 return b""
-            return self.store.read_range(handle.digest, offset, end - offset)
+            try:
+                return self.store.read_range(handle.digest, offset, end - offset)
+            except ObjectNotFoundError:
+                # Its last file went while it was open: an open object does not
+                # keep it (ENOENT is no answer a read may give).
+                raise FsError(
+                    errno.ESTALE, f"object {handle.digest} was deleted while open"
+                ) from None
         if not isinstance(handle, FileHandle):
             raise FsError(errno.EISDIR)
         state = handle.file
