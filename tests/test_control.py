@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.engine import ROOT_INODE, FsError, Store
+from cachefs.engine import ROOT_INODE, FsError, Inode, Store
 from cachefs.fs import Filesystem
 from cachefs.fs._control import CAS_INO, COMMAND_INO, CONTROL_INO, FUNCTION_INO, STATS_INO
 
@@ -28,14 +28,20 @@ async def _command(fs: Filesystem, text: str) -> dict[str, object]:
         await fs.release(fh)
 
 
+async def _file(fs: Filesystem, data: bytes) -> Inode:
+    """The file ``/f`` with ``data``, published."""
+    inode = fs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
+    fh, _ = await fs.open(inode.ino, os.O_RDWR)
+    await fs.write(fh, 0, data)
+    await fs.release(fh)
+    return inode
+
+
 async def test_the_cas_tree_finds_stored_objects_by_name_only(store: Store) -> None:
     data = random.Random(4).randbytes(50_000)
     fs = Filesystem(store)
     try:
-        inode = fs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
-        fh, _ = await fs.open(inode.ino, os.O_RDWR)
-        await fs.write(fh, 0, data)
-        await fs.release(fh)
+        inode = await _file(fs, data)
         digest = fs.digest_of(inode.ino)
         control = fs.lookup(ROOT_INODE, b".cachefs")
         assert control.ino == CONTROL_INO and control.is_dir
@@ -118,10 +124,7 @@ async def test_an_object_deleted_while_open_reads_as_stale(store: Store) -> None
     data = random.Random(5).randbytes(300_000)
     fs = Filesystem(store)
     try:
-        inode = fs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
-        fh, _ = await fs.open(inode.ino, os.O_RDWR)
-        await fs.write(fh, 0, data)
-        await fs.release(fh)
+        inode = await _file(fs, data)
         digest = fs.digest_of(inode.ino)
         found = fs.lookup(FUNCTION_INO, digest.hash.hex().encode())
         fh, _ = await fs.open(found.ino, os.O_RDONLY)
