@@ -52,6 +52,25 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+class _LateReplies(logging.Filter):
+    """pyfuse3 logs an ERROR when a reply finds that the kernel no longer waits
+    for it (ENOENT): the request ended with the connection (``umount`` just
+    after files were closed: their releases were still being handled) or with
+    its interrupted caller.  The handler ran, and nothing is lost (a released
+    file is published as always), so it is said at DEBUG, not as an error."""
+
+    LATE = "fuse_reply_* failed with " + os.strerror(errno.ENOENT)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.ERROR or not record.getMessage().endswith(self.LATE):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("pyfuse3").addFilter(_LateReplies())
+
+
 def _translate(
     handler: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:

@@ -4,6 +4,7 @@ damaged data answers, and what it leaves in the store's figures."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import stat
@@ -159,3 +160,22 @@ async def test_each_error_becomes_its_errno_and_a_bug_protects_the_store(
             fs.close()
     with Store.open(store_path, readonly=True) as store, pytest.raises(ReadOnlyError):
         Filesystem(store)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_reply_the_kernel_no_longer_waits_for_is_no_error(
+    debug: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``umount`` right after files were closed ends their releases in the
+    kernel while the daemon handles them: pyfuse3's ERROR for each late reply
+    is said at DEBUG (shown only when debugging); its other errors stay."""
+    pyfuse3_log = logging.getLogger("pyfuse3")
+    caplog.set_level(logging.DEBUG if debug else logging.INFO, logger="pyfuse3")
+    late = "fuse_release(): fuse_reply_* failed with %s"
+    pyfuse3_log.error(late, os.strerror(errno.ENOENT))
+    pyfuse3_log.error(late, os.strerror(errno.EINVAL))
+    found = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pyfuse3"]
+    expected = [("ERROR", late % os.strerror(errno.EINVAL))]
+    if debug:
+        expected.insert(0, ("DEBUG", late % os.strerror(errno.ENOENT)))
+    assert found == expected
