@@ -46,6 +46,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
@@ -254,7 +256,7 @@ def run_seed(base: Path, seed: int, seconds: float, *, with_kill: bool) -> Count
         while time.monotonic() < deadline:
             stress.step()
         stress.finish()
-    except (Mismatch, OSError) as exc:
+    except (Mismatch, OSError, pytest.fail.Exception) as exc:  # (a daemon that did not start)
         last = "\n  ".join(map(str, stress.done[-12:]))
         with contextlib.suppress(OSError):
             stress.close_all()
