@@ -455,7 +455,7 @@ HEAVY = ("cachefs.engine", "cachefs.fs._filesystem", "trio", "grpc", "hypercorn"
 
 @pytest.mark.parametrize(
     "args",
-    [["--help"], *(["cli", name, "--help"] for name in ("umount", "cache", "token", "top"))],
+    [["--help"], *(["cli", name, "--help"] for name in ("umount", "cache", "token", "top", "key"))],
     ids=lambda args: " ".join(args[1:-1]) or "cachefs",
 )
 def test_light_commands_import_nothing_heavy(args: list[str]) -> None:

@@ -18,14 +18,33 @@ import os
 # package before grpcio.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from cachefs.protocol._gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from cachefs.protocol._gen.build.bazel.remote.execution.v2 import (
-    remote_execution_pb2_grpc as re_grpc,
-)
 from cachefs.protocol._gen.build.bazel.semver import semver_pb2
 from cachefs.protocol._gen.cachefs.trust.v1 import signature_pb2
 from cachefs.protocol._gen.google.bytestream import bytestream_pb2 as bs_pb2
-from cachefs.protocol._gen.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from cachefs.protocol._gen.google.rpc import status_pb2
+
+if TYPE_CHECKING:
+    from cachefs.protocol._gen.build.bazel.remote.execution.v2 import (
+        remote_execution_pb2_grpc as re_grpc,
+    )
+    from cachefs.protocol._gen.google.bytestream import bytestream_pb2_grpc as bs_grpc
+
+#: The gRPC stubs import grpcio: imported when first used, so that the messages
+#: alone (signed entries: ``cachefs key``, ``cachefs.signing``) do without it.
+_STUBS = {
+    "re_grpc": "_gen.build.bazel.remote.execution.v2.remote_execution_pb2_grpc",
+    "bs_grpc": "_gen.google.bytestream.bytestream_pb2_grpc",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _STUBS:
+        return importlib.import_module(f"{__name__}.{_STUBS[name]}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["bs_grpc", "bs_pb2", "re_grpc", "re_pb2", "semver_pb2", "signature_pb2", "status_pb2"]
