@@ -16,6 +16,10 @@ from typing import Any, NoReturn
 import click
 import lmdb
 
+# Checks a fault spec in the environment (the fault-injection suite's) on import,
+# so that a wrong one stops every command at start: also --help, which imports
+# nothing else that has fault points.
+import cachefs.faults  # noqa: F401
 from cachefs import __version__
 from cachefs.errors import CachefsError, from_oserror
 
