@@ -24,8 +24,9 @@ from cachefs import __version__
 from cachefs.errors import CachefsError, from_oserror
 
 #: The subcommands, each defined by the module of its name as ``command``.  A
-#: module is imported when its command is run (or listed by --help), so that
-#: ``cachefs stats`` does not import the servers and the file system.
+#: module is imported only when its command is run (``cachefs --help`` lists
+#: them from ``SUMMARIES``), so that ``cachefs stats`` does not import the
+#: servers and the file system.
 COMMANDS = (
     "mount", "umount", "serve", "cache", "init", "put", "cat", "stats", "top", "fsck", "scrub",
     "gc", "metrics", "audit", "token", "key",
