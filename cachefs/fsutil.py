@@ -68,7 +68,9 @@ class _Cachestat(ctypes.Structure):
     ]
 
 
-def _syscall() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _cachestat_call() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """syscall(2) prototyped for ``cachestat`` (its number and four arguments):
+    another system call needs a prototype of its own."""
     try:
         call = ctypes.CDLL(None, use_errno=True).syscall
     except (OSError, AttributeError):
@@ -79,18 +81,18 @@ def _syscall() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     return call
 
 
-_SYSCALL = _syscall()
+_CACHESTAT = _cachestat_call()
 
 
 def cached_pages(fd: int, offset: int, length: int) -> int | None:
     """How many of the pages that ``length`` bytes of a file from ``offset``
     touch are in the page cache (Linux ``cachestat``, which reads nothing);
     None if the kernel cannot tell (before Linux 6.5)."""
-    if _SYSCALL is None:
+    if _CACHESTAT is None:
         return None
     span = _CachestatRange(offset, length)
     stat = _Cachestat()
-    if _SYSCALL(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+    if _CACHESTAT(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
         return None
     return int(stat.nr_cache)
 
