@@ -216,9 +216,10 @@ def write_seeds() -> None:
 
 def run_target(target: str, seconds: float, runs: int | None) -> int:
     """Fuzz one target in a child process (libFuzzer owns its process)."""
-    work = Path(tempfile.mkdtemp(prefix=f"cachefs-fuzz-{target}-"))
-    scratch = tempfile.mkdtemp(prefix=f"cachefs-fuzz-{target}-", dir="/dev/shm")
+    work = Path(tempfile.mkdtemp(prefix=f"cachefs-fuzz-{target}-", dir="/dev/shm"))
+    scratch = work / "scratch"  # the child's (see SCRATCH_VARIABLE)
     try:
+        scratch.mkdir()
         shutil.copytree(CORPUS / target, work / "corpus")
         args = [
             sys.executable,
@@ -235,7 +236,7 @@ def run_target(target: str, seconds: float, runs: int | None) -> int:
         if runs is not None:
             args.append(f"-runs={runs}")
         start = time.monotonic()
-        env = {**os.environ, SCRATCH_VARIABLE: scratch}
+        env = {**os.environ, SCRATCH_VARIABLE: str(scratch)}
         child = subprocess.run(args, capture_output=True, text=True, check=False, env=env)
         elapsed = time.monotonic() - start
         execs = next(
@@ -253,7 +254,6 @@ def run_target(target: str, seconds: float, runs: int | None) -> int:
         return child.returncode
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def child(target: str, libfuzzer_args: list[str]) -> None:
