@@ -79,10 +79,8 @@ class Stress:
         self.done: list[tuple[object, ...]] = []
         self.seen = self.rng.randbytes(4 << 20)  # bytes that come back: dedup
         self.weights = {op: w for op, w in WEIGHTS.items() if with_kill or op != "kill"}
-        #: The operation under way: its name, file and what it drew; the file's model.
+        #: The operation under way: its name, file and what it drew.
         self.current: tuple[object, ...] = ()
-        self.name = NAMES[0]
-        self.current_model = self.model[self.name]
         self.mount: Mount = start(self.store, self.mountpoint)
         for name in NAMES:
             self.fds[name] = os.open(self.path(name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -143,89 +141,88 @@ class Stress:
         name = rng.choice(NAMES)
         model = self.model[name]
         op = rng.choices(list(self.weights), list(self.weights.values()))[0]
-        action: Callable[[], None] = getattr(self, f"op_{op}")
+        action: Callable[[str], None] = getattr(self, f"op_{op}")
         self.current = (op, name, len(model))
-        self.name, self.current_model = name, model
-        action()
+        action(name)
         self.done.append(self.current)
 
-    # --- the operations (on ``self.name``, whose model is ``self.current_model``) ---
+    # --- the operations, each on the file ``name`` (some on all of them) ---
 
-    def op_write(self, *, append: bool = False) -> None:
-        model = self.current_model
+    def op_write(self, name: str, *, append: bool = False) -> None:
+        model = self.model[name]
         size = self.rng.randrange(1, self.rng.choice([1, 100, 4096, 65536, 200_000, 1 << 20]) + 1)
         limit = min(len(model) + (1 << 20), MAX_SIZE)
         offset = len(model) if append else self.rng.randrange(limit + 1)
         data = self.data(size)
         self.current += (offset, size)
-        if os.pwrite(self.fd(self.name), data, offset) != size:
-            raise Mismatch(f"a write of {size} bytes to {self.name} was short")
+        if os.pwrite(self.fd(name), data, offset) != size:
+            raise Mismatch(f"a write of {size} bytes to {name} was short")
         self.put(model, offset, data)
 
-    def op_append(self) -> None:
-        self.op_write(append=True)
+    def op_append(self, name: str) -> None:
+        self.op_write(name, append=True)
 
-    def op_truncate(self) -> None:
+    def op_truncate(self, name: str) -> None:
         size = self.rng.randrange(MAX_SIZE)
         self.current += (size,)
-        os.ftruncate(self.fd(self.name), size)
-        model = self.current_model
+        os.ftruncate(self.fd(name), size)
+        model = self.model[name]
         del model[size:]
         model.extend(bytes(size - len(model)))
 
-    def op_read(self) -> None:
-        if self.current_model:
-            offset = self.rng.randrange(len(self.current_model) + 10)
+    def op_read(self, name: str) -> None:
+        if self.model[name]:
+            offset = self.rng.randrange(len(self.model[name]) + 10)
             size = self.rng.randrange(1, self.rng.choice([1, 4096, 131072, 1 << 20, 5 << 20]) + 1)
             how = self.rng.choice(["pread", "pread", "mmap"])
             self.current += (offset, size, how)
-            self.check(self.name, offset, size, how)
+            self.check(name, offset, size, how)
 
-    def op_read_all(self) -> None:
-        self.check(self.name, 0, len(self.current_model) + 100)
+    def op_read_all(self, name: str) -> None:
+        self.check(name, 0, len(self.model[name]) + 100)
 
-    def op_fsync(self) -> None:
-        os.fsync(self.fd(self.name))
+    def op_fsync(self, name: str) -> None:
+        os.fsync(self.fd(name))
 
-    def op_close(self) -> None:
-        if self.name in self.fds:
-            os.close(self.fds.pop(self.name))
+    def op_close(self, name: str) -> None:
+        if name in self.fds:
+            os.close(self.fds.pop(name))
 
-    def op_drop_caches(self) -> None:
+    def op_drop_caches(self, _name: str) -> None:
         for fd in self.fds.values():
             os.fsync(fd)  # else the page cache keeps dirty mmap pages
         Path("/proc/sys/vm/drop_caches").write_text("3")
 
-    def op_copy_range(self) -> None:
-        source = self.rng.choice([n for n in NAMES if n != self.name])
+    def op_copy_range(self, name: str) -> None:
+        source = self.rng.choice([n for n in NAMES if n != name])
         if not self.model[source]:
             return
         offset = self.rng.randrange(len(self.model[source]))
-        to = self.rng.randrange(len(self.current_model) + 100_000)
+        to = self.rng.randrange(len(self.model[name]) + 100_000)
         size = self.rng.randrange(1, 3 << 20)
         self.current += (source, offset, to, size)
-        copied = os.copy_file_range(self.fd(source), self.fd(self.name), size, offset, to)
-        self.put(self.current_model, to, bytes(self.model[source][offset : offset + copied]))
+        copied = os.copy_file_range(self.fd(source), self.fd(name), size, offset, to)
+        self.put(self.model[name], to, bytes(self.model[source][offset : offset + copied]))
 
-    def op_mmap_write(self) -> None:
-        model = self.current_model
+    def op_mmap_write(self, name: str) -> None:
+        model = self.model[name]
         if len(model) < 2:
             return
         offset = self.rng.randrange(len(model) - 1)
         data = self.data(self.rng.randrange(1, min(len(model) - offset, 300_000) + 1))
         self.current += (offset, len(data))
-        with mmap.mmap(self.fd(self.name), len(model)) as mapped:
+        with mmap.mmap(self.fd(name), len(model)) as mapped:
             mapped[offset : offset + len(data)] = data
             mapped.flush()
         self.put(model, offset, data)
 
-    def op_remount(self) -> None:
+    def op_remount(self, _name: str = "") -> None:
         self.close_all()
         if stop(self.mount) != 0:
             raise Mismatch(f"the daemon did not exit cleanly: {self.mount.stderr()[-2000:]}")
         self.mount = start(self.store, self.mountpoint)
 
-    def op_kill(self) -> None:
+    def op_kill(self, _name: str) -> None:
         self.close_all()
         kill(self.mount)
         self.mount = start(self.store, self.mountpoint)
