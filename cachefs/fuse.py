@@ -55,9 +55,9 @@ R = TypeVar("R")
 class _LateReplies(logging.Filter):
     """pyfuse3 logs an ERROR when a reply finds that the kernel no longer waits
     for it (ENOENT): the request ended with the connection (``umount`` just
-    after files were closed: their releases were still being handled) or with
-    its interrupted caller.  The handler ran, and nothing is lost (a released
-    file is published as always), so it is said at DEBUG, not as an error."""
+    after files were closed: their releases were still being handled).  The
+    handler ran, and nothing is lost (a released file is published as always),
+    so it is said at DEBUG, not as an error."""
 
     LATE = "fuse_reply_* failed with " + os.strerror(errno.ENOENT)
 
