@@ -41,10 +41,14 @@ _STUBS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _STUBS:
-        return importlib.import_module(f"{__name__}.{_STUBS[name]}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Not seen by mypy: it takes the names from the imports under TYPE_CHECKING,
+# and so still reports a name this package does not have.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        if name in _STUBS:
+            return importlib.import_module(f"{__name__}.{_STUBS[name]}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["bs_grpc", "bs_pb2", "re_grpc", "re_pb2", "semver_pb2", "signature_pb2", "status_pb2"]
