@@ -78,8 +78,8 @@ class Lookups:
             self.counts.pop(ino, None)
             if ino in self.orphans:
                 self.forgotten(ino)
-            if ino in self.orphans and not self.files.busy(ino):
-                released.append(ino)
+                if not self.files.busy(ino):
+                    released.append(ino)  # (release skips what is no longer an orphan)
         self.release(released)
 
     def release(self, inos: list[int]) -> None:
