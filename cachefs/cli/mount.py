@@ -167,12 +167,19 @@ def command(
         store,
         mountpoint,
         list(options),
+        daemon.DaemonOptions(
+            verbose=verbose,
+            cache_size=parse_size(cache_size),
+            max_store_size=None if max_store_size is None else parse_size(max_store_size),
+            memory_limit=memory_limit_of(memory_limit),
+            tiers=tiers,
+            metrics=metrics_address,
+            otlp_endpoint=otlp_endpoint,
+            otlp_fuse_ratio=otlp_fuse_ratio,
+            audit_dir=None if audit_dir is None else audit_dir.absolute(),
+        ),
         foreground=foreground,
-        verbose=verbose,
         publish_threshold=parse_size(publish_threshold),
-        cache_size=parse_size(cache_size),
-        max_store_size=None if max_store_size is None else parse_size(max_store_size),
-        memory_limit=memory_limit_of(memory_limit),
         trace=trace,
         servers=ServeOptions(
             grpc=grpc_address,
@@ -181,11 +188,6 @@ def command(
             **secured,
         ),
         scrub_rate=None if scrub_rate is None else positive_size(scrub_rate, "--scrub-rate"),
-        tiers=tiers,
-        metrics=metrics_address,
-        otlp_endpoint=otlp_endpoint,
-        audit_dir=None if audit_dir is None else audit_dir.absolute(),
-        otlp_fuse_ratio=otlp_fuse_ratio,
     )
 
 

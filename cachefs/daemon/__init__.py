@@ -2,7 +2,7 @@
 mount table (the only place besides ``cachefs.fuse`` that imports pyfuse3).
 
 What it offers: ``mount`` and ``umount``; ``serve`` (a store served over gRPC
-and HTTP with no mount); ``mount_info``, ``resolve_store``,
+and HTTP with no mount); ``DaemonOptions``, what the two share; ``mount_info``, ``resolve_store``,
 ``control`` and ``cachefs_mounts`` to find mounted stores and talk to their
 daemons; ``mounted_fstype``; ``sd_notify``; ``LOG_NAME``, ``FSNAME``.
 """
@@ -25,13 +25,18 @@ from cachefs.daemon._systemd import sd_notify
 
 if TYPE_CHECKING:
     from cachefs.daemon._mount import mount
+    from cachefs.daemon._options import DaemonOptions
     from cachefs.daemon._serve import serve
 
 
 #: Imported when first used: they bring the file system, FUSE and the servers,
 #: which the commands that only find a daemon or talk to it (``stats``,
 #: ``umount``, ``gc`` ...) do without.
-_LAZY = {"mount": "cachefs.daemon._mount", "serve": "cachefs.daemon._serve"}
+_LAZY = {
+    "DaemonOptions": "cachefs.daemon._options",
+    "mount": "cachefs.daemon._mount",
+    "serve": "cachefs.daemon._serve",
+}
 
 
 # Not seen by mypy: it takes the names from the imports under TYPE_CHECKING,
@@ -48,6 +53,7 @@ __all__ = [
     "FSNAME",
     "FSTYPE",
     "LOG_NAME",
+    "DaemonOptions",
     "cachefs_mounts",
     "control",
     "mount",

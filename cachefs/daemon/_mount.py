@@ -29,33 +29,19 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import trio
 
-from cachefs import tracing
-from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address, observed_tiers
+from cachefs.daemon._metrics import DaemonMetrics
 from cachefs.daemon._mounts import FSNAME, mounted_fstype
-from cachefs.daemon._process import (
-    detach,
-    settle_heap,
-    setup_logging,
-    store_options,
-    unwrap_group,
-)
+from cachefs.daemon._options import DaemonOptions, running_filesystem
+from cachefs.daemon._process import detach, settle_heap, unwrap_group
 from cachefs.daemon._systemd import sd_notify
-from cachefs.engine import Store
 from cachefs.errors import MountError
 from cachefs.format.header import read_header
-from cachefs.fs import (
-    DEFAULT_MEMORY_LIMIT,
-    DEFAULT_PUBLISH_THRESHOLD,
-    Filesystem,
-    check_outside,
-)
+from cachefs.fs import DEFAULT_PUBLISH_THRESHOLD, Filesystem, check_outside
 from cachefs.fuse import Operations
-from cachefs.remote import TierOptions
 from cachefs.server import ServeOptions, check_addresses, run_servers
 
 log = logging.getLogger(__name__)
@@ -119,79 +105,47 @@ def mount_options(store: Path, extra: list[str]) -> set[str]:
 def serve(
     store_path: Path,
     mountpoint: Path,
-    options: set[str],
+    fuse_options: set[str],
+    options: DaemonOptions,
     *,
     ready: Callable[[], None],
     foreground: bool,
-    verbose: int = 0,
     publish_threshold: int = DEFAULT_PUBLISH_THRESHOLD,
-    cache_size: int | None = None,
-    max_store_size: int | None = None,
-    memory_limit: int = DEFAULT_MEMORY_LIMIT,
     trace: Path | None = None,
     servers: ServeOptions | None = None,
     scrub_rate: int | None = None,
-    tiers: TierOptions | None = None,
-    metrics: str | None = None,
-    otlp_endpoint: str | None = None,
-    otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
-    audit_dir: Path | None = None,
 ) -> None:
     """Open the store, mount it, serve until unmounted or signalled (and with
-    ``servers``, serve it over gRPC and HTTP too; with ``metrics``, an address,
-    Prometheus metrics)."""
-    tiers = tiers or TierOptions()
-    observed = None if metrics is None else DaemonMetrics(metrics)
-    store = Store.open(store_path, create=True, options=store_options(cache_size, tiers, audit_dir))
-    try:
-        setup_logging(store.path, foreground=foreground, verbose=verbose)
-        remotes = observed_tiers(
-            store,
-            tiers,
-            observed,
-            role="mount",
-            otlp_endpoint=otlp_endpoint,
-            fuse_ratio=otlp_fuse_ratio,
-        )
-        fs = Filesystem(
-            store,
-            publish_threshold=publish_threshold,
-            max_store_size=max_store_size,
-            memory_limit=memory_limit,
-            tiers=remotes,
-        )
-        fs.remote.remote_durability = tiers.durability == "remote"
-        fs.remote.local_max_size = tiers.local_max_size
-        fs.remote.trust(tiers.trust)
+    ``servers``, serve it over gRPC and HTTP too; with ``options.metrics``, an
+    address, Prometheus metrics)."""
+    with running_filesystem(
+        store_path,
+        options,
+        role="mount",
+        foreground=foreground,
+        publish_threshold=publish_threshold,
+    ) as (fs, observed):
+        fs.control.info = {"mountpoint": str(mountpoint), "mount_options": sorted(fuse_options)}
+        if trace is not None:
+            fs.start_trace(trace)
+        operations = Operations(fs, None if observed is None else observed.metrics.fuse)
         try:
-            fs.control.info = {"mountpoint": str(mountpoint), "mount_options": sorted(options)}
-            if trace is not None:
-                fs.start_trace(trace)
-            operations = Operations(fs, None if observed is None else observed.metrics.fuse)
-            try:
-                pyfuse3.init(operations, str(mountpoint), options)
-            except RuntimeError as exc:
-                raise MountError(f"cannot mount {mountpoint}: {exc}") from None
-            log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
-            # Worker threads (ingest) must not keep the request loop waiting for
-            # the GIL for the default 5 ms at a time.
-            sys.setswitchinterval(0.0005)
-            try:
-                trio.run(
-                    _main, fs, mountpoint, ready, servers or ServeOptions(), scrub_rate, observed
-                )
-            except BaseExceptionGroup as group:
-                raise unwrap_group(group) from None
-            finally:
-                # Not os.path.ismount(): a stat of our own mount would wait for
-                # an answer that nobody is left to give.
-                pyfuse3.close(unmount=mounted_fstype(mountpoint) is not None)
-                sd_notify("STOPPING=1")
+            pyfuse3.init(operations, str(mountpoint), fuse_options)
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+        log.info("mounted %s on %s (pid %d)", fs.store.path, mountpoint, os.getpid())
+        # Worker threads (ingest) must not keep the request loop waiting for
+        # the GIL for the default 5 ms at a time.
+        sys.setswitchinterval(0.0005)
+        try:
+            trio.run(_main, fs, mountpoint, ready, servers or ServeOptions(), scrub_rate, observed)
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
         finally:
-            fs.close()
-    finally:
-        store.close()
-        tracing.shutdown()  # what is left goes out
+            # Not os.path.ismount(): a stat of our own mount would wait for
+            # an answer that nobody is left to give.
+            pyfuse3.close(unmount=mounted_fstype(mountpoint) is not None)
+            sd_notify("STOPPING=1")
     log.info("unmounted %s; store closed cleanly", mountpoint)
 
 
@@ -267,50 +221,38 @@ def mount(
     store: Path,
     mountpoint: Path,
     extra_options: list[str],
+    options: DaemonOptions | None = None,
     *,
     foreground: bool,
-    verbose: int = 0,
     publish_threshold: int = DEFAULT_PUBLISH_THRESHOLD,
-    cache_size: int | None = None,
-    max_store_size: int | None = None,
-    memory_limit: int = DEFAULT_MEMORY_LIMIT,
     trace: Path | None = None,
     servers: ServeOptions | None = None,
     scrub_rate: int | None = None,
-    tiers: TierOptions | None = None,
-    metrics: str | None = None,
-    otlp_endpoint: str | None = None,
-    otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
-    audit_dir: Path | None = None,
 ) -> None:
     """``cachefs mount``: returns once the mount is ready (or raises why not)."""
+    options = options or DaemonOptions()
     mountpoint = check_mountpoint(mountpoint)
     check_fuse()
     store = store.absolute()
     if store.exists() and any(store.iterdir()):
         read_header(store)  # a newer or foreign store fails here, untouched
-    options = mount_options(store, extra_options)
+    fuse_options = mount_options(store, extra_options)
     if servers is not None:
         check_addresses(servers)
-    check_metrics_address(metrics)
-    tracing.check_options(otlp_endpoint, otlp_fuse_ratio)
-    kwargs: dict[str, Any] = {
-        "foreground": foreground,
-        "verbose": verbose,
-        "publish_threshold": publish_threshold,
-        "cache_size": cache_size,
-        "max_store_size": max_store_size,
-        "memory_limit": memory_limit,
-        "trace": None if trace is None else check_outside(trace, mountpoint),
-        "servers": servers,
-        "scrub_rate": scrub_rate,
-        "tiers": tiers,
-        "metrics": metrics,
-        "otlp_endpoint": otlp_endpoint,
-        "otlp_fuse_ratio": otlp_fuse_ratio,
-        "audit_dir": audit_dir,
-    }
+    options.check()
+    run = functools.partial(
+        serve,
+        store,
+        mountpoint,
+        fuse_options,
+        options,
+        foreground=foreground,
+        publish_threshold=publish_threshold,
+        trace=None if trace is None else check_outside(trace, mountpoint),
+        servers=servers,
+        scrub_rate=scrub_rate,
+    )
     if foreground:
-        serve(store, mountpoint, options, ready=lambda: None, **kwargs)
+        run(ready=lambda: None)
         return
-    detach(lambda ready: serve(store, mountpoint, options, ready=ready, **kwargs))
+    detach(lambda ready: run(ready=ready))

@@ -33,22 +33,18 @@ from typing import Any
 
 import trio
 
-from cachefs import tracing
-from cachefs.daemon._metrics import DaemonMetrics, check_metrics_address, observed_tiers
+from cachefs.daemon._metrics import DaemonMetrics
 from cachefs.daemon._mounts import SOCKET_NAME, socket_address
+from cachefs.daemon._options import DaemonOptions, running_filesystem
 from cachefs.daemon._process import (
     detach,
     settle_heap,
-    setup_logging,
-    store_options,
     unwrap_group,
 )
 from cachefs.daemon._systemd import sd_notify
-from cachefs.engine import Store
 from cachefs.errors import ConfigError
 from cachefs.format.header import read_header
-from cachefs.fs import DEFAULT_MEMORY_LIMIT, Filesystem
-from cachefs.remote import TierOptions
+from cachefs.fs import Filesystem
 from cachefs.server import ServeOptions, check_addresses, run_servers
 
 log = logging.getLogger(__name__)
@@ -60,51 +56,21 @@ MAX_COMMAND = 4096
 def serve_store(
     store_path: Path,
     options: ServeOptions,
+    daemon_options: DaemonOptions,
     *,
     ready: Callable[[], None],
     foreground: bool,
-    verbose: int = 0,
-    cache_size: int | None = None,
-    max_store_size: int | None = None,
-    memory_limit: int = DEFAULT_MEMORY_LIMIT,
-    tiers: TierOptions | None = None,
-    metrics: str | None = None,
-    otlp_endpoint: str | None = None,
-    otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
-    audit_dir: Path | None = None,
 ) -> None:
-    """Open the store and serve it until signalled (with ``metrics``, an
-    address, Prometheus metrics too)."""
-    tiers = tiers or TierOptions()
-    observed = None if metrics is None else DaemonMetrics(metrics)
-    store = Store.open(store_path, create=True, options=store_options(cache_size, tiers, audit_dir))
-    try:
-        setup_logging(store.path, foreground=foreground, verbose=verbose)
-        remotes = observed_tiers(
-            store,
-            tiers,
-            observed,
-            role="serve",
-            otlp_endpoint=otlp_endpoint,
-            fuse_ratio=otlp_fuse_ratio,
-        )
-        fs = Filesystem(
-            store,
-            max_store_size=max_store_size,
-            memory_limit=memory_limit,
-            tiers=remotes,
-        )
-        fs.remote.local_max_size = tiers.local_max_size
-        fs.remote.trust(tiers.trust)
+    """Open the store and serve it until signalled (with
+    ``daemon_options.metrics``, an address, Prometheus metrics too)."""
+    with running_filesystem(store_path, daemon_options, role="serve", foreground=foreground) as (
+        fs,
+        observed,
+    ):
         try:
             trio.run(_main, fs, options, ready, observed)
         except BaseExceptionGroup as group:
             raise unwrap_group(group) from None
-        finally:
-            fs.close()
-    finally:
-        store.close()
-        tracing.shutdown()  # what is left goes out
     log.info("stopped serving %s; store closed cleanly", store_path)
 
 
@@ -209,46 +175,21 @@ async def _answer(fs: Filesystem, stream: trio.abc.Stream) -> None:
 def serve(
     store: Path,
     options: ServeOptions,
+    daemon_options: DaemonOptions | None = None,
     *,
     daemon: bool,
-    verbose: int = 0,
-    cache_size: int | None = None,
-    max_store_size: int | None = None,
-    memory_limit: int = DEFAULT_MEMORY_LIMIT,
-    tiers: TierOptions | None = None,
-    metrics: str | None = None,
-    otlp_endpoint: str | None = None,
-    otlp_fuse_ratio: float = tracing.DEFAULT_FUSE_RATIO,
-    audit_dir: Path | None = None,
 ) -> None:
     """``cachefs serve``: serve in the foreground, or detach and return once serving."""
+    daemon_options = daemon_options or DaemonOptions()
     if not options.any:
         raise ConfigError("nothing to serve", hint="give --grpc ADDR, --http ADDR or both")
     check_addresses(options)
-    check_metrics_address(metrics)
-    tracing.check_options(otlp_endpoint, otlp_fuse_ratio)
+    daemon_options.check()
     store = store.absolute()
     if store.exists() and any(store.iterdir()):
         read_header(store)  # a newer or foreign store fails here, untouched
-
-    def run(ready: Callable[[], None]) -> None:
-        serve_store(
-            store,
-            options,
-            ready=ready,
-            foreground=not daemon,
-            verbose=verbose,
-            cache_size=cache_size,
-            max_store_size=max_store_size,
-            memory_limit=memory_limit,
-            tiers=tiers,
-            metrics=metrics,
-            otlp_endpoint=otlp_endpoint,
-            otlp_fuse_ratio=otlp_fuse_ratio,
-            audit_dir=audit_dir,
-        )
-
+    run = functools.partial(serve_store, store, options, daemon_options, foreground=not daemon)
     if daemon:
-        detach(run)
+        detach(lambda ready: run(ready=ready))
     else:
-        run(lambda: None)
+        run(ready=lambda: None)
