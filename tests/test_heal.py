@@ -90,53 +90,46 @@ def test_a_copy_of_other_bytes_is_refused(tmp_path: Path) -> None:
         assert check_store(store).clean
 
 
+def refuse_writes(path: str, flags: int, *args: int) -> int:
+    raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+
+@pytest.mark.parametrize(
+    ("failure", "logged"),
+    [("the segment refuses the write", "Read-only file system"),
+     ("the write is lost", "still fails its checks")],
+)  # fmt: skip
 def test_a_record_that_cannot_be_written_again_is_stored_afresh(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
+    logged: str,
 ) -> None:
-    """A segment that refuses the rewrite: the chunk is appended anew and the
-    index points at the copy; the damaged record is dead, and fsck --repair
-    drops it."""
+    """When the damaged record cannot be written again in place (the segment
+    refuses the write, or the record written still fails its checks), the
+    chunk is appended anew and the index points at the copy; the damaged
+    record is dead, and fsck --repair drops it."""
     data = compressible(1 << 20)
-
-    def refuse(path: str, flags: int, *args: int) -> int:
-        raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), path)
-
     with Store.open(tmp_path / "s", create=True, options=NO_SYNC) as store:
         digest = store.put(data)
         chunk, entry, _ = first_chunk(store, digest)
         copy = bytes(store.read_chunk(chunk))
         flip_first_chunk(store, digest)
         store.chunks.cache.clear()
-        monkeypatch.setattr(heal, "os", types.SimpleNamespace(open=refuse, O_WRONLY=os.O_WRONLY))
+        if failure == "the segment refuses the write":
+            fake_os = types.SimpleNamespace(open=refuse_writes, O_WRONLY=os.O_WRONLY)
+            monkeypatch.setattr(heal, "os", fake_os)
+        else:
+            monkeypatch.setattr(heal, "_intact", lambda *args: False)
         with caplog.at_level(logging.WARNING, logger="cachefs.engine._heal"):
             assert heal_chunk(store, chunk, copy)
-        assert "Read-only file system" in caplog.text
+        assert logged in caplog.text
         moved = first_chunk(store, digest)[1]
         assert (moved.segment_id, moved.offset) != (entry.segment_id, entry.offset)
         store.chunks.cache.clear()
         assert store.read(digest) == data
+        monkeypatch.undo()
         assert not check_store(store, repair=True).lost_objects
         assert check_store(store).clean
-        assert store.read(digest) == data
-
-
-def test_a_rewrite_that_still_fails_its_checks_is_stored_afresh(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """If the record written again still does not read back as the chunk
-    (the disk drops the write), the chunk is appended anew as well."""
-    data = os.urandom(1 << 20)
-    with Store.open(tmp_path / "s", create=True, options=NO_SYNC) as store:
-        digest = store.put(data)
-        chunk, entry, _ = first_chunk(store, digest)
-        copy = bytes(store.read_chunk(chunk))
-        flip_first_chunk(store, digest)
-        store.chunks.cache.clear()
-        monkeypatch.setattr(heal, "_intact", lambda *args: False)
-        with caplog.at_level(logging.WARNING, logger="cachefs.engine._heal"):
-            assert heal_chunk(store, chunk, copy)
-        assert "still fails its checks" in caplog.text
-        moved = first_chunk(store, digest)[1]
-        assert (moved.segment_id, moved.offset) != (entry.segment_id, entry.offset)
-        store.chunks.cache.clear()
         assert store.read(digest) == data
