@@ -158,6 +158,30 @@ def test_a_tenant_quota(tmp_path: Path) -> None:
     assert len(events) == 3 and all(e["tenant"] == "a" for e in events)
 
 
+def test_a_tenant_quota_counts_what_it_held_before_a_restart(tmp_path: Path) -> None:
+    """A server that starts over a store measures each tenant's usage from
+    what its instances hold (their directories walked, nested instance
+    names included): the quota still refuses what would pass it."""
+    tokens, config = tmp_path / "tokens", tmp_path / "cachefs.toml"
+    config.write_text(CONFIG)
+    a = add(tokens, "ci-a", "read-write", tenant="a")
+    store = tmp_path / "store"
+    held = [os.urandom(300_000), os.urandom(400_000)]
+    with serving(store, "--tokens", str(tokens), "--config", str(config)) as server:
+        for instance, data in zip(("a", "a/linux"), held, strict=True):
+            with server.client(instance, token=a) as client:
+                client.write(data)
+    with serving(store, "--tokens", str(tokens), "--config", str(config)) as server:
+        figures = json.loads(cachefs("stats", "--json", str(store)).stdout)["tenants"]
+        assert figures["a"]["bytes"] == sum(map(len, held))
+        assert figures["b"]["bytes"] == 0
+        with server.client("a/linux", token=a) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.write(os.urandom(400_000))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            client.write(os.urandom(300_000))  # what fits still goes in
+
+
 @pytest.mark.parametrize(
     ("config", "args", "words"),
     [
