@@ -25,7 +25,7 @@ from cachefs.engine import (
     check_store,
 )
 from cachefs.format.schema import INO_KEY, INO_VALUE, ROOT_INODE, dirent_key
-from cachefs.fs import Filesystem, OpenFile, _files
+from cachefs.fs import Filesystem, OpenFile, _files, _lookups
 
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
@@ -132,6 +132,37 @@ async def test_orphans_released_together_are_deleted_in_one_transaction(
         await fs.release(reopened)
         await fs.flush_all()  # a sync: at once
         assert releases[1:] == [(inos[0],)] and fs.namespace.orphan_inodes() == []
+        nursery.cancel_scope.cancel()
+    fs.close()
+    assert store.stats().files == 0 and check_store(store).clean
+
+
+async def test_an_orphan_goes_when_the_kernel_forgets_its_last_lookup(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel may forget an inode's lookups a few at a time: an orphan it
+    still knows by one is kept.  Released orphans wait ``RELEASE_DELAY`` for
+    others, unless as many as ``_RELEASE_BATCH`` wait already: those go at once."""
+    monkeypatch.setattr(_lookups, "_RELEASE_BATCH", 3)
+    monkeypatch.setattr(_lookups, "RELEASE_DELAY", 3600.0)  # only a full batch goes
+    fs = Filesystem(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run)
+        inodes = [fs.create(ROOT_INODE, f"f{n}".encode(), FILE, 0, 0) for n in range(4)]
+        kept = inodes[0].ino
+        assert fs.lookup(ROOT_INODE, b"f0").ino == kept  # the kernel knows it twice now
+        for n in range(4):
+            fs.unlink(ROOT_INODE, f"f{n}".encode())
+        fs.forget([(kept, 1)])
+        await trio.sleep(0.05)
+        assert kept in fs.namespace.orphan_inodes()  # known once more
+        fs.forget([(inodes[1].ino, 1), (inodes[2].ino, 1)])
+        assert len(fs.namespace.orphan_inodes()) == 4  # two released: they wait
+        fs.forget([(kept, 1)])  # the third released: the batch goes now
+        assert fs.namespace.orphan_inodes() == [inodes[3].ino]
+        fs.forget([(inodes[3].ino, 1)])
+        await fs.flush_all()
+        assert fs.namespace.orphan_inodes() == []
         nursery.cancel_scope.cancel()
     fs.close()
     assert store.stats().files == 0 and check_store(store).clean
