@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from cachefs.engine import Journal, Store
 from cachefs.engine._segments import SegmentWriter
 from cachefs.errors import (
+    CachefsError,
     ConfigError,
     CorruptDataError,
     FormatVersionError,
@@ -729,6 +731,74 @@ def test_wal_sequence_continues_after_checkpoint_and_reopen(tmp_path: Path) -> N
         assert wal.append(3, b"f") == 6
     finally:
         wal.close()
+
+
+def test_wal_commit_syncs_only_what_is_not_durable_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit of records an earlier sync covered costs no sync; one sync
+    covers every record appended before it; a failed sync is an error that
+    names the journal's sync, acknowledges nothing, and is tried again by
+    the next commit."""
+    wal = Journal(tmp_path, fsync=True)
+    real_sync = os.fdatasync
+    syncs: list[int] = []
+    failing: list[OSError] = []
+
+    def counted(fd: int) -> None:
+        if fd == wal._fd:
+            syncs.append(fd)
+            if failing:
+                raise failing.pop()
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted)
+    try:
+        first, second, third = (wal.append(1, bytes([n]) * 10) for n in range(3))
+        wal.commit(second)
+        assert len(syncs) == 1 and wal.synced_seq == third  # the sync covered all three
+        wal.commit(first)
+        wal.commit(third)
+        wal.commit()
+        assert len(syncs) == 1
+        fourth = wal.append(1, b"four")
+        failing.append(OSError(errno.EIO, os.strerror(errno.EIO)))
+        with pytest.raises(CachefsError, match="syncing the journal: Input/output error"):
+            wal.commit(fourth)
+        assert wal.synced_seq == third and len(syncs) == 2
+        wal.commit(fourth)  # tried again
+        assert wal.synced_seq == fourth and len(syncs) == 3
+    finally:
+        wal.close()
+    unsynced = Journal(tmp_path, fsync=False)
+    try:
+        unsynced.commit(unsynced.append(1, b"five"))
+        assert len(syncs) == 3  # survives the process, not the machine: no sync
+    finally:
+        unsynced.close()
+
+
+def test_wal_refuses_a_record_larger_than_a_payload_may_be(tmp_path: Path) -> None:
+    wal = Journal(tmp_path, fsync=False)
+    try:
+        wal.append(1, b"before")
+        size = wal.size
+        piece = bytes(jfmt.MAX_PAYLOAD // 4)
+        with pytest.raises(ValueError, match="too large"):
+            wal.append(1, piece, piece, piece, piece, b"!")
+        assert wal.size == size and (tmp_path / "journal.log").stat().st_size == size
+        assert wal.append(1, b"after") == 2
+    finally:
+        wal.close()
+
+
+def test_wal_where_no_journal_can_be_says_where(tmp_path: Path) -> None:
+    """A journal directory that is a file (or cannot be made) is an error
+    naming the journal, not a traceback."""
+    blocked = tmp_path / "journal"
+    blocked.write_bytes(b"not a directory")
+    with pytest.raises(CachefsError, match=f"opening the journal {blocked}/journal.log"):
+        Journal(blocked)
 
 
 def test_wal_group_commit_from_many_threads(tmp_path: Path) -> None:
