@@ -17,12 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 import trio
 import trio.testing
 
 from cachefs.engine import (
     ROOT_INODE,
+    CachefsError,
     CorruptDataError,
     Digest,
     DigestMismatchError,
@@ -1600,6 +1602,39 @@ def test_wait_pushed_follows_the_queue(tmp_path: Path) -> None:
         assert queue.wait_pushed(digest, 0.1)
         assert queue.wait_pushed(Digest(SHA256.hash(b"never queued"), 12), 0.0)
         pusher.tiers.close()
+
+
+def test_a_publication_that_fails_leaves_nothing_waiting_to_be_pushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a transaction queued and then did not commit is not in the queue,
+    and nobody waits for it to be pushed (an fsync with --remote-durability
+    remote would wait out its timeout); an entry that cannot be queued is an
+    error, and leaves nothing waiting either."""
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as store:
+        queue = store.pushes
+        assert queue is not None
+        data = b"never published" * 100
+        digest = Digest(SHA256.hash(data), len(data))
+
+        def refuse(*args: object) -> None:
+            raise lmdb.MapFullError("told to fail")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(store.index, "put_segment", refuse)
+            with pytest.raises(CachefsError):
+                store.put(data)
+        assert queue.wait_pushed(digest, 0.0) and queue.depth()[0] == 0
+        published = store.put(data)  # the same, once the index takes it
+        assert published == digest and not queue.wait_pushed(digest, 0.0)
+        assert queue.depth()[0] == 1
+        with monkeypatch.context() as patched:
+            patched.setattr(queue.table, "put", refuse)
+            with pytest.raises(CachefsError, match="queueing an entry to push"):
+                queue.add_entry(digest, b"an entry")
+        assert queue.depth()[0] == 1  # the object's own entry only
+        queue.done([item.key for item in queue.peek(10)])
+        assert queue.wait_pushed(digest, 0.0) and queue.depth()[0] == 0
 
 
 def test_fsync_waits_for_the_remote_when_asked(tmp_path: Path, weed: Seaweed) -> None:
