@@ -503,6 +503,40 @@ def test_an_early_push_that_rests_or_fails_oddly_never_fails_its_closing(
         assert "writing the index of" in caplog.text and sent == []
 
 
+def test_an_early_push_whose_index_is_refused_rests_and_leaves_the_chunks_to_the_push(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Packs landed but their index refused by the bucket: none of their
+    chunks counts as sent (the push sends them), the early push rests, and
+    chunks told to it twice go up once."""
+
+    class Unindexed(_Bucket):
+        def put_index(self, records: Sequence[PackRecord]) -> None:
+            raise RemoteError("the index was refused")
+
+    options = StoreOptions(fsync=False)
+    with (
+        Store.open(tmp_path / "a", create=True, options=options) as store,
+        ThreadPoolExecutor(4) as pool,
+        caplog.at_level(logging.INFO),
+    ):
+        data = random.Random(4).randbytes(5 << 20)
+        chunks = [Digest(h, n) for h, n in store.recipe(store.put(data))]
+        told = [(d.hash, d.size) for d in chunks]
+        bucket = Unindexed()
+        early, sent = _early(store, bucket, pool, [0.0])
+        early.offer(told)
+        early.offer(told)  # told again: nothing more goes
+        early.settle({d.hash for d in chunks})
+        packed = [d for pack in bucket.packs for d in pack]  # the packs land in any order
+        assert len(bucket.packs) == 2 and sorted(packed) == sorted(chunks[: len(packed)])
+        assert sent == [] and bucket.missing(chunks) == chunks  # nothing counts as there
+        assert "the index of 2 early packs failed" in caplog.text and "resting" in caplog.text
+        early.offer(told[::-1])  # resting: not taken
+        early.close()
+        assert len(bucket.packs) == 2 and sent == []
+
+
 class _Flying:
     """A remote whose packs hold ``blobs`` in packs of ``PACK_BYTES``
     (``packed``) or that has them one by one, and that counts what a fetch
