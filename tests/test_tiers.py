@@ -679,6 +679,29 @@ def a_remote(kind: str, directory: Path, weed: Seaweed) -> Iterator[str]:
             yield f"grpc://{server.grpc}/team" if kind == "grpc" else f"http://{server.http}/team"
 
 
+def test_files_written_just_before_an_unmount_are_shared(tmp_path: Path, weed: Seaweed) -> None:
+    """A CI runner writes its cache and unmounts at once, before the files
+    have settled: their entries are queued at the unmount (in the store),
+    pushed at the latest when it is mounted again, and another machine then
+    finds the files."""
+    url = weed.url("cachefs", tmp_path.name)
+    one, two = tmp_path / "one", tmp_path / "two"
+    files = {f"d{n}/obj{n}.o": os.urandom(50_000 + n) for n in range(3)}
+    with mounted(tmp_path / "s1", one, "--remote", url):
+        (one / "cc").mkdir()
+        cachefs("cache", "set", str(one / "cc"), "--max-size", "1G", "--shared")
+        for path, data in files.items():
+            (one / "cc" / path).parent.mkdir()
+            (one / "cc" / path).write_bytes(data)
+    with mounted(tmp_path / "s1", one, "--remote", url):
+        wait_for(lambda: settled(one))
+    with mounted(tmp_path / "s2", two, "--remote", url):
+        (two / "cc").mkdir()
+        cachefs("cache", "set", str(two / "cc"), "--max-size", "1G", "--shared")
+        for path, data in files.items():
+            assert (two / "cc" / path).read_bytes() == data, path
+
+
 @pytest.mark.parametrize("kind", ["s3", "grpc", "http", "buildgrid"])
 def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str, weed: Seaweed) -> None:
     """Files written in a shared cache directory of one mount (as a tool
