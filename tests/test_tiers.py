@@ -702,6 +702,23 @@ def test_files_written_just_before_an_unmount_are_shared(tmp_path: Path, weed: S
             assert (two / "cc" / path).read_bytes() == data, path
 
 
+def test_a_shared_file_larger_than_the_cache_here_is_a_miss(tmp_path: Path, weed: Seaweed) -> None:
+    """A file the tiers have that is larger than this machine's budget for
+    the directory is not fetched (nothing could be evicted to hold it): the
+    lookup misses and says why in the log; smaller ones are fetched."""
+    url = weed.url("cachefs", tmp_path.name)
+    big, small = os.urandom(3 << 20), os.urandom(1000)
+    with two_mounts(tmp_path, url, "cc") as (one, two):
+        (one / "cc" / "big.o").write_bytes(big)
+        (one / "cc" / "small.o").write_bytes(small)
+        wait_for(lambda: settled(one))
+        cachefs("cache", "set", str(two / "cc"), "--max-size", "1M", "--shared")
+        assert not (two / "cc" / "big.o").exists()
+        assert (two / "cc" / "small.o").read_bytes() == small
+        log = (tmp_path / "s2" / "cachefs.log").read_text()
+        assert "big.o" in log and "larger than the cache's budget" in log
+
+
 @pytest.mark.parametrize("kind", ["s3", "grpc", "http", "buildgrid"])
 def test_a_shared_directory_across_two_mounts(tmp_path: Path, kind: str, weed: Seaweed) -> None:
     """Files written in a shared cache directory of one mount (as a tool
