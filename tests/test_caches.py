@@ -99,6 +99,20 @@ def test_set_ls_unset_and_remount(tmp_path: Path) -> None:
             ("/cc", 3 << 20, "arc")
         ]
         assert "arc" in cachefs("cache", "ls", str(mnt)).stdout
+        # A new budget keeps the policy and the sharing, unless told otherwise.
+        cc = str(mnt / "cc")
+        cachefs("cache", "set", cc, "--max-size", "4M")
+        assert os.getxattr(mnt / "cc", XATTR) == b"max_size=4194304 policy=arc"
+        out = cachefs("cache", "set", cc, "--max-size", "4M", "--shared", "--share-name", "t/cc")
+        assert out.stdout.strip().endswith("cache of 4.0 MiB, arc, shared as t/cc")
+        cachefs("cache", "set", cc, "--max-size", "3M")
+        assert os.getxattr(mnt / "cc", XATTR) == b"max_size=3145728 policy=arc shared=t/cc"
+        cachefs("cache", "set", cc, "--max-size", "3M", "--share-name", "t/cc2")
+        assert os.getxattr(mnt / "cc", XATTR).endswith(b" shared=t/cc2")
+        cachefs("cache", "set", cc, "--max-size", "3M", "--no-shared", "--policy", "arc")
+        assert os.getxattr(mnt / "cc", XATTR) == b"max_size=3145728 policy=arc"
+        bad = cachefs("cache", "set", cc, "--max-size", "3M", "--share-name", "x", check=False)
+        assert bad.returncode == 2 and "--share-name goes with --shared" in bad.stderr
         everywhere = json.loads(cachefs("cache", "ls", "--json").stdout)  # every mount
         assert {"mountpoint": str(mnt), **listed[0]} in everywhere
         (mnt / "cc" / "f").write_bytes(b"x" * 1000)

@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from cachefs import daemon
-from cachefs.errors import ConfigError, MountError, NotFoundError, from_oserror
-from cachefs.fs import CACHE_XATTR, POLICIES, SHARE_NAME
+from cachefs.errors import ConfigError, FsError, MountError, NotFoundError, from_oserror
+from cachefs.fs import CACHE_XATTR, POLICIES, SHARE_NAME, parse_setting
 
 from .common import human_bytes, json_option, parse_size
 
@@ -57,27 +57,35 @@ def command() -> None:
 @click.option(
     "--policy",
     type=click.Choice(sorted(POLICIES)),
-    default="lru",
-    show_default=True,
     help="What to evict first: least recently used, least frequently used (with "
-    "aging), or ARC (adapts between recency and frequency).",
+    "aging), or ARC (adapts between recency and frequency).  [default: lru; for a "
+    "cache directory already, its policy]",
 )
 @click.option(
-    "--shared",
-    is_flag=True,
+    "--shared/--no-shared",
+    default=None,
     help="Share DIR through the mount's remote tiers (--remote): files published in it "
-    "are pushed with their names; names missing here are looked for there.",
+    "are pushed with their names; names missing here are looked for there.  "
+    "[default: not shared; for a cache directory already, as it is]",
 )
 @click.option(
     "--share-name",
     metavar="NAME",
-    help="The share's name on the tiers (default: DIR's path in the mount); machines "
-    "that give the same name share the same entries.",
+    help="The share's name on the tiers (default: DIR's path in the mount, or the "
+    "name it is shared as already); machines that give the same name share the "
+    "same entries.",
 )
 def set_command(
-    directory: Path, max_size: str, policy: str, shared: bool, share_name: str | None
+    directory: Path,
+    max_size: str,
+    policy: str | None,
+    shared: bool | None,
+    share_name: str | None,
 ) -> None:
     """Mark DIR (inside a mounted store) as a cache with a budget, or change it.
+
+    Changing a cache directory's budget keeps its policy and its sharing
+    unless --policy, --shared or --no-shared says otherwise.
 
     A shared cache directory is one cache for every machine whose mount has
     the same remote tier: what one builds, the others find (see the README,
@@ -86,11 +94,17 @@ def set_command(
     if size <= 0:
         raise ConfigError("the budget must be more than 0 bytes")
     root = _mount_root(directory)
-    value = f"max_size={size} policy={policy}"
+    current = _current_setting(directory)
+    if policy is None:
+        policy = "lru" if current is None else current[1]
+    now_shared = None if current is None else current[2]
+    if shared is None:
+        shared = now_shared is not None
     if share_name is not None and not shared:
         raise ConfigError("--share-name goes with --shared")
+    value = f"max_size={size} policy={policy}"
     if shared:
-        name = share_name or directory.resolve().relative_to(root).as_posix()
+        name = share_name or now_shared or directory.resolve().relative_to(root).as_posix()
         if name in ("", "."):
             raise ConfigError("the mount's root cannot be shared", hint="share a directory in it")
         if not re.fullmatch(SHARE_NAME, name):
@@ -105,6 +119,15 @@ def set_command(
         raise from_oserror(exc, f"marking {directory} as a cache") from None
     share = f", shared as {value.rsplit('=', 1)[1]}" if shared else ""
     click.echo(f"{directory}: cache of {human_bytes(size)}, {policy}{share}")
+
+
+def _current_setting(directory: Path) -> tuple[int, str, str | None] | None:
+    """The setting of ``directory`` if it is a cache directory already (one
+    that cannot be read is set anew)."""
+    try:
+        return parse_setting(os.getxattr(directory, _XATTR))
+    except (OSError, FsError):  # ENODATA: not a cache directory
+        return None
 
 
 @command.command("unset")
