@@ -161,6 +161,11 @@ def test_put_of_a_missing_file_stores_the_rest_and_fails(
     assert put_lines(result) == [
         (sha256_line(tree[tmp_path / "tree" / "a.txt"]), tmp_path / "tree" / "a.txt")
     ]
+    # Nothing to put at all (a mistyped path): no store is made for it.
+    elsewhere = tmp_path / "new-store"
+    result = cachefs("put", elsewhere, tmp_path / "no-such-file", tmp_path / "nor-this")
+    assert result.returncode == 3 and err(result).count("No such file or directory") == 2
+    assert not elsewhere.exists()
 
 
 def test_cat_writes_exactly_the_object(tmp_path: Path, tree: dict[Path, bytes]) -> None:

@@ -78,6 +78,10 @@ def command(store: Path, paths: tuple[Path, ...], processes: int) -> None:
     Each put adds a reference to the object.
     """
     errors: list[CachefsError] = []
+    if not any(path.exists() for path in paths):  # a mistyped path makes no store
+        for _ in _walk(paths, errors):
+            pass
+        raise click.exceptions.Exit(errors[0].exit_code)
     with Store.open(store, create=True) as opened:
         files = _walk(paths, errors)
         for path, result in opened.put_files(files, processes=processes):
