@@ -105,6 +105,8 @@ def test_set_ls_unset_and_remount(tmp_path: Path) -> None:
         assert os.getxattr(mnt / "cc", XATTR) == b"max_size=4194304 policy=arc"
         out = cachefs("cache", "set", cc, "--max-size", "4M", "--shared", "--share-name", "t/cc")
         assert out.stdout.strip().endswith("cache of 4.0 MiB, arc, shared as t/cc")
+        assert f"the mount {mnt} has no remote tier" in out.stderr  # said, not refused
+        assert cachefs("cache", "ls", str(mnt)).stdout.rstrip().endswith("shared as t/cc")
         cachefs("cache", "set", cc, "--max-size", "3M")
         assert os.getxattr(mnt / "cc", XATTR) == b"max_size=3145728 policy=arc shared=t/cc"
         cachefs("cache", "set", cc, "--max-size", "3M", "--share-name", "t/cc2")

@@ -657,7 +657,7 @@ def two_mounts(tmp_path: Path, url: str, *shared: str) -> Iterator[tuple[Path, P
             for name in shared:
                 (mnt / name).mkdir()
                 out = cachefs("cache", "set", str(mnt / name), "--max-size", "1G", "--shared")
-                assert f"shared as {name}" in out.stdout
+                assert f"shared as {name}" in out.stdout and "warning" not in out.stderr
         yield one, two
 
 

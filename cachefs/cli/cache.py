@@ -119,6 +119,13 @@ def set_command(
         raise from_oserror(exc, f"marking {directory} as a cache") from None
     share = f", shared as {value.rsplit('=', 1)[1]}" if shared else ""
     click.echo(f"{directory}: cache of {human_bytes(size)}, {policy}{share}")
+    info = daemon.mount_info(root) if shared else None
+    if info is not None and info.get("remote") is None:
+        click.echo(
+            f"cachefs: warning: the mount {root} has no remote tier: nothing in {directory} "
+            "is shared until the store is mounted with --remote URL (or tiers in --config)",
+            err=True,
+        )
 
 
 def _current_setting(directory: Path) -> tuple[int, str, str | None] | None:
@@ -150,10 +157,11 @@ def ls_command(mountpoints: tuple[Path, ...], as_json: bool) -> None:
     """List the cache directories of the given mounts (default: every cachefs mount).
 
     \b
-    Columns: usage of the budget, policy, files, hit ratio, evictions.
-    --json: a list of objects with mountpoint, path, max_size, policy, files,
-    bytes, hits, misses, hit_ratio, evictions, bytes_evicted, throttled,
-    throttled_seconds.
+    Columns: usage of the budget, policy, files, hit ratio, evictions, and
+    the share's name of a shared one.
+    --json: a list of objects with mountpoint, path, max_size, policy, shared
+    (the share's name, or absent), files, bytes, hits, misses, hit_ratio,
+    evictions, bytes_evicted, throttled, throttled_seconds.
     """
     rows: list[dict[str, Any]] = []
     for mountpoint in mountpoints or tuple(daemon.cachefs_mounts()):
@@ -174,6 +182,7 @@ def ls_command(mountpoints: tuple[Path, ...], as_json: bool) -> None:
             f"{path}  {human_bytes(row['bytes'])} of {human_bytes(row['max_size'])}"
             f"  {row['policy']}  {row['files']} files  hit ratio {row['hit_ratio']:.1%}"
             f"  {row['evictions']} evicted ({human_bytes(row['bytes_evicted'])})"
+            + (f"  shared as {row['shared']}" if row.get("shared") else "")
         )
 
 
