@@ -46,6 +46,7 @@ from cachefs.protocol import re_pb2
 from cachefs.remote import (
     Pusher,
     Tier,
+    TierOptions,
     Tiers,
     _tiers,
     load_tiers,
@@ -536,10 +537,34 @@ endpoints = [
         ("tier = 5\n", "are \\[\\[tier\\]\\] tables"),
         ("tier = [1]\n", "are \\[\\[tier\\]\\] tables"),
         ("remote = 5\n", "is a table"),
+        ("[[tier]]\nurl = 'grpc://h'\nreplicas = 2\n", "replicas needs endpoints"),
+        ("[[tier]]\nendpoints = []\n", "endpoints is a list of"),
+        ("[[tier]]\nendpoints = 'grpc://h'\n", "endpoints is a list of"),
+        ("[[tier]]\nendpoints = ['grpc://h']\n", "an endpoint is"),
+        ("[[tier]]\nendpoints = [{ url = 'grpc://h' }]\nreplicas = 1.5\n", "whole number"),
+        ("[[tier]]\nendpoints = [{ url = 'grpc://h' }]\nreplicas = true\n", "whole number"),
+        ("[[tier]]\nurl = 'grpc://h'\ndurable = 'yes'\n", "durable are true or false"),
     ]:
         config.write_text(text)
         with pytest.raises(ConfigError, match=why):
             load_tiers([], read_config(config), SHA256)
+    # The [trust] table, and the options checked before a store is opened.
+    for text, why in [
+        ("trust = 5\n", "\\[trust\\] is a table"),
+        ("[trust]\ntrust = 5\n", "trust is a path or a list of paths"),
+        ("[trust]\nsign_key = ['a', 3]\n", "sign_key is a path or a list of paths"),
+        ("[trust]\nrevoked = 'abc'\n", "revoked is a list of key ids"),
+        ("[trust]\nmax_age = -1\n", "positive number"),
+        ("[trust]\nkeys = []\n", "unknown key 'keys'"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            TierOptions.parse([], config)
+    config.write_text("[[tier]]\nurl = 's3://b?endpoint=http://127.0.0.1:1'\n")
+    with pytest.raises(ConfigError, match="local or remote"):
+        TierOptions.parse([], config, durability="somewhere")
+    with pytest.raises(ConfigError, match="more than 0 bytes"):
+        TierOptions.parse([], config, local_max_size=0)
     with pytest.raises(ConfigError, match="cannot read"):
         read_config(tmp_path / "missing.toml")
 
