@@ -62,6 +62,29 @@ def test_token_file_keeps_hashes_only(tmp_path: Path) -> None:
     assert broken.returncode == 2 and f"{tokens}:3: not a token line" in broken.stderr
 
 
+def test_a_token_file_edited_by_hand(tmp_path: Path) -> None:
+    """A file edited by hand: a last line with no newline is kept whole when a
+    token is added; a name given twice, or bytes that are not UTF-8, are errors
+    naming the file; removing a name it lacks says so."""
+    tokens = tmp_path / "tokens"
+    add(tokens, "ci", "read-write")
+    tokens.write_text(tokens.read_text().rstrip("\n"))
+    add(tokens, "dev", "read")
+    listed = cachefs("token", "ls", str(tokens)).stdout
+    assert listed == "ci\tteam\tread-write\ndev\tteam\tread\n"
+    missing = cachefs("token", "remove", str(tokens), "nobody", check=False)
+    assert missing.returncode == 2 and f"{tokens} has no token named nobody" in missing.stderr
+    first_line = next(line for line in tokens.read_text().splitlines() if line.startswith("ci "))
+    tokens.write_text(tokens.read_text() + first_line + "\n")
+    twice = cachefs("token", "ls", str(tokens), check=False)
+    assert twice.returncode == 2 and "a second token named ci" in twice.stderr
+    tokens.write_bytes(b"ci team read sha256:\xff\xfe\n")
+    garbled = cachefs("token", "ls", str(tokens), check=False)
+    assert (
+        garbled.returncode == 2 and f"the token file {tokens} is not UTF-8 text" in garbled.stderr
+    )
+
+
 @pytest.mark.parametrize(
     "args",
     [["--grpc", "0.0.0.0:0"], ["--http", "192.0.2.1:8080"], ["--grpc", "cache.example:9092"]],
