@@ -33,6 +33,9 @@ def test_scrub_of_a_store_records_what_it_finds(tmp_path: Path) -> None:
     assert clean.returncode == 0 and clean.stdout.rstrip().endswith("clean"), clean
     with Store.open(store_path) as store:
         flip_first_chunk(store, digests[2])
+    said = cachefs("scrub", str(store_path))
+    assert said.returncode == 1 and "DAMAGE  damaged-record: " in said.stdout
+    assert said.stdout.rstrip().endswith("problems; run `cachefs fsck --repair`")
     found = cachefs("scrub", "--json", str(store_path))
     assert found.returncode == 1, found
     report = json.loads(found.stdout)
