@@ -107,6 +107,8 @@ def test_set_ls_unset_and_remount(tmp_path: Path) -> None:
         assert out.stdout.strip().endswith("cache of 4.0 MiB, arc, shared as t/cc")
         assert f"the mount {mnt} has no remote tier" in out.stderr  # said, not refused
         assert cachefs("cache", "ls", str(mnt)).stdout.rstrip().endswith("shared as t/cc")
+        (line,) = [x for x in cachefs("stats", str(mnt)).stdout.splitlines() if "cache /cc" in x]
+        assert line.endswith("of 4.0 MiB, arc, hit ratio 0.0%, 0 evicted, shared as t/cc")
         cachefs("cache", "set", cc, "--max-size", "3M")
         assert os.getxattr(mnt / "cc", XATTR) == b"max_size=3145728 policy=arc shared=t/cc"
         cachefs("cache", "set", cc, "--max-size", "3M", "--share-name", "t/cc2")

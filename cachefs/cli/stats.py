@@ -103,7 +103,8 @@ def command(store: Path, as_json: bool) -> None:
                 f"cache {cache['path']}",
                 f"{human_bytes(cache['bytes'])} of {human_bytes(cache['max_size'])}, "
                 f"{cache['policy']}, hit ratio {cache['hit_ratio']:.1%}, "
-                f"{cache['evictions']} evicted",
+                f"{cache['evictions']} evicted"
+                + (f", shared as {cache['shared']}" if cache.get("shared") else ""),
             )
         )
     remote: dict[str, Any] | None = doc.get("remote")
