@@ -72,6 +72,11 @@ def test_a_token_file_edited_by_hand(tmp_path: Path) -> None:
     add(tokens, "dev", "read")
     listed = cachefs("token", "ls", str(tokens)).stdout
     assert listed == "ci\tteam\tread-write\ndev\tteam\tread\n"
+    nowhere = tmp_path / "no-such-dir" / "tokens"
+    lost = cachefs(
+        "token", "add", str(nowhere), "x", "--tenant", "t", "--permission", "read", check=False
+    )
+    assert lost.returncode == 2 and f"{nowhere.parent} is not a directory" in lost.stderr
     missing = cachefs("token", "remove", str(tokens), "nobody", check=False)
     assert missing.returncode == 2 and f"{tokens} has no token named nobody" in missing.stderr
     first_line = next(line for line in tokens.read_text().splitlines() if line.startswith("ci "))

@@ -138,6 +138,11 @@ def remove_token(path: Path, name: str) -> None:
 
 
 def _write(path: Path, text: str) -> None:
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"cannot write the token file {path}: {path.parent} is not a directory",
+            hint=f"create it first (mkdir -p {path.parent}) or name another file",
+        )
     try:
         atomic_write(path, text.encode(), mode=0o600)
     except OSError as exc:
