@@ -48,6 +48,10 @@ def test_key_generate(tmp_path: Path, keys: dict[str, Path]) -> None:
     assert Path(f"{alice}.pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
     again = cachefs("key", "generate", str(alice), check=False)
     assert again.returncode == 2 and "exists" in again.stderr
+    nowhere = tmp_path / "no-such-dir" / "key"
+    lost = cachefs("key", "generate", str(nowhere), check=False)
+    assert lost.returncode == 3 and f"writing the key {nowhere}: No such file" in lost.stderr
+    assert ".tmp-" not in lost.stderr  # the file meant, not a scratch name
     bad = tmp_path / "bad.pub"
     bad.write_text("nonsense\n")
     with pytest.raises(Exception, match="not a PEM public key"):
