@@ -101,8 +101,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` (a new file of ``mode``): after a crash it
     holds the old or the new bytes."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)  # a leftover; and nothing planted there is written through
     try:
+        tmp.unlink(missing_ok=True)  # a leftover; and nothing planted there is written through
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     except OSError as exc:  # name the file being written, not the scratch name beside it
         raise type(exc)(exc.errno, exc.strerror, str(path)) from None

@@ -99,6 +99,8 @@ def test_set_ls_unset_and_remount(tmp_path: Path) -> None:
             ("/cc", 3 << 20, "arc")
         ]
         assert "arc" in cachefs("cache", "ls", str(mnt)).stdout
+        everywhere = json.loads(cachefs("cache", "ls", "--json").stdout)  # every mount
+        assert {"mountpoint": str(mnt), **listed[0]} in everywhere
         # A new budget keeps the policy and the sharing, unless told otherwise.
         cc = str(mnt / "cc")
         cachefs("cache", "set", cc, "--max-size", "4M")
@@ -117,8 +119,6 @@ def test_set_ls_unset_and_remount(tmp_path: Path) -> None:
         assert os.getxattr(mnt / "cc", XATTR) == b"max_size=3145728 policy=arc"
         bad = cachefs("cache", "set", cc, "--max-size", "3M", "--share-name", "x", check=False)
         assert bad.returncode == 2 and "--share-name goes with --shared" in bad.stderr
-        everywhere = json.loads(cachefs("cache", "ls", "--json").stdout)  # every mount
-        assert {"mountpoint": str(mnt), **listed[0]} in everywhere
         (mnt / "cc" / "f").write_bytes(b"x" * 1000)
         (mnt / "cc" / "f").read_bytes()
         # Errors are one line with the remedy.

@@ -166,6 +166,10 @@ def test_put_of_a_missing_file_stores_the_rest_and_fails(
     result = cachefs("put", elsewhere, tmp_path / "no-such-file", tmp_path / "nor-this")
     assert result.returncode == 3 and err(result).count("No such file or directory") == 2
     assert not elsewhere.exists()
+    # A path that cannot even be looked at is an error of its own; the rest go in.
+    result = cachefs("put", store, tmp_path / ("x" * 300), tmp_path / "tree" / "a.txt")
+    assert result.returncode == 1 and "File name too long" in err(result)
+    assert [path for _, path in put_lines(result)] == [tmp_path / "tree" / "a.txt"]
 
 
 def test_cat_writes_exactly_the_object(tmp_path: Path, tree: dict[Path, bytes]) -> None:

@@ -130,10 +130,16 @@ def set_command(
 
 def _current_setting(directory: Path) -> tuple[int, str, str | None] | None:
     """The setting of ``directory`` if it is a cache directory already (one
-    that cannot be read is set anew)."""
+    whose value this cachefs cannot parse is set anew)."""
     try:
-        return parse_setting(os.getxattr(directory, _XATTR))
-    except (OSError, FsError):  # ENODATA: not a cache directory
+        value = os.getxattr(directory, _XATTR)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:  # not a cache directory
+            return None
+        raise from_oserror(exc, f"reading the cache setting of {directory}") from None
+    try:
+        return parse_setting(value)
+    except FsError:
         return None
 
 
@@ -160,7 +166,7 @@ def ls_command(mountpoints: tuple[Path, ...], as_json: bool) -> None:
     Columns: usage of the budget, policy, files, hit ratio, evictions, and
     the share's name of a shared one.
     --json: a list of objects with mountpoint, path, max_size, policy, shared
-    (the share's name, or absent), files, bytes, hits, misses, hit_ratio,
+    (the share's name, or null), files, bytes, hits, misses, hit_ratio,
     evictions, bytes_evicted, throttled, throttled_seconds.
     """
     rows: list[dict[str, Any]] = []

@@ -55,6 +55,15 @@ def _walk(paths: tuple[Path, ...], errors: list[CachefsError]) -> Iterator[Path]
             errors.append(err)
 
 
+def _found(path: Path) -> bool:
+    """Whether ``path`` can be looked at (``_walk`` says why not)."""
+    try:
+        path.stat()
+    except OSError:
+        return False
+    return True
+
+
 @click.command("put")
 @store_argument
 @click.argument(
@@ -78,10 +87,11 @@ def command(store: Path, paths: tuple[Path, ...], processes: int) -> None:
     Each put adds a reference to the object.
     """
     errors: list[CachefsError] = []
-    if not any(path.exists() for path in paths):  # a mistyped path makes no store
+    if not any(_found(path) for path in paths):  # mistyped paths make no store
         for _ in _walk(paths, errors):
             pass
-        raise click.exceptions.Exit(errors[0].exit_code)
+        if errors:
+            raise click.exceptions.Exit(errors[0].exit_code)
     with Store.open(store, create=True) as opened:
         files = _walk(paths, errors)
         for path, result in opened.put_files(files, processes=processes):

@@ -138,7 +138,11 @@ def remove_token(path: Path, name: str) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    if not path.parent.is_dir():
+    try:
+        missing = not path.parent.is_dir()
+    except OSError:  # it cannot be looked at: writing says why
+        missing = False
+    if missing:
         raise ConfigError(
             f"cannot write the token file {path}: {path.parent} is not a directory",
             hint=f"create it first (mkdir -p {path.parent}) or name another file",
