@@ -49,6 +49,23 @@ def test_scrub_of_a_store_records_what_it_finds(tmp_path: Path) -> None:
     assert not stats["needs_fsck"]
 
 
+def test_a_store_another_process_holds_is_scrubbed_without_recording(tmp_path: Path) -> None:
+    """A store whose writer has no control socket (a `cachefs put` running,
+    here this test) is scrubbed read-only: the damage is reported, and the
+    report says it was not recorded in the store's health."""
+    store_path = tmp_path / "store"
+    with Store.open(store_path, create=True) as store:
+        digest = store.put(compressible(300_000, 9))
+        flip_first_chunk(store, digest)
+        held = cachefs("scrub", str(store_path))
+    assert held.returncode == 1 and "DAMAGE  damaged-record: " in held.stdout
+    assert "note    another process holds the store: the damage is not recorded" in held.stdout
+    stats = json.loads(cachefs("stats", "--json", str(store_path)).stdout)
+    assert not stats["needs_fsck"] and stats["corruptions"] == 0
+    assert cachefs("scrub", str(store_path)).returncode == 1  # found again, recorded now
+    assert json.loads(cachefs("stats", "--json", str(store_path)).stdout)["needs_fsck"]
+
+
 def test_a_bad_rate_is_refused(tmp_path: Path) -> None:
     result = cachefs("scrub", "--rate", "0", str(tmp_path))
     assert result.returncode == 2 and "--rate 0" in result.stderr
