@@ -10,9 +10,15 @@ from typing import Any
 
 import click
 
+from cachefs import daemon
+from cachefs.errors import ConfigError
 from cachefs.fs import DEFAULT_MEMORY_LIMIT
+from cachefs.remote import TierOptions
 from cachefs.server import GRPC_PORT, HTTP_PORT
 from cachefs.signing import TrustOptions
+from cachefs.tracing import DEFAULT_FUSE_RATIO
+
+from .common import parse_size
 
 grpc_option = click.option(
     "--grpc",
@@ -251,3 +257,38 @@ def security_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return tokens_option(
         htpasswd_option(unauthenticated_option(tls_options(trust_options(wrapper))))
     )
+
+
+def daemon_options(
+    ctx: click.Context,
+    tiers: TierOptions,
+    *,
+    cache_size: str,
+    max_store_size: str | None,
+    memory_limit: str,
+    metrics_address: str | None,
+    otlp_endpoint: str | None,
+    audit_dir: Path | None,
+    otlp_fuse_ratio: float = DEFAULT_FUSE_RATIO,
+) -> daemon.DaemonOptions:
+    """What ``mount`` and ``serve`` share, from their options as given."""
+    return daemon.DaemonOptions(
+        verbose=ctx.find_root().params.get("verbose", 0),
+        cache_size=parse_size(cache_size),
+        max_store_size=None if max_store_size is None else parse_size(max_store_size),
+        memory_limit=memory_limit_of(memory_limit),
+        tiers=tiers,
+        metrics=metrics_address,
+        otlp_endpoint=otlp_endpoint,
+        otlp_fuse_ratio=otlp_fuse_ratio,
+        audit_dir=None if audit_dir is None else audit_dir.absolute(),
+    )
+
+
+def memory_limit_of(text: str) -> int:
+    limit = parse_size(text)
+    if limit < 64 << 20:
+        raise ConfigError(
+            f"--memory-limit {text} is too small", hint="give the daemon at least 64M"
+        )
+    return limit

@@ -20,6 +20,7 @@ from .daemon_options import (
     audit_log_option,
     cache_size_option,
     config_option,
+    daemon_options,
     grpc_option,
     http_option,
     local_max_size_option,
@@ -154,7 +155,6 @@ def command(
             "--tokens, --htpasswd and --tls-* are for the servers",
             hint="give --grpc ADDR or --http ADDR",
         )
-    verbose = ctx.find_root().params.get("verbose", 0)
     serving = grpc_address or http_address
     tiers = TierOptions.parse(
         remotes,
@@ -167,16 +167,16 @@ def command(
         store,
         mountpoint,
         list(options),
-        daemon.DaemonOptions(
-            verbose=verbose,
-            cache_size=parse_size(cache_size),
-            max_store_size=None if max_store_size is None else parse_size(max_store_size),
-            memory_limit=memory_limit_of(memory_limit),
-            tiers=tiers,
-            metrics=metrics_address,
+        daemon_options(
+            ctx,
+            tiers,
+            cache_size=cache_size,
+            max_store_size=max_store_size,
+            memory_limit=memory_limit,
+            metrics_address=metrics_address,
             otlp_endpoint=otlp_endpoint,
+            audit_dir=audit_dir,
             otlp_fuse_ratio=otlp_fuse_ratio,
-            audit_dir=None if audit_dir is None else audit_dir.absolute(),
         ),
         foreground=foreground,
         publish_threshold=parse_size(publish_threshold),
@@ -189,12 +189,3 @@ def command(
         ),
         scrub_rate=None if scrub_rate is None else positive_size(scrub_rate, "--scrub-rate"),
     )
-
-
-def memory_limit_of(text: str) -> int:
-    limit = parse_size(text)
-    if limit < 64 << 20:
-        raise ConfigError(
-            f"--memory-limit {text} is too small", hint="give the daemon at least 64M"
-        )
-    return limit

@@ -19,6 +19,7 @@ from .daemon_options import (
     audit_log_option,
     cache_size_option,
     config_option,
+    daemon_options,
     grpc_option,
     http_option,
     local_max_size_option,
@@ -29,7 +30,6 @@ from .daemon_options import (
     remote_option,
     security_options,
 )
-from .mount import memory_limit_of
 
 
 @click.command("serve")
@@ -119,7 +119,6 @@ def command(
     budget = None if max_size is None else parse_size(max_size)
     if budget is not None and budget <= 0:
         raise ConfigError("--max-size must be more than 0 bytes")
-    verbose = ctx.find_root().params.get("verbose", 0)
     tiers = TierOptions.parse(
         remotes,
         config,
@@ -136,15 +135,15 @@ def command(
             tenants=parse_tenants(tiers.config, parse_size),
             **secured,
         ),
-        daemon.DaemonOptions(
-            verbose=verbose,
-            cache_size=parse_size(cache_size),
-            max_store_size=None if max_store_size is None else parse_size(max_store_size),
-            memory_limit=memory_limit_of(memory_limit),
-            tiers=tiers,
-            metrics=metrics_address,
+        daemon_options(
+            ctx,
+            tiers,
+            cache_size=cache_size,
+            max_store_size=max_store_size,
+            memory_limit=memory_limit,
+            metrics_address=metrics_address,
             otlp_endpoint=otlp_endpoint,
-            audit_dir=None if audit_dir is None else audit_dir.absolute(),
+            audit_dir=audit_dir,
         ),
         daemon=detach,
     )
