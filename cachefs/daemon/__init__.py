@@ -7,8 +7,7 @@ and HTTP with no mount); ``DaemonOptions``, what the two share; ``mount_info``, 
 daemons; ``mounted_fstype``; ``sd_notify``; ``LOG_NAME``, ``FSNAME``.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cachefs.daemon._mounts import (
     FSNAME,
@@ -22,6 +21,7 @@ from cachefs.daemon._mounts import (
     umount,
 )
 from cachefs.daemon._systemd import sd_notify
+from cachefs.lazy import lazy_names
 
 if TYPE_CHECKING:
     from cachefs.daemon._mount import mount
@@ -32,21 +32,10 @@ if TYPE_CHECKING:
 #: Imported when first used: they bring the file system, FUSE and the servers,
 #: which the commands that only find a daemon or talk to it (``stats``,
 #: ``umount``, ``gc`` ...) do without.
-_LAZY = {
-    "DaemonOptions": "cachefs.daemon._options",
-    "mount": "cachefs.daemon._mount",
-    "serve": "cachefs.daemon._serve",
-}
+_LAZY = {"DaemonOptions": "._options", "mount": "._mount", "serve": "._serve"}
 
-
-# Not seen by mypy: it takes the names from the imports under TYPE_CHECKING,
-# and so still reports a name this package does not have.
-if not TYPE_CHECKING:
-
-    def __getattr__(name: str) -> Any:
-        if name in _LAZY:
-            return getattr(importlib.import_module(_LAZY[name]), name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if not TYPE_CHECKING:  # mypy takes the names from the imports above
+    __getattr__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = [

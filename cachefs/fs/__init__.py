@@ -19,11 +19,11 @@ What it offers:
   ``resident_bytes`` and ``memory_pressure``.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cachefs.fs._policy import ARC, LFU, LRU, POLICIES, Policy, make_policy
 from cachefs.fs._settings import CACHE_XATTR, SHARE_NAME, parse_setting
+from cachefs.lazy import lazy_names
 
 if TYPE_CHECKING:
     from cachefs.fs._control import CONTROL_NAME, is_virtual, is_volatile
@@ -43,32 +43,26 @@ if TYPE_CHECKING:
 #: Imported when first used: they bring the engine and trio, which the command
 #: lines that only name a setting or a policy (``cachefs cache``) do without.
 _LAZY = {
-    "CONTROL_NAME": "_control",
-    "is_virtual": "_control",
-    "is_volatile": "_control",
-    "FsEvents": "_events",
-    "OpenFile": "_files",
-    "DEFAULT_PUBLISH_THRESHOLD": "_filesystem",
-    "DIGEST_XATTR": "_filesystem",
-    "Filesystem": "_filesystem",
-    "DEFAULT_LOG_LIMIT": "_journal",
-    "DEFAULT_MEMORY_LIMIT": "_memory",
-    "MemoryGovernor": "_memory",
-    "memory_pressure": "_memory",
-    "resident_bytes": "_memory",
-    "StoredFiles": "_stored_files",
-    "check_outside": "_trace",
+    "CONTROL_NAME": "._control",
+    "is_virtual": "._control",
+    "is_volatile": "._control",
+    "FsEvents": "._events",
+    "OpenFile": "._files",
+    "DEFAULT_PUBLISH_THRESHOLD": "._filesystem",
+    "DIGEST_XATTR": "._filesystem",
+    "Filesystem": "._filesystem",
+    "DEFAULT_LOG_LIMIT": "._journal",
+    "DEFAULT_MEMORY_LIMIT": "._memory",
+    "MemoryGovernor": "._memory",
+    "memory_pressure": "._memory",
+    "resident_bytes": "._memory",
+    "StoredFiles": "._stored_files",
+    "check_outside": "._trace",
 }
 
 
-# Not seen by mypy: it takes the names from the imports under TYPE_CHECKING,
-# and so still reports a name this package does not have.
-if not TYPE_CHECKING:
-
-    def __getattr__(name: str) -> Any:
-        if name in _LAZY:
-            return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if not TYPE_CHECKING:  # mypy takes the names from the imports above
+    __getattr__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = [
