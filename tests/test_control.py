@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.engine import ROOT_INODE, FsError, Inode, Store
-from cachefs.fs import Filesystem
+from cachefs.engine import ROOT_INODE, CachefsError, Digest, FsError, Inode, Store, check_store
+from cachefs.fs import Filesystem, _file_io
 from cachefs.fs._control import CAS_INO, COMMAND_INO, CONTROL_INO, FUNCTION_INO, STATS_INO
 
 
@@ -35,6 +35,22 @@ async def _file(fs: Filesystem, data: bytes) -> Inode:
     await fs.write(fh, 0, data)
     await fs.release(fh)
     return inode
+
+
+async def _open_object(fs: Filesystem, data: bytes) -> tuple[Inode, Digest, int, int]:
+    """``/f`` with ``data``, and its object open under ``cas/``: the file's
+    inode, the digest, the object's inode and its handle."""
+    inode = await _file(fs, data)
+    digest = fs.digest_of(inode.ino)
+    found = fs.lookup(FUNCTION_INO, digest.hash.hex().encode())
+    fh, _ = await fs.open(found.ino, os.O_RDONLY)
+    return inode, digest, found.ino, fh
+
+
+def _delete(fs: Filesystem, inode: Inode) -> None:
+    """Unlink ``/f``, which the kernel then forgets."""
+    fs.unlink(ROOT_INODE, b"f")
+    fs.forget([(inode.ino, 1)])
 
 
 async def test_the_cas_tree_finds_stored_objects_by_name_only(store: Store) -> None:
@@ -118,19 +134,60 @@ async def test_control_commands_answer_in_json(store: Store, tmp_path: Path) -> 
         fs.close()
 
 
-async def test_an_object_deleted_while_open_reads_as_stale(store: Store) -> None:
-    """An open object of ``cas/`` does not keep it: once its last file is gone,
-    a read says so with ESTALE (a read may not answer ENOENT)."""
+async def test_an_open_object_is_kept_until_its_release(store: Store) -> None:
+    """An object open under ``cas/`` is kept as an unlinked open file is: its
+    last file deleted, gc run, it still reads whole; released, it goes, and
+    the store is consistent at every step."""
     data = random.Random(5).randbytes(300_000)
     fs = Filesystem(store)
     try:
-        inode = await _file(fs, data)
-        digest = fs.digest_of(inode.ino)
-        found = fs.lookup(FUNCTION_INO, digest.hash.hex().encode())
-        fh, _ = await fs.open(found.ino, os.O_RDONLY)
+        inode, digest, _, fh = await _open_object(fs, data)
+        files = store.stats().files
+        _delete(fs, inode)
+        await fs.flush_all()
+        await fs.collect_garbage(0.0)
+        assert store.contains(digest) and check_store(store).clean
+        assert store.stats().files == files - 1  # the file went; its holder stays
+        assert bytes(await fs.read(fh, 0, len(data))) == data
+        assert bytes(await fs.read(fh, 299_000, 5_000)) == data[299_000:]
+        await fs.release(fh)
+        assert not store.contains(digest)
+        assert store.stats().files == files - 2 and check_store(store).clean
+    finally:
+        fs.close()
+
+
+async def test_an_object_held_at_a_crash_goes_at_the_next_mount(store: Store) -> None:
+    data = random.Random(6).randbytes(50_000)
+    fs = Filesystem(store)
+    try:
+        inode, digest, _, _ = await _open_object(fs, data)  # never released: the daemon dies
+        _delete(fs, inode)
+    finally:
+        fs.close()
+    assert store.contains(digest) and check_store(store).clean  # an orphan, as fsck expects
+    Filesystem(store).close()
+    assert not store.contains(digest) and check_store(store).clean
+
+
+async def test_an_object_that_cannot_be_kept_reads_as_stale_once_deleted(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that cannot take the holder (full, say) opens the object unkept,
+    with a warning; once its last file is gone, a read says so with ESTALE (a
+    read may not answer ENOENT).  An object gone before the open: ENOENT."""
+    data = random.Random(7).randbytes(300_000)
+    fs = Filesystem(store)
+    try:
+
+        def full(namespace: object, digest: Digest) -> int:
+            raise CachefsError("No space left on device (index.lmdb)")
+
+        monkeypatch.setattr(_file_io, "hold", full)
+        inode, digest, found, fh = await _open_object(fs, data)
+        assert "without being kept" in caplog.text and "No space left" in caplog.text
         assert bytes(await fs.read(fh, 0, 1000)) == data[:1000]
-        fs.unlink(ROOT_INODE, b"f")
-        fs.forget([(inode.ino, 1)])
+        _delete(fs, inode)
         await fs.flush_all()
         assert not store.contains(digest)
         with pytest.raises(FsError) as raised:
@@ -138,5 +195,9 @@ async def test_an_object_deleted_while_open_reads_as_stale(store: Store) -> None
         assert raised.value.errno == errno.ESTALE
         assert str(digest) in str(raised.value)
         await fs.release(fh)
+        monkeypatch.undo()
+        with pytest.raises(FsError) as raised:
+            await fs.open(found, os.O_RDONLY)  # the kernel still knew its name
+        assert raised.value.errno == errno.ENOENT and "no longer stored" in str(raised.value)
     finally:
         fs.close()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import Mount, as_user, content_digest, mounted
+from tests.mounting import Mount, as_user, cachefs, content_digest, mounted
 
 NOBODY = 65534
 OTHER = 4242  # an unprivileged user that need not exist in /etc/passwd
@@ -181,6 +181,24 @@ def test_unlinked_open_file_stays_readable(mount: Mount, d: Path) -> None:
         assert inp.read() == data
         assert os.fstat(inp.fileno()).st_nlink == 0
     # After the last close (and the kernel's forget), the content is released.
+    deadline = time.monotonic() + 10
+    while cas.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not cas.exists()
+
+
+def test_an_object_open_by_digest_stays_readable(mount: Mount, d: Path) -> None:
+    """``cat .cachefs/cas/sha256/<hex>`` while a build deletes the file:
+    the open object is kept, as an unlinked open file is, until it is closed."""
+    f = d / "f"
+    data = os.urandom(3_000_000)
+    f.write_bytes(data)
+    digest = os.getxattr(f, "user.cachefs.digest").decode()
+    cas = mount.path / ".cachefs" / "cas" / "sha256" / digest.split("/")[0]
+    with open(cas, "rb") as inp:
+        f.unlink()
+        cachefs("gc", "--threshold", "1", str(mount.path))  # compacts every segment
+        assert inp.read() == data
     deadline = time.monotonic() + 10
     while cas.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -210,10 +210,7 @@ class Namespace:
             gid = dir_inode.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        index = self.store.index
-        ino = index.counter(txn, "next_inode")
-        index.set_counter(txn, "next_inode", ino + 1)
-        index.add(txn, "inodes", 1)
+        ino = self.new_inode(txn)
         now = time.time_ns()
         is_dir = stat.S_ISDIR(mode)
         size = len(target) if content is None else content.size
@@ -228,6 +225,14 @@ class Namespace:
             self._set_parent(txn, ino, parent)
         self._touch_dir(txn, dir_inode, now, 1 if is_dir else 0)
         return inode
+
+    def new_inode(self, txn: lmdb.Transaction) -> int:
+        """The number of a new inode, counted (never given out before)."""
+        index = self.store.index
+        ino = index.counter(txn, "next_inode")
+        index.set_counter(txn, "next_inode", ino + 1)
+        index.add(txn, "inodes", 1)
+        return ino
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         """A new entry for an existing (non-directory) inode."""
@@ -542,4 +547,22 @@ class Namespace:
         return removed
 
 
-__all__ = ["Namespace"]
+def hold(namespace: Namespace, digest: Digest) -> int:
+    """Keep a stored object while it is read by its digest (an object open
+    under ``/.cachefs/cas``), whatever happens meanwhile to the files with
+    its content: a new orphan (an inode in no directory) takes a reference
+    to it.  Returns the orphan's number; :meth:`Namespace.release` lets the
+    object go, and so does the next mount (which deletes every orphan).
+    ObjectNotFoundError if the object is not stored."""
+    with namespace.store.transaction("keeping an open object") as txn:
+        namespace.store.add_ref(txn, digest)
+        ino = namespace.new_inode(txn)
+        now = time.time_ns()
+        inode = Inode(ino, stat.S_IFREG | 0o444, 0, 0, 0, digest.size, 0, now, now, now)
+        inode.content = digest.hash
+        namespace.put_inode(txn, inode)
+        namespace.orphans.put(txn, INO_KEY.pack(ino), b"")
+    return ino
+
+
+__all__ = ["Namespace", "hold"]

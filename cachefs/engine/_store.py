@@ -530,30 +530,28 @@ class Store:
 
     def ref(self, digest: Digest) -> None:
         """Add a reference to a stored object."""
-        self.check_writable()
-        with (
-            self._maintenance.shared(),
-            self.publisher.commit_lock,
-            self.publisher.write_txn("adding a reference") as txn,
-        ):
+        with self._referencing("adding a reference") as txn:
             self.publisher.add_ref(txn, digest)
-        if self.options.fsync:
-            self.index.sync()
 
     def unref(self, digest: Digest) -> bool:
         """Drop a reference; when it was the last, the object goes (its chunks
         become garbage for ``gc`` if nothing else uses them).  Returns whether
         the object is gone."""
+        with self._referencing("dropping a reference") as txn:
+            return self.publisher.drop_ref(txn, digest)
+
+    @contextmanager
+    def _referencing(self, what: str) -> Iterator[lmdb.Transaction]:
         self.check_writable()
-        with (
-            self._maintenance.shared(),
-            self.publisher.commit_lock,
-            self.publisher.write_txn("dropping a reference") as txn,
-        ):
-            gone = self.publisher.drop_ref(txn, digest)
+        publisher = self.publisher
+        with self._maintenance.shared(), publisher.commit_lock, publisher.write_txn(what) as txn:
+            yield txn
         if self.options.fsync:
             self.index.sync()
-        return gone
+
+    def add_ref(self, txn: lmdb.Transaction, digest: Digest) -> None:
+        """:meth:`ref` inside the caller's write transaction (see :meth:`transaction`)."""
+        self.publisher.add_ref(txn, digest)
 
     def drop_ref(self, txn: lmdb.Transaction, digest: Digest) -> bool:
         """:meth:`unref` inside the caller's write transaction (see :meth:`transaction`)."""
@@ -571,8 +569,8 @@ class Store:
         names the operation in errors.  Durable at the next :meth:`sync`.
 
         It takes no store lock (LMDB serialises writers), so that it never waits
-        for a long ``gc``; it must only add references through a publication
-        and may drop them with :meth:`drop_ref`."""
+        for a long ``gc``; it adds references through a publication or to a stored
+        object (:meth:`add_ref`), and drops them with :meth:`drop_ref`."""
         self.check_writable()
         with self.publisher.write_txn(what) as txn:
             yield txn

@@ -10,9 +10,10 @@ Not listed by ``readdir`` of the root, but found by name::
                                   ``trace start FILE``, ``trace stop``
 
 These inodes are virtual: numbers from ``VIRTUAL_BASE`` up, never stored.
-Objects under ``cas/`` get inode numbers while the kernel knows them.  The
-tree knows the store (to find objects) and, through :class:`Commands`, what the
-filesystem lets its commands do; nothing else of the filesystem.
+Objects under ``cas/`` get inode numbers while the kernel knows them (the file
+I/O keeps an object while it is open: ``FileIO._hold``).  The tree knows the
+store (to find objects) and, through :class:`Commands`, what the filesystem
+lets its commands do; nothing else of the filesystem.
 """
 
 from __future__ import annotations

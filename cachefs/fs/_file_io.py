@@ -32,6 +32,7 @@ from cachefs.engine import (
     Namespace,
     ObjectNotFoundError,
     Store,
+    hold,
 )
 from cachefs.errors import HealElsewhere, RemoteError, from_oserror
 from cachefs.format.schema import MAX_FILE_SIZE
@@ -131,7 +132,10 @@ class FileIO:
         open and must be read with direct I/O (``is_volatile``)."""
         writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
         if is_virtual(ino):
-            return self.handles.add(self.control.open(ino, writable)), True
+            handle = self.control.open(ino, writable)
+            if isinstance(handle, ObjectHandle):
+                self._hold(handle)
+            return self.handles.add(handle), True
         inode = self.namespace.get(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
@@ -153,6 +157,26 @@ class FileIO:
             await self.release(fh)
             raise
         return fh, self.files.keep_cache(state)
+
+    def _hold(self, handle: ObjectHandle) -> None:
+        """Keep an object opened by its digest while it is open, as an unlinked
+        file is kept: by an orphan that holds a reference to it (deleted at the
+        release, or by the next mount after a crash).  A store that cannot
+        take it (read-only, full) opens the object unkept."""
+        if self.store.readonly:
+            return  # nothing deletes it
+        try:
+            handle.holder = hold(self.namespace, handle.digest)
+        except ObjectNotFoundError:
+            raise FsError(errno.ENOENT, f"object {handle.digest} is no longer stored") from None
+        except CachefsError as exc:
+            log.warning(
+                "object %s opened without being kept while open (%s): "
+                "if its last file goes meanwhile, reads of it fail with ESTALE",
+                handle.digest, exc.message,
+            )  # fmt: skip
+            return
+        self.lookups.orphans.add(handle.holder)
 
     async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         handle = self.handles[fh]
@@ -345,8 +369,8 @@ class FileIO:
             try:
                 return self.store.read_range(handle.digest, offset, end - offset)
             except ObjectNotFoundError:
-                # Its last file went while it was open: an open object does not
-                # keep it (ENOENT is no answer a read may give).
+                # Opened unkept (``_hold``), its last file went meanwhile
+                # (ENOENT is no answer a read may give).
                 raise FsError(
                     errno.ESTALE, f"object {handle.digest} was deleted while open"
                 ) from None
@@ -397,6 +421,8 @@ class FileIO:
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
+        if isinstance(handle, ObjectHandle) and handle.holder is not None:
+            self.lookups.release([handle.holder])
         if not isinstance(handle, FileHandle):
             return
         state = handle.file

@@ -491,10 +491,12 @@ class CommandHandle:
 
 @dataclass
 class ObjectHandle:
-    """A stored object opened under ``/.cachefs/cas``."""
+    """A stored object opened under ``/.cachefs/cas``; ``holder``, the orphan
+    that keeps it while it is open (``Namespace.hold``), if it could be made."""
 
     ino: int
     digest: Digest
+    holder: int | None = None
 
 
 Handle = FileHandle | DirHandle | ContentHandle | CommandHandle | ObjectHandle
