@@ -131,9 +131,8 @@ class Misbehaving(
 @pytest.fixture
 def misbehaving() -> Iterator[tuple[Misbehaving, ReapiRemote]]:
     servicer = Misbehaving()
-    server = grpc.server(
-        ThreadPoolExecutor(4), options=[("grpc.max_receive_message_length", 64 << 20)]
-    )
+    pool = ThreadPoolExecutor(4)
+    server = grpc.server(pool, options=[("grpc.max_receive_message_length", 64 << 20)])
     re_grpc.add_ContentAddressableStorageServicer_to_server(servicer, server)
     bs_grpc.add_ByteStreamServicer_to_server(servicer, server)
     re_grpc.add_ActionCacheServicer_to_server(servicer, server)
@@ -146,7 +145,8 @@ def misbehaving() -> Iterator[tuple[Misbehaving, ReapiRemote]]:
         yield servicer, remote
     finally:
         remote.close()
-        server.stop(None)
+        server.stop(None).wait()
+        pool.shutdown()
 
 
 def blob(size: int) -> tuple[Digest, bytes]:
