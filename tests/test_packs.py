@@ -464,6 +464,31 @@ def test_an_early_push_indexes_its_packs_when_needed_never_late_and_never_hangs(
         assert all(0 < _bytes(p) <= PACK_BYTES for p in bucket.packs)
 
 
+def test_an_early_push_forgets_the_oldest_chunks_it_was_told_past_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunks told lately are remembered (a chunk told twice, as an
+    abandoned stream's are, is taken once) up to ``TOLD_KEPT``; past it the
+    oldest are forgotten, and one told again then is taken again."""
+    monkeypatch.setattr("cachefs.remote._early.TOLD_KEPT", 2)
+    with (
+        Store.open(tmp_path / "a", create=True, options=StoreOptions(fsync=False)) as store,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        early, sent = _early(store, _Bucket(), pool, [0.0])
+        one, two, three = (
+            (hashlib.sha256(bytes([n])).digest(), 1000 + n) for n in range(3)
+        )  # less than a pack: they wait
+        early.offer([one, two, one])
+        early.offer([two, three])
+        assert list(early._told) == [two[0], three[0]]
+        early.offer([three, one])  # ``one`` was forgotten: taken again
+        assert [d.hash for d in early._waiting] == [one[0], two[0], three[0], one[0]]
+        assert early._waiting_bytes == 1000 + 1001 + 1002 + 1000
+        early.close()
+        assert sent == []
+
+
 def test_an_early_push_that_rests_or_fails_oddly_never_fails_its_closing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
