@@ -371,7 +371,7 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._attributes(inode), start_id + i + 1):
                 break
             if name not in (b".", b".."):
-                self.fs.remember(inode.ino)
+                self.fs.lookups.remember(inode.ino)
 
     @_translate
     async def releasedir(self, fh: int) -> None:

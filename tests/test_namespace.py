@@ -20,6 +20,7 @@ from cachefs.engine import (
     CachefsError,
     ExtendedAttributes,
     FsError,
+    Inode,
     Namespace,
     Store,
     check_store,
@@ -95,19 +96,28 @@ def test_unlinked_file_in_use_is_an_orphan_until_released(store: Store) -> None:
 async def test_orphans_released_together_are_deleted_in_one_transaction(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``rm`` of many files the kernel knows: each becomes an orphan at unlink
-    and is released when the kernel forgets it; those released within
-    ``RELEASE_DELAY`` are deleted in one transaction.  A sync deletes them at
-    once; one that is open again is kept until it is closed."""
+    """``rm`` of many files the kernel knows: the unlinks answered within
+    ``RELEASE_DELAY`` are committed in one transaction, each file an orphan
+    if the kernel still knows it or it is open; those released by then are
+    deleted in one more.  A sync deletes them at once; one that is open again
+    is kept until it is closed."""
     fs = Filesystem(store)
     releases: list[tuple[int, ...]] = []
-    release = fs.namespace.release
+    removals: list[int] = []
+    release, remove_entries = fs.namespace.release, fs.namespace.remove_entries
 
     def counted(*inos: int) -> list[int]:
         releases.append(inos)
         return release(*inos)
 
+    def removing(
+        entries: list[tuple[int, bytes, int, int]], in_use: set[int], **options: Any
+    ) -> list[tuple[int, bytes, Inode]]:
+        removals.append(len(entries))
+        return remove_entries(entries, in_use, **options)
+
     monkeypatch.setattr(fs.namespace, "release", counted)
+    monkeypatch.setattr(fs.namespace, "remove_entries", removing)
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run)
         inos = []
@@ -122,11 +132,11 @@ async def test_orphans_released_together_are_deleted_in_one_transaction(
         for n, ino in enumerate(inos):
             fs.unlink(ROOT_INODE, f"f{n}".encode())
             fs.forget([(ino, 1)])
-        assert releases == [] and set(fs.namespace.orphan_inodes()) == set(inos)
+        assert releases == [] and removals == [] and fs.namespace.orphan_inodes() == []
         with trio.fail_after(60):
             while not releases:
                 await trio.sleep(0.01)
-        assert releases == [tuple(inos[1:])]
+        assert removals == [20] and releases == [tuple(inos[1:])]
         assert fs.namespace.orphan_inodes() == [inos[0]]
         assert bytes(await fs.read(reopened, 0, 100)) == b"content 0"
         await fs.release(reopened)
@@ -152,7 +162,9 @@ async def test_an_orphan_goes_when_the_kernel_forgets_its_last_lookup(
         kept = inodes[0].ino
         assert fs.lookup(ROOT_INODE, b"f0").ino == kept  # the kernel knows it twice now
         for n in range(4):
-            fs.unlink(ROOT_INODE, f"f{n}".encode())
+            fs.unlink(ROOT_INODE, f"f{n}".encode())  # the first three committed at once
+        assert len(fs.namespace.orphan_inodes()) == 3
+        fs.lookups.commit_unlinks()  # (as a sync would)
         fs.forget([(kept, 1)])
         await trio.sleep(0.05)
         assert kept in fs.namespace.orphan_inodes()  # known once more

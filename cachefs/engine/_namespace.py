@@ -499,7 +499,7 @@ class Namespace:
             inode.ctime_ns = max(inode.ctime_ns, ctime_ns)
             self.put_inode(txn, inode)
 
-    # --- paths and eviction ---------------------------------------------------------
+    # --- paths and removals ---------------------------------------------------------
 
     def path_of(self, ino: int) -> bytes:
         """The path of directory ``ino`` from the root (``b"/a/b"``; ``b"/"``)."""
@@ -519,24 +519,24 @@ class Namespace:
                 current = parent
         return b"/" + b"/".join(reversed(parts))
 
-    def evict(
-        self, victims: list[tuple[int, bytes, int]], in_use: set[int]
+    def remove_entries(
+        self, entries: list[tuple[int, bytes, int, int]], in_use: set[int], *, files_only: bool
     ) -> list[tuple[int, bytes, Inode]]:
-        """Remove the entries ``(parent, name, inode)`` of evicted files in one
-        transaction; an entry that no longer names that inode is skipped.
-        Inodes in ``in_use`` that lose their last link become orphans, others
-        are deleted.  Returns the entries that went, with each inode as it
-        was right after."""
+        """Remove the entries ``(parent, name, inode, when)`` (ns; 0: now) in one
+        transaction: of evicted files (``files_only``), or unlinks (anything but
+        directories); one that no longer names that inode is skipped.  Inodes
+        in ``in_use`` that lose their last link become orphans, others are
+        deleted.  Returns the entries that went, each inode as right after."""
         removed: list[tuple[int, bytes, Inode]] = []
-        with self.store.transaction("evicting files") as txn:
-            now = time.time_ns()
-            for parent, name, ino in victims:
+        with self.store.transaction("removing files") as txn:
+            for parent, name, ino, when in entries:
+                now = when or time.time_ns()
                 key = dirent_key(parent, name)
                 raw = self.dirents.get(txn, key)
                 if raw is None or INO_VALUE.unpack(raw)[0] != ino:
                     continue
                 inode = self.get(ino, txn)
-                if not inode.is_reg:
+                if not inode.is_reg if files_only else inode.is_dir:
                     continue
                 self.dirents.delete(txn, key)
                 self._touch_dir(txn, self.get(parent, txn), now)

@@ -55,9 +55,19 @@ the writes it has not published (``FileJournal.carry_over``).
   truncates the file, or it ends where its bytes do, as after a torn journal).
   The spools are scratch space again once the journal holds no record of them.
 
-Replay applies, for every inode, the records after its last ``FILE_BASE`` to
-that base, unless the inode's content is no longer that base (it was published
-since) or the inode is gone.
+``16-31``: the mount's namespace (``cachefs.fs``):
+
+* ``NS_UNLINK`` (16): parent directory Q, inode Q, time ns q, then the name -- an entry
+  removed (unlink, not rmdir) whose removal is not yet in the index: the
+  mount commits removals together, a moment later (``_lookups.py`` in
+  ``cachefs.fs``).  Replay removes the entry if it still names that inode
+  (inode numbers are never given out again); an older cachefs skips the
+  record, and the entry comes back as after a crash of the machine.
+
+Replay removes the entries of ``NS_UNLINK`` records first; then it applies,
+for every inode, the records after its last ``FILE_BASE`` to that base, unless
+the inode's content is no longer that base (it was published since) or the
+inode is gone.
 
 Bump FORMAT_VERSION (and the store format version) for any change to the
 layout or to the payload of a kind.  A new kind only needs a new number when
@@ -103,6 +113,8 @@ FILE_BASE_PAYLOAD = struct.Struct("<QQ32s")
 FILE_WRITE_HEAD = struct.Struct("<QQq")
 FILE_TRUNCATE_PAYLOAD = struct.Struct("<QQq")
 FILE_WRITE_SPOOLED_PAYLOAD = struct.Struct("<QQQqQ")
+NS_UNLINK = 16
+NS_UNLINK_HEAD = struct.Struct("<QQq")
 #: Where the spools that FILE_WRITE_SPOOLED records name live, in the journal's directory.
 SPOOLS = "spools"
 
@@ -174,6 +186,7 @@ __all__ = [
     "FILE_KINDS",
     "FILE_TRUNCATE",
     "FILE_WRITE",
+    "NS_UNLINK",
     "JournalRecord",
     "encode_header",
     "encode_record",

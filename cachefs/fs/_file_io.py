@@ -107,6 +107,7 @@ class FileIO:
         #: request's span is the parent of their publication's).
         self._released_trace: Any = None
         publisher.on_written = self._written
+        publisher.unlinks_of = lookups.unlinks_of
         lookups.forgotten = self.forgotten
 
     def unlinked(self, inode: Inode) -> None:

@@ -124,7 +124,8 @@ class Filesystem:
         #: Why it went read-only to protect the store (None: it did not; until fsck).
         self.failsafe: str | None = store.health.failsafe
         self.control = ControlTree(store, self.figures, self)
-        self.lookups = Lookups(self.namespace, self.files, self.control)
+        self.journal = FileJournal(store.journal, log_limit=log_limit)
+        self.lookups = Lookups(self.namespace, self.files, self.control, self.journal)
         self.xattrs = ExtendedAttributes(self.namespace)
         self.listeners = Listeners()
         #: Tells the kernel that an entry is gone (set by the FUSE adapter).
@@ -134,7 +135,6 @@ class Filesystem:
             log.critical("read-only: damage was found (%s); fsck --repair clears it", self.failsafe)
         self.lookups.purge()
         store.reserve.ensure()
-        self.journal = FileJournal(store.journal, log_limit=log_limit)
         self.publisher = FilePublisher(
             store,
             self.namespace,
@@ -172,6 +172,7 @@ class Filesystem:
             rename=lambda old, name, new, new_name: self.rename(old, name, new, new_name, 0),
             unlink=self.unlink,
             changed=self._changed_here,
+            settle=self.lookups.settle,
         )
         self.shared = self.remote.share(self)  # shared cache directories
         self.io = FileIO(
@@ -213,7 +214,9 @@ class Filesystem:
             await trio.sleep_forever()
 
     async def flush_all(self) -> None:
-        """Publish every file with unpublished writes, durably (unmount, sync)."""
+        """Publish every file with unpublished writes, and commit the unlinks,
+        durably (unmount, sync, fsync of a directory)."""
+        self.lookups.commit_unlinks()  # made durable by the sync that ends the flush
         try:
             await self.publisher.flush_all(self.files)
         finally:
@@ -251,7 +254,8 @@ class Filesystem:
             )
 
     def _check_writable(self, ino: int, name: bytes | None = None) -> None:
-        """Refuse changes in failsafe mode, and to the control directory."""
+        """Refuse changes in failsafe mode, and to /.cachefs; commit the unlinks they need."""
+        self.lookups.changing(ino, name)
         if is_virtual(ino) or (ino == ROOT_INODE and name == CONTROL_NAME):
             raise FsError(errno.EPERM, "the control directory /.cachefs cannot be changed")
         if self.failsafe is not None:
@@ -304,10 +308,6 @@ class Filesystem:
         if self.invalidate is not None:
             self.invalidate(parent, name, 0)
 
-    def remember(self, ino: int, count: int = 1) -> None:
-        """The kernel learned of inode ``ino`` (``count`` more lookups)."""
-        self.lookups.remember(ino, count)
-
     def forget(self, pairs: list[tuple[int, int]]) -> None:
         """The kernel dropped lookups (see ``Lookups.forget``)."""
         self.lookups.forget(pairs)
@@ -317,7 +317,7 @@ class Filesystem:
     def getattr(self, ino: int) -> Inode:
         if is_virtual(ino):
             return self.control.getattr(ino)
-        inode = self.namespace.get(ino)
+        inode = self.lookups.attributes(self.namespace.get(ino))
         state = self.files.get(ino)
         if state is not None and state.changed:
             inode.size = state.size
@@ -331,6 +331,7 @@ class Filesystem:
         if parent == ROOT_INODE and name == CONTROL_NAME:
             return self.control.getattr(CONTROL_INO)
         try:
+            self.lookups.settle(parent, name)
             ino = self.namespace.lookup(parent, name)
         except FsError as exc:
             if exc.errno == errno.ENOENT:
@@ -338,7 +339,7 @@ class Filesystem:
                     listener.missed(parent, name)
             raise
         inode = self.getattr(ino)
-        self.remember(inode.ino)
+        self.lookups.remember(inode.ino)
         for listener in self.listeners:
             listener.looked_up(parent, name, inode)
         return inode
@@ -379,7 +380,7 @@ class Filesystem:
     ) -> Inode:
         self._check_writable(parent, name)
         inode = self.namespace.create(parent, name, mode, uid, gid, rdev=rdev, target=target)
-        self.remember(inode.ino)
+        self.lookups.remember(inode.ino)
         for listener in self.listeners:
             listener.created(parent, name, inode)
         return inode
@@ -388,7 +389,7 @@ class Filesystem:
         self._check_writable(ino)
         self._check_writable(parent, name)
         self.namespace.link(ino, parent, name)
-        self.remember(ino)
+        self.lookups.remember(ino)
         inode = self.getattr(ino)
         for listener in self.listeners:
             listener.linked(parent, name, inode)
@@ -396,11 +397,7 @@ class Filesystem:
 
     def unlink(self, parent: int, name: bytes, *, directory: bool = False) -> None:
         self._check_writable(parent, name)
-        ino = self.namespace.lookup(parent, name)
-        in_use = self.lookups.in_use(ino)
-        inode = self.store.freeing(
-            lambda: self.namespace.remove(parent, name, directory=directory, in_use=in_use)
-        )
+        inode = self.lookups.unlink(parent, name, directory=directory)
         self.io.unlinked(inode)
         for listener in self.listeners:
             listener.removed(parent, name, inode)
@@ -454,6 +451,7 @@ class Filesystem:
         if is_virtual(handle.ino):
             handle.entries = self.control.entries(handle.ino)
         elif handle.entries is None or start == 0:
+            self.lookups.settle(handle.ino)
             with self.namespace.read() as txn:
                 dot = self.namespace.get(handle.ino, txn)
                 dotdot = self.namespace.get(self.namespace.parent_of(handle.ino, txn), txn)

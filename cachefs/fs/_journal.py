@@ -56,6 +56,9 @@ class FileJournal:
         #: and whether they can (not when the first try failed).
         self.spools = journal.directory / fmt.SPOOLS
         self.naming = True
+        #: Commits the logged unlinks (``Lookups.commit_unlinks``) before a
+        #: checkpoint drops their records; whether none is left.
+        self.settle: Callable[[], bool] = lambda: True
 
     @property
     def size(self) -> int:
@@ -91,6 +94,10 @@ class FileJournal:
     def write(self, state: OpenFile, offset: int, data: bytes | memoryview) -> None:
         head = fmt.FILE_WRITE_HEAD.pack(state.ino, offset, state.mtime_ns)
         self.journal.append(fmt.FILE_WRITE, head, data)
+
+    def unlinked(self, parent: int, name: bytes, ino: int, when: int) -> None:
+        """Log the removal of an entry at ``when`` (ns), to be committed a moment later."""
+        self.journal.append(fmt.NS_UNLINK, fmt.NS_UNLINK_HEAD.pack(parent, ino, when), name)
 
     def spooled(self, state: OpenFile) -> bool:
         """Whether the file's writes may be logged by reference to its spool
@@ -141,7 +148,12 @@ class FileJournal:
             self._drop_spools()
             return
         logs: dict[int, list[fmt.JournalRecord]] = {}
+        unlinks = []
         for record in records:
+            if record.kind == fmt.NS_UNLINK:
+                parent, ino, when = fmt.NS_UNLINK_HEAD.unpack_from(record.payload)
+                unlinks.append((parent, record.payload[fmt.NS_UNLINK_HEAD.size :], ino, when))
+                continue
             if record.kind not in fmt.FILE_KINDS:
                 log.warning("journal: skipping record of unknown kind %d", record.kind)
                 continue
@@ -150,6 +162,9 @@ class FileJournal:
                 logs[ino] = []
             if ino in logs:
                 logs[ino].append(record)
+        if unlinks:  # nothing uses their inodes now: deleted at their last link
+            removed = namespace.remove_entries(unlinks, set(), files_only=False)
+            log.info("journal: committed %d logged unlinks", len(removed))
         replayed = failed = 0
         for ino, entries in logs.items():
             _, size, content = fmt.FILE_BASE_PAYLOAD.unpack_from(entries[0].payload)
@@ -240,6 +255,8 @@ class FileJournal:
         states = list(files)
         if self.journal.size < RESTART_SIZE or any(state.changed for state in states):
             return
+        if not self.settle():
+            return
         try:
             self.journal.checkpoint()
         except CachefsError as exc:
@@ -250,6 +267,8 @@ class FileJournal:
     def carry_over(self, files: Iterable[OpenFile]) -> None:
         """Restart the journal, logging again what is still unpublished (no
         await in here: nothing may change meanwhile)."""
+        if not self.settle():
+            raise CachefsError("unlinks that could not be committed are still in it")
         self.journal.checkpoint()
         for state in files:
             if state.changed:
@@ -274,7 +293,7 @@ class FileJournal:
     def closing(self, files: Iterable[OpenFile]) -> None:
         """At unmount: start an empty journal if nothing is left unpublished."""
         states = list(files)
-        if any(state.changed for state in states):
+        if any(state.changed for state in states) or not self.settle():
             return
         try:
             self.journal.checkpoint(last=True)

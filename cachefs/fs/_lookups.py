@@ -11,18 +11,32 @@ seconds later, together with the others released meanwhile: one transaction
 (and one sync of the index) for many, not one per file, which was a third
 of the daemon's time in ``rm``.  Nothing can reach an orphan nobody uses, and
 orphans a crash leaves are deleted at the next mount (:meth:`purge`).
+
+Unlinks are committed the same way (:meth:`unlink_later`): the entry's
+removal is logged to the journal (``NS_UNLINK``: replayed at the next mount
+if the daemon dies first), answered at once, and committed to the index with
+the others of the moment, before the orphans released with them: on a disk,
+one sync for many instead of one each.  Until then the index still has the
+entry.  Attributes are given as the unlinks made them (:meth:`attributes`:
+links, times); whatever else would see the entry commits them first (a
+lookup of that name, a listing of its directory, a change of that name or of
+that inode, or of a directory; a checkpoint of the journal, a sync, gc:
+:meth:`settle`, :meth:`changing`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable
 
 import trio
 
-from cachefs.engine import CachefsError, Namespace
+from cachefs.engine import CachefsError, FsError, Inode, Namespace
 from cachefs.fs._control import ControlTree, is_virtual
 from cachefs.fs._files import OpenFiles
+from cachefs.fs._journal import FileJournal
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +49,12 @@ _RELEASE_BATCH = 1024
 class Lookups:
     """Lookup counts of the inodes the kernel knows, and the orphans."""
 
-    def __init__(self, namespace: Namespace, files: OpenFiles, control: ControlTree) -> None:
+    def __init__(
+        self, namespace: Namespace, files: OpenFiles, control: ControlTree, journal: FileJournal
+    ) -> None:
         self.namespace = namespace
+        self.journal = journal
+        journal.settle = self.settled  # before a checkpoint drops their records
         self.files = files
         self.control = control
         self.counts: dict[int, int] = {}
@@ -49,6 +67,12 @@ class Lookups:
         #: Told of each orphan the kernel forgets, before it is counted as
         #: unused (the file I/O drops what it kept of it for the kernel).
         self.forgotten: Callable[[int], None] = lambda ino: None
+        #: Unlinks answered but not committed: entry -> (inode, when); how
+        #: many are in each directory and of each inode, and the last when.
+        self._unlinked: dict[tuple[int, bytes], tuple[int, int]] = {}
+        self._unlinked_in: Counter[int] = Counter()
+        self._unlinked_at: dict[int, int] = {}
+        self._waiting = False  # a flush is on its way
 
     def purge(self) -> None:
         """Delete every orphan (at mount: nothing can be using them)."""
@@ -82,32 +106,144 @@ class Lookups:
                     released.append(ino)  # (release skips what is no longer an orphan)
         self.release(released)
 
+    def unlink(self, parent: int, name: bytes, *, directory: bool) -> Inode:
+        """Remove the entry ``name`` of ``parent`` (rmdir: ``directory``);
+        returns its inode as it is now.  A file's removal is committed with the
+        others of the moment (:meth:`unlink_later`); a directory's at once,
+        after them (its checks need what is committed)."""
+        self.changing(parent, name)
+        ino = self.namespace.lookup(parent, name)
+        inode = None if directory else self.unlink_later(parent, name, ino)
+        if inode is None:
+            self.flush()
+            in_use = self.in_use(ino)
+            inode = self.namespace.store.freeing(
+                lambda: self.namespace.remove(parent, name, directory=directory, in_use=in_use)
+            )
+        return inode
+
+    def unlink_later(self, parent: int, name: bytes, ino: int) -> Inode | None:
+        """Log the removal of entry ``name`` of ``parent`` (inode ``ino``), to
+        be committed with the others of the moment; the inode as it is now.
+        None: it must be removed at once (a directory, which the removal
+        refuses; a journal that cannot take the record; no nursery to wait in)."""
+        inode = self.namespace.get(ino)
+        if inode.is_dir or self.nursery is None:
+            return None
+        try:
+            now = time.time_ns()
+            self.journal.unlinked(parent, name, ino, now)
+        except CachefsError as exc:
+            log.warning("unlink committed at once (the journal: %s)", exc.message)
+            return None
+        self._unlinked[parent, name] = ino, now
+        self._unlinked_in.update((parent, ino))
+        self._unlinked_at[parent] = self._unlinked_at[ino] = now
+        inode = self.attributes(inode)
+        self._later()  # (which may commit them now)
+        return inode
+
+    def attributes(self, inode: Inode) -> Inode:
+        """``inode`` as its unlinks not yet committed make it: a file has fewer
+        links, and they changed its ctime, and a directory's times."""
+        if self._unlinked and inode.ino in self._unlinked_in:
+            at = self._unlinked_at[inode.ino]
+            if inode.is_dir:
+                inode.mtime_ns = inode.ctime_ns = max(inode.mtime_ns, at)
+            else:
+                inode.nlink -= self._unlinked_in[inode.ino]
+                inode.ctime_ns = max(inode.ctime_ns, at)
+        return inode
+
+    def settle(self, ino: int, name: bytes | None = None) -> None:
+        """Commit the unlinks before what depends on them is seen: in
+        directory ``ino`` (its listing), or with ``name``, that entry of
+        directory ``ino`` (a lookup).  (Attributes: :meth:`attributes`.)"""
+        if not self._unlinked:
+            return
+        if (ino, name) in self._unlinked if name is not None else ino in self._unlinked_in:
+            self.commit_unlinks()
+
+    def changing(self, ino: int, name: bytes | None = None) -> None:
+        """Commit the unlinks before a change: of entry ``name`` of directory
+        ``ino`` (made, renamed, removed), that name's; of file ``ino`` (its
+        attributes, links or content), its own; of a directory (its times, made
+        a cache, which counts what is below it), all."""
+        if not self._unlinked:
+            return
+        if name is not None:
+            self.settle(ino, name)
+        elif ino in self._unlinked_in or self._is_dir(ino):
+            self.commit_unlinks()
+
+    def _is_dir(self, ino: int) -> bool:
+        try:
+            return self.namespace.get(ino).is_dir
+        except FsError:
+            return False  # the change fails on its own
+
+    def unlinks_of(self, ino: int) -> int:
+        """How many entries of inode ``ino`` are unlinked but not committed."""
+        return self._unlinked_in[ino] if self._unlinked else 0
+
+    def settled(self) -> bool:
+        """Commit the unlinks answered so far; whether none is left uncommitted."""
+        self.commit_unlinks()
+        return not self._unlinked
+
+    def commit_unlinks(self) -> None:
+        """Commit the unlinks answered so far (one transaction).  If that fails,
+        they stay to be committed (and in the journal), the error logged."""
+        if not self._unlinked:
+            return
+        entries = [(parent, name, *done) for (parent, name), done in self._unlinked.items()]
+        in_use = {ino for _, _, ino, _ in entries if self.in_use(ino)}
+        namespace = self.namespace
+        try:
+            namespace.store.freeing(
+                lambda: namespace.remove_entries(entries, in_use, files_only=False)
+            )
+        except CachefsError as exc:
+            log.error("could not commit %d unlinks (tried again later): %s", len(entries), exc)
+            return
+        self._unlinked.clear()
+        self._unlinked_in.clear()
+        self._unlinked_at.clear()
+
     def release(self, inos: list[int]) -> None:
         """Delete the orphans among ``inos`` that nothing uses any more (soon,
         with others, while the filesystem runs)."""
         inos = [i for i in inos if i in self.orphans and not self.in_use(i)]
         if not inos:
             return
-        if self.nursery is None:
-            self._delete(inos)
-            return
-        if not self._released:
+        self._released.update(dict.fromkeys(inos))
+        self._later()
+
+    def _later(self) -> None:
+        """Flush in ``RELEASE_DELAY`` seconds (now: a full batch, or a
+        filesystem that is not running)."""
+        if max(len(self._released), len(self._unlinked)) >= _RELEASE_BATCH or not self.nursery:
+            self.flush()
+        elif not self._waiting:
             try:
                 self.nursery.start_soon(self._release_later)
             except RuntimeError:  # the filesystem stopped running
                 self.nursery = None
-                self._delete(inos)
-                return
-        self._released.update(dict.fromkeys(inos))
-        if len(self._released) >= _RELEASE_BATCH:
-            self.flush()
+                self.flush()
+            else:
+                self._waiting = True
 
     async def _release_later(self) -> None:
-        await trio.sleep(RELEASE_DELAY)
+        try:
+            await trio.sleep(RELEASE_DELAY)
+        finally:
+            self._waiting = False
         self.flush()
 
     def flush(self) -> None:
-        """Delete the released orphans now (before gc, at a sync)."""
+        """Commit the unlinks and delete the released orphans now (before gc,
+        at a sync)."""
+        self.commit_unlinks()
         inos = [i for i in self._released if i in self.orphans and not self.in_use(i)]
         self._released.clear()
         if inos:

@@ -115,6 +115,9 @@ class FilePublisher:
         #: Told of a file whose new content a publication is about to store
         #: (set by the file I/O: it tells the listeners).
         self.on_written: Callable[[OpenFile], None] = lambda state: None
+        #: How many entries of an inode are unlinked but not yet committed
+        #: (``Lookups.unlinks_of``: set by the file I/O).
+        self.unlinks_of: Callable[[int], int] = lambda ino: 0
 
     def hook(self, state: OpenFile) -> Hook:
         """What a publication of ``state`` runs in its transaction: the inode
@@ -294,8 +297,9 @@ class FilePublisher:
             raise failed
 
     def orphaned(self, ino: int) -> bool:
-        """Whether a file has lost every entry (or is gone)."""
+        """Whether a file has lost every entry (or is gone), counting its
+        unlinks not yet committed (``unlinks_of``)."""
         try:
-            return self.namespace.get(ino).nlink == 0
+            return self.namespace.get(ino).nlink <= self.unlinks_of(ino)
         except FsError:
             return True

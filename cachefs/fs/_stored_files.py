@@ -76,10 +76,12 @@ class StoredFiles:
         rename: Callable[[int, bytes, int, bytes], None],
         unlink: Callable[[int, bytes], None],
         changed: Callable[[int, bytes], None],
+        settle: Callable[[int, bytes], None] = lambda parent, name: None,
     ) -> None:
         """``rename`` and ``unlink`` are the filesystem's own (replacing an
         entry, removing one: with its events); ``changed`` tells a mount's
-        kernel that an entry changed behind its back (it looks it up again)."""
+        kernel that an entry changed behind its back (it looks it up again);
+        ``settle`` commits an entry's unlink if it waits (``Lookups.settle``)."""
         self.store = store
         self.namespace = namespace
         self.caches = caches
@@ -87,6 +89,7 @@ class StoredFiles:
         self._rename = rename
         self._unlink = unlink
         self._changed = changed
+        self._settle = settle
 
     # --- any thread ------------------------------------------------------------------
 
@@ -272,6 +275,8 @@ class StoredFiles:
         """Move a file to ``new_name`` of ``new_parent``, in the place of what
         is there -- unless that is a file of the same content: then the file is
         removed instead.  Whether it moved."""
+        self._settle(parent, name)
+        self._settle(new_parent, new_name)  # (not one whose unlink waits)
         moving = self.lookup(parent, name)
         there = self.lookup(new_parent, new_name)
         if moving is not None and there is not None and there.digest == moving.digest:

@@ -1,0 +1,216 @@
+"""Unlinks answered at once and committed together (``cachefs/fs/_lookups.py``),
+called directly (no FUSE): whatever would see an entry that is gone commits
+them first, and a daemon killed before the commit has them replayed from the
+journal (``NS_UNLINK``) at the next start."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from cachefs.engine import ROOT_INODE, FsError, Inode, Namespace, Store, StoreFullError, check_store
+from cachefs.format import journal as fmt
+from cachefs.fs import Filesystem, _lookups
+from tests.conftest import SMALL_CONFIG
+
+FILE = stat.S_IFREG | 0o644
+DIR = stat.S_IFDIR | 0o755
+
+
+@pytest.fixture
+async def fs(store: Store, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Filesystem]:
+    """A running filesystem whose unlinks wait until something needs them."""
+    monkeypatch.setattr(_lookups, "RELEASE_DELAY", 3600.0)
+    filesystem = Filesystem(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(filesystem.run)
+        yield filesystem
+        nursery.cancel_scope.cancel()
+    filesystem.close()
+
+
+def _committed(fs: Filesystem, parent: int, name: bytes) -> bool:
+    """Whether the index still has the entry (a read that commits nothing)."""
+    try:
+        fs.namespace.lookup(parent, name)
+    except FsError:
+        return False
+    return True
+
+
+async def _file(fs: Filesystem, parent: int, name: bytes, data: bytes = b"x") -> Inode:
+    inode = fs.create(parent, name, FILE, 0, 0)
+    fh, _ = await fs.open(inode.ino, os.O_WRONLY)
+    await fs.write(fh, 0, data)
+    await fs.release(fh)
+    return inode
+
+
+async def test_an_unlink_is_answered_before_its_commit_and_nothing_sees_the_entry(
+    fs: Filesystem,
+) -> None:
+    d = fs.create(ROOT_INODE, b"d", DIR, 0, 0)
+    for name in (b"a", b"b", b"c"):
+        await _file(fs, d.ino, name)
+    before = fs.getattr(d.ino)
+    fs.unlink(d.ino, b"a")
+    assert _committed(fs, d.ino, b"a")  # not yet in the index...
+    with pytest.raises(FsError) as raised:
+        fs.lookup(d.ino, b"a")  # ...but a lookup commits it first
+    assert raised.value.errno == errno.ENOENT
+    assert not _committed(fs, d.ino, b"a")
+
+    fs.unlink(d.ino, b"b")
+    seen = fs.getattr(d.ino)  # the directory's times as the unlink made them...
+    assert seen.mtime_ns == seen.ctime_ns > before.mtime_ns
+    assert _committed(fs, d.ino, b"b")  # ...without a commit
+    listing = fs.opendir(d.ino)
+    assert [name for name, _ in fs.readdir(listing, 0)] == [b".", b"..", b"c"]
+    fs.releasedir(listing)
+    assert not _committed(fs, d.ino, b"b")
+    assert fs.getattr(d.ino).mtime_ns == seen.mtime_ns  # committed with those times
+
+    fs.unlink(d.ino, b"c")
+    again = await _file(fs, d.ino, b"c", b"new")  # the same name at once: no EEXIST
+    assert fs.lookup(d.ino, b"c").ino == again.ino
+    fs.unlink(d.ino, b"c")
+    fs.unlink(ROOT_INODE, b"d", directory=True)  # rmdir sees the directory empty
+    await fs.flush_all()
+    assert fs.namespace.entries(ROOT_INODE) == []
+
+
+async def test_unlinks_of_one_inode_count_its_links(fs: Filesystem) -> None:
+    """Two names of one file unlinked before a commit: it is an orphan from
+    the second, kept while the kernel knows it, and its attributes are right."""
+    inode = fs.create(ROOT_INODE, b"a", FILE, 0, 0)
+    fs.link(inode.ino, ROOT_INODE, b"b")
+    fs.unlink(ROOT_INODE, b"a")
+    assert inode.ino not in fs.lookups.orphans
+    fs.unlink(ROOT_INODE, b"b")
+    assert inode.ino in fs.lookups.orphans
+    seen = fs.getattr(inode.ino)
+    assert seen.nlink == 0 and fs.namespace.orphan_inodes() == []  # not committed yet
+    await fs.flush_all()  # (a sync)
+    assert fs.namespace.orphan_inodes() == [inode.ino]  # the kernel still knows it
+    assert fs.getattr(inode.ino).ctime_ns == seen.ctime_ns
+    fs.forget([(inode.ino, 2)])  # its create and its link
+    await fs.flush_all()
+    assert fs.namespace.orphan_inodes() == [] and fs.namespace.counts()[0] == 1  # the root
+
+
+async def test_a_change_of_a_directory_commits_the_unlinks_in_it_first(fs: Filesystem) -> None:
+    """Its times set explicitly stay as set (an unlink committed later would
+    touch them); a change elsewhere leaves the unlinks waiting."""
+    d = fs.create(ROOT_INODE, b"d", DIR, 0, 0)
+    await _file(fs, d.ino, b"a")
+    other = fs.create(ROOT_INODE, b"other", DIR, 0, 0)
+    fs.unlink(d.ino, b"a")
+    await _file(fs, other.ino, b"elsewhere")
+    assert _committed(fs, d.ino, b"a")
+    await fs.setattr(d.ino, mtime_ns=1_000_000_000)
+    assert not _committed(fs, d.ino, b"a")
+    await fs.flush_all()
+    assert fs.getattr(d.ino).mtime_ns == 1_000_000_000
+
+
+async def test_a_checkpoint_of_the_journal_commits_the_unlinks_it_holds(
+    fs: Filesystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _file(fs, ROOT_INODE, b"a")
+    fs.unlink(ROOT_INODE, b"a")
+    journal = fs.store.journal
+    assert journal is not None
+    monkeypatch.setattr("cachefs.fs._journal.RESTART_SIZE", 0)
+    fs.journal.restart([])
+    assert not _committed(fs, ROOT_INODE, b"a")
+    assert journal.size == fmt.HEADER.size
+
+
+async def test_an_unlink_the_journal_cannot_take_is_committed_at_once(
+    fs: Filesystem, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _file(fs, ROOT_INODE, b"a")
+
+    def full(parent: int, name: bytes, ino: int, when: int) -> None:
+        raise StoreFullError("no space left on device (the journal)")
+
+    monkeypatch.setattr(fs.journal, "unlinked", full)
+    fs.unlink(ROOT_INODE, b"a")
+    assert not _committed(fs, ROOT_INODE, b"a")
+    assert "committed at once" in caplog.text
+
+
+#: Makes files, commits them, then unlinks some (one name made again after
+#: its unlink, one file open) and dies before those unlinks are committed.
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import trio
+    from cachefs.engine import ROOT_INODE, Store
+    from cachefs.fs import Filesystem, _lookups
+
+    async def main(path):
+        _lookups.RELEASE_DELAY = 3600.0
+        store = Store.open(path)
+        fs = Filesystem(store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            for name in (b"a", b"b", b"c", b"d", b"kept"):
+                inode = fs.create(ROOT_INODE, name, 0o100644, 0, 0)
+                fh, _ = await fs.open(inode.ino, os.O_WRONLY)
+                await fs.write(fh, 0, name * 1000)
+                await fs.release(fh)
+            fs.link(fs.lookup(ROOT_INODE, b"d").ino, ROOT_INODE, b"d2")
+            await fs.flush_all()
+            fs.unlink(ROOT_INODE, b"a")
+            fs.unlink(ROOT_INODE, b"c")
+            inode = fs.create(ROOT_INODE, b"c", 0o100644, 0, 0)  # commits the two
+            fh, _ = await fs.open(inode.ino, os.O_WRONLY)
+            await fs.write(fh, 0, b"c again")
+            await fs.fsync(fh)
+            open_b, _ = await fs.open(fs.lookup(ROOT_INODE, b"b").ino, os.O_RDONLY)
+            fs.unlink(ROOT_INODE, b"b")  # these three only in the journal
+            fs.unlink(ROOT_INODE, b"d")
+            fs.unlink(ROOT_INODE, b"c")
+            fs.create(ROOT_INODE, b"x", 0o100644, 0, 0)  # (elsewhere: nothing committed)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trio.run(main, sys.argv[1])
+    """
+)
+
+
+async def test_unlinks_a_killed_daemon_answered_are_replayed(store_path: Path) -> None:
+    Store.open(store_path, create=True, config=SMALL_CONFIG).close()
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(store_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    with Store.open(store_path) as store:
+        _, found, _ = fmt.parse((store_path / "journal" / "journal.log").read_bytes(), "journal")
+        logged = [r.payload[fmt.NS_UNLINK_HEAD.size :] for r in found if r.kind == fmt.NS_UNLINK]
+        assert logged == [b"a", b"c", b"b", b"d", b"c"]
+        names = {name for name, _ in Namespace(store).entries(ROOT_INODE)}
+        assert {b"b", b"c", b"d"} <= names  # the last three are not in the index
+        fs = Filesystem(store)
+        try:
+            names = {name for name, _ in fs.namespace.entries(ROOT_INODE)}
+            assert names == {b"d2", b"kept", b"x"}
+            d2 = fs.lookup(ROOT_INODE, b"d2")
+            assert d2.nlink == 1 and store.read(fs.digest_of(d2.ino)) == b"d" * 1000
+            assert fs.namespace.orphan_inodes() == []  # b, open when it died: gone
+            assert store.stats().files == 2
+        finally:
+            fs.close()
+        assert check_store(store).clean
