@@ -163,7 +163,8 @@ class FileJournal:
             if ino in logs:
                 logs[ino].append(record)
         if unlinks:  # nothing uses their inodes now: deleted at their last link
-            removed = namespace.remove_entries(unlinks, set(), files_only=False)
+            remove = namespace.remove_entries
+            removed = namespace.store.freeing(lambda: remove(unlinks, set(), files_only=False))
             log.info("journal: committed %d logged unlinks", len(removed))
         replayed = failed = 0
         for ino, entries in logs.items():
