@@ -123,6 +123,21 @@ async def test_a_change_of_a_directory_commits_the_unlinks_in_it_first(fs: Files
     assert fs.getattr(d.ino).mtime_ns == 1_000_000_000
 
 
+async def test_a_directory_changed_after_an_unlink_keeps_its_later_times(fs: Filesystem) -> None:
+    """A new entry next to an unlink not yet committed: the directory's times
+    are the new entry's, before the commit and after it (never earlier)."""
+    d = fs.create(ROOT_INODE, b"d", DIR, 0, 0)
+    await _file(fs, d.ino, b"a")
+    fs.unlink(d.ino, b"a")
+    made = fs.create(d.ino, b"b", FILE, 0, 0)
+    assert _committed(fs, d.ino, b"a")
+    seen = fs.getattr(d.ino)
+    assert seen.mtime_ns == seen.ctime_ns == made.ctime_ns
+    fs.lookups.commit_unlinks()
+    after = fs.getattr(d.ino)
+    assert (after.mtime_ns, after.ctime_ns) == (seen.mtime_ns, seen.ctime_ns)
+
+
 async def test_a_checkpoint_of_the_journal_commits_the_unlinks_it_holds(
     fs: Filesystem, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -523,14 +523,12 @@ class Namespace:
         self, entries: list[tuple[int, bytes, int, int]], in_use: set[int], *, files_only: bool
     ) -> list[tuple[int, bytes, Inode]]:
         """Remove the entries ``(parent, name, inode, when)`` (ns; 0: now) in one
-        transaction: of evicted files (``files_only``), or unlinks (anything but
-        directories); one that no longer names that inode is skipped.  Inodes
-        in ``in_use`` that lose their last link become orphans, others are
-        deleted.  Returns the entries that went, each inode as right after."""
+        transaction: evicted files (``files_only``) or unlinks; one that no longer
+        names that inode is skipped.  Inodes in ``in_use`` that lose their last link
+        become orphans, others go.  Returns the entries that went, each inode after."""
         removed: list[tuple[int, bytes, Inode]] = []
         with self.store.transaction("removing files") as txn:
             for parent, name, ino, when in entries:
-                now = when or time.time_ns()
                 key = dirent_key(parent, name)
                 raw = self.dirents.get(txn, key)
                 if raw is None or INO_VALUE.unpack(raw)[0] != ino:
@@ -539,9 +537,11 @@ class Namespace:
                 if not inode.is_reg if files_only else inode.is_dir:
                     continue
                 self.dirents.delete(txn, key)
-                self._touch_dir(txn, self.get(parent, txn), now)
+                directory = self.get(parent, txn)
+                now = time.time_ns() if not when else max(when, directory.ctime_ns)
+                self._touch_dir(txn, directory, now)  # (not before a change since)
                 inode.nlink -= 1
-                inode.ctime_ns = now
+                inode.ctime_ns = max(when or now, inode.ctime_ns)
                 self._unlinked(txn, inode, ino in in_use)
                 removed.append((parent, name, inode))
         return removed

@@ -149,7 +149,7 @@ class Lookups:
         if self._unlinked and inode.ino in self._unlinked_in:
             at = self._unlinked_at[inode.ino]
             if inode.is_dir:
-                inode.mtime_ns = inode.ctime_ns = max(inode.mtime_ns, at)
+                inode.mtime_ns = inode.ctime_ns = max(inode.ctime_ns, at)
             else:
                 inode.nlink -= self._unlinked_in[inode.ino]
                 inode.ctime_ns = max(inode.ctime_ns, at)
