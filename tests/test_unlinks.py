@@ -165,6 +165,88 @@ async def test_an_unlink_the_journal_cannot_take_is_committed_at_once(
     assert "committed at once" in caplog.text
 
 
+async def test_a_name_whose_unlink_waits_is_gone_for_the_servers_too(fs: Filesystem) -> None:
+    inode = await _file(fs, ROOT_INODE, b"blob", b"content")
+    fs.unlink(ROOT_INODE, b"blob")
+    assert _committed(fs, ROOT_INODE, b"blob")
+    assert fs.stored.lookup(ROOT_INODE, b"blob") is None
+    assert fs.stored.lookup_path([b"blob"]) is None
+    with fs.stored.reading() as txn:
+        assert fs.stored.find_files([(ROOT_INODE, b"blob")], txn) == [None]
+    assert inode.ino  # (still an orphan the kernel knows)
+
+
+async def test_directories_renamed_or_replaced_see_their_unlinks(fs: Filesystem) -> None:
+    """Renaming a directory over one whose last file was just unlinked: not
+    ENOTEMPTY.  Renaming a directory (into a cache, say, which counts what is
+    below it) commits the unlinks first."""
+    old = fs.create(ROOT_INODE, b"old", DIR, 0, 0)
+    await _file(fs, old.ino, b"f")
+    fs.create(ROOT_INODE, b"new", DIR, 0, 0)
+    fs.unlink(old.ino, b"f")
+    fs.rename(ROOT_INODE, b"new", ROOT_INODE, b"old", 0)
+    d = fs.lookup(ROOT_INODE, b"old")
+    sub = fs.create(d.ino, b"sub", DIR, 0, 0)
+    await _file(fs, sub.ino, b"g")
+    fs.unlink(sub.ino, b"g")
+    fs.rename(ROOT_INODE, b"old", ROOT_INODE, b"moved", 0)
+    assert not _committed(fs, sub.ino, b"g")
+
+
+async def test_a_listing_gives_the_links_an_unlink_left(fs: Filesystem) -> None:
+    d1 = fs.create(ROOT_INODE, b"d1", DIR, 0, 0)
+    d2 = fs.create(ROOT_INODE, b"d2", DIR, 0, 0)
+    x = await _file(fs, d1.ino, b"x")
+    fs.link(x.ino, d2.ino, b"x")
+    fs.unlink(d1.ino, b"x")
+    listing = fs.opendir(d2.ino)
+    assert [(n, i.nlink) for n, i in fs.readdir(listing, 0) if n == b"x"] == [(b"x", 1)]
+    fs.releasedir(listing)
+    assert _committed(fs, d1.ino, b"x")  # (the other directory's listing needs no commit)
+
+
+async def test_a_file_replaced_while_its_other_name_waits_is_an_orphan_that_goes(
+    fs: Filesystem,
+) -> None:
+    """``ln a b; rm a; mv c b``: the rename over ``b`` leaves the file one link
+    in the index, the unlink of ``a`` none; it is an orphan the kernel still
+    knows, deleted once it forgets it."""
+    a = fs.create(ROOT_INODE, b"a", FILE, 0, 0)
+    fs.link(a.ino, ROOT_INODE, b"b")
+    fs.unlink(ROOT_INODE, b"a")
+    fs.create(ROOT_INODE, b"c", FILE, 0, 0)
+    fs.rename(ROOT_INODE, b"c", ROOT_INODE, b"b", 0)
+    await fs.flush_all()
+    assert fs.namespace.orphan_inodes() == [a.ino]
+    fs.forget([(a.ino, 2)])  # its create and its link
+    await fs.flush_all()
+    assert fs.namespace.orphan_inodes() == [] and check_store(fs.store).clean
+
+
+async def test_unlinks_that_cannot_be_committed_fail_what_needs_them(
+    fs: Filesystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup of the name, or a sync: the error, not the name back nor a
+    sync that says it is done; they are committed once the disk allows."""
+    await _file(fs, ROOT_INODE, b"a")
+    fs.unlink(ROOT_INODE, b"a")
+    remove_entries = fs.namespace.remove_entries
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise StoreFullError("no space left on device (the index)")
+
+    monkeypatch.setattr(fs.namespace, "remove_entries", full)
+    with pytest.raises(StoreFullError):
+        fs.lookup(ROOT_INODE, b"a")
+    with pytest.raises(StoreFullError):
+        await fs.flush_all()
+    fs.lookups.flush()  # the timer's: logged, tried again later
+    assert _committed(fs, ROOT_INODE, b"a")
+    monkeypatch.setattr(fs.namespace, "remove_entries", remove_entries)
+    await fs.flush_all()
+    assert not _committed(fs, ROOT_INODE, b"a")
+
+
 #: Makes files, commits them, then unlinks some (one name made again after
 #: its unlink, one file open) and dies before those unlinks are committed.
 CHILD = textwrap.dedent(
@@ -187,6 +269,10 @@ CHILD = textwrap.dedent(
                 await fs.release(fh)
             fs.link(fs.lookup(ROOT_INODE, b"d").ino, ROOT_INODE, b"d2")
             await fs.flush_all()
+            fs.link(fs.lookup(ROOT_INODE, b"kept").ino, ROOT_INODE, b"k2")
+            fs.unlink(ROOT_INODE, b"kept")
+            await fs.flush_all()  # committed; then its name is made again:
+            fs.rename(ROOT_INODE, b"k2", ROOT_INODE, b"kept", 0)  # replay must not undo it
             fs.unlink(ROOT_INODE, b"a")
             fs.unlink(ROOT_INODE, b"c")
             inode = fs.create(ROOT_INODE, b"c", 0o100644, 0, 0)  # commits the two
@@ -215,7 +301,7 @@ async def test_unlinks_a_killed_daemon_answered_are_replayed(store_path: Path) -
     with Store.open(store_path) as store:
         _, found, _ = fmt.parse((store_path / "journal" / "journal.log").read_bytes(), "journal")
         logged = [r.payload[fmt.NS_UNLINK_HEAD.size :] for r in found if r.kind == fmt.NS_UNLINK]
-        assert logged == [b"a", b"c", b"b", b"d", b"c"]
+        assert logged == [b"kept", b"a", b"c", b"b", b"d", b"c"]
         names = {name for name, _ in Namespace(store).entries(ROOT_INODE)}
         assert {b"b", b"c", b"d"} <= names  # the last three are not in the index
         fs = Filesystem(store)

@@ -48,7 +48,13 @@ from cachefs.engine._gc import GcReport, collect_garbage
 from cachefs.engine._heal import heal_chunk, restore_chunks
 from cachefs.engine._index import lmdb_error
 from cachefs.engine._journal import Journal
-from cachefs.engine._namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace, hold
+from cachefs.engine._namespace import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    Namespace,
+    hold,
+    unlinks_logged,
+)
 from cachefs.engine._namespace_check import NamespaceCheck
 from cachefs.engine._publish import PublishHook, PublishObserver
 from cachefs.engine._pushes import PushQueue, QueuedPush
@@ -132,4 +138,5 @@ __all__ = [
     "lmdb_error",
     "restore_chunks",
     "scrub_store",
+    "unlinks_logged",
 ]

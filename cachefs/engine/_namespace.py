@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import lmdb
 
+from cachefs.engine._index import Index
 from cachefs.engine._store import Store
 from cachefs.errors import CorruptDataError, FsError
 from cachefs.format.digest import Digest
@@ -33,6 +34,9 @@ from cachefs.format.schema import (
 )
 
 NAME_MAX = 255
+#: The counter of the journal's sequence number up to which logged unlinks
+#: are committed (``cachefs.format.schema``).
+UNLINKS = "unlinks_logged"
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -127,9 +131,6 @@ class Namespace:
                 child = int(INO_VALUE.unpack(value)[0])
                 out.append((key[8:], self.get(child, txn)))
         return out
-
-    def _has_entries(self, txn: lmdb.Transaction, ino: int) -> bool:
-        return self.dirents.any(txn, INO_KEY.pack(ino))
 
     def counts(self) -> tuple[int, int]:
         """(inodes in use, next inode number)."""
@@ -271,7 +272,7 @@ class Namespace:
             if directory:
                 if not inode.is_dir:
                     raise FsError(errno.ENOTDIR)
-                if self._has_entries(txn, inode.ino):
+                if self.dirents.any(txn, INO_KEY.pack(inode.ino)):
                     raise FsError(errno.ENOTEMPTY)
                 inode.nlink = 0
                 self._touch_dir(txn, dir_inode, now, -1)
@@ -397,7 +398,7 @@ class Namespace:
                 if target.is_dir and not moved.is_dir:
                     raise FsError(errno.EISDIR)
                 if target.is_dir:
-                    if self._has_entries(txn, target.ino):
+                    if self.dirents.any(txn, INO_KEY.pack(target.ino)):
                         raise FsError(errno.ENOTEMPTY)
                     target.nlink = 0
                     dst_dir.nlink -= 1
@@ -520,21 +521,22 @@ class Namespace:
         return b"/" + b"/".join(reversed(parts))
 
     def remove_entries(
-        self, entries: list[tuple[int, bytes, int, int]], in_use: set[int], *, files_only: bool
+        self, entries: list[tuple[int, bytes, int, int]], in_use: set[int], *, logged: int = 0
     ) -> list[tuple[int, bytes, Inode]]:
         """Remove the entries ``(parent, name, inode, when)`` (ns; 0: now) in one
-        transaction: evicted files (``files_only``) or unlinks; one that no longer
-        names that inode is skipped.  Inodes in ``in_use`` that lose their last link
-        become orphans, others go.  Returns the entries that went, each inode after."""
+        transaction: evicted files, or with ``logged`` (the journal's sequence number
+        of the last) logged unlinks (not of directories).  One that no longer names
+        that inode is skipped.  Inodes in ``in_use`` left with no link are orphans."""
         removed: list[tuple[int, bytes, Inode]] = []
         with self.store.transaction("removing files") as txn:
+            _logged_to(self.store.index, txn, logged)
             for parent, name, ino, when in entries:
                 key = dirent_key(parent, name)
                 raw = self.dirents.get(txn, key)
                 if raw is None or INO_VALUE.unpack(raw)[0] != ino:
                     continue
                 inode = self.get(ino, txn)
-                if not inode.is_reg if files_only else inode.is_dir:
+                if inode.is_dir or not (logged or inode.is_reg):
                     continue
                 self.dirents.delete(txn, key)
                 directory = self.get(parent, txn)
@@ -545,6 +547,12 @@ class Namespace:
                 self._unlinked(txn, inode, ino in in_use)
                 removed.append((parent, name, inode))
         return removed
+
+
+def _logged_to(index: Index, txn: lmdb.Transaction, logged: int) -> None:
+    """Record that the unlinks logged up to ``logged`` are in the index (``UNLINKS``)."""
+    if logged > index.counter(txn, UNLINKS):
+        index.set_counter(txn, UNLINKS, logged)
 
 
 def hold(namespace: Namespace, digest: Digest) -> int:
@@ -565,4 +573,11 @@ def hold(namespace: Namespace, digest: Digest) -> int:
     return ino
 
 
-__all__ = ["Namespace", "hold"]
+def unlinks_logged(namespace: Namespace) -> int:
+    """The journal's sequence number up to which the unlinks it logged are in
+    the index (:meth:`Namespace.remove_entries` with ``logged``)."""
+    with namespace.read() as txn:
+        return namespace.store.index.counter(txn, UNLINKS)
+
+
+__all__ = ["Namespace", "hold", "unlinks_logged"]

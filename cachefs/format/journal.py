@@ -60,9 +60,12 @@ the writes it has not published (``FileJournal.carry_over``).
 * ``NS_UNLINK`` (16): parent directory Q, inode Q, time ns q, then the name -- an entry
   removed (unlink, not rmdir) whose removal is not yet in the index: the
   mount commits removals together, a moment later (``_lookups.py`` in
-  ``cachefs.fs``).  Replay removes the entry if it still names that inode
-  (inode numbers are never given out again); an older cachefs skips the
-  record, and the entry comes back as after a crash of the machine.
+  ``cachefs.fs``), and records in the same transaction the sequence number
+  up to which they are committed (the index's ``unlinks_logged`` counter).
+  Replay skips the records up to it (the name may have been made again
+  since), and removes the entry of each later one if it still names that
+  inode; an older cachefs skips the record, and the entry comes back as after
+  a crash of the machine.
 
 Replay removes the entries of ``NS_UNLINK`` records first; then it applies,
 for every inode, the records after its last ``FILE_BASE`` to that base, unless

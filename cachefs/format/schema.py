@@ -94,7 +94,9 @@ version is recorded again as 5 or later and no object's recipe is in pages
     ``logical_bytes`` sum of size x refcount over objects, ``chunks`` index
     entries, ``chunk_bytes`` sum of their raw lengths, ``stored_bytes`` sum of
     their record sizes (header + payload), ``next_segment_id``; for the
-    namespace ``next_inode`` and ``inodes`` (inodes in use).
+    namespace ``next_inode`` and ``inodes`` (inodes in use), and
+    ``unlinks_logged``: the journal's sequence number up to which the
+    mount's logged unlinks (``NS_UNLINK``) are in the index (replay skips them).
 
 The namespace (created when a store is first mounted):
 

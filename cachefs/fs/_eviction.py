@@ -352,9 +352,7 @@ class Eviction:
         if not chosen:
             return 0, 0
         entries = [(parent, name, ino, 0) for ino in chosen for parent, name in cache.names[ino]]
-        removed = self.store.freeing(
-            lambda: self.namespace.remove_entries(entries, set(), files_only=True)
-        )
+        removed = self.store.freeing(lambda: self.namespace.remove_entries(entries, set()))
         went = {(parent, name, inode.ino) for parent, name, inode in removed}
         final = {inode.ino: inode for _, _, inode in removed}  # the last state of each
         files = freed = 0

@@ -164,8 +164,8 @@ class FileIO:
         file is kept: by an orphan that holds a reference to it (deleted at the
         release, or by the next mount after a crash).  A store that cannot
         take it (read-only, full) opens the object unkept."""
-        if self.store.readonly:
-            return  # nothing deletes it
+        if self.store.readonly or self.store.health.failsafe is not None:
+            return  # nothing deletes it (failsafe: the index is not written)
         try:
             handle.holder = hold(self.namespace, handle.digest)
         except ObjectNotFoundError:

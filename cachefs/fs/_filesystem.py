@@ -172,7 +172,7 @@ class Filesystem:
             rename=lambda old, name, new, new_name: self.rename(old, name, new, new_name, 0),
             unlink=self.unlink,
             changed=self._changed_here,
-            settle=self.lookups.settle,
+            unlinked=self.lookups.is_unlinked,
         )
         self.shared = self.remote.share(self)  # shared cache directories
         self.io = FileIO(
@@ -457,6 +457,7 @@ class Filesystem:
                 dotdot = self.namespace.get(self.namespace.parent_of(handle.ino, txn), txn)
             handle.entries = [(b".", dot), (b"..", dotdot), *self.namespace.entries(handle.ino)]
             for _, inode in handle.entries:
+                self.lookups.attributes(inode)  # (another name's unlink, not yet committed)
                 state = self.files.get(inode.ino)
                 if state is not None and state.changed:
                     inode.size = state.size

@@ -32,7 +32,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable
 
-from cachefs.engine import CachefsError, FsError, Journal, Namespace
+from cachefs.engine import CachefsError, FsError, Journal, Namespace, unlinks_logged
 from cachefs.errors import from_oserror
 from cachefs.format import journal as fmt
 from cachefs.format.schema import NO_CONTENT
@@ -95,9 +95,10 @@ class FileJournal:
         head = fmt.FILE_WRITE_HEAD.pack(state.ino, offset, state.mtime_ns)
         self.journal.append(fmt.FILE_WRITE, head, data)
 
-    def unlinked(self, parent: int, name: bytes, ino: int, when: int) -> None:
-        """Log the removal of an entry at ``when`` (ns), to be committed a moment later."""
-        self.journal.append(fmt.NS_UNLINK, fmt.NS_UNLINK_HEAD.pack(parent, ino, when), name)
+    def unlinked(self, parent: int, name: bytes, ino: int, when: int) -> int:
+        """Log the removal of an entry at ``when`` (ns), to be committed a moment
+        later; returns the record's sequence number."""
+        return self.journal.append(fmt.NS_UNLINK, fmt.NS_UNLINK_HEAD.pack(parent, ino, when), name)
 
     def spooled(self, state: OpenFile) -> bool:
         """Whether the file's writes may be logged by reference to its spool
@@ -148,8 +149,10 @@ class FileJournal:
             self._drop_spools()
             return
         logs: dict[int, list[fmt.JournalRecord]] = {}
-        unlinks = []
+        unlinks, committed = [], unlinks_logged(namespace)
         for record in records:
+            if record.kind == fmt.NS_UNLINK and record.seq <= committed:
+                continue  # in the index already (and its name may have been made again)
             if record.kind == fmt.NS_UNLINK:
                 parent, ino, when = fmt.NS_UNLINK_HEAD.unpack_from(record.payload)
                 unlinks.append((parent, record.payload[fmt.NS_UNLINK_HEAD.size :], ino, when))
@@ -163,8 +166,9 @@ class FileJournal:
             if ino in logs:
                 logs[ino].append(record)
         if unlinks:  # nothing uses their inodes now: deleted at their last link
+            last = max(r.seq for r in records if r.kind == fmt.NS_UNLINK)
             remove = namespace.remove_entries
-            removed = namespace.store.freeing(lambda: remove(unlinks, set(), files_only=False))
+            removed = namespace.store.freeing(lambda: remove(unlinks, set(), logged=last))
             log.info("journal: committed %d logged unlinks", len(removed))
         replayed = failed = 0
         for ino, entries in logs.items():

@@ -26,6 +26,7 @@ that inode, or of a directory; a checkpoint of the journal, a sync, gc:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -72,6 +73,7 @@ class Lookups:
         self._unlinked: dict[tuple[int, bytes], tuple[int, int]] = {}
         self._unlinked_in: Counter[int] = Counter()
         self._unlinked_at: dict[int, int] = {}
+        self._logged = 0  # the journal's sequence number of the last
         self._waiting = False  # a flush is on its way
 
     def purge(self) -> None:
@@ -132,7 +134,7 @@ class Lookups:
             return None
         try:
             now = time.time_ns()
-            self.journal.unlinked(parent, name, ino, now)
+            self._logged = self.journal.unlinked(parent, name, ino, now)
         except CachefsError as exc:
             log.warning("unlink committed at once (the journal: %s)", exc.message)
             return None
@@ -166,21 +168,28 @@ class Lookups:
 
     def changing(self, ino: int, name: bytes | None = None) -> None:
         """Commit the unlinks before a change: of entry ``name`` of directory
-        ``ino`` (made, renamed, removed), that name's; of file ``ino`` (its
-        attributes, links or content), its own; of a directory (its times, made
-        a cache, which counts what is below it), all."""
+        ``ino`` (made, renamed, replaced, removed), that name's; of file ``ino``
+        (its attributes, links or content), its own; of a directory, or of an
+        entry that names one (its times; emptiness; made a cache or moved into
+        one, which counts what is below it), all."""
         if not self._unlinked:
             return
-        if name is not None:
-            self.settle(ino, name)
-        elif ino in self._unlinked_in or self._is_dir(ino):
+        pending = ino in self._unlinked_in if name is None else (ino, name) in self._unlinked
+        if pending or self._is_dir(ino, name):
             self.commit_unlinks()
 
-    def _is_dir(self, ino: int) -> bool:
+    def _is_dir(self, ino: int, name: bytes | None) -> bool:
+        """Whether ``ino`` (with ``name``: its entry ``name``) is a directory."""
         try:
-            return self.namespace.get(ino).is_dir
+            found = ino if name is None else self.namespace.lookup(ino, name)
+            return self.namespace.get(found).is_dir
         except FsError:
-            return False  # the change fails on its own
+            return False  # not there (a new name), or the change fails on its own
+
+    def is_unlinked(self, parent: int, name: bytes) -> bool:
+        """Whether entry ``name`` of ``parent`` is unlinked, not yet committed
+        (any thread: a server's lookups count it as gone)."""
+        return (parent, name) in self._unlinked
 
     def unlinks_of(self, ino: int) -> int:
         """How many entries of inode ``ino`` are unlinked but not committed."""
@@ -188,27 +197,35 @@ class Lookups:
 
     def settled(self) -> bool:
         """Commit the unlinks answered so far; whether none is left uncommitted."""
-        self.commit_unlinks()
-        return not self._unlinked
+        try:
+            self.commit_unlinks()
+        except CachefsError:
+            return False
+        return True
 
     def commit_unlinks(self) -> None:
-        """Commit the unlinks answered so far (one transaction).  If that fails,
-        they stay to be committed (and in the journal), the error logged."""
+        """Commit the unlinks answered so far (one transaction), with the
+        journal's sequence number up to which they are in the index.  If that
+        fails, they stay to be committed (and in the journal) and the error is
+        logged and raised: what needed them fails with it."""
         if not self._unlinked:
             return
         entries = [(parent, name, *done) for (parent, name), done in self._unlinked.items()]
         in_use = {ino for _, _, ino, _ in entries if self.in_use(ino)}
-        namespace = self.namespace
+        namespace, logged = self.namespace, self._logged
         try:
-            namespace.store.freeing(
-                lambda: namespace.remove_entries(entries, in_use, files_only=False)
+            removed = namespace.store.freeing(
+                lambda: namespace.remove_entries(entries, in_use, logged=logged)
             )
         except CachefsError as exc:
             log.error("could not commit %d unlinks (tried again later): %s", len(entries), exc)
-            return
+            raise
         self._unlinked.clear()
         self._unlinked_in.clear()
         self._unlinked_at.clear()
+        for _, _, inode in removed:  # (those an unlink not yet answered for left at 0)
+            if inode.nlink == 0 and inode.ino in in_use:
+                self.orphans.add(inode.ino)
 
     def release(self, inos: list[int]) -> None:
         """Delete the orphans among ``inos`` that nothing uses any more (soon,
@@ -242,8 +259,9 @@ class Lookups:
 
     def flush(self) -> None:
         """Commit the unlinks and delete the released orphans now (before gc,
-        at a sync)."""
-        self.commit_unlinks()
+        at a sync); an error is logged (and the unlinks tried again later)."""
+        with contextlib.suppress(CachefsError):
+            self.commit_unlinks()
         inos = [i for i in self._released if i in self.orphans and not self.in_use(i)]
         self._released.clear()
         if inos:

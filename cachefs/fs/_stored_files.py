@@ -76,12 +76,13 @@ class StoredFiles:
         rename: Callable[[int, bytes, int, bytes], None],
         unlink: Callable[[int, bytes], None],
         changed: Callable[[int, bytes], None],
-        settle: Callable[[int, bytes], None] = lambda parent, name: None,
+        unlinked: Callable[[int, bytes], bool] = lambda parent, name: False,
     ) -> None:
         """``rename`` and ``unlink`` are the filesystem's own (replacing an
         entry, removing one: with its events); ``changed`` tells a mount's
         kernel that an entry changed behind its back (it looks it up again);
-        ``settle`` commits an entry's unlink if it waits (``Lookups.settle``)."""
+        ``unlinked``: whether an entry is unlinked though its removal is not
+        committed yet (``Lookups.is_unlinked``): it is not there."""
         self.store = store
         self.namespace = namespace
         self.caches = caches
@@ -89,7 +90,7 @@ class StoredFiles:
         self._rename = rename
         self._unlink = unlink
         self._changed = changed
-        self._settle = settle
+        self._unlinked = unlinked
 
     # --- any thread ------------------------------------------------------------------
 
@@ -104,6 +105,8 @@ class StoredFiles:
         ino = ROOT_INODE
         try:
             for part in parts:
+                if self._unlinked(ino, part):
+                    return None
                 ino = self.namespace.lookup(ino, part, txn)
         except FsError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -113,6 +116,8 @@ class StoredFiles:
 
     def lookup(self, parent: int, name: bytes) -> Inode | None:
         """The regular file ``name`` of directory ``parent``, or None."""
+        if self._unlinked(parent, name):
+            return None
         try:
             inode = self.namespace.get(self.namespace.lookup(parent, name))
         except FsError as exc:
@@ -133,10 +138,10 @@ class StoredFiles:
         inos = [None if raw is None else value(raw)[0] for raw in dirents]
         inodes = iter(self.namespace.inodes.get_many(txn, [key(i) for i in inos if i is not None]))
         out: list[tuple[int, int, bytes] | None] = []
-        for ino in inos:
+        for (parent, name), ino in zip(entries, inos, strict=True):
             found = None
             raw = None if ino is None else next(inodes)
-            if ino is not None and raw is not None:
+            if ino is not None and raw is not None and not self._unlinked(parent, name):
                 mode, _, _, _, size, _, _, _, _, content = unpack(raw)
                 if stat.S_ISREG(mode):
                     found = (ino, size, content)
@@ -275,8 +280,6 @@ class StoredFiles:
         """Move a file to ``new_name`` of ``new_parent``, in the place of what
         is there -- unless that is a file of the same content: then the file is
         removed instead.  Whether it moved."""
-        self._settle(parent, name)
-        self._settle(new_parent, new_name)  # (not one whose unlink waits)
         moving = self.lookup(parent, name)
         there = self.lookup(new_parent, new_name)
         if moving is not None and there is not None and there.digest == moving.digest:
