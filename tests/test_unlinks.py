@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from cachefs.engine import ROOT_INODE, FsError, Inode, Namespace, Store, StoreFullError, check_store
+from cachefs.engine import (
+    ROOT_INODE,
+    FsError,
+    Inode,
+    Namespace,
+    Store,
+    StoreFullError,
+    check_store,
+    unlinks_logged,
+)
 from cachefs.format import journal as fmt
 from cachefs.fs import Filesystem, _lookups
 from tests.conftest import SMALL_CONFIG
@@ -245,6 +254,33 @@ async def test_unlinks_that_cannot_be_committed_fail_what_needs_them(
     monkeypatch.setattr(fs.namespace, "remove_entries", remove_entries)
     await fs.flush_all()
     assert not _committed(fs, ROOT_INODE, b"a")
+
+
+async def test_a_journal_started_anew_numbers_above_the_unlinks_committed(
+    store_path: Path,
+) -> None:
+    """The damaged journal's remedy is to move it away: the new one must not
+    number its records where the index says unlinks are committed already
+    (replay would skip them)."""
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            for n in range(5):
+                fs.create(ROOT_INODE, f"f{n}".encode(), FILE, 0, 0)
+                fs.unlink(ROOT_INODE, f"f{n}".encode())
+            await fs.flush_all()
+            nursery.cancel_scope.cancel()
+        fs.close()
+        committed = unlinks_logged(fs.namespace)
+    assert committed >= 5
+    (store_path / "journal" / "journal.log").rename(store_path / "journal.moved")
+    with Store.open(store_path) as store:
+        fs = Filesystem(store)
+        try:
+            assert store.journal is not None and store.journal.next_seq == committed + 1
+        finally:
+            fs.close()
 
 
 #: Makes files, commits them, then unlinks some (one name made again after

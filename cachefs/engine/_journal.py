@@ -143,6 +143,15 @@ class Journal:
         self._start(fmt.EMPTY_VERSION if last else fmt.FORMAT_VERSION)
         self.checkpoints += 1
 
+    def number_from(self, seq: int) -> None:
+        """Number the records from ``seq`` on (an empty journal started anew,
+        whose numbering must stay above what the store recorded of an older
+        one)."""
+        if self._records or self.next_seq >= seq:
+            return
+        self.next_seq = seq
+        self._start(fmt.FORMAT_VERSION)
+
     def _start(self, version: int) -> None:
         """Replace the journal by an empty one of ``version`` (atomically)."""
         with self._lock, self._sync_lock:

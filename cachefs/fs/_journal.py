@@ -144,12 +144,16 @@ class FileJournal:
         disk) stays an open file with unpublished writes (``OpenFiles.adopt``):
         published at the next sync or unmount, carried over by a restart of
         the journal, kept in it until then; the others go on."""
+        committed = unlinks_logged(namespace)
+        # A journal started anew (the old one moved away) numbers from 1: above
+        # the unlinks the index has, so that replay never takes one for those.
+        self.journal.number_from(committed + 1)
         records = self.journal.replay()
         if not records:
             self._drop_spools()
             return
         logs: dict[int, list[fmt.JournalRecord]] = {}
-        unlinks, committed = [], unlinks_logged(namespace)
+        unlinks = []
         for record in records:
             if record.kind == fmt.NS_UNLINK and record.seq <= committed:
                 continue  # in the index already (and its name may have been made again)
