@@ -265,6 +265,10 @@ class Publisher:
         deltas["files"] += 1
         deltas["logical_bytes"] += obj.digest.size
         if obj.on_publish is not None:
+            # Counted before the hook, which may drop the reference again (and
+            # with it the object): its counters must not go below zero meanwhile.
+            for name in ("objects", "files", "logical_bytes"):
+                self.index.add(txn, name, deltas.pop(name, 0))
             obj.on_publish(txn, obj.digest)
 
     def _relocate(

@@ -172,7 +172,7 @@ class Filesystem:
             rename=lambda old, name, new, new_name: self.rename(old, name, new, new_name, 0),
             unlink=self.unlink,
             changed=self._changed_here,
-            unlinked=self.lookups.is_unlinked,
+            unlinks=self.lookups,
         )
         self.shared = self.remote.share(self)  # shared cache directories
         self.io = FileIO(
@@ -214,13 +214,14 @@ class Filesystem:
             await trio.sleep_forever()
 
     async def flush_all(self) -> None:
-        """Publish every file with unpublished writes, and commit the unlinks,
-        durably (unmount, sync, fsync of a directory)."""
-        self.lookups.commit_unlinks()  # made durable by the sync that ends the flush
+        """Publish every unpublished write, commit the unlinks, durably (unmount, sync)."""
         try:
-            await self.publisher.flush_all(self.files)
+            self.lookups.commit_unlinks()  # made durable by the sync that ends the flush
         finally:
-            self.io.settle()
+            try:
+                await self.publisher.flush_all(self.files)
+            finally:
+                self.io.settle()
 
     async def collect_garbage(self, threshold: float | None = None) -> GcReport:
         """Run gc in a worker thread (``/.cachefs/control``, the store quota)."""

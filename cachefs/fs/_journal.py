@@ -217,6 +217,8 @@ class FileJournal:
         if not failed:
             self.journal.checkpoint()
             self._drop_spools()
+            # (a journal whose tail a crash of the machine lost may number below)
+            self.journal.number_from(unlinks_logged(namespace) + 1)
         if replayed:
             log.info("journal: published the logged writes of %d files", replayed)
 

@@ -74,6 +74,7 @@ class Lookups:
         self._unlinked_in: Counter[int] = Counter()
         self._unlinked_at: dict[int, int] = {}
         self._logged = 0  # the journal's sequence number of the last
+        self._token: trio.lowlevel.TrioToken | None = None  # of the thread they are on
         self._waiting = False  # a flush is on its way
 
     def purge(self) -> None:
@@ -138,6 +139,7 @@ class Lookups:
         except CachefsError as exc:
             log.warning("unlink committed at once (the journal: %s)", exc.message)
             return None
+        self._token = trio.lowlevel.current_trio_token()
         self._unlinked[parent, name] = ino, now
         self._unlinked_in.update((parent, ino))
         self._unlinked_at[parent] = self._unlinked_at[ino] = now
@@ -190,6 +192,18 @@ class Lookups:
         """Whether entry ``name`` of ``parent`` is unlinked, not yet committed
         (any thread: a server's lookups count it as gone)."""
         return (parent, name) in self._unlinked
+
+    def settle_from_thread(self, parent: int, name: bytes) -> None:
+        """:meth:`settle` of an entry from any thread (a server about to make
+        that name again): done on the filesystem's trio thread, waited for."""
+        if (parent, name) not in self._unlinked or self._token is None:
+            return
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:  # a worker thread
+            trio.from_thread.run_sync(self.settle, parent, name, trio_token=self._token)
+        else:
+            self.settle(parent, name)
 
     def unlinks_of(self, ino: int) -> int:
         """How many entries of inode ``ino`` are unlinked but not committed."""

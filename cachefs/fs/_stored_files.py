@@ -46,6 +46,7 @@ from cachefs.engine import (
 from cachefs.format.schema import INO_KEY, INO_VALUE, INODE
 from cachefs.fs._caches import CacheDirs
 from cachefs.fs._events import Listeners
+from cachefs.fs._lookups import Lookups
 
 #: Mode of the files and directories the servers make.
 FILE_MODE = stat.S_IFREG | 0o644
@@ -76,13 +77,13 @@ class StoredFiles:
         rename: Callable[[int, bytes, int, bytes], None],
         unlink: Callable[[int, bytes], None],
         changed: Callable[[int, bytes], None],
-        unlinked: Callable[[int, bytes], bool] = lambda parent, name: False,
+        unlinks: Lookups | None = None,
     ) -> None:
         """``rename`` and ``unlink`` are the filesystem's own (replacing an
         entry, removing one: with its events); ``changed`` tells a mount's
         kernel that an entry changed behind its back (it looks it up again);
-        ``unlinked``: whether an entry is unlinked though its removal is not
-        committed yet (``Lookups.is_unlinked``): it is not there."""
+        ``unlinks``: the unlinks not yet committed (``Lookups``): their names
+        are not there, and are committed before a name is made again."""
         self.store = store
         self.namespace = namespace
         self.caches = caches
@@ -90,7 +91,8 @@ class StoredFiles:
         self._rename = rename
         self._unlink = unlink
         self._changed = changed
-        self._unlinked = unlinked
+        self._unlinked = (lambda p, n: False) if unlinks is None else unlinks.is_unlinked
+        self._settle = (lambda p, n: None) if unlinks is None else unlinks.settle_from_thread
 
     # --- any thread ------------------------------------------------------------------
 
@@ -185,6 +187,8 @@ class StoredFiles:
         ``attrs`` if given (in the same transaction: never seen without)."""
         made: list[Inode | CachefsError | None] = [None] * len(files)
         namespace, store = self.namespace, self.store
+        for parent, name, _, _ in files:
+            self._settle(parent, name)  # an unlink of that name first (waited for)
         mode, uid, gid, mtime_ns = (
             (FILE_MODE, 0, 0, None)
             if attrs is None
