@@ -265,6 +265,15 @@ async def test_unlinks_that_cannot_be_committed_fail_what_needs_them(
     assert not _committed(fs, ROOT_INODE, b"a")
 
 
+def _numbered_from(store_path: Path) -> int:
+    """The sequence number the next record gets, once a mount started."""
+    with Store.open(store_path) as store:
+        fs = Filesystem(store)
+        fs.close()
+        assert store.journal is not None
+        return store.journal.next_seq
+
+
 async def test_a_journal_started_anew_numbers_above_the_unlinks_committed(
     store_path: Path,
 ) -> None:
@@ -285,24 +294,14 @@ async def test_a_journal_started_anew_numbers_above_the_unlinks_committed(
     assert committed >= 5
     journal = store_path / "journal" / "journal.log"
     journal.rename(store_path / "journal.moved")
-    with Store.open(store_path) as store:
-        fs = Filesystem(store)
-        try:
-            assert store.journal is not None and store.journal.next_seq == committed + 1
-        finally:
-            fs.close()
+    assert _numbered_from(store_path) == committed + 1
     # A journal whose tail a crash of the machine lost (a record of a file since
     # deleted is left): numbered above them too, once replayed.
     payload = fmt.FILE_BASE_PAYLOAD.pack(10_000, 0, bytes(32))
     journal.write_bytes(
         fmt.encode_header(1) + fmt.encode_record(1, fmt.FILE_BASE, payload) + payload
     )
-    with Store.open(store_path) as store:
-        fs = Filesystem(store)
-        try:
-            assert store.journal is not None and store.journal.next_seq == committed + 1
-        finally:
-            fs.close()
+    assert _numbered_from(store_path) == committed + 1
 
 
 def test_a_server_file_stored_where_a_name_is_already_leaves_the_counters_right(

@@ -256,7 +256,6 @@ class Filesystem:
 
     def _check_writable(self, ino: int, name: bytes | None = None) -> None:
         """Refuse changes in failsafe mode, and to /.cachefs; commit the unlinks they need."""
-        self.lookups.changing(ino, name)
         if is_virtual(ino) or (ino == ROOT_INODE and name == CONTROL_NAME):
             raise FsError(errno.EPERM, "the control directory /.cachefs cannot be changed")
         if self.failsafe is not None:
@@ -264,6 +263,7 @@ class Filesystem:
                 f"the file system went read-only after damage ({self.failsafe})",
                 hint=f"unmount and run `cachefs fsck {self.store.path}`",
             )
+        self.lookups.changing(ino, name)
 
     def _background_error(self, exc: CachefsError) -> None:
         self.errors += 1
