@@ -113,8 +113,8 @@ class Lookups:
         """Remove the entry ``name`` of ``parent`` (rmdir: ``directory``);
         returns its inode as it is now.  A file's removal is committed with the
         others of the moment (:meth:`unlink_later`); a directory's at once,
-        after them (its checks need what is committed)."""
-        self.changing(parent, name)
+        after them (its checks need what is committed).  The caller has told
+        :meth:`changing` of that entry (the filesystem's checks do)."""
         ino = self.namespace.lookup(parent, name)
         inode = None if directory else self.unlink_later(parent, name, ino)
         if inode is None:
@@ -177,7 +177,9 @@ class Lookups:
         if not self._unlinked:
             return
         pending = ino in self._unlinked_in if name is None else (ino, name) in self._unlinked
-        if pending or self._is_dir(ino, name):
+        # (an open file is no directory: a write needs no read of the index here)
+        maybe_dir = name is not None or self.files.get(ino) is None
+        if pending or (maybe_dir and self._is_dir(ino, name)):
             self.commit_unlinks()
 
     def _is_dir(self, ino: int, name: bytes | None) -> bool:
