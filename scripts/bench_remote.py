@@ -21,6 +21,12 @@ packs has at most ``FETCH_BYTES`` in flight, 8 whole packs):
   read by name on ``--threads`` threads (a listing of a shared directory shows only what
   is local: tools look files up by name).  Baseline: their chunks fetched as above.
   Ratio: baseline s / cachefs s (no goal);
+* cold read of the ``--large`` file dropped on B (``--local-max-size``): after the
+  other phases, B is mounted again with ``--local-max-size 32M``, so that the chunks of
+  the file it fetched are dropped there (the bucket holds them), then the file is read
+  in 1 MiB pieces: chunks fetched ahead of the reader, as they lie in the bucket's
+  packs.  Baseline: the same direct GETs as for the cold read above.  Ratio: baseline
+  s / cachefs s (goal >= 0.7, as for the cold read of a file only the remote holds);
 * push of a ``--large`` write: from the first write into A's shared directory (1 MiB
   writes, fsync, close) until the remote holds the file's content (A's one object
   pushed: the chunks sent while it was written, the rest, its chunk list) -- and, a
@@ -114,6 +120,8 @@ PREFIX = "team"
 SHARES = ("large", "tree", "ccache")
 #: Seconds before a push is taken as hung.
 PUSH_TIMEOUT = 900.0
+#: B's --local-max-size when it reads the large file again, dropped there.
+DROPPED_LIMIT = 32 * MIB
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -577,6 +585,7 @@ class Run:
             "push entry": args.large,
             "push chunks": args.large,
             "tree": sum(map(len, tree.values())),
+            "dropped": args.large,
         }
         with (
             throwaway_seaweed(self.work / "weed") as weed,
@@ -686,6 +695,39 @@ class Run:
         stats = remote(b.path)
         out.info["B: MB fetched"] = stats["fetched_bytes"] / 1e6
         out.info["B: objects pushed back (fetched ones)"] = stats["pushed_objects"]
+        self.dropped(url, direct_store(weed.s3), large)
+
+    def dropped(self, url: str, s3: S3Store, large: str) -> None:
+        """B again with ``--local-max-size``: the large file's chunks dropped
+        there, then it and its baseline read cold, taking turns going first."""
+        args, out, monitor = self.args, self.out, self.monitor
+        chunks = chunks_of(self.stores["B"], [large])
+        self.log(f"B again with --local-max-size {human(DROPPED_LIMIT)}: the large file dropped")
+        self.monitor.pids.pop("B", None)
+        if status := stop(self.mounts["B"]):
+            self.problem(f"B's daemon exited {status}")
+        b = self.mounts["B"] = start(
+            self.stores["B"], self.work / "b", "--remote", url, "--memory-limit",
+            args.memory_limit, "--local-max-size", str(DROPPED_LIMIT),
+        )  # fmt: skip
+        self.monitor.pids["B"] = b.process.pid
+        deadline = time.monotonic() + PUSH_TIMEOUT
+        while remote(b.path).get("dropped_chunks", 0) < 0.95 * len(chunks):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"B dropped too little after {PUSH_TIMEOUT:.0f} s: {remote(b.path)}"
+                )
+            time.sleep(0.2)
+        self.log("cold read of the dropped file on B and direct GETs")
+        steps: list[tuple[str, Callable[[], float]]] = [
+            ("cachefs", lambda: read_file(b.path / "large" / "blob")),
+            ("direct", lambda: direct_get(s3, chunks, args.threads)),
+        ]
+        for who, step in steps[:: -1 if self.number % 2 else 1]:
+            with monitor.during(f"cold read dropped: {who}"):
+                out.figures["dropped" if who == "cachefs" else "dropped base"] = step()
+        if content_digest(b.path / "large" / "blob") != large:
+            raise RuntimeError("B's dropped copy of the large file read back wrong")
 
     def cold_reads(
         self, s3: S3Store, large: str, tree: dict[str, bytes], tree_digests: list[str]
@@ -735,6 +777,13 @@ def figures(args: argparse.Namespace) -> list[Figure]:
     return [
         Figure("large", f"cold read, {human(args.large)} file", "direct GETs", True, 0.7),
         Figure("tree", f"cold read, {args.small_count:,} small files", "direct GETs", True, None),
+        Figure(
+            "dropped",
+            f"cold read, {human(args.large)} file dropped here (--local-max-size)",
+            "direct GETs",
+            True,
+            0.7,
+        ),
         Figure("push", f"push of a {human(args.large)} write", "multipart PUT", True, 0.7),
         Figure(
             "push entry",

@@ -19,7 +19,7 @@ import obstore
 import pytest
 from obstore.store import MemoryStore, S3Store
 
-from cachefs.engine import Digest, ObjectNotFoundError, Store, StoreOptions
+from cachefs.engine import Digest, ObjectNotFoundError, Store, StoreOptions, drop_held
 from cachefs.errors import RemoteError
 from cachefs.format.digest import SHA256
 from cachefs.remote import (
@@ -32,6 +32,7 @@ from cachefs.remote import (
     measure,
     open_remote,
 )
+from cachefs.remote import _tiers as _tiers_module
 from cachefs.remote._early import INDEX_WITHIN, EarlyPush
 from cachefs.remote._packs import (
     MAGIC,
@@ -301,6 +302,37 @@ def test_a_pack_that_is_damaged_or_gone_is_a_miss_never_wrong_bytes(
         assert remote.packs.missing(everything, 0) == everything
     finally:
         remote.close()
+
+
+def test_chunks_dropped_here_come_back_in_whole_packs(
+    tmp_path: Path, weed: Seaweed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks dropped here (``--local-max-size``) that a read wants come back
+    as they lie in the bucket: a pack in one request, not a request per chunk,
+    and are stored in publications of ``RESTORE_BATCH`` bytes, each told."""
+    monkeypatch.setattr(_tiers_module, "RESTORE_BATCH", 1 << 20)
+    url = weed.url("cachefs", tmp_path.name)
+    data = random.Random(9).randbytes(5 << 20)
+    with Store.open(tmp_path / "a", create=True, options=PUSHING) as store:
+        requests = Requests()
+        tiers = Tiers(store, [Tier(open_remote(url, SHA256), durable=True)])
+        measure(tiers.tiers, lambda tier, endpoint: requests)  # type: ignore[arg-type,return-value]
+        try:
+            digest = store.put(data)
+            drain(Pusher(tiers))
+            packs = requests.counts["write_pack"]
+            assert drop_held(store, 0, tiers.held).chunks > 40
+            recipe = store.recipe(digest)
+            assert store.reader.held_remotely(digest, 0, digest.size) == recipe
+            landed: list[int] = []
+            assert tiers.restore(recipe, landed.append) == len(recipe)
+            assert not store.reader.held_remotely(digest, 0, digest.size)
+            assert store.read(digest) == data
+            assert packs <= requests.counts["read_pack"] <= packs + 1
+            assert sum(landed) == len(recipe) and len(landed) >= 4
+            assert tiers.counts["fetched_chunks"] == len(recipe)
+        finally:
+            tiers.close()
 
 
 def _pushed_while_put(

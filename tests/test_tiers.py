@@ -986,38 +986,6 @@ def test_chunks_a_tier_holds_are_dropped_here_and_fetched_back(tmp_path: Path) -
         assert not store.needs_fsck
 
 
-async def test_a_chunk_no_tier_gives_back_is_an_error_not_damage(tmp_path: Path) -> None:
-    """A file whose chunks were dropped here, and one of which the tier then
-    lost: a read that reaches it fails with a RemoteError (EIO), the chunks
-    before it read right, and nothing is recorded as damage."""
-    remote = Verifying("mem")
-    data = os.urandom(1 << 20)
-    options = StoreOptions(push=True, fsync=False)
-    with Store.open(tmp_path / "s", create=True, config=SMALL_CONFIG, options=options) as store:
-        fs = Filesystem(store, tiers=[Tier(remote, durable=True)])
-        try:
-            inode = fs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
-            fh, _ = await fs.open(inode.ino, os.O_RDWR)
-            await fs.write(fh, 0, data)
-            await fs.release(fh)
-            await fs.flush_all()
-            digest = fs.digest_of(inode.ino)
-            assert fs.remote.pusher is not None
-            drain(fs.remote.pusher)
-            await trio.to_thread.run_sync(drop_held, store, 0, fs.remote.tiers.held)
-            recipe = store.recipe(digest)
-            del remote.blobs[Digest(*recipe[1])]  # the tier lost the second chunk
-            store.chunks.cache.clear()
-            fh, _ = await fs.open(inode.ino, os.O_RDONLY)
-            assert bytes(await fs.read(fh, 0, 100)) == data[:100]
-            with pytest.raises(RemoteError, match=r"held only by the .*remote tiers"):
-                await fs.read(fh, 0, recipe[0][1] + 10)
-            await fs.release(fh)
-            assert not store.needs_fsck and store.corruptions == 0
-        finally:
-            fs.close()
-
-
 async def test_lookups_in_a_shared_directory_follow_a_moved_directory(tmp_path: Path) -> None:
     """A lookup that misses in a shared directory asks the tiers by the path
     relative to it (kept per directory, never by a path the directory had

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from cachefs.errors import CorruptDataError, from_oserror
@@ -60,13 +61,16 @@ def heal_chunk(store: Store, digest: bytes, data: bytes) -> bool:
         return publisher.replace_chunks({digest: location}) == 1
 
 
-def restore_chunks(store: Store, fetched: dict[bytes, bytes]) -> int:
+def restore_chunks(
+    store: Store, fetched: Mapping[bytes, bytes | memoryview], *, verified: bool = False
+) -> int:
     """Store chunks held remotely (``fetched``: digest -> bytes, from the
     tiers) here again, in one publication; how many were (one that is no
     longer indexed, or was stored meanwhile, is left alone).  Each is checked
-    against its digest first (CorruptDataError if one is not that chunk)."""
+    against its digest first (CorruptDataError if one is not that chunk),
+    unless the caller has just done so (``verified``: the tiers' reads)."""
     for digest, data in fetched.items():
-        if store.digest_function.hash(data) != digest:
+        if not verified and store.digest_function.hash(data) != digest:
             raise CorruptDataError(f"the copy offered for chunk {digest.hex()} is not that chunk")
     store.check_writable()
     publisher = store.publisher

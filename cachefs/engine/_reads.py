@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import lmdb
 
@@ -64,6 +64,17 @@ READ_WINDOW = 16
 #: The largest range ``ObjectReader.read_range`` reads into one buffer of its
 #: own (a FUSE read is at most 1 MiB).
 READ_INTO_MAX = 4 << 20
+
+
+class Restorer(Protocol):
+    """Fetches chunks held only by the remote tiers and stores them here
+    again: given ``(digest, length)`` pairs in a file's order, and what to
+    tell of each publication that stores some of them (how many it stored);
+    returns how many were."""
+
+    def __call__(
+        self, chunks: list[tuple[bytes, int]], landed: Callable[[int], None] | None = None
+    ) -> int: ...
 
 
 class ChunkCache:
@@ -132,8 +143,8 @@ class LocalChunks:
         #: bytes, or None (the damage is then recorded as ever).
         self.healer: Callable[[bytes, int], bytes | None] | None = None
         #: Fetches chunks held only by the remote tiers and stores them here
-        #: again, several at once (given (digest, length) pairs; how many were).
-        self.restorer: Callable[[list[tuple[bytes, int]]], int] | None = None
+        #: again, several at once (a :class:`Restorer`).
+        self.restorer: Restorer | None = None
         #: When each segment was last read from (a rising count): the coldest
         #: are dropped first under --local-max-size (``_demote.py``).
         self.read_order: dict[int, int] = {}

@@ -39,6 +39,7 @@ from cachefs.format.schema import MAX_FILE_SIZE
 from cachefs.fs._caches import CacheDirs
 from cachefs.fs._control import ControlTree, is_virtual
 from cachefs.fs._events import Listeners
+from cachefs.fs._fetch_ahead import FetchAhead
 from cachefs.fs._files import (
     CommandHandle,
     ContentHandle,
@@ -56,9 +57,6 @@ from cachefs.fs._publish import BATCH_BYTES, BATCH_DELAY, BATCH_FILES, FilePubli
 log = logging.getLogger(__name__)
 
 
-#: Bytes of a file whose chunks are fetched at once when a read meets one
-#: that only the remote tiers hold.
-READ_AHEAD = 8 << 20
 #: Chunks one read may heal or fetch, one after the other.
 HEAL_ROUNDS = 16
 
@@ -98,6 +96,7 @@ class FileIO:
         self.publish_threshold = publish_threshold
         #: Where background publications run (set while the filesystem runs).
         self.nursery: trio.Nursery | None = None
+        self.ahead = FetchAhead(store, lambda: self.nursery)
         self._carrying_over = False
         #: Released files waiting to be published together, and their bytes.
         self._released: dict[int, OpenFile] = {}
@@ -302,12 +301,15 @@ class FileIO:
             # a read spans a few chunks.
             for _ in range(HEAL_ROUNDS):
                 try:
-                    return await self._read(handle, offset, size)
+                    data = await self._read(handle, offset, size)
                 except HealElsewhere as damaged:
                     if damaged.remote:
-                        await self._fetch(damaged, handle, offset)
+                        await self._fetch(damaged, handle, fh, offset, offset + size)
                     else:
                         await self._heal(damaged)
+                else:
+                    self.ahead.read(fh, offset, offset + len(data))
+                    return data
             return await self._read(handle, offset, size)
         except HealElsewhere as exc:
             if exc.remote:  # not damage: say what it is
@@ -329,17 +331,22 @@ class FileIO:
         if healed is None:
             raise self.store.health.damaged(CorruptDataError(damaged.message))
 
-    async def _fetch(self, missing: HealElsewhere, handle: Handle, offset: int) -> None:
-        """Fetch a chunk held only by the remote tiers, with those of the next
-        ``READ_AHEAD`` bytes of the file, in a worker thread; RemoteError
-        if the tiers do not give it."""
+    async def _fetch(
+        self, missing: HealElsewhere, handle: Handle, fh: int, offset: int, end: int
+    ) -> None:
+        """Have a chunk held only by the remote tiers fetched: ahead of the
+        reader, with the chunks after it (``_fetch_ahead.py``), or else with
+        those of the next ``SPAN`` bytes of the file, in a worker thread;
+        RemoteError if the tiers do not give it."""
         restorer = self.store.chunks.restorer
         wanted = [(missing.digest, missing.length)]
         digest = handle.digest if isinstance(handle, ObjectHandle) else None
         if isinstance(handle, FileHandle):
             digest = self.namespace.get(handle.ino).digest
         if digest is not None:
-            ahead = self.store.reader.held_remotely(digest, offset, READ_AHEAD)
+            if await self.ahead.wait(fh, digest, offset, end, missing.digest):
+                return
+            ahead = self.ahead.span(digest, offset)
             wanted += [item for item in ahead if item[0] != missing.digest]
         failure: CachefsError | None = None
         if restorer is not None:
@@ -422,6 +429,7 @@ class FileIO:
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
+        self.ahead.released(fh)
         if isinstance(handle, ObjectHandle) and handle.holder is not None:
             self.lookups.release([handle.holder])
         if not isinstance(handle, FileHandle):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -120,7 +120,9 @@ class RemoteTiers:
             raise HealElsewhere(f"chunk {digest.hex()} is damaged", digest=digest, length=length)
         return self.tiers.heal(digest, length)
 
-    def _restore(self, chunks: list[tuple[bytes, int]]) -> int:
+    def _restore(
+        self, chunks: list[tuple[bytes, int]], landed: Callable[[int], None] | None = None
+    ) -> int:
         if _in_trio():
             digest, length = chunks[0]
             raise HealElsewhere(
@@ -129,7 +131,7 @@ class RemoteTiers:
                 length=length,
                 remote=True,
             )
-        return self.tiers.restore(chunks)
+        return self.tiers.restore(chunks, landed)
 
     async def _keep_small(self, limit: int) -> None:
         """Every ``DROP_EVERY`` seconds (``DROP_IDLE`` after a look that found

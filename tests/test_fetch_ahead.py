@@ -1,0 +1,172 @@
+"""Reads of a file whose chunks only the remote tiers hold (dropped here under
+``--local-max-size``): fetched ahead of a sequential reader, in the file's
+order, as far as ``AHEAD`` past its reads; only a span where a reader jumps;
+no further once it is closed; and an error, never a hang, when the tiers do
+not give a chunk (``cachefs/fs/_fetch_ahead.py``)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from cachefs.engine import ROOT_INODE, Digest, Store, drop_held
+from cachefs.errors import RemoteError
+from cachefs.fs import Filesystem, _fetch_ahead
+from cachefs.remote import Tier
+from tests.conftest import SMALL_CONFIG
+from tests.test_tiers import PUSHING, Verifying, drain
+
+SPAN, AHEAD = 64 << 10, 256 << 10
+SIZE = 2 << 20
+
+
+@dataclass
+class Dropped:
+    """A filesystem whose file ``ino`` (``data``, content ``digest``) the tier
+    ``remote`` holds and the store here does not."""
+
+    fs: Filesystem
+    store: Store
+    remote: Verifying
+    ino: int
+    digest: Digest
+    data: bytes
+
+
+@asynccontextmanager
+async def dropped_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, running: bool = True
+) -> AsyncIterator[Dropped]:
+    """A filesystem (``running``, or not: no nursery) with a file of ``SIZE``
+    random bytes in small chunks, every chunk of which was pushed, then
+    dropped here."""
+    monkeypatch.setattr(_fetch_ahead, "SPAN", SPAN)
+    monkeypatch.setattr(_fetch_ahead, "AHEAD", AHEAD)
+    remote = Verifying("mem")
+    data = os.urandom(SIZE)
+    with Store.open(tmp_path / "s", create=True, config=SMALL_CONFIG, options=PUSHING) as store:
+        fs = Filesystem(store, tiers=[Tier(remote, durable=True)])
+        try:
+            inode = fs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
+            fh, _ = await fs.open(inode.ino, os.O_RDWR)
+            await fs.write(fh, 0, data)
+            await fs.release(fh)
+            await fs.flush_all()
+            assert fs.remote.pusher is not None
+            drain(fs.remote.pusher)
+            drop_held(store, 0, fs.remote.tiers.held)
+            store.chunks.cache.clear()
+            digest = fs.digest_of(inode.ino)
+            assert here(store, digest) == 0
+            dropped = Dropped(fs, store, remote, inode.ino, digest, data)
+            if not running:
+                yield dropped
+                return
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fs.run)
+                yield dropped
+                nursery.cancel_scope.cancel()
+        finally:
+            fs.close()
+
+
+def here(store: Store, digest: Digest) -> int:
+    """Bytes of the content that the store here holds (not held remotely)."""
+    return digest.size - sum(n for _, n in store.reader.held_remotely(digest, 0, digest.size))
+
+
+async def fetched(fs: Filesystem) -> None:
+    """Wait until no fetch runs ahead of a reader."""
+    with trio.fail_after(10):
+        while fs.io.ahead.running:
+            await trio.sleep(0.005)
+
+
+async def test_a_sequential_reader_is_fetched_ahead_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with dropped_file(tmp_path, monkeypatch) as d:
+        fs, store, digest, data = d.fs, d.store, d.digest, d.data
+        fh, _ = await fs.open(d.ino, os.O_RDONLY)
+        piece = 16 << 10
+        # The first read waits for its chunk; the fetch takes one span then.
+        assert bytes(await fs.read(fh, 0, piece)) == data[:piece]
+        await fetched(fs)
+        assert SPAN <= here(store, digest) < SPAN + SMALL_CONFIG.chunking.max_size
+        # Reading on from there, the fetch goes AHEAD past each read, no further.
+        for offset in range(piece, SIZE // 2, piece):
+            got = await fs.read(fh, offset, piece)
+            assert bytes(got) == data[offset : offset + piece]
+            assert here(store, digest) <= offset + piece + AHEAD + SPAN + (16 << 10)
+        await fetched(fs)
+        assert here(store, digest) >= SIZE // 2 + AHEAD - 2 * piece
+        assert here(store, digest) < SIZE  # not all of it: nobody read that far
+        calls = d.remote.calls
+        # Closed: nothing more is fetched.
+        await fs.release(fh)
+        await fetched(fs)
+        assert d.remote.calls == calls and here(store, digest) < SIZE
+        assert fs.io.ahead._fetches == {}
+        # Read to the end by another handle: every byte right.
+        fh, _ = await fs.open(d.ino, os.O_RDONLY)
+        for offset in range(0, SIZE, 1 << 18):
+            assert bytes(await fs.read(fh, offset, 1 << 18)) == data[offset : offset + (1 << 18)]
+        await fs.release(fh)
+        await fetched(fs)
+        assert here(store, digest) == SIZE
+        assert not store.needs_fsck and store.corruptions == 0
+
+
+async def test_a_reader_that_jumps_takes_a_span_where_it_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with dropped_file(tmp_path, monkeypatch) as d:
+        fs, store, digest, data = d.fs, d.store, d.digest, d.data
+        fh, _ = await fs.open(d.ino, os.O_RDONLY)
+        at = [SIZE // 2, 3 * SIZE // 4, SIZE // 8]
+        for offset in at:
+            assert bytes(await fs.read(fh, offset, 100)) == data[offset : offset + 100]
+            await fetched(fs)
+        # A span (and the chunks it cuts) at each place, nothing between.
+        assert here(store, digest) <= len(at) * (SPAN + 2 * SMALL_CONFIG.chunking.max_size)
+        for offset in at:
+            assert not store.reader.held_remotely(digest, offset, SPAN)
+        assert store.reader.held_remotely(digest, SIZE // 8 + 2 * SPAN, SIZE // 8)
+        await fs.release(fh)
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["fetched-ahead", "no-nursery"])
+async def test_a_chunk_no_tier_gives_is_an_error_and_nothing_hangs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, running: bool
+) -> None:
+    """The tier lost a chunk: a read that reaches it fails with a RemoteError
+    (EIO), the bytes before it read right, nothing is recorded as damage, and
+    a tier that fails is the same error at once."""
+    async with dropped_file(tmp_path, monkeypatch, running=running) as d:
+        fs, store, data = d.fs, d.store, d.data
+        recipe = store.recipe(d.digest)
+        lost = len(recipe) // 2
+        del d.remote.blobs[Digest(*recipe[lost])]  # the tier lost a chunk in the middle
+        start = sum(n for _, n in recipe[:lost])
+        fh, _ = await fs.open(d.ino, os.O_RDONLY)
+        piece = 8 << 10
+        offset = 0
+        with trio.fail_after(20):
+            while offset + piece <= start:
+                assert bytes(await fs.read(fh, offset, piece)) == data[offset : offset + piece]
+                offset += piece
+            with pytest.raises(RemoteError, match=r"held only by the .*remote tiers"):
+                await fs.read(fh, start, piece)
+            d.remote.down = True
+            with pytest.raises(RemoteError):
+                await fs.read(fh, SIZE - piece, piece)
+        await fs.release(fh)
+        await fetched(fs)
+        assert not store.needs_fsck and store.corruptions == 0
