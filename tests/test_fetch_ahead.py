@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import trio
 from cachefs.engine import ROOT_INODE, Digest, Store, drop_held
 from cachefs.errors import RemoteError
 from cachefs.fs import Filesystem, _fetch_ahead
-from cachefs.remote import Tier
+from cachefs.remote import Tier, _transfer
 from tests.conftest import SMALL_CONFIG
 from tests.test_tiers import PUSHING, Verifying, drain
 
@@ -42,14 +43,19 @@ class Dropped:
 
 @asynccontextmanager
 async def dropped_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, running: bool = True
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    running: bool = True,
+    remote: Verifying | None = None,
 ) -> AsyncIterator[Dropped]:
     """A filesystem (``running``, or not: no nursery) with a file of ``SIZE``
     random bytes in small chunks, every chunk of which was pushed, then
     dropped here."""
     monkeypatch.setattr(_fetch_ahead, "SPAN", SPAN)
     monkeypatch.setattr(_fetch_ahead, "AHEAD", AHEAD)
-    remote = Verifying("mem")
+    monkeypatch.setattr(_fetch_ahead, "OWN", SPAN)
+    remote = remote or Verifying("mem")
     data = os.urandom(SIZE)
     with Store.open(tmp_path / "s", create=True, config=SMALL_CONFIG, options=PUSHING) as store:
         fs = Filesystem(store, tiers=[Tier(remote, durable=True)])
@@ -170,3 +176,59 @@ async def test_a_chunk_no_tier_gives_is_an_error_and_nothing_hangs(
         await fs.release(fh)
         await fetched(fs)
         assert not store.needs_fsck and store.corruptions == 0
+
+
+class Gated(Verifying):
+    """A tier whose reads of the chunks in ``slow`` wait until ``gate`` is set."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.slow: set[Digest] = set()
+        self.gate = threading.Event()
+
+    def read(self, digest: Digest) -> bytes:
+        if digest in self.slow:
+            assert self.gate.wait(20)
+        return super().read(digest)
+
+
+async def test_a_read_elsewhere_fetches_its_own_while_the_fetch_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a fetch runs ahead of one reader (held up by a slow tier), a read
+    far from it fetches its own bytes at once and leaves that fetch where it
+    goes; the first reader then reads on, every byte right."""
+    monkeypatch.setattr(_transfer, "FETCH_AHEAD", 2)  # the slow requests hold 2 threads
+    gated = Gated("mem")
+    async with dropped_file(tmp_path, monkeypatch, remote=gated) as d:
+        fs, store, digest, data = d.fs, d.store, d.digest, d.data
+        recipe, starts = store.recipe(digest), [0]
+        for _, n in recipe:
+            starts.append(starts[-1] + n)
+        gated.slow = {
+            Digest(c, n)
+            for (c, n), at in zip(recipe, starts[:-1], strict=True)
+            if SPAN < at < 3 * SPAN
+        }
+        first, _ = await fs.open(d.ino, os.O_RDONLY)
+        assert bytes(await fs.read(first, 0, 4096)) == data[:4096]
+        await fetched(fs)  # the first span
+        assert bytes(await fs.read(first, 4096, 4096)) == data[4096:8192]  # reads on
+        (fetch,) = fs.io.ahead._fetches.values()
+        with trio.fail_after(5):
+            while fetch.fetching != SPAN:  # held up in its second span
+                await trio.sleep(0.005)
+        second, _ = await fs.open(d.ino, os.O_RDONLY)
+        far = SIZE - 100_000
+        with trio.fail_after(5):
+            assert bytes(await fs.read(second, far, 4096)) == data[far : far + 4096]
+        assert fetch.fetching == SPAN and fetch.start == 0  # not moved
+        assert not store.reader.held_remotely(digest, far, 4096)
+        gated.gate.set()
+        for offset in range(8192, SIZE, 1 << 18):
+            got = await fs.read(first, offset, 1 << 18)
+            assert bytes(got) == data[offset : offset + (1 << 18)]
+        await fs.release(first)
+        await fs.release(second)
+        await fetched(fs)
+        assert here(store, digest) == SIZE

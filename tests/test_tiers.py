@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest.mock import Mock
 
 import lmdb
 import pytest
@@ -39,7 +40,7 @@ from cachefs.engine import (
     drop_held,
     scrub_store,
 )
-from cachefs.errors import ConfigError, RemoteError
+from cachefs.errors import ConfigError, RemoteError, StoreFullError
 from cachefs.format.digest import SHA256
 from cachefs.fs import Filesystem
 from cachefs.protocol import re_pb2
@@ -49,6 +50,7 @@ from cachefs.remote import (
     TierOptions,
     Tiers,
     _tiers,
+    _transfer,
     load_tiers,
     open_remote,
     read_config,
@@ -984,6 +986,61 @@ def test_chunks_a_tier_holds_are_dropped_here_and_fetched_back(tmp_path: Path) -
         with pytest.raises(RemoteError, match="held only by the store's remote tiers"):
             store.read(digests[0])
         assert not store.needs_fsck
+
+
+def test_a_restore_takes_from_each_tier_what_the_ones_before_lacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks dropped here, a cache that evicted some of them before the
+    bucket they were dropped for: each tier in turn is asked for what the
+    ones before did not give, in order, and what comes is stored as it
+    comes (several publications, each told), not chunk by chunk at the end.
+    A restore that fails here (a full disk) leaves the tier's breaker able to
+    admit requests (a retry that the store failed is no failure of the tier)."""
+    monkeypatch.setattr(_tiers, "RESTORE_BATCH", 256 << 10)
+    cache, bucket = Verifying("cache"), Verifying("bucket")
+    data = os.urandom(3 << 20)
+    with Store.open(tmp_path / "s", create=True, config=SMALL_CONFIG, options=PUSHING) as store:
+        tiers = Tiers(store, [Tier(bucket, durable=True)])
+        digest = store.put(data)
+        drain(Pusher(tiers))
+        tiers.close()
+        recipe = store.recipe(digest)
+        cache.blobs = dict(bucket.blobs)
+        evicted = {Digest(*recipe[i]) for i in (10, len(recipe) // 2)}
+        for chunk in evicted:
+            del cache.blobs[chunk]
+        now = [1000.0]
+        first = Tier(cache, direction="read-only")
+        first.breaker.clock = lambda: now[0]
+        tiers = Tiers(store, [first, Tier(bucket, durable=True)])
+        try:
+            assert drop_held(store, 0, tiers.held).chunks == len(set(recipe))
+            landed: list[int] = []
+            bucket.calls = cache.calls = 0
+            assert tiers.restore(recipe, landed.append) == len(set(recipe))
+            assert store.read(digest) == data
+            assert len(landed) >= 6 and sum(landed) == len(set(recipe))
+            # The cache up to its first miss (and what was in flight then),
+            # the bucket from there on: each chunk from one tier.
+            assert 11 <= cache.calls <= 11 + _transfer.FETCH_AHEAD
+            assert bucket.calls == len(recipe) - 10
+            # (what came from the cache after its miss is fetched again: counted)
+            fetched = tiers.counts["fetched_chunks"]
+            assert len(recipe) <= fetched <= len(recipe) + _transfer.FETCH_AHEAD
+            # The cache's breaker opened; its retry meets a full disk here.
+            drop_held(store, 0, tiers.held)
+            for _ in range(5):
+                first.breaker.failed("blip")
+            now[0] += 3600
+            full = StoreFullError("no space left on device")
+            monkeypatch.setattr(_tiers, "restore_chunks", Mock(side_effect=full))
+            with pytest.raises(StoreFullError):
+                tiers.restore(recipe)
+            monkeypatch.undo()
+            assert first.breaker.admit() and not first.breaker.open
+        finally:
+            tiers.close()
 
 
 async def test_lookups_in_a_shared_directory_follow_a_moved_directory(tmp_path: Path) -> None:

@@ -88,6 +88,7 @@ def running_filesystem(
         )
         fs.remote.remote_durability = tiers.durability == "remote"
         fs.remote.local_max_size = tiers.local_max_size
+        fs.io.ahead.bound(tiers.local_max_size)
         fs.remote.trust(tiers.trust)
         try:
             yield fs, observed

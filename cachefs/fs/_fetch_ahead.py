@@ -3,17 +3,20 @@
 A chunk dropped here under ``--local-max-size`` is held only by the remote
 tiers.  A read that meets one waits while it is fetched; with it come the
 chunks after it in the file, fetched in the background in the file's order,
-``SPAN`` bytes of the file at a time.  The tiers fetch a span with several
-requests in flight and store what comes in publications of a few MiB
+a span (``SPAN`` bytes of the file) at a time.  The tiers fetch a span with
+several requests in flight and store what comes as it comes, 1 MiB first
 (``Tiers.restore``), and the waiting read goes on as soon as its chunk is
 here, while the rest comes.  A reader that goes on reading what the fetch
 brought keeps it going, up to ``AHEAD`` bytes past its read; so a sequential
-reader reads what came while the next spans come.  A read that meets such a
-chunk elsewhere in the file (a reader that jumps) moves the fetch there, for
-one span.  The readers of one content share one fetch.  Without a running
-filesystem (no nursery) a read fetches its own span and waits for all of it
-(``FileIO._fetch``), as it does when the fetch could not bring its chunk
-(that read then says why).
+reader reads what came while the next spans come.  The readers of one
+content share its fetch.  A read that meets such a chunk where that fetch is
+not going (a reader that jumps, or a second reader elsewhere in the file)
+fetches its own ``OWN`` bytes and waits for all of them (``FileIO._fetch``), as a read
+does without a running filesystem (no nursery) and when the fetch did not
+bring its chunk (that read then says why); once the fetch has stopped, the
+next such read moves it there.  Under ``--local-max-size`` a fetch goes at
+most an eighth of that size ahead (a span at least), so that what it brings
+is not dropped again before it is read.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 #: Bytes of a file fetched at once (its chunks held remotely), and how far
 #: ahead of a reader that reads what came the fetch goes on.
 SPAN, AHEAD = 32 << 20, 64 << 20
+#: Bytes of a file that a read which fetches its own (``FileIO._fetch``) fetches.
+OWN = 8 << 20
 
 
 @dataclass(eq=False)
@@ -65,7 +70,7 @@ class _Fetch:
             return False
         if self.fetching is not None and self.fetching < end and offset < self.fetching + SPAN:
             return True
-        return self.next < min(self.stop, end)
+        return self.next < min(self.stop, end) and offset < self.stop
 
 
 class FetchAhead:
@@ -74,6 +79,8 @@ class FetchAhead:
     def __init__(self, store: Store, nursery: Callable[[], trio.Nursery | None]) -> None:
         self.store = store
         self._nursery = nursery
+        #: How far a fetch goes past a reader's read (bounded under --local-max-size).
+        self.ahead = AHEAD
         self._fetches: dict[Digest, _Fetch] = {}
         #: Handle -> the fetch of the content it reads.
         self._readers: dict[int, _Fetch] = {}
@@ -94,8 +101,10 @@ class FetchAhead:
         fetch = self._fetches.get(digest)
         if fetch is None:
             fetch = self._fetches[digest] = _Fetch(digest, offset, offset, offset + SPAN)
-        elif not fetch.brings(offset):  # a reader that jumps: fetch there now
-            fetch.start = fetch.next = offset
+        elif not fetch.brings(offset):
+            if fetch.running:  # going elsewhere: this read fetches its own
+                return False
+            fetch.start = fetch.next = offset  # stopped: it goes on from here now
             fetch.stop = offset + SPAN
         fetch.stop = max(fetch.stop, end)
         if self._readers.get(fh) is not fetch:  # it read other content before
@@ -110,10 +119,15 @@ class FetchAhead:
             await fetch.changed.wait()
         return True
 
-    def span(self, digest: Digest, offset: int) -> list[tuple[bytes, int]]:
-        """The chunks held remotely of the span of content ``digest`` from
-        ``offset``: what a read that fetches its own fetches."""
-        return self.store.reader.held_remotely(digest, offset, SPAN)
+    def bound(self, local_max_size: int | None) -> None:
+        """Fetch at most an eighth of ``--local-max-size`` ahead of a reader
+        (a span at least)."""
+        self.ahead = AHEAD if local_max_size is None else max(SPAN, min(AHEAD, local_max_size // 8))
+
+    def own(self, digest: Digest, offset: int) -> list[tuple[bytes, int]]:
+        """What a read at ``offset`` of content ``digest`` that fetches its
+        own fetches: the chunks held remotely of the next ``OWN`` bytes."""
+        return self.store.reader.held_remotely(digest, offset, OWN)
 
     def read(self, fh: int, offset: int, end: int) -> None:
         """Handle ``fh`` read ``[offset, end)``: if that is what its fetch
@@ -121,7 +135,7 @@ class FetchAhead:
         fetch = self._readers.get(fh)
         if fetch is None or not fetch.start < offset <= fetch.next:
             return  # not reading on from where it met a chunk held remotely
-        stop = min(fetch.digest.size, end + AHEAD)
+        stop = min(fetch.digest.size, end + self.ahead)
         if stop <= fetch.stop:
             return
         fetch.stop = stop
@@ -167,6 +181,8 @@ class FetchAhead:
                 self._tell(fetch)
         except (CachefsError, OSError) as exc:  # the reader's own fetch then says why
             log.warning("fetching %s ahead of its readers: %s", digest, exc)
+        except Exception:  # a read-ahead must not stop the mount: its readers fetch their own
+            log.exception("fetching %s ahead of its readers failed", digest)
         finally:
             fetch.running, fetch.fetching = False, None
             self._tell(fetch)
@@ -183,4 +199,4 @@ class FetchAhead:
             del self._fetches[fetch.digest]
 
 
-__all__ = ["AHEAD", "SPAN", "FetchAhead"]
+__all__ = ["AHEAD", "OWN", "SPAN", "FetchAhead"]

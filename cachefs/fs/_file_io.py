@@ -336,7 +336,7 @@ class FileIO:
     ) -> None:
         """Have a chunk held only by the remote tiers fetched: ahead of the
         reader, with the chunks after it (``_fetch_ahead.py``), or else with
-        those of the next ``SPAN`` bytes of the file, in a worker thread;
+        those of the next ``OWN`` bytes of the file, in a worker thread;
         RemoteError if the tiers do not give it."""
         restorer = self.store.chunks.restorer
         wanted = [(missing.digest, missing.length)]
@@ -346,7 +346,7 @@ class FileIO:
         if digest is not None:
             if await self.ahead.wait(fh, digest, offset, end, missing.digest):
                 return
-            ahead = self.ahead.span(digest, offset)
+            ahead = self.ahead.own(digest, offset)
             wanted += [item for item in ahead if item[0] != missing.digest]
         failure: CachefsError | None = None
         if restorer is not None:

@@ -9,8 +9,7 @@ writes never wait for it: ``fsync`` means local durability, unless
 the write tiers hold the file's content.  With ``local_max_size``
 (``--local-max-size``) chunks the durable read-write tiers hold are dropped here,
 coldest first, whenever the store's live records exceed it, and fetched back
-when read (read-ahead: the chunks of the next ``READ_AHEAD`` bytes of the
-file at once, in a worker thread).  Its queue depth,
+when read, ahead of the reader (``_fetch_ahead.py``).  Its queue depth,
 the age of its oldest entry, the tiers' figures and each shard endpoint's
 breaker are in ``stats`` under ``remote``.
 """

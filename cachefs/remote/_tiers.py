@@ -443,21 +443,29 @@ class Tiers:
         """Fetch chunks held only by the tiers and store them here again
         (read-ahead for a reader that met one of them); how many were.
 
-        In the order given (a file's): from the first read tier that can be
-        asked, ``FETCH_AHEAD`` requests in flight, a run of chunks that lie
-        back to back in a bucket's pack in one request (``fetch_chunks``);
-        stored as they come, in publications of ``RESTORE_FIRST`` bytes, then
+        In the order given (a file's), from each read tier in turn that can
+        be asked, what the tiers before it did not give: ``FETCH_AHEAD``
+        requests in flight, a run of chunks that lie back to back in a
+        bucket's pack in one request (``fetch_chunks``), until a chunk it
+        lacks.  What none gave so is asked of every tier, chunk by chunk.
+        Stored as they come, in publications of ``RESTORE_FIRST`` bytes, then
         of ``RESTORE_BATCH``, each told to ``landed`` (how many chunks it
         stored: a reader waiting for the first goes on while the rest come;
-        these bytes are held until stored).  What that tier
-        did not give is asked of every tier, chunk by chunk; a chunk that no
-        tier gives is left held remotely (its own read then says why)."""
+        these bytes are held until stored).  A chunk that no tier gives is
+        left held remotely (its own read then says why)."""
         wanted = list(dict.fromkeys(chunks))
         restored = batched = 0
         batch: dict[bytes, bytes | memoryview] = {}
         limit = RESTORE_FIRST
 
-        def store_batch() -> None:
+        def add(digest: bytes, data: bytes | memoryview) -> None:
+            nonlocal batched
+            batch[digest] = data
+            batched += len(data)
+            if batched >= limit:
+                store()
+
+        def store() -> None:
             nonlocal restored, batched, limit
             stored = restore_chunks(self.store, batch, verified=True)  # as they came
             batch.clear()
@@ -466,36 +474,36 @@ class Tiers:
                 landed(stored)
 
         got: set[bytes] = set()
-        tier = next((t for t in self.readers if t.breaker.admit()), None)
-        if tier is not None:
+        for tier in self.readers:
+            rest = [(d, n) for d, n in wanted if d not in got]
+            if not rest or not tier.breaker.admit():
+                continue
+            failure: RemoteError | None = None
             try:
                 for digest, data in fetch_chunks(
-                    self._pool, self.store, tier.remote, wanted, self._fetched
+                    self._pool, self.store, tier.remote, rest, self._fetched
                 ):
                     got.add(digest)
-                    batch[digest] = data
-                    batched += len(data)
-                    if batched >= limit:
-                        store_batch()
-            except ObjectNotFoundError:  # it answered: the rest are asked of every tier
-                tier.breaker.succeeded()
+                    add(digest, data)
+            except ObjectNotFoundError:
+                pass  # it answered: the next tiers are asked for the rest
             except RemoteError as exc:
-                _failed(tier, exc)
-            else:
-                tier.breaker.succeeded()
-            if batch:  # what came before a failure is kept
-                store_batch()
-        rest = [
-            Digest(d, n) for d, n in wanted if d not in got and self.store.chunks.held_remotely(d)
-        ]
+                failure = exc
+            finally:  # whatever else failed (the store here), the tier did not
+                if failure is None:
+                    tier.breaker.succeeded()
+                else:
+                    _failed(tier, failure)
+        rest = [(d, n) for d, n in wanted if d not in got and self.store.chunks.held_remotely(d)]
         sources: dict[str, list[int]] = {}
         first = tracing.in_context(self._first_copy)
-        for chunk, found in zip(rest, self._pool.map(first, rest), strict=True):
+        asked = [Digest(d, n) for d, n in rest]
+        for chunk, found in zip(asked, self._pool.map(first, asked), strict=True):
             if found is not None:
-                batch[chunk.hash] = found[0]
                 sources.setdefault(found[1], []).append(len(found[0]))
+                add(chunk.hash, found[0])
         if batch:
-            store_batch()
+            store()
         for name, sizes in sources.items():
             self._count(name, fetched_chunks=len(sizes), fetched_bytes=sum(sizes))
         return restored
