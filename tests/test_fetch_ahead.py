@@ -39,6 +39,8 @@ class Dropped:
     ino: int
     digest: Digest
     data: bytes
+    #: Other files dropped alike: (inode number, digest, bytes).
+    others: list[tuple[int, Digest, bytes]]
 
 
 @asynccontextmanager
@@ -48,30 +50,33 @@ async def dropped_file(
     *,
     running: bool = True,
     remote: Verifying | None = None,
+    files: int = 1,
 ) -> AsyncIterator[Dropped]:
-    """A filesystem (``running``, or not: no nursery) with a file of ``SIZE``
-    random bytes in small chunks, every chunk of which was pushed, then
-    dropped here."""
+    """A filesystem (``running``, or not: no nursery) with ``files`` files of
+    ``SIZE`` random bytes in small chunks, every chunk of which was pushed,
+    then dropped here."""
     monkeypatch.setattr(_fetch_ahead, "SPAN", SPAN)
     monkeypatch.setattr(_fetch_ahead, "AHEAD", AHEAD)
     monkeypatch.setattr(_fetch_ahead, "OWN", SPAN)
     remote = remote or Verifying("mem")
-    data = os.urandom(SIZE)
     with Store.open(tmp_path / "s", create=True, config=SMALL_CONFIG, options=PUSHING) as store:
         fs = Filesystem(store, tiers=[Tier(remote, durable=True)])
         try:
-            inode = fs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
-            fh, _ = await fs.open(inode.ino, os.O_RDWR)
-            await fs.write(fh, 0, data)
-            await fs.release(fh)
-            await fs.flush_all()
+            made = []
+            for i in range(files):
+                data = os.urandom(SIZE)
+                inode = fs.create(ROOT_INODE, f"f{i}".encode(), stat.S_IFREG | 0o644, 0, 0)
+                fh, _ = await fs.open(inode.ino, os.O_RDWR)
+                await fs.write(fh, 0, data)
+                await fs.release(fh)
+                await fs.flush_all()
+                made.append((inode.ino, fs.digest_of(inode.ino), data))
             assert fs.remote.pusher is not None
             drain(fs.remote.pusher)
             drop_held(store, 0, fs.remote.tiers.held)
             store.chunks.cache.clear()
-            digest = fs.digest_of(inode.ino)
-            assert here(store, digest) == 0
-            dropped = Dropped(fs, store, remote, inode.ino, digest, data)
+            assert all(here(store, digest) == 0 for _, digest, _ in made)
+            dropped = Dropped(fs, store, remote, *made[0], others=made[1:])
             if not running:
                 yield dropped
                 return
@@ -232,3 +237,32 @@ async def test_a_read_elsewhere_fetches_its_own_while_the_fetch_goes_on(
         await fs.release(second)
         await fetched(fs)
         assert here(store, digest) == SIZE
+
+
+async def test_so_many_fetches_run_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While ``FETCHES`` fetches run (held up by a slow tier), a reader of
+    other content fetches its own bytes, at once, and starts no fetch."""
+    monkeypatch.setattr(_transfer, "FETCH_AHEAD", 2)
+    monkeypatch.setattr(_fetch_ahead, "FETCHES", 1)
+    gated = Gated("mem")
+    async with dropped_file(tmp_path, monkeypatch, remote=gated, files=2) as d:
+        fs, store = d.fs, d.store
+        ((other, other_digest, other_data),) = d.others
+        recipe = store.recipe(d.digest)
+        gated.slow = {Digest(*chunk) for chunk in recipe[1:]}
+        first, _ = await fs.open(d.ino, os.O_RDONLY)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.read, first, 0, 4096)  # waits: its span is held up
+            with trio.fail_after(5):
+                while not fs.io.ahead.running:
+                    await trio.sleep(0.005)
+            second, _ = await fs.open(other, os.O_RDONLY)
+            with trio.fail_after(5):
+                assert bytes(await fs.read(second, 0, 4096)) == other_data[:4096]
+            assert fs.io.ahead.running == 1 and len(fs.io.ahead._fetches) == 1
+            gated.gate.set()
+        await fs.release(first)
+        await fs.release(second)
+        await fetched(fs)
+        assert fs.io.ahead._fetches == {}
+        assert not store.reader.held_remotely(other_digest, 0, 4096)

@@ -9,14 +9,16 @@ several requests in flight and store what comes as it comes, 1 MiB first
 here, while the rest comes.  A reader that goes on reading what the fetch
 brought keeps it going, up to ``AHEAD`` bytes past its read; so a sequential
 reader reads what came while the next spans come.  The readers of one
-content share its fetch.  A read that meets such a chunk where that fetch is
-not going (a reader that jumps, or a second reader elsewhere in the file)
-fetches its own ``OWN`` bytes and waits for all of them (``FileIO._fetch``), as a read
-does without a running filesystem (no nursery) and when the fetch did not
-bring its chunk (that read then says why); once the fetch has stopped, the
-next such read moves it there.  Under ``--local-max-size`` a fetch goes at
-most an eighth of that size ahead (a span at least), so that what it brings
-is not dropped again before it is read.
+content share its fetch, and ``FETCHES`` fetches run at most.  A read that
+meets such a chunk where no fetch is going (a reader that jumps, a second
+reader elsewhere in the file, a reader of other content while as many
+fetches run) fetches its own ``OWN`` bytes and waits for all of them
+(``FileIO._fetch``), as a read does without a running filesystem (no
+nursery) and when the fetch did not bring its chunk (that read then says
+why); once the fetch has stopped, the next such read moves it there.
+Under ``--local-max-size`` a fetch goes at most an eighth of that size
+ahead (a span at least), so that what it brings is not dropped again before
+it is read.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 SPAN, AHEAD = 32 << 20, 64 << 20
 #: Bytes of a file that a read which fetches its own (``FileIO._fetch``) fetches.
 OWN = 8 << 20
+#: Fetches that run at once (each holds up to 32 MiB: ``Tiers.restore``); a
+#: read of other content meanwhile fetches its own.
+FETCHES = 2
 
 
 @dataclass(eq=False)
@@ -100,9 +105,11 @@ class FetchAhead:
             return False
         fetch = self._fetches.get(digest)
         if fetch is None:
+            if self.running >= FETCHES:
+                return False
             fetch = self._fetches[digest] = _Fetch(digest, offset, offset, offset + SPAN)
         elif not fetch.brings(offset):
-            if fetch.running:  # going elsewhere: this read fetches its own
+            if fetch.running or self.running >= FETCHES:  # this read fetches its own
                 return False
             fetch.start = fetch.next = offset  # stopped: it goes on from here now
             fetch.stop = offset + SPAN
@@ -140,7 +147,12 @@ class FetchAhead:
             return
         fetch.stop = stop
         nursery = self._nursery()
-        if not fetch.running and fetch.next < stop and nursery is not None:
+        if (
+            not fetch.running
+            and fetch.next < stop
+            and nursery is not None
+            and self.running < FETCHES
+        ):
             self._start(fetch, nursery)
 
     def released(self, fh: int) -> None:
@@ -199,4 +211,4 @@ class FetchAhead:
             del self._fetches[fetch.digest]
 
 
-__all__ = ["AHEAD", "OWN", "SPAN", "FetchAhead"]
+__all__ = ["AHEAD", "FETCHES", "OWN", "SPAN", "FetchAhead"]
