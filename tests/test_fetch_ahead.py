@@ -266,3 +266,46 @@ async def test_so_many_fetches_run_at_once(tmp_path: Path, monkeypatch: pytest.M
         await fetched(fs)
         assert fs.io.ahead._fetches == {}
         assert not store.reader.held_remotely(other_digest, 0, 4096)
+
+
+class Broken(Verifying):
+    """A tier whose reads raise an unexpected error (a bug in a client
+    library, say) while ``broken`` is set."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.broken = False
+
+    def read(self, digest: Digest) -> bytes:
+        if self.broken:
+            raise ValueError("a client library's bug")
+        return super().read(digest)
+
+
+async def test_an_unexpected_error_in_a_fetch_is_logged_and_the_mount_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception no tier should raise, in the fetch ahead of a reader: it
+    is logged with its traceback, the read fails (EIO at the kernel) instead
+    of waiting, no fetch is left running, and once the tier is mended the
+    same read gives the right bytes and the fetch runs ahead again."""
+    broken = Broken("mem")
+    async with dropped_file(tmp_path, monkeypatch, remote=broken) as d:
+        fs, store, digest, data = d.fs, d.store, d.digest, d.data
+        fh, _ = await fs.open(d.ino, os.O_RDONLY)
+        broken.broken = True
+        with trio.fail_after(10), pytest.raises(ValueError, match="client library"):
+            await fs.read(fh, 0, 4096)
+        await fetched(fs)
+        assert "ahead of its readers failed" in caplog.text
+        assert "Traceback" in caplog.text  # log.exception: a bug to report, with where
+        assert here(store, digest) == 0
+        broken.broken = False
+        with trio.fail_after(10):
+            assert bytes(await fs.read(fh, 0, 4096)) == data[:4096]
+        await fetched(fs)
+        assert here(store, digest) >= SPAN
+        await fs.release(fh)
+        await fetched(fs)
+        assert fs.io.ahead._fetches == {}
+        assert not store.needs_fsck and store.corruptions == 0
