@@ -215,6 +215,16 @@ class RemoteError(CachefsError):
     permanent = False
 
 
+class RemoteRecordError(RemoteError):
+    """A record a remote keeps (an action cache entry, a shared directory's
+    entry, a chunk list) is not what its key says: damaged, too large to be
+    one, or written there by another tool.  That record is a miss; the remote
+    itself answered, so it does not count against it (its circuit breaker):
+    whoever can write one bad record must not make a whole tier be skipped."""
+
+    default_hint = "the remote's copy is damaged, or another tool wrote that key"
+
+
 def from_oserror(exc: OSError, what: str) -> CachefsError:
     """Translate an ``OSError`` met while doing ``what`` into a ``CachefsError``."""
     if exc.errno in (_errno.ENOSPC, _errno.EDQUOT):

@@ -222,6 +222,8 @@ SEGMENT_KEY = struct.Struct(">Q")
 COUNTER = struct.Struct("<Q")
 INODE = struct.Struct("<IIIIQQqqq32s")
 assert INODE.size == 88
+#: The times an inode holds: signed 64-bit nanoseconds (years 1678 to 2262).
+INODE_TIMES = range(-(1 << 63), 1 << 63)
 INO_KEY = struct.Struct(">Q")
 INO_VALUE = struct.Struct("<Q")
 CACHE_ENTRY = struct.Struct("<QQ")
@@ -530,6 +532,7 @@ def dirent_key(parent: int, name: bytes) -> bytes:
 __all__ = [
     "CACHE_ENTRY",
     "HOLE_MARK",
+    "INODE_TIMES",
     "INO_KEY",
     "INO_VALUE",
     "MAX_FILE_SIZE",

@@ -44,7 +44,16 @@ from collections.abc import Sequence
 
 import trio
 
-from cachefs.engine import ROOT_INODE, CachefsError, Digest, FsError, Inode, Namespace, Store
+from cachefs.engine import (
+    ROOT_INODE,
+    CachefsError,
+    Digest,
+    FsError,
+    Inode,
+    Namespace,
+    Source,
+    Store,
+)
 from cachefs.errors import RemoteError
 from cachefs.format.schema import NO_CONTENT, may_be_sparse
 from cachefs.fs._caches import CacheDir, CacheDirs
@@ -256,30 +265,39 @@ class SharedDirs(FsEvents):
     # --- in: lookups that miss ------------------------------------------------------
 
     async def resolve_path(self, parts: Sequence[bytes]) -> bool:
-        """Make the path ``parts`` below the root from the tiers' entries where
-        it is missing here (a server's miss); whether it is there now."""
+        """Make the file at path ``parts`` below the root, and the directories
+        above it, from the tiers' entries where they are missing here (a
+        server's miss: a blob's or an action's file); whether that file is
+        there now.  A tier's directory entry at its name makes nothing there
+        (a directory under a blob's name would keep the blob out)."""
         ino = ROOT_INODE
-        for part in parts:
+        for i, part in enumerate(parts):
             try:
                 ino = self.namespace.lookup(ino, part)
                 continue
             except FsError as exc:
                 if exc.errno != errno.ENOENT:
                     return False
-            if not await self.resolve(ino, part):
+            if not await self.resolve(ino, part, directory=i < len(parts) - 1):
                 return False
             try:
                 ino = self.namespace.lookup(ino, part)
             except FsError:
                 return False
-        return True
+        try:
+            return self.namespace.get(ino).is_reg
+        except FsError:
+            return False
 
-    async def resolve(self, parent: int, name: bytes, *, again: bool = True) -> bool:
+    async def resolve(
+        self, parent: int, name: bytes, *, again: bool = True, directory: bool = True
+    ) -> bool:
         """Make ``name`` in ``parent`` from the tiers' entry, if ``parent`` is in a
         shared directory and a tier has one; whether it is there now.  Lookups
         of a name that one is resolving wait for it (one fetch, not one each);
         if it got no answer (a tier failed, or it was cancelled) they ask once
-        more (``again``), together again."""
+        more (``again``), together again.  Without ``directory``, a directory's
+        entry makes nothing (a miss)."""
         if not self.tiers.readers:
             return False
         key = (parent, name)
@@ -288,7 +306,7 @@ class SharedDirs(FsEvents):
             done, answer = running
             await done.wait()
             if not answer and again:  # that lookup got no answer: ask once more
-                return await self.resolve(parent, name, again=False)
+                return await self.resolve(parent, name, again=False, directory=directory)
             try:
                 self.namespace.lookup(parent, name)
             except FsError:
@@ -296,7 +314,7 @@ class SharedDirs(FsEvents):
             return True
         done, answer = self._resolving[key] = (trio.Event(), [])
         try:
-            there = await self._resolve(parent, name)
+            there = await self._resolve(parent, name, directory)
             if there is not None:
                 answer.append(there)
             return bool(there)
@@ -304,7 +322,7 @@ class SharedDirs(FsEvents):
             del self._resolving[key]
             done.set()
 
-    async def _resolve(self, parent: int, name: bytes) -> bool | None:
+    async def _resolve(self, parent: int, name: bytes, directory: bool) -> bool | None:
         """Whether ``name`` is there now; None if that could not be known (a
         tier failed, gave a chunk of other bytes, or was skipped: logged by
         the tiers).  Any other failure (the store is full, the tiers lack the
@@ -342,6 +360,9 @@ class SharedDirs(FsEvents):
             return False
         if entry.digest is None:
             self._keep_answer(share, path, True)
+            if not directory:
+                self.counts["shared_misses"] += 1
+                return False
             made = self._directory(parent, name, self.namespace.get(cache.ino))
             if made is not None and moves == self._moves:
                 self._keep_path(cache.ino, made, os.fsencode(path))
@@ -354,10 +375,17 @@ class SharedDirs(FsEvents):
                 self.counts["shared_misses"] += 1
                 return False
             try:
+                # Room is made once a tier has the content (its chunk list, or
+                # the blob, came): an entry of content none holds evicts nothing.
+                source: Source = (
+                    entry.contents
+                    if entry.contents is not None
+                    else await trio.to_thread.run_sync(self.tiers.fetch, digest)
+                )
                 await self.stored.make_room(parent, digest.size)
                 attrs = self._attrs(entry, self.namespace.get(cache.ino))
                 inode = await trio.to_thread.run_sync(
-                    self._fetch, parent, name, digest, attrs, entry.contents
+                    self._fetch, parent, name, digest, attrs, source
                 )
                 arrived = _MEANWHILE if inode is None else inode
             except CachefsError as exc:
@@ -421,16 +449,11 @@ class SharedDirs(FsEvents):
         self._directories[share, directory] = (there, time.monotonic())
 
     def _fetch(
-        self,
-        parent: int,
-        name: bytes,
-        digest: Digest,
-        attrs: FileAttrs,
-        contents: bytes | None = None,
+        self, parent: int, name: bytes, digest: Digest, attrs: FileAttrs, source: Source
     ) -> Inode | None:
         """Store the entry's file, made with ``attrs``: its bytes came in the
-        entry (checked as they are stored), or are fetched from the tiers."""
-        source = self.tiers.fetch(digest) if contents is None else contents
+        entry, or come from the tiers (``Tiers.fetch``); checked as they are
+        stored."""
         pushes = self.store.pushes
         if pushes is None:
             return self.stored.store_file(parent, name, source, expect=digest, attrs=attrs)

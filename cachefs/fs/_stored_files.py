@@ -43,7 +43,7 @@ from cachefs.engine import (
     Source,
     Store,
 )
-from cachefs.format.schema import INO_KEY, INO_VALUE, INODE
+from cachefs.format.schema import INO_KEY, INO_VALUE, INODE, INODE_TIMES
 from cachefs.fs._caches import CacheDirs
 from cachefs.fs._events import Listeners
 from cachefs.fs._lookups import Lookups
@@ -185,6 +185,9 @@ class StoredFiles:
         (DigestMismatchError, FsError).  An error of the store itself (full,
         read-only) is raised and stores none.  Each file is made with
         ``attrs`` if given (in the same transaction: never seen without)."""
+        if attrs is not None and attrs.mtime_ns not in INODE_TIMES:
+            # Refused here: the hooks below share a transaction, and must not fail.
+            raise FsError(errno.EINVAL, f"a modification time out of range: {attrs.mtime_ns} ns")
         made: list[Inode | CachefsError | None] = [None] * len(files)
         namespace, store = self.namespace, self.store
         for parent, name, _, _ in files:

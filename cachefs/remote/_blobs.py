@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError
 
-from cachefs.errors import RemoteError
+from cachefs.errors import RemoteError, RemoteRecordError
 from cachefs.format.digest import Digest, DigestFunction
 from cachefs.protocol import re_pb2
 
@@ -113,16 +113,13 @@ class Remote(Protocol):
 
 
 def action_result(data: bytes, name: str, what: str) -> re_pb2.ActionResult:
-    """``data`` parsed as an ``ActionResult``; RemoteError naming ``name`` and
-    ``what`` (the key it was under) if it is not one."""
+    """``data`` parsed as an ``ActionResult``; RemoteRecordError naming
+    ``name`` and ``what`` (the key it was under) if it is not one."""
     result = re_pb2.ActionResult()
     try:
         result.ParseFromString(data)
     except DecodeError:
-        raise RemoteError(
-            f"{name}: {what} is not an ActionResult",
-            hint="the remote's copy is damaged, or another tool wrote that key",
-        ) from None
+        raise RemoteRecordError(f"{name}: {what} is not an ActionResult") from None
     return result
 
 

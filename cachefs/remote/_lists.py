@@ -46,8 +46,9 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cachefs.errors import RemoteError
+from cachefs.errors import RemoteRecordError
 from cachefs.format.digest import Digest, DigestFunction
+from cachefs.format.schema import INODE_TIMES
 from cachefs.protocol import re_pb2
 
 LIST_MAGIC = b"CFSLIST1"
@@ -77,13 +78,15 @@ def pack_list(chunks: list[tuple[bytes, int]]) -> bytes:
 
 def unpack_list(data: bytes, digest: Digest, where: str) -> list[tuple[bytes, int]]:
     """The entries of a chunk list blob of object ``digest`` (holes with an
-    empty digest); RemoteError if it is not one, or does not add up."""
+    empty digest); RemoteRecordError if it is not one, or does not add up."""
     body = memoryview(data)[len(LIST_MAGIC) :]
     if not data.startswith(LIST_MAGIC) or len(body) % LIST_ENTRY.size:
-        raise RemoteError(f"{where}: the chunk list of object {digest} is malformed")
+        raise RemoteRecordError(f"{where}: the chunk list of object {digest} is malformed")
     chunks = [(b"" if d == _HOLE else d, n) for d, n in LIST_ENTRY.iter_unpack(body)]
     if sum(n for _, n in chunks) != digest.size:
-        raise RemoteError(f"{where}: the chunk list of object {digest} does not add up to its size")
+        raise RemoteRecordError(
+            f"{where}: the chunk list of object {digest} does not add up to its size"
+        )
     return chunks
 
 
@@ -99,14 +102,14 @@ def list_result(blob: Digest) -> re_pb2.ActionResult:
 
 
 def listed_blob(result: re_pb2.ActionResult, where: str) -> Digest:
-    """The chunk list blob an entry names (RemoteError if it names none)."""
+    """The chunk list blob an entry names (RemoteRecordError if it names none)."""
     for output in result.output_files:
         if output.path == LIST_PATH:
             try:
                 return Digest(bytes.fromhex(output.digest.hash), output.digest.size_bytes)
             except ValueError:
                 break
-    raise RemoteError(f"{where}: an action cache entry is not a chunk list")
+    raise RemoteRecordError(f"{where}: an action cache entry is not a chunk list")
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,9 @@ def entry_result(entry: SharedEntry) -> re_pb2.ActionResult:
 
 
 def parse_entry(result: re_pb2.ActionResult, path: str, where: str) -> SharedEntry:
-    """The shared entry an action cache entry holds (RemoteError if none)."""
+    """The shared entry an action cache entry holds (RemoteRecordError if it
+    holds none: no file or directory, a wrong digest, a time that is not one
+    or that a file's times cannot hold)."""
     if result.execution_metadata.worker == DIRECTORY_MARK and not result.output_files:
         return SharedEntry(path, None)
     if len(result.output_files) == 1 and result.output_files[0].path == _wire(path):
@@ -201,11 +206,15 @@ def parse_entry(result: re_pb2.ActionResult, path: str, where: str) -> SharedEnt
         properties = output.node_properties
         if digest is not None and len(digest.hash) == 32 and digest.size >= 0:
             mode = properties.unix_mode.value if properties.HasField("unix_mode") else 0o644
-            mtime = properties.mtime.ToNanoseconds() if properties.HasField("mtime") else 0
+            try:
+                mtime = properties.mtime.ToNanoseconds() if properties.HasField("mtime") else 0
+            except ValueError:  # not a Timestamp (seconds past year 9999)
+                mtime = INODE_TIMES.stop
             # A server may drop inlined bytes; only a whole copy is any use.
             contents = output.contents if len(output.contents) == digest.size > 0 else None
-            return SharedEntry(path, digest, mode & 0o7777, mtime, contents)
-    raise RemoteError(f"{where}: the shared entry {path!r} is malformed")
+            if mtime in INODE_TIMES:  # what a file's inode can hold
+                return SharedEntry(path, digest, mode & 0o7777, mtime, contents)
+    raise RemoteRecordError(f"{where}: the shared entry {path!r} is malformed")
 
 
 __all__ = [

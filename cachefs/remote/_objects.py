@@ -33,7 +33,7 @@ import obstore
 from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import HTTPStore, S3Store
 
-from cachefs.errors import ConfigError, ObjectNotFoundError, RemoteError
+from cachefs.errors import ConfigError, ObjectNotFoundError, RemoteError, RemoteRecordError
 from cachefs.format.digest import Digest, DigestFunction
 from cachefs.protocol import re_pb2
 from cachefs.remote._blobs import action_result, verified
@@ -44,6 +44,9 @@ from cachefs.remote._urls import RemoteUrl
 _PARALLEL = 16
 #: Keys handed over per batch of a listing (obstore asks S3 for pages of its own).
 _PAGE = 1000
+#: The largest record (action cache entry, document) read: ours are a few KiB, an
+#: entry with a file inside it 64 KiB and some.
+RECORD_MAX = 4 << 20
 
 
 def _options(url: RemoteUrl, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -185,13 +188,9 @@ class ObjectRemote:
         raise RemoteError(f"{self.name}: an object store cannot splice blobs")
 
     def get_action(self, key: Digest) -> re_pb2.ActionResult | None:
-        try:
-            data = bytes(obstore.get(self.store, f"ac/{key.hex}").bytes())
-        except (NotFoundError, FileNotFoundError):
-            return None
-        except (BaseError, OSError, ValueError, RuntimeError) as exc:
-            raise self._failed(f"reading action cache entry {key}", exc) from None
-        return action_result(data, self.name, f"action cache entry {key}")
+        what = f"action cache entry {key}"
+        data = self._record(f"ac/{key.hex}", what)
+        return None if data is None else action_result(data, self.name, what)
 
     def update_action(self, key: Digest, result: re_pb2.ActionResult) -> None:
         try:
@@ -200,12 +199,27 @@ class ObjectRemote:
             raise self._failed(f"writing action cache entry {key}", exc) from None
 
     def get_document(self, key: str) -> bytes | None:
+        return self._record(key, key)
+
+    def _record(self, key: str, what: str) -> bytes | None:
+        """The bytes under ``key``, a record of ours (an entry, a document;
+        None if there is none).  One larger than ``RECORD_MAX`` is no record
+        of ours: RemoteRecordError, once that many bytes came (whoever can
+        write the bucket must not make a lookup take all memory)."""
+        data = bytearray()
         try:
-            return bytes(obstore.get(self.store, key).bytes())
+            for part in obstore.get(self.store, key).stream(min_chunk_size=64 << 10):
+                data += part
+                if len(data) > RECORD_MAX:
+                    raise RemoteRecordError(
+                        f"{self.name}: {what} is larger than {RECORD_MAX >> 20} MiB: no record "
+                        "of cachefs's"
+                    )
         except (NotFoundError, FileNotFoundError):
             return None
         except (BaseError, OSError, ValueError, RuntimeError) as exc:
-            raise self._failed(f"reading {key}", exc) from None
+            raise self._failed(f"reading {what}", exc) from None
+        return bytes(data)
 
     def put_document(self, key: str, data: bytes) -> None:
         try:

@@ -32,7 +32,7 @@ from typing import TypeVar
 
 import xxhash
 
-from cachefs.errors import ConfigError, ObjectNotFoundError, RemoteError
+from cachefs.errors import ConfigError, ObjectNotFoundError, RemoteError, RemoteRecordError
 from cachefs.format.digest import Digest
 from cachefs.protocol import re_pb2
 from cachefs.remote._blobs import Remote
@@ -229,6 +229,7 @@ class ShardGroup:
 
     def _first(self, digest: Digest, call: Callable[[Remote], T], what: str) -> T:
         failure: RemoteError | None = None
+        record: RemoteRecordError | None = None  # an endpoint's copy is no use: not its fault
         skipped: list[str] = []
         for member in self.order(digest):
             if not member.breaker.admit():
@@ -238,6 +239,10 @@ class ShardGroup:
                 found = call(member.remote)
             except ObjectNotFoundError:
                 member.breaker.succeeded()
+                continue
+            except RemoteRecordError as exc:
+                member.breaker.succeeded()
+                record = exc
                 continue
             except RemoteError as exc:
                 self._failed(member, exc)
@@ -252,6 +257,8 @@ class ShardGroup:
                 f"{self.name}: {what} is on none of the endpoints asked, and "
                 f"{', '.join(skipped)} {'is' if len(skipped) == 1 else 'are'} skipped (failing)"
             )
+        if record is not None:
+            raise record
         raise ObjectNotFoundError(f"{what} is not in {self.name}")
 
     def write(self, digest: Digest, data: bytes) -> None:

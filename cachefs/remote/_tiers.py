@@ -70,7 +70,7 @@ from cachefs.engine import (
     heal_chunk,
     restore_chunks,
 )
-from cachefs.errors import ConfigError, CorruptDataError, RemoteError
+from cachefs.errors import ConfigError, CorruptDataError, RemoteError, RemoteRecordError
 from cachefs.protocol import re_pb2
 from cachefs.remote._blobs import Remote, action_result
 from cachefs.remote._early import EarlyPush
@@ -374,6 +374,10 @@ class Tiers:
                 else:
                     found = self._listed(tier.remote, digest)
                     data = None if found is not None else _whole(tier.remote, digest)
+            except RemoteRecordError as exc:  # that tier's record of it is no use: a miss
+                tier.breaker.succeeded()
+                log.warning("fetching object %s: %s", digest, exc.message)
+                continue
             except RemoteError as exc:
                 _failed(tier, exc)
                 failure = exc
@@ -569,20 +573,21 @@ class Tiers:
                 continue
             try:
                 found = self._entry_on(tier.remote, share, path)
-            except RemoteError as exc:
-                _failed(tier, exc)
-                log.warning("shared entry %s/%s: %s", share, path, exc.message)
-                failure = exc
-                continue
-            tier.breaker.succeeded()
-            try:  # a malformed or untrusted entry is a miss there, not a failing tier
+                tier.breaker.succeeded()
+                # A malformed or untrusted entry is a miss there, not a failing tier.
                 entry = found if not isinstance(found, re_pb2.ActionResult) else (
                     parse_entry(found, path, tier.remote.name)
                 )  # fmt: skip
                 if entry is not None and entry.digest is not None and self.verifier:
                     self._trusted(share, path, found, tier.remote.name)
-            except RemoteError as exc:
+            except RemoteRecordError as exc:
+                tier.breaker.succeeded()
                 log.warning("shared entry %s/%s: %s", share, path, exc.message)
+                continue
+            except RemoteError as exc:
+                _failed(tier, exc)
+                log.warning("shared entry %s/%s: %s", share, path, exc.message)
+                failure = exc
                 continue
             if entry is not None:
                 return entry
@@ -638,13 +643,13 @@ class Tiers:
         self._count(pushed_entries=1)
 
     def _trusted(self, share: str, path: str, found: object, where: str) -> None:
-        """RemoteError (audited) unless signed by a trusted key (``--trust``)."""
+        """RemoteRecordError (audited) unless signed by a trusted key (``--trust``)."""
         assert self.verifier is not None and isinstance(found, re_pb2.ActionResult)
         reason = self.verifier.check(entry_key(self.function, share, path), found)
         if reason is not None:
             self.store.audit.record("signature.refused", entry=f"{share}/{path}", tier=where,
                                     reason=reason)  # fmt: skip
-            raise RemoteError(f"{where}: the entry is refused: {reason}")
+            raise RemoteRecordError(f"{where}: the entry is refused: {reason}")
 
     def _put_entry(self, remote: Remote, share: str, entry: SharedEntry) -> None:
         result = entry_result(entry)

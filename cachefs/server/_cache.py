@@ -287,8 +287,12 @@ class RemoteCache:
         fetched); those that are count as used."""
         missing = self.find_missing(instance, [(d.hash, d.size) for d in digests], use=True)
         if missing and self.tiered:
-            fetched = [self._from_tiers(*self._place(instance, CAS, digests[i])) for i in missing]
-            return all(fetched)
+            for i in missing:
+                self._from_tiers(*self._place(instance, CAS, digests[i]))
+            # Looked at again: a tier's entry under a blob's name may have made
+            # a file of other content there, which is no copy of the blob.
+            wanted = [(digests[i].hash, digests[i].size) for i in missing]
+            return not self.find_missing(instance, wanted, use=True)
         return not missing
 
     def write_blob(self, instance: str, digest: Digest, source: Source) -> bool:
@@ -315,8 +319,17 @@ class RemoteCache:
                 if exc.errno == errno.ENOENT and attempt == 0 and again:
                     continue  # its directory went meanwhile (rm -r in a mount): again
                 raise
-            if inode is None:
-                return False
+            if inode is None:  # the name was taken meanwhile: by the blob, or else?
+                now = self._find(instance, CAS, digest)[2]
+                if now is not None and now.digest == digest:
+                    return False
+                if attempt == 0 and isinstance(source, bytes | bytearray | memoryview):
+                    continue  # a file of other content: replaced
+                raise FsError(
+                    errno.EEXIST,
+                    f"blob {digest}: its name in the store is taken by what is not that blob "
+                    "(a directory made there in a mount?): remove it",
+                )
             self._soon(self._added, [(parent, name, inode)])
             return True
         raise AssertionError("unreachable")
