@@ -30,6 +30,7 @@ from cachefs.engine import (
 )
 from cachefs.format import journal as fmt
 from cachefs.fs import Filesystem, _lookups
+from cachefs.fs._publish import FilePublisher
 from tests.conftest import SMALL_CONFIG
 
 FILE = stat.S_IFREG | 0o644
@@ -189,6 +190,23 @@ async def test_a_name_whose_unlink_waits_is_gone_for_the_servers_too(fs: Filesys
     assert fs.lookup(ROOT_INODE, b"blob").ino == made.ino
 
 
+async def test_a_servers_batch_of_lookups_sees_a_name_gone_when_its_unlink_commits_meanwhile(
+    fs: Filesystem,
+) -> None:
+    """A server's lookups in one transaction (FindMissingBlobs) begun after
+    an unlink was answered, whose commit lands while they run: the name is
+    gone for them, though their transaction is older than the commit."""
+    await _file(fs, ROOT_INODE, b"blob", b"content")
+    fs.unlink(ROOT_INODE, b"blob")
+    with fs.stored.reading() as txn:
+        fs.lookups.commit_unlinks()  # the trio thread's 20 ms timer, meanwhile
+        assert fs.stored.find_files([(ROOT_INODE, b"blob")], txn) == [None]
+        assert fs.stored.lookup_path([b"blob"], txn) is None
+    with fs.stored.reading() as txn:  # and after: gone from the index itself
+        assert fs.stored.find_files([(ROOT_INODE, b"blob")], txn) == [None]
+    assert fs.stored._gone == {}
+
+
 async def test_directories_renamed_or_replaced_see_their_unlinks(fs: Filesystem) -> None:
     """Renaming a directory over one whose last file was just unlinked: not
     ENOTEMPTY.  Renaming a directory (into a cache, say, which counts what is
@@ -234,6 +252,29 @@ async def test_a_file_replaced_while_its_other_name_waits_is_an_orphan_that_goes
     fs.forget([(a.ino, 2)])  # its create and its link
     await fs.flush_all()
     assert fs.namespace.orphan_inodes() == [] and check_store(fs.store).clean
+
+
+async def test_an_open_file_replaced_while_its_other_name_waits_goes_once_closed(
+    fs: Filesystem,
+) -> None:
+    """``ln a b; exec 3<>b; echo new >&3; rm a; mv c b; exec 3>&-``, all before
+    the unlink's commit: once closed and forgotten, the file (its content, its
+    unpublished write) is deleted, not left an orphan until the next sync."""
+    a = await _file(fs, ROOT_INODE, b"a", b"old" * 1000)
+    fs.link(a.ino, ROOT_INODE, b"b")
+    fh, _ = await fs.open(a.ino, os.O_WRONLY)
+    await fs.write(fh, 0, b"new")
+    fs.unlink(ROOT_INODE, b"a")
+    fs.create(ROOT_INODE, b"c", FILE, 0, 0)
+    fs.rename(ROOT_INODE, b"c", ROOT_INODE, b"b", 0)
+    await fs.release(fh)
+    with trio.fail_after(5):
+        while fs.io._released:  # released files are published together, 20 ms later
+            await trio.sleep(0.005)
+    fs.forget([(a.ino, 2)])  # its create and its link
+    fs.lookups.flush()
+    assert fs.namespace.orphan_inodes() == [] and not fs.files.busy(a.ino)
+    assert check_store(fs.store).clean
 
 
 async def test_unlinks_that_cannot_be_committed_fail_what_needs_them(
@@ -361,6 +402,62 @@ CHILD = textwrap.dedent(
     trio.run(main, sys.argv[1])
     """
 )
+
+
+async def test_an_unlink_after_a_replay_that_left_records_survives_the_next_one(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The machine crashed: the index's last commit reached the disk, the
+    journal's tail did not, so the journal numbers below the unlinks the index
+    counts.  The next mount cannot publish a logged file (a full disk): its
+    records stay, and the journal cannot number above the index.  An unlink
+    answered then is still replayed after the daemon is killed."""
+    monkeypatch.setattr(_lookups, "RELEASE_DELAY", 3600.0)
+    with Store.open(store_path, create=True, config=SMALL_CONFIG) as store:
+        fs = Filesystem(store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            w = (await _file(fs, ROOT_INODE, b"w", b"w" * 100)).ino
+            await _file(fs, ROOT_INODE, b"victim", b"v" * 100)
+            for n in range(5):
+                fs.create(ROOT_INODE, b"f%d" % n, FILE, 0, 0)
+                fs.unlink(ROOT_INODE, b"f%d" % n)
+            await fs.flush_all()
+            nursery.cancel_scope.cancel()
+        fs.close()
+        committed = unlinks_logged(fs.namespace)
+        content = fs.namespace.get(w).content
+    assert committed > 2
+    # What the crash left of the journal: a write to w, numbered from 1.
+    base = fmt.FILE_BASE_PAYLOAD.pack(w, 100, content)
+    head = fmt.FILE_WRITE_HEAD.pack(w, 0, 1)
+    (store_path / "journal" / "journal.log").write_bytes(
+        fmt.encode_header(1)
+        + fmt.encode_record(1, fmt.FILE_BASE, base)
+        + base
+        + fmt.encode_record(2, fmt.FILE_WRITE, head, b"W")
+        + head
+        + b"W"
+    )
+
+    def full(self: object, state: object) -> None:
+        raise StoreFullError("no space left on device")
+
+    with Store.open(store_path) as store:
+        with monkeypatch.context() as patched:
+            patched.setattr(FilePublisher, "publish_now", full)
+            fs = Filesystem(store)  # replays: w cannot be published, its records stay
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+            fs.unlink(ROOT_INODE, b"victim")  # answered, logged; then kill -9
+            nursery.cancel_scope.cancel()
+    with Store.open(store_path) as store:
+        fs = Filesystem(store)
+        try:
+            assert b"victim" not in {name for name, _ in fs.namespace.entries(ROOT_INODE)}
+            assert fs.namespace.get(w).size == 100
+        finally:
+            fs.close()
 
 
 async def test_unlinks_a_killed_daemon_answered_are_replayed(store_path: Path) -> None:

@@ -54,6 +54,7 @@ from cachefs.engine._namespace import (
     Namespace,
     hold,
     unlinks_logged,
+    unlinks_logged_below,
 )
 from cachefs.engine._namespace_check import NamespaceCheck
 from cachefs.engine._publish import PublishHook, PublishObserver
@@ -139,4 +140,5 @@ __all__ = [
     "restore_chunks",
     "scrub_store",
     "unlinks_logged",
+    "unlinks_logged_below",
 ]

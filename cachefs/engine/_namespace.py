@@ -580,4 +580,14 @@ def unlinks_logged(namespace: Namespace) -> int:
         return namespace.store.index.counter(txn, UNLINKS)
 
 
-__all__ = ["Namespace", "hold", "unlinks_logged"]
+def unlinks_logged_below(namespace: Namespace, seq: int) -> None:
+    """Record that the unlinks logged up to ``seq`` are in the index, where it
+    recorded more: a journal whose tail a crash of the machine lost, and which
+    keeps records it cannot yet drop, numbers its next records from ``seq +
+    1``; those above ``seq`` that the index counted are gone with that tail."""
+    with namespace.store.transaction("renumbering the logged unlinks") as txn:
+        if namespace.store.index.counter(txn, UNLINKS) > seq:
+            namespace.store.index.set_counter(txn, UNLINKS, seq)
+
+
+__all__ = ["Namespace", "hold", "unlinks_logged", "unlinks_logged_below"]

@@ -32,7 +32,14 @@ import shutil
 import time
 from collections.abc import Callable, Iterable
 
-from cachefs.engine import CachefsError, FsError, Journal, Namespace, unlinks_logged
+from cachefs.engine import (
+    CachefsError,
+    FsError,
+    Journal,
+    Namespace,
+    unlinks_logged,
+    unlinks_logged_below,
+)
 from cachefs.errors import from_oserror
 from cachefs.format import journal as fmt
 from cachefs.format.schema import NO_CONTENT
@@ -219,6 +226,15 @@ class FileJournal:
             self._drop_spools()
             # (a journal whose tail a crash of the machine lost may number below)
             self.journal.number_from(unlinks_logged(namespace) + 1)
+        elif self.journal.next_seq <= unlinks_logged(namespace):
+            # Its records stay, so it cannot number above what the index
+            # counts (a crash of the machine lost its tail): the index counts
+            # down to it instead, or the unlinks logged next would be taken
+            # for committed ones by the next replay.
+            try:
+                unlinks_logged_below(namespace, self.journal.next_seq - 1)
+            except CachefsError as exc:
+                log.error("journal: could not renumber the logged unlinks: %s", exc)
         if replayed:
             log.info("journal: published the logged writes of %d files", replayed)
 

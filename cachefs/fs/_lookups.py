@@ -170,23 +170,26 @@ class Lookups:
 
     def changing(self, ino: int, name: bytes | None = None) -> None:
         """Commit the unlinks before a change: of entry ``name`` of directory
-        ``ino`` (made, renamed, replaced, removed), that name's; of file ``ino``
-        (its attributes, links or content), its own; of a directory, or of an
-        entry that names one (its times; emptiness; made a cache or moved into
-        one, which counts what is below it), all."""
+        ``ino`` (made, renamed, replaced, removed), that name's, and those of
+        the file it names (replaced by a rename, that file may lose its last
+        name: it is an orphan then, or deleted); of file ``ino`` (its
+        attributes, links or content), its own; of a directory, or of an entry
+        that names one (its times; emptiness; made a cache or moved into one,
+        which counts what is below it), all."""
         if not self._unlinked:
             return
         pending = ino in self._unlinked_in if name is None else (ino, name) in self._unlinked
         # (an open file is no directory: a write needs no read of the index here)
         maybe_dir = name is not None or self.files.get(ino) is None
-        if pending or (maybe_dir and self._is_dir(ino, name)):
+        if pending or (maybe_dir and self._depends(ino, name)):
             self.commit_unlinks()
 
-    def _is_dir(self, ino: int, name: bytes | None) -> bool:
-        """Whether ``ino`` (with ``name``: its entry ``name``) is a directory."""
+    def _depends(self, ino: int, name: bytes | None) -> bool:
+        """Whether ``ino`` (with ``name``: its entry ``name``) is a directory,
+        or a file of which an unlink is not committed."""
         try:
             found = ino if name is None else self.namespace.lookup(ino, name)
-            return self.namespace.get(found).is_dir
+            return found in self._unlinked_in or self.namespace.get(found).is_dir
         except FsError:
             return False  # not there (a new name), or the change fails on its own
 
@@ -194,6 +197,10 @@ class Lookups:
         """Whether entry ``name`` of ``parent`` is unlinked, not yet committed
         (any thread: a server's lookups count it as gone)."""
         return (parent, name) in self._unlinked
+
+    def pending(self) -> frozenset[tuple[int, bytes]]:
+        """The entries unlinked, not yet committed, now (any thread)."""
+        return frozenset(self._unlinked.copy())
 
     def settle_from_thread(self, parent: int, name: bytes) -> None:
         """:meth:`settle` of an entry from any thread (a server about to make

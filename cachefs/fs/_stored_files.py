@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import errno
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import lmdb
@@ -92,22 +93,44 @@ class StoredFiles:
         self._unlink = unlink
         self._changed = changed
         self._unlinked = (lambda p, n: False) if unlinks is None else unlinks.is_unlinked
+        self._pending: Callable[[], Collection[tuple[int, bytes]]] = (
+            frozenset if unlinks is None else unlinks.pending
+        )
         self._settle = (lambda p, n: None) if unlinks is None else unlinks.settle_from_thread
+        #: The unlinks not committed when each open transaction of
+        #: :meth:`reading` began (its lookups count those names as gone).
+        self._gone: dict[lmdb.Transaction, Collection[tuple[int, bytes]]] = {}
 
     # --- any thread ------------------------------------------------------------------
 
-    def reading(self) -> lmdb.Transaction:
-        """A read transaction, for many lookups that see one state (``with``)."""
-        return self.namespace.read()
+    @contextmanager
+    def reading(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction, for many lookups that see one state.  The
+        unlinks not committed are taken first: committed after, they are gone
+        from the index but no longer pending, and the transaction, older,
+        still holds their names."""
+        gone = self._pending()
+        with self.namespace.read() as txn:
+            self._gone[txn] = gone
+            try:
+                yield txn
+            finally:
+                del self._gone[txn]
+
+    def _gone_in(self, txn: lmdb.Transaction | None) -> Callable[[int, bytes], bool]:
+        """Whether an entry is unlinked, for lookups in ``txn`` (of :meth:`reading`)."""
+        gone = None if txn is None else self._gone.get(txn)
+        return self._unlinked if gone is None else lambda p, n: (p, n) in gone
 
     def lookup_path(
         self, parts: Sequence[bytes], txn: lmdb.Transaction | None = None
     ) -> int | None:
         """The inode at ``parts`` below the root, or None when there is none."""
         ino = ROOT_INODE
+        unlinked = self._gone_in(txn)
         try:
             for part in parts:
-                if self._unlinked(ino, part):
+                if unlinked(ino, part):
                     return None
                 ino = self.namespace.lookup(ino, part, txn)
         except FsError as exc:
@@ -140,10 +163,11 @@ class StoredFiles:
         inos = [None if raw is None else value(raw)[0] for raw in dirents]
         inodes = iter(self.namespace.inodes.get_many(txn, [key(i) for i in inos if i is not None]))
         out: list[tuple[int, int, bytes] | None] = []
+        unlinked = self._gone_in(txn)
         for (parent, name), ino in zip(entries, inos, strict=True):
             found = None
             raw = None if ino is None else next(inodes)
-            if ino is not None and raw is not None and not self._unlinked(parent, name):
+            if ino is not None and raw is not None and not unlinked(parent, name):
                 mode, _, _, _, size, _, _, _, _, content = unpack(raw)
                 if stat.S_ISREG(mode):
                     found = (ino, size, content)
