@@ -12,6 +12,7 @@ little left to wait for.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from pathlib import Path
 
@@ -97,9 +98,25 @@ def cached_pages(fd: int, offset: int, length: int) -> int | None:
     return int(stat.nr_cache)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def _copy(source: int, offset: int, length: int, fd: int) -> None:
+    """Write ``length`` bytes of ``source`` from ``offset`` to ``fd``, 1 MiB at a time."""
+    end = offset + length
+    while offset < end:
+        data = os.pread(source, min(end - offset, 1 << 20), offset)
+        if not data:
+            raise OSError(errno.EIO, "the file to copy ended early")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        offset += len(data)
+
+
+def atomic_write(
+    path: Path, data: bytes, mode: int = 0o644, *, tail: tuple[int, int, int] | None = None
+) -> None:
     """Replace ``path`` with ``data`` (a new file of ``mode``): after a crash it
-    holds the old or the new bytes."""
+    holds the old or the new bytes.  ``tail``: ``(fd, offset, length)``, bytes
+    of an open file written after ``data``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.unlink(missing_ok=True)  # a leftover; and nothing planted there is written through
@@ -111,6 +128,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         while view:
             written = os.write(fd, view)
             view = view[written:]
+        if tail is not None:
+            _copy(*tail, fd)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

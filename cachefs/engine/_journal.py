@@ -143,6 +143,48 @@ class Journal:
         self._start(fmt.EMPTY_VERSION if last else fmt.FORMAT_VERSION)
         self.checkpoints += 1
 
+    def mark(self) -> tuple[int, int]:
+        """Where the next record goes: its sequence number and offset
+        (:meth:`checkpoint_from`, :meth:`drop_from`)."""
+        with self._lock:
+            return self.next_seq, self._end
+
+    def checkpoint_from(self, mark: tuple[int, int]) -> None:
+        """Start a journal that holds only the records appended since ``mark``
+        (those before it are applied elsewhere): written beside the old one and
+        renamed over it, so that if it cannot be (StoreFullError or another
+        CachefsError), the old one stays whole."""
+        seq, offset = mark
+        with self._lock, self._sync_lock:
+            header = fmt.encode_header(seq, fmt.FORMAT_VERSION)
+            kept = self._end - offset
+            try:
+                fault("journal.checkpoint")
+                atomic_write(self.path, header, tail=(self._fd, offset, kept))
+                fd = os.open(self.path, os.O_RDWR)
+            except OSError as exc:
+                raise from_oserror(exc, f"checkpointing the journal {self.path}") from None
+            os.close(self._fd)
+            self._fd = fd
+            self.base_seq = seq
+            self._end = len(header) + kept
+            self._records = []
+            self.synced_seq = self.next_seq - 1
+        self.checkpoints += 1
+
+    def drop_from(self, mark: tuple[int, int]) -> None:
+        """Take back the records appended since ``mark`` (none of them was
+        needed by anything yet: a carry-over that failed half way)."""
+        seq, offset = mark
+        with self._lock:
+            try:
+                os.ftruncate(self._fd, offset)
+            except OSError as exc:
+                raise from_oserror(exc, f"cutting the journal {self.path}") from None
+            self._end = offset
+            self.next_seq = seq
+            self.synced_seq = min(self.synced_seq, seq - 1)
+
     def number_from(self, seq: int) -> None:
         """Number the records from ``seq`` on (an empty journal started anew,
         whose numbering must stay above what the store recorded of an older

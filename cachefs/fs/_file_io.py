@@ -274,10 +274,7 @@ class FileIO:
                 if size not in (0, state.size):
                     self.journal.changing(state)
                     self.journal.truncate(state, size)
-                emptying = size == 0 and (state.size or state.base is not None or state.changed)
-                self.truncate_locked(state, size)
-                if emptying:
-                    self.journal.emptied(state)
+                self.truncate_locked(state, size, emptied=self.journal.emptied)
         except BaseException:
             state.publishing -= 1
             if state.opens == 0 and state.publishing == 0:
@@ -289,10 +286,13 @@ class FileIO:
             await self.publisher.publish(state, durable=False)
             self._drop_state(state)
 
-    def truncate_locked(self, state: OpenFile, size: int) -> None:
-        """Apply a truncation to a file whose lock the caller holds."""
+    def truncate_locked(
+        self, state: OpenFile, size: int, emptied: Callable[[OpenFile], None] | None = None
+    ) -> None:
+        """Apply a truncation to a file whose lock the caller holds (``emptied``:
+        see :func:`truncate_state`)."""
         self.publisher.streams.truncated(state, size)
-        truncate_state(self.store, self.namespace, state, size)
+        truncate_state(self.store, self.namespace, state, size, emptied)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self.handles[fh]
@@ -560,15 +560,28 @@ def _fitting(offset: int, data: bytes | memoryview) -> bytes | memoryview:
     return memoryview(data)[: MAX_FILE_SIZE - offset]
 
 
-def truncate_state(store: Store, namespace: Namespace, state: OpenFile, size: int) -> None:
+def truncate_state(
+    store: Store,
+    namespace: Namespace,
+    state: OpenFile,
+    size: int,
+    emptied: Callable[[OpenFile], None] | None = None,
+) -> None:
     """Apply a truncation to a file's state (its lock held, or in replay).  To
-    nothing, the common O_TRUNC case, drops the published content at once."""
+    nothing, the common O_TRUNC case, drops the published content at once, and
+    ``emptied`` (the journal's) is told of that before the file's spool is cut:
+    what was logged of the file before, which may name that spool's bytes, is
+    then never replayed over the empty file."""
     if size == 0:
         if state.size == 0 and state.base is None and not state.changed:
             return
         now = time.time_ns()
         store.freeing(lambda: namespace.clear_content(state.ino, now, now))
-        state.emptied()
+        try:
+            if emptied is not None:
+                emptied(state)
+        finally:
+            state.emptied()
         return
     if size == state.size:
         return

@@ -26,6 +26,7 @@ unpublished bytes are published and it restarts carrying over the rest
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -92,11 +93,11 @@ class FileJournal:
         self.journal.append(fmt.FILE_BASE, fmt.FILE_BASE_PAYLOAD.pack(state.ino, size, content))
 
     def emptied(self, state: OpenFile) -> None:
-        """A file was truncated to nothing, which dropped its content at once
-        (in the index): what was logged of it before must not be replayed over
-        that.  (Killed before this, a replay gives the file as it was before the
-        truncation, or empty.)"""
-        self._log_base(state)
+        """A file is being truncated to nothing, which dropped its content at
+        once (in the index): logged before its spool is cut, so that what was
+        logged of it before is not replayed over that.  (Killed before this, a
+        replay gives the file as it was before the truncation, or empty.)"""
+        self.journal.append(fmt.FILE_BASE, fmt.FILE_BASE_PAYLOAD.pack(state.ino, 0, NO_CONTENT))
 
     def write(self, state: OpenFile, offset: int, data: bytes | memoryview) -> None:
         head = fmt.FILE_WRITE_HEAD.pack(state.ino, offset, state.mtime_ns)
@@ -260,8 +261,10 @@ class FileJournal:
             # A spool cut shorter since gives what it has: a later record
             # truncates the file, or (a machine that crashed before the spool
             # reached its disk) the file ends where its bytes do, as a torn
-            # journal would leave it.
-            state.apply_write(offset, data)
+            # journal would leave it: nothing it lacks is written, not even
+            # the zeros up to the record's offset.
+            if data:
+                state.apply_write(offset, data)
         else:
             _, new_size, mtime = fmt.FILE_TRUNCATE_PAYLOAD.unpack_from(record.payload)
             truncate(state, new_size)
@@ -293,13 +296,23 @@ class FileJournal:
 
     def carry_over(self, files: Iterable[OpenFile]) -> None:
         """Restart the journal, logging again what is still unpublished (no
-        await in here: nothing may change meanwhile)."""
+        await in here: nothing may change meanwhile).  What is unpublished is
+        logged again at the end of the journal first, and the new journal is
+        made of those records alone, beside the old one: until it is whole,
+        the old one holds everything (a full disk half way takes back the
+        records logged again, whose new bases would hide the older ones)."""
         if not self.settle():
             raise CachefsError("unlinks that could not be committed are still in it")
-        self.journal.checkpoint()
-        for state in files:
-            if state.changed:
-                self._log_unpublished(state)
+        mark = self.journal.mark()
+        try:
+            for state in files:
+                if state.changed:
+                    self._log_unpublished(state)
+            self.journal.checkpoint_from(mark)
+        except BaseException:
+            with contextlib.suppress(CachefsError):
+                self.journal.drop_from(mark)
+            raise
 
     def _log_unpublished(self, state: OpenFile) -> None:
         """Log a changed file's unpublished content again, as if written anew

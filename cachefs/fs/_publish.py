@@ -196,13 +196,31 @@ class FilePublisher:
                     return
                 if not told:
                     self.on_written(state)
-                digest = await self.streams.take(state)  # ingested as it was written
-                if digest is None:
-                    digest = await self._store(state, durable=durable)
+                try:
+                    digest = await self.streams.take(state)  # ingested as it was written
+                    if digest is None:
+                        digest = await self._store(state, durable=durable)
+                except CachefsError:
+                    self._committed_anyway(state)
+                    raise
                 state.stored(digest)
                 self.on_published(state)
         finally:
             state.publishing -= 1
+
+    def _committed_anyway(self, state: OpenFile) -> None:
+        """A publication that failed once committed (the index's sync failed:
+        EIO, a full disk): the inode names the state's content now, and the
+        state takes that as its base, as if it had succeeded (its caller still
+        fails).  Else the writes logged after it would name a base the inode
+        no longer has, and a replay after the daemon dies would skip them."""
+        try:
+            committed = self.namespace.get(state.ino).digest
+        except CachefsError:
+            return
+        if committed != state.base:
+            log.warning("inode %d: its new content was committed, not made durable", state.ino)
+            state.stored(committed)
 
     def batchable(self, state: OpenFile) -> bool:
         """Whether a released file may wait to be published with others: new

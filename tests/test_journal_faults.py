@@ -1,0 +1,240 @@
+"""Writes that returned survive the death of the daemon through the moments a
+review found them lost or wrong (``cachefs/fs/_journal.py``, ``_publish.py``):
+a publication committed whose index sync failed, a carry-over of the journal
+that failed half way, a truncation to nothing killed in its middle, a spool
+that lost its tail.  A child process drives a running filesystem, arms fault
+or kill points and is killed (SIGKILL); the parent replays the journal."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cachefs.engine import ROOT_INODE, Store, check_store
+from cachefs.fs import Filesystem
+from tests.conftest import SMALL_CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = random.Random(4).randbytes(1 << 20)
+PIECE = 64 * 1024
+
+
+PRELUDE = textwrap.dedent(
+    """
+    import os, random, signal, stat, sys
+    import trio
+    from cachefs import faults
+    from cachefs.engine import ROOT_INODE, Store, CachefsError
+    from cachefs.fs import Filesystem, _journal, _streams
+    from tests.killpoints import die_at
+
+    _streams.STREAM_MIN = 256 * 1024
+    PIECE = 64 * 1024
+    DATA = random.Random(4).randbytes(1 << 20)
+
+    def kill():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    async def main(path):
+        store = Store.open(path)
+        fs = Filesystem(store, **FS_KW)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run)
+
+            async def create(name):
+                inode = fs.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
+                fh, _ = await fs.open(inode.ino, os.O_RDWR)
+                return inode.ino, fh
+
+            async def stream(fh, data, start=0):
+                for at in range(0, len(data), PIECE):
+                    await fs.write(fh, start + at, data[at : at + PIECE])
+                    await trio.sleep(0)
+
+    """
+)
+
+EPILOGUE = textwrap.dedent(
+    """
+            kill()
+
+    trio.run(main, sys.argv[1])
+    """
+)
+
+
+def run_child(store_path: Path, body: str, fs_kw: str = "{}") -> subprocess.CompletedProcess[str]:
+    Store.open(store_path, create=True, config=SMALL_CONFIG).close()
+    src = (
+        PRELUDE.replace("FS_KW", fs_kw) + textwrap.indent(textwrap.dedent(body), " " * 8) + EPILOGUE
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", src, str(store_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
+    return result
+
+
+def replayed(store_path: Path) -> dict[bytes, bytes]:
+    store = Store.open(store_path)
+    fs = Filesystem(store)
+    try:
+        out = {}
+        for name, inode in fs.namespace.entries(ROOT_INODE):
+            out[name] = b"" if inode.digest is None else store.read(inode.digest)
+        assert check_store(store).clean
+        return out
+    finally:
+        fs.close()
+        store.close()
+
+
+def test_a_write_after_a_publication_whose_index_sync_failed_survives(store_path: Path) -> None:
+    """A publication committed whose index fdatasync failed (EIO): fsync
+    fails; a later write returns; kill -9: the write is replayed over the
+    content that was committed (which the journal's next base names)."""
+    run_child(
+        store_path,
+        """
+        ino, fh = await create(b"f")
+        await fs.write(fh, 0, DATA[:PIECE])
+        faults.arm("index.sync", "eio")
+        try:
+            await fs.fsync(fh)
+        except CachefsError as exc:
+            print("fsync failed:", exc)
+        else:
+            raise SystemExit("fsync did not fail")
+        faults.disarm()
+        n = await fs.write(fh, PIECE, b"X" * 100)
+        assert n == 100
+    """,
+    )
+    got = replayed(store_path)[b"f"]
+    assert got == DATA[:PIECE] + b"X" * 100, (len(got), got == DATA[:PIECE])
+
+
+def test_a_streamed_file_killed_while_emptied_is_as_before_or_empty(store_path: Path) -> None:
+    """A streamed file truncated to 0, the daemon killed in the middle (the
+    index dropped the content; the empty base is not logged yet, the spool
+    not cut yet): replayed whole or empty, never its first bytes and zeros."""
+    run_child(
+        store_path,
+        """
+        ino, fh = await create(b"f")
+        await stream(fh, DATA)
+        assert fs.files.get(ino).spool_id is not None
+        die_at(_journal.FileJournal, "emptied")
+        await fs.truncate(ino, 0)
+    """,
+    )
+    got = replayed(store_path)[b"f"]
+    assert got in (DATA, b""), len(got)
+
+
+def test_a_spool_that_lost_its_tail_ends_the_file_where_its_bytes_do(store_path: Path) -> None:
+    """The spool lost its tail (a crash of the machine before it reached the
+    disk, the journal synced by another file's fsync): the file ends where
+    the spool's bytes do, with no zeros up to the records' offsets."""
+    run_child(
+        store_path,
+        """
+        ino, fh = await create(b"f")
+        await stream(fh, DATA)
+    """,
+    )
+    (spool,) = (store_path / "journal" / "spools").iterdir()
+    with open(spool, "r+b") as f:
+        f.truncate(400 * 1024)
+    got = replayed(store_path)[b"f"]
+    assert got == DATA[: 400 * 1024], len(got)
+
+
+def test_a_write_after_a_streamed_publication_whose_index_sync_failed_survives(
+    store_path: Path,
+) -> None:
+    run_child(
+        store_path,
+        """
+        ino, fh = await create(b"f")
+        await stream(fh, DATA)
+        assert fs.files.get(ino).stream is not None
+        faults.arm("index.sync", "eio")
+        try:
+            await fs.fsync(fh)
+        except CachefsError as exc:
+            print("fsync failed:", exc)
+        else:
+            raise SystemExit("fsync did not fail")
+        faults.disarm()
+        assert await fs.write(fh, len(DATA), b"X" * 100) == 100
+    """,
+    )
+    got = replayed(store_path)[b"f"]
+    assert got == DATA + b"X" * 100, (len(got), got == DATA)
+
+
+def test_a_streamed_file_written_every_other_way_after_is_replayed(store_path: Path) -> None:
+    """Two handles, an overwrite inside what streamed, an append, a truncation,
+    a write past the end, and streaming again from further on."""
+    run_child(
+        store_path,
+        """
+        ino, fh = await create(b"f")
+        await stream(fh, DATA)
+        fh2, _ = await fs.open(ino, os.O_RDWR)
+        await fs.write(fh2, 100_000, b"A" * 5000)          # overwrite inside the streamed part
+        await fs.write(fh, len(DATA), b"B" * 70_000)        # append
+        await fs.truncate(ino, 900_000)
+        await fs.write(fh2, 950_000, b"C" * 10)             # past the end
+        await stream(fh, DATA[:300_000], start=960_000)
+    """,
+    )
+    exp = bytearray(DATA)
+    exp[100_000:105_000] = b"A" * 5000
+    exp += b"B" * 70_000
+    del exp[900_000:]
+    exp += bytes(50_000) + b"C" * 10
+    exp += bytes(960_000 - len(exp)) + DATA[:300_000]
+    got = replayed(store_path)[b"f"]
+    assert got == bytes(exp)
+
+
+@pytest.mark.parametrize(
+    ("point", "at"),
+    [("journal.append", 1), ("journal.append", 3), ("journal.checkpoint", 1)],
+    ids=["first-record", "half-way", "new-journal"],
+)
+def test_a_carry_over_that_fails_loses_no_write(store_path: Path, point: str, at: int) -> None:
+    """The journal restarts carrying over the unpublished writes, and the disk
+    is full: logging them again (at once, or half way, after a new base was
+    logged), or writing the new journal.  The old journal stays whole; the
+    mount goes on, a later write returns; kill -9."""
+    run_child(
+        store_path,
+        f"""
+        ino, fh = await create(b"f")
+        for at in reversed(range(0, 300 * 1024, PIECE)):  # never streams: logged whole
+            await fs.write(fh, at, DATA[at : at + PIECE])
+        faults.arm("{point}", "enospc", at={at})
+        await fs.io._carry_over()   # what a write past log_limit starts; it logs the error
+        faults.disarm()
+        assert fs.files.get(ino).changed
+        assert await fs.write(fh, 300 * 1024, b"X" * 100) == 100
+    """,
+    )
+    got = replayed(store_path)[b"f"]
+    exp = bytearray(DATA[: 320 * 1024])
+    exp[300 * 1024 : 300 * 1024 + 100] = b"X" * 100
+    assert got == bytes(exp), len(got)
