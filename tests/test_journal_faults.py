@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.engine import ROOT_INODE, Store, check_store
-from cachefs.fs import Filesystem
+from cachefs.engine import Store
 from tests.conftest import SMALL_CONFIG
+from tests.test_spooled_journal import replayed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = random.Random(4).randbytes(1 << 20)
@@ -84,20 +84,6 @@ def run_child(store_path: Path, body: str, fs_kw: str = "{}") -> subprocess.Comp
     )
     assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
     return result
-
-
-def replayed(store_path: Path) -> dict[bytes, bytes]:
-    store = Store.open(store_path)
-    fs = Filesystem(store)
-    try:
-        out = {}
-        for name, inode in fs.namespace.entries(ROOT_INODE):
-            out[name] = b"" if inode.digest is None else store.read(inode.digest)
-        assert check_store(store).clean
-        return out
-    finally:
-        fs.close()
-        store.close()
 
 
 def test_a_write_after_a_publication_whose_index_sync_failed_survives(store_path: Path) -> None:
