@@ -13,14 +13,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest.mock import Mock
 
 import pytest
 import trio
 
 from cachefs.engine import ROOT_INODE, Digest, Store, drop_held
-from cachefs.errors import RemoteError
+from cachefs.errors import RemoteError, StoreFullError
 from cachefs.fs import Filesystem, _fetch_ahead
-from cachefs.remote import Tier, _transfer
+from cachefs.fuse import Operations
+from cachefs.remote import Tier, _tiers, _transfer
 from tests.conftest import SMALL_CONFIG
 from tests.test_tiers import PUSHING, Verifying, drain
 
@@ -309,3 +311,63 @@ async def test_an_unexpected_error_in_a_fetch_is_logged_and_the_mount_goes_on(
         await fetched(fs)
         assert fs.io.ahead._fetches == {}
         assert not store.needs_fsck and store.corruptions == 0
+
+
+@pytest.mark.parametrize("size", [100_000, 1_000_000], ids=["published-on-the-loop", "in-a-thread"])
+async def test_a_file_dropped_here_changed_in_place_is_published(tmp_path: Path, size: int) -> None:
+    """``echo >> f`` of a file whose chunks were dropped here: the
+    publication reads its old content from the tier (a small one too, which
+    is published on the event loop, where the tiers are not asked: it moves
+    to a worker thread), fsync and close succeed, no damage is recorded."""
+    remote = Verifying("mem")
+    data = os.urandom(size)
+    with Store.open(tmp_path / "s", create=True, config=SMALL_CONFIG, options=PUSHING) as store:
+        fs = Filesystem(store, tiers=[Tier(remote, durable=True)])
+        try:
+            ops = Operations(fs)
+            inode = fs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
+            fh, _ = await fs.open(inode.ino, os.O_RDWR)
+            await fs.write(fh, 0, data)
+            await fs.release(fh)
+            await fs.flush_all()
+            assert fs.remote.pusher is not None
+            drain(fs.remote.pusher)
+            assert drop_held(store, 0, fs.remote.tiers.held).chunks > 0
+            store.chunks.cache.clear()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fs.run)
+                fh, _ = await fs.open(inode.ino, os.O_RDWR)
+                await fs.write(fh, 10, b"XYZ")
+                await ops.fsync(fh, False)
+                await fs.write(fh, 20, b"ABC")
+                await ops.release(fh)
+                await fs.flush_all()
+                nursery.cancel_scope.cancel()
+            assert not store.needs_fsck and store.corruptions == 0
+            expected = data[:10] + b"XYZ" + data[13:20] + b"ABC" + data[23:]
+            assert store.read(fs.digest_of(inode.ino)) == expected
+        finally:
+            fs.close()
+
+
+async def test_a_read_of_chunks_dropped_here_is_served_when_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tier gives the chunks, the store cannot keep them (its disk is
+    full): the read is served all the same (the bytes are right), as the
+    engine's own reads are, instead of failing with ENOSPC."""
+    async with dropped_file(tmp_path, monkeypatch) as d:
+        full = StoreFullError("no space left on device")
+        monkeypatch.setattr(_tiers, "restore_chunks", Mock(side_effect=full))
+        monkeypatch.setattr(_tiers, "heal_chunk", Mock(side_effect=full))
+        ops = Operations(d.fs)
+        fh, _ = await d.fs.open(d.ino, os.O_RDONLY)
+        try:
+            with trio.fail_after(20):
+                for offset in (0, 4096, SIZE // 2, SIZE - 8192):
+                    got = await ops.read(fh, offset, 4096)
+                    assert bytes(got) == d.data[offset : offset + 4096]
+        finally:
+            await d.fs.release(fh)
+        assert here(d.store, d.digest) == 0  # nothing could be stored
+        assert not d.store.needs_fsck and d.store.corruptions == 0

@@ -98,6 +98,11 @@ class ChunkCache:
                 self._items.move_to_end(key)
             return value
 
+    def __contains__(self, key: bytes) -> bool:
+        """Whether ``key`` is cached (neither a hit nor a miss counted)."""
+        with self._lock:
+            return key in self._items
+
     def put(self, key: bytes, value: bytes | memoryview) -> None:
         if len(value) > self.capacity:
             return
@@ -173,7 +178,11 @@ class LocalChunks:
     def read_chunks(self, digests: Sequence[bytes]) -> Iterator[bytes | memoryview]:
         with self.index.read() as txn:
             entries = [self.index.get_chunk(txn, digest) for digest in digests]
-        remote = [(d, e.raw_len) for d, e in zip(digests, entries, strict=True) if e and e.remote]
+        remote = [
+            (d, e.raw_len)
+            for d, e in zip(digests, entries, strict=True)
+            if e and e.remote and d not in self.cache  # (one that could not be stored here)
+        ]
         if remote and self.restorer is not None:  # fetched together, not one by one
             try:
                 self.restorer(remote)

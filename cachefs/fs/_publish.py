@@ -45,7 +45,7 @@ import trio
 
 from cachefs import tracing
 from cachefs.engine import CachefsError, CorruptDataError, Digest, FsError, Namespace, Store
-from cachefs.errors import from_oserror
+from cachefs.errors import HealElsewhere, from_oserror
 from cachefs.fs._files import OpenFile
 from cachefs.fs._streams import Hook, Streams
 
@@ -295,7 +295,13 @@ class FilePublisher:
             # Cheaper than a hop to a worker thread and back (and than the wait
             # for the GIL that the hop would cost the loop); not while files
             # stream, whose appended bytes the publication's sync would wait for.
-            return store()
+            try:
+                return store()
+            except HealElsewhere:
+                # Its old content needs the tiers (a chunk dropped here under
+                # --local-max-size, or damaged), which are asked off this
+                # thread: stored there instead (nothing was published).
+                pass
         return await trio.to_thread.run_sync(store, limiter=self.limiter)
 
     async def flush_all(self, files: Iterable[OpenFile]) -> None:
