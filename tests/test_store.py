@@ -1356,6 +1356,7 @@ ERROR_TABLE: dict[type[CachefsError], tuple[int, int, bool]] = {
     errors.FsError: (errno.ENOENT, 1, False),
     errors.DigestMismatchError: (errno.EINVAL, 4, True),
     errors.RemoteError: (errno.EIO, 9, True),
+    errors.RemoteRecordError: (errno.EIO, 9, True),
     errors.HealElsewhere: (errno.EIO, 4, True),
 }
 
