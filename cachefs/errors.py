@@ -41,6 +41,9 @@ class CachefsError(Exception):
     errno: int = _errno.EIO
     exit_code: int = 1
     default_hint: str = ""
+    #: Set on an error met once a publication had committed (the index's
+    #: sync after it): what it published is in the index, not durable.
+    committed: bool = False
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)

@@ -350,16 +350,28 @@ async def test_a_file_dropped_here_changed_in_place_is_published(tmp_path: Path,
             fs.close()
 
 
+@pytest.mark.parametrize("cache", [None, 64 << 10], ids=["cache", "small-cache"])
 async def test_a_read_of_chunks_dropped_here_is_served_when_the_disk_is_full(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: int | None
 ) -> None:
     """The tier gives the chunks, the store cannot keep them (its disk is
     full): the read is served all the same (the bytes are right), as the
-    engine's own reads are, instead of failing with ENOSPC."""
+    engine's own reads are, instead of failing with ENOSPC; fetching only
+    what the read needs, which a small cache of decoded chunks holds too."""
     async with dropped_file(tmp_path, monkeypatch) as d:
+        if cache is not None:
+            d.store.chunks.cache.capacity = cache  # --memory-limit 512K: an eighth of it
         full = StoreFullError("no space left on device")
         monkeypatch.setattr(_tiers, "restore_chunks", Mock(side_effect=full))
         monkeypatch.setattr(_tiers, "heal_chunk", Mock(side_effect=full))
+        healer, asked = d.store.chunks.healer, []
+        assert healer is not None
+
+        def counted(chunk: bytes, size: int) -> bytes | None:
+            asked.append(chunk)
+            return healer(chunk, size)
+
+        d.store.chunks.healer = counted
         ops = Operations(d.fs)
         fh, _ = await d.fs.open(d.ino, os.O_RDONLY)
         try:
@@ -369,5 +381,7 @@ async def test_a_read_of_chunks_dropped_here_is_served_when_the_disk_is_full(
                     assert bytes(got) == d.data[offset : offset + 4096]
         finally:
             await d.fs.release(fh)
+        # Only the chunks each read needs: at most 4 KiB / their least size, and one.
+        assert len(asked) <= 4 * ((4 << 10) // SMALL_CONFIG.chunking.min_size + 1)
         assert here(d.store, d.digest) == 0  # nothing could be stored
         assert not d.store.needs_fsck and d.store.corruptions == 0

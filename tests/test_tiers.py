@@ -1338,7 +1338,7 @@ async def three_wait_for_one(
             for _ in range(3):
                 nursery.start_soon(wait)
             await trio.testing.wait_all_tasks_blocked()
-            done, _ = fs.shared._resolving[top, b"f"]
+            done, _ = fs.shared._resolving[top, b"f", True]
             assert done.statistics().tasks_waiting == 3
             meanwhile()
             remote.go.set()

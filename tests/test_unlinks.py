@@ -277,6 +277,34 @@ async def test_an_open_file_replaced_while_its_other_name_waits_goes_once_closed
     assert check_store(fs.store).clean
 
 
+async def test_an_rm_of_files_with_two_names_each_commits_them_together(
+    fs: Filesystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rm d/*`` where every file has a second name beside the first: the
+    unlink of a file's other name commits nothing first (only a rename over
+    a file whose other name waits does)."""
+    d = fs.create(ROOT_INODE, b"d", DIR, 0, 0)
+    names = []
+    for i in range(50):
+        inode = await _file(fs, d.ino, b"f%03d" % i)
+        fs.link(inode.ino, d.ino, b"f%03d.link" % i)
+        names += [b"f%03d" % i, b"f%03d.link" % i]
+    commits = 0
+    real = fs.lookups.commit_unlinks
+
+    def counting() -> None:
+        nonlocal commits
+        commits += bool(fs.lookups._unlinked)
+        real()
+
+    monkeypatch.setattr(fs.lookups, "commit_unlinks", counting)
+    for name in names:
+        fs.unlink(d.ino, name)
+    assert commits == 0
+    fs.lookups.flush()
+    assert commits == 1 and fs.namespace.entries(d.ino) == []
+
+
 async def test_unlinks_that_cannot_be_committed_fail_what_needs_them(
     fs: Filesystem, monkeypatch: pytest.MonkeyPatch
 ) -> None:

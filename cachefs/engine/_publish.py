@@ -192,10 +192,17 @@ class Publisher:
             raise
         if self.pushes is not None:
             self.pushes.ended(True)
+        failure: CachefsError | None = None
         if sync:
-            self.index.sync()
+            try:
+                self.index.sync()
+            except CachefsError as exc:  # committed all the same: the callers must know
+                exc.committed = True
+                failure = exc
         self.segments.forget_pending(d for obj in objects for d in obj.locations)
         self.segments.published(dirty)
+        if failure is not None:
+            raise failure
 
     def _publish_one(
         self,

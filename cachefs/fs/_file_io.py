@@ -355,8 +355,14 @@ class FileIO:
             except CachefsError as exc:  # e.g. the disk is full: nothing could be stored
                 failure = exc
         if self.store.chunks.held_remotely(missing.digest):
-            if failure is not None and await trio.to_thread.run_sync(self._unstored, wanted):
-                return  # served from the tiers' bytes, kept in the chunk cache
+            if (
+                failure is not None
+            ):  # the disk here cannot keep them (full): serve them all the same
+                needed = [(missing.digest, missing.length)]
+                if digest is not None:
+                    needed = self.store.reader.held_remotely(digest, offset, end - offset) or needed
+                if await trio.to_thread.run_sync(_unstored, self.store, needed):
+                    return
             if failure is not None:
                 failure.message = f"{missing.message}; storing it here failed: {failure.message}"
                 raise failure
@@ -364,24 +370,6 @@ class FileIO:
                 f"{missing.message}, and none of them gave it",
                 hint="check the remote tiers (`cachefs stats` shows their state)",
             )
-
-    def _unstored(self, wanted: list[tuple[bytes, int]]) -> bool:
-        """The chunks ``wanted`` (the first of them a read's), from the tiers
-        into the cache of decoded chunks, where a read of a chunk held remotely
-        looks first: they could not be stored here (a full disk), and the
-        read is served all the same.  Whether the first came (a worker thread)."""
-        healer = self.store.chunks.healer
-        if healer is None:
-            return False
-        for i, (digest, length) in enumerate(wanted):
-            try:
-                data = healer(digest, length)  # verified; storing it fails, and is logged
-            except CachefsError:
-                data = None
-            if data is None:
-                return i > 0
-            self.store.chunks.cache.put(digest, data)
-        return True
 
     async def _read(self, handle: Handle, offset: int, size: int) -> bytes | memoryview:
         if isinstance(handle, CommandHandle):
@@ -568,6 +556,25 @@ class FileIO:
             self.store.reserve.ensure()
         if not self._carrying_over:
             self.journal.restart(self.files)
+
+
+def _unstored(store: Store, chunks: list[tuple[bytes, int]]) -> bool:
+    """Chunks held remotely that a read needs, from the tiers into the cache
+    of decoded chunks, where a read of such a chunk looks first: they could
+    not be stored here (a full disk), and the read is served all the same.
+    Whether the cache holds them all now (a worker thread)."""
+    healer, cache = store.chunks.healer, store.chunks.cache
+    if healer is None:
+        return False
+    for digest, length in chunks:
+        try:
+            data = healer(digest, length)  # verified; storing it fails, and is logged
+        except CachefsError:
+            return False
+        if data is None:
+            return False
+        cache.put(digest, data)
+    return all(digest in cache for digest, _ in chunks)
 
 
 def _fitting(offset: int, data: bytes | memoryview) -> bytes | memoryview:

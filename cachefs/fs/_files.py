@@ -84,6 +84,9 @@ class OpenFile:
     spool_id: int | None = None
     spool_path: Path | None = None
     spool_was_named: bool = False
+    #: What the publication under way put in the inode, in its transaction
+    #: (a one-tuple: the content may be none), if it got that far.
+    committing: tuple[Digest | None] | None = None
 
     # --- extents ------------------------------------------------------------------
 

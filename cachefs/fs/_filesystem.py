@@ -36,6 +36,7 @@ Concurrency invariants (all state below is touched only on the trio thread):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -411,11 +412,10 @@ class Filesystem:
         in_use = set()
         moved = self.namespace.get(self.namespace.lookup(old_parent, old_name))
         target: Inode | None = None
-        try:
+        with contextlib.suppress(FsError):
             target = self.namespace.get(self.namespace.lookup(new_parent, new_name))
-        except FsError:
-            pass
-        else:
+        if target is not None:
+            self.lookups.replacing(target.ino)  # the unlinks of its other names, first
             if self.lookups.in_use(target.ino):
                 in_use.add(target.ino)
         replaced = self.store.freeing(

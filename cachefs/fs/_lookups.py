@@ -170,26 +170,31 @@ class Lookups:
 
     def changing(self, ino: int, name: bytes | None = None) -> None:
         """Commit the unlinks before a change: of entry ``name`` of directory
-        ``ino`` (made, renamed, replaced, removed), that name's, and those of
-        the file it names (replaced by a rename, that file may lose its last
-        name: it is an orphan then, or deleted); of file ``ino`` (its
-        attributes, links or content), its own; of a directory, or of an entry
-        that names one (its times; emptiness; made a cache or moved into one,
-        which counts what is below it), all."""
+        ``ino`` (made, renamed, replaced, removed), that name's; of file ``ino``
+        (its attributes, links or content), its own; of a directory, or of an
+        entry that names one (its times; emptiness; made a cache or moved into
+        one, which counts what is below it), all.  (A file replaced by a
+        rename: :meth:`replacing`.)"""
         if not self._unlinked:
             return
         pending = ino in self._unlinked_in if name is None else (ino, name) in self._unlinked
         # (an open file is no directory: a write needs no read of the index here)
         maybe_dir = name is not None or self.files.get(ino) is None
-        if pending or (maybe_dir and self._depends(ino, name)):
+        if pending or (maybe_dir and self._is_dir(ino, name)):
             self.commit_unlinks()
 
-    def _depends(self, ino: int, name: bytes | None) -> bool:
-        """Whether ``ino`` (with ``name``: its entry ``name``) is a directory,
-        or a file of which an unlink is not committed."""
+    def replacing(self, ino: int) -> None:
+        """Commit the unlinks before a rename replaces ``ino``, if one of its
+        other names waits (a file may lose its last name then: an orphan, or
+        deleted, which the rename must see) or one in it (a directory)."""
+        if self._unlinked and ino in self._unlinked_in:
+            self.commit_unlinks()
+
+    def _is_dir(self, ino: int, name: bytes | None) -> bool:
+        """Whether ``ino`` (with ``name``: its entry ``name``) is a directory."""
         try:
             found = ino if name is None else self.namespace.lookup(ino, name)
-            return found in self._unlinked_in or self.namespace.get(found).is_dir
+            return self.namespace.get(found).is_dir
         except FsError:
             return False  # not there (a new name), or the change fails on its own
 

@@ -128,6 +128,7 @@ class FilePublisher:
             # The times as they are when the publication commits: a utimensat()
             # that came in meanwhile (rsync does one right after close) wins.
             namespace.set_content(txn, state.ino, digest, state.mtime_ns, state.ctime_ns)
+            state.committing = (digest,)
 
         return hook
 
@@ -142,8 +143,13 @@ class FilePublisher:
         store = self.store
         if state.size == 0:
             self.namespace.clear_content(state.ino, state.mtime_ns, state.ctime_ns)
+            state.committing = (None,)
             if durable:
-                store.sync()
+                try:
+                    store.sync()
+                except CachefsError as exc:
+                    exc.committed = True
+                    raise
             return None
         hook = self.hook(state)
         base = state.base
@@ -178,7 +184,13 @@ class FilePublisher:
 
     def publish_now(self, state: OpenFile) -> None:
         """Store a state's content durably, here and now (journal replay)."""
-        state.stored(self.store_content(state, durable=True))
+        state.committing = None
+        try:
+            digest = self.store_content(state, durable=True)
+        except CachefsError as exc:
+            self._committed_anyway(state, exc)
+            raise
+        state.stored(digest)
 
     async def publish(self, state: OpenFile, *, durable: bool, told: bool = False) -> None:
         """Store the file's new content and point its inode at it (``on_written``
@@ -196,31 +208,30 @@ class FilePublisher:
                     return
                 if not told:
                     self.on_written(state)
+                state.committing = None
                 try:
                     digest = await self.streams.take(state)  # ingested as it was written
                     if digest is None:
                         digest = await self._store(state, durable=durable)
-                except CachefsError:
-                    self._committed_anyway(state)
+                except CachefsError as exc:
+                    self._committed_anyway(state, exc)
                     raise
                 state.stored(digest)
                 self.on_published(state)
         finally:
             state.publishing -= 1
 
-    def _committed_anyway(self, state: OpenFile) -> None:
+    @staticmethod
+    def _committed_anyway(state: OpenFile, exc: CachefsError) -> None:
         """A publication that failed once committed (the index's sync failed:
-        EIO, a full disk): the inode names the state's content now, and the
-        state takes that as its base, as if it had succeeded (its caller still
+        EIO, a full disk): the inode names what it published, and the state
+        takes that as its base, as if it had succeeded (its caller still
         fails).  Else the writes logged after it would name a base the inode
         no longer has, and a replay after the daemon dies would skip them."""
-        try:
-            committed = self.namespace.get(state.ino).digest
-        except CachefsError:
-            return
-        if committed != state.base:
+        if exc.committed and state.committing is not None:
             log.warning("inode %d: its new content was committed, not made durable", state.ino)
-            state.stored(committed)
+            state.stored(state.committing[0])
+        state.committing = None
 
     def batchable(self, state: OpenFile) -> bool:
         """Whether a released file may wait to be published with others: new
@@ -256,6 +267,8 @@ class FilePublisher:
                 elif state.changed:
                     left.append(state)
             if len(batch) > 1:
+                for state in batch:
+                    state.committing = None
                 digests = await self._store_together(batch, trace)
                 for state, digest in zip(batch, digests, strict=True):
                     state.stored(digest)
@@ -263,10 +276,13 @@ class FilePublisher:
             else:
                 left += batch
         except (CachefsError, OSError) as exc:  # e.g. the disk is full: each alone tells
+            if isinstance(exc, CachefsError):
+                for state in batch:
+                    self._committed_anyway(state, exc)  # (then published already: not left)
             if isinstance(exc, CorruptDataError):
                 raise  # damage: the caller tells the store; the files keep their writes
             log.info("publishing %d files together failed (%s): one at a time", len(batch), exc)
-            left += batch
+            left += [state for state in batch if state.changed]
         finally:
             for state in taken:
                 state.lock.release()

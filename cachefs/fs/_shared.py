@@ -103,9 +103,10 @@ class SharedDirs(FsEvents):
         self._private: set[tuple[int, str]] = set()
         #: (share, directory) -> whether the tiers have it, and since when.
         self._directories: dict[tuple[str, str], tuple[bool, float]] = {}
-        #: (directory, name) being resolved: set when that is done, and its
-        #: answer (none: no answer, a tier failed or it was cancelled).
-        self._resolving: dict[tuple[int, bytes], tuple[trio.Event, list[bool]]] = {}
+        #: (directory, name, whether a directory may be made) being resolved:
+        #: set when that is done, and its answer (none: no answer, a tier
+        #: failed or it was cancelled).
+        self._resolving: dict[tuple[int, bytes, bool], tuple[trio.Event, list[bool]]] = {}
         #: (shared directory, directory in it) -> the latter's path relative to
         #: the former (inodes are never reused; forgotten when a directory
         #: moves: ``_moves`` counts those).
@@ -300,7 +301,7 @@ class SharedDirs(FsEvents):
         entry makes nothing (a miss)."""
         if not self.tiers.readers:
             return False
-        key = (parent, name)
+        key = (parent, name, directory)
         running = self._resolving.get(key)
         if running is not None:
             done, answer = running

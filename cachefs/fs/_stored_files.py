@@ -120,7 +120,9 @@ class StoredFiles:
     def _gone_in(self, txn: lmdb.Transaction | None) -> Callable[[int, bytes], bool]:
         """Whether an entry is unlinked, for lookups in ``txn`` (of :meth:`reading`)."""
         gone = None if txn is None else self._gone.get(txn)
-        return self._unlinked if gone is None else lambda p, n: (p, n) in gone
+        if gone is None:
+            return self._unlinked
+        return lambda p, n: (p, n) in gone or self._unlinked(p, n)  # (or unlinked since)
 
     def lookup_path(
         self, parts: Sequence[bytes], txn: lmdb.Transaction | None = None
