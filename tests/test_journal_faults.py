@@ -7,16 +7,22 @@ or kill points and is killed (SIGKILL); the parent replays the journal."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
+import trio
 
-from cachefs.engine import Store
+from cachefs import faults
+from cachefs.engine import ROOT_INODE, CachefsError, Store
+from cachefs.fs import Filesystem, _lookups
 from tests.conftest import SMALL_CONFIG
 from tests.test_spooled_journal import replayed
 
@@ -330,3 +336,75 @@ def test_a_write_after_a_replay_committed_unsynced_survives(store_path: Path) ->
     assert "ADOPTED True" in r.stdout
     got = replayed(store_path)[b"f"]
     assert got == b"A" * 1000 + b"X" * 100, len(got)
+
+
+async def test_an_aborted_group_commit_is_not_taken_as_committed(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group commit whose transaction fails, shared by a large file's
+    publication (a worker thread) and an empty file's fsync (its sync after
+    its own commit): the empty file's error says "committed", the large
+    file's does not, and the large file keeps its writes."""
+    monkeypatch.setattr(_lookups, "RELEASE_DELAY", 3600.0)
+    async with trio.open_nursery() as running:
+        fs = Filesystem(store)
+        await running.start(fs.run)
+        await _aborted_group_commit(fs)
+        running.cancel_scope.cancel()
+    fs.close()
+
+
+async def _aborted_group_commit(fs: Filesystem) -> None:
+    data = random.Random(1).randbytes(300 * 1024)  # > INLINE_PUBLISH: a worker thread
+    a = fs.create(ROOT_INODE, b"a", stat.S_IFREG | 0o644, 0, 0)
+    fha, _ = await fs.open(a.ino, os.O_RDWR)
+    assert await fs.write(fha, 0, data) == len(data)
+    b = fs.create(ROOT_INODE, b"b", stat.S_IFREG | 0o644, 0, 0)
+    fhb, _ = await fs.open(b.ino, os.O_RDWR)
+    await fs.write(fhb, 0, b"")  # changed, empty
+    sa, sb = fs.files.get(a.ino), fs.files.get(b.ino)
+    assert sa is not None and sb is not None
+    assert sa.changed and sb.changed and sb.size == 0
+
+    publisher = fs.store.publisher
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with publisher.commit_lock:
+            held.set()
+            release.wait(10)
+
+    threading.Thread(target=hold, daemon=True).start()
+    held.wait(5)
+    errors: list[CachefsError] = []
+
+    async def publish_a() -> None:
+        try:
+            await fs.publisher.publish(sa, durable=False)
+        except CachefsError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publish_a)
+        for _ in range(500):  # a's ticket queued, its thread waits for the lock
+            if publisher._queue:
+                break
+            await trio.sleep(0.01)
+        assert len(publisher._queue) == 1
+        faults.arm("index.commit", "eio", at=2)  # 1: b's clear_content; 2: the group commit
+        threading.Timer(0.3, release.set).start()
+        try:
+            await fs.fsync(fhb)  # on this thread: b's ticket joins a's
+        except CachefsError as exc:
+            errors.append(exc)
+        finally:
+            faults.disarm()
+    assert len(errors) == 2 and errors[0] is not errors[1]
+    assert [e.committed for e in errors] in ([False, True], [True, False])
+    inode = fs.namespace.get(a.ino)
+    # The transaction was aborted: the inode does not name a's new content...
+    assert inode.digest is None
+    # ...so a's state must still hold its writes.
+    assert sa.changed, "a's state took the aborted commit's content as published"
+    got = await fs.read(fha, 0, len(data))
+    assert bytes(got) == data

@@ -34,6 +34,7 @@ meanwhile.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import os
@@ -147,9 +148,10 @@ class FilePublisher:
             if durable:
                 try:
                     store.sync()
-                except CachefsError as exc:
-                    exc.committed = True
-                    raise
+                except CachefsError as exc:  # (shared by a group commit's publications)
+                    failure = copy.copy(exc)
+                    failure.committed = True
+                    raise failure from exc
             return None
         hook = self.hook(state)
         base = state.base
