@@ -232,6 +232,21 @@ def test_a_carry_over_that_fails_loses_no_write(store_path: Path, point: str, at
     assert got == bytes(exp), len(got)
 
 
+#: Child code: files "a" and "b" published together, committed, their index
+#: sync failing (EIO); then "a" written again (``fh1``, its state ``s1``).
+BATCH_COMMITTED_UNSYNCED = """
+    ino1, fh1 = await create(b"a")
+    ino2, fh2 = await create(b"b")
+    await fs.write(fh1, 0, b"A" * 1000)
+    await fs.write(fh2, 0, b"B" * 1000)
+    s1, s2 = fs.files.get(ino1), fs.files.get(ino2)
+    faults.arm("index.sync", "eio")
+    await fs.publisher.publish_together([s1, s2])
+    faults.disarm()
+    assert await fs.write(fh1, 1000, b"X" * 100) == 100
+"""
+
+
 def test_a_write_after_a_batch_committed_unsynced_survives_a_failed_publication(
     store_path: Path,
 ) -> None:
@@ -241,26 +256,18 @@ def test_a_write_after_a_batch_committed_unsynced_survives_a_failed_publication(
     commit for this one)."""
     r = run_child(
         store_path,
-        """
-        ino1, fh1 = await create(b"a")
-        ino2, fh2 = await create(b"b")
-        await fs.write(fh1, 0, b"A" * 1000)
-        await fs.write(fh2, 0, b"B" * 1000)
-        s1, s2 = fs.files.get(ino1), fs.files.get(ino2)
-        faults.arm("index.sync", "eio")
-        left = await fs.publisher.publish_together([s1, s2])
-        faults.disarm()
-        assert await fs.write(fh1, 1000, b"X" * 100) == 100
-        faults.arm("segment.append", "eio", repeat=True)
-        try:
-            await fs.publisher.publish(s1, durable=False)
-        except CachefsError as exc:
-            print("publish failed:", exc)
-        faults.disarm()
-        got = await fs.read(fh1, 0, 4096)
-        assert bytes(got) == b"A" * 1000 + b"X" * 100, len(got)
-        print("READ OK", flush=True)
-    """,
+        BATCH_COMMITTED_UNSYNCED
+        + """
+    faults.arm("segment.append", "eio", repeat=True)
+    try:
+        await fs.publisher.publish(s1, durable=False)
+    except CachefsError as exc:
+        print("publish failed:", exc)
+    faults.disarm()
+    got = await fs.read(fh1, 0, 4096)
+    assert bytes(got) == b"A" * 1000 + b"X" * 100, len(got)
+    print("READ OK", flush=True)
+""",
     )
     assert "READ OK" in r.stdout, r.stdout + r.stderr[-3000:]
 
@@ -268,20 +275,7 @@ def test_a_write_after_a_batch_committed_unsynced_survives_a_failed_publication(
 def test_a_write_after_a_batch_committed_unsynced_survives(store_path: Path) -> None:
     """Files published together, committed, whose index sync fails: a later
     write to one returns; kill -9: it is replayed over what was committed."""
-    run_child(
-        store_path,
-        """
-        ino1, fh1 = await create(b"a")
-        ino2, fh2 = await create(b"b")
-        await fs.write(fh1, 0, b"A" * 1000)
-        await fs.write(fh2, 0, b"B" * 1000)
-        s1, s2 = fs.files.get(ino1), fs.files.get(ino2)
-        faults.arm("index.sync", "eio")
-        left = await fs.publisher.publish_together([s1, s2])
-        faults.disarm()
-        assert await fs.write(fh1, 1000, b"X" * 100) == 100
-    """,
-    )
+    run_child(store_path, BATCH_COMMITTED_UNSYNCED)
     got = replayed(store_path)[b"a"]
     assert got == b"A" * 1000 + b"X" * 100, len(got)
 

@@ -355,15 +355,13 @@ class FileIO:
             except CachefsError as exc:  # e.g. the disk is full: nothing could be stored
                 failure = exc
         if self.store.chunks.held_remotely(missing.digest):
-            if (
-                failure is not None
-            ):  # the disk here cannot keep them (full): serve them all the same
+            if failure is not None:
+                # The disk here cannot keep them (full): they serve the read all the same.
                 needed = [(missing.digest, missing.length)]
                 if digest is not None:
                     needed = self.store.reader.held_remotely(digest, offset, end - offset) or needed
                 if await trio.to_thread.run_sync(_unstored, self.store, needed):
                     return
-            if failure is not None:
                 failure.message = f"{missing.message}; storing it here failed: {failure.message}"
                 raise failure
             raise RemoteError(
