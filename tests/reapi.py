@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +174,15 @@ def serving(store: Path, *args: str, **kwargs: bool) -> Iterator[Server]:
     finally:
         status = stop_serve(server)
     assert status == 0, f"cachefs serve exited {status}: {read_log(server.log)}"
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    """The status a gRPC call ends with (OK if it raises nothing)."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
 
 
 def free_port() -> int:

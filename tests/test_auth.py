@@ -26,7 +26,7 @@ import pytest
 from cachefs.protocol import bs_pb2, re_grpc, re_pb2
 from cachefs.server import _auth
 from tests.mounting import cachefs
-from tests.reapi import Client, Server, _Header, serving
+from tests.reapi import Client, Server, _Header, code_of, serving
 from tests.test_audit import lines_of
 
 
@@ -143,14 +143,6 @@ def _blob_calls(client: Client, data: bytes) -> dict[str, Callable[[], Any]]:
     }
 
 
-def _code(call: Callable[[], Any]) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
 def _http(
     server: Server, method: str, path: str, token: str | None, body: bytes = b""
 ) -> tuple[int, dict[str, str]]:
@@ -189,7 +181,7 @@ def test_every_request_needs_a_token_and_writes_a_writing_one(tmp_path: Path) ->
                     if name == "write":
                         writing = True
                         continue
-                    code = _code(call)
+                    code = code_of(call)
                     expected = expect_write if writing else expect_read
                     if expected is None:
                         assert code not in _auth._GRPC_CODES.values(), name
@@ -214,7 +206,7 @@ def test_every_request_needs_a_token_and_writes_a_writing_one(tmp_path: Path) ->
         assert _state(store) == before  # nothing refused changed anything
         with server.client(token=writer) as client:
             for name, call in _blob_calls(client, data).items():
-                assert _code(call) not in _auth._GRPC_CODES.values(), name
+                assert code_of(call) not in _auth._GRPC_CODES.values(), name
             assert client.find_missing([client.digest(data)]) == []
             assert _http(server, "PUT", f"/ac/{'ab' * 32}", writer, b"\x08\x01")[0] == 200
         assert _state(store) != before
@@ -232,7 +224,7 @@ def test_a_client_that_keeps_failing_is_refused_for_a_while(tmp_path: Path) -> N
     good = add(tokens, "ci", "read-write")
     with serving(tmp_path / "store", "--tokens", str(tokens)) as server:
         with server.client(token="cfs_wrong") as bad:
-            codes = [_code(lambda: bad.find_missing([])) for _ in range(_auth.MAX_FAILURES + 2)]
+            codes = [code_of(lambda: bad.find_missing([])) for _ in range(_auth.MAX_FAILURES + 2)]
         assert codes[: _auth.MAX_FAILURES] == [grpc.StatusCode.UNAUTHENTICATED] * _auth.MAX_FAILURES
         assert codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
         # Anything but good credentials waits for the window to pass; good ones
@@ -241,7 +233,7 @@ def test_a_client_that_keeps_failing_is_refused_for_a_while(tmp_path: Path) -> N
         assert status == 429 and int(headers["retry-after"]) > 0
         assert _http(server, "GET", "/status", None)[0] == 429
         with server.client(token=good) as client:
-            assert _code(lambda: client.find_missing([])) == grpc.StatusCode.OK
+            assert code_of(lambda: client.find_missing([])) == grpc.StatusCode.OK
         assert _http(server, "GET", "/status", good)[0] == 200
 
 
@@ -252,13 +244,13 @@ def test_a_token_file_that_goes_lets_nobody_in(tmp_path: Path) -> None:
         serving(tmp_path / "store", "--tokens", str(tokens)) as server,
         server.client(token=good) as client,
     ):
-        assert _code(lambda: client.find_missing([])) == grpc.StatusCode.OK
+        assert code_of(lambda: client.find_missing([])) == grpc.StatusCode.OK
         tokens.write_text("this is not a token file\n")
         deadline = time.monotonic() + 20
-        while _code(lambda: client.find_missing([])) == grpc.StatusCode.OK:
+        while code_of(lambda: client.find_missing([])) == grpc.StatusCode.OK:
             assert time.monotonic() < deadline, "a broken token file kept its tokens"
             time.sleep(0.5)
-        assert _code(lambda: client.find_missing([])) == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda: client.find_missing([])) == grpc.StatusCode.UNAUTHENTICATED
     events = [e["event"] for e in lines_of(tmp_path / "store" / "audit")]
     assert "tokens.unreadable" in events
 
@@ -270,11 +262,11 @@ def test_tokens_added_and_removed_while_serving(tmp_path: Path) -> None:
         late = add(tokens, "late", "read")
         deadline = time.monotonic() + 20
         with server.client(token=late) as client:
-            while _code(lambda: client.find_missing([])) != grpc.StatusCode.OK:
+            while code_of(lambda: client.find_missing([])) != grpc.StatusCode.OK:
                 assert time.monotonic() < deadline, "a new token was never accepted"
                 time.sleep(0.5)
             cachefs("token", "remove", str(tokens), "late")
-            while _code(lambda: client.find_missing([])) == grpc.StatusCode.OK:
+            while code_of(lambda: client.find_missing([])) == grpc.StatusCode.OK:
                 assert time.monotonic() < deadline, "a removed token was still accepted"
                 time.sleep(0.5)
 

@@ -214,7 +214,7 @@ def test_http_and_grpc_share_the_cache(server: Server, web: Http) -> None:
         ("/cas/ABCD", 400),
         ("/cas/", 400),
         ("/nothing", 404),
-        ("/" + "x" * 200 + "/cas/{h}", 400),
+        ("/" + "x" * 256 + "/cas/{h}", 400),
     ],
 )
 def test_bad_paths(web: Http, path: str, status: int) -> None:

@@ -10,7 +10,6 @@ import functools
 import http.client
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -18,7 +17,7 @@ import pytest
 
 from cachefs.protocol import bs_pb2, re_pb2
 from tests.mounting import cachefs
-from tests.reapi import Server, serving
+from tests.reapi import Server, code_of, serving
 from tests.test_audit import lines_of
 from tests.test_auth import add
 
@@ -30,14 +29,6 @@ quota = "1M"
 [tenants.b]
 instances = ["b"]
 """
-
-
-def _code(call: Callable[[], object]) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 def _http(server: Server, method: str, path: str, token: str, body: bytes = b"") -> int:
@@ -84,27 +75,29 @@ def test_tenants_see_only_their_own(tmp_path: Path) -> None:
             for instance in ("a", "a/linux"):
                 request = re_pb2.GetActionResultRequest(instance_name=instance, action_digest=key)
                 get = functools.partial(client.ac.GetActionResult, request)
-                assert _code(get) == grpc.StatusCode.PERMISSION_DENIED
+                assert code_of(get) == grpc.StatusCode.PERMISSION_DENIED
             read_a = bs_pb2.ReadRequest(resource_name=client.read_name(digest, instance="a"))
             assert (
-                _code(lambda: list(client.bytestream.Read(read_a)))
+                code_of(lambda: list(client.bytestream.Read(read_a)))
                 == grpc.StatusCode.PERMISSION_DENIED
             )
             missing_a = re_pb2.FindMissingBlobsRequest(instance_name="a", blob_digests=[digest])
             assert (
-                _code(lambda: client.cas.FindMissingBlobs(missing_a))
+                code_of(lambda: client.cas.FindMissingBlobs(missing_a))
                 == grpc.StatusCode.PERMISSION_DENIED
             )
             # b's own instance: a's blob and entry are not there.
             assert client.find_missing([digest]) == [digest]
             request = re_pb2.GetActionResultRequest(instance_name="b", action_digest=key)
-            assert _code(lambda: client.ac.GetActionResult(request)) == grpc.StatusCode.NOT_FOUND
+            assert code_of(lambda: client.ac.GetActionResult(request)) == grpc.StatusCode.NOT_FOUND
             read_b = bs_pb2.ReadRequest(resource_name=client.read_name(digest))
-            assert _code(lambda: list(client.bytestream.Read(read_b))) == grpc.StatusCode.NOT_FOUND
+            assert (
+                code_of(lambda: list(client.bytestream.Read(read_b))) == grpc.StatusCode.NOT_FOUND
+            )
             # An instance nobody owns is nobody's to use.
             other = re_pb2.FindMissingBlobsRequest(instance_name="", blob_digests=[digest])
             assert (
-                _code(lambda: client.cas.FindMissingBlobs(other))
+                code_of(lambda: client.cas.FindMissingBlobs(other))
                 == grpc.StatusCode.PERMISSION_DENIED
             )
             assert _http(server, "GET", f"/a/cas/{digest.hash}", b) == 403
@@ -143,7 +136,7 @@ def test_a_tenant_quota(tmp_path: Path) -> None:
                 ],
             )
             assert (
-                _code(lambda: client.cas.BatchUpdateBlobs(batch))
+                code_of(lambda: client.cas.BatchUpdateBlobs(batch))
                 == grpc.StatusCode.RESOURCE_EXHAUSTED
             )
             small = os.urandom(1000)

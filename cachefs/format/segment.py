@@ -257,8 +257,9 @@ def list_segment_files(root: Path) -> Iterator[tuple[int, Path]]:
     """Every ``(segment id, path)`` under ``root``."""
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            if name.endswith(SEGMENT_SUFFIX) and name[: -len(SEGMENT_SUFFIX)].isdigit():
-                yield int(name[: -len(SEGMENT_SUFFIX)]), Path(dirpath) / name
+            stem = name[: -len(SEGMENT_SUFFIX)]
+            if name.endswith(SEGMENT_SUFFIX) and stem.isascii() and stem.isdigit():
+                yield int(stem), Path(dirpath) / name
 
 
 #: Bytes a segment scan reads before it drops their pages from the process.

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -102,8 +103,7 @@ class RemoteCache:
         fs.shared.keep_private(root, UPLOADS)
         uploads = fs.stored.lookup_path([ROOT, UPLOADS])
         if uploads is not None:  # uploads in progress do not outlive the server
-            for name, _ in fs.stored.namespace.entries(uploads):
-                fs.stored.remove(uploads, name)
+            _empty(fs, uploads)
         return cls(fs, root, trio.lowlevel.current_trio_token())
 
     def max_blob(self) -> int:
@@ -590,21 +590,43 @@ def groups(
         yield buffer, held
 
 
+def _empty(fs: Filesystem, directory: int) -> None:
+    """Remove everything in ``directory``: files, and directories with what
+    they hold (no upload makes one, but earlier servers let an instance named
+    ``.uploads`` put its blobs there)."""
+    for name, inode in fs.stored.namespace.entries(directory):
+        if stat.S_ISDIR(inode.mode):
+            _empty(fs, inode.ino)
+            fs.unlink(directory, name, directory=True)
+        else:
+            fs.stored.remove(directory, name)
+
+
 def pieces(source: Iterator[bytes | memoryview], size: int) -> Iterator[bytes]:
     """``source`` again, in pieces of about ``size`` bytes (fewer messages to send)."""
     for group, _ in groups(source, size):
         yield b"".join(group)
 
 
+#: Bytes of a zstd stream decompressed per call.  A call gives all that its
+#: input holds, and a block of 4 bytes can hold 128 KiB: a slice of 1 KiB
+#: gives 32 MiB at most, so that what a stream holds is checked (against its
+#: digest's size) before more is decoded (a 32 KiB stream can hold 1 GiB).
+ZSTD_SLICE = 1 << 10
+
+
 def unzstd(source: Iterator[bytes | memoryview], decompressor: Any = None) -> Iterator[bytes]:
-    """``source``, a zstd stream, decompressed (BadRequest if it is not one);
-    ``decompressor``: one that has taken the stream's beginning already."""
+    """``source``, a zstd stream, decompressed (BadRequest if it is not one),
+    in pieces of at most 32 MiB (``ZSTD_SLICE``); ``decompressor``: one that
+    has taken the stream's beginning already."""
     if decompressor is None:
         decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
     for piece in source:
-        try:
-            out = decompressor.decompress(piece)
-        except zstandard.ZstdError as exc:
-            raise BadRequest(f"not a zstd stream: {exc}") from None
-        if out:
-            yield out
+        view = memoryview(piece)
+        for at in range(0, len(view), ZSTD_SLICE):
+            try:
+                out = decompressor.decompress(view[at : at + ZSTD_SLICE])
+            except zstandard.ZstdError as exc:
+                raise BadRequest(f"not a zstd stream: {exc}") from None
+            if out:
+                yield out

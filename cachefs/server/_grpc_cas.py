@@ -25,8 +25,10 @@ from cachefs.protocol import re_grpc, re_pb2, status_pb2
 from cachefs.server._grpc import MAX_BATCH, Service, rpc, status_of
 from cachefs.server._names import BadRequest, parse_digests
 
-#: Directories of a GetTree page when the client sets no page size.
-TREE_PAGE = 1000
+#: Directories of a GetTree page when the client sets no page size, and the
+#: bytes a page holds at most (whatever the page size: the spec lets a server
+#: cut pages shorter) unless one directory is larger.
+TREE_PAGE, TREE_PAGE_BYTES = 1000, 2 << 20
 
 
 def chunking_function(params: ChunkingParams) -> re_pb2.ChunkingFunction.Value.ValueType:
@@ -89,7 +91,12 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
         self, request: re_pb2.BatchUpdateBlobsRequest, context: grpc.ServicerContext
     ) -> re_pb2.BatchUpdateBlobsResponse:
         self.check_function(request.digest_function)
-        total = sum(len(r.data) for r in request.requests)
+        # The blobs' sizes as well as the bytes sent: a compressed blob is
+        # decoded into memory, and its digest's size is what that takes.
+        total = max(
+            sum(len(r.data) for r in request.requests),
+            sum(max(0, r.digest.size_bytes) for r in request.requests),
+        )
         if total > MAX_BATCH:
             raise BadRequest(f"a batch of {total} bytes (at most {MAX_BATCH})")
         # Each blob checked and decoded, then those that are fine stored together.
@@ -106,6 +113,9 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
                     raise BadRequest(
                         f"compressor {item.compressor} is not one this server speaks (zstd)"
                     )
+                # Each one, even a blob stored already or named twice in the batch.
+                if len(data) != digest.size or self.function.hash(data) != digest.hash:
+                    raise BadRequest(f"the data sent is not the blob {digest}")
             except CachefsError as exc:
                 outcomes.append(exc)
                 continue
@@ -164,20 +174,28 @@ class CasService(Service, re_grpc.ContentAddressableStorageServicer):
         page = request.page_size or TREE_PAGE
         start = 0
         if request.page_token:
-            if not request.page_token.isdigit():
+            if not request.page_token.isascii() or not request.page_token.isdigit():
                 raise BadRequest(f"not a page token of this server: {request.page_token!r}")
             start = int(request.page_token)
         directories = self._tree(request.instance_name, root)
-        end = start + page
         while True:
-            chunk = directories[start:end]
+            # A page ends at ``page`` directories, or once it holds about
+            # TREE_PAGE_BYTES (clients take messages of 4 MiB by default; one
+            # larger directory goes alone).
+            end, held = start, 0
+            while end < len(directories) and end - start < page:
+                size = directories[end].ByteSize()
+                if end > start and held + size > TREE_PAGE_BYTES:
+                    break
+                held += size
+                end += 1
             more = end < len(directories)
             yield re_pb2.GetTreeResponse(
-                directories=chunk, next_page_token=str(end) if more else ""
+                directories=directories[start:end], next_page_token=str(end) if more else ""
             )
             if not more:
                 return
-            start, end = end, end + page
+            start = end
 
     @rpc
     def SplitBlob(

@@ -316,7 +316,9 @@ class HttpCache:
         known = await trio.to_thread.run_sync(cache.blob_named, instance, hash_)
         if known is not None:  # nothing to store, but the body must be that blob still
             function = cache.digest_function
-            got = await trio.to_thread.run_sync(_digest_of, _body(receive), zstd, function)
+            got = await trio.to_thread.run_sync(
+                _digest_of, _body(receive), zstd, function, known.size
+            )
             if got.hash != hash_:
                 raise DigestMismatchError(f"the body's digest is {got}, not {hash_.hex()}")
             return
@@ -433,7 +435,7 @@ def _content_length(scope: Scope) -> int | None:
     value = _header(scope, b"content-length")
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not value.strip().isascii() or not value.strip().isdigit():
         raise BadRequest(f"bad Content-Length {value!r}")
     return int(value)
 
@@ -464,14 +466,19 @@ def _body(receive: Receive) -> Iterator[bytes]:
             return
 
 
-def _digest_of(source: Iterator[bytes], decompress: bool, function: DigestFunction) -> Digest:
-    """The digest of a body (in a worker thread)."""
+def _digest_of(
+    source: Iterator[bytes], decompress: bool, function: DigestFunction, size: int
+) -> Digest:
+    """The digest of a body that should be the blob of ``size`` bytes (in a
+    worker thread); DigestMismatchError once it is longer."""
     hasher = function.new()
-    size = 0
+    got = 0
     for piece in unzstd(source) if decompress else source:
+        got += len(piece)
+        if got > size:
+            raise DigestMismatchError(f"the body is longer than the blob's {size} bytes")
         hasher.update(piece)
-        size += len(piece)
-    return Digest(hasher.digest(), size)
+    return Digest(hasher.digest(), got)
 
 
 def _spool(source: Iterator[bytes], decompress: bool, directory: Any, limit: int) -> IO[bytes]:

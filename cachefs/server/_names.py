@@ -20,13 +20,15 @@ from cachefs.errors import CachefsError, ConfigError
 from cachefs.format.digest import Digest, DigestFunction
 
 _HEX = re.compile(r"[0-9a-f]{64}")
+#: A size or port: ASCII digits only (``str.isdigit`` takes ``²``, which ``int`` refuses).
+_DECIMAL = re.compile(r"[0-9]+")
 #: Bytes of a hash: SHA-256 and BLAKE3 alike.
 DIGEST_SIZE = 32
 #: Names of the path segments an instance name may not have (REAPI).
 _RESERVED = {"blobs", "uploads", "actions", "actionResults", "operations", "capabilities"}
 _RESERVED_COMPRESSED = "compressed-blobs"
-#: The longest instance name taken (its directory name stays under 255 bytes).
-MAX_INSTANCE = 80
+#: The longest directory name (bytes) an instance name may take, encoded.
+NAME_MAX = 255
 #: Compressors of compressed-blobs resource names this server handles.
 COMPRESSORS = ("zstd",)
 
@@ -85,13 +87,29 @@ def parse_hash(text: str) -> bytes:
 
 def instance_directory(instance: str) -> bytes:
     """The directory name of an instance: ``_`` for the empty name, else the
-    name percent-encoded (``/``, ``.``, ``_`` and other bytes escaped), so that
-    names never collide, reach outside their place, or hide (a leading dot)."""
+    name percent-encoded (``/`` and every byte but ASCII letters, digits and
+    ``-_.~`` escaped), with a leading ``.`` and the name ``_`` escaped too
+    (``%2E...``, ``%5F``), so that names never collide (``_`` is not the empty
+    name), reach outside their place, or hide among the cache's own (a
+    leading dot: ``.uploads``).  Names that are not instance names (REAPI: no
+    empty, ``.`` or ``..`` segment, none of its reserved words) are refused,
+    as in resource names, and so is one whose directory name would pass 255
+    bytes."""
     if not instance:
         return b"_"
-    if len(instance) > MAX_INSTANCE:
-        raise BadRequest(f"instance name of {len(instance)} characters (at most {MAX_INSTANCE})")
-    return urllib.parse.quote(instance, safe="-~").encode("ascii")
+    if any(not part or part in _RESERVED or part in (".", "..") for part in instance.split("/")):
+        raise BadRequest(f"not an instance name: {instance!r}")
+    name = urllib.parse.quote(instance, safe="-~")
+    if name == "_":
+        name = "%5F"
+    elif name.startswith("."):
+        name = "%2E" + name[1:]
+    if len(name) > NAME_MAX:
+        raise BadRequest(
+            f"instance name {instance[:40]!r}... is too long: its directory name takes "
+            f"{len(name)} bytes (at most {NAME_MAX})"
+        )
+    return name.encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -141,7 +159,7 @@ def parse_resource(name: str, function: DigestFunction, *, write: bool) -> Resou
             f"{name!r} does not name the digest function of this store ({function.name})"
         )
     # What follows the size is optional metadata, which this server ignores.
-    if len(rest) < 2 or not rest[1].isdigit():
+    if len(rest) < 2 or not _DECIMAL.fullmatch(rest[1]):
         raise BadRequest(f"no digest in resource name {name!r}")
     digest = parse_digest(rest[0], int(rest[1]), function)
     return Resource(instance, digest, compressor, upload)
@@ -154,7 +172,7 @@ def parse_address(text: str, default_port: int) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or "]" in port or (host and ":" in host and not host.endswith("]")):
         host, port = text, str(default_port)  # no port, or a bare IPv6 address
-    if not port.isdigit() or not 0 <= int(port) < 65536:
+    if not _DECIMAL.fullmatch(port) or not 0 <= int(port) < 65536:
         raise ConfigError(
             f"bad port in address {text!r}", hint="write HOST:PORT, e.g. 127.0.0.1:9092"
         )

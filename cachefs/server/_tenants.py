@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cachefs.errors import ConfigError
+from cachefs.errors import CachefsError, ConfigError
 from cachefs.server._names import instance_directory
 
 if TYPE_CHECKING:
@@ -74,6 +74,10 @@ def parse_tenants(
         if not isinstance(instances, list) or not all(isinstance(i, str) for i in instances):
             raise ConfigError(f"{where}: instances is a list of instance names")
         for instance in instances:
+            try:
+                instance_directory(instance)
+            except CachefsError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
             if instance in owners:
                 raise ConfigError(
                     f"{where}: instance {instance!r} belongs to tenant {owners[instance]} already"
