@@ -80,6 +80,9 @@ class CacheDir:
         self.opened = dict(self.counters)
         #: Bytes that writers waiting for room want to add.
         self.wanted = 0
+        #: Bytes held for files being stored whole (``Reservation``): counted
+        #: as used until the file is.
+        self.reserved = 0
 
     @property
     def usage(self) -> int:
@@ -116,6 +119,26 @@ class CacheDir:
             "throttled_seconds": round(self.counters["throttled_seconds"], 6),
             "since_start": {k: self.counters[k] - self.opened[k] for k in _COUNTERS},
         }
+
+
+class Reservation:
+    """Room held in a cache for a file being stored whole (a server's upload,
+    a shared directory's fetch), so that files stored at once do not all take
+    the same room: released once the file is counted, or was not stored."""
+
+    __slots__ = ("cache", "size")
+
+    def __init__(self, cache: CacheDir | None, size: int) -> None:
+        self.cache = cache
+        self.size = size
+        if cache is not None:
+            cache.reserved += size
+
+    def release(self) -> None:
+        """On the filesystem's trio thread; a second call does nothing."""
+        if self.cache is not None:
+            self.cache.reserved -= self.size
+            self.cache = None
 
 
 class CacheDirs(FsEvents):
@@ -322,8 +345,12 @@ class CacheDirs(FsEvents):
             cache = self.cache_of(parent)
             if cache is not None:
                 self._add(cache, parent, name, inode.ino, inode.size)
+                if inode.size:  # stored whole (a server's, a fetch)
+                    self.eviction.check(cache)
 
     def linked(self, parent: int, name: bytes, inode: Inode) -> None:
+        if not inode.is_reg:
+            return  # a hard link of a symlink (or a special file): not a cache's file
         cache = self.cache_of(parent)
         if cache is not None:
             self._add(cache, parent, name, inode.ino, inode.size)
@@ -371,9 +398,10 @@ class CacheDirs(FsEvents):
             if source is target:
                 return
             moved = list(self._walk(inode.ino))
-            for _, _, child in moved:
+            for parent, name, child in moved:
                 if self.members.get(child.ino) is not target:
-                    self.drop(child.ino)
+                    # Names of it left behind keep it in its cache.
+                    self._drop_entry(child.ino, (parent, name))
             if target is not None:
                 for parent, name, child in moved:
                     self._add(target, parent, name, child.ino, self._size(child))
@@ -409,9 +437,18 @@ class CacheDirs(FsEvents):
 
     def published(self, ino: int, size: int) -> None:
         self.eviction.published()
+        self._may_go(ino)
 
     def closed(self, ino: int) -> None:
-        self.eviction.changed()  # it may be evicted now
+        self.eviction.changed()
+        self._may_go(ino)
+
+    def _may_go(self, ino: int) -> None:
+        """File ``ino`` may be evicted now: if its cache is over its budget
+        (a file moved in while open), the evictor passes again."""
+        cache = self.members.get(ino)
+        if cache is not None:
+            self.eviction.check(cache)
 
     # --- settings ----------------------------------------------------------------------
 
@@ -444,8 +481,8 @@ class CacheDirs(FsEvents):
             self._moved()
             # Files of an enclosing cache below this directory are this one's now.
             below = list(self._walk(ino))
-            for _, _, inode in below:
-                self.drop(inode.ino)
+            for parent, name, inode in below:
+                self._drop_entry(inode.ino, (parent, name))  # names outside keep it
             for parent, name, inode in below:
                 self._add(cache, parent, name, inode.ino, self._size(inode))
         log.info("directory %d is a cache: %d bytes, %s", ino, max_size, policy)
@@ -508,9 +545,12 @@ class CacheDirs(FsEvents):
         """Wait until file ``ino`` may grow by ``growth`` bytes (``Eviction.make_room``)."""
         await self.eviction.make_room(self.members.get(ino), growth)
 
-    async def make_room_in(self, directory: int, size: int) -> None:
-        """Wait until a new file of ``size`` bytes may be made in ``directory``."""
-        await self.eviction.make_room(self.cache_of(directory), size)
+    async def make_room_in(self, directory: int, size: int) -> Reservation:
+        """Wait until a new file of ``size`` bytes may be made in ``directory``;
+        the room is held until the reservation is released."""
+        cache = self.cache_of(directory)
+        await self.eviction.make_room(cache, size)
+        return Reservation(cache, size)
 
 
 def _in_trio() -> bool:
@@ -521,4 +561,4 @@ def _in_trio() -> bool:
     return True
 
 
-__all__ = ["CacheDir", "CacheDirs"]
+__all__ = ["CacheDir", "CacheDirs", "Reservation"]

@@ -154,7 +154,7 @@ class Eviction:
         woke = last_pass = False
         try:
             while self._short(cache, growth):
-                over = cache is not None and cache.usage + growth > cache.max_size
+                over = cache is not None and cache.usage + cache.reserved + growth > cache.max_size
                 stuck = cache is not None and not self._evictable(cache)
                 if over and stuck and cache is not None and not self._closing(cache):
                     raise _full(f"the cache's budget of {cache.max_size} bytes is used")
@@ -197,7 +197,7 @@ class Eviction:
         return not self._short(cache, growth)
 
     def _short(self, cache: CacheDir | None, growth: int) -> bool:
-        if cache is not None and cache.usage + growth > cache.max_size:
+        if cache is not None and cache.usage + cache.reserved + growth > cache.max_size:
             return True
         return self.quota is not None and self.stored >= self.quota
 
@@ -262,6 +262,12 @@ class Eviction:
         """Evict in the background; save the policies now and then."""
         caches = self.caches
         caches.saved_at = trio.current_time()
+        # A cache may be over its budget from the start (a mount that stopped
+        # while its evictor worked, a budget lowered offline).
+        for cache in caches.dirs.values():
+            self.check(cache)
+        if self.quota is not None and self.stored >= self.quota * HIGH_WATERMARK:
+            self.wake()
         while True:
             with trio.move_on_at(caches.saved_at + SAVE_INTERVAL):
                 await self._wake.wait()
@@ -286,7 +292,8 @@ class Eviction:
     async def _enforce(self) -> None:
         for cache in list(self.caches.dirs.values()):
             # Down to the low watermark, and room for the writers that wait.
-            target = max(0, min(int(cache.max_size * LOW_WATERMARK), cache.max_size - cache.wanted))
+            room = cache.max_size - cache.wanted - cache.reserved
+            target = max(0, min(int(cache.max_size * LOW_WATERMARK), room))
             if cache.usage > cache.max_size * HIGH_WATERMARK or (
                 cache.wanted and cache.usage > target
             ):

@@ -56,7 +56,7 @@ from cachefs.engine import (
 )
 from cachefs.errors import RemoteError
 from cachefs.format.schema import NO_CONTENT, may_be_sparse
-from cachefs.fs._caches import CacheDir, CacheDirs
+from cachefs.fs._caches import CacheDir, CacheDirs, Reservation
 from cachefs.fs._events import Entry, FsEvents, Listeners
 from cachefs.fs._files import OpenFiles
 from cachefs.fs._stored_files import FileAttrs, StoredFiles
@@ -369,28 +369,39 @@ class SharedDirs(FsEvents):
                 self._keep_path(cache.ino, made, os.fsencode(path))
             return made is not None
         digest = entry.digest
-        if arrived is None:
-            if digest.size > cache.max_size:  # the size is the tier's word: never evict for it
-                log.warning("shared directory %s: %s (%s) is larger than the cache's budget",
-                            share, path, digest)  # fmt: skip
-                self.counts["shared_misses"] += 1
-                return False
-            try:
-                # Room is made once a tier has the content (its chunk list, or
-                # the blob, came): an entry of content none holds evicts nothing.
-                source: Source = (
-                    entry.contents
-                    if entry.contents is not None
-                    else await trio.to_thread.run_sync(self.tiers.fetch, digest)
-                )
-                await self.stored.make_room(parent, digest.size)
-                attrs = self._attrs(entry, self.namespace.get(cache.ino))
-                inode = await trio.to_thread.run_sync(
-                    self._fetch, parent, name, digest, attrs, source
-                )
-                arrived = _MEANWHILE if inode is None else inode
-            except CachefsError as exc:
-                arrived = exc
+        held: Reservation | None = None  # the room, until the file is counted
+        try:
+            if arrived is None:
+                if digest.size > cache.max_size:  # the tier's word: never evict for it
+                    log.warning("shared directory %s: %s (%s) is larger than the cache's budget",
+                                share, path, digest)  # fmt: skip
+                    self.counts["shared_misses"] += 1
+                    return False
+                try:
+                    # Room is made once a tier has the content (its chunk list, or
+                    # the blob, came): an entry of content none holds evicts nothing.
+                    source: Source = (
+                        entry.contents
+                        if entry.contents is not None
+                        else await trio.to_thread.run_sync(self.tiers.fetch, digest)
+                    )
+                    held = await self.stored.make_room(parent, digest.size)
+                    attrs = self._attrs(entry, self.namespace.get(cache.ino))
+                    inode = await trio.to_thread.run_sync(
+                        self._fetch, parent, name, digest, attrs, source
+                    )
+                    arrived = _MEANWHILE if inode is None else inode
+                except CachefsError as exc:
+                    arrived = exc
+            return self._arrived(share, path, parent, name, digest, arrived)
+        finally:
+            if held is not None:
+                held.release()
+
+    def _arrived(
+        self, share: str, path: str, parent: int, name: bytes, digest: Digest, arrived: _Arrival
+    ) -> bool | None:
+        """:meth:`_resolve`'s answer once a fetch came to ``arrived``."""
         if isinstance(arrived, CachefsError):
             log.warning("shared directory %s: fetching %s (%s): %s", share, path, digest, arrived)
             return None if isinstance(arrived, RemoteError) else False

@@ -45,7 +45,7 @@ from cachefs.engine import (
     Store,
 )
 from cachefs.format.schema import INO_KEY, INO_VALUE, INODE, INODE_TIMES
-from cachefs.fs._caches import CacheDirs
+from cachefs.fs._caches import CacheDirs, Reservation
 from cachefs.fs._events import Listeners
 from cachefs.fs._lookups import Lookups
 
@@ -292,10 +292,12 @@ class StoredFiles:
             share = "" if shared is None else f" shared={shared}"
             self.caches.mark(directory, f"max_size={size} policy={policy}{share}".encode())
 
-    async def make_room(self, parent: int, size: int) -> None:
+    async def make_room(self, parent: int, size: int) -> Reservation:
         """Wait until a new file of ``size`` bytes fits in ``parent``'s cache
-        (ENOSPC when it cannot)."""
-        await self.caches.make_room_in(parent, size)
+        (ENOSPC when it cannot); the room is held for it until released (on
+        this thread, once the file is :meth:`added` or was not stored), so
+        that files stored at once do not all count on the same room."""
+        return await self.caches.make_room_in(parent, size)
 
     def added(self, parent: int, name: bytes, inode: Inode) -> None:
         """File ``inode`` was stored as ``name`` in ``parent`` (:meth:`store_file`)."""

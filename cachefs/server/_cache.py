@@ -34,6 +34,7 @@ import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
 import trio
@@ -121,6 +122,18 @@ class RemoteCache:
 
     def _soon(self, fn: Callable[..., object], *args: Any) -> None:
         self._token.run_sync_soon(fn, *args)
+
+    @contextmanager
+    def _room(self, parent: int, size: int) -> Iterator[None]:
+        """Room for a new file of ``size`` bytes in ``parent`` (StoreFullError
+        when none can be made), held while the block stores the file: its
+        release follows (on the trio thread, in order) the ``_added`` that the
+        block asks for, so the file is counted before its room is let go."""
+        reservation = self._wait(self.stored.make_room, parent, size)
+        try:
+            yield
+        finally:
+            self._soon(reservation.release)
 
     def _from_tiers(self, parts: Parts, name: bytes) -> bool:
         """A file missing here, made from the remote tiers' entry if they have
@@ -308,30 +321,31 @@ class RemoteCache:
             there = self._find(instance, CAS, digest)[2]
             if there is not None and there.digest == digest:
                 return False
-            self._wait(self.stored.make_room, parent, digest.size)
-            try:
-                if there is not None:  # a file changed through a mount: replaced
-                    self._store_replacing(parent, name, source, digest)
+            with self._room(parent, digest.size):
+                try:
+                    if there is not None:  # a file changed through a mount: replaced
+                        self._store_replacing(parent, name, source, digest)
+                        return True
+                    inode = self.stored.store_file(parent, name, source, expect=digest)
+                except FsError as exc:
+                    again = isinstance(source, bytes | bytearray | memoryview)
+                    if exc.errno == errno.ENOENT and attempt == 0 and again:
+                        continue  # its directory went meanwhile (rm -r in a mount): again
+                    raise
+                if inode is not None:
+                    self._soon(self._added, [(parent, name, inode)])
                     return True
-                inode = self.stored.store_file(parent, name, source, expect=digest)
-            except FsError as exc:
-                again = isinstance(source, bytes | bytearray | memoryview)
-                if exc.errno == errno.ENOENT and attempt == 0 and again:
-                    continue  # its directory went meanwhile (rm -r in a mount): again
-                raise
-            if inode is None:  # the name was taken meanwhile: by the blob, or else?
-                now = self._find(instance, CAS, digest)[2]
-                if now is not None and now.digest == digest:
-                    return False
-                if attempt == 0 and isinstance(source, bytes | bytearray | memoryview):
-                    continue  # a file of other content: replaced
-                raise FsError(
-                    errno.EEXIST,
-                    f"blob {digest}: its name in the store is taken by what is not that blob "
-                    "(a directory made there in a mount?): remove it",
-                )
-            self._soon(self._added, [(parent, name, inode)])
-            return True
+            # The name was taken meanwhile: by the blob, or else?
+            now = self._find(instance, CAS, digest)[2]
+            if now is not None and now.digest == digest:
+                return False
+            if attempt == 0 and isinstance(source, bytes | bytearray | memoryview):
+                continue  # a file of other content: replaced
+            raise FsError(
+                errno.EEXIST,
+                f"blob {digest}: its name in the store is taken by what is not that blob "
+                "(a directory made there in a mount?): remove it",
+            )
         raise AssertionError("unreachable")
 
     def write_blobs(
@@ -362,7 +376,7 @@ class RemoteCache:
             directories.update(zip(absent, made, strict=True))
         size = sum(d.size for d in missing)
         try:
-            self._wait(self.stored.make_room, self.root, size)
+            reservation = self._wait(self.stored.make_room, self.root, size)
         except CachefsError as exc:
             # Not all of them fit: each blob on its own, so that those that fit are stored.
             for digest in missing:
@@ -373,30 +387,38 @@ class RemoteCache:
                         else _outcome(self.write_blob, instance, digest, blobs[i][1])
                     )
             return out
-        files = []
-        for digest in missing:
-            parent = directories[found[digest].parts]
-            assert parent is not None
-            files.append((parent, found[digest].name, blobs[wanted[digest][0]][1], digest))
         try:
-            results = self.stored.store_files(files)
-        except CachefsError as exc:  # the store refused them all (disk full, failing)
+            files = []
             for digest in missing:
+                parent = directories[found[digest].parts]
+                assert parent is not None
+                files.append((parent, found[digest].name, blobs[wanted[digest][0]][1], digest))
+            try:
+                results = self.stored.store_files(files)
+            except CachefsError as exc:  # the store refused them all (disk full, failing)
+                for digest in missing:
+                    for i in wanted[digest]:
+                        out[i] = exc
+                return out
+            added = []
+            again = []
+            for (parent, name, data, digest), result in zip(files, results, strict=True):
+                if isinstance(result, FsError) and result.errno == errno.ENOENT:
+                    again.append((digest, data))  # its directory went meanwhile: alone, again
+                    continue
+                if isinstance(result, Inode):
+                    added.append((parent, name, result))
+                    result = None
                 for i in wanted[digest]:
-                    out[i] = exc
-            return out
-        added = []
-        for (parent, name, data, digest), result in zip(files, results, strict=True):
-            if isinstance(result, FsError) and result.errno == errno.ENOENT:
-                # Its directory went meanwhile (rm -r in a mount): on its own, again.
-                result = _outcome(self.write_blob, instance, digest, data)
-            elif isinstance(result, Inode):
-                added.append((parent, name, result))
-                result = None
+                    out[i] = result
+            if added:
+                self._soon(self._added, added)
+        finally:
+            self._soon(reservation.release)  # after their _added
+        for digest, data in again:  # (rm -r in a mount) with room of their own
+            result = _outcome(self.write_blob, instance, digest, data)
             for i in wanted[digest]:
                 out[i] = result
-        if added:
-            self._soon(self._added, added)
         return out
 
     def _added(self, files: list[tuple[int, bytes, Inode]]) -> None:
@@ -411,11 +433,11 @@ class RemoteCache:
         parts = (ROOT, UPLOADS)
         parent = self._directory(parts, make=True)
         assert parent is not None
-        self._wait(self.stored.make_room, parent, size)
         name = uuid.uuid4().hex.encode()
-        inode = self.stored.store_file(parent, name, source, durable=False)
-        assert inode is not None  # a fresh name
-        self._soon(self._added, [(parent, name, inode)])
+        with self._room(parent, size):
+            inode = self.stored.store_file(parent, name, source, durable=False)
+            assert inode is not None  # a fresh name
+            self._soon(self._added, [(parent, name, inode)])
         return StoredUpload(parent, name, inode.digest or self.empty)
 
     def read_upload(self, upload: StoredUpload) -> Iterator[bytes | memoryview]:
@@ -515,8 +537,8 @@ class RemoteCache:
         parts, name = self._place(instance, AC, key)
         parent = self._directory(parts, make=True)
         assert parent is not None
-        self._wait(self.stored.make_room, parent, len(data))
-        self._store_replacing(parent, name, data, None)
+        with self._room(parent, len(data)):
+            self._store_replacing(parent, name, data, None)
         entry = Digest(self.digest_function.hash(data), len(data))
         self.store.audit.record(
             "ac.write", instance=instance, key=key.hash.hex(), result=str(entry), by=by
