@@ -126,11 +126,14 @@ class Reservation:
     a shared directory's fetch), so that files stored at once do not all take
     the same room: released once the file is counted, or was not stored."""
 
-    __slots__ = ("cache", "size")
+    __slots__ = ("cache", "released", "size")
 
-    def __init__(self, cache: CacheDir | None, size: int) -> None:
+    def __init__(self, cache: CacheDir | None, size: int, released: Callable[[], None]) -> None:
+        """``released``: told when the room is let go (writers waiting for
+        room wait for that too)."""
         self.cache = cache
         self.size = size
+        self.released = released
         if cache is not None:
             cache.reserved += size
 
@@ -139,6 +142,7 @@ class Reservation:
         if self.cache is not None:
             self.cache.reserved -= self.size
             self.cache = None
+            self.released()
 
 
 class CacheDirs(FsEvents):
@@ -550,7 +554,7 @@ class CacheDirs(FsEvents):
         the room is held until the reservation is released."""
         cache = self.cache_of(directory)
         await self.eviction.make_room(cache, size)
-        return Reservation(cache, size)
+        return Reservation(cache, size, self.eviction.changed)
 
 
 def _in_trio() -> bool:

@@ -8,8 +8,10 @@ with the request loop served between batches.  A write that would take a
 cache past its budget waits for eviction (the writer is throttled) for at
 most ``THROTTLE_LIMIT`` seconds and fails with ENOSPC when nothing is
 evictable or no room came: the budget is a hard limit, like bazel-remote's.
-Closed files still being published will be evictable: while some are, the
-wait goes on (a slow disk's sync must not fail the next write).  A writer
+Closed files still being published will be evictable, and so will files being
+stored whole (a server's upload, a shared directory's fetch: they hold their
+room, ``_caches.Reservation``): while some are, the wait goes on (a slow
+disk's sync must not fail the next write).  A writer
 wakes the evictor once; the evictor passes again when something that may make
 room happens (``changed``: a publication, a file let go).
 
@@ -156,14 +158,14 @@ class Eviction:
             while self._short(cache, growth):
                 over = cache is not None and cache.usage + cache.reserved + growth > cache.max_size
                 stuck = cache is not None and not self._evictable(cache)
-                if over and stuck and cache is not None and not self._closing(cache):
+                if over and stuck and cache is not None and not self._coming(cache):
                     raise _full(f"the cache's budget of {cache.max_size} bytes is used")
                 if not over and self.quota_stuck():
                     raise _full(f"the store quota of {self.quota} bytes is used")
                 if trio.current_time() >= deadline:
                     # Files that will be evictable are being published (a slow
                     # disk's sync): they end in a publication or an error.
-                    if cache is None or not self._publishing(cache):
+                    if cache is None or not (self._publishing(cache) or cache.reserved):
                         # Or one was, past the limit, and the evictor has not
                         # passed since: one more pass for it, once.
                         if cache is None or last_pass or not self._evictable(cache):
@@ -212,10 +214,11 @@ class Eviction:
         """Bytes of the cache's files that are open (they may not go)."""
         return sum(state.size for state in self._busy_members(cache) if state.opens)
 
-    def _closing(self, cache: CacheDir) -> bool:
-        """Whether files of the cache are closed but still busy (evictable once
-        their publication is done)."""
-        return any(not state.opens for state in self._busy_members(cache))
+    def _coming(self, cache: CacheDir) -> bool:
+        """Whether files of the cache will be evictable: closed but still busy
+        (once their publication is done), or being stored whole (the room
+        they hold, once they are counted)."""
+        return bool(cache.reserved) or any(not state.opens for state in self._busy_members(cache))
 
     def _publishing(self, cache: CacheDir) -> bool:
         """Whether closed files of the cache are being published now."""
