@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -121,3 +122,35 @@ def test_a_hard_link_of_a_symlink_is_no_file_of_the_cache(tmp_path: Path) -> Non
         os.symlink("x" * 100, cache / "s")
         os.link(cache / "s", cache / "s2", follow_symlinks=False)
         assert usage(mnt, "/cache") == (0, 0)
+
+
+def test_an_upload_that_stalls_holds_no_room(tmp_path: Path) -> None:
+    """Bytes a client has still to send hold no room: a stalled PUT neither
+    makes others wait nor has the cache emptied for room it cannot give."""
+    with serving(tmp_path / "store", "--max-size", "1M", grpc_on=False) as server:
+        assert server.http is not None
+        host, port = server.http.rsplit(":", 1)
+
+        def request(method: str, data: bytes, body: bytes | None = None) -> int:
+            conn = http.client.HTTPConnection(host, int(port), timeout=15)
+            try:
+                conn.request(method, f"/cas/{hashlib.sha256(data).hexdigest()}", body=body)
+                answer = conn.getresponse()
+                answer.read()
+                return answer.status
+            finally:
+                conn.close()
+
+        stored = [os.urandom(100_000) for _ in range(3)]
+        assert [request("PUT", b, b) for b in stored] == [200] * 3
+        slow = os.urandom(600_000)
+        with socket.create_connection((host, int(port))) as stalled:
+            stalled.sendall(
+                f"PUT /cas/{hashlib.sha256(slow).hexdigest()} HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Length: {len(slow)}\r\n\r\n".encode()
+                + slow[:1000]
+            )
+            time.sleep(0.5)
+            blob = os.urandom(500_000)
+            assert request("PUT", blob, blob) == 200
+            assert [request("GET", b) for b in stored] == [200] * 3

@@ -26,6 +26,7 @@ from cachefs.fs._settings import CACHE_XATTR, SHARE_NAME, parse_setting
 from cachefs.lazy import lazy_names
 
 if TYPE_CHECKING:
+    from cachefs.fs._caches import Reservation
     from cachefs.fs._control import CONTROL_NAME, is_virtual, is_volatile
     from cachefs.fs._events import FsEvents
     from cachefs.fs._files import OpenFile
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 #: Imported when first used: they bring the engine and trio, which the command
 #: lines that only name a setting or a policy (``cachefs cache``) do without.
 _LAZY = {
+    "Reservation": "._caches",
     "CONTROL_NAME": "._control",
     "is_virtual": "._control",
     "is_volatile": "._control",
@@ -82,6 +84,7 @@ __all__ = [
     "MemoryGovernor",
     "OpenFile",
     "Policy",
+    "Reservation",
     "StoredFiles",
     "check_outside",
     "is_virtual",

@@ -549,12 +549,12 @@ class CacheDirs(FsEvents):
         """Wait until file ``ino`` may grow by ``growth`` bytes (``Eviction.make_room``)."""
         await self.eviction.make_room(self.members.get(ino), growth)
 
-    async def make_room_in(self, directory: int, size: int) -> Reservation:
+    async def make_room_in(self, directory: int, size: int, *, hold: bool) -> Reservation:
         """Wait until a new file of ``size`` bytes may be made in ``directory``;
-        the room is held until the reservation is released."""
+        with ``hold``, the room is held until the reservation is released."""
         cache = self.cache_of(directory)
         await self.eviction.make_room(cache, size)
-        return Reservation(cache, size, self.eviction.changed)
+        return Reservation(cache if hold else None, size, self.eviction.changed)
 
 
 def _in_trio() -> bool:

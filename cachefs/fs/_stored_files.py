@@ -292,12 +292,14 @@ class StoredFiles:
             share = "" if shared is None else f" shared={shared}"
             self.caches.mark(directory, f"max_size={size} policy={policy}{share}".encode())
 
-    async def make_room(self, parent: int, size: int) -> Reservation:
+    async def make_room(self, parent: int, size: int, hold: bool = True) -> Reservation:
         """Wait until a new file of ``size`` bytes fits in ``parent``'s cache
-        (ENOSPC when it cannot); the room is held for it until released (on
-        this thread, once the file is :meth:`added` or was not stored), so
-        that files stored at once do not all count on the same room."""
-        return await self.caches.make_room_in(parent, size)
+        (ENOSPC when it cannot).  With ``hold`` the room is held for it until
+        released (on this thread, once the file is :meth:`added` or was not
+        stored), so that files stored at once do not all count on the same
+        room: for bytes in hand, not for bytes a client has still to send
+        (one that stalled would hold the room as long as it liked)."""
+        return await self.caches.make_room_in(parent, size, hold=hold)
 
     def added(self, parent: int, name: bytes, inode: Inode) -> None:
         """File ``inode`` was stored as ``name`` in ``parent`` (:meth:`store_file`)."""

@@ -50,9 +50,9 @@ from cachefs.engine import (
     ObjectNotFoundError,
     Source,
 )
-from cachefs.fs import Filesystem
+from cachefs.fs import Filesystem, Reservation
 from cachefs.protocol import re_pb2
-from cachefs.server._names import BadRequest, instance_directory
+from cachefs.server._names import UPLOADS_NAME, BadRequest, instance_directory
 from cachefs.server._options import DEFAULT_MAX_SIZE
 from cachefs.server._uploads import StoredUpload
 
@@ -68,7 +68,7 @@ SHARE = "remote-cache"
 CAS = b"cas"
 AC = b"ac"
 #: Uploads in progress (``_uploads.py``): a name no instance directory can have.
-UPLOADS = b".uploads"
+UPLOADS = UPLOADS_NAME.encode()
 
 
 class RemoteCache:
@@ -124,16 +124,18 @@ class RemoteCache:
         self._token.run_sync_soon(fn, *args)
 
     @contextmanager
-    def _room(self, parent: int, size: int) -> Iterator[None]:
+    def _room(self, parent: int, size: int, source: Source) -> Iterator[Reservation]:
         """Room for a new file of ``size`` bytes in ``parent`` (StoreFullError
-        when none can be made), held while the block stores the file: its
-        release follows (on the trio thread, in order) the ``_added`` that the
-        block asks for, so the file is counted before its room is let go."""
-        reservation = self._wait(self.stored.make_room, parent, size)
+        when none can be made).  When ``source`` is in hand (bytes, a file),
+        the room is held while the block stores the file, and let go by the
+        ``_added`` given the reservation (in the same call that counts the
+        file), or at the end; bytes a client has still to send hold none."""
+        in_hand = isinstance(source, bytes | bytearray | memoryview) or hasattr(source, "seek")
+        reservation = self._wait(self.stored.make_room, parent, size, in_hand)
         try:
-            yield
+            yield reservation
         finally:
-            self._soon(reservation.release)
+            self._soon(reservation.release)  # nothing if _added did
 
     def _from_tiers(self, parts: Parts, name: bytes) -> bool:
         """A file missing here, made from the remote tiers' entry if they have
@@ -321,7 +323,7 @@ class RemoteCache:
             there = self._find(instance, CAS, digest)[2]
             if there is not None and there.digest == digest:
                 return False
-            with self._room(parent, digest.size):
+            with self._room(parent, digest.size, source) as room:
                 try:
                     if there is not None:  # a file changed through a mount: replaced
                         self._store_replacing(parent, name, source, digest)
@@ -333,7 +335,7 @@ class RemoteCache:
                         continue  # its directory went meanwhile (rm -r in a mount): again
                     raise
                 if inode is not None:
-                    self._soon(self._added, [(parent, name, inode)])
+                    self._soon(self._added, [(parent, name, inode)], room)
                     return True
             # The name was taken meanwhile: by the blob, or else?
             now = self._find(instance, CAS, digest)[2]
@@ -376,7 +378,7 @@ class RemoteCache:
             directories.update(zip(absent, made, strict=True))
         size = sum(d.size for d in missing)
         try:
-            reservation = self._wait(self.stored.make_room, self.root, size)
+            reservation = self._wait(self.stored.make_room, self.root, size, True)
         except CachefsError as exc:
             # Not all of them fit: each blob on its own, so that those that fit are stored.
             for digest in missing:
@@ -412,18 +414,26 @@ class RemoteCache:
                 for i in wanted[digest]:
                     out[i] = result
             if added:
-                self._soon(self._added, added)
+                self._soon(self._added, added, reservation)
         finally:
-            self._soon(reservation.release)  # after their _added
+            self._soon(reservation.release)  # nothing if _added did
         for digest, data in again:  # (rm -r in a mount) with room of their own
             result = _outcome(self.write_blob, instance, digest, data)
             for i in wanted[digest]:
                 out[i] = result
         return out
 
-    def _added(self, files: list[tuple[int, bytes, Inode]]) -> None:
-        for parent, name, inode in files:
-            self.stored.added(parent, name, inode)
+    def _added(
+        self, files: list[tuple[int, bytes, Inode]], room: Reservation | None = None
+    ) -> None:
+        """Count stored files, then let go of the ``room`` they held (one call:
+        the evictor that counting them may wake never sees them twice)."""
+        try:
+            for parent, name, inode in files:
+                self.stored.added(parent, name, inode)
+        finally:
+            if room is not None:
+                room.release()
 
     # --- uploads in progress (``_uploads.py``) ---------------------------------------------
 
@@ -434,10 +444,10 @@ class RemoteCache:
         parent = self._directory(parts, make=True)
         assert parent is not None
         name = uuid.uuid4().hex.encode()
-        with self._room(parent, size):
+        with self._room(parent, size, source) as room:
             inode = self.stored.store_file(parent, name, source, durable=False)
             assert inode is not None  # a fresh name
-            self._soon(self._added, [(parent, name, inode)])
+            self._soon(self._added, [(parent, name, inode)], room)
         return StoredUpload(parent, name, inode.digest or self.empty)
 
     def read_upload(self, upload: StoredUpload) -> Iterator[bytes | memoryview]:
@@ -537,7 +547,7 @@ class RemoteCache:
         parts, name = self._place(instance, AC, key)
         parent = self._directory(parts, make=True)
         assert parent is not None
-        with self._room(parent, len(data)):
+        with self._room(parent, len(data), data):
             self._store_replacing(parent, name, data, None)
         entry = Digest(self.digest_function.hash(data), len(data))
         self.store.audit.record(
@@ -639,16 +649,25 @@ ZSTD_SLICE = 1 << 10
 
 def unzstd(source: Iterator[bytes | memoryview], decompressor: Any = None) -> Iterator[bytes]:
     """``source``, a zstd stream, decompressed (BadRequest if it is not one),
-    in pieces of at most 32 MiB (``ZSTD_SLICE``); ``decompressor``: one that
-    has taken the stream's beginning already."""
+    in pieces of about 1 MiB (at most 33: ``ZSTD_SLICE``); ``decompressor``:
+    one that has taken the stream's beginning already."""
     if decompressor is None:
         decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+    out: list[bytes] = []
+    held = 0
     for piece in source:
         view = memoryview(piece)
         for at in range(0, len(view), ZSTD_SLICE):
             try:
-                out = decompressor.decompress(view[at : at + ZSTD_SLICE])
+                decoded = decompressor.decompress(view[at : at + ZSTD_SLICE])
             except zstandard.ZstdError as exc:
                 raise BadRequest(f"not a zstd stream: {exc}") from None
-            if out:
-                yield out
+            if decoded:
+                out.append(decoded)
+                held += len(decoded)
+                if held >= 1 << 20:  # gathered: pieces of 1 KiB cost their reader more
+                    yield out[0] if len(out) == 1 else b"".join(out)
+                    out, held = [], 0
+        if out:  # what this piece of the stream brought, before more is awaited
+            yield out[0] if len(out) == 1 else b"".join(out)
+            out, held = [], 0

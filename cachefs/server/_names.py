@@ -29,6 +29,8 @@ _RESERVED = {"blobs", "uploads", "actions", "actionResults", "operations", "capa
 _RESERVED_COMPRESSED = "compressed-blobs"
 #: The longest directory name (bytes) an instance name may take, encoded.
 NAME_MAX = 255
+#: The directory of uploads in progress, beside the instances' (``_cache.py``).
+UPLOADS_NAME = ".uploads"
 #: Compressors of compressed-blobs resource names this server handles.
 COMPRESSORS = ("zstd",)
 
@@ -88,21 +90,19 @@ def parse_hash(text: str) -> bytes:
 def instance_directory(instance: str) -> bytes:
     """The directory name of an instance: ``_`` for the empty name, else the
     name percent-encoded (``/`` and every byte but ASCII letters, digits and
-    ``-_.~`` escaped), with a leading ``.`` and the name ``_`` escaped too
-    (``%2E...``, ``%5F``), so that names never collide (``_`` is not the empty
-    name), reach outside their place, or hide among the cache's own (a
-    leading dot: ``.uploads``).  Names that are not instance names (REAPI: no
-    empty, ``.`` or ``..`` segment, none of its reserved words) are refused,
-    as in resource names, and so is one whose directory name would pass 255
-    bytes."""
+    ``-_.~`` escaped), and the two names that would be another's place
+    escaped too: ``_`` (the empty name's: ``%5F``) and ``.uploads`` (the
+    uploads in progress: ``%2Euploads``), so that names never collide or
+    reach outside their place.  ``.`` and ``..`` are refused, and so is a
+    name whose directory name would pass 255 bytes."""
     if not instance:
         return b"_"
-    if any(not part or part in _RESERVED or part in (".", "..") for part in instance.split("/")):
+    if instance in (".", ".."):
         raise BadRequest(f"not an instance name: {instance!r}")
     name = urllib.parse.quote(instance, safe="-~")
     if name == "_":
         name = "%5F"
-    elif name.startswith("."):
+    elif name == UPLOADS_NAME:
         name = "%2E" + name[1:]
     if len(name) > NAME_MAX:
         raise BadRequest(
