@@ -214,6 +214,8 @@ class Index:
         self.rebuilt_tables: set[bytes] = set()
         #: Whether values are sealed (schema 4 on; an upgrade seals them).
         self.sealed = False
+        #: Handles of the named databases opened so far (``_open_raw``).
+        self._handles: dict[bytes, Database] = {}
         try:
             self.env = lmdb.open(
                 str(self.path),
@@ -343,14 +345,34 @@ class Index:
         return self.open_databases(names, create=True) if create else found
 
     def _open_raw(self, name: bytes, *, create: bool) -> Database | None:
+        """A named database's handle: opened once, then kept (handles live as
+        long as the environment)."""
+        handle = self._handles.get(name)
+        if handle is not None:
+            return handle
         try:
-            return self.env.open_db(name, create=create)
+            if self.readonly:
+                handle = self.env.open_db(name, create=False)
+            else:
+                # Without a transaction, open_db on a writable environment
+                # begins a write one and waits for LMDB's writer lock holding
+                # the GIL: a thread inside a write transaction (the mount's
+                # loop) then waits for the GIL, and the process for good (a
+                # scrub of a busy mount).  One begun here waits without it.
+                with self.env.begin(write=True) as txn:  # commits, or aborts if it raises
+                    handle = self.env.open_db(name, txn=txn, create=create)
         except lmdb.NotFoundError:
             return None
         except lmdb.IncompatibleError as exc:  # its record in the main database is damaged
             raise self.lost_table(name, exc) from None
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"opening the index database {name.decode()}") from None
+        self._handles[name] = handle
+        return handle
+
+    def dropped(self, name: bytes) -> None:
+        """Named database ``name`` was deleted (its handle with it)."""
+        self._handles.pop(name, None)
 
     def open_optional(self, name: bytes, *, create: bool) -> Table | None:
         """A named database, made when ``create``; None if it is not there."""

@@ -118,6 +118,7 @@ def _index_schema(index: Index) -> None:
         with index.write() as txn:
             if applied is not None:
                 txn.drop(applied.handle, delete=True)
+                index.dropped(b"wal_applied")
             if not index.sealed:
                 for table in tables:
                     table.seal_all(txn)
