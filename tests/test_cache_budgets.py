@@ -11,11 +11,19 @@ import http.client
 import json
 import os
 import socket
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from cachefs.engine import CacheRecords, Namespace, Store
+import pytest
+import trio
+
+from cachefs.engine import SHA256, CachefsError, CacheRecords, Digest, Namespace, Store
+from cachefs.format.schema import ROOT_INODE
+from cachefs.fs import Filesystem, _eviction
+from cachefs.server._cache import RemoteCache
 from tests.mounting import cachefs, mounted
 from tests.reapi import serving
 from tests.test_caches import KIB, MIB, cache_figures, content, mark, wait_for
@@ -154,3 +162,78 @@ def test_an_upload_that_stalls_holds_no_room(tmp_path: Path) -> None:
             blob = os.urandom(500_000)
             assert request("PUT", blob, blob) == 200
             assert [request("GET", b) for b in stored] == [200] * 3
+
+
+@pytest.mark.parametrize(
+    ("files", "writers", "growth"),
+    [(8, 2, 600_000), (9, 10, 131_072)],
+    ids=["two-uploads", "ten-writes"],
+)
+async def test_writers_that_fit_one_at_a_time_each_get_room(
+    store: Store, monkeypatch: pytest.MonkeyPatch, files: int, writers: int, growth: int
+) -> None:
+    """Together they want more than the budget: the evictor makes room for each
+    (down to nothing if need be), rather than stopping at its watermark."""
+    monkeypatch.setattr(_eviction, "THROTTLE_LIMIT", 0.5)
+    fs = Filesystem(store)
+    results: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run)
+        cache = fs.create(ROOT_INODE, b"cache", stat.S_IFDIR | 0o755, 0, 0)
+        fs.caches.mark(cache.ino, b"max_size=1000000")
+        for n in range(files):  # closed, published: evictable
+            inode = fs.create(cache.ino, f"f{n}".encode(), stat.S_IFREG | 0o644, 0, 0)
+            fh, _ = await fs.open(inode.ino, os.O_WRONLY)
+            await fs.write(fh, 0, content(f"f{n}", 100_000))
+            await fs.release(fh)
+        await fs.flush_all()
+        with trio.fail_after(30):
+            while fs.files.get(inode.ino) is not None:
+                await trio.sleep(0.01)
+        members = fs.caches.dirs[cache.ino]
+        assert members.usage == files * 100_000
+
+        async def writer() -> None:
+            try:
+                await fs.caches.eviction.make_room(members, growth)
+                results.append("ok")
+            except CachefsError as exc:
+                results.append(str(exc))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as waiting:
+                for _ in range(writers):
+                    waiting.start_soon(writer)
+        nursery.cancel_scope.cancel()
+    fs.close()
+    assert results == ["ok"] * writers
+
+
+async def test_a_file_stored_in_place_of_another_lets_its_room_go_as_it_is_counted(
+    tmp_path: Path,
+) -> None:
+    """An action result (stored under a name of its own, then renamed over the
+    old one): never counted beside the room it held, which the evictor would
+    see as twice its size."""
+    seen: list[tuple[int, int]] = []
+    with Store.open(tmp_path / "store", create=True) as store:
+        fs = Filesystem(store)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fs.run)
+                cache = RemoteCache.open(fs, max_size=1_000_000)
+                members = fs.caches.dirs[cache.root]
+                put_in_place = cache._put_in_place
+
+                def watched(*args: Any) -> None:
+                    put_in_place(*args)
+                    seen.append((members.usage, members.reserved))
+
+                cache._put_in_place = watched  # type: ignore[method-assign,assignment]
+                key = Digest(SHA256.hash(b"an action"), 9)
+                data = os.urandom(300_000)
+                await trio.to_thread.run_sync(lambda: cache.put_action("", key, data, by="t"))
+                nursery.cancel_scope.cancel()
+        finally:
+            fs.close()
+    assert seen == [(300_000, 0)]

@@ -295,11 +295,9 @@ class Eviction:
     async def _enforce(self) -> None:
         for cache in list(self.caches.dirs.values()):
             # Down to the low watermark, and room for the writers that wait.
-            # (When the writers cannot fit beside the room held, evicting
-            # everything would not let them: no further than the watermark.)
-            low = int(cache.max_size * LOW_WATERMARK)
+            # (Writers that only fit one at a time: down to nothing, for each.)
             room = cache.max_size - cache.wanted - cache.reserved
-            target = low if room < 0 else min(low, room)
+            target = max(0, min(int(cache.max_size * LOW_WATERMARK), room))
             if cache.usage > cache.max_size * HIGH_WATERMARK or (
                 cache.wanted and cache.usage > target
             ):

@@ -326,7 +326,7 @@ class RemoteCache:
             with self._room(parent, digest.size, source) as room:
                 try:
                     if there is not None:  # a file changed through a mount: replaced
-                        self._store_replacing(parent, name, source, digest)
+                        self._store_replacing(parent, name, source, digest, room)
                         return True
                     inode = self.stored.store_file(parent, name, source, expect=digest)
                 except FsError as exc:
@@ -547,28 +547,33 @@ class RemoteCache:
         parts, name = self._place(instance, AC, key)
         parent = self._directory(parts, make=True)
         assert parent is not None
-        with self._room(parent, len(data), data):
-            self._store_replacing(parent, name, data, None)
+        with self._room(parent, len(data), data) as room:
+            self._store_replacing(parent, name, data, None, room)
         entry = Digest(self.digest_function.hash(data), len(data))
         self.store.audit.record(
             "ac.write", instance=instance, key=key.hash.hex(), result=str(entry), by=by
         )
 
     def _store_replacing(
-        self, parent: int, name: bytes, source: Source, expect: Digest | None
+        self, parent: int, name: bytes, source: Source, expect: Digest | None, room: Reservation
     ) -> None:
         """Store a file in the place of what is at ``name`` (stored under a
         name of its own first, then renamed over it), durably: one sync once
-        it is in place."""
+        it is in place.  ``room``, which it held, is let go as it is counted."""
         temporary = name + b".tmp-" + uuid.uuid4().hex.encode()
         inode = self.stored.store_file(parent, temporary, source, expect=expect, durable=False)
         assert inode is not None  # a fresh name
-        self._run(self._put_in_place, parent, temporary, name, inode)
+        self._run(self._put_in_place, parent, temporary, name, inode, room)
         self.store.sync()
 
-    def _put_in_place(self, parent: int, temporary: bytes, name: bytes, inode: Inode) -> None:
-        self.stored.added(parent, temporary, inode)
-        self.stored.replace(parent, temporary, name)
+    def _put_in_place(
+        self, parent: int, temporary: bytes, name: bytes, inode: Inode, room: Reservation
+    ) -> None:
+        try:
+            self.stored.added(parent, temporary, inode)
+            self.stored.replace(parent, temporary, name)
+        finally:
+            room.release()
 
 
 #: A regular file: (ino, size, content).
