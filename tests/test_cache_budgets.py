@@ -12,7 +12,9 @@ import json
 import os
 import socket
 import stat
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,15 @@ import pytest
 import trio
 
 from cachefs.engine import SHA256, CachefsError, CacheRecords, Digest, Namespace, Store
+from cachefs.errors import RemoteError
 from cachefs.format.schema import ROOT_INODE
 from cachefs.fs import Filesystem, _eviction
+from cachefs.remote import SharedEntry, Tier
 from cachefs.server._cache import RemoteCache
 from tests.mounting import cachefs, mounted
 from tests.reapi import serving
 from tests.test_caches import KIB, MIB, cache_figures, content, mark, wait_for
+from tests.test_remote import Memory
 
 
 def usage(mnt: Path, path: str) -> tuple[int, int]:
@@ -237,3 +242,116 @@ async def test_a_file_stored_in_place_of_another_lets_its_room_go_as_it_is_count
         finally:
             fs.close()
     assert seen == [(300_000, 0)]
+
+
+async def _files(fs: Filesystem, top: int, n: int) -> None:
+    for i in range(n):  # closed, published: evictable
+        inode = fs.create(top, f"f{i}".encode(), stat.S_IFREG | 0o644, 0, 0)
+        fh, _ = await fs.open(inode.ino, os.O_WRONLY)
+        await fs.write(fh, 0, content(f"f{i}", 100_000))
+        await fs.release(fh)
+    await fs.flush_all()
+    with trio.fail_after(30):
+        while fs.files.get(inode.ino) is not None:
+            await trio.sleep(0.01)
+
+
+async def test_a_stalled_shared_fetch_neither_holds_room_nor_has_the_cache_evicted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared fetch of a chunk-listed object whose chunks still come from the
+    tier as it is stored (``Tiers.fetch`` gives a generator) holds no room: a
+    stalled tier held it, and a writer that could not fit beside it had every
+    file evicted, though it fitted beside them all."""
+    monkeypatch.setattr(_eviction, "THROTTLE_LIMIT", 0.5)
+    remote = Memory("mem", documents=True)
+    big = os.urandom(600_000)
+    digest = Digest(SHA256.hash(big), len(big))
+    gate = threading.Event()
+    reached = threading.Event()
+
+    def stalled_fetch(d: Digest) -> Iterator[bytes]:
+        def chunks() -> Iterator[bytes]:
+            yield big[:300_000]
+            reached.set()
+            gate.wait(30)  # a tier that stalls (its request in flight)
+            raise RemoteError("mem: timed out")
+
+        return chunks()
+
+    with Store.open(tmp_path / "s", create=True) as store:
+        fs = Filesystem(store, tiers=[Tier(remote)])
+        monkeypatch.setattr(fs.remote.tiers, "fetch", stalled_fetch)
+        results: list[str] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fs.run)
+                top = fs.create(ROOT_INODE, b"cc", stat.S_IFDIR | 0o755, 0, 0).ino
+                fs.setxattr(top, b"user.cachefs.cache", b"max_size=1000000 shared=team")
+                await _files(fs, top, 4)
+                cache = fs.caches.cache_of(top)
+                assert cache is not None and cache.usage == 400_000
+                fs.remote.tiers.push_entry("team", SharedEntry("big", digest, 0o644, 1, None))
+                nursery.start_soon(fs.shared.resolve, top, b"big")
+                with trio.fail_after(10):
+                    while not reached.is_set():
+                        await trio.sleep(0.01)
+                assert cache.reserved == 0  # its chunks are still coming: no room held
+
+                async def writer() -> None:
+                    try:
+                        await fs.caches.eviction.make_room(cache, 500_000)
+                        results.append("ok")
+                    except CachefsError as exc:
+                        results.append(str(exc))
+
+                nursery.start_soon(writer)
+                await trio.sleep(1.0)  # the evictor's pass, while the tier stalls
+                evicted_meanwhile = cache.counters["evictions"]
+                gate.set()  # the fetch fails: its room goes, the writer fits
+                with trio.fail_after(10):
+                    while not results:
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        finally:
+            gate.set()
+            fs.close()
+    assert results == ["ok"]
+    # 400 kB used + 500 kB wanted fit in 1 MB: nothing had to go.
+    assert evicted_meanwhile == 0, f"{evicted_meanwhile} files evicted for nothing"
+
+
+async def test_writers_that_fit_one_at_a_time_do_not_empty_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten 128 KiB writers into a 1 MB cache holding 900 kB: each fits once
+    usage is at most 868,928 (one file gone); a target of nothing took all nine."""
+    monkeypatch.setattr(_eviction, "THROTTLE_LIMIT", 0.5)
+    with Store.open(tmp_path / "s", create=True) as store:
+        fs = Filesystem(store)
+        results: list[str] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fs.run)
+                top = fs.create(ROOT_INODE, b"cc", stat.S_IFDIR | 0o755, 0, 0).ino
+                fs.caches.mark(top, b"max_size=1000000")
+                await _files(fs, top, 9)
+                cache = fs.caches.dirs[top]
+
+                async def writer() -> None:
+                    try:
+                        await fs.caches.eviction.make_room(cache, 131_072)
+                        results.append("ok")
+                    except CachefsError as exc:
+                        results.append(str(exc))
+
+                with trio.fail_after(30):
+                    async with trio.open_nursery() as waiting:
+                        for _ in range(10):
+                            waiting.start_soon(writer)
+                left = cache.usage
+                nursery.cancel_scope.cancel()
+        finally:
+            fs.close()
+    assert results == ["ok"] * 10
+    assert left >= 800_000, f"usage {left}: evicted far more than any writer needed"

@@ -80,6 +80,8 @@ class CacheDir:
         self.opened = dict(self.counters)
         #: Bytes that writers waiting for room want to add.
         self.wanted = 0
+        #: Each waiting writer's growth (``wanted`` is their sum).
+        self.growths: list[int] = []
         #: Bytes held for files being stored whole (``Reservation``): counted
         #: as used until the file is.
         self.reserved = 0

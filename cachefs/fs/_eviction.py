@@ -153,6 +153,7 @@ class Eviction:
         self._waiting += 1
         if cache is not None:
             cache.wanted += growth
+            cache.growths.append(growth)
         woke = last_pass = False
         try:
             while self._short(cache, growth):
@@ -187,6 +188,7 @@ class Eviction:
             self._waiting -= 1
             if cache is not None:
                 cache.wanted -= growth
+                cache.growths.remove(growth)
             waited = trio.current_time() - start
             self.waits.append(waited)
             if cache is not None:
@@ -295,9 +297,16 @@ class Eviction:
     async def _enforce(self) -> None:
         for cache in list(self.caches.dirs.values()):
             # Down to the low watermark, and room for the writers that wait.
-            # (Writers that only fit one at a time: down to nothing, for each.)
-            room = cache.max_size - cache.wanted - cache.reserved
-            target = max(0, min(int(cache.max_size * LOW_WATERMARK), room))
+            low = int(cache.max_size * LOW_WATERMARK)
+            free = cache.max_size - cache.reserved
+            room = free - cache.wanted
+            if room < 0:
+                # Not all at once: room for the largest that fits beside the
+                # room held (the others fit then too, one at a time); none
+                # for one that cannot fit until that room goes.
+                fitting = [g for g in cache.growths if g <= free]
+                room = free - max(fitting) if fitting else low
+            target = min(low, room)
             if cache.usage > cache.max_size * HIGH_WATERMARK or (
                 cache.wanted and cache.usage > target
             ):

@@ -385,7 +385,10 @@ class SharedDirs(FsEvents):
                         if entry.contents is not None
                         else await trio.to_thread.run_sync(self.tiers.fetch, digest)
                     )
-                    held = await self.stored.make_room(parent, digest.size)
+                    # Held for bytes in hand only: chunks a tier sends as they
+                    # are stored would hold it as long as the tier stalls.
+                    in_hand = isinstance(source, bytes | bytearray | memoryview)
+                    held = await self.stored.make_room(parent, digest.size, in_hand)
                     attrs = self._attrs(entry, self.namespace.get(cache.ino))
                     inode = await trio.to_thread.run_sync(
                         self._fetch, parent, name, digest, attrs, source
