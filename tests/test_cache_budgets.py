@@ -186,15 +186,7 @@ async def test_writers_that_fit_one_at_a_time_each_get_room(
         await nursery.start(fs.run)
         cache = fs.create(ROOT_INODE, b"cache", stat.S_IFDIR | 0o755, 0, 0)
         fs.caches.mark(cache.ino, b"max_size=1000000")
-        for n in range(files):  # closed, published: evictable
-            inode = fs.create(cache.ino, f"f{n}".encode(), stat.S_IFREG | 0o644, 0, 0)
-            fh, _ = await fs.open(inode.ino, os.O_WRONLY)
-            await fs.write(fh, 0, content(f"f{n}", 100_000))
-            await fs.release(fh)
-        await fs.flush_all()
-        with trio.fail_after(30):
-            while fs.files.get(inode.ino) is not None:
-                await trio.sleep(0.01)
+        await _files(fs, cache.ino, files)
         members = fs.caches.dirs[cache.ino]
         assert members.usage == files * 100_000
 
