@@ -347,3 +347,41 @@ async def test_writers_that_fit_one_at_a_time_do_not_empty_the_cache(
             fs.close()
     assert results == ["ok"] * 10
     assert left >= 800_000, f"usage {left}: evicted far more than any writer needed"
+
+
+async def test_a_writer_is_not_kept_waiting_by_held_room_that_never_all_goes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stores of bytes in hand that hold room in turn (two at once, each taking
+    it again as it lets it go) do not go ahead of a larger writer waiting."""
+    monkeypatch.setattr(_eviction, "THROTTLE_LIMIT", 0.5)
+    fs = Filesystem(store)
+    results: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run)
+        top = fs.create(ROOT_INODE, b"cache", stat.S_IFDIR | 0o755, 0, 0).ino
+        fs.caches.mark(top, b"max_size=1000000")
+        cache = fs.caches.dirs[top]
+
+        async def uploads(delay: float) -> None:
+            # A server storing 400 kB blobs in hand, one after another (two at once).
+            await trio.sleep(delay)
+            while True:
+                held = await fs.stored.make_room(top, 400_000)
+                await trio.sleep(0.1)  # storing it
+                held.release()
+
+        nursery.start_soon(uploads, 0)
+        nursery.start_soon(uploads, 0.05)
+        await trio.sleep(0.2)
+        try:
+            with trio.fail_after(5):  # ten times THROTTLE_LIMIT
+                await fs.caches.eviction.make_room(cache, 500_000)
+            results.append("ok")
+        except CachefsError as exc:
+            results.append(str(exc))
+        except trio.TooSlowError:
+            results.append(f"still waiting after 5 s (reserved {cache.reserved})")
+        nursery.cancel_scope.cancel()
+    fs.close()
+    assert results == ["ok"], results

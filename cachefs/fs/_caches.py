@@ -555,7 +555,7 @@ class CacheDirs(FsEvents):
         """Wait until a new file of ``size`` bytes may be made in ``directory``;
         with ``hold``, the room is held until the reservation is released."""
         cache = self.cache_of(directory)
-        await self.eviction.make_room(cache, size)
+        await self.eviction.make_room(cache, size, queue=hold)
         return Reservation(cache if hold else None, size, self.eviction.changed)
 
 

@@ -136,13 +136,15 @@ class Eviction:
 
     # --- room for writes --------------------------------------------------------------
 
-    async def make_room(self, cache: CacheDir | None, growth: int) -> None:
+    async def make_room(self, cache: CacheDir | None, growth: int, *, queue: bool = False) -> None:
         """Wait until a file of ``cache`` (None: of no cache) may grow by
         ``growth`` bytes: the cache's budget and the store quota allow it.
-        ENOSPC when they cannot."""
+        ENOSPC when they cannot.  With ``queue`` (room to be held), it does
+        not go ahead of writers already waiting in the cache: stores that hold
+        room in turn would keep a larger writer waiting for good."""
         if cache is not None or self.quota is not None:
             self.checks += 1
-        if not self._short(cache, growth):
+        if not self._short(cache, growth) and not (queue and cache is not None and cache.growths):
             return
         if cache is not None and growth + self._pinned(cache) > cache.max_size:
             # Evicting everything that may go would not make room: refuse now.
@@ -155,8 +157,16 @@ class Eviction:
             cache.wanted += growth
             cache.growths.append(growth)
         woke = last_pass = False
+        first = queue
         try:
-            while self._short(cache, growth):
+            while first or self._short(cache, growth):
+                if first:  # behind the writers waiting: once the evictor has passed
+                    first = False
+                    self.wake()
+                    woke = True
+                    with trio.move_on_at(deadline):
+                        await self._progress.wait()
+                    continue
                 over = cache is not None and cache.usage + cache.reserved + growth > cache.max_size
                 stuck = cache is not None and not self._evictable(cache)
                 if over and stuck and cache is not None and not self._coming(cache):
@@ -166,7 +176,12 @@ class Eviction:
                 if trio.current_time() >= deadline:
                     # Files that will be evictable are being published (a slow
                     # disk's sync): they end in a publication or an error.
-                    if cache is None or not (self._publishing(cache) or cache.reserved):
+                    # (Room held by stores being made goes soon, but may be
+                    # taken again by others: it is waited for a while only.)
+                    now = trio.current_time()
+                    held = cache is not None and bool(cache.reserved)
+                    held = held and now < start + 4 * THROTTLE_LIMIT
+                    if cache is None or not (self._publishing(cache) or held):
                         # Or one was, past the limit, and the evictor has not
                         # passed since: one more pass for it, once.
                         if cache is None or last_pass or not self._evictable(cache):
