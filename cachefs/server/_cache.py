@@ -125,11 +125,9 @@ class RemoteCache:
 
     @contextmanager
     def _room(self, parent: int, size: int, source: Source) -> Iterator[Reservation]:
-        """Room for a new file of ``size`` bytes in ``parent`` (StoreFullError
-        when none can be made).  When ``source`` is in hand (bytes, a file),
-        the room is held while the block stores the file, and let go by the
-        ``_added`` given the reservation (in the same call that counts the
-        file), or at the end; bytes a client has still to send hold none."""
+        """Room for a new file in ``parent`` (StoreFullError if none), held while
+        the block stores it if ``source`` is in hand (bytes, a file), and let go
+        as the file is counted (``_added``), or at the end."""
         in_hand = isinstance(source, bytes | bytearray | memoryview) or hasattr(source, "seek")
         reservation = self._wait(self.stored.make_room, parent, size, in_hand)
         try:
@@ -423,9 +421,7 @@ class RemoteCache:
                 out[i] = result
         return out
 
-    def _added(
-        self, files: list[tuple[int, bytes, Inode]], room: Reservation | None = None
-    ) -> None:
+    def _added(self, files: list[_Named], room: Reservation | None = None) -> None:
         """Count stored files, then let go of the ``room`` they held (one call:
         the evictor that counting them may wake never sees them twice)."""
         try:
@@ -576,6 +572,8 @@ class RemoteCache:
             room.release()
 
 
+#: A file stored: its directory, name and inode.
+_Named = tuple[int, bytes, Inode]
 #: A regular file: (ino, size, content).
 _File = tuple[int, int, bytes]
 
